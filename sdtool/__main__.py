@@ -1,0 +1,5 @@
+"""``python -m sdtool``."""
+
+from sdtool.cli.main import run
+
+run()

@@ -1,0 +1,131 @@
+"""The one dtype table: safetensors code <-> numpy dtype <-> torch names <-> item size.
+
+Every reader and writer looks dtypes up here, so a new dtype is one row, not a new branch.
+bf16 and the float8 formats have no numpy dtype of their own; ml_dtypes provides them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from sdtool.errors import UnsupportedDtype
+
+
+@dataclass(frozen=True)
+class DType:
+    """One element type as every format spells it."""
+
+    code: str  # safetensors spelling, e.g. "F32"; the canonical name inside sdtool
+    numpy: np.dtype  # little-endian numpy dtype
+    torch: str | None  # attribute of the torch module, e.g. "float32"
+    storage: str | None  # legacy typed-storage class, e.g. "FloatStorage"
+    kind: str  # "float", "int", "uint", "bool" or "complex"
+
+    @property
+    def itemsize(self) -> int:
+        return self.numpy.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind == "float"
+
+    def __str__(self) -> str:
+        return self.code
+
+
+def _d(code: str, np_dtype: object, torch: str | None, storage: str | None, kind: str) -> DType:
+    return DType(code, np.dtype(np_dtype).newbyteorder("<"), torch, storage, kind)
+
+
+#: code -> DType. Order matters nowhere; lookups go through the indexes below.
+DTYPES: dict[str, DType] = {
+    d.code: d
+    for d in (
+        _d("F64", np.float64, "float64", "DoubleStorage", "float"),
+        _d("F32", np.float32, "float32", "FloatStorage", "float"),
+        _d("F16", np.float16, "float16", "HalfStorage", "float"),
+        _d("BF16", ml_dtypes.bfloat16, "bfloat16", "BFloat16Storage", "float"),
+        _d("F8_E4M3", ml_dtypes.float8_e4m3fn, "float8_e4m3fn", "Float8_e4m3fnStorage", "float"),
+        _d("F8_E5M2", ml_dtypes.float8_e5m2, "float8_e5m2", "Float8_e5m2Storage", "float"),
+        _d("F8_E4M3FNUZ", ml_dtypes.float8_e4m3fnuz, "float8_e4m3fnuz", None, "float"),
+        _d("F8_E5M2FNUZ", ml_dtypes.float8_e5m2fnuz, "float8_e5m2fnuz", None, "float"),
+        _d("F8_E8M0", ml_dtypes.float8_e8m0fnu, "float8_e8m0fnu", None, "float"),
+        _d("I64", np.int64, "int64", "LongStorage", "int"),
+        _d("I32", np.int32, "int32", "IntStorage", "int"),
+        _d("I16", np.int16, "int16", "ShortStorage", "int"),
+        _d("I8", np.int8, "int8", "CharStorage", "int"),
+        _d("U64", np.uint64, "uint64", None, "uint"),
+        _d("U32", np.uint32, "uint32", None, "uint"),
+        _d("U16", np.uint16, "uint16", None, "uint"),
+        _d("U8", np.uint8, "uint8", "ByteStorage", "uint"),
+        _d("BOOL", np.bool_, "bool", "BoolStorage", "bool"),
+        _d("C64", np.complex64, "complex64", "ComplexFloatStorage", "complex"),
+        _d("C128", np.complex128, "complex128", "ComplexDoubleStorage", "complex"),
+    )
+}
+
+_BY_STORAGE = {d.storage: d for d in DTYPES.values() if d.storage}
+_BY_TORCH = {d.torch: d for d in DTYPES.values() if d.torch}
+# torch also spells some dtypes with aliases (torch.float == torch.float32 pickles as "float32",
+# but users type these on the command line).
+_ALIASES = {
+    "fp64": "F64",
+    "double": "F64",
+    "fp32": "F32",
+    "float": "F32",
+    "fp16": "F16",
+    "half": "F16",
+    "bf16": "BF16",
+    "fp8_e4m3fn": "F8_E4M3",
+    "fp8_e5m2": "F8_E5M2",
+    "long": "I64",
+    "int": "I32",
+}
+
+
+def from_code(code: str) -> DType:
+    """The dtype for a safetensors code such as ``"F16"``."""
+    try:
+        return DTYPES[code]
+    except KeyError:
+        raise UnsupportedDtype(f"unknown dtype {code!r}") from None
+
+
+def from_storage(name: str) -> DType:
+    """The dtype of a torch typed-storage class name such as ``"HalfStorage"``."""
+    try:
+        return _BY_STORAGE[name]
+    except KeyError:
+        raise UnsupportedDtype(f"unknown torch storage type {name!r}") from None
+
+
+def from_torch(name: str) -> DType:
+    """The dtype for a torch dtype attribute name such as ``"bfloat16"``."""
+    try:
+        return _BY_TORCH[name]
+    except KeyError:
+        raise UnsupportedDtype(f"unknown torch dtype {name!r}") from None
+
+
+def from_numpy(dt: np.dtype) -> DType:
+    """The dtype matching a numpy dtype (either byte order)."""
+    le = dt.newbyteorder("<") if dt.byteorder not in ("|", "=") else dt
+    for d in DTYPES.values():
+        if d.numpy == le:
+            return d
+    raise UnsupportedDtype(f"numpy dtype {dt} has no tensor equivalent")
+
+
+def parse(name: str) -> DType:
+    """A dtype from what a user may type: ``fp16``, ``F16``, ``float16``, ``bf16`` ..."""
+    key = name.strip()
+    if key.upper() in DTYPES:
+        return DTYPES[key.upper()]
+    if key.lower() in _ALIASES:
+        return DTYPES[_ALIASES[key.lower()]]
+    if key.lower() in _BY_TORCH:
+        return _BY_TORCH[key.lower()]
+    raise UnsupportedDtype(f"unknown dtype {name!r}")

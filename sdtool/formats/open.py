@@ -1,0 +1,52 @@
+"""``open_model``: sniff the content, hand the file to the reader for its format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtool.errors import CorruptFile, SdtoolError, UnknownFormat
+from sdtool.formats.sniff import Kind, not_a_model, sniff
+from sdtool.model import ModelFile
+
+
+def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
+    """Open a model file lazily: headers and pickles are read, tensor bytes are not.
+
+    Args:
+        path: any file; the format is decided by content, never by extension.
+        key: a dotted path to the sub-dict whose tensors to use instead of the state dict.
+
+    Raises:
+        SdtoolError (FileAccessError, UnknownFormat, CorruptFile, TruncatedFile,
+        TorchScriptFile ...) with a one-line explanation naming the file.
+
+    Example:
+        >>> with open_model("model.ckpt") as m:
+        ...     print(len(m.tensors), m.format)
+    """
+    p = Path(path)
+    kind, head, size = sniff(p)
+    try:
+        if kind is Kind.SAFETENSORS:
+            from sdtool.formats.safetensors import read_safetensors
+
+            return read_safetensors(p)
+        if kind in (Kind.ZIP, Kind.PICKLE, Kind.TAR):
+            from sdtool.formats.torchfile import read_torch
+
+            return read_torch(p, kind, key=key)
+        if kind is Kind.NPY:
+            from sdtool.formats.numpyfile import read_npy
+
+            return read_npy(p)
+    except SdtoolError as e:
+        raise e.with_path(p) from None
+    except (OSError, ValueError, EOFError, MemoryError, RecursionError) as e:
+        raise CorruptFile(f"cannot be read ({type(e).__name__}: {e})", path=p) from None
+    if kind in (Kind.GZIP, Kind.BZIP2, Kind.XZ, Kind.ZLIB, Kind.SEVENZIP):
+        raise UnknownFormat(
+            f"a {kind.value}-compressed file, not a model file I know (decompress it first, "
+            "or use `sdtool scan` to check what is inside)",
+            path=p,
+        )
+    raise not_a_model(p, head, size)

@@ -1,0 +1,143 @@
+"""Decide a file's format by its content, never by its name, and describe what it is not.
+
+torch.load's rule is followed exactly: a zip iff the file starts with ``PK\\x03\\x04``
+(a pickle with a zip appended is a pickle to torch). Loader and scanner share it.
+"""
+
+from __future__ import annotations
+
+import struct
+import tarfile
+from enum import Enum
+from pathlib import Path
+
+from sdtool.errors import FileAccessError, UnknownFormat
+
+HEAD = 4096
+
+
+class Kind(str, Enum):
+    SAFETENSORS = "safetensors"
+    ZIP = "zip"  # torch zip, TorchScript, npz or another zip: the reader looks inside
+    PICKLE = "pickle"  # plain pickle or legacy torch (the reader tells them apart)
+    TAR = "tar"  # torch's oldest format (or another tar)
+    NPY = "npy"
+    GZIP = "gzip"
+    BZIP2 = "bzip2"
+    XZ = "xz"
+    ZLIB = "zlib"
+    SEVENZIP = "7z"
+    UNKNOWN = "unknown"
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 10:
+        return False
+    (n,) = struct.unpack_from("<Q", head)
+    if n < 2 or 8 + n > size:
+        return False
+    body = head[8:].lstrip(b" ")
+    return body[:1] == b"{"
+
+
+def sniff_bytes(head: bytes, size: int) -> Kind:
+    """The kind of file whose first bytes are ``head`` and whose size is ``size``."""
+    if head[:4] == b"PK\x03\x04":
+        return Kind.ZIP
+    if head[:6] == b"\x93NUMPY":
+        return Kind.NPY
+    if head[:2] == b"\x1f\x8b":
+        return Kind.GZIP
+    if head[:3] == b"BZh":
+        return Kind.BZIP2
+    if head[:6] == b"\xfd7zXZ\x00":
+        return Kind.XZ
+    if head[:6] == b"7z\xbc\xaf\x27\x1c":
+        return Kind.SEVENZIP
+    if len(head) >= 2 and head[0] == 0x80 and head[1] <= 5:
+        return Kind.PICKLE
+    if (len(head) >= 262 and head[257:262] == b"ustar") or _is_v7_tar(head):
+        return Kind.TAR
+    if _looks_like_safetensors(head, size):
+        return Kind.SAFETENSORS
+    if len(head) >= 2 and head[0] == 0x78 and head[1] in (0x01, 0x5E, 0x9C, 0xDA):
+        return Kind.ZLIB
+    if (
+        head[:1] in (b"(", b"c", b"]", b"}", b"N", b"I", b"S", b"V")
+        and b"." in head
+        and _proto0(head)
+    ):
+        return Kind.PICKLE
+    return Kind.UNKNOWN
+
+
+def _is_v7_tar(head: bytes) -> bool:
+    if len(head) < 512:
+        return False
+    try:
+        return tarfile.nti(head[148:156]) == tarfile.calc_chksums(head[:512])[0]
+    except (tarfile.HeaderError, ValueError, IndexError):
+        return False
+
+
+def _proto0(head: bytes) -> bool:
+    """A protocol 0/1 pickle: text opcodes ending in STOP, e.g. ``(dp0\\n...``."""
+    return head.rstrip().endswith(b".") or head[:2] in (b"(d", b"(l", b"(t", b"}q", b"]q", b"(c")
+
+
+def describe(head: bytes, size: int) -> str:
+    """What the first bytes look like, for a "not a model file" message."""
+    if size == 0:
+        return "the file is empty"
+    text = head[:512]
+    lowered = text.lower().lstrip()
+    if text.startswith(b"version https://git-lfs"):
+        return "it is a Git-LFS pointer, not the model (fetch it with `git lfs pull`)"
+    if lowered.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in lowered:
+        return "it is an HTML page (a login or error page saved instead of the model?)"
+    if text[:8] == b"\x89PNG\r\n\x1a\n":
+        return "it is a PNG image"
+    if text[:3] == b"\xff\xd8\xff":
+        return "it is a JPEG image"
+    if text[:4] == b"GGUF":
+        return "it is a GGUF file (llama.cpp), which sdtool does not read"
+    if lowered.startswith((b"{", b"[")):
+        return "it looks like JSON text"
+    if size >= 8 and len(head) >= 8:
+        (n,) = struct.unpack_from("<Q", head)
+        if 0 < n < 100_000_000 and 8 + n > size and head[8:9] == b"{":
+            return (
+                f"it looks like a safetensors file cut short: the header needs {8 + n} bytes "
+                f"but the file has {size}"
+            )
+    try:
+        text.decode("utf-8")
+        return "it is plain text"
+    except UnicodeDecodeError:
+        pass
+    return f"its first bytes are {head[:16].hex(' ')}"
+
+
+def sniff(path: str | Path) -> tuple[Kind, bytes, int]:
+    """(kind, first bytes, size) of ``path``; FileAccessError when it cannot be read."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise FileAccessError("is a directory, not a model file", path=p)
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(HEAD)
+    except FileNotFoundError:
+        raise FileAccessError("no such file", path=p) from None
+    except PermissionError:
+        raise FileAccessError("permission denied", path=p) from None
+    except IsADirectoryError:
+        raise FileAccessError("is a directory, not a model file", path=p) from None
+    except OSError as e:
+        raise FileAccessError(f"cannot read: {e.strerror or e}", path=p) from None
+    return sniff_bytes(head, size), head, size
+
+
+def not_a_model(path: Path, head: bytes, size: int) -> UnknownFormat:
+    """The error for a file in no format sdtool reads."""
+    return UnknownFormat(f"not a model file I know: {describe(head, size)}", path=path)

@@ -1,0 +1,193 @@
+"""A zip reader that sees what torch sees: members through the central directory, no CRC check.
+
+Written by hand because Python's zipfile differs from torch's reader exactly where it matters:
+zipfile checks CRCs and local/central name agreement on read, and finds an archive anywhere in a
+file, so a file zipfile accepts may load differently in torch (and vice versa). Both the loader and
+the scanner use this one reader; the scanner also reports the irregularities it records.
+Every declared size and offset is checked against the file before use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from sdtool.errors import CorruptFile, TruncatedFile
+
+EOCD_SIG = b"PK\x05\x06"
+EOCD64_SIG = b"PK\x06\x06"
+EOCD64_LOC_SIG = b"PK\x06\x07"
+CENTRAL_SIG = b"PK\x01\x02"
+LOCAL_SIG = b"PK\x03\x04"
+STORED, DEFLATED = 0, 8
+MAX_MEMBERS = 10_000_000
+MAX_COMMENT = 0xFFFF
+
+
+@dataclass
+class ZipMember:
+    """One central-directory entry, with where its data begins in the file."""
+
+    name: str
+    method: int
+    flags: int
+    crc: int
+    compressed_size: int
+    size: int
+    header_offset: int  # absolute offset of the local header
+    data_offset: int = -1  # absolute offset of the member's bytes (after the local header)
+    local_name: str | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.method == STORED
+
+
+@dataclass
+class ZipArchive:
+    """The members of a zip (last one wins for duplicate names, as torch and zipfile do)."""
+
+    members: dict[str, ZipMember]
+    entries: list[ZipMember]  # every central-directory entry, duplicates included
+    prefix_bytes: int  # bytes before the archive proper (a polyglot or self-extractor)
+    file_size: int
+    irregularities: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[ZipMember]:
+        return iter(self.members.values())
+
+
+def _u(fmt: str, buf: bytes, off: int) -> tuple[int, ...]:
+    return struct.unpack_from(fmt, buf, off)
+
+
+def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
+    """Parse the central directory of the zip in ``f``. Raises CorruptFile/TruncatedFile."""
+    tail_len = min(file_size, 22 + MAX_COMMENT + 20 + 56)
+    f.seek(file_size - tail_len)
+    tail = f.read(tail_len)
+    pos = tail.rfind(EOCD_SIG)
+    if pos < 0 or len(tail) - pos < 22:
+        raise TruncatedFile(
+            "zip end-of-central-directory record not found; the file is truncated or not a zip"
+        )
+    eocd_abs = file_size - tail_len + pos
+    (_, _, _, _, count, cd_size, cd_offset, _) = _u("<4sHHHHIIH", tail, pos)
+    eocd_start = eocd_abs
+    # zip64: the locator sits 20 bytes before the EOCD
+    if pos >= 20 and tail[pos - 20 : pos - 16] == EOCD64_LOC_SIG:
+        (_, _, eocd64_off, _) = _u("<4sIQI", tail, pos - 20)
+        f.seek(0)
+        if eocd64_off + 56 > file_size:
+            raise CorruptFile("zip64 end record points past the end of the file")
+        f.seek(eocd64_off)
+        rec = f.read(56)
+        if rec[:4] != EOCD64_SIG:
+            # tolerate a prefix: look just before the locator
+            guess = eocd_abs - 20 - 56
+            f.seek(max(guess, 0))
+            rec = f.read(56)
+            if rec[:4] != EOCD64_SIG:
+                raise CorruptFile("zip64 end record is missing")
+            eocd64_off = guess
+        (_, _, _, _, _, _, _, count, cd_size, cd_offset) = _u("<4sQHHIIQQQQ", rec, 0)
+        eocd_start = eocd64_off
+    if count > MAX_MEMBERS:
+        raise CorruptFile(f"zip declares {count} members, more than sdtool accepts")
+    # bytes before the archive: where the central directory really is vs where it says it is
+    prefix = eocd_start - cd_size - cd_offset
+    if prefix < 0 or cd_size > file_size:
+        raise CorruptFile("zip central directory lies outside the file")
+    f.seek(cd_offset + prefix)
+    cd = f.read(cd_size)
+    if len(cd) < cd_size:
+        raise TruncatedFile("zip central directory is cut short")
+    entries: list[ZipMember] = []
+    irregular: list[str] = []
+    if prefix:
+        irregular.append(f"{prefix} bytes before the zip archive")
+    off = 0
+    while off + 46 <= len(cd) and cd[off : off + 4] == CENTRAL_SIG:
+        (_, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, hoff) = _u(
+            "<4sHHHHHHIIIHHHHHII", cd, off
+        )
+        name_b = cd[off + 46 : off + 46 + nlen]
+        extra = cd[off + 46 + nlen : off + 46 + nlen + xlen]
+        usize, csize, hoff = _zip64_fields(extra, usize, csize, hoff)
+        name = name_b.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
+        if flags & 0x800 == 0:
+            with contextlib.suppress(UnicodeDecodeError):
+                name = name_b.decode("utf-8")
+        entries.append(ZipMember(name, method, flags, crc, csize, usize, hoff + prefix))
+        off += 46 + nlen + xlen + clen
+        if len(entries) > count:
+            break
+    if len(entries) != count:
+        irregular.append(f"central directory lists {len(entries)} entries, end record says {count}")
+    members: dict[str, ZipMember] = {}
+    for m in entries:
+        if m.name in members:
+            irregular.append(f"duplicate member name {m.name!r} (the last one is used)")
+        members[m.name] = m
+        _locate_data(f, m, file_size)
+        if m.local_name is not None and m.local_name != m.name:
+            irregular.append(f"member {m.name!r} is named {m.local_name!r} in its local header")
+        if m.flags & 0x61:
+            irregular.append(f"member {m.name!r} has flag bits {m.flags:#x} (encrypted/patched)")
+    return ZipArchive(members, entries, prefix, file_size, irregular)
+
+
+def _zip64_fields(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, int, int]:
+    i = 0
+    while i + 4 <= len(extra):
+        tag, ln = struct.unpack_from("<HH", extra, i)
+        body = extra[i + 4 : i + 4 + ln]
+        if tag == 1:
+            vals = [v[0] for v in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
+            if usize == 0xFFFFFFFF and vals:
+                usize = vals.pop(0)
+            if csize == 0xFFFFFFFF and vals:
+                csize = vals.pop(0)
+            if hoff == 0xFFFFFFFF and vals:
+                hoff = vals.pop(0)
+        i += 4 + ln
+    return usize, csize, hoff
+
+
+def _locate_data(f: BinaryIO, m: ZipMember, file_size: int) -> None:
+    if m.header_offset + 30 > file_size:
+        raise TruncatedFile(f"zip member {m.name!r} starts past the end of the file")
+    f.seek(m.header_offset)
+    hdr = f.read(30)
+    if hdr[:4] != LOCAL_SIG:
+        raise CorruptFile(f"zip member {m.name!r} has no local header where the directory says")
+    nlen, xlen = struct.unpack_from("<HH", hdr, 26)
+    m.local_name = f.read(nlen).decode("utf-8", errors="replace")
+    m.data_offset = m.header_offset + 30 + nlen + xlen
+    if m.data_offset + m.compressed_size > file_size:
+        raise TruncatedFile(
+            f"zip member {m.name!r} needs bytes up to {m.data_offset + m.compressed_size} but "
+            f"the file has {file_size}; the download is truncated"
+        )
+
+
+def read_member(f: BinaryIO, m: ZipMember, limit: int | None = None) -> bytes:
+    """The member's bytes, inflated if deflated (no CRC check, as torch). ``limit`` caps size."""
+    if limit is not None and m.size > limit:
+        raise CorruptFile(f"zip member {m.name!r} declares {m.size} bytes, over the limit {limit}")
+    f.seek(m.data_offset)
+    raw = f.read(m.compressed_size)
+    if m.method == STORED:
+        return raw
+    if m.method == DEFLATED:
+        d = zlib.decompressobj(-15)
+        try:
+            out = d.decompress(raw, m.size if m.size else 0)
+        except zlib.error as e:
+            raise CorruptFile(f"zip member {m.name!r} does not inflate: {e}") from None
+        return out
+    raise CorruptFile(f"zip member {m.name!r} uses compression method {m.method}, not supported")

@@ -1,0 +1,270 @@
+"""The common model of a model file: lazy tensors, the non-tensor rest, and container facts.
+
+Every reader (safetensors, torch zip/legacy/TAR, plain pickle, numpy) produces a ModelFile; every
+operation (inspect, convert, prune, scan's summary, identify, diff) consumes one. Opening reads
+headers and pickles only; tensor bytes are read when ``ModelFile.read`` asks for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdtool.dtypes import DType
+from sdtool.errors import CorruptFile, TruncatedFile
+
+
+@dataclass(frozen=True, eq=False)
+class Storage:
+    """One run of raw tensor bytes, shared by every tensor that views it.
+
+    ``file_offset`` is set when the bytes sit uncompressed in the file (safetensors, stored zip
+    members, legacy torch), so they can be mmapped or copied without Python touching them.
+    Otherwise ``load`` returns them (a deflated zip member, a nested in-memory torch file).
+    """
+
+    key: str
+    dtype: DType
+    nbytes: int
+    file_offset: int | None = None
+    load: Callable[[], bytes] | None = None
+    big_endian: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // self.dtype.itemsize
+
+
+@dataclass(frozen=True, eq=False)
+class TensorInfo:
+    """A tensor's description and where its bytes live; reading them is ModelFile.read's job.
+
+    ``strides`` and ``offset`` are in elements of ``dtype``, as torch counts them.
+    """
+
+    dtype: DType
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    offset: int
+    storage: Storage
+    parameter: bool = False
+    requires_grad: bool = False
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_contiguous(self) -> bool:
+        """C-contiguous (torch's default layout); size-0/1 dimensions never break it."""
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.strides), strict=True):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    @property
+    def file_span(self) -> tuple[int, int] | None:
+        """(absolute offset, length) of this tensor's bytes when they lie in the file as-is."""
+        st = self.storage
+        if st.file_offset is None or st.big_endian or not self.is_contiguous:
+            return None
+        return st.file_offset + self.offset * self.dtype.itemsize, self.nbytes
+
+    def describe(self) -> str:
+        return f"{self.dtype} {list(self.shape)}"
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous tensor of ``shape``."""
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def check_view(info: TensorInfo, where: str) -> None:
+    """Raise CorruptFile unless every element the view addresses lies inside its storage."""
+    if any(s < 0 for s in info.shape) or any(s < 0 for s in info.strides) or info.offset < 0:
+        raise CorruptFile(f"tensor {where!r} has a negative size, stride or offset")
+    if info.numel == 0:
+        return
+    last = info.offset + sum((n - 1) * s for n, s in zip(info.shape, info.strides, strict=True))
+    if (last + 1) * info.dtype.itemsize > info.storage.nbytes:
+        raise CorruptFile(
+            f"tensor {where!r} reaches element {last} but its storage "
+            f"{info.storage.key!r} holds {info.storage.numel}"
+        )
+
+
+@dataclass(eq=False)
+class StandIn:
+    """An inert record of an object the file asked for by a global sdtool does not allow.
+
+    It is never called and never imported: it only remembers what the pickle said to do with it
+    (call it with ``args``, set ``state``, add ``items``), so tensors inside it can still be found
+    and its contents can be shown.
+    """
+
+    module: str
+    name: str
+    args: tuple[Any, ...] | None = None  # None: the global itself, never called
+    kwargs: dict[str, Any] | None = None
+    state: Any = None
+    items: list[tuple[Any, Any]] = field(default_factory=list)
+    listitems: list[Any] = field(default_factory=list)
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}>"
+
+
+@dataclass(frozen=True)
+class GlobalUse:
+    """A global the unpickler met, how often, and whether sdtool built it or stood it in."""
+
+    module: str
+    name: str
+    count: int
+    builder: bool  # True: mapped to one of sdtool's own data builders; False: an inert StandIn
+
+
+class ModelFile:
+    """An opened model file: ordered tensors with data on demand, plus everything else it holds.
+
+    Attributes:
+        path: the file.
+        format: ``safetensors``, ``torch-zip``, ``torch-legacy``, ``torch-tar``, ``pickle``,
+            ``npy`` or ``npz``.
+        tensors: name -> TensorInfo, in file order (state-dict tensors, dotted names).
+        metadata: the safetensors ``__metadata__`` map (empty for other formats).
+        extra: the non-tensor rest as plain data (global_step, epoch, ...); tensors that lie
+            outside the state dict (optimizer state) stay here as TensorInfo leaves.
+        container: facts about the container (zip prefix, byteorder, version records ...).
+        globals: every global the unpickler met.
+        root: the whole unpickled object graph (None for safetensors/numpy).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        format: str,
+        tensors: dict[str, TensorInfo],
+        *,
+        metadata: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+        container: dict[str, Any] | None = None,
+        globals: list[GlobalUse] | None = None,
+        root: Any = None,
+    ) -> None:
+        self.path = path
+        self.format = format
+        self.tensors = tensors
+        self.metadata = metadata or {}
+        self.extra = extra or {}
+        self.container = container or {}
+        self.globals = globals or []
+        self.root = root
+        self.file_size = path.stat().st_size
+        self._mmap: mmap.mmap | None = None
+
+    # -- data on demand -------------------------------------------------------------------------
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's values as a numpy array (little-endian, torch's layout and dtype).
+
+        A view over a read-only mmap of the file when the bytes lie in it; a fresh array
+        otherwise (deflated members, big-endian files). Raises TruncatedFile when the file is
+        shorter than the tensor needs.
+        """
+        return self.read_info(self.tensors[name], name)
+
+    def read_info(self, info: TensorInfo, name: str = "?") -> np.ndarray:
+        """Like ``read`` for a TensorInfo that may not be in ``tensors`` (e.g. optimizer state)."""
+        st = info.storage
+        check_view(info, name)
+        if st.file_offset is not None:
+            if st.file_offset + st.nbytes > self.file_size:
+                raise TruncatedFile(
+                    f"tensor {name!r} needs bytes up to {st.file_offset + st.nbytes} but the "
+                    f"file has {self.file_size}; the download is truncated",
+                    path=self.path,
+                )
+            base = np.frombuffer(self._map(), np.uint8, st.nbytes, st.file_offset)
+        else:
+            assert st.load is not None, "a storage has either a file offset or a loader"
+            raw = st.load()
+            if len(raw) < st.nbytes:
+                raise TruncatedFile(
+                    f"storage {st.key!r} of tensor {name!r} holds {len(raw)} bytes, "
+                    f"needs {st.nbytes}",
+                    path=self.path,
+                )
+            base = np.frombuffer(raw, np.uint8, st.nbytes)
+        dt = info.dtype.numpy.newbyteorder(">") if st.big_endian else info.dtype.numpy
+        item = info.dtype.itemsize
+        elems = base[: st.nbytes - st.nbytes % item].view(dt)
+        arr = np.lib.stride_tricks.as_strided(
+            elems[info.offset :] if info.numel else elems[:0],
+            shape=info.shape,
+            strides=tuple(s * item for s in info.strides),
+            writeable=False,
+        )
+        if st.big_endian:
+            arr = arr.astype(info.dtype.numpy)
+        return arr
+
+    def iter_tensors(self) -> Iterator[tuple[str, TensorInfo]]:
+        yield from self.tensors.items()
+
+    def _map(self) -> mmap.mmap:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file mapping (arrays still viewing it keep it alive until they go)."""
+        if self._mmap is not None:
+            # numpy views may still be exported; then the GC closes the map with them
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+            self._mmap = None
+
+    def __enter__(self) -> ModelFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- summaries ------------------------------------------------------------------------------
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def __repr__(self) -> str:
+        return f"<ModelFile {os.fspath(self.path)!r} {self.format} {len(self.tensors)} tensors>"

@@ -1,0 +1,17 @@
+"""Shared fixtures: every test builds its inputs in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+@pytest.fixture
+def corpus() -> Path:
+    """../shared/corpus, or skip with the reason."""
+    if not (CORPUS / "manifest.json").is_file():
+        pytest.skip(f"the shared corpus is absent ({CORPUS})")
+    return CORPUS
