@@ -268,3 +268,60 @@ class ModelFile:
 
     def __repr__(self) -> str:
         return f"<ModelFile {os.fspath(self.path)!r} {self.format} {len(self.tensors)} tensors>"
+
+
+def to_plain(obj: Any, *, max_depth: int = 64, max_items: int = 10_000) -> Any:
+    """A JSON-able copy of unpickled data: what inspect --json and convert's metadata carry.
+
+    Dicts keep their (stringified) keys, tuples/sets become lists, bytes become
+    ``{"__bytes__": len, "hex": first 64 bytes}``, numpy scalars their Python value, a
+    TensorInfo ``{"__tensor__": "F32 [3, 4]"}``, a StandIn
+    ``{"__global__": "mod.name", "args": ..., "state": ...}``.
+    Depth and fan-out are capped so hostile graphs stay small (cut parts say ``"..."``).
+    """
+
+    def conv(o: Any, depth: int) -> Any:
+        if depth > max_depth:
+            return "..."
+        if o is None or isinstance(o, bool | int | str):
+            return o
+        if isinstance(o, float):
+            return o if o == o and o not in (float("inf"), float("-inf")) else repr(o)
+        if isinstance(o, np.generic):
+            return conv(o.item(), depth)
+        if isinstance(o, TensorInfo):
+            return {"__tensor__": o.describe()}
+        if isinstance(o, bytes | bytearray):
+            return {"__bytes__": len(o), "hex": bytes(o[:64]).hex()}
+        if isinstance(o, complex):
+            return {"__complex__": [o.real, o.imag]}
+        if isinstance(o, dict):
+            items = list(o.items())
+            out = {str(k): conv(v, depth + 1) for k, v in items[:max_items]}
+            if len(items) > max_items:
+                out["..."] = f"{len(items) - max_items} more"
+            return out
+        if isinstance(o, list | tuple | set | frozenset):
+            seq = list(o)
+            res = [conv(v, depth + 1) for v in seq[:max_items]]
+            if len(seq) > max_items:
+                res.append(f"... {len(seq) - max_items} more")
+            return res
+        if isinstance(o, StandIn):
+            d: dict[str, Any] = {"__global__": o.qualname}
+            if o.args is not None:
+                d["args"] = conv(o.args, depth + 1)
+            if o.kwargs:
+                d["kwargs"] = conv(o.kwargs, depth + 1)
+            if o.state is not None:
+                d["state"] = conv(o.state, depth + 1)
+            if o.items:
+                d["items"] = conv(o.items, depth + 1)
+            if o.listitems:
+                d["listitems"] = conv(o.listitems, depth + 1)
+            return d
+        if isinstance(o, np.ndarray):
+            return {"__array__": f"{o.dtype} {list(o.shape)}"}
+        return repr(o)
+
+    return conv(obj, 0)
