@@ -137,7 +137,8 @@ def read_safetensors(path: Path) -> ModelFile:
             raise e.with_path(path) from None
     tensors: dict[str, TensorInfo] = {}
     start = header.data_start
-    for name, e in header.entries.items():
+    by_offset = sorted(header.entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))
+    for name, e in by_offset:  # file order: where the bytes lie
         dt = dtypes.from_code(e["dtype"])
         begin, end = e["data_offsets"]
         shape = tuple(e["shape"])
