@@ -203,3 +203,30 @@ def test_cli_text_and_errors(
     assert main(["diff", str(a), str(broken)]) == 2
     assert "truncated" in capsys.readouterr().err
     assert main(["diff", str(a), str(tmp_path / "none.safetensors")]) == 2
+
+
+def test_torch_checkpoint_vs_safetensors(tmp_path: Path) -> None:
+    """A Lightning-style .ckpt (shared storage, a transposed view) against its safetensors twin."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 6, generator=g)
+    sd = {
+        "model.w": w,
+        "model.wt": w.t(),  # a non-contiguous view of the same storage
+        "model.half": torch.randn(5, generator=g).half(),
+        "model.ids": torch.arange(77).unsqueeze(0),
+    }
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": sd, "global_step": 3}, ckpt)
+    twin = {k: v.contiguous().numpy() for k, v in sd.items()}
+    st = _save(tmp_path / "m.safetensors", twin)
+    r = diff(ckpt, st)
+    assert r.format_a == "torch-zip"
+    assert r.identical, [t for t in r.tensors if t.status != "equal"]
+    assert r.counts["equal"] == 4
+    twin["model.wt"] = twin["model.wt"].copy()
+    twin["model.wt"][0, 1] = 42.0
+    st2 = _save(tmp_path / "m2.safetensors", twin)
+    t = {x.name: x for x in diff(ckpt, st2).tensors}["model.wt"]
+    assert (t.status, t.changed) == ("changed", 1)
+    assert t.max_abs_diff == abs(42.0 - float(w.t()[0, 1]))
