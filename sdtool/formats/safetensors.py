@@ -139,7 +139,8 @@ def read_safetensors(path: Path) -> ModelFile:
             raise e.with_path(path) from None
     tensors: dict[str, TensorInfo] = {}
     start = header.data_start
-    for name, ent in header.entries.items():
+    by_offset = sorted(header.entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))
+    for name, ent in by_offset:  # file order: where the bytes lie
         dt = dtypes.from_code(ent["dtype"])
         begin, end = ent["data_offsets"]
         shape = tuple(ent["shape"])
