@@ -292,18 +292,23 @@ class ModelFile:
         return f"<ModelFile {os.fspath(self.path)!r} {self.format} {len(self.tensors)} tensors>"
 
 
-def to_plain(obj: Any, *, max_depth: int = 64, max_items: int = 10_000) -> Any:
+def to_plain(
+    obj: Any, *, max_depth: int = 64, max_items: int = 10_000, max_nodes: int = 200_000
+) -> Any:
     """A JSON-able copy of unpickled data: what inspect --json and convert's metadata carry.
 
     Dicts keep their (stringified) keys, tuples/sets become lists, bytes become
     ``{"__bytes__": len, "hex": first 64 bytes}``, numpy scalars their Python value, a
     TensorInfo ``{"__tensor__": "F32 [3, 4]"}``, a StandIn
     ``{"__global__": "mod.name", "args": ..., "state": ...}``.
-    Depth and fan-out are capped so hostile graphs stay small (cut parts say ``"..."``).
+    Depth, fan-out and the total node count are capped so hostile graphs stay small (cut parts
+    say ``"..."``): a pickle can share one list 60 levels deep, 2**60 paths from 120 bytes.
     """
+    budget = [max_nodes]
 
     def conv(o: Any, depth: int) -> Any:
-        if depth > max_depth:
+        budget[0] -= 1
+        if depth > max_depth or budget[0] < 0:
             return "..."
         if o is None or isinstance(o, bool | int | str):
             return o

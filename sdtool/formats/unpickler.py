@@ -516,6 +516,7 @@ def load_one(
     """Unpickle one pickle from ``f`` (leaving ``f`` just past its STOP)."""
     up = RestrictedUnpickler(f, persistent_load=persistent_load, nested=nested, seen=seen)
     try:
+        _check_memo_indices(f)
         return up.load()
     except CorruptFile:
         raise
@@ -539,6 +540,33 @@ def load_one(
         struct_error(),
     ) as e:
         raise CorruptFile(f"broken pickle ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _check_memo_indices(f: io.BufferedIOBase | io.BytesIO) -> None:
+    """Refuse a memo index no pickler could write, before the C unpickler sizes its memo by it.
+
+    The C unpickler grows its memo table to twice the largest PUT index and zero-fills it, so a
+    120-byte pickle with LONG_BINPUT 0x56730a35 makes it write ~23 GB. A pickler numbers memo
+    entries from 0, one per opcode at most, so an index above the opcodes met so far is forged.
+    Opcodes are walked without building anything; ``f`` is left where it was.
+    """
+    import pickletools
+
+    start = f.tell()
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(f)):
+            if op.name in _MEMO_PUTS and isinstance(arg, int) and arg > count:
+                raise CorruptFile(
+                    f"pickle opcode {op.name} stores memo entry {arg} after {count} opcodes "
+                    "(a forged index that would make the unpickler allocate gigabytes)"
+                )
+    except ValueError:
+        pass  # a malformed stream: the unpickler itself stops at the same place with an error
+    finally:
+        f.seek(start)
+
+
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 
 
 def struct_error() -> type[Exception]:

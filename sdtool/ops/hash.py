@@ -277,9 +277,11 @@ def _read_and_hash(
     feeders = {k: _Feeder(_HASHERS[k](), s, e, done) for k, (s, e) in ranges.items()}
     for t in feeders.values():
         t.start()
-    bufs = [bytearray(chunk) for _ in range(BUFFERS)]
-    pending = [0] * BUFFERS  # hashers still reading each buffer
-    free = list(range(BUFFERS))
+    chunk = max(1, min(chunk, size + 1))  # a small file needs one small buffer (+1: see EOF)
+    count = min(BUFFERS, size // chunk + 1)
+    bufs = [bytearray(chunk) for _ in range(count)]
+    pending = [0] * count  # hashers still reading each buffer
+    free = list(range(count))
     pos = 0
     f.seek(0)
     try:

@@ -149,17 +149,21 @@ def _classify(g: GlobalUse) -> tuple[str, str]:
     return str(result), ""
 
 
-def _tensor_leaves(obj: Any, depth: int = 0) -> Iterable[TensorInfo]:
-    if depth > 64:
+def _tensor_leaves(obj: Any, depth: int = 0, seen: set[int] | None = None) -> Iterable[TensorInfo]:
+    # each container once: a pickle can share one list 60 levels deep (2**60 paths)
+    seen = set() if seen is None else seen
+    if depth > 64 or id(obj) in seen:
         return
     if isinstance(obj, TensorInfo):
         yield obj
     elif isinstance(obj, dict):
+        seen.add(id(obj))
         for v in obj.values():
-            yield from _tensor_leaves(v, depth + 1)
+            yield from _tensor_leaves(v, depth + 1, seen)
     elif isinstance(obj, list | tuple):
+        seen.add(id(obj))
         for v in obj:
-            yield from _tensor_leaves(v, depth + 1)
+            yield from _tensor_leaves(v, depth + 1, seen)
 
 
 def inspect_model(
