@@ -38,7 +38,7 @@ def test_truncation_at_every_offset(tmp_path: Path, name: str) -> None:
     data = SEEDS[name]
     step = max(1, len(data) // 1500)  # every offset for the small seeds, ~1500 for the TAR
     outcomes = {_try(tmp_path, name, truncate(data, n)) for n in range(0, len(data), step)}
-    assert not any(o.startswith("ok:") for o in outcomes if False)  # outcomes vary by offset
+    assert "refused:FileAccessError" not in outcomes  # every cut was read, none crashed
     assert any(o.startswith("refused:") for o in outcomes)
 
 
