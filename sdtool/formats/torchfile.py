@@ -321,6 +321,18 @@ def _load_tar(src: _Source) -> tuple[Any, dict[str, Any]]:
         raise CorruptFile(f"broken tar archive: {e}") from None
     if not {"storages", "tensors", "pickle"} <= set(members):
         raise UnknownFormat(f"a tar archive without torch's members ({sorted(members)[:5]})")
+    try:
+        return _load_tar_members(src, members)
+    except (TypeError, ValueError, KeyError, IndexError, struct.error) as e:
+        # records of the wrong shape or naming storages that do not exist (found by fuzzing)
+        raise CorruptFile(
+            f"TAR torch file: malformed records ({type(e).__name__}: {e})"[:300]
+        ) from None
+
+
+def _load_tar_members(
+    src: _Source, members: dict[str, tarfile.TarInfo]
+) -> tuple[Any, dict[str, Any]]:
     f = src.f
     objects: dict[Any, Any] = {}
     st_m = members["storages"]
