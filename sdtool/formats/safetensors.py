@@ -79,10 +79,10 @@ def read_header(f: BinaryIO, file_size: int) -> Header:
     ):
         raise CorruptFile("__metadata__ must map strings to strings")
     entries: dict[str, dict[str, Any]] = {}
-    for name, e in obj.items():
-        if not isinstance(e, dict):
+    for name, ent in obj.items():
+        if not isinstance(ent, dict):
             raise CorruptFile(f"tensor {name!r}: entry is not an object")
-        dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        dt, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
         if not isinstance(dt, str):
             raise CorruptFile(f"tensor {name!r}: missing dtype")
         if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
@@ -94,7 +94,7 @@ def read_header(f: BinaryIO, file_size: int) -> Header:
             and offs[0] <= offs[1]
         ):
             raise CorruptFile(f"tensor {name!r}: data_offsets must be [begin, end]")
-        entries[name] = e
+        entries[name] = ent
     _check_offsets(entries, file_size - 8 - n)
     return Header(n, entries, dict(meta), raw, dups)
 
@@ -137,10 +137,11 @@ def read_safetensors(path: Path) -> ModelFile:
             raise e.with_path(path) from None
     tensors: dict[str, TensorInfo] = {}
     start = header.data_start
-    for name, e in header.entries.items():
-        dt = dtypes.from_code(e["dtype"])
-        begin, end = e["data_offsets"]
-        shape = tuple(e["shape"])
+    by_offset = sorted(header.entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))
+    for name, ent in by_offset:  # file order: where the bytes lie
+        dt = dtypes.from_code(ent["dtype"])
+        begin, end = ent["data_offsets"]
+        shape = tuple(ent["shape"])
         strides = contiguous_strides(shape)
         storage = Storage(name, dt, end - begin, file_offset=start + begin)
         tensors[name] = TensorInfo(dt, shape, strides, 0, storage)
