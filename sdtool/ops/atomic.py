@@ -68,9 +68,10 @@ def atomic_output(
     done = False
     try:
         _set_default_mode(fd)
-        with open(fd, "wb", buffering=0, closefd=True) as f:
+        os.close(fd)
+        with open(tmp, "wb", buffering=0) as f:  # by name, so f.name is the temp path
             try:
-                yield f  # type: ignore[misc]
+                yield f
             except OSError as e:
                 if e.errno in _DISK_FULL:
                     raise OutputError("the disk is full; nothing was written", path=target) from e
@@ -113,11 +114,3 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-
-
-def write_all(fd: int, data: memoryview | bytes) -> None:
-    """os.write until every byte is written (os.write may write less than asked)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
