@@ -117,7 +117,8 @@ def parse_npy_header(head: bytes, what: str) -> NpyHeader:
     raw = head[start : start + hlen]
     try:
         text = raw.decode("utf-8" if major == 3 else "latin-1")
-        d = ast.literal_eval(text)
+        # files written by Python 2 numpy spell shapes with longs: (2L, 3L)
+        d = ast.literal_eval(re.sub(r"(?<=\d)L(?=[,)\s])", "", text))
     except (UnicodeDecodeError, ValueError, SyntaxError, MemoryError, RecursionError) as e:
         raise CorruptFile(f"{what}: the .npy header is not a Python literal ({e})") from None
     if not isinstance(d, dict) or not {"descr", "fortran_order", "shape"} <= d.keys():
