@@ -88,6 +88,11 @@ class TensorInfo:
     def describe(self) -> str:
         return f"{self.dtype} {list(self.shape)}"
 
+    def __setstate__(self, state: Any) -> None:
+        """Old pickles BUILD a Parameter with ``(requires_grad, ...)``; keep only that flag."""
+        if isinstance(state, tuple) and state and isinstance(state[0], bool):
+            object.__setattr__(self, "requires_grad", state[0])
+
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Element strides of a C-contiguous tensor of ``shape``."""

@@ -225,7 +225,15 @@ def _load_pickles(src: _Source) -> tuple[Any, dict[str, Any]]:
     f.seek(0)
     head = f.read(2)
     f.seek(0)
-    first = load_one(f, nested=src.nested, seen=src.seen)
+    try:
+        first = load_one(f, nested=src.nested, seen=src.seen)
+    except CorruptFile:
+        if any(m.startswith(("joblib.", "sklearn.")) for m, _, _ in src.seen):
+            raise UnknownFormat(
+                "a joblib pickle (scikit-learn style), not a model file sdtool reads; "
+                "`sdtool scan` checks it"
+            ) from None
+        raise
     if first != LEGACY_MAGIC or isinstance(first, bool):
         protocol = head[1] if head[:1] == b"\x80" else 0
         return first, {"container": "pickle", "pickle_protocol": protocol}

@@ -193,7 +193,7 @@ def inspect_model(
     identity = None
     if identify:
         try:
-            from sdtool.ops.identify import identify as identify_fn  # type: ignore[import-not-found]
+            from sdtool.ops.identify import identify as identify_fn
         except ImportError:
             identify_fn = None
         if identify_fn is not None:
