@@ -188,26 +188,19 @@ def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
     """Open a ``.npz`` (zip of .npy members) lazily: member ``name.npy`` -> tensor ``name``.
 
     Stored members keep their file offset (zero-copy); deflated members are inflated on read.
-    Members that are not ``.npy`` are listed in ``container["other_members"]``, arrays of
-    non-numeric dtypes (strings, structured) in ``container["skipped_members"]``; an object
-    array (a pickle) refuses the whole file.
+    Members that are not ``.npy`` are listed in ``container["other_members"]``. A member of a
+    non-numeric dtype (strings, structured) refuses the whole file rather than be dropped
+    silently, and an object array (a pickle) refuses it with PickledArray.
     """
     tensors: dict[str, TensorInfo] = {}
     other: list[str] = []
-    skipped: list[str] = []  # members of a dtype that is not a tensor (strings, structs)
     with open(path, "rb") as f:
         for m in archive:
             if not m.name.endswith(".npy") or m.name.endswith("/"):
                 other.append(m.name)
                 continue
             name = m.name[: -len(".npy")]
-            try:
-                h = _member_header(f, m)
-            except UnsupportedDtype as e:
-                if isinstance(e, PickledArray):
-                    raise
-                skipped.append(f"{m.name}: {e.message.split(': ', 1)[-1]}")
-                continue
+            h = _member_header(f, m)
             if h.data_start + h.nbytes > m.size:
                 raise TruncatedFile(
                     f"npz member {m.name!r}: the array {h.dtype} {list(h.shape)} needs "
@@ -233,7 +226,6 @@ def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
             tensors[name] = _info(h, st)
     container = {
         "other_members": other,
-        "skipped_members": skipped,
         "irregularities": list(archive.irregularities),
     }
     return ModelFile(path, "npz", tensors, container=container)
