@@ -152,5 +152,5 @@ def test_python2_long_shape(tmp_path: Path) -> None:
 def test_npz_string_member_refused(tmp_path: Path) -> None:
     p = tmp_path / "s.npz"
     np.savez(p, data=np.arange(3.0), format=np.array(b"csc"))
-    with pytest.raises(UnsupportedDtype, match="'format.npy'"):
+    with pytest.raises(UnsupportedDtype, match=r"'format\.npy'"):
         _npz(p)
