@@ -34,7 +34,7 @@ MAX_DEPTH = 4  # containers inside containers
 MAX_STREAMS = 1000  # pickle streams per member
 MAX_MEMBER = 2 << 30  # bytes read from one member into memory
 MAX_DECOMPRESSED = 2 << 30  # total bytes decompressed per file
-MAX_RATIO = 2000  # decompressed/compressed ratio before it counts as a bomb
+MAX_RATIO = 1000  # decompressed/compressed ratio before it counts as a bomb
 
 _STORAGE_ITEMSIZE = {
     "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
@@ -776,6 +776,7 @@ def _safetensors_tail(ctx: Ctx, buf: Any, member: str | None, depth: int, header
             return
         (n,) = struct.unpack_from("<Q", bytes(buf[:8]))
         end = 8 + n if 8 + n <= size else size
+        end += _loose_data_length(bytes(buf[8:end]))
     if _is_zip_tail(buf) or bytes(buf[end : end + 4]) == b"PK\x03\x04":
         ctx.find(
             "suspicious", "safetensors-hidden", "a zip is hidden after the safetensors data", member
@@ -807,6 +808,24 @@ def _safetensors_tail(ctx: Ctx, buf: Any, member: str | None, depth: int, header
                 _join(member, "<hidden pickle>") if member else "<hidden pickle>",
                 depth + 1,
             )
+
+
+def _loose_data_length(raw: bytes) -> int:
+    """The data length a header declares, read leniently (for a header the rules reject)."""
+    import json
+
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+        ends = [
+            e["data_offsets"][1]
+            for k, e in obj.items()
+            if k != "__metadata__"
+            and isinstance(e, dict)
+            and isinstance(e.get("data_offsets"), list)
+        ]
+        return max((x for x in ends if isinstance(x, int) and x >= 0), default=0)
+    except (ValueError, AttributeError, IndexError, TypeError, KeyError):
+        return 0
 
 
 _ROUTES: dict[str, Callable[[Ctx, Any, str | None, int], None]] = {
