@@ -22,13 +22,14 @@ from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, TruncatedFile
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Storage:
     """One run of raw tensor bytes, shared by every tensor that views it.
 
     ``file_offset`` is set when the bytes sit uncompressed in the file (safetensors, stored zip
     members, legacy torch), so they can be mmapped or copied without Python touching them.
     Otherwise ``load`` returns them (a deflated zip member, a nested in-memory torch file).
+    Mutable only while a reader builds it (legacy torch files give offsets after the pickle).
     """
 
     key: str
@@ -87,6 +88,11 @@ class TensorInfo:
     def describe(self) -> str:
         return f"{self.dtype} {list(self.shape)}"
 
+    def __setstate__(self, state: Any) -> None:
+        """Old pickles BUILD a Parameter with ``(requires_grad, ...)``; keep only that flag."""
+        if isinstance(state, tuple) and state and isinstance(state[0], bool):
+            object.__setattr__(self, "requires_grad", state[0])
+
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Element strides of a C-contiguous tensor of ``shape``."""
@@ -134,6 +140,25 @@ class StandIn:
 
     def __repr__(self) -> str:
         return f"<{self.qualname}>"
+
+    # What the unpickler may do to an object on its stack; each only records.
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items.append((key, value))
+
+    def append(self, value: Any) -> None:
+        self.listitems.append(value)
+
+    def extend(self, values: Any) -> None:
+        self.listitems.extend(values if isinstance(values, list | tuple) else [values])
+
+    def add(self, value: Any) -> None:
+        self.listitems.append(value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> StandIn:
+        return StandIn(self.module, f"{self.name}()", args, kwargs or None)
 
 
 @dataclass(frozen=True)
@@ -220,13 +245,15 @@ class ModelFile:
             base = np.frombuffer(raw, np.uint8, st.nbytes)
         dt = info.dtype.numpy.newbyteorder(">") if st.big_endian else info.dtype.numpy
         item = info.dtype.itemsize
-        elems = base[: st.nbytes - st.nbytes % item].view(dt)
+        # stride over opaque items: as_strided rebuilds the dtype from its typestr, which loses
+        # ml_dtypes' identity (bf16/fp8 all say "<f1"/"<V2"); view as the real dtype afterwards
+        elems = base[: st.nbytes - st.nbytes % item].view(np.dtype(f"V{item}"))
         arr = np.lib.stride_tricks.as_strided(
             elems[info.offset :] if info.numel else elems[:0],
             shape=info.shape,
             strides=tuple(s * item for s in info.strides),
             writeable=False,
-        )
+        ).view(dt)
         if st.big_endian:
             arr = arr.astype(info.dtype.numpy)
         return arr

@@ -1,4 +1,4 @@
-"""safetensors: header parsing with the reference reader's rules, into a lazy ModelFile.
+"""safetensors: header parsing with the reference reader's rules, and a streaming writer.
 
 The header is parsed by hand (not safe_open) because sdtool needs what safe_open hides: the exact
 offsets for zero-copy moves, the raw header for AutoV3 hashing and lint, and errors that explain
@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sdtool import dtypes
-from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
+from sdtool.errors import CorruptFile, OutputError, TruncatedFile, UnsupportedDtype
+from sdtool.formats.plan import Chunks, OutTensor, SourceFds, copy_span, write_all
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
 
 MAX_HEADER = 100_000_000  # the reference reader's limit
@@ -79,10 +81,10 @@ def read_header(f: BinaryIO, file_size: int) -> Header:
     ):
         raise CorruptFile("__metadata__ must map strings to strings")
     entries: dict[str, dict[str, Any]] = {}
-    for name, e in obj.items():
-        if not isinstance(e, dict):
+    for name, ent in obj.items():
+        if not isinstance(ent, dict):
             raise CorruptFile(f"tensor {name!r}: entry is not an object")
-        dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        dt, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
         if not isinstance(dt, str):
             raise CorruptFile(f"tensor {name!r}: missing dtype")
         if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
@@ -94,7 +96,7 @@ def read_header(f: BinaryIO, file_size: int) -> Header:
             and offs[0] <= offs[1]
         ):
             raise CorruptFile(f"tensor {name!r}: data_offsets must be [begin, end]")
-        entries[name] = e
+        entries[name] = ent
     _check_offsets(entries, file_size - 8 - n)
     return Header(n, entries, dict(meta), raw, dups)
 
@@ -137,10 +139,11 @@ def read_safetensors(path: Path) -> ModelFile:
             raise e.with_path(path) from None
     tensors: dict[str, TensorInfo] = {}
     start = header.data_start
-    for name, e in header.entries.items():
-        dt = dtypes.from_code(e["dtype"])
-        begin, end = e["data_offsets"]
-        shape = tuple(e["shape"])
+    by_offset = sorted(header.entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))
+    for name, ent in by_offset:  # file order: where the bytes lie
+        dt = dtypes.from_code(ent["dtype"])
+        begin, end = ent["data_offsets"]
+        shape = tuple(ent["shape"])
         strides = contiguous_strides(shape)
         storage = Storage(name, dt, end - begin, file_offset=start + begin)
         tensors[name] = TensorInfo(dt, shape, strides, 0, storage)
@@ -150,3 +153,136 @@ def read_safetensors(path: Path) -> ModelFile:
         "duplicate_keys": header.duplicate_keys,
     }
     return ModelFile(path, "safetensors", tensors, metadata=header.metadata, container=container)
+
+
+# -- writing ----------------------------------------------------------------------------------
+#
+# Hand-written rather than safetensors.save_file: save_file needs every tensor in memory at
+# once (a 7.7 GB checkpoint needs 7.7 GB, usually twice), while this writer computes the header
+# from the plan first and then streams one tensor at a time, moving bytes that need no change
+# with copy_file_range. It follows the Rust writer's conventions so its output is what
+# safetensors itself would write: tensors ordered by dtype (descending, in the order below)
+# then by name, ``__metadata__`` first, compact JSON, header padded with spaces to a multiple
+# of 8. Same plan -> same bytes -> same AutoV3 hash.
+
+#: safetensors' Dtype enum order (ascending); the writer sorts by it descending.
+DTYPE_ORDER: tuple[str, ...] = (
+    "BOOL",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
+)
+_RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
+
+
+@dataclass(frozen=True)
+class Placed:
+    """An output tensor and its [begin, end) in the data buffer."""
+
+    tensor: OutTensor
+    begin: int
+    end: int
+
+
+def layout(
+    plan: Sequence[OutTensor], metadata: dict[str, str] | None
+) -> tuple[bytes, list[Placed]]:
+    """The complete header (length prefix included) and where each tensor goes.
+
+    Raises OutputError for a dtype safetensors cannot hold or a name given twice.
+    """
+    seen: set[str] = set()
+    for t in plan:
+        if t.dtype.code not in _RANK:
+            raise OutputError(
+                f"tensor {t.name!r} is {t.dtype}, which safetensors cannot store "
+                "(cast it, or write a .ckpt)"
+            )
+        if t.name in seen:
+            raise OutputError(f"two output tensors are named {t.name!r}")
+        seen.add(t.name)
+    ordered = sorted(plan, key=lambda t: (-_RANK[t.dtype.code], t.name))
+    obj: dict[str, Any] = {}
+    if metadata:
+        obj["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    placed: list[Placed] = []
+    pos = 0
+    for t in ordered:
+        placed.append(Placed(t, pos, pos + t.nbytes))
+        obj[t.name] = {
+            "dtype": t.dtype.code,
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
+        pos += t.nbytes
+    try:
+        js = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise OutputError(f"a tensor name or metadata value is not valid Unicode: {e}") from None
+    js += b" " * (-len(js) % 8)
+    if len(js) > MAX_HEADER:
+        raise OutputError(f"the header would be {len(js)} bytes, over safetensors' 100 MB limit")
+    return struct.pack("<Q", len(js)) + js, placed
+
+
+def write_safetensors(
+    plan: Sequence[OutTensor],
+    f: BinaryIO,
+    *,
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """Stream ``plan`` into the empty file ``f`` as safetensors; return overflow counts by name.
+
+    Peak memory is one chunk of a cast (64 MiB of the wider dtype) or one tensor that must be
+    materialised (a deflated or strided source), plus a constant. ``progress`` receives byte
+    counts as they are written.
+    """
+    header, placed = layout(plan, metadata)
+    fd = f.fileno()
+    write_all(fd, header)
+    overflows: dict[str, int] = {}
+    with SourceFds() as fds:
+        for p in placed:
+            t = p.tensor
+            span = t.copy_span
+            src_fd = fds.get(t)
+            if span is not None:
+                if span[0] + span[1] > t.source.file_size:
+                    raise TruncatedFile(
+                        f"tensor {t.name!r} needs bytes up to {span[0] + span[1]} but the file "
+                        f"has {t.source.file_size}; the download is truncated",
+                        path=t.source.path,
+                    )
+                copy_span(src_fd, fd, span[0], span[1], t, progress)
+                continue
+            chunks = Chunks(t, src_fd)
+            written = 0
+            for piece in chunks:
+                written += write_all(fd, piece)
+                if progress is not None:
+                    progress(piece.nbytes)
+                del piece
+            if written != p.end - p.begin:
+                raise CorruptFile(
+                    f"tensor {t.name!r} gave {written} bytes, expected {p.end - p.begin}",
+                    path=t.source.path,
+                )
+            if chunks.overflow:
+                overflows[t.name] = chunks.overflow
+    return overflows

@@ -10,6 +10,7 @@ Every declared size and offset is checked against the file before use.
 from __future__ import annotations
 
 import contextlib
+import encodings.cp437  # noqa: F401 - loaded up front: no imports while reading a file
 import struct
 import zlib
 from collections.abc import Iterator

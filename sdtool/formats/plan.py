@@ -1,0 +1,217 @@
+"""A write plan: the output tensors, each saying where its values come from and what to write.
+
+Every writer (safetensors, torch) takes a sequence of OutTensor and streams it: convert builds
+one plan per file, prune/extract build theirs (EMA swaps, dropped parts, computed fixes) and
+hand it to the same ``sdtool.ops.write.write_model``. A plan holds no tensor data: values are
+read from ``source`` when the writer reaches them, cast in bounded chunks, written, let go.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+from sdtool import dtypes
+from sdtool.dtypes import DType
+from sdtool.errors import TruncatedFile
+from sdtool.formats.cast import cast
+from sdtool.model import ModelFile, TensorInfo
+
+#: casts and buffered copies work on pieces of at most this many bytes (of the wider dtype)
+CHUNK_BYTES = 64 * 1024 * 1024
+#: errors after which copy_span steps down to the next way of copying
+_NO_FAST_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+@dataclass(frozen=True, eq=False)
+class OutTensor:
+    """One tensor of the output.
+
+    Attributes:
+        name: its name in the output.
+        source: the opened file its values come from.
+        info: what to read there (may be a tensor outside ``source.tensors``).
+        dtype: the dtype to write; a torch-exact cast when it differs from the values' dtype.
+        make: computed values instead of reading ``info`` (e.g. prune's --fix-clip); must
+            return an array of ``info.shape``; its own dtype is cast to ``dtype`` if needed.
+    """
+
+    name: str
+    source: ModelFile
+    info: TensorInfo
+    dtype: DType
+    make: Callable[[], np.ndarray] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this tensor takes in the output."""
+        return prod(self.info.shape) * self.dtype.itemsize
+
+    @property
+    def is_cast(self) -> bool:
+        return self.make is None and self.dtype != self.info.dtype
+
+    @property
+    def copy_span(self) -> tuple[int, int] | None:
+        """(offset, length) in the source file when the output bytes are exactly those bytes."""
+        if self.make is not None or self.dtype != self.info.dtype:
+            return None
+        return self.info.file_span
+
+
+class Chunks:
+    """The values of one OutTensor, in the output dtype, as contiguous 1-D pieces.
+
+    Reads contiguous little-endian tensors with pread into a fresh buffer per piece (no mmap,
+    so the file's pages never count against this process), anything else through
+    ``ModelFile.read_info`` (one copy of that tensor at most). ``overflow`` counts values that
+    became inf in a cast (float8_e4m3fn: saturated).
+    """
+
+    def __init__(self, t: OutTensor, src_fd: int | None = None) -> None:
+        self.t = t
+        self.src_fd = src_fd
+        self.overflow = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        t = self.t
+        if t.make is not None:
+            arr = np.asarray(t.make())
+            if arr.shape != t.shape:
+                raise ValueError(f"computed tensor {t.name!r} has shape {arr.shape}, not {t.shape}")
+            yield from self._pieces(arr.reshape(-1), dtypes.from_numpy(arr.dtype))
+            return
+        span = t.info.file_span
+        if span is not None and self.src_fd is not None:
+            yield from self._pread(span, self.src_fd)
+            return
+        arr = t.source.read_info(t.info, t.name)
+        yield from self._pieces(arr.reshape(-1), t.info.dtype)
+
+    def _pieces(self, flat: np.ndarray, src: DType) -> Iterator[np.ndarray]:
+        step = max(1, CHUNK_BYTES // max(src.itemsize, self.t.dtype.itemsize))
+        for i in range(0, flat.size, step):
+            yield self._convert(flat[i : i + step], src)
+
+    def _convert(self, part: np.ndarray, src: DType) -> np.ndarray:
+        if src == self.t.dtype:
+            return np.ascontiguousarray(part)
+        out, over = cast(part, src, self.t.dtype)
+        self.overflow += over
+        return out
+
+    def _pread(self, span: tuple[int, int], fd: int) -> Iterator[np.ndarray]:
+        offset, length = span
+        src = self.t.info.dtype
+        end = offset + length
+        if end > self.t.source.file_size:
+            raise TruncatedFile(
+                f"tensor {self.t.name!r} needs bytes up to {end} but the file has "
+                f"{self.t.source.file_size}; the download is truncated",
+                path=self.t.source.path,
+            )
+        step = CHUNK_BYTES // max(src.itemsize, self.t.dtype.itemsize) * src.itemsize
+        pos = offset
+        while pos < end:
+            n = min(step, end - pos)
+            buf = bytearray(n)
+            read_exact(fd, memoryview(buf), pos, self.t)
+            pos += n
+            yield self._convert(np.frombuffer(buf, src.numpy), src)
+
+
+def read_exact(fd: int, buf: memoryview, offset: int, t: OutTensor) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``; TruncatedFile when the file ends first."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n == 0:
+            raise TruncatedFile(
+                f"tensor {t.name!r}: the file ended at byte {offset + got}; "
+                "the download is truncated",
+                path=t.source.path,
+            )
+        got += n
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """os.write until every byte is written (os.write may write less than asked)."""
+    if isinstance(data, np.ndarray):  # as bytes: ml_dtypes arrays export no buffer format
+        view = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+    else:
+        view = memoryview(data).cast("B")
+    total = len(view)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    return total
+
+
+def copy_span(
+    src_fd: int,
+    dst_fd: int,
+    offset: int,
+    length: int,
+    t: OutTensor,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Append ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` without Python
+    touching them: os.copy_file_range, else os.sendfile, else large buffered reads."""
+    done = 0
+    step = 256 * 1024 * 1024
+    mode = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
+    while done < length:
+        want = min(step, length - done)
+        try:
+            if mode == "copy_file_range":
+                n = os.copy_file_range(src_fd, dst_fd, want, offset + done)
+            elif mode == "sendfile":
+                n = os.sendfile(dst_fd, src_fd, offset + done, want)
+            else:
+                buf = bytearray(min(want, CHUNK_BYTES))
+                read_exact(src_fd, memoryview(buf), offset + done, t)
+                n = write_all(dst_fd, buf)
+        except OSError as e:
+            if mode != "read" and e.errno in _NO_FAST_COPY:
+                mode = "sendfile" if mode == "copy_file_range" else "read"
+                continue
+            raise
+        if n == 0:
+            raise TruncatedFile(
+                f"tensor {t.name!r}: the file ended at byte {offset + done}, "
+                f"{length - done} bytes short; the download is truncated",
+                path=t.source.path,
+            )
+        done += n
+        if progress is not None:
+            progress(n)
+
+
+class SourceFds:
+    """One read-only descriptor per source file, all closed when the block ends."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def get(self, t: OutTensor) -> int:
+        key = id(t.source)
+        if key not in self._fds:
+            self._fds[key] = os.open(t.source.path, os.O_RDONLY)
+        return self._fds[key]
+
+    def __enter__(self) -> SourceFds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,394 @@
+"""torch.save's containers: zip (torch >= 1.6), legacy 5-pickle, the oldest TAR, and plain pickles.
+
+Each reader finds where every storage's bytes are and runs the restricted unpickler over the
+object pickle; no tensor bytes are read. The decision between formats follows torch.load: a zip
+iff the file starts with a local header; otherwise a TAR with torch's members; otherwise pickles,
+where a first pickle equal to torch's magic number means the legacy format.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import struct
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sdtool import dtypes
+from sdtool.errors import (
+    CorruptFile,
+    TorchScriptFile,
+    TruncatedFile,
+    UnknownFormat,
+)
+from sdtool.formats import zip as zipr
+from sdtool.formats.graph import collect
+from sdtool.formats.sniff import Kind, sniff_bytes
+from sdtool.formats.unpickler import StorageType, globals_met, load_one
+from sdtool.model import ModelFile, Storage
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+MAX_PICKLE_MEMBER = 1 << 30
+Seen = collections.Counter[tuple[str, str, bool]]
+
+
+@dataclass
+class _Source:
+    """Where storage bytes come from: the file itself (mmap-able offsets) or bytes in memory."""
+
+    f: BinaryIO
+    size: int
+    path: Path | None = None  # set for the real file
+    data: bytes | None = None  # set for a nested torch file held in a pickle
+    seen: Seen = field(default_factory=collections.Counter)
+
+    def storage(self, key: str, dtype: dtypes.DType, nbytes: int, offset: int) -> Storage:
+        if self.data is None:
+            return Storage(key, dtype, nbytes, file_offset=offset)
+        data = self.data
+        return Storage(key, dtype, nbytes, load=lambda: data[offset : offset + nbytes])
+
+    def nested(self, blob: bytes) -> Any:
+        """``torch.storage._load_from_bytes``: a whole torch file inside the pickle."""
+        src = _Source(io.BytesIO(blob), len(blob), data=blob, seen=self.seen)
+        kind = sniff_bytes(blob[:4096], len(blob))
+        if kind is Kind.ZIP:
+            return _load_zip(src, zipr.read_archive(src.f, src.size))[0]
+        return _load_pickles(src)[0]
+
+
+def read_torch(path: Path, kind: Kind, *, key: str | None = None) -> ModelFile:
+    """Open a torch file (zip, legacy, TAR) or plain pickle lazily."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        src = _Source(f, size, path=path)
+        if kind is Kind.ZIP:
+            archive = zipr.read_archive(f, size)
+            if _is_npz(archive):
+                from sdtool.formats.numpyfile import read_npz
+
+                return read_npz(path, archive)
+            root, container = _load_zip(src, archive)
+            fmt = "torch-zip"
+        elif kind is Kind.TAR:
+            root, container = _load_tar(src)
+            fmt = "torch-tar"
+        else:
+            root, container = _load_pickles(src)
+            fmt = "torch-legacy" if container["container"] == "legacy" else "pickle"
+    tensors, extra, sd_path = collect(root, key)
+    container["state_dict_path"] = sd_path
+    return ModelFile(
+        path,
+        fmt,
+        tensors,
+        extra=extra,
+        container=container,
+        globals=globals_met(src.seen),
+        root=root,
+    )
+
+
+# -- zip ------------------------------------------------------------------------------------------
+
+
+def _is_npz(archive: zipr.ZipArchive) -> bool:
+    names = list(archive.members)
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _find_prefix(archive: zipr.ZipArchive) -> str:
+    """The archive's top folder, as torch's reader takes it (from the first record)."""
+    if not archive.entries:
+        raise CorruptFile("the zip archive is empty")
+    first = archive.entries[0].name
+    prefix = first.split("/", 1)[0] + "/" if "/" in first else ""
+    if prefix + "data.pkl" in archive.members:
+        return prefix
+    for name in archive.members:  # tolerate writers that order members differently
+        if name.endswith("/data.pkl") and name.count("/") == 1:
+            return name[: -len("data.pkl")]
+    return "" if "data.pkl" in archive.members else prefix
+
+
+def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, dict[str, Any]]:
+    prefix = _find_prefix(archive)
+    members = archive.members
+    code = [n for n in members if n.startswith(prefix + "code/") or n.endswith(".py")]
+    if prefix + "constants.pkl" in members or code:
+        lite = " (lite interpreter)" if prefix + "bytecode.pkl" in members else ""
+        raise TorchScriptFile(
+            f"a TorchScript archive{lite}: executable code ({len(code)} code files), not a state "
+            "dict; sdtool does not load it (run `sdtool scan` to see what it holds)"
+        )
+    pkl = members.get(prefix + "data.pkl")
+    if pkl is None:
+        raise UnknownFormat(
+            f"a zip archive without data.pkl ({len(members)} members): not a torch checkpoint"
+        )
+
+    def record(name: str) -> str | None:
+        m = members.get(prefix + name)
+        if m is None or m.size > 4096:
+            return None
+        return zipr.read_member(src.f, m).decode("utf-8", "replace").strip()
+
+    big = record("byteorder") == "big"
+    cache: dict[str, Storage] = {}
+
+    def persistent_load(pid: Any) -> Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and _text(pid[0]) == "storage"):
+            raise CorruptFile(f"unexpected persistent id {pid!r}"[:200])
+        stype, key, _, numel = pid[1], _text(pid[2]), pid[3], pid[4]
+        if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
+            raise CorruptFile(f"malformed storage reference for key {key!r}")
+        dtype = stype.dtype or dtypes.DTYPES["U8"]
+        nbytes = numel * dtype.itemsize
+        if key in cache:
+            return _retype(cache[key], dtype, nbytes)
+        m = members.get(f"{prefix}data/{key}")
+        if m is None:
+            raise CorruptFile(f"storage {key!r} has no member {prefix}data/{key}")
+        if m.size < nbytes:
+            raise CorruptFile(f"storage {key!r} needs {nbytes} bytes, its member holds {m.size}")
+        if m.stored:
+            st = src.storage(key, dtype, nbytes, m.data_offset)
+        else:
+            st = Storage(key, dtype, nbytes, load=_member_loader(src, m))
+        st.big_endian = big
+        cache[key] = st
+        return st
+
+    raw = zipr.read_member(src.f, pkl, limit=MAX_PICKLE_MEMBER)
+    root = load_one(
+        io.BytesIO(raw), persistent_load=persistent_load, nested=src.nested, seen=src.seen
+    )
+    container: dict[str, Any] = {
+        "container": "zip",
+        "prefix": prefix.rstrip("/"),
+        "byteorder": "big" if big else "little",
+        "records": {
+            n: v
+            for n in (
+                "version",
+                ".format_version",
+                ".storage_alignment",
+                ".data/version",
+                ".data/serialization_id",
+            )
+            if (v := record(n)) is not None
+        },
+        "data_pkl_bytes": len(raw),
+        "pickle_protocol": raw[1] if raw[:1] == b"\x80" else 0,
+        "storages": len(cache),
+        "members": len(archive.entries),
+        "deflated_storages": sum(1 for s in cache.values() if s.file_offset is None),
+        "irregularities": archive.irregularities,
+    }
+    return root, container
+
+
+def _retype(st: Storage, dtype: dtypes.DType, nbytes: int) -> Storage:
+    """The same bytes viewed under another storage dtype (rare: two typed views of one key)."""
+    if st.dtype == dtype:
+        return st
+    return Storage(st.key, dtype, min(nbytes, st.nbytes), st.file_offset, st.load, st.big_endian)
+
+
+def _member_loader(src: _Source, m: zipr.ZipMember) -> Callable[[], bytes]:
+    if src.data is not None:
+        data = src.data
+        return lambda: zipr.read_member(io.BytesIO(data), m)
+    path = src.path
+
+    def load() -> bytes:
+        assert path is not None
+        with open(path, "rb") as f:
+            return zipr.read_member(f, m)
+
+    return load
+
+
+def _text(v: Any) -> str:
+    return v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+
+
+# -- legacy and plain pickles ---------------------------------------------------------------------
+
+
+def _load_pickles(src: _Source) -> tuple[Any, dict[str, Any]]:
+    f = src.f
+    f.seek(0)
+    head = f.read(2)
+    f.seek(0)
+    try:
+        first = load_one(f, nested=src.nested, seen=src.seen)
+    except CorruptFile:
+        if any(m.startswith(("joblib.", "sklearn.")) for m, _, _ in src.seen):
+            raise UnknownFormat(
+                "a joblib pickle (scikit-learn style), not a model file sdtool reads; "
+                "`sdtool scan` checks it"
+            ) from None
+        raise
+    if first != LEGACY_MAGIC or isinstance(first, bool):
+        protocol = head[1] if head[:1] == b"\x80" else 0
+        return first, {"container": "pickle", "pickle_protocol": protocol}
+    proto = load_one(f, seen=src.seen)
+    if proto != LEGACY_PROTOCOL:
+        raise CorruptFile(f"legacy torch file with protocol version {proto!r}, expected 1001")
+    sys_info = load_one(f, seen=src.seen)
+    little = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
+    storages: dict[str, Storage] = {}
+    views: list[tuple[Storage, Storage, int]] = []
+
+    def persistent_load(pid: Any) -> Any:
+        if not isinstance(pid, tuple) or not pid:
+            raise CorruptFile(f"unexpected persistent id {pid!r}"[:200])
+        tag = _text(pid[0])
+        if tag == "module" and len(pid) >= 2:
+            return pid[1]  # a pickled nn.Module's class (source-check record): a stand-in
+        if tag != "storage" or len(pid) != 6:
+            raise CorruptFile(f"unexpected persistent id {pid!r}"[:200])
+        stype, key, _, numel, view = pid[1], _text(pid[2]), pid[3], pid[4], pid[5]
+        if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
+            raise CorruptFile(f"malformed storage reference for key {key!r}")
+        dtype = stype.dtype or dtypes.DTYPES["U8"]
+        if key not in storages:
+            storages[key] = Storage(key, dtype, numel * dtype.itemsize, big_endian=not little)
+        root_st = storages[key]
+        if view is None:
+            return root_st
+        vkey, voff, vsize = view
+        vst = Storage(_text(vkey), dtype, int(vsize) * dtype.itemsize, big_endian=not little)
+        views.append((vst, root_st, int(voff) * dtype.itemsize))
+        return vst
+
+    root = load_one(f, persistent_load=persistent_load, nested=src.nested, seen=src.seen)
+    keys = load_one(f, seen=src.seen)
+    if not isinstance(keys, list):
+        raise CorruptFile("legacy torch file: the storage key list is missing")
+    pos = f.tell()
+    for k in keys:
+        st = storages.get(_text(k))
+        if st is None:
+            raise CorruptFile(f"legacy torch file lists storage {k!r} that no tensor uses")
+        if pos + 8 > src.size:
+            raise _truncated(st.key, pos + 8, src.size)
+        f.seek(pos)
+        (count,) = struct.unpack("<q", f.read(8))
+        if count * st.dtype.itemsize != st.nbytes:
+            raise CorruptFile(
+                f"storage {st.key!r} holds {count} elements, its tensors expect {st.numel}"
+            )
+        if pos + 8 + st.nbytes > src.size:
+            raise _truncated(st.key, pos + 8 + st.nbytes, src.size)
+        fixed = src.storage(st.key, st.dtype, st.nbytes, pos + 8)
+        st.file_offset, st.load = fixed.file_offset, fixed.load
+        pos += 8 + st.nbytes
+    for vst, root_st, off in views:
+        if root_st.file_offset is not None:
+            vst.file_offset = root_st.file_offset + off
+        elif root_st.load is not None:
+            parent = root_st.load
+            vst.load = lambda p=parent, o=off, n=vst.nbytes: p()[o : o + n]
+    if unset := [s.key for s in storages.values() if s.file_offset is None and s.load is None]:
+        raise CorruptFile(f"legacy torch file: storages {unset[:3]} have no data")
+    container = {
+        "container": "legacy",
+        "protocol_version": proto,
+        "sys_info": sys_info,
+        "byteorder": "little" if little else "big",
+        "storages": len(storages),
+        "pickle_protocol": head[1] if head[:1] == b"\x80" else 0,
+        "trailing_bytes": src.size - pos,
+    }
+    return root, container
+
+
+def _truncated(key: str, need: int, size: int) -> TruncatedFile:
+    return TruncatedFile(
+        f"storage {key!r} needs bytes up to {need} but the file has {size}; "
+        "the download is truncated"
+    )
+
+
+# -- the oldest TAR format ------------------------------------------------------------------------
+
+
+def _load_tar(src: _Source) -> tuple[Any, dict[str, Any]]:
+    """torch < 0.4: a tar of ``storages`` (pickles + raw data), ``tensors`` and ``pickle``."""
+    try:
+        src.f.seek(0)
+        tar = tarfile.open(fileobj=src.f, mode="r:")  # noqa: SIM115 - members only, no extraction
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+    except tarfile.TarError as e:
+        raise CorruptFile(f"broken tar archive: {e}") from None
+    if not {"storages", "tensors", "pickle"} <= set(members):
+        raise UnknownFormat(f"a tar archive without torch's members ({sorted(members)[:5]})")
+    f = src.f
+    objects: dict[Any, Any] = {}
+    st_m = members["storages"]
+    f.seek(st_m.offset_data)
+    count = load_one(f, seen=src.seen)
+    if not isinstance(count, int) or count < 0:
+        raise CorruptFile("TAR torch file: bad storage count")
+    for _ in range(count):
+        args = load_one(f, seen=src.seen)
+        if not (isinstance(args, tuple) and len(args) == 3 and isinstance(args[2], StorageType)):
+            raise CorruptFile("TAR torch file: bad storage record")
+        key, _, stype = args
+        dtype = stype.dtype or dtypes.DTYPES["U8"]
+        (n,) = struct.unpack("<q", f.read(8))
+        pos = f.tell()
+        if n < 0 or pos + n * dtype.itemsize > st_m.offset_data + st_m.size:
+            raise CorruptFile(f"TAR torch file: storage {key!r} runs past its member")
+        objects[key] = src.storage(str(key), dtype, n * dtype.itemsize, pos)
+        f.seek(pos + n * dtype.itemsize)
+    views = load_one(f, seen=src.seen)
+    for target, root_key, offset, numel in views if isinstance(views, list) else []:
+        base = objects[root_key]
+        off = offset * base.dtype.itemsize
+        objects[target] = _sub_storage(base, str(target), off, numel * base.dtype.itemsize)
+    t_m = members["tensors"]
+    f.seek(t_m.offset_data)
+    ntensors = load_one(f, seen=src.seen)
+    from sdtool.model import TensorInfo, check_view
+
+    for _ in range(ntensors if isinstance(ntensors, int) else 0):
+        key, storage_id, _ = load_one(f, seen=src.seen)
+        (ndim,) = struct.unpack("<i", f.read(4))
+        f.read(4)
+        if not 0 <= ndim <= 64:
+            raise CorruptFile("TAR torch file: bad tensor rank")
+        shape = struct.unpack(f"<{ndim}q", f.read(8 * ndim))
+        stride = struct.unpack(f"<{ndim}q", f.read(8 * ndim))
+        (offset,) = struct.unpack("<q", f.read(8))
+        st = objects[storage_id]
+        info = TensorInfo(st.dtype, tuple(shape), tuple(stride), offset, st)
+        check_view(info, str(key))
+        objects[key] = info
+
+    def persistent_load(pid: Any) -> Any:
+        if isinstance(pid, tuple):
+            return pid[0]
+        try:
+            return objects[int(pid)]
+        except (KeyError, ValueError, TypeError):
+            raise CorruptFile(f"TAR torch file: unknown object {pid!r}"[:200]) from None
+
+    p_m = members["pickle"]
+    f.seek(p_m.offset_data)
+    root = load_one(f, persistent_load=persistent_load, seen=src.seen)
+    return root, {"container": "tar", "storages": count, "members": sorted(members)}
+
+
+def _sub_storage(base: Storage, key: str, off: int, nbytes: int) -> Storage:
+    if base.file_offset is not None:
+        return Storage(key, base.dtype, nbytes, file_offset=base.file_offset + off)
+    parent = base.load
+    assert parent is not None
+    return Storage(key, base.dtype, nbytes, load=lambda: parent()[off : off + nbytes])

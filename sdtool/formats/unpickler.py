@@ -1,0 +1,582 @@
+"""The restricted unpickler: it builds only plain data and lazy tensors, and never runs file code.
+
+Safety is by construction, not by a denylist. ``find_class`` is the only door from a pickle to
+Python objects (GLOBAL, STACK_GLOBAL, INST and EXT codes all go through it), and it never imports
+anything: an allowlisted global maps to one of sdtool's own small builders below (which validate
+their arguments and build numpy/plain values or TensorInfo records); every other global becomes a
+fresh stand-in type whose "calls" only record their arguments as a ``StandIn``. What the pickle can
+then do to objects on its stack (BUILD, SETITEM, APPEND, ADDITEMS) reaches only plain containers,
+these builders (which refuse state) and stand-ins (which record it).
+
+The C unpickler is used for speed (SD checkpoints carry ~2,000 tensors); it calls back only into
+``find_class`` and ``persistent_load``, which are sdtool's.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import pickle
+from collections.abc import Callable
+from math import prod
+from typing import IO, Any
+
+import numpy as np
+
+from sdtool import dtypes
+from sdtool.dtypes import DType
+from sdtool.errors import CorruptFile, UnsupportedDtype
+from sdtool.model import GlobalUse, StandIn, Storage, TensorInfo, contiguous_strides
+
+MAX_BYTES_FROM_PICKLE = 1 << 30  # a nested torch file or array inside a pickle
+
+
+# -- markers: values that stand for torch/numpy types the pickle names ---------------------------
+
+
+class _Frozen:
+    """Base for builder objects: they refuse BUILD and attribute changes from the pickle."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise CorruptFile(f"the pickle tries to set {name!r} on {self!r}")
+
+    def __setstate__(self, state: Any) -> None:
+        raise CorruptFile(f"the pickle tries to set state on {self!r}")
+
+
+class StorageType(_Frozen):
+    """``torch.FloatStorage`` & co (dtype known) or ``torch.UntypedStorage`` (dtype None: bytes)."""
+
+    __slots__ = ("dtype", "name")
+    dtype: DType | None
+    name: str
+
+    def __init__(self, name: str, dtype: DType | None) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class TorchDType(_Frozen):
+    """A ``torch.float16``-style dtype object; ``dtype`` is None for ones sdtool cannot hold."""
+
+    __slots__ = ("dtype", "name")
+    dtype: DType | None
+    name: str
+
+    def __init__(self, name: str, dtype: DType | None) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class Builder(_Frozen):
+    """One of sdtool's own functions standing where the pickle names an allowed callable."""
+
+    __slots__ = ("fn", "qualname")
+    fn: Callable[..., Any]
+    qualname: str
+
+    def __init__(self, qualname: str, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "qualname", qualname)
+        object.__setattr__(self, "fn", fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<builder {self.qualname}>"
+
+
+class NumpyDTypeSpec:
+    """``numpy.dtype(spec, align, copy)`` and its BUILD state, resolved without numpy's pickling."""
+
+    def __init__(self, spec: Any, *_: Any) -> None:
+        if isinstance(spec, bytes):
+            spec = spec.decode("latin1")
+        if not isinstance(spec, str) or len(spec) > 16:
+            raise CorruptFile(f"numpy dtype spec {spec!r} is not a simple type code")
+        self.spec = spec
+        self.byteorder = "="
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "="):
+            self.byteorder = state[1]
+
+    def resolve(self) -> np.dtype:
+        try:
+            dt = np.dtype(self.spec)
+        except TypeError:
+            raise CorruptFile(f"unknown numpy dtype {self.spec!r}") from None
+        if dt.hasobject or dt.kind not in "biufcSUV?":
+            raise CorruptFile(f"numpy dtype {self.spec!r} holds Python objects")
+        if self.byteorder == "<":
+            return dt.newbyteorder("<")
+        return dt.newbyteorder(">") if self.byteorder == ">" else dt
+
+    def __repr__(self) -> str:
+        return f"numpy.dtype({self.spec!r})"
+
+
+class NumpyArray:
+    """``numpy.core.multiarray._reconstruct`` + BUILD: a numeric array from its raw bytes."""
+
+    def __init__(self, *_: Any) -> None:
+        self.array: np.ndarray | None = None
+        self.objects: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise CorruptFile("malformed numpy array state in the pickle")
+        _, shape, spec, fortran, raw = state
+        if not isinstance(spec, NumpyDTypeSpec):
+            raise CorruptFile("numpy array state without a dtype")
+        if spec.spec.startswith("O"):
+            self.objects = raw  # an object array: its elements were unpickled as plain data
+            return
+        dt = spec.resolve()
+        shape = _int_tuple(shape, "numpy array shape")
+        if isinstance(raw, str):
+            raw = raw.encode("latin1")
+        if not isinstance(raw, bytes | bytearray) or len(raw) != prod(shape) * dt.itemsize:
+            raise CorruptFile("numpy array data does not match its shape")
+        self.array = np.frombuffer(bytes(raw), dt).reshape(shape, order="F" if fortran else "C")
+
+    def value(self) -> Any:
+        return self.array if self.array is not None else self.objects
+
+    def __repr__(self) -> str:
+        a = self.array
+        return f"<numpy array {a.dtype} {list(a.shape)}>" if a is not None else "<numpy objects>"
+
+
+# -- the builders ---------------------------------------------------------------------------------
+
+
+def _int_tuple(v: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(v, tuple | list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in v
+    ):
+        raise CorruptFile(f"{what} is not a tuple of integers: {v!r}"[:200])
+    return tuple(v)
+
+
+def _rebuild_tensor(
+    storage: Any, offset: Any, size: Any, stride: Any, *rest: Any, dtype: DType | None = None
+) -> TensorInfo:
+    if not isinstance(storage, Storage):
+        raise CorruptFile(f"a tensor's storage is {type(storage).__name__}, not a storage")
+    if not isinstance(offset, int):
+        raise CorruptFile("a tensor's storage offset is not an integer")
+    shape = _int_tuple(size, "tensor size")
+    strides = (
+        _int_tuple(stride, "tensor stride") if stride is not None else contiguous_strides(shape)
+    )
+    if len(strides) != len(shape):
+        raise CorruptFile(f"tensor size {shape} and stride {strides} differ in length")
+    dt = dtype or storage.dtype
+    if dtype is not None and storage.dtype.itemsize != 1 and storage.dtype != dtype:
+        raise CorruptFile(f"tensor of {dtype} over a {storage.dtype} storage")
+    requires_grad = bool(rest[0]) if rest and isinstance(rest[0], bool) else False
+    info = TensorInfo(dt, shape, strides, offset, storage, requires_grad=requires_grad)
+    from sdtool.model import check_view
+
+    check_view(info, storage.key)
+    return info
+
+
+def _rebuild_tensor_v3(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    hooks: Any,
+    dtype: Any,
+    *rest: Any,
+) -> TensorInfo:
+    if not isinstance(dtype, TorchDType) or dtype.dtype is None:
+        raise UnsupportedDtype(f"tensor dtype {dtype!r} is not one sdtool can hold")
+    return _rebuild_tensor(storage, offset, size, stride, requires_grad, dtype=dtype.dtype)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = True, *rest: Any) -> Any:
+    if isinstance(data, TensorInfo):
+        return TensorInfo(
+            data.dtype,
+            data.shape,
+            data.strides,
+            data.offset,
+            data.storage,
+            parameter=True,
+            requires_grad=bool(requires_grad),
+        )
+    return data
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    """torch's tensor-subclass rebuild CALLS ``func``: only an allowed builder is called."""
+    if isinstance(func, Builder) and isinstance(args, tuple):
+        result = func(*args)
+        if isinstance(new_type, Builder) and new_type.qualname.endswith("Parameter"):
+            result = _rebuild_parameter(result, True)
+        return result
+    return StandIn("torch._tensor", "_rebuild_from_type_v2", (func, new_type, args, state))
+
+
+def _rebuild_device_tensor_from_numpy(
+    data: Any, dtype: Any, device: Any, requires_grad: Any
+) -> Any:
+    arr = data.value() if isinstance(data, NumpyArray) else None
+    if not isinstance(arr, np.ndarray):
+        raise CorruptFile("a tensor from numpy without a numeric array")
+    return _tensor_from_array(arr, "numpy")
+
+
+def _tensor_from_array(arr: np.ndarray, key: str) -> TensorInfo:
+    arr = np.ascontiguousarray(arr)
+    dt = dtypes.from_numpy(arr.dtype)
+    raw = arr.astype(dt.numpy, copy=False).tobytes()
+    st = Storage(key, dt, len(raw), load=lambda: raw)
+    return TensorInfo(dt, tuple(arr.shape), contiguous_strides(tuple(arr.shape)), 0, st)
+
+
+def _size(v: Any = ()) -> tuple[int, ...]:
+    return _int_tuple(v, "torch.Size")
+
+
+def _device(*args: Any) -> str:
+    return ":".join(str(a) for a in args)
+
+
+def _set(items: Any = ()) -> set[Any]:
+    return set(_iterable(items))
+
+
+def _frozenset(items: Any = ()) -> frozenset[Any]:
+    return frozenset(_iterable(items))
+
+
+def _iterable(items: Any) -> list[Any]:
+    if not isinstance(items, list | tuple | set | frozenset | dict):
+        raise CorruptFile(f"set() of {type(items).__name__}")
+    return list(items)
+
+
+def _bytearray(src: Any = b"", encoding: str = "latin1", *_: Any) -> bytearray:
+    if isinstance(src, str):
+        src = src.encode("latin1" if encoding in ("latin1", "latin-1") else "utf-8")
+    if isinstance(src, list) and len(src) <= MAX_BYTES_FROM_PICKLE:
+        return bytearray(int(x) & 0xFF for x in src)
+    if not isinstance(src, bytes | bytearray):
+        raise CorruptFile("bytearray() of something that is not bytes")
+    return bytearray(src)
+
+
+def _dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+    """dict / Counter / defaultdict as plain dicts (a defaultdict's factory is never called)."""
+    src = [a for a in args if isinstance(a, dict | list | tuple)]
+    out: dict[Any, Any] = {}
+    if src:
+        items = src[0].items() if isinstance(src[0], dict) else src[0]
+        for kv in items:
+            if not (isinstance(kv, tuple | list) and len(kv) == 2):
+                raise CorruptFile("dict() of something that is not key/value pairs")
+            out[kv[0]] = kv[1]
+    return out
+
+
+def _complex(re: Any = 0.0, im: Any = 0.0) -> complex:
+    if not all(isinstance(x, int | float) for x in (re, im)):
+        raise CorruptFile("complex() of non-numbers")
+    return complex(re, im)
+
+
+def _slice(*args: Any) -> slice:
+    if not all(a is None or isinstance(a, int) for a in args) or len(args) > 3:
+        raise CorruptFile("slice() of non-integers")
+    return slice(*args)
+
+
+def _range(*args: Any) -> range:
+    if not all(isinstance(a, int) for a in args) or not 1 <= len(args) <= 3:
+        raise CorruptFile("range() of non-integers")
+    return range(*args)
+
+
+def _codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode`` as pickles use it (str -> bytes); no codec lookup beyond these."""
+    if not isinstance(obj, str):
+        raise CorruptFile("_codecs.encode of a non-string")
+    enc = str(encoding).lower().replace("_", "-")
+    if enc in ("latin1", "latin-1", "iso-8859-1"):
+        return obj.encode("latin1")
+    if enc in ("utf-8", "utf8", "ascii"):
+        return obj.encode(enc)
+    raise CorruptFile(f"_codecs.encode with codec {encoding!r}")
+
+
+def _numpy_scalar(spec: Any, data: Any = None) -> Any:
+    if not isinstance(spec, NumpyDTypeSpec):
+        raise CorruptFile("numpy scalar without a dtype")
+    dt = spec.resolve()
+    if isinstance(data, str):
+        data = data.encode("latin1")
+    if not isinstance(data, bytes) or len(data) != dt.itemsize:
+        raise CorruptFile("numpy scalar data does not match its dtype")
+    return np.frombuffer(data, dt)[0]
+
+
+def _numpy_frombuffer(buf: Any, spec: Any, shape: Any, order: Any = "C") -> np.ndarray:
+    """numpy's protocol-5 array reduction: raw bytes + dtype + shape."""
+    if not isinstance(spec, NumpyDTypeSpec):
+        raise CorruptFile("numpy array without a dtype")
+    dt = spec.resolve()
+    shape = _int_tuple(shape, "numpy array shape")
+    if isinstance(buf, pickle.PickleBuffer):
+        buf = buf.raw().tobytes()
+    if not isinstance(buf, bytes | bytearray) or len(buf) != prod(shape) * dt.itemsize:
+        raise CorruptFile("numpy array data does not match its shape")
+    return np.frombuffer(bytes(buf), dt).reshape(shape, order="F" if order == "F" else "C")
+
+
+def _numpy_dtype_class(name: str) -> Callable[..., NumpyDTypeSpec]:
+    # numpy 2 pickles dtype classes such as numpy.dtypes.Float64DType; map to a type code
+    code = {
+        "Float64DType": "f8",
+        "Float32DType": "f4",
+        "Float16DType": "f2",
+        "Int64DType": "i8",
+        "Int32DType": "i4",
+        "Int16DType": "i2",
+        "Int8DType": "i1",
+        "UInt64DType": "u8",
+        "UInt32DType": "u4",
+        "UInt16DType": "u2",
+        "UInt8DType": "u1",
+        "BoolDType": "?",
+        "Complex64DType": "c8",
+        "Complex128DType": "c16",
+        "LongDType": "i8",
+        "ULongDType": "u8",
+        "LongLongDType": "i8",
+        "ULongLongDType": "u8",
+        "ByteDType": "i1",
+        "UByteDType": "u1",
+        "ShortDType": "i2",
+        "UShortDType": "u2",
+        "IntDType": "i4",
+        "UIntDType": "u4",
+    }.get(name)
+    if code is None:
+        raise KeyError(name)
+    return lambda *a: NumpyDTypeSpec(code)
+
+
+# (module, name) -> a factory of the object the pickle gets. Each entry is data-only by design.
+_TORCH_UTILS = "torch._utils"
+ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
+    ("collections", "OrderedDict"): lambda: collections.OrderedDict,
+    (_TORCH_UTILS, "_rebuild_tensor"): lambda: Builder("_rebuild_tensor", _rebuild_tensor),
+    (_TORCH_UTILS, "_rebuild_tensor_v2"): lambda: Builder("_rebuild_tensor_v2", _rebuild_tensor),
+    (_TORCH_UTILS, "_rebuild_tensor_v3"): lambda: Builder("_rebuild_tensor_v3", _rebuild_tensor_v3),
+    (_TORCH_UTILS, "_rebuild_parameter"): lambda: Builder("_rebuild_parameter", _rebuild_parameter),
+    (_TORCH_UTILS, "_rebuild_parameter_with_state"): lambda: Builder(
+        "_rebuild_parameter_with_state", _rebuild_parameter
+    ),
+    (_TORCH_UTILS, "_rebuild_device_tensor_from_numpy"): lambda: Builder(
+        "_rebuild_device_tensor_from_numpy", _rebuild_device_tensor_from_numpy
+    ),
+    ("torch._tensor", "_rebuild_from_type_v2"): lambda: Builder(
+        "_rebuild_from_type_v2", _rebuild_from_type_v2
+    ),
+    ("torch.nn.parameter", "Parameter"): lambda: Builder("Parameter", _rebuild_parameter),
+    ("torch", "Size"): lambda: Builder("torch.Size", _size),
+    ("torch", "device"): lambda: Builder("torch.device", _device),
+    ("torch.storage", "UntypedStorage"): lambda: StorageType("UntypedStorage", None),
+    ("torch", "UntypedStorage"): lambda: StorageType("UntypedStorage", None),
+    ("builtins", "set"): lambda: Builder("set", _set),
+    ("builtins", "frozenset"): lambda: Builder("frozenset", _frozenset),
+    ("builtins", "bytearray"): lambda: Builder("bytearray", _bytearray),
+    ("builtins", "complex"): lambda: Builder("complex", _complex),
+    ("builtins", "dict"): lambda: Builder("dict", _dict),
+    ("collections", "Counter"): lambda: Builder("Counter", _dict),
+    ("collections", "defaultdict"): lambda: Builder("defaultdict", _dict),
+    ("builtins", "slice"): lambda: Builder("slice", _slice),
+    ("builtins", "range"): lambda: Builder("range", _range),
+    ("_codecs", "encode"): lambda: Builder("_codecs.encode", _codecs_encode),
+    ("numpy", "dtype"): lambda: NumpyDTypeSpec,
+    ("numpy", "ndarray"): lambda: Builder("numpy.ndarray", lambda *a: None),
+}
+for _np_core in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    ALLOWED[(_np_core, "scalar")] = lambda: Builder("numpy scalar", _numpy_scalar)
+    ALLOWED[(_np_core, "_reconstruct")] = lambda: NumpyArray
+for _np_numeric in ("numpy.core.numeric", "numpy._core.numeric"):
+    ALLOWED[(_np_numeric, "_frombuffer")] = lambda: Builder("numpy _frombuffer", _numpy_frombuffer)
+
+
+def _storage_factory(d: DType) -> Callable[[], Any]:
+    return lambda: StorageType(d.storage or "", d)
+
+
+def _dtype_factory(d: DType) -> Callable[[], Any]:
+    return lambda: TorchDType(d.torch or "", d)
+
+
+for _d in dtypes.DTYPES.values():
+    if _d.storage:
+        ALLOWED[("torch", _d.storage)] = _storage_factory(_d)
+    if _d.torch:
+        ALLOWED[("torch", _d.torch)] = _dtype_factory(_d)
+
+
+# -- the unpickler --------------------------------------------------------------------------------
+
+
+def _py2_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 2 -> 3 renaming pickle applies (``__builtin__.set`` -> ``builtins.set``)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickle ``file`` building only data, lazy tensors and inert stand-ins.
+
+    ``persistent_load`` resolves torch's storage references (the container reader supplies it);
+    ``nested`` opens a torch file held in bytes (``torch.storage._load_from_bytes``).
+    ``seen`` collects every global met, across the several pickles of one file.
+    """
+
+    def __init__(
+        self,
+        file: IO[bytes],
+        *,
+        persistent_load: Callable[[Any], Any] | None = None,
+        nested: Callable[[bytes], Any] | None = None,
+        seen: collections.Counter[tuple[str, str, bool]] | None = None,
+    ) -> None:
+        # Python 2 byte strings (STRING opcodes) decode as latin-1 so binary data (numpy
+        # arrays and scalars) round-trips exactly; Python 3 str (BINUNICODE) is always UTF-8.
+        super().__init__(file, encoding="latin1")
+        self._persistent = persistent_load
+        self._nested = nested
+        self.seen = seen if seen is not None else collections.Counter()
+        self._standins: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = _py2_name(str(module), str(name))
+        factory = self._factory(module, name)
+        self.seen[(module, name, factory is not None)] += 1
+        if factory is not None:
+            return factory()
+        return self._standin_type(module, name)
+
+    def _factory(self, module: str, name: str) -> Callable[[], Any] | None:
+        factory = ALLOWED.get((module, name))
+        if factory is not None:
+            return factory
+        if module == "numpy.dtypes":
+            try:
+                spec = _numpy_dtype_class(name)
+            except KeyError:
+                return None
+            return lambda: Builder(f"numpy.dtypes.{name}", spec)
+        if (module, name) == ("torch.storage", "_load_from_bytes") and self._nested:
+            nested = self._nested
+            return lambda: Builder("_load_from_bytes", lambda b: nested(_as_bytes(b)))
+        return None
+
+    def _standin_type(self, module: str, name: str) -> type:
+        key = (module, name)
+        if key not in self._standins:
+            self._standins[key] = _make_standin_type(module, name)
+        return self._standins[key]
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is None:
+            raise CorruptFile("a persistent reference outside a torch file")
+        return self._persistent(pid)
+
+
+def _as_bytes(b: Any) -> bytes:
+    if isinstance(b, str):
+        b = b.encode("latin1")
+    if not isinstance(b, bytes | bytearray) or len(b) > MAX_BYTES_FROM_PICKLE:
+        raise CorruptFile("torch.storage._load_from_bytes of something that is not bytes")
+    return bytes(b)
+
+
+class StandInType(type):
+    """Metaclass of stand-in types, so they can be recognised after loading."""
+
+    st_module: str
+    st_name: str
+
+
+def _make_standin_type(module: str, name: str) -> type:
+    """A fresh type per global per load: calling or instantiating it only records a StandIn."""
+
+    def __new__(cls: type, *args: Any, **kwargs: Any) -> StandIn:
+        return StandIn(module, name, args, kwargs or None)
+
+    t = StandInType(
+        name.replace(".", "_") or "_",
+        (),
+        {"__new__": __new__, "__module__": "sdtool.standin", "__slots__": ()},
+    )
+    t.st_module = module
+    t.st_name = name
+    return t
+
+
+def globals_met(seen: collections.Counter[tuple[str, str, bool]]) -> list[GlobalUse]:
+    """The unpickler's record as GlobalUse entries, in first-met order."""
+    return [GlobalUse(m, n, c, b) for (m, n, b), c in seen.items()]
+
+
+def load_one(
+    f: IO[bytes],
+    *,
+    persistent_load: Callable[[Any], Any] | None = None,
+    nested: Callable[[bytes], Any] | None = None,
+    seen: collections.Counter[tuple[str, str, bool]] | None = None,
+) -> Any:
+    """Unpickle one pickle from ``f`` (leaving ``f`` just past its STOP)."""
+    up = RestrictedUnpickler(f, persistent_load=persistent_load, nested=nested, seen=seen)
+    try:
+        return up.load()
+    except CorruptFile:
+        raise
+    except UnsupportedDtype as e:
+        raise CorruptFile(str(e)) from None
+    except EOFError:
+        raise CorruptFile("the pickle ends before its STOP opcode; the file is truncated") from None
+    except RecursionError:
+        raise CorruptFile("the pickle nests too deeply") from None
+    except MemoryError:
+        raise CorruptFile("the pickle asks for more memory than sdtool allows") from None
+    except (
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        UnicodeError,
+        struct_error(),
+    ) as e:
+        raise CorruptFile(f"broken pickle ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def struct_error() -> type[Exception]:
+    import struct
+
+    return struct.error

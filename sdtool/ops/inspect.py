@@ -1,0 +1,228 @@
+"""``inspect``: what a model file holds, from its header and pickle alone (no tensor bytes).
+
+The report is a plain result object; ``to_json`` is the documented, stable schema (docs/inspect.md).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdtool.formats.open import open_model
+from sdtool.model import GlobalUse, ModelFile, TensorInfo, to_plain
+
+SCHEMA = "sdtool.inspect/1"
+
+#: (component, key prefixes); first match wins, so longer/more specific prefixes come first.
+COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("EMA", ("model_ema.",)),
+    ("UNet", ("model.diffusion_model.", "unet.", "diffusion_model.", "lora_unet_")),
+    ("VAE", ("first_stage_model.", "vae.")),
+    (
+        "text encoder 2",
+        ("conditioner.embedders.1.", "text_encoders.clip_g.", "lora_te2_", "text_encoder_2."),
+    ),
+    ("text encoder 3", ("text_encoders.t5xxl.",)),
+    (
+        "text encoder",
+        (
+            "cond_stage_model.",
+            "conditioner.embedders.0.",
+            "text_encoders.clip_l.",
+            "lora_te_",
+            "lora_te1_",
+            "text_encoder.",
+            "text_model.",
+        ),
+    ),
+    ("ControlNet", ("control_model.",)),
+)
+
+
+@dataclass
+class Bucket:
+    """Tensors, parameters and bytes of one group."""
+
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+
+    def add(self, t: TensorInfo) -> None:
+        self.tensors += 1
+        self.parameters += t.numel
+        self.bytes += t.nbytes
+
+    def to_json(self) -> dict[str, int]:
+        return {"tensors": self.tensors, "parameters": self.parameters, "bytes": self.bytes}
+
+
+@dataclass
+class GlobalReport:
+    """A global the loader met: built by sdtool, or an inert stand-in, with scan's severity."""
+
+    module: str
+    name: str
+    count: int
+    loaded_as: str  # "builder" | "stand-in"
+    severity: str  # "safe" | "suspicious" | "dangerous" (scan's classification)
+    reason: str = ""
+
+    @property
+    def unusual(self) -> bool:
+        return self.severity != "safe"
+
+
+@dataclass
+class InspectReport:
+    path: Path
+    format: str
+    file_size: int
+    totals: Bucket
+    dtypes: dict[str, Bucket]
+    components: dict[str, Bucket]
+    metadata: dict[str, str]
+    extra: Any
+    other_tensors: Bucket
+    container: dict[str, Any]
+    globals: list[GlobalReport]
+    tensors: list[tuple[str, TensorInfo]] = field(default_factory=list)
+    identity: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema": SCHEMA,
+            "file": str(self.path),
+            "format": self.format,
+            "file_size": self.file_size,
+            "totals": self.totals.to_json(),
+            "dtypes": {k: v.to_json() for k, v in self.dtypes.items()},
+            "components": [{"name": k, **v.to_json()} for k, v in self.components.items()],
+            "metadata": self.metadata,
+            "extra": self.extra,
+            "other_tensors": self.other_tensors.to_json(),
+            "container": to_plain(self.container),
+            "globals": [
+                {
+                    "module": g.module,
+                    "name": g.name,
+                    "count": g.count,
+                    "loaded_as": g.loaded_as,
+                    "severity": g.severity,
+                    "reason": g.reason,
+                }
+                for g in self.globals
+            ],
+            "identity": self.identity.to_json() if self.identity is not None else None,
+        }
+        if self.tensors:
+            out["tensors"] = [
+                {
+                    "name": n,
+                    "dtype": t.dtype.code,
+                    "shape": list(t.shape),
+                    "bytes": t.nbytes,
+                }
+                for n, t in self.tensors
+            ]
+        return out
+
+
+def component_of(name: str) -> str:
+    """The component a key belongs to by its prefix ("other" when none matches)."""
+    for comp, prefixes in COMPONENTS:
+        if name.startswith(prefixes):
+            return comp
+    return "other"
+
+
+def _classify(g: GlobalUse) -> tuple[str, str]:
+    try:
+        from sdtool.scan import classify_global  # type: ignore[attr-defined]
+    except ImportError:  # the scanner not installed in this build: builders are safe
+        return ("safe", "") if g.builder else ("suspicious", "not on sdtool's allowlist")
+    result = classify_global(g.module, g.name)
+    if isinstance(result, tuple):
+        return str(result[0]), str(result[1])
+    return str(result), ""
+
+
+def _tensor_leaves(obj: Any, depth: int = 0) -> Iterable[TensorInfo]:
+    if depth > 64:
+        return
+    if isinstance(obj, TensorInfo):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensor_leaves(v, depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensor_leaves(v, depth + 1)
+
+
+def inspect_model(
+    model: ModelFile, *, tensors: bool = False, filter: str | None = None, identify: bool = True
+) -> InspectReport:
+    """Summarise an opened model (never reads tensor bytes)."""
+    totals, other = Bucket(), Bucket()
+    by_dtype: dict[str, Bucket] = {}
+    by_comp: dict[str, Bucket] = {}
+    for name, t in model.tensors.items():
+        totals.add(t)
+        by_dtype.setdefault(t.dtype.code, Bucket()).add(t)
+        by_comp.setdefault(component_of(name), Bucket()).add(t)
+    for t in _tensor_leaves(model.extra):
+        other.add(t)
+    listed = (
+        [
+            (n, t)
+            for n, t in model.tensors.items()
+            if filter is None or fnmatch.fnmatchcase(n, filter)
+        ]
+        if tensors
+        else []
+    )
+    globals_ = [
+        GlobalReport(
+            g.module, g.name, g.count, "builder" if g.builder else "stand-in", *_classify(g)
+        )
+        for g in model.globals
+    ]
+    identity = None
+    if identify:
+        try:
+            from sdtool.ops.identify import identify as identify_fn
+        except ImportError:
+            identify_fn = None
+        if identify_fn is not None:
+            identity = identify_fn(model)
+    return InspectReport(
+        path=model.path,
+        format=model.format,
+        file_size=model.file_size,
+        totals=totals,
+        dtypes=dict(sorted(by_dtype.items(), key=lambda kv: -kv[1].bytes)),
+        components=dict(sorted(by_comp.items(), key=lambda kv: -kv[1].bytes)),
+        metadata=model.metadata,
+        extra=to_plain(model.extra),
+        other_tensors=other,
+        container=model.container,
+        globals=globals_,
+        tensors=listed,
+        identity=identity,
+    )
+
+
+def inspect(
+    path: str | Path, *, key: str | None = None, tensors: bool = False, filter: str | None = None
+) -> InspectReport:
+    """Open ``path`` and summarise it.
+
+    Example:
+        >>> report = inspect("model.safetensors")
+        >>> report.totals.parameters
+    """
+    with open_model(path, key=key) as model:
+        return inspect_model(model, tensors=tensors, filter=filter)

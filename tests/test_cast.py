@@ -1,0 +1,98 @@
+"""Casts equal torch's ``.to(dtype)`` bit for bit: every 8/16-bit pattern, random and special
+32/64-bit patterns (NaN payloads, infinities, subnormals, overflow, double-rounding cases)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdtool import dtypes
+from sdtool.errors import UnsupportedDtype
+from sdtool.formats.cast import CASTABLE, cast
+
+torch = pytest.importorskip("torch")
+
+#: torch's x86 vector kernels fix NaN bits; its scalar fallback canonicalises a few differently
+VECTOR_NAN = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+UINT = {1: (np.uint8, torch.uint8), 2: (np.uint16, torch.uint16), 4: (np.uint32, torch.uint32),
+        8: (np.uint64, torch.uint64)}  # fmt: skip
+
+
+def _patterns(code: str) -> np.ndarray:
+    """Bit patterns (unsigned ints) covering the source dtype."""
+    size = dtypes.from_code(code).itemsize
+    if size <= 2:
+        return np.arange(2 ** (8 * size), dtype=np.uint32).astype(UINT[size][0])
+    rng = np.random.default_rng(1234)
+    if size == 4:
+        special = [0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001,
+                   0xFF815466, 0x7FFFFFFF, 0x00000001, 0x807FFFFF, 0x33800000, 0x33000001,
+                   0x477FE000, 0x477FF000, 0x43E00000, 0x43E7FFFF, 0x43E80000, 0x7F7FFFFF,
+                   0x47600000, 0x37800000, 0x3B800000, 0x3B7FFFFF]  # fmt: skip
+        rand = rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32)
+        return np.concatenate([np.array(special, np.uint32), rand])
+    vals = np.concatenate(
+        [
+            rng.standard_normal(200_000) * np.exp(rng.uniform(-40, 15, 200_000)),
+            [1 + 2**-11 + 2**-40, 1 + 2**-8 + 2**-40, 1 + 2**-4 + 2**-40, 448 + 16 - 2**-30,
+             464.0, 65520 - 2**-20, 1e300, -1e300, 2**-25 + 2**-60, 5e-324, np.inf, -np.inf],
+        ]
+    )  # fmt: skip
+    nans = np.array(
+        [0x7FF0000000000001, 0x7FF8000000000000, 0xFFF8000000000000, 0x7FF8123456789ABC,
+         0xFFF0000020000000, 0xFFFFFFFFFFFFFFFF], np.uint64,
+    )  # fmt: skip
+    return np.concatenate([vals.view(np.uint64), nans])
+
+
+def _torch_cast(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
+    sd, dd = dtypes.from_code(src), dtypes.from_code(dst)
+    t = torch.from_numpy(bits.copy()).view(UINT[sd.itemsize][1]).view(getattr(torch, sd.torch))
+    out = t.to(getattr(torch, dd.torch))
+    return out.view(UINT[dd.itemsize][1]).numpy().view(UINT[dd.itemsize][0])
+
+
+PAIRS = [(s, d) for s in sorted(CASTABLE) for d in sorted(CASTABLE) if s != d]
+
+
+@pytest.mark.parametrize(("src", "dst"), PAIRS)
+def test_cast_equals_torch(src: str, dst: str) -> None:
+    sd, dd = dtypes.from_code(src), dtypes.from_code(dst)
+    bits = _patterns(src)
+    want = _torch_cast(bits, src, dst)
+    got_arr, overflow = cast(bits.view(sd.numpy), sd, dd)
+    got = got_arr.view(UINT[dd.itemsize][0])
+    with np.errstate(all="ignore"):
+        src_f = bits.view(sd.numpy).astype(np.float64)
+        want_f = want.view(dd.numpy).astype(np.float64)
+        got_f = got_arr.astype(np.float64)
+    nan = np.isnan(src_f)
+    # NaN stays NaN everywhere; exact NaN bits where torch uses its vector kernels
+    assert np.array_equal(np.isnan(got_f), np.isnan(want_f))
+    if VECTOR_NAN:
+        assert np.array_equal(got, want), [
+            (hex(b), hex(g), hex(w)) for b, g, w in zip(bits, got, want, strict=True) if g != w
+        ][:5]
+    else:
+        assert np.array_equal(got[~nan], want[~nan])
+    # overflow: finite in, inf (or e4m3's saturated 448) out
+    if dd.code == "F8_E4M3":
+        expect = int(
+            np.count_nonzero(np.isfinite(src_f) & (np.abs(src_f) > 464))
+        )  # 464 ties to 448
+    else:
+        expect = int(np.count_nonzero(np.isfinite(src_f) & np.isinf(want_f)))
+    assert overflow == expect
+
+
+def test_overflow_counted_fp16() -> None:
+    f32 = dtypes.from_code("F32")
+    vals = np.array([1.0, 70000.0, -1e10, np.inf, np.nan, 65504.0], np.float32)
+    out, overflow = cast(vals, f32, dtypes.from_code("F16"))
+    assert overflow == 2
+    assert out.dtype == np.float16 and np.isinf(out[1]) and out[5] == 65504
+
+
+def test_integer_cast_refused() -> None:
+    with pytest.raises(UnsupportedDtype):
+        cast(np.zeros(2, np.int64), dtypes.from_code("I64"), dtypes.from_code("F16"))
