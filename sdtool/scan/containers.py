@@ -59,6 +59,7 @@ class Ctx:
     decompressed: int = 0
     crc: str = "read"  # "read": check CRC of members that are read; "all": every member
     formats: list[str] = field(default_factory=list)
+    parsed: dict[str, Stream] = field(default_factory=dict)  # member -> its first stream
 
     def find(self, severity: str, rule: str, message: str, member: str | None, **kw: Any) -> None:
         self.report.add(Finding(severity, rule, message, member, **kw))
@@ -87,6 +88,8 @@ def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read")
                 rep.errors.append("not scanned: the file is empty")
                 return rep
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                if hasattr(mm, "madvise"):  # scattered small reads: no readahead into RSS
+                    mm.madvise(mmap.MADV_RANDOM)
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
     except OSError as e:
         rep.scanned = False
@@ -206,7 +209,7 @@ def _record(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
 def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """Every stream of a pickle file: legacy torch's five, concatenated pickles, trailing data."""
     end = len(buf)
-    s0 = run_stream(buf, 0, end, limits=ctx.limits)
+    s0 = ctx.parsed.pop(member or "", None) or run_stream(buf, 0, end, limits=ctx.limits)
     _record(ctx, s0, member, 0)
     if s0.stopped and s0.result == LEGACY_MAGIC:
         ctx.formats.append("legacy torch")
@@ -430,6 +433,7 @@ def _referenced_storages(
         except SdtoolError:
             continue
         s = run_stream(data, 0, len(data), limits=ctx.limits)
+        ctx.parsed[_join(member, name)] = s  # scanned again below: parse once
         for _, pid in s.persids:
             if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
                 out.add(f"{prefix}data/{pid[2]}")
