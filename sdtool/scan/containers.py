@@ -8,14 +8,11 @@ irregularities that make other tools read them differently are reported. Nested 
 
 from __future__ import annotations
 
-import ast
-import bz2
 import io
-import lzma
 import mmap
+import os
 import re
 import struct
-import tarfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +57,7 @@ class Ctx:
     crc: str = "read"  # "read": check CRC of members that are read; "all": every member
     formats: list[str] = field(default_factory=list)
     parsed: dict[str, Stream] = field(default_factory=dict)  # member -> its first stream
+    fd: int | None = None  # the top-level file, for scattered reads that should not fault pages
 
     def find(self, severity: str, rule: str, message: str, member: str | None, **kw: Any) -> None:
         self.report.add(Finding(severity, rule, message, member, **kw))
@@ -87,18 +85,47 @@ def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read")
                 rep.scanned, rep.format = False, "empty"
                 rep.errors.append("not scanned: the file is empty")
                 return rep
+            if f.read(4) == zipfmt.LOCAL_SIG:
+                # zips are read in small scattered pieces: plain reads keep RSS small
+                scan_blob(ctx, FileBuf(f, size), None, depth=0, name=path.name)
+                return rep
+            ctx.fd = f.fileno()
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 if hasattr(mm, "madvise"):  # scattered small reads: no readahead into RSS
                     mm.madvise(mmap.MADV_RANDOM)
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
     except OSError as e:
         rep.scanned = False
+        rep.format = "unreadable"
         rep.errors.append(f"not scanned: cannot read the file ({e.strerror or e})")
     except SdtoolError as e:
         rep.errors.append(e.message)
-    if ctx.formats:
-        rep.format = ctx.formats[0]
+    finally:
+        if ctx.formats:
+            rep.format = ctx.formats[0]
     return rep
+
+
+class FileBuf:
+    """A read-only byte sequence over an open file (len, slices via pread) for zip walking."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f, self.size = f, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, int):
+            if key < 0:
+                key += self.size
+            if not 0 <= key < self.size:
+                raise IndexError("FileBuf index out of range")
+            return os.pread(self.f.fileno(), 1, key)[0]
+        start, stop, step = key.indices(self.size)
+        if step != 1:
+            raise ValueError("FileBuf slices must be contiguous")
+        return os.pread(self.f.fileno(), max(0, stop - start), start) if stop > start else b""
 
 
 def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str = "") -> None:
@@ -319,7 +346,11 @@ def _scan_legacy(ctx: Ctx, buf: Any, pos: int, member: str | None) -> int:
         if pos + 8 > end:
             ctx.error(member, f"legacy torch storage {key!r} is cut short (truncated download)")
             return -1
-        (count,) = struct.unpack_from("<q", bytes(buf[pos : pos + 8]))
+        if member is None and ctx.fd is not None:  # pread: no mapped pages across the file
+            raw = os.pread(ctx.fd, 8, pos)
+        else:
+            raw = bytes(buf[pos : pos + 8])
+        (count,) = struct.unpack_from("<q", raw)
         if itemsize is None or count < 0 or pos + 8 + count * itemsize > end:
             ctx.error(
                 member,
@@ -348,6 +379,8 @@ def _legacy_storage_types(s: Stream) -> dict[Any, str]:
 
 
 def _as_file(buf: Any) -> BinaryIO:
+    if isinstance(buf, FileBuf):
+        return buf.f
     if isinstance(buf, mmap.mmap):
         return buf  # type: ignore[return-value]  # mmap has seek/read
     return io.BytesIO(buf)
@@ -540,6 +573,8 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         ctx.error(member, f"npy header of {hlen} bytes does not fit the file")
         return
     text = bytes(buf[start : start + hlen]).decode("latin-1")
+    import ast
+
     try:
         header = ast.literal_eval(text)  # literals only: never evaluates code
         descr = header.get("descr") if isinstance(header, dict) else None
@@ -566,6 +601,8 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
 
 def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """torch's oldest format (sys_info, pickle, storages, tensors) or any other tar."""
+    import tarfile
+
     try:
         tf = tarfile.open(fileobj=_as_file(buf), mode="r:")  # noqa: SIM115 - closed with buf
         infos = tf.getmembers()
@@ -630,6 +667,9 @@ def _scan_tar_records(ctx: Ctx, data: bytes, path: str, which: str) -> None:
 
 
 def _decompressor(kind: str) -> Callable[[], Any]:
+    import bz2
+    import lzma
+
     return {
         "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
         "zlib": lambda: zlib.decompressobj(),
@@ -665,6 +705,8 @@ def scan_compressed(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
 
 
 def _decompress(ctx: Ctx, buf: Any, start: int, algo: str, member: str | None) -> bytes | None:
+    import lzma
+
     d = _decompressor(algo)()
     out = bytearray()
     cap = min(MAX_DECOMPRESSED - ctx.decompressed, max(1 << 20, (len(buf) - start) * MAX_RATIO))
@@ -686,7 +728,7 @@ def _decompress(ctx: Ctx, buf: Any, start: int, algo: str, member: str | None) -
                 break
             if getattr(d, "eof", False):
                 break
-    except (zlib.error, OSError, lzma.LZMAError, EOFError, ValueError) as e:
+    except (zlib.error, OSError, EOFError, ValueError, lzma.LZMAError) as e:
         if not out:
             ctx.error(member, f"{algo} data does not decompress: {e}")
             return None
