@@ -70,10 +70,12 @@ def render(r: InspectReport) -> None:
         ("parameters", f"{r.totals.parameters:,} ({human_count(r.totals.parameters)})"),
         ("tensor bytes", human_bytes(r.totals.bytes)),
     ]
-    if r.identity is not None:
-        facts += [("identified", markup(line)) for line in r.identity.summary_lines()]
     for k, v in facts:
         out.print(f"  {k:<13} {v}")
+    if r.identity is not None:
+        out.print("\n[bold]What it is[/bold]")
+        for line in r.identity.summary_lines():
+            out.print(f"  {markup(line)}")
     if r.totals.tensors:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in r.dtypes.items():

@@ -13,6 +13,8 @@ from typing import Any
 
 from sdtool.formats.open import open_model
 from sdtool.model import GlobalUse, ModelFile, TensorInfo, to_plain
+from sdtool.ops.identify import Identity
+from sdtool.ops.identify import identify as identify_model
 
 SCHEMA = "sdtool.inspect/1"
 
@@ -89,7 +91,7 @@ class InspectReport:
     container: dict[str, Any]
     globals: list[GlobalReport]
     tensors: list[tuple[str, TensorInfo]] = field(default_factory=list)
-    identity: Any = None
+    identity: Identity | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -190,14 +192,7 @@ def inspect_model(
         )
         for g in model.globals
     ]
-    identity = None
-    if identify:
-        try:
-            from sdtool.ops.identify import identify as identify_fn
-        except ImportError:
-            identify_fn = None
-        if identify_fn is not None:
-            identity = identify_fn(model)
+    identity = identify_model(model) if identify else None
     return InspectReport(
         path=model.path,
         format=model.format,
