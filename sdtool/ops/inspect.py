@@ -15,6 +15,7 @@ from sdtool.formats.open import open_model
 from sdtool.model import GlobalUse, ModelFile, TensorInfo, to_plain
 from sdtool.ops.identify import Identity
 from sdtool.ops.identify import identify as identify_model
+from sdtool.scan import classify_global
 
 SCHEMA = "sdtool.inspect/1"
 
@@ -141,14 +142,9 @@ def component_of(name: str) -> str:
 
 
 def _classify(g: GlobalUse) -> tuple[str, str]:
-    try:
-        from sdtool.scan import classify_global  # type: ignore[attr-defined]
-    except ImportError:  # the scanner not installed in this build: builders are safe
-        return ("safe", "") if g.builder else ("suspicious", "not on sdtool's allowlist")
-    result = classify_global(g.module, g.name)
-    if isinstance(result, tuple):
-        return str(result[0]), str(result[1])
-    return str(result), ""
+    """What ``sdtool scan`` makes of this global (the loader only stood it in or built it)."""
+    severity, reason = classify_global(g.module, g.name)
+    return str(severity), str(reason)
 
 
 def _tensor_leaves(obj: Any, depth: int = 0) -> Iterable[TensorInfo]:
