@@ -114,6 +114,7 @@ def test_omegaconf_hyper_parameters_are_kept_as_data(tmp_path: Path) -> None:
         assert ("omegaconf.dictconfig", "DictConfig") in {(g.module, g.name) for g in m.globals}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script itself
 def test_torchscript_is_reported_not_loaded(tmp_path: Path) -> None:
     p = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), p)
