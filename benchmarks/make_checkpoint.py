@@ -66,7 +66,7 @@ def build(scale: float = 1.0, seed: int = 0) -> dict:
     layout = read_layout(LAYOUTS / "sd1-ldm.yaml")
     sd: dict[str, torch.Tensor] = {}
     for key, (shape, dtype) in layout.items():
-        if scale != 1.0:
+        if scale != 1.0 and not key.endswith("position_ids"):
             shape = tuple(max(1, round(s * scale)) if s > 8 else s for s in shape)
         dt = getattr(torch, dtype)
         if key.endswith("position_ids"):

@@ -7,6 +7,7 @@ bf16 and the float8 formats have no numpy dtype of their own; ml_dtypes provides
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -36,7 +37,7 @@ class DType:
         return self.code
 
 
-def _d(code: str, np_dtype: object, torch: str | None, storage: str | None, kind: str) -> DType:
+def _d(code: str, np_dtype: Any, torch: str | None, storage: str | None, kind: str) -> DType:
     return DType(code, np.dtype(np_dtype).newbyteorder("<"), torch, storage, kind)
 
 

@@ -88,6 +88,11 @@ class TensorInfo:
     def describe(self) -> str:
         return f"{self.dtype} {list(self.shape)}"
 
+    def __setstate__(self, state: Any) -> None:
+        """Old pickles BUILD a Parameter with ``(requires_grad, ...)``; keep only that flag."""
+        if isinstance(state, tuple) and state and isinstance(state[0], bool):
+            object.__setattr__(self, "requires_grad", state[0])
+
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Element strides of a C-contiguous tensor of ``shape``."""
@@ -290,6 +295,30 @@ class ModelFile:
 
     def __repr__(self) -> str:
         return f"<ModelFile {os.fspath(self.path)!r} {self.format} {len(self.tensors)} tensors>"
+
+
+def tensor_leaves(obj: Any, depth: int = 0, seen: set[int] | None = None) -> Iterator[TensorInfo]:
+    """Every TensorInfo inside unpickled data (dicts, sequences, stand-ins' args and state).
+
+    Each container is visited once: a pickle can share one list 60 levels deep (2**60 paths
+    from 120 bytes).
+    """
+    seen = set() if seen is None else seen
+    if depth > 64 or id(obj) in seen:
+        return
+    if isinstance(obj, TensorInfo):
+        yield obj
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensor_leaves(v, depth + 1, seen)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from tensor_leaves(v, depth + 1, seen)
+    elif isinstance(obj, StandIn):
+        for part in (obj.args, obj.state, obj.items, obj.listitems):
+            yield from tensor_leaves(part, depth + 1, seen)
 
 
 def to_plain(

@@ -138,3 +138,19 @@ def test_npz_object_member_refused(tmp_path: Path) -> None:
     np.savez(p, ok=np.ones(2), bad=np.array([None], dtype=object))
     with pytest.raises(PickledArray, match=r"'bad.npy'.*sdtool scan"):
         _npz(p)
+
+
+def test_python2_long_shape(tmp_path: Path) -> None:
+    header = b"{'descr': '<f8', 'fortran_order': False, 'shape': (2L,), }"
+    header += b" " * (64 - 10 - len(header) - 1) + b"\n"
+    p = tmp_path / "py2.npy"
+    p.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + b"\0" * 16)
+    with open_model(p) as m:
+        assert m.tensors[NPY_TENSOR].shape == (2,)
+
+
+def test_npz_string_member_refused(tmp_path: Path) -> None:
+    p = tmp_path / "s.npz"
+    np.savez(p, data=np.arange(3.0), format=np.array(b"csc"))
+    with pytest.raises(UnsupportedDtype, match=r"'format\.npy'"):
+        _npz(p)

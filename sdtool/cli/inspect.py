@@ -70,10 +70,12 @@ def render(r: InspectReport) -> None:
         ("parameters", f"{r.totals.parameters:,} ({human_count(r.totals.parameters)})"),
         ("tensor bytes", human_bytes(r.totals.bytes)),
     ]
-    if r.identity is not None:
-        facts += [("identified", markup(line)) for line in r.identity.summary_lines()]
     for k, v in facts:
         out.print(f"  {k:<13} {v}")
+    if r.identity is not None:
+        out.print("\n[bold]What it is[/bold]")
+        for line in r.identity.summary_lines():
+            out.print(f"  {markup(line)}")
     if r.totals.tensors:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in r.dtypes.items():
@@ -104,12 +106,12 @@ def render(r: InspectReport) -> None:
             t.add_row(markup(k, 60), markup(_short(v), MAX_SHOWN))
         out.print(t)
     if r.globals:
-        t = _table("\nGlobals in the pickle", "global", "count", "loaded as", "scan verdict")
+        t = _table("\nGlobals in the pickle", "global", "loaded as", "scan verdict")
         for g in r.globals:
             mark = {"safe": "safe", "suspicious": "[yellow]suspicious[/yellow]"}.get(
                 g.severity, "[red]dangerous[/red]"
             )
-            t.add_row(markup(f"{g.module}.{g.name}", 90), str(g.count), g.loaded_as, mark)
+            t.add_row(markup(f"{g.module}.{g.name}", 90), g.loaded_as, mark)
         out.print(t)
         if any(g.unusual for g in r.globals):
             out.print(

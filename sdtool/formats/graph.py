@@ -139,20 +139,21 @@ class _Walker:
                 if w is not _DROP:
                     new_state[k] = w
             new_args = obj.args
+            state_out: Any = new_state
         else:
             args = self.walk(obj.args, name, in_main, depth + 1) if obj.args else obj.args
             new_args = () if args is _DROP else args
             w = self.walk(state, name, in_main, depth + 1) if state is not None else None
-            new_state = None if w is _DROP else w
-        items = self.walk([v for _, v in obj.items], name, in_main, depth + 1) if obj.items else []
+            state_out = None if w is _DROP else w
+        items = self.walk(dict(obj.items), name, in_main, depth + 1) if obj.items else {}
         listitems = self.walk(obj.listitems, name, in_main, depth + 1) if obj.listitems else []
         return StandIn(
             obj.module,
             obj.name,
             new_args,
             obj.kwargs,
-            new_state,
-            [(k, None) for k, _ in obj.items] if items is _DROP else list(obj.items),
+            state_out,
+            [] if items is _DROP else list(items.items()),
             [] if listitems is _DROP else listitems,
         )
 

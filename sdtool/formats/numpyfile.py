@@ -54,6 +54,7 @@ _DESCR: dict[tuple[str, int], str] = {
     ("c", 8): "C64",
     ("c", 16): "C128",
 }
+_PY2_LONG = re.compile(r"\b(\d+)[lL]\b")
 _DESCR_RE = re.compile(r"^([<>|=])([a-zA-Z])(\d+)$")  # e.g. "<f4", "|b1"; "|O" is handled first
 
 
@@ -117,7 +118,11 @@ def parse_npy_header(head: bytes, what: str) -> NpyHeader:
     raw = head[start : start + hlen]
     try:
         text = raw.decode("utf-8" if major == 3 else "latin-1")
-        d = ast.literal_eval(text)
+        try:
+            d = ast.literal_eval(text)
+        except SyntaxError:
+            # Python 2 wrote longs as 2L in shapes; numpy reads them, so do we
+            d = ast.literal_eval(_PY2_LONG.sub(r"\1", text))
     except (UnicodeDecodeError, ValueError, SyntaxError, MemoryError, RecursionError) as e:
         raise CorruptFile(f"{what}: the .npy header is not a Python literal ({e})") from None
     if not isinstance(d, dict) or not {"descr", "fortran_order", "shape"} <= d.keys():
@@ -183,7 +188,9 @@ def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
     """Open a ``.npz`` (zip of .npy members) lazily: member ``name.npy`` -> tensor ``name``.
 
     Stored members keep their file offset (zero-copy); deflated members are inflated on read.
-    Members that are not ``.npy`` are listed in ``container["other_members"]``.
+    Members that are not ``.npy`` are listed in ``container["other_members"]``. A member of a
+    non-numeric dtype (strings, structured) refuses the whole file rather than be dropped
+    silently, and an object array (a pickle) refuses it with PickledArray.
     """
     tensors: dict[str, TensorInfo] = {}
     other: list[str] = []
@@ -217,7 +224,10 @@ def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
                     big_endian=h.big_endian,
                 )
             tensors[name] = _info(h, st)
-    container = {"other_members": other, "irregularities": list(archive.irregularities)}
+    container = {
+        "other_members": other,
+        "irregularities": list(archive.irregularities),
+    }
     return ModelFile(path, "npz", tensors, container=container)
 
 

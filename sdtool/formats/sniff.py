@@ -7,7 +7,6 @@ torch.load's rule is followed exactly: a zip iff the file starts with ``PK\\x03\
 from __future__ import annotations
 
 import struct
-import tarfile
 from enum import Enum
 from pathlib import Path
 
@@ -75,8 +74,10 @@ def _is_v7_tar(head: bytes) -> bool:
     if len(head) < 512:
         return False
     try:
-        return tarfile.nti(head[148:156]) == tarfile.calc_chksums(head[:512])[0]
-    except (tarfile.HeaderError, ValueError, IndexError):
+        stored = int(head[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        unsigned = sum(head[:148]) + 8 * 32 + sum(head[156:512])
+        return stored == unsigned
+    except ValueError:
         return False
 
 
@@ -99,6 +100,10 @@ def describe(head: bytes, size: int) -> str:
         return "it is a PNG image"
     if text[:3] == b"\xff\xd8\xff":
         return "it is a JPEG image"
+    if text[:4] == b"ZF0x":
+        return "it is a joblib compressed container (scikit-learn style), not a model file"
+    if text[:3] == b"\x5d\x00\x00":
+        return "it looks like an LZMA-compressed file (decompress it first)"
     if text[:4] == b"GGUF":
         return "it is a GGUF file (llama.cpp), which sdtool does not read"
     if lowered.startswith((b"{", b"[")):

@@ -225,7 +225,15 @@ def _load_pickles(src: _Source) -> tuple[Any, dict[str, Any]]:
     f.seek(0)
     head = f.read(2)
     f.seek(0)
-    first = load_one(f, nested=src.nested, seen=src.seen)
+    try:
+        first = load_one(f, nested=src.nested, seen=src.seen)
+    except CorruptFile:
+        if any(m.startswith(("joblib.", "sklearn.")) for m, _, _ in src.seen):
+            raise UnknownFormat(
+                "a joblib pickle (scikit-learn style), not a model file sdtool reads; "
+                "`sdtool scan` checks it"
+            ) from None
+        raise
     if first != LEGACY_MAGIC or isinstance(first, bool):
         protocol = head[1] if head[:1] == b"\x80" else 0
         return first, {"container": "pickle", "pickle_protocol": protocol}
@@ -264,14 +272,14 @@ def _load_pickles(src: _Source) -> tuple[Any, dict[str, Any]]:
     if not isinstance(keys, list):
         raise CorruptFile("legacy torch file: the storage key list is missing")
     pos = f.tell()
+    pread = zipr.positional_reader(f)  # one page per count header, no read-ahead
     for k in keys:
         st = storages.get(_text(k))
         if st is None:
             raise CorruptFile(f"legacy torch file lists storage {k!r} that no tensor uses")
         if pos + 8 > src.size:
             raise _truncated(st.key, pos + 8, src.size)
-        f.seek(pos)
-        (count,) = struct.unpack("<q", f.read(8))
+        (count,) = struct.unpack("<q", pread(pos, 8))
         if count * st.dtype.itemsize != st.nbytes:
             raise CorruptFile(
                 f"storage {st.key!r} holds {count} elements, its tensors expect {st.numel}"
@@ -317,7 +325,7 @@ def _load_tar(src: _Source) -> tuple[Any, dict[str, Any]]:
         src.f.seek(0)
         tar = tarfile.open(fileobj=src.f, mode="r:")  # noqa: SIM115 - members only, no extraction
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
-    except tarfile.TarError as e:
+    except (tarfile.TarError, ValueError) as e:  # ValueError: a member seeks past the end
         raise CorruptFile(f"broken tar archive: {e}") from None
     if not {"storages", "tensors", "pickle"} <= set(members):
         raise UnknownFormat(f"a tar archive without torch's members ({sorted(members)[:5]})")

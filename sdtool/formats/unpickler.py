@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
-import io
 import pickle
 from collections.abc import Callable
 from math import prod
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -47,36 +46,39 @@ class _Frozen:
         raise CorruptFile(f"the pickle tries to set state on {self!r}")
 
 
-class StorageType(_Frozen):
+class _TorchName(_Frozen):
+    """A torch type the pickle names, standing for a dtype (None: one sdtool cannot hold)."""
+
+    __slots__ = ("dtype", "name")
+    dtype: DType | None
+    name: str
+
+    def __init__(self, name: str, dtype: DType | None) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class StorageType(_TorchName):
     """``torch.FloatStorage`` & co (dtype known) or ``torch.UntypedStorage`` (dtype None: bytes)."""
 
-    __slots__ = ("dtype", "name")
-
-    def __init__(self, name: str, dtype: DType | None) -> None:
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "dtype", dtype)
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
+    __slots__ = ()
 
 
-class TorchDType(_Frozen):
-    """A ``torch.float16``-style dtype object; ``dtype`` is None for ones sdtool cannot hold."""
+class TorchDType(_TorchName):
+    """A ``torch.float16``-style dtype object."""
 
-    __slots__ = ("dtype", "name")
-
-    def __init__(self, name: str, dtype: DType | None) -> None:
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "dtype", dtype)
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
+    __slots__ = ()
 
 
 class Builder(_Frozen):
     """One of sdtool's own functions standing where the pickle names an allowed callable."""
 
     __slots__ = ("fn", "qualname")
+    fn: Callable[..., Any]
+    qualname: str
 
     def __init__(self, qualname: str, fn: Callable[..., Any]) -> None:
         object.__setattr__(self, "qualname", qualname)
@@ -111,7 +113,9 @@ class NumpyDTypeSpec:
             raise CorruptFile(f"unknown numpy dtype {self.spec!r}") from None
         if dt.hasobject or dt.kind not in "biufcSUV?":
             raise CorruptFile(f"numpy dtype {self.spec!r} holds Python objects")
-        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+        if self.byteorder == "<":
+            return dt.newbyteorder("<")
+        return dt.newbyteorder(">") if self.byteorder == ">" else dt
 
     def __repr__(self) -> str:
         return f"numpy.dtype({self.spec!r})"
@@ -272,6 +276,19 @@ def _bytearray(src: Any = b"", encoding: str = "latin1", *_: Any) -> bytearray:
     return bytearray(src)
 
 
+def _dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+    """dict / Counter / defaultdict as plain dicts (a defaultdict's factory is never called)."""
+    src = [a for a in args if isinstance(a, dict | list | tuple)]
+    out: dict[Any, Any] = {}
+    if src:
+        items = src[0].items() if isinstance(src[0], dict) else src[0]
+        for kv in items:
+            if not (isinstance(kv, tuple | list) and len(kv) == 2):
+                raise CorruptFile("dict() of something that is not key/value pairs")
+            out[kv[0]] = kv[1]
+    return out
+
+
 def _complex(re: Any = 0.0, im: Any = 0.0) -> complex:
     if not all(isinstance(x, int | float) for x in (re, im)):
         raise CorruptFile("complex() of non-numbers")
@@ -298,7 +315,7 @@ def _codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") ->
     if enc in ("latin1", "latin-1", "iso-8859-1"):
         return obj.encode("latin1")
     if enc in ("utf-8", "utf8", "ascii"):
-        return obj.encode(enc, "surrogateescape")
+        return obj.encode(enc)
     raise CorruptFile(f"_codecs.encode with codec {encoding!r}")
 
 
@@ -385,6 +402,9 @@ ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
     ("builtins", "frozenset"): lambda: Builder("frozenset", _frozenset),
     ("builtins", "bytearray"): lambda: Builder("bytearray", _bytearray),
     ("builtins", "complex"): lambda: Builder("complex", _complex),
+    ("builtins", "dict"): lambda: Builder("dict", _dict),
+    ("collections", "Counter"): lambda: Builder("Counter", _dict),
+    ("collections", "defaultdict"): lambda: Builder("defaultdict", _dict),
     ("builtins", "slice"): lambda: Builder("slice", _slice),
     ("builtins", "range"): lambda: Builder("range", _range),
     ("_codecs", "encode"): lambda: Builder("_codecs.encode", _codecs_encode),
@@ -396,11 +416,21 @@ for _np_core in ("numpy.core.multiarray", "numpy._core.multiarray"):
     ALLOWED[(_np_core, "_reconstruct")] = lambda: NumpyArray
 for _np_numeric in ("numpy.core.numeric", "numpy._core.numeric"):
     ALLOWED[(_np_numeric, "_frombuffer")] = lambda: Builder("numpy _frombuffer", _numpy_frombuffer)
+
+
+def _storage_factory(d: DType) -> Callable[[], Any]:
+    return lambda: StorageType(d.storage or "", d)
+
+
+def _dtype_factory(d: DType) -> Callable[[], Any]:
+    return lambda: TorchDType(d.torch or "", d)
+
+
 for _d in dtypes.DTYPES.values():
     if _d.storage:
-        ALLOWED[("torch", _d.storage)] = lambda d=_d: StorageType(d.storage or "", d)
+        ALLOWED[("torch", _d.storage)] = _storage_factory(_d)
     if _d.torch:
-        ALLOWED[("torch", _d.torch)] = lambda d=_d: TorchDType(d.torch or "", d)
+        ALLOWED[("torch", _d.torch)] = _dtype_factory(_d)
 
 
 # -- the unpickler --------------------------------------------------------------------------------
@@ -423,13 +453,15 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(
         self,
-        file: io.BufferedIOBase | io.BytesIO,
+        file: IO[bytes],
         *,
         persistent_load: Callable[[Any], Any] | None = None,
         nested: Callable[[bytes], Any] | None = None,
         seen: collections.Counter[tuple[str, str, bool]] | None = None,
     ) -> None:
-        super().__init__(file, encoding="utf-8", errors="surrogateescape")
+        # Python 2 byte strings (STRING opcodes) decode as latin-1 so binary data (numpy
+        # arrays and scalars) round-trips exactly; Python 3 str (BINUNICODE) is always UTF-8.
+        super().__init__(file, encoding="latin1")
         self._persistent = persistent_load
         self._nested = nested
         self.seen = seen if seen is not None else collections.Counter()
@@ -507,7 +539,7 @@ def globals_met(seen: collections.Counter[tuple[str, str, bool]]) -> list[Global
 
 
 def load_one(
-    f: io.BufferedIOBase | io.BytesIO,
+    f: IO[bytes],
     *,
     persistent_load: Callable[[Any], Any] | None = None,
     nested: Callable[[bytes], Any] | None = None,
@@ -542,7 +574,7 @@ def load_one(
         raise CorruptFile(f"broken pickle ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _check_memo_indices(f: io.BufferedIOBase | io.BytesIO) -> None:
+def _check_memo_indices(f: Any) -> None:
     """Refuse a memo index no pickler could write, before the C unpickler sizes its memo by it.
 
     The C unpickler grows its memo table to twice the largest PUT index and zero-fills it, so a

@@ -21,6 +21,10 @@ pytestmark = pytest.mark.corpus
 # Run inside the subprocess: install canaries, open every file, report outcomes as JSON.
 PROBE = r"""
 import builtins, json, os, subprocess, sys
+REAL_COMPILE = builtins.compile
+import sdtool, sdtool.formats.torchfile, sdtool.formats.safetensors, sdtool.formats.numpyfile
+from sdtool import open_model
+from sdtool.errors import SdtoolError
 calls = []
 def canary(name):
     def f(*a, **k):
@@ -32,9 +36,14 @@ for mod, attr in [(os, "system"), (os, "popen"), (os, "execv"), (os, "execve"), 
                   (builtins, "exec"), (builtins, "compile"), (builtins, "breakpoint")]:
     setattr(mod, attr, canary(attr))
 subprocess.Popen.__init__ = canary("Popen")
-import sdtool, sdtool.formats.torchfile, sdtool.formats.safetensors, sdtool.formats.numpyfile
-from sdtool import open_model
-from sdtool.errors import SdtoolError
+import ast
+def compile_ast_only(source, filename, mode, flags=0, *a, **k):
+    # ast.literal_eval parses with PyCF_ONLY_AST: a syntax tree, nothing runs
+    if flags & ast.PyCF_ONLY_AST:
+        return REAL_COMPILE(source, filename, mode, flags, *a, **k)
+    calls.append("compile")
+    raise RuntimeError("canary: compile")
+builtins.compile = compile_ast_only
 before = set(sys.modules)
 real_import = builtins.__import__
 imported = []
@@ -46,8 +55,8 @@ out = {}
 for path in sys.argv[2:]:
     try:
         with open_model(path) as m:
-            out[path] = {"ok": True, "format": m.format,
-                         "tensors": [[n, t.dtype.code, list(t.shape)] for n, t in m.tensors.items()]}
+            listing = [[n, t.dtype.code, list(t.shape)] for n, t in m.tensors.items()]
+            out[path] = {"ok": True, "format": m.format, "tensors": listing}
             for n in list(m.tensors)[:3]:
                 m.read(n)
     except SdtoolError as e:
@@ -59,37 +68,75 @@ json.dump({"results": out, "calls": calls, "new_modules": new,
 """
 
 # modules sdtool may import lazily while opening files (nothing a payload could name)
-EXPECTED_IMPORT_PREFIXES = ("sdtool", "numpy", "ml_dtypes", "tarfile", "zlib", "struct", "io",
-                            "json", "collections", "math", "mmap", "pickle", "_compat_pickle",
-                            "_codecs", "codecs", "encodings", "ast", "fnmatch", "re", "copy",
-                            "typing", "dataclasses", "pathlib", "os", "contextlib", "itertools",
-                            "functools", "types", "enum", "shutil", "bz2", "lzma", "gzip")
+EXPECTED_IMPORT_PREFIXES = (
+    "sdtool",
+    "numpy",
+    "ml_dtypes",
+    "tarfile",
+    "zlib",
+    "struct",
+    "io",
+    "json",
+    "collections",
+    "math",
+    "mmap",
+    "pickle",
+    "_compat_pickle",
+    "_codecs",
+    "codecs",
+    "encodings",
+    "ast",
+    "fnmatch",
+    "re",
+    "copy",
+    "typing",
+    "dataclasses",
+    "pathlib",
+    "os",
+    "contextlib",
+    "itertools",
+    "functools",
+    "types",
+    "enum",
+    "shutil",
+    "bz2",
+    "lzma",
+    "gzip",
+)
 
 
 def _manifest(corpus: Path) -> list[dict[str, Any]]:
     return json.loads((corpus / "manifest.json").read_text())
 
 
-def _run_probe(corpus: Path, tmp: Path) -> dict[str, Any]:
+def _run_probe(corpus: Path, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
     files = [str(corpus / "files" / e["file"]) for e in _manifest(corpus)]
     result = tmp / "probe.json"
     canary_dir = tmp / "cwd"
     canary_dir.mkdir()
-    subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(result), *files],
-        cwd=canary_dir, check=True, timeout=600, capture_output=True,
+        cwd=canary_dir,
+        timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
     )
+    assert proc.returncode == 0, f"the probe failed: {proc.stderr[-2000:]}"
     data = json.loads(result.read_text())
     data["cwd_files"] = sorted(p.name for p in canary_dir.iterdir())
     return data
 
 
-def test_no_file_runs_code_or_imports(corpus: Path, tmp_path: Path, tally: list[str]) -> None:
-    data = _run_probe(corpus, tmp_path)
+def test_no_file_runs_code_or_imports(
+    corpus: Path, tmp_path: Path, tally: list[str], sub_env: dict[str, str]
+) -> None:
+    data = _run_probe(corpus, tmp_path, sub_env)
     assert data["calls"] == [], f"canaries fired: {data['calls']}"
     assert data["cwd_files"] == [], f"files appeared: {data['cwd_files']}"
     unexpected = [
-        m for m in data["imported"] + data["new_modules"]
+        m
+        for m in data["imported"] + data["new_modules"]
         if not m.startswith(EXPECTED_IMPORT_PREFIXES)
     ]
     assert unexpected == [], f"unexpected imports while opening: {unexpected}"
@@ -139,14 +186,19 @@ def test_benign_torch_files_match_torch(corpus: Path, tmp_path: Path, tally: lis
     from sdtool.errors import TorchScriptFile
 
     benign = [
-        e for e in _manifest(corpus)
-        if e["verdict"] == "benign" and e["format"] in ("zip torch", "legacy torch", "TorchScript",
-                                                        "TorchScript lite (.ptl)")
+        e
+        for e in _manifest(corpus)
+        if e["verdict"] == "benign"
+        and e["format"] in ("zip torch", "legacy torch", "TorchScript", "TorchScript lite (.ptl)")
     ]
     paths = [str(corpus / "files" / e["file"]) for e in benign]
     out = tmp_path / "torch.json"
-    subprocess.run([sys.executable, "-c", TORCH_ORACLE, str(out), *paths], check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-c", TORCH_ORACLE, str(out), *paths],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     oracle = json.loads(out.read_text())
     compared = refused_by_torch = torchscript = 0
     for e, p in zip(benign, paths, strict=True):
@@ -165,8 +217,10 @@ def test_benign_torch_files_match_torch(corpus: Path, tmp_path: Path, tally: lis
         assert ours == [[n, dtypes.from_torch(d).torch, s] for n, d, s in ref["tensors"]], e["file"]
         compared += 1
     tally.append(f"{compared} benign torch files: names, dtypes and shapes equal torch.load's")
-    tally.append(f"{refused_by_torch} benign torch files torch's weights_only loader refuses; "
-                 "sdtool opens them")
+    tally.append(
+        f"{refused_by_torch} benign torch files torch's weights_only loader refuses; "
+        "sdtool opens them"
+    )
     tally.append(f"{torchscript} TorchScript archives reported as TorchScript")
 
 
@@ -175,8 +229,10 @@ def test_benign_safetensors_and_numpy_match(corpus: Path, tally: list[str]) -> N
     from safetensors import safe_open
 
     from sdtool import open_model
+    from sdtool.errors import UnsupportedDtype
+    from sdtool.formats.numpyfile import PickledArray
 
-    n_st = n_np = 0
+    n_st = n_np = n_refused = 0
     for e in _manifest(corpus):
         if e["verdict"] != "benign":
             continue
@@ -184,18 +240,30 @@ def test_benign_safetensors_and_numpy_match(corpus: Path, tally: list[str]) -> N
         if e["format"] == "safetensors":
             with safe_open(str(p), "np") as ref, open_model(p) as m:
                 assert sorted(m.tensors) == sorted(ref.keys()), e["file"]
-                for k in ref.keys():
+                keys = ref.keys()  # safe_open is not iterable
+                for k in keys:
                     arr = ref.get_tensor(k)
                     assert m.read(k).tobytes() == arr.tobytes(), (e["file"], k)
                 assert m.metadata == (ref.metadata() or {}), e["file"]
             n_st += 1
         elif e["format"] in ("npy", "npz"):
-            loaded = np.load(p, allow_pickle=False)  # numbers only: no unpickling
-            refs = dict(loaded.items()) if e["format"] == "npz" else {"array": loaded}
+            try:
+                loaded = np.load(p, allow_pickle=False)  # numbers only: no unpickling
+                refs = dict(loaded.items()) if e["format"] == "npz" else {"array": loaded}
+            except ValueError:  # object arrays: numpy would have to unpickle
+                with pytest.raises(PickledArray):
+                    open_model(p)
+                n_refused += 1
+                continue
+            if any(a.dtype.kind in "SUO" for a in refs.values()):  # strings are not tensors
+                with pytest.raises(UnsupportedDtype):
+                    open_model(p)
+                n_refused += 1
+                continue
             with open_model(p) as m:
                 assert sorted(m.tensors) == sorted(refs), e["file"]
                 for k, arr in refs.items():
                     assert m.read(k).tobytes() == np.ascontiguousarray(arr).tobytes(), e["file"]
             n_np += 1
     tally.append(f"{n_st} safetensors and {n_np} numpy files: every tensor equal to the reference")
-
+    tally.append(f"{n_refused} numpy files holding objects or strings refused, as numpy does")

@@ -52,3 +52,14 @@ def test_tar_malformed_records(tmp_path: Path, name: str) -> None:
     with pytest.raises(CorruptFile, match="TAR torch file: malformed records"):
         open_model(p)
     assert exercise(p) == "refused:CorruptFile"
+
+
+def test_tar_cut_inside_first_member(tmp_path: Path) -> None:
+    """The TAR seed cut at 516 bytes: tarfile raised ValueError (seek out of range) in the
+    scanner's tar walk and in the loader."""
+    p = tmp_path / "cut.pt"
+    p.write_bytes(_tar()[:516])
+    assert exercise(p) == "refused:CorruptFile"
+    from sdtool.scan import scan
+
+    scan(p)  # reports the problem as a finding, raises nothing

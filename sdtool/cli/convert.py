@@ -1,0 +1,215 @@
+"""``sdtool convert``: IN OUT, or many inputs into --out-dir; streamed, atomic, verifiable."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sdtool.cli.render import console, human_bytes, markup, print_json, warn
+from sdtool.errors import UsageError
+from sdtool.ops.convert import (
+    DTYPE_CHOICES,
+    TO_SUFFIX,
+    BatchResult,
+    ConvertResult,
+    convert,
+    convert_batch,
+    parse_metadata,
+)
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+@click.command("convert")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPE_CHOICES)),
+    default="keep",
+    show_default=True,
+    help="Cast floating tensors (integers and bools are never cast), exactly as torch's .to().",
+)
+@click.option("--key", metavar="PATH", help="Convert the tensors under this dotted key.")
+@click.option("--metadata", "meta", multiple=True, metavar="KEY=VALUE", help="Add metadata.")
+@click.option("--no-metadata", is_flag=True, help="Do not carry the input's metadata/fields.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--verify", is_flag=True, help="Reopen the output and compare every tensor.")
+@click.option(
+    "--on-overflow",
+    type=click.Choice(["fail", "warn"]),
+    default="fail",
+    show_default=True,
+    help="What to do when a cast turns finite values into inf.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Batch mode: every PATH is an input (files or folders); outputs go here.",
+)
+@click.option(
+    "--to",
+    type=click.Choice(list(TO_SUFFIX)),
+    default="safetensors",
+    show_default=True,
+    help="Batch mode: the output format.",
+)
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Batch: files at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: docs/convert.md).")
+def convert_cmd(
+    paths: tuple[Path, ...],
+    dtype: str,
+    key: str | None,
+    meta: tuple[str, ...],
+    no_metadata: bool,
+    overwrite: bool,
+    verify: bool,
+    on_overflow: str,
+    out_dir: Path | None,
+    to: str,
+    jobs: int,
+    as_json: bool,
+) -> int:
+    """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
+
+    OUT: .safetensors/.sft (streamed: memory stays about one tensor), or .ckpt/.pt/.pth/.bin
+    (written with torch). The input's metadata and non-tensor fields (global_step, ...) go
+    into the safetensors __metadata__. Output is written to a temp file and renamed: an
+    error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed.
+
+    \b
+    Examples:
+      sdtool convert model.ckpt model.safetensors
+      sdtool convert model.ckpt model-fp16.safetensors --dtype fp16 --verify
+      sdtool convert downloads/ --out-dir converted/ --jobs 2
+    """
+    options: dict[str, Any] = {
+        "dtype": dtype,
+        "key": key,
+        "metadata": parse_metadata(meta),
+        "carry_metadata": not no_metadata,
+        "verify": verify,
+        "on_overflow": on_overflow,
+    }
+    bars = not as_json and sys.stderr.isatty()
+    if out_dir is None:
+        if len(paths) != 2:
+            raise UsageError(
+                "give IN and OUT, or inputs with --out-dir DIR (got "
+                f"{len(paths)} path{'s' if len(paths) != 1 else ''})"
+            )
+        src, dst = paths
+        with _bars(bars) as progress:
+            result = convert(
+                src, dst, overwrite=overwrite, progress=_single(progress, src), **options
+            )
+        if as_json:
+            print_json(result.to_json())
+        else:
+            render_one(result)
+        return EXIT_OK
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _bars(bars) as progress:
+        batch = convert_batch(
+            paths, out_dir, to=to, jobs=jobs, overwrite=overwrite, progress=progress, **options
+        )
+    if as_json:
+        print_json(batch.to_json())
+    else:
+        render_batch(batch)
+    return EXIT_FAILED if batch.failed else EXIT_OK
+
+
+Progress = Callable[[Path, int, int], None]
+
+
+def _single(progress: Progress | None, src: Path) -> Callable[[int, int], None] | None:
+    return None if progress is None else (lambda done, total: progress(src, done, total))
+
+
+@contextmanager
+def _bars(enabled: bool) -> Iterator[Progress | None]:
+    """tqdm bars on stderr (TTY only): one per file in flight plus an overall one, in bytes."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    lock = threading.Lock()
+    files: dict[Path, Any] = {}
+    last: dict[Path, int] = {}
+    overall = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="all", position=0)
+
+    def progress(src: Path, done: int, total: int) -> None:
+        with lock:
+            bar = files.get(src)
+            if bar is None:
+                bar = files[src] = tqdm(
+                    total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=src.name[-40:], leave=False, position=len(files),
+                )  # fmt: skip
+                overall.total += total
+                overall.refresh()
+                last[src] = 0
+            bar.update(done - last[src])
+            overall.update(done - last[src])
+            last[src] = done
+            if done >= total:
+                bar.close()
+
+    try:
+        yield progress
+    finally:
+        for bar in files.values():
+            bar.close()
+        overall.close()
+
+
+def _line(r: ConvertResult) -> str:
+    size = f"{human_bytes(r.input_bytes)} -> {human_bytes(r.output_bytes)}"
+    how = [f"{r.tensors} tensors", size]
+    if r.cast:
+        how.append(f"{r.cast} cast to {r.dtype}")
+    if r.verified:
+        how.append("verified")
+    return f"{markup(r.input)} -> {markup(r.output)}: {', '.join(how)}"
+
+
+def _details(r: ConvertResult) -> None:
+    for old, new in r.renamed.items():
+        warn(f"{r.input}: tensor {old!r} written as {new!r}")
+    for name, n in r.overflows.items():
+        warn(f"{r.input}: {n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
+    for item in r.not_carried:
+        warn(f"{r.input}: not carried: {item}")
+    for note in r.notes:
+        warn(f"{r.input}: {note}")
+
+
+def render_one(r: ConvertResult) -> None:
+    """One converted file: a line, then warnings for anything changed or left out."""
+    console().print(f"converted {_line(r)}")
+    _details(r)
+
+
+def render_batch(b: BatchResult) -> None:
+    """A line per file, then the summary."""
+    out = console()
+    for r in b.results:
+        if r.status == "converted":
+            out.print(f"converted {_line(r)}")
+            _details(r)
+        elif r.status == "skipped":
+            out.print(f"skipped   {markup(r.input)}: {markup(r.output)} exists (--overwrite)")
+        else:
+            out.print(f"[red]failed[/red]    {markup(r.error or r.input)}")
+    s = b.to_json()["summary"]
+    out.print(
+        f"\n{s['converted']} converted, {s['skipped']} skipped, {s['failed']} failed; "
+        f"{human_bytes(s['input_bytes'])} -> {human_bytes(s['output_bytes'])}"
+    )

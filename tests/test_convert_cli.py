@@ -1,0 +1,104 @@
+"""``sdtool convert`` through main(): exit codes, one-line errors, batch summary, --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdtool.cli.main import main
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
+
+
+def _ckpt(p: Path, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.randn(4, 4, generator=g)}, "global_step": seed}, p)
+    return p
+
+
+def test_single_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _ckpt(tmp_path / "m.ckpt")
+    assert main(["convert", str(src), str(tmp_path / "m.safetensors"), "--dtype", "fp16"]) == 0
+    assert "1 tensors" in capsys.readouterr().out
+    out = tmp_path / "j.safetensors"
+    assert main(["convert", str(src), str(out), "--json", "--verify", "--metadata", "a=b"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "converted" and doc["verified"] is True
+    assert doc["metadata_keys"] == ["a", "format", "global_step"]
+    assert load_file(out)["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{src}", "{src}", "--overwrite"], "is also the input"),
+        (["{src}", "{dir}/o.gguf"], "extension"),
+        (["{dir}/missing.ckpt", "{dir}/o.safetensors"], "no such file"),
+        (["{src}"], "give IN and OUT"),
+        (["{src}", "{dir}/o.safetensors", "--metadata", "nokey"], "KEY=VALUE"),
+    ],
+)
+def test_single_errors_exit_2_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    src = _ckpt(tmp_path / "m.ckpt")
+    argv = [a.format(src=src, dir=tmp_path) for a in args]
+    assert main(["convert", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdtool: ") and message in err[0]
+
+
+def test_existing_output_needs_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _ckpt(tmp_path / "m.ckpt")
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["convert", str(src), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    assert main(["convert", str(src), str(out), "--overwrite"]) == 0
+    assert "w" in load_file(out)
+
+
+def test_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dl = tmp_path / "downloads"
+    _ckpt(dl / "a.ckpt", 1)
+    _ckpt(dl / "sub" / "b.pt", 2)
+    (dl / "sub" / "broken.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
+    (dl / "readme.txt").write_text("ignored")
+    out = tmp_path / "out"
+    rc = main(["convert", str(dl), "--out-dir", str(out), "--jobs", "2", "--dtype", "bf16"])
+    text = capsys.readouterr().out
+    assert rc == 1  # the broken file failed, the rest converted
+    assert (out / "a.safetensors").is_file() and (out / "sub" / "b.safetensors").is_file()
+    assert not (out / "sub" / "broken.safetensors").exists()
+    assert "2 converted, 0 skipped, 1 failed" in text
+    assert load_file(out / "sub" / "b.safetensors")["w"].dtype == torch.bfloat16
+    (dl / "sub" / "broken.ckpt").unlink()
+    assert main(["convert", str(dl), "--out-dir", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"]["skipped"] == 2 and doc["summary"]["converted"] == 0
+    assert {r["status"] for r in doc["results"]} == {"skipped"}
+
+
+def test_batch_to_ckpt_and_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _ckpt(tmp_path / "in" / "m.safetensors.src.ckpt")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--out-dir", str(out), "--to", "ckpt"]) == 0
+    target = out / "m.safetensors.src.ckpt"
+    assert set(torch.load(target, weights_only=True)) == {"w"}
+    assert main(["convert", str(src), "--out-dir", str(out), "--to", "ckpt", "--overwrite"]) == 0
+    assert "1 converted" in capsys.readouterr().out
+
+
+def test_help_has_example() -> None:
+    from click.testing import CliRunner
+
+    from sdtool.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["convert", "--help"])
+    assert res.exit_code == 0 and "Examples:" in res.output and "--out-dir" in res.output
