@@ -15,8 +15,10 @@ The C unpickler is used for speed (SD checkpoints carry ~2,000 tensors); it call
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import collections
 import pickle
+import pickletools
 from collections.abc import Callable
 from math import prod
 from typing import IO, Any
@@ -582,8 +584,6 @@ def _check_memo_indices(f: Any) -> None:
     entries from 0, one per opcode at most, so an index above the opcodes met so far is forged.
     Opcodes are walked without building anything; ``f`` is left where it was.
     """
-    import pickletools
-
     start = f.tell()
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(f)):
@@ -599,6 +599,9 @@ def _check_memo_indices(f: Any) -> None:
 
 
 _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+# genops decodes text opcodes with these codecs: look them up now, not lazily while a file is read
+for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):
+    codecs.lookup(_codec)
 
 
 def struct_error() -> type[Exception]:

@@ -563,6 +563,9 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         ctx.error(member, "npy header is cut short")
         return
     major = head[6]
+    if major != 1 and len(head) < 12:  # versions 2/3 need a 4-byte header length (fuzzing)
+        ctx.error(member, "npy header is cut short")
+        return
     if major == 1:
         (hlen,) = struct.unpack_from("<H", head, 8)
         start = 10

@@ -63,3 +63,14 @@ def test_tar_cut_inside_first_member(tmp_path: Path) -> None:
     from sdtool.scan import scan
 
     scan(p)  # reports the problem as a finding, raises nothing
+
+
+def test_npy_v2_cut_in_header_length(tmp_path: Path) -> None:
+    """An npy 2.0 file cut at 11 bytes: the scanner's u32 header-length read raised
+    struct.error (found by run_long.py)."""
+    from sdtool.scan import scan
+
+    p = tmp_path / "cut.npy"
+    p.write_bytes(b"\x93NUMPY\x02\x00" + b"v\x00\x00")
+    assert exercise(p).startswith("refused:")
+    scan(p)
