@@ -127,8 +127,8 @@ def test_interrupted_write_leaves_nothing(
 
 
 def test_verify_catches_a_bad_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def zeros(src_fd, dst_fd, offset, length, t, progress=None):  # type: ignore[no-untyped-def]
-        plan_mod.write_all(dst_fd, bytes(length))
+    def zeros(src_fd, dst_fd, offset, length, t, progress=None, dst_offset=None):  # type: ignore[no-untyped-def]
+        plan_mod.write_all(dst_fd, bytes(length), dst_offset)
 
     monkeypatch.setattr("sdtool.formats.safetensors.copy_span", zeros)
     out = tmp_path / "o.safetensors"

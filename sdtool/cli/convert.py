@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -97,6 +98,7 @@ def convert_cmd(
         "on_overflow": on_overflow,
     }
     bars = not as_json and sys.stderr.isatty()
+    _sigterm_interrupts()
     if out_dir is None:
         if len(paths) != 2:
             raise UsageError(
@@ -126,6 +128,17 @@ def convert_cmd(
 
 
 Progress = Callable[[Path, int, int], None]
+
+
+def _sigterm_interrupts() -> None:
+    """Treat SIGTERM (kill, a CI timeout) like Ctrl-C, so temp files are removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _single(progress: Progress | None, src: Path) -> Callable[[int, int], None] | None:
