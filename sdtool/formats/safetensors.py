@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 from sdtool import dtypes
 from sdtool.errors import CorruptFile, OutputError, TruncatedFile, UnsupportedDtype
 from sdtool.formats.plan import (
+    BufferRing,
     Chunks,
     OutTensor,
     SourceFds,
@@ -197,6 +198,7 @@ DTYPE_ORDER: tuple[str, ...] = (
     "U64",
 )
 _RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
+PREFETCH = 2  # pieces read and cast ahead of the write
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def write_safetensors(
     order = sorted(placed, key=lambda p: (str(p.tensor.source.path), *source_order(p.tensor)))
     overflows: dict[str, int] = {}
     with SourceFds() as fds:
-        for kind, p, item in prefetch(_steps(order, fds)):
+        for kind, p, item in prefetch(_steps(order, fds), depth=PREFETCH):
             t = p.tensor
             if kind == "copy":
                 span = t.copy_span
@@ -294,6 +296,7 @@ def _steps(order: list[Placed], fds: SourceFds) -> Iterator[tuple[str, Placed, A
     """What to do, tensor by tensor: ("copy", p, None) for bytes that move as they are, else
     ("piece", p, (offset, array)) per chunk and ("done", p, chunks). Runs in the prefetch
     thread, so reading and casting the next piece overlaps writing this one."""
+    ring = BufferRing(slots=PREFETCH + 3)
     for p in order:
         t = p.tensor
         span = t.copy_span
@@ -306,7 +309,7 @@ def _steps(order: list[Placed], fds: SourceFds) -> Iterator[tuple[str, Placed, A
                 )
             yield "copy", p, None
             continue
-        chunks = Chunks(t, fds.get(t))
+        chunks = Chunks(t, fds.get(t), ring)
         written = 0
         for piece in chunks:
             yield "piece", p, (written, piece)
