@@ -1,6 +1,6 @@
 """Convert a checkpoint to fp16 safetensors with sdtool's public API, then look at the result.
 
-    python examples/convert_api.py model.ckpt model-fp16.safetensors
+python examples/convert_api.py model.ckpt model-fp16.safetensors
 """
 
 from __future__ import annotations

@@ -196,3 +196,20 @@ def test_torch_missing_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monke
     with _model(tmp_path, SAMPLE) as m, pytest.raises(MissingExtra, match=r"sdtool\[torch\]"):
         write_model(_plan(m), out)
     assert not out.exists() and _no_leftovers(tmp_path)
+
+
+def test_prefetch_order_errors_and_early_stop() -> None:
+    assert list(plan_mod.prefetch(iter(range(100)), depth=2)) == list(range(100))
+
+    def boom():  # type: ignore[no-untyped-def]
+        yield 1
+        raise ValueError("bad piece")
+
+    with pytest.raises(ValueError, match="bad piece"):
+        list(plan_mod.prefetch(boom()))
+    gen = plan_mod.prefetch(iter(range(10_000)), depth=2)
+    assert next(gen) == 0
+    gen.close()  # the thread is told to stop and joined, not left running
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "sdtool-prefetch"]

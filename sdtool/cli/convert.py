@@ -98,7 +98,6 @@ def convert_cmd(
         "on_overflow": on_overflow,
     }
     bars = not as_json and sys.stderr.isatty()
-    _sigterm_interrupts()
     if out_dir is None:
         if len(paths) != 2:
             raise UsageError(
@@ -106,7 +105,7 @@ def convert_cmd(
                 f"{len(paths)} path{'s' if len(paths) != 1 else ''})"
             )
         src, dst = paths
-        with _bars(bars) as progress:
+        with _sigterm_interrupts(), _bars(bars) as progress:
             result = convert(
                 src, dst, overwrite=overwrite, progress=_single(progress, src), **options
             )
@@ -116,7 +115,7 @@ def convert_cmd(
             render_one(result)
         return EXIT_OK
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _bars(bars) as progress:
+    with _sigterm_interrupts(), _bars(bars) as progress:
         batch = convert_batch(
             paths, out_dir, to=to, jobs=jobs, overwrite=overwrite, progress=progress, **options
         )
@@ -130,15 +129,22 @@ def convert_cmd(
 Progress = Callable[[Path, int, int], None]
 
 
-def _sigterm_interrupts() -> None:
-    """Treat SIGTERM (kill, a CI timeout) like Ctrl-C, so temp files are removed on the way out."""
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Treat SIGTERM (kill, a CI timeout) like Ctrl-C while converting, so temp files are
+    removed on the way out; the previous handler is restored afterwards."""
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _single(progress: Progress | None, src: Path) -> Callable[[int, int], None] | None:
