@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,10 +10,11 @@ from typing import Any
 
 import click
 
+from sdtool.cli import progress as bars_
+from sdtool.cli.options import dtype_option, jobs_option, json_option, key_option, write_options
 from sdtool.cli.render import console, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
 from sdtool.ops.convert import (
-    DTYPE_CHOICES,
     TO_SUFFIX,
     BatchResult,
     ConvertResult,
@@ -27,26 +27,14 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 @click.command("convert")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--dtype",
-    type=click.Choice(list(DTYPE_CHOICES)),
-    default="keep",
-    show_default=True,
-    help="Cast floating tensors (integers and bools are never cast), exactly as torch's .to().",
+@click.argument(
+    "paths", nargs=-1, required=True, metavar="IN... OUT", type=click.Path(path_type=Path)
 )
-@click.option("--key", metavar="PATH", help="Convert the tensors under this dotted key.")
+@dtype_option(keep=True)
+@key_option("Convert")
 @click.option("--metadata", "meta", multiple=True, metavar="KEY=VALUE", help="Add metadata.")
 @click.option("--no-metadata", is_flag=True, help="Do not carry the input's metadata/fields.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--verify", is_flag=True, help="Reopen the output and compare every tensor.")
-@click.option(
-    "--on-overflow",
-    type=click.Choice(["fail", "warn"]),
-    default="fail",
-    show_default=True,
-    help="What to do when a cast turns finite values into inf.",
-)
+@write_options
 @click.option(
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -59,8 +47,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
     show_default=True,
     help="Batch mode: the output format.",
 )
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Batch: files at once.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: docs/convert.md).")
+@jobs_option("Batch mode: convert")
+@json_option("convert")
 def convert_cmd(
     paths: tuple[Path, ...],
     dtype: str,
@@ -96,7 +84,7 @@ def convert_cmd(
         "verify": verify,
         "on_overflow": on_overflow,
     }
-    bars = not as_json and sys.stderr.isatty()
+    bars = bars_.enabled()
     if out_dir is None:
         if len(paths) != 2:
             raise UsageError(

@@ -36,11 +36,19 @@ def markup(text: object, limit: int | None = None) -> str:
     return rich_escape(escape(text, limit))
 
 
+class _Console(Console):
+    """rich's Console, except that a closed pipe (``| head``) reaches main() as BrokenPipeError
+    (exit 141) instead of rich's own SystemExit(1), which would read as "findings"."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
     """A rich console; plain (no colour, no wrapping surprises) when not on a terminal."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(
-        file=stream, highlight=False, soft_wrap=False, width=None if stream.isatty() else 120
+    return _Console(
+        file=stream, highlight=False, soft_wrap=True, width=None if stream.isatty() else 120
     )
 
 
