@@ -12,7 +12,7 @@ import click
 
 from sdtool.cli import progress as bars_
 from sdtool.cli.options import dtype_option, jobs_option, json_option, key_option, write_options
-from sdtool.cli.render import console, human_bytes, markup, print_json, warn
+from sdtool.cli.render import console, error, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
 from sdtool.ops.convert import (
     TO_SUFFIX,
@@ -97,6 +97,7 @@ def convert_cmd(
                 src, dst, overwrite=overwrite, progress=_single(progress, src), **options
             )
         if as_json:
+            _details(result)  # warnings still reach stderr; stdout holds only the JSON
             print_json(result.to_json())
         else:
             render_one(result)
@@ -107,6 +108,10 @@ def convert_cmd(
             paths, out_dir, to=to, jobs=jobs, overwrite=overwrite, progress=progress, **options
         )
     if as_json:
+        for r in batch.results:
+            _details(r)
+            if r.status == "failed":
+                error(r.error or r.input)
         print_json(batch.to_json())
     else:
         render_batch(batch)
@@ -194,8 +199,9 @@ def render_batch(b: BatchResult) -> None:
             _details(r)
         elif r.status == "skipped":
             out.print(f"skipped   {markup(r.input)}: {markup(r.output)} exists (--overwrite)")
-        else:
-            out.print(f"[red]failed[/red]    {markup(r.error or r.input)}")
+        else:  # the reason goes to stderr as the one-line error every command prints
+            out.print(f"[red]failed[/red]    {markup(r.input)}")
+            error(r.error or r.input)
     s = b.to_json()["summary"]
     out.print(
         f"\n{s['converted']} converted, {s['skipped']} skipped, {s['failed']} failed; "

@@ -60,7 +60,7 @@ def hash_cmd(files: tuple[Path, ...], algorithms: tuple[str, ...], as_json: bool
                 cb = None if bar is None else bar.absolute
                 result = hash_file(path, algorithms=names, progress=cb)
         except SdtoolError as e:
-            click.echo(f"sdtool: {render.escape(e.with_path(path))}", err=True)
+            render.error(e.with_path(path))
             code = EXIT_ERROR
             continue
         results.append(result)

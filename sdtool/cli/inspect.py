@@ -63,7 +63,7 @@ def render(r: InspectReport) -> None:
     out = console()
     out.print(f"[bold]{markup(r.path)}[/bold]")
     facts = [
-        ("format", r.format + _container_note(r.container)),
+        ("format", markup(r.format + _container_note(r.container))),
         ("file size", f"{human_bytes(r.file_size)} ({r.file_size:,} bytes)"),
         ("tensors", f"{r.totals.tensors:,}"),
         ("parameters", f"{r.totals.parameters:,} ({human_count(r.totals.parameters)})"),

@@ -96,9 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SdtoolError as e:
         if debug:
             raise
-        from sdtool.cli.render import escape
+        from sdtool.cli.render import error
 
-        click.echo(f"sdtool: {escape(str(e))}", err=True)
+        error(e)
         return EXIT_USAGE
     except KeyboardInterrupt:
         click.echo("sdtool: interrupted", err=True)

@@ -179,7 +179,7 @@ def report(result: PruneResult, src: Path, out: Path, *, dry_run: bool, as_json:
     w = result.write
     if w is not None:
         for tname, n in w.overflows.items():
-            warn(f"{out}: {n} value(s) of {tname!r} overflowed to inf in the cast")
+            warn(f"{src}: {n} value(s) of {tname!r} overflowed to inf in the cast")
     if as_json:
         print_json(result.to_json())
         return 0

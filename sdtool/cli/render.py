@@ -74,6 +74,11 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
+def error(message: object) -> None:
+    """One escaped error line on stderr: ``sdtool: <file>: <problem>``."""
+    click.echo(f"sdtool: {escape(message)}", err=True)
+
+
 def warn(message: str) -> None:
     """One escaped warning line on stderr."""
     click.echo(f"sdtool: warning: {escape(message)}", err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from sdtool.cli import progress as bars_
 from sdtool.cli.options import jobs_option, json_option
-from sdtool.cli.render import console, human_bytes, markup, print_json
+from sdtool.cli.render import console, error, human_bytes, markup, print_json
 from sdtool.scan import FileReport, ScanReport, scan_paths
 from sdtool.scan.sarif import to_sarif
 
@@ -61,6 +62,9 @@ def scan_cmd(
     """
     if as_json and as_sarif:
         raise click.UsageError("choose one of --json and --sarif")
+    for p in paths:  # a mistyped argument is a user error: say so on stderr, scan the rest
+        if not os.path.lexists(p):
+            error(f"{p}: no such file or directory")
     progress = None
     bar = None
     if bars_.enabled():
