@@ -105,12 +105,12 @@ def render(r: InspectReport) -> None:
             t.add_row(markup(k, 60), markup(_short(v), MAX_SHOWN))
         out.print(t)
     if r.globals:
-        t = _table("\nGlobals in the pickle", "global", "count", "loaded as", "scan verdict")
+        t = _table("\nGlobals in the pickle", "global", "loaded as", "scan verdict")
         for g in r.globals:
             mark = {"safe": "safe", "suspicious": "[yellow]suspicious[/yellow]"}.get(
                 g.severity, "[red]dangerous[/red]"
             )
-            t.add_row(markup(f"{g.module}.{g.name}", 90), str(g.count), g.loaded_as, mark)
+            t.add_row(markup(f"{g.module}.{g.name}", 90), g.loaded_as, mark)
         out.print(t)
         if any(g.unusual for g in r.globals):
             out.print(

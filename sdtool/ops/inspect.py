@@ -6,13 +6,12 @@ The report is a plain result object; ``to_json`` is the documented, stable schem
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtool.formats.open import open_model
-from sdtool.model import GlobalUse, ModelFile, TensorInfo, to_plain
+from sdtool.model import GlobalUse, ModelFile, TensorInfo, tensor_leaves, to_plain
 from sdtool.ops.identify import Identity
 from sdtool.ops.identify import identify as identify_model
 from sdtool.scan import classify_global
@@ -147,19 +146,6 @@ def _classify(g: GlobalUse) -> tuple[str, str]:
     return str(severity), str(reason)
 
 
-def _tensor_leaves(obj: Any, depth: int = 0) -> Iterable[TensorInfo]:
-    if depth > 64:
-        return
-    if isinstance(obj, TensorInfo):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensor_leaves(v, depth + 1)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            yield from _tensor_leaves(v, depth + 1)
-
-
 def inspect_model(
     model: ModelFile, *, tensors: bool = False, filter: str | None = None, identify: bool = True
 ) -> InspectReport:
@@ -171,7 +157,7 @@ def inspect_model(
         totals.add(t)
         by_dtype.setdefault(t.dtype.code, Bucket()).add(t)
         by_comp.setdefault(component_of(name), Bucket()).add(t)
-    for t in _tensor_leaves(model.extra):
+    for t in tensor_leaves(model.extra):
         other.add(t)
     listed = (
         [
