@@ -289,3 +289,18 @@ def test_batch_failure_is_an_error_line_and_exit_1(
         else:
             assert "1 converted, 0 skipped, 1 failed" in cap.out
     assert sorted(p.name for p in out.iterdir()) == ["m.safetensors"]
+
+
+def test_inspect_scan_hash_never_import_torch(sub_env: dict[str, str]) -> None:
+    """Through the CLI (shared options, progress, render) on a torch checkpoint."""
+    code = (
+        "import sys; from sdtool.cli.main import main\n"
+        "for argv in (['inspect', sys.argv[1], '--json'], ['scan', sys.argv[1]],"
+        " ['hash', '-a', 'crc32', sys.argv[1]], ['inspect', '--help']):\n"
+        "    assert main(argv) == 0, argv\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(EXAMPLE)], capture_output=True, text=True, env=sub_env
+    )
+    assert r.returncode == 0, r.stderr

@@ -165,9 +165,9 @@ def _bars(enabled: bool) -> Iterator[Progress | None]:
 
 def _line(r: ConvertResult) -> str:
     size = f"{human_bytes(r.input_bytes)} -> {human_bytes(r.output_bytes)}"
-    how = [f"{r.tensors} tensors", size]
+    how = [f"{r.tensors:,} tensors", size]
     if r.cast:
-        how.append(f"{r.cast} cast to {r.dtype}")
+        how.append(f"{r.cast:,} cast to {r.dtype}")
     if r.verified:
         how.append("verified")
     return f"{markup(r.input)} -> {markup(r.output)}: {', '.join(how)}"

@@ -46,7 +46,7 @@ def inspect_cmd(
 
 def _bucket_row(name: str, b: Any, total: int) -> list[str]:
     share = f"{100 * b.bytes / total:.1f}%" if total else "-"
-    return [name, str(b.tensors), human_count(b.parameters), human_bytes(b.bytes), share]
+    return [name, f"{b.tensors:,}", human_count(b.parameters), human_bytes(b.bytes), share]
 
 
 def _table(title: str, *columns: str) -> Table:
