@@ -57,7 +57,7 @@ def _render(r: DiffResult) -> None:
             out.print(f"  {label}: {', '.join(render.markup(k, 80) for k in keys)}")
     c = r.counts
     order = ("equal", "changed", "dtype", "shape", "missing", "extra")
-    summary = ", ".join(f"{c[s]} {s}" for s in order)
+    summary = ", ".join(f"{c[s]:,} {s}" for s in order)
     verdict = "[green]identical[/]" if r.identical else "[red]different[/]"
     out.print(f"{summary}; max |a-b| {_fmt_diff(r.max_abs_diff)}; {verdict}")
 
