@@ -96,9 +96,9 @@ def convert_cmd(
             result = convert(
                 src, dst, overwrite=overwrite, progress=_single(progress, src), **options
             )
-        if as_json:
+        if as_json:  # the same document as a batch of one, so scripts parse one shape
             _details(result)  # warnings still reach stderr; stdout holds only the JSON
-            print_json(result.to_json())
+            print_json(BatchResult([result]).to_json())
         else:
             render_one(result)
         return EXIT_OK

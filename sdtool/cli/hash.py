@@ -67,5 +67,5 @@ def hash_cmd(files: tuple[Path, ...], algorithms: tuple[str, ...], as_json: bool
         if not as_json:
             _render(result)
     if as_json:
-        render.print_json([r.to_json() for r in results])
+        render.print_json({"schema": "sdtool.hash/1", "files": [r.to_json() for r in results]})
     return code
