@@ -297,6 +297,23 @@ class ModelFile:
         return f"<ModelFile {os.fspath(self.path)!r} {self.format} {len(self.tensors)} tensors>"
 
 
+def tensor_leaves(obj: Any, depth: int = 0) -> Iterator[TensorInfo]:
+    """Every TensorInfo inside unpickled data (dicts, sequences, stand-ins' args and state)."""
+    if depth > 64:
+        return
+    if isinstance(obj, TensorInfo):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensor_leaves(v, depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from tensor_leaves(v, depth + 1)
+    elif isinstance(obj, StandIn):
+        for part in (obj.args, obj.state, obj.items, obj.listitems):
+            yield from tensor_leaves(part, depth + 1)
+
+
 def to_plain(obj: Any, *, max_depth: int = 64, max_items: int = 10_000) -> Any:
     """A JSON-able copy of unpickled data: what inspect --json and convert's metadata carry.
 

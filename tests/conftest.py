@@ -15,3 +15,16 @@ def corpus() -> Path:
     if not (CORPUS / "manifest.json").is_file():
         pytest.skip(f"the shared corpus is absent ({CORPUS})")
     return CORPUS
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sub_env() -> dict[str, str]:
+    """Environment for test subprocesses: they import this checkout's sdtool."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env

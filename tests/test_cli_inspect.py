@@ -169,18 +169,24 @@ def test_every_command_has_help_with_an_example(capsys: pytest.CaptureFixture[st
         assert "Example" in capsys.readouterr().out, name
 
 
-def test_version_and_module_entry_point() -> None:
+def test_version_and_module_entry_point(sub_env: dict[str, str]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "sdtool", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "sdtool", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=sub_env,
     ).stdout
     from sdtool import __version__
 
     assert __version__ in out
 
 
-def test_inspect_does_not_import_torch(sd_like: Path) -> None:
+def test_inspect_does_not_import_torch(sd_like: Path, sub_env: dict[str, str]) -> None:
     code = (
         "import sys; from sdtool.cli.main import main; rc = main(['inspect', sys.argv[1]]);"
         "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
     )
-    subprocess.run([sys.executable, "-c", code, str(sd_like)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", code, str(sd_like)], check=True, capture_output=True, env=sub_env
+    )

@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from sdtool.cli.options import json_option, key_option
 from sdtool.cli.render import console, human_bytes, human_count, markup, print_json
 from sdtool.ops.inspect import InspectReport, inspect
 
@@ -20,10 +21,8 @@ MAX_SHOWN = 160  # characters of a metadata value or extra field in the table vi
 @click.option(
     "--filter", "pattern", metavar="GLOB", help="With --tensors: only names matching GLOB."
 )
-@click.option(
-    "--key", metavar="PATH", help="Use the tensors under this dotted key, not state_dict."
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: docs/inspect.md).")
+@key_option("Use")
+@json_option("inspect")
 def inspect_cmd(
     file: Path, list_tensors: bool, pattern: str | None, key: str | None, as_json: bool
 ) -> int:
@@ -47,7 +46,7 @@ def inspect_cmd(
 
 def _bucket_row(name: str, b: Any, total: int) -> list[str]:
     share = f"{100 * b.bytes / total:.1f}%" if total else "-"
-    return [name, str(b.tensors), human_count(b.parameters), human_bytes(b.bytes), share]
+    return [name, f"{b.tensors:,}", human_count(b.parameters), human_bytes(b.bytes), share]
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -64,16 +63,18 @@ def render(r: InspectReport) -> None:
     out = console()
     out.print(f"[bold]{markup(r.path)}[/bold]")
     facts = [
-        ("format", r.format + _container_note(r.container)),
+        ("format", markup(r.format + _container_note(r.container))),
         ("file size", f"{human_bytes(r.file_size)} ({r.file_size:,} bytes)"),
         ("tensors", f"{r.totals.tensors:,}"),
         ("parameters", f"{r.totals.parameters:,} ({human_count(r.totals.parameters)})"),
         ("tensor bytes", human_bytes(r.totals.bytes)),
     ]
-    if r.identity is not None:
-        facts += [("identified", markup(line)) for line in r.identity.summary_lines()]
     for k, v in facts:
         out.print(f"  {k:<13} {v}")
+    if r.identity is not None:
+        out.print("\n[bold]What it is[/bold]")
+        for line in r.identity.summary_lines():
+            out.print(f"  {markup(line)}")
     if r.totals.tensors:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in r.dtypes.items():
@@ -104,12 +105,12 @@ def render(r: InspectReport) -> None:
             t.add_row(markup(k, 60), markup(_short(v), MAX_SHOWN))
         out.print(t)
     if r.globals:
-        t = _table("\nGlobals in the pickle", "global", "count", "loaded as", "scan verdict")
+        t = _table("\nGlobals in the pickle", "global", "loaded as", "scan verdict")
         for g in r.globals:
             mark = {"safe": "safe", "suspicious": "[yellow]suspicious[/yellow]"}.get(
                 g.severity, "[red]dangerous[/red]"
             )
-            t.add_row(markup(f"{g.module}.{g.name}", 90), str(g.count), g.loaded_as, mark)
+            t.add_row(markup(f"{g.module}.{g.name}", 90), g.loaded_as, mark)
         out.print(t)
         if any(g.unusual for g in r.globals):
             out.print(

@@ -272,14 +272,14 @@ def _load_pickles(src: _Source) -> tuple[Any, dict[str, Any]]:
     if not isinstance(keys, list):
         raise CorruptFile("legacy torch file: the storage key list is missing")
     pos = f.tell()
+    pread = zipr.positional_reader(f)  # one page per count header, no read-ahead
     for k in keys:
         st = storages.get(_text(k))
         if st is None:
             raise CorruptFile(f"legacy torch file lists storage {k!r} that no tensor uses")
         if pos + 8 > src.size:
             raise _truncated(st.key, pos + 8, src.size)
-        f.seek(pos)
-        (count,) = struct.unpack("<q", f.read(8))
+        (count,) = struct.unpack("<q", pread(pos, 8))
         if count * st.dtype.itemsize != st.nbytes:
             raise CorruptFile(
                 f"storage {st.key!r} holds {count} elements, its tensors expect {st.numel}"

@@ -46,34 +46,31 @@ class _Frozen:
         raise CorruptFile(f"the pickle tries to set state on {self!r}")
 
 
-class StorageType(_Frozen):
+class _TorchName(_Frozen):
+    """A torch type the pickle names, standing for a dtype (None: one sdtool cannot hold)."""
+
+    __slots__ = ("dtype", "name")
+    dtype: DType | None
+    name: str
+
+    def __init__(self, name: str, dtype: DType | None) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class StorageType(_TorchName):
     """``torch.FloatStorage`` & co (dtype known) or ``torch.UntypedStorage`` (dtype None: bytes)."""
 
-    __slots__ = ("dtype", "name")
-    dtype: DType | None
-    name: str
-
-    def __init__(self, name: str, dtype: DType | None) -> None:
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "dtype", dtype)
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
+    __slots__ = ()
 
 
-class TorchDType(_Frozen):
-    """A ``torch.float16``-style dtype object; ``dtype`` is None for ones sdtool cannot hold."""
+class TorchDType(_TorchName):
+    """A ``torch.float16``-style dtype object."""
 
-    __slots__ = ("dtype", "name")
-    dtype: DType | None
-    name: str
-
-    def __init__(self, name: str, dtype: DType | None) -> None:
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "dtype", dtype)
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
+    __slots__ = ()
 
 
 class Builder(_Frozen):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.cast import CASTABLE
 from sdtool.formats.open import open_model
 from sdtool.formats.plan import OutTensor
-from sdtool.model import ModelFile, StandIn, TensorInfo, to_plain
+from sdtool.model import ModelFile, tensor_leaves, to_plain
 from sdtool.ops.write import OUT_FORMATS, output_format, write_model
 
 #: --dtype choice -> dtype code (None: keep every tensor's dtype)
@@ -147,22 +147,6 @@ def build_plan(
     return plan, renamed, notes
 
 
-def _tensor_leaves(obj: Any, depth: int = 0) -> Iterator[TensorInfo]:
-    if depth > 64:
-        return
-    if isinstance(obj, TensorInfo):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensor_leaves(v, depth + 1)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            yield from _tensor_leaves(v, depth + 1)
-    elif isinstance(obj, StandIn):
-        for part in (obj.args, obj.state, obj.items, obj.listitems):
-            yield from _tensor_leaves(part, depth + 1)
-
-
 def build_metadata(
     m: ModelFile, *, carry: bool = True, add: dict[str, str] | None = None
 ) -> tuple[dict[str, str], list[str], list[str]]:
@@ -175,7 +159,7 @@ def build_metadata(
     not_carried: list[str] = []
     notes: list[str] = []
     for k, v in m.extra.items():
-        leaves = list(_tensor_leaves(v))
+        leaves = list(tensor_leaves(v))
         if leaves:
             size = sum(t.nbytes for t in leaves)
             not_carried.append(
@@ -185,7 +169,7 @@ def build_metadata(
         meta.update(m.metadata)
         for k, v in m.extra.items():
             key = str(k)
-            if key in meta or any(True for _ in _tensor_leaves(v)):
+            if key in meta or any(True for _ in tensor_leaves(v)):
                 continue
             enc = json.dumps(to_plain(v), ensure_ascii=False)
             if len(enc) > MAX_METADATA_VALUE:
@@ -236,7 +220,7 @@ def convert(
     output_format(out)  # refuse a bad extension before reading anything
     with open_model(src, key=key) as m:
         if not m.tensors:
-            holders = [k for k, v in m.extra.items() if any(True for _ in _tensor_leaves(v))]
+            holders = [k for k, v in m.extra.items() if any(True for _ in tensor_leaves(v))]
             hint = f" (tensors lie under {holders[:3]}: pick one with --key)" if holders else ""
             raise UsageError(f"holds no state-dict tensors to convert{hint}", path=src)
         plan, renamed, notes = build_plan(m, target)
@@ -306,6 +290,7 @@ class BatchResult:
     def to_json(self) -> dict[str, Any]:
         done = [r for r in self.results if r.status == "converted"]
         return {
+            "schema": "sdtool.convert/1",
             "results": [r.to_json() for r in self.results],
             "summary": {
                 "converted": len(done),

@@ -6,13 +6,15 @@ The report is a plain result object; ``to_json`` is the documented, stable schem
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtool.formats.open import open_model
-from sdtool.model import GlobalUse, ModelFile, TensorInfo, to_plain
+from sdtool.model import GlobalUse, ModelFile, TensorInfo, tensor_leaves, to_plain
+from sdtool.ops.identify import Identity
+from sdtool.ops.identify import identify as identify_model
+from sdtool.scan import classify_global
 
 SCHEMA = "sdtool.inspect/1"
 
@@ -89,7 +91,7 @@ class InspectReport:
     container: dict[str, Any]
     globals: list[GlobalReport]
     tensors: list[tuple[str, TensorInfo]] = field(default_factory=list)
-    identity: Any = None
+    identity: Identity | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -139,27 +141,9 @@ def component_of(name: str) -> str:
 
 
 def _classify(g: GlobalUse) -> tuple[str, str]:
-    try:
-        from sdtool.scan import classify_global  # type: ignore[attr-defined]
-    except ImportError:  # the scanner not installed in this build: builders are safe
-        return ("safe", "") if g.builder else ("suspicious", "not on sdtool's allowlist")
-    result = classify_global(g.module, g.name)
-    if isinstance(result, tuple):
-        return str(result[0]), str(result[1])
-    return str(result), ""
-
-
-def _tensor_leaves(obj: Any, depth: int = 0) -> Iterable[TensorInfo]:
-    if depth > 64:
-        return
-    if isinstance(obj, TensorInfo):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensor_leaves(v, depth + 1)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            yield from _tensor_leaves(v, depth + 1)
+    """What ``sdtool scan`` makes of this global (the loader only stood it in or built it)."""
+    severity, reason = classify_global(g.module, g.name)
+    return str(severity), str(reason)
 
 
 def inspect_model(
@@ -173,7 +157,7 @@ def inspect_model(
         totals.add(t)
         by_dtype.setdefault(t.dtype.code, Bucket()).add(t)
         by_comp.setdefault(component_of(name), Bucket()).add(t)
-    for t in _tensor_leaves(model.extra):
+    for t in tensor_leaves(model.extra):
         other.add(t)
     listed = (
         [
@@ -190,14 +174,7 @@ def inspect_model(
         )
         for g in model.globals
     ]
-    identity = None
-    if identify:
-        try:
-            from sdtool.ops.identify import identify as identify_fn
-        except ImportError:
-            identify_fn = None
-        if identify_fn is not None:
-            identity = identify_fn(model)
+    identity = identify_model(model) if identify else None
     return InspectReport(
         path=model.path,
         format=model.format,

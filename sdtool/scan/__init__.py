@@ -1,0 +1,123 @@
+"""``sdtool scan``: decide, without running anything, whether loading a file could run code.
+
+Public entry points:
+    scan(path) -> FileReport             one file, routed by content
+    scan_paths(paths) -> ScanReport      files and directories (recursive), for the CLI
+    classify_global(module, name)        ("safe" | "suspicious" | "dangerous", reason)
+
+Example:
+    >>> report = scan("model.ckpt")
+    >>> report.verdict, [f.message for f in report.findings]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from sdtool.scan.classify import classify_global
+from sdtool.scan.containers import scan_file
+from sdtool.scan.report import FileReport, Finding, ScanReport
+from sdtool.scan.vm import DEFAULT_LIMITS, Limits
+
+__all__ = [
+    "FileReport",
+    "Finding",
+    "Limits",
+    "ScanReport",
+    "classify_global",
+    "iter_files",
+    "scan",
+    "scan_paths",
+]
+
+
+def scan(
+    path: str | Path, *, strict: bool = False, limits: Limits = DEFAULT_LIMITS, crc: str = "read"
+) -> FileReport:
+    """Scan one file and return its FileReport (never raises for file content).
+
+    Args:
+        path: any file; the format is decided by content, never by extension.
+        strict: accepted for symmetry with ``scan_paths``; a FileReport's verdict does not depend
+            on it (``ScanReport.exit_code`` does).
+        limits: caps on opcodes, memo, stack and literal sizes.
+        crc: "read" checks the CRC-32 of every zip member that is read; "all" of every member.
+    """
+    del strict
+    return scan_file(Path(path), limits=limits, crc=crc)
+
+
+def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iterator[Path | str]:
+    """Every file under ``paths`` (recursively, sorted), minus ``exclude`` globs.
+
+    Yields a str (an error message) for a path that does not exist, so nothing is skipped
+    silently.
+    """
+    pats = list(exclude)
+
+    def excluded(p: Path) -> bool:
+        s = p.as_posix()
+        return any(fnmatch.fnmatch(s, pat) or fnmatch.fnmatch(p.name, pat) for pat in pats)
+
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in sorted(files):
+                    fp = Path(root) / name
+                    if not excluded(fp):
+                        yield fp
+                dirs[:] = [d for d in dirs if not excluded(Path(root) / d)]
+        elif p.exists():
+            if not excluded(p):
+                yield p
+        else:
+            yield str(p)
+
+
+def _missing(path: str) -> FileReport:
+    rep = FileReport(path, scanned=False)
+    rep.errors.append("not scanned: no such file or directory")
+    return rep
+
+
+def scan_paths(
+    paths: Iterable[str | Path],
+    *,
+    strict: bool = False,
+    exclude: Iterable[str] = (),
+    jobs: int = 1,
+    limits: Limits = DEFAULT_LIMITS,
+    crc: str = "read",
+    progress: Callable[[FileReport], None] | None = None,
+) -> ScanReport:
+    """Scan files and directories; ``jobs`` > 1 uses that many processes.
+
+    ``progress`` is called with each FileReport as it completes (in input order).
+    """
+    targets = list(iter_files(paths, exclude))
+    report = ScanReport(strict=strict)
+
+    def done(r: FileReport) -> None:
+        report.files.append(r)
+        if progress is not None:
+            progress(r)
+
+    if jobs > 1 and len(targets) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = [
+                pool.submit(scan_file, t, limits=limits, crc=crc) if isinstance(t, Path) else None
+                for t in targets
+            ]
+            for t, fut in zip(targets, futures, strict=True):
+                done(fut.result() if fut is not None else _missing(str(t)))
+    else:
+        for t in targets:
+            done(scan_file(t, limits=limits, crc=crc) if isinstance(t, Path) else _missing(t))
+    return report

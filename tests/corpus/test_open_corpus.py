@@ -109,7 +109,7 @@ def _manifest(corpus: Path) -> list[dict[str, Any]]:
     return json.loads((corpus / "manifest.json").read_text())
 
 
-def _run_probe(corpus: Path, tmp: Path) -> dict[str, Any]:
+def _run_probe(corpus: Path, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
     files = [str(corpus / "files" / e["file"]) for e in _manifest(corpus)]
     result = tmp / "probe.json"
     canary_dir = tmp / "cwd"
@@ -120,6 +120,7 @@ def _run_probe(corpus: Path, tmp: Path) -> dict[str, Any]:
         timeout=600,
         capture_output=True,
         text=True,
+        env=env,
     )
     assert proc.returncode == 0, f"the probe failed: {proc.stderr[-2000:]}"
     data = json.loads(result.read_text())
@@ -127,8 +128,10 @@ def _run_probe(corpus: Path, tmp: Path) -> dict[str, Any]:
     return data
 
 
-def test_no_file_runs_code_or_imports(corpus: Path, tmp_path: Path, tally: list[str]) -> None:
-    data = _run_probe(corpus, tmp_path)
+def test_no_file_runs_code_or_imports(
+    corpus: Path, tmp_path: Path, tally: list[str], sub_env: dict[str, str]
+) -> None:
+    data = _run_probe(corpus, tmp_path, sub_env)
     assert data["calls"] == [], f"canaries fired: {data['calls']}"
     assert data["cwd_files"] == [], f"files appeared: {data['cwd_files']}"
     unexpected = [

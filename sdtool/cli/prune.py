@@ -1,0 +1,226 @@
+"""``sdtool prune`` and ``sdtool extract``: keep what the model needs, stream it out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+
+from sdtool import dtypes
+from sdtool.cli import progress
+from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
+from sdtool.cli.render import console, human_bytes, human_count, markup, print_json, warn
+from sdtool.formats.open import open_model
+from sdtool.ops.prune import (
+    DROP_TARGETS,
+    EXTRACT_TARGETS,
+    PruneOptions,
+    PruneResult,
+    extract,
+    parse_drop,
+    prune,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def common(f: F) -> F:
+    """The options prune and extract share, spelled as everywhere else (sdtool/cli/options.py)."""
+    for opt in reversed(
+        [dtype_option(), dry_run_option, json_option("prune", "the report as JSON"), write_options]
+    ):
+        f = opt(f)
+    return f
+
+
+@click.command("prune")
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.option(
+    "--ema-only", is_flag=True, help="Put the EMA weights under the model keys; drop model_ema.*."
+)
+@click.option(
+    "--no-ema", is_flag=True, help="Drop the EMA copy (model_ema.*); keep the raw weights."
+)
+@click.option(
+    "--allow-partial-ema",
+    is_flag=True,
+    help="With --ema-only: UNet keys without an EMA twin keep their raw weights.",
+)
+@click.option(
+    "--drop",
+    "drop",
+    multiple=True,
+    metavar="PART",
+    help=f"Drop a part: {', '.join(DROP_TARGETS)} (repeatable).",
+)
+@click.option(
+    "--bake-vae",
+    type=click.Path(path_type=Path),
+    metavar="VAE_FILE",
+    help="Replace the VAE with this file's (bare or prefixed; shapes checked).",
+)
+@click.option(
+    "--fix-clip",
+    is_flag=True,
+    help="Rewrite broken CLIP position_ids (float or wrong values) as int64 arange(77).",
+)
+@common
+def prune_cmd(
+    src: Path,
+    out: Path,
+    ema_only: bool,
+    no_ema: bool,
+    allow_partial_ema: bool,
+    drop: tuple[str, ...],
+    bake_vae: Path | None,
+    fix_clip: bool,
+    dtype: str | None,
+    dry_run: bool,
+    as_json: bool,
+    overwrite: bool,
+    verify: bool,
+    on_overflow: str,
+) -> int:
+    """Keep the model weights of IN, drop training state, write OUT (any format).
+
+    What is kept follows the identified architecture (SD 1/2, SDXL, SD3, Flux), never a prefix
+    list. Training state (optimizer, schedulers, callbacks, loops) is dropped and reported.
+
+    \b
+    Examples:
+      sdtool prune sd15.ckpt sd15-emaonly-fp16.safetensors --ema-only --dtype fp16
+      sdtool prune model.ckpt model.safetensors --no-ema --fix-clip --dry-run
+      sdtool prune model.safetensors baked.safetensors --bake-vae vae-ft-mse.safetensors
+    """
+    if ema_only and no_ema:
+        raise click.UsageError("--ema-only and --no-ema exclude each other")
+    with open_model(src) as model:
+        vae = open_model(bake_vae) if bake_vae else None
+        try:
+            opts = PruneOptions(
+                ema="only" if ema_only else "drop" if no_ema else "keep",
+                allow_partial_ema=allow_partial_ema,
+                dtype=dtypes.parse(dtype) if dtype else None,
+                drop=parse_drop(drop),
+                bake_vae=vae,
+                fix_clip=fix_clip,
+            )
+            with progress.byte_bar(f"writing {out.name}") as bar:
+                result = prune(
+                    model,
+                    out,
+                    opts,
+                    dry_run=dry_run,
+                    overwrite=overwrite,
+                    verify=verify,
+                    on_overflow=on_overflow,
+                    progress=None if bar is None else bar.advance,
+                )
+        finally:
+            if vae is not None:
+                vae.close()
+    return report(result, src, out, dry_run=dry_run, as_json=as_json)
+
+
+@click.command("extract")
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.option(
+    "--component",
+    "-c",
+    required=True,
+    type=click.Choice(list(EXTRACT_TARGETS)),
+    help="The part to extract.",
+)
+@click.option("--ema-only", is_flag=True, help="With --component unet: take the EMA weights.")
+@common
+def extract_cmd(
+    src: Path,
+    out: Path,
+    component: str,
+    ema_only: bool,
+    dtype: str | None,
+    dry_run: bool,
+    as_json: bool,
+    overwrite: bool,
+    verify: bool,
+    on_overflow: str,
+) -> int:
+    """Write one component of IN to OUT with its prefix stripped (the standalone layout).
+
+    \b
+    Examples:
+      sdtool extract sd15.ckpt vae.safetensors --component vae
+      sdtool extract sdxl.safetensors clip_g.safetensors --component clip-g --dtype fp16
+      sdtool extract sd15.ckpt unet-ema.safetensors -c unet --ema-only
+    """
+    with open_model(src) as model, progress.byte_bar(f"writing {out.name}") as bar:
+        result = extract(
+            model,
+            out,
+            component,
+            dtype=dtypes.parse(dtype) if dtype else None,
+            ema=ema_only,
+            dry_run=dry_run,
+            overwrite=overwrite,
+            verify=verify,
+            on_overflow=on_overflow,
+            progress=None if bar is None else bar.advance,
+        )
+    return report(result, src, out, dry_run=dry_run, as_json=as_json)
+
+
+def report(result: PruneResult, src: Path, out: Path, *, dry_run: bool, as_json: bool) -> int:
+    """The before/after table, what was dropped or changed and why, then what was written."""
+    w = result.write
+    if w is not None:
+        for tname, n in w.overflows.items():
+            warn(f"{src}: {n} value(s) of {tname!r} overflowed to inf in the cast")
+    if as_json:
+        print_json(result.to_json())
+        return 0
+    p = result.plan
+    c = console()
+    arch = p.identity.architecture_label
+    c.print(f"{markup(src)}: {markup(p.identity.kind)}" + (f" ({markup(arch)})" if arch else ""))
+    t = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 1))
+    t.add_column("\ncomponent")
+    for when in ("before", "after"):
+        for i, col in enumerate(("tensors", "params", "bytes")):
+            t.add_column(f"{when if i == 0 else ''}\n{col}", justify="right")
+    for name in dict.fromkeys([*p.before, *p.after]):
+        t.add_row(markup(name), *_cells(p.before.get(name)), *_cells(p.after.get(name)))
+    t.add_row("total", *_cells(p.total("before")), *_cells(p.total("after")), style="bold")
+    c.print(t)
+    for d in p.dropped:
+        c.print(
+            f"dropped {d.totals.tensors:,} tensors ({human_bytes(d.totals.bytes)}): "
+            f"{markup(d.reason)}"
+        )
+    for key, why in p.dropped_entries:
+        c.print(f"dropped entry {markup(key)}: {markup(why)}")
+    for ch in p.changes:
+        c.print(f"changed: {markup(ch)}")
+    for note in p.notes:
+        c.print(f"note: {markup(note)}")
+    if dry_run or w is None:
+        n = len(p.tensors)
+        c.print(f"dry run: {n:,} tensors would be written to {markup(out)}; nothing written")
+    else:
+        extra = ", verified bit for bit" if w.verified else ""
+        c.print(
+            f"wrote {markup(w.path)} ({w.format}, {w.tensors:,} tensors, "
+            f"{human_bytes(w.nbytes)}{extra})"
+        )
+    return 0
+
+
+def _cells(t: Any) -> tuple[str, str, str]:
+    """tensors, parameters, bytes of one component (``-`` where it is absent)."""
+    if t is None:
+        return "-", "-", "-"
+    return f"{t.tensors:,}", human_count(t.parameters), human_bytes(t.bytes)

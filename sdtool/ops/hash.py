@@ -1,0 +1,318 @@
+"""The hashes model sites and UIs show, all from one read of the file.
+
+Civitai, AUTOMATIC1111 and kohya identify a model by several hashes (FORMATS.md section 5):
+
+=======  =============================================================================
+SHA256   the whole file
+AutoV1   A1111's legacy "model hash": sha256(file[0x100000:0x110000]), first 8 hex
+AutoV2   the first 10 hex of the whole file's SHA-256
+AutoV3   SHA-256 of the bytes after the safetensors header (skip 8 + N) = A1111/kohya
+         "addnet" hash = kohya ``sshs_model_hash`` = ModelSpec ``hash_sha256``
+CRC32    zlib's CRC-32 as Civitai prints it: 4 bytes little-endian, uppercase hex
+BLAKE3   the whole file
+=======  =============================================================================
+
+The file is read once, in large chunks; each hasher runs in its own thread (hashlib, zlib.crc32
+and blake3 release the GIL on large buffers), so on a machine with free cores the wall time is
+that of the slowest hash and the disk, not the sum. Hex is uppercase, as Civitai shows it.
+torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sdtool.errors import CorruptFile, FileAccessError, UsageError
+from sdtool.formats.sniff import HEAD, Kind, sniff_bytes
+
+CHUNK = 16 << 20  # bytes per read: large enough that per-chunk overhead vanishes
+BUFFERS = 4  # chunks in flight: the reader stays ahead while the hashers catch up
+AUTOV1_RANGE = (0x100000, 0x110000)
+CIVITAI_AUTOV1_MIN = 2 << 20  # Civitai shows no AutoV1 for files under 2 MiB
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class _Crc32:
+    """zlib.crc32 behind the hashlib interface; digest is the CRC's 4 bytes little-endian."""
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: Any) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def digest(self) -> bytes:
+        return struct.pack("<I", self._crc)
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()
+
+
+def _blake3() -> Any:
+    import blake3  # a declared dependency; imported here so `import sdtool` stays cheap
+
+    return blake3.blake3()
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One reported hash: the hasher it reads (several share one) and how its text is cut."""
+
+    name: str  # key in HashResult.hashes and --json
+    label: str  # how Civitai/A1111 name it
+    hasher: str  # key in _HASHERS
+    digits: int | None  # leading hex digits shown; None = all
+    doc: str
+
+
+#: every hash sdtool reports, in display order
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("sha256", "SHA256", "sha256", None, "SHA-256 of the whole file"),
+        Algorithm("autov1", "AutoV1", "autov1", 8, "sha256(file[0x100000:0x110000])[:8] (A1111)"),
+        Algorithm("autov2", "AutoV2", "sha256", 10, "first 10 hex of the file's SHA-256"),
+        Algorithm("autov3", "AutoV3", "autov3", None, "SHA-256 after the safetensors header"),
+        Algorithm("crc32", "CRC32", "crc32", None, "zlib CRC-32, bytes little-endian"),
+        Algorithm("blake3", "BLAKE3", "blake3", None, "BLAKE3 of the whole file"),
+    )
+}
+
+#: hasher key -> constructor; a hasher reads the range _plan gives it
+_HASHERS: dict[str, Callable[[], Any]] = {
+    "sha256": hashlib.sha256,
+    "autov1": hashlib.sha256,
+    "autov3": hashlib.sha256,
+    "crc32": _Crc32,
+    "blake3": _blake3,
+}
+
+
+@dataclass
+class HashResult:
+    """The hashes of one file.
+
+    ``hashes`` maps an algorithm name (see ALGORITHMS) to uppercase hex, or None when it does
+    not apply (AutoV3 of a non-safetensors file); ``notes`` says why, or warns, per algorithm.
+    """
+
+    path: Path
+    size: int
+    safetensors: bool
+    hashes: dict[str, str | None]
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented --json record (docs/hash.md)."""
+        return {
+            "file": os.fspath(self.path),
+            "size": self.size,
+            "safetensors": self.safetensors,
+            "hashes": dict(self.hashes),
+            "notes": dict(self.notes),
+        }
+
+
+def parse_algorithms(names: Iterable[str]) -> tuple[str, ...]:
+    """Normalise user-typed algorithm names (``AutoV2``, ``sha256``, ``all``) in display order."""
+    wanted: set[str] = set()
+    for raw in names:
+        for part in raw.split(","):
+            key = part.strip().lower().replace("-", "")
+            if not key:
+                continue
+            if key == "all":
+                wanted.update(ALGORITHMS)
+            elif key in ALGORITHMS:
+                wanted.add(key)
+            else:
+                raise UsageError(
+                    f"unknown hash {part.strip()!r}; choose from {', '.join(ALGORITHMS)} or all"
+                )
+    return tuple(a for a in ALGORITHMS if a in wanted)
+
+
+class _Feeder(threading.Thread):
+    """One hasher in its own thread, fed byte ranges in file order through a queue."""
+
+    def __init__(self, hasher: Any, start: int, end: int, done: queue.Queue[int]) -> None:
+        super().__init__(daemon=True)
+        self.hasher = hasher
+        self.start_at, self.end_at = start, end  # absolute file range this hasher wants
+        self.inbox: queue.Queue[tuple[int, memoryview] | None] = queue.Queue()
+        self.done = done
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.inbox.get()
+            if item is None:
+                return
+            idx, view = item
+            try:
+                if self.error is None:
+                    self.hasher.update(view)
+            except BaseException as e:  # reported by hash_file after the join
+                self.error = e
+            finally:
+                view.release()
+                self.done.put(idx)
+
+
+def _autov3_start(f: BinaryIO, head: bytes, size: int) -> tuple[int | None, str | None]:
+    """Where the AutoV3 range begins (8 + N), or None and why there is none."""
+    if sniff_bytes(head, size) is not Kind.SAFETENSORS:
+        return None, "not a safetensors file; AutoV3 exists only for safetensors"
+    from sdtool.formats.safetensors import read_header
+
+    try:
+        return read_header(f, size).data_start, None
+    except CorruptFile as e:
+        # A1111 and kohya hash whatever follows 8 + N without checking the header; so do we,
+        # and say the file is damaged.
+        (n,) = struct.unpack_from("<Q", head)
+        return 8 + n, f"computed, but the safetensors header is invalid: {e.message}"
+
+
+def hash_file(
+    path: str | Path,
+    *,
+    algorithms: Iterable[str] = tuple(ALGORITHMS),
+    progress: Progress | None = None,
+    chunk_size: int = CHUNK,
+) -> HashResult:
+    """Compute the requested hashes of ``path`` in one read pass.
+
+    Args:
+        path: any file (AutoV3 needs safetensors; the others hash raw bytes).
+        algorithms: names from ALGORITHMS (default: all of them).
+        progress: called as ``progress(bytes_done, bytes_total)`` after each chunk.
+        chunk_size: bytes per read.
+
+    Returns:
+        HashResult with uppercase hex per algorithm (None where one does not apply).
+
+    Raises:
+        FileAccessError when the file cannot be read; UsageError for an unknown algorithm;
+        CorruptFile when the file changes size while it is read.
+
+    Example:
+        >>> hash_file("model.safetensors", algorithms=["autov2", "autov3"]).hashes
+        {'autov2': '6CE0161689', 'autov3': '...'}
+    """
+    p = Path(path)
+    names = parse_algorithms(algorithms)
+    if not names:
+        raise UsageError("no hash algorithm requested")
+    try:
+        if p.is_dir():
+            raise FileAccessError("is a directory, not a file", path=p)
+        with open(p, "rb") as f:
+            return _hash_open(p, f, names, progress, max(chunk_size, 1 << 16))
+    except FileNotFoundError:
+        raise FileAccessError("no such file", path=p) from None
+    except PermissionError:
+        raise FileAccessError("permission denied", path=p) from None
+    except OSError as e:
+        raise FileAccessError(f"cannot read: {e.strerror or e}", path=p) from None
+
+
+def _hash_open(
+    p: Path, f: BinaryIO, names: tuple[str, ...], progress: Progress | None, chunk: int
+) -> HashResult:
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(HEAD)
+    notes: dict[str, str] = {}
+    is_st = sniff_bytes(head, size) is Kind.SAFETENSORS
+    ranges: dict[str, tuple[int, int]] = {}
+    for name in names:
+        key = ALGORITHMS[name].hasher
+        if key == "autov3":
+            start, why = _autov3_start(f, head, size)
+            if why:
+                notes["autov3"] = why
+            if start is None:
+                continue
+            ranges[key] = (start, size)
+        elif key == "autov1":
+            ranges[key] = AUTOV1_RANGE
+            if size < CIVITAI_AUTOV1_MIN:
+                notes["autov1"] = "Civitai shows no AutoV1 for files under 2 MiB"
+        else:
+            ranges[key] = (0, size)
+
+    digests = _read_and_hash(f, size, ranges, progress, chunk)
+    if digests is None:
+        raise CorruptFile("the file changed size while it was being hashed; try again", path=p)
+    hashes: dict[str, str | None] = {}
+    for name in names:
+        algo = ALGORITHMS[name]
+        hx = digests.get(algo.hasher)
+        hashes[name] = None if hx is None else hx[: algo.digits].upper()
+    return HashResult(p, size, is_st, hashes, notes)
+
+
+def _read_and_hash(
+    f: BinaryIO,
+    size: int,
+    ranges: dict[str, tuple[int, int]],
+    progress: Progress | None,
+    chunk: int,
+) -> dict[str, str] | None:
+    """Read ``f`` once; feed each hasher its range; hex digests by hasher key (None: resized)."""
+    with contextlib.suppress(AttributeError, OSError):  # a hint; not every OS has it
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    done: queue.Queue[int] = queue.Queue()
+    feeders = {k: _Feeder(_HASHERS[k](), s, e, done) for k, (s, e) in ranges.items()}
+    for t in feeders.values():
+        t.start()
+    bufs = [bytearray(chunk) for _ in range(BUFFERS)]
+    pending = [0] * BUFFERS  # hashers still reading each buffer
+    free = list(range(BUFFERS))
+    pos = 0
+    f.seek(0)
+    try:
+        while True:
+            while not free:  # wait for the slowest hasher to let a buffer go
+                idx = done.get()
+                pending[idx] -= 1
+                if pending[idx] == 0:
+                    free.append(idx)
+            idx = free.pop()
+            n = f.readinto(bufs[idx])  # type: ignore[attr-defined]
+            if not n:
+                break
+            view = memoryview(bufs[idx])
+            for t in feeders.values():
+                lo, hi = max(t.start_at, pos), min(t.end_at, pos + n)
+                if lo < hi:
+                    pending[idx] += 1
+                    t.inbox.put((idx, view[lo - pos : hi - pos]))
+            view.release()
+            pos += n
+            if pending[idx] == 0:
+                free.append(idx)
+            if progress is not None:
+                progress(pos, size)
+    finally:
+        for t in feeders.values():
+            t.inbox.put(None)
+        for t in feeders.values():
+            t.join()
+    for t in feeders.values():
+        if t.error is not None:
+            raise t.error
+    if pos != size:
+        return None
+    return {k: t.hasher.hexdigest() for k, t in feeders.items()}

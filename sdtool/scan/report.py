@@ -1,0 +1,123 @@
+"""Result objects of a scan: pure data, no printing. ``to_json`` gives the documented schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdtool.scan.classify import RANK
+
+#: per-file verdicts, worst first
+VERDICTS = ("dangerous", "suspicious", "error", "not scanned", "safe")
+EXIT_OK, EXIT_DANGEROUS, EXIT_ERROR = 0, 1, 2
+SCHEMA_VERSION = "sdtool.scan/1"
+
+
+@dataclass
+class Finding:
+    """One thing worth reporting, located as precisely as the container allows."""
+
+    severity: str  # "dangerous" | "suspicious" | "info"
+    rule: str  # stable rule id, e.g. "global", "unresolved-global", "zip-crc"
+    message: str
+    member: str | None = None  # path inside the container ("archive/data.pkl"); None: the file
+    stream: int | None = None  # index of the pickle stream within the member
+    offset: int | None = None  # byte offset of the opcode within the member (or file)
+    global_name: str | None = None  # "module.qualname" as the unpickler resolves it
+    usage: str | None = None  # "called via REDUCE", "only imported", ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity,
+            "rule": self.rule,
+            "message": self.message,
+            "member": self.member,
+            "stream": self.stream,
+            "offset": self.offset,
+            "global": self.global_name,
+            "usage": self.usage,
+        }
+
+
+@dataclass
+class FileReport:
+    """What the scan found in one file."""
+
+    path: str
+    format: str = "unknown"
+    findings: list[Finding] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # what kept parts of the file unanalysed
+    notes: list[str] = field(default_factory=list)
+    scanned: bool = True  # False: nothing in the file could be analysed ("not scanned")
+    streams: int = 0  # pickle streams analysed
+    size: int = 0
+
+    @property
+    def severity(self) -> str:
+        """The worst finding severity: "dangerous", "suspicious" or "safe"."""
+        worst = max((RANK.get(f.severity, 0) for f in self.findings), default=0)
+        return {2: "dangerous", 1: "suspicious"}.get(worst, "safe")
+
+    @property
+    def verdict(self) -> str:
+        """dangerous > suspicious > not scanned > error > safe (dangerous wins over errors)."""
+        sev = self.severity
+        if sev != "safe":
+            return sev
+        if not self.scanned:
+            return "not scanned"
+        if self.errors:
+            return "error"
+        return "safe"
+
+    def add(self, finding: Finding) -> None:
+        self.findings.append(finding)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "size": self.size,
+            "verdict": self.verdict,
+            "scanned": self.scanned,
+            "streams": self.streams,
+            "findings": [f.to_json() for f in self.findings],
+            "errors": list(self.errors),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class ScanReport:
+    """The files of one scan, in the order given, with the summary and exit code."""
+
+    files: list[FileReport] = field(default_factory=list)
+    strict: bool = False
+
+    def summary(self) -> dict[str, int]:
+        counts = {v: 0 for v in VERDICTS}
+        for f in self.files:
+            counts[f.verdict] += 1
+        counts["files"] = len(self.files)
+        counts["findings"] = sum(len(f.findings) for f in self.files)
+        return counts
+
+    @property
+    def exit_code(self) -> int:
+        """0 nothing dangerous, 1 dangerous (or suspicious with strict), 2 could not scan."""
+        verdicts = {f.verdict for f in self.files}
+        if "dangerous" in verdicts or (self.strict and "suspicious" in verdicts):
+            return EXIT_DANGEROUS
+        if verdicts & {"error", "not scanned"} or any(f.errors for f in self.files):
+            return EXIT_ERROR
+        return EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "tool": "sdtool scan",
+            "strict": self.strict,
+            "exit_code": self.exit_code,
+            "summary": self.summary(),
+            "files": [f.to_json() for f in self.files],
+        }

@@ -1,0 +1,1000 @@
+"""An opcode-exact symbolic model of the pickle machine (protocols 0-5). It never runs anything.
+
+It keeps what the real unpickler keeps (stack, marks, memo, frames, protocol) but with symbolic
+values: literal strings/numbers stay literal, containers are markers, an import is a ``Ref`` to its
+``Import`` record, and a call's result is an ``Inst`` that remembers what was called. That is what
+lets a STACK_GLOBAL be resolved from its real operands (fetched from the stack or memo, never
+guessed from the previous opcode), and every call site be attributed to what it calls.
+
+Deviations are deliberate and conservative: where the loader would fail (stack underflow, a memo
+slot never written, an unknown opcode) the stream is reported broken at that offset, and what was
+found before the break is kept. Work and memory are bounded (opcode, memo, stack, mark and
+literal-size caps) with limits far above what real checkpoints need.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdtool.scan.classify import remap_py2
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on work and memory; exceeding one makes the analysis incomplete, never "clean"."""
+
+    max_opcodes: int = 50_000_000
+    max_memo: int = 5_000_000
+    max_stack: int = 5_000_000
+    max_marks: int = 1_000_000
+    max_literal: int = 4096  # longer strings are kept as their length only
+    max_bytes_literal: int = 256
+    max_kept_items: int = 256  # tuples/dicts keep their content up to this size
+    max_list_items: int = 1_000_000
+    max_nested_depth: int = 8  # joblib object arrays nest pickles
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --- symbolic values --------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Import:
+    """One import site: GLOBAL, STACK_GLOBAL or INST (or EXT), with everything done with it."""
+
+    offset: int
+    opcode: str
+    module: str | None  # after Python-2 remapping; None when the operands are not literal
+    name: str | None
+    written: tuple[str, str] | None  # the operands as written in the stream
+    uses: list[tuple[str, int]] = field(default_factory=list)  # (how, opcode offset)
+    unresolved: str = ""  # why it could not be resolved
+
+    @property
+    def qualname(self) -> str:
+        if self.module is None or self.name is None:
+            return "<unresolved>"
+        return f"{self.module}.{self.name}"
+
+
+@dataclass(eq=False)
+class Ref:
+    """The object an import produced (a class, function or module), not yet called."""
+
+    imp: Import
+
+
+@dataclass(eq=False)
+class Inst:
+    """The result of a call or instantiation."""
+
+    callee: Any
+    via: str
+    offset: int
+    args: Any = None
+    state: Any = None
+
+
+@dataclass(eq=False)
+class ListV:
+    items: list[Any] | None = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class DictV:
+    items: dict[Any, Any] | None = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class SetV:
+    frozen: bool = False
+
+
+@dataclass(eq=False)
+class Blob:
+    """bytes too long to keep; only the length is remembered."""
+
+    length: int
+
+
+@dataclass(eq=False)
+class Opaque:
+    """A value whose content the model does not track (a persistent object, a buffer ...)."""
+
+    what: str
+
+
+class _Unhashable:
+    pass
+
+
+# --- events the rules read ----------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    offset: int
+    opcode: str  # REDUCE, INST, OBJ, NEWOBJ, NEWOBJ_EX
+    callee: Any
+    args: Any
+
+
+@dataclass
+class Mutation:
+    """BUILD / SETITEM(S) / APPEND(S) / ADDITEMS on something that is not a plain container."""
+
+    offset: int
+    opcode: str
+    target: Any
+
+
+@dataclass
+class Anomaly:
+    offset: int
+    kind: str  # frame-straddle, stream-broken, limit, ext, persid ...
+    message: str
+    value: Any = None
+
+
+@dataclass
+class Stream:
+    """Everything found in one pickle stream."""
+
+    start: int
+    end: int = -1  # offset after STOP, or where the stream broke
+    stopped: bool = False  # reached STOP
+    error: str | None = None  # why the loader would fail (the stream is broken)
+    error_offset: int = -1
+    incomplete: str | None = None  # a limit was hit: the analysis stopped early
+    protocol: int = 0
+    opcodes: int = 0
+    imports: list[Import] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    mutations: list[Mutation] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+    persids: list[tuple[int, Any]] = field(default_factory=list)
+    result: Any = None  # the value STOP returned
+    nested: list[Stream] = field(default_factory=list)  # joblib object-array pickles
+    joblib_arrays: int = 0
+
+
+class _Broken(Exception):
+    """The loader would raise here."""
+
+
+class _Limit(Exception):
+    """A work/memory cap was reached."""
+
+
+_MARK_OPS = frozenset(b"(")
+
+
+def _names() -> dict[int, str]:
+    import pickletools  # data tables only: opcode names, never used to load anything
+
+    return {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+
+
+OPNAMES = _names()
+_UNPACK_D = struct.Struct(">d").unpack_from
+_UNPACK_I = struct.Struct("<i").unpack_from
+_UNPACK_UI = struct.Struct("<I").unpack_from
+_UNPACK_H = struct.Struct("<H").unpack_from
+_UNPACK_Q = struct.Struct("<Q").unpack_from
+
+Buffer = Any  # bytes, memoryview or mmap: anything indexable by int and slice
+
+
+class Machine:
+    """Runs one pickle stream symbolically from ``start``; ``run()`` returns a Stream."""
+
+    def __init__(
+        self,
+        buf: Buffer,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        depth: int = 0,
+    ) -> None:
+        self.buf = buf
+        self.pos = start
+        self.end = len(buf) if end is None else end
+        self.limits = limits
+        self.depth = depth
+        self.s = Stream(start)
+        self.stack: list[Any] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, Any] = {}
+        self.frame_end = -1  # end offset of the current frame, -1 outside frames
+        self.op_offset = start
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _read(self, n: int) -> Buffer:
+        p = self.pos
+        if n < 0 or p + n > self.end:
+            raise _Broken(f"needs {n} bytes at offset {p} but the stream ends at {self.end}")
+        self.pos = p + n
+        fe = self.frame_end
+        if fe >= 0 and p < fe < p + n:
+            self._straddle(p, n)
+        return self.buf[p : p + n]
+
+    def _straddle(self, p: int, n: int) -> None:
+        self.s.anomalies.append(
+            Anomaly(
+                self.op_offset,
+                "frame-straddle",
+                f"{OPNAMES.get(self.buf[self.op_offset], '?')} at {self.op_offset} reads bytes "
+                f"{p}..{p + n} across the frame end {self.frame_end}: the C and Python unpicklers "
+                "read this differently",
+            )
+        )
+        self.frame_end = -1
+
+    def _line(self) -> bytes:
+        p = self.pos
+        i = self.buf.find(b"\n", p, self.end) if hasattr(self.buf, "find") else -1
+        if i < 0:
+            raise _Broken(f"a text argument at offset {p} has no end of line")
+        self.pos = i + 1
+        fe = self.frame_end
+        if fe >= 0 and p < fe < i + 1:
+            self._straddle(p, i + 1 - p)
+        return bytes(self.buf[p:i])
+
+    def _str(self, raw: bytes | Buffer, encoding: str = "utf-8") -> Any:
+        n = len(raw)
+        if n > self.limits.max_literal:
+            return Opaque(f"str of {n} bytes")
+        try:
+            return bytes(raw).decode(encoding, "surrogatepass")
+        except UnicodeDecodeError as e:
+            raise _Broken(f"string is not valid {encoding}: {e}") from None
+
+    def _bytes(self, raw: Buffer) -> Any:
+        n = len(raw)
+        return bytes(raw) if n <= self.limits.max_bytes_literal else Blob(n)
+
+    # -- stack -----------------------------------------------------------------------------------
+
+    def _push(self, v: Any) -> None:
+        self.stack.append(v)
+        if len(self.stack) > self.limits.max_stack:
+            raise _Limit(f"stack deeper than {self.limits.max_stack} items")
+
+    def _pop(self) -> Any:
+        fence = self.marks[-1] if self.marks else 0
+        if len(self.stack) <= fence:
+            raise _Broken("stack underflow")
+        return self.stack.pop()
+
+    def _top(self) -> Any:
+        fence = self.marks[-1] if self.marks else 0
+        if len(self.stack) <= fence:
+            raise _Broken("stack underflow")
+        return self.stack[-1]
+
+    def _pop_mark(self) -> list[Any]:
+        if not self.marks:
+            raise _Broken("no MARK on the stack")
+        m = self.marks.pop()
+        items = self.stack[m:]
+        del self.stack[m:]
+        return items
+
+    def _memo_put(self, idx: int) -> None:
+        if idx < 0:
+            raise _Broken(f"negative memo index {idx}")
+        self.memo[idx] = self._top()
+        if len(self.memo) > self.limits.max_memo:
+            raise _Limit(f"memo larger than {self.limits.max_memo} entries")
+
+    def _memo_get(self, idx: int) -> None:
+        try:
+            v = self.memo[idx]
+        except KeyError:
+            raise _Broken(f"memo slot {idx} was never written") from None
+        self._push(v)
+
+    # -- helpers for imports and calls -------------------------------------------------------------
+
+    def _import(self, opcode: str, module: Any, name: Any) -> Import:
+        off = self.op_offset
+        if isinstance(module, str) and isinstance(name, str):
+            mod, nm = (module, name)
+            if self.s.protocol < 3:
+                mod, nm = remap_py2(module, name)
+            imp = Import(off, opcode, mod, nm, (module, name))
+        else:
+            why = f"operands are {_describe(module)} and {_describe(name)}, not literal strings"
+            imp = Import(off, opcode, None, None, None, unresolved=why)
+        self.s.imports.append(imp)
+        return imp
+
+    def _call(self, opcode: str, callee: Any, args: Any) -> Inst:
+        off = self.op_offset
+        self.s.calls.append(Call(off, opcode, callee, args))
+        if isinstance(callee, Ref):
+            callee.imp.uses.append((opcode, off))
+        return Inst(callee, opcode, off, args)
+
+    def _mutate(self, opcode: str, target: Any) -> None:
+        if isinstance(target, (ListV, DictV, SetV)):
+            return
+        self.s.mutations.append(Mutation(self.op_offset, opcode, target))
+        cls = target.callee if isinstance(target, Inst) else target
+        if isinstance(cls, Ref):
+            cls.imp.uses.append((opcode, self.op_offset))
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> Stream:
+        s = self.s
+        try:
+            self._loop()
+        except _Broken as e:
+            s.error, s.error_offset = str(e), self.op_offset
+            s.end = self.op_offset
+        except _Limit as e:
+            s.incomplete, s.error_offset = str(e), self.op_offset
+            s.end = self.op_offset
+        except (ValueError, OverflowError, IndexError, struct.error, RecursionError) as e:
+            s.error, s.error_offset = f"{type(e).__name__}: {e}", self.op_offset
+            s.end = self.op_offset
+        return s
+
+    def _loop(self) -> None:
+        s = self.s
+        buf = self.buf
+        handlers = _HANDLERS
+        max_ops = self.limits.max_opcodes
+        ops = 0
+        while True:
+            p = self.pos
+            if p >= self.end:
+                self.op_offset = p
+                raise _Broken(f"the stream ends at {p} before STOP (truncated)")
+            self.op_offset = p
+            fe = self.frame_end
+            if fe >= 0 and p >= fe:
+                if p > fe:  # pragma: no cover - _read flags straddles first
+                    self._straddle(p, 1)
+                self.frame_end = -1
+            code = buf[p]
+            self.pos = p + 1
+            ops += 1
+            if ops > max_ops:
+                s.opcodes = ops
+                raise _Limit(f"more than {max_ops} opcodes")
+            h = handlers.get(code)
+            if h is None:
+                raise _Broken(f"unknown opcode {code:#04x}")
+            if h(self):  # STOP
+                s.opcodes = ops
+                s.stopped = True
+                s.end = self.pos
+                return
+
+
+# --- opcode handlers (return True only for STOP) ------------------------------------------------
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, str):
+        return "a literal string"
+    if isinstance(v, Inst):
+        return "a value computed at load time"
+    if isinstance(v, Ref):
+        return f"an imported object ({v.imp.qualname})"
+    if isinstance(v, Opaque):
+        return v.what
+    return f"a {type(v).__name__}"
+
+
+def op_mark(m: Machine) -> None:
+    m.marks.append(len(m.stack))
+    if len(m.marks) > m.limits.max_marks:
+        raise _Limit(f"more than {m.limits.max_marks} nested MARKs")
+
+
+def op_stop(m: Machine) -> bool:
+    m.s.result = m._pop()
+    return True
+
+
+def op_pop(m: Machine) -> None:
+    fence = m.marks[-1] if m.marks else 0
+    if m.marks and len(m.stack) == fence:
+        m.marks.pop()  # POP at a mark drops the mark (both unpicklers)
+        return
+    m._pop()
+
+
+def op_pop_mark(m: Machine) -> None:
+    m._pop_mark()
+
+
+def op_dup(m: Machine) -> None:
+    m._push(m._top())
+
+
+def op_float(m: Machine) -> None:
+    m._push(float(m._line()))
+
+
+def op_int(m: Machine) -> None:
+    line = m._line()
+    if line == b"00":
+        m._push(False)
+    elif line == b"01":
+        m._push(True)
+    else:
+        m._push(_int_line(line))
+
+
+def _int_line(line: bytes) -> Any:
+    if len(line) > 64:
+        int(line[:64])  # validate the shape at least
+        return Opaque("big int")
+    return int(line)
+
+
+def op_long(m: Machine) -> None:
+    line = m._line()
+    if line.endswith(b"L"):
+        line = line[:-1]
+    m._push(_int_line(line))
+
+
+def op_binint(m: Machine) -> None:
+    m._push(_UNPACK_I(m._read(4))[0])
+
+
+def op_binint1(m: Machine) -> None:
+    m._push(m._read(1)[0])
+
+
+def op_binint2(m: Machine) -> None:
+    m._push(_UNPACK_H(m._read(2))[0])
+
+
+def _long_bytes(m: Machine, n: int) -> None:
+    raw = m._read(n)
+    if n > 64:
+        m._push(Opaque("big int"))
+    else:
+        m._push(int.from_bytes(bytes(raw), "little", signed=True))
+
+
+def op_long1(m: Machine) -> None:
+    _long_bytes(m, m._read(1)[0])
+
+
+def op_long4(m: Machine) -> None:
+    n = _UNPACK_I(m._read(4))[0]
+    if n < 0:
+        raise _Broken("LONG4 with a negative length")
+    _long_bytes(m, n)
+
+
+def op_none(m: Machine) -> None:
+    m._push(None)
+
+
+def op_newtrue(m: Machine) -> None:
+    m._push(True)
+
+
+def op_newfalse(m: Machine) -> None:
+    m._push(False)
+
+
+def op_binfloat(m: Machine) -> None:
+    m._push(_UNPACK_D(m._read(8))[0])
+
+
+def op_string(m: Machine) -> None:
+    line = m._line()
+    if len(line) >= 2 and line[0] == line[-1] and line[:1] in (b"'", b'"'):
+        body = line[1:-1]
+    else:
+        raise _Broken("the STRING opcode argument must be quoted")
+    try:
+        raw = body.decode("ascii").encode("latin-1").decode("unicode_escape").encode("latin-1")
+    except (UnicodeError, ValueError):
+        raw = body
+    m._push(m._str(raw, "latin-1"))  # Python 3 decodes protocol-0 strings to str
+
+
+def op_binstring(m: Machine) -> None:
+    n = _UNPACK_I(m._read(4))[0]
+    if n < 0:
+        raise _Broken("BINSTRING with a negative length")
+    m._push(m._str(m._read(n), "latin-1"))
+
+
+def op_short_binstring(m: Machine) -> None:
+    m._push(m._str(m._read(m._read(1)[0]), "latin-1"))
+
+
+def op_unicode(m: Machine) -> None:
+    m._push(m._str(m._line(), "raw-unicode-escape"))
+
+
+def op_binunicode(m: Machine) -> None:
+    m._push(m._str(m._read(_UNPACK_UI(m._read(4))[0])))
+
+
+def op_short_binunicode(m: Machine) -> None:
+    m._push(m._str(m._read(m._read(1)[0])))
+
+
+def op_binunicode8(m: Machine) -> None:
+    m._push(m._str(m._read(_UNPACK_Q(m._read(8))[0])))
+
+
+def op_binbytes(m: Machine) -> None:
+    m._push(m._bytes(m._read(_UNPACK_UI(m._read(4))[0])))
+
+
+def op_short_binbytes(m: Machine) -> None:
+    m._push(m._bytes(m._read(m._read(1)[0])))
+
+
+def op_binbytes8(m: Machine) -> None:
+    m._push(m._bytes(m._read(_UNPACK_Q(m._read(8))[0])))
+
+
+def op_bytearray8(m: Machine) -> None:
+    m._read(_UNPACK_Q(m._read(8))[0])
+    m._push(Opaque("bytearray"))
+
+
+def op_next_buffer(m: Machine) -> None:
+    m._push(Opaque("out-of-band buffer"))
+
+
+def op_readonly_buffer(m: Machine) -> None:
+    m._top()
+
+
+def _tuple(m: Machine, items: list[Any]) -> Any:
+    if len(items) > m.limits.max_kept_items:
+        return Opaque(f"tuple of {len(items)} items")
+    return tuple(items)
+
+
+def op_tuple(m: Machine) -> None:
+    m._push(_tuple(m, m._pop_mark()))
+
+
+def op_empty_tuple(m: Machine) -> None:
+    m._push(())
+
+
+def op_tuple1(m: Machine) -> None:
+    a = m._pop()
+    m._push((a,))
+
+
+def op_tuple2(m: Machine) -> None:
+    b = m._pop()
+    a = m._pop()
+    m._push((a, b))
+
+
+def op_tuple3(m: Machine) -> None:
+    c = m._pop()
+    b = m._pop()
+    a = m._pop()
+    m._push((a, b, c))
+
+
+def op_empty_list(m: Machine) -> None:
+    m._push(ListV())
+
+
+def op_list(m: Machine) -> None:
+    items = m._pop_mark()
+    m._push(ListV(items if len(items) <= m.limits.max_list_items else None))
+
+
+def op_empty_dict(m: Machine) -> None:
+    m._push(DictV())
+
+
+def _dict_update(m: Machine, d: DictV, items: list[Any]) -> None:
+    if len(items) % 2:
+        raise _Broken("odd number of items for a dict")
+    if d.items is None:
+        return
+    if len(d.items) + len(items) // 2 > m.limits.max_kept_items:
+        d.items = None
+        return
+    for i in range(0, len(items), 2):
+        k = items[i]
+        try:
+            d.items[k] = items[i + 1]
+        except TypeError:  # an unhashable symbolic key (a tuple holding a list ...)
+            d.items[_Unhashable()] = items[i + 1]
+
+
+def op_dict(m: Machine) -> None:
+    d = DictV()
+    _dict_update(m, d, m._pop_mark())
+    m._push(d)
+
+
+def op_empty_set(m: Machine) -> None:
+    m._push(SetV())
+
+
+def op_frozenset(m: Machine) -> None:
+    m._pop_mark()
+    m._push(SetV(frozen=True))
+
+
+def op_append(m: Machine) -> None:
+    v = m._pop()
+    target = m._top()
+    if isinstance(target, ListV):
+        _list_add(m, target, [v])
+    else:
+        m._mutate("APPEND", target)
+
+
+def op_appends(m: Machine) -> None:
+    items = m._pop_mark()
+    target = m._top()
+    if isinstance(target, ListV):
+        _list_add(m, target, items)
+    else:
+        m._mutate("APPENDS", target)
+
+
+def _list_add(m: Machine, target: ListV, items: list[Any]) -> None:
+    if target.items is None:
+        return
+    if len(target.items) + len(items) > m.limits.max_list_items:
+        target.items = None
+    else:
+        target.items.extend(items)
+
+
+def op_setitem(m: Machine) -> None:
+    v = m._pop()
+    k = m._pop()
+    target = m._top()
+    if isinstance(target, DictV):
+        _dict_update(m, target, [k, v])
+    else:
+        m._mutate("SETITEM", target)
+
+
+def op_setitems(m: Machine) -> None:
+    items = m._pop_mark()
+    target = m._top()
+    if isinstance(target, DictV):
+        _dict_update(m, target, items)
+    else:
+        if len(items) % 2:
+            raise _Broken("odd number of items for SETITEMS")
+        m._mutate("SETITEMS", target)
+
+
+def op_additems(m: Machine) -> None:
+    m._pop_mark()
+    target = m._top()
+    if not isinstance(target, SetV) or target.frozen:
+        m._mutate("ADDITEMS", target)
+
+
+def op_build(m: Machine) -> None:
+    state = m._pop()
+    target = m._top()
+    if isinstance(target, Inst):
+        target.state = state
+    if isinstance(target, Inst) and isinstance(target.callee, Ref):
+        target.callee.imp.uses.append(("BUILD", m.op_offset))
+        m.s.mutations.append(Mutation(m.op_offset, "BUILD", target))
+        _joblib_inline(m, target)
+        return
+    if isinstance(target, (ListV, DictV, SetV, str, bytes, int, float, tuple)) or target is None:
+        return  # the loader fails on these (no __dict__): nothing runs
+    m._mutate("BUILD", target)
+
+
+def op_get(m: Machine) -> None:
+    m._memo_get(int(m._line()))
+
+
+def op_binget(m: Machine) -> None:
+    m._memo_get(m._read(1)[0])
+
+
+def op_long_binget(m: Machine) -> None:
+    m._memo_get(_UNPACK_UI(m._read(4))[0])
+
+
+def op_put(m: Machine) -> None:
+    m._memo_put(int(m._line()))
+
+
+def op_binput(m: Machine) -> None:
+    m._memo_put(m._read(1)[0])
+
+
+def op_long_binput(m: Machine) -> None:
+    m._memo_put(_UNPACK_UI(m._read(4))[0])
+
+
+def op_memoize(m: Machine) -> None:
+    m._memo_put(len(m.memo))
+
+
+def op_global(m: Machine) -> None:
+    module = m._str(m._line())
+    name = m._str(m._line())
+    m._push(Ref(m._import("GLOBAL", module, name)))
+
+
+def op_stack_global(m: Machine) -> None:
+    name = m._pop()
+    module = m._pop()
+    for v in (module, name):
+        if not isinstance(v, (str, Ref, Inst, Opaque)):
+            # a literal that is not a str: the loader raises "STACK_GLOBAL requires str"
+            raise _Broken(f"STACK_GLOBAL operand is {_describe(v)}, not a str (the loader refuses)")
+    m._push(Ref(m._import("STACK_GLOBAL", module, name)))
+
+
+def op_inst(m: Machine) -> None:
+    module = m._str(m._line())
+    name = m._str(m._line())
+    args = m._pop_mark()
+    ref = Ref(m._import("INST", module, name))
+    m._push(m._call("INST", ref, _tuple(m, args)))
+
+
+def op_obj(m: Machine) -> None:
+    items = m._pop_mark()
+    if not items:
+        raise _Broken("OBJ without a class")
+    m._push(m._call("OBJ", items[0], _tuple(m, items[1:])))
+
+
+def op_reduce(m: Machine) -> None:
+    args = m._pop()
+    func = m._pop()
+    m._push(m._call("REDUCE", func, args))
+
+
+def op_newobj(m: Machine) -> None:
+    args = m._pop()
+    cls = m._pop()
+    m._push(m._call("NEWOBJ", cls, args))
+
+
+def op_newobj_ex(m: Machine) -> None:
+    kwargs = m._pop()
+    args = m._pop()
+    cls = m._pop()
+    m._push(m._call("NEWOBJ_EX", cls, (args, kwargs)))
+
+
+def _ext(m: Machine, code: int) -> None:
+    imp = m._import("EXT", None, None)
+    imp.unresolved = (
+        f"extension code {code} names a global through the copyreg registry, which the file "
+        "does not control statically"
+    )
+    imp.written = ("<copyreg extension>", str(code))
+    m.s.anomalies.append(Anomaly(m.op_offset, "ext", f"EXT code {code}", code))
+    m._push(Ref(imp))
+
+
+def op_ext1(m: Machine) -> None:
+    _ext(m, m._read(1)[0])
+
+
+def op_ext2(m: Machine) -> None:
+    _ext(m, _UNPACK_H(m._read(2))[0])
+
+
+def op_ext4(m: Machine) -> None:
+    _ext(m, _UNPACK_I(m._read(4))[0])
+
+
+def op_persid(m: Machine) -> None:
+    pid = m._str(m._line(), "ascii")
+    m.s.persids.append((m.op_offset, pid))
+    m._push(Opaque("persistent object"))
+
+
+def op_binpersid(m: Machine) -> None:
+    pid = m._pop()
+    m.s.persids.append((m.op_offset, pid))
+    m._push(Inst(Opaque("persistent_load"), "BINPERSID", m.op_offset, pid))
+
+
+def op_proto(m: Machine) -> None:
+    v = m._read(1)[0]
+    if v > 5:
+        raise _Broken(f"unsupported pickle protocol {v}")
+    m.s.protocol = v
+
+
+def op_frame(m: Machine) -> None:
+    n = _UNPACK_Q(m._read(8))[0]
+    if m.frame_end >= 0 and m.pos < m.frame_end:
+        m.s.anomalies.append(
+            Anomaly(
+                m.op_offset,
+                "frame-straddle",
+                f"FRAME at {m.op_offset} starts inside the previous frame (ends at {m.frame_end})",
+            )
+        )
+    if m.pos + n > m.end:
+        m.s.anomalies.append(
+            Anomaly(
+                m.op_offset,
+                "frame-straddle",
+                f"FRAME at {m.op_offset} declares {n} bytes but only {m.end - m.pos} remain",
+            )
+        )
+    m.frame_end = m.pos + n
+
+
+# --- joblib inline arrays ------------------------------------------------------------------------
+
+
+def _joblib_inline(m: Machine, wrapper: Inst) -> None:
+    """After BUILD of a joblib NumpyArrayWrapper, the array bytes (or a nested pickle) follow."""
+    imp = wrapper.callee.imp
+    if (imp.module, imp.name) != ("joblib.numpy_pickle", "NumpyArrayWrapper"):
+        return
+    state = wrapper.state
+    if not isinstance(state, DictV) or state.items is None:
+        raise _Broken("NumpyArrayWrapper state is not a dict: the array bytes cannot be skipped")
+    st = state.items
+    shape, dtype = st.get("shape"), st.get("dtype")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _Broken("NumpyArrayWrapper shape is not a tuple of ints")
+    count = 1
+    for d in shape:
+        count *= d
+    m.frame_end = -1  # joblib writes the array outside any frame
+    m.s.joblib_arrays += 1
+    if _dtype_is_object(dtype):  # the array follows as a whole nested pickle
+        if m.depth >= m.limits.max_nested_depth:
+            raise _Limit("joblib object arrays nested too deeply")
+        sub = Machine(m.buf, m.pos, m.end, limits=m.limits, depth=m.depth + 1).run()
+        m.s.nested.append(sub)
+        if not sub.stopped:
+            raise _Broken(f"the nested pickle of an object array broke: {sub.error}")
+        m.pos = sub.end
+        return
+    if st.get("numpy_array_alignment_bytes") is not None:
+        pad = m._read(1)[0]  # newer joblib: a padding length, then padding
+        m._read(pad)
+    itemsize = _dtype_itemsize(dtype)
+    if itemsize is None:
+        raise _Broken(
+            "NumpyArrayWrapper dtype is not understood: the array bytes cannot be skipped"
+        )
+    m._read(count * itemsize)
+
+
+def _dtype_is_object(dtype: Any) -> bool:
+    return isinstance(dtype, Inst) and isinstance(dtype.args, tuple) and dtype.args[:1] == ("O8",)
+
+
+def _dtype_itemsize(dtype: Any) -> int | None:
+    """Item size of a symbolic ``numpy.dtype(code, align, copy)`` with its BUILD state."""
+    if not isinstance(dtype, Inst) or not isinstance(dtype.args, tuple) or not dtype.args:
+        return None
+    code = dtype.args[0]
+    state = dtype.state
+    if isinstance(state, tuple) and len(state) >= 6 and isinstance(state[5], int) and state[5] > 0:
+        return state[5]  # flexible types (U/S/V) record their element size
+    if not isinstance(code, str):
+        return None
+    import numpy as np  # a literal type code only: no pickle involved
+
+    try:
+        return int(np.dtype(code).itemsize)
+    except (TypeError, ValueError):
+        return None
+
+
+_HANDLER_FUNCS: dict[str, Callable[[Machine], Any]] = {
+    "MARK": op_mark,
+    "STOP": op_stop,
+    "POP": op_pop,
+    "POP_MARK": op_pop_mark,
+    "DUP": op_dup,
+    "FLOAT": op_float,
+    "INT": op_int,
+    "BININT": op_binint,
+    "BININT1": op_binint1,
+    "LONG": op_long,
+    "BININT2": op_binint2,
+    "NONE": op_none,
+    "PERSID": op_persid,
+    "BINPERSID": op_binpersid,
+    "REDUCE": op_reduce,
+    "STRING": op_string,
+    "BINSTRING": op_binstring,
+    "SHORT_BINSTRING": op_short_binstring,
+    "UNICODE": op_unicode,
+    "BINUNICODE": op_binunicode,
+    "APPEND": op_append,
+    "BUILD": op_build,
+    "GLOBAL": op_global,
+    "DICT": op_dict,
+    "EMPTY_DICT": op_empty_dict,
+    "APPENDS": op_appends,
+    "GET": op_get,
+    "BINGET": op_binget,
+    "INST": op_inst,
+    "LONG_BINGET": op_long_binget,
+    "LIST": op_list,
+    "EMPTY_LIST": op_empty_list,
+    "OBJ": op_obj,
+    "PUT": op_put,
+    "BINPUT": op_binput,
+    "LONG_BINPUT": op_long_binput,
+    "SETITEM": op_setitem,
+    "TUPLE": op_tuple,
+    "EMPTY_TUPLE": op_empty_tuple,
+    "SETITEMS": op_setitems,
+    "BINFLOAT": op_binfloat,
+    "PROTO": op_proto,
+    "NEWOBJ": op_newobj,
+    "EXT1": op_ext1,
+    "EXT2": op_ext2,
+    "EXT4": op_ext4,
+    "TUPLE1": op_tuple1,
+    "TUPLE2": op_tuple2,
+    "TUPLE3": op_tuple3,
+    "NEWTRUE": op_newtrue,
+    "NEWFALSE": op_newfalse,
+    "LONG1": op_long1,
+    "LONG4": op_long4,
+    "BINBYTES": op_binbytes,
+    "SHORT_BINBYTES": op_short_binbytes,
+    "SHORT_BINUNICODE": op_short_binunicode,
+    "BINUNICODE8": op_binunicode8,
+    "BINBYTES8": op_binbytes8,
+    "EMPTY_SET": op_empty_set,
+    "ADDITEMS": op_additems,
+    "FROZENSET": op_frozenset,
+    "NEWOBJ_EX": op_newobj_ex,
+    "STACK_GLOBAL": op_stack_global,
+    "MEMOIZE": op_memoize,
+    "FRAME": op_frame,
+    "BYTEARRAY8": op_bytearray8,
+    "NEXT_BUFFER": op_next_buffer,
+    "READONLY_BUFFER": op_readonly_buffer,
+}
+
+_HANDLERS: dict[int, Callable[[Machine], Any]] = {
+    code: _HANDLER_FUNCS[name] for code, name in OPNAMES.items() if name in _HANDLER_FUNCS
+}
+assert len(_HANDLERS) == len(OPNAMES), "every pickle opcode has a handler"
+
+
+def run_stream(
+    buf: Buffer, start: int = 0, end: int | None = None, *, limits: Limits = DEFAULT_LIMITS
+) -> Stream:
+    """Model one pickle stream of ``buf`` beginning at ``start``."""
+    return Machine(buf, start, end, limits=limits).run()

@@ -1,0 +1,375 @@
+"""Container tricks of SCANNING.md, and benign real-world shapes built with torch.save."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import struct
+import subprocess
+import sys
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdtool.scan import FileReport, classify_global, scan
+from tests.scan_payloads import call_global
+
+PAYLOAD = call_global("os", "system", proto=2)
+
+
+def rules(r: FileReport) -> set[str]:
+    return {f.rule for f in r.findings}
+
+
+def make_zip(path: Path, members: list[tuple[str, bytes]], deflate: bool = False) -> Path:
+    method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", method) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    return path
+
+
+# --- content routing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "model.bin", "noext", "weights.safetensors"])
+def test_pickle_under_any_name(tmp_path: Path, name: str) -> None:
+    # attack: a pickle named like something harmless (sniffed by content, never by name)
+    p = tmp_path / name
+    p.write_bytes(PAYLOAD)
+    r = scan(p)
+    assert r.verdict == "dangerous"
+    if name.endswith(".safetensors"):
+        assert "misnamed" in rules(r)
+
+
+# --- zips ---------------------------------------------------------------------------------------
+
+
+def test_pickle_member_under_any_name_and_folder(tmp_path: Path) -> None:
+    # attack: the payload is not archive/data.pkl but some other member, deflated
+    p = make_zip(tmp_path / "m.pt", [("archive/data.pkl", b"\x80\x02}q\x00."),
+                                     ("deep/dir/config.json", PAYLOAD)], deflate=True)  # fmt: skip
+    r = scan(p)
+    assert r.verdict == "dangerous"
+    assert next(f for f in r.findings if f.rule == "global").member == "deep/dir/config.json"
+
+
+def _patch_zip(p: Path, old: bytes, new: bytes, count: int = 1) -> None:
+    data = p.read_bytes()
+    assert data.count(old) >= count
+    p.write_bytes(data.replace(old, new, count))
+
+
+def test_zip_crc_mismatch(tmp_path: Path) -> None:
+    # attack: a wrong CRC makes zipfile-based scanners refuse the member; torch ignores CRCs
+    p = make_zip(tmp_path / "m.pt", [("archive/data.pkl", PAYLOAD)])
+    crc = struct.pack("<I", zlib.crc32(PAYLOAD))
+    _patch_zip(p, crc, b"\x00\x00\x00\x00", count=2)
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(p).read("archive/data.pkl")
+    r = scan(p)
+    assert r.verdict == "dangerous" and "zip-crc" in rules(r)
+
+
+def test_zip_local_name_differs_from_central(tmp_path: Path) -> None:
+    # attack: the local header names another file than the central directory
+    p = make_zip(tmp_path / "m.pt", [("archive/data.pkl", PAYLOAD)])
+    _patch_zip(p, b"archive/data.pkl", b"archive/datb.pkl", count=1)  # the local header only
+    r = scan(p)
+    assert r.verdict == "dangerous" and "zip-name-mismatch" in rules(r)
+
+
+@pytest.mark.parametrize("flag", [0x1, 0x20, 0x40])
+def test_zip_odd_flag_bits(tmp_path: Path, flag: int) -> None:
+    # attack: flag bits that make zipfile refuse a member whose bytes are plain
+    p = make_zip(tmp_path / "m.pt", [("archive/data.pkl", PAYLOAD)])
+    data = bytearray(p.read_bytes())
+    cd = data.find(b"PK\x01\x02")
+    data[6:8] = struct.pack("<H", flag)  # local header flags
+    data[cd + 8 : cd + 10] = struct.pack("<H", flag)  # central directory flags
+    p.write_bytes(bytes(data))
+    r = scan(p)
+    assert r.verdict == "dangerous" and "zip-flags" in rules(r)
+
+
+def test_zip_duplicate_names(tmp_path: Path) -> None:
+    # attack: two members with one name: torch uses the last, some scanners check the first
+    with pytest.warns(UserWarning):
+        p = make_zip(tmp_path / "m.pt", [("archive/data.pkl", b"\x80\x02}."),
+                                         ("archive/data.pkl", PAYLOAD)])  # fmt: skip
+    r = scan(p)
+    assert r.verdict == "dangerous" and "zip-duplicate" in rules(r)
+    # the shadowed copy is scanned too
+    with pytest.warns(UserWarning):
+        p2 = make_zip(tmp_path / "n.pt", [("archive/data.pkl", PAYLOAD),
+                                          ("archive/data.pkl", b"\x80\x02}.")])  # fmt: skip
+    assert scan(p2).verdict == "dangerous"
+
+
+def test_pickle_zip_polyglot(tmp_path: Path) -> None:
+    # attack: a pickle with a zip appended: torch reads the pickle, zipfile sees the zip
+    inner = make_zip(tmp_path / "z.zip", [("archive/data.pkl", b"\x80\x02}.")]).read_bytes()
+    p = tmp_path / "poly.pt"
+    p.write_bytes(PAYLOAD + inner)
+    assert zipfile.is_zipfile(p)
+    r = scan(p)
+    assert r.verdict == "dangerous" and "polyglot" in rules(r)
+    # and the payload in the zip half is found as well
+    evil_zip = make_zip(tmp_path / "e.zip", [("archive/data.pkl", PAYLOAD)]).read_bytes()
+    p.write_bytes(b"\x80\x02}." + evil_zip)
+    r = scan(p)
+    assert r.verdict == "dangerous" and "polyglot" in rules(r)
+
+
+def test_zip_inside_zip_and_7z_inside_zip(tmp_path: Path) -> None:
+    # attack: the payload one archive deeper; and a 7z (which sdtool does not open) in a zip
+    inner = make_zip(tmp_path / "inner.zip", [("archive/data.pkl", PAYLOAD)]).read_bytes()
+    p = make_zip(tmp_path / "outer.zip", [("inner.zip", inner)])
+    r = scan(p)
+    assert r.verdict == "dangerous"
+    assert any(f.member == "inner.zip/archive/data.pkl" for f in r.findings)
+    seven = b"7z\xbc\xaf\x27\x1c\x00\x04" + b"\x00" * 40
+    r = scan(make_zip(tmp_path / "o2.zip", [("model.7z", seven)]))
+    assert r.verdict == "dangerous" and "unscannable-archive" in rules(r)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [gzip.compress, bz2.compress, lzma.compress, zlib.compress,
+     lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)],
+    ids=["gzip", "bz2", "xz", "zlib", "lzma"],
+)  # fmt: skip
+def test_compressed_wrappers(tmp_path: Path, wrap) -> None:  # type: ignore[no-untyped-def]
+    # attack: a payload inside joblib-style whole-stream compression
+    p = tmp_path / "model.joblib"
+    p.write_bytes(wrap(PAYLOAD))
+    assert scan(p).verdict == "dangerous"
+
+
+def test_decompression_bomb_is_capped(tmp_path: Path) -> None:
+    # attack: a tiny gzip that inflates to gigabytes
+    p = tmp_path / "bomb.bz2"
+    p.write_bytes(bz2.compress(b"\x00" * (64 << 20)))
+    r = scan(p)
+    assert r.verdict != "dangerous" and any("exceeds" in e for e in r.errors)
+
+
+def test_joblib_inline_array_then_payload(tmp_path: Path) -> None:
+    # attack: the payload hides after joblib's raw array bytes, where a plain opcode walk derails
+    from tests.scan_payloads import (
+        BININT1,
+        BUILD,
+        EMPTY_DICT,
+        EMPTY_TUPLE,
+        GLOBAL,
+        MARK,
+        NEWFALSE,
+        NEWOBJ,
+        NEWTRUE,
+        NONE,
+        PROTO,
+        REDUCE,
+        SETITEMS,
+        STOP,
+        TUPLE,
+        TUPLE1,
+        U,
+        asm,
+    )  # fmt: skip
+
+    dtype = asm(GLOBAL("numpy", "dtype"), U("f8"), NEWFALSE, NEWTRUE, b"\x87", REDUCE,
+                MARK, BININT1(3), U("<"), NONE, NONE, NONE, b"J\xff\xff\xff\xff",
+                b"J\xff\xff\xff\xff", BININT1(0), TUPLE, BUILD)  # fmt: skip
+    state = asm(EMPTY_DICT, MARK, U("shape"), BININT1(2), TUPLE1, U("order"), U("C"),
+                U("dtype"), dtype, U("allow_mmap"), NEWFALSE, SETITEMS)  # fmt: skip
+    wrapper = asm(
+        GLOBAL("joblib.numpy_pickle", "NumpyArrayWrapper"), EMPTY_TUPLE, NEWOBJ, state, BUILD
+    )
+    raw = b"\x80\x02cos\nsystem\n" + b"\x00" * 2  # 16 bytes of "array data" that look like code
+    data = asm(PROTO(4), wrapper, raw, b"0", GLOBAL("os", "system"), U("id"), TUPLE1, REDUCE, STOP)
+    r = scan(tmp_path / "m.joblib" if (tmp_path / "m.joblib").write_bytes(data) else tmp_path)
+    assert r.verdict == "dangerous" and not r.errors
+    glob = next(f for f in r.findings if f.rule == "global")
+    assert glob.offset == data.rindex(b"cos\nsystem")  # the real payload, not the array bytes
+
+
+def test_npy_object_array_and_npz_member(tmp_path: Path) -> None:
+    # attack: .npy whose object array data is a malicious pickle; the same inside an .npz
+    header = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    header += " " * (64 - 10 - len(header) - 1) + "\n"
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + PAYLOAD
+    p = tmp_path / "x.npy"
+    p.write_bytes(npy)
+    assert scan(p).verdict == "dangerous"
+    z = make_zip(tmp_path / "x.npz", [("arr_0.npy", npy)])
+    r = scan(z)
+    assert r.verdict == "dangerous" and r.findings[0].member.startswith("arr_0.npy")  # type: ignore[union-attr]
+    # a benign object array written by numpy is safe; a plain array needs no pickle at all
+    np.save(tmp_path / "ok.npy", np.array([1, "a", None], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "ok.npz", a=np.arange(5), b=np.array([{"x": 1}], dtype=object))
+    assert scan(tmp_path / "ok.npy").verdict == "safe"
+    assert scan(tmp_path / "ok.npz").verdict == "safe"
+
+
+def test_torch_tar_format(tmp_path: Path) -> None:
+    # attack: the oldest torch format (a tar) with the payload in its 'pickle' member
+    p = tmp_path / "old.pt"
+    with tarfile.open(p, "w") as tf:
+        count0 = b"\x80\x02K\x00."
+        members = [("sys_info", b"\x80\x02}."), ("pickle", PAYLOAD), ("storages", count0),
+                   ("tensors", count0)]  # fmt: skip
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    r = scan(p)
+    assert r.format == "torch tar" and r.verdict == "dangerous"
+    assert next(f for f in r.findings if f.rule == "global").member == "pickle"
+
+
+def test_legacy_magic_slot_payload(tmp_path: Path) -> None:
+    # attack: legacy torch unpickles the magic-number pickle before checking it
+    import pickle
+
+    rest = b"".join(pickle.dumps(x, protocol=2) for x in (1001, {"protocol_version": 1001}, {}, []))
+    p = tmp_path / "legacy.pt"
+    p.write_bytes(PAYLOAD + rest)
+    r = scan(p)
+    assert (
+        r.verdict == "dangerous" and next(f for f in r.findings if f.rule == "global").stream == 0
+    )
+
+
+# --- safetensors --------------------------------------------------------------------------------
+
+
+def _st(tmp_path: Path, header: bytes, data: bytes = b"\x00" * 4, tail: bytes = b"") -> Path:
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header + data + tail)
+    return p
+
+
+def test_safetensors_lint(tmp_path: Path) -> None:
+    ok = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    assert scan(_st(tmp_path, ok)).verdict == "safe"
+    # attack: a pickle hidden after the tensors (a different reader may find it)
+    r = scan(_st(tmp_path, ok, tail=PAYLOAD))
+    assert r.verdict == "dangerous" and "safetensors-hidden" in rules(r)
+    # header tricks: leading whitespace, duplicate keys, unknown fields, code in metadata
+    tricky = (
+        b' {"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1},'
+        b'"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+        b'"__metadata__":{"note":"__import__(\'os\').system(\'id\')","url":"https://x.y"}}'
+    )
+    r = scan(_st(tmp_path, tricky))
+    msgs = " ".join(f.message for f in r.findings)
+    assert "whitespace" in msgs and "duplicate" in msgs and "looks like code" in msgs
+    assert "holds a URL" in msgs and r.verdict == "suspicious"
+    # broken reference rules (a hole in the offsets)
+    bad = (
+        b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+        b'"v":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}'
+    )
+    assert "safetensors-invalid" in rules(scan(_st(tmp_path, bad, data=b"\x00" * 12)))
+
+
+# --- benign real-world shapes ------------------------------------------------------------------
+
+
+FAKE_MODULES = {
+    "pytorch_lightning/__init__.py": "",
+    "pytorch_lightning/callbacks/__init__.py": "",
+    "pytorch_lightning/callbacks/model_checkpoint.py": (
+        "class ModelCheckpoint:\n    def __init__(self):\n        self.best_model_path = 'x'\n"
+    ),
+    "omegaconf/__init__.py": "class DictConfig:\n    def __init__(self, d):\n        self.d = d\n",
+}
+
+
+def _torch_save(tmp_path: Path, legacy: bool) -> Path:
+    """A Lightning-like SD training checkpoint written by real torch.save in a subprocess."""
+    for rel, text in FAKE_MODULES.items():
+        f = tmp_path / "fake" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    out = tmp_path / ("legacy.ckpt" if legacy else "zip.ckpt")
+    code = f"""
+import sys, collections, numpy as np, torch
+sys.path.insert(0, {str(tmp_path / "fake")!r})
+from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+from omegaconf import DictConfig
+sd = collections.OrderedDict((f"model.diffusion_model.w{{i}}", torch.randn(4, 4)) for i in range(5))
+sd["p"] = torch.nn.Parameter(torch.ones(2))
+sd["h"] = torch.zeros(3, dtype=torch.float16)
+ckpt = {{"state_dict": sd, "global_step": 10, "epoch": np.int64(3), "lr": np.float32(0.1),
+        "rng": np.random.get_state(), "callbacks": {{"ModelCheckpoint": ModelCheckpoint()}},
+        "hyper_parameters": DictConfig({{"a": 1}}), "tags": {{"x", "y"}},
+        "shape": torch.Size([1, 2])}}
+torch.save(ckpt, {str(out)!r}, _use_new_zipfile_serialization={not legacy})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return out
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_benign_training_checkpoint_is_not_dangerous(tmp_path: Path, legacy: bool) -> None:
+    r = scan(_torch_save(tmp_path, legacy))
+    assert r.verdict == "suspicious", [(f.rule, f.message) for f in r.findings]
+    assert r.format == ("legacy torch" if legacy else "torch zip") and not r.errors
+    sus = {f.global_name for f in r.findings}
+    assert sus == {"omegaconf.DictConfig"}  # ModelCheckpoint, numpy scalars, sets: allowlisted
+
+
+def test_plain_state_dict_is_safe(tmp_path: Path) -> None:
+    code = f"""
+import torch
+sd = {{"a": torch.randn(3, 3), "b": torch.arange(4), "c": torch.randn(2).to(torch.bfloat16)}}
+torch.save(sd, {str(tmp_path / "sd.pt")!r})
+torch.save(sd, {str(tmp_path / "sd_legacy.pt")!r}, _use_new_zipfile_serialization=False)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for name in ("sd.pt", "sd_legacy.pt"):
+        r = scan(tmp_path / name)
+        assert r.verdict == "safe", (name, r.findings, r.errors)
+
+
+def test_torchscript_is_reported_as_code(tmp_path: Path) -> None:
+    code = f"""
+import torch
+class M(torch.nn.Module):
+    def forward(self, x):
+        return x * 2
+torch.jit.save(torch.jit.script(M()), {str(tmp_path / "m.pt")!r})
+"""
+    script = tmp_path / "make_ts.py"  # TorchScript needs the source in a file
+    script.write_text(code)
+    subprocess.run([sys.executable, str(script)], check=True)
+    r = scan(tmp_path / "m.pt")
+    assert r.format == "TorchScript" and r.verdict == "suspicious"
+    ts = next(f for f in r.findings if f.rule == "torchscript")
+    assert "code/" in ts.message
+
+
+def test_scanner_never_imports_torch(tmp_path: Path) -> None:
+    p = tmp_path / "x.pkl"
+    p.write_bytes(PAYLOAD)
+    code = (
+        "import sys; from sdtool.scan import scan; r = scan(sys.argv[1]);"
+        "assert r.verdict == 'dangerous'; assert 'torch' not in sys.modules, 'torch imported';"
+        "assert 'pickle' not in sys.modules or True"
+    )
+    subprocess.run([sys.executable, "-c", code, str(p)], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_classify_global_api() -> None:
+    assert classify_global("torch._utils", "_rebuild_tensor_v2")[0] == "safe"
+    assert classify_global("argparse", "Namespace")[0] == "suspicious"
+    assert classify_global("posix", "system") == ("dangerous", "os.system: runs a shell command")
+    assert classify_global("some.unknown", "function")[0] == "dangerous"
