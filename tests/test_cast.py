@@ -62,6 +62,9 @@ def test_cast_equals_torch(src: str, dst: str) -> None:
     want = _torch_cast(bits, src, dst)
     got_arr, overflow = cast(bits.view(sd.numpy), sd, dd)
     got = got_arr.view(UINT[dd.itemsize][0])
+    buf = np.full(bits.size * dd.itemsize + 7, 0xAB, np.uint8)  # a reused buffer: same bits
+    into, overflow_into = cast(bits.view(sd.numpy), sd, dd, out=buf)
+    assert np.array_equal(into.view(UINT[dd.itemsize][0]), got) and overflow_into == overflow
     with np.errstate(all="ignore"):
         src_f = bits.view(sd.numpy).astype(np.float64)
         want_f = want.view(dd.numpy).astype(np.float64)

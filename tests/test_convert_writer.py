@@ -127,8 +127,8 @@ def test_interrupted_write_leaves_nothing(
 
 
 def test_verify_catches_a_bad_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def zeros(src_fd, dst_fd, offset, length, t, progress=None):  # type: ignore[no-untyped-def]
-        plan_mod.write_all(dst_fd, bytes(length))
+    def zeros(src_fd, dst_fd, offset, length, t, progress=None, dst_offset=None):  # type: ignore[no-untyped-def]
+        plan_mod.write_all(dst_fd, bytes(length), dst_offset)
 
     monkeypatch.setattr("sdtool.formats.safetensors.copy_span", zeros)
     out = tmp_path / "o.safetensors"
@@ -196,3 +196,20 @@ def test_torch_missing_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monke
     with _model(tmp_path, SAMPLE) as m, pytest.raises(MissingExtra, match=r"sdtool\[torch\]"):
         write_model(_plan(m), out)
     assert not out.exists() and _no_leftovers(tmp_path)
+
+
+def test_prefetch_order_errors_and_early_stop() -> None:
+    assert list(plan_mod.prefetch(iter(range(100)), depth=2)) == list(range(100))
+
+    def boom():  # type: ignore[no-untyped-def]
+        yield 1
+        raise ValueError("bad piece")
+
+    with pytest.raises(ValueError, match="bad piece"):
+        list(plan_mod.prefetch(boom()))
+    gen = plan_mod.prefetch(iter(range(10_000)), depth=2)
+    assert next(gen) == 0
+    gen.close()  # the thread is told to stop and joined, not left running
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "sdtool-prefetch"]

@@ -160,6 +160,7 @@ def test_cli_json_schema(
     assert main(["diff", "--json", str(a), str(b)]) == 1
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {
+        "schema",
         "a",
         "b",
         "identical",
@@ -170,6 +171,7 @@ def test_cli_json_schema(
         "metadata",
         "tensors",
     }
+    assert out["schema"] == "sdtool.diff/1"
     assert out["a"] == {"file": str(a), "format": "safetensors"}
     assert out["identical"] is False and out["changed_elements"] == 10
     assert out["counts"]["changed"] == 1 and out["counts"]["equal"] == 2

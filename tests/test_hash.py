@@ -134,7 +134,9 @@ def test_cli_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     p = tmp_path / "m.safetensors"
     save_file({"w": np.zeros(3, np.float32)}, str(p))
     assert main(["hash", "--json", str(p)]) == 0
-    records = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "sdtool.hash/1"
+    records = doc["files"]
     assert len(records) == 1
     rec = records[0]
     assert set(rec) == {"file", "size", "safetensors", "hashes", "notes"}

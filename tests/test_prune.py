@@ -228,7 +228,7 @@ def test_cli_dry_run_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["prune", str(src), str(out), "--ema-only", "--dtype", "fp16", "--dry-run"]) == 0
     assert not out.exists()
     text = capsys.readouterr().out
-    assert "dry run: 1143 tensors would be written" in text
+    assert "dry run: 1,143 tensors would be written" in text
     assert main(["prune", str(src), str(out), "--no-ema", "--json"]) == 0
     import json
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,10 +11,11 @@ from typing import Any
 
 import click
 
-from sdtool.cli.render import console, human_bytes, markup, print_json, warn
+from sdtool.cli import progress as bars_
+from sdtool.cli.options import dtype_option, jobs_option, json_option, key_option, write_options
+from sdtool.cli.render import console, error, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
 from sdtool.ops.convert import (
-    DTYPE_CHOICES,
     TO_SUFFIX,
     BatchResult,
     ConvertResult,
@@ -27,26 +28,14 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 @click.command("convert")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--dtype",
-    type=click.Choice(list(DTYPE_CHOICES)),
-    default="keep",
-    show_default=True,
-    help="Cast floating tensors (integers and bools are never cast), exactly as torch's .to().",
+@click.argument(
+    "paths", nargs=-1, required=True, metavar="IN... OUT", type=click.Path(path_type=Path)
 )
-@click.option("--key", metavar="PATH", help="Convert the tensors under this dotted key.")
+@dtype_option(keep=True)
+@key_option("Convert")
 @click.option("--metadata", "meta", multiple=True, metavar="KEY=VALUE", help="Add metadata.")
 @click.option("--no-metadata", is_flag=True, help="Do not carry the input's metadata/fields.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--verify", is_flag=True, help="Reopen the output and compare every tensor.")
-@click.option(
-    "--on-overflow",
-    type=click.Choice(["fail", "warn"]),
-    default="fail",
-    show_default=True,
-    help="What to do when a cast turns finite values into inf.",
-)
+@write_options
 @click.option(
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -59,8 +48,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
     show_default=True,
     help="Batch mode: the output format.",
 )
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Batch: files at once.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: docs/convert.md).")
+@jobs_option("Batch mode: convert")
+@json_option("convert")
 def convert_cmd(
     paths: tuple[Path, ...],
     dtype: str,
@@ -96,7 +85,7 @@ def convert_cmd(
         "verify": verify,
         "on_overflow": on_overflow,
     }
-    bars = not as_json and sys.stderr.isatty()
+    bars = bars_.enabled()
     if out_dir is None:
         if len(paths) != 2:
             raise UsageError(
@@ -104,21 +93,26 @@ def convert_cmd(
                 f"{len(paths)} path{'s' if len(paths) != 1 else ''})"
             )
         src, dst = paths
-        with _bars(bars) as progress:
+        with _sigterm_interrupts(), _bars(bars) as progress:
             result = convert(
                 src, dst, overwrite=overwrite, progress=_single(progress, src), **options
             )
-        if as_json:
-            print_json(result.to_json())
+        if as_json:  # the same document as a batch of one, so scripts parse one shape
+            _details(result)  # warnings still reach stderr; stdout holds only the JSON
+            print_json(BatchResult([result]).to_json())
         else:
             render_one(result)
         return EXIT_OK
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _bars(bars) as progress:
+    with _sigterm_interrupts(), _bars(bars) as progress:
         batch = convert_batch(
             paths, out_dir, to=to, jobs=jobs, overwrite=overwrite, progress=progress, **options
         )
     if as_json:
+        for r in batch.results:
+            _details(r)
+            if r.status == "failed":
+                error(r.error or r.input)
         print_json(batch.to_json())
     else:
         render_batch(batch)
@@ -126,6 +120,24 @@ def convert_cmd(
 
 
 Progress = Callable[[Path, int, int], None]
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Treat SIGTERM (kill, a CI timeout) like Ctrl-C while converting, so temp files are
+    removed on the way out; the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _single(progress: Progress | None, src: Path) -> Callable[[int, int], None] | None:
@@ -172,9 +184,9 @@ def _bars(enabled: bool) -> Iterator[Progress | None]:
 
 def _line(r: ConvertResult) -> str:
     size = f"{human_bytes(r.input_bytes)} -> {human_bytes(r.output_bytes)}"
-    how = [f"{r.tensors} tensors", size]
+    how = [f"{r.tensors:,} tensors", size]
     if r.cast:
-        how.append(f"{r.cast} cast to {r.dtype}")
+        how.append(f"{r.cast:,} cast to {r.dtype}")
     if r.verified:
         how.append("verified")
     return f"{markup(r.input)} -> {markup(r.output)}: {', '.join(how)}"
@@ -206,8 +218,9 @@ def render_batch(b: BatchResult) -> None:
             _details(r)
         elif r.status == "skipped":
             out.print(f"skipped   {markup(r.input)}: {markup(r.output)} exists (--overwrite)")
-        else:
-            out.print(f"[red]failed[/red]    {markup(r.error or r.input)}")
+        else:  # the reason goes to stderr as the one-line error every command prints
+            out.print(f"[red]failed[/red]    {markup(r.input)}")
+            error(r.error or r.input)
     s = b.to_json()["summary"]
     out.print(
         f"\n{s['converted']} converted, {s['skipped']} skipped, {s['failed']} failed; "

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
-from sdtool.cli import render
+from sdtool.cli import progress, render
+from sdtool.cli.options import json_option
 from sdtool.ops.diff import DiffResult, TensorDiff, diff
 
 EXIT_IDENTICAL, EXIT_DIFFERENT = 0, 1
-
-
-@contextlib.contextmanager
-def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar over the bytes compared, on stderr when it is a terminal."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, leave=False, file=sys.stderr) as bar:
-
-        def update(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        yield update
 
 
 def _fmt_diff(x: float | int | None) -> str:
@@ -76,7 +57,7 @@ def _render(r: DiffResult) -> None:
             out.print(f"  {label}: {', '.join(render.markup(k, 80) for k in keys)}")
     c = r.counts
     order = ("equal", "changed", "dtype", "shape", "missing", "extra")
-    summary = ", ".join(f"{c[s]} {s}" for s in order)
+    summary = ", ".join(f"{c[s]:,} {s}" for s in order)
     verdict = "[green]identical[/]" if r.identical else "[red]different[/]"
     out.print(f"{summary}; max |a-b| {_fmt_diff(r.max_abs_diff)}; {verdict}")
 
@@ -89,7 +70,7 @@ def _render(r: DiffResult) -> None:
     is_flag=True,
     help="Count a dtype change as identical when A cast to B's dtype equals B bit for bit.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: docs/diff.md).")
+@json_option("diff")
 def diff_cmd(a: Path, b: Path, dtype_tolerant: bool, as_json: bool) -> int:
     """Compare model files A and B tensor by tensor.
 
@@ -104,8 +85,9 @@ def diff_cmd(a: Path, b: Path, dtype_tolerant: bool, as_json: bool) -> int:
       sdtool diff --dtype-tolerant model.safetensors model-fp16.safetensors
       sdtool diff --json base.safetensors finetuned.safetensors
     """
-    with _progress_bar() as progress:
-        result = diff(a, b, dtype_tolerant=dtype_tolerant, progress=progress)
+    with progress.byte_bar("comparing") as bar:
+        cb = None if bar is None else bar.absolute
+        result = diff(a, b, dtype_tolerant=dtype_tolerant, progress=cb)
     if as_json:
         render.print_json(result.to_json())
     else:

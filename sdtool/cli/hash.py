@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
-from sdtool.cli import render
+from sdtool.cli import progress, render
+from sdtool.cli.options import json_option
 from sdtool.errors import SdtoolError
 from sdtool.ops.hash import ALGORITHMS, HashResult, hash_file, parse_algorithms
 
 EXIT_OK, EXIT_ERROR = 0, 2
-
-
-@contextlib.contextmanager
-def _progress_bar(path: Path, size: int) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar on stderr when it is a terminal; no callback otherwise."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(
-        total=size,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=render.escape(path.name, 40),
-        leave=False,
-        file=sys.stderr,
-    ) as bar:
-
-        def update(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-
-        yield update
 
 
 def _render(result: HashResult) -> None:
@@ -63,7 +37,7 @@ def _render(result: HashResult) -> None:
     metavar="NAME[,NAME]",
     help="Hashes to compute: " + ", ".join(ALGORITHMS) + " or all (default: all).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (schema: docs/hash.md).")
+@json_option("hash", "a JSON list")
 def hash_cmd(files: tuple[Path, ...], algorithms: tuple[str, ...], as_json: bool) -> int:
     """Print SHA256, AutoV1, AutoV2, AutoV3, CRC32 and BLAKE3 of each FILE in one read.
 
@@ -82,15 +56,16 @@ def hash_cmd(files: tuple[Path, ...], algorithms: tuple[str, ...], as_json: bool
     for path in files:
         try:
             size = path.stat().st_size if path.is_file() else 0
-            with _progress_bar(path, size) as progress:
-                result = hash_file(path, algorithms=names, progress=progress)
+            with progress.byte_bar(path.name, size) as bar:
+                cb = None if bar is None else bar.absolute
+                result = hash_file(path, algorithms=names, progress=cb)
         except SdtoolError as e:
-            click.echo(f"sdtool: {render.escape(e.with_path(path))}", err=True)
+            render.error(e.with_path(path))
             code = EXIT_ERROR
             continue
         results.append(result)
         if not as_json:
             _render(result)
     if as_json:
-        render.print_json([r.to_json() for r in results])
+        render.print_json({"schema": "sdtool.hash/1", "files": [r.to_json() for r in results]})
     return code

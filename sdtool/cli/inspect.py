@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from sdtool.cli.options import json_option, key_option
 from sdtool.cli.render import console, human_bytes, human_count, markup, print_json
 from sdtool.ops.inspect import InspectReport, inspect
 
@@ -20,10 +21,8 @@ MAX_SHOWN = 160  # characters of a metadata value or extra field in the table vi
 @click.option(
     "--filter", "pattern", metavar="GLOB", help="With --tensors: only names matching GLOB."
 )
-@click.option(
-    "--key", metavar="PATH", help="Use the tensors under this dotted key, not state_dict."
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: docs/inspect.md).")
+@key_option("Use")
+@json_option("inspect")
 def inspect_cmd(
     file: Path, list_tensors: bool, pattern: str | None, key: str | None, as_json: bool
 ) -> int:
@@ -47,7 +46,7 @@ def inspect_cmd(
 
 def _bucket_row(name: str, b: Any, total: int) -> list[str]:
     share = f"{100 * b.bytes / total:.1f}%" if total else "-"
-    return [name, str(b.tensors), human_count(b.parameters), human_bytes(b.bytes), share]
+    return [name, f"{b.tensors:,}", human_count(b.parameters), human_bytes(b.bytes), share]
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -64,7 +63,7 @@ def render(r: InspectReport) -> None:
     out = console()
     out.print(f"[bold]{markup(r.path)}[/bold]")
     facts = [
-        ("format", r.format + _container_note(r.container)),
+        ("format", markup(r.format + _container_note(r.container))),
         ("file size", f"{human_bytes(r.file_size)} ({r.file_size:,} bytes)"),
         ("tensors", f"{r.totals.tensors:,}"),
         ("parameters", f"{r.totals.parameters:,} ({human_count(r.totals.parameters)})"),

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
 }
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT / SIGPIPE, as shells report them
 
 
 class LazyGroup(click.Group):
@@ -86,25 +87,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         rv = cli.main(args=args, prog_name="sdtool", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("sdtool: interrupted", err=True)
-        return 130
+        return EXIT_INTERRUPTED
     except click.ClickException as e:
-        e.show()
+        click.echo(_one_line(e), err=True)
         return EXIT_USAGE
     except click.exceptions.Exit as e:
         return int(e.exit_code or 0)
     except SdtoolError as e:
         if debug:
             raise
-        from sdtool.cli.render import escape
+        from sdtool.cli.render import error
 
-        click.echo(f"sdtool: {escape(str(e))}", err=True)
+        error(e)
         return EXIT_USAGE
     except KeyboardInterrupt:
         click.echo("sdtool: interrupted", err=True)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 0
+        # the reader went away (`| head`): say nothing more, and keep Python's final flush of
+        # stdout from failing again at exit
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     return int(rv or 0)
+
+
+def _one_line(e: click.ClickException) -> str:
+    """A click usage error as one line: ``sdtool: <command>: <problem> (see ...)``."""
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "sdtool"
+    where = path.removeprefix("sdtool").strip()
+    prefix = f"sdtool: {where}: " if where else "sdtool: "
+    return f"{prefix}{e.format_message()} (see '{path} --help')"
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (tests capture it)
+        pass
 
 
 def run() -> None:

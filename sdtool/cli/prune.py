@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.table import Table
 
 from sdtool import dtypes
-from sdtool.cli.render import console, human_bytes, human_count, markup, print_json
+from sdtool.cli import progress
+from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
+from sdtool.cli.render import console, human_bytes, human_count, markup, print_json, warn
 from sdtool.formats.open import open_model
 from sdtool.ops.prune import (
     DROP_TARGETS,
@@ -21,36 +24,14 @@ from sdtool.ops.prune import (
     prune,
 )
 
-_common = [
-    click.option(
-        "--dtype",
-        metavar="DTYPE",
-        help="Cast floating tensors (fp16, bf16, fp32 ...); integer tensors are never cast.",
-    ),
-    click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
-    click.option(
-        "--json", "as_json", is_flag=True, help="Print the report as JSON (schema: docs/prune.md)."
-    ),
-    click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
-    click.option(
-        "--verify", is_flag=True, help="Re-read the output and compare every tensor bit for bit."
-    ),
-    click.option(
-        "--on-overflow",
-        type=click.Choice(["fail", "warn"]),
-        default="fail",
-        show_default=True,
-        help="A cast that overflows to inf: refuse, or write and warn.",
-    ),
-]
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def common(f: F) -> F:
-    """The options prune and extract share, same words as convert."""
-    for opt in reversed(_common):
+    """The options prune and extract share, spelled as everywhere else (sdtool/cli/options.py)."""
+    for opt in reversed(
+        [dtype_option(), dry_run_option, json_option("prune", "the report as JSON"), write_options]
+    ):
         f = opt(f)
     return f
 
@@ -128,15 +109,17 @@ def prune_cmd(
                 bake_vae=vae,
                 fix_clip=fix_clip,
             )
-            result = prune(
-                model,
-                out,
-                opts,
-                dry_run=dry_run,
-                overwrite=overwrite,
-                verify=verify,
-                on_overflow=on_overflow,
-            )
+            with progress.byte_bar(f"writing {out.name}") as bar:
+                result = prune(
+                    model,
+                    out,
+                    opts,
+                    dry_run=dry_run,
+                    overwrite=overwrite,
+                    verify=verify,
+                    on_overflow=on_overflow,
+                    progress=None if bar is None else bar.advance,
+                )
         finally:
             if vae is not None:
                 vae.close()
@@ -175,7 +158,7 @@ def extract_cmd(
       sdtool extract sdxl.safetensors clip_g.safetensors --component clip-g --dtype fp16
       sdtool extract sd15.ckpt unet-ema.safetensors -c unet --ema-only
     """
-    with open_model(src) as model:
+    with open_model(src) as model, progress.byte_bar(f"writing {out.name}") as bar:
         result = extract(
             model,
             out,
@@ -186,26 +169,36 @@ def extract_cmd(
             overwrite=overwrite,
             verify=verify,
             on_overflow=on_overflow,
+            progress=None if bar is None else bar.advance,
         )
     return report(result, src, out, dry_run=dry_run, as_json=as_json)
 
 
 def report(result: PruneResult, src: Path, out: Path, *, dry_run: bool, as_json: bool) -> int:
+    """The before/after table, what was dropped or changed and why, then what was written."""
+    w = result.write
+    if w is not None:
+        for tname, n in w.overflows.items():
+            warn(f"{src}: {n} value(s) of {tname!r} overflowed to inf in the cast")
     if as_json:
         print_json(result.to_json())
         return 0
     p = result.plan
     c = console()
     arch = p.identity.architecture_label
-    c.print(f"{markup(src)}: {p.identity.kind}" + (f" ({arch})" if arch else ""))
-    c.print("[bold]component        before                      after[/]")
+    c.print(f"{markup(src)}: {markup(p.identity.kind)}" + (f" ({markup(arch)})" if arch else ""))
+    t = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 1))
+    t.add_column("\ncomponent")
+    for when in ("before", "after"):
+        for i, col in enumerate(("tensors", "params", "bytes")):
+            t.add_column(f"{when if i == 0 else ''}\n{col}", justify="right")
     for name in dict.fromkeys([*p.before, *p.after]):
-        b, a = p.before.get(name), p.after.get(name)
-        c.print(f"  {markup(name):15}{_cell(b):28}{_cell(a)}")
-    c.print(f"  {'total':15}{_cell(p.total('before')):28}{_cell(p.total('after'))}")
+        t.add_row(markup(name), *_cells(p.before.get(name)), *_cells(p.after.get(name)))
+    t.add_row("total", *_cells(p.total("before")), *_cells(p.total("after")), style="bold")
+    c.print(t)
     for d in p.dropped:
         c.print(
-            f"dropped {d.totals.tensors} tensors ({human_bytes(d.totals.bytes)}): "
+            f"dropped {d.totals.tensors:,} tensors ({human_bytes(d.totals.bytes)}): "
             f"{markup(d.reason)}"
         )
     for key, why in p.dropped_entries:
@@ -214,23 +207,20 @@ def report(result: PruneResult, src: Path, out: Path, *, dry_run: bool, as_json:
         c.print(f"changed: {markup(ch)}")
     for note in p.notes:
         c.print(f"note: {markup(note)}")
-    w = result.write
     if dry_run or w is None:
-        c.print(
-            f"dry run: {len(p.tensors)} tensors would be written to {markup(out)}; nothing written"
-        )
+        n = len(p.tensors)
+        c.print(f"dry run: {n:,} tensors would be written to {markup(out)}; nothing written")
     else:
         extra = ", verified bit for bit" if w.verified else ""
         c.print(
-            f"wrote {markup(w.path)} ({w.format}, {w.tensors} tensors, "
+            f"wrote {markup(w.path)} ({w.format}, {w.tensors:,} tensors, "
             f"{human_bytes(w.nbytes)}{extra})"
         )
-        for tname, n in w.overflows.items():
-            c.print(f"warning: {markup(tname)}: {n} values overflowed to inf in the cast")
     return 0
 
 
-def _cell(t: object) -> str:
+def _cells(t: Any) -> tuple[str, str, str]:
+    """tensors, parameters, bytes of one component (``-`` where it is absent)."""
     if t is None:
-        return "-"
-    return f"{t.tensors} t, {human_count(t.parameters)} p, {human_bytes(t.bytes)}"  # type: ignore[attr-defined]
+        return "-", "-", "-"
+    return f"{t.tensors:,}", human_count(t.parameters), human_bytes(t.bytes)

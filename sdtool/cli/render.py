@@ -36,11 +36,19 @@ def markup(text: object, limit: int | None = None) -> str:
     return rich_escape(escape(text, limit))
 
 
+class _Console(Console):
+    """rich's Console, except that a closed pipe (``| head``) reaches main() as BrokenPipeError
+    (exit 141) instead of rich's own SystemExit(1), which would read as "findings"."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
     """A rich console; plain (no colour, no wrapping surprises) when not on a terminal."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(
-        file=stream, highlight=False, soft_wrap=False, width=None if stream.isatty() else 120
+    return _Console(
+        file=stream, highlight=False, soft_wrap=True, width=None if stream.isatty() else 120
     )
 
 
@@ -64,6 +72,11 @@ def human_count(n: int) -> str:
 def print_json(data: Any) -> None:
     """Write ``data`` as indented JSON to stdout (non-ASCII kept, control chars JSON-escaped)."""
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def error(message: object) -> None:
+    """One escaped error line on stderr: ``sdtool: <file>: <problem>``."""
+    click.echo(f"sdtool: {escape(message)}", err=True)
 
 
 def warn(message: str) -> None:

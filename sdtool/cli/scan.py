@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 from rich.table import Table
 
-from sdtool.cli.render import console, human_bytes, markup, print_json
+from sdtool.cli import progress as bars_
+from sdtool.cli.options import jobs_option, json_option
+from sdtool.cli.render import console, error, human_bytes, markup, print_json
 from sdtool.scan import FileReport, ScanReport, scan_paths
 from sdtool.scan.sarif import to_sarif
 
@@ -27,9 +30,8 @@ STYLE = {
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--strict", is_flag=True, help="Fail (exit 1) on suspicious files too.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching GLOB.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Scan with this many processes.")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema: docs/scan.md).")
+@jobs_option("Scan")
+@json_option("scan")
 @click.option("--sarif", "as_sarif", is_flag=True, help="Print SARIF 2.1.0.")
 @click.option("--crc", type=click.Choice(["read", "all"]), default="read", show_default=True,
               help="Check zip CRC-32 of the members read, or of every member.")  # fmt: skip
@@ -60,9 +62,12 @@ def scan_cmd(
     """
     if as_json and as_sarif:
         raise click.UsageError("choose one of --json and --sarif")
+    for p in paths:  # a mistyped argument is a user error: say so on stderr, scan the rest
+        if not os.path.lexists(p):
+            error(f"{p}: no such file or directory")
     progress = None
     bar = None
-    if sys.stderr.isatty() and not (as_json or as_sarif):
+    if bars_.enabled():
         from tqdm import tqdm
 
         bar = tqdm(unit="file", desc="scanning", leave=False, file=sys.stderr)

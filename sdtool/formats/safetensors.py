@@ -8,8 +8,9 @@ a truncated download or a file that is not safetensors at all.
 from __future__ import annotations
 
 import json
+import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -17,7 +18,16 @@ from typing import Any, BinaryIO
 
 from sdtool import dtypes
 from sdtool.errors import CorruptFile, OutputError, TruncatedFile, UnsupportedDtype
-from sdtool.formats.plan import Chunks, OutTensor, SourceFds, copy_span, write_all
+from sdtool.formats.plan import (
+    BufferRing,
+    Chunks,
+    OutTensor,
+    SourceFds,
+    copy_span,
+    prefetch,
+    source_order,
+    write_all,
+)
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
 
 MAX_HEADER = 100_000_000  # the reference reader's limit
@@ -188,6 +198,7 @@ DTYPE_ORDER: tuple[str, ...] = (
     "U64",
 )
 _RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
+PREFETCH = 2  # pieces read and cast ahead of the write
 
 
 @dataclass(frozen=True)
@@ -249,40 +260,63 @@ def write_safetensors(
 ) -> dict[str, int]:
     """Stream ``plan`` into the empty file ``f`` as safetensors; return overflow counts by name.
 
-    Peak memory is one chunk of a cast (64 MiB of the wider dtype) or one tensor that must be
+    The file is sized first, then each tensor is written at its offset, in source order. Peak
+    memory is one chunk of a cast (64 MiB of the wider dtype) or one tensor that must be
     materialised (a deflated or strided source), plus a constant. ``progress`` receives byte
     counts as they are written.
     """
     header, placed = layout(plan, metadata)
     fd = f.fileno()
     write_all(fd, header)
+    base = len(header)
+    os.ftruncate(fd, base + (placed[-1].end if placed else 0))
+    # Tensors go to their places in safetensors' order, but are read in the order they lie in
+    # their sources: reading a 7 GB file front to back instead of jumping around is what keeps
+    # this at the speed of cp once the file no longer fits the page cache.
+    order = sorted(placed, key=lambda p: (str(p.tensor.source.path), *source_order(p.tensor)))
     overflows: dict[str, int] = {}
     with SourceFds() as fds:
-        for p in placed:
+        for kind, p, item in prefetch(_steps(order, fds), depth=PREFETCH):
             t = p.tensor
-            span = t.copy_span
-            src_fd = fds.get(t)
-            if span is not None:
-                if span[0] + span[1] > t.source.file_size:
-                    raise TruncatedFile(
-                        f"tensor {t.name!r} needs bytes up to {span[0] + span[1]} but the file "
-                        f"has {t.source.file_size}; the download is truncated",
-                        path=t.source.path,
-                    )
-                copy_span(src_fd, fd, span[0], span[1], t, progress)
-                continue
-            chunks = Chunks(t, src_fd)
-            written = 0
-            for piece in chunks:
-                written += write_all(fd, piece)
+            if kind == "copy":
+                span = t.copy_span
+                assert span is not None
+                copy_span(fds.get(t), fd, span[0], span[1], t, progress, base + p.begin)
+            elif kind == "piece":
+                offset, piece = item
+                write_all(fd, piece, base + p.begin + offset)
                 if progress is not None:
                     progress(piece.nbytes)
-                del piece
-            if written != p.end - p.begin:
-                raise CorruptFile(
-                    f"tensor {t.name!r} gave {written} bytes, expected {p.end - p.begin}",
+            elif item.overflow:  # "done": a cast tensor is complete
+                overflows[t.name] = item.overflow
+    return overflows
+
+
+def _steps(order: list[Placed], fds: SourceFds) -> Iterator[tuple[str, Placed, Any]]:
+    """What to do, tensor by tensor: ("copy", p, None) for bytes that move as they are, else
+    ("piece", p, (offset, array)) per chunk and ("done", p, chunks). Runs in the prefetch
+    thread, so reading and casting the next piece overlaps writing this one."""
+    ring = BufferRing(slots=PREFETCH + 3)
+    for p in order:
+        t = p.tensor
+        span = t.copy_span
+        if span is not None:
+            if span[0] + span[1] > t.source.file_size:
+                raise TruncatedFile(
+                    f"tensor {t.name!r} needs bytes up to {span[0] + span[1]} but the file "
+                    f"has {t.source.file_size}; the download is truncated",
                     path=t.source.path,
                 )
-            if chunks.overflow:
-                overflows[t.name] = chunks.overflow
-    return overflows
+            yield "copy", p, None
+            continue
+        chunks = Chunks(t, fds.get(t), ring)
+        written = 0
+        for piece in chunks:
+            yield "piece", p, (written, piece)
+            written += piece.nbytes
+        if written != p.end - p.begin:
+            raise CorruptFile(
+                f"tensor {t.name!r} gave {written} bytes, expected {p.end - p.begin}",
+                path=t.source.path,
+            )
+        yield "done", p, chunks

@@ -290,6 +290,7 @@ class BatchResult:
     def to_json(self) -> dict[str, Any]:
         done = [r for r in self.results if r.status == "converted"]
         return {
+            "schema": "sdtool.convert/1",
             "results": [r.to_json() for r in self.results],
             "summary": {
                 "converted": len(done),

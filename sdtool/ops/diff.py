@@ -118,6 +118,7 @@ class DiffResult:
     def to_json(self) -> dict[str, Any]:
         """The documented --json record (docs/diff.md)."""
         return {
+            "schema": "sdtool.diff/1",
             "a": {"file": os.fspath(self.a), "format": self.format_a},
             "b": {"file": os.fspath(self.b), "format": self.format_b},
             "identical": self.identical,

@@ -173,7 +173,13 @@ class Identity:
     @property
     def precision_text(self) -> str:
         parts = sorted(self.precision.items(), key=lambda kv: -kv[1]["bytes"])
-        return ", ".join(f"{code} ({d['tensors']} tensors)" for code, d in parts) or "none"
+        return (
+            ", ".join(
+                f"{code} ({d['tensors']} tensor{'' if d['tensors'] == 1 else 's'})"
+                for code, d in parts
+            )
+            or "none"
+        )
 
     # -- output ---------------------------------------------------------------------------------
 

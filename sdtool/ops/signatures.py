@@ -103,6 +103,7 @@ ARCH_LABELS: dict[str, str] = {
     "sd3": "SD3",
     "flux-dev": "Flux dev",
     "flux-schnell": "Flux schnell",
+    "sd": "the SD 1.x/2.x/SDXL reference",  # components they share (the VAE, noise schedule)
 }
 
 

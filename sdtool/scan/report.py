@@ -10,7 +10,7 @@ from sdtool.scan.classify import RANK
 #: per-file verdicts, worst first
 VERDICTS = ("dangerous", "suspicious", "error", "not scanned", "safe")
 EXIT_OK, EXIT_DANGEROUS, EXIT_ERROR = 0, 1, 2
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = "sdtool.scan/1"
 
 
 @dataclass

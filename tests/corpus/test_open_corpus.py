@@ -38,8 +38,10 @@ for mod, attr in [(os, "system"), (os, "popen"), (os, "execv"), (os, "execve"), 
 subprocess.Popen.__init__ = canary("Popen")
 import ast
 def compile_ast_only(source, filename, mode, flags=0, *a, **k):
-    # ast.literal_eval parses with PyCF_ONLY_AST: a syntax tree, nothing runs
-    if flags & ast.PyCF_ONLY_AST:
+    # ast.literal_eval parses with PyCF_ONLY_AST: a syntax tree, nothing runs; importlib compiles
+    # .py files it imports (without a bytecode cache): the import recorder judges those imports
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    if flags & ast.PyCF_ONLY_AST or caller.startswith("importlib"):
         return REAL_COMPILE(source, filename, mode, flags, *a, **k)
     calls.append("compile")
     raise RuntimeError("canary: compile")

@@ -1,0 +1,125 @@
+"""Options several commands share, defined once so they are spelled and explained the same.
+
+``--json`` always means one JSON document on stdout (schema in docs/<command>.md) with warnings
+and progress on stderr; ``--overwrite``, ``--verify``, ``--dtype``, ``--key``, ``--dry-run`` and
+``--on-overflow`` mean the same thing wherever they appear. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: what --dtype accepts (the name a user types -> the safetensors code); ``keep`` only on convert.
+#: Other spellings dtypes.parse knows (float16, half, F16, bfloat16 ...) are accepted too.
+DTYPE_NAMES: dict[str, str] = {
+    "fp32": "F32",
+    "fp16": "F16",
+    "bf16": "BF16",
+    "fp8_e4m3fn": "F8_E4M3",
+    "fp8_e5m2": "F8_E5M2",
+}
+
+
+class DTypeParam(click.ParamType):
+    """A floating dtype to cast to, by any name sdtool knows; converts to the canonical name."""
+
+    name = "dtype"
+
+    def __init__(self, *, keep: bool = False) -> None:
+        self.keep = keep
+        self.names = (["keep"] if keep else []) + list(DTYPE_NAMES)
+
+    def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
+        return "[" + "|".join(self.names) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from sdtool import dtypes
+        from sdtool.errors import UnsupportedDtype
+
+        text = str(value).strip()
+        if text.lower() in self.names:
+            return text.lower()
+        try:
+            code = dtypes.parse(text).code
+        except UnsupportedDtype:
+            code = None
+        for name, c in DTYPE_NAMES.items():
+            if c == code:
+                return name
+        self.fail(f"{text!r} is not a dtype sdtool casts to; use one of {', '.join(self.names)}")
+
+
+def _apply(f: F, *decorators: Callable[[F], F]) -> F:
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def json_option(command: str, what: str = "JSON") -> Callable[[F], F]:
+    """``--json``: one JSON document on stdout, nothing else there."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help=f"Print {what} on stdout (schema: docs/{command}.md).",
+    )
+
+
+def dtype_option(*, keep: bool = False) -> Callable[[F], F]:
+    """``--dtype``: cast floating tensors; integers and bools never change."""
+    return click.option(
+        "--dtype",
+        type=DTypeParam(keep=keep),
+        default="keep" if keep else None,
+        show_default=keep,
+        help="Cast floating tensors, exactly as torch's .to() (integers and bools are never cast).",
+    )
+
+
+def key_option(what: str) -> Callable[[F], F]:
+    """``--key``: the dotted path of the tensors to use instead of the state dict."""
+    return click.option(
+        "--key", metavar="PATH", help=f"{what} the tensors under this dotted key, not state_dict."
+    )
+
+
+def write_options(f: F) -> F:
+    """``--overwrite``, ``--verify`` and ``--on-overflow``: what every command that writes takes."""
+    return _apply(
+        f,
+        click.option("--overwrite", is_flag=True, help="Replace the output if it exists."),
+        click.option(
+            "--verify",
+            is_flag=True,
+            help="Re-read the output and compare every tensor bit for bit.",
+        ),
+        click.option(
+            "--on-overflow",
+            type=click.Choice(["fail", "warn"]),
+            default="fail",
+            show_default=True,
+            help="A cast that turns finite values into inf: refuse, or write and warn.",
+        ),
+    )
+
+
+def dry_run_option(f: F) -> F:
+    """``--dry-run``: print the plan, write nothing."""
+    return click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(f)
+
+
+def jobs_option(what: str) -> Callable[[F], F]:
+    """``-j/--jobs``: how many files at once."""
+    return click.option(
+        "-j",
+        "--jobs",
+        type=click.IntRange(1, 64),
+        default=1,
+        show_default=True,
+        help=f"{what} this many files at once.",
+    )
