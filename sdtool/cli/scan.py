@@ -127,7 +127,7 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
     parts = [f"{s[k]} {k}" for k in ("dangerous", "suspicious", "error", "not scanned", "safe")
              if s[k]]  # fmt: skip
     out.print(
-        f"\n{s['files']} files: "
+        f"\n{s['files']} file{'' if s['files'] == 1 else 's'}: "
         + (", ".join(parts) or "nothing to scan")
         + f" -> exit {report.exit_code}"
         + (" (--strict)" if report.strict else "")
