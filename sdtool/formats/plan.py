@@ -78,8 +78,8 @@ class BufferRing:
 
     A cast into a fresh 64 MiB array costs a page fault per 4 KiB (measured: twice the wall
     time of the whole fp16 conversion); reusing buffers avoids it. A buffer comes back into use
-    ``slots`` pieces later, so ``slots`` must exceed the pieces a consumer can hold at once
-    (the prefetch queue's depth + the piece being written + the one being made).
+    ``slots`` pieces later, so ``slots`` must exceed the pieces in flight at once (made or
+    being made, queued, being written).
     """
 
     def __init__(self, slots: int = 5) -> None:
@@ -102,10 +102,10 @@ class BufferRing:
 class Chunks:
     """The values of one OutTensor, in the output dtype, as contiguous 1-D pieces.
 
-    Reads contiguous little-endian tensors with pread into a fresh buffer per piece (no mmap,
-    so the file's pages never count against this process), anything else through
-    ``ModelFile.read_info`` (one copy of that tensor at most). ``overflow`` counts values that
-    became inf in a cast (float8_e4m3fn: saturated).
+    Reads contiguous little-endian tensors from the file (kept as they are: pread into a fresh
+    buffer per piece; cast: from a read-only map whose pages are dropped once cast), anything
+    else through ``ModelFile.read_info`` (one copy of that tensor at most). ``overflow``
+    counts values that became inf in a cast (float8_e4m3fn: saturated).
     """
 
     def __init__(
@@ -115,8 +115,16 @@ class Chunks:
         self.src_fd = src_fd
         self.ring = ring
         self.overflow = 0
+        self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        for job in self.jobs():
+            yield job.run()
+
+    def jobs(self) -> Iterator[Job]:
+        """The pieces as jobs to run in order or on other threads (``run`` is thread-safe):
+        a writer can cast several pieces at once (numpy releases the GIL) and still write
+        them in order, since each job knows its output size before it runs."""
         t = self.t
         if t.make is not None:
             arr = np.asarray(t.make())
@@ -131,20 +139,30 @@ class Chunks:
         arr = t.source.read_info(t.info, t.name)
         yield from self._pieces(arr.reshape(-1), t.info.dtype)
 
-    def _pieces(self, flat: np.ndarray, src: DType) -> Iterator[np.ndarray]:
+    def _job(self, part: np.ndarray, src: DType, after: Callable[[], None] | None = None) -> Job:
+        """A job casting ``part`` (its output buffer taken from the ring now, in order)."""
+        nbytes = part.size * self.t.dtype.itemsize
+        if src == self.t.dtype:
+            return Job(nbytes, lambda: np.ascontiguousarray(part))
+        buf = None if self.ring is None else self.ring.next(nbytes)
+
+        def run() -> np.ndarray:
+            out, over = cast(part, src, self.t.dtype, out=buf)
+            if over:
+                with self._lock:
+                    self.overflow += over
+            if after is not None:
+                after()
+            return out
+
+        return Job(nbytes, run)
+
+    def _pieces(self, flat: np.ndarray, src: DType) -> Iterator[Job]:
         step = max(1, CHUNK_BYTES // max(src.itemsize, self.t.dtype.itemsize))
         for i in range(0, flat.size, step):
-            yield self._convert(flat[i : i + step], src)
+            yield self._job(flat[i : i + step], src)
 
-    def _convert(self, part: np.ndarray, src: DType) -> np.ndarray:
-        if src == self.t.dtype:
-            return np.ascontiguousarray(part)
-        buf = None if self.ring is None else self.ring.next(part.size * self.t.dtype.itemsize)
-        out, over = cast(part, src, self.t.dtype, out=buf)
-        self.overflow += over
-        return out
-
-    def _pread(self, span: tuple[int, int], fd: int) -> Iterator[np.ndarray]:
+    def _pread(self, span: tuple[int, int], fd: int) -> Iterator[Job]:
         offset, length = span
         src = self.t.info.dtype
         end = offset + length
@@ -164,30 +182,45 @@ class Chunks:
             buf = bytearray(n)
             read_exact(fd, memoryview(buf), pos, self.t)
             pos += n
-            yield self._convert(np.frombuffer(buf, src.numpy), src)
+            yield self._job(np.frombuffer(buf, src.numpy), src)
 
-    def _mapped(
-        self, fd: int, offset: int, end: int, step: int, src: DType
-    ) -> Iterator[np.ndarray]:
-        """Cast straight from a read-only map of the file, dropping each piece's pages from
-        this process once cast (MADV_DONTNEED), so RSS stays about one piece: no copy into a
-        buffer, no page faults on fresh buffers."""
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        try:
-            pos = offset
-            while pos < end:
-                n = min(step, end - pos)
-                part = np.frombuffer(mm, src.numpy, n // src.itemsize, pos)
-                out = self._convert(part, src)
-                del part
-                start = pos - pos % mmap.PAGESIZE
-                if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                    mm.madvise(mmap.MADV_DONTNEED, start, pos + n - start)
-                pos += n
-                yield out
-        finally:
-            with contextlib.suppress(BufferError):
-                mm.close()
+    def _mapped(self, fd: int, offset: int, end: int, step: int, src: DType) -> Iterator[Job]:
+        """Cast straight from a read-only map of the tensor's bytes, dropping each piece's pages
+        from this process once cast (MADV_DONTNEED), so RSS stays about the pieces in flight:
+        no copy into a buffer, no page faults on fresh buffers. The map lives as long as a job
+        or a view of it does (no explicit close: a job may still be running on another
+        thread when this generator ends)."""
+        if end == offset:
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, end - start, access=mmap.ACCESS_READ, offset=start)
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        pos = offset - start
+        while pos < end - start:
+            n = min(step, end - start - pos)
+            part = np.frombuffer(mm, src.numpy, n // src.itemsize, pos)
+            yield self._job(part, src, _dontneed(mm, pos, n))
+            pos += n
+
+
+def _dontneed(mm: mmap.mmap, pos: int, n: int) -> Callable[[], None]:
+    """Drop the pages of ``mm[pos:pos + n]`` from this process (they stay in the page cache)."""
+
+    def run() -> None:
+        start = pos - pos % mmap.PAGESIZE
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED, start, pos + n - start)
+
+    return run
+
+
+@dataclass(frozen=True)
+class Job:
+    """One piece of a tensor's output: its size in bytes, and how to make it."""
+
+    nbytes: int
+    run: Callable[[], np.ndarray]
 
 
 def read_exact(fd: int, buf: memoryview, offset: int, t: OutTensor) -> None:

@@ -7,10 +7,12 @@ a truncated download or a file that is not safetensors at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -198,7 +200,8 @@ DTYPE_ORDER: tuple[str, ...] = (
     "U64",
 )
 _RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
-PREFETCH = 2  # pieces read and cast ahead of the write
+PREFETCH = 2  # steps queued ahead of the write
+CAST_THREADS = 2  # pieces cast at once (numpy's casts release the GIL)
 
 
 @dataclass(frozen=True)
@@ -260,9 +263,10 @@ def write_safetensors(
 ) -> dict[str, int]:
     """Stream ``plan`` into the empty file ``f`` as safetensors; return overflow counts by name.
 
-    The file is sized first, then each tensor is written at its offset, in source order. Peak
-    memory is one chunk of a cast (64 MiB of the wider dtype) or one tensor that must be
-    materialised (a deflated or strided source), plus a constant. ``progress`` receives byte
+    The file is sized first, then each tensor is written at its offset, in source order, while
+    the next pieces are cast on ``CAST_THREADS`` threads. Peak memory is a few chunks of a cast
+    (``CHUNK_BYTES`` of the wider dtype each) or one tensor that must be materialised (a
+    deflated or strided source), plus a constant. ``progress`` receives byte
     counts as they are written.
     """
     header, placed = layout(plan, metadata)
@@ -275,15 +279,16 @@ def write_safetensors(
     # this at the speed of cp once the file no longer fits the page cache.
     order = sorted(placed, key=lambda p: (str(p.tensor.source.path), *source_order(p.tensor)))
     overflows: dict[str, int] = {}
-    with SourceFds() as fds:
-        for kind, p, item in prefetch(_steps(order, fds), depth=PREFETCH):
+    with SourceFds() as fds, _casts() as pool:
+        for kind, p, item in prefetch(_steps(order, fds, pool), depth=PREFETCH):
             t = p.tensor
             if kind == "copy":
                 span = t.copy_span
                 assert span is not None
                 copy_span(fds.get(t), fd, span[0], span[1], t, progress, base + p.begin)
             elif kind == "piece":
-                offset, piece = item
+                offset, job = item
+                piece = job.result()
                 write_all(fd, piece, base + p.begin + offset)
                 if progress is not None:
                     progress(piece.nbytes)
@@ -292,10 +297,26 @@ def write_safetensors(
     return overflows
 
 
-def _steps(order: list[Placed], fds: SourceFds) -> Iterator[tuple[str, Placed, Any]]:
+@contextlib.contextmanager
+def _casts() -> Iterator[ThreadPoolExecutor]:
+    """The cast threads; on the way out (an error, Ctrl-C) queued casts are dropped and running
+    ones waited for, so no thread outlives the write or touches a closed file."""
+    pool = ThreadPoolExecutor(CAST_THREADS, thread_name_prefix="sdtool-cast")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _steps(
+    order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor
+) -> Iterator[tuple[str, Placed, Any]]:
     """What to do, tensor by tensor: ("copy", p, None) for bytes that move as they are, else
-    ("piece", p, (offset, array)) per chunk and ("done", p, chunks). Runs in the prefetch
-    thread, so reading and casting the next piece overlaps writing this one."""
+    ("piece", p, (offset, future array)) per chunk and ("done", p, chunks). Runs in the
+    prefetch thread and hands each piece's cast to ``pool``, so the next pieces are cast on
+    both cores while this one is written."""
+    # a ring slot is reused ``slots`` pieces later: in flight are at most the queue's depth,
+    # the step the prefetch thread holds, and the one being written
     ring = BufferRing(slots=PREFETCH + 3)
     for p in order:
         t = p.tensor
@@ -311,9 +332,9 @@ def _steps(order: list[Placed], fds: SourceFds) -> Iterator[tuple[str, Placed, A
             continue
         chunks = Chunks(t, fds.get(t), ring)
         written = 0
-        for piece in chunks:
-            yield "piece", p, (written, piece)
-            written += piece.nbytes
+        for job in chunks.jobs():
+            yield "piece", p, (written, pool.submit(job.run))
+            written += job.nbytes
         if written != p.end - p.begin:
             raise CorruptFile(
                 f"tensor {t.name!r} gave {written} bytes, expected {p.end - p.begin}",
