@@ -28,7 +28,7 @@ from sdtool.formats.cast import cast
 from sdtool.model import ModelFile, TensorInfo
 
 #: casts and buffered copies work on pieces of at most this many bytes (of the wider dtype)
-CHUNK_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 #: errors after which copy_span steps down to the next way of copying
 _NO_FAST_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 

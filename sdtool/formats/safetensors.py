@@ -200,7 +200,7 @@ DTYPE_ORDER: tuple[str, ...] = (
     "U64",
 )
 _RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
-PREFETCH = 2  # steps queued ahead of the write
+PREFETCH = 4  # steps queued ahead of the write (2 casting, 2 cast and waiting)
 CAST_THREADS = 2  # pieces cast at once (numpy's casts release the GIL)
 
 
