@@ -23,6 +23,7 @@ from sdtool.errors import CorruptFile, OutputError, TruncatedFile, UnsupportedDt
 from sdtool.formats.plan import (
     BufferRing,
     Chunks,
+    Job,
     OutTensor,
     SourceFds,
     copy_span,
@@ -263,11 +264,11 @@ def write_safetensors(
 ) -> dict[str, int]:
     """Stream ``plan`` into the empty file ``f`` as safetensors; return overflow counts by name.
 
-    The file is sized first, then each tensor is written at its offset, in source order, while
-    the next pieces are cast on ``CAST_THREADS`` threads. Peak memory is a few chunks of a cast
-    (``CHUNK_BYTES`` of the wider dtype each) or one tensor that must be materialised (a
-    deflated or strided source), plus a constant. ``progress`` receives byte
-    counts as they are written.
+    The file is sized first, then each tensor is written at its offset, in source order; cast
+    pieces are cast and written (pwrite at their own offsets) on ``CAST_THREADS`` threads.
+    Peak memory is a few pieces of a cast (``CHUNK_BYTES`` of the wider dtype each) or one
+    tensor that must be materialised (a deflated or strided source), plus a constant.
+    ``progress`` receives byte counts as they are written.
     """
     header, placed = layout(plan, metadata)
     fd = f.fileno()
@@ -280,21 +281,24 @@ def write_safetensors(
     order = sorted(placed, key=lambda p: (str(p.tensor.source.path), *source_order(p.tensor)))
     overflows: dict[str, int] = {}
     with SourceFds() as fds, _casts() as pool:
-        for kind, p, item in prefetch(_steps(order, fds, pool), depth=PREFETCH):
+        steps = _steps(order, fds, pool, fd, base)
+        for kind, p, item in prefetch(steps, depth=PREFETCH):
             t = p.tensor
             if kind == "copy":
                 span = t.copy_span
                 assert span is not None
                 copy_span(fds.get(t), fd, span[0], span[1], t, progress, base + p.begin)
             elif kind == "piece":
-                offset, job = item
-                piece = job.result()
-                write_all(fd, piece, base + p.begin + offset)
+                written = item.result()  # in order: errors surface, the ring slot is free
                 if progress is not None:
-                    progress(piece.nbytes)
+                    progress(written)
             elif item.overflow:  # "done": a cast tensor is complete
                 overflows[t.name] = item.overflow
     return overflows
+
+
+def _cast_and_write(job: Job, fd: int, at: int) -> int:
+    return write_all(fd, job.run(), at)
 
 
 @contextlib.contextmanager
@@ -309,12 +313,12 @@ def _casts() -> Iterator[ThreadPoolExecutor]:
 
 
 def _steps(
-    order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor
+    order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor, fd: int, base: int
 ) -> Iterator[tuple[str, Placed, Any]]:
     """What to do, tensor by tensor: ("copy", p, None) for bytes that move as they are, else
-    ("piece", p, (offset, future array)) per chunk and ("done", p, chunks). Runs in the
-    prefetch thread and hands each piece's cast to ``pool``, so the next pieces are cast on
-    both cores while this one is written."""
+    ("piece", p, future byte count) per chunk and ("done", p, chunks). Runs in the prefetch
+    thread and hands each piece to ``pool``, which casts it and writes it at its offset in
+    ``fd``: casts and writes (both release the GIL) run on both cores at once."""
     # a ring slot is reused ``slots`` pieces later: in flight are at most the queue's depth,
     # the step the prefetch thread holds, and the one being written
     ring = BufferRing(slots=PREFETCH + 3)
@@ -333,7 +337,7 @@ def _steps(
         chunks = Chunks(t, fds.get(t), ring)
         written = 0
         for job in chunks.jobs():
-            yield "piece", p, (written, pool.submit(job.run))
+            yield "piece", p, pool.submit(_cast_and_write, job, fd, base + p.begin + written)
             written += job.nbytes
         if written != p.end - p.begin:
             raise CorruptFile(
