@@ -72,6 +72,24 @@ def test_tar_format_equals_torch(tmp_path: Path) -> None:
         assert m.read("w").tobytes() == ref["w"].contiguous().numpy().tobytes()
 
 
+def test_tar_record_cut_inside_its_member_is_refused(tmp_path: Path) -> None:
+    """A tensors member cut short must not read on into the tar padding (found by fuzzing)."""
+    from sdtool.errors import CorruptFile
+
+    good = tmp_path / "good.pt"
+    _tar_checkpoint(good, np.arange(6, dtype=np.float32))
+    bad = tmp_path / "bad.pt"
+    with tarfile.open(good) as src, tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read()  # type: ignore[union-attr]
+            if info.name == "tensors":
+                data = data[:-12]  # the last stride and the offset are gone
+                info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    with pytest.raises(CorruptFile):
+        open_model(bad)
+
+
 def test_numpy1_scalar_spelling(tmp_path: Path) -> None:
     """numpy 1 pickles say numpy.core.multiarray.scalar; numpy 2 says numpy._core."""
     numpy2 = pickle.dumps({"loss": np.float64(1.5)}, protocol=2)

@@ -344,6 +344,7 @@ def _load_tar_members(
     f = src.f
     objects: dict[Any, Any] = {}
     st_m = members["storages"]
+    st_end = st_m.offset_data + st_m.size
     f.seek(st_m.offset_data)
     count = load_one(f, seen=src.seen)
     if not isinstance(count, int) or count < 0:
@@ -356,17 +357,21 @@ def _load_tar_members(
         dtype = stype.dtype or dtypes.DTYPES["U8"]
         (n,) = struct.unpack("<q", f.read(8))
         pos = f.tell()
-        if n < 0 or pos + n * dtype.itemsize > st_m.offset_data + st_m.size:
+        if n < 0 or pos + n * dtype.itemsize > st_end:
             raise CorruptFile(f"TAR torch file: storage {key!r} runs past its member")
         objects[key] = src.storage(str(key), dtype, n * dtype.itemsize, pos)
         f.seek(pos + n * dtype.itemsize)
     views = load_one(f, seen=src.seen)
+    if f.tell() > st_end:
+        raise CorruptFile("TAR torch file: the storage records run past their member")
     for target, root_key, offset, numel in views if isinstance(views, list) else []:
         base = objects[root_key]
-        off = offset * base.dtype.itemsize
-        objects[target] = _sub_storage(base, str(target), off, numel * base.dtype.itemsize)
-    t_m = members["tensors"]
-    f.seek(t_m.offset_data)
+        off, nbytes = offset * base.dtype.itemsize, numel * base.dtype.itemsize
+        if off < 0 or nbytes < 0 or off + nbytes > base.nbytes:
+            raise CorruptFile(f"TAR torch file: view {target!r} lies outside its storage")
+        objects[target] = _sub_storage(base, str(target), off, nbytes)
+    # the tensors and pickle members are small: read each whole, so no record reads past it
+    f = _member_bytes(src, members["tensors"])
     ntensors = load_one(f, seen=src.seen)
     from sdtool.model import TensorInfo, check_view
 
@@ -392,10 +397,20 @@ def _load_tar_members(
         except (KeyError, ValueError, TypeError):
             raise CorruptFile(f"TAR torch file: unknown object {pid!r}"[:200]) from None
 
-    p_m = members["pickle"]
-    f.seek(p_m.offset_data)
-    root = load_one(f, persistent_load=persistent_load, seen=src.seen)
+    root = load_one(
+        _member_bytes(src, members["pickle"]), persistent_load=persistent_load, seen=src.seen
+    )
     return root, {"container": "tar", "storages": count, "members": sorted(members)}
+
+
+def _member_bytes(src: _Source, m: tarfile.TarInfo) -> io.BytesIO:
+    if m.size > MAX_PICKLE_MEMBER:
+        raise CorruptFile(f"TAR torch file: member {m.name!r} declares {m.size} bytes")
+    src.f.seek(m.offset_data)
+    data = src.f.read(m.size)
+    if len(data) < m.size:
+        raise TruncatedFile(f"TAR torch file: member {m.name!r} is cut short")
+    return io.BytesIO(data)
 
 
 def _sub_storage(base: Storage, key: str, off: int, nbytes: int) -> Storage:

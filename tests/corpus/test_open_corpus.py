@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.canaries import EXPECTED_PREFIXES
+
 pytestmark = pytest.mark.corpus
 
 # Run inside the subprocess: install canaries, open every file, report outcomes as JSON.
@@ -69,43 +71,6 @@ json.dump({"results": out, "calls": calls, "new_modules": new,
            "imported": sorted(set(imported))}, open(sys.argv[1], "w"))
 """
 
-# modules sdtool may import lazily while opening files (nothing a payload could name)
-EXPECTED_IMPORT_PREFIXES = (
-    "sdtool",
-    "numpy",
-    "ml_dtypes",
-    "tarfile",
-    "zlib",
-    "struct",
-    "io",
-    "json",
-    "collections",
-    "math",
-    "mmap",
-    "pickle",
-    "_compat_pickle",
-    "_codecs",
-    "codecs",
-    "encodings",
-    "ast",
-    "fnmatch",
-    "re",
-    "copy",
-    "typing",
-    "dataclasses",
-    "pathlib",
-    "os",
-    "contextlib",
-    "itertools",
-    "functools",
-    "types",
-    "enum",
-    "shutil",
-    "bz2",
-    "lzma",
-    "gzip",
-)
-
 
 def _manifest(corpus: Path) -> list[dict[str, Any]]:
     return json.loads((corpus / "manifest.json").read_text())
@@ -137,9 +102,7 @@ def test_no_file_runs_code_or_imports(
     assert data["calls"] == [], f"canaries fired: {data['calls']}"
     assert data["cwd_files"] == [], f"files appeared: {data['cwd_files']}"
     unexpected = [
-        m
-        for m in data["imported"] + data["new_modules"]
-        if not m.startswith(EXPECTED_IMPORT_PREFIXES)
+        m for m in data["imported"] + data["new_modules"] if not m.startswith(EXPECTED_PREFIXES)
     ]
     assert unexpected == [], f"unexpected imports while opening: {unexpected}"
     results = data["results"]
