@@ -258,9 +258,6 @@ class ModelFile:
             arr = arr.astype(info.dtype.numpy)
         return arr
 
-    def iter_tensors(self) -> Iterator[tuple[str, TensorInfo]]:
-        yield from self.tensors.items()
-
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
             with open(self.path, "rb") as f:
@@ -282,16 +279,6 @@ class ModelFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- summaries ------------------------------------------------------------------------------
-
-    @property
-    def parameter_count(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
     def __repr__(self) -> str:
         return f"<ModelFile {os.fspath(self.path)!r} {self.format} {len(self.tensors)} tensors>"

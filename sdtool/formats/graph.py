@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from sdtool.errors import CorruptFile, UsageError
 from sdtool.formats.unpickler import NumpyArray, StandInType
 from sdtool.model import StandIn, TensorInfo
@@ -173,8 +171,3 @@ def collect(root: Any, key: str | None = None) -> tuple[dict[str, TensorInfo], d
     else:
         extra = {"object": rest}
     return w.tensors, extra, ".".join(path)
-
-
-def is_plain(obj: Any) -> bool:
-    """True for values JSON can carry without loss of meaning (used by converters)."""
-    return obj is None or isinstance(obj, bool | int | float | str | np.generic)

@@ -28,7 +28,7 @@ from sdtool.formats import zip as zipr
 from sdtool.formats.graph import collect
 from sdtool.formats.sniff import Kind, sniff_bytes
 from sdtool.formats.unpickler import StorageType, globals_met, load_one
-from sdtool.model import ModelFile, Storage
+from sdtool.model import ModelFile, Storage, TensorInfo, check_view
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -373,8 +373,6 @@ def _load_tar_members(
     # the tensors and pickle members are small: read each whole, so no record reads past it
     f = _member_bytes(src, members["tensors"])
     ntensors = load_one(f, seen=src.seen)
-    from sdtool.model import TensorInfo, check_view
-
     for _ in range(ntensors if isinstance(ntensors, int) else 0):
         key, storage_id, _ = load_one(f, seen=src.seen)
         (ndim,) = struct.unpack("<i", f.read(4))

@@ -19,6 +19,7 @@ import codecs
 import collections
 import pickle
 import pickletools
+import struct
 from collections.abc import Callable
 from math import prod
 from typing import IO, Any
@@ -28,7 +29,14 @@ import numpy as np
 from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, UnsupportedDtype
-from sdtool.model import GlobalUse, StandIn, Storage, TensorInfo, contiguous_strides
+from sdtool.model import (
+    GlobalUse,
+    StandIn,
+    Storage,
+    TensorInfo,
+    check_view,
+    contiguous_strides,
+)
 
 MAX_BYTES_FROM_PICKLE = 1 << 30  # a nested torch file or array inside a pickle
 
@@ -184,8 +192,6 @@ def _rebuild_tensor(
         raise CorruptFile(f"tensor of {dtype} over a {storage.dtype} storage")
     requires_grad = bool(rest[0]) if rest and isinstance(rest[0], bool) else False
     info = TensorInfo(dt, shape, strides, offset, storage, requires_grad=requires_grad)
-    from sdtool.model import check_view
-
     check_view(info, storage.key)
     return info
 
@@ -571,7 +577,7 @@ def load_one(
         AttributeError,
         OverflowError,
         UnicodeError,
-        struct_error(),
+        struct.error,
     ) as e:
         raise CorruptFile(f"broken pickle ({type(e).__name__}: {str(e)[:200]})") from None
 
@@ -602,9 +608,3 @@ _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 # genops decodes text opcodes with these codecs: look them up now, not lazily while a file is read
 for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):
     codecs.lookup(_codec)
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error

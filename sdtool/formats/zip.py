@@ -84,7 +84,6 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
     # zip64: the locator sits 20 bytes before the EOCD
     if pos >= 20 and tail[pos - 20 : pos - 16] == EOCD64_LOC_SIG:
         (_, _, eocd64_off, _) = _u("<4sIQI", tail, pos - 20)
-        f.seek(0)
         if eocd64_off + 56 > file_size:
             raise CorruptFile("zip64 end record points past the end of the file")
         f.seek(eocd64_off)
