@@ -123,3 +123,8 @@ def jobs_option(what: str) -> Callable[[F], F]:
         show_default=True,
         help=f"{what} this many files at once.",
     )
+
+
+def quiet_option(what: str) -> Callable[[F], F]:
+    """``-q/--quiet``: print less (what exactly, each command says); errors still on stderr."""
+    return click.option("-q", "--quiet", is_flag=True, help=f"Quiet: {what}.")

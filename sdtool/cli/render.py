@@ -7,8 +7,10 @@ makes control characters visible and neutralises rich markup before anything is 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import textwrap
 from typing import Any
 
 import click
@@ -44,12 +46,52 @@ class _Console(Console):
         raise BrokenPipeError
 
 
+#: the width of output that goes to a pipe or file without COLUMNS: lines are never cut or
+#: wrapped there (grep and diff see whole findings and names)
+UNLIMITED = 10_000
+
+
+def columns(stream: Any = None) -> int | None:
+    """The width to lay out for: ``COLUMNS`` if set, else the terminal's, else None (a pipe)."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    stream = sys.stdout if stream is None else stream
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
 def console(stderr: bool = False) -> Console:
-    """A rich console; plain (no colour, no wrapping surprises) when not on a terminal."""
+    """A rich console; plain (no colour) when not on a terminal, and as wide as the output
+    needs there: piped output is never cut or wrapped unless ``COLUMNS`` asks for a width."""
     stream = sys.stderr if stderr else sys.stdout
     return _Console(
-        file=stream, highlight=False, soft_wrap=True, width=None if stream.isatty() else 120
+        file=stream, highlight=False, soft_wrap=True, width=columns(stream) or UNLIMITED
     )
+
+
+def wrap_width(out: Console) -> int | None:
+    """The width text should be wrapped to on ``out`` (None: do not wrap)."""
+    return None if out.width >= UNLIMITED else out.width
+
+
+def wrap(text: str, width: int | None, first: str = "", rest: str = "") -> list[str]:
+    """``text`` as lines of at most ``width`` columns, broken only at spaces: a word longer
+    than the line (a dotted global, a path) stays whole on a line of its own."""
+    if width is None:
+        return [first + text]
+    return textwrap.wrap(
+        text,
+        width=max(width, 20),
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [first]
 
 
 def human_bytes(n: float) -> str:

@@ -92,6 +92,8 @@ class InspectReport:
     globals: list[GlobalReport]
     tensors: list[tuple[str, TensorInfo]] = field(default_factory=list)
     identity: Identity | None = None
+    listed: bool = False  # tensors were asked for: ``tensors`` is the (maybe empty) listing
+    filter: str | None = None  # the glob the listing was filtered with
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -119,7 +121,8 @@ class InspectReport:
             ],
             "identity": self.identity.to_json() if self.identity is not None else None,
         }
-        if self.tensors:
+        if self.listed:
+            out["filter"] = self.filter
             out["tensors"] = [
                 {
                     "name": n,
@@ -189,6 +192,8 @@ def inspect_model(
         globals=globals_,
         tensors=listed,
         identity=identity,
+        listed=tensors,
+        filter=filter if tensors else None,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from sdtool.scan.classify import RANK
 
 #: per-file verdicts, worst first
-VERDICTS = ("dangerous", "suspicious", "error", "not scanned", "safe")
+VERDICTS = ("dangerous", "suspicious", "error", "not scanned", "skipped", "safe")
 EXIT_OK, EXIT_DANGEROUS, EXIT_ERROR = 0, 1, 2
 SCHEMA_VERSION = "sdtool.scan/1"
 
@@ -51,6 +51,7 @@ class FileReport:
     scanned: bool = True  # False: nothing in the file could be analysed ("not scanned")
     streams: int = 0  # pickle streams analysed
     size: int = 0
+    skipped: str | None = None  # "PNG image", ...: by content not a model file (counted, exit 0)
 
     @property
     def severity(self) -> str:
@@ -68,6 +69,8 @@ class FileReport:
             return "not scanned"
         if self.errors:
             return "error"
+        if self.skipped:
+            return "skipped"
         return "safe"
 
     def add(self, finding: Finding) -> None:
@@ -80,6 +83,7 @@ class FileReport:
             "size": self.size,
             "verdict": self.verdict,
             "scanned": self.scanned,
+            "skipped": self.skipped,
             "streams": self.streams,
             "findings": [f.to_json() for f in self.findings],
             "errors": list(self.errors),
