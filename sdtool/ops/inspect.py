@@ -14,7 +14,7 @@ from sdtool.formats.open import open_model
 from sdtool.model import GlobalUse, ModelFile, TensorInfo, tensor_leaves, to_plain
 from sdtool.ops.identify import Identity
 from sdtool.ops.identify import identify as identify_model
-from sdtool.scan import classify_global
+from sdtool.scan.classify import classify_global
 
 SCHEMA = "sdtool.inspect/1"
 

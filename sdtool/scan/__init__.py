@@ -17,10 +17,24 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Any
+
 from sdtool.scan.classify import classify_global
-from sdtool.scan.containers import scan_file
 from sdtool.scan.report import FileReport, Finding, ScanReport
-from sdtool.scan.vm import DEFAULT_LIMITS, Limits
+
+if TYPE_CHECKING:
+    from sdtool.scan.vm import Limits
+
+# the pickle machine and the container walker load on first scan, so that importing
+# sdtool.scan.classify (inspect's verdict column) stays cheap
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Limits":
+        from sdtool.scan.vm import Limits
+
+        return Limits
+    raise AttributeError(f"module 'sdtool.scan' has no attribute {name!r}")
 
 __all__ = [
     "FileReport",
@@ -35,7 +49,7 @@ __all__ = [
 
 
 def scan(
-    path: str | Path, *, strict: bool = False, limits: Limits = DEFAULT_LIMITS, crc: str = "read"
+    path: str | Path, *, strict: bool = False, limits: Limits | None = None, crc: str = "read"
 ) -> FileReport:
     """Scan one file and return its FileReport (never raises for file content).
 
@@ -43,11 +57,14 @@ def scan(
         path: any file; the format is decided by content, never by extension.
         strict: accepted for symmetry with ``scan_paths``; a FileReport's verdict does not depend
             on it (``ScanReport.exit_code`` does).
-        limits: caps on opcodes, memo, stack and literal sizes.
+        limits: caps on opcodes, memo, stack and literal sizes (None: the defaults).
         crc: "read" checks the CRC-32 of every zip member that is read; "all" of every member.
     """
+    from sdtool.scan.containers import scan_file
+    from sdtool.scan.vm import DEFAULT_LIMITS
+
     del strict
-    return scan_file(Path(path), limits=limits, crc=crc)
+    return scan_file(Path(path), limits=limits or DEFAULT_LIMITS, crc=crc)
 
 
 def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iterator[Path | str]:
@@ -91,7 +108,7 @@ def scan_paths(
     strict: bool = False,
     exclude: Iterable[str] = (),
     jobs: int = 1,
-    limits: Limits = DEFAULT_LIMITS,
+    limits: Limits | None = None,
     crc: str = "read",
     progress: Callable[[FileReport], None] | None = None,
 ) -> ScanReport:
@@ -99,6 +116,10 @@ def scan_paths(
 
     ``progress`` is called with each FileReport as it completes (in input order).
     """
+    from sdtool.scan.containers import scan_file
+    from sdtool.scan.vm import DEFAULT_LIMITS
+
+    limits = limits or DEFAULT_LIMITS
     targets = list(iter_files(paths, exclude))
     report = ScanReport(strict=strict)
 
