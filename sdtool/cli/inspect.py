@@ -9,7 +9,15 @@ import click
 from rich.table import Table
 
 from sdtool.cli.options import json_option, key_option, quiet_option
-from sdtool.cli.render import console, error, human_bytes, human_count, markup, print_json
+from sdtool.cli.render import (
+    console,
+    error,
+    human_bytes,
+    human_count,
+    markup,
+    print_json,
+    print_table,
+)
 
 if TYPE_CHECKING:
     from sdtool.ops.inspect import InspectReport
@@ -112,13 +120,13 @@ def render(r: InspectReport) -> None:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in r.dtypes.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
-        out.print(t)
+        print_table(out, t)
         t = _table(
             "\nBy component (key prefix)", "component", "tensors", "params", "bytes", "share"
         )
         for name, b in r.components.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
-        out.print(t)
+        print_table(out, t)
     if r.other_tensors.tensors:
         o = r.other_tensors
         out.print(
@@ -130,21 +138,23 @@ def render(r: InspectReport) -> None:
         t.columns[1].justify = "left"
         for k, v in r.metadata.items():
             t.add_row(markup(k, 60), markup(v, MAX_SHOWN))
-        out.print(t)
+        print_table(out, t)
     if r.extra:
         t = _table("\nNon-tensor fields", "field", "value")
         t.columns[1].justify = "left"
         for k, v in r.extra.items():
             t.add_row(markup(k, 60), markup(_short(v), MAX_SHOWN))
-        out.print(t)
+        print_table(out, t)
     if r.globals:
-        t = _table("\nGlobals in the pickle", "global", "loaded as", "scan verdict")
+        t = _table("\nGlobals in the pickle", "scan verdict", "loaded as", "global")
+        for c in t.columns:
+            c.justify = "left"
         for g in r.globals:
             mark = {"safe": "safe", "suspicious": "[yellow]suspicious[/yellow]"}.get(
                 g.severity, "[red]dangerous[/red]"
             )
-            t.add_row(markup(f"{g.module}.{g.name}"), g.loaded_as, mark)
-        out.print(t)
+            t.add_row(mark, g.loaded_as, markup(f"{g.module}.{g.name}"))
+        print_table(out, t)
         if any(g.unusual for g in r.globals):
             out.print(
                 "  [dim]stand-ins are inert records: sdtool never imports or calls them. "
@@ -163,7 +173,7 @@ def render(r: InspectReport) -> None:
             t.add_row(
                 markup(name), info.dtype.code, str(list(info.shape)), human_bytes(info.nbytes)
             )
-        out.print(t)
+        print_table(out, t)
 
 
 def _container_note(c: dict[str, Any]) -> str:

@@ -658,7 +658,7 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
         if layout >= 0:
             if i + layout > len(buf):
                 return None
-            if code == _BINPUT or code == _LONG_BINPUT:
+            if code in (_BINPUT, _LONG_BINPUT):
                 index = int.from_bytes(buf[i : i + layout], "little")
                 if index > count:
                     return ("BINPUT" if code == _BINPUT else "LONG_BINPUT", index, count)

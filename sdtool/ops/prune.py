@@ -198,6 +198,29 @@ def out_dtype(info: TensorInfo, dtype: DType | None) -> DType:
     return dtype
 
 
+#: (options that contradict each other, why); checked before anything is read
+_CONTRADICTIONS: tuple[tuple[Callable[[PruneOptions], bool], str], ...] = (
+    (
+        lambda o: o.allow_partial_ema and o.ema != "only",
+        'allow_partial_ema=True applies only with ema="only"',
+    ),
+    (
+        lambda o: o.ema == "only" and "unet" in o.drop,
+        'ema="only" puts the EMA weights under the UNet keys, and drop="unet" removes them',
+    ),
+    (
+        lambda o: o.ema == "only" and "ema" in o.drop,
+        'ema="only" takes its weights from the EMA copy, and drop="ema" removes it',
+    ),
+)
+
+
+def _refuse_contradictions(options: PruneOptions) -> None:
+    for broken, why in _CONTRADICTIONS:
+        if broken(options):
+            raise UsageError(f"options contradict each other: {why}")
+
+
 def plan_prune(
     model: ModelFile, options: PruneOptions, identity: Identity | None = None
 ) -> PrunePlan:
@@ -214,6 +237,7 @@ def plan_prune(
         raise UsageError(
             f"--drop {sorted(unknown_drop)[0]!r} is not a part; use {', '.join(DROP_TARGETS)}"
         )
+    _refuse_contradictions(options)
     ident = identity or identify(model)
     own = owners(ident)
     drop_roles = {r for d in options.drop for r in DROP_TARGETS[d]}

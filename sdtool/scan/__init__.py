@@ -16,7 +16,6 @@ import fnmatch
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Any
 
 from sdtool.scan.classify import classify_global
@@ -35,6 +34,7 @@ def __getattr__(name: str) -> Any:
 
         return Limits
     raise AttributeError(f"module 'sdtool.scan' has no attribute {name!r}")
+
 
 __all__ = [
     "FileReport",
