@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
-from sdtool import dtypes
 from sdtool.cli import progress
 from sdtool.cli.options import (
     dry_run_option,
@@ -27,16 +26,11 @@ from sdtool.cli.render import (
     print_table,
     warn,
 )
-from sdtool.formats.open import open_model
 from sdtool.ops.outname import derived
 from sdtool.ops.prune import (
     DROP_TARGETS,
     EXTRACT_TARGETS,
-    PruneOptions,
     PruneResult,
-    extract,
-    parse_drop,
-    prune,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,33 +118,28 @@ def prune_cmd(
     """
     if ema_only and no_ema:
         raise click.UsageError("--ema-only and --no-ema exclude each other")
-    ema_tag = "emaonly" if ema_only else "noema" if no_ema else ""
-    out = derived(src, out, ["pruned", ema_tag, dtype or ""])
-    with open_model(src) as model:
-        vae = open_model(bake_vae) if bake_vae else None
-        try:
-            opts = PruneOptions(
-                ema="only" if ema_only else "drop" if no_ema else "keep",
-                allow_partial_ema=allow_partial_ema,
-                dtype=dtypes.parse(dtype) if dtype else None,
-                drop=parse_drop(drop),
-                bake_vae=vae,
-                fix_clip=fix_clip,
-            )
-            with progress.byte_bar(f"writing {out.name}") as bar:
-                result = prune(
-                    model,
-                    out,
-                    opts,
-                    dry_run=dry_run,
-                    overwrite=overwrite,
-                    verify=verify,
-                    on_overflow=on_overflow,
-                    progress=None if bar is None else bar.advance,
-                )
-        finally:
-            if vae is not None:
-                vae.close()
+    from sdtool.api import prune
+
+    ema = "only" if ema_only else "drop" if no_ema else "keep"
+    out = derived(
+        src, out, ["pruned", {"only": "emaonly", "drop": "noema"}.get(ema, ""), dtype or ""]
+    )
+    with progress.byte_bar(f"writing {out.name}") as bar:
+        result = prune(
+            src,
+            out,
+            ema=ema,
+            allow_partial_ema=allow_partial_ema,
+            drop=drop,
+            bake_vae=bake_vae,
+            fix_clip=fix_clip,
+            dtype=dtype,
+            dry_run=dry_run,
+            overwrite=overwrite,
+            verify=verify,
+            on_overflow=on_overflow,
+            progress=None if bar is None else bar.advance,
+        )
     return report(result, src, out, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 
@@ -191,14 +180,16 @@ def extract_cmd(
       sdtool extract sdxl.safetensors clip_g.safetensors --component clip-g --dtype fp16
       sdtool extract sd15.ckpt unet-ema.safetensors -c unet --ema-only
     """
+    from sdtool.api import extract
+
     out = derived(src, out, [component, "ema" if ema_only else "", dtype or ""])
-    with open_model(src) as model, progress.byte_bar(f"writing {out.name}") as bar:
+    with progress.byte_bar(f"writing {out.name}") as bar:
         result = extract(
-            model,
+            src,
             out,
-            component,
-            dtype=dtypes.parse(dtype) if dtype else None,
+            component=component,
             ema=ema_only,
+            dtype=dtype,
             dry_run=dry_run,
             overwrite=overwrite,
             verify=verify,

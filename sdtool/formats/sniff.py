@@ -55,6 +55,10 @@ def sniff_bytes(head: bytes, size: int) -> Kind:
     if head[:6] == b"7z\xbc\xaf\x27\x1c":
         return Kind.SEVENZIP
     if len(head) >= 2 and head[0] == 0x80 and head[1] <= 5:
+        # a safetensors header of 128, 384, ... 1408 bytes starts \x80\x0N too; its next byte
+        # is 0x00, no pickle opcode: pickle.load stops there, so such a file is no pickle
+        if len(head) > 2 and head[2] == 0 and _looks_like_safetensors(head, size):
+            return Kind.SAFETENSORS
         return Kind.PICKLE
     if (len(head) >= 262 and head[257:262] == b"ustar") or _is_v7_tar(head):
         return Kind.TAR
