@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sdtool.cli import progress, render
-from sdtool.cli.options import json_option, quiet_option
+from sdtool.cli.options import complete_from, json_option, quiet_option
 from sdtool.cli.stdin import spooled
 from sdtool.errors import SdtoolError
 from sdtool.ops.hash import ALGORITHMS, HashResult, hash_file, parse_algorithms
@@ -37,6 +37,7 @@ def _render(result: HashResult) -> None:
     "algorithms",
     multiple=True,
     metavar="NAME[,NAME]",
+    shell_complete=complete_from([*ALGORITHMS, "all"]),
     help="Hashes to compute: " + ", ".join(ALGORITHMS) + " or all (default: all).",
 )
 @click.option(

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from sdtool.cli import progress
 from sdtool.cli.options import (
+    complete_from,
     dry_run_option,
     dtype_option,
     json_option,
@@ -71,6 +72,7 @@ def common(f: F) -> F:
     "drop",
     multiple=True,
     metavar="PART",
+    shell_complete=complete_from(list(DROP_TARGETS)),
     help=f"Drop a part: {', '.join(DROP_TARGETS)} (repeatable).",
 )
 @click.option(
