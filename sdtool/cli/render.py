@@ -87,6 +87,9 @@ def print_table(out: Console, table: Any) -> None:
     rather than have a name cut with "…" or folded inside an identifier."""
     from rich.measure import Measurement
 
+    if out.width >= UNLIMITED:  # a pipe: nothing to fit
+        out.print(table)
+        return
     need = Measurement.get(out, out.options.update(max_width=UNLIMITED), table).maximum
     if need > out.width:
         wide = _Console(file=out.file, highlight=False, soft_wrap=True, width=need)

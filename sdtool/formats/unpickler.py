@@ -643,12 +643,13 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
     layouts = _LAYOUT_TABLE
     f.seek(start)
     buf = f.read(_WALK_CHUNK)
-    base, i, count = start, 0, 0
+    base, i, count, end = start, 0, 0, len(buf)
     while True:
-        if i + 9 > len(buf):  # keep an opcode, a fixed argument and a length prefix in view
+        if i + 9 > end:  # keep an opcode, a fixed argument and a length prefix in view
             f.seek(base + i)
             base, buf, i = base + i, f.read(_WALK_CHUNK), 0
-            if not buf:
+            end = len(buf)
+            if not end:
                 return None
         code = buf[i]
         layout = layouts[code]
@@ -656,7 +657,7 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
             return None
         i += 1
         if layout >= 0:
-            if i + layout > len(buf):
+            if i + layout > end:
                 return None
             if code in (_BINPUT, _LONG_BINPUT):
                 index = int.from_bytes(buf[i : i + layout], "little")
@@ -665,7 +666,7 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
             i += layout
         elif layout <= _ARG_LEN1:
             width = _WIDTH[layout]
-            if i + width > len(buf):
+            if i + width > end:
                 return None
             n = int.from_bytes(buf[i : i + width], "little", signed=layout == _ARG_LEN4)
             if n < 0:
@@ -675,12 +676,13 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
             for _ in range(2 if layout == _ARG_TWO_LINES else 1):
                 nl = buf.find(b"\n", i)
                 while nl < 0:  # read on until the line ends
-                    if len(buf) - i > _MAX_LINE:
+                    if end - i > _MAX_LINE:
                         return None
                     more = f.read(_WALK_CHUNK)
                     if not more:
                         return None
                     buf += more
+                    end = len(buf)
                     nl = buf.find(b"\n", i)
                 line, i = buf[i:nl], nl + 1
             if code == _PUT:
