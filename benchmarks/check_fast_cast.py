@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from sdtool import dtypes
-from sdtool.formats.cast import cast
+from sdtool.write.cast import cast
 
 STEP = 1 << 24
 

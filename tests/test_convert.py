@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from sdtool.errors import OutputError, UsageError
-from sdtool.ops.atomic import TEMP_SUFFIX
 from sdtool.ops.convert import convert
+from sdtool.write.atomic import TEMP_SUFFIX
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402

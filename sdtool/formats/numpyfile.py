@@ -29,6 +29,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
 from sdtool.formats.zip import DEFLATED, STORED, ZipArchive, ZipMember, read_member
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
+from sdtool.vocab import Format
 
 MAGIC = b"\x93NUMPY"
 #: numpy itself refuses to literal_eval headers over 10,000 bytes by default; real headers for
@@ -181,7 +182,7 @@ def read_npy(path: Path) -> ModelFile:
         "fortran_order": h.fortran_order,
         "trailing_bytes": size - h.data_start - h.nbytes,
     }
-    return ModelFile(path, "npy", {NPY_TENSOR: _info(h, st)}, container=container)
+    return ModelFile(path, Format.NPY, {NPY_TENSOR: _info(h, st)}, container=container)
 
 
 def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
@@ -228,7 +229,7 @@ def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
         "other_members": other,
         "irregularities": list(archive.irregularities),
     }
-    return ModelFile(path, "npz", tensors, container=container)
+    return ModelFile(path, Format.NPZ, tensors, container=container)
 
 
 def _member_header(f: BinaryIO, m: ZipMember) -> NpyHeader:

@@ -26,9 +26,10 @@ from sdtool.errors import (
 )
 from sdtool.formats import zip as zipr
 from sdtool.formats.graph import collect
-from sdtool.formats.sniff import Kind, sniff_bytes
+from sdtool.formats.sniff import sniff_bytes
 from sdtool.formats.unpickler import StorageType, globals_met, load_one
 from sdtool.model import ModelFile, Storage, TensorInfo, check_view
+from sdtool.vocab import Format
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -56,30 +57,30 @@ class _Source:
         """``torch.storage._load_from_bytes``: a whole torch file inside the pickle."""
         src = _Source(io.BytesIO(blob), len(blob), data=blob, seen=self.seen)
         kind = sniff_bytes(blob[:4096], len(blob))
-        if kind is Kind.ZIP:
+        if kind is Format.ZIP:
             return _load_zip(src, zipr.read_archive(src.f, src.size))[0]
         return _load_pickles(src)[0]
 
 
-def read_torch(path: Path, kind: Kind, *, key: str | None = None) -> ModelFile:
+def read_torch(path: Path, kind: Format, *, key: str | None = None) -> ModelFile:
     """Open a torch file (zip, legacy, TAR) or plain pickle lazily."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         src = _Source(f, size, path=path)
-        if kind is Kind.ZIP:
+        if kind is Format.ZIP:
             archive = zipr.read_archive(f, size)
             if _is_npz(archive):
                 from sdtool.formats.numpyfile import read_npz
 
                 return read_npz(path, archive)
             root, container = _load_zip(src, archive)
-            fmt = "torch-zip"
-        elif kind is Kind.TAR:
+            fmt = Format.TORCH_ZIP
+        elif kind is Format.TAR:
             root, container = _load_tar(src)
-            fmt = "torch-tar"
+            fmt = Format.TORCH_TAR
         else:
             root, container = _load_pickles(src)
-            fmt = "torch-legacy" if container["container"] == "legacy" else "pickle"
+            fmt = Format.TORCH_LEGACY if container["container"] == "legacy" else Format.PICKLE
     tensors, extra, sd_path = collect(root, key)
     container["state_dict_path"] = sd_path
     return ModelFile(
@@ -89,7 +90,6 @@ def read_torch(path: Path, kind: Kind, *, key: str | None = None) -> ModelFile:
         extra=extra,
         container=container,
         globals=globals_met(src.seen),
-        root=root,
     )
 
 

@@ -16,7 +16,7 @@ from sdtool.ops.identify import Identity
 from sdtool.ops.identify import identify as identify_model
 from sdtool.scan import classify_global
 
-SCHEMA = "sdtool.inspect/1"
+SCHEMA = "sdtool.inspect/2"
 
 #: (component, key prefixes); first match wins, so longer/more specific prefixes come first.
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -96,7 +96,7 @@ class InspectReport:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "schema": SCHEMA,
-            "file": str(self.path),
+            "path": str(self.path),
             "format": self.format,
             "file_size": self.file_size,
             "totals": self.totals.to_json(),

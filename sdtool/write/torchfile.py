@@ -4,7 +4,7 @@ The output is a flat ``{name: tensor}`` dict, what ``torch.save(model.state_dict
 what every loader accepts. Unlike the safetensors writer this one is memory-bound: torch.save
 needs the whole dict at once, so the output's tensors are all in memory before it writes
 (each tensor is still read and cast chunk by chunk). torch files have no metadata map, so
-the plan's metadata is not written (write_model reports that). torch is imported here only.
+the plan's metadata is not written (convert reports that). torch is imported here only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from sdtool.errors import MissingExtra
-from sdtool.formats.plan import Chunks, OutTensor
+from sdtool.write.plan import OutTensor
+from sdtool.write.stream import Chunks
 
 #: dtypes torch.from_numpy cannot take (ml_dtypes types): passed as same-size integers, then
 #: viewed as the torch dtype
