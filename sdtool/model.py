@@ -20,6 +20,7 @@ import numpy as np
 
 from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, TruncatedFile
+from sdtool.results import Result
 from sdtool.vocab import Format
 
 
@@ -172,6 +173,16 @@ class GlobalUse:
     builder: bool  # True: mapped to one of sdtool's own data builders; False: an inert StandIn
 
 
+@dataclass(frozen=True)
+class ContainerFacts(Result):
+    """Facts about a file's container, typed per format (each reader defines its subclass:
+    ``SafetensorsFacts``, ``ZipFacts``, ``LegacyFacts``, ``TarFacts``, ``PickleFacts``,
+    ``NpyFacts``, ``NpzFacts``). ``state_dict_path``: where the tensors were found in a pickle
+    ("" at the root or for formats without one)."""
+
+    state_dict_path: str = ""
+
+
 class ModelFile:
     """An opened model file: ordered tensors with data on demand, plus everything else it holds.
 
@@ -183,7 +194,8 @@ class ModelFile:
         metadata: the safetensors ``__metadata__`` map (empty for other formats).
         extra: the non-tensor rest as plain data (global_step, epoch, ...); tensors that lie
             outside the state dict (optimizer state) stay here as TensorInfo leaves.
-        container: facts about the container (zip prefix, byteorder, version records ...).
+        container: typed facts about the container (ContainerFacts: zip prefix, byteorder,
+            version records ...).
         globals: every global the unpickler met.
     """
 
@@ -195,7 +207,7 @@ class ModelFile:
         *,
         metadata: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
-        container: dict[str, Any] | None = None,
+        container: ContainerFacts | None = None,
         globals: list[GlobalUse] | None = None,
     ) -> None:
         self.path = path
@@ -203,7 +215,7 @@ class ModelFile:
         self.tensors = tensors
         self.metadata = metadata or {}
         self.extra = extra or {}
-        self.container = container or {}
+        self.container = container if container is not None else ContainerFacts()
         self.globals = globals or []
         self.file_size = path.stat().st_size
         self._mmap: mmap.mmap | None = None

@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sdtool import dtypes
 from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
-from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
+from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, contiguous_strides
 from sdtool.vocab import Format
 
 MAX_HEADER = 100_000_000  # the reference reader's limit
+
+
+@dataclass(frozen=True)
+class SafetensorsFacts(ContainerFacts):
+    """A safetensors file's container facts."""
+
+    header_bytes: int = 0  # N, the JSON's length
+    data_start: int = 0  # 8 + N
+    duplicate_keys: list[str] = field(default_factory=list)  # keys the JSON gives twice
 
 
 @dataclass
@@ -147,11 +156,9 @@ def read_safetensors(path: Path) -> ModelFile:
         strides = contiguous_strides(shape)
         storage = Storage(name, dt, end - begin, file_offset=start + begin)
         tensors[name] = TensorInfo(dt, shape, strides, 0, storage)
-    container = {
-        "header_bytes": header.length,
-        "data_start": start,
-        "duplicate_keys": header.duplicate_keys,
-    }
+    container = SafetensorsFacts(
+        header_bytes=header.length, data_start=start, duplicate_keys=header.duplicate_keys
+    )
     return ModelFile(
         path, Format.SAFETENSORS, tensors, metadata=header.metadata, container=container
     )
