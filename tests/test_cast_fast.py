@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdtool import dtypes
-from sdtool.formats import cast as cast_mod
+from sdtool.write import cast as cast_mod
 from sdtool.write.cast import cast
 
 torch = pytest.importorskip("torch")

@@ -33,7 +33,7 @@ files = sys.argv[3:]
 # everything sdtool needs is imported first; what appears later came from handling the files
 import numpy, safetensors, blake3, sdtool, sdtool.formats.open, sdtool.formats.torchfile
 import sdtool.formats.safetensors, sdtool.formats.numpyfile, sdtool.ops.hash, sdtool.ops.diff
-import sdtool.ops.inspect, sdtool.write, sdtool.write.stream, sdtool.model
+import sdtool.ops.inspect, sdtool.write, sdtool.write.stream, sdtool.write.safetensors, sdtool.model
 from pathlib import Path
 from sdtool.errors import SdtoolError
 from sdtool.formats.open import open_model
