@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sdtool import dtypes, open_model
-from sdtool.errors import MissingExtra, OutputError, TruncatedFile, VerificationError
+from sdtool.errors import OutputError, TruncatedFile, VerificationError
 from sdtool.model import ModelFile
 from sdtool.write import CastOverflow, OutTensor, write_model
 from sdtool.write import stream as plan_mod
@@ -190,12 +190,14 @@ def test_torch_output(tmp_path: Path) -> None:
     assert torch.equal(sd["b.weight"].view(torch.int16), want.view(torch.int16))
 
 
-def test_torch_missing_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ckpt_needs_no_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: writing .ckpt without torch raised MissingExtra naming sdtool[torch]. The .ckpt
+    writer now emits torch's zip itself (issue 10 item 3), so it writes, and reads back."""
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     out = tmp_path / "o.ckpt"
-    with _model(tmp_path, SAMPLE) as m, pytest.raises(MissingExtra, match=r"sdtool\[torch\]"):
-        write_model(_plan(m), out)
-    assert not out.exists() and _no_leftovers(tmp_path)
+    with _model(tmp_path, SAMPLE) as m:
+        write_model(_plan(m), out, verify=True)
+    assert out.exists() and _no_leftovers(tmp_path)
 
 
 def test_prefetch_order_errors_and_early_stop() -> None:

@@ -66,9 +66,10 @@ def convert_cmd(
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
-    OUT: .safetensors/.sft (streamed: memory stays about one tensor), or .ckpt/.pt/.pth/.bin
-    (written with torch). The input's metadata and non-tensor fields (global_step, ...) go
-    into the safetensors __metadata__. Output is written to a temp file and renamed: an
+    OUT: .safetensors/.sft or .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory stays
+    about one tensor). The input's metadata and non-tensor fields (global_step, ...) go into
+    the safetensors __metadata__ (a .ckpt: fields as entries, metadata under __metadata__).
+    Output is written to a temp file and renamed: an
     error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed.
 
     \b

@@ -133,10 +133,27 @@ def read_torch(path: Path, kind: Format, *, key: str | None = None) -> ModelFile
         path,
         fmt,
         tensors,
+        metadata=_metadata_entry(extra),
         extra=extra,
         container=container,
         globals=globals_met(src.seen),
     )
+
+
+#: the top-level entry in which a .ckpt written by sdtool keeps a safetensors metadata map
+METADATA_KEY = "__metadata__"
+
+
+def _metadata_entry(extra: dict[str, Any]) -> dict[str, str] | None:
+    """Take a ``__metadata__`` map of strings (sdtool's .ckpt output) out of ``extra``: it is
+    the file's metadata, as in safetensors, so it round-trips through safetensors."""
+    meta = extra.get(METADATA_KEY)
+    if isinstance(meta, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        del extra[METADATA_KEY]
+        return dict(meta)
+    return None
 
 
 # -- zip ------------------------------------------------------------------------------------------

@@ -104,13 +104,22 @@ def parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def carried_fields(m: ModelFile) -> dict[str, Any]:
+    """The non-tensor top-level fields of ``m`` (global_step, epoch ...) as plain data (what a
+    .ckpt output gets back as top-level entries); fields holding tensors are not carried."""
+    return {
+        str(k): to_plain(v) for k, v in m.extra.items() if not any(True for _ in tensor_leaves(v))
+    }
+
+
 def build_metadata(
-    m: ModelFile, *, carry: bool = True, add: dict[str, str] | None = None
+    m: ModelFile, *, carry: bool = True, add: dict[str, str] | None = None, fields: bool = True
 ) -> tuple[dict[str, str], list[str], list[str]]:
     """The output ``__metadata__``, what was not carried (tensors outside the state dict), notes.
 
-    ``carry``: the input's metadata and its non-tensor fields (JSON per top-level key);
-    ``format: pt`` is always set unless the input or ``add`` says otherwise; ``add`` wins.
+    ``carry``: the input's metadata and (``fields``) its non-tensor fields, JSON per top-level
+    key (a .ckpt output carries the fields as entries instead); ``format: pt`` is always set
+    unless the input or ``add`` says otherwise; ``add`` wins.
     """
     meta: dict[str, str] = {}
     not_carried: list[str] = []
@@ -124,11 +133,10 @@ def build_metadata(
             )
     if carry:
         meta.update(m.metadata)
-        for k, v in m.extra.items():
-            key = str(k)
-            if key in meta or any(True for _ in tensor_leaves(v)):
+        for key, plain in (carried_fields(m) if fields else {}).items():
+            if key in meta:
                 continue
-            enc = json.dumps(to_plain(v), ensure_ascii=False)
+            enc = json.dumps(plain, ensure_ascii=False)
             if len(enc) > MAX_METADATA_VALUE:
                 notes.append(
                     f"field {key!r} left out of the metadata: {len(enc)} bytes of JSON "
@@ -179,15 +187,13 @@ def convert(
         tensors = [
             replace(t, name=renamed[t.name]) if t.name in renamed else t for t in plan.tensors
         ]
-        meta, not_carried, meta_notes = build_metadata(
-            m, carry=opts.carry_metadata, add=opts.metadata
-        )
-        notes = list(plan.notes)
         fmt = OUT_FORMATS[out.suffix.lower()]
-        if fmt != "safetensors" and (lost := sorted(set(meta) - {"format"})):
-            notes.append(
-                f"metadata not written ({', '.join(lost[:5])}): a .ckpt has no place for it"
-            )
+        ckpt = fmt != "safetensors"
+        meta, not_carried, meta_notes = build_metadata(
+            m, carry=opts.carry_metadata, add=opts.metadata, fields=not ckpt
+        )
+        fields = carried_fields(m) if ckpt and opts.carry_metadata else None
+        notes = list(plan.notes)
         result = ConvertResult(
             path=m.path,
             output=out,
@@ -203,7 +209,7 @@ def convert(
         )
         if opts.dry_run:
             return result
-        w = write_model(tensors, out, opts, metadata=meta)
+        w = write_model(tensors, out, opts, metadata=meta, fields=fields)
         return replace(
             result,
             tensors=w.tensors,

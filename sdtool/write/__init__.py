@@ -148,6 +148,7 @@ def write_model(
     options: WriteOptions | None = None,
     *,
     metadata: dict[str, str] | None = None,
+    fields: dict[str, Any] | None = None,
     **changes: Any,
 ) -> WriteResult:
     """Write ``plan`` to ``out`` (format by extension), atomically.
@@ -159,7 +160,10 @@ def write_model(
             ``overwrite``.
         options: overwrite, verify, on_overflow, progress (``changes`` may give them as
             keywords instead).
-        metadata: the safetensors ``__metadata__`` (str -> str); the torch writer keeps it too.
+        metadata: the ``__metadata__`` map (str -> str): safetensors' own; a .ckpt holds it as
+            its ``__metadata__`` entry (``{"format": "pt"}`` alone is not written there).
+        fields: non-tensor entries (plain data) a .ckpt gets at its top level; safetensors has
+            no place for them (convert encodes them into ``metadata`` instead).
 
     Raises:
         OutputError, CastOverflow, VerificationError, and the reader's errors (TruncatedFile
@@ -183,7 +187,10 @@ def write_model(
             else:
                 from sdtool.write.torchfile import write_torch
 
-                overflows = write_torch(plan, f, progress=advance)
+                ckpt_meta = _ckpt_metadata(metadata)
+                overflows = write_torch(
+                    plan, f, metadata=ckpt_meta, fields=fields, progress=advance
+                )
         except SdtoolError as e:
             raise e.with_path(out) from None
         if overflows and opts.on_overflow == "fail":
@@ -192,7 +199,7 @@ def write_model(
         if opts.verify:
             from sdtool.write.verify import verify_output
 
-            verify_output(plan, tmp, metadata if fmt == "safetensors" else None)
+            verify_output(plan, tmp, metadata if fmt == "safetensors" else _ckpt_metadata(metadata))
         size = os.fstat(f.fileno()).st_size
     return WriteResult(
         path=out,
@@ -202,9 +209,14 @@ def write_model(
         copied=sum(1 for t in plan if t.copy_span is not None) if fmt == "safetensors" else 0,
         cast=sum(1 for t in plan if t.is_cast),
         overflows=overflows,
-        metadata_written=bool(metadata) and fmt == "safetensors",
+        metadata_written=bool(metadata if fmt == "safetensors" else _ckpt_metadata(metadata)),
         verified=opts.verify,
     )
+
+
+def _ckpt_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    """What of ``metadata`` a .ckpt keeps: all of it, unless it only says ``format: pt``."""
+    return {} if not metadata or metadata == {"format": "pt"} else dict(metadata)
 
 
 def _overflow_error(
