@@ -92,7 +92,8 @@ def test_batch_to_ckpt_and_overwrite(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = tmp_path / "out"
     assert main(["convert", str(src), "--out-dir", str(out), "--to", "ckpt"]) == 0
     target = out / "m.safetensors.src.ckpt"
-    assert set(torch.load(target, weights_only=True)) == {"w"}
+    # global_step goes back as a top-level entry (was dropped: issue 10 item 3)
+    assert set(torch.load(target, weights_only=True)) == {"w", "global_step"}
     assert main(["convert", str(src), "--out-dir", str(out), "--to", "ckpt", "--overwrite"]) == 0
     assert "1 converted" in capsys.readouterr().out
 
