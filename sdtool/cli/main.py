@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "hash": "sdtool.cli.hash:hash_cmd",
     "diff": "sdtool.cli.diff:diff_cmd",
     "merge": "sdtool.cli.merge:merge_cmd",
+    "lora": "sdtool.cli.lora:lora_cmd",
 }
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
