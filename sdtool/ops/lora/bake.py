@@ -196,7 +196,7 @@ def layout_ids(base: ModelFile) -> list[tuple[ModuleId, BaseTarget]]:
         for prefix in _prefixes(layouts, family, comp, base):
             kmap = layouts.keymap(family, comp, "to_diffusers", prefix=prefix)
             for key, info in base.tensors.items():
-                if not key.startswith(prefix) or not key.endswith(".weight"):
+                if not key.startswith(prefix) or not info.dtype.is_float:
                     continue
                 for mp in kmap(key):
                     if mp.kind == "join" or not mp.target.endswith(".weight"):
@@ -245,7 +245,7 @@ def _lokr_numel(shapes: dict[str, tuple[int, ...]], i: str) -> int:
     return a[0] * prod(b[1:])
 
 
-def _peft_alphas(lora: ModelFile) -> tuple[float | None, dict[str, float]]:
+def peft_alphas(lora: ModelFile) -> tuple[float | None, dict[str, float]]:
     """lora_alpha and alpha_pattern from diffusers' ``lora_adapter_metadata`` (PEFT config)."""
     raw = lora.metadata.get("lora_adapter_metadata")
     if not raw:
@@ -276,7 +276,7 @@ def plan_patches(
     for li, (lora, strength) in enumerate(loras):
         parsed = parse_lora(lora.tensors)
         rep = LoraReport(lora.path, strength, unknown_keys=parsed.unknown)
-        peft_alpha, pattern = _peft_alphas(lora)
+        peft_alpha, pattern = peft_alphas(lora)
         for stem, mod in parsed.modules.items():
             kind = mod.kind
             assert kind is not None
@@ -303,7 +303,7 @@ def plan_patches(
                 if "alpha" in mod.keys:
                     alpha = float(io.f32(lora, mod.keys["alpha"]).reshape(-1)[0])
                 elif peft_alpha is not None:
-                    alpha = _pattern_alpha(stem, pattern, peft_alpha)
+                    alpha = pattern_alpha(stem, pattern, peft_alpha)
                 dora = None
                 if kd != "bias":
                     dora = next((r for r in ("dora", "magnitude") if r in mod.keys), None)
@@ -348,7 +348,7 @@ def _fits(
     return f"its {kind} delta has {have} values, {target.key!r} {list(info.shape)}{where} {want}"
 
 
-def _pattern_alpha(stem: str, pattern: dict[str, float], default: float) -> float:
+def pattern_alpha(stem: str, pattern: dict[str, float], default: float) -> float:
     """PEFT's alpha_pattern: the longest pattern the module name ends with wins."""
     best = None
     for pat, value in pattern.items():
