@@ -107,3 +107,44 @@ def test_sdxl_native_diffusers_and_split_te2(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _layouts() -> None:
     L.need_layouts()
+
+
+def test_extract_names_and_round_trip(tmp_path: Path) -> None:
+    """Extract from full SD1 / SDXL checkpoints: kohya names per family, and baking the
+    full-rank LoRA back reproduces TUNED on every extracted key."""
+    from sdtool.ops.lora.extract import extract
+
+    for fam, entries, names in (
+        ("sd1", L.sd1(), {
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+                U + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+                "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        }),
+        ("sdxl", L.sdxl(), {
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+                U + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+            "lora_te2_text_model_encoder_layers_0_self_attn_k_proj":
+                "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1":
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+        }),
+    ):  # fmt: skip
+        base = L.write_tiny(tmp_path / f"{fam}.safetensors", entries)
+        tuned = dict(base)
+        for key in set(names.values()):
+            tuned[key] = base[key] + RNG.standard_normal(base[key].shape).astype(base[key].dtype)
+        save_file(tuned, str(tmp_path / f"{fam}-tuned.safetensors"))
+        out = tmp_path / f"{fam}-lora.safetensors"
+        res = extract(
+            tmp_path / f"{fam}-tuned.safetensors", tmp_path / f"{fam}.safetensors", out,
+            rank=8, dtype="fp32",
+        )  # fmt: skip
+        got = {m.name: m.source for m in res.modules}
+        for name, key in names.items():
+            assert got[name] == key, (fam, name)
+        baked = tmp_path / f"{fam}-baked.safetensors"
+        bake(tmp_path / f"{fam}.safetensors", [out], baked, dtype="fp32")
+        b = load_file(baked)
+        for key in set(names.values()):
+            np.testing.assert_allclose(b[key], tuned[key].astype(np.float32), rtol=0, atol=1e-5)
