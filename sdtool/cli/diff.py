@@ -10,8 +10,7 @@ import click
 from sdtool.cli import progress, render
 from sdtool.cli.options import json_option, quiet_option
 from sdtool.ops.diff import DiffResult, TensorDiff, diff
-
-EXIT_IDENTICAL, EXIT_DIFFERENT = 0, 1
+from sdtool.vocab import ExitCode
 
 
 def _fmt_diff(x: float | int | None) -> str:
@@ -128,4 +127,4 @@ def diff_cmd(
         render.print_json(result.to_json())
     else:
         _render(result, summary_only=summary_only)
-    return EXIT_IDENTICAL if result.identical else EXIT_DIFFERENT
+    return ExitCode.OK if result.identical else ExitCode.FINDINGS

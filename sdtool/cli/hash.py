@@ -11,9 +11,8 @@ from sdtool.cli import progress, render
 from sdtool.cli.options import complete_from, json_option, quiet_option
 from sdtool.cli.stdin import spooled
 from sdtool.errors import SdtoolError
-from sdtool.ops.hash import ALGORITHMS, HashResult, hash_file, parse_algorithms
-
-EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+from sdtool.ops.hash import ALGORITHMS, SCHEMA, HashResult, hash_file, parse_algorithms
+from sdtool.vocab import ExitCode
 
 
 def _render(result: HashResult) -> None:
@@ -92,11 +91,11 @@ def hash_cmd(
         parse_algorithms(algorithms) if algorithms else tuple(ALGORITHMS)
     )  # fmt: skip
     results: list[HashResult] = []
-    code = EXIT_OK
+    code = ExitCode.OK
     for path in _expand(files):
         result = _hash_one(path, names)
         if result is None:
-            code = EXIT_ERROR
+            code = ExitCode.ERROR
             continue
         results.append(result)
         if quiet or as_json:
@@ -106,7 +105,7 @@ def hash_cmd(
         else:
             _render(result)
     if as_json and not quiet:
-        render.print_json({"schema": "sdtool.hash/1", "files": [r.to_json() for r in results]})
+        render.print_json({"schema": SCHEMA, "files": [r.to_json() for r in results]})
     return code
 
 
@@ -155,7 +154,7 @@ def _check(sums: Path, *, quiet: bool) -> int:
         raise SdtoolError(f"cannot read the checksum file: {e}", path=sums) from None
     if not any(_SUM_LINE.match(ln) for ln in lines):
         raise SdtoolError("no 'SHA256  FILE' line in the checksum file", path=sums)
-    code, failed, bad_lines = EXIT_OK, 0, 0
+    code, failed, bad_lines = ExitCode.OK, 0, 0
     for line in lines:
         m = _SUM_LINE.match(line)
         if m is None:
@@ -166,7 +165,7 @@ def _check(sums: Path, *, quiet: bool) -> int:
             name = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), name)
         result = _hash_one(Path(name), ("sha256",))
         if result is None:
-            code = EXIT_ERROR
+            code = ExitCode.ERROR
             continue
         ok = (result.hashes["sha256"] or "").lower() == m.group(2).lower()
         if not ok:
@@ -177,4 +176,4 @@ def _check(sums: Path, *, quiet: bool) -> int:
         render.warn(f"{sums}: {bad_lines} line(s) are not 'SHA256  FILE' and were ignored")
     if failed:
         render.warn(f"{failed} computed checksum(s) did NOT match")
-    return EXIT_FAILED if failed and code == EXIT_OK else code
+    return ExitCode.FINDINGS if failed and code == ExitCode.OK else code

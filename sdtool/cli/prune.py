@@ -27,12 +27,19 @@ from sdtool.cli.render import (
     print_table,
     warn,
 )
+from sdtool.formats.open import open_model
 from sdtool.ops.outname import derived
 from sdtool.ops.prune import (
     DROP_TARGETS,
     EXTRACT_TARGETS,
+    ExtractOptions,
+    PruneOptions,
     PruneResult,
+    extract,
+    parse_drop,
+    prune,
 )
+from sdtool.vocab import parse_dtype
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -120,28 +127,30 @@ def prune_cmd(
     """
     if ema_only and no_ema:
         raise click.UsageError("--ema-only and --no-ema exclude each other")
-    from sdtool.api import prune
-
     ema = "only" if ema_only else "drop" if no_ema else "keep"
-    out = derived(
-        src, out, ["pruned", {"only": "emaonly", "drop": "noema"}.get(ema, ""), dtype or ""]
-    )
-    with progress.byte_bar(f"writing {out.name}") as bar:
-        result = prune(
-            src,
-            out,
-            ema=ema,
-            allow_partial_ema=allow_partial_ema,
-            drop=drop,
-            bake_vae=bake_vae,
-            fix_clip=fix_clip,
-            dtype=dtype,
-            dry_run=dry_run,
-            overwrite=overwrite,
-            verify=verify,
-            on_overflow=on_overflow,
-            progress=None if bar is None else bar.advance,
-        )
+    ema_tag = {"only": "emaonly", "drop": "noema"}.get(ema, "")
+    out = derived(src, out, ["pruned", ema_tag, dtype or ""])
+    with open_model(src) as model:
+        vae = open_model(bake_vae) if bake_vae else None
+        try:
+            with progress.byte_bar(f"writing {out.name}") as bar:
+                opts = PruneOptions(
+                    ema=ema,
+                    allow_partial_ema=allow_partial_ema,
+                    drop=parse_drop(drop),
+                    bake_vae=vae,
+                    fix_clip=fix_clip,
+                    dtype=parse_dtype(dtype),
+                    dry_run=dry_run,
+                    overwrite=overwrite,
+                    verify=verify,
+                    on_overflow=on_overflow,
+                    progress=None if bar is None else bar.absolute,
+                )
+                result = prune(model, out, opts)
+        finally:
+            if vae is not None:
+                vae.close()
     return report(result, src, out, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 
@@ -182,22 +191,19 @@ def extract_cmd(
       sdtool extract sdxl.safetensors clip_g.safetensors --component clip-g --dtype fp16
       sdtool extract sd15.ckpt unet-ema.safetensors -c unet --ema-only
     """
-    from sdtool.api import extract
-
     out = derived(src, out, [component, "ema" if ema_only else "", dtype or ""])
-    with progress.byte_bar(f"writing {out.name}") as bar:
-        result = extract(
-            src,
-            out,
+    with open_model(src) as model, progress.byte_bar(f"writing {out.name}") as bar:
+        opts = ExtractOptions(
             component=component,
             ema=ema_only,
-            dtype=dtype,
+            dtype=parse_dtype(dtype),
             dry_run=dry_run,
             overwrite=overwrite,
             verify=verify,
             on_overflow=on_overflow,
-            progress=None if bar is None else bar.advance,
+            progress=None if bar is None else bar.absolute,
         )
+        result = extract(model, out, opts)
     return report(result, src, out, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 

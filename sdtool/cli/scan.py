@@ -16,12 +16,13 @@ from sdtool.cli.stdin import STDIN, is_stdin, spooled
 from sdtool.scan import FileReport, ScanReport, scan_paths
 from sdtool.scan.report import VERDICTS
 from sdtool.scan.sarif import to_sarif
+from sdtool.vocab import Verdict
 
 STYLE = {
     "dangerous": "bold red",
     "suspicious": "yellow",
     "error": "magenta",
-    "not scanned": "magenta",
+    "not_scanned": "magenta",
     "safe": "green",
     "skipped": "dim",
     "info": "dim",
@@ -115,9 +116,9 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
     for fr in report.files:
         errors(fr)
         v = fr.verdict
-        if quiet and v in ("safe", "skipped"):
+        if quiet and v in (Verdict.SAFE, Verdict.SKIPPED):
             continue
-        label = f"[{STYLE[v]}]{v.upper():<11}[/{STYLE[v]}] {markup(fr.path)}"
+        label = f"[{STYLE[v]}]{v.label.upper():<11}[/{STYLE[v]}] {markup(fr.path)}"
         if fr.skipped:
             out.print(f"{label}: not a model file ({markup(fr.skipped)})")
             continue
@@ -139,7 +140,7 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
             for line in wrap(body, width, "      ", "      "):
                 out.print(markup(line))
     s = report.summary()
-    parts = [f"{s[k]} {LABEL.get(k, k)}" for k in VERDICTS if s[k]]
+    parts = [f"{s[v]} {LABEL.get(v, v.label)}" for v in VERDICTS if s[v]]
     out.print(
         f"\n{s['files']} file{'' if s['files'] == 1 else 's'}: "
         + (", ".join(parts) or "nothing to scan")
