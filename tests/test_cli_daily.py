@@ -251,7 +251,7 @@ def test_hash_folders_recursively(tmp_path: Path, capsys: pytest.CaptureFixture[
     (tmp_path / "a" / "b" / "x.bin").write_bytes(b"x")
     (tmp_path / "a" / "y.bin").write_bytes(b"y")
     assert main(["hash", "--json", "-a", "crc32", str(tmp_path / "a")]) == 0
-    files = [Path(f["file"]).name for f in json.loads(capsys.readouterr().out)["files"]]
+    files = [Path(f["path"]).name for f in json.loads(capsys.readouterr().out)["files"]]
     assert files == ["x.bin", "y.bin"]
 
 

@@ -149,6 +149,8 @@ FLAG_SPELLING: dict[str, str] = {
     "ema=True": "--ema-only",
     "carry_metadata=False": "--no-metadata",
     "out_dir=": "--out-dir ",
+    "bake_vae:": "--bake-vae:",
+    "key=...": "--key",
 }
 _FLAG_TRUE = re.compile(r"\b([a-z][a-z0-9_]*)=True\b")
 _FLAG_VALUE = re.compile(r"\b(key|drop|dtype|component|to|jobs|on_overflow|metadata|bake_vae)=")

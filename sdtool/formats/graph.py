@@ -40,11 +40,11 @@ def select(root: Any, key: str | None) -> tuple[Any, list[str]]:
         for part in key.split("."):
             cur = _child(cur, part)
             if cur is _DROP:
-                raise UsageError(f"--key {key!r}: {'.'.join([*path, part])!r} is not in the file")
+                raise UsageError(f"key={key!r}: {'.'.join([*path, part])!r} is not in the file")
             path.append(part)
         if not isinstance(cur, dict | list | tuple | StandIn):  # nothing can hold tensors there
             raise UsageError(
-                f"--key {key!r} names {_kind(cur)}, not a dict of tensors"
+                f"key={key!r} names {_kind(cur)}, not a dict of tensors"
                 + (f" (it is {cur!r})" if isinstance(cur, int | float | bool) else "")
             )
         return cur, path
