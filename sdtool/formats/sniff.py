@@ -21,6 +21,7 @@ class Kind(str, Enum):
     PICKLE = "pickle"  # plain pickle or legacy torch (the reader tells them apart)
     TAR = "tar"  # torch's oldest format (or another tar)
     NPY = "npy"
+    GGUF = "gguf"
     GZIP = "gzip"
     BZIP2 = "bzip2"
     XZ = "xz"
@@ -45,6 +46,8 @@ def sniff_bytes(head: bytes, size: int) -> Kind:
         return Kind.ZIP
     if head[:6] == b"\x93NUMPY":
         return Kind.NPY
+    if head[:4] == b"GGUF":
+        return Kind.GGUF
     if head[:2] == b"\x1f\x8b":
         return Kind.GZIP
     if head[:3] == b"BZh":
@@ -104,8 +107,6 @@ def describe(head: bytes, size: int) -> str:
         return "it is a joblib compressed container (scikit-learn style), not a model file"
     if text[:3] == b"\x5d\x00\x00":
         return "it looks like an LZMA-compressed file (decompress it first)"
-    if text[:4] == b"GGUF":
-        return "it is a GGUF file (llama.cpp), which sdtool does not read"
     if lowered.startswith((b"{", b"[")):
         return "it looks like JSON text"
     if size >= 8 and len(head) >= 8:
