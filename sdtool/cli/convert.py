@@ -48,6 +48,12 @@ EXIT_OK, EXIT_FAILED = 0, 1
     show_default=True,
     help="Batch mode: the output format.",
 )
+@click.option(
+    "--quant",
+    metavar="TYPE",
+    help="GGUF output: Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, Q4_K_M, Q4_1, Q4_0, F16 or BF16 "
+    "(ComfyUI-GGUF's layout; docs/gguf.md).",
+)
 @jobs_option("Batch mode: convert")
 @json_option("convert")
 def convert_cmd(
@@ -63,19 +69,22 @@ def convert_cmd(
     to: str,
     jobs: int,
     as_json: bool,
+    quant: str | None = None,
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
-    OUT: .safetensors/.sft (streamed: memory stays about one tensor), or .ckpt/.pt/.pth/.bin
-    (written with torch). The input's metadata and non-tensor fields (global_step, ...) go
-    into the safetensors __metadata__. Output is written to a temp file and renamed: an
-    error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed.
+    OUT: .safetensors/.sft (streamed: memory stays about one tensor), .ckpt/.pt/.pth/.bin
+    (written with torch), or .gguf (ComfyUI-GGUF's layout, --quant). The input's metadata
+    and non-tensor fields (global_step, ...) go into the safetensors __metadata__. Output is
+    written to a temp file and renamed: an error or Ctrl-C leaves nothing behind. Batch mode
+    exits 1 if any file failed.
 
     \b
     Examples:
       sdtool convert model.ckpt model.safetensors
       sdtool convert model.ckpt model-fp16.safetensors --dtype fp16 --verify
       sdtool convert downloads/ --out-dir converted/ --jobs 2
+      sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
     """
     options: dict[str, Any] = {
         "dtype": dtype,
@@ -85,6 +94,8 @@ def convert_cmd(
         "verify": verify,
         "on_overflow": on_overflow,
     }
+    if quant is not None:
+        options["quant"] = quant
     bars = bars_.enabled()
     if out_dir is None:
         if len(paths) != 2:

@@ -566,6 +566,16 @@ def _run(jobs: list[Callable[[], None]], threads: int) -> None:
             f.result()
 
 
+def plain_numpy(name: str) -> np.dtype:
+    """The numpy dtype of a plain (unblocked) type such as F16."""
+    from sdtool import dtypes
+
+    code = get(name).dtype
+    if code is None:
+        raise UnsupportedDtype(f"{name} is a block-quantized type")
+    return np.dtype(dtypes.from_code(code).numpy)
+
+
 def get(name: str) -> GGMLType:
     try:
         return GGML_TYPES[name]

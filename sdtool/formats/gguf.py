@@ -505,7 +505,7 @@ def write_gguf(
         if ggml.get(t.type).quantized or t.type == "BF16":
             data = ggml.quantize(values, t.type, threads=threads)
         else:
-            want = np.dtype(dtypes.from_code(t.type).numpy)
+            want = ggml.plain_numpy(t.type)
             data = np.ascontiguousarray(values.reshape(-1), dtype=want).view(np.uint8)
         f.write(data.data)
         pad = -data.size % alignment

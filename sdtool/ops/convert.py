@@ -196,6 +196,7 @@ def convert(
     verify: bool = False,
     on_overflow: str = "fail",
     progress: Callable[[int, int], None] | None = None,
+    quant: str | None = None,
 ) -> ConvertResult:
     """Convert the model file ``src`` to ``out`` (format by ``out``'s extension).
 
@@ -207,6 +208,9 @@ def convert(
         carry_metadata: carry the input's metadata and non-tensor fields.
         on_overflow: ``fail`` or ``warn`` when a cast makes finite values inf.
         progress: called with (bytes written so far, bytes the output's tensors take).
+        quant: for a ``.gguf`` output, the GGUF type (``Q8_0``, ``Q4_K_M``, ``F16`` ...;
+            default F16, or BF16 for a mostly-bf16 model), in ComfyUI-GGUF's layout
+            (docs/gguf.md).
 
     Returns a ConvertResult; raises SdtoolError subclasses (nothing is written then).
 
@@ -216,6 +220,9 @@ def convert(
     """
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
+    if out.suffix.lower() == ".gguf" or quant is not None:
+        return _convert_gguf(src, out, quant, dtype=dtype, key=key, overwrite=overwrite,
+                             verify=verify, progress=progress, t0=t0)  # fmt: skip
     target = parse_dtype(dtype)
     output_format(out)  # refuse a bad extension before reading anything
     with open_model(src, key=key) as m:
@@ -269,6 +276,78 @@ def convert(
             verified=w.verified,
             seconds=time.perf_counter() - t0,
         )
+
+
+def _convert_gguf(
+    src: Path,
+    out: Path,
+    quant: str | None,
+    *,
+    dtype: str,
+    key: str | None,
+    overwrite: bool,
+    verify: bool,
+    progress: Callable[[int, int], None] | None,
+    t0: float,
+) -> ConvertResult:
+    """convert() to a ComfyUI-GGUF file (sdtool.ops.gguf_export)."""
+    from sdtool.ops.atomic import atomic_output
+    from sdtool.ops.gguf_export import plan_export, quant_count, write_gguf_plan
+
+    if out.suffix.lower() != ".gguf":
+        raise UsageError(f"--quant writes GGUF: name the output *.gguf, not {out.name!r}")
+    if dtype != "keep":
+        raise UsageError("--dtype does not apply to GGUF output; choose the type with --quant")
+    with open_model(src, key=key) as m:
+        q = quant or ("BF16" if _mostly_bf16(m) else "F16")
+        plan = plan_export(m, q.upper())
+        total = sum(t.nbytes for t in plan.tensors)
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        with atomic_output(out, inputs=[src], overwrite=overwrite) as f:
+            try:
+                write_gguf_plan(plan, f, progress=step)
+            except SdtoolError as e:
+                raise e.with_path(src) from None
+            if verify:
+                from sdtool.ops.gguf_export import verify_gguf
+
+                verify_gguf(plan, Path(str(f.name)))
+        notes = list(plan.notes)
+        if plan.dropped:
+            notes.append(
+                f"{len(plan.dropped)} tensor(s) not part of the {plan.arch} model left out "
+                f"(e.g. {plan.dropped[0]!r})"
+            )
+        types = ", ".join(f"{k} {v}" for k, v in sorted(plan.types.items()))
+        notes.insert(0, f"GGUF architecture {plan.arch!r}, {q.upper()}: {types}")
+        return ConvertResult(
+            input=src,
+            output=out,
+            input_format=m.format,
+            output_format="gguf",
+            dtype=q.upper(),
+            tensors=len(plan.tensors),
+            cast=quant_count(plan),
+            input_bytes=m.file_size,
+            output_bytes=out.stat().st_size,
+            notes=notes,
+            verified=verify,
+            seconds=time.perf_counter() - t0,
+        )
+
+
+def _mostly_bf16(m: ModelFile) -> bool:
+    counts: dict[str, int] = {}
+    for t in m.tensors.values():
+        counts[t.type_code] = counts.get(t.type_code, 0) + 1
+    return bool(counts) and max(counts, key=lambda k: counts[k]) == "BF16"
 
 
 # -- batch ----------------------------------------------------------------------------------
