@@ -54,6 +54,19 @@ EXIT_OK, EXIT_FAILED = 0, 1
     help="GGUF output: Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, Q4_K_M, Q4_1, Q4_0, F16 or BF16 "
     "(ComfyUI-GGUF's layout; docs/gguf.md).",
 )
+@click.option(
+    "--fp8-scaled",
+    is_flag=True,
+    help="With --dtype fp8_e4m3fn: Linear weights as scaled fp8 with per-tensor scales.",
+)
+@click.option(
+    "--fp8-format",
+    type=click.Choice(["comfy", "comfy-mixed", "diffusers"]),
+    default="comfy",
+    show_default=True,
+    help="Spelling of the scales: comfy (scale_weight + scaled_fp8), comfy-mixed "
+    "(weight_scale + comfy_quant) or diffusers (weight_scale).",
+)
 @jobs_option("Batch mode: convert")
 @json_option("convert")
 def convert_cmd(
@@ -70,6 +83,8 @@ def convert_cmd(
     jobs: int,
     as_json: bool,
     quant: str | None = None,
+    fp8_scaled: bool = False,
+    fp8_format: str = "comfy",
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
@@ -85,6 +100,7 @@ def convert_cmd(
       sdtool convert model.ckpt model-fp16.safetensors --dtype fp16 --verify
       sdtool convert downloads/ --out-dir converted/ --jobs 2
       sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
+      sdtool convert flux1-dev.safetensors fp8.safetensors --dtype fp8_e4m3fn --fp8-scaled
     """
     options: dict[str, Any] = {
         "dtype": dtype,
@@ -96,6 +112,8 @@ def convert_cmd(
     }
     if quant is not None:
         options["quant"] = quant
+    if fp8_scaled:
+        options.update(fp8_scaled=True, fp8_format=fp8_format)
     bars = bars_.enabled()
     if out_dir is None:
         if len(paths) != 2:

@@ -197,6 +197,8 @@ def convert(
     on_overflow: str = "fail",
     progress: Callable[[int, int], None] | None = None,
     quant: str | None = None,
+    fp8_scaled: bool = False,
+    fp8_format: str = "comfy",
 ) -> ConvertResult:
     """Convert the model file ``src`` to ``out`` (format by ``out``'s extension).
 
@@ -211,6 +213,10 @@ def convert(
         quant: for a ``.gguf`` output, the GGUF type (``Q8_0``, ``Q4_K_M``, ``F16`` ...;
             default F16, or BF16 for a mostly-bf16 model), in ComfyUI-GGUF's layout
             (docs/gguf.md).
+        fp8_scaled: with ``dtype="fp8_e4m3fn"``, write Linear weights as scaled fp8 with
+            per-tensor scales in ``fp8_format``'s spelling (``comfy``, ``comfy-mixed`` or
+            ``diffusers``); other tensors keep their dtype. Scaled-fp8 inputs converted to
+            fp16/bf16/fp32 always have their scales applied.
 
     Returns a ConvertResult; raises SdtoolError subclasses (nothing is written then).
 
@@ -231,6 +237,8 @@ def convert(
             hint = f" (tensors lie under {holders[:3]}: pick one with --key)" if holders else ""
             raise UsageError(f"holds no state-dict tensors to convert{hint}", path=src)
         plan, renamed, notes = build_plan(m, target)
+        plan, fp8_notes = _fp8(m, plan, target, fp8_scaled, fp8_format)
+        notes += fp8_notes
         meta, not_carried, meta_notes = build_metadata(m, carry=carry_metadata, add=metadata)
         total = sum(t.nbytes for t in plan)
         done = 0
@@ -276,6 +284,19 @@ def convert(
             verified=w.verified,
             seconds=time.perf_counter() - t0,
         )
+
+
+def _fp8(
+    m: ModelFile, plan: list[OutTensor], target: DType | None, scaled: bool, fmt: str
+) -> tuple[list[OutTensor], list[str]]:
+    """Scaled fp8: write it (``--fp8-scaled``), or apply the scales of a scaled input."""
+    from sdtool.ops.fp8scaled import dequant_plan, scaled_plan
+
+    if scaled:
+        if target is None or target.code != "F8_E4M3":
+            raise UsageError("--fp8-scaled needs --dtype fp8_e4m3fn")
+        return scaled_plan(m, plan, fmt)
+    return dequant_plan(m, plan, target)
 
 
 def _convert_gguf(

@@ -39,6 +39,7 @@ from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats import ggml
 from sdtool.formats.gguf import KV, T_ARRAY, T_INT32, T_STRING, T_UINT32, OutGGUF, write_gguf
 from sdtool.model import ModelFile, TensorInfo
+from sdtool.ops.fp8scaled import Scaled, dequantized, find_scaled, is_aux
 
 MAX_NAME = 127
 QUANT_THRESHOLD = 1024  # convert.py: tensors up to this many elements stay F32
@@ -438,15 +439,19 @@ def plan_export(m: ModelFile, quant: str, *, threads: int = 1) -> GGUFExport:
     kv.append(("general.file_type", KV(T_UINT32, file_type)))
     out: list[OutGGUF] = []
     notes: list[str] = []
+    scaled = find_scaled(m)
+    if scaled:
+        notes.append(f"{len(scaled)} scaled-fp8 weight(s) multiplied by their scales")
     for new, src in names.items():
-        if any(s in new for s in arch.ignore):
+        if any(s in new for s in arch.ignore) or (scaled and is_aux(src, m)):
             dropped.append(src)
             continue
         info = m.tensors[src]
         shape = info.shape
         typ = base_type(arch, new, info)
         if len(shape) > MAX_GGML_DIMS:
-            out.append(OutGGUF(new, shape, "F32", _reader(m, src, info), info.type_code))
+            read = _reader(m, src, info, scaled=scaled.get(src))
+            out.append(OutGGUF(new, shape, "F32", read, info.type_code))
             notes.append(f"{new}: {len(shape)}-D, written as F32 (ComfyUI-GGUF's 5-D fix)")
             continue
         if (
@@ -466,9 +471,8 @@ def plan_export(m: ModelFile, quant: str, *, threads: int = 1) -> GGUFExport:
                 typ = qt
             if note:
                 notes.append(note)
-        out.append(
-            OutGGUF(new, shape, typ, _reader(m, src, info, f16=typ == "F16"), info.type_code)
-        )
+        read = _reader(m, src, info, f16=typ == "F16", scaled=scaled.get(src))
+        out.append(OutGGUF(new, shape, typ, read, info.type_code))
     if main == "BF16" and quant == "F16":
         notes.append("bf16 tensors written as F16 (ComfyUI-GGUF keeps bf16 models in BF16)")
     types: dict[str, int] = {}
@@ -486,14 +490,21 @@ def _main_dtype(m: ModelFile, names: dict[str, str]) -> str:
 
 
 def _reader(
-    m: ModelFile, name: str, info: TensorInfo, *, f16: bool = False
+    m: ModelFile,
+    name: str,
+    info: TensorInfo,
+    *,
+    f16: bool = False,
+    scaled: Scaled | None = None,
 ) -> Callable[[], np.ndarray]:
     """The tensor's values, read with pread when its bytes lie in the file (so the source
     is not mapped: resident memory stays about this one tensor)."""
 
     def read() -> np.ndarray:
         span = info.file_span
-        if span is not None:
+        if scaled is not None:
+            values = dequantized(m, scaled)()
+        elif span is not None:
             off, n = span
             if off + n > m.file_size:
                 m.read_info(info, name)  # raises the reader's TruncatedFile
