@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -310,26 +311,66 @@ def _q_q5_1(x: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def _q_q8_0(x: np.ndarray) -> np.ndarray:
-    """d = max|x| / 127; q = x/d rounded half away from zero (ggml's roundf).
+#: the largest float32 below 0.5: adding it (with v's sign) and truncating rounds half away
+#: from zero exactly for |v| <= 128 (benchmarks/check_q8_rounding.py tries every such float)
+_HALF_DOWN = np.float32(0.5) - np.float32(2.0**-25)
 
-    The rounding is trunc(v) + trunc(2 * (v - trunc(v))): exact in float32 (the fraction and
-    its double are exact), equal to gguf-py's sign(v) * (floor|v| + floor(2 frac|v|)) for
-    every float32, in fewer passes.
-    """
+
+def _round_away(v: np.ndarray) -> np.ndarray:
+    """ggml's roundf for Q8_0's scaled values (|v| <= 127, or NaN), as int8."""
+    v = v + np.copysign(_HALF_DOWN, v)
+    with np.errstate(invalid="ignore"):
+        return v.astype(np.int8)  # the cast truncates toward zero
+
+
+def _q_q8_0(x: np.ndarray) -> np.ndarray:
+    """d = max|x| / 127; q = x/d rounded half away from zero (ggml's roundf), as gguf-py."""
     a = np.abs(x)
-    d = a.max(axis=1, keepdims=True) / _F32(127)
+    d = _rowmax(a) / _F32(127)
     v = np.multiply(x, _inverse(d), out=a)
-    t = np.trunc(v)
-    v -= t
-    v *= _F32(2)
-    np.trunc(v, out=v)
-    t += v
     out = np.empty((x.shape[0], 34), np.uint8)
     out[:, 0:2] = _halfbytes(d)
-    with np.errstate(invalid="ignore"):
-        out[:, 2:] = t.astype(np.int8).view(np.uint8)
+    out[:, 2:] = _round_away(v).view(np.uint8)
     return out
+
+
+_TORCH: list[Any] = []
+
+
+def _torch() -> Any:
+    """torch when it is installed (its row max is several times numpy's for 32-wide rows;
+    a max is exact, so the bytes do not depend on it), else None. Imported on first use:
+    only quantizing ever asks. Sets torch's intra-op threads to 1 for this process."""
+    if not _TORCH:
+        import importlib.util
+
+        mod = None
+        if importlib.util.find_spec("torch") is not None and not os.environ.get("SDTOOL_NO_TORCH"):
+            import torch
+
+            # sdtool runs its own threads over pieces; torch's intra-op threads would only
+            # spin against them (measured: 10x slower on a busy 2-core machine)
+            torch.set_num_threads(1)
+            mod = torch
+        _TORCH.append(mod)
+    return _TORCH[0]
+
+
+def _rowmax(a: np.ndarray) -> np.ndarray:
+    """Per row maximum, (n, k) -> (n, 1); NaN propagates (numpy and torch agree)."""
+    torch = _torch()
+    if torch is not None:
+        out: np.ndarray = torch.from_numpy(a).amax(dim=1, keepdim=True).numpy()
+        return out
+    return a.max(axis=1, keepdims=True)
+
+
+def widen(part: np.ndarray) -> np.ndarray:
+    """Values as contiguous float32 (bf16 by a shift: exact, and 3x numpy's cast)."""
+    if str(part.dtype) == "bfloat16":
+        u = np.ascontiguousarray(part).view(np.uint16)
+        return np.left_shift(u, 16, dtype=np.uint32).view(_F32)
+    return np.ascontiguousarray(part, dtype=_F32)
 
 
 def _q_bf16(x: np.ndarray) -> np.ndarray:
@@ -602,7 +643,7 @@ def quantize(values: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:
 
     def job(a: int, b: int) -> Callable[[], None]:
         def run() -> None:
-            x = np.ascontiguousarray(flat[a * t.block : b * t.block], dtype=_F32)
+            x = widen(flat[a * t.block : b * t.block])
             out[a:b] = fn(x.reshape(b - a, t.block))
 
         return run

@@ -27,6 +27,7 @@ import json
 import mmap
 import struct
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -493,28 +494,55 @@ def write_gguf(
 ) -> int:
     """Stream a GGUF file to ``f``: header, then each tensor quantized and padded in turn.
 
-    Memory is about one tensor's values plus its quantized bytes. Returns the bytes written.
+    Three stages overlap: the next tensor is read while this one is quantized (on
+    ``threads`` threads) and the previous one is written, so memory is about three tensors
+    (values or bytes) at most. Returns the bytes written.
     """
     head, _ = header_bytes(kv, tensors, alignment)
     f.write(head)
     total = len(head)
-    for t in tensors:
-        values = t.values()
-        if values.size != t.numel:
-            raise ValueError(f"tensor {t.name!r} has {values.size} values, not {t.numel}")
-        if ggml.get(t.type).quantized or t.type == "BF16":
-            data = ggml.quantize(values, t.type, threads=threads)
-        else:
-            want = ggml.plain_numpy(t.type)
-            data = np.ascontiguousarray(values.reshape(-1), dtype=want).view(np.uint8)
-        f.write(data.data)
-        pad = -data.size % alignment
-        f.write(b"\0" * pad)
-        total += data.size + pad
-        if progress is not None:
-            progress(data.size)
-        del values, data
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        nxt = reader.submit(tensors[0].values) if tensors else None
+        pending: Future[None] | None = None
+        for i, t in enumerate(tensors):
+            assert nxt is not None
+            values = nxt.result()
+            nxt = reader.submit(tensors[i + 1].values) if i + 1 < len(tensors) else None
+            data = encode(t, values, threads)
+            del values
+            if pending is not None:
+                pending.result()
+            pad = -data.size % alignment
+            pending = writer.submit(_write, f, data, pad)
+            total += data.size + pad
+            if progress is not None:
+                progress(data.size)
+        if pending is not None:
+            pending.result()
     return total
+
+
+def _write(f: BinaryIO, data: np.ndarray, pad: int) -> None:
+    f.write(data.data)
+    if pad:
+        f.write(b"\0" * pad)
+
+
+def encode(t: OutGGUF, values: np.ndarray, threads: int = 1) -> np.ndarray:
+    """A tensor's stored bytes (1-D uint8) from its values."""
+    if values.size != t.numel:
+        raise ValueError(f"tensor {t.name!r} has {values.size} values, not {t.numel}")
+    flat = values.reshape(-1)
+    if t.type == "BF16" and str(flat.dtype) == "bfloat16":
+        # already bf16: the bytes as they are, NaNs made quiet as ggml's conversion does
+        u = np.ascontiguousarray(flat).view(np.uint16)
+        nan = (u & 0x7FFF) > 0x7F80
+        if nan.any():
+            u = np.where(nan, u | np.uint16(0x40), u)
+        return u.view(np.uint8)
+    if ggml.get(t.type).quantized or t.type == "BF16":
+        return ggml.quantize(flat, t.type, threads=threads)
+    return np.ascontiguousarray(flat, dtype=ggml.plain_numpy(t.type)).view(np.uint8)
 
 
 def check_type(name: str) -> ggml.GGMLType:

@@ -37,7 +37,16 @@ import numpy as np
 
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats import ggml
-from sdtool.formats.gguf import KV, T_ARRAY, T_INT32, T_STRING, T_UINT32, OutGGUF, write_gguf
+from sdtool.formats.gguf import (
+    KV,
+    T_ARRAY,
+    T_INT32,
+    T_STRING,
+    T_UINT32,
+    OutGGUF,
+    encode,
+    write_gguf,
+)
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.ops.fp8scaled import Scaled, dequantized, find_scaled, is_aux
 
@@ -508,10 +517,10 @@ def _reader(
             off, n = span
             if off + n > m.file_size:
                 m.read_info(info, name)  # raises the reader's TruncatedFile
-            buf = bytearray(n)
+            buf = np.empty(n, np.uint8)
             fd = os.open(m.path, os.O_RDONLY)
             try:
-                view, got = memoryview(buf), 0
+                view, got = buf.data, 0
                 while got < n:
                     k = os.preadv(fd, [view[got:]], off + got)
                     if k <= 0:
@@ -521,7 +530,7 @@ def _reader(
                     got += k
             finally:
                 os.close(fd)
-            values = np.frombuffer(buf, info.dtype.numpy).reshape(info.shape)
+            values = buf.view(info.dtype.numpy).reshape(info.shape)
         else:
             values = m.read_info(info, name)
         if f16 and values.dtype.kind == "f" and values.dtype.itemsize > 2:
@@ -570,12 +579,7 @@ def verify_gguf(plan: GGUFExport, written: Path) -> None:
             at = m.header.data_start + e.offset
             got = np.frombuffer(m._map(), np.uint8, e.nbytes, at)
             values = t.values()
-            if ggml.get(t.type).quantized or t.type == "BF16":
-                want = ggml.quantize(values, t.type, threads=ggml.default_threads())
-            else:
-                want = np.ascontiguousarray(
-                    values.reshape(-1), dtype=ggml.plain_numpy(t.type)
-                ).view(np.uint8)
+            want = encode(t, values, ggml.default_threads())
             if not np.array_equal(got, want):
                 raise VerificationError(f"tensor {t.name!r} differs from its source after writing")
     finally:
