@@ -139,7 +139,7 @@ def test_quantized_round_trip_within_bound(tmp_path: Path, quant: str, levels: i
 def test_sdxl_reshape_orig_shape_and_kept_tensors(tmp_path: Path) -> None:
     sd = {
         "model.diffusion_model.input_blocks.0.0.weight": _r(320, 4, 3, 3),
-        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": _r(320, 320, 3, 3),
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": _r(64, 64, 3, 3),
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_v.weight": _r(
             320, 320
         ),
@@ -148,10 +148,10 @@ def test_sdxl_reshape_orig_shape_and_kept_tensors(tmp_path: Path) -> None:
         ),
         "model.diffusion_model.input_blocks.1.1.proj_in.weight": _r(256, 512),
         "model.diffusion_model.time_embed.0.weight": _r(1280, 320),
-        "model.diffusion_model.label_emb.0.0.weight": _r(1280, 2816),
+        "model.diffusion_model.label_emb.0.0.weight": _r(1280, 256),
         "model.diffusion_model.out.2.weight": _r(4, 320, 3, 3),
-        "model.diffusion_model.input_blocks.3.0.op.weight": _r(320, 320, 3, 3),
-        "model.diffusion_model.input_blocks.6.0.op.weight": _r(640, 640, 3, 3),
+        "model.diffusion_model.input_blocks.3.0.op.weight": _r(16, 16, 3, 3),
+        "model.diffusion_model.input_blocks.6.0.op.weight": _r(32, 32, 3, 3),
         "model.diffusion_model.output_blocks.2.2.conv.weight": _r(8, 8, 3, 3),
         "model.diffusion_model.output_blocks.5.2.conv.weight": _r(8, 8, 3, 3),
         "model.diffusion_model.input_blocks.1.0.in_layers.0.bias": _r(320),
@@ -166,11 +166,11 @@ def test_sdxl_reshape_orig_shape_and_kept_tensors(tmp_path: Path) -> None:
         n: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)))
         for n, t in tensors.items()
     }  # type: ignore[attr-defined]
-    # [320,320,3,3]: last dim 3, 921600 elements = 3600 x 256 -> reshaped, then quantized
-    assert t["input_blocks.1.0.in_layers.2.weight"] == ("Q4_K", (3600, 256))
+    # [64,64,3,3]: last dim 3, 36864 elements = 144 x 256 -> reshaped, then quantized
+    assert t["input_blocks.1.0.in_layers.2.weight"] == ("Q4_K", (144, 256))
     key = "comfy.gguf.orig_shape.input_blocks.1.0.in_layers.2.weight"
     assert fields[key].types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]  # type: ignore[attr-defined]
-    assert _field(fields, key) == [320, 320, 3, 3]
+    assert _field(fields, key) == [64, 64, 3, 3]
     assert t["input_blocks.1.1.transformer_blocks.0.attn1.to_v.weight"][0] == "Q6_K"  # v bumped
     assert t["input_blocks.1.1.transformer_blocks.0.ff.net.2.weight"][0] == "Q6_K"  # ffn down
     assert t["input_blocks.1.1.proj_in.weight"] == ("Q4_K", (256, 512))  # last dim % 256 == 0
@@ -181,7 +181,7 @@ def test_sdxl_reshape_orig_shape_and_kept_tensors(tmp_path: Path) -> None:
     assert t["input_blocks.1.0.in_layers.0.bias"][0] == "F32"
     assert not any(n.startswith("conditioner") for n in t)
     with open_model(out) as m:  # the loader's view: original shapes
-        assert m.tensors["input_blocks.1.0.in_layers.2.weight"].shape == (320, 320, 3, 3)
+        assert m.tensors["input_blocks.1.0.in_layers.2.weight"].shape == (64, 64, 3, 3)
 
 
 def test_sd3_pos_embed_keeps_its_leading_unit_dim(tmp_path: Path) -> None:

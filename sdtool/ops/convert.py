@@ -313,15 +313,20 @@ def _convert_gguf(
 ) -> ConvertResult:
     """convert() to a ComfyUI-GGUF file (sdtool.ops.gguf_export)."""
     from sdtool.ops.atomic import atomic_output
-    from sdtool.ops.gguf_export import plan_export, quant_count, write_gguf_plan
+    from sdtool.ops.gguf_export import QUANTS, plan_export, quant_count, write_gguf_plan
 
     if out.suffix.lower() != ".gguf":
         raise UsageError(f"--quant writes GGUF: name the output *.gguf, not {out.name!r}")
     if dtype != "keep":
         raise UsageError("--dtype does not apply to GGUF output; choose the type with --quant")
+    if quant is not None and quant.upper() not in QUANTS:
+        raise UsageError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
     with open_model(src, key=key) as m:
         q = quant or ("BF16" if _mostly_bf16(m) else "F16")
-        plan = plan_export(m, q.upper())
+        try:
+            plan = plan_export(m, q.upper())
+        except SdtoolError as e:
+            raise e.with_path(src) from None
         total = sum(t.nbytes for t in plan.tensors)
         done = 0
 
