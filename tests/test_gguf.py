@@ -185,7 +185,7 @@ def test_read_every_type_like_gguf_py(tmp_path: Path) -> None:
         assert m.format == "gguf"
         assert m.metadata["general.architecture"] == "flux"
         assert m.metadata["general.name"] == "all types"
-        assert "tokenizer.ggml.tokens" in m.container["kv_not_in_metadata"]
+        assert "tokenizer.ggml.tokens" in m.container.kv_not_in_metadata  # type: ignore[attr-defined]
         types = {n: t.type_code for n, t in m.tensors.items()}
         assert types["q4_k"] == "Q4_K" and types["f16"] == "F16" and types["bf16"] == "BF16"
         for name, values in want.items():

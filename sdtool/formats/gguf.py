@@ -38,7 +38,15 @@ import numpy as np
 from sdtool import dtypes
 from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
 from sdtool.formats import ggml
-from sdtool.model import ModelFile, Storage, TensorInfo, check_view, contiguous_strides
+from sdtool.model import (
+    ContainerFacts,
+    ModelFile,
+    Storage,
+    TensorInfo,
+    check_view,
+    contiguous_strides,
+)
+from sdtool.vocab import Format
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -315,6 +323,18 @@ class QuantTensorInfo(TensorInfo):
         return f"{self.ggml_type} {list(self.shape)}"
 
 
+@dataclass(frozen=True)
+class GGUFFacts(ContainerFacts):
+    """A GGUF file's container facts."""
+
+    gguf_version: int = 0
+    alignment: int = DEFAULT_ALIGNMENT
+    architecture: str | None = None  # general.architecture
+    kv_count: int = 0
+    types: dict[str, int] = field(default_factory=dict)  # ggml type -> tensors
+    kv_not_in_metadata: list[str] = field(default_factory=list)  # long arrays (vocabularies)
+
+
 class GGUFModel(ModelFile):
     """A ModelFile over a GGUF file; quantized tensors are dequantized on read."""
 
@@ -395,16 +415,15 @@ def read_gguf(path: Path) -> GGUFModel:
         tensors[t.name] = info
     meta, left = _metadata(header.kv)
     arch = header.kv.get("general.architecture")
-    container: dict[str, Any] = {
-        "gguf_version": header.version,
-        "alignment": header.alignment,
-        "architecture": arch.value if arch is not None else None,
-        "kv_count": len(header.kv),
-        "types": _type_counts(header.tensors),
-    }
-    if left:
-        container["kv_not_in_metadata"] = left
-    m = GGUFModel(path, "gguf", tensors, metadata=meta, container=container)
+    container = GGUFFacts(
+        gguf_version=header.version,
+        alignment=header.alignment,
+        architecture=arch.value if arch is not None and isinstance(arch.value, str) else None,
+        kv_count=len(header.kv),
+        types=_type_counts(header.tensors),
+        kv_not_in_metadata=left,
+    )
+    m = GGUFModel(path, Format.GGUF, tensors, metadata=meta, container=container)
     m.header, m.kv = header, header.kv
     return m
 

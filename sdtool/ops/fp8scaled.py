@@ -35,9 +35,9 @@ import numpy as np
 from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import UsageError
-from sdtool.formats.cast import cast
-from sdtool.formats.plan import OutTensor
 from sdtool.model import ModelFile, Storage, TensorInfo
+from sdtool.write.cast import cast
+from sdtool.write.plan import OutTensor
 
 FP8_MAX = np.float32(448.0)
 FORMATS = ("comfy", "comfy-mixed", "diffusers")
