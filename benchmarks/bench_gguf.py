@@ -99,21 +99,22 @@ print(n)
 """
 
 
-def run(cmd: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit code) of ``cmd`` in its own process."""
+def run(cmd: list[str]) -> tuple[float, float, int, int]:
+    """(wall seconds, CPU seconds (user + sys), peak RSS bytes, exit code) of ``cmd`` in its
+    own process. CPU time says what the work costs when other processes share the cores."""
     report = Path(f"/tmp/bench_gguf.{os.getpid()}.time")
     t0 = time.perf_counter()
     proc = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", "-o", str(report), *cmd],
+        ["/usr/bin/time", "-f", "%M %U %S", "-o", str(report), *cmd],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     wall = time.perf_counter() - t0
-    rss_kib = int(report.read_text().split()[-1])
+    rss_kib, user, system = report.read_text().split()[-3:]
     report.unlink()
-    return wall, rss_kib * 1024, proc.returncode
+    return wall, float(user) + float(system), int(rss_kib) * 1024, proc.returncode
 
 
 def warm(path: Path) -> None:
@@ -141,25 +142,32 @@ def main() -> None:
     rows = []
     for name, cmd in cases.items():
         warm(src)
-        wall, rss, rc = run(cmd)
-        rows.append((name, wall, rss, rc))
-        print(f"  {name}: {wall:.1f} s, {rss / 2**20:.0f} MiB, rc {rc}", file=sys.stderr)
+        wall, cpu, rss, rc = run(cmd)
+        rows.append((name, wall, cpu, rss, rc))
+        print(f"  {name}: {wall:.1f} s, {cpu:.1f} s CPU, {rss / 2**20:.0f} MiB", file=sys.stderr)
     same = subprocess.run(
         [py, "-c", COMPARE, str(ours), str(ref)], capture_output=True, text=True, check=False
     )
-    ratio = rows[1][1] / rows[0][1]
-    print(f"\ninput: {src} ({src.stat().st_size / 1e9:.2f} GB bf16), {os.cpu_count()} cores\n")
-    print(f"| {'case':<30} | wall s | peak RSS MiB | output GB | rc |")
-    print(f"|{'-' * 32}|-------:|-------------:|----------:|---:|")
-    for (name, wall, rss, rc), out in zip(rows, (ours, ref), strict=True):
+    ratio, cpu_ratio = rows[1][1] / rows[0][1], rows[1][2] / rows[0][2]
+    load = os.getloadavg()[0]
+    print(
+        f"\ninput: {src} ({src.stat().st_size / 1e9:.2f} GB bf16), {os.cpu_count()} cores, "
+        f"load average {load:.1f}\n"
+    )
+    print(f"| {'case':<30} | wall s | CPU s | peak RSS MiB | output GB | rc |")
+    print(f"|{'-' * 32}|-------:|------:|-------------:|----------:|---:|")
+    for (name, wall, cpu, rss, rc), out in zip(rows, (ours, ref), strict=True):
         size = out.stat().st_size / 1e9 if out.exists() else 0.0
-        print(f"| {name:<30} | {wall:6.1f} | {rss / 2**20:12.0f} | {size:9.2f} | {rc:2d} |")
+        print(
+            f"| {name:<30} | {wall:6.1f} | {cpu:5.1f} | {rss / 2**20:12.0f} | {size:9.2f} | "
+            f"{rc:2d} |"
+        )
     verdict = (
         f"identical ({same.stdout.strip()} Q8_0 tensors)"
         if same.returncode == 0
         else "DIFFER: " + same.stderr.strip().splitlines()[-1]
     )
-    print(f"\nspeed-up: {ratio:.1f}x; outputs {verdict}")
+    print(f"\nspeed-up: {ratio:.1f}x wall, {cpu_ratio:.1f}x CPU; outputs {verdict}")
     for out in (ours, ref):
         out.unlink(missing_ok=True)
 

@@ -129,6 +129,15 @@ def test_k_quants_within_their_error_bound(qtype: str, levels: int) -> None:
     assert np.array_equal(back[-2], np.zeros(1024, np.float32))
 
 
+def test_outer_axis_sums_add_in_index_order() -> None:
+    """The K-quant search sums 16/32 terms as llama.cpp's C loops do, one after the other."""
+    t = (np.random.default_rng(4).standard_normal((32, 5000)) * 1e3).astype(np.float32)
+    acc = t[0].copy()
+    for row in t[1:]:
+        acc += row
+    assert np.array_equal(ggml._seq_sum(t).view(np.uint32), acc.view(np.uint32))
+
+
 def test_k_quants_are_deterministic_across_threads() -> None:
     x = (np.random.default_rng(2).standard_normal((64, 2048)) * 0.1).astype(np.float32)
     assert np.array_equal(ggml.quantize(x, "Q4_K", threads=1), ggml.quantize(x, "Q4_K", threads=2))

@@ -399,15 +399,13 @@ def _nearest(v: np.ndarray) -> np.ndarray:
 
 
 def _seq_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum over the first axis in index order, as the C loops add (not numpy's pairwise sum).
+    """Sum over the first axis in index order, as the C loops add (not pairwise).
 
-    The K-quant helpers keep sub-blocks transposed, (elements, sub-blocks), so each step
-    of the sum is one contiguous vector add.
+    The K-quant helpers keep sub-blocks transposed, (elements, sub-blocks), C-contiguous:
+    numpy reduces such an outer axis row by row (``acc += row``), which is the C loop's
+    order (tests/test_gguf.py checks it against the explicit loop, bit for bit).
     """
-    acc = terms[0].copy()
-    for i in range(1, terms.shape[0]):
-        acc += terms[i]
-    return acc
+    return np.add.reduce(np.ascontiguousarray(terms), axis=0)
 
 
 def _make_qkx2(
