@@ -593,6 +593,7 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     text = bytes(buf[start : start + hlen]).decode("latin-1")
     import ast
 
+    header: Any = None  # the literal, when it parses
     try:
         header = ast.literal_eval(text)  # literals only: never evaluates code
         descr = header.get("descr") if isinstance(header, dict) else None
@@ -604,7 +605,7 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             return
         descr = found.group(1)
     if "O" not in repr(descr):  # plain numbers: nothing executable, but the data must be there
-        short = _npy_short(header, len(buf) - start - hlen)
+        short = _npy_short(header, len(buf) - start - hlen) if isinstance(header, dict) else None
         if short:
             ctx.error(member, short)
         return
