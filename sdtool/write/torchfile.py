@@ -278,6 +278,8 @@ def write_torch(
     into the empty file ``f``; return overflow counts by tensor name. ``progress`` receives
     byte counts as tensor bytes are written."""
     names = {t.name for t in plan}
+    if metadata:  # the metadata map owns its key
+        fields = {k: v for k, v in (fields or {}).items() if k != METADATA_KEY}
     clash = sorted(names & set(fields or {}) | (names & {METADATA_KEY}))
     if clash:
         raise OutputError(f"a field and a tensor are both named {clash[0]!r}")
