@@ -299,6 +299,23 @@ class FrameStraddle(Rule):
                 yield Finding("dangerous", self.id, a.message, offset=a.offset)
 
 
+class LoaderAgreement(Rule):
+    """The loader's parser (CPython's C unpickler, run inert in a bounded child) and the opcode
+    model disagree: an import only the loader makes, a stream only the loader can follow, or a
+    different end. Either is an evasion of one of the two parsers, so it is reported as such.
+    """
+
+    id = "parser-disagreement"
+
+    def check(self, s: Stream) -> Iterator[Finding]:
+        if s.oracle is None:
+            return
+        from sdtool.scan.oracle import compare
+
+        for sev, message, offset, name in compare(s, s.oracle):
+            yield Finding(sev, self.id, message, offset=offset, global_name=name)
+
+
 RULES: list[Rule] = [
     GlobalImports(),
     UnresolvedGlobal(),
@@ -307,6 +324,7 @@ RULES: list[Rule] = [
     MutatesNonData(),
     PersistentIds(),
     FrameStraddle(),
+    LoaderAgreement(),
 ]
 
 
