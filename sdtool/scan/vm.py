@@ -478,6 +478,8 @@ _STRTOL = re.compile(rb"[ \t\n\v\f\r]*[+-]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-
 
 def _strtol(text: bytes) -> int | None:
     """C ``strtol(s, &end, 0)`` consuming all of ``text`` (None: it stops early or overflows)."""
+    if not text:
+        return 0  # no digits: strtol returns 0 with end at the NUL, which C accepts
     if not _STRTOL.fullmatch(text):
         return None
     body = text.lstrip(_SPACE)
