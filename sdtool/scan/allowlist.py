@@ -123,6 +123,10 @@ SAFE: dict[tuple[str, str], str] = {
     ("numpy._core.multiarray", "scalar"): _NUMPY,
     ("numpy._core.numeric", "_frombuffer"): _NUMPY,
     ("numpy.matrixlib.defmatrix", "matrix"): "numpy matrix: ndarray subclass",
+    ("numpy", "matrix"): "numpy matrix: ndarray subclass (numpy 2 spelling)",
+    ("torch.serialization", "_get_layout"): (
+        "looks a torch.layout constant up by its name (sparse tensors); loads nothing"
+    ),
     ("numpy.ma.core", "_mareconstruct"): _NUMPY,
     ("numpy.ma.core", "MaskedArray"): "numpy masked array: ndarray subclass",
     ("numpy.random._pickle", "__randomstate_ctor"): "numpy RNG state object",

@@ -138,6 +138,11 @@ ROWS: tuple[Row, ...] = (
     Row("sched", None, C, "runs callables"),
     Row("json", None, C, "decoders call their object_hook/parse_* arguments"),
     Row("typing", None, E, "ForwardRef compiles source that get_type_hints evaluates"),
+    *(
+        Row("typing", n, DATA, "a typing special form (omegaconf records it as a node type)")
+        for n in ("Any", "Union", "Optional", "List", "Dict", "Tuple", "Set", "FrozenSet",
+                  "Sequence", "Mapping", "Callable", "Type", "Literal", "ClassVar", "Final")
+    ),
     Row("dataclasses", None, E, "make_dataclass generates and execs source"),
     Row("abc", None, E, "creates classes (runs __init_subclass__ of the bases)"),
     Row("builtins", None, E, "eval/exec/compile/open/getattr/__import__ run code or touch files"),
