@@ -13,7 +13,7 @@ above LIKELY_SAFE for fickling. The other scanners live in a throwaway venv:
     python3 -m venv /tmp/scanners-venv
     /tmp/scanners-venv/bin/pip install picklescan modelscan fickling typing_extensions
 
-Usage: python benchmarks/bench_scan_cases.py [--venv /tmp/scanners-venv]
+Usage: python benchmarks/bench_scan_cases.py [--venv /tmp/scanners-venv] [--baseline /work/main]
 """
 
 from __future__ import annotations
@@ -128,11 +128,14 @@ def benign_cases(out: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", type=Path, default=Path("/tmp/scanners-venv"))
+    ap.add_argument("--baseline", type=Path, help="another sdtool checkout to compare (its root)")
     args = ap.parse_args()
-    tools = {"sdtool": sys.executable}
+    tools = {"sdtool": (sys.executable, ROOT)}
+    if args.baseline:
+        tools[f"sdtool ({args.baseline.name})"] = (sys.executable, args.baseline)
     for t in ("picklescan", "modelscan", "fickling"):
         if (args.venv / "bin" / "python").exists():
-            tools[t] = str(args.venv / "bin" / "python")
+            tools[t] = (str(args.venv / "bin" / "python"), ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         mal_dir, ben_dir = Path(tmp) / "malicious", Path(tmp) / "benign"
         mal_dir.mkdir()
@@ -142,9 +145,11 @@ def main() -> None:
         files = [*groups, *benign]
         names = sorted(set(groups.values()))
         rows = []
-        for tool, py in tools.items():
-            _, _, _, out = measure([py, "-c", DRIVER, tool, *files], cwd=ROOT, timeout=1800)
-            res = {r["file"]: r for r in map(json.loads, out.splitlines()) if r}
+        for tool, (py, cwd) in tools.items():
+            driver = tool.split(" ")[0]
+            _, _, _, out = measure([py, "-c", DRIVER, driver, *files], cwd=cwd, timeout=1800)
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+            res = {r["file"]: r for r in map(json.loads, lines)}
             row = [tool]
             for g in names:
                 mine = [f for f, gg in groups.items() if gg == g]
