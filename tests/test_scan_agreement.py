@@ -280,3 +280,39 @@ def test_differential_vm_against_c_unpickler(data: bytes, stop: bool) -> None:
         assert s.end == o.end, (data, s.end, o.end)
         if o.value is not None and type(s.result) in (int, float, str, bytes, bool):
             assert _same(s.result, o.value), (data, s.result, o.value)
+
+
+# --- the bounded worker ------------------------------------------------------------------------
+
+
+def test_worker_memory_bomb_is_bounded() -> None:
+    # LONG_BINPUT of index 2**31 makes the C unpickler size its memo at 2**32 slots (32 GiB):
+    # the worker's heap limit turns that into an error, quickly, and the worker survives
+    data = asm(PROTO(2), b"N", b"r" + (1 << 31).to_bytes(4, "little"), STOP)
+    o = run_c_unpickler(data)
+    assert o.failed is None and not o.stopped and "Memory" in (o.error or "")
+    assert run_c_unpickler(pickle.dumps([1])).stopped
+
+
+def test_worker_timeout_and_crash_restart() -> None:
+    import os
+    import signal
+
+    from sdtool.scan import oracle
+
+    big = pickle.dumps(list(range(200_000)), protocol=2)
+    o = run_c_unpickler(big, timeout=1e-6)
+    assert o.failed and "did not finish" in o.failed
+    assert run_c_unpickler(pickle.dumps([1])).stopped  # restarted
+    os.kill(oracle._WORKER.pid, signal.SIGKILL)
+    assert run_c_unpickler(pickle.dumps([2])).stopped  # restarted after a crash
+
+
+def test_forked_scanners_each_get_a_worker(tmp_path: Path) -> None:
+    from sdtool.scan import scan_paths
+
+    for i in range(3):
+        (tmp_path / f"{i}.pkl").write_bytes(asm(GLOBAL("os", "system"), STOP))
+    (tmp_path / "ok.pkl").write_bytes(pickle.dumps({"a": 1}))
+    rep = scan_paths([tmp_path], jobs=2)
+    assert [f.verdict for f in rep.files] == ["dangerous"] * 3 + ["safe"]

@@ -193,22 +193,38 @@ class _Worker:
         self.pid, self.to_child, self.from_child = pid, a_w, b_r
 
     def stop(self) -> None:
+        """Kill and reap the worker (it is ours: started by _start, not yet reaped)."""
         if not self.pid:
             return
-        for fd in (self.to_child, self.from_child):
-            with contextlib.suppress(OSError):
-                os.close(fd)
         with contextlib.suppress(OSError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-        self.pid = 0
+        self._forget()
+
+    def _forget(self) -> None:
+        for fd in (self.to_child, self.from_child):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pid, self.to_child, self.from_child = 0, -1, -1
 
     def load(self, data: bytes, timeout: float, memory: int) -> dict[str, Any] | str:
-        """The worker's result, or why there is none (the worker is then restarted)."""
-        if not self.pid or os.getpid() != _OWNER[0]:
-            _OWNER[0] = os.getpid()
-            self.pid = 0
+        """The worker's result, or why there is none (the worker is then restarted).
+
+        A worker found dead (it crashed on an earlier stream, or was killed from outside) is
+        replaced and the stream tried once more; a stream that kills a fresh worker is reported.
+        """
+        out = self._load_once(data, timeout, memory)
+        if out == _CRASHED:
+            out = self._load_once(data, timeout, memory)
+        return out
+
+    def _load_once(self, data: bytes, timeout: float, memory: int) -> dict[str, Any] | str:
+        if os.getpid() != _OWNER[0]:
+            # first use, or a forked copy of a scanning process (--jobs): the parent's worker
+            # and pipes are not ours (their descriptors are left alone: they may be reused)
+            _OWNER[0], self.pid, self.to_child, self.from_child = os.getpid(), 0, -1, -1
+        if not self.pid:
             self._start(memory)
         deadline = time.monotonic() + timeout
         try:
@@ -221,7 +237,7 @@ class _Worker:
             return f"the C unpickler did not finish within {timeout:g} s"
         except (OSError, EOFError, ValueError):
             self.stop()
-            return "the C unpickler crashed (memory limit or a fault)"
+            return _CRASHED
 
     def _recv(self, n: int, deadline: float) -> bytes:
         parts: list[bytes] = []
@@ -240,6 +256,7 @@ class _Worker:
         return b"".join(parts)
 
 
+_CRASHED = "the C unpickler crashed (memory limit or a fault)"
 _WORKER = _Worker()
 _OWNER = [0]  # the process that forked the worker (a forked scanner starts its own)
 MAX_ORACLE_BYTES = 256 << 20  # bytes handed to the C unpickler per stream
