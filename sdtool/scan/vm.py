@@ -159,7 +159,6 @@ class Stream:
     error_offset: int = -1
     incomplete: str | None = None  # a limit was hit: the analysis stopped early
     protocol: int = 0
-    opcodes: int = 0
     imports: list[Import] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     mutations: list[Mutation] = field(default_factory=list)
@@ -167,7 +166,7 @@ class Stream:
     persids: list[tuple[int, Any]] = field(default_factory=list)
     result: Any = None  # the value STOP returned
     nested: list[Stream] = field(default_factory=list)  # joblib object-array pickles
-    joblib_arrays: int = 0
+    joblib_arrays: int = 0  # joblib arrays inlined between opcodes (no oracle for these)
     oracle: Any = None  # what the C unpickler did with the same bytes (oracle.OracleResult)
 
 
@@ -177,9 +176,6 @@ class _Broken(Exception):
 
 class _Limit(Exception):
     """A work/memory cap was reached."""
-
-
-_MARK_OPS = frozenset(b"(")
 
 
 def _names() -> dict[int, str]:
@@ -387,13 +383,11 @@ class Machine:
             self.pos = p + 1
             ops += 1
             if ops > max_ops:
-                s.opcodes = ops
                 raise _Limit(f"more than {max_ops} opcodes")
             h = handlers.get(code)
             if h is None:
                 raise _Broken(f"unknown opcode {code:#04x}")
             if h(self):  # STOP
-                s.opcodes = ops
                 s.stopped = True
                 s.end = self.pos
                 return
