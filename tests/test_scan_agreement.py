@@ -22,6 +22,7 @@ from sdtool.scan import vm as vmmod
 from sdtool.scan.oracle import run_c_unpickler
 from sdtool.scan.rules import analyse
 from sdtool.scan.vm import run_stream
+from sdtool.vocab import Verdict
 from tests.scan_payloads import (
     BINUNICODE,
     GLOBAL,
@@ -121,7 +122,7 @@ def test_any_first_opcode_is_still_a_pickle(tmp_path: Path, first: bytes) -> Non
 def test_non_pickles_are_not_forced_into_pickles(tmp_path: Path) -> None:
     # text whose first bytes are opcodes the loader fails on at once (BINGET of no memo)
     r = scan_bytes(tmp_path, b"hello world\n", name="notes.txt")
-    assert r.verdict == "not scanned"
+    assert r.verdict == Verdict.NOT_SCANNED
 
 
 def test_computed_import_is_resolved_by_the_loader(tmp_path: Path) -> None:
