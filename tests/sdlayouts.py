@@ -25,7 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layouts"
+#: ../shared/reference/layouts beside the checkout (also found from a worktree nested deeper).
+LAYOUTS = next(
+    (
+        p / "shared" / "reference" / "layouts"
+        for p in Path(__file__).resolve().parents
+        if (p / "shared" / "reference" / "layouts" / "README.md").is_file()
+    ),
+    Path(__file__).resolve().parents[2] / "shared" / "reference" / "layouts",
+)
 TINY = 3
 
 Entries = dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)

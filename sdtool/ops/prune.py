@@ -25,9 +25,10 @@ from sdtool.dtypes import DType
 from sdtool.errors import UsageError
 from sdtool.formats.cast import CASTABLE
 from sdtool.formats.plan import OutTensor
+from sdtool.identify import ComponentMatch, Identity, identify
+from sdtool.identify import tables as S
+from sdtool.identify.engine import ema_key
 from sdtool.model import ModelFile, TensorInfo
-from sdtool.ops import signatures as S
-from sdtool.ops.identify import ComponentMatch, Identity, ema_key, identify
 from sdtool.ops.write import WriteResult, write_model
 
 SCHEMA = "sdtool.prune/1"

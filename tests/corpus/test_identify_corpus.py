@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sdtool import open_model
-from sdtool.ops.identify import identify
+from sdtool.cli.identity import identity_lines
+from sdtool.identify import identify
 
 pytestmark = pytest.mark.corpus
 
@@ -63,6 +64,6 @@ def test_torch_embeddings(corpus: Path, name: str) -> None:
         pytest.skip("the torch loader is not on this branch yet")
     with open_model(corpus / "files" / name) as m:
         ident = identify(m)
-    assert ident.kind == "embedding", ident.summary_lines()
+    assert ident.kind == "embedding", identity_lines(ident)
     assert ident.embedding is not None and ident.embedding.dims == [768]
     assert ident.architecture == "sd1"
