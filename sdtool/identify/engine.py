@@ -509,8 +509,9 @@ def _architecture(
 
 
 def _compatible(hint: str, arch: str) -> bool:
-    """A hint that is a coarser reading of the answer ("flux" for "flux-dev") is no conflict."""
-    return arch.startswith(hint) or hint in ("sd",)
+    """A hint that is a coarser reading of the answer ("flux" for "flux-dev", "sdxl-base"
+    placements for SSD-1B) is no conflict."""
+    return hint in T.ARCH_PARENTS.get(arch, ()) or hint == "sd"
 
 
 def _family_row(c: ComponentMatch, tensors: dict[str, TensorInfo]) -> T.Family | None:
@@ -523,7 +524,7 @@ def _family_row(c: ComponentMatch, tensors: dict[str, TensorInfo]) -> T.Family |
 def _variant(w: _Work, tensors: dict[str, TensorInfo]) -> None:
     words: list[str] = []
     for c in w.components:
-        if c.role not in ("denoiser", "vae") or (c.role == "vae" and w.kind != "vae"):
+        if c.role in ("ema", "aux", "text-encoder") or (c.role == "vae" and w.kind != "vae"):
             continue
         if c.family:
             f = _family_row(c, tensors)

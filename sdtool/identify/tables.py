@@ -199,6 +199,15 @@ ARCH_LABELS: dict[str, str] = {
     "stable-audio": "Stable Audio",
     "sd-x4-upscaler": "SD x4 upscaler",
 }
+#: Architecture -> coarser readings of it: a hint for one of these is no conflict.
+ARCH_PARENTS: dict[str, tuple[str, ...]] = {
+    "flux-dev": ("flux",),
+    "flux-schnell": ("flux",),
+    "ssd-1b": ("sdxl-base",),
+    "sd3.5-large": ("sd3",),
+    "sd3.5-medium": ("sd3",),
+    "z-image": ("lumina2",),
+}
 #: Architectures trained with a flow-matching objective (prediction "flow" unless stated).
 FLOW_ARCHS = frozenset(
     {"sd3", "sd3.5-large", "sd3.5-medium", "flux", "flux-dev", "flux-schnell", "flux2", "chroma",
