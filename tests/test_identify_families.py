@@ -588,3 +588,27 @@ def test_diffusers_detection_agrees(case: str) -> None:
     with torch.device("meta"):
         ckpt = {k: torch.empty(s) for k, (_, s) in entries.items()}
     assert sfu.infer_diffusers_model_type(ckpt) == ORACLE[case]
+
+
+#: Rows told by marker keys alone (ComfyUI model_detection.py facts), one small file each.
+MARKER_ONLY: dict[str, tuple[dict[str, tuple[int, ...]], str, str | None]] = {
+    "flux2": ({"double_stream_modulation_img.lin.weight": (36864, 6144), "double_blocks.0.img_attn.qkv.weight": (18432, 6144), "img_in.weight": (6144, 128)}, "flux2", None),
+    "chroma-radiance": ({"distilled_guidance_layer.in_proj.weight": (5120, 64), "double_blocks.0.img_attn.qkv.weight": (9216, 3072), "nerf_blocks.0.norm.scale": (64,), "img_in_patch.weight": (3072, 3, 16, 16)}, "chroma", "Radiance"),
+    "hunyuan-video": ({"txt_in.individual_token_refiner.blocks.0.norm1.weight": (3072,), "img_in.proj.weight": (3072, 16, 1, 2, 2)}, "hunyuan-video", None),
+    "mochi": ({"t5_yproj.weight": (3072, 4096), "blocks.0.attn.qkv_x.weight": (9216, 3072)}, "mochi", None),
+    "cosmos": ({"blocks.0.mlp.layer1.weight": (8192, 2048), "x_embedder.proj.1.weight": (2048, 68)}, "cosmos", None),
+    "stable-audio": ({"transformer.rotary_pos_emb.inv_freq": (32,), "postprocess_conv.weight": (64, 64, 1)}, "stable-audio", None),
+    "z-image": ({"cap_embedder.1.weight": (3840, 2560), "noise_refiner.0.attention.k_norm.weight": (128,)}, "z-image", None),
+    "wan-vace": ({"head.modulation": (1, 2, 5120), "vace_patch_embedding.weight": (5120, 96, 1, 2, 2), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "VACE"),
+    "ip-adapter-faceid": ({"ip_adapter.1.to_k_ip.weight": (320, 768), "image_proj.proj.0.weight": (1024, 512)}, "sd1", "FaceID"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MARKER_ONLY))
+def test_marker_only_families(tmp_path: Path, case: str) -> None:
+    shapes, arch, variant = MARKER_ONLY[case]
+    ident = ident_of(tmp_path, bf16(shapes))
+    text = "\n".join(identity_lines(ident))
+    assert ident.architecture == arch, text
+    assert variant is None or variant in (ident.variant or ""), text
+    assert ident.unknown_keys == (), text

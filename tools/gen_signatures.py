@@ -82,7 +82,11 @@ def signature(shapes: dict[str, list[Entry]]) -> dict[str, object]:
     return {
         "keys": keys,
         "optional": [i for i, (_, _, o) in enumerate(first) if o],
-        "shapes": {arch: [s for _, s, _ in entries] for arch, entries in shapes.items()},
+        # kept as JSON text: parsed only for the signatures a file matches (start-up time)
+        "shapes": json.dumps(
+            {arch: [s for _, s, _ in entries] for arch, entries in shapes.items()},
+            separators=(",", ":"),
+        ),
     }
 
 

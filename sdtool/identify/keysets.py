@@ -23,12 +23,20 @@ class Signature:
     id: str
     keys: tuple[str, ...]
     optional: frozenset[str]
-    shapes: dict[str, dict[str, Shape]]  # profile (architecture) -> key -> shape
+    raw_shapes: str  # JSON text: profile -> shapes in key order (parsed on first use)
     meta: ComponentMeta
 
     @cached_property
     def required(self) -> tuple[str, ...]:
         return tuple(k for k in self.keys if k not in self.optional)
+
+    @cached_property
+    def shapes(self) -> dict[str, dict[str, Shape]]:
+        """profile (architecture) -> key -> shape, built on first use (most files need few)."""
+        return {
+            p: dict(zip(self.keys, map(tuple, s), strict=True))
+            for p, s in json.loads(self.raw_shapes).items()
+        }
 
 
 @cache
@@ -43,7 +51,7 @@ def signatures() -> dict[str, Signature]:
             sid,
             keys,
             frozenset(keys[i] for i in d["optional"]),
-            {p: dict(zip(keys, map(tuple, s), strict=True)) for p, s in d["shapes"].items()},
+            d["shapes"],
             COMPONENTS[sid],
         )
     return out
