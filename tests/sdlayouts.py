@@ -25,14 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-#: ../shared/reference/layouts beside the checkout (also found from a worktree nested deeper).
-LAYOUTS = next(
-    (
-        p / "shared" / "reference" / "layouts"
-        for p in Path(__file__).resolve().parents
-        if (p / "shared" / "reference" / "layouts" / "README.md").is_file()
-    ),
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "layouts",
+LAYOUTS = Path(
+    os.environ.get("SDTOOL_LAYOUTS")  # a worktree outside /work: point this at shared's copy
+    or Path(__file__).resolve().parents[2] / "shared" / "reference" / "layouts"
 )
 TINY = 3
 
