@@ -600,6 +600,7 @@ MARKER_ONLY: dict[str, tuple[dict[str, tuple[int, ...]], str, str | None]] = {
     "stable-audio": ({"transformer.rotary_pos_emb.inv_freq": (32,), "postprocess_conv.weight": (64, 64, 1)}, "stable-audio", None),
     "z-image": ({"cap_embedder.1.weight": (3840, 2560), "noise_refiner.0.attention.k_norm.weight": (128,)}, "z-image", None),
     "wan-vace": ({"head.modulation": (1, 2, 5120), "vace_patch_embedding.weight": (5120, 96, 1, 2, 2), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "VACE"),
+    "controlnet-sdxl-mid-diffusers": ({"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3), "add_embedding.linear_1.weight": (1280, 2816), "down_blocks.1.attentions.0.norm.weight": (640,), "conv_in.weight": (320, 4, 3, 3)}, "sdxl-base", None),
     "ip-adapter-faceid": ({"ip_adapter.1.to_k_ip.weight": (320, 768), "image_proj.proj.0.weight": (1024, 512)}, "sd1", "FaceID"),
 }  # fmt: skip
 
@@ -612,3 +613,14 @@ def test_marker_only_families(tmp_path: Path, case: str) -> None:
     assert ident.architecture == arch, text
     assert variant is None or variant in (ident.variant or ""), text
     assert ident.unknown_keys == (), text
+
+
+def test_qwen25_vl_text_encoder_with_vision_tower(tmp_path: Path) -> None:
+    e = L.harvested("qwen2.5-7b") | bf16({
+        "visual.patch_embed.proj.weight": (1280, 3, 2, 14, 14),
+        "visual.blocks.0.attn.qkv.weight": (3840, 1280), "visual.blocks.0.norm1.weight": (1280,),
+        "visual.merger.mlp.0.weight": (5120, 5120), "visual.merger.ln_q.weight": (1280,),
+    })  # fmt: skip
+    ident = ident_of(tmp_path, e)
+    assert ident.kind == "text-encoder" and ident.unknown_keys == ()
+    assert ident.model == "Qwen2.5 7B + Qwen2.5-VL vision tower"

@@ -143,7 +143,7 @@ def identify(model: ModelFile) -> Identity:
         architecture=w.architecture,
         architecture_source=w.architecture_source,
         variant=w.variant,
-        model=main[0].label if w.kind in MODEL_KINDS and len(main) == 1 else None,
+        model=" + ".join(c.label for c in main) if w.kind in MODEL_KINDS and main else None,
         prediction=w.prediction,
         prediction_source=w.prediction_source,
         prediction_heuristic=w.prediction_heuristic,

@@ -541,7 +541,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("wan-vae", "wan", "vae", "Wan VAE", ("decoder.middle.0.residual.0.gamma",),
            variant="2.1 VAE (16 latent channels; also Qwen-Image's VAE)",
            source="ComfyUI sd.py VAE; " + _DF),
-    # -- adapters -------------------------------------------------------------------------------
+    # -- text encoders with more than a language model -----------------------------------------
+    Family("qwen2.5-vl-vision", "", "text-encoder", "Qwen2.5-VL vision tower",
+           ("blocks.0.attn.qkv.weight", "merger.mlp.0.weight", "patch_embed.proj.weight"),
+           source="transformers Qwen2_5_VLForConditionalGeneration (visual.*) as ComfyUI ships it"),
+    # -- adapters and ControlNets ----------------------------------------------------------------
+    Family("controlnet-diffusers", "sdxl-base", "controlnet", "ControlNet (diffusers)",
+           ("controlnet_cond_embedding.conv_in.weight", "add_embedding.linear_1.weight"),
+           source=f"{_DF} (controlnet_xl: mid / small variants too)"),
     Family("t2i-adapter", "", "t2i-adapter", "T2I-Adapter",
            ("conv_in.weight", "body.0.block1.weight", "body.0.block2.weight"),
            source="ComfyUI controlnet.py load_t2i_adapter"),
