@@ -12,6 +12,7 @@ Inputs, as facts, never sdtool's own tables:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -330,6 +331,8 @@ CASES: dict[str, Case] = {
     "clip-l": (lambda: L.from_txt("CLIP-v1-SD", "text_model."), "text-encoder", None, None, "CLIP-L"),
     "clip-g": (lambda: L.strip_prefix(L.from_yaml("sdxl-kohya", ["clip_g"]), "te2."), "text-encoder", None, None, "CLIP-G"),
     "t5xxl": (lambda: L.strip_prefix(L.from_yaml("sd3-comfyui", ["t5xxl"]), "text_encoders.t5xxl.transformer."), "text-encoder", None, None, "T5-XXL"),
+    "clip-l-transformers5": (lambda: L.harvested("clip-l"), "text-encoder", None, None, "CLIP-L"),
+    "clip-g-transformers5": (lambda: L.harvested("clip-g"), "text-encoder", None, None, "CLIP-G"),
     "umt5xxl": (lambda: L.harvested("umt5xxl"), "text-encoder", None, None, "UMT5-XXL"),
     "llama-3.1-8b": (lambda: L.harvested("llama-3.1-8b"), "text-encoder", None, None, "Llama 3.1 8B"),
     "gemma-2-2b": (lambda: L.harvested("gemma-2-2b"), "text-encoder", None, None, "Gemma 2 2B"),
@@ -624,3 +627,28 @@ def test_qwen25_vl_text_encoder_with_vision_tower(tmp_path: Path) -> None:
     ident = ident_of(tmp_path, e)
     assert ident.kind == "text-encoder" and ident.unknown_keys == ()
     assert ident.model == "Qwen2.5 7B + Qwen2.5-VL vision tower"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model", ["t2i-adapter-sd1-diffusers", "controlnet-sd1-diffusers", "clip-l"]
+)
+def test_harvest_is_what_the_classes_build(model: str) -> None:
+    """The stored harvest is the classes' state dict on the meta device (re-harvested here)."""
+    pytest.importorskip("diffusers")
+    import importlib.util
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "harvest_layouts.py"
+    spec = importlib.util.spec_from_file_location("harvest_layouts", tool)
+    assert spec is not None and spec.loader is not None
+    h = importlib.util.module_from_spec(spec)
+    sys.modules["harvest_layouts"] = h  # dataclasses look their module up
+    spec.loader.exec_module(h)
+    row = next(x for x in h.HARVESTS if x.id == model)
+    fresh = h.harvest(row)
+    stored = L._harvest()[model]
+    assert (fresh["keys"], fresh["shapes"], fresh["dtypes"]) == (
+        stored["keys"],
+        stored["shapes"],
+        stored["dtypes"],
+    )

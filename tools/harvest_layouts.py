@@ -141,10 +141,10 @@ HARVESTS: tuple[Harvest, ...] = (
             "HiDream-ai/HiDream-I1-Full transformer"),
     Harvest("svd-diffusers", "diffusers", "UNetSpatioTemporalConditionModel", {},
             "stabilityai/stable-video-diffusion-img2vid-xt unet"),
-    Harvest("stable-cascade-c-diffusers", "diffusers", "StableCascadeUNet", {},
-            "stabilityai/stable-cascade-prior prior"),
-    Harvest("clip-l", "transformers", "CLIPTextModel", {}, "openai/clip-vit-large-patch14",
-            "CLIPTextConfig"),
+    Harvest("clip-l", "transformers", "CLIPTextModel",
+            {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+             "num_hidden_layers": 12, "projection_dim": 768},
+            "openai/clip-vit-large-patch14 (text model)", "CLIPTextConfig"),
     Harvest("clip-g", "transformers", "CLIPTextModelWithProjection",
             {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
              "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu"},
@@ -209,7 +209,9 @@ def main(argv: list[str]) -> int:
     only = set(argv)
     data: dict[str, Any] = {}
     if only and OUT.exists():
-        data = json.loads(gzip.decompress(OUT.read_bytes()))["models"]
+        known = {h.id for h in HARVESTS}
+        old = json.loads(gzip.decompress(OUT.read_bytes()))["models"]
+        data = {k: v for k, v in old.items() if k in known}
     progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     for h in HARVESTS:
         if only and h.id not in only:

@@ -829,9 +829,9 @@ class Trainer:
 
 TRAINERS: tuple[Trainer, ...] = (
     Trainer("ai-toolkit", "software", "ai-toolkit"),
+    Trainer("kohya sd-scripts", "ss_*"),
     Trainer("SimpleTuner", "*", "simpletuner"),
     Trainer("OneTrainer", "*", "onetrainer"),
-    Trainer("kohya sd-scripts", "ss_*"),
     Trainer("XLabs", key_pattern=re.compile(r"\.processor\.(qkv|proj)_lora\d\.(down|up)\.weight$")),
     Trainer("OneTrainer or ai-toolkit (kohya-style names for a transformer)",
             key_pattern=re.compile(r"^lora_transformer_")),
