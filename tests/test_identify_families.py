@@ -522,6 +522,8 @@ LORA_CASES: dict[str, tuple[E, dict[str, str] | None, str | None, str | None]] =
     "hidream": (lora({"transformer.double_stream_blocks.0.block.attn1.to_q": (2560, 2560)}, "peft"), None, "hidream", "PEFT"),
     "lumina2": (lora({"transformer.layers.0.attention.to_q": (2304, 2304)}, "peft"), None, "lumina2", "PEFT"),
     "auraflow": (lora({"transformer.joint_transformer_blocks.0.attn.to_q": (3072, 3072)}, "peft"), None, "auraflow", "PEFT"),
+    "hunyuan-video-musubi": (lora({"lora_unet_double_blocks_19_img_attn_qkv": (3072, 9216), "lora_unet_single_blocks_39_linear1": (3072, 21504)}, "kohya"), None, "hunyuan-video", "kohya"),
+    "ltxv-peft": (lora({"transformer.transformer_blocks.0.attn1.to_k": (2048, 2048)}, "peft"), None, "ltxv", "PEFT"),
     "chroma": (lora({"lora_unet_distilled_guidance_layer_layers_0_in_layer": (5120, 5120), "lora_unet_double_blocks_0_img_attn_qkv": (3072, 9216)}, "kohya"), None, "chroma", "kohya"),
 }  # fmt: skip
 
@@ -604,6 +606,9 @@ MARKER_ONLY: dict[str, tuple[dict[str, tuple[int, ...]], str, str | None]] = {
     "z-image": ({"cap_embedder.1.weight": (3840, 2560), "noise_refiner.0.attention.k_norm.weight": (128,)}, "z-image", None),
     "wan-vace": ({"head.modulation": (1, 2, 5120), "vace_patch_embedding.weight": (5120, 96, 1, 2, 2), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "VACE"),
     "controlnet-sdxl-mid-diffusers": ({"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3), "add_embedding.linear_1.weight": (1280, 2816), "down_blocks.1.attentions.0.norm.weight": (640,), "conv_in.weight": (320, 4, 3, 3)}, "sdxl-base", None),
+    "hunyuan3d": ({"latent_in.weight": (1024, 64), "cond_in.weight": (1024, 1536)}, "hunyuan3d", None),
+    "kandinsky5": ({"visual_transformer_blocks.0.cross_attention.key_norm.weight": (128,), "visual_embeddings.in_layer.bias": (1792,)}, "kandinsky5", None),
+    "sd-x4-upscaler": ({"input_blocks.0.0.weight": (256, 7, 3, 3), "out.2.weight": (4, 256, 3, 3), "label_emb.weight": (1000, 1024)}, "sd-x4-upscaler", None),
     "ip-adapter-faceid": ({"ip_adapter.1.to_k_ip.weight": (320, 768), "image_proj.proj.0.weight": (1024, 512)}, "sd1", "FaceID"),
 }  # fmt: skip
 
@@ -652,3 +657,13 @@ def test_harvest_is_what_the_classes_build(model: str) -> None:
         stored["shapes"],
         stored["dtypes"],
     )
+
+
+def test_sd21_unclip_and_zero123_variants(tmp_path: Path) -> None:
+    e = L.sd2() | {"model.diffusion_model.label_emb.0.0.weight": ("F32", (1280, 2048))}
+    ident = ident_of(tmp_path, e, name="unclip")
+    assert (ident.architecture, ident.variant) == ("sd2", "unCLIP (OpenCLIP-H image embedding)")
+    e = L.sd1(unet="UNET-v1-Pix2Pix") | {"cc_projection.weight": ("F32", (768, 772))}
+    ident = ident_of(tmp_path, e, name="zero123")
+    assert ident.variant is not None and "Stable Zero123" in ident.variant
+    assert ident.unknown_keys == ()

@@ -791,7 +791,8 @@ def _lora_arch(
             w = next((x for x in seen if x in row.widths), None)
             if w is not None:
                 return row.widths[w], f"{row.what} in module names, width {w}"
-        return row.arch, f"{row.what} in module names"
+        if row.arch:
+            return row.arch, f"{row.what} in module names"
     for key, info in tensors.items():
         s = _lora_suffix(key)
         if s is None or s.rank_axis is None or not T.LORA_CONTEXT_MODULE.search(key):

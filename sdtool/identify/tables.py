@@ -198,6 +198,8 @@ ARCH_LABELS: dict[str, str] = {
     "flux2": "Flux 2",
     "stable-audio": "Stable Audio",
     "sd-x4-upscaler": "SD x4 upscaler",
+    "hunyuan3d": "Hunyuan3D",
+    "kandinsky5": "Kandinsky 5",
 }
 #: Architecture -> coarser readings of it: a hint for one of these is no conflict.
 ARCH_PARENTS: dict[str, tuple[str, ...]] = {
@@ -422,6 +424,11 @@ _WAN_IN = {16: "T2V", 36: "I2V", 48: "TI2V"}
 
 VARIANT_RULES: tuple[VariantRule, ...] = (
     VariantRule("unet-ldm", "input_blocks.0.0.weight", 1, _UNET_IN, "input conv in-channels"),
+    # SD 2.1 unCLIP: an image-embedding label_emb (ComfyUI SD21UnclipL / SD21UnclipH)
+    VariantRule("unet-ldm", "label_emb.0.0.weight", 1,
+                {1536: "unCLIP (CLIP-L image embedding)",
+                 2048: "unCLIP (OpenCLIP-H image embedding)"},
+                "label_emb width"),
     VariantRule("unet-sdxl", "input_blocks.0.0.weight", 1, _UNET_IN, "input conv in-channels"),
     VariantRule("unet-diffusers", "conv_in.weight", 1, _UNET_IN, "input conv in-channels"),
     VariantRule("unet-sdxl-diffusers", "conv_in.weight", 1, _UNET_IN, "input conv in-channels"),
@@ -533,6 +540,14 @@ FAMILIES: tuple[Family, ...] = (
            ("blocks.0.mlp.layer1.weight", "x_embedder.proj.1.weight")),
     Family("stable-audio", "stable-audio", "denoiser", "Stable Audio DiT",
            ("transformer.rotary_pos_emb.inv_freq", "postprocess_conv.weight")),
+    Family("hunyuan3d", "hunyuan3d", "denoiser", "Hunyuan3D transformer",
+           ("latent_in.weight", "cond_in.weight")),
+    Family("kandinsky5", "kandinsky5", "denoiser", "Kandinsky 5 transformer",
+           ("visual_transformer_blocks.0.cross_attention.key_norm.weight",)),
+    # SD x4 upscaler: an SD2-style UNet with 7 input channels and 256 base channels
+    Family("unet-x4", "sd-x4-upscaler", "denoiser", "UNet (x4 upscaler)",
+           ("input_blocks.0.0.weight", "out.2.weight"),
+           shapes=(("input_blocks.0.0.weight", 1, 7), ("input_blocks.0.0.weight", 0, 256))),
     # -- VAEs in their original naming ----------------------------------------------------------
     Family("wan-vae", "wan", "vae", "Wan VAE",
            ("decoder.middle.0.residual.0.gamma",
@@ -592,6 +607,12 @@ MARKERS: tuple[Marker, ...] = (
         "Playground v2.5",
     ),
     Marker(re.compile(r"ztsnr"), "zero-terminal-SNR marker"),
+    Marker(
+        re.compile(r"cc_projection\.(weight|bias)"),
+        "camera projection (Stable Zero123)",
+        None,
+        "Stable Zero123",
+    ),
     Marker(re.compile(r"edm_vpred\.sigma_(max|min)"), "EDM v-prediction sigma range", "v"),
     Marker(re.compile(r"model\.model_sampling\.sigmas"), "SD3 sampling sigmas"),
     Marker(re.compile(r"text_encoders\.\w+\.logit_scale"), "text-encoder wrapper scalar"),
@@ -785,7 +806,8 @@ LORA_CONTEXT_MODULE = re.compile(r"attn2[._](processor[._])?to_k")
 @dataclass(frozen=True)
 class LoraArch:
     """Module names only some architectures have; ``widths`` (the input width of a matching
-    module's down factor -> architecture) tells apart families that share module names."""
+    module's down factor -> architecture) tells apart families that share module names. A row
+    with no ``arch`` answers only through ``widths``."""
 
     pattern: re.Pattern[str]
     arch: str
@@ -796,6 +818,10 @@ class LoraArch:
 #: Tried in order over all module names of a LoRA; the first row that fits names the target.
 LORA_MODULE_ARCH: tuple[LoraArch, ...] = (
     LoraArch(re.compile(r"distilled_guidance_layer"), "chroma", "Chroma guidance layers"),
+    # HunyuanVideo shares Flux's block names and width; it has 20 double / 40 single blocks
+    LoraArch(re.compile(r"(double_blocks|transformer_blocks)[._]19[._]|single(_transformer)?"
+                        r"_blocks[._](38|39)[._]|token_refiner"), "hunyuan-video",
+             "HunyuanVideo block numbers"),
     LoraArch(re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), "flux",
              "Flux blocks"),
     LoraArch(re.compile(r"joint_blocks.*x_block[._]attn2"), "sd3.5-medium", "SD3.5 medium blocks"),
@@ -811,8 +837,10 @@ LORA_MODULE_ARCH: tuple[LoraArch, ...] = (
              "AuraFlow layers"),
     LoraArch(re.compile(r"noise_refiner|context_refiner|layers[._]\d+[._]attention[._]"),
              "lumina2", "Lumina 2 layers"),
-    LoraArch(re.compile(r"transformer_blocks[._]\d+[._]attn[._]add_k_proj"), "sd3",
+    LoraArch(re.compile(r"transformer_blocks[._]\d+[._]attn[._]add_k_proj"), "",
              "joint attention blocks", {1536: "sd3", 2432: "sd3.5-large", 3072: "flux"}),
+    LoraArch(re.compile(r"transformer_blocks[._]\d+[._]attn1[._]to_k"), "",
+             "DiT self-attention", {2048: "ltxv", 4096: "ltxv"}),
     LoraArch(re.compile(r"time_stack|temporal_transformer"), "svd", "temporal layers"),
 )  # fmt: skip
 
