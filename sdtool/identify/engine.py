@@ -333,7 +333,9 @@ def _families(comps: list[ComponentMatch], tensors: dict[str, TensorInfo]) -> li
         keys = tuple(k for k in tensors if k.startswith(prefix) and k not in taken)
         n = len(f.all_of)
         out.append(
-            ComponentMatch(f.id, f.id, f.label, f.role, "ldm", prefix, n, n, keys=keys, family=True)
+            ComponentMatch(
+                f.component, f.id, f.label, f.role, "ldm", prefix, n, n, keys=keys, family=True
+            )
         )
     return out
 

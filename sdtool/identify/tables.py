@@ -17,6 +17,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sdtool.vocab import COMPONENTS as VOCAB
+
 Shape = tuple[int, ...]
 
 # ---------------------------------------------------------------------------------------------
@@ -26,90 +28,71 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class ComponentMeta:
-    """What a key-set signature is, for people and for the kind rules."""
+    """What a key-set signature is: a component of the vocabulary (its one name, label and
+    role: ``sdtool.vocab.COMPONENTS``) in one naming, with older key spellings."""
 
-    name: str  # shown to users: "unet", "vae", "clip-l" ...
-    label: str  # "UNet", "VAE", "CLIP-L" (summary lines)
-    role: str  # "denoiser", "vae", "text-encoder", "controlnet", "aux"
+    name: str  # the vocabulary's component name: "unet", "vae", "clip-l" ...
     layout: str  # "ldm" (original / ComfyUI naming), "diffusers" (diffusers / transformers naming)
     aliases: tuple[tuple[str, str], ...] = ()  # relative-key rewrites (old spellings)
 
+    @property
+    def label(self) -> str:
+        return VOCAB[self.name].label
+
+    @property
+    def role(self) -> str:
+        return VOCAB[self.name].role
+
 
 COMPONENTS: dict[str, ComponentMeta] = {
-    "unet-ldm": ComponentMeta("unet", "UNet", "denoiser", "ldm"),
-    "unet-sdxl": ComponentMeta("unet", "UNet", "denoiser", "ldm"),
-    "unet-sdxl-refiner": ComponentMeta("unet", "UNet", "denoiser", "ldm"),
-    "mmdit": ComponentMeta("mmdit", "MMDiT", "denoiser", "ldm"),
-    "flux": ComponentMeta("flux", "Flux transformer", "denoiser", "ldm"),
-    "vae": ComponentMeta("vae", "VAE", "vae", "ldm"),
-    "vae16": ComponentMeta("vae", "VAE (16-channel)", "vae", "ldm"),
+    "unet-ldm": ComponentMeta("unet", "ldm"),
+    "unet-sdxl": ComponentMeta("unet", "ldm"),
+    "unet-sdxl-refiner": ComponentMeta("unet", "ldm"),
+    "mmdit": ComponentMeta("mmdit", "ldm"),
+    "flux": ComponentMeta("flux", "ldm"),
+    "vae": ComponentMeta("vae", "ldm"),
+    "vae16": ComponentMeta("vae", "ldm"),
     # SD1 checkpoints from before transformers 4.x lack the ``text_model.`` level
-    "clip-l": ComponentMeta("clip-l", "CLIP-L", "text-encoder", "ldm", (("text_model.", ""),)),
-    "openclip-h": ComponentMeta("openclip-h", "OpenCLIP-H", "text-encoder", "ldm"),
-    "openclip-g": ComponentMeta("clip-g", "OpenCLIP-G", "text-encoder", "ldm"),
-    "clip-g": ComponentMeta("clip-g", "CLIP-G", "text-encoder", "ldm"),
-    "t5xxl": ComponentMeta("t5xxl", "T5-XXL", "text-encoder", "ldm"),
-    "controlnet": ComponentMeta("controlnet", "ControlNet", "controlnet", "ldm"),
-    "midas": ComponentMeta("depth", "MiDaS depth", "aux", "ldm"),
-    "unet-diffusers": ComponentMeta("unet", "UNet (diffusers)", "denoiser", "diffusers"),
-    "vae-diffusers": ComponentMeta("vae", "VAE (diffusers)", "vae", "diffusers"),
-    "scheduler": ComponentMeta("scheduler", "noise schedule", "aux", "ldm"),
+    "clip-l": ComponentMeta("clip-l", "ldm", (("text_model.", ""),)),
+    "openclip-h": ComponentMeta("openclip-h", "ldm"),
+    "openclip-g": ComponentMeta("clip-g", "ldm"),
+    "clip-g": ComponentMeta("clip-g", "ldm"),
+    "t5xxl": ComponentMeta("t5xxl", "ldm"),
+    "controlnet": ComponentMeta("controlnet", "ldm"),
+    "midas": ComponentMeta("depth", "ldm"),
+    "unet-diffusers": ComponentMeta("unet", "diffusers"),
+    "vae-diffusers": ComponentMeta("vae", "diffusers"),
+    "scheduler": ComponentMeta("scheduler", "ldm"),
     # derived from the SDXL layout with ComfyUI's SSD-1B block depths (tools/gen_signatures.py)
-    "unet-ssd1b": ComponentMeta("unet", "UNet", "denoiser", "ldm"),
+    "unet-ssd1b": ComponentMeta("unet", "ldm"),
     # harvested from the diffusers / transformers classes (tools/harvest_layouts.py)
-    "unet-sdxl-diffusers": ComponentMeta("unet", "UNet (diffusers)", "denoiser", "diffusers"),
-    "controlnet-sd1-diffusers": ComponentMeta(
-        "controlnet", "ControlNet (diffusers)", "controlnet", "diffusers"
-    ),
-    "controlnet-sdxl-diffusers": ComponentMeta(
-        "controlnet", "ControlNet (diffusers)", "controlnet", "diffusers"
-    ),
-    "t2i-adapter-diffusers": ComponentMeta(
-        "t2i-adapter", "T2I-Adapter (diffusers)", "t2i-adapter", "diffusers"
-    ),
-    "flux-diffusers": ComponentMeta(
-        "flux", "Flux transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "sd3-diffusers": ComponentMeta("mmdit", "MMDiT (diffusers)", "denoiser", "diffusers"),
-    "sd35-large-diffusers": ComponentMeta("mmdit", "MMDiT (diffusers)", "denoiser", "diffusers"),
-    "sd35-medium-diffusers": ComponentMeta("mmdit", "MMDiT (diffusers)", "denoiser", "diffusers"),
-    "chroma-diffusers": ComponentMeta(
-        "chroma", "Chroma transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "auraflow-diffusers": ComponentMeta(
-        "auraflow", "AuraFlow transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "pixart-alpha-diffusers": ComponentMeta(
-        "pixart", "PixArt transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "pixart-sigma-diffusers": ComponentMeta(
-        "pixart", "PixArt transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "hunyuan-dit-diffusers": ComponentMeta(
-        "hunyuan-dit", "Hunyuan-DiT transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "wan-diffusers": ComponentMeta("wan", "Wan transformer (diffusers)", "denoiser", "diffusers"),
-    "wan-small-diffusers": ComponentMeta(
-        "wan", "Wan transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "wan-i2v-diffusers": ComponentMeta(
-        "wan", "Wan transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "wan21-vae-diffusers": ComponentMeta("vae", "Wan VAE (diffusers)", "vae", "diffusers"),
-    "wan22-vae-diffusers": ComponentMeta("vae", "Wan VAE (diffusers)", "vae", "diffusers"),
-    "ltxv-diffusers": ComponentMeta(
-        "ltxv", "LTX-Video transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "lumina2-diffusers": ComponentMeta(
-        "lumina2", "Lumina 2 transformer (diffusers)", "denoiser", "diffusers"
-    ),
-    "qwen-image": ComponentMeta("qwen-image", "Qwen-Image transformer", "denoiser", "diffusers"),
-    "hidream": ComponentMeta("hidream", "HiDream transformer", "denoiser", "diffusers"),
-    "svd-diffusers": ComponentMeta("unet", "UNet (diffusers)", "denoiser", "diffusers"),
-    "umt5xxl": ComponentMeta("umt5xxl", "UMT5-XXL", "text-encoder", "diffusers"),
-    "llama-3.1-8b": ComponentMeta("llama", "Llama 3.1 8B", "text-encoder", "diffusers"),
-    "gemma-2-2b": ComponentMeta("gemma2", "Gemma 2 2B", "text-encoder", "diffusers"),
-    "qwen2.5-7b": ComponentMeta("qwen2.5", "Qwen2.5 7B", "text-encoder", "diffusers"),
+    "unet-sdxl-diffusers": ComponentMeta("unet", "diffusers"),
+    "controlnet-sd1-diffusers": ComponentMeta("controlnet", "diffusers"),
+    "controlnet-sdxl-diffusers": ComponentMeta("controlnet", "diffusers"),
+    "t2i-adapter-diffusers": ComponentMeta("t2i-adapter", "diffusers"),
+    "flux-diffusers": ComponentMeta("flux", "diffusers"),
+    "sd3-diffusers": ComponentMeta("mmdit", "diffusers"),
+    "sd35-large-diffusers": ComponentMeta("mmdit", "diffusers"),
+    "sd35-medium-diffusers": ComponentMeta("mmdit", "diffusers"),
+    "chroma-diffusers": ComponentMeta("chroma", "diffusers"),
+    "auraflow-diffusers": ComponentMeta("auraflow", "diffusers"),
+    "pixart-alpha-diffusers": ComponentMeta("pixart", "diffusers"),
+    "pixart-sigma-diffusers": ComponentMeta("pixart", "diffusers"),
+    "hunyuan-dit-diffusers": ComponentMeta("hunyuan-dit", "diffusers"),
+    "wan-diffusers": ComponentMeta("wan", "diffusers"),
+    "wan-small-diffusers": ComponentMeta("wan", "diffusers"),
+    "wan-i2v-diffusers": ComponentMeta("wan", "diffusers"),
+    "wan21-vae-diffusers": ComponentMeta("vae", "diffusers"),
+    "wan22-vae-diffusers": ComponentMeta("vae", "diffusers"),
+    "ltxv-diffusers": ComponentMeta("ltxv", "diffusers"),
+    "lumina2-diffusers": ComponentMeta("lumina2", "diffusers"),
+    "qwen-image": ComponentMeta("qwen-image", "diffusers"),
+    "hidream": ComponentMeta("hidream", "diffusers"),
+    "svd-diffusers": ComponentMeta("unet", "diffusers"),
+    "umt5xxl": ComponentMeta("umt5xxl", "diffusers"),
+    "llama-3.1-8b": ComponentMeta("llama-3.1-8b", "diffusers"),
+    "gemma-2-2b": ComponentMeta("gemma-2-2b", "diffusers"),
+    "qwen2.5-7b": ComponentMeta("qwen2.5-7b", "diffusers"),
 }
 
 #: Which harvested model (tools/harvest_layouts.py) becomes which signature, with its profile
@@ -467,8 +450,7 @@ class Family:
 
     id: str  # the component's signature id in results ("chroma", "wan", ...)
     arch: str
-    role: str  # "denoiser", "vae", "text-encoder", "controlnet", "t2i-adapter", "ip-adapter"
-    label: str
+    component: str  # the vocabulary's component name (its label and role come from there)
     all_of: tuple[str, ...]  # relative keys that must be there (the first locates the prefix)
     none_of: tuple[str, ...] = ()
     shapes: tuple[tuple[str, int, int], ...] = ()  # (key, axis, value) that must hold
@@ -476,108 +458,116 @@ class Family:
     signature: str | None = None
     source: str = "ComfyUI model_detection.py"
 
+    @property
+    def label(self) -> str:
+        return VOCAB[self.component].label
+
+    @property
+    def role(self) -> str:
+        return VOCAB[self.component].role
+
 
 _CN = "ComfyUI model_detection.py"
 _DF = "diffusers single_file_utils CHECKPOINT_KEY_NAMES"
 
 FAMILIES: tuple[Family, ...] = (
     # -- Flux and its relatives (BFL naming) ---------------------------------------------------
-    Family("chroma", "chroma", "denoiser", "Chroma transformer",
+    Family("chroma", "chroma", "chroma",
            ("distilled_guidance_layer.in_proj.weight", "double_blocks.0.img_attn.qkv.weight",
             "nerf_blocks.0.norm.scale"), variant="Radiance (pixel space)"),
-    Family("chroma", "chroma", "denoiser", "Chroma transformer",
+    Family("chroma", "chroma", "chroma",
            ("distilled_guidance_layer.in_proj.weight", "double_blocks.0.img_attn.qkv.weight"),
            source=f"{_CN}; {_DF}"),
-    Family("flux2", "flux2", "denoiser", "Flux 2 transformer",
+    Family("flux2", "flux2", "flux2",
            ("double_stream_modulation_img.lin.weight", "double_blocks.0.img_attn.qkv.weight")),
     # -- SD3 family (SAI naming) ---------------------------------------------------------------
-    Family("mmdit-sd35", "sd3.5-large", "denoiser", "MMDiT",
+    Family("mmdit-sd35", "sd3.5-large", "mmdit",
            ("joint_blocks.37.x_block.mlp.fc1.weight",
             "joint_blocks.0.context_block.attn.qkv.weight"),
            source=_DF),
-    Family("mmdit-sd35", "sd3.5-medium", "denoiser", "MMDiT",
+    Family("mmdit-sd35", "sd3.5-medium", "mmdit",
            ("joint_blocks.0.x_block.attn2.qkv.weight",
             "joint_blocks.0.context_block.attn.qkv.weight")),
-    Family("mmdit", "sd3", "denoiser", "MMDiT",
+    Family("mmdit", "sd3", "mmdit",
            ("joint_blocks.0.context_block.attn.qkv.weight",), signature="mmdit"),
     # -- UNet video and cascade models -----------------------------------------------------------
-    Family("svd", "svd", "denoiser", "UNet (spatio-temporal)",
+    Family("svd", "svd", "unet",
            ("input_blocks.1.1.time_stack.0.attn1.to_q.weight", "input_blocks.0.0.weight")),
-    Family("stable-cascade-c", "stable-cascade-c", "denoiser", "Stable Cascade prior (stage C)",
+    Family("stable-cascade-c", "stable-cascade-c", "stable-cascade",
            ("clf.1.weight", "clip_txt_mapper.weight"), source=f"{_CN}; {_DF}"),
-    Family("stable-cascade-b", "stable-cascade-b", "denoiser", "Stable Cascade decoder (stage B)",
+    Family("stable-cascade-b", "stable-cascade-b", "stable-cascade",
            ("clf.1.weight", "clip_mapper.weight", "down_blocks.1.0.channelwise.0.weight"),
            source=f"{_CN}; {_DF}"),
     # -- DiTs in their original naming ----------------------------------------------------------
-    Family("auraflow", "auraflow", "denoiser", "AuraFlow transformer",
+    Family("auraflow", "auraflow", "auraflow",
            ("double_layers.0.attn.w1q.weight", "cond_seq_linear.weight"), source=f"{_CN}; {_DF}"),
-    Family("hunyuan-dit", "hunyuan-dit", "denoiser", "Hunyuan-DiT transformer",
+    Family("hunyuan-dit", "hunyuan-dit", "hunyuan-dit",
            ("mlp_t5.0.weight", "extra_embedder.0.weight")),
-    Family("hunyuan-video", "hunyuan-video", "denoiser", "HunyuanVideo transformer",
+    Family("hunyuan-video", "hunyuan-video", "hunyuan-video",
            ("txt_in.individual_token_refiner.blocks.0.norm1.weight", "img_in.proj.weight")),
-    Family("mochi", "mochi", "denoiser", "Mochi transformer", ("t5_yproj.weight",)),
-    Family("pixart", "pixart-alpha", "denoiser", "PixArt transformer",
+    Family("mochi", "mochi", "mochi", ("t5_yproj.weight",)),
+    Family("pixart", "pixart-alpha", "pixart",
            ("t_block.1.weight", "ar_embedder.mlp.0.weight")),
-    Family("pixart", "pixart-sigma", "denoiser", "PixArt transformer", ("t_block.1.weight",)),
-    Family("ltxv", "ltxv", "denoiser", "LTX-Video transformer",
+    Family("pixart", "pixart-sigma", "pixart", ("t_block.1.weight",)),
+    Family("ltxv", "ltxv", "ltxv",
            ("adaln_single.emb.timestep_embedder.linear_1.bias", "patchify_proj.weight"),
            none_of=("pos_embed.proj.bias",), source=f"{_CN}; {_DF}"),
-    Family("lumina2", "lumina2", "denoiser", "Lumina 2 transformer",
+    Family("lumina2", "lumina2", "lumina2",
            ("cap_embedder.1.weight", "noise_refiner.0.attention.k_norm.weight"),
            shapes=(("cap_embedder.1.weight", 0, 2304),)),
-    Family("lumina2", "z-image", "denoiser", "Z-Image transformer",
+    Family("lumina2", "z-image", "z-image",
            ("cap_embedder.1.weight", "noise_refiner.0.attention.k_norm.weight"),
            shapes=(("cap_embedder.1.weight", 0, 3840),)),
-    Family("wan", "wan", "denoiser", "Wan transformer",
+    Family("wan", "wan", "wan",
            ("head.modulation", "vace_patch_embedding.weight"), variant="VACE",
            source=f"{_CN}; {_DF}"),
-    Family("wan", "wan", "denoiser", "Wan transformer",
+    Family("wan", "wan", "wan",
            ("head.modulation", "img_emb.proj.0.bias"),
            variant="CLIP image conditioning (2.1 I2V / FLF2V)", source=f"{_CN}; {_DF}"),
-    Family("wan", "wan", "denoiser", "Wan transformer",
+    Family("wan", "wan", "wan",
            ("head.modulation", "patch_embedding.weight"), source=f"{_CN}; {_DF}"),
-    Family("cosmos", "cosmos", "denoiser", "Cosmos transformer",
+    Family("cosmos", "cosmos", "cosmos",
            ("blocks.0.mlp.layer1.weight", "x_embedder.proj.1.weight")),
-    Family("stable-audio", "stable-audio", "denoiser", "Stable Audio DiT",
+    Family("stable-audio", "stable-audio", "stable-audio",
            ("transformer.rotary_pos_emb.inv_freq", "postprocess_conv.weight")),
-    Family("hunyuan3d", "hunyuan3d", "denoiser", "Hunyuan3D transformer",
+    Family("hunyuan3d", "hunyuan3d", "hunyuan3d",
            ("latent_in.weight", "cond_in.weight")),
-    Family("kandinsky5", "kandinsky5", "denoiser", "Kandinsky 5 transformer",
+    Family("kandinsky5", "kandinsky5", "kandinsky5",
            ("visual_transformer_blocks.0.cross_attention.key_norm.weight",)),
     # SD x4 upscaler: an SD2-style UNet with 7 input channels and 256 base channels
-    Family("unet-x4", "sd-x4-upscaler", "denoiser", "UNet (x4 upscaler)",
+    Family("unet-x4", "sd-x4-upscaler", "unet",
            ("input_blocks.0.0.weight", "out.2.weight"),
            shapes=(("input_blocks.0.0.weight", 1, 7), ("input_blocks.0.0.weight", 0, 256))),
     # -- VAEs in their original naming ----------------------------------------------------------
-    Family("wan-vae", "wan", "vae", "Wan VAE",
+    Family("wan-vae", "wan", "vae",
            ("decoder.middle.0.residual.0.gamma",
             "decoder.upsamples.0.upsamples.0.residual.2.weight"),
            variant="2.2 VAE (48 latent channels)", source="ComfyUI sd.py VAE"),
-    Family("wan-vae", "wan", "vae", "Wan VAE", ("decoder.middle.0.residual.0.gamma",),
+    Family("wan-vae", "wan", "vae", ("decoder.middle.0.residual.0.gamma",),
            variant="2.1 VAE (16 latent channels; also Qwen-Image's VAE)",
            source="ComfyUI sd.py VAE; " + _DF),
     # -- text encoders with more than a language model -----------------------------------------
-    Family("qwen2.5-vl-vision", "", "text-encoder", "Qwen2.5-VL vision tower",
+    Family("qwen2.5-vl-vision", "", "qwen2.5-vl-vision",
            ("blocks.0.attn.qkv.weight", "merger.mlp.0.weight", "patch_embed.proj.weight"),
            source="transformers Qwen2_5_VLForConditionalGeneration (visual.*) as ComfyUI ships it"),
     # -- adapters and ControlNets ----------------------------------------------------------------
-    Family("controlnet-diffusers", "sdxl-base", "controlnet", "ControlNet (diffusers)",
+    Family("controlnet-diffusers", "sdxl-base", "controlnet",
            ("controlnet_cond_embedding.conv_in.weight", "add_embedding.linear_1.weight"),
            source=f"{_DF} (controlnet_xl: mid / small variants too)"),
-    Family("t2i-adapter", "", "t2i-adapter", "T2I-Adapter",
+    Family("t2i-adapter", "", "t2i-adapter",
            ("conv_in.weight", "body.0.block1.weight", "body.0.block2.weight"),
            source="ComfyUI controlnet.py load_t2i_adapter"),
-    Family("ip-adapter", "flux", "ip-adapter", "IP-Adapter (XLabs Flux)",
+    Family("ip-adapter", "flux", "ip-adapter",
            ("ip_adapter_proj_model.proj.weight",
             "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight"),
            source="XLabs-AI flux-ip-adapter file layout"),
-    Family("ip-adapter", "", "ip-adapter", "IP-Adapter",
+    Family("ip-adapter", "", "ip-adapter",
            ("ip_adapter.1.to_k_ip.weight", "image_proj.latents"), variant="plus",
            source="h94/IP-Adapter file layout (image_proj / ip_adapter)"),
-    Family("ip-adapter", "", "ip-adapter", "IP-Adapter",
+    Family("ip-adapter", "", "ip-adapter",
            ("ip_adapter.1.to_k_ip.weight", "image_proj.proj.0.weight"), variant="FaceID",
            source="h94/IP-Adapter file layout (image_proj / ip_adapter)"),
-    Family("ip-adapter", "", "ip-adapter", "IP-Adapter",
+    Family("ip-adapter", "", "ip-adapter",
            ("ip_adapter.1.to_k_ip.weight",),
            source="h94/IP-Adapter file layout (image_proj / ip_adapter)"),
 )  # fmt: skip

@@ -13,10 +13,17 @@ from typing import Any
 from sdtool.formats.open import open_model
 from sdtool.identify import Identity
 from sdtool.identify import identify as identify_model
-from sdtool.model import GlobalUse, ModelFile, TensorInfo, tensor_leaves, to_plain
+from sdtool.model import (
+    ContainerFacts,
+    GlobalUse,
+    ModelFile,
+    TensorInfo,
+    tensor_leaves,
+    to_plain,
+)
 from sdtool.scan import classify_global
 
-SCHEMA = "sdtool.inspect/1"
+SCHEMA = "sdtool.inspect/2"
 
 
 @dataclass
@@ -63,7 +70,7 @@ class InspectReport:
     metadata: dict[str, str]
     extra: Any
     other_tensors: Bucket
-    container: dict[str, Any]
+    container: ContainerFacts
     globals: list[GlobalReport]
     tensors: list[tuple[str, TensorInfo]] = field(default_factory=list)
     identity: Identity | None = None
@@ -71,7 +78,7 @@ class InspectReport:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "schema": SCHEMA,
-            "file": str(self.path),
+            "path": str(self.path),
             "format": self.format,
             "file_size": self.file_size,
             "totals": self.totals.to_json(),
@@ -80,7 +87,7 @@ class InspectReport:
             "metadata": self.metadata,
             "extra": self.extra,
             "other_tensors": self.other_tensors.to_json(),
-            "container": to_plain(self.container),
+            "container": to_plain(self.container.to_json()),
             "globals": [
                 {
                     "module": g.module,
