@@ -219,8 +219,11 @@ def _quantization(tensors: dict[str, TensorInfo]) -> Quantization | None:
             if "GGUF" not in rule.scheme:  # llama.cpp names are the weights themselves
                 keys.append(key)
     for t in tensors.values():
-        if t.dtype.code in T.QUANT_DTYPES:
-            schemes[T.QUANT_DTYPES[t.dtype.code]] += 1
+        code = t.type_code  # a GGUF block format ("Q4_K") or the dtype's code
+        if code != t.dtype.code:
+            schemes[f"GGUF {code} blocks"] += 1
+        elif code in T.QUANT_DTYPES:
+            schemes[T.QUANT_DTYPES[code]] += 1
     if not schemes:
         return None
     return Quantization(dict(schemes.most_common()), tuple(keys))
@@ -864,7 +867,7 @@ def _hypernetwork(tensors: dict[str, TensorInfo], extra: dict[str, Any]) -> Spec
 def _precision(tensors: dict[str, TensorInfo]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for t in tensors.values():
-        d = out.setdefault(t.dtype.code, {"tensors": 0, "bytes": 0})
+        d = out.setdefault(t.type_code, {"tensors": 0, "bytes": 0})
         d["tensors"] += 1
         d["bytes"] += t.nbytes
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))

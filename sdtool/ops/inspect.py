@@ -105,7 +105,7 @@ class InspectReport:
             out["tensors"] = [
                 {
                     "name": n,
-                    "dtype": t.dtype.code,
+                    "dtype": t.type_code,
                     "shape": list(t.shape),
                     "bytes": t.nbytes,
                 }
@@ -132,7 +132,7 @@ def inspect_model(
     owners = identity.owners() if identity is not None else {}
     for name, t in model.tensors.items():
         totals.add(t)
-        by_dtype.setdefault(t.dtype.code, Bucket()).add(t)
+        by_dtype.setdefault(t.type_code, Bucket()).add(t)
         by_comp.setdefault(owners.get(name, "unknown"), Bucket()).add(t)
     for t in tensor_leaves(model.extra):
         other.add(t)
