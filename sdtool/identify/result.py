@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdtool.identify import tables as T
+from sdtool.results import Result
 
 SCHEMA = "sdtool.identify/2"
 LIST_LIMIT = 10  # missing keys / mismatches listed per component in JSON
@@ -16,14 +17,14 @@ UNKNOWN_LIMIT = 100  # unknown keys listed in JSON
 
 
 @dataclass(frozen=True)
-class ShapeMismatch:
+class ShapeMismatch(Result):
     key: str
     shape: tuple[int, ...]
     expected: tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class ComponentMatch:
+class ComponentMatch(Result):
     """One component found in the file: where, how complete, and what does not fit."""
 
     name: str  # "unet", "vae", "clip-l", "wan", "ema" ...
@@ -77,7 +78,7 @@ class ComponentMatch:
 
 
 @dataclass(frozen=True)
-class LoraInfo:
+class LoraInfo(Result):
     """What a LoRA adapts and how: flavour, ranks, alphas, modules per target, trainer."""
 
     flavour: str
@@ -107,7 +108,7 @@ class LoraInfo:
 
 
 @dataclass(frozen=True)
-class EmbeddingInfo:
+class EmbeddingInfo(Result):
     """A textual-inversion embedding: vectors per token and their width."""
 
     layout: str  # "emb_params", "string_to_param", "sdxl", "tokens"
@@ -125,7 +126,7 @@ class EmbeddingInfo:
 
 
 @dataclass(frozen=True)
-class Quantization:
+class Quantization(Result):
     """How the file's weights are quantized, told by side-tensor names or element types."""
 
     schemes: dict[str, int]  # scheme -> side tensors (or quantized tensors for a dtype scheme)
@@ -136,7 +137,7 @@ class Quantization:
 
 
 @dataclass(frozen=True)
-class Identity:
+class Identity(Result):
     """The answer. ``to_json`` is the stable schema (docs/identify.md)."""
 
     kind: str
