@@ -20,8 +20,8 @@ from sdtool.scan.allowlist import (
 )
 from sdtool.scan.capabilities import Cap, Judgement, lookup
 
+#: the values of ``vocab.Severity`` a global can get (as plain strings)
 Severity = Literal["safe", "suspicious", "dangerous"]
-RANK: dict[str, int] = {"safe": 0, "info": 0, "suspicious": 1, "dangerous": 2}
 
 
 def canonical_module(module: str) -> str:
