@@ -126,6 +126,8 @@ def render_merge(r: MergeResult) -> None:
         shown = ", ".join(render.markup(k, 90) for k in keys[:LIST_LIMIT])
         more = f" (+{len(keys) - LIST_LIMIT} more)" if len(keys) > LIST_LIMIT else ""
         out.print(f"  skipped, not in A [{len(keys)}]: {shown}{more}")
+    for note in r.notes:
+        out.print(f"  {render.markup(note)}")
     for name, n in r.overflows.items():
         render.warn(f"{n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
     if r.dry_run:
