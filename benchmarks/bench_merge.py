@@ -31,7 +31,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = ROOT.parents[1] / "shared" / "reference" / "layouts"
+LAYOUTS = Path(
+    os.environ.get("SDTOOL_LAYOUTS")  # a worktree outside /work: point this at shared's copy
+    or Path(__file__).resolve().parents[2] / "shared" / "reference" / "layouts"
+)
 DEFAULT_DIR = Path("/work/bench/merge")
 _LINE = re.compile(r"^    (\S+): \{shape: \[([0-9, ]*)\], dtype: (\w+)")
 _COMP = re.compile(r"^  (\w+):\s*$")
