@@ -203,7 +203,10 @@ def layout_ids(base: ModelFile) -> list[tuple[ModuleId, BaseTarget]]:
                         continue
                     rows = None
                     if mp.kind == "split":
-                        rows = layouts.part_rows(info.shape[0], mp.parts, mp.part)
+                        try:
+                            rows = layouts.part_rows(info.shape[0], mp.parts, mp.part)
+                        except SdtoolError:  # rows that do not split in the table's ratio
+                            continue
                     path = mp.target[: -len(".weight")].replace(".", "_")
                     out.append(((lora_comp, path), BaseTarget(key, rows, mp.op, family)))
     return out
