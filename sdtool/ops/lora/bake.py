@@ -280,7 +280,8 @@ def plan_patches(
         parsed = parse_lora(lora.tensors)
         rep = LoraReport(lora.path, strength, unknown_keys=parsed.unknown)
         peft_alpha, pattern = peft_alphas(lora)
-        for stem, mod in parsed.modules.items():
+        # sorted: modules that patch one tensor (a fused qkv and its q) apply in name order
+        for stem, mod in sorted(parsed.modules.items()):
             kind = mod.kind
             assert kind is not None
             rep.modules += 1
