@@ -54,11 +54,11 @@ save_file(out, sys.argv[4], metadata={"format": "pt"})
 """
 
 MECHA_WAY = """
-import sys, torch, sd_mecha
+import functools, sys, torch, sd_mecha, tqdm
 a, b, c = (sd_mecha.model(p) for p in sys.argv[1:4])
 recipe = sd_mecha.add_difference(a, b, c, alpha=0.5)
 sd_mecha.merge(recipe, output=sys.argv[4], merge_dtype=torch.float32, output_dtype=torch.float16,
-               tqdm=lambda *a, **k: a[0] if a else k.get("iterable"))
+               tqdm=functools.partial(tqdm.tqdm, disable=True))
 """
 
 

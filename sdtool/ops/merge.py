@@ -54,7 +54,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
-from sdtool.ops.arith import Inputs, Output, Overflows, pieces
+from sdtool.ops.arith import Inputs, Output, Overflows, run_pieces
 from sdtool.vocab import CASTABLE, cast_target, parse_dtype
 from sdtool.write import CastOverflow, output_format, write_model
 from sdtool.write.atomic import check_output
@@ -439,11 +439,18 @@ def add_difference(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
     return a + np.float32(t) * (b - c)
 
 
-def dare_masks(seed: int, name: str, count: int) -> list[np.random.Generator]:
-    """One generator per model for ``name``: the drop mask depends on (seed, key, model) only,
-    not on the order of keys, the other models, or the piece size."""
+def dare_masks(seed: int, name: str, count: int, start: int = 0) -> list[np.random.Generator]:
+    """One generator per model for ``name``, positioned at element ``start`` of its stream
+    (one 64-bit draw per element): the drop mask depends on (seed, key, model) only, not on the
+    order of keys, the other models, or how the tensor is cut into pieces."""
     key = zlib.crc32(name.encode())
-    return [np.random.Generator(np.random.PCG64([seed, key, i])) for i in range(count)]
+    gens = []
+    for i in range(count):
+        bits = np.random.PCG64([seed, key, i])
+        if start:
+            bits = bits.advance(start)
+        gens.append(np.random.Generator(bits))
+    return gens
 
 
 def dare(
@@ -542,10 +549,11 @@ def _maker(
     a = models[0]
     shape = a.tensors[k.name].shape
     t = k.alpha if k.alpha is not None else 0.0
+    is_dare = method.name == "dare"
 
     def make() -> np.ndarray:
         out = Output(shape, dtype)
-        rngs = dare_masks(seed, k.name, len(models) - 1) if method.name == "dare" else []
+        rngs = dare_masks(seed, k.name, len(models) - 1) if is_dare else []
         opts: dict[str, Any] = {"density": density, "rngs": rngs}
         if k.rule == "merge-slice":
             assert k.region is not None
@@ -558,12 +566,16 @@ def _maker(
             res[region] = kernel(x, t, **opts)
             out.put(0, res)
         elif method.elementwise:
-            for start, count in pieces(out.flat.size):
+
+            def piece(start: int, count: int) -> None:
                 x = [io.f32(a, k.name, start, count)] + [
                     src[k.name].read(io, m, start, count)
                     for m, src in zip(models[1:], sources, strict=True)
                 ]
-                out.put(start, kernel(x, t, **opts))
+                rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
+                out.put(start, kernel(x, t, density=density, rngs=rngs))
+
+            run_pieces(out.flat.size, piece)
         else:
             x = [io.whole(a, k.name)] + [
                 src[k.name].whole(io, m).reshape(shape)
