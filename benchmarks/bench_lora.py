@@ -23,19 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = Path("/work/bench/merge")
 
 
-def run(cmd: list[str]) -> tuple[float, int, int]:
+def run(cmd: list[str]) -> tuple[float, float, int, int]:
     report = Path(f"/tmp/bench_lora.{os.getpid()}.time")
     t0 = time.perf_counter()
     proc = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", "-o", str(report), *cmd],
+        ["/usr/bin/time", "-f", "%U %S %M", "-o", str(report), *cmd],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         check=False,
     )
     wall = time.perf_counter() - t0
-    rss = int(report.read_text().split()[-1]) * 1024
+    user, sys_, rss_kib = report.read_text().split()[-3:]
     report.unlink()
-    return wall, rss, proc.returncode
+    return wall, float(user) + float(sys_), int(rss_kib) * 1024, proc.returncode
 
 
 def main() -> None:
@@ -66,14 +66,16 @@ def main() -> None:
     for name, cmd in cases.items():
         if any(s in name for s in args.skip):
             continue
-        wall, rss, rc = run(cmd)
-        rows.append((name, wall, rss, rc))
-        print(f"{name:45s} {wall:8.1f} s {rss / 2**20:9.0f} MiB  exit {rc}", flush=True)
+        wall, cpu, rss, rc = run(cmd)
+        rows.append((name, wall, cpu, rss, rc))
+        print(f"{name:45s} {wall:8.1f} s {cpu:8.1f} cpu-s {rss / 2**20:7.0f} MiB  exit {rc}",
+              flush=True)  # fmt: skip
     for p in (small, baked, d / "dyn.safetensors"):
         p.unlink(missing_ok=True)
-    print("\n| case | wall | peak RSS | exit |\n|---|---|---|---|")
-    for name, wall, rss, rc in rows:
-        print(f"| {name} | {wall:.1f} s | {rss / 2**20:.0f} MiB | {rc} |")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    print("| case | wall | CPU (user+sys) | peak RSS | exit |\n|---|---|---|---|---|")
+    for name, wall, cpu, rss, rc in rows:
+        print(f"| {name} | {wall:.1f} s | {cpu:.1f} s | {rss / 2**20:.0f} MiB | {rc} |")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def make(path: Path, seed: int) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, (shape, dt) in entries.items():
+        for shape, dt in entries.values():
             if dt == "int64":
                 f.write(np.arange(prod(shape), dtype=np.int64).tobytes())
                 continue
@@ -102,20 +102,20 @@ def make(path: Path, seed: int) -> None:
     os.replace(tmp, path)
 
 
-def run(cmd: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit code) of ``cmd`` in its own process."""
+def run(cmd: list[str]) -> tuple[float, float, int, int]:
+    """(wall s, CPU s (user + system), peak RSS bytes, exit code) of ``cmd``, own process."""
     report = Path(f"/tmp/bench_merge.{os.getpid()}.time")
     t0 = time.perf_counter()
     proc = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", "-o", str(report), *cmd],
+        ["/usr/bin/time", "-f", "%U %S %M", "-o", str(report), *cmd],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         check=False,
     )
     wall = time.perf_counter() - t0
-    rss = int(report.read_text().split()[-1]) * 1024
+    user, sys_, rss_kib = report.read_text().split()[-3:]
     report.unlink()
-    return wall, rss, proc.returncode
+    return wall, float(user) + float(sys_), int(rss_kib) * 1024, proc.returncode
 
 
 def main() -> None:
@@ -131,7 +131,9 @@ def main() -> None:
         for i, p in enumerate((a, b, c)):
             t0 = time.perf_counter()
             make(p, i)
-            print(f"made {p} ({p.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
+            print(
+                f"made {p} ({p.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s"
+            )
     out = d / "out.safetensors"
     py = sys.executable
     env_py = [py, "-m", "sdtool"]
@@ -154,16 +156,19 @@ def main() -> None:
         if any(s in name for s in args.skip):
             continue
         out.unlink(missing_ok=True)
-        wall, rss, rc = run(cmd)
-        size = out.stat().st_size if out.exists() else 0
-        rows.append((name, wall, rss, rc, size))
-        print(f"{name:45s} {wall:8.1f} s {rss / 2**20:9.0f} MiB  exit {rc}", flush=True)
+        wall, cpu, rss, rc = run(cmd)
+        rows.append((name, wall, cpu, rss, rc))
+        print(f"{name:45s} {wall:8.1f} s {cpu:8.1f} cpu-s {rss / 2**20:7.0f} MiB  exit {rc}",
+              flush=True)  # fmt: skip
         out.unlink(missing_ok=True)
     floor = next((w for n, w, *_ in rows if n.startswith("floor")), None)
-    print("\n| case | wall | vs floor | peak RSS | exit |\n|---|---|---|---|---|")
-    for name, wall, rss, rc, _ in rows:
+    load = os.getloadavg()[0]
+    print(f"\nload average at the end: {load:.1f} (the machine has {os.cpu_count()} cores)")
+    print("| case | wall | vs floor | CPU (user+sys) | peak RSS | exit |")
+    print("|---|---|---|---|---|---|")
+    for name, wall, cpu, rss, rc in rows:
         ratio = f"{wall / floor:.2f}x" if floor else "-"
-        print(f"| {name} | {wall:.1f} s | {ratio} | {rss / 2**20:.0f} MiB | {rc} |")
+        print(f"| {name} | {wall:.1f} s | {ratio} | {cpu:.1f} s | {rss / 2**20:.0f} MiB | {rc} |")
 
 
 if __name__ == "__main__":
