@@ -179,7 +179,7 @@ def layout_ids(base: ModelFile) -> list[tuple[ModuleId, BaseTarget]]:
         from sdtool import layouts
     except ImportError:  # the layout tables are not in this build
         return []
-    from sdtool.ops.identify import identify
+    from sdtool.identify import identify
 
     family = identify(base).architecture
     if family is None:

@@ -232,7 +232,7 @@ def extract_targets(
     weights left out with the reason. Names follow what kohya writes for the family: diffusers
     module paths for SD 1.x/2.x UNets, the checkpoint's own (ldm/BFL/SAI) paths otherwise, HF
     paths for text encoders (OpenCLIP's fused q/k/v as three modules)."""
-    from sdtool.ops.identify import identify
+    from sdtool.identify import identify
 
     family = identify(base).architecture
     index = base_index(base)
@@ -366,7 +366,7 @@ def extract(
                 continue
             if tm.tensors[key].dtype.is_float and _changed(tm, bm, key, io):
                 result.not_targets.append(key + (f" ({left[key]})" if key in left else ""))
-        from sdtool.ops.identify import identify
+        from sdtool.identify import identify
 
         family = identify(bm).architecture
         meta = {
