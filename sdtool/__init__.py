@@ -23,7 +23,7 @@ _API = {
     "convert": "sdtool.ops.convert",
     "prune": "sdtool.ops.prune",
     "extract": "sdtool.ops.prune",
-    "identify": "sdtool.ops.identify",
+    "identify": "sdtool.identify",
     "hash_file": "sdtool.ops.hash",
     "diff": "sdtool.ops.diff",
     "inspect": "sdtool.ops.inspect",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -131,8 +132,7 @@ def _hash_one(path: Path, names: tuple[str, ...]) -> HashResult | None:
     except SdtoolError as e:
         render.error(e.with_path(path))
         return None
-    result.path = path
-    return result
+    return dataclasses.replace(result, path=path)
 
 
 def _sum_line(hexdigest: str, name: str) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
 
+from sdtool.cli.identity import identity_lines
 from sdtool.cli.options import json_option, key_option, quiet_option
 from sdtool.cli.render import (
     console,
@@ -75,7 +77,7 @@ def inspect_cmd(
             error(e.with_path(file))
             code = 2
             continue
-        report.path = file
+        report = dataclasses.replace(report, path=file)
         reports.append(report)
         if not as_json and not quiet:
             if i:
@@ -115,16 +117,14 @@ def render(r: InspectReport) -> None:
         out.print(f"  {k:<13} {v}")
     if r.identity is not None:
         out.print("\n[bold]What it is[/bold]")
-        for line in r.identity.summary_lines():
+        for line in identity_lines(r.identity):
             out.print(f"  {markup(line)}")
     if r.totals.tensors:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in r.dtypes.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
         print_table(out, t)
-        t = _table(
-            "\nBy component (key prefix)", "component", "tensors", "params", "bytes", "share"
-        )
+        t = _table("\nBy component", "component", "tensors", "params", "bytes", "share")
         for name, b in r.components.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
         print_table(out, t)
