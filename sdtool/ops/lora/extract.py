@@ -253,8 +253,13 @@ def extract_targets(
             left[key] = "a kxk conv (give --conv-rank to extract convs)"
             continue
         comp = cands[0][0][0]
-        prefer_layout = comp != "unet" or family in DIFFUSERS_NAMED_UNET
-        chosen = [c for c in cands if (c[1].via != "native") == prefer_layout] or cands
+        native = [c for c in cands if c[1].via == "native"]
+        # kohya names SD 1.x/2.x UNet modules by diffusers paths, everything else by the
+        # checkpoint's own paths; text encoders without HF names (OpenCLIP) by their HF names
+        if (comp == "unet" and family in DIFFUSERS_NAMED_UNET) or not native:
+            chosen = [c for c in cands if c[1].via != "native"] or cands
+        else:
+            chosen = native
         chosen.sort(key=lambda c: c[1].rows or (0, 0))
         seen_rows: set[tuple[int, int] | None] = set()
         for (cp, path), target in chosen:
