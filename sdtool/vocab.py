@@ -232,5 +232,26 @@ COMPONENTS: dict[str, Component] = {
 ROLES = ("denoiser", "vae", "text-encoder", "controlnet", "t2i-adapter", "ip-adapter", "aux", "ema")
 
 
+#: ``prune --drop`` part -> the roles it removes
+DROP_TARGETS: dict[str, tuple[str, ...]] = {
+    "vae": ("vae",),
+    "text-encoder": ("text-encoder",),
+    "unet": ("denoiser",),
+    "ema": ("ema",),
+    "unknown": ("unknown",),
+}
+#: ``extract --component`` names -> roles (a role) or component names (one encoder)
+EXTRACT_TARGETS: dict[str, str] = {
+    "unet": "denoiser",
+    "vae": "vae",
+    "text-encoder": "text-encoder",
+    "clip-l": "clip-l",
+    "clip-g": "clip-g",
+    "openclip-h": "openclip-h",
+    "t5xxl": "t5xxl",
+}
+#: ``convert --to`` (batch mode) -> the output suffix
+TO_SUFFIX = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
+
 #: the one progress shape: ``progress(done, total)`` in bytes (or items), called as work advances
 Progress = Callable[[int, int], None]

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,17 +22,11 @@ from sdtool.cli.options import (
 )
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
-from sdtool.ops.convert import (
-    TO_SUFFIX,
-    BatchResult,
-    ConvertOptions,
-    ConvertResult,
-    convert,
-    convert_batch,
-    parse_metadata,
-)
 from sdtool.ops.outname import derived
-from sdtool.vocab import ExitCode, parse_dtype
+from sdtool.vocab import TO_SUFFIX, ExitCode, parse_dtype
+
+if TYPE_CHECKING:
+    from sdtool.ops.convert import BatchResult, ConvertResult
 
 
 @click.command("convert")
@@ -115,6 +109,14 @@ def convert_cmd(
       sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
       sdtool convert flux1-dev.safetensors fp8.safetensors --dtype fp8_e4m3fn --fp8-scaled
     """
+    from sdtool.ops.convert import (
+        BatchResult,
+        ConvertOptions,
+        convert,
+        convert_batch,
+        parse_metadata,
+    )
+
     options = ConvertOptions(
         dtype=parse_dtype(dtype),
         key=key,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sdtool.cli import progress, render
 from sdtool.cli.options import json_option, quiet_option
-from sdtool.ops.diff import DiffResult, TensorDiff, diff
+
+if TYPE_CHECKING:
+    from sdtool.ops.diff import DiffResult, TensorDiff
 from sdtool.vocab import ExitCode
 
 
@@ -118,6 +120,8 @@ def diff_cmd(
     """
     if as_json and summary_only:
         raise click.UsageError("--summary is for the text report; --json always has the totals")
+    from sdtool.ops.diff import diff
+
     with progress.byte_bar("comparing") as bar:
         cb = None if bar is None else bar.absolute
         result = diff(a, b, dtype_tolerant=dtype_tolerant, progress=cb)

@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
-from sdtool.cli.identity import identity_lines
 from sdtool.cli.options import json_option, key_option, quiet_option
 from sdtool.cli.render import (
     console,
@@ -22,6 +20,8 @@ from sdtool.cli.render import (
 )
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from sdtool.model import ContainerFacts
     from sdtool.ops.inspect import InspectReport
 
@@ -94,6 +94,8 @@ def _bucket_row(name: str, b: Any, total: int) -> list[str]:
 
 
 def _table(title: str, *columns: str) -> Table:
+    from rich.table import Table
+
     t = Table(
         title=title, title_justify="left", title_style="bold", show_edge=False, pad_edge=False
     )
@@ -104,6 +106,8 @@ def _table(title: str, *columns: str) -> Table:
 
 def render(r: InspectReport) -> None:
     """Print the report as rich tables (everything from the file is escaped)."""
+    from sdtool.cli.identity import identity_lines
+
     out = console()
     out.print(f"[bold]{markup(r.path)}[/bold]")
     facts = [

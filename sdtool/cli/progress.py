@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sdtool.cli.render import escape
-
 
 def enabled() -> bool:
     """Whether bars may be drawn: stderr is an interactive terminal."""
@@ -40,6 +38,8 @@ def byte_bar(desc: str | None = None, total: int | None = None) -> Iterator[Byte
         yield None
         return
     from tqdm import tqdm
+
+    from sdtool.cli.render import escape
 
     with tqdm(
         total=total or None,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.table import Table
 
 from sdtool.cli import progress
 from sdtool.cli.options import (
@@ -27,19 +26,11 @@ from sdtool.cli.render import (
     print_table,
     warn,
 )
-from sdtool.formats.open import open_model
 from sdtool.ops.outname import derived
-from sdtool.ops.prune import (
-    DROP_TARGETS,
-    EXTRACT_TARGETS,
-    ExtractOptions,
-    PruneOptions,
-    PruneResult,
-    extract,
-    parse_drop,
-    prune,
-)
-from sdtool.vocab import parse_dtype
+from sdtool.vocab import DROP_TARGETS, EXTRACT_TARGETS, parse_dtype
+
+if TYPE_CHECKING:
+    from sdtool.ops.prune import PruneResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -127,6 +118,9 @@ def prune_cmd(
     """
     if ema_only and no_ema:
         raise click.UsageError("--ema-only and --no-ema exclude each other")
+    from sdtool.formats.open import open_model
+    from sdtool.ops.prune import PruneOptions, parse_drop, prune
+
     ema = "only" if ema_only else "drop" if no_ema else "keep"
     ema_tag = {"only": "emaonly", "drop": "noema"}.get(ema, "")
     out = derived(src, out, ["pruned", ema_tag, dtype or ""])
@@ -191,6 +185,9 @@ def extract_cmd(
       sdtool extract sdxl.safetensors clip_g.safetensors --component clip-g --dtype fp16
       sdtool extract sd15.ckpt unet-ema.safetensors -c unet --ema-only
     """
+    from sdtool.formats.open import open_model
+    from sdtool.ops.prune import ExtractOptions, extract
+
     out = derived(src, out, [component, "ema" if ema_only else "", dtype or ""])
     with open_model(src) as model, progress.byte_bar(f"writing {out.name}") as bar:
         opts = ExtractOptions(
@@ -220,6 +217,8 @@ def report(
     if as_json:
         print_json(result.to_json())
         return 0
+    from rich.table import Table
+
     p = result.plan
     c = console()
     arch = p.identity.architecture_label

@@ -11,11 +11,15 @@ import os
 import re
 import sys
 import textwrap
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.markup import escape as rich_escape
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# rich loads on first output, not on import: ``sdtool COMMAND --help`` never pays for it
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
 
@@ -35,20 +39,28 @@ def _esc_char(c: str) -> str:
 
 def markup(text: object, limit: int | None = None) -> str:
     """``escape`` plus rich-markup escaping, for text placed inside rich renderables."""
+    from rich.markup import escape as rich_escape
+
     return rich_escape(escape(text, limit))
 
 
-class _Console(Console):
-    """rich's Console, except that a closed pipe (``| head``) reaches main() as BrokenPipeError
-    (exit 141) instead of rich's own SystemExit(1), which would read as "findings"."""
+@cache
+def _console_class() -> type[Console]:
+    from rich.console import Console
 
-    def on_broken_pipe(self) -> None:
-        raise BrokenPipeError
+    class _Console(Console):
+        """rich's Console, except that a closed pipe (``| head``) reaches main() as
+        BrokenPipeError (exit 141) instead of rich's own SystemExit(1), which would read as
+        "findings"; and rows of tables lose their padding at line ends off a terminal."""
 
-    def _render_buffer(self, buffer: Any) -> str:
-        """Rows of tables are padded to the column width: drop that padding at line ends."""
-        text = super()._render_buffer(buffer)
-        return text if self.is_terminal else _TRAILING_SPACES.sub("\n", text)
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+        def _render_buffer(self, buffer: Any) -> str:
+            text = super()._render_buffer(buffer)
+            return text if self.is_terminal else _TRAILING_SPACES.sub("\n", text)
+
+    return _Console
 
 
 _TRAILING_SPACES = re.compile(r" +\n")
@@ -77,7 +89,7 @@ def console(stderr: bool = False) -> Console:
     """A rich console; plain (no colour) when not on a terminal, and as wide as the output
     needs there: piped output is never cut or wrapped unless ``COLUMNS`` asks for a width."""
     stream = sys.stderr if stderr else sys.stdout
-    return _Console(
+    return _console_class()(
         file=stream, highlight=False, soft_wrap=True, width=columns(stream) or UNLIMITED
     )
 
@@ -92,7 +104,7 @@ def print_table(out: Console, table: Any) -> None:
         return
     need = Measurement.get(out, out.options.update(max_width=UNLIMITED), table).maximum
     if need > out.width:
-        wide = _Console(file=out.file, highlight=False, soft_wrap=True, width=need)
+        wide = _console_class()(file=out.file, highlight=False, soft_wrap=True, width=need)
         wide.print(table)
     else:
         out.print(table)

@@ -6,6 +6,7 @@ import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,10 +14,10 @@ from sdtool.cli import progress as bars_
 from sdtool.cli.options import jobs_option, json_option
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, wrap, wrap_width
 from sdtool.cli.stdin import STDIN, is_stdin, spooled
-from sdtool.scan import FileReport, ScanReport, scan_paths
-from sdtool.scan.report import VERDICTS
-from sdtool.scan.sarif import to_sarif
 from sdtool.vocab import Verdict
+
+if TYPE_CHECKING:
+    from sdtool.scan import FileReport, ScanReport
 
 STYLE = {
     "dangerous": "bold red",
@@ -67,6 +68,9 @@ def scan_cmd(
       sdtool scan ~/models --exclude '*.png' --jobs 2
       sdtool scan downloads/ --strict --sarif > scan.sarif
     """
+    from sdtool.scan import scan_paths
+    from sdtool.scan.sarif import to_sarif
+
     if as_json and as_sarif:
         raise click.UsageError("choose one of --json and --sarif")
     progress = None
@@ -140,7 +144,7 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
             for line in wrap(body, width, "      ", "      "):
                 out.print(markup(line))
     s = report.summary()
-    parts = [f"{s[v]} {LABEL.get(v, v.label)}" for v in VERDICTS if s[v]]
+    parts = [f"{s[v]} {LABEL.get(v, v.label)}" for v in Verdict if s[v]]
     out.print(
         f"\n{s['files']} file{'' if s['files'] == 1 else 's'}: "
         + (", ".join(parts) or "nothing to scan")

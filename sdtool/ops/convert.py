@@ -29,7 +29,7 @@ from sdtool.formats.open import opened
 from sdtool.model import ModelFile, tensor_leaves, to_plain
 from sdtool.ops.outname import derived
 from sdtool.results import Result
-from sdtool.vocab import Progress, dtype_name
+from sdtool.vocab import TO_SUFFIX, Progress, dtype_name
 from sdtool.write import (
     OUT_FORMATS,
     WriteOptions,
@@ -47,7 +47,6 @@ TI_PREFIX, TI_NAME = "string_to_param.", "emb_params"
 #: files convert_batch picks up inside folders
 MODEL_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".sft", ".npy", ".npz"})
 #: --to choice -> output extension
-TO_SUFFIX = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
 
 
 @dataclass(frozen=True, kw_only=True)

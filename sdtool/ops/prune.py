@@ -29,29 +29,12 @@ from sdtool.identify.engine import ema_key
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.ops.outname import derived
 from sdtool.results import Result
-from sdtool.vocab import CASTABLE, cast_target, dtype_name
+from sdtool.vocab import CASTABLE, DROP_TARGETS, EXTRACT_TARGETS, cast_target, dtype_name
 from sdtool.write import OutTensor, WriteOptions, WriteResult, options_from, write_model
 
 SCHEMA = "sdtool.prune/2"
 EMA_MODES = ("keep", "only", "drop")
-#: --drop names -> component roles/names they remove
-DROP_TARGETS: dict[str, tuple[str, ...]] = {
-    "vae": ("vae",),
-    "text-encoder": ("text-encoder",),
-    "unet": ("denoiser",),
-    "ema": ("ema",),
-    "unknown": ("unknown",),
-}
-#: extract --component names -> roles (a role) or component names (one encoder)
-EXTRACT_TARGETS: dict[str, str] = {
-    "unet": "denoiser",
-    "vae": "vae",
-    "text-encoder": "text-encoder",
-    "clip-l": "clip-l",
-    "clip-g": "clip-g",
-    "openclip-h": "openclip-h",
-    "t5xxl": "t5xxl",
-}
+#: DROP_TARGETS and EXTRACT_TARGETS (the --drop / --component names) live in sdtool.vocab
 CLIP_POSITIONS = 77
 
 
