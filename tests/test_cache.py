@@ -107,3 +107,32 @@ def test_uncreatable_directory_degrades_to_no_cache(tmp_path: Path) -> None:
         cache.put("scan", "0" * 64, "v", {})
         assert cache.get("scan", "0" * 64, "v") is None
         assert cache.disabled_reason is not None
+
+
+def test_ruleset_version_changes_with_any_scan_source(tmp_path: Path) -> None:
+    """A copy of the package with one allowlist byte changed has another ruleset version."""
+    import shutil
+    import subprocess
+    import sys
+
+    import sdtool
+
+    src = Path(sdtool.__file__).parent
+    dst = tmp_path / "pkg" / "sdtool"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from sdtool.scan.ruleset import ruleset_version as v; print(v())"
+
+    def version() -> str:
+        env = {**os.environ, "PYTHONPATH": str(tmp_path / "pkg")}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    v1 = version()
+    assert v1 == version()  # stable
+    allow = dst / "scan" / "allowlist.py"
+    allow.write_text(allow.read_text() + "\n# changed\n")
+    v2 = version()
+    assert v2 != v1 and v2.split("+")[0] == v1.split("+")[0]
