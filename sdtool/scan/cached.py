@@ -74,6 +74,62 @@ def report_from_json(doc: dict[str, Any]) -> FileReport:
     )
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What a cache lookup found, and what storing the fresh verdict needs."""
+
+    hit: FileReport | None
+    sha256: str | None
+    keys: tuple[str, ...]
+    identity: Identity | None
+
+
+def lookup(path: Path, cache: Cache | None, *, sha256: bool = False) -> Lookup:
+    """The cached verdict for this file's content under the current ruleset, if any."""
+    try:
+        before = Identity.of_path(path)
+    except OSError:
+        return Lookup(None, None, (), None)
+    digest = cache.sha256(before) if cache is not None else None
+    if digest is None and sha256:
+        try:
+            digest, _ = cached_sha256(cache, path, lambda: file_sha256(path))
+        except OSError:
+            digest = None
+    keys = tuple(k for k in (digest, identity_key(before)) if k is not None)
+    if cache is not None:
+        version = ruleset_version()
+        for key in keys:
+            doc = cache.get(KIND, key, version)
+            if doc is not None:
+                try:
+                    rep = report_from_json(doc)
+                except (KeyError, TypeError, ValueError):
+                    continue  # a record from an older layout: scan again
+                rep.path = str(path)  # the same content may sit under another name
+                return Lookup(rep, digest, keys, before)
+    return Lookup(None, digest, keys, before)
+
+
+def store(path: Path, cache: Cache | None, found: Lookup, report: FileReport) -> None:
+    """Record a fresh, complete verdict if the file did not change while it was scanned.
+
+    Only complete verdicts are stored: a report with errors (a limit hit, an unreadable member)
+    is scanned again next time, since the error may be the machine's and not the file's.
+    """
+    if cache is None or found.identity is None or report.errors or not report.scanned:
+        return
+    try:
+        if Identity.of_path(path) != found.identity:
+            return
+    except OSError:
+        return
+    doc = report.to_json()
+    version = ruleset_version()
+    for key in found.keys:
+        cache.put(KIND, key, version, doc)
+
+
 def scan_cached(
     path: Path,
     scan_one: Callable[[Path], FileReport],
@@ -81,35 +137,10 @@ def scan_cached(
     *,
     sha256: bool = False,
 ) -> CachedScan:
-    """``scan_one(path)``, or its cached verdict when this content was scanned by this ruleset.
-
-    Only complete verdicts are stored: a report with errors (a limit hit, an unreadable member)
-    is scanned again next time, since the error may be the machine's and not the file's.
-    """
-    try:
-        before = Identity.of_path(path)
-    except OSError:
-        return CachedScan(scan_one(path), None, False)
-    version = ruleset_version()
-    digest = cache.sha256(before) if cache is not None else None
-    if digest is None and sha256:
-        digest, _ = cached_sha256(cache, path, lambda: file_sha256(path))
-    keys = [k for k in (digest, identity_key(before)) if k is not None]
-    if cache is not None:
-        for key in keys:
-            hit = cache.get(KIND, key, version)
-            if hit is not None:
-                rep = report_from_json(hit)
-                rep.path = str(path)  # the same content may sit under another name
-                return CachedScan(rep, digest, True)
+    """``scan_one(path)``, or its cached verdict when this content was scanned by this ruleset."""
+    found = lookup(path, cache, sha256=sha256)
+    if found.hit is not None:
+        return CachedScan(found.hit, found.sha256, True)
     rep = scan_one(path)
-    if cache is not None and not rep.errors and rep.scanned:
-        try:
-            unchanged = Identity.of_path(path) == before
-        except OSError:
-            unchanged = False
-        if unchanged:
-            doc = rep.to_json()
-            for key in keys:
-                cache.put(KIND, key, version, doc)
-    return CachedScan(rep, digest, False)
+    store(path, cache, found, rep)
+    return CachedScan(rep, found.sha256, False)
