@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtool.formats.open import open_model
+from sdtool.identify import Identity
+from sdtool.identify import identify as identify_model
 from sdtool.model import (
     ContainerFacts,
     GlobalUse,
@@ -19,36 +21,10 @@ from sdtool.model import (
     tensor_leaves,
     to_plain,
 )
-from sdtool.ops.identify import Identity
-from sdtool.ops.identify import identify as identify_model
+from sdtool.results import Result
 from sdtool.scan import classify_global
 
 SCHEMA = "sdtool.inspect/2"
-
-#: (component, key prefixes); first match wins, so longer/more specific prefixes come first.
-COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("EMA", ("model_ema.",)),
-    ("UNet", ("model.diffusion_model.", "unet.", "diffusion_model.", "lora_unet_")),
-    ("VAE", ("first_stage_model.", "vae.")),
-    (
-        "text encoder 2",
-        ("conditioner.embedders.1.", "text_encoders.clip_g.", "lora_te2_", "text_encoder_2."),
-    ),
-    ("text encoder 3", ("text_encoders.t5xxl.",)),
-    (
-        "text encoder",
-        (
-            "cond_stage_model.",
-            "conditioner.embedders.0.",
-            "text_encoders.clip_l.",
-            "lora_te_",
-            "lora_te1_",
-            "text_encoder.",
-            "text_model.",
-        ),
-    ),
-    ("ControlNet", ("control_model.",)),
-)
 
 
 @dataclass
@@ -68,7 +44,7 @@ class Bucket:
         return {"tensors": self.tensors, "parameters": self.parameters, "bytes": self.bytes}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GlobalReport:
     """A global the loader met: built by sdtool, or an inert stand-in, with scan's severity."""
 
@@ -84,8 +60,10 @@ class GlobalReport:
         return self.severity != "safe"
 
 
-@dataclass
-class InspectReport:
+@dataclass(frozen=True)
+class InspectReport(Result):
+    """What ``inspect`` found; ``to_json`` is the documented schema (docs/inspect.md)."""
+
     path: Path
     format: str
     file_size: int
@@ -130,21 +108,13 @@ class InspectReport:
             out["tensors"] = [
                 {
                     "name": n,
-                    "dtype": t.dtype.code,
+                    "dtype": t.type_code,
                     "shape": list(t.shape),
                     "bytes": t.nbytes,
                 }
                 for n, t in self.tensors
             ]
         return out
-
-
-def component_of(name: str) -> str:
-    """The component a key belongs to by its prefix ("other" when none matches)."""
-    for comp, prefixes in COMPONENTS:
-        if name.startswith(prefixes):
-            return comp
-    return "other"
 
 
 def _classify(g: GlobalUse) -> tuple[str, str]:
@@ -160,10 +130,13 @@ def inspect_model(
     totals, other = Bucket(), Bucket()
     by_dtype: dict[str, Bucket] = {}
     by_comp: dict[str, Bucket] = {}
+    identity = identify_model(model) if identify else None
+    # one ownership of keys: identify's (so this table and "components: ..." agree)
+    owners = identity.owners() if identity is not None else {}
     for name, t in model.tensors.items():
         totals.add(t)
-        by_dtype.setdefault(t.dtype.code, Bucket()).add(t)
-        by_comp.setdefault(component_of(name), Bucket()).add(t)
+        by_dtype.setdefault(t.type_code, Bucket()).add(t)
+        by_comp.setdefault(owners.get(name, "unknown"), Bucket()).add(t)
     for t in tensor_leaves(model.extra):
         other.add(t)
     listed = (
@@ -181,7 +154,6 @@ def inspect_model(
         )
         for g in model.globals
     ]
-    identity = identify_model(model) if identify else None
     return InspectReport(
         path=model.path,
         format=model.format,
