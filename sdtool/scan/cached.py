@@ -43,10 +43,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def identity_key(ident: Identity) -> str:
-    return f"id:{ident.dev}:{ident.ino}:{ident.size}:{ident.mtime_ns}:{ident.ctime_ns}"
-
-
 def report_from_json(doc: dict[str, Any]) -> FileReport:
     """The FileReport that ``FileReport.to_json`` described (for cached verdicts)."""
     findings = [
@@ -96,7 +92,7 @@ def lookup(path: Path, cache: Cache | None, *, sha256: bool = False) -> Lookup:
             digest, _ = cached_sha256(cache, path, lambda: file_sha256(path))
         except OSError:
             digest = None
-    keys = tuple(k for k in (digest, identity_key(before)) if k is not None)
+    keys = tuple(k for k in (digest, before.key) if k is not None)
     if cache is not None:
         version = ruleset_version()
         for key in keys:
