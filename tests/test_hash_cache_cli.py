@@ -66,3 +66,30 @@ def test_contradictory_cache_options_exit_2(tmp_path: Path) -> None:
     assert res.exit_code == 2
     res = CliRunner().invoke(cli, ["hash", "--json", "--jsonl", "x"])
     assert res.exit_code == 2
+
+
+EVIL = b"\x80\x02cbuiltins\neval\nX\x03\x00\x00\x001+1\x85R."  # GLOBAL builtins.eval, REDUCE
+
+
+def test_scan_jsonl_then_cached_rerun(tmp_path: Path, sub_env: dict[str, str]) -> None:
+    d = tmp_path / "dl"
+    d.mkdir()
+    (d / "evil.pkl").write_bytes(EVIL)
+    (d / "plain.pkl").write_bytes(b"\x80\x02}q\x00X\x01\x00\x00\x00aK\x01s.")
+    args = ["scan", "--jsonl", "--sha256", str(d)]
+    code, first = _jsonl(tmp_path, sub_env, args)
+    assert code == 1
+    assert [(Path(str(r["path"])).name, r["verdict"]) for r in first] == [
+        ("evil.pkl", "dangerous"),
+        ("plain.pkl", "safe"),
+    ]
+    assert first[0]["sha256"] == hashlib.sha256(EVIL).hexdigest()
+    assert all(r["schema"] == "sdtool.scan.jsonl/1" and not r["cached"] for r in first)
+    code2, second = _jsonl(tmp_path, sub_env, args)
+    assert code2 == 1 and [r["cached"] for r in second] == [True, True]
+    strip = ("cached",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in second] == [
+        {k: v for k, v in r.items() if k not in strip} for r in first
+    ]
+    _, third = _jsonl(tmp_path, sub_env, [*args, "--crc", "all"])  # other options: rescan
+    assert [r["cached"] for r in third] == [False, False]
