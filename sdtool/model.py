@@ -221,6 +221,11 @@ class ModelFile:
         """
         return self.read_info(self.tensors[name], name)
 
+    def locate(self, name: str) -> tuple[ModelFile, TensorInfo]:
+        """The file that holds tensor ``name`` and its info there (a shard for sharded models):
+        what a writer copies bytes from."""
+        return self, self.tensors[name]
+
     def read_info(self, info: TensorInfo, name: str = "?") -> np.ndarray:
         """Like ``read`` for a TensorInfo that may not be in ``tensors`` (e.g. optimizer state)."""
         st = info.storage

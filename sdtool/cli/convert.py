@@ -48,6 +48,11 @@ EXIT_OK, EXIT_FAILED = 0, 1
     show_default=True,
     help="Batch mode: the output format.",
 )
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    help="Write .safetensors shards of at most SIZE (5GB, 500MB: powers of 10) plus an index.",
+)
 @jobs_option("Batch mode: convert")
 @json_option("convert")
 def convert_cmd(
@@ -63,6 +68,7 @@ def convert_cmd(
     to: str,
     jobs: int,
     as_json: bool,
+    max_shard_size: str | None = None,
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
@@ -76,6 +82,7 @@ def convert_cmd(
       sdtool convert model.ckpt model.safetensors
       sdtool convert model.ckpt model-fp16.safetensors --dtype fp16 --verify
       sdtool convert downloads/ --out-dir converted/ --jobs 2
+      sdtool convert flux-dev.safetensors out/model.safetensors --max-shard-size 5GB
     """
     options: dict[str, Any] = {
         "dtype": dtype,
@@ -85,6 +92,8 @@ def convert_cmd(
         "verify": verify,
         "on_overflow": on_overflow,
     }
+    if max_shard_size is not None:
+        options["max_shard_size"] = max_shard_size
     bars = bars_.enabled()
     if out_dir is None:
         if len(paths) != 2:

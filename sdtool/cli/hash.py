@@ -53,7 +53,9 @@ def hash_cmd(files: tuple[Path, ...], algorithms: tuple[str, ...], as_json: bool
     names = parse_algorithms(algorithms) if algorithms else tuple(ALGORITHMS)
     results: list[HashResult] = []
     code = EXIT_OK
-    for path in files:
+    from sdtool.formats.shards import expand_shards
+
+    for path in expand_shards(files):  # a shard index or folder: one hash per shard
         try:
             size = path.stat().st_size if path.is_file() else 0
             with progress.byte_bar(path.name, size) as bar:

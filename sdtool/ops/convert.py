@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,8 @@ def build_plan(
                 target = dtype
             else:
                 kept[info.dtype.code] = kept.get(info.dtype.code, 0) + 1
-        plan.append(OutTensor(renamed.get(name, name), m, info, target))
+        holder, held = m.locate(name)  # a shard's own file for sharded input: bytes copy as-is
+        plan.append(OutTensor(renamed.get(name, name), holder, held, target))
     for code, n in kept.items():
         notes.append(f"{n} {code} tensor(s) kept as {code}: sdtool does not cast that dtype")
     return plan, renamed, notes
@@ -195,9 +196,14 @@ def convert(
     overwrite: bool = False,
     verify: bool = False,
     on_overflow: str = "fail",
+    max_shard_size: str | int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvertResult:
     """Convert the model file ``src`` to ``out`` (format by ``out``'s extension).
+
+    ``src`` may be a shard index or a folder holding a shard set (read as one model);
+    ``max_shard_size`` (``"5GB"``, powers of 10) writes ``out`` as shards plus an index when the
+    tensors do not fit in one (docs/layouts.md).
 
     Args:
         dtype: ``keep``, ``fp32``, ``fp16``, ``bf16``, ``fp8_e4m3fn`` or ``fp8_e5m2``: the
@@ -241,15 +247,35 @@ def convert(
             notes.append(
                 f"metadata not written ({', '.join(lost[:5])}): a .ckpt has no place for it"
             )
-        w = write_model(
-            plan,
-            out,
-            metadata=meta,
-            overwrite=overwrite,
-            verify=verify,
-            on_overflow=on_overflow,
-            progress=step,
-        )
+        if max_shard_size is not None:
+            if fmt != "safetensors":
+                raise UsageError("--max-shard-size needs a .safetensors output", path=out)
+            from sdtool.ops.shards import write_sharded
+
+            sharded = write_sharded(
+                plan, out, max_shard_size=max_shard_size, metadata=meta, overwrite=overwrite,
+                verify=verify, on_overflow=on_overflow, progress=step,
+            )  # fmt: skip
+            w = sharded.files[0]
+            if sharded.index is not None:
+                out = sharded.index
+                notes.append(f"written as {len(sharded.files)} shards indexed by {out.name}")
+                w = replace(
+                    w, path=out, tensors=len(plan), nbytes=sharded.nbytes,
+                    copied=sum(f.copied for f in sharded.files),
+                    cast=sum(f.cast for f in sharded.files),
+                    overflows={k: v for f in sharded.files for k, v in f.overflows.items()},
+                )  # fmt: skip
+        else:
+            w = write_model(
+                plan,
+                out,
+                metadata=meta,
+                overwrite=overwrite,
+                verify=verify,
+                on_overflow=on_overflow,
+                progress=step,
+            )
         return ConvertResult(
             input=src,
             output=out,
