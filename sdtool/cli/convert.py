@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from sdtool.cli import progress as bars_
+from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, wants_layout
 from sdtool.cli.options import dtype_option, jobs_option, json_option, key_option, write_options
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
@@ -43,11 +44,21 @@ EXIT_OK, EXIT_FAILED = 0, 1
 )
 @click.option(
     "--to",
-    type=click.Choice(list(TO_SUFFIX)),
-    default="safetensors",
-    show_default=True,
-    help="Batch mode: the output format.",
+    type=click.Choice([*TO_SUFFIX, "diffusers", "single"]),
+    default=None,
+    help="Batch mode: the output format (default safetensors). diffusers: a single-file "
+    "checkpoint to a diffusers folder; single: a diffusers folder/component to one file.",
 )
+@click.option("--family", help="Layouts: the model family (sd1, sd2, sdxl, sdxl-refiner).")
+@click.option(
+    "--prediction-type",
+    type=click.Choice(["epsilon", "v_prediction"]),
+    help="--to diffusers: the scheduler's prediction type (default: the family's).",
+)
+@click.option(
+    "--components", metavar="LIST", help="--to single: unet,vae,text-encoder,text-encoder-2."
+)
+@click.option("--dry-run", is_flag=True, help="Layouts: print the key mapping; write nothing.")
 @click.option(
     "--max-shard-size",
     metavar="SIZE",
@@ -65,10 +76,14 @@ def convert_cmd(
     verify: bool,
     on_overflow: str,
     out_dir: Path | None,
-    to: str,
+    to: str | None,
     jobs: int,
     as_json: bool,
     max_shard_size: str | None = None,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    components: str | None = None,
+    dry_run: bool = False,
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
@@ -83,7 +98,23 @@ def convert_cmd(
       sdtool convert model.ckpt model-fp16.safetensors --dtype fp16 --verify
       sdtool convert downloads/ --out-dir converted/ --jobs 2
       sdtool convert flux-dev.safetensors out/model.safetensors --max-shard-size 5GB
+      sdtool convert sdxl.safetensors sdxl-diffusers/ --to diffusers --verify
+      sdtool convert sdxl-diffusers/ sdxl.safetensors --components unet,vae
+      sdtool convert sd15.safetensors out/ --to diffusers --dry-run
     """
+    if out_dir is None and len(paths) == 2 and wants_layout(to, paths[0]):
+        return run_layout(
+            paths[0], paths[1], to=to, family=family, prediction_type=prediction_type,
+            components=components, overwrite=overwrite, verify=verify, dry_run=dry_run,
+            max_shard_size=max_shard_size, as_json=as_json,
+        )  # fmt: skip
+    if to in LAYOUT_TARGETS:
+        raise UsageError(f"--to {to} converts one input to one output (no --out-dir)")
+    if dry_run or family or components or prediction_type:
+        raise UsageError(
+            "--dry-run/--family/--components/--prediction-type: with --to diffusers|single"
+        )
+    to = to or "safetensors"
     options: dict[str, Any] = {
         "dtype": dtype,
         "key": key,
