@@ -47,7 +47,7 @@ TINY = {
             "transformer_layers_per_block": [1, 2, 2],
         },
         {"text_encoder": False, "text_encoder_2": True},
-    ),  # fmt: skip
+    ),
     "sdxl-refiner": (
         (DB, CA, CA, DB),
         {
@@ -59,7 +59,7 @@ TINY = {
             "transformer_layers_per_block": 2,
         },
         {"text_encoder_2": True},
-    ),  # fmt: skip
+    ),
 }
 #: where diffusers' single-file code finds each OpenCLIP text encoder
 OPENCLIP_PREFIX = {
