@@ -167,3 +167,15 @@ def test_index_name_variant():
         index_name(Path("d/diffusion_pytorch_model.fp16.safetensors")).name
         == "diffusion_pytorch_model.safetensors.index.fp16.json"
     )
+
+
+def test_header_of_128_bytes_is_safetensors_not_pickle(tmp_path: Path):
+    """A safetensors header length of 128 makes the file start b"\\x80\\x00", a pickle PROTO."""
+    for n in range(1, 120):
+        p = tmp_path / f"h{n}.safetensors"
+        save_file({"k" * n: np.zeros(1, np.float32)}, str(p))
+        if p.read_bytes()[0] == 0x80:
+            with open_model(p) as m:
+                assert m.format == "safetensors"
+            return
+    pytest.fail("no name length gave a 128-byte header")

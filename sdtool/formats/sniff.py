@@ -53,12 +53,13 @@ def sniff_bytes(head: bytes, size: int) -> Kind:
         return Kind.XZ
     if head[:6] == b"7z\xbc\xaf\x27\x1c":
         return Kind.SEVENZIP
+    # before the pickle test: a header of 128 (or 384, 640 ...) bytes starts b"\x80\x00"
+    if _looks_like_safetensors(head, size):
+        return Kind.SAFETENSORS
     if len(head) >= 2 and head[0] == 0x80 and head[1] <= 5:
         return Kind.PICKLE
     if (len(head) >= 262 and head[257:262] == b"ustar") or _is_v7_tar(head):
         return Kind.TAR
-    if _looks_like_safetensors(head, size):
-        return Kind.SAFETENSORS
     if len(head) >= 2 and head[0] == 0x78 and head[1] in (0x01, 0x5E, 0x9C, 0xDA):
         return Kind.ZLIB
     if (

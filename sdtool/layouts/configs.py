@@ -242,6 +242,7 @@ def vae_config(family: str, shapes: Shapes) -> dict[str, Any]:
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "use_quant_conv": "quant_conv.weight" in shapes,
         "use_post_quant_conv": "post_quant_conv.weight" in shapes,
+        **({"shift_factor": VAE_SHIFT[family]} if family in VAE_SHIFT else {}),
     }
 
 
@@ -269,5 +270,138 @@ def clip_config(component: str, shapes: Shapes, dtype: str) -> dict[str, Any]:
         "num_hidden_layers": _count(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
         "pad_token_id": 1,
         "projection_dim": proj[0] if proj else width,
+        "vocab_size": vocab,
+    }
+
+
+# -- SD3 / Flux ----------------------------------------------------------------------------------
+
+#: FlowMatchEulerDiscreteScheduler per family (the public repos' scheduler_config.json: SD3
+#: shift 3.0; FLUX.1-dev dynamic shifting 0.5..1.15 over 256..4096 tokens; schnell shift 1.0)
+FLOW_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "sd3": {"num_train_timesteps": 1000, "shift": 3.0},
+    "flux-dev": {
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+    },
+    "flux-schnell": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False},
+}
+_CLIP_L_PROJ = _CLIP_PROJ
+_T5 = ("transformers", "T5EncoderModel")
+_FLOW = ("FlowMatchEulerDiscreteScheduler", FLOW_SCHEDULERS["sd3"])
+for _name in ("sd3", "sd3.5-large"):
+    FAMILIES[_name] = Family(
+        "StableDiffusion3Pipeline",
+        {"transformer": ("diffusers", "SD3Transformer2DModel"),
+         "vae": ("diffusers", "AutoencoderKL"),
+         "text_encoder": _CLIP_L_PROJ, "tokenizer": None, "text_encoder_2": _CLIP_PROJ,
+         "tokenizer_2": None, "text_encoder_3": _T5, "tokenizer_3": None, "image_encoder": None,
+         "feature_extractor": None},
+        _FLOW, sample_size=128, vae_scaling=1.5305,
+    )  # fmt: skip
+FAMILIES["flux"] = Family(
+    "FluxPipeline",
+    {"transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+     "text_encoder": _CLIP, "tokenizer": None, "text_encoder_2": _T5, "tokenizer_2": None,
+     "image_encoder": None, "feature_extractor": None},
+    ("FlowMatchEulerDiscreteScheduler", FLOW_SCHEDULERS["flux-dev"]), sample_size=128,
+    vae_scaling=0.3611,
+)  # fmt: skip
+#: 16-channel VAEs: latent shift (SD3 / Flux, single_file_utils and the convert scripts)
+VAE_SHIFT = {"sd3": 0.0609, "sd3.5-large": 0.0609, "flux": 0.1159}
+TEXT_ACT.update({"text_encoder_3": "t5"})
+
+
+def flow_scheduler(family: str, shapes_transformer: Shapes | None) -> dict[str, Any]:
+    """SD3's, or Flux dev's (guidance embedder present) / schnell's scheduler."""
+    if family == "flux":
+        dev = shapes_transformer is None or any(
+            "guidance_embedder" in k for k in shapes_transformer
+        )
+        cfg = FLOW_SCHEDULERS["flux-dev" if dev else "flux-schnell"]
+    else:
+        cfg = FLOW_SCHEDULERS["sd3"]
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler",
+            "_diffusers_version": DIFFUSERS_VERSION, **cfg}  # fmt: skip
+
+
+def sd3_config(shapes: Shapes) -> dict[str, Any]:
+    """SD3Transformer2DModel: widths and depth from the shapes, heads of 64."""
+    hidden, in_ch, patch, _ = shapes["pos_embed.proj.weight"]
+    layers = _count(shapes, r"transformer_blocks\.(\d+)\.")
+    dual = sorted(
+        {
+            int(m.group(1))
+            for k in shapes
+            if (m := re.match(r"transformer_blocks\.(\d+)\.attn2\.", k))
+        }
+    )
+    return {
+        "_class_name": "SD3Transformer2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "attention_head_dim": 64,
+        "caption_projection_dim": shapes["context_embedder.weight"][0],
+        "dual_attention_layers": dual,
+        "in_channels": in_ch,
+        "joint_attention_dim": shapes["context_embedder.weight"][1],
+        "num_attention_heads": max(1, hidden // 64),
+        "num_layers": layers,
+        "out_channels": in_ch,
+        "patch_size": patch,
+        "pooled_projection_dim": shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+        "pos_embed_max_size": round(shapes["pos_embed.pos_embed"][1] ** 0.5),
+        "qk_norm": "rms_norm" if any(".norm_q." in k for k in shapes) else None,
+        "sample_size": 128,
+    }
+
+
+def flux_config(shapes: Shapes) -> dict[str, Any]:
+    """FluxTransformer2DModel: heads of 128 (rope axes 16+56+56), depths from the shapes."""
+    hidden, in_ch = shapes["x_embedder.weight"]
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": any("guidance_embedder" in k for k in shapes),
+        "in_channels": in_ch,
+        "joint_attention_dim": shapes["context_embedder.weight"][1],
+        "num_attention_heads": max(1, hidden // 128),
+        "num_layers": _count(shapes, r"transformer_blocks\.(\d+)\."),
+        "num_single_layers": _count(shapes, r"single_transformer_blocks\.(\d+)\."),
+        "out_channels": shapes["proj_out.weight"][0],
+        "patch_size": 1,
+        "pooled_projection_dim": shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+    }
+
+
+def t5_config(shapes: Shapes, dtype: str) -> dict[str, Any]:
+    """T5EncoderModel (T5 v1.1 XXL layout: gated GELU, relative attention)."""
+    vocab, d_model = shapes["shared.weight"]
+    rel = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    q = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"]
+    return {
+        "architectures": ["T5EncoderModel"],
+        "d_ff": shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+        "d_kv": q[0] // rel[1],
+        "d_model": d_model,
+        "dense_act_fn": "gelu_new",
+        "dropout_rate": 0.1,
+        "dtype": dtype,
+        "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": False,
+        "is_gated_act": True,
+        "layer_norm_epsilon": 1e-06,
+        "model_type": "t5",
+        "num_heads": rel[1],
+        "num_layers": _count(shapes, r"encoder\.block\.(\d+)\."),
+        "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": rel[0],
+        "tie_word_embeddings": False,
         "vocab_size": vocab,
     }

@@ -110,6 +110,13 @@ def unet_family(
 
 def detect_single(m: ModelFile) -> str:
     """The family of a single-file checkpoint, from its text-encoder prefix or UNet width."""
+    blocks = {
+        k.split("joint_blocks.", 1)[1].split(".", 1)[0] for k in m.tensors if "joint_blocks." in k
+    }
+    if blocks:
+        return "sd3.5-large" if len(blocks) >= 38 else "sd3"
+    if any("double_blocks." in k for k in m.tensors):
+        return "flux"
     for prefix, fam in SINGLE_MARKERS:
         if any(k.startswith(prefix) for k in m.tensors):
             return fam
@@ -300,11 +307,14 @@ def to_diffusers(
         fam = family_name(family) if family else detect_single(m)
         res = LayoutResult(src, out_dir, "to_diffusers", fam, dry_run=dry_run)
         route = {_prefix(fam, comp): comp for comp in components(fam)}
+        main = components(fam)[0]  # unet / transformer
+        if not any(k.startswith(p) for k in m.tensors for p in route):
+            route = {"": main}  # a bare UNet / transformer file (ComfyUI, BFL)
         per: dict[str, dict[str, tuple[Mapping, ...]]] = {c: {} for c in components(fam)}
         extras: list[str] = []
         for key in m.tensors:
-            comp = next((c for p, c in route.items() if key.startswith(p)), None)
-            maps = keymap(fam, comp)(key) if comp else ()
+            pre, comp = next(((p, c) for p, c in route.items() if key.startswith(p)), ("", None))
+            maps = keymap(fam, comp, prefix=pre)(key) if comp else ()
             if not maps or any(m_.target.endswith(NO_SLOT) for m_ in maps):
                 extras.append(key)
                 continue
@@ -325,6 +335,7 @@ def to_diffusers(
             res.seconds = time.perf_counter() - t0
             return res
         folder = _FolderOutput(out_dir, overwrite)
+        transformer_shapes: dict[str, tuple[int, ...]] | None = None
         try:
             for comp in sorted(present):
                 plan = build_component_plan(m, per[comp])
@@ -332,18 +343,18 @@ def to_diffusers(
                 lib = C.FAMILIES[fam].components[comp]
                 assert lib is not None
                 dtype = str(plan[0].dtype.numpy) if plan else "float32"
-                if comp == "unet":
-                    cfg = C.unet_config(fam, shapes, prediction_type)
-                elif comp == "vae":
-                    cfg = C.vae_config(fam, shapes)
-                else:
-                    cfg = C.clip_config(comp, shapes, _torch_dtype_name(dtype))
+                cfg = _config(fam, comp, shapes, prediction_type, _torch_dtype_name(dtype))
+                if comp == "transformer":
+                    transformer_shapes = shapes
                 _write_json(folder.tmp / comp / "config.json", cfg)
                 rel = f"{comp}/{WEIGHTS[lib[0]]}"
                 n, size = _write(plan, folder.tmp / rel, {"format": "pt"}, verify, max_shard_size)
                 res.files[rel] = n
                 res.output_bytes += size
-            sched = C.scheduler_config(fam, prediction_type)
+            if fam in ("sd3", "sd3.5-large", "flux"):
+                sched = C.flow_scheduler(fam, transformer_shapes)
+            else:
+                sched = C.scheduler_config(fam, prediction_type)
             _write_json(folder.tmp / "scheduler" / "scheduler_config.json", sched)
             _write_json(folder.tmp / "model_index.json", C.model_index(fam, present))
             if extras or m.metadata:
@@ -360,6 +371,21 @@ def to_diffusers(
         res.verified = verify
         res.seconds = time.perf_counter() - t0
         return res
+
+
+def _config(
+    fam: str, comp: str, shapes: dict[str, tuple[int, ...]], prediction_type: str | None, dtype: str
+) -> dict[str, Any]:
+    """The component's config.json from sdtool's tables and the written tensors' shapes."""
+    if comp == "unet":
+        return C.unet_config(fam, shapes, prediction_type)
+    if comp == "transformer":
+        return C.flux_config(shapes) if fam == "flux" else C.sd3_config(shapes)
+    if comp == "vae":
+        return C.vae_config(fam, shapes)
+    if "shared.weight" in shapes:
+        return C.t5_config(shapes, dtype)
+    return C.clip_config(comp, shapes, dtype)
 
 
 def _torch_dtype_name(numpy_name: str) -> str:
@@ -401,6 +427,14 @@ def detect_diffusers(folder: Path) -> str:
         return "sdxl-base"
     if cls == "StableDiffusionXLImg2ImgPipeline":
         return "sdxl-refiner"
+    if cls == "FluxPipeline":
+        return "flux"
+    if cls == "StableDiffusion3Pipeline":
+        try:
+            cfg = json.loads((folder / "transformer" / "config.json").read_text("utf-8"))
+        except (OSError, json.JSONDecodeError):
+            cfg = {}
+        return "sd3.5-large" if cfg.get("num_layers") == 38 else "sd3"
     if cls == "StableDiffusionPipeline":
         try:
             cfg = json.loads((folder / "unet" / "config.json").read_text("utf-8"))
@@ -413,6 +447,8 @@ def detect_diffusers(folder: Path) -> str:
 #: diffusers component-file keys -> which component they belong to
 COMPONENT_MARKERS: tuple[tuple[str, str], ...] = (
     ("conv_in.weight", "unet"),
+    ("x_embedder.weight", "transformer"),
+    ("pos_embed.proj.weight", "transformer"),
     ("encoder.conv_in.weight", "vae"),
     ("text_model.embeddings.token_embedding.weight", "text_encoder"),
     ("embeddings.token_embedding.weight", "text_encoder"),
@@ -506,7 +542,9 @@ def to_single(
 
 def _hub_name(component: str, key: str) -> str:
     """transformers >= 5.6 saves CLIPTextModel without ``text_model.``; the tables use the hub's."""
-    if component.startswith("text_encoder") and not key.startswith(("text_model.", "text_proj")):
+    if component.startswith("text_encoder") and key.startswith(
+        ("embeddings.", "encoder.layers.", "final_layer_norm.")
+    ):
         return "text_model." + key
     return key
 
@@ -539,4 +577,9 @@ def _family_of_component(m: ModelFile, comp: str) -> str:
         return "sd1"  # the SD VAE layout is the same in SD1, SD2 and SDXL
     if comp == "unet":
         return unet_family(m.tensors, "down_blocks.{}.", "add_embedding.", "proj_in.weight")
+    if comp == "transformer":
+        if "x_embedder.weight" in m.tensors:
+            return "flux"
+        n = {k.split(".")[1] for k in m.tensors if k.startswith("transformer_blocks.")}
+        return "sd3.5-large" if len(n) >= 38 else "sd3"
     raise UsageError("cannot tell the family of this component; pass --family", path=m.path)
