@@ -49,11 +49,15 @@ def _argv(cmd: str, src: Path, tmp_path: Path) -> list[str]:
         "extract": ["extract", str(src), out, "-c", "vae"],
         "hash": ["hash", str(src)],
         "diff": ["diff", str(src), str(src)],
+        "merge": ["merge", str(src), str(src), out],
+        "lora": ["lora", "bake", str(src), str(src), out],
     }[cmd]
 
 
 def test_every_command_is_covered_here() -> None:
-    assert set(COMMANDS) == {"inspect", "scan", "convert", "prune", "extract", "hash", "diff"}
+    assert set(COMMANDS) == {
+        "inspect", "scan", "convert", "prune", "extract", "hash", "diff", "merge", "lora"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))

@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "extract": "sdtool.cli.prune:extract_cmd",
     "hash": "sdtool.cli.hash:hash_cmd",
     "diff": "sdtool.cli.diff:diff_cmd",
+    "merge": "sdtool.cli.merge:merge_cmd",
+    "lora": "sdtool.cli.lora:lora_cmd",
 }
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2

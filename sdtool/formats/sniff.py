@@ -53,7 +53,9 @@ def sniff_bytes(head: bytes, size: int) -> Kind:
         return Kind.XZ
     if head[:6] == b"7z\xbc\xaf\x27\x1c":
         return Kind.SEVENZIP
-    # before the pickle test: a header of 128 (or 384, 640 ...) bytes starts b"\x80\x00"
+    # safetensors first: a header length of 0x0280 bytes starts the file with 80 02, which
+    # is also how a protocol-2 pickle starts; the safetensors test (a length that fits the
+    # file, then "{") is the stricter one
     if _looks_like_safetensors(head, size):
         return Kind.SAFETENSORS
     if len(head) >= 2 and head[0] == 0x80 and head[1] <= 5:
