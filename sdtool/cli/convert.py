@@ -13,7 +13,14 @@ import click
 
 from sdtool.cli import progress as bars_
 from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, wants_layout
-from sdtool.cli.options import dtype_option, jobs_option, json_option, key_option, write_options
+from sdtool.cli.options import (
+    dry_run_option,
+    dtype_option,
+    jobs_option,
+    json_option,
+    key_option,
+    write_options,
+)
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
 from sdtool.ops.convert import (
@@ -58,7 +65,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 @click.option(
     "--components", metavar="LIST", help="--to single: unet,vae,text-encoder,text-encoder-2."
 )
-@click.option("--dry-run", is_flag=True, help="Layouts: print the key mapping; write nothing.")
+@dry_run_option
 @click.option(
     "--max-shard-size",
     metavar="SIZE",
