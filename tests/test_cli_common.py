@@ -140,7 +140,7 @@ def test_scan_missing_path_still_scans_the_rest(
     cap = capsys.readouterr()
     assert cap.err == f"sdtool: {tmp_path / 'nope.ckpt'}: no such file or directory\n"
     summary = json.loads(cap.out)["summary"]
-    assert summary["safe"] == 1 and summary["not scanned"] == 1
+    assert summary["safe"] == 1 and summary["not_scanned"] == 1
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))

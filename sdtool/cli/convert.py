@@ -26,13 +26,13 @@ from sdtool.errors import UsageError
 from sdtool.ops.convert import (
     TO_SUFFIX,
     BatchResult,
+    ConvertOptions,
     ConvertResult,
     convert,
     convert_batch,
     parse_metadata,
 )
-
-EXIT_OK, EXIT_FAILED = 0, 1
+from sdtool.vocab import ExitCode, parse_dtype
 
 
 @click.command("convert")
@@ -56,7 +56,14 @@ EXIT_OK, EXIT_FAILED = 0, 1
     help="Batch mode: the output format (default safetensors). diffusers: a single-file "
     "checkpoint to a diffusers folder; single: a diffusers folder/component to one file.",
 )
-@click.option("--family", help="Layouts: the model family (sd1, sd2, sdxl, sdxl-refiner).")
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    help="Write .safetensors shards of at most SIZE (5GB, 500MB: powers of 10) plus an index.",
+)
+@click.option(
+    "--family", help="Layouts: the model family (sd1, sd2, sdxl, sdxl-refiner, sd3, flux)."
+)
 @click.option(
     "--prediction-type",
     type=click.Choice(["epsilon", "v_prediction"]),
@@ -66,11 +73,6 @@ EXIT_OK, EXIT_FAILED = 0, 1
     "--components", metavar="LIST", help="--to single: unet,vae,text-encoder,text-encoder-2."
 )
 @dry_run_option
-@click.option(
-    "--max-shard-size",
-    metavar="SIZE",
-    help="Write .safetensors shards of at most SIZE (5GB, 500MB: powers of 10) plus an index.",
-)
 @jobs_option("Batch mode: convert")
 @json_option("convert")
 def convert_cmd(
@@ -94,9 +96,10 @@ def convert_cmd(
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
-    OUT: .safetensors/.sft (streamed: memory stays about one tensor), or .ckpt/.pt/.pth/.bin
-    (written with torch). The input's metadata and non-tensor fields (global_step, ...) go
-    into the safetensors __metadata__. Output is written to a temp file and renamed: an
+    OUT: .safetensors/.sft or .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory stays
+    about one tensor). The input's metadata and non-tensor fields (global_step, ...) go into
+    the safetensors __metadata__ (a .ckpt: fields as entries, metadata under __metadata__).
+    Output is written to a temp file and renamed: an
     error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed.
 
     \b
@@ -117,21 +120,20 @@ def convert_cmd(
         )  # fmt: skip
     if to in LAYOUT_TARGETS:
         raise UsageError(f"--to {to} converts one input to one output (no --out-dir)")
-    if dry_run or family or components or prediction_type:
-        raise UsageError(
-            "--dry-run/--family/--components/--prediction-type: with --to diffusers|single"
-        )
+    if family or components or prediction_type:
+        raise UsageError("--family/--components/--prediction-type: with --to diffusers|single")
     to = to or "safetensors"
-    options: dict[str, Any] = {
-        "dtype": dtype,
-        "key": key,
-        "metadata": parse_metadata(meta),
-        "carry_metadata": not no_metadata,
-        "verify": verify,
-        "on_overflow": on_overflow,
-    }
-    if max_shard_size is not None:
-        options["max_shard_size"] = max_shard_size
+    options = ConvertOptions(
+        max_shard_size=max_shard_size,
+        dry_run=dry_run,
+        dtype=parse_dtype(dtype),
+        key=key,
+        metadata=parse_metadata(meta),
+        carry_metadata=not no_metadata,
+        overwrite=overwrite,
+        verify=verify,
+        on_overflow=on_overflow,
+    )
     bars = bars_.enabled()
     if out_dir is None:
         if len(paths) != 2:
@@ -141,29 +143,27 @@ def convert_cmd(
             )
         src, dst = paths
         with _sigterm_interrupts(), _bars(bars) as progress:
-            result = convert(
-                src, dst, overwrite=overwrite, progress=_single(progress, src), **options
-            )
+            result = convert(src, dst, options, progress=_single(progress, src))
         if as_json:  # the same document as a batch of one, so scripts parse one shape
             _details(result)  # warnings still reach stderr; stdout holds only the JSON
             print_json(BatchResult([result]).to_json())
         else:
             render_one(result)
-        return EXIT_OK
+        return ExitCode.OK
     out_dir.mkdir(parents=True, exist_ok=True)
     with _sigterm_interrupts(), _bars(bars) as progress:
         batch = convert_batch(
-            paths, out_dir, to=to, jobs=jobs, overwrite=overwrite, progress=progress, **options
+            paths, out_dir, options, to=to, jobs=jobs, file_progress=_per_file(progress)
         )
     if as_json:
         for r in batch.results:
             _details(r)
             if r.status == "failed":
-                error(r.error or r.input)
+                error(r.error or r.path)
         print_json(batch.to_json())
     else:
         render_batch(batch)
-    return EXIT_FAILED if batch.failed else EXIT_OK
+    return ExitCode.FINDINGS if batch.failed else ExitCode.OK
 
 
 Progress = Callable[[Path, int, int], None]
@@ -189,6 +189,12 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 def _single(progress: Progress | None, src: Path) -> Callable[[int, int], None] | None:
     return None if progress is None else (lambda done, total: progress(src, done, total))
+
+
+def _per_file(
+    progress: Progress | None,
+) -> Callable[[Path], Callable[[int, int], None] | None] | None:
+    return None if progress is None else (lambda src: _single(progress, src))
 
 
 @contextmanager
@@ -236,18 +242,18 @@ def _line(r: ConvertResult) -> str:
         how.append(f"{r.cast:,} cast to {r.dtype}")
     if r.verified:
         how.append("verified")
-    return f"{markup(r.input)} -> {markup(r.output)}: {', '.join(how)}"
+    return f"{markup(r.path)} -> {markup(r.output)}: {', '.join(how)}"
 
 
 def _details(r: ConvertResult) -> None:
     for old, new in r.renamed.items():
-        warn(f"{r.input}: tensor {old!r} written as {new!r}")
+        warn(f"{r.path}: tensor {old!r} written as {new!r}")
     for name, n in r.overflows.items():
-        warn(f"{r.input}: {n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
+        warn(f"{r.path}: {n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
     for item in r.not_carried:
-        warn(f"{r.input}: not carried: {item}")
+        warn(f"{r.path}: not carried: {item}")
     for note in r.notes:
-        warn(f"{r.input}: {note}")
+        warn(f"{r.path}: {note}")
 
 
 def render_one(r: ConvertResult) -> None:
@@ -264,10 +270,10 @@ def render_batch(b: BatchResult) -> None:
             out.print(f"converted {_line(r)}")
             _details(r)
         elif r.status == "skipped":
-            out.print(f"skipped   {markup(r.input)}: {markup(r.output)} exists (--overwrite)")
+            out.print(f"skipped   {markup(r.path)}: {markup(r.output)} exists (--overwrite)")
         else:  # the reason goes to stderr as the one-line error every command prints
-            out.print(f"[red]failed[/red]    {markup(r.input)}")
-            error(r.error or r.input)
+            out.print(f"[red]failed[/red]    {markup(r.path)}")
+            error(r.error or r.path)
     s = b.to_json()["summary"]
     out.print(
         f"\n{s['converted']} converted, {s['skipped']} skipped, {s['failed']} failed; "

@@ -17,18 +17,30 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sdtool.errors import CorruptFile, FileAccessError
-from sdtool.model import ModelFile, Storage, TensorInfo
+from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo
+from sdtool.vocab import Format
 
 INDEX_RE = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 #: an index larger than this is not an index (the biggest real ones are a few hundred KB)
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShardFacts(ContainerFacts):
+    """A shard set's container facts: its index (None for a bare set), shard files, and the
+    index's ``metadata.total_size``."""
+
+    index: str | None = None
+    shards: list[str] = field(default_factory=list)
+    total_size: int | None = None
 
 
 class ShardedModel(ModelFile):
@@ -65,12 +77,13 @@ class ShardedModel(ModelFile):
         meta = dict(shards[0].metadata) if shards else {}
         for shard in shards[1:]:  # keep what every shard says alike
             meta = {k: v for k, v in meta.items() if shard.metadata.get(k) == v}
-        container = {
-            "index": index.name if index else None,
-            "shards": [s.path.name for s in shards],
-            "total_size": index_metadata.get("total_size"),
-        }
-        super().__init__(path, "safetensors", tensors, metadata=meta, container=container)
+        total = index_metadata.get("total_size")
+        container = ShardFacts(
+            index=index.name if index else None,
+            shards=[s.path.name for s in shards],
+            total_size=total if isinstance(total, int) else None,
+        )
+        super().__init__(path, Format.SAFETENSORS, tensors, metadata=meta, container=container)
         self.shards = shards
         self.index = index
         self.index_metadata = index_metadata

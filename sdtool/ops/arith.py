@@ -18,8 +18,8 @@ import numpy as np
 from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
-from sdtool.formats.cast import cast
 from sdtool.model import ModelFile, TensorInfo
+from sdtool.write.cast import cast
 
 #: elements per piece of an elementwise computation (8 MiB of float32 per input)
 PIECE = 2 * 1024 * 1024

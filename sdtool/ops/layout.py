@@ -30,11 +30,10 @@ import numpy as np
 
 from sdtool.errors import OutputError, SdtoolError, UsageError
 from sdtool.formats.open import open_model
-from sdtool.formats.plan import OutTensor
 from sdtool.layouts import Mapping, components, family_name, keymap, op_shape, part_rows
 from sdtool.layouts import configs as C
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
-from sdtool.ops.write import write_model
+from sdtool.write import OutTensor, write_model
 
 EXTRAS = "single_file_extras.safetensors"
 #: the weights file of each kind of component folder

@@ -51,13 +51,13 @@ import numpy as np
 from sdtool import __version__
 from sdtool.dtypes import DType
 from sdtool.errors import UsageError
-from sdtool.formats.cast import CASTABLE
 from sdtool.formats.open import open_model
-from sdtool.formats.plan import OutTensor
 from sdtool.model import ModelFile
 from sdtool.ops.arith import Inputs, Output, Overflows, pieces
-from sdtool.ops.atomic import check_output
-from sdtool.ops.write import CastOverflow, output_format, write_model
+from sdtool.vocab import CASTABLE, cast_target, parse_dtype
+from sdtool.write import CastOverflow, output_format, write_model
+from sdtool.write.atomic import check_output
+from sdtool.write.plan import OutTensor
 
 SCHEMA = "sdtool.merge/1"
 
@@ -559,15 +559,6 @@ def merge(
                 "sd_merge_recipe": json.dumps(recipe),
                 "sd_merge_models": json.dumps({p.name: {"name": p.name} for p in paths}),
             }
-            total = sum(t.nbytes for t in plan)
-            done = 0
-
-            def step(n: int) -> None:
-                nonlocal done
-                done += n
-                if progress is not None:
-                    progress(done, total)
-
             w = write_model(
                 plan,
                 out,
@@ -575,7 +566,7 @@ def merge(
                 overwrite=overwrite,
                 verify=verify,
                 on_overflow=on_overflow,
-                progress=step,
+                progress=progress,
             )
         result.overflows = {**overflows.counts, **w.overflows}
         result.output_bytes = w.nbytes
@@ -585,15 +576,9 @@ def merge(
 
 
 def _parse_dtype(name: str | None) -> DType | None:
-    if name is None or name == "keep":
-        return None
-    from sdtool.ops.convert import parse_dtype
-
     return parse_dtype(name)
 
 
 def _out_dtype(src: DType, target: DType | None) -> DType:
-    """The output dtype of a tensor: ``target`` for castable floats, else its own."""
-    if target is None or not src.is_float or src.code not in CASTABLE:
-        return src
-    return target
+    """The output dtype of a tensor: the one cast rule (``vocab.cast_target``)."""
+    return cast_target(src, target)

@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from sdtool.errors import OutputError, UsageError
-from sdtool.formats.plan import OutTensor
 from sdtool.formats.shards import SHARD_RE
-from sdtool.ops.atomic import atomic_output
-from sdtool.ops.write import WriteResult, write_model
+from sdtool.write import OutTensor, WriteOptions, WriteResult, write_model
+from sdtool.write.atomic import atomic_output
 
 SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGT]B)?\s*$", re.IGNORECASE)
@@ -76,6 +76,20 @@ class ShardedResult:
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files)
 
+    def combined(self) -> WriteResult:
+        """One WriteResult for the whole set (path: the index, or the one file)."""
+        first = self.files[0]
+        return replace(
+            first,
+            path=self.index or first.path,
+            tensors=sum(f.tensors for f in self.files),
+            nbytes=self.nbytes,
+            copied=sum(f.copied for f in self.files),
+            cast=sum(f.cast for f in self.files),
+            overflows={k: v for f in self.files for k, v in f.overflows.items()},
+            verified=all(f.verified for f in self.files),
+        )
+
 
 def shard_name(out: Path, i: int, n: int) -> Path:
     stem = out.name.removesuffix(".safetensors")
@@ -95,56 +109,48 @@ def index_name(out: Path) -> Path:
 def write_sharded(
     plan: Sequence[OutTensor],
     out: Path,
+    options: WriteOptions | None = None,
     *,
-    max_shard_size: int | str,
+    max_shard_size: int | str | None = None,
     metadata: dict[str, str] | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    on_overflow: str = "fail",
-    progress: Callable[[int], None] | None = None,
+    **changes: Any,
 ) -> ShardedResult:
     """Write ``plan`` as ``out`` or as shards of ``out`` plus an index.
 
-    Every shard is written under a temporary name first; only when all are written (and
-    verified) are they renamed into place, stale shards of the same stem removed, and the index
-    written (atomically). Existing targets are refused unless ``overwrite``.
+    ``max_shard_size`` defaults to ``options.max_shard_size`` (ConvertOptions has one). Every
+    shard is written under a temporary name first; only when all are written (and verified) are
+    they renamed into place, stale shards of the same stem removed, and the index written
+    (atomically). Existing targets are refused unless ``overwrite``.
     """
+    opts = options if options is not None else WriteOptions()
+    if changes:
+        opts = replace(opts, **changes)
+    limit = max_shard_size if max_shard_size is not None else getattr(opts, "max_shard_size", None)
+    if limit is None:
+        raise UsageError("write_sharded needs max_shard_size")
     out = Path(out)
     if out.suffix != ".safetensors":
         raise OutputError("sharded output must be .safetensors", path=out)
-    groups = split_plan(plan, parse_size(max_shard_size))
+    groups = split_plan(plan, parse_size(limit))
     total = sum(t.nbytes for t in plan)
     if len(groups) <= 1:
-        w = write_model(
-            plan, out, metadata=metadata, overwrite=overwrite, verify=verify,
-            on_overflow=on_overflow, progress=progress,
-        )  # fmt: skip
-        return ShardedResult([w], None, total)
+        return ShardedResult([write_model(plan, out, opts, metadata=metadata)], None, total)
     n = len(groups)
     finals = [shard_name(out, i + 1, n) for i in range(n)]
     index = index_name(out)
-    if not overwrite:
+    if not opts.overwrite:
         for p in [*finals, index]:
             if p.exists():
                 raise OutputError(f"{p.name} exists (pass --overwrite to replace it)", path=p)
     temps = [p.with_name(f".sdtool-{os.getpid()}-{p.name}") for p in finals]
     written: list[WriteResult] = []
+    tmp_opts = replace(opts, overwrite=True)
     try:
         for group, tmp in zip(groups, temps, strict=True):
-            written.append(
-                write_model(
-                    group,
-                    tmp,
-                    metadata=metadata,
-                    overwrite=True,
-                    verify=verify,
-                    on_overflow=on_overflow,
-                    progress=progress,
-                )
-            )
-        for tmp, final, w in zip(temps, finals, written, strict=True):
+            written.append(write_model(group, tmp, tmp_opts, metadata=metadata))
+        for i, (tmp, final) in enumerate(zip(temps, finals, strict=True)):
             os.replace(tmp, final)
-            w.path = final
+            written[i] = replace(written[i], path=final)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

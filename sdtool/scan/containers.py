@@ -25,6 +25,7 @@ from sdtool.formats.sniff import Kind, describe, sniff_bytes
 from sdtool.scan.report import FileReport, Finding
 from sdtool.scan.rules import analyse
 from sdtool.scan.vm import DEFAULT_LIMITS, Inst, Limits, ListV, Ref, Stream, run_stream
+from sdtool.vocab import Format
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_DEPTH = 4  # containers inside containers
@@ -55,7 +56,7 @@ class Ctx:
     limits: Limits = DEFAULT_LIMITS
     decompressed: int = 0
     crc: str = "read"  # "read": check CRC of members that are read; "all": every member
-    formats: list[str] = field(default_factory=list)
+    formats: list[Format] = field(default_factory=list)
     parsed: dict[str, Stream] = field(default_factory=dict)  # member -> its first stream
     fd: int | None = None  # the top-level file, for scattered reads that should not fault pages
 
@@ -82,7 +83,7 @@ def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read")
         rep.size = size
         with open(path, "rb") as f:
             if size == 0:
-                rep.scanned, rep.format = False, "empty"
+                rep.scanned, rep.format = False, Format.EMPTY
                 rep.errors.append("not scanned: the file is empty")
                 return rep
             if f.read(4) == zipfmt.LOCAL_SIG:
@@ -96,7 +97,7 @@ def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read")
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
     except OSError as e:
         rep.scanned = False
-        rep.format = "unreadable"
+        rep.format = Format.UNREADABLE
         rep.errors.append(f"not scanned: cannot read the file ({e.strerror or e})")
     except SdtoolError as e:
         rep.errors.append(e.message)
@@ -144,7 +145,7 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         what = describe(head, size)
         if member is None:
             ctx.report.scanned = False
-            ctx.formats.append("unknown")
+            ctx.formats.append(Format.UNKNOWN)
             ctx.error(None, f"not scanned: not a format sdtool can analyse ({what})")
         else:
             ctx.report.notes.append(f"{member}: not analysed ({what})")
@@ -239,10 +240,10 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     s0 = ctx.parsed.pop(member or "", None) or run_stream(buf, 0, end, limits=ctx.limits)
     _record(ctx, s0, member, 0)
     if s0.stopped and s0.result == LEGACY_MAGIC:
-        ctx.formats.append("legacy torch")
+        ctx.formats.append(Format.TORCH_LEGACY)
         pos = _scan_legacy(ctx, buf, s0.end, member)
     else:
-        ctx.formats.append("pickle")
+        ctx.formats.append(Format.PICKLE)
         pos = s0.end if s0.stopped else -1
     index = 1
     while 0 <= pos < end:
@@ -392,7 +393,7 @@ def scan_zip(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     except SdtoolError as e:
         ctx.error(member, f"zip cannot be read: {e.message}")
         if member is None:
-            ctx.formats.append("zip (unreadable)")
+            ctx.formats.append(Format.ZIP)
         _scan_local_headers(ctx, buf, member, depth)
         return
     _scan_archive(ctx, buf, arch, member, depth)
@@ -407,13 +408,13 @@ def _scan_archive(
     is_torch = any(n.endswith("data.pkl") for n in names)
     if member is None:
         if torchscript:
-            ctx.formats.append("TorchScript")
+            ctx.formats.append(Format.TORCHSCRIPT)
         elif is_torch:
-            ctx.formats.append("torch zip")
+            ctx.formats.append(Format.TORCH_ZIP)
         elif names and all(n.endswith(".npy") for n in names):
-            ctx.formats.append("npz")
+            ctx.formats.append(Format.NPZ)
         else:
-            ctx.formats.append("zip")
+            ctx.formats.append(Format.ZIP)
     for irr in arch.irregularities:
         rule, sev = "zip-irregular", "suspicious"
         if "duplicate" in irr:
@@ -437,14 +438,11 @@ def _scan_archive(
             member,
         )
     storage_keys = _referenced_storages(ctx, buf, arch, member)
-    dup_seen: set[str] = set()
     for m in arch.entries:
         if m.name.endswith("/") and m.size == 0:
             continue
         path = _join(member, m.name)
         last = arch.members.get(m.name) is m
-        if not last and m.name not in dup_seen:
-            dup_seen.add(m.name)
         if m.name in storage_keys and last:
             if ctx.crc == "all":
                 _check_crc(ctx, buf, m, path)
@@ -557,7 +555,7 @@ def _scan_local_headers(ctx: Ctx, buf: Any, member: str | None, depth: int) -> N
 def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """``.npy``: the header is a Python literal; object arrays carry a pickle after it."""
     if member is None:
-        ctx.formats.append("npy")
+        ctx.formats.append(Format.NPY)
     head = bytes(buf[:16])
     if len(head) < 10:
         ctx.error(member, "npy header is cut short")
@@ -615,7 +613,7 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     names = {i.name for i in infos}
     torch_tar = {"sys_info", "pickle", "storages", "tensors"} <= names
     if member is None:
-        ctx.formats.append("torch tar" if torch_tar else "tar")
+        ctx.formats.append(Format.TORCH_TAR if torch_tar else Format.TAR)
     for info in infos:
         if not info.isfile():
             continue
@@ -687,7 +685,7 @@ def scan_compressed(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
 
     def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         if member is None:
-            ctx.formats.append(f"{kind}-compressed")
+            ctx.formats.append(Format(kind))
         start = 0
         if kind == "joblib-zfile":
             # b"ZF" + the hex length padded with spaces (19 or 20 bytes: Python 3 or 2)
@@ -745,7 +743,7 @@ def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
 
     def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         if member is None:
-            ctx.formats.append(f"{kind} archive")
+            ctx.formats.append(Format(kind))
         ctx.find(
             "dangerous",
             "unscannable-archive",
@@ -762,7 +760,7 @@ def scan_safetensors(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None
     from sdtool.formats.safetensors import read_header
 
     if member is None:
-        ctx.formats.append("safetensors")
+        ctx.formats.append(Format.SAFETENSORS)
     size = len(buf)
     try:
         header = read_header(_as_file(buf), size)

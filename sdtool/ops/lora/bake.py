@@ -28,12 +28,9 @@ import numpy as np
 from sdtool import __version__
 from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
-from sdtool.formats.cast import CASTABLE
 from sdtool.formats.open import open_model
-from sdtool.formats.plan import OutTensor
 from sdtool.model import ModelFile
 from sdtool.ops.arith import Inputs, Output, Overflows
-from sdtool.ops.atomic import check_output
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.names import (
     BaseTarget,
@@ -42,7 +39,10 @@ from sdtool.ops.lora.names import (
     native_ids,
     parse_lora,
 )
-from sdtool.ops.write import CastOverflow, output_format, write_model
+from sdtool.vocab import CASTABLE
+from sdtool.write import CastOverflow, output_format, write_model
+from sdtool.write.atomic import check_output
+from sdtool.write.plan import OutTensor
 
 SCHEMA = "sdtool.lora-bake/1"
 
@@ -498,7 +498,7 @@ def bake(
             overwrite=overwrite,
             verify=verify,
             on_overflow=on_overflow,
-            progress=_counter(plan, progress),
+            progress=progress,
         )
     result.overflows = {**overflows.counts, **w.overflows}
     result.output_bytes = w.nbytes
@@ -534,19 +534,3 @@ def _maker(
         return out.array()
 
     return make
-
-
-def _counter(
-    plan: Sequence[OutTensor], progress: Callable[[int, int], None] | None
-) -> Callable[[int], None] | None:
-    if progress is None:
-        return None
-    total = sum(t.nbytes for t in plan)
-    done = 0
-
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        progress(done, total)
-
-    return step

@@ -36,14 +36,14 @@ from sdtool import __version__, dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import UsageError
 from sdtool.formats.open import open_model
-from sdtool.formats.plan import OutTensor
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
 from sdtool.ops.arith import Inputs
-from sdtool.ops.atomic import check_output
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
-from sdtool.ops.write import output_format, write_model
+from sdtool.write import output_format, write_model
+from sdtool.write.atomic import check_output
+from sdtool.write.plan import OutTensor
 
 SCHEMA_EXTRACT = "sdtool.lora-extract/1"
 SCHEMA_RESIZE = "sdtool.lora-resize/1"
@@ -402,7 +402,7 @@ def _check_ranks(rank: int, conv_rank: int, clamp_quantile: float) -> None:
 
 
 def _dtype(name: str) -> DType:
-    from sdtool.ops.convert import parse_dtype
+    from sdtool.vocab import parse_dtype
 
     dt = parse_dtype(name)
     if dt is None:
