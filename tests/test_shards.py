@@ -150,7 +150,7 @@ def test_cli_inspect_diff_hash_convert_on_shards(
     capsys.readouterr()
     assert main(["hash", str(d), "--json"]) == 0
     hashed = capsys.readouterr().out
-    files = [f["file"] for f in json.loads(hashed)["files"]]
+    files = [f["path"] for f in json.loads(hashed)["files"]]
     assert [Path(f).name for f in files] == sorted(p.name for p in d.glob("*-of-*"))
     for target in (d, d / "model.safetensors.index.json"):  # the shards are scanned, not the JSON
         assert main(["scan", str(target)]) == 0
