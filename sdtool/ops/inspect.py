@@ -130,7 +130,7 @@ class InspectReport:
             out["tensors"] = [
                 {
                     "name": n,
-                    "dtype": t.dtype.code,
+                    "dtype": t.type_code,
                     "shape": list(t.shape),
                     "bytes": t.nbytes,
                 }
@@ -162,7 +162,7 @@ def inspect_model(
     by_comp: dict[str, Bucket] = {}
     for name, t in model.tensors.items():
         totals.add(t)
-        by_dtype.setdefault(t.dtype.code, Bucket()).add(t)
+        by_dtype.setdefault(t.type_code, Bucket()).add(t)
         by_comp.setdefault(component_of(name), Bucket()).add(t)
     for t in tensor_leaves(model.extra):
         other.add(t)
