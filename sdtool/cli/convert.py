@@ -73,6 +73,7 @@ from sdtool.vocab import ExitCode, parse_dtype
     "--components", metavar="LIST", help="--to single: unet,vae,text-encoder,text-encoder-2."
 )
 @dry_run_option
+@click.option(
     "--quant",
     metavar="TYPE",
     help="GGUF output: Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, Q4_K_M, Q4_1, Q4_0, F16 or BF16 "
