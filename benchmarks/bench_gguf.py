@@ -20,6 +20,8 @@ Both outputs are compared: the Q8_0 tensors must be byte-identical.
 Target (issue 16): sdtool at least 5x faster than the reference path.
 """
 
+# ruff: noqa: E501  (the child scripts below are kept as run, one statement per line)
+
 from __future__ import annotations
 
 import argparse

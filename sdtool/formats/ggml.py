@@ -324,13 +324,22 @@ def _round_away(v: np.ndarray) -> np.ndarray:
 
 
 def _q_q8_0(x: np.ndarray) -> np.ndarray:
-    """d = max|x| / 127; q = x/d rounded half away from zero (ggml's roundf), as gguf-py."""
-    a = np.abs(x)
-    d = _rowmax(a) / _F32(127)
-    v = np.multiply(x, _inverse(d), out=a)
-    out = np.empty((x.shape[0], 34), np.uint8)
-    out[:, 0:2] = _halfbytes(d)
-    out[:, 2:] = _round_away(v).view(np.uint8)
+    """d = max|x| / 127; q = x/d rounded half away from zero (ggml's roundf), as gguf-py.
+
+    Per-block values are repeated to element length so every pass is a flat, contiguous one
+    (numpy's broadcasting over rows of 32 costs a loop per row), and the rounded values are
+    cast straight into the output blocks.
+    """
+    n = x.shape[0]
+    flat = x.reshape(-1)
+    a = np.abs(flat)
+    d = _rowmax(a.reshape(n, 32)).reshape(n) / _F32(127)
+    v = np.multiply(flat, np.repeat(_inverse(d), 32), out=a)
+    v += np.copysign(_HALF_DOWN, v)
+    out = np.empty((n, 34), np.uint8)
+    out[:, 0:2] = _halfbytes(d).reshape(n, 2)
+    with np.errstate(invalid="ignore"):  # the cast truncates toward zero (NaN: as numpy does)
+        np.copyto(out[:, 2:].view(np.int8), v.reshape(n, 32), casting="unsafe")
     return out
 
 

@@ -21,6 +21,7 @@ from sdtool.model import (
 )
 from sdtool.ops.identify import Identity
 from sdtool.ops.identify import identify as identify_model
+from sdtool.results import Result
 from sdtool.scan import classify_global
 
 SCHEMA = "sdtool.inspect/2"
@@ -68,7 +69,7 @@ class Bucket:
         return {"tensors": self.tensors, "parameters": self.parameters, "bytes": self.bytes}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GlobalReport:
     """A global the loader met: built by sdtool, or an inert stand-in, with scan's severity."""
 
@@ -84,8 +85,10 @@ class GlobalReport:
         return self.severity != "safe"
 
 
-@dataclass
-class InspectReport:
+@dataclass(frozen=True)
+class InspectReport(Result):
+    """What ``inspect`` found; ``to_json`` is the documented schema (docs/inspect.md)."""
+
     path: Path
     format: str
     file_size: int

@@ -24,7 +24,16 @@ from sdtool.formats import zip as zipfmt
 from sdtool.formats.sniff import Kind, describe, sniff_bytes
 from sdtool.scan.report import FileReport, Finding
 from sdtool.scan.rules import analyse
-from sdtool.scan.vm import DEFAULT_LIMITS, Inst, Limits, ListV, Ref, Stream, run_stream
+from sdtool.scan.vm import (
+    DEFAULT_LIMITS,
+    Inst,
+    Limits,
+    ListV,
+    Ref,
+    Stream,
+    run_stream,
+    would_unpickle,
+)
 from sdtool.vocab import Format
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -138,6 +147,8 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     kind_name = extra if kind is Kind.UNKNOWN and extra else kind.value
     _check_name(ctx, member, name, kind_name)
     handler = _ROUTES.get(kind_name)
+    if handler is None and member is None and would_unpickle(buf, limits=ctx.limits):
+        handler = scan_pickle  # pickle.load reads any file from byte 0, whatever it starts with
     if depth > MAX_DEPTH:
         ctx.error(member, f"not scanned: containers nested deeper than {MAX_DEPTH}")
         return
@@ -237,7 +248,9 @@ def _record(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
 def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """Every stream of a pickle file: legacy torch's five, concatenated pickles, trailing data."""
     end = len(buf)
-    s0 = ctx.parsed.pop(member or "", None) or run_stream(buf, 0, end, limits=ctx.limits)
+    s0 = ctx.parsed.pop(member or "", None) or run_stream(
+        buf, 0, end, limits=ctx.limits, oracle=True
+    )
     _record(ctx, s0, member, 0)
     if s0.stopped and s0.result == LEGACY_MAGIC:
         ctx.formats.append(Format.TORCH_LEGACY)
@@ -251,7 +264,7 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             break
         if not _looks_like_pickle(buf, pos):
             break
-        s = run_stream(buf, pos, end, limits=ctx.limits)
+        s = run_stream(buf, pos, end, limits=ctx.limits, oracle=True)
         if not s.stopped and not s.imports:
             break  # not a pickle after all: trailing data
         ctx.find(
@@ -463,7 +476,7 @@ def _referenced_storages(
             data = _member_bytes(buf, m)
         except SdtoolError:
             continue
-        s = run_stream(data, 0, len(data), limits=ctx.limits)
+        s = run_stream(data, 0, len(data), limits=ctx.limits, oracle=True)
         ctx.parsed[_join(member, name)] = s  # scanned again below: parse once
         for _, pid in s.persids:
             if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
