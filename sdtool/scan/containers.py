@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 from sdtool.errors import CorruptFile, SdtoolError
 from sdtool.formats import zip as zipfmt
-from sdtool.formats.sniff import Kind, describe, sniff_bytes
+from sdtool.formats.sniff import TEXT_LIMIT, Kind, describe, not_a_model_file, sniff_bytes
 from sdtool.scan.report import FileReport, Finding
 from sdtool.scan.rules import analyse
 from sdtool.scan.vm import (
@@ -153,6 +153,8 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         ctx.error(member, f"not scanned: containers nested deeper than {MAX_DEPTH}")
         return
     if handler is None:
+        if member is None and _skip_not_a_model(ctx, buf, head, size):
+            return
         what = describe(head, size)
         if member is None:
             ctx.report.scanned = False
@@ -162,6 +164,21 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
             ctx.report.notes.append(f"{member}: not analysed ({what})")
         return
     handler(ctx, buf, member, depth)
+
+
+def _skip_not_a_model(ctx: Ctx, buf: Any, head: bytes, size: int) -> bool:
+    """A file that is, by content, an image, JSON, YAML or text: skipped, and said so."""
+    data = bytes(buf[:size]) if len(head) < size <= TEXT_LIMIT else head
+    what = not_a_model_file(data, size)
+    if what is None:
+        return False
+    if what.endswith("text"):  # protocol 0 pickles are text: skip only if loading it does nothing
+        s = run_stream(data, limits=ctx.limits)
+        if s.imports or s.calls or s.persids or s.incomplete:
+            return False
+    ctx.report.skipped = what
+    ctx.formats.append(Format.UNKNOWN)  # no model format; ``skipped`` says what it is
+    return True
 
 
 def _extra_kind(head: bytes) -> str | None:
@@ -589,6 +606,7 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     text = bytes(buf[start : start + hlen]).decode("latin-1")
     import ast
 
+    header: Any = None  # the literal, when it parses
     try:
         header = ast.literal_eval(text)  # literals only: never evaluates code
         descr = header.get("descr") if isinstance(header, dict) else None
@@ -599,8 +617,11 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             ctx.error(member, "npy header is not a Python literal and names no descr")
             return
         descr = found.group(1)
-    if "O" not in repr(descr):
-        return  # plain numbers: nothing executable
+    if "O" not in repr(descr):  # plain numbers: nothing executable, but the data must be there
+        short = _npy_short(header, len(buf) - start - hlen) if isinstance(header, dict) else None
+        if short:
+            ctx.error(member, short)
+        return
     ctx.report.notes.append(f"{member or 'file'}: npy object array: its data is a pickle")
     data = buf[start + hlen :] if isinstance(buf, bytes) else bytes(buf[start + hlen :])
     scan_pickle(
@@ -768,6 +789,21 @@ def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
     return handler
 
 
+def _npy_short(header: Any, available: int) -> str | None:
+    """Why a plain .npy array's data does not fit the bytes after its header (None: it fits)."""
+    try:
+        import numpy as np
+
+        n = int(np.dtype(header["descr"]).itemsize)
+        for dim in header["shape"]:
+            n *= int(dim)
+    except Exception:  # a header numpy cannot read: numpy.load refuses it too
+        return "npy header names no readable dtype and shape"
+    if n > available:
+        return f"npy data needs {n} bytes but the file holds {available}; the file is truncated"
+    return None
+
+
 def scan_safetensors(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """Reference-rule validation plus lint of the header and what surrounds the tensors."""
     from sdtool.formats.safetensors import read_header
@@ -777,13 +813,8 @@ def scan_safetensors(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None
     size = len(buf)
     try:
         header = read_header(_as_file(buf), size)
-    except SdtoolError as e:
-        ctx.find(
-            "suspicious",
-            "safetensors-invalid",
-            f"breaks the safetensors rules: {e.message}",
-            member,
-        )
+    except SdtoolError as e:  # truncated or corrupt: no loader reads it, and neither can the scan
+        ctx.error(member, f"breaks the safetensors rules: {e.message}")
         _safetensors_tail(ctx, buf, member, depth, None)
         return
     raw = header.raw
