@@ -93,22 +93,11 @@ def hash_cmd(
     )  # fmt: skip
     results: list[HashResult] = []
     code = ExitCode.OK
-<<<<<<< HEAD
     from sdtool.formats.shards import expand_shards
 
-    for path in expand_shards(files):  # a shard index or folder: one hash per shard
-        try:
-            size = path.stat().st_size if path.is_file() else 0
-            with progress.byte_bar(path.name, size) as bar:
-                cb = None if bar is None else bar.absolute
-                result = hash_file(path, algorithms=names, progress=cb)
-        except SdtoolError as e:
-            render.error(e.with_path(path))
-=======
-    for path in _expand(files):
+    for path in _expand(tuple(expand_shards(files))):  # a shard index or folder: its shards
         result = _hash_one(path, names)
         if result is None:
->>>>>>> main
             code = ExitCode.ERROR
             continue
         results.append(result)
