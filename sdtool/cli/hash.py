@@ -93,7 +93,9 @@ def hash_cmd(
     )  # fmt: skip
     results: list[HashResult] = []
     code = ExitCode.OK
-    for path in _expand(files):
+    from sdtool.formats.shards import expand_shards
+
+    for path in _expand(tuple(expand_shards(files))):  # a shard index or folder: its shards
         result = _hash_one(path, names)
         if result is None:
             code = ExitCode.ERROR
