@@ -120,7 +120,9 @@ def hash_cmd(
         from sdtool.cli.jsonl import JsonLines
 
         lines = JsonLines("hash")
-    for path in _expand(files):
+    from sdtool.formats.shards import expand_shards
+
+    for path in _expand(tuple(expand_shards(files))):  # a shard index or folder: its shards
         result, cached = _hash_one(path, names, cache)
         if result is None:
             code = ExitCode.ERROR

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdtool.formats.shards import INDEX_RE, expand_shards
 from sdtool.scan.classify import classify_global
 from sdtool.scan.report import FileReport, Finding, ScanReport
 
@@ -85,12 +86,14 @@ def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iter
                 dirs.sort()
                 for name in sorted(files):
                     fp = Path(root) / name
+                    if INDEX_RE.match(name):  # a shard index: its shards sit beside it
+                        continue
                     if not excluded(fp):
                         yield fp
                 dirs[:] = [d for d in dirs if not excluded(Path(root) / d)]
         elif p.exists():
             if not excluded(p):
-                yield p
+                yield from expand_shards([p])  # an index: its shards
         else:
             yield str(p)
 
