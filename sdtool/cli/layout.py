@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdtool.cli.render import console, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
-from sdtool.ops.layout import LayoutResult, to_diffusers, to_single
+
+if TYPE_CHECKING:  # the layout engine loads when a layout conversion runs, not for --help
+    from sdtool.ops.layout import LayoutResult
 
 LAYOUT_TARGETS = ("diffusers", "single")
 
@@ -32,6 +35,8 @@ def run_layout(
     max_shard_size: str | None,
     as_json: bool,
 ) -> int:
+    from sdtool.ops.layout import to_diffusers, to_single
+
     if to == "diffusers":
         if components:
             raise UsageError("--components chooses what goes into a single file (--to single)")

@@ -67,6 +67,7 @@ def report_from_json(doc: dict[str, Any]) -> FileReport:
         scanned=bool(doc.get("scanned", True)),
         streams=int(doc.get("streams", 0)),
         size=int(doc.get("size", 0)),
+        skipped=doc.get("skipped"),
     )
 
 
