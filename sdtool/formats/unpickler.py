@@ -19,6 +19,7 @@ import codecs
 import collections
 import pickle
 import pickletools
+import reprlib
 import struct
 from collections.abc import Callable
 from math import prod
@@ -38,6 +39,16 @@ from sdtool.model import (
     contiguous_strides,
 )
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 80, 80
+
+
+def brief(v: Any) -> str:
+    """A short repr of a value from a file: bounded in depth and width (a shared or deep graph
+    would otherwise make ``repr`` take exponential time or overflow the stack)."""
+    return _BRIEF.repr(v)
+
+
 MAX_BYTES_FROM_PICKLE = 1 << 30  # a nested torch file or array inside a pickle
 
 
@@ -50,7 +61,7 @@ class _Frozen:
     __slots__ = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise CorruptFile(f"the pickle tries to set {name!r} on {self!r}")
+        raise CorruptFile(f"the pickle tries to set {brief(name)} on {self!r}")
 
     def __setstate__(self, state: Any) -> None:
         raise CorruptFile(f"the pickle tries to set state on {self!r}")
@@ -108,7 +119,7 @@ class NumpyDTypeSpec:
         if isinstance(spec, bytes):
             spec = spec.decode("latin1")
         if not isinstance(spec, str) or len(spec) > 16:
-            raise CorruptFile(f"numpy dtype spec {spec!r} is not a simple type code")
+            raise CorruptFile(f"numpy dtype spec {brief(spec)} is not a simple type code")
         self.spec = spec
         self.byteorder = "="
 
@@ -170,7 +181,7 @@ def _int_tuple(v: Any, what: str) -> tuple[int, ...]:
     if not isinstance(v, tuple | list) or not all(
         isinstance(x, int) and not isinstance(x, bool) for x in v
     ):
-        raise CorruptFile(f"{what} is not a tuple of integers: {v!r}"[:200])
+        raise CorruptFile(f"{what} is not a tuple of integers: {brief(v)}")
     return tuple(v)
 
 
@@ -207,7 +218,7 @@ def _rebuild_tensor_v3(
     *rest: Any,
 ) -> TensorInfo:
     if not isinstance(dtype, TorchDType) or dtype.dtype is None:
-        raise UnsupportedDtype(f"tensor dtype {dtype!r} is not one sdtool can hold")
+        raise UnsupportedDtype(f"tensor dtype {brief(dtype)} is not one sdtool can hold")
     return _rebuild_tensor(storage, offset, size, stride, requires_grad, dtype=dtype.dtype)
 
 
@@ -324,7 +335,7 @@ def _codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") ->
         return obj.encode("latin1")
     if enc in ("utf-8", "utf8", "ascii"):
         return obj.encode(enc)
-    raise CorruptFile(f"_codecs.encode with codec {encoding!r}")
+    raise CorruptFile(f"_codecs.encode with codec {brief(encoding)}")
 
 
 def _numpy_scalar(spec: Any, data: Any = None) -> Any:
@@ -583,27 +594,89 @@ def load_one(
 
 
 def _check_memo_indices(f: Any) -> None:
-    """Refuse a memo index no pickler could write, before the C unpickler sizes its memo by it.
+    """Refuse, before the C unpickler runs, what would make it allocate or recurse without bound.
 
-    The C unpickler grows its memo table to twice the largest PUT index and zero-fills it, so a
-    120-byte pickle with LONG_BINPUT 0x56730a35 makes it write ~23 GB. A pickler numbers memo
-    entries from 0, one per opcode at most, so an index above the opcodes met so far is forged.
-    Opcodes are walked without building anything; ``f`` is left where it was.
+    - A memo index no pickler could write: the C unpickler grows its memo table to twice the
+      largest PUT index and zero-fills it, so a 120-byte pickle with LONG_BINPUT 0x56730a35 makes
+      it write ~23 GB. A pickler numbers memo entries from 0, one per opcode at most, so an index
+      above the opcodes met so far is forged.
+    - Tuples nested deeper than MAX_TUPLE_DEPTH, or whose expanded tree (shared sub-tuples counted
+      each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items: CPython hashes a
+      tuple by walking it in C with no recursion guard, so a 300,000-deep tuple used as a dict key
+      overflows the C stack (a segfault) and ``t = (t, t)`` forty times takes 2**40 steps.
+      Only tuples can nest while hashable: lists and dicts stop a hash, and no allowed builder
+      returns nested tuples, so tracking the tuple opcodes is enough.
+
+    Opcodes are walked without building anything (a stack of (depth, size) per slot); ``f`` is
+    left where it was.
     """
     start = f.tell()
+    stack: list[Any] = []  # (tuple depth, expanded tuple size) per slot
+    marks: list[int] = []  # stack lengths at each MARK
+    memo: dict[Any, Any] = {}
+    flat = (0, 1)
+
+    def pop_mark() -> list[Any]:
+        cut = marks.pop() if marks else 0
+        items = stack[cut:]
+        del stack[cut:]
+        return items
+
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(f)):
-            if op.name in _MEMO_PUTS and isinstance(arg, int) and arg > count:
+            name = op.name
+            if name in _MEMO_PUTS and isinstance(arg, int) and arg > count:
                 raise CorruptFile(
-                    f"pickle opcode {op.name} stores memo entry {arg} after {count} opcodes "
+                    f"pickle opcode {name} stores memo entry {arg} after {count} opcodes "
                     "(a forged index that would make the unpickler allocate gigabytes)"
                 )
+            if name in _TUPLE_ARITY:
+                n = _TUPLE_ARITY[name]
+                if n < 0:  # TUPLE: down to the mark
+                    items = pop_mark()
+                else:
+                    items, stack[len(stack) - n :] = stack[len(stack) - n :], []
+                depth = 1 + max((x[0] for x in items), default=0)
+                size = 1 + sum(x[1] for x in items)
+                if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
+                    raise CorruptFile(
+                        f"opcode {count} ({name}) builds a tuple nested {depth} deep with "
+                        f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
+                        "hashing it would crash the unpickler or never end"
+                    )
+                stack.append((depth, size))
+                continue
+            if name in _MEMO_PUTS or name == "MEMOIZE":
+                if stack:
+                    memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if name in _MEMO_GETS:
+                stack.append(memo.get(arg, flat))
+                continue
+            if name == "DUP":
+                stack.append(stack[-1] if stack else flat)
+                continue
+            before = op.stack_before
+            if pickletools.markobject in before:
+                pop_mark()
+                del stack[max(0, len(stack) - before.index(pickletools.markobject)) :]
+            elif before:
+                del stack[max(0, len(stack) - len(before)) :]
+            for kind in op.stack_after:
+                if kind is pickletools.markobject:
+                    marks.append(len(stack))
+                else:
+                    stack.append(flat)
     except ValueError:
         pass  # a malformed stream: the unpickler itself stops at the same place with an error
     finally:
         f.seek(start)
 
 
+MAX_TUPLE_DEPTH = 1000
+MAX_TUPLE_TREE = 50_000_000
+_TUPLE_ARITY = {"TUPLE": -1, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 # genops decodes text opcodes with these codecs: look them up now, not lazily while a file is read
 for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):

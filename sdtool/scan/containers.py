@@ -342,6 +342,9 @@ def _scan_legacy(ctx: Ctx, buf: Any, pos: int, member: str | None) -> int:
         ctx.error(member, "legacy torch storage key list is not a list: storages not skipped")
         return -1
     for key in keys.items:
+        if not isinstance(key, str):  # torch writes string keys; anything else is forged
+            ctx.error(member, "legacy torch storage key is not a string: storages not skipped")
+            return -1
         itemsize = _STORAGE_ITEMSIZE.get(types.get(key, ""))
         if pos + 8 > end:
             ctx.error(member, f"legacy torch storage {key!r} is cut short (truncated download)")
@@ -370,6 +373,8 @@ def _legacy_storage_types(s: Stream) -> dict[Any, str]:
     for _, pid in s.persids:
         if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
             t = pid[1]
+            if not isinstance(pid[2], str):
+                continue
             if isinstance(t, Ref) and t.imp.name and t.imp.name.endswith("Storage"):
                 out[pid[2]] = t.imp.name[: -len("Storage")]
     return out
@@ -468,7 +473,12 @@ def _referenced_storages(
         s = run_stream(data, 0, len(data), limits=ctx.limits)
         ctx.parsed[_join(member, name)] = s  # scanned again below: parse once
         for _, pid in s.persids:
-            if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
+            if (
+                isinstance(pid, tuple)
+                and len(pid) >= 3
+                and pid[0] == "storage"
+                and isinstance(pid[2], str)
+            ):
                 out.add(f"{prefix}data/{pid[2]}")
     return out
 

@@ -115,6 +115,24 @@ class _Unhashable:
     pass
 
 
+_SCALARS = (str, bytes, int, float, complex, bool, type(None))
+_SYMBOLIC = (Import, Ref, Inst, ListV, DictV, SetV, Blob, Opaque, _Unhashable)
+
+
+def hashable_key(v: Any, depth: int = 4) -> bool:
+    """Whether ``v`` can be hashed in bounded time and stack: scalars and shallow tuples of them.
+
+    A tuple's hash walks its items in C with no recursion guard: a 300,000-deep tuple overflows
+    the C stack (a segfault), and a tuple DAG (``t = (t, t)`` forty times) takes 2**40 steps.
+    Pickle values are never hashed unless this holds.
+    """
+    if isinstance(v, _SCALARS + _SYMBOLIC):  # symbolic values hash by identity
+        return True
+    if isinstance(v, tuple) and depth > 0 and len(v) <= 16:
+        return all(hashable_key(x, depth - 1) for x in v)
+    return False
+
+
 # --- events the rules read ----------------------------------------------------------------------
 
 
@@ -622,10 +640,9 @@ def _dict_update(m: Machine, d: DictV, items: list[Any]) -> None:
         return
     for i in range(0, len(items), 2):
         k = items[i]
-        try:
-            d.items[k] = items[i + 1]
-        except TypeError:  # an unhashable symbolic key (a tuple holding a list ...)
-            d.items[_Unhashable()] = items[i + 1]
+        if not hashable_key(k):  # a symbolic, deep or wide key: kept unhashed
+            k = _Unhashable()
+        d.items[k] = items[i + 1]
 
 
 def op_dict(m: Machine) -> None:
