@@ -94,10 +94,14 @@ def scan_paths(
     limits: Limits = DEFAULT_LIMITS,
     crc: str = "read",
     progress: Callable[[FileReport], None] | None = None,
+    isolate: bool = True,
 ) -> ScanReport:
-    """Scan files and directories; ``jobs`` > 1 uses that many processes.
+    """Scan files and directories, each file in a worker process (``jobs`` of them at once).
 
-    ``progress`` is called with each FileReport as it completes (in input order).
+    A worker that crashes or runs past the per-file time limit costs only its file, which is
+    reported as could not scan (see sdtool.scan.workers); ``isolate=False`` scans in this
+    process instead. ``progress`` is called with each FileReport as it completes (in input
+    order).
     """
     targets = list(iter_files(paths, exclude))
     report = ScanReport(strict=strict)
@@ -107,17 +111,17 @@ def scan_paths(
         if progress is not None:
             progress(r)
 
-    if jobs > 1 and len(targets) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = [
-                pool.submit(scan_file, t, limits=limits, crc=crc) if isinstance(t, Path) else None
-                for t in targets
-            ]
-            for t, fut in zip(targets, futures, strict=True):
-                done(fut.result() if fut is not None else _missing(str(t)))
-    else:
+    if not isolate:
         for t in targets:
             done(scan_file(t, limits=limits, crc=crc) if isinstance(t, Path) else _missing(t))
+        return report
+    from dataclasses import asdict
+
+    from sdtool.scan.workers import Task, run_isolated
+
+    kwargs = {"crc": crc, "limits": asdict(limits)}
+    files = [t for t in targets if isinstance(t, Path)]
+    reports = run_isolated([Task(os.fspath(t), kwargs) for t in files], jobs=max(1, jobs))
+    for t in targets:
+        done(next(reports) if isinstance(t, Path) else _missing(t))
     return report

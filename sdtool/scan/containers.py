@@ -12,6 +12,7 @@ import io
 import mmap
 import os
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Callable
@@ -73,14 +74,49 @@ def _join(parent: str | None, child: str) -> str:
 # --- entry: route one blob by content -----------------------------------------------------------
 
 
+_SPECIAL = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _special(mode: int) -> str | None:
+    """What a non-regular file is ("a named pipe" ...), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), "not a regular file")
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading, never blocking on a pipe or touching a device.
+
+    The type is checked before opening (a FIFO blocks ``open`` until a writer comes; opening a
+    tape device rewinds it) and again on the open descriptor (the path may have changed).
+    """
+    what = _special(os.stat(path).st_mode)
+    if what is None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        if _special(os.fstat(fd).st_mode) is None:
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+        what = "not a regular file"
+    raise _NotRegular(what)
+
+
+class _NotRegular(Exception):
+    pass
+
+
 def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read") -> FileReport:
     """Scan one file. Never raises for file content; unreadable files are "not scanned"."""
     rep = FileReport(str(path))
     ctx = Ctx(rep, limits, crc=crc)
     try:
-        size = path.stat().st_size
-        rep.size = size
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
+            size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
                 rep.scanned, rep.format = False, "empty"
                 rep.errors.append("not scanned: the file is empty")
@@ -94,6 +130,9 @@ def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read")
                 if hasattr(mm, "madvise"):  # scattered small reads: no readahead into RSS
                     mm.madvise(mmap.MADV_RANDOM)
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
+    except _NotRegular as e:
+        rep.scanned, rep.format = False, "special file"
+        rep.errors.append(f"not scanned: {e} (skipped by type, never opened)")
     except OSError as e:
         rep.scanned = False
         rep.format = "unreadable"

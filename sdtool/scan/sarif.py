@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtool import __version__
-from sdtool.scan.report import ScanReport
+from sdtool.scan.report import ScanReport, utf8_safe
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 
@@ -96,30 +96,32 @@ def to_sarif(report: ScanReport, base: Path | None = None) -> dict[str, Any]:
                     "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}}}],
                 }
             )
-    return {
-        "$schema": SARIF_SCHEMA,
-        "version": "2.1.0",
-        "runs": [
-            {
-                "tool": {
-                    "driver": {
-                        "name": "sdtool scan",
-                        "version": __version__,
-                        "informationUri": "https://github.com/sdtool/sdtool",
-                        "rules": rules,
-                    }
-                },
-                "invocations": [
-                    {
-                        "executionSuccessful": report.exit_code != 2,
-                        "exitCode": report.exit_code,
-                        "toolExecutionNotifications": notes,
-                    }
-                ],
-                "results": results,
-            }
-        ],
-    }
+    return utf8_safe(
+        {
+            "$schema": SARIF_SCHEMA,
+            "version": "2.1.0",
+            "runs": [
+                {
+                    "tool": {
+                        "driver": {
+                            "name": "sdtool scan",
+                            "version": __version__,
+                            "informationUri": "https://github.com/sdtool/sdtool",
+                            "rules": rules,
+                        }
+                    },
+                    "invocations": [
+                        {
+                            "executionSuccessful": report.exit_code != 2,
+                            "exitCode": report.exit_code,
+                            "toolExecutionNotifications": notes,
+                        }
+                    ],
+                    "results": results,
+                }
+            ],
+        }
+    )
 
 
 def _uri(path: str, base: Path | None) -> str:
