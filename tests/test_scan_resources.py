@@ -134,3 +134,61 @@ def test_json_and_sarif_are_utf8_whatever_the_names(
         doc = json.loads(raw.decode("utf-8"))  # strict: raises on invalid UTF-8
         text = json.dumps(doc)
         assert "x\\\\xff\\\\xfe.pkl" in text
+
+
+# -- decompression budget ------------------------------------------------------------------------
+
+
+def _overlapping_zip(n: int, inflated: int) -> bytes:
+    """One deflated member of ``inflated`` zero bytes, listed ``n`` times in the central
+    directory (Fifield's overlapping zip bomb: n * inflated bytes from one small file)."""
+    import struct
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    raw = comp.compress(b"\0" * inflated) + comp.flush()
+    crc = zlib.crc32(b"\0" * inflated)
+    local = struct.pack(
+        "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(raw), inflated, 1, 0
+    )
+    body = local + b"m" + raw
+    cd = b""
+    for i in range(n):
+        name = f"m{i}".encode()
+        cd += struct.pack(
+            "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc, len(raw), inflated,
+            len(name), 0, 0, 0, 0, 0, 0,
+        ) + name  # fmt: skip
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(cd), len(body), 0)
+    return body + cd + end
+
+
+def test_overlapping_zip_bomb_ends_in_a_limit_within_seconds(tmp_path: Path) -> None:
+    p = tmp_path / "bomb.zip"
+    p.write_bytes(_overlapping_zip(200, 16 << 20))  # ~3 MB of members -> 3.2 GB inflated
+    t0 = time.monotonic()
+    r = scan(p)
+    assert time.monotonic() - t0 < 30
+    assert r.verdict in ("error", "suspicious")  # never safe
+    assert any(e.startswith("could not scan: limit:") for e in r.errors), r.errors
+
+
+def test_a_payload_before_the_limit_is_still_found(tmp_path: Path) -> None:
+    import gzip
+
+    p = tmp_path / "m.pkl.gz"
+    p.write_bytes(gzip.compress(PAYLOAD + b"\0" * (8 << 20)))  # ratio far over 1000
+    r = scan(p)
+    assert r.verdict == "dangerous"
+    assert any("limit" in e for e in r.errors)
+
+
+def test_gzip_members_after_the_first_are_scanned(tmp_path: Path) -> None:
+    """gzip.open (joblib, users) reads every member of a multi-member gzip file."""
+    import gzip
+
+    data = gzip.compress(b"\x80\x02N.") + gzip.compress(PAYLOAD)
+    assert gzip.decompress(data).endswith(PAYLOAD)
+    p = tmp_path / "two.gz"
+    p.write_bytes(data)
+    assert scan(p).verdict == "dangerous"

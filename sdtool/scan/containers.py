@@ -8,7 +8,7 @@ irregularities that make other tools read them differently are reported. Nested 
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import mmap
 import os
 import re
@@ -23,6 +23,17 @@ from typing import Any, BinaryIO
 from sdtool.errors import CorruptFile, SdtoolError
 from sdtool.formats import zip as zipfmt
 from sdtool.formats.sniff import Kind, describe, sniff_bytes
+from sdtool.scan.buffers import (
+    Budget,
+    FileBuf,
+    ScanLimit,
+    Sink,
+    Window,
+    as_file,
+    chunks,
+    close_all,
+    decompress,
+)
 from sdtool.scan.report import FileReport, Finding
 from sdtool.scan.rules import analyse
 from sdtool.scan.vm import DEFAULT_LIMITS, Inst, Limits, ListV, Ref, Stream, run_stream
@@ -30,9 +41,7 @@ from sdtool.scan.vm import DEFAULT_LIMITS, Inst, Limits, ListV, Ref, Stream, run
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_DEPTH = 4  # containers inside containers
 MAX_STREAMS = 1000  # pickle streams per member
-MAX_MEMBER = 2 << 30  # bytes read from one member into memory
-MAX_DECOMPRESSED = 2 << 30  # total bytes decompressed per file
-MAX_RATIO = 1000  # decompressed/compressed ratio before it counts as a bomb
+MAX_MEMBER = 2 << 30  # bytes of one member (stored ones are windows, never copied)
 
 _STORAGE_ITEMSIZE = {
     "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
@@ -54,7 +63,11 @@ class Ctx:
 
     report: FileReport
     limits: Limits = DEFAULT_LIMITS
-    decompressed: int = 0
+    budget: Budget = field(default_factory=Budget)
+    keep: list[Any] = field(default_factory=list)  # temporary files and maps to close at the end
+    pending: ScanLimit | None = (
+        None  # a limit met while reading a member: raised once it is scanned
+    )
     crc: str = "read"  # "read": check CRC of members that are read; "all": every member
     formats: list[str] = field(default_factory=list)
     parsed: dict[str, Stream] = field(default_factory=dict)  # member -> its first stream
@@ -110,10 +123,13 @@ class _NotRegular(Exception):
     pass
 
 
-def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read") -> FileReport:
+def scan_file(
+    path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read", budget: Budget | None = None
+) -> FileReport:
     """Scan one file. Never raises for file content; unreadable files are "not scanned"."""
     rep = FileReport(str(path))
-    ctx = Ctx(rep, limits, crc=crc)
+    ctx = Ctx(rep, limits, crc=crc, budget=Budget(**budget.__dict__) if budget else Budget())
+    ctx.budget.start()
     try:
         with _open_regular(path) as f:
             size = rep.size = os.fstat(f.fileno()).st_size
@@ -140,31 +156,10 @@ def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read")
     except SdtoolError as e:
         rep.errors.append(e.message)
     finally:
+        close_all(ctx.keep)
         if ctx.formats:
             rep.format = ctx.formats[0]
     return rep
-
-
-class FileBuf:
-    """A read-only byte sequence over an open file (len, slices via pread) for zip walking."""
-
-    def __init__(self, f: BinaryIO, size: int) -> None:
-        self.f, self.size = f, size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, key: int | slice) -> Any:
-        if isinstance(key, int):
-            if key < 0:
-                key += self.size
-            if not 0 <= key < self.size:
-                raise IndexError("FileBuf index out of range")
-            return os.pread(self.f.fileno(), 1, key)[0]
-        start, stop, step = key.indices(self.size)
-        if step != 1:
-            raise ValueError("FileBuf slices must be contiguous")
-        return os.pread(self.f.fileno(), max(0, stop - start), start) if stop > start else b""
 
 
 def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str = "") -> None:
@@ -246,6 +241,18 @@ def _check_name(ctx: Ctx, member: str | None, name: str, kind: str) -> None:
 # --- pickles ------------------------------------------------------------------------------------
 
 
+def _run(ctx: Ctx, buf: Any, start: int, end: int) -> Stream:
+    """One pickle stream through the VM, its opcodes charged to the file's budget."""
+    ctx.budget.check_time()
+    left = ctx.budget.opcodes_left()
+    limits = ctx.limits
+    if left < limits.max_opcodes:
+        limits = dataclasses.replace(limits, max_opcodes=left)
+    s = run_stream(buf, start, end, limits=limits)
+    ctx.budget.charge_opcodes(s.opcodes)
+    return s
+
+
 def _record(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
     ctx.report.streams += 1 + len(s.nested)
     findings, errors = analyse(s, member=member, index=index)
@@ -275,7 +282,7 @@ def _record(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
 def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """Every stream of a pickle file: legacy torch's five, concatenated pickles, trailing data."""
     end = len(buf)
-    s0 = ctx.parsed.pop(member or "", None) or run_stream(buf, 0, end, limits=ctx.limits)
+    s0 = ctx.parsed.pop(member or "", None) or _run(ctx, buf, 0, end)
     _record(ctx, s0, member, 0)
     if s0.stopped and s0.result == LEGACY_MAGIC:
         ctx.formats.append("legacy torch")
@@ -289,7 +296,7 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             break
         if not _looks_like_pickle(buf, pos):
             break
-        s = run_stream(buf, pos, end, limits=ctx.limits)
+        s = _run(ctx, buf, pos, end)
         if not s.stopped and not s.imports:
             break  # not a pickle after all: trailing data
         ctx.find(
@@ -327,7 +334,7 @@ def _trailing(ctx: Ctx, buf: Any, pos: int, member: str | None, depth: int) -> N
     end = len(buf)
     if _is_zip_tail(buf):
         try:
-            arch = zipfmt.read_archive(_as_file(buf), end)
+            arch = zipfmt.read_archive(as_file(buf), end)
         except SdtoolError:
             arch = None
         if arch is not None and arch.entries:
@@ -369,7 +376,7 @@ def _scan_legacy(ctx: Ctx, buf: Any, pos: int, member: str | None) -> int:
         if pos >= end:
             ctx.error(member, f"legacy torch file ends before its {what} pickle")
             return -1
-        s = run_stream(buf, pos, end, limits=ctx.limits)
+        s = _run(ctx, buf, pos, end)
         _record(ctx, s, member, i)
         streams.append(s)
         if not s.stopped:
@@ -422,17 +429,9 @@ def _legacy_storage_types(s: Stream) -> dict[Any, str]:
 # --- zips ---------------------------------------------------------------------------------------
 
 
-def _as_file(buf: Any) -> BinaryIO:
-    if isinstance(buf, FileBuf):
-        return buf.f
-    if isinstance(buf, mmap.mmap):
-        return buf  # type: ignore[return-value]  # mmap has seek/read
-    return io.BytesIO(buf)
-
-
 def scan_zip(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     try:
-        arch = zipfmt.read_archive(_as_file(buf), len(buf))
+        arch = zipfmt.read_archive(as_file(buf), len(buf))
     except SdtoolError as e:
         ctx.error(member, f"zip cannot be read: {e.message}")
         if member is None:
@@ -506,10 +505,10 @@ def _referenced_storages(
             continue
         prefix = name[: -len("data.pkl")]
         try:
-            data = _member_bytes(buf, m)
+            data = _member_data(ctx, buf, m, _join(member, name))
         except SdtoolError:
             continue
-        s = run_stream(data, 0, len(data), limits=ctx.limits)
+        s = _run(ctx, data, 0, len(data))
         ctx.parsed[_join(member, name)] = s  # scanned again below: parse once
         for _, pid in s.persids:
             if (
@@ -522,23 +521,52 @@ def _referenced_storages(
     return out
 
 
-def _member_bytes(buf: Any, m: zipfmt.ZipMember, limit: int = MAX_MEMBER) -> bytes:
+#: zip compression methods zipfile reads (numpy.load opens npz files with zipfile); torch's
+#: miniz reads only stored and deflate, so a method it lacks never reaches torch.load.
+ZIP_METHODS = {8: "deflate", 12: "bzip2", 14: "zip-lzma"}
+
+
+def _member_data(ctx: Ctx, buf: Any, m: zipfmt.ZipMember, path: str) -> Any:
+    """A member's bytes: a window for stored members, decompressed under the budget otherwise.
+
+    Raises CorruptFile for a method no loader reads; a member that stops decompressing midway
+    yields what came before (the loader would have read it too) and an error.
+    """
     if m.method == zipfmt.STORED:
-        if m.compressed_size > limit:
-            raise CorruptFile(f"member {m.name!r} is larger than {limit} bytes")
-        return bytes(buf[m.data_offset : m.data_offset + m.compressed_size])
-    return zipfmt.read_member(_as_file(buf), m, limit=limit)
+        return Window(buf, m.data_offset, m.compressed_size)
+    algo = ZIP_METHODS.get(m.method)
+    if algo is None:
+        raise CorruptFile(f"compression method {m.method}, which no model loader reads")
+    raw = Window(buf, m.data_offset, m.compressed_size)
+    start = 0
+    dec: Any = algo
+    if algo == "zip-lzma":  # zipfile: 2-byte version, 2-byte properties size, properties
+        import lzma
+
+        head = raw[:4]
+        psize = int.from_bytes(head[2:4], "little") if len(head) == 4 else 0
+        try:
+            props = lzma._decode_filter_properties(lzma.FILTER_LZMA1, raw[4 : 4 + psize])  # type: ignore[attr-defined]
+            dec = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[props])
+        except (lzma.LZMAError, ValueError) as e:
+            raise CorruptFile(f"LZMA member header is broken ({e})") from None
+        start = 4 + psize
+    data, limit = _inflate(ctx, chunks(raw, start), dec, m.compressed_size, path)
+    if limit is not None:
+        ctx.pending = ctx.pending or limit
+    return data
 
 
-def _check_crc(
-    ctx: Ctx, buf: Any, m: zipfmt.ZipMember, path: str, data: bytes | None = None
-) -> None:
+def _check_crc(ctx: Ctx, buf: Any, m: zipfmt.ZipMember, path: str, data: Any = None) -> None:
     if data is None:
         try:
-            data = _member_bytes(buf, m)
+            data = _member_data(ctx, buf, m, path)
         except SdtoolError:
             return
-    crc = zlib.crc32(data) & 0xFFFFFFFF
+    crc = 0
+    for piece in chunks(data):
+        crc = zlib.crc32(piece, crc)
+    crc &= 0xFFFFFFFF
     if crc != m.crc:
         ctx.find(
             "suspicious",
@@ -553,7 +581,9 @@ def _scan_member(
     ctx: Ctx, buf: Any, m: zipfmt.ZipMember, path: str, depth: int, *, shadowed: bool
 ) -> None:
     try:
-        data = _member_bytes(buf, m)
+        data = _member_data(ctx, buf, m, path)
+    except ScanLimit:
+        raise
     except SdtoolError as e:
         ctx.error(path, f"not scanned: {e.message}")
         return
@@ -567,9 +597,11 @@ def _scan_member(
             ctx.error(path, "not scanned: the member is encrypted")
             return
     _scan_nested(ctx, data, path, depth + 1)
+    if ctx.pending is not None:
+        raise ctx.pending
 
 
-def _scan_nested(ctx: Ctx, data: bytes, path: str, depth: int) -> None:
+def _scan_nested(ctx: Ctx, data: Any, path: str, depth: int) -> None:
     before = len(ctx.formats)
     scan_blob(ctx, data, path, depth=depth)
     del ctx.formats[before:]  # only the outermost format names the file
@@ -588,14 +620,14 @@ def _scan_local_headers(ctx: Ctx, buf: Any, member: str | None, depth: int) -> N
         start = pos + 30 + nlen + xlen
         if flags & 0x8 or start + csize > n:
             break
-        raw = bytes(buf[start : start + csize])
+        raw: Any = Window(buf, start, csize)
+        limit = None
         if method == zipfmt.DEFLATED:
-            try:
-                raw = zlib.decompressobj(-15).decompress(raw, MAX_MEMBER)
-            except zlib.error:
-                raw = b""
-        if raw:
+            raw, limit = _inflate(ctx, chunks(raw), "deflate", csize, _join(member, name))
+        if len(raw):
             _scan_nested(ctx, raw, _join(member, name), depth + 1)
+        if limit is not None:
+            raise limit
         pos = start + csize
         count += 1
 
@@ -604,43 +636,29 @@ def _scan_local_headers(ctx: Ctx, buf: Any, member: str | None, depth: int) -> N
 
 
 def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    """``.npy``: the header is a Python literal; object arrays carry a pickle after it."""
+    """``.npy``: read as numpy.load reads it; an object dtype (any spelling) means a pickle."""
+    from sdtool.formats.numpyfile import MAX_LAYOUT_HEADER, npy_header_length, npy_layout
+
     if member is None:
         ctx.formats.append("npy")
-    head = bytes(buf[:16])
-    if len(head) < 10:
+    head = bytes(buf[:12])
+    if len(head) < 12:
         ctx.error(member, "npy header is cut short")
         return
-    major = head[6]
-    if major != 1 and len(head) < 12:  # versions 2/3 need a 4-byte header length (fuzzing)
-        ctx.error(member, "npy header is cut short")
+    need = npy_header_length(head)
+    if need > min(len(buf), MAX_LAYOUT_HEADER):
+        ctx.error(member, f"npy header of {need} bytes does not fit the file (or sdtool's limit)")
         return
-    if major == 1:
-        (hlen,) = struct.unpack_from("<H", head, 8)
-        start = 10
-    else:
-        (hlen,) = struct.unpack_from("<I", head, 8)
-        start = 12
-    if hlen > 1 << 20 or start + hlen > len(buf):
-        ctx.error(member, f"npy header of {hlen} bytes does not fit the file")
-        return
-    text = bytes(buf[start : start + hlen]).decode("latin-1")
-    import ast
-
     try:
-        header = ast.literal_eval(text)  # literals only: never evaluates code
-        descr = header.get("descr") if isinstance(header, dict) else None
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        # Python 2 headers carry long literals (``(2L, 3L)``): read the descr alone
-        found = re.search(r"""['"]descr['"]\s*:\s*(['"][^'"]*['"]|\[.*\])""", text)
-        if found is None:
-            ctx.error(member, "npy header is not a Python literal and names no descr")
-            return
-        descr = found.group(1)
-    if "O" not in repr(descr):
+        layout = npy_layout(bytes(buf[:need]))
+    except ValueError as e:
+        # numpy.load refuses it: nothing in the file is loaded
+        ctx.report.notes.append(f"{member or 'file'}: numpy refuses the npy header ({e})"[:300])
+        return
+    if not layout.has_object:
         return  # plain numbers: nothing executable
     ctx.report.notes.append(f"{member or 'file'}: npy object array: its data is a pickle")
-    data = buf[start + hlen :] if isinstance(buf, bytes) else bytes(buf[start + hlen :])
+    data = Window(buf, layout.data_start, len(buf) - layout.data_start)
     scan_pickle(
         ctx,
         data,
@@ -656,7 +674,7 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     import tarfile
 
     try:
-        tf = tarfile.open(fileobj=_as_file(buf), mode="r:")  # noqa: SIM115 - closed with buf
+        tf = tarfile.open(fileobj=as_file(buf), mode="r:")  # noqa: SIM115 - closed with buf
         infos = tf.getmembers()
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # ValueError: seek past end
         ctx.error(member, f"tar cannot be read: {e}")
@@ -666,32 +684,77 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     if member is None:
         ctx.formats.append("torch tar" if torch_tar else "tar")
     for info in infos:
-        if not info.isfile():
-            continue
         path = _join(member, info.name)
-        if info.size > MAX_MEMBER:
+        if info.issym() or info.islnk():
+            data = _tar_link(ctx, tf, info, path, torch_tar)
+            if data is None:
+                continue
+        elif not info.isfile():
+            continue
+        elif info.size > MAX_MEMBER:
             ctx.error(path, "not scanned: member too large")
             continue
-        f = tf.extractfile(info)
-        if f is None:
-            continue
-        data = f.read()
+        elif info.issparse():
+            f = tf.extractfile(info)
+            data = f.read() if f is not None else b""
+        else:  # tarfile located it (long GNU/pax names included): a window, never a copy
+            data = Window(buf, info.offset_data, info.size)
         if torch_tar and info.name in ("storages", "tensors"):
             _scan_tar_records(ctx, data, path, info.name)
         else:
             _scan_nested(ctx, data, path, depth + 1)
 
 
-def _scan_tar_records(ctx: Ctx, data: bytes, path: str, which: str) -> None:
+_TORCH_TAR_NAMES = ("sys_info", "pickle", "storages", "tensors")
+
+
+def _tar_link(ctx: Ctx, tf: Any, info: Any, path: str, torch_tar: bool) -> Any:
+    """A hard or symbolic link: torch's tar loader extracts and reads it, so does tarfile.
+
+    A link to a member of the archive reads that member's bytes (scanned under the link's name,
+    as the loader would read them); a link out of the archive reads whatever file it points to
+    on the loading machine, which no scan of this file can see.
+    """
+    import tarfile
+
+    kind = "symbolic" if info.issym() else "hard"
+    try:
+        f = tf.extractfile(info)
+    except (tarfile.TarError, KeyError, OSError):
+        f = None
+    if f is None:
+        loaded = torch_tar and info.name in _TORCH_TAR_NAMES
+        ctx.find(
+            "dangerous" if loaded else "suspicious",
+            "tar-link",
+            f"{kind} link to {info.linkname!r}, outside the archive: extracting it reads "
+            + (
+                "that file as the pickle torch.load runs"
+                if loaded
+                else "whatever that path holds on the loading machine"
+            ),
+            path,
+        )
+        return None
+    ctx.find(
+        "info",
+        "tar-link",
+        f"{kind} link to {info.linkname!r}: its bytes are scanned under this name too",
+        path,
+    )
+    return f.read(MAX_MEMBER)
+
+
+def _scan_tar_records(ctx: Ctx, data: Any, path: str, which: str) -> None:
     """Legacy tar 'storages'/'tensors': a count pickle, then per record a pickle + raw bytes."""
-    s = run_stream(data, 0, len(data), limits=ctx.limits)
+    s = _run(ctx, data, 0, len(data))
     _record(ctx, s, path, 0)
     count = s.result if s.stopped and isinstance(s.result, int) else None
     if count is None:
         return
     pos, index = s.end, 1
     for _ in range(min(count, 10_000_000)):
-        r = run_stream(data, pos, len(data), limits=ctx.limits)
+        r = _run(ctx, data, pos, len(data))
         _record(ctx, r, path, index)
         index += 1
         if not r.stopped:
@@ -702,10 +765,10 @@ def _scan_tar_records(ctx: Ctx, data: bytes, path: str, which: str) -> None:
                 t = r.result[2] if isinstance(r.result, tuple) and len(r.result) == 3 else None
                 name = t.imp.name if isinstance(t, Ref) and t.imp.name else ""
                 itemsize = _STORAGE_ITEMSIZE[name.removesuffix("Storage")]
-                (n,) = struct.unpack_from("<q", data, pos)
+                (n,) = struct.unpack("<q", bytes(data[pos : pos + 8]))
                 pos += 8 + n * itemsize
             else:
-                (ndim,) = struct.unpack_from("<i", data, pos)
+                (ndim,) = struct.unpack("<i", bytes(data[pos : pos + 4]))
                 pos += 8 + 16 * ndim + 8
         except (KeyError, struct.error, TypeError):
             ctx.error(
@@ -713,22 +776,9 @@ def _scan_tar_records(ctx: Ctx, data: bytes, path: str, which: str) -> None:
             )
             return
     if pos < len(data):  # storage views list (storages) follows; scan what remains
-        r = run_stream(data, pos, len(data), limits=ctx.limits)
+        r = _run(ctx, data, pos, len(data))
         if r.stopped or r.imports:
             _record(ctx, r, path, index)
-
-
-def _decompressor(kind: str) -> Callable[[], Any]:
-    import bz2
-    import lzma
-
-    return {
-        "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
-        "zlib": lambda: zlib.decompressobj(),
-        "bzip2": lambda: bz2.BZ2Decompressor(),
-        "xz": lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ),
-        "lzma": lambda: lzma.LZMADecompressor(format=lzma.FORMAT_ALONE),
-    }[kind]
 
 
 def scan_compressed(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
@@ -748,45 +798,36 @@ def scan_compressed(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
                 start += 1
         else:
             algo = kind
-        data = _decompress(ctx, buf, start, algo, member)
-        if data is None:
-            return
-        _scan_nested(ctx, data, _join(member, f"<{kind}>") if member else f"<{kind}>", depth + 1)
+        path = _join(member, f"<{kind}>") if member else f"<{kind}>"
+        data, limit = _inflate(ctx, chunks(buf, start), algo, len(buf) - start, member)
+        if len(data):
+            _scan_nested(ctx, data, path, depth + 1)
+        if limit is not None:
+            raise limit
 
     return handler
 
 
-def _decompress(ctx: Ctx, buf: Any, start: int, algo: str, member: str | None) -> bytes | None:
-    import lzma
+def _inflate(
+    ctx: Ctx, pieces: Any, algo: Any, compressed: int, member: str | None
+) -> tuple[Any, ScanLimit | None]:
+    """Decompress under the budget: (what came out, the limit that stopped it or None).
 
-    d = _decompressor(algo)()
-    out = bytearray()
-    cap = min(MAX_DECOMPRESSED - ctx.decompressed, max(1 << 20, (len(buf) - start) * MAX_RATIO))
-    pos, chunk = start, 1 << 20
+    Past a limit, what came out before it is still returned: the caller scans it (a payload
+    at the start is still found), then raises the limit to end the file's scan.
+    """
+    sink = Sink(ctx.budget, member or "the file", compressed, ctx.keep)
+    limit = None
     try:
-        while pos < len(buf):
-            piece = bytes(buf[pos : pos + chunk])
-            pos += len(piece)
-            out += d.decompress(piece, max(0, cap - len(out)) + 1)
-            while len(out) <= cap and getattr(d, "unconsumed_tail", None):
-                out += d.decompress(d.unconsumed_tail, max(0, cap - len(out)) + 1)
-            if len(out) > cap:
-                ctx.error(
-                    member,
-                    f"decompressed data exceeds {cap} bytes (ratio or size cap): "
-                    "only the beginning is scanned",
-                )
-                out = out[:cap]
-                break
-            if getattr(d, "eof", False):
-                break
-    except (zlib.error, OSError, EOFError, ValueError, lzma.LZMAError) as e:
-        if not out:
-            ctx.error(member, f"{algo} data does not decompress: {e}")
-            return None
-        ctx.error(member, f"{algo} data is corrupt after {len(out)} bytes: {e}")
-    ctx.decompressed += len(out)
-    return bytes(out)
+        why = decompress(ctx.budget, pieces, algo, sink)
+    except ScanLimit as e:
+        why, limit = None, e
+    name = algo if isinstance(algo, str) else "LZMA"
+    if why:
+        ctx.error(
+            member, f"{name} data {why}" + (": what came before is scanned" if sink.n else "")
+        )
+    return sink.result(), limit
 
 
 def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
@@ -814,7 +855,7 @@ def scan_safetensors(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None
         ctx.formats.append("safetensors")
     size = len(buf)
     try:
-        header = read_header(_as_file(buf), size)
+        header = read_header(as_file(buf), size)
     except SdtoolError as e:
         ctx.find(
             "suspicious",
@@ -880,7 +921,7 @@ def _safetensors_tail(ctx: Ctx, buf: Any, member: str | None, depth: int, header
             "suspicious", "safetensors-hidden", "a zip is hidden after the safetensors data", member
         )
         try:
-            arch = zipfmt.read_archive(_as_file(buf), size)
+            arch = zipfmt.read_archive(as_file(buf), size)
             _scan_archive(
                 ctx,
                 buf,
