@@ -18,6 +18,7 @@ import ast
 import contextlib
 import re
 import struct
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,7 +182,9 @@ def npy_layout(head: bytes) -> NpyLayout:
         read_header = getattr(impl, "_read_array_header", None)
         if read_header is None:  # pragma: no cover - numpy without the private reader
             raise ValueError("this numpy has no header reader sdtool knows")
-        _, _, dt = read_header(fp, version, max_header_size=1 << 64)
+        with warnings.catch_warnings():  # numpy warns about Python 2 headers it still reads
+            warnings.simplefilter("ignore")
+            _, _, dt = read_header(fp, version, max_header_size=1 << 64)
         return NpyLayout(version, bool(dt.hasobject), fp.tell())
     except (TypeError, SyntaxError, RecursionError, MemoryError, struct.error) as e:
         raise ValueError(str(e)) from None

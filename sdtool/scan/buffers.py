@@ -150,7 +150,6 @@ class FileBuf:
             raise ValueError("FileBuf slices must be contiguous")
         return os.pread(self.f.fileno(), max(0, stop - start), start) if stop > start else b""
 
-
     def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
         return _find(self, sub, start, self.size if end is None else min(end, self.size))
 
@@ -243,7 +242,17 @@ DECOMPRESSORS: dict[str, tuple[Callable[[], Any], Callable[[bytes], bytes | None
         lambda r: (lambda s: s if s[:6] == b"\xfd7zXZ\x00" else None)(r.lstrip(b"\x00")),
     ),
     "lzma": (lambda: lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), None),
+    "lzma-auto": (lambda: lzma.LZMADecompressor(format=lzma.FORMAT_AUTO), None),
 }
+
+
+def _lz4() -> Any:
+    import lz4.frame  # optional (joblib reads lz4 files only when it is installed)
+
+    return lz4.frame.LZ4FrameDecompressor()
+
+
+DECOMPRESSORS["lz4"] = (_lz4, lambda r: r if r[:4] == b"\x04\x22\x4d\x18" else None)
 
 
 def decompress(budget: Budget, pieces: Iterator[bytes], algo: str | Any, sink: Sink) -> str | None:

@@ -9,6 +9,7 @@ irregularities that make other tools read them differently are reported. Nested 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import mmap
 import os
 import re
@@ -36,7 +37,17 @@ from sdtool.scan.buffers import (
 )
 from sdtool.scan.report import FileReport, Finding
 from sdtool.scan.rules import analyse
-from sdtool.scan.vm import DEFAULT_LIMITS, Inst, Limits, ListV, Ref, Stream, run_stream
+from sdtool.scan.vm import (
+    DEFAULT_LIMITS,
+    OPNAMES,
+    DictV,
+    Inst,
+    Limits,
+    ListV,
+    Ref,
+    Stream,
+    run_stream,
+)
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_DEPTH = 4  # containers inside containers
@@ -137,7 +148,7 @@ def scan_file(
                 rep.scanned, rep.format = False, "empty"
                 rep.errors.append("not scanned: the file is empty")
                 return rep
-            if f.read(4) == zipfmt.LOCAL_SIG:
+            if f.read(4) in (zipfmt.LOCAL_SIG, zipfmt.EOCD_SIG):
                 # zips are read in small scattered pieces: plain reads keep RSS small
                 scan_blob(ctx, FileBuf(f, size), None, depth=0, name=path.name)
                 return rep
@@ -174,6 +185,8 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     if depth > MAX_DEPTH:
         ctx.error(member, f"not scanned: containers nested deeper than {MAX_DEPTH}")
         return
+    if kind_name != "pickle":
+        _pickle_at_zero(ctx, buf, member, kind_name)
     if handler is None:
         what = describe(head, size)
         if member is None:
@@ -186,23 +199,39 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     handler(ctx, buf, member, depth)
 
 
+def _pickle_at_zero(ctx: Ctx, buf: Any, member: str | None, kind: str) -> None:
+    """``pickle.load`` reads any file from byte 0, whatever else the bytes are (a tar whose first
+    member name is a protocol-0 pickle, a safetensors header length that starts a pickle ...).
+    If byte 0 starts a pickle that imports anything, that reading is scanned too.
+    """
+    if not len(buf) or buf[0] not in OPNAMES:
+        return
+    s = _run(ctx, buf, 0, len(buf))
+    if not any(_importable(i.module) and _importable(i.name) for i in s.imports):
+        return  # garbage as a pickle (text, code), or plain data: nothing a loader could run
+    what = "of no format sdtool reads" if kind == "unknown" else f"a {kind} file"
+    ctx.find(
+        "suspicious",
+        "polyglot",
+        f"the bytes are {what} and, read from byte 0, also a pickle that imports something: "
+        "pickle.load (and loaders built on it) would run it; both readings are scanned",
+        member,
+    )
+    _record(ctx, s, _join(member, "<as pickle>") if member else "<as pickle>", 0)
+
+
+def _importable(name: str | None) -> bool:
+    """A dotted name ``find_class`` could import (anything else fails before running)."""
+    return bool(name) and all(p.isidentifier() for p in (name or "").split("."))
+
+
 def _extra_kind(head: bytes) -> str | None:
     """Formats sniff.py does not name but the scanner must not pass over."""
-    if head[:2] == b"ZF" and head[2:4] == b"0x":
+    if head[:4] == b"PK\x05\x06":  # numpy.load opens it as npz (zipfile finds the real end)
+        return "zip"
+    if head[:2] == b"ZF":  # joblib's compressor detection: the prefix alone
         return "joblib-zfile"
-    if (
-        len(head) >= 13
-        and head[0] == 0x5D
-        and head[1:5]
-        in (
-            b"\x00\x00\x80\x00",
-            b"\x00\x00\x40\x00",
-            b"\x00\x00\x00\x01",
-            b"\x00\x00\x00\x02",
-            b"\x00\x00\x00\x04",
-            b"\x00\x00\x10\x00",
-        )
-    ):
+    if head[:2] == b"\x5d\x00":  # joblib's lzma prefix, whatever the dictionary size
         return "lzma"
     if head[:4] == b"\x04\x22\x4d\x18":
         return "lz4"
@@ -253,6 +282,55 @@ def _run(ctx: Ctx, buf: Any, start: int, end: int) -> Stream:
     return s
 
 
+_SIDE_FILE_WRAPPERS = {
+    # joblib < 0.10 wrote arrays to files beside the pickle; joblib.load still reads them:
+    # NDArrayWrapper with numpy.load(allow_pickle=True) (so an object .npy, or any file that is
+    # not .npy/.npz, is unpickled), ZNDArrayWrapper as zlib-compressed raw array bytes
+    ("joblib.numpy_pickle", "NDArrayWrapper"): True,
+    ("joblib.numpy_pickle_compat", "NDArrayWrapper"): True,
+    ("joblib.numpy_pickle", "ZNDArrayWrapper"): False,
+    ("joblib.numpy_pickle_compat", "ZNDArrayWrapper"): False,
+}
+
+
+def _side_files(ctx: Ctx, s: Stream, member: str | None, depth: int) -> None:
+    """Files a joblib pickle makes joblib.load read from beside it: scanned as part of it."""
+    for mut in s.mutations:
+        t = mut.target
+        if not (mut.opcode == "BUILD" and isinstance(t, Inst) and isinstance(t.callee, Ref)):
+            continue
+        unpickles = _SIDE_FILE_WRAPPERS.get((t.callee.imp.module or "", t.callee.imp.name or ""))
+        state = t.state.items if isinstance(t.state, DictV) else None
+        name = state.get("filename") if unpickles is not None and state else None
+        if not isinstance(name, str):
+            continue
+        base = Path(ctx.report.path).parent
+        target = base / name
+        outside = Path(name).is_absolute() or ".." in Path(name).parts
+        if outside:
+            ctx.find(
+                "dangerous" if unpickles else "suspicious",
+                "joblib-side-file",
+                f"joblib.load reads {name!r}, outside the model's folder"
+                + (
+                    " with numpy.load(allow_pickle=True): whatever pickle is there runs"
+                    if unpickles
+                    else ""
+                ),
+                member,
+            )
+            continue
+        if not unpickles:
+            continue  # zlib-compressed raw array bytes: nothing in them is unpickled
+        try:
+            with _open_regular(target) as f:
+                data = f.read(MAX_MEMBER)
+        except (OSError, _NotRegular):
+            ctx.report.notes.append(f"{member or 'file'}: joblib side file {name!r} is absent")
+            continue
+        _scan_nested(ctx, data, _join(member, f"<side file {name}>"), depth + 1)
+
+
 def _record(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
     ctx.report.streams += 1 + len(s.nested)
     findings, errors = analyse(s, member=member, index=index)
@@ -284,6 +362,8 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     end = len(buf)
     s0 = ctx.parsed.pop(member or "", None) or _run(ctx, buf, 0, end)
     _record(ctx, s0, member, 0)
+    if member is None or member.startswith("<"):  # the file itself, or its decompressed body
+        _side_files(ctx, s0, member, depth)
     if s0.stopped and s0.result == LEGACY_MAGIC:
         ctx.formats.append("legacy torch")
         pos = _scan_legacy(ctx, buf, s0.end, member)
@@ -788,16 +868,17 @@ def scan_compressed(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
         if member is None:
             ctx.formats.append(f"{kind}-compressed")
         start = 0
+        algo = kind
         if kind == "joblib-zfile":
-            # b"ZF" + the hex length padded with spaces (19 or 20 bytes: Python 3 or 2)
-            head = bytes(buf[:40])
-            start, algo = 2, "zlib"
-            while start < len(head) and head[start] != 0x20:  # the hex token
+            # joblib's read_zfile: b"ZF", a 19-byte hex length, one optional space, zlib data
+            start, algo = 2 + 19, "zlib"
+            if buf[start : start + 1] == b" ":
                 start += 1
-            while start < len(head) and head[start] == 0x20:  # its padding
-                start += 1
-        else:
-            algo = kind
+        elif kind == "lz4" and importlib.util.find_spec("lz4") is None:
+            scan_unscannable("lz4")(ctx, buf, member, depth)
+            return
+        elif kind == "lzma":
+            algo = "lzma-auto"  # joblib opens ']\x00' files with lzma.LZMAFile (format auto)
         path = _join(member, f"<{kind}>") if member else f"<{kind}>"
         data, limit = _inflate(ctx, chunks(buf, start), algo, len(buf) - start, member)
         if len(data):
@@ -981,7 +1062,7 @@ _ROUTES: dict[str, Callable[[Ctx, Any, str | None, int], None]] = {
     "joblib-zfile": scan_compressed("joblib-zfile"),
     "7z": scan_unscannable("7z"),
     "rar": scan_unscannable("rar"),
-    "lz4": scan_unscannable("lz4"),
+    "lz4": scan_compressed("lz4"),
 }
 
 __all__ = ["Inst", "scan_blob", "scan_file"]

@@ -912,25 +912,21 @@ def _joblib_inline(m: Machine, wrapper: Inst) -> None:
 
 
 def _dtype_is_object(dtype: Any) -> bool:
-    return isinstance(dtype, Inst) and isinstance(dtype.args, tuple) and dtype.args[:1] == ("O8",)
+    from sdtool.scan import npdtype  # the dtype as numpy rebuilds it (every object spelling)
+
+    obj = npdtype.is_object(dtype)
+    if obj is None:
+        raise _Broken(
+            "NumpyArrayWrapper dtype is not understood: the array bytes cannot be skipped"
+        )
+    return obj
 
 
 def _dtype_itemsize(dtype: Any) -> int | None:
     """Item size of a symbolic ``numpy.dtype(code, align, copy)`` with its BUILD state."""
-    if not isinstance(dtype, Inst) or not isinstance(dtype.args, tuple) or not dtype.args:
-        return None
-    code = dtype.args[0]
-    state = dtype.state
-    if isinstance(state, tuple) and len(state) >= 6 and isinstance(state[5], int) and state[5] > 0:
-        return state[5]  # flexible types (U/S/V) record their element size
-    if not isinstance(code, str):
-        return None
-    import numpy as np  # a literal type code only: no pickle involved
+    from sdtool.scan import npdtype
 
-    try:
-        return int(np.dtype(code).itemsize)
-    except (TypeError, ValueError):
-        return None
+    return npdtype.itemsize(dtype)
 
 
 _HANDLER_FUNCS: dict[str, Callable[[Machine], Any]] = {
