@@ -266,3 +266,68 @@ def test_torch_tar_link_out_of_the_archive_is_dangerous(tmp_path: Path) -> None:
     r = scan(p)
     assert r.verdict == "dangerous"
     assert any(f.rule == "tar-link" and f.severity == "dangerous" for f in r.findings)
+
+
+# -- zip: every reading of the end records ---------------------------------------------------------
+
+
+def _local(name: str, data: bytes) -> bytes:
+    crc = zlib.crc32(data)
+    n = name.encode()
+    head = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0, crc, len(data), len(data),
+                       len(n), 0)  # fmt: skip
+    return head + n + data
+
+
+def _central(name: str, data: bytes, offset: int) -> bytes:
+    n = name.encode()
+    return struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, zlib.crc32(data),
+                       len(data), len(data), len(n), 0, 0, 0, 0, 0, offset) + n  # fmt: skip
+
+
+def _eocd(count: int, cd_size: int, cd_off: int, comment: bytes = b"") -> bytes:
+    return struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, cd_size, cd_off,
+                       len(comment)) + comment  # fmt: skip
+
+
+def _zip64_record(count: int, cd_size: int, cd_off: int) -> bytes:
+    return struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, cd_size,
+                       cd_off)  # fmt: skip
+
+
+def _locator(offset: int) -> bytes:
+    return struct.pack("<4sIQI", b"PK\x06\x07", 0, offset, 1)
+
+
+def zip64_two_records(c: str) -> bytes:
+    """Two zip64 end records: the one right before the locator (zipfile's, newer miniz's) lists
+    the payload; the one the locator points to (older miniz's, and sdtool's loader) a benign
+    member. Each reader sees a different archive."""
+    evil, good = object_npy(c), npy_header("'<f4'") + b"\0" * 4
+    body = _local("a.npy", evil)
+    good_off = len(body)
+    body += _local("a.npy", good)
+    cd_good = _central("a.npy", good, good_off)
+    out = body + cd_good
+    rec_good_at = len(out)
+    out += _zip64_record(1, len(cd_good), len(body))
+    cd_evil = _central("a.npy", evil, 0)
+    evil_at = len(out)
+    out += cd_evil + _zip64_record(1, len(cd_evil), evil_at)  # right before the locator
+    out += _locator(rec_good_at)
+    return out + _eocd(0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+
+
+def torch_zip_end_record_cut_in_comment(c: str) -> bytes:
+    """An end record whose comment ends with a cut-short end record signature: zipfile takes the
+    last signature and fails; miniz skips it and reads the real one (torch.load runs it)."""
+    pkl = payload(c)
+    body = _local("archive/data.pkl", pkl) + _local("archive/version", b"3\n")
+    cd = _central("archive/data.pkl", pkl, 0) + _central(
+        "archive/version", b"3\n", len(_local("archive/data.pkl", pkl))
+    )
+    return body + cd + _eocd(2, len(cd), len(body), comment=b"PK\x05\x06" + b"\0" * 10)
+
+
+CASES["npz-zip64-two-records.npz"] = (zip64_two_records, NPZ)
+CASES["torch-zip-eocd-in-comment.pt"] = (torch_zip_end_record_cut_in_comment, TORCH)

@@ -510,15 +510,44 @@ def _legacy_storage_types(s: Stream) -> dict[Any, str]:
 
 
 def scan_zip(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
+    """A zip in every reading a loader may take (torch's first; see zipfmt.read_archives)."""
     try:
         arch = zipfmt.read_archive(as_file(buf), len(buf))
+        error = None
     except SdtoolError as e:
-        ctx.error(member, f"zip cannot be read: {e.message}")
-        if member is None:
-            ctx.formats.append("zip (unreadable)")
-        _scan_local_headers(ctx, buf, member, depth)
-        return
+        arch, error = None, e
+    readings = [a for rec, a in zipfmt.read_archives(as_file(buf), len(buf)) if a is not arch]
+    readings = [a for a in readings if a.entries]
+    if arch is None:
+        if not readings:
+            assert error is not None
+            ctx.error(member, f"zip cannot be read: {error.message}")
+            if member is None:
+                ctx.formats.append("zip (unreadable)")
+            _scan_local_headers(ctx, buf, member, depth)
+            return
+        arch = readings.pop(0)  # torch cannot read it; zipfile (numpy, joblib) can
     _scan_archive(ctx, buf, arch, member, depth)
+    done = {(m.data_offset, m.compressed_size) for m in arch.entries}
+    for n, other in enumerate(readings, start=1):
+        new = [m for m in other.entries if (m.data_offset, m.compressed_size) not in done]
+        if not new:
+            continue
+        names = ", ".join(m.name for m in new[:5]) + (" ..." if len(new) > 5 else "")
+        ctx.find(
+            "suspicious",
+            "zip-ambiguous",
+            f"zip readers disagree: another reading of the end records (zip64 record, offsets, "
+            f"or an end record in the comment) lists other members ({names}); "
+            "torch's miniz and Python's zipfile may each take a different one: all are scanned",
+            member,
+        )
+        for m in new:
+            done.add((m.data_offset, m.compressed_size))
+            if m.name.endswith("/") and m.size == 0:
+                continue
+            path = _join(member, f"<reading {n}>/{m.name}")
+            _scan_member(ctx, buf, m, path, depth, shadowed=False)
 
 
 def _scan_archive(
