@@ -199,64 +199,6 @@ CASES: dict[str, tuple[Callable[[str], bytes], str]] = {
 }
 
 
-def build(tmp_path: Path, name: str) -> Path:
-    maker, _ = CASES[name]
-    p = tmp_path / name
-    p.write_bytes(maker(f"CANARY-{name}"))  # relative: the loaders run with cwd=tmp_path
-    return p
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_scanned_as_the_loader_reads_it(
-    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    r = scan(build(tmp_path, name))
-    assert r.verdict == "dangerous", (r.format, [f.message for f in r.findings], r.errors)
-    assert not list(tmp_path.glob("CANARY-*"))  # scanning ran nothing
-
-
-CHILD = r"""
-import gzip, json, pickle, sys, warnings
-warnings.simplefilter("ignore")
-import numpy, joblib
-cases = json.loads(sys.argv[1])
-out = {}
-for p, expr in cases:
-    if expr.startswith("torch"):
-        import torch
-    try:
-        eval(expr, {"p": p, "numpy": numpy, "joblib": joblib, "pickle": pickle, "gzip": gzip,
-                    "torch": sys.modules.get("torch")})
-        out[p] = "loaded"
-    except Exception as e:  # the payload ran before the loader gave up, or it did not run
-        out[p] = f"{type(e).__name__}: {e}"[:200]
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.slow
-def test_positive_control_every_case_runs_under_its_real_loader(tmp_path: Path) -> None:
-    """Each payload really runs under its loader (so each case above is a real bypass test)."""
-    todo = []
-    for name, (_, loader) in CASES.items():
-        if loader is None:
-            continue
-        todo.append((str(build(tmp_path, name)), loader))
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(todo)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
-    missing = [
-        f"{Path(p).name}: {outcomes[p]}"
-        for p, _ in todo
-        if not (tmp_path / f"CANARY-{Path(p).name}").exists()
-    ]
-    assert not missing, missing
-
-
 def test_torch_tar_link_out_of_the_archive_is_dangerous(tmp_path: Path) -> None:
     """torch extracts 'storages' and opens it: a symlink out of the archive makes torch.load
     unpickle whatever file it names on the loading machine, which no scan of this file sees."""
@@ -329,5 +271,117 @@ def torch_zip_end_record_cut_in_comment(c: str) -> bytes:
     return body + cd + _eocd(2, len(cd), len(body), comment=b"PK\x05\x06" + b"\0" * 10)
 
 
+# -- archives: a model inside a 7z (the nullifAI files) ----------------------------------------
+
+
+def seven_zip(files: dict[str, bytes]) -> bytes:
+    import py7zr
+
+    buf = io.BytesIO()
+    with py7zr.SevenZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(data, name)
+    return buf.getvalue()
+
+
+def broken_after_payload(c: str) -> bytes:
+    """A protocol-2 pickle that calls the payload, then breaks (no STOP): torch.load raises
+    after the payload ran, and scanners that give up on a broken pickle miss it."""
+    return (
+        b"\x80\x02cbuiltins\nopen\n(X"
+        + struct.pack("<I", len(c))
+        + c.encode()
+        + b"X\x01\x00\x00\x00wtR\xff"
+    )
+
+
+def torch_zip(data_pkl: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("model/data.pkl", data_pkl)
+        z.writestr("model/version", b"3\n")
+        z.writestr("model/byteorder", b"little")
+    return buf.getvalue()
+
+
+CASES["7z-nullifai-torch.7z"] = (
+    lambda c: seven_zip({"model.pt": torch_zip(broken_after_payload(c))}),
+    "torch.load(un7z(p), weights_only=False)",
+)
+CASES["7z-pickle.7z"] = (
+    lambda c: seven_zip({"m.pkl": payload(c)}),
+    "pickle.load(open(un7z(p), 'rb'))",
+)
 CASES["npz-zip64-two-records.npz"] = (zip64_two_records, NPZ)
 CASES["torch-zip-eocd-in-comment.pt"] = (torch_zip_end_record_cut_in_comment, TORCH)
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+
+def build(tmp_path: Path, name: str) -> Path:
+    maker, _ = CASES[name]
+    p = tmp_path / name
+    p.write_bytes(maker(f"CANARY-{name}"))  # relative: the loaders run with cwd=tmp_path
+    return p
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scanned_as_the_loader_reads_it(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = scan(build(tmp_path, name))
+    assert r.verdict == "dangerous", (r.format, [f.message for f in r.findings], r.errors)
+    assert not list(tmp_path.glob("CANARY-*"))  # scanning ran nothing
+
+
+CHILD = r"""
+import gzip, json, pickle, sys, warnings
+warnings.simplefilter("ignore")
+import numpy, joblib
+cases = json.loads(sys.argv[1])
+
+
+def un7z(p):
+    import os, tempfile, py7zr
+    d = tempfile.mkdtemp()
+    with py7zr.SevenZipFile(p) as z:
+        z.extractall(d)
+    return os.path.join(d, sorted(os.listdir(d))[0])
+
+
+out = {}
+for p, expr in cases:
+    if expr.startswith("torch"):
+        import torch
+    try:
+        eval(expr, {"p": p, "numpy": numpy, "joblib": joblib, "pickle": pickle, "gzip": gzip,
+                    "torch": sys.modules.get("torch"), "un7z": un7z})
+        out[p] = "loaded"
+    except Exception as e:  # the payload ran before the loader gave up, or it did not run
+        out[p] = f"{type(e).__name__}: {e}"[:200]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_positive_control_every_case_runs_under_its_real_loader(tmp_path: Path) -> None:
+    """Each payload really runs under its loader (so each case above is a real bypass test)."""
+    todo = []
+    for name, (_, loader) in CASES.items():
+        if loader is None:
+            continue
+        todo.append((str(build(tmp_path, name)), loader))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(todo)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
+    missing = [
+        f"{Path(p).name}: {outcomes[p]}"
+        for p, _ in todo
+        if not (tmp_path / f"CANARY-{Path(p).name}").exists()
+    ]
+    assert not missing, missing

@@ -192,3 +192,37 @@ def test_gzip_members_after_the_first_are_scanned(tmp_path: Path) -> None:
     p = tmp_path / "two.gz"
     p.write_bytes(data)
     assert scan(p).verdict == "dangerous"
+
+
+def test_7z_bomb_ends_in_a_limit(tmp_path: Path) -> None:
+    import py7zr
+
+    p = tmp_path / "bomb.7z"
+    with py7zr.SevenZipFile(p, "w") as z:
+        z.writestr(PAYLOAD + b"\0" * (64 << 20), "m.pkl")  # LZMA2 far past 1000:1
+    r = scan(p)
+    assert r.verdict == "dangerous"  # the payload at the start is still found
+    assert any(e.startswith("could not scan: limit:") for e in r.errors), r.errors
+
+
+def test_7z_without_py7zr_stays_dangerous_by_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    import py7zr
+
+    p = tmp_path / "m.7z"
+    with py7zr.SevenZipFile(p, "w") as z:
+        z.writestr(pickle.dumps({"a": 1}), "m.pkl")
+    assert scan(p).verdict == "safe"
+    real_import = builtins.__import__
+
+    def no_py7zr(name, *a, **kw):  # type: ignore[no-untyped-def]
+        if name.startswith("py7zr"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_py7zr)
+    r = scan(p)
+    assert r.verdict == "dangerous" and r.findings[0].rule == "unscannable-archive"

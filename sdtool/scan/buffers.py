@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import io
 import lzma
 import mmap
 import os
@@ -49,14 +50,6 @@ class Budget:
 
     def start(self) -> None:
         self.deadline = time.monotonic() + self.seconds
-
-    def charge_bytes(self, n: int, what: str) -> None:
-        self.used_bytes += n
-        if self.used_bytes > self.max_bytes:
-            raise ScanLimit(
-                f"{what}: decompressed data exceeds the file's budget of {self.max_bytes} bytes "
-                "(a decompression bomb)"
-            )
 
     def charge_opcodes(self, n: int) -> None:
         self.used_opcodes += n
@@ -175,9 +168,38 @@ def as_file(buf: Any) -> BinaryIO:
     if isinstance(buf, Window):
         buf.seek(0)
         return buf  # type: ignore[return-value]
-    import io
-
     return io.BytesIO(buf)
+
+
+class _RawReader(io.RawIOBase):
+    """A real io object over any byte sequence (for readers that insist on one)."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf, self.pos = buf, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        piece = bytes(self.buf[self.pos : self.pos + len(b)])
+        b[: len(piece)] = piece
+        self.pos += len(piece)
+        return len(piece)
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        self.pos = off if whence == 0 else (self.pos + off if whence == 1 else len(self.buf) + off)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def as_io(buf: Any) -> io.BufferedReader:
+    """``buf`` as a buffered binary io object."""
+    return io.BufferedReader(_RawReader(buf), buffer_size=CHUNK)
 
 
 def chunks(buf: Any, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
@@ -198,15 +220,26 @@ class Sink:
         self.n = 0
 
     def write(self, b: bytes) -> None:
-        if not b:
+        """Keep ``b``; past the ratio cap or the budget, keep what fits, then raise ScanLimit."""
+        ratio_room = self.cap - self.n
+        budget_room = self.budget.max_bytes - self.budget.used_bytes
+        if len(b) <= min(ratio_room, budget_room):
+            self._keep(b)
             return
-        self.n += len(b)
-        if self.n > self.cap:
+        self._keep(b[: max(0, min(ratio_room, budget_room))])
+        if ratio_room <= budget_room:
             raise ScanLimit(
                 f"{self.what}: decompressed data exceeds {self.budget.max_ratio} times its "
                 "compressed size (a decompression bomb)"
             )
-        self.budget.charge_bytes(len(b), self.what)
+        raise ScanLimit(
+            f"{self.what}: decompressed data exceeds the file's budget of "
+            f"{self.budget.max_bytes} bytes (a decompression bomb)"
+        )
+
+    def _keep(self, b: bytes) -> None:
+        self.n += len(b)
+        self.budget.used_bytes += len(b)
         if self.file is None and len(self.mem) + len(b) > SPILL:
             self.file = tempfile.TemporaryFile(prefix="sdtool-scan-")  # noqa: SIM115 - kept
             self.keep.append(self.file)

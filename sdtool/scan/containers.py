@@ -76,9 +76,8 @@ class Ctx:
     limits: Limits = DEFAULT_LIMITS
     budget: Budget = field(default_factory=Budget)
     keep: list[Any] = field(default_factory=list)  # temporary files and maps to close at the end
-    pending: ScanLimit | None = (
-        None  # a limit met while reading a member: raised once it is scanned
-    )
+    pending: ScanLimit | None = None  # a limit met reading a member: raised once it is scanned
+    depth: int = 0  # nesting depth of the container being walked
     crc: str = "read"  # "read": check CRC of members that are read; "all": every member
     formats: list[str] = field(default_factory=list)
     parsed: dict[str, Stream] = field(default_factory=dict)  # member -> its first stream
@@ -89,6 +88,11 @@ class Ctx:
 
     def error(self, member: str | None, message: str) -> None:
         self.report.errors.append(f"{member}: {message}" if member else message)
+
+    def nested(self, data: Any, path: str, depth: int | None = None) -> None:
+        """Scan ``data`` (a member of the container being walked) like any other blob: the one
+        way every walker recurses. ``depth`` defaults to one below the current container."""
+        _scan_nested(self, data, path, self.depth + 1 if depth is None else depth)
 
 
 def _join(parent: str | None, child: str) -> str:
@@ -196,7 +200,11 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         else:
             ctx.report.notes.append(f"{member}: not analysed ({what})")
         return
-    handler(ctx, buf, member, depth)
+    outer, ctx.depth = ctx.depth, depth
+    try:
+        handler(ctx, buf, member, depth)
+    finally:
+        ctx.depth = outer
 
 
 def _pickle_at_zero(ctx: Ctx, buf: Any, member: str | None, kind: str) -> None:
@@ -940,6 +948,17 @@ def _inflate(
     return sink.result(), limit
 
 
+def scan_archive_7z(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
+    from sdtool.scan.archives import scan_7z
+
+    if member is None:
+        ctx.formats.append("7z archive")
+    ctx.report.notes.append(f"{member or 'file'}: a 7z archive: every member is scanned")
+    if not scan_7z(ctx, buf, member):
+        ctx.formats.pop() if member is None else None
+        scan_unscannable("7z")(ctx, buf, member, depth)
+
+
 def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
     """7z/rar/lz4: sdtool cannot look inside, so by policy the archive counts as dangerous."""
 
@@ -1089,7 +1108,7 @@ _ROUTES: dict[str, Callable[[Ctx, Any, str | None, int], None]] = {
     "zlib": scan_compressed("zlib"),
     "lzma": scan_compressed("lzma"),
     "joblib-zfile": scan_compressed("joblib-zfile"),
-    "7z": scan_unscannable("7z"),
+    "7z": scan_archive_7z,
     "rar": scan_unscannable("rar"),
     "lz4": scan_compressed("lz4"),
 }
