@@ -143,8 +143,8 @@ def ensure_inputs(d: Path) -> dict[str, Path]:
         code = (
             "import sys, pathlib\n"
             "from sdtool import open_model\n"
-            "from sdtool.formats.plan import OutTensor\n"
-            "from sdtool.ops.write import write_model\n"
+            "from sdtool.write.plan import OutTensor\n"
+            "from sdtool.write import write_model\n"
             "m = open_model(sys.argv[1])\n"
             "plan = [OutTensor(n, m, t, t.dtype) for n, t in m.tensors.items()]\n"
             "write_model(plan, pathlib.Path(sys.argv[2]))\n"

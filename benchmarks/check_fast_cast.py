@@ -1,6 +1,6 @@
 """Check sdtool's fast float32 -> float16 cast on all 2**32 float32 bit patterns.
 
-Blocks of consecutive patterns go through ``sdtool.formats.cast.cast`` (fast path where a block
+Blocks of consecutive patterns go through ``sdtool.write.cast.cast`` (fast path where a block
 is NaN-free and inside float16's range, numpy's cast plus the exact fixes elsewhere) and are
 compared with numpy's own cast for every non-NaN value (numpy and torch round finite values
 identically; NaN bits are tests/test_cast.py's business). Prints a line per 2**28 patterns and
@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from sdtool import dtypes
-from sdtool.formats.cast import cast
+from sdtool.write.cast import cast
 
 STEP = 1 << 24
 

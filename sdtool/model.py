@@ -20,6 +20,8 @@ import numpy as np
 
 from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, TruncatedFile
+from sdtool.results import Result
+from sdtool.vocab import Format
 
 
 @dataclass(eq=False)
@@ -171,42 +173,50 @@ class GlobalUse:
     builder: bool  # True: mapped to one of sdtool's own data builders; False: an inert StandIn
 
 
+@dataclass(frozen=True)
+class ContainerFacts(Result):
+    """Facts about a file's container, typed per format (each reader defines its subclass:
+    ``SafetensorsFacts``, ``ZipFacts``, ``LegacyFacts``, ``TarFacts``, ``PickleFacts``,
+    ``NpyFacts``, ``NpzFacts``). ``state_dict_path``: where the tensors were found in a pickle
+    ("" at the root or for formats without one)."""
+
+    state_dict_path: str = ""
+
+
 class ModelFile:
     """An opened model file: ordered tensors with data on demand, plus everything else it holds.
 
     Attributes:
         path: the file.
-        format: ``safetensors``, ``torch-zip``, ``torch-legacy``, ``torch-tar``, ``pickle``,
-            ``npy`` or ``npz``.
+        format: the ``vocab.Format``: SAFETENSORS, TORCH_ZIP, TORCH_LEGACY, TORCH_TAR, PICKLE,
+            NPY or NPZ.
         tensors: name -> TensorInfo, in file order (state-dict tensors, dotted names).
         metadata: the safetensors ``__metadata__`` map (empty for other formats).
         extra: the non-tensor rest as plain data (global_step, epoch, ...); tensors that lie
             outside the state dict (optimizer state) stay here as TensorInfo leaves.
-        container: facts about the container (zip prefix, byteorder, version records ...).
+        container: typed facts about the container (ContainerFacts: zip prefix, byteorder,
+            version records ...).
         globals: every global the unpickler met.
-        root: the whole unpickled object graph (None for safetensors/numpy).
     """
 
     def __init__(
         self,
         path: Path,
-        format: str,
+        format: Format,
         tensors: dict[str, TensorInfo],
         *,
         metadata: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
-        container: dict[str, Any] | None = None,
+        container: ContainerFacts | None = None,
         globals: list[GlobalUse] | None = None,
-        root: Any = None,
     ) -> None:
         self.path = path
         self.format = format
         self.tensors = tensors
         self.metadata = metadata or {}
         self.extra = extra or {}
-        self.container = container or {}
+        self.container = container if container is not None else ContainerFacts()
         self.globals = globals or []
-        self.root = root
         self.file_size = path.stat().st_size
         self._mmap: mmap.mmap | None = None
 

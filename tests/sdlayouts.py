@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layouts"
+LAYOUTS = Path(
+    os.environ.get("SDTOOL_LAYOUTS")  # a worktree outside /work: point this at shared's copy
+    or Path(__file__).resolve().parents[2] / "shared" / "reference" / "layouts"
+)
 TINY = 3
 
 Entries = dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)

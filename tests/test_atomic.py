@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sdtool.errors import OutputError
-from sdtool.ops.atomic import TEMP_SUFFIX, atomic_output
+from sdtool.write.atomic import TEMP_SUFFIX, atomic_output
 
 
 def _leftovers(folder: Path) -> list[str]:

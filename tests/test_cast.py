@@ -8,7 +8,8 @@ import pytest
 
 from sdtool import dtypes
 from sdtool.errors import UnsupportedDtype
-from sdtool.formats.cast import CASTABLE, cast
+from sdtool.vocab import CASTABLE
+from sdtool.write.cast import cast
 
 torch = pytest.importorskip("torch")
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from sdtool import dtypes
-from sdtool.formats import cast as cast_mod
-from sdtool.formats.cast import cast
+from sdtool.write import cast as cast_mod
+from sdtool.write.cast import cast
 
 torch = pytest.importorskip("torch")
 F32, F16 = dtypes.from_code("F32"), dtypes.from_code("F16")

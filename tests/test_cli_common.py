@@ -49,11 +49,15 @@ def _argv(cmd: str, src: Path, tmp_path: Path) -> list[str]:
         "extract": ["extract", str(src), out, "-c", "vae"],
         "hash": ["hash", str(src)],
         "diff": ["diff", str(src), str(src)],
+        "merge": ["merge", str(src), str(src), out],
+        "lora": ["lora", "bake", str(src), str(src), out],
     }[cmd]
 
 
 def test_every_command_is_covered_here() -> None:
-    assert set(COMMANDS) == {"inspect", "scan", "convert", "prune", "extract", "hash", "diff"}
+    assert set(COMMANDS) == {
+        "inspect", "scan", "convert", "prune", "extract", "hash", "diff", "merge", "lora"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -136,7 +140,7 @@ def test_scan_missing_path_still_scans_the_rest(
     cap = capsys.readouterr()
     assert cap.err == f"sdtool: {tmp_path / 'nope.ckpt'}: no such file or directory\n"
     summary = json.loads(cap.out)["summary"]
-    assert summary["safe"] == 1 and summary["not scanned"] == 1
+    assert summary["safe"] == 1 and summary["not_scanned"] == 1
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))

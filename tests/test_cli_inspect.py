@@ -46,7 +46,7 @@ def test_summary(sd_like: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_json_schema(sd_like: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(sd_like), "--json", "--tensors"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["schema"] == "sdtool.inspect/1"
+    assert data["schema"] == "sdtool.inspect/2"
     assert data["format"] == "safetensors"
     assert data["totals"] == {"tensors": 3, "parameters": 144 + 3 + 77, "bytes": 288 + 12 + 616}
     assert data["dtypes"]["I64"] == {"tensors": 1, "parameters": 77, "bytes": 616}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from sdtool.errors import OutputError, UsageError
-from sdtool.ops.atomic import TEMP_SUFFIX
 from sdtool.ops.convert import convert
+from sdtool.write.atomic import TEMP_SUFFIX
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -49,7 +49,10 @@ def test_torch_to_safetensors_to_ckpt(tmp_path: Path, legacy: bool) -> None:
     _same(load_file(tmp_path / "m.safetensors"), sd)
     r2 = convert(tmp_path / "m.safetensors", tmp_path / "back.ckpt", verify=True)
     assert r2.output_format == "torch"
-    _same(torch.load(tmp_path / "back.ckpt", weights_only=True), sd)
+    back = torch.load(tmp_path / "back.ckpt", weights_only=True)
+    # the metadata travels too (was dropped: issue 10 item 3), under the one key __metadata__
+    assert back.pop("__metadata__") == {"format": "pt", "global_step": "7"}
+    _same(back, sd)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ def test_single_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out = tmp_path / "j.safetensors"
     assert main(["convert", str(src), str(out), "--json", "--verify", "--metadata", "a=b"]) == 0
     full = json.loads(capsys.readouterr().out)
-    assert full["schema"] == "sdtool.convert/1" and full["summary"]["converted"] == 1
+    assert full["schema"] == "sdtool.convert/2" and full["summary"]["converted"] == 1
     doc = full["results"][0]  # a single conversion is a batch of one
     assert doc["status"] == "converted" and doc["verified"] is True
     assert doc["metadata_keys"] == ["a", "format", "global_step"]
@@ -92,7 +92,8 @@ def test_batch_to_ckpt_and_overwrite(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = tmp_path / "out"
     assert main(["convert", str(src), "--out-dir", str(out), "--to", "ckpt"]) == 0
     target = out / "m.safetensors.src.ckpt"
-    assert set(torch.load(target, weights_only=True)) == {"w"}
+    # global_step goes back as a top-level entry (was dropped: issue 10 item 3)
+    assert set(torch.load(target, weights_only=True)) == {"w", "global_step"}
     assert main(["convert", str(src), "--out-dir", str(out), "--to", "ckpt", "--overwrite"]) == 0
     assert "1 converted" in capsys.readouterr().out
 

@@ -11,11 +11,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sdtool import dtypes, open_model
-from sdtool.errors import MissingExtra, OutputError, TruncatedFile, VerificationError
-from sdtool.formats import plan as plan_mod
+from sdtool.errors import OutputError, TruncatedFile, VerificationError
 from sdtool.model import ModelFile
-from sdtool.ops.atomic import TEMP_SUFFIX
-from sdtool.ops.write import CastOverflow, OutTensor, write_model
+from sdtool.write import CastOverflow, OutTensor, write_model
+from sdtool.write import stream as plan_mod
+from sdtool.write.atomic import TEMP_SUFFIX
 
 F16 = dtypes.from_code("F16")
 
@@ -118,7 +118,7 @@ def test_interrupted_write_leaves_nothing(
                 raise exc
             return real(*a, **k)
 
-        monkeypatch.setattr("sdtool.formats.safetensors.copy_span", flaky)
+        monkeypatch.setattr("sdtool.write.safetensors.copy_span", flaky)
         out = tmp_path / "o.safetensors"
         with pytest.raises(type(exc)):
             write_model(_plan(m), out)
@@ -130,7 +130,7 @@ def test_verify_catches_a_bad_write(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def zeros(src_fd, dst_fd, offset, length, t, progress=None, dst_offset=None):  # type: ignore[no-untyped-def]
         plan_mod.write_all(dst_fd, bytes(length), dst_offset)
 
-    monkeypatch.setattr("sdtool.formats.safetensors.copy_span", zeros)
+    monkeypatch.setattr("sdtool.write.safetensors.copy_span", zeros)
     out = tmp_path / "o.safetensors"
     with _model(tmp_path, SAMPLE) as m, pytest.raises(VerificationError, match="differs"):
         write_model(_plan(m), out, verify=True)
@@ -190,12 +190,14 @@ def test_torch_output(tmp_path: Path) -> None:
     assert torch.equal(sd["b.weight"].view(torch.int16), want.view(torch.int16))
 
 
-def test_torch_missing_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ckpt_needs_no_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: writing .ckpt without torch raised MissingExtra naming sdtool[torch]. The .ckpt
+    writer now emits torch's zip itself (issue 10 item 3), so it writes, and reads back."""
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     out = tmp_path / "o.ckpt"
-    with _model(tmp_path, SAMPLE) as m, pytest.raises(MissingExtra, match=r"sdtool\[torch\]"):
-        write_model(_plan(m), out)
-    assert not out.exists() and _no_leftovers(tmp_path)
+    with _model(tmp_path, SAMPLE) as m:
+        write_model(_plan(m), out, verify=True)
+    assert out.exists() and _no_leftovers(tmp_path)
 
 
 def test_prefetch_order_errors_and_early_stop() -> None:

@@ -171,8 +171,8 @@ def test_cli_json_schema(
         "metadata",
         "tensors",
     }
-    assert out["schema"] == "sdtool.diff/1"
-    assert out["a"] == {"file": str(a), "format": "safetensors"}
+    assert out["schema"] == "sdtool.diff/2"
+    assert out["a"] == {"path": str(a), "format": "safetensors"}
     assert out["identical"] is False and out["changed_elements"] == 10
     assert out["counts"]["changed"] == 1 and out["counts"]["equal"] == 2
     bias = next(t for t in out["tensors"] if t["name"] == "bias")

@@ -3,7 +3,7 @@
 Afterwards the output path holds nothing (or, for success, a complete file that reads back
 equal), no temp file is left except after SIGKILL (which no process can clean up after; the
 leftover is a dot-file named ``*.sdtool-tmp``), and the input's SHA-256 is unchanged.
-The writer under test is ``sdtool.ops.write.write_model`` over ``sdtool.ops.atomic``.
+The writer under test is ``sdtool.write.write_model`` over ``sdtool.write.atomic``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from safetensors.numpy import load_file, save_file
 
 from sdtool.errors import SdtoolError
 from sdtool.formats.open import open_model
-from sdtool.formats.plan import OutTensor
 from sdtool.ops.diff import diff
-from sdtool.ops.write import write_model
+from sdtool.write import write_model
+from sdtool.write.plan import OutTensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,11 +32,11 @@ sys.path.insert(0, sys.argv[1])
 src, out, fault = sys.argv[2], sys.argv[3], sys.argv[4]
 from sdtool.errors import SdtoolError
 from sdtool.formats.open import open_model
-from sdtool.formats.plan import OutTensor
-from sdtool.ops.write import write_model
+from sdtool.write.plan import OutTensor
+from sdtool.write import write_model
 written = [0]
-def progress(n):
-    written[0] += n
+def progress(done, total):
+    written[0] = done
     if written[0] > 0 and fault in ("sigint", "sigkill"):
         os.kill(os.getpid(), signal.SIGINT if fault == "sigint" else signal.SIGKILL)
 if fault == "disk-full":

@@ -140,7 +140,7 @@ def test_deflated_members_and_other_top_folder(tmp_path: Path) -> None:
             name = info.filename.replace("a/", "my_model/", 1)
             zout.writestr(name, zin.read(info))
     with open_model(dst) as m:
-        assert m.container["prefix"] == "my_model"
+        assert m.container.prefix == "my_model"  # type: ignore[attr-defined]
         assert m.tensors["w"].file_span is None  # deflated: read, not mapped
     _assert_same(dst, sd)
 
@@ -163,7 +163,7 @@ def test_nested_dicts_get_dotted_names_and_state_dict_is_unwrapped(tmp_path: Pat
     with open_model(p) as m:
         assert list(m.tensors) == ["model.enc.w", "model.dec.0", "model.dec.1"]
         assert m.extra == {"global_step": 7, "epoch": 1, "name": "x"}
-        assert m.container["state_dict_path"] == "state_dict.state_dict"
+        assert m.container.state_dict_path == "state_dict.state_dict"
 
 
 def test_key_selects_a_sub_dict(tmp_path: Path) -> None:

@@ -135,11 +135,11 @@ def test_cli_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     save_file({"w": np.zeros(3, np.float32)}, str(p))
     assert main(["hash", "--json", str(p)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema"] == "sdtool.hash/1"
+    assert doc["schema"] == "sdtool.hash/2"
     records = doc["files"]
     assert len(records) == 1
     rec = records[0]
-    assert set(rec) == {"file", "size", "safetensors", "hashes", "notes"}
+    assert set(rec) == {"path", "size", "safetensors", "hashes", "notes"}
     assert rec["safetensors"] is True and rec["size"] == p.stat().st_size
     assert list(rec["hashes"]) == list(ALGORITHMS)
     assert rec["hashes"] == _reference(p.read_bytes(), safetensors=True)

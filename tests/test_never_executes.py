@@ -33,15 +33,15 @@ files = sys.argv[3:]
 # everything sdtool needs is imported first; what appears later came from handling the files
 import numpy, safetensors, blake3, sdtool, sdtool.formats.open, sdtool.formats.torchfile
 import sdtool.formats.safetensors, sdtool.formats.numpyfile, sdtool.ops.hash, sdtool.ops.diff
-import sdtool.ops.inspect, sdtool.ops.write, sdtool.formats.plan, sdtool.model
+import sdtool.ops.inspect, sdtool.write, sdtool.write.stream, sdtool.write.safetensors, sdtool.model
 from pathlib import Path
 from sdtool.errors import SdtoolError
 from sdtool.formats.open import open_model
-from sdtool.formats.plan import OutTensor
+from sdtool.write.plan import OutTensor
 from sdtool.ops.diff import diff
 from sdtool.ops.hash import hash_file
 from sdtool.ops.inspect import inspect_model
-from sdtool.ops.write import write_model
+from sdtool.write import write_model
 try:
     from sdtool.scan import scan
 except ImportError:

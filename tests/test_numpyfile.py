@@ -56,7 +56,7 @@ def test_npy_header_versions(tmp_path: Path, version: tuple[int, int]) -> None:
     with open(p, "wb") as f:
         np.lib.format.write_array(f, arr, version=version)
     with open_model(p) as m:
-        assert m.container["npy_version"] == f"{version[0]}.{version[1]}"
+        assert m.container.npy_version == f"{version[0]}.{version[1]}"
         _same(m.read(NPY_TENSOR), arr)
 
 

@@ -139,7 +139,7 @@ def test_extract_round_trip_and_bake_vae(tmp_path: Path) -> None:
     src, arrays = sd1_file(tmp_path)
     vae_out = tmp_path / "vae.safetensors"
     with open_model(src) as m:
-        extract(m, vae_out, "vae", verify=True)
+        extract(m, vae_out, component="vae", verify=True)
     vae = load_file(str(vae_out))
     assert set(vae) == {
         k[len("first_stage_model.") :] for k in arrays if k.startswith("first_stage_model.")
@@ -165,7 +165,7 @@ def test_extract_round_trip_and_bake_vae(tmp_path: Path) -> None:
     # and extracting the baked VAE gives the other VAE back
     again = tmp_path / "again.safetensors"
     with open_model(baked) as m:
-        extract(m, again, "vae")
+        extract(m, again, component="vae")
     back = load_file(str(again))
     assert {k: v.tobytes() for k, v in back.items()} == {
         k: v.tobytes() for k, v in other.items() if k != "loss.logvar"
@@ -233,7 +233,7 @@ def test_cli_dry_run_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     import json
 
     data = json.loads(capsys.readouterr().out)
-    assert data["schema"] == "sdtool.prune/1" and data["output"]["tensors"] == 1143
+    assert data["schema"] == "sdtool.prune/2" and data["output"]["tensors"] == 1143
     assert data["before"]["total"]["tensors"] == 1831
     assert main(["prune", str(src), str(out), "--ema-only"]) == 2  # exists, no --overwrite
     plain, _ = sd1_file(tmp_path, ema=False, name="plain.safetensors")

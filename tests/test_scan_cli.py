@@ -60,7 +60,7 @@ def test_strict_fails_on_suspicious(tmp_path: Path, capsys) -> None:  # type: ig
 def test_json_schema(tree: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, out = run(capsys, str(tree), "--json", "--jobs", "2")
     doc = json.loads(out)
-    assert code == 1 and doc["exit_code"] == 1 and doc["schema"] == "sdtool.scan/1"
+    assert code == 1 and doc["exit_code"] == 1 and doc["schema"] == "sdtool.scan/2"
     assert doc["summary"]["files"] == 4 and doc["summary"]["dangerous"] == 1
     bad = next(f for f in doc["files"] if f["verdict"] == "dangerous")
     finding = bad["findings"][0]

@@ -230,7 +230,7 @@ def test_torch_tar_format(tmp_path: Path) -> None:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     r = scan(p)
-    assert r.format == "torch tar" and r.verdict == "dangerous"
+    assert r.format == "torch-tar" and r.verdict == "dangerous"
     assert next(f for f in r.findings if f.rule == "global").member == "pickle"
 
 
@@ -322,7 +322,7 @@ torch.save(ckpt, {str(out)!r}, _use_new_zipfile_serialization={not legacy})
 def test_benign_training_checkpoint_is_not_dangerous(tmp_path: Path, legacy: bool) -> None:
     r = scan(_torch_save(tmp_path, legacy))
     assert r.verdict == "suspicious", [(f.rule, f.message) for f in r.findings]
-    assert r.format == ("legacy torch" if legacy else "torch zip") and not r.errors
+    assert r.format == ("torch-legacy" if legacy else "torch-zip") and not r.errors
     sus = {f.global_name for f in r.findings}
     assert sus == {"omegaconf.DictConfig"}  # ModelCheckpoint, numpy scalars, sets: allowlisted
 
@@ -352,7 +352,7 @@ torch.jit.save(torch.jit.script(M()), {str(tmp_path / "m.pt")!r})
     script.write_text(code)
     subprocess.run([sys.executable, str(script)], check=True)
     r = scan(tmp_path / "m.pt")
-    assert r.format == "TorchScript" and r.verdict == "suspicious"
+    assert r.format == "torchscript" and r.verdict == "suspicious"
     ts = next(f for f in r.findings if f.rule == "torchscript")
     assert "code/" in ts.message
 

@@ -18,13 +18,13 @@ from sdtool.errors import UsageError
 from sdtool.ops.convert import (
     TO_SUFFIX,
     BatchResult,
+    ConvertOptions,
     ConvertResult,
     convert,
     convert_batch,
     parse_metadata,
 )
-
-EXIT_OK, EXIT_FAILED = 0, 1
+from sdtool.vocab import ExitCode, parse_dtype
 
 
 @click.command("convert")
@@ -66,9 +66,10 @@ def convert_cmd(
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
-    OUT: .safetensors/.sft (streamed: memory stays about one tensor), or .ckpt/.pt/.pth/.bin
-    (written with torch). The input's metadata and non-tensor fields (global_step, ...) go
-    into the safetensors __metadata__. Output is written to a temp file and renamed: an
+    OUT: .safetensors/.sft or .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory stays
+    about one tensor). The input's metadata and non-tensor fields (global_step, ...) go into
+    the safetensors __metadata__ (a .ckpt: fields as entries, metadata under __metadata__).
+    Output is written to a temp file and renamed: an
     error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed.
 
     \b
@@ -77,14 +78,15 @@ def convert_cmd(
       sdtool convert model.ckpt model-fp16.safetensors --dtype fp16 --verify
       sdtool convert downloads/ --out-dir converted/ --jobs 2
     """
-    options: dict[str, Any] = {
-        "dtype": dtype,
-        "key": key,
-        "metadata": parse_metadata(meta),
-        "carry_metadata": not no_metadata,
-        "verify": verify,
-        "on_overflow": on_overflow,
-    }
+    options = ConvertOptions(
+        dtype=parse_dtype(dtype),
+        key=key,
+        metadata=parse_metadata(meta),
+        carry_metadata=not no_metadata,
+        overwrite=overwrite,
+        verify=verify,
+        on_overflow=on_overflow,
+    )
     bars = bars_.enabled()
     if out_dir is None:
         if len(paths) != 2:
@@ -94,29 +96,27 @@ def convert_cmd(
             )
         src, dst = paths
         with _sigterm_interrupts(), _bars(bars) as progress:
-            result = convert(
-                src, dst, overwrite=overwrite, progress=_single(progress, src), **options
-            )
+            result = convert(src, dst, options, progress=_single(progress, src))
         if as_json:  # the same document as a batch of one, so scripts parse one shape
             _details(result)  # warnings still reach stderr; stdout holds only the JSON
             print_json(BatchResult([result]).to_json())
         else:
             render_one(result)
-        return EXIT_OK
+        return ExitCode.OK
     out_dir.mkdir(parents=True, exist_ok=True)
     with _sigterm_interrupts(), _bars(bars) as progress:
         batch = convert_batch(
-            paths, out_dir, to=to, jobs=jobs, overwrite=overwrite, progress=progress, **options
+            paths, out_dir, options, to=to, jobs=jobs, file_progress=_per_file(progress)
         )
     if as_json:
         for r in batch.results:
             _details(r)
             if r.status == "failed":
-                error(r.error or r.input)
+                error(r.error or r.path)
         print_json(batch.to_json())
     else:
         render_batch(batch)
-    return EXIT_FAILED if batch.failed else EXIT_OK
+    return ExitCode.FINDINGS if batch.failed else ExitCode.OK
 
 
 Progress = Callable[[Path, int, int], None]
@@ -142,6 +142,12 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 def _single(progress: Progress | None, src: Path) -> Callable[[int, int], None] | None:
     return None if progress is None else (lambda done, total: progress(src, done, total))
+
+
+def _per_file(
+    progress: Progress | None,
+) -> Callable[[Path], Callable[[int, int], None] | None] | None:
+    return None if progress is None else (lambda src: _single(progress, src))
 
 
 @contextmanager
@@ -189,18 +195,18 @@ def _line(r: ConvertResult) -> str:
         how.append(f"{r.cast:,} cast to {r.dtype}")
     if r.verified:
         how.append("verified")
-    return f"{markup(r.input)} -> {markup(r.output)}: {', '.join(how)}"
+    return f"{markup(r.path)} -> {markup(r.output)}: {', '.join(how)}"
 
 
 def _details(r: ConvertResult) -> None:
     for old, new in r.renamed.items():
-        warn(f"{r.input}: tensor {old!r} written as {new!r}")
+        warn(f"{r.path}: tensor {old!r} written as {new!r}")
     for name, n in r.overflows.items():
-        warn(f"{r.input}: {n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
+        warn(f"{r.path}: {n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
     for item in r.not_carried:
-        warn(f"{r.input}: not carried: {item}")
+        warn(f"{r.path}: not carried: {item}")
     for note in r.notes:
-        warn(f"{r.input}: {note}")
+        warn(f"{r.path}: {note}")
 
 
 def render_one(r: ConvertResult) -> None:
@@ -217,10 +223,10 @@ def render_batch(b: BatchResult) -> None:
             out.print(f"converted {_line(r)}")
             _details(r)
         elif r.status == "skipped":
-            out.print(f"skipped   {markup(r.input)}: {markup(r.output)} exists (--overwrite)")
+            out.print(f"skipped   {markup(r.path)}: {markup(r.output)} exists (--overwrite)")
         else:  # the reason goes to stderr as the one-line error every command prints
-            out.print(f"[red]failed[/red]    {markup(r.input)}")
-            error(r.error or r.input)
+            out.print(f"[red]failed[/red]    {markup(r.path)}")
+            error(r.error or r.path)
     s = b.to_json()["summary"]
     out.print(
         f"\n{s['converted']} converted, {s['skipped']} skipped, {s['failed']} failed; "

@@ -9,8 +9,7 @@ import click
 from sdtool.cli import progress, render
 from sdtool.cli.options import json_option
 from sdtool.ops.diff import DiffResult, TensorDiff, diff
-
-EXIT_IDENTICAL, EXIT_DIFFERENT = 0, 1
+from sdtool.vocab import ExitCode
 
 
 def _fmt_diff(x: float | int | None) -> str:
@@ -92,4 +91,4 @@ def diff_cmd(a: Path, b: Path, dtype_tolerant: bool, as_json: bool) -> int:
         render.print_json(result.to_json())
     else:
         _render(result)
-    return EXIT_IDENTICAL if result.identical else EXIT_DIFFERENT
+    return ExitCode.OK if result.identical else ExitCode.FINDINGS

@@ -9,9 +9,8 @@ import click
 from sdtool.cli import progress, render
 from sdtool.cli.options import json_option
 from sdtool.errors import SdtoolError
-from sdtool.ops.hash import ALGORITHMS, HashResult, hash_file, parse_algorithms
-
-EXIT_OK, EXIT_ERROR = 0, 2
+from sdtool.ops.hash import ALGORITHMS, SCHEMA, HashResult, hash_file, parse_algorithms
+from sdtool.vocab import ExitCode
 
 
 def _render(result: HashResult) -> None:
@@ -52,7 +51,7 @@ def hash_cmd(files: tuple[Path, ...], algorithms: tuple[str, ...], as_json: bool
     """
     names = parse_algorithms(algorithms) if algorithms else tuple(ALGORITHMS)
     results: list[HashResult] = []
-    code = EXIT_OK
+    code = ExitCode.OK
     for path in files:
         try:
             size = path.stat().st_size if path.is_file() else 0
@@ -61,11 +60,11 @@ def hash_cmd(files: tuple[Path, ...], algorithms: tuple[str, ...], as_json: bool
                 result = hash_file(path, algorithms=names, progress=cb)
         except SdtoolError as e:
             render.error(e.with_path(path))
-            code = EXIT_ERROR
+            code = ExitCode.ERROR
             continue
         results.append(result)
         if not as_json:
             _render(result)
     if as_json:
-        render.print_json({"schema": "sdtool.hash/1", "files": [r.to_json() for r in results]})
+        render.print_json({"schema": SCHEMA, "files": [r.to_json() for r in results]})
     return code

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from sdtool.cli.options import json_option, key_option
 from sdtool.cli.render import console, human_bytes, human_count, markup, print_json
+from sdtool.model import ContainerFacts
 from sdtool.ops.inspect import InspectReport, inspect
 
 MAX_SHOWN = 160  # characters of a metadata value or extra field in the table view
@@ -127,16 +128,16 @@ def render(r: InspectReport) -> None:
         out.print(t)
 
 
-def _container_note(c: dict[str, Any]) -> str:
+def _container_note(c: ContainerFacts) -> str:
     notes = []
-    if c.get("prefix"):
-        notes.append(f"folder {c['prefix']!r}")
-    if c.get("byteorder") == "big":
+    if prefix := getattr(c, "prefix", ""):
+        notes.append(f"folder {prefix!r}")
+    if getattr(c, "byteorder", "") == "big":
         notes.append("big-endian")
-    if c.get("pickle_protocol"):
-        notes.append(f"pickle protocol {c['pickle_protocol']}")
-    if c.get("state_dict_path"):
-        notes.append(f"tensors under {c['state_dict_path']!r}")
+    if protocol := getattr(c, "pickle_protocol", 0):
+        notes.append(f"pickle protocol {protocol}")
+    if c.state_dict_path:
+        notes.append(f"tensors under {c.state_dict_path!r}")
     return f" ({', '.join(notes)})" if notes else ""
 
 

@@ -14,6 +14,7 @@ import click
 
 from sdtool import __version__
 from sdtool.errors import SdtoolError
+from sdtool.vocab import ExitCode
 
 #: command name -> "module:attribute" of its click command; one line per command.
 COMMANDS: dict[str, str] = {
@@ -24,10 +25,9 @@ COMMANDS: dict[str, str] = {
     "extract": "sdtool.cli.prune:extract_cmd",
     "hash": "sdtool.cli.hash:hash_cmd",
     "diff": "sdtool.cli.diff:diff_cmd",
+    "merge": "sdtool.cli.merge:merge_cmd",
+    "lora": "sdtool.cli.lora:lora_cmd",
 }
-
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT / SIGPIPE, as shells report them
 
 
 class LazyGroup(click.Group):
@@ -87,10 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rv = cli.main(args=args, prog_name="sdtool", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("sdtool: interrupted", err=True)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except click.ClickException as e:
         click.echo(_one_line(e), err=True)
-        return EXIT_USAGE
+        return ExitCode.ERROR
     except click.exceptions.Exit as e:
         return int(e.exit_code or 0)
     except SdtoolError as e:
@@ -99,15 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sdtool.cli.render import error
 
         error(e)
-        return EXIT_USAGE
+        return ExitCode.ERROR
     except KeyboardInterrupt:
         click.echo("sdtool: interrupted", err=True)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:
         # the reader went away (`| head`): say nothing more, and keep Python's final flush of
         # stdout from failing again at exit
         _silence_stdout()
-        return EXIT_BROKEN_PIPE
+        return ExitCode.BROKEN_PIPE
     return int(rv or 0)
 
 

@@ -12,17 +12,9 @@ from typing import Any, TypeVar
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
+from sdtool.vocab import DTYPE_NAMES, KEEP
 
-#: what --dtype accepts (the name a user types -> the safetensors code); ``keep`` only on convert.
-#: Other spellings dtypes.parse knows (float16, half, F16, bfloat16 ...) are accepted too.
-DTYPE_NAMES: dict[str, str] = {
-    "fp32": "F32",
-    "fp16": "F16",
-    "bf16": "BF16",
-    "fp8_e4m3fn": "F8_E4M3",
-    "fp8_e5m2": "F8_E5M2",
-}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class DTypeParam(click.ParamType):
@@ -32,7 +24,7 @@ class DTypeParam(click.ParamType):
 
     def __init__(self, *, keep: bool = False) -> None:
         self.keep = keep
-        self.names = (["keep"] if keep else []) + list(DTYPE_NAMES)
+        self.names = ([KEEP] if keep else []) + list(DTYPE_NAMES)
 
     def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
         return "[" + "|".join(self.names) + "]"

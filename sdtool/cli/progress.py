@@ -20,21 +20,17 @@ def enabled() -> bool:
 
 
 class ByteBar:
-    """A byte counter fed either with running totals or with increments."""
+    """A byte counter fed by ``progress(done, total)`` callbacks (the one progress shape)."""
 
     def __init__(self, bar: Any) -> None:
         self.bar = bar
 
     def absolute(self, done: int, total: int) -> None:
-        """``progress(done, total)`` callbacks (hash, diff)."""
+        """The ``progress(done, total)`` callback."""
         if total and self.bar.total != total:
             self.bar.total = total
             self.bar.refresh()
         self.bar.update(done - self.bar.n)
-
-    def advance(self, n: int) -> None:
-        """``progress(nbytes_just_done)`` callbacks (prune, extract)."""
-        self.bar.update(n)
 
 
 @contextmanager

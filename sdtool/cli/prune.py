@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
-from sdtool import dtypes
 from sdtool.cli import progress
 from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
 from sdtool.cli.render import console, human_bytes, human_count, markup, print_json, warn
@@ -17,12 +16,14 @@ from sdtool.formats.open import open_model
 from sdtool.ops.prune import (
     DROP_TARGETS,
     EXTRACT_TARGETS,
+    ExtractOptions,
     PruneOptions,
     PruneResult,
     extract,
     parse_drop,
     prune,
 )
+from sdtool.vocab import parse_dtype
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -101,25 +102,21 @@ def prune_cmd(
     with open_model(src) as model:
         vae = open_model(bake_vae) if bake_vae else None
         try:
-            opts = PruneOptions(
-                ema="only" if ema_only else "drop" if no_ema else "keep",
-                allow_partial_ema=allow_partial_ema,
-                dtype=dtypes.parse(dtype) if dtype else None,
-                drop=parse_drop(drop),
-                bake_vae=vae,
-                fix_clip=fix_clip,
-            )
             with progress.byte_bar(f"writing {out.name}") as bar:
-                result = prune(
-                    model,
-                    out,
-                    opts,
+                opts = PruneOptions(
+                    ema="only" if ema_only else "drop" if no_ema else "keep",
+                    allow_partial_ema=allow_partial_ema,
+                    drop=parse_drop(drop),
+                    bake_vae=vae,
+                    fix_clip=fix_clip,
+                    dtype=parse_dtype(dtype),
                     dry_run=dry_run,
                     overwrite=overwrite,
                     verify=verify,
                     on_overflow=on_overflow,
-                    progress=None if bar is None else bar.advance,
+                    progress=None if bar is None else bar.absolute,
                 )
+                result = prune(model, out, opts)
         finally:
             if vae is not None:
                 vae.close()
@@ -159,18 +156,17 @@ def extract_cmd(
       sdtool extract sd15.ckpt unet-ema.safetensors -c unet --ema-only
     """
     with open_model(src) as model, progress.byte_bar(f"writing {out.name}") as bar:
-        result = extract(
-            model,
-            out,
-            component,
-            dtype=dtypes.parse(dtype) if dtype else None,
+        opts = ExtractOptions(
+            component=component,
             ema=ema_only,
+            dtype=parse_dtype(dtype),
             dry_run=dry_run,
             overwrite=overwrite,
             verify=verify,
             on_overflow=on_overflow,
-            progress=None if bar is None else bar.advance,
+            progress=None if bar is None else bar.absolute,
         )
+        result = extract(model, out, opts)
     return report(result, src, out, dry_run=dry_run, as_json=as_json)
 
 

@@ -14,13 +14,14 @@ from sdtool.cli import progress as bars_
 from sdtool.cli.options import jobs_option, json_option
 from sdtool.cli.render import console, error, human_bytes, markup, print_json
 from sdtool.scan import FileReport, ScanReport, scan_paths
+from sdtool.scan.report import VERDICTS
 from sdtool.scan.sarif import to_sarif
 
 STYLE = {
     "dangerous": "bold red",
     "suspicious": "yellow",
     "error": "magenta",
-    "not scanned": "magenta",
+    "not_scanned": "magenta",
     "safe": "green",
     "info": "dim",
 }
@@ -98,7 +99,7 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
             continue
         v = fr.verdict
         out.print(
-            f"[{STYLE[v]}]{v.upper():<11}[/{STYLE[v]}] {markup(fr.path)} "
+            f"[{STYLE[v]}]{v.label.upper():<11}[/{STYLE[v]}] {markup(fr.path)} "
             f"[dim]({markup(fr.format)}, {human_bytes(fr.size)})[/dim]"
         )
         shown = [f for f in fr.findings if f.severity != "info" or v != "safe"]
@@ -124,8 +125,7 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
         for e in fr.errors:
             out.print(f"    [magenta]error:[/magenta] {markup(e, 200)}")
     s = report.summary()
-    parts = [f"{s[k]} {k}" for k in ("dangerous", "suspicious", "error", "not scanned", "safe")
-             if s[k]]  # fmt: skip
+    parts = [f"{s[v]} {v.label}" for v in VERDICTS if s[v]]
     out.print(
         f"\n{s['files']} file{'' if s['files'] == 1 else 's'}: "
         + (", ".join(parts) or "nothing to scan")

@@ -21,7 +21,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,7 +30,8 @@ from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
 from sdtool.formats.zip import DEFLATED, STORED, ZipArchive, ZipMember, read_member
-from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
+from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, contiguous_strides
+from sdtool.vocab import Format
 
 MAGIC = b"\x93NUMPY"
 #: numpy itself refuses to literal_eval headers over 10,000 bytes by default; real headers for
@@ -62,6 +63,23 @@ _DESCR_RE = re.compile(r"^([<>|=])([a-zA-Z])(\d+)$")  # e.g. "<f4", "|b1"; "|O" 
 
 class PickledArray(UnsupportedDtype):
     """An object array (``descr '|O'``): its data is a pickle of Python objects, not numbers."""
+
+
+@dataclass(frozen=True)
+class NpyFacts(ContainerFacts):
+    """A ``.npy`` file's container facts."""
+
+    npy_version: str = ""  # "1.0", "2.0", "3.0"
+    fortran_order: bool = False
+    trailing_bytes: int = 0  # bytes after the array
+
+
+@dataclass(frozen=True)
+class NpzFacts(ContainerFacts):
+    """A ``.npz`` file's container facts."""
+
+    other_members: list[str] = field(default_factory=list)  # members that are not .npy
+    irregularities: list[str] = field(default_factory=list)  # what the zip reader noticed
 
 
 @dataclass(frozen=True)
@@ -227,19 +245,19 @@ def read_npy(path: Path) -> ModelFile:
             path=path,
         )
     st = Storage(NPY_TENSOR, h.dtype, h.nbytes, file_offset=h.data_start, big_endian=h.big_endian)
-    container = {
-        "npy_version": f"{h.version[0]}.{h.version[1]}",
-        "fortran_order": h.fortran_order,
-        "trailing_bytes": size - h.data_start - h.nbytes,
-    }
-    return ModelFile(path, "npy", {NPY_TENSOR: _info(h, st)}, container=container)
+    container = NpyFacts(
+        npy_version=f"{h.version[0]}.{h.version[1]}",
+        fortran_order=h.fortran_order,
+        trailing_bytes=size - h.data_start - h.nbytes,
+    )
+    return ModelFile(path, Format.NPY, {NPY_TENSOR: _info(h, st)}, container=container)
 
 
 def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
     """Open a ``.npz`` (zip of .npy members) lazily: member ``name.npy`` -> tensor ``name``.
 
     Stored members keep their file offset (zero-copy); deflated members are inflated on read.
-    Members that are not ``.npy`` are listed in ``container["other_members"]``. A member of a
+    Members that are not ``.npy`` are listed in ``container.other_members``. A member of a
     non-numeric dtype (strings, structured) refuses the whole file rather than be dropped
     silently, and an object array (a pickle) refuses it with PickledArray.
     """
@@ -275,11 +293,8 @@ def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
                     big_endian=h.big_endian,
                 )
             tensors[name] = _info(h, st)
-    container = {
-        "other_members": other,
-        "irregularities": list(archive.irregularities),
-    }
-    return ModelFile(path, "npz", tensors, container=container)
+    container = NpzFacts(other_members=other, irregularities=list(archive.irregularities))
+    return ModelFile(path, Format.NPZ, tensors, container=container)
 
 
 def _member_header(f: BinaryIO, m: ZipMember) -> NpyHeader:

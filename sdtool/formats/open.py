@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from sdtool.errors import CorruptFile, SdtoolError, UnknownFormat
-from sdtool.formats.sniff import Kind, not_a_model, sniff
+from sdtool.errors import CorruptFile, SdtoolError, UnknownFormat, UsageError
+from sdtool.formats.sniff import not_a_model, sniff
 from sdtool.model import ModelFile
+from sdtool.vocab import COMPRESSED, Format
 
 
 def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
@@ -27,15 +30,15 @@ def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
     p = Path(path)
     kind, head, size = sniff(p)
     try:
-        if kind is Kind.SAFETENSORS:
+        if kind is Format.SAFETENSORS:
             from sdtool.formats.safetensors import read_safetensors
 
             return read_safetensors(p)
-        if kind in (Kind.ZIP, Kind.PICKLE, Kind.TAR):
+        if kind in (Format.ZIP, Format.PICKLE, Format.TAR):
             from sdtool.formats.torchfile import read_torch
 
             return read_torch(p, kind, key=key)
-        if kind is Kind.NPY:
+        if kind is Format.NPY:
             from sdtool.formats.numpyfile import read_npy
 
             return read_npy(p)
@@ -43,10 +46,24 @@ def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
         raise e.with_path(p) from None
     except (OSError, ValueError, EOFError, MemoryError, RecursionError) as e:
         raise CorruptFile(f"cannot be read ({type(e).__name__}: {e})", path=p) from None
-    if kind in (Kind.GZIP, Kind.BZIP2, Kind.XZ, Kind.ZLIB, Kind.SEVENZIP):
+    if kind in COMPRESSED or kind is Format.SEVENZIP:
         raise UnknownFormat(
             f"a {kind.value}-compressed file, not a model file I know (decompress it first, "
             "or use `sdtool scan` to check what is inside)",
             path=p,
         )
     raise not_a_model(p, head, size)
+
+
+@contextlib.contextmanager
+def opened(src: str | Path | ModelFile, *, key: str | None = None) -> Iterator[ModelFile]:
+    """``src`` as an open ModelFile for the block: a path is opened (and closed afterwards), a
+    ModelFile is used as it is (and left open). Every verb takes ``path | ModelFile`` this way.
+    """
+    if isinstance(src, ModelFile):
+        if key is not None:
+            raise UsageError("key= applies when opening a path; open the ModelFile with key=")
+        yield src
+        return
+    with open_model(src, key=key) as m:
+        yield m

@@ -7,26 +7,17 @@ torch.load's rule is followed exactly: a zip iff the file starts with ``PK\\x03\
 from __future__ import annotations
 
 import struct
-from enum import Enum
 from pathlib import Path
 
 from sdtool.errors import FileAccessError, UnknownFormat
+from sdtool.vocab import Format
 
 HEAD = 4096
 
 
-class Kind(str, Enum):
-    SAFETENSORS = "safetensors"
-    ZIP = "zip"  # torch zip, TorchScript, npz or another zip: the reader looks inside
-    PICKLE = "pickle"  # plain pickle or legacy torch (the reader tells them apart)
-    TAR = "tar"  # torch's oldest format (or another tar)
-    NPY = "npy"
-    GZIP = "gzip"
-    BZIP2 = "bzip2"
-    XZ = "xz"
-    ZLIB = "zlib"
-    SEVENZIP = "7z"
-    UNKNOWN = "unknown"
+#: What sniffing says is a ``vocab.Format`` (ZIP, PICKLE and TAR before a reader looks inside).
+#: ``Kind`` is the old name, kept only until scan/ moves to ``Format``.
+Kind = Format
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -39,35 +30,38 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return body[:1] == b"{"
 
 
-def sniff_bytes(head: bytes, size: int) -> Kind:
+def sniff_bytes(head: bytes, size: int) -> Format:
     """The kind of file whose first bytes are ``head`` and whose size is ``size``."""
     if head[:4] == b"PK\x03\x04":
-        return Kind.ZIP
+        return Format.ZIP
     if head[:6] == b"\x93NUMPY":
-        return Kind.NPY
+        return Format.NPY
     if head[:2] == b"\x1f\x8b":
-        return Kind.GZIP
+        return Format.GZIP
     if head[:3] == b"BZh":
-        return Kind.BZIP2
+        return Format.BZIP2
     if head[:6] == b"\xfd7zXZ\x00":
-        return Kind.XZ
+        return Format.XZ
     if head[:6] == b"7z\xbc\xaf\x27\x1c":
-        return Kind.SEVENZIP
-    if len(head) >= 2 and head[0] == 0x80 and head[1] <= 5:
-        return Kind.PICKLE
-    if (len(head) >= 262 and head[257:262] == b"ustar") or _is_v7_tar(head):
-        return Kind.TAR
+        return Format.SEVENZIP
+    # safetensors first: a header length of 0x0280 bytes starts the file with 80 02, which
+    # is also how a protocol-2 pickle starts; the safetensors test (a length that fits the
+    # file, then "{") is the stricter one
     if _looks_like_safetensors(head, size):
-        return Kind.SAFETENSORS
+        return Format.SAFETENSORS
+    if len(head) >= 2 and head[0] == 0x80 and head[1] <= 5:
+        return Format.PICKLE
+    if (len(head) >= 262 and head[257:262] == b"ustar") or _is_v7_tar(head):
+        return Format.TAR
     if len(head) >= 2 and head[0] == 0x78 and head[1] in (0x01, 0x5E, 0x9C, 0xDA):
-        return Kind.ZLIB
+        return Format.ZLIB
     if (
         head[:1] in (b"(", b"c", b"]", b"}", b"N", b"I", b"S", b"V")
         and b"." in head
         and _proto0(head)
     ):
-        return Kind.PICKLE
-    return Kind.UNKNOWN
+        return Format.PICKLE
+    return Format.UNKNOWN
 
 
 def _is_v7_tar(head: bytes) -> bool:
@@ -123,7 +117,7 @@ def describe(head: bytes, size: int) -> str:
     return f"its first bytes are {head[:16].hex(' ')}"
 
 
-def sniff(path: str | Path) -> tuple[Kind, bytes, int]:
+def sniff(path: str | Path) -> tuple[Format, bytes, int]:
     """(kind, first bytes, size) of ``path``; FileAccessError when it cannot be read."""
     p = Path(path)
     try:

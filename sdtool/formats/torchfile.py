@@ -13,7 +13,7 @@ import io
 import struct
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,14 +26,60 @@ from sdtool.errors import (
 )
 from sdtool.formats import zip as zipr
 from sdtool.formats.graph import collect
-from sdtool.formats.sniff import Kind, sniff_bytes
+from sdtool.formats.sniff import sniff_bytes
 from sdtool.formats.unpickler import StorageType, brief, globals_met, load_one
-from sdtool.model import ModelFile, Storage, TensorInfo, check_view
+from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, check_view
+from sdtool.vocab import Format
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_PICKLE_MEMBER = 1 << 30
 Seen = collections.Counter[tuple[str, str, bool]]
+
+
+# -- what each container says about itself --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZipFacts(ContainerFacts):
+    """A torch zip (torch.save since 1.6)."""
+
+    prefix: str = ""  # the archive's top folder
+    byteorder: str = "little"  # the ``byteorder`` record
+    records: dict[str, str] = field(default_factory=dict)  # version, .format_version ...
+    data_pkl_bytes: int = 0
+    pickle_protocol: int = 0
+    storages: int = 0
+    members: int = 0
+    deflated_storages: int = 0
+    irregularities: list[str] = field(default_factory=list)  # what the zip reader noticed
+
+
+@dataclass(frozen=True)
+class LegacyFacts(ContainerFacts):
+    """A legacy torch file (five pickles, then the raw storages)."""
+
+    protocol_version: Any = None
+    sys_info: Any = None
+    byteorder: str = "little"
+    storages: int = 0
+    pickle_protocol: int = 0
+    trailing_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TarFacts(ContainerFacts):
+    """torch's oldest TAR format."""
+
+    storages: int = 0
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PickleFacts(ContainerFacts):
+    """A plain pickle."""
+
+    pickle_protocol: int = 0
 
 
 @dataclass
@@ -56,41 +102,58 @@ class _Source:
         """``torch.storage._load_from_bytes``: a whole torch file inside the pickle."""
         src = _Source(io.BytesIO(blob), len(blob), data=blob, seen=self.seen)
         kind = sniff_bytes(blob[:4096], len(blob))
-        if kind is Kind.ZIP:
+        if kind is Format.ZIP:
             return _load_zip(src, zipr.read_archive(src.f, src.size))[0]
         return _load_pickles(src)[0]
 
 
-def read_torch(path: Path, kind: Kind, *, key: str | None = None) -> ModelFile:
+def read_torch(path: Path, kind: Format, *, key: str | None = None) -> ModelFile:
     """Open a torch file (zip, legacy, TAR) or plain pickle lazily."""
     size = path.stat().st_size
+    container: ContainerFacts
     with open(path, "rb") as f:
         src = _Source(f, size, path=path)
-        if kind is Kind.ZIP:
+        if kind is Format.ZIP:
             archive = zipr.read_archive(f, size)
             if _is_npz(archive):
                 from sdtool.formats.numpyfile import read_npz
 
                 return read_npz(path, archive)
             root, container = _load_zip(src, archive)
-            fmt = "torch-zip"
-        elif kind is Kind.TAR:
+            fmt = Format.TORCH_ZIP
+        elif kind is Format.TAR:
             root, container = _load_tar(src)
-            fmt = "torch-tar"
+            fmt = Format.TORCH_TAR
         else:
             root, container = _load_pickles(src)
-            fmt = "torch-legacy" if container["container"] == "legacy" else "pickle"
+            fmt = Format.TORCH_LEGACY if isinstance(container, LegacyFacts) else Format.PICKLE
     tensors, extra, sd_path = collect(root, key)
-    container["state_dict_path"] = sd_path
+    container = replace(container, state_dict_path=sd_path)
     return ModelFile(
         path,
         fmt,
         tensors,
+        metadata=_metadata_entry(extra),
         extra=extra,
         container=container,
         globals=globals_met(src.seen),
-        root=root,
     )
+
+
+#: the top-level entry in which a .ckpt written by sdtool keeps a safetensors metadata map
+METADATA_KEY = "__metadata__"
+
+
+def _metadata_entry(extra: dict[str, Any]) -> dict[str, str] | None:
+    """Take a ``__metadata__`` map of strings (sdtool's .ckpt output) out of ``extra``: it is
+    the file's metadata, as in safetensors, so it round-trips through safetensors."""
+    meta = extra.get(METADATA_KEY)
+    if isinstance(meta, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        del extra[METADATA_KEY]
+        return dict(meta)
+    return None
 
 
 # -- zip ------------------------------------------------------------------------------------------
@@ -115,7 +178,7 @@ def _find_prefix(archive: zipr.ZipArchive) -> str:
     return "" if "data.pkl" in archive.members else prefix
 
 
-def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, dict[str, Any]]:
+def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, ZipFacts]:
     prefix = _find_prefix(archive)
     members = archive.members
     code = [n for n in members if n.startswith(prefix + "code/") or n.endswith(".py")]
@@ -169,11 +232,10 @@ def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, dict[str, An
     root = load_one(
         io.BytesIO(raw), persistent_load=persistent_load, nested=src.nested, seen=src.seen
     )
-    container: dict[str, Any] = {
-        "container": "zip",
-        "prefix": prefix.rstrip("/"),
-        "byteorder": "big" if big else "little",
-        "records": {
+    container = ZipFacts(
+        prefix=prefix.rstrip("/"),
+        byteorder="big" if big else "little",
+        records={
             n: v
             for n in (
                 "version",
@@ -184,13 +246,13 @@ def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, dict[str, An
             )
             if (v := record(n)) is not None
         },
-        "data_pkl_bytes": len(raw),
-        "pickle_protocol": raw[1] if raw[:1] == b"\x80" else 0,
-        "storages": len(cache),
-        "members": len(archive.entries),
-        "deflated_storages": sum(1 for s in cache.values() if s.file_offset is None),
-        "irregularities": archive.irregularities,
-    }
+        data_pkl_bytes=len(raw),
+        pickle_protocol=raw[1] if raw[:1] == b"\x80" else 0,
+        storages=len(cache),
+        members=len(archive.entries),
+        deflated_storages=sum(1 for s in cache.values() if s.file_offset is None),
+        irregularities=list(archive.irregularities),
+    )
     return root, container
 
 
@@ -224,7 +286,7 @@ def _text(v: Any) -> str:
 # -- legacy and plain pickles ---------------------------------------------------------------------
 
 
-def _load_pickles(src: _Source) -> tuple[Any, dict[str, Any]]:
+def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
     f = src.f
     f.seek(0)
     head = f.read(2)
@@ -240,7 +302,7 @@ def _load_pickles(src: _Source) -> tuple[Any, dict[str, Any]]:
         raise
     if first != LEGACY_MAGIC or isinstance(first, bool):
         protocol = head[1] if head[:1] == b"\x80" else 0
-        return first, {"container": "pickle", "pickle_protocol": protocol}
+        return first, PickleFacts(pickle_protocol=protocol)
     proto = load_one(f, seen=src.seen)
     if proto != LEGACY_PROTOCOL:
         raise CorruptFile(f"legacy torch file with protocol version {brief(proto)}, expected 1001")
@@ -301,15 +363,14 @@ def _load_pickles(src: _Source) -> tuple[Any, dict[str, Any]]:
             vst.load = lambda p=parent, o=off, n=vst.nbytes: p()[o : o + n]
     if unset := [s.key for s in storages.values() if s.file_offset is None and s.load is None]:
         raise CorruptFile(f"legacy torch file: storages {unset[:3]} have no data")
-    container = {
-        "container": "legacy",
-        "protocol_version": proto,
-        "sys_info": sys_info,
-        "byteorder": "little" if little else "big",
-        "storages": len(storages),
-        "pickle_protocol": head[1] if head[:1] == b"\x80" else 0,
-        "trailing_bytes": src.size - pos,
-    }
+    container = LegacyFacts(
+        protocol_version=proto,
+        sys_info=sys_info,
+        byteorder="little" if little else "big",
+        storages=len(storages),
+        pickle_protocol=head[1] if head[:1] == b"\x80" else 0,
+        trailing_bytes=src.size - pos,
+    )
     return root, container
 
 
@@ -323,7 +384,7 @@ def _truncated(key: str, need: int, size: int) -> TruncatedFile:
 # -- the oldest TAR format ------------------------------------------------------------------------
 
 
-def _load_tar(src: _Source) -> tuple[Any, dict[str, Any]]:
+def _load_tar(src: _Source) -> tuple[Any, TarFacts]:
     """torch < 0.4: a tar of ``storages`` (pickles + raw data), ``tensors`` and ``pickle``."""
     try:
         src.f.seek(0)
@@ -342,9 +403,7 @@ def _load_tar(src: _Source) -> tuple[Any, dict[str, Any]]:
         ) from None
 
 
-def _load_tar_members(
-    src: _Source, members: dict[str, tarfile.TarInfo]
-) -> tuple[Any, dict[str, Any]]:
+def _load_tar_members(src: _Source, members: dict[str, tarfile.TarInfo]) -> tuple[Any, TarFacts]:
     f = src.f
     objects: dict[Any, Any] = {}
     st_m = members["storages"]
@@ -402,7 +461,7 @@ def _load_tar_members(
     root = load_one(
         _member_bytes(src, members["pickle"]), persistent_load=persistent_load, seen=src.seen
     )
-    return root, {"container": "tar", "storages": count, "members": sorted(members)}
+    return root, TarFacts(storages=count, members=sorted(members))
 
 
 def _member_bytes(src: _Source, m: tarfile.TarInfo) -> io.BytesIO:

@@ -20,28 +20,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdtool import dtypes
-from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
-from sdtool.formats.cast import CASTABLE
-from sdtool.formats.open import open_model
-from sdtool.formats.plan import OutTensor
+from sdtool.formats.open import opened
 from sdtool.model import ModelFile, tensor_leaves, to_plain
-from sdtool.ops.write import OUT_FORMATS, output_format, write_model
+from sdtool.results import Result
+from sdtool.vocab import Progress, dtype_name
+from sdtool.write import (
+    OUT_FORMATS,
+    WriteOptions,
+    options_from,
+    output_format,
+    write_model,
+)
 
-#: --dtype choice -> dtype code (None: keep every tensor's dtype)
-DTYPE_CHOICES: dict[str, str | None] = {
-    "keep": None,
-    "fp32": "F32",
-    "fp16": "F16",
-    "bf16": "BF16",
-    "fp8_e4m3fn": "F8_E4M3",
-    "fp8_e5m2": "F8_E5M2",
-}
+SCHEMA = "sdtool.convert/2"
 #: non-tensor fields whose JSON is longer than this are left out of the metadata (with a note)
 MAX_METADATA_VALUE = 64 * 1024
 #: textual-inversion embeddings: the A1111 .pt layout -> the name A1111 reads in safetensors
@@ -52,13 +48,29 @@ MODEL_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".sf
 TO_SUFFIX = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
 
 
-@dataclass
-class ConvertResult:
+@dataclass(frozen=True, kw_only=True)
+class ConvertOptions(WriteOptions):
+    """convert's options: the shared write options, and what to read and carry.
+
+    Attributes:
+        key: a dotted path to the sub-dict to convert instead of the state dict.
+        metadata: extra ``__metadata__`` entries (they win over carried ones).
+        carry_metadata: carry the input's metadata and non-tensor fields.
+    """
+
+    key: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    carry_metadata: bool = True
+
+
+@dataclass(frozen=True)
+class ConvertResult(Result):
     """One file's conversion. ``to_json`` is the documented --json object (docs/convert.md)."""
 
-    input: Path
+    path: Path  # the input
     output: Path
     status: str = "converted"  # converted | skipped | failed
+    error: str | None = None
     input_format: str = ""
     output_format: str = ""
     dtype: str = "keep"
@@ -74,38 +86,11 @@ class ConvertResult:
     metadata_keys: list[str] = field(default_factory=list)
     verified: bool = False
     seconds: float = 0.0
-    error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "input": str(self.input),
-            "output": str(self.output),
-            "status": self.status,
-            "error": self.error,
-            "input_format": self.input_format,
-            "output_format": self.output_format,
-            "dtype": self.dtype,
-            "tensors": self.tensors,
-            "cast": self.cast,
-            "copied": self.copied,
-            "input_bytes": self.input_bytes,
-            "output_bytes": self.output_bytes,
-            "overflows": self.overflows,
-            "renamed": self.renamed,
-            "not_carried": self.not_carried,
-            "notes": self.notes,
-            "metadata_keys": self.metadata_keys,
-            "verified": self.verified,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def parse_dtype(name: str) -> DType | None:
-    """A --dtype choice -> the target dtype (None for keep); UsageError for anything else."""
-    if name not in DTYPE_CHOICES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {name!r}")
-    code = DTYPE_CHOICES[name]
-    return None if code is None else dtypes.from_code(code)
+        d = super().to_json()
+        d["seconds"] = round(self.seconds, 3)
+        return d
 
 
 def parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
@@ -119,41 +104,22 @@ def parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def build_plan(
-    m: ModelFile, dtype: DType | None
-) -> tuple[list[OutTensor], dict[str, str], list[str]]:
-    """The output tensors of ``m`` cast to ``dtype``, the renames made, and notes.
-
-    Floating tensors are cast (the ones sdtool casts torch-exactly); integer, bool and complex
-    tensors keep their dtype (int64 ``position_ids`` stays int64).
-    """
-    renamed: dict[str, str] = {}
-    ti = [n for n in m.tensors if n.startswith(TI_PREFIX)]
-    if len(ti) == 1 and len(m.tensors) == 1:
-        renamed[ti[0]] = TI_NAME
-    notes: list[str] = []
-    kept: dict[str, int] = {}
-    plan: list[OutTensor] = []
-    for name, info in m.tensors.items():
-        target = info.dtype
-        if dtype is not None and info.dtype.is_float:
-            if info.dtype.code in CASTABLE:
-                target = dtype
-            else:
-                kept[info.dtype.code] = kept.get(info.dtype.code, 0) + 1
-        plan.append(OutTensor(renamed.get(name, name), m, info, target))
-    for code, n in kept.items():
-        notes.append(f"{n} {code} tensor(s) kept as {code}: sdtool does not cast that dtype")
-    return plan, renamed, notes
+def carried_fields(m: ModelFile) -> dict[str, Any]:
+    """The non-tensor top-level fields of ``m`` (global_step, epoch ...) as plain data (what a
+    .ckpt output gets back as top-level entries); fields holding tensors are not carried."""
+    return {
+        str(k): to_plain(v) for k, v in m.extra.items() if not any(True for _ in tensor_leaves(v))
+    }
 
 
 def build_metadata(
-    m: ModelFile, *, carry: bool = True, add: dict[str, str] | None = None
+    m: ModelFile, *, carry: bool = True, add: dict[str, str] | None = None, fields: bool = True
 ) -> tuple[dict[str, str], list[str], list[str]]:
     """The output ``__metadata__``, what was not carried (tensors outside the state dict), notes.
 
-    ``carry``: the input's metadata and its non-tensor fields (JSON per top-level key);
-    ``format: pt`` is always set unless the input or ``add`` says otherwise; ``add`` wins.
+    ``carry``: the input's metadata and (``fields``) its non-tensor fields, JSON per top-level
+    key (a .ckpt output carries the fields as entries instead); ``format: pt`` is always set
+    unless the input or ``add`` says otherwise; ``add`` wins.
     """
     meta: dict[str, str] = {}
     not_carried: list[str] = []
@@ -167,11 +133,10 @@ def build_metadata(
             )
     if carry:
         meta.update(m.metadata)
-        for k, v in m.extra.items():
-            key = str(k)
-            if key in meta or any(True for _ in tensor_leaves(v)):
+        for key, plain in (carried_fields(m) if fields else {}).items():
+            if key in meta:
                 continue
-            enc = json.dumps(to_plain(v), ensure_ascii=False)
+            enc = json.dumps(plain, ensure_ascii=False)
             if len(enc) > MAX_METADATA_VALUE:
                 notes.append(
                     f"field {key!r} left out of the metadata: {len(enc)} bytes of JSON "
@@ -185,28 +150,20 @@ def build_metadata(
 
 
 def convert(
-    src: str | Path,
+    src: str | Path | ModelFile,
     out: str | Path,
-    *,
-    dtype: str = "keep",
-    key: str | None = None,
-    metadata: dict[str, str] | None = None,
-    carry_metadata: bool = True,
-    overwrite: bool = False,
-    verify: bool = False,
-    on_overflow: str = "fail",
-    progress: Callable[[int, int], None] | None = None,
+    options: ConvertOptions | None = None,
+    **changes: Any,
 ) -> ConvertResult:
     """Convert the model file ``src`` to ``out`` (format by ``out``'s extension).
 
+    Convert is prune keeping everything (``plan_prune`` with default options: every tensor,
+    cast by the one cast rule), plus the input's metadata and non-tensor fields carried.
+
     Args:
-        dtype: ``keep``, ``fp32``, ``fp16``, ``bf16``, ``fp8_e4m3fn`` or ``fp8_e5m2``: the
-            dtype of floating tensors, cast exactly as torch's ``.to()``.
-        key: a dotted path to the sub-dict to convert instead of the state dict.
-        metadata: extra ``__metadata__`` entries (they win over carried ones).
-        carry_metadata: carry the input's metadata and non-tensor fields.
-        on_overflow: ``fail`` or ``warn`` when a cast makes finite values inf.
-        progress: called with (bytes written so far, bytes the output's tensors take).
+        src: a path, or an opened ModelFile (left open).
+        options: ConvertOptions (dtype, key, metadata, carry_metadata, and the write options
+            overwrite, verify, on_overflow, progress); ``changes`` may give them as keywords.
 
     Returns a ConvertResult; raises SdtoolError subclasses (nothing is written then).
 
@@ -214,68 +171,69 @@ def convert(
         >>> r = convert("model.ckpt", "model.safetensors", dtype="fp16", verify=True)
         >>> print(r.tensors, r.output_bytes)
     """
+    from sdtool.ops.prune import PruneOptions, plan_prune
+
     t0 = time.perf_counter()
-    src, out = Path(src), Path(out)
-    target = parse_dtype(dtype)
+    opts = options_from(ConvertOptions, options, changes)
+    out = Path(out)
     output_format(out)  # refuse a bad extension before reading anything
-    with open_model(src, key=key) as m:
+    with opened(src, key=opts.key) as m:
         if not m.tensors:
             holders = [k for k, v in m.extra.items() if any(True for _ in tensor_leaves(v))]
             hint = f" (tensors lie under {holders[:3]}: pick one with --key)" if holders else ""
-            raise UsageError(f"holds no state-dict tensors to convert{hint}", path=src)
-        plan, renamed, notes = build_plan(m, target)
-        meta, not_carried, meta_notes = build_metadata(m, carry=carry_metadata, add=metadata)
-        total = sum(t.nbytes for t in plan)
-        done = 0
-        lock = threading.Lock()
-
-        def step(n: int) -> None:
-            nonlocal done
-            with lock:
-                done += n
-            if progress is not None:
-                progress(done, total)
-
+            raise UsageError(f"holds no state-dict tensors to convert{hint}", path=m.path)
+        plan = plan_prune(m, PruneOptions(dtype=opts.dtype))
+        renamed = _renames(m)
+        tensors = [
+            replace(t, name=renamed[t.name]) if t.name in renamed else t for t in plan.tensors
+        ]
         fmt = OUT_FORMATS[out.suffix.lower()]
-        if fmt != "safetensors" and (lost := sorted(set(meta) - {"format"})):
-            notes.append(
-                f"metadata not written ({', '.join(lost[:5])}): a .ckpt has no place for it"
-            )
-        w = write_model(
-            plan,
-            out,
-            metadata=meta,
-            overwrite=overwrite,
-            verify=verify,
-            on_overflow=on_overflow,
-            progress=step,
+        ckpt = fmt != "safetensors"
+        meta, not_carried, meta_notes = build_metadata(
+            m, carry=opts.carry_metadata, add=opts.metadata, fields=not ckpt
         )
-        return ConvertResult(
-            input=src,
+        fields = carried_fields(m) if ckpt and opts.carry_metadata else None
+        notes = list(plan.notes)
+        result = ConvertResult(
+            path=m.path,
             output=out,
-            input_format=m.format,
-            output_format=w.format,
-            dtype=dtype,
-            tensors=w.tensors,
-            cast=w.cast,
-            copied=w.copied,
+            status="planned" if opts.dry_run else "converted",
+            input_format=str(m.format),
+            output_format=fmt,
+            dtype=dtype_name(None if opts.dtype is None else opts.dtype.code),
+            tensors=len(tensors),
             input_bytes=m.file_size,
-            output_bytes=w.nbytes,
-            overflows=w.overflows,
             renamed=renamed,
             not_carried=not_carried,
             notes=notes + meta_notes,
+        )
+        if opts.dry_run:
+            return result
+        w = write_model(tensors, out, opts, metadata=meta, fields=fields)
+        return replace(
+            result,
+            tensors=w.tensors,
+            cast=w.cast,
+            copied=w.copied,
+            output_bytes=w.nbytes,
+            overflows=w.overflows,
             metadata_keys=sorted(meta) if w.metadata_written else [],
             verified=w.verified,
             seconds=time.perf_counter() - t0,
         )
 
 
+def _renames(m: ModelFile) -> dict[str, str]:
+    """A textual-inversion embedding's one ``string_to_param.*`` tensor -> ``emb_params``."""
+    ti = [n for n in m.tensors if n.startswith(TI_PREFIX)]
+    return {ti[0]: TI_NAME} if len(ti) == 1 and len(m.tensors) == 1 else {}
+
+
 # -- batch ----------------------------------------------------------------------------------
 
 
-@dataclass
-class BatchResult:
+@dataclass(frozen=True)
+class BatchResult(Result):
     """Every file's result, in input order."""
 
     results: list[ConvertResult]
@@ -290,7 +248,7 @@ class BatchResult:
     def to_json(self) -> dict[str, Any]:
         done = [r for r in self.results if r.status == "converted"]
         return {
-            "schema": "sdtool.convert/1",
+            "schema": SCHEMA,
             "results": [r.to_json() for r in self.results],
             "summary": {
                 "converted": len(done),
@@ -336,17 +294,18 @@ def _inside(path: Path, folder: Path) -> bool:
 def convert_batch(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
+    options: ConvertOptions | None = None,
     *,
     to: str = "safetensors",
     jobs: int = 1,
-    overwrite: bool = False,
-    progress: Callable[[Path, int, int], None] | None = None,
-    **options: Any,
+    file_progress: Callable[[Path], Progress | None] | None = None,
+    **changes: Any,
 ) -> BatchResult:
     """Convert files and folders into ``out_dir``; existing outputs are skipped unless
-    ``overwrite``. ``options`` are convert's (dtype, key, metadata, verify ...). ``progress`` is
-    called with (input, bytes written, total) per file. A failed file is recorded with its
-    error and the rest go on; Ctrl-C stops everything (finished files stay)."""
+    ``overwrite``. ``options``/``changes`` are convert's (dtype, key, metadata, verify ...);
+    ``file_progress(input)`` gives each file's ``progress(done, total)``. A failed file is
+    recorded with its error and the rest go on; Ctrl-C stops everything (finished files stay)."""
+    opts = options_from(ConvertOptions, options, changes)
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     pairs = batch_targets([Path(p) for p in inputs], Path(out_dir), to)
@@ -360,18 +319,19 @@ def convert_batch(
                 src, dst, status="failed", input_bytes=size,
                 error=f"{src}: {seen[dst]} already converts to {dst}",
             )  # fmt: skip
-        if dst.exists() and not overwrite:
+        if dst.exists() and not opts.overwrite:
             return ConvertResult(src, dst, status="skipped", input_bytes=size)
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
+            shown = file_progress(src) if file_progress is not None else None
 
             def cb(done: int, total: int) -> None:
                 if cancel.is_set():  # Ctrl-C in the main thread: stop here, temp file goes
                     raise KeyboardInterrupt
-                if progress is not None:
-                    progress(src, done, total)
+                if shown is not None:
+                    shown(done, total)
 
-            return convert(src, dst, overwrite=overwrite, progress=cb, **options)
+            return convert(src, dst, replace(opts, progress=cb))
         except SdtoolError as e:
             return ConvertResult(src, dst, status="failed", input_bytes=size, error=str(e))
         except OSError as e:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ import numpy as np
 from sdtool.errors import TruncatedFile
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
+from sdtool.vocab import Progress
 
 CHUNK_ELEMENTS = 4 << 20  # elements per compared slice: temporaries stay near 200 MB at most
 
-Progress = Callable[[int, int], None]  # (bytes of A compared, bytes of A to compare)
+SCHEMA = "sdtool.diff/2"
 
 #: status -> what it means; the order is the display order
 STATUSES: dict[str, str] = {
@@ -118,9 +119,9 @@ class DiffResult:
     def to_json(self) -> dict[str, Any]:
         """The documented --json record (docs/diff.md)."""
         return {
-            "schema": "sdtool.diff/1",
-            "a": {"file": os.fspath(self.a), "format": self.format_a},
-            "b": {"file": os.fspath(self.b), "format": self.format_b},
+            "schema": SCHEMA,
+            "a": {"path": os.fspath(self.a), "format": self.format_a},
+            "b": {"path": os.fspath(self.b), "format": self.format_b},
             "identical": self.identical,
             "dtype_tolerant": self.dtype_tolerant,
             "counts": self.counts,

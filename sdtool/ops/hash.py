@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sdtool.errors import CorruptFile, FileAccessError, UsageError
-from sdtool.formats.sniff import HEAD, Kind, sniff_bytes
+from sdtool.formats.sniff import HEAD, sniff_bytes
+from sdtool.vocab import Format, Progress
 
 CHUNK = 16 << 20  # bytes per read: large enough that per-chunk overhead vanishes
 BUFFERS = 4  # chunks in flight: the reader stays ahead while the hashers catch up
 AUTOV1_RANGE = (0x100000, 0x110000)
 CIVITAI_AUTOV1_MIN = 2 << 20  # Civitai shows no AutoV1 for files under 2 MiB
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+SCHEMA = "sdtool.hash/2"
 
 
 class _Crc32:
@@ -116,7 +117,7 @@ class HashResult:
     def to_json(self) -> dict[str, Any]:
         """The documented --json record (docs/hash.md)."""
         return {
-            "file": os.fspath(self.path),
+            "path": os.fspath(self.path),
             "size": self.size,
             "safetensors": self.safetensors,
             "hashes": dict(self.hashes),
@@ -172,7 +173,7 @@ class _Feeder(threading.Thread):
 
 def _autov3_start(f: BinaryIO, head: bytes, size: int) -> tuple[int | None, str | None]:
     """Where the AutoV3 range begins (8 + N), or None and why there is none."""
-    if sniff_bytes(head, size) is not Kind.SAFETENSORS:
+    if sniff_bytes(head, size) is not Format.SAFETENSORS:
         return None, "not a safetensors file; AutoV3 exists only for safetensors"
     from sdtool.formats.safetensors import read_header
 
@@ -234,7 +235,7 @@ def _hash_open(
     size = os.fstat(f.fileno()).st_size
     head = f.read(HEAD)
     notes: dict[str, str] = {}
-    is_st = sniff_bytes(head, size) is Kind.SAFETENSORS
+    is_st = sniff_bytes(head, size) is Format.SAFETENSORS
     ranges: dict[str, tuple[int, int]] = {}
     for name in names:
         key = ALGORITHMS[name].hasher

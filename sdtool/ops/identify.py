@@ -499,8 +499,6 @@ KIND_RULES: tuple[tuple[frozenset[str], frozenset[str], str], ...] = (
     (frozenset({"vae"}), frozenset(), "vae"),
     (frozenset({"text-encoder"}), frozenset(), "text-encoder"),
 )
-#: prefixes at which a lone text encoder is in transformers' own layout (a diffusers folder file)
-HF_TEXT_PREFIXES = ("",)
 
 
 def _kind(comps: list[ComponentMatch], meta_kind: str | None) -> str:
@@ -510,7 +508,8 @@ def _kind(comps: list[ComponentMatch], meta_kind: str | None) -> str:
         return "unknown"
     main = [c for c in comps if c.role in ("denoiser", "vae", "text-encoder", "controlnet")]
     if kind in ("unet", "vae", "text-encoder") and all(
-        c.layout == "diffusers" or (c.role == "text-encoder" and c.prefix in HF_TEXT_PREFIXES)
+        # a lone text encoder at the root is in transformers' own layout (a diffusers folder file)
+        c.layout == "diffusers" or (c.role == "text-encoder" and c.prefix == "")
         for c in main
     ):
         return "diffusers-component"

@@ -11,12 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from sdtool.formats.open import open_model
-from sdtool.model import GlobalUse, ModelFile, TensorInfo, tensor_leaves, to_plain
+from sdtool.model import (
+    ContainerFacts,
+    GlobalUse,
+    ModelFile,
+    TensorInfo,
+    tensor_leaves,
+    to_plain,
+)
 from sdtool.ops.identify import Identity
 from sdtool.ops.identify import identify as identify_model
 from sdtool.scan import classify_global
 
-SCHEMA = "sdtool.inspect/1"
+SCHEMA = "sdtool.inspect/2"
 
 #: (component, key prefixes); first match wins, so longer/more specific prefixes come first.
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -88,7 +95,7 @@ class InspectReport:
     metadata: dict[str, str]
     extra: Any
     other_tensors: Bucket
-    container: dict[str, Any]
+    container: ContainerFacts
     globals: list[GlobalReport]
     tensors: list[tuple[str, TensorInfo]] = field(default_factory=list)
     identity: Identity | None = None
@@ -96,7 +103,7 @@ class InspectReport:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "schema": SCHEMA,
-            "file": str(self.path),
+            "path": str(self.path),
             "format": self.format,
             "file_size": self.file_size,
             "totals": self.totals.to_json(),
@@ -105,7 +112,7 @@ class InspectReport:
             "metadata": self.metadata,
             "extra": self.extra,
             "other_tensors": self.other_tensors.to_json(),
-            "container": to_plain(self.container),
+            "container": to_plain(self.container.to_json()),
             "globals": [
                 {
                     "module": g.module,

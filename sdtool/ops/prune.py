@@ -7,8 +7,7 @@ atomic, optionally verified). What is kept follows ``identify``'s components, ne
 allowlist, so SDXL's ``conditioner.*`` text encoders survive.
 
 Example:
-    >>> with open_model("sd15.ckpt") as m:
-    ...     result = prune(m, Path("sd15-ema.safetensors"), PruneOptions(ema="only", dtype=F16))
+    >>> result = prune("sd15.ckpt", "sd15-ema.safetensors", ema="only", dtype="fp16")
 """
 
 from __future__ import annotations
@@ -23,14 +22,15 @@ import numpy as np
 from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import UsageError
-from sdtool.formats.cast import CASTABLE
-from sdtool.formats.plan import OutTensor
+from sdtool.formats.open import opened
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.ops import signatures as S
 from sdtool.ops.identify import ComponentMatch, Identity, ema_key, identify
-from sdtool.ops.write import WriteResult, write_model
+from sdtool.results import Result
+from sdtool.vocab import CASTABLE, cast_target
+from sdtool.write import OutTensor, WriteOptions, WriteResult, options_from, write_model
 
-SCHEMA = "sdtool.prune/1"
+SCHEMA = "sdtool.prune/2"
 EMA_MODES = ("keep", "only", "drop")
 #: --drop names -> component roles/names they remove
 DROP_TARGETS: dict[str, tuple[str, ...]] = {
@@ -53,16 +53,27 @@ EXTRACT_TARGETS: dict[str, str] = {
 CLIP_POSITIONS = 77
 
 
-@dataclass(frozen=True)
-class PruneOptions:
-    """What to keep. ``ema``: keep the EMA copy, ``only`` put it under the model keys, ``drop``."""
+@dataclass(frozen=True, kw_only=True)
+class PruneOptions(WriteOptions):
+    """What to keep, and the shared write options (dtype, overwrite, verify ...).
+
+    ``ema``: ``keep`` the EMA copy, ``only`` put it under the model keys, ``drop`` it. The
+    defaults keep everything: that is convert.
+    """
 
     ema: str = "keep"
     allow_partial_ema: bool = False
-    dtype: DType | None = None
     drop: frozenset[str] = frozenset()
     bake_vae: ModelFile | None = None
     fix_clip: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractOptions(WriteOptions):
+    """Which component to extract (EXTRACT_TARGETS); ``ema``: the UNet from the EMA copy."""
+
+    component: str = ""
+    ema: bool = False
 
 
 @dataclass
@@ -97,10 +108,11 @@ class Dropped:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrunePlan:
     """The output tensors and the account of everything else."""
 
+    path: Path  # the input
     tensors: list[OutTensor]
     identity: Identity
     before: dict[str, Totals]  # component -> totals in the input
@@ -122,6 +134,7 @@ class PrunePlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
+            "path": str(self.path),
             "kind": self.identity.kind,
             "architecture": self.identity.architecture,
             "before": {
@@ -139,8 +152,10 @@ class PrunePlan:
         }
 
 
-@dataclass
-class PruneResult:
+@dataclass(frozen=True)
+class PruneResult(Result):
+    """A prune or extract: the plan, and what was written (None for a dry run)."""
+
     plan: PrunePlan
     write: WriteResult | None  # None for a dry run
 
@@ -192,10 +207,21 @@ def _role(key: str, own: dict[str, ComponentMatch], ident: Identity) -> str:
 
 
 def out_dtype(info: TensorInfo, dtype: DType | None) -> DType:
-    """``dtype`` for floating tensors sdtool can cast; everything else (ints, bools) as it is."""
-    if dtype is None or not info.dtype.is_float or info.dtype.code not in CASTABLE:
-        return info.dtype
-    return dtype
+    """The dtype ``info`` is written as when ``dtype`` is asked for: the one cast rule."""
+    return cast_target(info.dtype, dtype)
+
+
+def _uncast_notes(tensors: list[OutTensor], dtype: DType | None) -> list[str]:
+    """Floating tensors of a dtype sdtool does not cast, which keep theirs (said, not silent)."""
+    kept: dict[str, int] = {}
+    for t in tensors:
+        code = t.info.dtype.code
+        if dtype is not None and t.make is None and t.info.dtype.is_float and code not in CASTABLE:
+            kept[code] = kept.get(code, 0) + 1
+    return [
+        f"{n} {code} tensor(s) kept as {code}: sdtool does not cast that dtype"
+        for code, n in kept.items()
+    ]
 
 
 def plan_prune(
@@ -275,7 +301,16 @@ def plan_prune(
     ]
     meta = dict(model.metadata) or {"format": "pt"}
     return PrunePlan(
-        b.out, ident, b.before, b.after, list(b.dropped.values()), entries, changes, meta
+        model.path,
+        b.out,
+        ident,
+        b.before,
+        b.after,
+        list(b.dropped.values()),
+        entries,
+        changes,
+        meta,
+        _uncast_notes(b.out, options.dtype),
     )
 
 
@@ -474,6 +509,7 @@ def plan_extract(
     entries = [(k, S.TRAINING_STATE.get(k, "non-weight data")) for k in model.extra]
     meta = {k: v for k, v in model.metadata.items() if not k.startswith("modelspec.")}
     return PrunePlan(
+        model.path,
         b.out,
         ident,
         b.before,
@@ -482,86 +518,49 @@ def plan_extract(
         entries,
         changes,
         meta or {"format": "pt"},
+        _uncast_notes(b.out, dtype),
     )
 
 
 # -- with the write -------------------------------------------------------------------------------
 
 
-def _write(
-    plan: PrunePlan,
-    out: Path,
-    *,
-    dry_run: bool,
-    overwrite: bool,
-    verify: bool,
-    on_overflow: str,
-    progress: Callable[[int], None] | None,
-) -> PruneResult:
+def _write(plan: PrunePlan, out: str | Path, options: WriteOptions) -> PruneResult:
     if not plan.tensors:
         raise UsageError("nothing would be left to write", path=out)
-    if dry_run:
+    if options.dry_run:
         return PruneResult(plan, None)
-    w = write_model(
-        plan.tensors,
-        out,
-        metadata=plan.metadata,
-        overwrite=overwrite,
-        verify=verify,
-        on_overflow=on_overflow,
-        progress=progress,
-    )
-    return PruneResult(plan, w)
+    return PruneResult(plan, write_model(plan.tensors, out, options, metadata=plan.metadata))
 
 
 def prune(
-    model: ModelFile,
-    out: Path,
-    options: PruneOptions = PruneOptions(),
-    *,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    verify: bool = False,
-    on_overflow: str = "fail",
-    progress: Callable[[int], None] | None = None,
+    src: str | Path | ModelFile,
+    out: str | Path,
+    options: PruneOptions | None = None,
+    **changes: Any,
 ) -> PruneResult:
-    """Prune ``model`` into ``out`` (format by extension); see ``plan_prune``."""
-    plan = plan_prune(model, options)
-    return _write(
-        plan,
-        Path(out),
-        dry_run=dry_run,
-        overwrite=overwrite,
-        verify=verify,
-        on_overflow=on_overflow,
-        progress=progress,
-    )
+    """Prune ``src`` (a path or an opened ModelFile) into ``out`` (format by extension).
+
+    ``options`` (or keywords): what to keep (see ``PruneOptions``) and the write options
+    (dtype, overwrite, verify, on_overflow, dry_run, progress). See ``plan_prune``.
+    """
+    opts = options_from(PruneOptions, options, changes)
+    with opened(src) as model:
+        return _write(plan_prune(model, opts), out, opts)
 
 
 def extract(
-    model: ModelFile,
-    out: Path,
-    component: str,
-    *,
-    dtype: DType | None = None,
-    ema: bool = False,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    verify: bool = False,
-    on_overflow: str = "fail",
-    progress: Callable[[int], None] | None = None,
+    src: str | Path | ModelFile,
+    out: str | Path,
+    options: ExtractOptions | None = None,
+    **changes: Any,
 ) -> PruneResult:
-    """Write one component of ``model`` to ``out`` in its standalone layout."""
-    plan = plan_extract(model, component, dtype=dtype, ema=ema)
-    return _write(
-        plan,
-        Path(out),
-        dry_run=dry_run,
-        overwrite=overwrite,
-        verify=verify,
-        on_overflow=on_overflow,
-        progress=progress,
-    )
+    """Write one component of ``src`` to ``out`` in its standalone layout (``ExtractOptions``:
+    component, ema, and the write options)."""
+    opts = options_from(ExtractOptions, options, changes)
+    with opened(src) as model:
+        plan = plan_extract(model, opts.component, dtype=opts.dtype, ema=opts.ema)
+        return _write(plan, out, opts)
 
 
 def parse_drop(values: Iterable[str]) -> frozenset[str]:

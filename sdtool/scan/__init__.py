@@ -34,19 +34,16 @@ __all__ = [
 ]
 
 
-def scan(
-    path: str | Path, *, strict: bool = False, limits: Limits = DEFAULT_LIMITS, crc: str = "read"
-) -> FileReport:
+def scan(path: str | Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read") -> FileReport:
     """Scan one file and return its FileReport (never raises for file content).
+
+    A file's verdict does not depend on ``--strict`` (``ScanReport.exit_code`` does).
 
     Args:
         path: any file; the format is decided by content, never by extension.
-        strict: accepted for symmetry with ``scan_paths``; a FileReport's verdict does not depend
-            on it (``ScanReport.exit_code`` does).
         limits: caps on opcodes, memo, stack and literal sizes.
         crc: "read" checks the CRC-32 of every zip member that is read; "all" of every member.
     """
-    del strict
     return scan_file(Path(path), limits=limits, crc=crc)
 
 

@@ -48,6 +48,7 @@ from sdtool.scan.vm import (
     Stream,
     run_stream,
 )
+from sdtool.vocab import Format
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_DEPTH = 4  # containers inside containers
@@ -79,7 +80,7 @@ class Ctx:
     pending: ScanLimit | None = None  # a limit met reading a member: raised once it is scanned
     depth: int = 0  # nesting depth of the container being walked
     crc: str = "read"  # "read": check CRC of members that are read; "all": every member
-    formats: list[str] = field(default_factory=list)
+    formats: list[Format] = field(default_factory=list)
     parsed: dict[str, Stream] = field(default_factory=dict)  # member -> its first stream
     fd: int | None = None  # the top-level file, for scattered reads that should not fault pages
 
@@ -149,7 +150,7 @@ def scan_file(
         with _open_regular(path) as f:
             size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
-                rep.scanned, rep.format = False, "empty"
+                rep.scanned, rep.format = False, Format.EMPTY
                 rep.errors.append("not scanned: the file is empty")
                 return rep
             if f.read(4) in (zipfmt.LOCAL_SIG, zipfmt.EOCD_SIG):
@@ -162,11 +163,11 @@ def scan_file(
                     mm.madvise(mmap.MADV_RANDOM)
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
     except _NotRegular as e:
-        rep.scanned, rep.format = False, "special file"
+        rep.scanned, rep.format = False, Format.UNREADABLE
         rep.errors.append(f"not scanned: {e} (skipped by type, never opened)")
     except OSError as e:
         rep.scanned = False
-        rep.format = "unreadable"
+        rep.format = Format.UNREADABLE
         rep.errors.append(f"not scanned: cannot read the file ({e.strerror or e})")
     except SdtoolError as e:
         rep.errors.append(e.message)
@@ -195,7 +196,7 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         what = describe(head, size)
         if member is None:
             ctx.report.scanned = False
-            ctx.formats.append("unknown")
+            ctx.formats.append(Format.UNKNOWN)
             ctx.error(None, f"not scanned: not a format sdtool can analyse ({what})")
         else:
             ctx.report.notes.append(f"{member}: not analysed ({what})")
@@ -279,14 +280,15 @@ def _check_name(ctx: Ctx, member: str | None, name: str, kind: str) -> None:
 
 
 def _run(ctx: Ctx, buf: Any, start: int, end: int) -> Stream:
-    """One pickle stream through the VM, its opcodes charged to the file's budget."""
+    """One pickle stream through the VM, its opcodes charged to the file's budget (as the bytes
+    it walked: every opcode takes at least one)."""
     ctx.budget.check_time()
     left = ctx.budget.opcodes_left()
     limits = ctx.limits
     if left < limits.max_opcodes:
         limits = dataclasses.replace(limits, max_opcodes=left)
     s = run_stream(buf, start, end, limits=limits)
-    ctx.budget.charge_opcodes(s.opcodes)
+    ctx.budget.charge_opcodes(max(s.end, s.error_offset, start) - start)
     return s
 
 
@@ -373,10 +375,10 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     if member is None or member.startswith("<"):  # the file itself, or its decompressed body
         _side_files(ctx, s0, member, depth)
     if s0.stopped and s0.result == LEGACY_MAGIC:
-        ctx.formats.append("legacy torch")
+        ctx.formats.append(Format.TORCH_LEGACY)
         pos = _scan_legacy(ctx, buf, s0.end, member)
     else:
-        ctx.formats.append("pickle")
+        ctx.formats.append(Format.PICKLE)
         pos = s0.end if s0.stopped else -1
     index = 1
     while 0 <= pos < end:
@@ -531,7 +533,7 @@ def scan_zip(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             assert error is not None
             ctx.error(member, f"zip cannot be read: {error.message}")
             if member is None:
-                ctx.formats.append("zip (unreadable)")
+                ctx.formats.append(Format.ZIP)
             _scan_local_headers(ctx, buf, member, depth)
             return
         arch = readings.pop(0)  # torch cannot read it; zipfile (numpy, joblib) can
@@ -567,13 +569,13 @@ def _scan_archive(
     is_torch = any(n.endswith("data.pkl") for n in names)
     if member is None:
         if torchscript:
-            ctx.formats.append("TorchScript")
+            ctx.formats.append(Format.TORCHSCRIPT)
         elif is_torch:
-            ctx.formats.append("torch zip")
+            ctx.formats.append(Format.TORCH_ZIP)
         elif names and all(n.endswith(".npy") for n in names):
-            ctx.formats.append("npz")
+            ctx.formats.append(Format.NPZ)
         else:
-            ctx.formats.append("zip")
+            ctx.formats.append(Format.ZIP)
     for irr in arch.irregularities:
         rule, sev = "zip-irregular", "suspicious"
         if "duplicate" in irr:
@@ -597,14 +599,11 @@ def _scan_archive(
             member,
         )
     storage_keys = _referenced_storages(ctx, buf, arch, member)
-    dup_seen: set[str] = set()
     for m in arch.entries:
         if m.name.endswith("/") and m.size == 0:
             continue
         path = _join(member, m.name)
         last = arch.members.get(m.name) is m
-        if not last and m.name not in dup_seen:
-            dup_seen.add(m.name)
         if m.name in storage_keys and last:
             if ctx.crc == "all":
                 _check_crc(ctx, buf, m, path)
@@ -757,7 +756,7 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     from sdtool.formats.numpyfile import MAX_LAYOUT_HEADER, npy_header_length, npy_layout
 
     if member is None:
-        ctx.formats.append("npy")
+        ctx.formats.append(Format.NPY)
     head = bytes(buf[:12])
     if len(head) < 12:
         ctx.error(member, "npy header is cut short")
@@ -799,7 +798,7 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     names = {i.name for i in infos}
     torch_tar = {"sys_info", "pickle", "storages", "tensors"} <= names
     if member is None:
-        ctx.formats.append("torch tar" if torch_tar else "tar")
+        ctx.formats.append(Format.TORCH_TAR if torch_tar else Format.TAR)
     for info in infos:
         path = _join(member, info.name)
         if info.issym() or info.islnk():
@@ -903,7 +902,7 @@ def scan_compressed(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
 
     def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         if member is None:
-            ctx.formats.append(f"{kind}-compressed")
+            ctx.formats.append(Format(kind))
         start = 0
         algo = kind
         if kind == "joblib-zfile":
@@ -952,7 +951,7 @@ def scan_archive_7z(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     from sdtool.scan.archives import scan_7z
 
     if member is None:
-        ctx.formats.append("7z archive")
+        ctx.formats.append(Format.SEVENZIP)
     ctx.report.notes.append(f"{member or 'file'}: a 7z archive: every member is scanned")
     if not scan_7z(ctx, buf, member):
         ctx.formats.pop() if member is None else None
@@ -964,7 +963,7 @@ def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
 
     def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         if member is None:
-            ctx.formats.append(f"{kind} archive")
+            ctx.formats.append(Format(kind))
         ctx.find(
             "dangerous",
             "unscannable-archive",
@@ -981,7 +980,7 @@ def scan_safetensors(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None
     from sdtool.formats.safetensors import read_header
 
     if member is None:
-        ctx.formats.append("safetensors")
+        ctx.formats.append(Format.SAFETENSORS)
     size = len(buf)
     try:
         header = read_header(as_file(buf), size)

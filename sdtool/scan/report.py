@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sdtool.scan.classify import RANK
+from sdtool.vocab import ExitCode, Format, Severity, Verdict
 
 #: per-file verdicts, worst first
-VERDICTS = ("dangerous", "suspicious", "error", "not scanned", "safe")
-EXIT_OK, EXIT_DANGEROUS, EXIT_ERROR = 0, 1, 2
-SCHEMA_VERSION = "sdtool.scan/1"
+VERDICTS = tuple(Verdict)
+SCHEMA_VERSION = "sdtool.scan/2"
 
 
 def utf8_safe(obj: Any) -> Any:
@@ -72,7 +71,7 @@ class FileReport:
     """What the scan found in one file."""
 
     path: str
-    format: str = "unknown"
+    format: Format = Format.UNKNOWN
     findings: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # what kept parts of the file unanalysed
     notes: list[str] = field(default_factory=list)
@@ -81,22 +80,22 @@ class FileReport:
     size: int = 0
 
     @property
-    def severity(self) -> str:
-        """The worst finding severity: "dangerous", "suspicious" or "safe"."""
-        worst = max((RANK.get(f.severity, 0) for f in self.findings), default=0)
-        return {2: "dangerous", 1: "suspicious"}.get(worst, "safe")
+    def severity(self) -> Severity:
+        """The worst finding severity: dangerous, suspicious or safe."""
+        worst = max((Severity(f.severity).rank for f in self.findings), default=0)
+        return {2: Severity.DANGEROUS, 1: Severity.SUSPICIOUS}.get(worst, Severity.SAFE)
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Verdict:
         """dangerous > suspicious > not scanned > error > safe (dangerous wins over errors)."""
         sev = self.severity
-        if sev != "safe":
-            return sev
+        if sev is not Severity.SAFE:
+            return Verdict(sev.value)
         if not self.scanned:
-            return "not scanned"
+            return Verdict.NOT_SCANNED
         if self.errors:
-            return "error"
-        return "safe"
+            return Verdict.ERROR
+        return Verdict.SAFE
 
     def add(self, finding: Finding) -> None:
         self.findings.append(finding)
@@ -131,22 +130,22 @@ class ScanReport:
     strict: bool = False
 
     def summary(self) -> dict[str, int]:
-        counts = {v: 0 for v in VERDICTS}
+        counts = {v.value: 0 for v in VERDICTS}
         for f in self.files:
-            counts[f.verdict] += 1
+            counts[f.verdict.value] += 1
         counts["files"] = len(self.files)
         counts["findings"] = sum(len(f.findings) for f in self.files)
         return counts
 
     @property
-    def exit_code(self) -> int:
+    def exit_code(self) -> ExitCode:
         """0 nothing dangerous, 1 dangerous (or suspicious with strict), 2 could not scan."""
         verdicts = {f.verdict for f in self.files}
-        if "dangerous" in verdicts or (self.strict and "suspicious" in verdicts):
-            return EXIT_DANGEROUS
-        if verdicts & {"error", "not scanned"} or any(f.errors for f in self.files):
-            return EXIT_ERROR
-        return EXIT_OK
+        if Verdict.DANGEROUS in verdicts or (self.strict and Verdict.SUSPICIOUS in verdicts):
+            return ExitCode.FINDINGS
+        if verdicts & {Verdict.ERROR, Verdict.NOT_SCANNED} or any(f.errors for f in self.files):
+            return ExitCode.ERROR
+        return ExitCode.OK
 
     def to_json(self) -> dict[str, Any]:
         return utf8_safe(self._to_json())

@@ -172,7 +172,6 @@ class Stream:
     error_offset: int = -1
     incomplete: str | None = None  # a limit was hit: the analysis stopped early
     protocol: int = 0
-    opcodes: int = 0
     imports: list[Import] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     mutations: list[Mutation] = field(default_factory=list)
@@ -180,7 +179,6 @@ class Stream:
     persids: list[tuple[int, Any]] = field(default_factory=list)
     result: Any = None  # the value STOP returned
     nested: list[Stream] = field(default_factory=list)  # joblib object-array pickles
-    joblib_arrays: int = 0
 
 
 class _Broken(Exception):
@@ -189,9 +187,6 @@ class _Broken(Exception):
 
 class _Limit(Exception):
     """A work/memory cap was reached."""
-
-
-_MARK_OPS = frozenset(b"(")
 
 
 def _names() -> dict[int, str]:
@@ -391,13 +386,11 @@ class Machine:
             self.pos = p + 1
             ops += 1
             if ops > max_ops:
-                s.opcodes = ops
                 raise _Limit(f"more than {max_ops} opcodes")
             h = handlers.get(code)
             if h is None:
                 raise _Broken(f"unknown opcode {code:#04x}")
             if h(self):  # STOP
-                s.opcodes = ops
                 s.stopped = True
                 s.end = self.pos
                 return
@@ -890,7 +883,6 @@ def _joblib_inline(m: Machine, wrapper: Inst) -> None:
     for d in shape:
         count *= d
     m.frame_end = -1  # joblib writes the array outside any frame
-    m.s.joblib_arrays += 1
     if _dtype_is_object(dtype):  # the array follows as a whole nested pickle
         if m.depth >= m.limits.max_nested_depth:
             raise _Limit("joblib object arrays nested too deeply")

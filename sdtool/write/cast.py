@@ -24,9 +24,7 @@ import numpy as np
 
 from sdtool.dtypes import DType
 from sdtool.errors import UnsupportedDtype
-
-#: dtypes a cast may start from or go to.
-CASTABLE = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+from sdtool.vocab import CASTABLE
 
 U8, U16, U32, U64 = np.uint8, np.uint16, np.uint32, np.uint64
 

@@ -1,9 +1,9 @@
-"""A write plan: the output tensors, each saying where its values come from and what to write.
+"""The streaming I/O engine every writer shares: a tensor's values as bounded pieces
+(``Chunks``: pread, mmap or computed, cast on the way), reusable buffers, exact reads and
+writes, kernel copies (``copy_span``), per-source descriptors, and a prefetch thread.
 
-Every writer (safetensors, torch) takes a sequence of OutTensor and streams it: convert builds
-one plan per file, prune/extract build theirs (EMA swaps, dropped parts, computed fixes) and
-hand it to the same ``sdtool.ops.write.write_model``. A plan holds no tensor data: values are
-read from ``source`` when the writer reaches them, cast in bounded chunks, written, let go.
+Memory stays about a few pieces (``CHUNK_BYTES`` each) or one tensor that must be materialised
+(a deflated or strided source); nothing holds the whole model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from math import prod
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,53 +23,13 @@ import numpy as np
 from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
-from sdtool.formats.cast import cast
-from sdtool.model import ModelFile, TensorInfo
+from sdtool.write.cast import cast
+from sdtool.write.plan import OutTensor
 
 #: casts and buffered copies work on pieces of at most this many bytes (of the wider dtype)
 CHUNK_BYTES = 16 * 1024 * 1024
 #: errors after which copy_span steps down to the next way of copying
 _NO_FAST_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
-
-
-@dataclass(frozen=True, eq=False)
-class OutTensor:
-    """One tensor of the output.
-
-    Attributes:
-        name: its name in the output.
-        source: the opened file its values come from.
-        info: what to read there (may be a tensor outside ``source.tensors``).
-        dtype: the dtype to write; a torch-exact cast when it differs from the values' dtype.
-        make: computed values instead of reading ``info`` (e.g. prune's --fix-clip); must
-            return an array of ``info.shape``; its own dtype is cast to ``dtype`` if needed.
-    """
-
-    name: str
-    source: ModelFile
-    info: TensorInfo
-    dtype: DType
-    make: Callable[[], np.ndarray] | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.info.shape
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this tensor takes in the output."""
-        return prod(self.info.shape) * self.dtype.itemsize
-
-    @property
-    def is_cast(self) -> bool:
-        return self.make is None and self.dtype != self.info.dtype
-
-    @property
-    def copy_span(self) -> tuple[int, int] | None:
-        """(offset, length) in the source file when the output bytes are exactly those bytes."""
-        if self.make is not None or self.dtype != self.info.dtype:
-            return None
-        return self.info.file_span
 
 
 class BufferRing:
@@ -298,13 +257,6 @@ def copy_span(
         done += n
         if progress is not None:
             progress(n)
-
-
-def source_order(t: OutTensor) -> tuple[int, int]:
-    """Where a tensor's bytes sit in its source: reading in this order reads files front to back."""
-    st = t.info.storage
-    start = st.file_offset if st.file_offset is not None else 0
-    return (0 if t.make is None else 1, start + t.info.offset * t.info.dtype.itemsize)
 
 
 class SourceFds:

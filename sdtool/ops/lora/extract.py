@@ -1,0 +1,609 @@
+"""``extract``: a LoRA from the difference of two checkpoints; ``resize``: a LoRA to a new rank.
+
+Both are SVDs, module by module, streamed: each module's matrix (``tuned - base`` rows of one
+weight, or a LoRA module's ``up @ down``) is factored when the writer reaches its up factor,
+and its down factor follows; memory is one module at a time.
+
+Per module (kohya networks/extract_lora_from_models.py, resize_lora.py): a kxk conv is
+flattened to [out, in*k*k] (1x1 squeezed); ``M = U S Vh``; keep ``r`` singular values;
+``up = U_r diag(S_r)`` ([out, r] or [out, r, 1, 1]), ``down = Vh_r`` ([r, in] or
+[r, in, k, k]). extract writes ``alpha = r`` (scale 1); resize keeps the module's scale:
+``alpha = old_alpha / old_rank * r``. The rank (``choose_rank``) is ``rank`` (``conv_rank``
+for kxk convs), or kohya's dynamic rules capped at it: ``sv_ratio``, ``sv_cumulative``,
+``sv_fro``. ``clamp_quantile < 1`` clamps up and down to +-quantile(|values|) as kohya does
+(1.0, the default, does not clamp, so extract-then-bake reproduces the difference up to
+the rank).
+
+SVD: torch.linalg.svd when torch is installed (numpy.linalg.svd otherwise); a fixed rank under
+a quarter of the matrix's smaller side uses a randomized SVD (Halko et al., 8 extra columns,
+2 power iterations, seeded: the same inputs give the same file).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdtool import __version__, dtypes
+from sdtool.dtypes import DType
+from sdtool.errors import UsageError
+from sdtool.formats.open import open_model
+from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
+from sdtool.ops.arith import Inputs
+from sdtool.ops.lora import math as lm
+from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
+from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
+from sdtool.write import output_format, write_model
+from sdtool.write.atomic import check_output
+from sdtool.write.plan import OutTensor
+
+SCHEMA_EXTRACT = "sdtool.lora-extract/1"
+SCHEMA_RESIZE = "sdtool.lora-resize/1"
+#: kohya resize_lora's MIN_SV: a matrix whose largest singular value is below is "zero"
+MIN_SV = 1e-6
+DYNAMIC = ("sv_ratio", "sv_cumulative", "sv_fro")
+OVERSAMPLE, POWER_ITERS = 8, 2
+#: kohya component prefixes by LoRA component, for files whose family has one text encoder
+KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_"}
+#: ss_base_model_version values kohya writes
+MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl-base": "sdxl_base_v1-0"}
+#: nn.Embedding weights (2-D, but no LoRA module adapts them)
+EMBEDDING = re.compile(r"(token|position|positional)_embedding|embed_tokens|(^|\.)shared\.weight$")
+#: families whose kohya UNet LoRAs use diffusers module paths (library/original_unet.py)
+DIFFUSERS_NAMED_UNET = ("sd1", "sd2")
+
+
+def choose_rank(s: np.ndarray, rank: int, method: str | None, param: float | None) -> int:
+    """How many singular values to keep (kohya resize_lora's rank_resize, exactly).
+
+    ``s``: singular values, descending. Dynamic methods: ``sv_ratio`` keeps those above
+    s[0] / param; ``sv_cumulative`` up to the fraction ``param`` of their sum; ``sv_fro`` up
+    to the fraction ``param`` of the Frobenius norm; each index clamped to [1, len(s) - 1] and
+    then +1 (kohya's formula), capped at ``rank``. A zero matrix keeps 1.
+    """
+    n = len(s)
+    if n == 0 or s[0] <= MIN_SV:
+        return 1
+    if method is None:
+        k = rank
+    else:
+        assert param is not None
+        if method == "sv_ratio":
+            index = int(np.sum(s > s[0] / param))
+        elif method == "sv_cumulative":
+            index = int(np.searchsorted(np.cumsum(s) / np.sum(s), param)) + 1
+        else:
+            sq = np.square(s.astype(np.float64))
+            index = int(np.searchsorted(np.cumsum(sq) / np.sum(sq), param**2)) + 1
+        k = max(1, min(index, n - 1)) + 1
+    return max(1, min(k, rank, n))
+
+
+def svd(m: np.ndarray, rank: int | None, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """(U, S, Vh) of the float32 matrix ``m``; truncated/randomized when ``rank`` is small."""
+    small = min(m.shape)
+    if rank is not None and rank * 4 < small and small > 64:
+        return _randomized(m, rank, seed)
+    torch = lm._torch()
+    if torch is None:
+        u, s, vh = np.linalg.svd(m, full_matrices=False)
+        return u.astype(np.float32), s.astype(np.float32), vh.astype(np.float32)
+    u, s, vh = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(m)), full_matrices=False)
+    return u.numpy(), s.numpy(), vh.numpy()
+
+
+def _randomized(m: np.ndarray, rank: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Halko, Martinsson & Tropp: range of m @ G, power iterations, SVD of the small matrix."""
+    rng = np.random.default_rng(seed)
+    k = min(rank + OVERSAMPLE, min(m.shape))
+    q, _ = np.linalg.qr(m @ rng.standard_normal((m.shape[1], k)).astype(np.float32))
+    for _ in range(POWER_ITERS):
+        q, _ = np.linalg.qr(m.T @ q)
+        q, _ = np.linalg.qr(m @ q)
+    ub, s, vh = np.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ ub).astype(np.float32), s.astype(np.float32), vh.astype(np.float32)
+
+
+def factor(
+    m: np.ndarray,
+    *,
+    rank: int,
+    method: str | None,
+    param: float | None,
+    clamp_quantile: float,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """up [out, r], down [r, in], r, and the Frobenius fraction kept, for the matrix ``m``."""
+    u, s, vh = svd(m, rank if method is None else None, seed)
+    r = choose_rank(s, rank, method, param)
+    up = u[:, :r] * s[:r][None, :]
+    down = vh[:r]
+    if clamp_quantile < 1:
+        hi = np.float32(
+            np.quantile(np.concatenate([up.reshape(-1), down.reshape(-1)]), clamp_quantile)
+        )
+        up = np.clip(up, -hi, hi)
+        down = np.clip(down, -hi, hi)
+    sq = np.square(s.astype(np.float64))
+    kept = float(np.sqrt(sq[:r].sum() / sq.sum())) if sq.sum() > 0 else 1.0
+    return np.ascontiguousarray(up), np.ascontiguousarray(down), r, kept
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleReport:
+    name: str  # the LoRA module name written
+    source: str  # the base key (extract) or the input stem (resize)
+    rank: int
+    old_rank: int | None = None
+    fro_kept: float | None = None
+
+
+@dataclass
+class LoraOpResult:
+    """What extract / resize wrote. ``to_json`` is docs/lora.md's schema."""
+
+    schema: str
+    inputs: list[Path]
+    output: Path
+    rank: int
+    conv_rank: int
+    method: str | None
+    param: float | None
+    dtype: str
+    modules: list[ModuleReport] = field(default_factory=list)
+    zero: list[str] = field(default_factory=list)  # layers whose difference is zero
+    not_targets: list[str] = field(default_factory=list)  # changed, but no LoRA module
+    skipped: dict[str, str] = field(default_factory=dict)  # key or stem -> why
+    metadata: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+    output_bytes: int = 0
+    verified: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "inputs": [str(p) for p in self.inputs],
+            "output": str(self.output),
+            "rank": self.rank,
+            "conv_rank": self.conv_rank,
+            "method": self.method,
+            "param": self.param,
+            "dtype": self.dtype,
+            "dry_run": self.dry_run,
+            "modules": [
+                {
+                    "name": m.name,
+                    "source": m.source,
+                    "rank": m.rank,
+                    "old_rank": m.old_rank,
+                    "fro_kept": m.fro_kept,
+                }
+                for m in self.modules
+            ],
+            "zero": self.zero,
+            "not_targets": self.not_targets,
+            "skipped": self.skipped,
+            "metadata": self.metadata,
+            "output_bytes": self.output_bytes,
+            "verified": self.verified,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# -- extract --------------------------------------------------------------------------------
+
+
+def _dynamic(
+    sv_ratio: float | None, sv_fro: float | None, sv_cumulative: float | None
+) -> tuple[str | None, float | None]:
+    given = [
+        (n, v)
+        for n, v in zip(DYNAMIC, (sv_ratio, sv_cumulative, sv_fro), strict=True)
+        if v is not None
+    ]
+    if len(given) > 1:
+        raise UsageError("give at most one of --sv-ratio, --sv-cumulative, --sv-fro")
+    if not given:
+        return None, None
+    name, value = given[0]
+    if name == "sv_ratio" and value <= 1:
+        raise UsageError(f"--sv-ratio must be above 1 (largest / smallest kept), not {value}")
+    if name != "sv_ratio" and not 0 < value <= 1:
+        raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], not {value}")
+    return name, value
+
+
+def extract_targets(
+    base: ModelFile, *, conv: bool
+) -> tuple[dict[str, tuple[str, BaseTarget]], dict[str, str]]:
+    """LoRA module name (kohya) -> (base key, target) for every extractable weight, and the
+    weights left out with the reason. Names follow what kohya writes for the family: diffusers
+    module paths for SD 1.x/2.x UNets, the checkpoint's own (ldm/BFL/SAI) paths otherwise, HF
+    paths for text encoders (OpenCLIP's fused q/k/v as three modules)."""
+    from sdtool.ops.identify import identify
+
+    family = identify(base).architecture
+    index = base_index(base)
+    by_key: dict[str, list[tuple[ModuleId, BaseTarget]]] = {}
+    for mid, target in index.items():
+        by_key.setdefault(target.key, []).append((mid, target))
+    te_count = len({mid[0] for mid, _ in index.items() if mid[0] != "unet"})
+    out: dict[str, tuple[str, BaseTarget]] = {}
+    left: dict[str, str] = {}
+    for key, cands in by_key.items():
+        info = base.tensors[key]
+        if not info.dtype.is_float or len(info.shape) not in (2, 4):
+            continue
+        if EMBEDDING.search(key):
+            left[key] = "an embedding, not a Linear/Conv"
+            continue
+        if len(info.shape) == 4 and info.shape[2:] != (1, 1) and not conv:
+            left[key] = "a kxk conv (give --conv-rank to extract convs)"
+            continue
+        comp = cands[0][0][0]
+        prefer_layout = comp != "unet" or family in DIFFUSERS_NAMED_UNET
+        chosen = [c for c in cands if (c[1].via != "native") == prefer_layout] or cands
+        chosen.sort(key=lambda c: c[1].rows or (0, 0))
+        seen_rows: set[tuple[int, int] | None] = set()
+        for (cp, path), target in chosen:
+            if target.rows in seen_rows:
+                continue
+            seen_rows.add(target.rows)
+            prefix = "lora_te_" if cp == "te1" and te_count == 1 else KOHYA_PREFIX[cp]
+            out[prefix + path] = (key, target)
+    return out, left
+
+
+def _info(shape: tuple[int, ...], dtype: DType, key: str) -> TensorInfo:
+    """A TensorInfo for a computed tensor (no bytes in any file)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return TensorInfo(dtype, shape, contiguous_strides(shape), 0, Storage(key, dtype, nbytes))
+
+
+class _Pairs:
+    """A module's (up, down) factors, handed to their two output tensors."""
+
+    def __init__(self, up: np.ndarray, down: np.ndarray) -> None:
+        self.value = (up, down)
+
+    def take(self, i: int) -> np.ndarray:
+        return self.value[i]
+
+
+def extract(
+    tuned: str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    rank: int = 32,
+    conv_rank: int = 0,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    sv_cumulative: float | None = None,
+    clamp_quantile: float = 1.0,
+    dtype: str = "fp16",
+    overwrite: bool = False,
+    verify: bool = False,
+    dry_run: bool = False,
+) -> LoraOpResult:
+    """Extract a kohya-format LoRA of ``tuned - base`` into ``out``.
+
+    Args:
+        rank: the rank (the cap, with a dynamic method) of Linear and 1x1 conv modules.
+        conv_rank: the same for kxk convs; 0 leaves them out (kohya's default).
+        sv_ratio / sv_fro / sv_cumulative: a dynamic rank, as kohya's resize defines them.
+        clamp_quantile: clamp the factors at this quantile (kohya: 0.99); 1.0 does not clamp.
+        dtype: the LoRA's dtype (fp16, bf16, fp32).
+
+    A layer whose difference is exactly zero is left out and listed in ``zero``; changed
+    weights no LoRA module covers (norms, embeddings, kxk convs without --conv-rank) are listed
+    in ``not_targets``.
+    """
+    t0 = time.perf_counter()
+    method, param = _dynamic(sv_ratio, sv_fro, sv_cumulative)
+    _check_ranks(rank, conv_rank, clamp_quantile)
+    target_dt = _dtype(dtype)
+    tuned_p, base_p, out = Path(tuned), Path(base), Path(out)
+    output_format(out)
+    if not dry_run:
+        check_output(out, inputs=[tuned_p, base_p], overwrite=overwrite)
+    with ExitStack() as stack:
+        tm = stack.enter_context(open_model(tuned_p))
+        bm = stack.enter_context(open_model(base_p))
+        io = stack.enter_context(Inputs())
+        targets, left = extract_targets(bm, conv=conv_rank > 0)
+        result = LoraOpResult(
+            SCHEMA_EXTRACT, [tuned_p, base_p], out, rank, conv_rank, method, param, dtype,
+            dry_run=dry_run,
+        )  # fmt: skip
+        plan: list[OutTensor] = []
+        keys_done: set[str] = set()
+        for name, (key, target) in targets.items():
+            if key not in tm.tensors or tm.tensors[key].shape != bm.tensors[key].shape:
+                why = "not in TUNED" if key not in tm.tensors else "TUNED has another shape"
+                result.skipped[key] = why
+                continue
+            diff = _diff_rows(tm, bm, key, target.rows, io)
+            keys_done.add(key)
+            if not np.any(diff):
+                result.zero.append(name)
+                continue
+            info = bm.tensors[key]
+            kxk = len(info.shape) == 4 and info.shape[2:] != (1, 1)
+            r_cap = conv_rank if kxk else rank
+            mat = diff.reshape(diff.shape[0], -1)
+            del diff
+            # the rank is known only after the SVD: factor now (dry runs too), write later
+            up, down, r, kept = factor(
+                mat, rank=r_cap, method=method, param=param, clamp_quantile=clamp_quantile
+            )
+            del mat
+            result.modules.append(ModuleReport(name, key, r, fro_kept=round(kept, 6)))
+            if dry_run:
+                continue
+            up_shape, down_shape = _factor_shapes(info.shape, target.rows, r)
+            pair = _Pairs(up, down)
+            plan += _module_plan(name, tm, pair, up_shape, down_shape, r, float(r), target_dt)
+        for key in tm.tensors:
+            if key in keys_done or key not in bm.tensors or key in result.skipped:
+                continue
+            if tm.tensors[key].dtype.is_float and _changed(tm, bm, key, io):
+                result.not_targets.append(key + (f" ({left[key]})" if key in left else ""))
+        from sdtool.ops.identify import identify
+
+        family = identify(bm).architecture
+        meta = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": "Dynamic" if method else str(rank),
+            "ss_network_alpha": "Dynamic" if method else str(float(rank)),
+            "ss_network_args": json.dumps(
+                {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))}
+                if conv_rank
+                else {}
+            ),
+            "ss_v2": str(family == "sd2"),
+            "ss_base_model_version": MODEL_VERSION.get(family or "", family or "unknown"),
+            "sdtool_lora_extract": json.dumps(
+                {
+                    "sdtool_version": __version__,
+                    "tuned": tuned_p.name,
+                    "base": base_p.name,
+                    "rank": rank,
+                    "conv_rank": conv_rank,
+                    "method": method,
+                    "param": param,
+                    "clamp_quantile": clamp_quantile,
+                }
+            ),
+        }
+        result.metadata = meta
+        return _finish(result, plan, out, meta, overwrite, verify, t0)
+
+
+def _check_ranks(rank: int, conv_rank: int, clamp_quantile: float) -> None:
+    if rank < 1:
+        raise UsageError(f"--rank must be at least 1, not {rank}")
+    if conv_rank < 0:
+        raise UsageError(f"--conv-rank must be 0 (no convs) or more, not {conv_rank}")
+    if not 0 < clamp_quantile <= 1:
+        raise UsageError(f"--clamp-quantile must be in (0, 1], not {clamp_quantile}")
+
+
+def _dtype(name: str) -> DType:
+    from sdtool.vocab import parse_dtype
+
+    dt = parse_dtype(name)
+    if dt is None:
+        raise UsageError("--dtype must name a dtype (fp16, bf16, fp32) for a LoRA")
+    return dt
+
+
+def _diff_rows(
+    tm: ModelFile, bm: ModelFile, key: str, rows: tuple[int, int] | None, io: Inputs
+) -> np.ndarray:
+    a, b = io.whole(tm, key), io.whole(bm, key)
+    if rows is not None:
+        a, b = a[rows[0] : rows[1]], b[rows[0] : rows[1]]
+    return a - b
+
+
+def _changed(tm: ModelFile, bm: ModelFile, key: str, io: Inputs) -> bool:
+    if tm.tensors[key].shape != bm.tensors[key].shape:
+        return True
+    n = tm.tensors[key].numel
+    step = 1 << 21
+    for s in range(0, n, step):
+        c = min(step, n - s)
+        if not np.array_equal(io.f32(tm, key, s, c), io.f32(bm, key, s, c)):
+            return True
+    return False
+
+
+def _factor_shapes(
+    shape: tuple[int, ...], rows: tuple[int, int] | None, r: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    out = shape[0] if rows is None else rows[1] - rows[0]
+    if len(shape) == 4:
+        return (out, r, 1, 1), (r, *shape[1:])
+    return (out, r), (r, *shape[1:])
+
+
+def _module_plan(
+    name: str,
+    src: ModelFile,
+    pair: _Pairs,
+    up_shape: tuple[int, ...],
+    down_shape: tuple[int, ...],
+    r: int,
+    alpha: float,
+    dt: DType,
+    up_key: str = ".lora_up.weight",
+    down_key: str = ".lora_down.weight",
+) -> list[OutTensor]:
+    from sdtool.ops.arith import Output
+
+    def make(i: int, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+        def run() -> np.ndarray:
+            o = Output(shape, dt)
+            o.put(0, pair.take(i))
+            return o.array()
+
+        return run
+
+    f32 = dtypes.from_code("F32")
+    return [
+        OutTensor(name + up_key, src, _info(up_shape, dt, name), dt, make(0, up_shape)),
+        OutTensor(name + down_key, src, _info(down_shape, dt, name), dt, make(1, down_shape)),
+        OutTensor(
+            name + ".alpha",
+            src,
+            _info((), f32, name),
+            f32,
+            lambda: np.array(alpha, np.float32),
+        ),
+    ]
+
+
+def _finish(
+    result: LoraOpResult,
+    plan: list[OutTensor],
+    out: Path,
+    meta: dict[str, str],
+    overwrite: bool,
+    verify: bool,
+    t0: float,
+) -> LoraOpResult:
+    if result.dry_run:
+        result.seconds = time.perf_counter() - t0
+        return result
+    if not plan:
+        raise UsageError("nothing to write: no module has a non-zero difference")
+    w = write_model(plan, out, metadata=meta, overwrite=overwrite, verify=verify)
+    result.output_bytes = w.nbytes
+    result.verified = w.verified
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# -- resize ---------------------------------------------------------------------------------
+
+
+def resize(
+    src: str | Path,
+    out: str | Path,
+    *,
+    rank: int = 8,
+    conv_rank: int | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    sv_cumulative: float | None = None,
+    clamp_quantile: float = 1.0,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    dry_run: bool = False,
+) -> LoraOpResult:
+    """Resize every LoRA/LoCon module of ``src`` to ``rank`` (convs: ``conv_rank``, default
+    ``rank``) by SVD of ``up @ down``, keeping each module's scale (kohya resize_lora).
+
+    Module names and up/down key spellings stay as they were; ``.alpha`` is written for every
+    module (``old_alpha / old_rank * new_rank``; no alpha: the old scale 1 or PEFT's
+    lora_alpha / r). LoHa / LoKr / full-diff modules are copied unchanged and listed in
+    ``skipped``; other keys are copied as they are.
+    """
+    t0 = time.perf_counter()
+    method, param = _dynamic(sv_ratio, sv_fro, sv_cumulative)
+    conv_rank = rank if conv_rank is None else conv_rank
+    _check_ranks(rank, conv_rank, clamp_quantile)
+    src_p, out = Path(src), Path(out)
+    output_format(out)
+    if not dry_run:
+        check_output(out, inputs=[src_p], overwrite=overwrite)
+    with ExitStack() as stack:
+        lm_ = stack.enter_context(open_model(src_p))
+        io = stack.enter_context(Inputs())
+        parsed = parse_lora(lm_.tensors)
+        peft_alpha, pattern = peft_alphas(lm_)
+        result = LoraOpResult(
+            SCHEMA_RESIZE, [src_p], out, rank, conv_rank, method, param, dtype or "keep",
+            dry_run=dry_run,
+        )  # fmt: skip
+        plan: list[OutTensor] = []
+        done: set[str] = set()
+        for stem, mod in parsed.modules.items():
+            if mod.kind != "lora":
+                result.skipped[stem] = f"a {mod.kind} module: copied unchanged"
+                continue
+            k_up, k_down = mod.keys["up"], mod.keys["down"]
+            up_i, down_i = lm_.tensors[k_up], lm_.tensors[k_down]
+            up = io.whole(lm_, k_up)
+            down = io.whole(lm_, k_down)
+            roles = set(mod.keys)
+            old_rank = down_i.shape[0]
+            if "mid" in roles:
+                out_ch = up_i.shape[0]
+                mid = io.whole(lm_, mod.keys["mid"])
+                full = lm.einsum(
+                    "ijkl,oi,jm->omkl", mid, up.reshape(out_ch, -1), down.reshape(old_rank, -1)
+                )
+                shape = full.shape
+            elif len(down_i.shape) == 4 and down_i.shape[2:] != (1, 1):
+                full = lm.conv_updown(up, down)
+                shape = full.shape
+            else:
+                full = lm.mm(up.reshape(up.shape[0], -1), down.reshape(old_rank, -1))
+                shape = (up_i.shape[0], *down_i.shape[1:])
+            if "alpha" in mod.keys:
+                old_alpha = float(io.f32(lm_, mod.keys["alpha"]).reshape(-1)[0])
+            elif peft_alpha is not None:
+                old_alpha = pattern_alpha(stem, pattern, peft_alpha)
+            else:
+                old_alpha = float(old_rank)
+            kxk = len(shape) == 4 and shape[2:] != (1, 1)
+            upn, downn, r, kept = factor(
+                full.reshape(shape[0], -1),
+                rank=conv_rank if kxk else rank,
+                method=method,
+                param=param,
+                clamp_quantile=clamp_quantile,
+            )
+            del full
+            result.modules.append(ModuleReport(stem, stem, r, old_rank, round(kept, 6)))
+            done.update(mod.keys.values())
+            if dry_run:
+                continue
+            dt = _dtype(dtype) if dtype else up_i.dtype
+            up_shape = (shape[0], r, 1, 1) if len(shape) == 4 else (shape[0], r)
+            down_shape = (r, *shape[1:])
+            pair = _Pairs(upn, downn)
+            plan += _module_plan(
+                stem, lm_, pair, up_shape, down_shape, r, old_alpha / old_rank * r, dt,
+                up_key=k_up[len(stem):], down_key=k_down[len(stem):],
+            )  # fmt: skip
+        for key, info in lm_.tensors.items():
+            if key not in done:
+                plan.append(OutTensor(key, lm_, info, info.dtype))
+        meta = dict(lm_.metadata)
+        meta.setdefault("format", "pt")
+        if any(k.startswith("ss_") for k in meta):
+            alphas = {str(t.make()) for t in plan if t.name.endswith(".alpha") and t.make}
+            meta["ss_network_dim"] = "Dynamic" if method else str(rank)
+            meta["ss_network_alpha"] = alphas.pop() if len(alphas) == 1 else "Dynamic"
+        meta["sdtool_lora_resize"] = json.dumps(
+            {"sdtool_version": __version__, "rank": rank, "conv_rank": conv_rank,
+             "method": method, "param": param, "clamp_quantile": clamp_quantile}
+        )  # fmt: skip
+        result.metadata = meta
+        return _finish(result, plan, out, meta, overwrite, verify, t0)

@@ -1,0 +1,584 @@
+"""``merge``: checkpoint arithmetic (weighted sum, add difference, TIES, DARE, slerp), streamed.
+
+Each output tensor is computed from the same-named tensor of every input when the writer
+reaches it, in float32 whatever the inputs' dtypes, then cast to the output dtype; nothing
+holds a whole model. Elementwise methods (weighted-sum, add-difference, dare) read inputs in
+pieces of ``arith.PIECE`` elements; ties and slerp need whole-tensor statistics and hold one
+tensor per input (float32) at a time.
+
+The methods (``a`` = first input, ``b``, ``c`` the next, ``t`` = alpha, all float32):
+
+============== ======== =============================================================
+method         inputs   value
+============== ======== =============================================================
+weighted-sum   A B      (1 - t) * a + t * b   (A1111's formula; sd-mecha's lerp)
+add-difference A B C    a + t * (b - c)
+ties           BASE M.. base + t * ties(m_i - base; density)       (arXiv 2306.01708)
+dare           BASE M.. base + t * sum_i where(keep_i, (m_i - base) * (1 / density), 0)
+slerp          A B      spherical interpolation of the flattened tensors (sd-mecha)
+============== ======== =============================================================
+
+Key rules (each key gets one, reported in the plan):
+
+* ``merge``: a floating tensor present in every input with the same shape.
+* ``merge-slice``: present everywhere, same rank, the others smaller than A in some
+  dimensions (A a 9-channel inpainting or 8-channel pix2pix conv_in): the common leading
+  region is merged, the rest keeps A's values.
+* ``copy``: kept as A has it (cast to ``dtype``): integer/bool tensors (``position_ids``),
+  a key some input lacks, a shape no rule can align.
+* keys that A lacks are not written (``skipped`` in the result).
+
+Example:
+    >>> r = merge(["a.safetensors", "b.ckpt"], "ab.safetensors", method="weighted-sum", alpha=0.3)
+    >>> print(r.counts)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdtool import __version__
+from sdtool.dtypes import DType
+from sdtool.errors import UsageError
+from sdtool.formats.open import open_model
+from sdtool.model import ModelFile
+from sdtool.ops.arith import Inputs, Output, Overflows, pieces
+from sdtool.vocab import CASTABLE, cast_target, parse_dtype
+from sdtool.write import CastOverflow, output_format, write_model
+from sdtool.write.atomic import check_output
+from sdtool.write.plan import OutTensor
+
+SCHEMA = "sdtool.merge/1"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method: how many inputs, and whether it works piece by piece."""
+
+    name: str
+    min_inputs: int
+    max_inputs: int | None  # None: any number
+    elementwise: bool
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("weighted-sum", 2, 2, True, "(1 - alpha) * A + alpha * B"),
+        Method("add-difference", 3, 3, True, "A + alpha * (B - C)"),
+        Method("ties", 2, None, False, "BASE + alpha * TIES(M_i - BASE; density)"),
+        Method("dare", 2, None, True, "BASE + alpha * sum(DARE(M_i - BASE; density, seed))"),
+        Method("slerp", 2, 2, False, "slerp(A, B; alpha) on the flattened tensor"),
+    )
+}
+
+#: merge-rule names, in the order reports list them
+RULES = ("merge", "merge-slice", "copy")
+
+
+# -- block weights (supermerger's MBW lists) ------------------------------------------------
+
+#: architecture -> block names after BASE, in supermerger's order (its BLOCKID / BLOCKIDXLL)
+BLOCKS: dict[str, list[str]] = {
+    "sd1": [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)],
+    "sdxl": [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)],
+}
+_UNET = "model.diffusion_model."
+_IN = re.compile(r"\.input_blocks\.(\d+)\.")
+_OUT = re.compile(r"\.output_blocks\.(\d+)\.")
+
+
+def block_of(key: str, arch: str) -> str:
+    """The supermerger block a key belongs to: BASE, INnn, M00 or OUTnn (ldm key names).
+
+    As supermerger's blockfromkey: time_embed (and SDXL label_emb) -> IN00; ``out.`` -> the
+    last OUT block; everything outside ``model.diffusion_model.`` (text encoders, VAE) -> BASE.
+    """
+    if not key.startswith(_UNET):
+        return "BASE"
+    last_out = BLOCKS[arch][-1]
+    rest = key[len(_UNET) :]
+    if rest.startswith(("time_embed.", "label_emb.")):
+        return "IN00"
+    if rest.startswith("out."):
+        return last_out
+    if rest.startswith("middle_block."):
+        return "M00"
+    m = _IN.search("." + rest)
+    if m:
+        return f"IN{int(m.group(1)):02d}"
+    m = _OUT.search("." + rest)
+    if m:
+        return f"OUT{int(m.group(1)):02d}"
+    return "BASE"
+
+
+def unet_arch(keys: Sequence[str]) -> str | None:
+    """``sd1`` (12 input blocks: SD 1.x/2.x), ``sdxl`` (9) or None (no ldm UNet)."""
+    found = [int(m.group(1)) for k in keys if k.startswith(_UNET) and (m := _IN.search("." + k))]
+    if not found:
+        return None
+    return "sd1" if max(found) >= 11 else "sdxl"
+
+
+def parse_block_weights(text: str, arch: str) -> dict[str, float]:
+    """A supermerger weight list -> block name -> alpha.
+
+    ``text`` is comma-separated numbers: BASE then the blocks (26 for SD 1.x/2.x, 20 for
+    SDXL). A 26-value list given for SDXL is converted as supermerger's weighttoxl does
+    (IN00-IN08, M00, OUT00-OUT08 taken from the SD1 positions).
+    """
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise UsageError(f"--block-weights wants comma-separated numbers, got {text!r}") from None
+    names = ["BASE", *BLOCKS[arch]]
+    if arch == "sdxl" and len(values) == 26:
+        values = values[:10] + values[13:23]
+    if len(values) != len(names):
+        want = "26 (SD 1.x/2.x)" if arch == "sd1" else "20 (SDXL) or 26 (converted)"
+        raise UsageError(
+            f"--block-weights has {len(values)} values; this {arch} UNet wants {want}: "
+            "BASE, IN.., M00, OUT.."
+        )
+    return dict(zip(names, values, strict=True))
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+@dataclass
+class KeyPlan:
+    """What happens to one key of the output."""
+
+    name: str
+    rule: str  # merge | merge-slice | copy
+    reason: str = ""
+    alpha: float | None = None
+    block: str | None = None
+    region: tuple[int, ...] | None = None  # merge-slice: the merged leading region
+
+
+@dataclass
+class MergeResult:
+    """What ``merge`` did (or, with ``dry_run``, would do). ``to_json`` is docs/merge.md's."""
+
+    inputs: list[Path]
+    output: Path
+    method: str
+    alpha: float
+    density: float | None
+    seed: int | None
+    dtype: str
+    block_weights: dict[str, float] | None
+    keys: list[KeyPlan] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # key (not in A) -> which inputs
+    overflows: dict[str, int] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
+    output_bytes: int = 0
+    verified: bool = False
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = Counter(k.rule for k in self.keys)
+        return {r: c[r] for r in RULES if c[r]}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "inputs": [str(p) for p in self.inputs],
+            "output": str(self.output),
+            "method": self.method,
+            "alpha": self.alpha,
+            "density": self.density,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "block_weights": self.block_weights,
+            "dry_run": self.dry_run,
+            "counts": self.counts,
+            "keys": [
+                {
+                    "name": k.name,
+                    "rule": k.rule,
+                    "reason": k.reason,
+                    "alpha": k.alpha,
+                    "block": k.block,
+                    "region": list(k.region) if k.region is not None else None,
+                }
+                for k in self.keys
+            ],
+            "skipped": self.skipped,
+            "overflows": self.overflows,
+            "recipe": self.recipe,
+            "output_bytes": self.output_bytes,
+            "verified": self.verified,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def plan_keys(
+    models: Sequence[ModelFile],
+    method: Method,
+    alpha: float,
+    blocks: dict[str, float] | None,
+    arch: str | None,
+) -> tuple[list[KeyPlan], dict[str, str]]:
+    """The rule for every key of the first model, and the keys only other inputs have."""
+    a, others = models[0], models[1:]
+    plans: list[KeyPlan] = []
+    for name, info in a.tensors.items():
+        block = block_of(name, arch) if blocks is not None and arch is not None else None
+        t = blocks[block] if blocks is not None and block is not None else alpha
+        if not info.dtype.is_float:
+            plans.append(KeyPlan(name, "copy", f"{info.dtype} tensor: never merged"))
+            continue
+        if info.dtype.code not in CASTABLE:
+            plans.append(KeyPlan(name, "copy", f"{info.dtype} tensor: sdtool does not compute it"))
+            continue
+        missing = [i for i, m in enumerate(others, 1) if name not in m.tensors]
+        if missing:
+            which = ", ".join(_letter(i) for i in missing)
+            plans.append(KeyPlan(name, "copy", f"not in {which}"))
+            continue
+        shapes = [m.tensors[name].shape for m in others]
+        bad = [i for i, m in enumerate(others, 1) if not m.tensors[name].dtype.is_float]
+        if bad:
+            which = ", ".join(_letter(i) for i in bad)
+            plans.append(KeyPlan(name, "copy", f"not floating point in {which}"))
+            continue
+        if all(s == info.shape for s in shapes):
+            plans.append(KeyPlan(name, "merge", alpha=t, block=block))
+            continue
+        region = _region(info.shape, shapes)
+        if region is None or not method.elementwise:
+            desc = ", ".join(f"{_letter(i)} {list(s)}" for i, s in enumerate(shapes, 1))
+            why = "" if region is None else f" ({method.name} needs equal shapes)"
+            plans.append(
+                KeyPlan(name, "copy", f"shape mismatch: A {list(info.shape)}, {desc}{why}")
+            )
+            continue
+        desc = ", ".join(f"{_letter(i)} {list(s)}" for i, s in enumerate(shapes, 1))
+        plans.append(
+            KeyPlan(
+                name,
+                "merge-slice",
+                f"A {list(info.shape)}, {desc}: region {list(region)} merged, the rest is A's",
+                alpha=t,
+                block=block,
+                region=region,
+            )
+        )
+    skipped: dict[str, str] = {}
+    for i, m in enumerate(others, 1):
+        for name in m.tensors:
+            if name not in a.tensors:
+                prev = skipped.get(name)
+                skipped[name] = _letter(i) if prev is None else f"{prev}, {_letter(i)}"
+    return plans, skipped
+
+
+def _letter(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"input {i + 1}"
+
+
+def _region(a: tuple[int, ...], others: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The common shape when every other input has one shape, A's rank, and fits inside A."""
+    if any(s != others[0] for s in others):
+        return None
+    o = others[0]
+    if len(o) != len(a) or any(x > y for x, y in zip(o, a, strict=True)):
+        return None
+    return o
+
+
+# -- the arithmetic -------------------------------------------------------------------------
+
+
+def weighted_sum(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
+    a, b = x
+    return np.float32(1 - t) * a + np.float32(t) * b
+
+
+def add_difference(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
+    a, b, c = x
+    return a + np.float32(t) * (b - c)
+
+
+def dare_masks(seed: int, name: str, count: int) -> list[np.random.Generator]:
+    """One generator per model for ``name``: the drop mask depends on (seed, key, model) only,
+    not on the order of keys, the other models, or the piece size."""
+    key = zlib.crc32(name.encode())
+    return [np.random.Generator(np.random.PCG64([seed, key, i])) for i in range(count)]
+
+
+def dare(
+    x: list[np.ndarray], t: float, *, density: float, rngs: list[np.random.Generator], **_: Any
+) -> np.ndarray:
+    """base + t * sum_i where(keep_i, (m_i - base) * (1 / density), 0); keep_i ~ Bernoulli(density)
+    drawn as ``rng.random() < density`` (float64), one draw per element in flat order."""
+    base, models = x[0], x[1:]
+    total = np.zeros_like(base)
+    for m, rng in zip(models, rngs, strict=True):
+        keep = rng.random(base.size).reshape(base.shape) < density
+        total += np.where(keep, (m - base) * np.float32(1 / density), np.float32(0))
+    return base + np.float32(t) * total
+
+
+def ties(x: list[np.ndarray], t: float, *, density: float, **_: Any) -> np.ndarray:
+    """TIES-merging: trim each delta to its top ``density`` fraction by magnitude (threshold =
+    the k-th smallest |d|, k = max(1, int((1 - density) * n)); ties kept), elect the sign of
+    the summed trimmed deltas, average the deltas that agree with it (0 where none does)."""
+    base, models = x[0], x[1:]
+    n = base.size
+    trimmed = []
+    for m in models:
+        d = m - base
+        if density < 1 and n:
+            k = max(1, int((1 - density) * n))
+            mag = np.abs(d).reshape(-1)
+            threshold = np.partition(mag, k - 1)[k - 1]
+            d = np.where(np.abs(d) >= threshold, d, np.float32(0))
+        trimmed.append(d)
+    total = np.zeros_like(base)
+    for d in trimmed:
+        total += d
+    sign = np.sign(total)
+    agree_sum = np.zeros_like(base)
+    agree_n = np.zeros_like(base)
+    for d in trimmed:
+        ok = (np.sign(d) == sign) & (d != 0)
+        agree_sum += np.where(ok, d, np.float32(0))
+        agree_n += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        merged = np.where(agree_n > 0, agree_sum / agree_n, np.float32(0))
+    return base + np.float32(t) * merged.astype(np.float32)
+
+
+#: below this sin(angle) the tensors are treated as parallel and interpolated linearly
+SLERP_EPS = 1e-6
+
+
+def slerp(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
+    """Spherical interpolation of the flattened tensors, scaled by lerp(|a|, |b|, t) (as
+    sd-mecha): angle w = arccos(clip(a.b / |a||b|, -1, 1)); value (sin((1-t)w) a/|a| +
+    sin(tw) b/|b|) / sin w * ((1-t)|a| + t|b|). Norms and coefficients in float64; zero or
+    parallel tensors fall back to the weighted sum."""
+    a, b = x
+    na = float(np.linalg.norm(a.astype(np.float64)))
+    nb = float(np.linalg.norm(b.astype(np.float64)))
+    if na == 0 or nb == 0:
+        return weighted_sum(x, t)
+    dot = float(np.dot(a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)))
+    cos = min(1.0, max(-1.0, dot / (na * nb)))
+    w = float(np.arccos(cos))
+    s = float(np.sin(w))
+    if s < SLERP_EPS:
+        return weighted_sum(x, t)
+    scale = (1 - t) * na + t * nb
+    ca = np.sin((1 - t) * w) / s * scale / na
+    cb = np.sin(t * w) / s * scale / nb
+    return np.float32(ca) * a + np.float32(cb) * b
+
+
+#: method -> the function computing it on float32 arrays
+KERNELS: dict[str, Callable[..., np.ndarray]] = {
+    "weighted-sum": weighted_sum,
+    "add-difference": add_difference,
+    "ties": ties,
+    "dare": dare,
+    "slerp": slerp,
+}
+
+
+def _maker(
+    models: Sequence[ModelFile],
+    k: KeyPlan,
+    method: Method,
+    dtype: DType,
+    io: Inputs,
+    overflows: Overflows,
+    density: float,
+    seed: int,
+    on_overflow: str,
+) -> Callable[[], np.ndarray]:
+    """The function computing key ``k``'s output tensor when the writer asks for it."""
+    kernel = KERNELS[method.name]
+    a = models[0]
+    shape = a.tensors[k.name].shape
+    t = k.alpha if k.alpha is not None else 0.0
+
+    def make() -> np.ndarray:
+        out = Output(shape, dtype)
+        rngs = dare_masks(seed, k.name, len(models) - 1) if method.name == "dare" else []
+        opts: dict[str, Any] = {"density": density, "rngs": rngs}
+        if k.rule == "merge-slice":
+            assert k.region is not None
+            region = tuple(slice(0, n) for n in k.region)
+            base = io.whole(a, k.name)
+            x = [base[region]] + [io.whole(m, k.name) for m in models[1:]]
+            res = base.copy()
+            res[region] = kernel(x, t, **opts)
+            out.put(0, res)
+        elif method.elementwise:
+            for start, count in pieces(out.flat.size):
+                x = [io.f32(m, k.name, start, count) for m in models]
+                out.put(start, kernel(x, t, **opts))
+        else:
+            x = [io.whole(m, k.name) for m in models]
+            out.put(0, kernel(x, t, **opts))
+        if out.overflow and on_overflow == "fail":
+            raise CastOverflow(
+                f"the cast to {dtype} overflows to inf in {k.name!r} ({out.overflow} values); "
+                "nothing was written. Keep a wider dtype, or pass --on-overflow warn",
+                {k.name: out.overflow},
+            )
+        overflows.set(k.name, out.overflow)
+        return out.array()
+
+    return make
+
+
+def merge(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    method: str = "weighted-sum",
+    alpha: float = 0.5,
+    density: float = 1.0,
+    seed: int = 0,
+    block_weights: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    dry_run: bool = False,
+    on_overflow: str = "fail",
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeResult:
+    """Merge model files into ``out`` (format by extension), streaming tensor by tensor.
+
+    Args:
+        inputs: A, B[, C] (or BASE, M1, M2 ... for ties/dare); any format sdtool reads.
+        method: a key of ``METHODS``.
+        alpha: the weight t of the method (the blocks' weights replace it per key).
+        density: ties/dare: the fraction of each delta kept (0 < density <= 1).
+        seed: dare: the seed of the drop masks (same seed, same output).
+        block_weights: a supermerger weight list (BASE,IN00,...,M00,OUT00,...).
+        dtype: output dtype for floating tensors (fp32, fp16, bf16 ...); None keeps A's.
+        dry_run: only plan; nothing is read beyond headers, nothing written.
+        progress: called with (bytes written, total bytes).
+
+    Returns a MergeResult; raises SdtoolError subclasses (nothing is written then).
+    """
+    t0 = time.perf_counter()
+    paths = [Path(p) for p in inputs]
+    out = Path(out)
+    m = METHODS.get(method)
+    if m is None:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if len(paths) < m.min_inputs or (m.max_inputs is not None and len(paths) > m.max_inputs):
+        want = str(m.min_inputs) if m.min_inputs == m.max_inputs else f"at least {m.min_inputs}"
+        raise UsageError(f"{method} merges {want} inputs, got {len(paths)}")
+    if not 0 < density <= 1:
+        raise UsageError(f"--density must be in (0, 1], not {density}")
+    target = _parse_dtype(dtype)
+    output_format(out)
+    if not dry_run:
+        check_output(out, inputs=paths, overwrite=overwrite)
+    with ExitStack() as stack:
+        models = [stack.enter_context(open_model(p)) for p in paths]
+        arch = unet_arch(list(models[0].tensors))
+        blocks = None
+        if block_weights is not None:
+            if arch is None:
+                raise UsageError(
+                    "--block-weights needs an SD 1.x/2.x or SDXL UNet with ldm key names "
+                    "(model.diffusion_model.input_blocks...) in the first input",
+                    path=paths[0],
+                )
+            blocks = parse_block_weights(block_weights, arch)
+        keys, skipped = plan_keys(models, m, alpha, blocks, arch)
+        used_density = density if method in ("ties", "dare") else None
+        used_seed = seed if method == "dare" else None
+        recipe: dict[str, Any] = {
+            "type": "sdtool",
+            "sdtool_version": __version__,
+            "method": method,
+            "formula": m.summary,
+            "alpha": alpha,
+            "density": used_density,
+            "seed": used_seed,
+            "block_weights": block_weights,
+            "models": [p.name for p in paths],
+            "dtype": dtype or "keep",
+        }
+        result = MergeResult(
+            inputs=paths,
+            output=out,
+            method=method,
+            alpha=alpha,
+            density=used_density,
+            seed=used_seed,
+            dtype=dtype or "keep",
+            block_weights=blocks,
+            keys=keys,
+            skipped=skipped,
+            recipe=recipe,
+            dry_run=dry_run,
+        )
+        if dry_run:
+            result.seconds = time.perf_counter() - t0
+            return result
+        a = models[0]
+        overflows = Overflows()
+        with Inputs() as io:
+            plan: list[OutTensor] = []
+            for k in keys:
+                info = a.tensors[k.name]
+                out_dt = _out_dtype(info.dtype, target)
+                if k.rule == "copy":
+                    plan.append(OutTensor(k.name, a, info, out_dt))
+                else:
+                    make = _maker(models, k, m, out_dt, io, overflows, density, seed, on_overflow)
+                    plan.append(OutTensor(k.name, a, info, out_dt, make))
+            meta = {
+                "format": "pt",
+                "sd_merge_recipe": json.dumps(recipe),
+                "sd_merge_models": json.dumps({p.name: {"name": p.name} for p in paths}),
+            }
+            w = write_model(
+                plan,
+                out,
+                metadata=meta,
+                overwrite=overwrite,
+                verify=verify,
+                on_overflow=on_overflow,
+                progress=progress,
+            )
+        result.overflows = {**overflows.counts, **w.overflows}
+        result.output_bytes = w.nbytes
+        result.verified = w.verified
+        result.seconds = time.perf_counter() - t0
+        return result
+
+
+def _parse_dtype(name: str | None) -> DType | None:
+    return parse_dtype(name)
+
+
+def _out_dtype(src: DType, target: DType | None) -> DType:
+    """The output dtype of a tensor: the one cast rule (``vocab.cast_target``)."""
+    return cast_target(src, target)

@@ -1,0 +1,208 @@
+"""The words sdtool uses, defined once: formats, verdicts, severities, exit codes, dtype names,
+the cast rule and component names.
+
+Every command, result object and JSON document spells these the way they are spelled here; a
+new format or component is one row. The enums are ``str`` enums, so a member compares equal to,
+and serialises (``json.dumps``) as, its spelling. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sdtool.dtypes import DType
+
+
+class Format(str, Enum):
+    """A file or container format, as sniffing, ModelFile.format, scan and every JSON say it.
+
+    ``ZIP``, ``PICKLE`` and ``TAR`` are also what sniffing says before a reader looks inside
+    (a zip may turn out to be a torch zip, an npz or TorchScript; a pickle a legacy torch file).
+    """
+
+    SAFETENSORS = "safetensors"
+    TORCH_ZIP = "torch-zip"
+    TORCH_LEGACY = "torch-legacy"
+    TORCH_TAR = "torch-tar"
+    TORCHSCRIPT = "torchscript"
+    PICKLE = "pickle"
+    NPY = "npy"
+    NPZ = "npz"
+    ZIP = "zip"
+    TAR = "tar"
+    GZIP = "gzip"
+    BZIP2 = "bzip2"
+    XZ = "xz"
+    ZLIB = "zlib"
+    LZMA = "lzma"
+    SEVENZIP = "7z"
+    RAR = "rar"
+    LZ4 = "lz4"
+    JOBLIB_ZFILE = "joblib-zfile"  # joblib's own zlib container (b"ZF" + length)
+    EMPTY = "empty"
+    UNREADABLE = "unreadable"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __hash__ = str.__hash__  # equal to its spelling, so hashed as it: {"safe": 1}[Verdict.SAFE]
+
+
+#: the compressions sniffing recognises (scan looks inside them; open_model asks to decompress)
+COMPRESSED = frozenset({Format.GZIP, Format.BZIP2, Format.XZ, Format.ZLIB, Format.LZMA})
+
+
+class Severity(str, Enum):
+    """How bad one finding (or one global) is; ``rank`` orders them."""
+
+    SAFE = "safe"
+    INFO = "info"
+    SUSPICIOUS = "suspicious"
+    DANGEROUS = "dangerous"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_RANK[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+    __hash__ = str.__hash__  # equal to its spelling, so hashed as it: {"safe": 1}[Verdict.SAFE]
+
+
+_SEVERITY_RANK = {
+    Severity.SAFE: 0,
+    Severity.INFO: 0,
+    Severity.SUSPICIOUS: 1,
+    Severity.DANGEROUS: 2,
+}
+
+
+class Verdict(str, Enum):
+    """A scanned file's verdict, worst first (dangerous wins over errors)."""
+
+    DANGEROUS = "dangerous"
+    SUSPICIOUS = "suspicious"
+    ERROR = "error"
+    NOT_SCANNED = "not_scanned"
+    SAFE = "safe"
+
+    @property
+    def label(self) -> str:
+        """How text output says it: ``not scanned``."""
+        return self.value.replace("_", " ")
+
+    def __str__(self) -> str:
+        return self.value
+
+    __hash__ = str.__hash__  # equal to its spelling, so hashed as it: {"safe": 1}[Verdict.SAFE]
+
+
+class ExitCode(IntEnum):
+    """The process exit codes, the same for every command."""
+
+    OK = 0
+    FINDINGS = 1  # dangerous files, differences, failed batch items
+    ERROR = 2  # a usage error, or an input that cannot be read
+    INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+    BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+# -- dtypes a user names, and which tensors a cast touches ---------------------------------------
+
+#: what ``--dtype`` / ``dtype=`` accept (the user's name -> the dtype code); ``keep`` means no cast.
+#: Other spellings ``dtypes.parse`` knows (float16, half, F16, bfloat16 ...) are accepted too.
+DTYPE_NAMES: dict[str, str] = {
+    "fp32": "F32",
+    "fp16": "F16",
+    "bf16": "BF16",
+    "fp8_e4m3fn": "F8_E4M3",
+    "fp8_e5m2": "F8_E5M2",
+}
+KEEP = "keep"
+#: dtype codes a cast may start from or go to (write/cast.py casts exactly these, torch-exact).
+CASTABLE = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def dtype_name(code: str | None) -> str:
+    """The user's name of a cast target code (``F16`` -> ``fp16``; None -> ``keep``)."""
+    if code is None:
+        return KEEP
+    return next((n for n, c in DTYPE_NAMES.items() if c == code), code)
+
+
+def parse_dtype(value: str | DType | None) -> DType | None:
+    """A cast target from what a user or caller gives: None/``keep`` -> None (no cast), a DType,
+    ``fp16``, ``F16``, ``float16``, ``half``... UnsupportedDtype for anything that is not one of
+    the cast targets in DTYPE_NAMES."""
+    from sdtool import dtypes
+    from sdtool.errors import UnsupportedDtype
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == KEEP:
+            return None
+        code = DTYPE_NAMES.get(text.lower())
+        dt = dtypes.from_code(code) if code else dtypes.parse(text)
+    else:
+        dt = value
+    if dt.code not in DTYPE_NAMES.values():
+        raise UnsupportedDtype(
+            f"{value!s} is not a dtype sdtool casts to; use one of "
+            f"{', '.join([KEEP, *DTYPE_NAMES])}"
+        )
+    return dt
+
+
+def cast_target(src: DType, target: DType | None) -> DType:
+    """The cast rule, one place: the dtype a tensor of ``src`` is written as when the user asks
+    for ``target``. Floating tensors of a castable dtype take ``target``; everything else
+    (int64 ``position_ids``, bools, complex, dtypes sdtool does not cast) keeps its dtype."""
+    if target is None or not src.is_float or src.code not in CASTABLE:
+        return src
+    return target
+
+
+# -- components -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    """A model component: its one name (JSON, options), its label (text output), its role."""
+
+    name: str
+    label: str
+    role: str
+
+
+#: name -> Component. Names are what ``--component``, ``--drop``, identify and JSON say.
+COMPONENTS: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component("unet", "UNet", "denoiser"),
+        Component("mmdit", "MMDiT", "denoiser"),
+        Component("flux", "Flux transformer", "denoiser"),
+        Component("vae", "VAE", "vae"),
+        Component("clip-l", "CLIP-L", "text-encoder"),
+        Component("clip-g", "CLIP-G", "text-encoder"),
+        Component("openclip-h", "OpenCLIP-H", "text-encoder"),
+        Component("t5xxl", "T5-XXL", "text-encoder"),
+        Component("controlnet", "ControlNet", "controlnet"),
+        Component("depth", "MiDaS depth", "aux"),
+        Component("scheduler", "noise schedule", "aux"),
+        Component("ema", "EMA", "ema"),
+    )
+}
+#: the roles components play (``--drop`` and ``extract --component`` name roles too)
+ROLES = ("denoiser", "vae", "text-encoder", "controlnet", "aux", "ema")
+
+
+#: the one progress shape: ``progress(done, total)`` in bytes (or items), called as work advances
+Progress = Callable[[int, int], None]

@@ -1,0 +1,187 @@
+"""Writing safetensors: the header laid out the reference writer's way, then every tensor
+streamed to its offset (kernel copies for bytes that do not change, cast pieces on two threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from sdtool.errors import CorruptFile, OutputError, TruncatedFile
+from sdtool.formats.safetensors import MAX_HEADER
+from sdtool.write.plan import OutTensor, source_order
+from sdtool.write.stream import BufferRing, Chunks, Job, SourceFds, copy_span, prefetch, write_all
+
+#: safetensors' Dtype enum order (ascending); the writer sorts by it descending.
+DTYPE_ORDER: tuple[str, ...] = (
+    "BOOL",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
+)
+_RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
+PREFETCH = 4  # steps queued ahead of the write (2 casting, 2 cast and waiting)
+CAST_THREADS = 2  # pieces cast at once (numpy's casts release the GIL)
+
+
+@dataclass(frozen=True)
+class Placed:
+    """An output tensor and its [begin, end) in the data buffer."""
+
+    tensor: OutTensor
+    begin: int
+    end: int
+
+
+def layout(
+    plan: Sequence[OutTensor], metadata: dict[str, str] | None
+) -> tuple[bytes, list[Placed]]:
+    """The complete header (length prefix included) and where each tensor goes.
+
+    Raises OutputError for a dtype safetensors cannot hold or a name given twice.
+    """
+    seen: set[str] = set()
+    for t in plan:
+        if t.dtype.code not in _RANK:
+            raise OutputError(
+                f"tensor {t.name!r} is {t.dtype}, which safetensors cannot store "
+                "(cast it, or write a .ckpt)"
+            )
+        if t.name in seen:
+            raise OutputError(f"two output tensors are named {t.name!r}")
+        seen.add(t.name)
+    ordered = sorted(plan, key=lambda t: (-_RANK[t.dtype.code], t.name))
+    obj: dict[str, Any] = {}
+    if metadata:
+        obj["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    placed: list[Placed] = []
+    pos = 0
+    for t in ordered:
+        placed.append(Placed(t, pos, pos + t.nbytes))
+        obj[t.name] = {
+            "dtype": t.dtype.code,
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
+        pos += t.nbytes
+    try:
+        js = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise OutputError(f"a tensor name or metadata value is not valid Unicode: {e}") from None
+    js += b" " * (-len(js) % 8)
+    if len(js) > MAX_HEADER:
+        raise OutputError(f"the header would be {len(js)} bytes, over safetensors' 100 MB limit")
+    return struct.pack("<Q", len(js)) + js, placed
+
+
+def write_safetensors(
+    plan: Sequence[OutTensor],
+    f: BinaryIO,
+    *,
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """Stream ``plan`` into the empty file ``f`` as safetensors; return overflow counts by name.
+
+    The file is sized first, then each tensor is written at its offset, in source order; cast
+    pieces are cast and written (pwrite at their own offsets) on ``CAST_THREADS`` threads.
+    Peak memory is a few pieces of a cast (``CHUNK_BYTES`` of the wider dtype each) or one
+    tensor that must be materialised (a deflated or strided source), plus a constant.
+    ``progress`` receives byte counts as they are written.
+    """
+    header, placed = layout(plan, metadata)
+    fd = f.fileno()
+    write_all(fd, header)
+    base = len(header)
+    os.ftruncate(fd, base + (placed[-1].end if placed else 0))
+    # Tensors go to their places in safetensors' order, but are read in the order they lie in
+    # their sources: reading a 7 GB file front to back instead of jumping around is what keeps
+    # this at the speed of cp once the file no longer fits the page cache.
+    order = sorted(placed, key=lambda p: (str(p.tensor.source.path), *source_order(p.tensor)))
+    overflows: dict[str, int] = {}
+    with SourceFds() as fds, _casts() as pool:
+        steps = _steps(order, fds, pool, fd, base)
+        for kind, p, item in prefetch(steps, depth=PREFETCH):
+            t = p.tensor
+            if kind == "copy":
+                span = t.copy_span
+                assert span is not None
+                copy_span(fds.get(t), fd, span[0], span[1], t, progress, base + p.begin)
+            elif kind == "piece":
+                written = item.result()  # in order: errors surface, the ring slot is free
+                if progress is not None:
+                    progress(written)
+            elif item.overflow:  # "done": a cast tensor is complete
+                overflows[t.name] = item.overflow
+    return overflows
+
+
+def _cast_and_write(job: Job, fd: int, at: int) -> int:
+    return write_all(fd, job.run(), at)
+
+
+@contextlib.contextmanager
+def _casts() -> Iterator[ThreadPoolExecutor]:
+    """The cast threads; on the way out (an error, Ctrl-C) queued casts are dropped and running
+    ones waited for, so no thread outlives the write or touches a closed file."""
+    pool = ThreadPoolExecutor(CAST_THREADS, thread_name_prefix="sdtool-cast")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _steps(
+    order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor, fd: int, base: int
+) -> Iterator[tuple[str, Placed, Any]]:
+    """What to do, tensor by tensor: ("copy", p, None) for bytes that move as they are, else
+    ("piece", p, future byte count) per chunk and ("done", p, chunks). Runs in the prefetch
+    thread and hands each piece to ``pool``, which casts it and writes it at its offset in
+    ``fd``: casts and writes (both release the GIL) run on both cores at once."""
+    # a ring slot is reused ``slots`` pieces later: in flight are at most the queue's depth,
+    # the step the prefetch thread holds, and the one being written
+    ring = BufferRing(slots=PREFETCH + 3)
+    for p in order:
+        t = p.tensor
+        span = t.copy_span
+        if span is not None:
+            if span[0] + span[1] > t.source.file_size:
+                raise TruncatedFile(
+                    f"tensor {t.name!r} needs bytes up to {span[0] + span[1]} but the file "
+                    f"has {t.source.file_size}; the download is truncated",
+                    path=t.source.path,
+                )
+            yield "copy", p, None
+            continue
+        chunks = Chunks(t, fds.get(t), ring)
+        written = 0
+        for job in chunks.jobs():
+            yield "piece", p, pool.submit(_cast_and_write, job, fd, base + p.begin + written)
+            written += job.nbytes
+        if written != p.end - p.begin:
+            raise CorruptFile(
+                f"tensor {t.name!r} gave {written} bytes, expected {p.end - p.begin}",
+                path=t.source.path,
+            )
+        yield "done", p, chunks

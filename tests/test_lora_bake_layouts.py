@@ -1,0 +1,150 @@
+"""lora bake onto full SD1 / SDXL checkpoints (real key sets, tiny shapes): LoRAs that name
+modules the diffusers way reach the ldm / OpenCLIP keys through sdtool.layouts, split q/k/v
+LoRAs patch their rows of a fused in_proj_weight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sdlayouts as L
+from safetensors.numpy import load_file, save_file
+
+from sdtool.ops.lora.bake import bake
+
+U = "model.diffusion_model."
+RNG = np.random.default_rng(5)
+
+
+def pair(rank: int, out: int, inp: int, *, conv: tuple[int, int] | None = None) -> tuple:
+    down = RNG.standard_normal((rank, inp, *(conv or ()))).astype(np.float32)
+    up = RNG.standard_normal((out, rank, *((1, 1) if conv else ()))).astype(np.float32)
+    return up, down
+
+
+def delta(up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    import torch
+
+    u, d = torch.from_numpy(up), torch.from_numpy(down)
+    if d.ndim == 4:
+        return torch.nn.functional.conv2d(d.permute(1, 0, 2, 3), u).permute(1, 0, 2, 3).numpy()
+    return (u @ d).numpy()
+
+
+def test_sd1_kohya_diffusers_names_onto_ldm(tmp_path: Path) -> None:
+    base = L.write_tiny(tmp_path / "sd1.safetensors", L.sd1())
+    # SD1 kohya LoRAs use diffusers module paths (library/original_unet.py)
+    mods = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (
+            U + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", pair(2, 3, 3)
+        ),
+        "lora_unet_down_blocks_0_resnets_0_conv1": (
+            U + "input_blocks.1.0.in_layers.2.weight", pair(2, 3, 3, conv=(3, 3))
+        ),
+        "lora_unet_up_blocks_3_attentions_2_proj_out": (
+            U + "output_blocks.11.1.proj_out.weight", pair(1, 3, 3)
+        ),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (
+            "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+            pair(2, 3, 3),
+        ),
+    }  # fmt: skip
+    lora = {}
+    for stem, (_, (up, down)) in mods.items():
+        lora |= {stem + ".lora_up.weight": up, stem + ".lora_down.weight": down}
+        lora[stem + ".alpha"] = np.array(1.0, np.float32)
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    out = tmp_path / "out.safetensors"
+    r = bake(tmp_path / "sd1.safetensors", [tmp_path / "lora.safetensors"], out)
+    assert r.loras[0].matched == 4 and not r.loras[0].unmatched
+    got = load_file(out)
+    for _stem, (key, (up, down)) in mods.items():
+        w = base[key].astype(np.float32)
+        want = w + np.float32(1.0 / up.shape[1]) * delta(up, down).reshape(w.shape)
+        assert np.array_equal(got[key], want.astype(base[key].dtype)), key
+    changed = [k for k in got if not np.array_equal(got[k], base[k])]
+    assert sorted(changed) == sorted(k for k, _ in mods.values())
+
+
+def test_sdxl_native_diffusers_and_split_te2(tmp_path: Path) -> None:
+    base = L.write_tiny(tmp_path / "sdxl.safetensors", L.sdxl())
+    inproj = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    mods = {
+        # SDXL kohya: ldm names
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (
+            U + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight", None, pair(2, 3, 3)
+        ),
+        # diffusers / PEFT names
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k": (
+            U + "input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight", None, pair(2, 3, 3)
+        ),
+        # HF CLIP-G k_proj: rows 1:2 of OpenCLIP's fused in_proj_weight (tiny: 3 rows)
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj": (inproj, (1, 2), pair(2, 1, 3)),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj": (
+            inproj, (2, 3), pair(1, 1, 3)
+        ),
+    }  # fmt: skip
+    lora = {}
+    for stem, (_, _, (up, down)) in mods.items():
+        if stem.startswith("lora_"):
+            lora |= {stem + ".lora_up.weight": up, stem + ".lora_down.weight": down}
+        else:
+            lora |= {stem + ".lora_B.weight": up, stem + ".lora_A.weight": down}
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    out = tmp_path / "out.safetensors"
+    r = bake(tmp_path / "sdxl.safetensors", [(tmp_path / "lora.safetensors", 0.5)], out)
+    assert r.loras[0].matched == 4 and not r.loras[0].unmatched
+    got = load_file(out)
+    want = {k: v.astype(np.float32) for k, v in base.items() if v.dtype.kind == "f"}
+    for key, rows, (up, down) in mods.values():
+        region = want[key] if rows is None else want[key][rows[0] : rows[1]]
+        region += np.float32(0.5) * delta(up, down).reshape(region.shape)
+    for key, v in want.items():
+        assert np.array_equal(got[key], v.astype(base[key].dtype)), key
+
+
+@pytest.fixture(autouse=True)
+def _layouts() -> None:
+    L.need_layouts()
+
+
+def test_extract_names_and_round_trip(tmp_path: Path) -> None:
+    """Extract from full SD1 / SDXL checkpoints: kohya names per family, and baking the
+    full-rank LoRA back reproduces TUNED on every extracted key."""
+    from sdtool.ops.lora.extract import extract
+
+    for fam, entries, names in (
+        ("sd1", L.sd1(), {
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+                U + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+                "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        }),
+        ("sdxl", L.sdxl(), {
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+                U + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+            "lora_te2_text_model_encoder_layers_0_self_attn_k_proj":
+                "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1":
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+        }),
+    ):  # fmt: skip
+        base = L.write_tiny(tmp_path / f"{fam}.safetensors", entries)
+        tuned = dict(base)
+        for key in set(names.values()):
+            tuned[key] = base[key] + RNG.standard_normal(base[key].shape).astype(base[key].dtype)
+        save_file(tuned, str(tmp_path / f"{fam}-tuned.safetensors"))
+        out = tmp_path / f"{fam}-lora.safetensors"
+        res = extract(
+            tmp_path / f"{fam}-tuned.safetensors", tmp_path / f"{fam}.safetensors", out,
+            rank=8, dtype="fp32",
+        )  # fmt: skip
+        got = {m.name: m.source for m in res.modules}
+        for name, key in names.items():
+            assert got[name] == key, (fam, name)
+        baked = tmp_path / f"{fam}-baked.safetensors"
+        bake(tmp_path / f"{fam}.safetensors", [out], baked, dtype="fp32")
+        b = load_file(baked)
+        for key in set(names.values()):
+            np.testing.assert_allclose(b[key], tuned[key].astype(np.float32), rtol=0, atol=1e-5)

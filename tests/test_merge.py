@@ -1,0 +1,247 @@
+"""sdtool merge: every method against torch computing it on whole models, bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdtool.cli.main import main
+from sdtool.ops import arith
+from sdtool.ops import merge as merge_mod
+from sdtool.ops.merge import block_of, merge, parse_block_weights
+
+U = "model.diffusion_model."
+
+
+def _model(seed: int, dtype: torch.dtype = torch.float16, inpaint: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    sd = {
+        U + "input_blocks.0.0.weight": r(8, 9 if inpaint else 4, 3, 3),
+        U + "input_blocks.0.0.bias": r(8),
+        U + "time_embed.0.weight": r(16, 8),
+        U + "input_blocks.11.0.in_layers.2.weight": r(8, 8, 3, 3),
+        U + "middle_block.1.proj_in.weight": r(8, 8),
+        U + "output_blocks.3.1.transformer_blocks.0.attn1.to_q.weight": r(8, 8),
+        U + "out.2.weight": r(4, 8, 3, 3),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": r(50, 8),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(
+            77
+        ).unsqueeze(0),
+        "first_stage_model.decoder.conv_out.weight": r(3, 4, 3, 3),
+    }
+    return sd
+
+
+def _save(tmp: Path, name: str, sd: dict) -> Path:
+    p = tmp / name
+    if name.endswith(".ckpt"):
+        torch.save({"state_dict": sd}, p)
+    else:
+        save_file(sd, str(p))
+    return p
+
+
+def _same(got: dict, want: dict) -> None:
+    assert list(got) == list(want) or set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+
+
+def _oracle(models: list[dict], fn, dtype: torch.dtype | None = None) -> dict:
+    """The whole-model torch way: every float key of A present in all, fn on float32."""
+    a = models[0]
+    out = {}
+    for k, v in a.items():
+        if not v.is_floating_point() or any(k not in m for m in models):
+            out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            continue
+        x = [m[k].float() for m in models]
+        out[k] = fn(k, x).to(dtype or v.dtype)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.77])
+def test_weighted_sum_bit_for_bit(tmp_path: Path, alpha: float) -> None:
+    a, b = _model(1), _model(2, torch.float32)
+    pa, pb = _save(tmp_path, "a.safetensors", a), _save(tmp_path, "b.ckpt", b)
+    out = tmp_path / "out.safetensors"
+    r = merge([pa, pb], out, alpha=alpha)
+    want = _oracle([a, b], lambda k, x: (1 - alpha) * x[0] + alpha * x[1])
+    _same(load_file(out), want)
+    assert r.counts == {"merge": 9, "copy": 1}
+    ids = [k for k in r.keys if k.rule == "copy"]
+    assert ids[0].name.endswith("position_ids") and "I64" in ids[0].reason
+    recipe = json.loads(load_file_meta(out)["sd_merge_recipe"])
+    assert recipe["method"] == "weighted-sum" and recipe["alpha"] == alpha
+
+
+def load_file_meta(p: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(p), "pt") as f:
+        return f.metadata()
+
+
+def test_add_difference_fp32_output_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arith, "PIECE", 7)  # every tensor in many pieces
+    monkeypatch.setattr(merge_mod, "pieces", lambda n: arith.pieces(n, 7))
+    ms = [_model(1), _model(2, torch.bfloat16), _model(3, torch.float32)]
+    ps = [_save(tmp_path, f"{i}.safetensors", m) for i, m in enumerate(ms)]
+    out = tmp_path / "out.safetensors"
+    merge(ps, out, method="add-difference", alpha=1.0, dtype="fp32")
+    want = _oracle(ms, lambda k, x: x[0] + 1.0 * (x[1] - x[2]), torch.float32)
+    _same(load_file(out), want)
+
+
+def test_dare_reproducible_and_equal_to_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ms = [_model(1, torch.float32), _model(2, torch.float32), _model(3, torch.float32)]
+    ps = [_save(tmp_path, f"{i}.safetensors", m) for i, m in enumerate(ms)]
+    density, alpha, seed = 0.3, 0.8, 42
+
+    def fn(k: str, x: list[torch.Tensor]) -> torch.Tensor:
+        rngs = merge_mod.dare_masks(seed, k, 2)
+        total = torch.zeros_like(x[0])
+        for m, rng in zip(x[1:], rngs, strict=True):
+            keep = torch.from_numpy(rng.random(m.numel()).reshape(m.shape) < density)
+            total += torch.where(keep, (m - x[0]) * (1 / density), 0.0)
+        return x[0] + alpha * total
+
+    out1, out2 = tmp_path / "o1.safetensors", tmp_path / "o2.safetensors"
+    merge(ps, out1, method="dare", alpha=alpha, density=density, seed=seed)
+    _same(load_file(out1), _oracle(ms, fn))
+    # the masks do not depend on the piece size
+    monkeypatch.setattr(merge_mod, "pieces", lambda n: arith.pieces(n, 6))
+    merge(ps, out2, method="dare", alpha=alpha, density=density, seed=seed)
+    assert out1.read_bytes() == out2.read_bytes()
+
+
+def test_ties_equal_to_torch(tmp_path: Path) -> None:
+    ms = [_model(1, torch.float32), _model(2, torch.float32), _model(3, torch.float32)]
+    ps = [_save(tmp_path, f"{i}.safetensors", m) for i, m in enumerate(ms)]
+    density, alpha = 0.4, 0.9
+
+    def fn(k: str, x: list[torch.Tensor]) -> torch.Tensor:
+        base = x[0]
+        trimmed = []
+        for m in x[1:]:
+            d = m - base
+            kk = max(1, int((1 - density) * d.numel()))
+            thr = d.abs().flatten().kthvalue(kk).values
+            trimmed.append(torch.where(d.abs() >= thr, d, 0.0))
+        sign = torch.sign(sum(trimmed))
+        agree = [(torch.sign(d) == sign) & (d != 0) for d in trimmed]
+        s = sum(torch.where(a, d, 0.0) for a, d in zip(agree, trimmed, strict=True))
+        n = sum(a.float() for a in agree)
+        merged = torch.where(n > 0, s / n, 0.0)
+        return base + alpha * merged
+
+    out = tmp_path / "o.safetensors"
+    merge(ps, out, method="ties", alpha=alpha, density=density)
+    _same(load_file(out), _oracle(ms, fn))
+
+
+def test_slerp_close_to_torch(tmp_path: Path) -> None:
+    a, b = _model(1, torch.float32), _model(2, torch.float32)
+    ps = [_save(tmp_path, "a.safetensors", a), _save(tmp_path, "b.safetensors", b)]
+    t = 0.35
+    out = tmp_path / "o.safetensors"
+    merge(ps, out, method="slerp", alpha=t)
+    got = load_file(out)
+    for k, va in a.items():
+        if not va.is_floating_point():
+            continue
+        x, y = va.double().flatten(), b[k].double().flatten()
+        na, nb = x.norm(), y.norm()
+        w = torch.arccos(torch.clamp((x / na) @ (y / nb), -1, 1))
+        v = (torch.sin((1 - t) * w) * x / na + torch.sin(t * w) * y / nb) / torch.sin(w)
+        want = (v * ((1 - t) * na + t * nb)).reshape(va.shape).float()
+        torch.testing.assert_close(got[k], want, rtol=2e-6, atol=1e-6)
+
+
+def test_inpaint_slice_missing_keys_and_skips(tmp_path: Path) -> None:
+    a = _model(1, torch.float32, inpaint=True)
+    b = _model(2, torch.float32)
+    del b[U + "out.2.weight"]
+    b["only.in.b"] = torch.ones(3)
+    ps = [_save(tmp_path, "a.safetensors", a), _save(tmp_path, "b.safetensors", b)]
+    out = tmp_path / "o.safetensors"
+    r = merge(ps, out, alpha=0.5)
+    got = load_file(out)
+    k = U + "input_blocks.0.0.weight"
+    want = a[k].clone()
+    want[:, :4] = 0.5 * a[k][:, :4] + 0.5 * b[k]
+    assert torch.equal(got[k], want)
+    rules = {p.name: p.rule for p in r.keys}
+    assert rules[k] == "merge-slice"
+    assert rules[U + "out.2.weight"] == "copy" and torch.equal(
+        got[U + "out.2.weight"], a[U + "out.2.weight"]
+    )
+    assert r.skipped == {"only.in.b": "B"} and "only.in.b" not in got
+
+
+def test_block_weights_supermerger_table() -> None:
+    assert block_of(U + "time_embed.0.weight", "sd1") == "IN00"
+    assert block_of(U + "input_blocks.11.0.in_layers.2.weight", "sd1") == "IN11"
+    assert block_of(U + "middle_block.1.proj_in.weight", "sd1") == "M00"
+    assert block_of(U + "out.2.weight", "sd1") == "OUT11"
+    assert block_of(U + "out.2.weight", "sdxl") == "OUT08"
+    assert (
+        block_of(U + "output_blocks.3.1.transformer_blocks.0.attn1.to_q.weight", "sd1") == "OUT03"
+    )
+    assert block_of("cond_stage_model.x", "sd1") == "BASE"
+    w = parse_block_weights(",".join(str(i) for i in range(26)), "sdxl")
+    assert w["IN08"] == 9 and w["M00"] == 13 and w["OUT00"] == 14 and w["OUT08"] == 22
+
+
+def test_block_weights_merge(tmp_path: Path) -> None:
+    a, b = _model(1, torch.float32), _model(2, torch.float32)
+    ps = [_save(tmp_path, "a.safetensors", a), _save(tmp_path, "b.safetensors", b)]
+    weights = [0.1] + [0.2] * 12 + [0.3] + [0.4] * 12
+    out = tmp_path / "o.safetensors"
+    merge(ps, out, block_weights=",".join(map(str, weights)))
+
+    def fn(k: str, x: list[torch.Tensor]) -> torch.Tensor:
+        t = (
+            0.1
+            if not k.startswith(U)
+            else 0.3
+            if "middle" in k
+            else 0.4
+            if "out" in k.split(".")[2]
+            else 0.2
+        )
+        return (1 - t) * x[0] + t * x[1]
+
+    _same(load_file(out), _oracle([a, b], fn))
+
+
+def test_cli_dry_run_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = _model(1), _model(2)
+    ps = [str(_save(tmp_path, "a.safetensors", a)), str(_save(tmp_path, "b.safetensors", b))]
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", *ps, str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "weighted-sum (alpha 0.5)" in text and "9 merge, 1 copy" in text
+    assert "dry run: nothing written" in text and not out.exists()
+    assert main(["merge", *ps, str(out), "--json", "--verify", "--dtype", "bf16"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "sdtool.merge/1" and doc["verified"] and doc["counts"]["merge"] == 9
+    assert load_file(out)[U + "out.2.weight"].dtype == torch.bfloat16
+    assert main(["merge", *ps, str(out)]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(["merge", *ps, str(tmp_path / "x.safetensors"), "--method", "add-difference"]) == 2
+    assert "add-difference merges 3 inputs, got 2" in capsys.readouterr().err
+    assert main(["merge", *ps, str(tmp_path / "x.safetensors"), "--block-weights", "1,2"]) == 2
+    assert "--block-weights has 2 values" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
