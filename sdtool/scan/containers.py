@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sdtool.dtypes import storage_itemsize
 from sdtool.errors import CorruptFile, SdtoolError
 from sdtool.formats import zip as zipfmt
-from sdtool.formats.sniff import Kind, describe, sniff_bytes
+from sdtool.formats.sniff import describe, sniff_bytes
+from sdtool.formats.torchfile import LEGACY_MAGIC
 from sdtool.scan.buffers import (
     Budget,
     FileBuf,
@@ -50,17 +52,10 @@ from sdtool.scan.vm import (
 )
 from sdtool.vocab import Format
 
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_DEPTH = 4  # containers inside containers
 MAX_STREAMS = 1000  # pickle streams per member
 MAX_MEMBER = 2 << 30  # bytes of one member (stored ones are windows, never copied)
 
-_STORAGE_ITEMSIZE = {
-    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
-    "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16, "QInt8": 1,
-    "QUInt8": 1, "QInt32": 4, "QUInt4x2": 1, "QUInt2x4": 1, "Untyped": 1,
-    "Float8_e4m3fn": 1, "Float8_e5m2": 1,
-}  # fmt: skip
 
 _CODE_RE = re.compile(
     r"__import__|\bimport\s+\w|\beval\s*\(|\bexec\s*\(|os\.system|subprocess|<script|"
@@ -184,7 +179,7 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     head = bytes(buf[:4096])
     kind = sniff_bytes(head, size)
     extra = _extra_kind(head)
-    kind_name = extra if kind is Kind.UNKNOWN and extra else kind.value
+    kind_name = extra if kind is Format.UNKNOWN and extra else kind.value
     _check_name(ctx, member, name, kind_name)
     handler = _ROUTES.get(kind_name)
     if depth > MAX_DEPTH:
@@ -235,18 +230,10 @@ def _importable(name: str | None) -> bool:
 
 
 def _extra_kind(head: bytes) -> str | None:
-    """Formats sniff.py does not name but the scanner must not pass over."""
-    if head[:4] == b"PK\x05\x06":  # numpy.load opens it as npz (zipfile finds the real end)
-        return "zip"
-    if head[:2] == b"ZF":  # joblib's compressor detection: the prefix alone
-        return "joblib-zfile"
-    if head[:2] == b"\x5d\x00":  # joblib's lzma prefix, whatever the dictionary size
-        return "lzma"
-    if head[:4] == b"\x04\x22\x4d\x18":
-        return "lz4"
-    if head[:6] == b"Rar!\x1a\x07":
-        return "rar"
-    return None
+    """The one start the scanner routes differently from torch.load's sniffing: numpy.load
+    opens a file starting with an end-of-central-directory record as npz (zipfile finds the
+    real end record), torch.load does not."""
+    return "zip" if head[:4] == zipfmt.EOCD_SIG else None
 
 
 _EXT_KIND = {
@@ -481,7 +468,7 @@ def _scan_legacy(ctx: Ctx, buf: Any, pos: int, member: str | None) -> int:
         if not isinstance(key, str):  # torch writes string keys; anything else is forged
             ctx.error(member, "legacy torch storage key is not a string: storages not skipped")
             return -1
-        itemsize = _STORAGE_ITEMSIZE.get(types.get(key, ""))
+        itemsize = storage_itemsize(types.get(key, "") + "Storage")
         if pos + 8 > end:
             ctx.error(member, f"legacy torch storage {key!r} is cut short (truncated download)")
             return -1
@@ -709,7 +696,7 @@ def _scan_member(
         path += " (shadowed duplicate)"
     if m.flags & 0x1:
         kind = sniff_bytes(data[:4096], len(data))
-        if kind is Kind.UNKNOWN:
+        if kind is Format.UNKNOWN:
             ctx.error(path, "not scanned: the member is encrypted")
             return
     _scan_nested(ctx, data, path, depth + 1)
@@ -880,7 +867,9 @@ def _scan_tar_records(ctx: Ctx, data: Any, path: str, which: str) -> None:
             if which == "storages":
                 t = r.result[2] if isinstance(r.result, tuple) and len(r.result) == 3 else None
                 name = t.imp.name if isinstance(t, Ref) and t.imp.name else ""
-                itemsize = _STORAGE_ITEMSIZE[name.removesuffix("Storage")]
+                itemsize = storage_itemsize(name)
+                if itemsize is None:
+                    raise KeyError(name)
                 (n,) = struct.unpack("<q", bytes(data[pos : pos + 8]))
                 pos += 8 + n * itemsize
             else:
@@ -1062,7 +1051,7 @@ def _safetensors_tail(ctx: Ctx, buf: Any, member: str | None, depth: int, header
         return
     if end < size:
         tail = bytes(buf[end:])
-        if sniff_bytes(tail[:4096], len(tail)) is Kind.PICKLE:
+        if sniff_bytes(tail[:4096], len(tail)) is Format.PICKLE:
             ctx.find(
                 "suspicious",
                 "safetensors-hidden",

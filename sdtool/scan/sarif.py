@@ -28,7 +28,7 @@ RULE_TEXT: dict[str, str] = {
     "stream-broken": "A pickle stream breaks after its payload",
     "concatenated-pickle": "Several pickle streams in one file",
     "trailing-data": "Bytes after the last pickle stream",
-    "polyglot": "A pickle with a zip appended",
+    "polyglot": "The same bytes valid as a pickle and as another format",
     "torchscript": "A TorchScript archive (executable code)",
     "unscannable-archive": "An archive sdtool cannot look inside (treated as dangerous)",
     "zip-crc": "A zip member whose CRC-32 does not match",
@@ -43,6 +43,9 @@ RULE_TEXT: dict[str, str] = {
     "safetensors-metadata": "safetensors metadata that looks like code or a URL",
     "safetensors-hidden": "A pickle or zip hidden in a safetensors file",
     "rule-error": "A scanner rule crashed",
+    "zip-ambiguous": "Zip readers disagree on the archive's members (all readings are scanned)",
+    "tar-link": "A tar member that is a hard or symbolic link",
+    "joblib-side-file": "A joblib pickle that makes joblib.load read a file beside it",
 }
 LEVEL = {"dangerous": "error", "suspicious": "warning", "info": "note"}
 
