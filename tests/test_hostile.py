@@ -140,7 +140,7 @@ HOSTILE: dict[str, bytes | None] = {
     "deep-tuple-persid.pkl": b"\x80\x02N" + b"\x85" * 300_000 + b"Q.",
     "deep-tuple-in-set.pkl": b"\x80\x04\x8f(N" + b"\x85" * 300_000 + b"\x90.",
     "deep-mark-tuples.pkl": b"\x80\x02" + b"(" * 300_000 + b"N" + b"t" * 300_000 + b".",
-    "deep-dicts.pkl": b"\x80\x02}" + b"K\x01}" * 300_000 + b"s" * 300_000 + b".",
+    "deep-dicts.pkl": b"\x80\x02}" + b"K\x01}" * 100_000 + b"s" * 100_000 + b".",
     # retained-object bomb: torch.Size copies one 20,000-item list 3,000 times (38 KB -> 60M items)
     "retained-size-copies.pkl": b"\x80\x02]]q\x00(K\x00"
     + b"2" * 19_999

@@ -65,7 +65,7 @@ def test_a_crashing_worker_costs_only_its_file(
     report = scan_paths([tmp_path], jobs=jobs)
     by_name = {Path(f.path).name: f for f in report.files}
     assert [Path(f.path).name for f in report.files] == sorted(p.name for p in paths)
-    assert by_name["crash.pkl"].verdict == "not scanned"
+    assert by_name["crash.pkl"].verdict == "not_scanned"
     assert "scanner process died" in by_name["crash.pkl"].errors[0]
     if how == "segv":
         assert "SIGSEGV" in by_name["crash.pkl"].errors[0]
@@ -109,7 +109,7 @@ def test_fifo_socket_and_device_are_skipped_by_type(tmp_path: Path) -> None:
     by_name = {Path(f.path).name: f for f in report.files}
     assert by_name["ok.pkl"].verdict == "safe"
     for name, what in (("pipe", "a named pipe"), ("sock", "a socket"), ("zero", "a character")):
-        assert by_name[name].verdict == "not scanned"
+        assert by_name[name].verdict == "not_scanned"
         assert by_name[name].errors[0].startswith(f"not scanned: {what}")
     assert scan(tmp_path / "pipe").errors == [
         "not scanned: a named pipe (skipped by type, never opened)"

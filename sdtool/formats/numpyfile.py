@@ -204,8 +204,10 @@ def npy_layout(head: bytes) -> NpyLayout:
             warnings.simplefilter("ignore")
             _, _, dt = read_header(fp, version, max_header_size=1 << 64)
         return NpyLayout(version, bool(dt.hasobject), fp.tell())
-    except (TypeError, SyntaxError, RecursionError, MemoryError, struct.error) as e:
-        raise ValueError(str(e)) from None
+    except ValueError:
+        raise
+    except Exception as e:  # numpy's reader on hostile bytes (tokenize.TokenError ...)
+        raise ValueError(f"{type(e).__name__}: {e}") from None
 
 
 def _dtype_of(descr: object, what: str) -> tuple[DType, bool]:

@@ -9,12 +9,14 @@ budget and scanned like any other blob. Without py7zr the archive stays dangerou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sdtool.scan.buffers import ScanLimit, Sink, as_io
+from sdtool.vocab import Format
 
 if TYPE_CHECKING:
-    from sdtool.scan.containers import Ctx
+    from sdtool.scan.context import Ctx
 
 MAX_7Z_MEMBERS = 100_000
 
@@ -77,7 +79,10 @@ def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> bool:
     if error is not None and not sinks:
         return False  # not even opened: the policy for archives sdtool cannot look into
     if error is not None:
-        ctx.error(member, f"7z cannot be read completely ({error}); what was unpacked is scanned")
+        ctx.error(
+            member,
+            f"7z cannot be read completely ({error}); what was unpacked is scanned",
+        )
     for name, sink in sinks.items():
         data = sink.result()
         if len(data):
@@ -85,3 +90,29 @@ def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> bool:
     if over:
         raise over[0]
     return True
+
+
+def scan_archive_7z(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
+    if member is None:
+        ctx.formats.append(Format.SEVENZIP)
+    ctx.report.notes.append(f"{member or 'file'}: a 7z archive: every member is scanned")
+    if not scan_7z(ctx, buf, member):
+        ctx.formats.pop() if member is None else None
+        scan_unscannable("7z")(ctx, buf, member, depth)
+
+
+def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
+    """7z/rar/lz4: sdtool cannot look inside, so by policy the archive counts as dangerous."""
+
+    def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
+        if member is None:
+            ctx.formats.append(Format(kind))
+        ctx.find(
+            "dangerous",
+            "unscannable-archive",
+            f"a {kind} archive: sdtool cannot look inside it, and model loaders never need one; "
+            "treated as dangerous by policy (unpack it and scan the contents)",
+            member,
+        )
+
+    return handler
