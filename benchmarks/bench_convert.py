@@ -50,6 +50,13 @@ def cases(src: Path, out: Path) -> dict[str, list[str]]:
         "sdtool convert --dtype fp16": [
             py, "-m", "sdtool", "convert", str(src), str(out), "--dtype", "fp16"
         ],
+        "sdtool convert -> .ckpt (keep)": [
+            py, "-m", "sdtool", "convert", str(src), str(out.with_suffix(".ckpt"))
+        ],
+        "sdtool convert -> .ckpt --dtype fp16": [
+            py, "-m", "sdtool", "convert", str(src), str(out.with_suffix(".ckpt")), "--dtype",
+            "fp16",
+        ],
         "torch.load + save_file": [py, "-c", TORCH_SAVE.format(mmap=False), str(src), str(out)],
         "torch.load(mmap=True) + save_file": [
             py, "-c", TORCH_SAVE.format(mmap=True), str(src), str(out)
@@ -100,8 +107,10 @@ def main() -> None:
             continue
         warm(src)
         wall, rss, rc = run(cmd)
-        size = out.stat().st_size if out.exists() else 0
-        out.unlink(missing_ok=True)
+        written = [p for p in (out, out.with_suffix(".ckpt")) if p.exists()]
+        size = written[0].stat().st_size if written else 0
+        for p in written:
+            p.unlink()
         rows.append((name, wall, rss, size, rc))
         print(f"  {name}: {wall:.1f} s, {rss / 2**20:.0f} MiB", file=sys.stderr, flush=True)
     cp_wall = next((w for n, w, *_ in rows if n == "cp"), None)

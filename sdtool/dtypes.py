@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from sdtool.errors import UnsupportedDtype
+from sdtool.vocab import DTYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -70,18 +71,14 @@ DTYPES: dict[str, DType] = {
 
 _BY_STORAGE = {d.storage: d for d in DTYPES.values() if d.storage}
 _BY_TORCH = {d.torch: d for d in DTYPES.values() if d.torch}
-# torch also spells some dtypes with aliases (torch.float == torch.float32 pickles as "float32",
-# but users type these on the command line).
+# what users type: sdtool's own names (vocab.DTYPE_NAMES: fp16, bf16 ...), and torch's aliases
+# (torch.float == torch.float32 pickles as "float32", but users type these on the command line)
 _ALIASES = {
+    **DTYPE_NAMES,
     "fp64": "F64",
     "double": "F64",
-    "fp32": "F32",
     "float": "F32",
-    "fp16": "F16",
     "half": "F16",
-    "bf16": "BF16",
-    "fp8_e4m3fn": "F8_E4M3",
-    "fp8_e5m2": "F8_E5M2",
     "long": "I64",
     "int": "I32",
 }

@@ -70,6 +70,11 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
     @property
+    def type_code(self) -> str:
+        """The stored element type: the dtype's code, or a block format (GGUF's ``Q4_K``)."""
+        return self.dtype.code
+
+    @property
     def is_contiguous(self) -> bool:
         """C-contiguous (torch's default layout); size-0/1 dimensions never break it."""
         expected = 1

@@ -32,6 +32,7 @@ class Format(str, Enum):
     PICKLE = "pickle"
     NPY = "npy"
     NPZ = "npz"
+    GGUF = "gguf"  # llama.cpp / ComfyUI-GGUF (sdtool.formats.gguf)
     ZIP = "zip"
     TAR = "tar"
     GZIP = "gzip"

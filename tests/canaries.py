@@ -60,7 +60,9 @@ EXPECTED_PREFIXES = (
     "reprlib",
     "safetensors",
     "sdtool",
+    "select",  # the C-unpickler cross-check (sdtool/scan/oracle.py) waits on its worker
     "shutil",
+    "signal",  # ... and stops a worker that overruns its timeout
     "stat",
     "string",
     "struct",

@@ -38,7 +38,7 @@ def test_single_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ("args", "message"),
     [
         (["{src}", "{src}", "--overwrite"], "is also the input"),
-        (["{src}", "{dir}/o.gguf"], "extension"),
+        (["{src}", "{dir}/o.onnx"], "extension"),
         (["{dir}/missing.ckpt", "{dir}/o.safetensors"], "no such file"),
         (["{src}"], "give IN and OUT"),
         (["{src}", "{dir}/o.safetensors", "--metadata", "nokey"], "KEY=VALUE"),

@@ -100,3 +100,17 @@ class _Outer(Result):
 def test_result_to_json() -> None:
     doc = _Outer([_Inner(Path("a/b.npy"))], {Verdict.SAFE: 2}).to_json()
     assert doc == {"items": [{"path": "a/b.npy", "format": "npy"}], "counts": {"safe": 2}}
+
+
+def test_identify_speaks_the_component_names() -> None:
+    """identify's key-set signatures name components (and their roles) as vocab does."""
+    from sdtool.ops import signatures
+
+    for meta in signatures.COMPONENTS.values():
+        assert meta.name in COMPONENTS, meta.name
+        assert COMPONENTS[meta.name].role == meta.role, meta.name
+
+
+def test_user_dtype_names_parse_everywhere() -> None:
+    for name, code in DTYPE_NAMES.items():
+        assert dtypes.parse(name).code == code

@@ -48,6 +48,25 @@ from sdtool.vocab import ExitCode, parse_dtype
     show_default=True,
     help="Batch mode: the output format.",
 )
+@click.option(
+    "--quant",
+    metavar="TYPE",
+    help="GGUF output: Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, Q4_K_M, Q4_1, Q4_0, F16 or BF16 "
+    "(ComfyUI-GGUF's layout; docs/gguf.md).",
+)
+@click.option(
+    "--fp8-scaled",
+    is_flag=True,
+    help="With --dtype fp8_e4m3fn: Linear weights as scaled fp8 with per-tensor scales.",
+)
+@click.option(
+    "--fp8-format",
+    type=click.Choice(["comfy", "comfy-mixed", "diffusers"]),
+    default="comfy",
+    show_default=True,
+    help="Spelling of the scales: comfy (scale_weight + scaled_fp8), comfy-mixed "
+    "(weight_scale + comfy_quant) or diffusers (weight_scale).",
+)
 @jobs_option("Batch mode: convert")
 @json_option("convert")
 def convert_cmd(
@@ -63,12 +82,16 @@ def convert_cmd(
     to: str,
     jobs: int,
     as_json: bool,
+    quant: str | None = None,
+    fp8_scaled: bool = False,
+    fp8_format: str = "comfy",
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
     OUT: .safetensors/.sft or .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory stays
-    about one tensor). The input's metadata and non-tensor fields (global_step, ...) go into
-    the safetensors __metadata__ (a .ckpt: fields as entries, metadata under __metadata__).
+    about one tensor), or .gguf (ComfyUI-GGUF's layout, --quant). The input's metadata and
+    non-tensor fields (global_step, ...) go into the safetensors __metadata__ (a .ckpt:
+    fields as entries, metadata under __metadata__).
     Output is written to a temp file and renamed: an
     error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed.
 
@@ -77,6 +100,8 @@ def convert_cmd(
       sdtool convert model.ckpt model.safetensors
       sdtool convert model.ckpt model-fp16.safetensors --dtype fp16 --verify
       sdtool convert downloads/ --out-dir converted/ --jobs 2
+      sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
+      sdtool convert flux1-dev.safetensors fp8.safetensors --dtype fp8_e4m3fn --fp8-scaled
     """
     options = ConvertOptions(
         dtype=parse_dtype(dtype),
@@ -86,6 +111,9 @@ def convert_cmd(
         overwrite=overwrite,
         verify=verify,
         on_overflow=on_overflow,
+        quant=quant,
+        fp8_scaled=fp8_scaled,
+        fp8_format=fp8_format,
     )
     bars = bars_.enabled()
     if out_dir is None:

@@ -122,9 +122,7 @@ def render(r: InspectReport) -> None:
         t = _table(f"\nTensors ({len(r.tensors)})", "name", "dtype", "shape", "bytes")
         t.columns[2].justify = "left"
         for name, info in r.tensors:
-            t.add_row(
-                markup(name), info.dtype.code, str(list(info.shape)), human_bytes(info.nbytes)
-            )
+            t.add_row(markup(name), info.type_code, str(list(info.shape)), human_bytes(info.nbytes))
         out.print(t)
 
 

@@ -38,6 +38,10 @@ def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
             from sdtool.formats.torchfile import read_torch
 
             return read_torch(p, kind, key=key)
+        if kind is Format.GGUF:
+            from sdtool.formats.gguf import read_gguf
+
+            return read_gguf(p)
         if kind is Format.NPY:
             from sdtool.formats.numpyfile import read_npy
 

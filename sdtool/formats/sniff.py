@@ -36,6 +36,8 @@ def sniff_bytes(head: bytes, size: int) -> Format:
         return Format.ZIP
     if head[:6] == b"\x93NUMPY":
         return Format.NPY
+    if head[:4] == b"GGUF":
+        return Format.GGUF
     if head[:2] == b"\x1f\x8b":
         return Format.GZIP
     if head[:3] == b"BZh":
@@ -117,8 +119,6 @@ def describe(head: bytes, size: int) -> str:
     known = _WHAT.get(next((f for p, f in _PREFIXES if text.startswith(p)), Format.UNKNOWN))
     if known:
         return known
-    if text[:4] == b"GGUF":
-        return "it is a GGUF file (llama.cpp), which sdtool does not read"
     if lowered.startswith((b"{", b"[")):
         return "it looks like JSON text"
     if size >= 8 and len(head) >= 8:

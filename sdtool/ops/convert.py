@@ -36,6 +36,7 @@ from sdtool.write import (
     output_format,
     write_model,
 )
+from sdtool.write.plan import OutTensor
 
 SCHEMA = "sdtool.convert/2"
 #: non-tensor fields whose JSON is longer than this are left out of the metadata (with a note)
@@ -56,11 +57,21 @@ class ConvertOptions(WriteOptions):
         key: a dotted path to the sub-dict to convert instead of the state dict.
         metadata: extra ``__metadata__`` entries (they win over carried ones).
         carry_metadata: carry the input's metadata and non-tensor fields.
+        quant: for a ``.gguf`` output, the GGUF type (``Q8_0``, ``Q4_K_M``, ``F16`` ...;
+            default F16, or BF16 for a mostly-bf16 model), in ComfyUI-GGUF's layout
+            (docs/gguf.md).
+        fp8_scaled: with dtype float8_e4m3fn, write Linear weights as scaled fp8 with
+            per-tensor scales in ``fp8_format``'s spelling (``comfy``, ``comfy-mixed`` or
+            ``diffusers``); other tensors keep their dtype. Scaled-fp8 inputs converted to
+            fp16/bf16/fp32 always have their scales applied.
     """
 
     key: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     carry_metadata: bool = True
+    quant: str | None = None
+    fp8_scaled: bool = False
+    fp8_format: str = "comfy"
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,8 @@ def convert(
     t0 = time.perf_counter()
     opts = options_from(ConvertOptions, options, changes)
     out = Path(out)
+    if out.suffix.lower() == ".gguf" or opts.quant is not None:
+        return _convert_gguf(src, out, opts, t0)
     output_format(out)  # refuse a bad extension before reading anything
     with opened(src, key=opts.key) as m:
         if not m.tensors:
@@ -187,13 +200,14 @@ def convert(
         tensors = [
             replace(t, name=renamed[t.name]) if t.name in renamed else t for t in plan.tensors
         ]
+        tensors, fp8_notes = _fp8(m, tensors, opts)
         fmt = OUT_FORMATS[out.suffix.lower()]
         ckpt = fmt != "safetensors"
         meta, not_carried, meta_notes = build_metadata(
             m, carry=opts.carry_metadata, add=opts.metadata, fields=not ckpt
         )
         fields = carried_fields(m) if ckpt and opts.carry_metadata else None
-        notes = list(plan.notes)
+        notes = list(plan.notes) + fp8_notes
         result = ConvertResult(
             path=m.path,
             output=out,
@@ -221,6 +235,94 @@ def convert(
             verified=w.verified,
             seconds=time.perf_counter() - t0,
         )
+
+
+def _fp8(
+    m: ModelFile, tensors: list[OutTensor], opts: ConvertOptions
+) -> tuple[list[OutTensor], list[str]]:
+    """Scaled fp8: write it (``fp8_scaled``), or apply the scales of a scaled input."""
+    from sdtool.ops.fp8scaled import dequant_plan, scaled_plan
+
+    if opts.fp8_scaled:
+        if opts.dtype is None or opts.dtype.code != "F8_E4M3":
+            raise UsageError("--fp8-scaled needs --dtype fp8_e4m3fn")
+        return scaled_plan(m, tensors, opts.fp8_format)
+    return dequant_plan(m, tensors, opts.dtype)
+
+
+def _convert_gguf(
+    src: str | Path | ModelFile, out: Path, opts: ConvertOptions, t0: float
+) -> ConvertResult:
+    """convert() to a ComfyUI-GGUF file (sdtool.ops.gguf_export)."""
+    from sdtool.ops.gguf_export import QUANTS, plan_export, quant_count, write_gguf_plan
+    from sdtool.write.atomic import atomic_output
+
+    quant = opts.quant
+    if out.suffix.lower() != ".gguf":
+        raise UsageError(f"--quant writes GGUF: name the output *.gguf, not {out.name!r}")
+    if opts.dtype is not None:
+        raise UsageError("--dtype does not apply to GGUF output; choose the type with --quant")
+    if quant is not None and quant.upper() not in QUANTS:
+        raise UsageError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
+    with opened(src, key=opts.key) as m:
+        q = (quant or ("BF16" if _mostly_bf16(m) else "F16")).upper()
+        try:
+            plan = plan_export(m, q)
+        except SdtoolError as e:
+            raise e.with_path(m.path) from None
+        total = sum(t.nbytes for t in plan.tensors)
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if opts.progress is not None:
+                opts.progress(done, total)
+
+        notes = list(plan.notes)
+        if plan.dropped:
+            notes.append(
+                f"{len(plan.dropped)} tensor(s) not part of the {plan.arch} model left out "
+                f"(e.g. {plan.dropped[0]!r})"
+            )
+        types = ", ".join(f"{k} {v}" for k, v in sorted(plan.types.items()))
+        notes.insert(0, f"GGUF architecture {plan.arch!r}, {q}: {types}")
+        result = ConvertResult(
+            path=m.path,
+            output=out,
+            status="planned" if opts.dry_run else "converted",
+            input_format=str(m.format),
+            output_format="gguf",
+            dtype=q,
+            tensors=len(plan.tensors),
+            cast=quant_count(plan),
+            input_bytes=m.file_size,
+            notes=notes,
+        )
+        if opts.dry_run:
+            return result
+        with atomic_output(out, inputs=[m.path], overwrite=opts.overwrite) as f:
+            try:
+                write_gguf_plan(plan, f, progress=step)
+            except SdtoolError as e:
+                raise e.with_path(m.path) from None
+            if opts.verify:
+                from sdtool.ops.gguf_export import verify_gguf
+
+                verify_gguf(plan, Path(str(f.name)))
+        return replace(
+            result,
+            output_bytes=out.stat().st_size,
+            verified=opts.verify,
+            seconds=time.perf_counter() - t0,
+        )
+
+
+def _mostly_bf16(m: ModelFile) -> bool:
+    counts: dict[str, int] = {}
+    for t in m.tensors.values():
+        counts[t.type_code] = counts.get(t.type_code, 0) + 1
+    return bool(counts) and max(counts, key=lambda k: counts[k]) == "BF16"
 
 
 def _renames(m: ModelFile) -> dict[str, str]:

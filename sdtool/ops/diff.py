@@ -175,7 +175,7 @@ def diff(
 def _diff_models(
     ma: ModelFile, mb: ModelFile, dtype_tolerant: bool, progress: Progress | None
 ) -> DiffResult:
-    result = DiffResult(ma.path, mb.path, ma.format, mb.format, [], dtype_tolerant)
+    result = DiffResult(ma.path, mb.path, str(ma.format), str(mb.format), [], dtype_tolerant)
     ka, kb = ma.metadata, mb.metadata
     result.metadata_a_only = [k for k in ka if k not in kb]
     result.metadata_b_only = [k for k in kb if k not in ka]

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 
 from sdtool.errors import CorruptFile, FileAccessError, UsageError
 from sdtool.formats.sniff import HEAD, sniff_bytes
+from sdtool.results import Result
 from sdtool.vocab import Format, Progress
 
 CHUNK = 16 << 20  # bytes per read: large enough that per-chunk overhead vanishes
@@ -100,8 +101,8 @@ _HASHERS: dict[str, Callable[[], Any]] = {
 }
 
 
-@dataclass
-class HashResult:
+@dataclass(frozen=True)
+class HashResult(Result):
     """The hashes of one file.
 
     ``hashes`` maps an algorithm name (see ALGORITHMS) to uppercase hex, or None when it does
@@ -114,15 +115,7 @@ class HashResult:
     hashes: dict[str, str | None]
     notes: dict[str, str] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        """The documented --json record (docs/hash.md)."""
-        return {
-            "path": os.fspath(self.path),
-            "size": self.size,
-            "safetensors": self.safetensors,
-            "hashes": dict(self.hashes),
-            "notes": dict(self.notes),
-        }
+    # to_json (Result's): the documented --json record (docs/hash.md), the fields in order
 
 
 def parse_algorithms(names: Iterable[str]) -> tuple[str, ...]:

@@ -837,7 +837,7 @@ def _hypernetwork(tensors: dict[str, TensorInfo], extra: dict[str, Any]) -> Spec
 def _precision(tensors: dict[str, TensorInfo]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for t in tensors.values():
-        d = out.setdefault(t.dtype.code, {"tensors": 0, "bytes": 0})
+        d = out.setdefault(t.type_code, {"tensors": 0, "bytes": 0})
         d["tensors"] += 1
         d["bytes"] += t.nbytes
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))

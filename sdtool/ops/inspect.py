@@ -21,6 +21,7 @@ from sdtool.model import (
 )
 from sdtool.ops.identify import Identity
 from sdtool.ops.identify import identify as identify_model
+from sdtool.results import Result
 from sdtool.scan import classify_global
 
 SCHEMA = "sdtool.inspect/2"
@@ -68,7 +69,7 @@ class Bucket:
         return {"tensors": self.tensors, "parameters": self.parameters, "bytes": self.bytes}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GlobalReport:
     """A global the loader met: built by sdtool, or an inert stand-in, with scan's severity."""
 
@@ -84,8 +85,10 @@ class GlobalReport:
         return self.severity != "safe"
 
 
-@dataclass
-class InspectReport:
+@dataclass(frozen=True)
+class InspectReport(Result):
+    """What ``inspect`` found; ``to_json`` is the documented schema (docs/inspect.md)."""
+
     path: Path
     format: str
     file_size: int
@@ -130,7 +133,7 @@ class InspectReport:
             out["tensors"] = [
                 {
                     "name": n,
-                    "dtype": t.dtype.code,
+                    "dtype": t.type_code,
                     "shape": list(t.shape),
                     "bytes": t.nbytes,
                 }
@@ -162,7 +165,7 @@ def inspect_model(
     by_comp: dict[str, Bucket] = {}
     for name, t in model.tensors.items():
         totals.add(t)
-        by_dtype.setdefault(t.dtype.code, Bucket()).add(t)
+        by_dtype.setdefault(t.type_code, Bucket()).add(t)
         by_comp.setdefault(component_of(name), Bucket()).add(t)
     for t in tensor_leaves(model.extra):
         other.add(t)

@@ -1,10 +1,9 @@
 """The policy tables: what a pickle may import, and how bad the rest is.
 
 The decision is allowlist-first: an import is *safe* only when its exact (module, qualname) pair
-is listed here (each entry with the reason it is inert). Everything else is *suspicious* when it
-looks like a data class, and *dangerous* otherwise. The denylist (known gadgets) never makes
-anything safe: it only labels an import dangerous with a precise reason, and catches gadgets that
-a name heuristic would rate too mildly (``logging.FileHandler`` looks like a class).
+is listed here (each entry with the reason it is inert), and, for the few allowlisted callables
+that call one of their arguments, only when that argument passes ``ARG_CHECKS``. Everything else
+is judged by what it can do (``sdtool.scan.capabilities``), never by its name.
 
 Names are compared after the unpickler's own rewriting: Python-2 names remapped as
 ``_compat_pickle`` does it (for protocol < 3) and module aliases folded (``posix`` -> ``os``).
@@ -41,6 +40,7 @@ MODULE_ALIASES: dict[str, str] = {
     "_subprocess": "subprocess",
     "_winapi": "subprocess",
     "pytorch_lightning": "lightning.pytorch",
+    "lightning_fabric": "lightning.fabric",
 }
 
 #: Python-2 module names the unpickler rewrites (protocol < 3), from the stdlib's table
@@ -123,12 +123,28 @@ SAFE: dict[tuple[str, str], str] = {
     ("numpy._core.multiarray", "scalar"): _NUMPY,
     ("numpy._core.numeric", "_frombuffer"): _NUMPY,
     ("numpy.matrixlib.defmatrix", "matrix"): "numpy matrix: ndarray subclass",
+    ("numpy", "matrix"): "numpy matrix: ndarray subclass (numpy 2 spelling)",
+    ("torch.serialization", "_get_layout"): (
+        "looks a torch.layout constant up by its name (sparse tensors); loads nothing"
+    ),
     ("numpy.ma.core", "_mareconstruct"): _NUMPY,
     ("numpy.ma.core", "MaskedArray"): "numpy masked array: ndarray subclass",
     ("numpy.random._pickle", "__randomstate_ctor"): "numpy RNG state object",
     ("numpy.random._pickle", "__generator_ctor"): "numpy RNG state object",
     ("numpy.random._pickle", "__bit_generator_ctor"): "numpy RNG state object",
     ("numpy.random.mtrand", "RandomState"): "numpy RNG state object",
+    ("numpy.random._pcg64", "PCG64"): "numpy bit generator (state restored by BUILD)",
+    ("numpy.random._pcg64", "PCG64DXSM"): "numpy bit generator (state restored by BUILD)",
+    ("numpy.random._mt19937", "MT19937"): "numpy bit generator (state restored by BUILD)",
+    ("numpy.random._philox", "Philox"): "numpy bit generator (state restored by BUILD)",
+    ("numpy.random._sfc64", "SFC64"): "numpy bit generator (state restored by BUILD)",
+    ("numpy.random.bit_generator", "SeedSequence"): "numpy seed sequence: numbers",
+    ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"): (
+        "Cython unpickle helper: __new__ of the class it is given (checked), then its state"
+    ),
+    ("numpy._core._internal", "_convert_to_stringdtype_kwargs"): (
+        "numpy StringDType from its options (coerce, na_object)"
+    ),
     ("datetime", "datetime"): "plain data",
     ("datetime", "date"): "plain data",
     ("datetime", "time"): "plain data",
@@ -263,11 +279,65 @@ SAFE_PATTERNS: list[tuple[str, re.Pattern[str], str]] = [
     ("numpy.dtypes", re.compile(r"[A-Za-z0-9]+DType\Z"), "numpy dtype class: a constant"),
 ]
 
-#: builders whose *first argument* the loader calls: allowed only with a tensor builder there
-CALLS_FIRST_ARG = {
-    ("torch._tensor", "_rebuild_from_type_v2"),
-    ("torch._tensor", "_rebuild_from_type"),
+#: allowlisted callables that call (or look up by name) what one of their arguments names: each
+#: (argument position, requirement, what the callable does with it). ``-1``/"no-args": the call
+#: itself must have no arguments. Requirements: "tensor-builder" (an allowlisted tensor builder),
+#: "safe-global" (an allowlisted import), "safe-global-or-absent", "safe-global-or-none",
+#: "global" (an import, judged on its own; not a computed value), "name-or-safe-global" (a
+#: literal string or an allowlisted import), "codec" (a literal name of a built-in codec).
+ARG_CHECKS: dict[tuple[str, str], tuple[tuple[int, str, str], ...]] = {
+    ("torch._tensor", "_rebuild_from_type_v2"): (
+        (0, "tensor-builder", "calls it with the remaining arguments"),
+        (1, "safe-global", "turns the result into this tensor subclass"),
+    ),
+    ("torch._tensor", "_rebuild_from_type"): (
+        (0, "tensor-builder", "calls it with the remaining arguments"),
+        (1, "safe-global", "turns the result into this tensor subclass"),
+    ),
+    ("torch._utils", "_rebuild_wrapper_subclass"): (
+        (0, "safe-global", "makes an instance of this class"),
+    ),
+    ("numpy._core.multiarray", "_reconstruct"): (
+        (0, "safe-global", "creates an array of this subtype (runs its __array_finalize__)"),
+    ),
+    ("numpy.ma.core", "_mareconstruct"): (
+        (0, "safe-global", "calls this class's __new__"),
+        (1, "safe-global", "creates an array of this class"),
+    ),
+    ("numpy.random._pickle", "__generator_ctor"): (
+        (1, "safe-global-or-absent", "calls it with the first argument (bit_generator_ctor)"),
+    ),
+    ("numpy.random._pickle", "__randomstate_ctor"): (
+        (1, "safe-global-or-absent", "calls it with the first argument (bit_generator_ctor)"),
+    ),
+    ("numpy.random._pickle", "__bit_generator_ctor"): (
+        (0, "name-or-safe-global", "instantiates the class it is given"),
+    ),
+    ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"): (
+        (0, "safe-global", "calls this class's __new__"),
+    ),
+    ("collections", "defaultdict"): (
+        (0, "safe-global-or-none", "calls it (default_factory) for every missing key"),
+    ),
+    ("copyreg", "_reconstructor"): (
+        (0, "global", "object.__new__ of this class"),
+        (1, "safe-global", "calls this base's __new__ and __init__"),
+    ),
+    ("_codecs", "encode"): (
+        (1, "codec", "looks the codec up by name (importing encodings.<name>)"),
+    ),
+    ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"): (
+        (
+            -1,
+            "no-args",
+            "its __init__ resolves the checkpoint folder through fsspec, which "
+            "imports filesystem modules by protocol",
+        ),
+    ),
 }
+#: codecs ``_codecs.encode`` may name: built into the interpreter, found without an import
+BUILTIN_CODECS = frozenset({"latin1", "latin-1", "iso-8859-1", "utf-8", "utf8", "ascii"})
+
 TENSOR_BUILDERS = {k for k, v in SAFE.items() if v == _TENSOR_BUILDER} | {
     ("torch", "Tensor"),
     ("torch.nn.parameter", "Parameter"),
@@ -275,202 +345,3 @@ TENSOR_BUILDERS = {k for k, v in SAFE.items() if v == _TENSOR_BUILDER} | {
 
 #: persistent-id tags the torch loaders produce (anything else is a finding)
 TORCH_PERSID_TAGS = {"storage", "module"}
-
-
-# --- suspicious: not provably inert, but data-like; reported lower than a gadget ------------
-
-SUSPICIOUS: dict[str, str] = {
-    "argparse": "a namespace of attributes: data, but an arbitrary class instance",
-    "pathlib": "a path object: data, but names files",
-    "omegaconf": "omegaconf config containers (hyper_parameters of training checkpoints)",
-    "transformers": "transformers training arguments/config classes",
-    "accelerate": "accelerate state classes",
-    "__torch__": "TorchScript class: only loadable by torch.jit, which runs the archive's code",
-    "sklearn": "scikit-learn estimator: library class instance",
-    "torchtext": "torchtext vocabulary class",
-    "torch.optim": "torch optimizer class instance",
-    "torch.nn.modules": "a whole nn.Module pickled (its class is imported and instantiated)",
-    "typing": "typing construct",
-    "enum": "enum class",
-    "datetime": "date/time value",
-    "decimal": "decimal value",
-    "fractions": "fraction value",
-    "uuid": "UUID value",
-    "lightning": "Lightning class instance",
-    "joblib.numpy_pickle": "old joblib array wrapper: the data lives in side files",
-}
-
-
-# --- the denylist: labels severity and gives the reason (never needed to be dangerous) -------
-
-#: module (or package prefix) -> why importing anything from it is dangerous
-DANGEROUS_MODULES: dict[str, str] = {
-    "os": "runs commands / touches files and processes",
-    "subprocess": "runs commands",
-    "pty": "spawns processes",
-    "shutil": "copies/removes files, runs archivers",
-    "sys": "interpreter internals (sys.modules tricks, exit)",
-    "runpy": "runs Python code",
-    "importlib": "loads other code",
-    "pkgutil": "resolves/loads arbitrary objects",
-    "zipimport": "loads code from archives",
-    "imp": "loads other code",
-    "pydoc": "locates objects by name, runs pagers (shell commands)",
-    "code": "interactive interpreter: runs Python source",
-    "codeop": "compiles Python source",
-    "cProfile": "profiler: runs Python source",
-    "profile": "profiler: runs Python source",
-    "trace": "tracer: runs Python source",
-    "timeit": "runs Python source",
-    "pdb": "debugger: runs Python source",
-    "bdb": "debugger: runs Python source",
-    "doctest": "runs Python source",
-    "idlelib": "IDLE internals: run Python source",
-    "lib2to3": "grammar loaders: unpickle/execute",
-    "_pyrepl": "REPL internals: run pagers and code",
-    "test": "CPython test helpers: run interpreters",
-    "_aix_support": "runs commands",
-    "_osx_support": "runs commands",
-    "distutils": "build helpers: write files, run compilers",
-    "setuptools": "build helpers: write files, run compilers",
-    "pip": "installs packages (runs their code)",
-    "ensurepip": "installs packages (runs their code)",
-    "venv": "creates environments, runs pip",
-    "ctypes": "calls native code",
-    "_ctypes": "calls native code",
-    "cffi": "calls native code",
-    "marshal": "loads code objects",
-    "types": "creates code and function objects",
-    "pickle": "nested unpickling (runs whatever that pickle says)",
-    "pickletools": "pickle internals",
-    "shelve": "nested unpickling of a file",
-    "dill": "pickles code: nested unpickling",
-    "cloudpickle": "rebuilds functions from code objects",
-    "copyreg": "registers reducers (only _reconstructor is allowlisted)",
-    "copy": "calls __reduce_ex__/__deepcopy__ of arbitrary objects",
-    "functools": "partial/reduce call arbitrary functions",
-    "operator": "attrgetter/methodcaller/itemgetter reach arbitrary attributes and call them",
-    "inspect": "introspection helpers that reach arbitrary objects",
-    "gc": "reaches every live object",
-    "builtins": "eval/exec/compile/open/getattr/__import__ run code or touch files",
-    "io": "opens files",
-    "codecs": "opens files",
-    "tempfile": "creates files",
-    "glob": "lists files",
-    "fileinput": "opens files",
-    "linecache": "reads files",
-    "logging": "handlers open files and sockets",
-    "socket": "network access",
-    "ssl": "network access",
-    "select": "network access",
-    "selectors": "network access",
-    "asyncio": "subprocess and network internals",
-    "http": "network access",
-    "httplib": "network access",
-    "urllib": "network access",
-    "urllib2": "network access",
-    "urllib3": "network access",
-    "requests": "network access",
-    "aiohttp": "network access",
-    "httpx": "network access",
-    "ftplib": "network access",
-    "smtplib": "network access",
-    "imaplib": "network access / runs commands (IMAP4_stream)",
-    "poplib": "network access",
-    "telnetlib": "network access",
-    "nntplib": "network access",
-    "xmlrpc": "network access",
-    "webbrowser": "opens URLs / runs browsers",
-    "multiprocessing": "spawns processes, unpickles",
-    "concurrent": "runs callables in workers",
-    "threading": "runs callables in threads",
-    "signal": "installs handlers",
-    "atexit": "registers callables",
-    "sched": "runs callables",
-    "platform": "runs commands",
-    "tkinter": "GUI: runs Tcl code",
-    "turtle": "GUI: runs Tcl code",
-    "sqlite3": "opens database files",
-    "dbm": "opens files",
-    "mailbox": "opens files",
-    "zipfile": "opens files",
-    "tarfile": "opens/extracts files",
-    "numpy.testing": "runstring executes Python source",
-    "numpy.f2py": "compiles and evaluates expressions",
-    "numpy.distutils": "runs compilers",
-    "numpy.lib.npyio": "loads files (with pickles)",
-    "numpy.load": "loads files (with pickles)",
-    "torch.hub": "downloads and runs code",
-    "torch.jit": "compiles/loads TorchScript code",
-    "torch._inductor": "compiles and loads native code",
-    "torch._dynamo": "guard expressions are evaluated",
-    "torch.fx": "evaluates generated code",
-    "torch.utils.cpp_extension": "compiles and loads native code",
-    "torch.utils.bottleneck": "profiles (runs) scripts",
-    "torch.utils.collect_env": "runs commands",
-    "torch.utils._config_module": "loads pickled configs",
-    "torch.utils.data.datapipes": "decoders that unpickle/eval",
-    "torch.serialization": "nested torch.load",
-    "torch.package": "loads packaged code",
-    "torch.multiprocessing": "spawns processes",
-    "torch.distributed": "network access / remote calls",
-    "torch.cuda.memory": "loads native allocators",
-    "torch.ops": "calls native operators",
-    "torch.library": "registers native code",
-    "torch.storage": "_load_from_bytes is a nested torch.load",
-    "torch.load": "nested torch.load",
-    "joblib": "nested loading of files",
-    "keras": "lambda layers run code",
-    "tensorflow": "runs graph code",
-    "IPython": "runs shell and Python code",
-    "jinja2": "template evaluation",
-    "yaml": "unsafe loaders construct arbitrary objects",
-}
-
-#: exact pairs with their own reason (more precise than the module entry)
-DANGEROUS_NAMES: dict[tuple[str, str], str] = {
-    ("builtins", "eval"): "evaluates Python source",
-    ("builtins", "exec"): "executes Python source",
-    ("builtins", "compile"): "compiles Python source",
-    ("builtins", "open"): "opens files",
-    ("builtins", "__import__"): "imports any module",
-    ("builtins", "getattr"): "reaches any attribute (e.g. os.system)",
-    ("builtins", "setattr"): "overwrites any attribute",
-    ("builtins", "delattr"): "deletes any attribute",
-    ("builtins", "globals"): "reaches module globals",
-    ("builtins", "locals"): "reaches frame locals",
-    ("builtins", "vars"): "reaches object dicts",
-    ("builtins", "breakpoint"): "starts a debugger",
-    ("builtins", "input"): "reads the terminal",
-    ("builtins", "apply"): "calls any function (Python 2)",
-    ("builtins", "execfile"): "executes a file (Python 2)",
-    ("builtins", "memoryview"): "raw memory views",
-    ("builtins", "type"): "creates classes",
-    ("os", "system"): "runs a shell command",
-    ("os", "popen"): "runs a shell command",
-    ("os", "environ"): "the process environment (SETITEM changes it)",
-    ("subprocess", "Popen"): "runs a command",
-    ("subprocess", "getoutput"): "runs a shell command",
-    ("torch", "load"): "nested torch.load (re-export of torch.serialization.load)",
-    ("torch.storage", "_load_from_bytes"): "nested torch.load of embedded bytes",
-    ("torch", "_load_from_bytes"): "nested torch.load of embedded bytes",
-    ("pickle", "loads"): "nested unpickling of embedded bytes",
-    ("pickle", "load"): "nested unpickling of a file",
-    ("marshal", "loads"): "loads a code object",
-    ("types", "CodeType"): "creates a code object",
-    ("types", "FunctionType"): "creates a function from a code object",
-    ("numpy", "load"): "loads files (with pickles)",
-    ("numpy", "fromfile"): "reads files",
-    ("numpy", "loadtxt"): "reads files",
-    ("logging", "FileHandler"): "opens (creates) a file",
-    ("io", "FileIO"): "opens a file",
-    ("io", "open"): "opens a file",
-    ("uuid", "_get_command_stdout"): "runs a command",
-}
-
-#: words in a class name that mark it as code/IO rather than data (for unknown classes)
-CODE_WORDS = re.compile(
-    r"Popen|Process|Thread|Handler|Interpreter|Console|Loader|Importer|Pipe|Shell|Socket|"
-    r"Connection|Session|Client|Server|Request|Executor|Pool|CDLL|DLL|File|Compiler|Code|"
-    r"Function|Command|Runner|Debugger|Profile|Trace|Timer|Pickler|Unpickler|Module|Exec|Eval"
-)

@@ -1,8 +1,9 @@
 """Classify one imported global: safe, suspicious or dangerous, with the reason.
 
 Cheap and torch-free, so ``sdtool inspect`` can mark unusual globals the loader met. The order is
-the policy: the allowlist decides "safe"; known gadgets get their precise reason; everything else
-is judged by shape (a data-looking class is suspicious, any other callable is dangerous).
+the policy: the allowlist decides "safe"; everything else is judged by its capability
+(``sdtool.scan.capabilities``): any system capability is dangerous, a class that builds data only
+(or from a package sdtool has no data on) is suspicious, any other function is dangerous.
 """
 
 from __future__ import annotations
@@ -11,19 +12,16 @@ from functools import lru_cache
 from typing import Literal
 
 from sdtool.scan.allowlist import (
-    CODE_WORDS,
-    DANGEROUS_MODULES,
-    DANGEROUS_NAMES,
     MODULE_ALIASES,
     PY2_IMPORTS,
     PY2_NAMES,
     SAFE,
     SAFE_PATTERNS,
-    SUSPICIOUS,
 )
+from sdtool.scan.capabilities import Cap, Judgement, lookup
 
+#: the values of ``vocab.Severity`` a global can get (as plain strings)
 Severity = Literal["safe", "suspicious", "dangerous"]
-RANK: dict[str, int] = {"safe": 0, "info": 0, "suspicious": 1, "dangerous": 2}
 
 
 def canonical_module(module: str) -> str:
@@ -45,16 +43,6 @@ def remap_py2(module: str, name: str) -> tuple[str, str]:
     if module in PY2_IMPORTS:
         return PY2_IMPORTS[module], name
     return module, name
-
-
-def _prefix_lookup(table: dict[str, str], module: str) -> tuple[str, str] | None:
-    """The longest package prefix of ``module`` in ``table``: (prefix, reason)."""
-    parts = module.split(".")
-    for i in range(len(parts), 0, -1):
-        key = ".".join(parts[:i])
-        if key in table:
-            return key, table[key]
-    return None
 
 
 def _is_safe(module: str, qual: str) -> str | None:
@@ -86,25 +74,41 @@ def classify_global(module: str, name: str) -> tuple[Severity, str]:
     reason = _is_safe(mod, name)
     if reason is not None:
         return "safe", reason
-    if (mod, name) in DANGEROUS_NAMES:
-        return "dangerous", f"{full}: {DANGEROUS_NAMES[(mod, name)]}"
     segments = name.split(".")
     if len(segments) > 1:
         return _classify_dotted(mod, segments)
-    dangerous = _prefix_lookup(DANGEROUS_MODULES, mod)
-    suspicious = _prefix_lookup(SUSPICIOUS, mod)
-    if dangerous and (not suspicious or len(dangerous[0]) >= len(suspicious[0])):
-        return "dangerous", f"{full}: module {dangerous[0]} {dangerous[1]}"
     if not name.isidentifier():
         return "dangerous", f"{full}: not a plain name"
+    j = lookup(mod, name)
+    if j.cap is not None and j.cap is not Cap.DATA:
+        if j.init_only and _class_like(name):
+            return "suspicious", f"{full}: {j.reason} (dangerous if called with arguments)"
+        if j.row is not None and j.row.name is not None:
+            return "dangerous", f"{full}: {j.reason}"
+        return "dangerous", f"{full}: {_module_phrase(mod, j)}"
     if _class_like(name):
-        if not suspicious and CODE_WORDS.search(name):
-            return "dangerous", f"{full}: a class whose name says it runs code or does I/O"
-        why = suspicious[1] if suspicious else "an unknown class: instantiated by the loader"
+        why = j.reason if j.cap is Cap.DATA else "an unknown class: instantiated by the loader"
         return "suspicious", f"{full}: {why}"
-    if mod.startswith("__torch__."):
-        return "suspicious", f"{full}: {SUSPICIOUS['__torch__']}"
     return "dangerous", f"{full}: an unknown function or attribute (calling it can run code)"
+
+
+def _module_phrase(mod: str, j: Judgement) -> str:
+    where = j.row.module if j.row is not None else mod.split(".")[0]
+    cap = j.cap.value if j.cap is not None else "unknown"
+    return f"module {where}: {j.reason} (capability: {cap})"
+
+
+def is_init_only(module: str, name: str) -> bool:
+    """A class whose system access is in ``__init__`` only (dangerous when called with args)."""
+    module, name = remap_py2(module, name)
+    mod = canonical_module(module)
+    return _is_safe(mod, name) is None and lookup(mod, name).init_only
+
+
+def capability(module: str, name: str) -> Judgement:
+    """The capability-table row for a global (after Python-2 and alias folding)."""
+    module, name = remap_py2(module, name)
+    return lookup(canonical_module(module), name.split(".")[0])
 
 
 def _classify_dotted(mod: str, segments: list[str]) -> tuple[Severity, str]:
@@ -113,7 +117,8 @@ def _classify_dotted(mod: str, segments: list[str]) -> tuple[Severity, str]:
     first = segments[0]
     # the first segment may be a module re-exported as an attribute: pathlib + os.system
     as_module = canonical_module(first)
-    if _prefix_lookup(DANGEROUS_MODULES, as_module) is not None:
+    j = lookup(as_module, segments[1])
+    if j.cap is not None and j.cap is not Cap.DATA and (j.row is not None or as_module == first):
         _, why = classify_global(as_module, ".".join(segments[1:]))
         return "dangerous", f"{full}: reaches module {as_module} through an attribute ({why})"
     # or itself a known gadget: builtins + eval.__call__
@@ -121,7 +126,5 @@ def _classify_dotted(mod: str, segments: list[str]) -> tuple[Severity, str]:
     if sev == "dangerous":
         return "dangerous", f"{full}: reaches {why}"
     if all(_class_like(s) for s in segments):
-        if any(CODE_WORDS.search(s) for s in segments):
-            return "dangerous", f"{full}: a nested class whose name says it runs code"
         return "suspicious", f"{full}: a nested class (data-like, not provably inert)"
     return "dangerous", f"{full}: a dotted name that reaches a method or function"

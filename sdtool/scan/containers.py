@@ -35,13 +35,9 @@ from sdtool.scan.context import (
     run_pickle,
 )
 from sdtool.scan.report import FileReport
-from sdtool.scan.vm import (
-    DEFAULT_LIMITS,
-    OPNAMES,
-    Inst,
-    Limits,
-)
+from sdtool.scan.vm import DEFAULT_LIMITS, OPNAMES, Inst, Limits, would_unpickle
 from sdtool.scan.walkers.compressed import scan_compressed
+from sdtool.scan.walkers.gguf import scan_gguf
 from sdtool.scan.walkers.numpy import scan_npy
 from sdtool.scan.walkers.pickle import scan_pickle
 from sdtool.scan.walkers.safetensors import scan_safetensors
@@ -102,10 +98,12 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     kind_name = extra if kind is Format.UNKNOWN and extra else kind.value
     _check_name(ctx, member, name, kind_name)
     handler = _ROUTES.get(kind_name)
+    if handler is None and member is None and would_unpickle(buf, limits=ctx.limits):
+        handler = scan_pickle  # pickle.load reads any file from byte 0, whatever it starts with
     if depth > MAX_DEPTH:
         ctx.error(member, f"not scanned: containers nested deeper than {MAX_DEPTH}")
         return
-    if kind_name != "pickle":
+    if handler is not scan_pickle:
         _pickle_at_zero(ctx, buf, member, kind_name)
     if handler is None:
         what = describe(head, size)
@@ -184,6 +182,7 @@ def _check_name(ctx: Ctx, member: str | None, name: str, kind: str) -> None:
 
 
 _ROUTES: dict[str, Callable[[Ctx, Any, str | None, int], None]] = {
+    "gguf": scan_gguf,
     "pickle": scan_pickle,
     "zip": scan_zip,
     "npy": scan_npy,

@@ -100,15 +100,16 @@ class NotRegular(Exception):
     pass
 
 
-def run_pickle(ctx: Ctx, buf: Any, start: int, end: int) -> Stream:
+def run_pickle(ctx: Ctx, buf: Any, start: int, end: int, *, oracle: bool = False) -> Stream:
     """One pickle stream through the VM, its opcodes charged to the file's budget (as the bytes
-    it walked: every opcode takes at least one)."""
+    it walked: every opcode takes at least one). ``oracle``: also through the C unpickler
+    (see vm.run_stream)."""
     ctx.budget.check_time()
     left = ctx.budget.opcodes_left()
     limits = ctx.limits
     if left < limits.max_opcodes:
         limits = dataclasses.replace(limits, max_opcodes=left)
-    s = run_stream(buf, start, end, limits=limits)
+    s = run_stream(buf, start, end, limits=limits, oracle=oracle)
     ctx.budget.charge_opcodes(max(s.end, s.error_offset, start) - start)
     return s
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from sdtool.scan.allowlist import CALLS_FIRST_ARG, TENSOR_BUILDERS, TORCH_PERSID_TAGS
-from sdtool.scan.classify import canonical_module, classify_global
+from sdtool.scan.allowlist import ARG_CHECKS, BUILTIN_CODECS, TENSOR_BUILDERS, TORCH_PERSID_TAGS
+from sdtool.scan.classify import canonical_module, classify_global, is_init_only
 from sdtool.scan.report import Finding
 from sdtool.scan.vm import Blob, DictV, Import, Inst, ListV, Opaque, Ref, SetV, Stream
 
@@ -30,6 +30,8 @@ def _usage(imp: Import) -> str:
 
 
 CALLS = frozenset({"REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"})
+#: call opcodes that run a class's __init__ (NEWOBJ/NEWOBJ_EX only run __new__)
+INIT_CALLS = frozenset({"REDUCE", "INST", "OBJ"})
 
 
 def _key(imp: Import) -> tuple[str, str] | None:
@@ -81,6 +83,9 @@ class GlobalImports(Rule):
             sev, why = classify_global(imp.module, imp.name)
             if sev == "safe":
                 continue
+            if is_init_only(imp.module, imp.name) and any(h in INIT_CALLS for h, _ in imp.uses):
+                sev, why = "dangerous", why.replace("(dangerous if called with arguments)", "")
+                why += "(called: its __init__ runs)"
             written = ""
             if imp.written and imp.written != (imp.module, imp.name):
                 written = f" (written as {imp.written[0]} {imp.written[1]})"
@@ -140,31 +145,84 @@ class ComputedCall(Rule):
                 )
 
 
-class CallsFirstArgument(Rule):
-    """torch._tensor._rebuild_from_type_v2(func, type, args, state) calls ``func(*args)``.
+class CallsArgument(Rule):
+    """An allowlisted callable that calls (or looks up) what one of its arguments names.
 
-    Allowed only when ``func`` is itself an allowlisted tensor builder.
+    ``torch._tensor._rebuild_from_type_v2(func, type, args, state)`` calls ``func(*args)``,
+    numpy's ``__generator_ctor(name, ctor)`` calls ``ctor(name)``, ``defaultdict(factory)`` calls
+    its factory, ``copyreg._reconstructor`` calls its base's ``__init__``, ``_codecs.encode``
+    imports a codec module by name. Each is inert only when that argument is itself allowlisted
+    (``allowlist.ARG_CHECKS``); anything else there, or a computed value, is dangerous.
     """
 
-    id = "calls-first-arg"
+    id = "calls-arg"
 
     def check(self, s: Stream) -> Iterator[Finding]:
         for c in s.calls:
-            if not isinstance(c.callee, Ref) or _key(c.callee.imp) not in CALLS_FIRST_ARG:
+            if not isinstance(c.callee, Ref):
                 continue
-            first = c.args[0] if isinstance(c.args, tuple) and c.args else None
-            if isinstance(first, Ref) and _key(first.imp) in TENSOR_BUILDERS:
+            key = _key(c.callee.imp)
+            checks = ARG_CHECKS.get(key) if key is not None else None
+            if not checks:
                 continue
-            target = first.imp.qualname if isinstance(first, Ref) else "a non-literal value"
-            yield Finding(
-                "dangerous",
-                self.id,
-                f"{c.callee.imp.qualname} at {c.offset} calls its first argument, {target}, "
-                "which is not a tensor builder",
-                offset=c.offset,
-                global_name=c.callee.imp.qualname,
-                usage=f"called via {c.opcode}",
-            )
+            args = _positional(c)
+            for index, need, does in checks:
+                problem = _arg_problem(args, index, need)
+                if problem is None:
+                    continue
+                what = "its arguments" if index < 0 else f"argument {index + 1}"
+                yield Finding(
+                    "dangerous",
+                    self.id,
+                    f"{c.callee.imp.qualname} at {c.offset} {does}; {what} is {problem}",
+                    offset=c.offset,
+                    global_name=c.callee.imp.qualname,
+                    usage=f"called via {c.opcode}",
+                )
+
+
+def _positional(c: Any) -> Any:
+    """The positional arguments of a call as a tuple (None: not known statically)."""
+    args = c.args
+    if c.opcode == "NEWOBJ_EX":
+        args = args[0] if isinstance(args, tuple) and len(args) == 2 else None
+    return args if isinstance(args, tuple) else None
+
+
+def _arg_problem(args: Any, index: int, need: str) -> str | None:
+    """Why ``args[index]`` fails ``need`` (None: it passes)."""
+    if args is None:
+        return "not known statically"
+    if need == "no-args":
+        return None if args == () else f"{len(args)} values (its __init__ runs)"
+    if index >= len(args):
+        return None if need in ("safe-global-or-absent",) else "missing"
+    v = args[index]
+    if need == "safe-global-or-none" and v is None:
+        return None
+    if need == "name-or-safe-global" and isinstance(v, str):
+        return None
+    if need == "codec":
+        if isinstance(v, str) and v.lower().replace("_", "-") in BUILTIN_CODECS:
+            return None
+        return f"the codec {v!r}" if isinstance(v, str) else _what(v)
+    if not isinstance(v, Ref) or _key(v.imp) is None:
+        return _what(v)
+    if need == "global":
+        return None
+    if need == "tensor-builder":
+        return None if _key(v.imp) in TENSOR_BUILDERS else f"{v.imp.qualname}, not a tensor builder"
+    return None if _sev(v.imp) == "safe" else f"{v.imp.qualname}, which is not allowlisted"
+
+
+def _what(v: Any) -> str:
+    if isinstance(v, Ref):
+        return f"{v.imp.qualname} (not resolvable statically)"
+    if isinstance(v, Inst):
+        return "a value computed at load time"
+    if isinstance(v, Opaque):
+        return v.what
+    return f"a {type(v).__name__} literal"
 
 
 class MutatesNonData(Rule):
@@ -246,14 +304,32 @@ class FrameStraddle(Rule):
                 yield Finding("dangerous", self.id, a.message, offset=a.offset)
 
 
+class LoaderAgreement(Rule):
+    """The loader's parser (CPython's C unpickler, run inert in a bounded child) and the opcode
+    model disagree: an import only the loader makes, a stream only the loader can follow, or a
+    different end. Either is an evasion of one of the two parsers, so it is reported as such.
+    """
+
+    id = "parser-disagreement"
+
+    def check(self, s: Stream) -> Iterator[Finding]:
+        if s.oracle is None:
+            return
+        from sdtool.scan.oracle import compare
+
+        for sev, message, offset, name in compare(s, s.oracle):
+            yield Finding(sev, self.id, message, offset=offset, global_name=name)
+
+
 RULES: list[Rule] = [
     GlobalImports(),
     UnresolvedGlobal(),
     ComputedCall(),
-    CallsFirstArgument(),
+    CallsArgument(),
     MutatesNonData(),
     PersistentIds(),
     FrameStraddle(),
+    LoaderAgreement(),
 ]
 
 

@@ -14,7 +14,11 @@ literal-size caps) with limits far above what real checkpoints need.
 
 from __future__ import annotations
 
+import codecs
+import math
+import re
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +41,7 @@ class Limits:
     max_kept_items: int = 256  # tuples/dicts keep their content up to this size
     max_list_items: int = 1_000_000
     max_nested_depth: int = 8  # joblib object arrays nest pickles
+    oracle: bool = True  # cross-check pickle streams with the C unpickler (sdtool.scan.oracle)
 
 
 DEFAULT_LIMITS = Limits()
@@ -179,6 +184,8 @@ class Stream:
     persids: list[tuple[int, Any]] = field(default_factory=list)
     result: Any = None  # the value STOP returned
     nested: list[Stream] = field(default_factory=list)  # joblib object-array pickles
+    joblib_arrays: int = 0  # joblib arrays inlined between opcodes (no oracle for these)
+    oracle: Any = None  # what the C unpickler did with the same bytes (oracle.OracleResult)
 
 
 class _Broken(Exception):
@@ -264,12 +271,20 @@ class Machine:
             self._straddle(p, i + 1 - p)
         return bytes(self.buf[p:i])
 
-    def _str(self, raw: bytes | Buffer, encoding: str = "utf-8") -> Any:
+    def _str(
+        self, raw: bytes | Buffer, encoding: str = "utf-8", errors: str = "surrogatepass"
+    ) -> Any:
         n = len(raw)
         if n > self.limits.max_literal:
+            if errors == "strict":  # still validated, as the loader does
+                self._decode(raw, encoding, errors)
             return Opaque(f"str of {n} bytes")
+        return self._decode(raw, encoding, errors)
+
+    @staticmethod
+    def _decode(raw: bytes | Buffer, encoding: str, errors: str) -> str:
         try:
-            return bytes(raw).decode(encoding, "surrogatepass")
+            return bytes(raw).decode(encoding, errors)
         except UnicodeDecodeError as e:
             raise _Broken(f"string is not valid {encoding}: {e}") from None
 
@@ -438,32 +453,91 @@ def op_dup(m: Machine) -> None:
     m._push(m._top())
 
 
+# Text arguments are parsed as CPython's C unpickler parses them (Modules/_pickle.c): the line is
+# copied and NUL-terminated, so C string functions stop at the first NUL byte; a line of fewer than
+# 2 bytes (with its newline) is a "pickle data was truncated" error.
+
+
+def _c_line(m: Machine) -> tuple[bytes, int]:
+    """The text argument up to its first NUL (as C sees it) and the line length with newline."""
+    line = m._line()
+    n = len(line) + 1
+    if n < 2:
+        raise _Broken("a numeric text argument is empty (the C unpickler: bad readline)")
+    nul = line.find(b"\0")
+    return (line if nul < 0 else line[:nul]), n
+
+
+_FLOAT_TEXT = re.compile(
+    rb"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity|nan)", re.IGNORECASE
+)
+
+
 def op_float(m: Machine) -> None:
-    m._push(float(m._line()))
+    # PyOS_string_to_double: no leading space, no underscores, overflow is an error
+    text, _ = _c_line(m)
+    if not _FLOAT_TEXT.fullmatch(text):
+        raise _Broken(f"FLOAT argument {text[:40]!r} is not a float (the C unpickler refuses)")
+    v = float(text)
+    if math.isinf(v) and b"inf" not in text.lower():
+        raise _Broken("FLOAT argument overflows")
+    m._push(v)
+
+
+_SPACE = b" \t\n\v\f\r"
+_STRTOL = re.compile(rb"[ \t\n\v\f\r]*[+-]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def _strtol(text: bytes) -> int | None:
+    """C ``strtol(s, &end, 0)`` consuming all of ``text`` (None: it stops early or overflows)."""
+    if not text:
+        return 0  # no digits: strtol returns 0 with end at the NUL, which C accepts
+    if not _STRTOL.fullmatch(text):
+        return None
+    body = text.lstrip(_SPACE)
+    sign = -1 if body[:1] == b"-" else 1
+    body = body.lstrip(b"+-")
+    if body[:2] in (b"0x", b"0X"):
+        v = int(body[2:], 16)
+    elif body[:1] == b"0":
+        v = int(body, 8)
+    else:
+        v = int(body)
+    v *= sign
+    return v if -(1 << 63) <= v < (1 << 63) else None
+
+
+def _pylong(text: bytes, base: int) -> Any:
+    """``PyLong_FromString(text, NULL, base)`` (what ``int(bytes, base)`` calls)."""
+    try:
+        v = int(text, base)
+    except ValueError as e:
+        raise _Broken(f"invalid integer argument {text[:40]!r} ({e})"[:200]) from None
+    return v if v.bit_length() <= 512 else Opaque("big int")
 
 
 def op_int(m: Machine) -> None:
-    line = m._line()
-    if line == b"00":
-        m._push(False)
-    elif line == b"01":
-        m._push(True)
+    # strtol base 0 ("010" is 8, "0x10" is 16); "00"/"01" and other 2-byte 0/1 are booleans;
+    # what strtol cannot take falls back to PyLong_FromString base 0
+    text, n = _c_line(m)
+    v = _strtol(text)
+    if v is None:
+        m._push(_pylong(text, 0))
+    elif n == 3 and v in (0, 1):
+        m._push(bool(v))
     else:
-        m._push(_int_line(line))
-
-
-def _int_line(line: bytes) -> Any:
-    if len(line) > 64:
-        int(line[:64])  # validate the shape at least
-        return Opaque("big int")
-    return int(line)
+        m._push(v)
 
 
 def op_long(m: Machine) -> None:
+    # a trailing "L" is cut (C overwrites it with NUL), then PyLong_FromString base 0
     line = m._line()
+    if len(line) + 1 < 2:
+        raise _Broken("LONG argument is empty")
     if line.endswith(b"L"):
         line = line[:-1]
-    m._push(_int_line(line))
+    nul = line.find(b"\0")
+    m._push(_pylong(line if nul < 0 else line[:nul], 0))
 
 
 def op_binint(m: Machine) -> None:
@@ -514,15 +588,18 @@ def op_binfloat(m: Machine) -> None:
 
 
 def op_string(m: Machine) -> None:
+    # quotes stripped, then PyBytes_DecodeEscape (octal, \\x, \\n ...; a bad \\x is an error)
     line = m._line()
     if len(line) >= 2 and line[0] == line[-1] and line[:1] in (b"'", b'"'):
         body = line[1:-1]
     else:
         raise _Broken("the STRING opcode argument must be quoted")
     try:
-        raw = body.decode("ascii").encode("latin-1").decode("unicode_escape").encode("latin-1")
-    except (UnicodeError, ValueError):
-        raw = body
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escapes are kept, with a warning
+            raw = codecs.escape_decode(body)[0]
+    except ValueError as e:
+        raise _Broken(f"STRING argument has a bad escape: {e}") from None
     m._push(m._str(raw, "latin-1"))  # Python 3 decodes protocol-0 strings to str
 
 
@@ -571,7 +648,8 @@ def op_bytearray8(m: Machine) -> None:
 
 
 def op_next_buffer(m: Machine) -> None:
-    m._push(Opaque("out-of-band buffer"))
+    # no loader people use passes out-of-band buffers: the unpickler stops here
+    raise _Broken("NEXT_BUFFER without out-of-band buffers (torch.load and pickle.load pass none)")
 
 
 def op_readonly_buffer(m: Machine) -> None:
@@ -723,8 +801,16 @@ def op_build(m: Machine) -> None:
     m._mutate("BUILD", target)
 
 
+def _memo_index(m: Machine) -> int:
+    text, _ = _c_line(m)
+    v = _pylong(text, 10)
+    if not isinstance(v, int) or v >= 1 << 63:
+        raise _Broken("memo index does not fit a Py_ssize_t")
+    return v
+
+
 def op_get(m: Machine) -> None:
-    m._memo_get(int(m._line()))
+    m._memo_get(_memo_index(m))
 
 
 def op_binget(m: Machine) -> None:
@@ -736,7 +822,7 @@ def op_long_binget(m: Machine) -> None:
 
 
 def op_put(m: Machine) -> None:
-    m._memo_put(int(m._line()))
+    m._memo_put(_memo_index(m))
 
 
 def op_binput(m: Machine) -> None:
@@ -752,8 +838,8 @@ def op_memoize(m: Machine) -> None:
 
 
 def op_global(m: Machine) -> None:
-    module = m._str(m._line())
-    name = m._str(m._line())
+    module = m._str(m._line(), "utf-8", "strict")
+    name = m._str(m._line(), "utf-8", "strict")
     m._push(Ref(m._import("GLOBAL", module, name)))
 
 
@@ -768,9 +854,9 @@ def op_stack_global(m: Machine) -> None:
 
 
 def op_inst(m: Machine) -> None:
-    module = m._str(m._line())
-    name = m._str(m._line())
-    args = m._pop_mark()
+    args = m._pop_mark()  # the C unpickler finds the MARK before it reads the names
+    module = m._str(m._line(), "utf-8", "strict")
+    name = m._str(m._line(), "utf-8", "strict")
     ref = Ref(m._import("INST", module, name))
     m._push(m._call("INST", ref, _tuple(m, args)))
 
@@ -802,6 +888,8 @@ def op_newobj_ex(m: Machine) -> None:
 
 
 def _ext(m: Machine, code: int) -> None:
+    if code <= 0:
+        raise _Broken("EXT specifies code <= 0")
     imp = m._import("EXT", None, None)
     imp.unresolved = (
         f"extension code {code} names a global through the copyreg registry, which the file "
@@ -854,13 +942,8 @@ def op_frame(m: Machine) -> None:
             )
         )
     if m.pos + n > m.end:
-        m.s.anomalies.append(
-            Anomaly(
-                m.op_offset,
-                "frame-straddle",
-                f"FRAME at {m.op_offset} declares {n} bytes but only {m.end - m.pos} remain",
-            )
-        )
+        # the C unpickler reads the whole frame at once: a short one ends the load here
+        raise _Broken(f"FRAME declares {n} bytes but only {m.end - m.pos} remain (truncated)")
     m.frame_end = m.pos + n
 
 
@@ -883,6 +966,7 @@ def _joblib_inline(m: Machine, wrapper: Inst) -> None:
     for d in shape:
         count *= d
     m.frame_end = -1  # joblib writes the array outside any frame
+    m.s.joblib_arrays += 1
     if _dtype_is_object(dtype):  # the array follows as a whole nested pickle
         if m.depth >= m.limits.max_nested_depth:
             raise _Limit("joblib object arrays nested too deeply")
@@ -999,7 +1083,49 @@ assert len(_HANDLERS) == len(OPNAMES), "every pickle opcode has a handler"
 
 
 def run_stream(
-    buf: Buffer, start: int = 0, end: int | None = None, *, limits: Limits = DEFAULT_LIMITS
+    buf: Buffer,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    oracle: bool = False,
 ) -> Stream:
-    """Model one pickle stream of ``buf`` beginning at ``start``."""
-    return Machine(buf, start, end, limits=limits).run()
+    """Model one pickle stream of ``buf`` beginning at ``start``.
+
+    ``oracle``: also load the same bytes with CPython's C unpickler (inert globals, bounded
+    child process, ``sdtool.scan.oracle``) and keep its result on ``Stream.oracle`` so the rules
+    can report where the two parsers disagree. Skipped for joblib pickles (joblib's own
+    unpickler reads the array bytes between opcodes, which the plain C unpickler cannot).
+    """
+    s = Machine(buf, start, end, limits=limits).run()
+    if oracle and limits.oracle and not s.joblib_arrays:
+        from sdtool.scan.oracle import run_c_unpickler
+
+        upto = s.end if s.stopped else None
+        s.oracle = run_c_unpickler(buf, start, len(buf) if end is None else end, upto=upto)
+    return s
+
+
+def _importable(imp: Import) -> bool:
+    """An import a loader could perform: dotted identifiers (``lass X(Module):`` is not)."""
+    written = imp.written
+    return written is not None and all(
+        all(p.isidentifier() for p in part.split(".")) for part in written
+    )
+
+
+def would_unpickle(buf: Buffer, *, limits: Limits = DEFAULT_LIMITS) -> bool:
+    """True when ``pickle.load`` of ``buf`` from byte 0 imports something or reaches STOP.
+
+    For files no sniffer names: ``pickle.load`` reads any file from byte 0, whatever its first
+    opcode. Both the opcode model and the C unpickler are asked.
+    """
+    s = Machine(buf, 0, None, limits=limits).run()
+    if s.stopped or any(_importable(i) for i in s.imports) or any(not i.written for i in s.imports):
+        return True
+    if not limits.oracle or s.error_offset <= 0:
+        return False  # both parsers refuse the first opcode alike
+    from sdtool.scan.oracle import run_c_unpickler
+
+    o = run_c_unpickler(buf, 0, len(buf))
+    return o.stopped or bool(o.imports)

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.torchfile import METADATA_KEY
 from sdtool.write.plan import OutTensor
-from sdtool.write.stream import Chunks, SourceFds, write_all
+from sdtool.write.stream import Chunks, SourceFds, prefetch, write_all
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
@@ -278,6 +278,8 @@ def write_torch(
     into the empty file ``f``; return overflow counts by tensor name. ``progress`` receives
     byte counts as tensor bytes are written."""
     names = {t.name for t in plan}
+    if metadata:  # the metadata map owns its key
+        fields = {k: v for k, v in (fields or {}).items() if k != METADATA_KEY}
     clash = sorted(names & set(fields or {}) | (names & {METADATA_KEY}))
     if clash:
         raise OutputError(f"a field and a tensor are both named {clash[0]!r}")
@@ -308,7 +310,9 @@ def write_torch(
             start = z.begin(name)
             crc, size = 0, 0
             chunks = Chunks(t, fds.get(t) if t.make is None else None)
-            for piece in chunks:
+            # reads and casts run a piece or two ahead on another thread (numpy, pread and
+            # zlib release the GIL) while this one writes and checksums
+            for piece in prefetch(iter(chunks), depth=2):
                 n = write_all(z.fd, piece)
                 crc = zlib.crc32(_bytes_of(piece), crc)
                 z.pos += n

@@ -89,7 +89,7 @@ def _side_files(ctx: Ctx, s: Stream, member: str | None, depth: int) -> None:
 def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """Every stream of a pickle file: legacy torch's five, concatenated pickles, trailing data."""
     end = len(buf)
-    s0 = ctx.parsed.pop(member or "", None) or run_pickle(ctx, buf, 0, end)
+    s0 = ctx.parsed.pop(member or "", None) or run_pickle(ctx, buf, 0, end, oracle=True)
     record_stream(ctx, s0, member, 0)
     if member is None or member.startswith("<"):  # the file itself, or its decompressed body
         _side_files(ctx, s0, member, depth)

@@ -134,7 +134,7 @@ def _referenced_storages(
             data = _member_data(ctx, buf, m, join_path(member, name))
         except SdtoolError:
             continue
-        s = run_pickle(ctx, data, 0, len(data))
+        s = run_pickle(ctx, data, 0, len(data), oracle=True)
         ctx.parsed[join_path(member, name)] = s  # scanned again below: parse once
         for _, pid in s.persids:
             if (

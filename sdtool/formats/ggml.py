@@ -1,0 +1,684 @@
+"""ggml's tensor types: the block formats, and numpy (de)quantizers for them.
+
+One table (``GGML_TYPES``) names every type a GGUF file can declare (id, elements per block,
+bytes per block). Dequantizers follow gguf-py's ``quants.dequantize`` operation for
+operation (float32 arithmetic, the same rounding at every step), so their output is bit for
+bit gguf-py's. Quantizers for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16 and F16 follow gguf-py's
+``quants.quantize`` the same way (equal bytes); Q4_K, Q5_K and Q6_K follow llama.cpp's
+reference C algorithm (``quantize_row_q*_K_ref`` without an importance matrix), with sums
+accumulated in the C loop's order. docs/gguf.md lists the block layouts.
+
+Everything works on whole arrays of blocks, in pieces of about ``PIECE_BLOCKS`` blocks (small
+enough to stay in cache) and on ``threads`` threads (numpy releases the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sdtool.errors import UnsupportedDtype
+
+QK_K = 256
+#: the "all zero" threshold of llama.cpp's K-quant helpers
+GROUP_MAX_EPS = np.float32(1e-15)
+#: elements per work piece (a multiple of 256): about 1 MiB of float32, cache-sized
+PIECE_ELEMENTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One ggml tensor type: ``block`` elements are stored in ``size`` bytes.
+
+    ``dtype`` is the sdtool dtype code of a plain (unblocked) type, else None.
+    """
+
+    name: str
+    id: int
+    block: int
+    size: int
+    dtype: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype is None
+
+    def nbytes(self, numel: int) -> int:
+        """Bytes ``numel`` elements take (``numel`` a multiple of ``block``)."""
+        return numel // self.block * self.size
+
+
+def _t(name: str, id: int, block: int, size: int, dtype: str | None = None) -> GGMLType:
+    return GGMLType(name, id, block, size, dtype)
+
+
+#: name -> type; ids and sizes as gguf-py's constants.GGML_QUANT_SIZES
+GGML_TYPES: dict[str, GGMLType] = {
+    t.name: t
+    for t in (
+        _t("F32", 0, 1, 4, "F32"),
+        _t("F16", 1, 1, 2, "F16"),
+        _t("Q4_0", 2, 32, 18),
+        _t("Q4_1", 3, 32, 20),
+        _t("Q5_0", 6, 32, 22),
+        _t("Q5_1", 7, 32, 24),
+        _t("Q8_0", 8, 32, 34),
+        _t("Q8_1", 9, 32, 40),
+        _t("Q2_K", 10, 256, 84),
+        _t("Q3_K", 11, 256, 110),
+        _t("Q4_K", 12, 256, 144),
+        _t("Q5_K", 13, 256, 176),
+        _t("Q6_K", 14, 256, 210),
+        _t("Q8_K", 15, 256, 292),
+        _t("IQ2_XXS", 16, 256, 66),
+        _t("IQ2_XS", 17, 256, 74),
+        _t("IQ3_XXS", 18, 256, 98),
+        _t("IQ1_S", 19, 256, 50),
+        _t("IQ4_NL", 20, 32, 18),
+        _t("IQ3_S", 21, 256, 110),
+        _t("IQ2_S", 22, 256, 82),
+        _t("IQ4_XS", 23, 256, 136),
+        _t("I8", 24, 1, 1, "I8"),
+        _t("I16", 25, 1, 2, "I16"),
+        _t("I32", 26, 1, 4, "I32"),
+        _t("I64", 27, 1, 8, "I64"),
+        _t("F64", 28, 1, 8, "F64"),
+        _t("IQ1_M", 29, 256, 56),
+        _t("BF16", 30, 1, 2, "BF16"),
+        _t("TQ1_0", 34, 256, 54),
+        _t("TQ2_0", 35, 256, 66),
+        _t("MXFP4", 39, 32, 17),
+        _t("NVFP4", 40, 64, 36),
+        _t("Q1_0", 41, 128, 18),
+    )
+}
+BY_ID: dict[int, GGMLType] = {t.id: t for t in GGML_TYPES.values()}
+
+_F16 = np.dtype("<f2")
+_F32 = np.float32
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian float16 bytes (n, 2) -> float32 (n, 1)."""
+    return np.ascontiguousarray(raw).view(_F16).astype(_F32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) bytes -> (n, 32): low nibbles are elements 0-15, high nibbles 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+# -- dequantizers: (n, size) uint8 -> (n, block) float32 ---------------------------------------
+
+
+def _dq_bf16(b: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(b).view("<u2").astype(np.uint32) << 16).view(_F32)
+
+
+def _dq_q4_0(b: np.ndarray) -> np.ndarray:
+    q = _nibbles(b[:, 2:18]).astype(np.int8) - np.int8(8)
+    return _f16(b[:, 0:2]) * q.astype(_F32)
+
+
+def _dq_q4_1(b: np.ndarray) -> np.ndarray:
+    q = _nibbles(b[:, 4:20]).astype(_F32)
+    return _f16(b[:, 0:2]) * q + _f16(b[:, 2:4])
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) bytes of a little-endian u32 -> (n, 32) bits, bit j is element j's."""
+    return np.unpackbits(qh, axis=1, bitorder="little")
+
+
+def _dq_q5_0(b: np.ndarray) -> np.ndarray:
+    q = (_nibbles(b[:, 6:22]) | (_fifth_bits(b[:, 2:6]) << 4)).astype(np.int8) - np.int8(16)
+    return _f16(b[:, 0:2]) * q.astype(_F32)
+
+
+def _dq_q5_1(b: np.ndarray) -> np.ndarray:
+    q = (_nibbles(b[:, 8:24]) | (_fifth_bits(b[:, 4:8]) << 4)).astype(_F32)
+    return _f16(b[:, 0:2]) * q + _f16(b[:, 2:4])
+
+
+def _dq_q8_0(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b[:, 2:34]).view(np.int8).astype(_F32) * _f16(b[:, 0:2])
+
+
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """K-quant 2-bit fields: (n, 64) bytes -> (n, 256); element (half h, shift s, l) is
+    (qs[32h + l] >> 2s) & 3."""
+    n = qs.shape[0]
+    q = qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return (q & 3).reshape(n, 256)
+
+
+def _dq_q2_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    sc = b[:, 0:16]
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (sc & 0x0F).astype(_F32)).reshape(n, 16, 1)
+    ml = (dmin * (sc >> 4).astype(_F32)).reshape(n, 16, 1)
+    q = _crumbs(b[:, 16:80]).reshape(n, 16, 16).astype(_F32)
+    return (dl * q - ml).reshape(n, 256)
+
+
+def _q3_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 scale bytes -> 16 signed 6-bit scales (n, 16) int8."""
+    low = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1)
+    hi: np.ndarray = s[:, 8:12].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(
+        1, 4, 1
+    )
+    hi = (hi & 3).reshape(-1, 16)
+    return (low | (hi << 4)).astype(np.int8) - np.int8(32)
+
+
+def _dq_q3_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    d = _f16(b[:, 108:110])
+    dl = (d * _q3_scales(b[:, 96:108]).astype(_F32)).reshape(n, 16, 1)
+    ql = _crumbs(b[:, 32:96])
+    hm = b[:, 0:32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    hbit = (hm & 1).reshape(n, 256)
+    q = (ql.astype(np.int8) - ((hbit ^ 1) << 2).astype(np.int8)).astype(_F32)
+    return (dl * q.reshape(n, 16, 16)).reshape(n, 256)
+
+
+def _k4_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 scale bytes -> 8 six-bit scales and 8 six-bit mins, (n, 8) each."""
+    a, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([a & 0x3F, (md & 0x0F) | ((a >> 2) & 0x30)], axis=1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return sc, mn
+
+
+def _dq_k45(b: np.ndarray, q: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    sc, mn = _k4_scale_min(b[:, 4:16])
+    d = (_f16(b[:, 0:2]) * sc.astype(_F32)).reshape(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mn.astype(_F32)).reshape(n, 8, 1)
+    return (d * q.reshape(n, 8, 32).astype(_F32) - dm).reshape(n, 256)
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 128) bytes -> (n, 256): chunk c's 32 low nibbles, then its 32 high nibbles."""
+    n = qs.shape[0]
+    q = qs.reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (q & 0x0F).reshape(n, 256)
+
+
+def _dq_q4_k(b: np.ndarray) -> np.ndarray:
+    return _dq_k45(b, _k_nibbles(b[:, 16:144]))
+
+
+def _dq_q5_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    hi = b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    q = _k_nibbles(b[:, 48:176]) | ((hi & 1).reshape(n, 256) << 4)
+    return _dq_k45(b, q)
+
+
+def _dq_q6_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(_F32)
+    d = (_f16(b[:, 208:210]) * sc).reshape(n, 16, 1)
+    ql: np.ndarray = b[:, 0:128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(
+        1, 1, 2, 1
+    )
+    ql = (ql & 0x0F).reshape(n, 8, 32)
+    qh: np.ndarray = b[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(
+        1, 1, 4, 1
+    )
+    qh = (qh & 3).reshape(n, 8, 32)
+    q = ((ql | (qh << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(_F32)
+    return (d * q).reshape(n, 256)
+
+
+DEQUANTIZE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "BF16": _dq_bf16,
+    "Q4_0": _dq_q4_0,
+    "Q4_1": _dq_q4_1,
+    "Q5_0": _dq_q5_0,
+    "Q5_1": _dq_q5_1,
+    "Q8_0": _dq_q8_0,
+    "Q2_K": _dq_q2_k,
+    "Q3_K": _dq_q3_k,
+    "Q4_K": _dq_q4_k,
+    "Q5_K": _dq_q5_k,
+    "Q6_K": _dq_q6_k,
+}
+
+
+# -- quantizers (gguf-py's numpy reference, bit for bit): (n, block) float32 -> (n, size) ------
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, _F32(0), _F32(1) / d)
+
+
+def _signed_absmax(x: np.ndarray) -> np.ndarray:
+    """Per block, the value whose magnitude is largest (the first of equals), (n, 1)."""
+    i = np.abs(x).argmax(axis=1)[:, None]
+    return np.take_along_axis(x, i, axis=1)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    return (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+
+
+def _halfbytes(v: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(v.astype(_F16)).view(np.uint8)
+
+
+def _q_trunc(v: np.ndarray, top: int) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.trunc(v).astype(np.uint8).clip(0, top)
+
+
+def _q_q4_0(x: np.ndarray) -> np.ndarray:
+    d = _signed_absmax(x) / _F32(-8)
+    q = _q_trunc(x * _inverse(d) + _F32(8.5), 15)
+    return np.concatenate([_halfbytes(d), _pack_nibbles(q)], axis=1)
+
+
+def _q_q4_1(x: np.ndarray) -> np.ndarray:
+    mx, mn = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
+    d = (mx - mn) / _F32(15)
+    q = _q_trunc((x - mn) * _inverse(d) + _F32(0.5), 15)
+    return np.concatenate([_halfbytes(d), _halfbytes(mn), _pack_nibbles(q)], axis=1)
+
+
+def _fifth_pack(q: np.ndarray) -> np.ndarray:
+    return np.packbits(q >> 4, axis=1, bitorder="little")
+
+
+def _q_q5_0(x: np.ndarray) -> np.ndarray:
+    d = _signed_absmax(x) / _F32(-16)
+    q = _q_trunc(x * _inverse(d) + _F32(16.5), 31)
+    return np.concatenate([_halfbytes(d), _fifth_pack(q), _pack_nibbles(q)], axis=1)
+
+
+def _q_q5_1(x: np.ndarray) -> np.ndarray:
+    mx, mn = x.max(axis=1, keepdims=True), x.min(axis=1, keepdims=True)
+    d = (mx - mn) / _F32(31)
+    q = _q_trunc((x - mn) * _inverse(d) + _F32(0.5), 31)
+    parts = [_halfbytes(d), _halfbytes(mn), _fifth_pack(q), _pack_nibbles(q)]
+    return np.concatenate(parts, axis=1)
+
+
+#: the largest float32 below 0.5: adding it (with v's sign) and truncating rounds half away
+#: from zero exactly for |v| <= 128 (benchmarks/check_q8_rounding.py tries every such float)
+_HALF_DOWN = np.float32(0.5) - np.float32(2.0**-25)
+
+
+def _round_away(v: np.ndarray) -> np.ndarray:
+    """ggml's roundf for Q8_0's scaled values (|v| <= 127, or NaN), as int8."""
+    v = v + np.copysign(_HALF_DOWN, v)
+    with np.errstate(invalid="ignore"):
+        return v.astype(np.int8)  # the cast truncates toward zero
+
+
+def _q_q8_0(x: np.ndarray) -> np.ndarray:
+    """d = max|x| / 127; q = x/d rounded half away from zero (ggml's roundf), as gguf-py.
+
+    Per-block values are repeated to element length so every pass is a flat, contiguous one
+    (numpy's broadcasting over rows of 32 costs a loop per row), and the rounded values are
+    cast straight into the output blocks.
+    """
+    n = x.shape[0]
+    flat = x.reshape(-1)
+    a = np.abs(flat)
+    d = _rowmax(a.reshape(n, 32)).reshape(n) / _F32(127)
+    v = np.multiply(flat, np.repeat(_inverse(d), 32), out=a)
+    v += np.copysign(_HALF_DOWN, v)
+    out = np.empty((n, 34), np.uint8)
+    out[:, 0:2] = _halfbytes(d).reshape(n, 2)
+    with np.errstate(invalid="ignore"):  # the cast truncates toward zero (NaN: as numpy does)
+        np.copyto(out[:, 2:].view(np.int8), v.reshape(n, 32), casting="unsafe")
+    return out
+
+
+_TORCH: list[Any] = []
+
+
+def _torch() -> Any:
+    """torch when it is installed (its row max is several times numpy's for 32-wide rows;
+    a max is exact, so the bytes do not depend on it), else None. Imported on first use:
+    only quantizing ever asks. Sets torch's intra-op threads to 1 for this process."""
+    if not _TORCH:
+        import importlib.util
+
+        mod = None
+        if importlib.util.find_spec("torch") is not None and not os.environ.get("SDTOOL_NO_TORCH"):
+            import torch
+
+            # sdtool runs its own threads over pieces; torch's intra-op threads would only
+            # spin against them (measured: 10x slower on a busy 2-core machine)
+            torch.set_num_threads(1)
+            mod = torch
+        _TORCH.append(mod)
+    return _TORCH[0]
+
+
+def _rowmax(a: np.ndarray) -> np.ndarray:
+    """Per row maximum, (n, k) -> (n, 1); NaN propagates (numpy and torch agree)."""
+    torch = _torch()
+    if torch is not None:
+        out: np.ndarray = torch.from_numpy(a).amax(dim=1, keepdim=True).numpy()
+        return out
+    return a.max(axis=1, keepdims=True)
+
+
+def widen(part: np.ndarray) -> np.ndarray:
+    """Values as contiguous float32 (bf16 by a shift: exact, and 3x numpy's cast)."""
+    if str(part.dtype) == "bfloat16":
+        u = np.ascontiguousarray(part).view(np.uint16)
+        return np.left_shift(u, 16, dtype=np.uint32).view(_F32)
+    return np.ascontiguousarray(part, dtype=_F32)
+
+
+def _q_bf16(x: np.ndarray) -> np.ndarray:
+    """ggml_compute_fp32_to_bf16: NaN made quiet, round to nearest even."""
+    n = np.ascontiguousarray(x).view(np.uint32)
+    n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(1 << 22), n)
+    r = (n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16
+    return r.astype(np.uint16).view(np.uint8)
+
+
+def _q_f16(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(_F16)).view(np.uint8)
+
+
+def _q_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=_F32).view(np.uint8)
+
+
+# -- K-quants (llama.cpp's quantize_row_q*_K_ref, vectorised over blocks) ---------------------
+
+
+def _nearest(v: np.ndarray) -> np.ndarray:
+    """llama.cpp's nearest_int (round half to even), kept in float32: the levels are small
+    integers, exact in float32, so no integer round trip is needed."""
+    return np.rint(v)
+
+
+def _seq_sum(terms: np.ndarray) -> np.ndarray:
+    """Sum over the first axis in index order, as the C loops add (not pairwise).
+
+    The K-quant helpers keep sub-blocks transposed, (elements, sub-blocks), C-contiguous:
+    numpy reduces such an outer axis row by row (``acc += row``), which is the C loop's
+    order (tests/test_gguf.py checks it against the explicit loop, bit for bit).
+    """
+    return np.add.reduce(np.ascontiguousarray(terms), axis=0)
+
+
+def _make_qkx2(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx2_quants (use_mad false) over sub-blocks x (n, m) -> (scale, the_min, L)."""
+    mn = np.minimum(x.min(axis=0), _F32(0))
+    mx = x.max(axis=0)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    flat = mx == mn
+    top = _F32(nmax)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rng = mx - mn
+        iscale = np.where(flat, _F32(0), top / rng)
+        scale = _F32(1) / iscale
+        xm = x - mn
+        L = np.clip(_nearest(iscale * xm), 0, top)
+        diff = scale * L + mn - x
+        best = _seq_sum(w * (diff * diff))
+        for step in range(nstep + 1):
+            isc = np.where(flat, _F32(0), (_F32(rmin) + _F32(rdelta) * _F32(step) + top) / rng)
+            la = np.clip(_nearest(isc * xm), 0, top)
+            wl = w * la
+            sum_l = _seq_sum(wl)
+            sum_l2 = _seq_sum(wl * la)
+            sum_xl = _seq_sum(wl * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, _F32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            diff = this_scale * la + this_min - x
+            cur = _seq_sum(w * (diff * diff))
+            better = (D > 0) & (cur < best) & ~flat
+            if better.any():
+                L = np.where(better, la, L)
+                best = np.where(better, cur, best)
+                scale = np.where(better, this_scale, scale)
+                mn = np.where(better, this_min, mn)
+    scale = np.where(flat, _F32(0), scale).astype(_F32)
+    return scale, (-mn).astype(_F32), np.where(flat, _F32(0), L)
+
+
+def _quant_k45(
+    x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shared part of Q4_K and Q5_K: the 16 head bytes (d, dmin, 12 packed 6-bit scales
+    and mins) and the final levels L (n, 256) uint8."""
+    n = x.shape[0]
+    sub = np.ascontiguousarray(x.reshape(n * 8, 32).T)  # (32, sub-blocks)
+    av = np.sqrt(_seq_sum(sub * sub) / _F32(32))
+    w = av + np.abs(sub)
+    scales, mins, L = _make_qkx2(sub, w, nmax, rmin, rdelta, nstep)
+    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+    L = L.T.reshape(n, 8, 32)
+    max_scale = np.maximum(scales.max(axis=1), _F32(0))
+    max_min = np.maximum(mins.max(axis=1), _F32(0))
+    with np.errstate(divide="ignore"):
+        inv_s = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0))
+        inv_m = np.where(max_min > 0, _F32(63) / max_min, _F32(0))
+    ls = np.minimum(_nearest(inv_s[:, None] * scales).astype(np.int32).astype(np.uint8), 63)
+    lm = np.minimum(_nearest(inv_m[:, None] * mins).astype(np.int32).astype(np.uint8), 63)
+    packed = np.empty((n, 12), np.uint8)
+    packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)
+    d16 = (max_scale / _F32(63)).astype(_F16)
+    dmin16 = (max_min / _F32(63)).astype(_F16)
+    sc, m = _k4_scale_min(packed)
+    d = (d16.astype(_F32)[:, None] * sc.astype(_F32))[:, :, None]
+    dm = (dmin16.astype(_F32)[:, None] * m.astype(_F32))[:, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lnew = np.clip(_nearest((x.reshape(n, 8, 32) + dm) / d), 0, _F32(nmax))
+    L = np.where(d != 0, lnew, L).astype(np.uint8).reshape(n, 256)
+    head = np.concatenate(
+        [d16.view(np.uint8).reshape(n, 2), dmin16.view(np.uint8).reshape(n, 2), packed], axis=1
+    )
+    return head, L
+
+
+def _q_q4_k(x: np.ndarray) -> np.ndarray:
+    head, L = _quant_k45(x, 15, -1.0, 0.1, 20)
+    n = x.shape[0]
+    c = L.reshape(n, 4, 2, 32)
+    qs = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, 128)
+    return np.concatenate([head, qs], axis=1)
+
+
+def _q_q5_k(x: np.ndarray) -> np.ndarray:
+    head, L = _quant_k45(x, 31, -0.5, 0.1, 15)
+    n = x.shape[0]
+    c = L.reshape(n, 4, 2, 32)
+    qs = ((c[:, :, 0] & 0x0F) | ((c[:, :, 1] & 0x0F) << 4)).reshape(n, 128)
+    bits = (c >> 4).reshape(n, 8, 32)  # bit 2c: chunk c's first 32 levels, 2c+1: its next 32
+    qh = np.zeros((n, 32), np.uint8)
+    for k in range(8):
+        qh |= bits[:, k] << k
+    return np.concatenate([head, qh, qs], axis=1)
+
+
+def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(rmse_type 1, no weights) over sub-blocks x (n, m) -> (scale, L + nmax)."""
+    i = np.abs(x).argmax(axis=0)[None, :]
+    mx = np.take_along_axis(x, i, axis=0)[0]
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    w = x * x
+    wx = w * x
+    lo, hi = _F32(-nmax), _F32(nmax - 1)
+
+    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lvl = np.clip(_nearest(iscale * x), lo, hi)
+        return _seq_sum(wx * lvl), _seq_sum((w * lvl) * lvl), lvl
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sumlx, suml2, lvl = fit(np.where(zero, _F32(0), _F32(-nmax) / mx))
+        scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            isc = np.where(zero, _F32(0), -(_F32(nmax) + _F32(0.1) * _F32(step)) / mx)
+            slx, sl2, lv = fit(isc)
+            better = (sl2 > 0) & (slx * slx > best * sl2)
+            if better.any():
+                lvl = np.where(better, lv, lvl)
+                scale = np.where(better, slx / sl2, scale)
+                best = np.where(better, scale * slx, best)
+    scale = np.where(zero, _F32(0), scale).astype(_F32)
+    return scale, np.where(zero, _F32(0), lvl + _F32(nmax))
+
+
+def _q_q6_k(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    sub = np.ascontiguousarray(x.reshape(n * 16, 16).T)  # (16, sub-blocks)
+    scales, L = _make_qx(sub, 32)
+    scales, L = scales.reshape(n, 16), L.T.reshape(n, 16, 16)
+    max_scale = _signed_absmax(scales)[:, 0]
+    zero = np.abs(max_scale) < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(zero, _F32(1), _F32(-128) / max_scale)
+        d16 = np.where(zero, _F32(0), _F32(1) / iscale).astype(_F16)
+        sc = np.minimum(_nearest(iscale[:, None] * scales), 127).astype(np.int8)
+        sc = np.where(zero[:, None], np.int8(0), sc)
+        d = (d16.astype(_F32)[:, None] * sc.astype(_F32))[:, :, None]
+        lnew = np.clip(_nearest(x.reshape(n, 16, 16) / d), -32, 31) + _F32(32)
+    L = np.where(d != 0, lnew, L)
+    L = np.where(zero[:, None, None], 0, L).astype(np.uint8).reshape(n, 2, 4, 32)
+    ql = np.empty((n, 2, 64), np.uint8)
+    ql[:, :, 0:32] = (L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4)
+    ql[:, :, 32:64] = (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)
+    h = L >> 4
+    qh = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)
+    parts = [
+        ql.reshape(n, 128),
+        qh.reshape(n, 64),
+        sc.view(np.uint8),
+        d16.view(np.uint8).reshape(n, 2),
+    ]
+    return np.concatenate(parts, axis=1)
+
+
+QUANTIZE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "F32": _q_f32,
+    "F16": _q_f16,
+    "BF16": _q_bf16,
+    "Q4_0": _q_q4_0,
+    "Q4_1": _q_q4_1,
+    "Q5_0": _q_q5_0,
+    "Q5_1": _q_q5_1,
+    "Q8_0": _q_q8_0,
+    "Q4_K": _q_q4_k,
+    "Q5_K": _q_q5_k,
+    "Q6_K": _q_q6_k,
+}
+#: K-quants: sdtool's port of llama.cpp's C reference (gguf-py has none to compare with)
+K_QUANTS = frozenset({"Q4_K", "Q5_K", "Q6_K"})
+
+
+def default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _pieces(n_blocks: int, block: int) -> list[tuple[int, int]]:
+    per = max(1, PIECE_ELEMENTS // block)
+    return [(i, min(n_blocks, i + per)) for i in range(0, n_blocks, per)]
+
+
+def _run(jobs: list[Callable[[], None]], threads: int) -> None:
+    if threads <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            j()
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for f in [pool.submit(j) for j in jobs]:
+            f.result()
+
+
+def plain_numpy(name: str) -> np.dtype:
+    """The numpy dtype of a plain (unblocked) type such as F16."""
+    from sdtool import dtypes
+
+    code = get(name).dtype
+    if code is None:
+        raise UnsupportedDtype(f"{name} is a block-quantized type")
+    return np.dtype(dtypes.from_code(code).numpy)
+
+
+def get(name: str) -> GGMLType:
+    try:
+        return GGML_TYPES[name]
+    except KeyError:
+        raise UnsupportedDtype(f"unknown ggml type {name!r}") from None
+
+
+def quantize(values: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:
+    """``values`` (any float dtype, size a multiple of the block) -> the type's bytes (1-D uint8).
+
+    The values are widened to float32 first (as gguf-py does); pieces run on ``threads``.
+    Raises UnsupportedDtype for a type sdtool does not quantize, ValueError for a size that is
+    not a multiple of the block.
+    """
+    t = get(qtype)
+    fn = QUANTIZE.get(qtype)
+    if fn is None:
+        raise UnsupportedDtype(f"sdtool does not quantize to {qtype}")
+    flat = values.reshape(-1)
+    if flat.size % t.block:
+        raise ValueError(f"{flat.size} values are not a whole number of {qtype} blocks ({t.block})")
+    n = flat.size // t.block
+    out = np.empty((n, t.size), np.uint8)
+
+    def job(a: int, b: int) -> Callable[[], None]:
+        def run() -> None:
+            x = widen(flat[a * t.block : b * t.block])
+            out[a:b] = fn(x.reshape(b - a, t.block))
+
+        return run
+
+    _run([job(a, b) for a, b in _pieces(n, t.block)], threads)
+    return out.reshape(-1)
+
+
+def dequantize(raw: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:
+    """A quantized type's bytes (1-D uint8) -> float32 values, exactly as gguf-py's dequantize."""
+    t = get(qtype)
+    fn = DEQUANTIZE.get(qtype)
+    if fn is None:
+        raise UnsupportedDtype(
+            f"sdtool cannot dequantize {qtype} tensors (it reads F32/F16/BF16, Q4_0-Q8_0 "
+            "and Q2_K-Q6_K)"
+        )
+    if raw.size % t.size:
+        raise ValueError(f"{raw.size} bytes are not a whole number of {qtype} blocks")
+    n = raw.size // t.size
+    blocks = raw.reshape(n, t.size)
+    out = np.empty((n, t.block), _F32)
+
+    def job(a: int, b: int) -> Callable[[], None]:
+        def run() -> None:
+            out[a:b] = fn(blocks[a:b])
+
+        return run
+
+    _run([job(a, b) for a, b in _pieces(n, t.block)], threads)
+    return out.reshape(-1)
