@@ -20,7 +20,7 @@ _API = {
     "scan": "sdtool.scan",
     "convert": "sdtool.ops.convert",
     "prune": "sdtool.ops.prune",
-    "identify": "sdtool.ops.identify",
+    "identify": "sdtool.identify",
     "hash_file": "sdtool.ops.hash",
     "diff": "sdtool.ops.diff",
     "inspect": "sdtool.ops.inspect",

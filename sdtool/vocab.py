@@ -199,10 +199,36 @@ COMPONENTS: dict[str, Component] = {
         Component("depth", "MiDaS depth", "aux"),
         Component("scheduler", "noise schedule", "aux"),
         Component("ema", "EMA", "ema"),
+        # identify's further families (sdtool/identify/tables.py)
+        Component("chroma", "Chroma transformer", "denoiser"),
+        Component("flux2", "Flux 2 transformer", "denoiser"),
+        Component("auraflow", "AuraFlow transformer", "denoiser"),
+        Component("pixart", "PixArt transformer", "denoiser"),
+        Component("hunyuan-dit", "Hunyuan-DiT transformer", "denoiser"),
+        Component("hunyuan-video", "HunyuanVideo transformer", "denoiser"),
+        Component("mochi", "Mochi transformer", "denoiser"),
+        Component("cosmos", "Cosmos transformer", "denoiser"),
+        Component("stable-audio", "Stable Audio DiT", "denoiser"),
+        Component("hunyuan3d", "Hunyuan3D transformer", "denoiser"),
+        Component("kandinsky5", "Kandinsky 5 transformer", "denoiser"),
+        Component("stable-cascade", "Stable Cascade UNet", "denoiser"),
+        Component("wan", "Wan transformer", "denoiser"),
+        Component("ltxv", "LTX-Video transformer", "denoiser"),
+        Component("lumina2", "Lumina 2 transformer", "denoiser"),
+        Component("z-image", "Z-Image transformer", "denoiser"),
+        Component("qwen-image", "Qwen-Image transformer", "denoiser"),
+        Component("hidream", "HiDream transformer", "denoiser"),
+        Component("umt5xxl", "UMT5-XXL", "text-encoder"),
+        Component("llama-3.1-8b", "Llama 3.1 8B", "text-encoder"),
+        Component("gemma-2-2b", "Gemma 2 2B", "text-encoder"),
+        Component("qwen2.5-7b", "Qwen2.5 7B", "text-encoder"),
+        Component("qwen2.5-vl-vision", "Qwen2.5-VL vision tower", "text-encoder"),
+        Component("t2i-adapter", "T2I-Adapter", "t2i-adapter"),
+        Component("ip-adapter", "IP-Adapter", "ip-adapter"),
     )
 }
 #: the roles components play (``--drop`` and ``extract --component`` name roles too)
-ROLES = ("denoiser", "vae", "text-encoder", "controlnet", "aux", "ema")
+ROLES = ("denoiser", "vae", "text-encoder", "controlnet", "t2i-adapter", "ip-adapter", "aux", "ema")
 
 
 #: the one progress shape: ``progress(done, total)`` in bytes (or items), called as work advances

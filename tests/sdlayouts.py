@@ -36,7 +36,7 @@ Entries = dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, 
 _YAML_LINE = re.compile(r"^    (\S+): \{shape: \[([^\]]*)\], dtype: (\w+)(.*)\}\s*$")
 _YAML_COMP = re.compile(r"^  (\w+):\s*$")
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "F8_E4M3": 1}
 _NUMPY = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
 
@@ -82,6 +82,26 @@ def from_txt(name: str, prefix: str, dtype: str = "F32") -> Entries:
     return {
         prefix + k: ("I64" if k.endswith("position_ids") else dtype, shape)
         for k, shape in txt_layout(name).items()
+    }
+
+
+HARVESTED = Path(__file__).resolve().parents[1] / "sdtool" / "data" / "harvested.json.gz"
+
+
+@cache
+def _harvest() -> dict[str, dict[str, list]]:  # type: ignore[type-arg]
+    import gzip
+
+    return json.loads(gzip.decompress(HARVESTED.read_bytes()))["models"]
+
+
+def harvested(model: str, prefix: str = "") -> Entries:
+    """A model's keys, shapes and dtypes as harvested from its diffusers / transformers class
+    (tools/harvest_layouts.py): the file a diffusers ``save_pretrained`` writes."""
+    d = _harvest()[model]
+    return {
+        prefix + k: (dt, tuple(s))
+        for k, s, dt in zip(d["keys"], d["shapes"], d["dtypes"], strict=True)
     }
 
 

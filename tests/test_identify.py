@@ -16,9 +16,10 @@ import sdlayouts as L
 from safetensors.numpy import save_file
 
 from sdtool import open_model
+from sdtool.cli.identity import identity_lines
+from sdtool.identify import Identity, identify
+from sdtool.identify.keysets import signatures
 from sdtool.model import ModelFile
-from sdtool.ops.identify import Identity, identify
-from sdtool.ops.signatures import signatures
 
 
 def ident_of(
@@ -81,7 +82,7 @@ def test_checkpoint_architectures(tmp_path: Path, case: str) -> None:
     got = counts(ident)
     for name, n in comps.items():
         assert got[name] == (n, n), (name, got)
-    assert ident.unknown_keys == []
+    assert ident.unknown_keys == ()
     assert all(not c.mismatches for c in ident.components), [
         (c.name, c.mismatches[:1]) for c in ident.components
     ]
@@ -89,7 +90,7 @@ def test_checkpoint_architectures(tmp_path: Path, case: str) -> None:
 
 def test_sd1_summary_reads_like_the_issue(tmp_path: Path) -> None:
     ident = ident_of(tmp_path, L.sd1(ema=True))
-    lines = ident.summary_lines()
+    lines = identity_lines(ident)
     assert "components: UNet 686/686, VAE 248/248, CLIP-L 197/197, noise schedule 12/12" in lines
     assert "kind: checkpoint (SD 1.x)" in lines
     assert ident.ema and ident.pruning == "full"
@@ -121,7 +122,7 @@ def test_sdxl_v_pred_marker_is_not_a_heuristic(tmp_path: Path) -> None:
     assert ident.prediction == "v"
     assert ident.prediction_source == "marker key 'v_pred'"
     assert ident.prediction_heuristic is False
-    assert ident.unknown_keys == []
+    assert ident.unknown_keys == ()
 
 
 def test_prediction_from_modelspec_and_from_name(tmp_path: Path) -> None:
@@ -149,7 +150,7 @@ def test_incomplete_ema_and_training_state(tmp_path: Path) -> None:
     assert ema is not None and (ema.found, ema.expected) == (683, 686)
     assert sorted(ema.missing) == sorted(gone)
     assert ident.pruning == "full"
-    assert ident.training_state == ["optimizer_states", "global_step", "lr_schedulers"]
+    assert ident.training_state == ("optimizer_states", "global_step", "lr_schedulers")
     assert "training state present" in (ident.pruning_note or "")
 
 
@@ -168,7 +169,7 @@ def test_old_sd1_clip_spelling(tmp_path: Path) -> None:
     ident = ident_of(tmp_path, e)
     clip = ident.component("clip-l")
     assert clip is not None and clip.alias and (clip.found, clip.expected) == (197, 197)
-    assert ident.architecture == "sd1" and ident.unknown_keys == []
+    assert ident.architecture == "sd1" and ident.unknown_keys == ()
 
 
 def test_shape_mismatch_and_missing_keys_listed(tmp_path: Path) -> None:
@@ -182,10 +183,10 @@ def test_shape_mismatch_and_missing_keys_listed(tmp_path: Path) -> None:
     assert [(m.key, m.shape, m.expected) for m in vae.mismatches] == [
         ("first_stage_model.decoder.conv_in.weight", (512, 8, 3, 3), (512, 4, 3, 3))
     ]
-    assert unet.missing == ["model.diffusion_model.out.2.bias"]
+    assert unet.missing == ("model.diffusion_model.out.2.bias",)
     assert (unet.found, unet.expected) == (685, 686)
-    assert ident.unknown_keys == ["junk.thing"]
-    text = "\n".join(ident.summary_lines())
+    assert ident.unknown_keys == ("junk.thing",)
+    text = "\n".join(identity_lines(ident))
     assert "1 keys missing: model.diffusion_model.out.2.bias" in text
     assert "unknown keys (1): junk.thing" in text
 
@@ -210,7 +211,10 @@ def test_vae_with_loss_junk(tmp_path: Path) -> None:
     ident = ident_of(tmp_path, e)
     assert ident.kind == "vae"
     assert counts(ident) == {"vae": (248, 248)}
-    assert ident.unknown_keys == ["loss.logvar", "loss.discriminator.main.0.weight"]
+    assert ident.unknown_keys == (
+        "loss.logvar",
+        "loss.discriminator.main.0.weight",
+    )
     assert ident.architecture is None
 
 
@@ -249,7 +253,10 @@ def test_diffusers_components(tmp_path: Path, component: str, name: str) -> None
     prefix = {"diffuser": "unet.", "vae": "vae.", "clip_l": "te."}[component]
     e = L.strip_prefix(L.from_yaml("sd1-kohya", [component]), prefix)
     ident = ident_of(tmp_path, e)
-    assert ident.kind == "diffusers-component"
+    # one kind per role whatever the naming (was "diffusers-component"; issue 13: a standalone
+    # text encoder is a text encoder); the naming is the component's layout
+    assert ident.kind == {"unet": "unet", "vae": "vae", "clip-l": "text-encoder"}[name]
+    assert ident.components[0].layout == ("ldm" if name == "clip-l" else "diffusers")
     assert [c.name for c in ident.components] == [name]
     assert ident.components[0].complete
 
@@ -269,7 +276,7 @@ def test_unknown_names_nearest_checkpoint(tmp_path: Path) -> None:
     assert "CLIP-L absent" in (ident.nearest_reason or "")
     assert any(
         line.startswith("not recognised; nearest: SD 1.x checkpoint")
-        for line in ident.summary_lines()
+        for line in identity_lines(ident)
     )
 
 
@@ -277,7 +284,10 @@ def test_unknown_with_nothing_near(tmp_path: Path) -> None:
     ident = ident_of(tmp_path, {"foo.bar": ("F32", (3,)), "baz": ("F32", (2, 2))})
     assert ident.kind == "unknown" and ident.nearest is None
     assert ident.nearest_reason == "no key matches any known layout"
-    assert ident.unknown_keys == ["foo.bar", "baz"]
+    assert ident.unknown_keys == (
+        "foo.bar",
+        "baz",
+    )
     assert ident.to_json()["nearest"] == {
         "match": None,
         "reason": "no key matches any known layout",
@@ -309,10 +319,10 @@ def test_kohya_sd1_lora(tmp_path: Path) -> None:
     assert ident.kind == "lora" and ident.architecture == "sd1"
     lo = ident.lora
     assert lo is not None
-    assert lo.flavour == "kohya" and lo.ranks == {8: 264} and lo.alphas == ["4"]
+    assert lo.flavour == "kohya" and lo.ranks == {8: 264} and lo.alphas == ("4",)
     assert lo.modules == {"unet": 192, "te1": 72} and lo.alpha_tensors == 264
     assert lo.network == {"ss_network_alpha": "4", "ss_network_dim": "8"}
-    assert ident.unknown_keys == []
+    assert ident.unknown_keys == ()
 
 
 def test_kohya_sdxl_lora_by_second_text_encoder(tmp_path: Path) -> None:
@@ -376,7 +386,8 @@ def test_peft_lora_under_base_model(tmp_path: Path) -> None:
     ident = lora_file(tmp_path, t, {"modelspec.architecture": "stable-diffusion-v2-512/lora"})
     lo = ident.lora
     assert lo is not None and lo.flavour == "diffusers-peft"
-    assert lo.modules == {"te1": 1, "other": 1}
+    # bare diffusers UNet module names (down_blocks...) are the UNet's (were "other")
+    assert lo.modules == {"unet": 1, "te1": 1}
     assert ident.architecture == "sd2"
 
 
@@ -436,12 +447,12 @@ def test_json_schema_is_plain_and_stable(tmp_path: Path) -> None:
     e["junk"] = ("F32", (1,))
     data = ident_of(tmp_path, e).to_json()
     assert json.loads(json.dumps(data)) == data
-    assert data["schema"] == "sdtool.identify/1"
+    assert data["schema"] == "sdtool.identify/2"
     assert set(data) == {
         "schema", "kind", "architecture", "architecture_label", "architecture_source",
         "variant", "prediction", "ema", "precision", "pruning", "components", "markers",
         "training_state", "unknown_count", "unknown_keys", "lora", "embedding",
-        "hypernetwork", "nearest", "notes",
+        "hypernetwork", "nearest", "notes", "model", "quantization",
     }  # fmt: skip
     unet = data["components"][0]
     assert unet["name"] == "unet" and unet["prefix"] == "model.diffusion_model."

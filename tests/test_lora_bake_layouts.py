@@ -148,3 +148,46 @@ def test_extract_names_and_round_trip(tmp_path: Path) -> None:
         b = load_file(baked)
         for key in set(names.values()):
             np.testing.assert_allclose(b[key], tuned[key].astype(np.float32), rtol=0, atol=1e-5)
+
+
+def test_flux_split_lora_patches_fused_rows(tmp_path: Path) -> None:
+    """diffusers / ai-toolkit Flux LoRAs name split q/k/v and proj_mlp modules: each patches
+    its rows of the BFL checkpoint's fused qkv / linear1; norm_out's halves are swapped back."""
+    from sdtool import layouts
+
+    if "flux" not in layouts.COMPONENTS:
+        pytest.skip("sdtool.layouts has no Flux tables in this build")
+    entries = L.flux()
+    base = L.tiny_arrays(entries)
+    qkv = U + "double_blocks.0.img_attn.qkv.weight"
+    lin1 = U + "single_blocks.0.linear1.weight"
+    ada = U + "final_layer.adaLN_modulation.1.weight"
+    for key, shape in ((qkv, (6, 3)), (lin1, (14, 3)), (ada, (4, 3))):
+        base[key] = RNG.standard_normal(shape).astype(base[key].dtype)
+    save_file(base, str(tmp_path / "flux.safetensors"))
+    mods = {
+        "transformer.transformer_blocks.0.attn.to_k": (qkv, (2, 4), pair(1, 2, 3)),
+        "transformer.single_transformer_blocks.0.proj_mlp": (lin1, (6, 14), pair(2, 8, 3)),
+        "transformer.norm_out.linear": (ada, None, pair(1, 4, 3)),
+        "lora_unet_double_blocks_0_img_attn_qkv": (qkv, None, pair(2, 6, 3)),
+    }
+    lora = {}
+    for stem, (_, _, (up, down)) in mods.items():
+        if stem.startswith("lora_"):
+            lora |= {stem + ".lora_up.weight": up, stem + ".lora_down.weight": down}
+        else:
+            lora |= {stem + ".lora_B.weight": up, stem + ".lora_A.weight": down}
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    out = tmp_path / "out.safetensors"
+    r = bake(tmp_path / "flux.safetensors", [tmp_path / "lora.safetensors"], out, dtype="fp32")
+    assert r.loras[0].matched == 4, r.loras[0].unmatched
+    want = {k: v.astype(np.float32) for k, v in base.items() if v.dtype.kind == "f"}
+    for stem, (key, rows, (up, down)) in sorted(mods.items()):  # bake's order: by name
+        d = delta(up, down)
+        if stem == "transformer.norm_out.linear":  # diffusers (scale, shift) -> BFL (shift, scale)
+            d = np.concatenate([d[2:], d[:2]])
+        region = want[key] if rows is None else want[key][rows[0] : rows[1]]
+        region += d
+    got = load_file(out)
+    for key in (qkv, lin1, ada):
+        assert np.array_equal(got[key], want[key]), key

@@ -92,8 +92,7 @@ def load_file_meta(p: Path) -> dict:
 
 
 def test_add_difference_fp32_output_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(arith, "PIECE", 7)  # every tensor in many pieces
-    monkeypatch.setattr(merge_mod, "pieces", lambda n: arith.pieces(n, 7))
+    monkeypatch.setattr(arith, "PIECE", 7)  # every tensor in many pieces, on 2 threads
     ms = [_model(1), _model(2, torch.bfloat16), _model(3, torch.float32)]
     ps = [_save(tmp_path, f"{i}.safetensors", m) for i, m in enumerate(ms)]
     out = tmp_path / "out.safetensors"
@@ -121,7 +120,7 @@ def test_dare_reproducible_and_equal_to_torch(
     merge(ps, out1, method="dare", alpha=alpha, density=density, seed=seed)
     _same(load_file(out1), _oracle(ms, fn))
     # the masks do not depend on the piece size
-    monkeypatch.setattr(merge_mod, "pieces", lambda n: arith.pieces(n, 6))
+    monkeypatch.setattr(arith, "PIECE", 6)
     merge(ps, out2, method="dare", alpha=alpha, density=density, seed=seed)
     assert out1.read_bytes() == out2.read_bytes()
 

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from sdtool import dtypes, open_model
 from sdtool.cli.main import main
 from sdtool.errors import UsageError
-from sdtool.ops.identify import ema_key
+from sdtool.identify.engine import ema_key
 from sdtool.ops.prune import PruneOptions, extract, plan_extract, plan_prune, prune
 
 F16 = dtypes.from_code("F16")
@@ -145,7 +145,7 @@ def test_extract_round_trip_and_bake_vae(tmp_path: Path) -> None:
         k[len("first_stage_model.") :] for k in arrays if k.startswith("first_stage_model.")
     }
     with open_model(vae_out) as v:
-        from sdtool.ops.identify import identify
+        from sdtool.identify import identify
 
         assert identify(v).kind == "vae"
     # a different VAE, bare layout, baked into the checkpoint

@@ -104,9 +104,9 @@ def test_result_to_json() -> None:
 
 def test_identify_speaks_the_component_names() -> None:
     """identify's key-set signatures name components (and their roles) as vocab does."""
-    from sdtool.ops import signatures
+    from sdtool.identify import tables
 
-    for meta in signatures.COMPONENTS.values():
+    for meta in tables.COMPONENTS.values():
         assert meta.name in COMPONENTS, meta.name
         assert COMPONENTS[meta.name].role == meta.role, meta.name
 

@@ -1,8 +1,12 @@
-"""Regenerate sdtool/data/signatures.json.gz from ../shared/reference/layouts.
+"""Regenerate sdtool/data/signatures.json.gz from ../shared/reference/layouts and the harvest.
 
 The package keeps only what identification needs: per component signature the relative key
 list (in layout order), which keys are optional, and one shape list per architecture. The
-yaml/txt sources stay outside the package.
+yaml/txt sources stay outside the package; the key lists harvested from the diffusers /
+transformers classes (``tools/harvest_layouts.py``) are package data
+(``sdtool/data/harvested.json.gz``) and become signatures as ``HARVESTED_SIGNATURES`` says.
+SSD-1B's original-naming UNet is derived from the SDXL layout with ComfyUI's SSD-1B block depths
+(``SSD1B_DEPTHS``).
 
     python tools/gen_signatures.py [LAYOUTS_DIR]
 """
@@ -16,7 +20,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LAYOUTS = ROOT.parent / "shared" / "reference" / "layouts"
+sys.path.insert(0, str(ROOT))
+from sdtool.identify.tables import HARVESTED_OPTIONAL, HARVESTED_SIGNATURES  # noqa: E402
+
+HARVESTED = ROOT / "sdtool" / "data" / "harvested.json.gz"
+DEFAULT_LAYOUTS = next(
+    (
+        p / "shared" / "reference" / "layouts"
+        for p in ROOT.parents
+        if (p / "shared" / "reference" / "layouts" / "README.md").is_file()
+    ),
+    ROOT.parent / "shared" / "reference" / "layouts",
+)
 OUT = ROOT / "sdtool" / "data" / "signatures.json.gz"
 
 _LINE = re.compile(r"^    (\S+): \{shape: \[([^\]]*)\], dtype: (\w+)(.*)\}\s*$")
@@ -67,8 +82,51 @@ def signature(shapes: dict[str, list[Entry]]) -> dict[str, object]:
     return {
         "keys": keys,
         "optional": [i for i, (_, _, o) in enumerate(first) if o],
-        "shapes": {arch: [s for _, s, _ in entries] for arch, entries in shapes.items()},
+        # kept as JSON text: parsed only for the signatures a file matches (start-up time)
+        "shapes": json.dumps(
+            {arch: [s for _, s, _ in entries] for arch, entries in shapes.items()},
+            separators=(",", ":"),
+        ),
     }
+
+
+#: ComfyUI model_detection.py SSD_1B: transformer depths per SDXL block (SDXL: 2, 2, 10, 10 in;
+#: output blocks 0-2: 10, 3-5: 2) and no middle transformer (transformer_depth_middle -1).
+SSD1B_DEPTHS = {
+    "input_blocks.4.1.": 2, "input_blocks.5.1.": 2, "input_blocks.7.1.": 4, "input_blocks.8.1.": 4,
+    "output_blocks.0.1.": 4, "output_blocks.1.1.": 4, "output_blocks.2.1.": 10,
+    "output_blocks.3.1.": 2, "output_blocks.4.1.": 1, "output_blocks.5.1.": 1,
+}  # fmt: skip
+SSD1B_DROPPED = ("middle_block.1.", "middle_block.2.")
+_BLOCK = re.compile(r"^((?:input|output)_blocks\.\d+\.1\.)transformer_blocks\.(\d+)\.")
+
+
+def ssd1b(sdxl: list[Entry]) -> list[Entry]:
+    """The SDXL UNet entries SSD-1B keeps."""
+    out = []
+    for k, s, o in sdxl:
+        m = _BLOCK.match(k)
+        if m and int(m.group(2)) >= SSD1B_DEPTHS.get(m.group(1), 99):
+            continue
+        if k.startswith(SSD1B_DROPPED):
+            continue
+        out.append((k, s, o))
+    return out
+
+
+def harvested(path: Path = HARVESTED) -> dict[str, dict[str, object]]:
+    """Signatures from the harvested key lists (HARVESTED_SIGNATURES: model -> signature)."""
+    models = json.loads(gzip.decompress(path.read_bytes()))["models"]
+    grouped: dict[str, dict[str, list[Entry]]] = {}
+    for model, sid, profile in HARVESTED_SIGNATURES:
+        d = models[model]
+        opt = HARVESTED_OPTIONAL.get(model, ())
+        entries = [
+            (k, s, k.startswith(opt) if opt else False)
+            for k, s in zip(d["keys"], d["shapes"], strict=True)
+        ]
+        grouped.setdefault(sid, {})[profile] = entries
+    return {sid: signature(shapes) for sid, shapes in grouped.items()}
 
 
 def build(layouts: Path) -> dict[str, object]:
@@ -102,7 +160,11 @@ def build(layouts: Path) -> dict[str, object]:
         "unet-diffusers": signature({"sd1": strip(y["sd1-kohya"]["diffuser"], "unet.")}),
         "vae-diffusers": signature({"sd": strip(y["sd1-kohya"]["vae"], "vae.")}),
         "scheduler": signature({"sd": [(k, s, False) for k, s, _ in sd1["scheduler"]]}),
+        "unet-ssd1b": signature(
+            {"ssd-1b": ssd1b(strip(sdxl["diffuser"], "model.diffusion_model."))}
+        ),
     }
+    sigs.update(harvested())
     return {"generated_by": "tools/gen_signatures.py", "signatures": sigs}
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from sdtool.cli.identity import identity_lines
 from sdtool.cli.options import json_option, key_option
 from sdtool.cli.render import console, human_bytes, human_count, markup, print_json
 from sdtool.model import ContainerFacts
@@ -74,16 +75,14 @@ def render(r: InspectReport) -> None:
         out.print(f"  {k:<13} {v}")
     if r.identity is not None:
         out.print("\n[bold]What it is[/bold]")
-        for line in r.identity.summary_lines():
+        for line in identity_lines(r.identity):
             out.print(f"  {markup(line)}")
     if r.totals.tensors:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in r.dtypes.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
         out.print(t)
-        t = _table(
-            "\nBy component (key prefix)", "component", "tensors", "params", "bytes", "share"
-        )
+        t = _table("\nBy component", "component", "tensors", "params", "bytes", "share")
         for name, b in r.components.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
         out.print(t)

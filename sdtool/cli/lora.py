@@ -105,6 +105,11 @@ def _render_bake(r: object) -> None:
             shown = ", ".join(render.markup(k, 80) for k in rep.unknown_keys[:5])
             out.print(f"  {len(rep.unknown_keys)} key(s) not part of any module: {shown}")
     out.print(f"{len(r.patched):,} of {r.tensors:,} base tensors patched")
+    if r.dry_run:
+        for key, stems in list(r.patched.items())[:LIST_LIMIT]:
+            out.print(f"  {render.markup(key, 90)} <- {render.markup(', '.join(stems), 120)}")
+        if len(r.patched) > LIST_LIMIT:
+            out.print(f"  (+{len(r.patched) - LIST_LIMIT} more; --json lists all)")
     for name, n in r.overflows.items():
         render.warn(f"{n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
     if r.dry_run:

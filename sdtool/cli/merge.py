@@ -126,9 +126,17 @@ def render_merge(r: MergeResult) -> None:
         shown = ", ".join(render.markup(k, 90) for k in keys[:LIST_LIMIT])
         more = f" (+{len(keys) - LIST_LIMIT} more)" if len(keys) > LIST_LIMIT else ""
         out.print(f"  skipped, not in A [{len(keys)}]: {shown}{more}")
+    for note in r.notes:
+        out.print(f"  {render.markup(note)}")
     for name, n in r.overflows.items():
         render.warn(f"{n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
     if r.dry_run:
+        merged = [k for k in r.keys if k.rule == "merge"]
+        for k in merged[:LIST_LIMIT]:
+            where = f" ({k.block})" if k.block else ""
+            out.print(f"  merge {render.markup(k.name, 90)}: alpha {k.alpha:g}{where}")
+        if len(merged) > LIST_LIMIT:
+            out.print(f"  (+{len(merged) - LIST_LIMIT} more merged; --json lists every key)")
         out.print("dry run: nothing written")
         return
     how = [f"{len(r.keys):,} tensors", render.human_bytes(r.output_bytes)]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,8 +22,10 @@ from sdtool.errors import TruncatedFile
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.write.cast import cast
 
-#: elements per piece of an elementwise computation (8 MiB of float32 per input)
-PIECE = 2 * 1024 * 1024
+#: elements per piece of an elementwise computation (4 MiB of float32 per input)
+PIECE = 1024 * 1024
+#: threads computing pieces of one tensor at once
+WORKERS = 2
 F32 = dtypes.from_code("F32")
 
 
@@ -113,6 +116,7 @@ class Output:
         self.shape = shape
         self.flat = np.empty(int(np.prod(shape, dtype=np.int64)), dtype.numpy)
         self.overflow = 0
+        self._lock = threading.Lock()
 
     def put(self, start: int, values: np.ndarray) -> None:
         """Store float32 ``values`` at flat position ``start`` (cast as torch's ``.to()``)."""
@@ -123,10 +127,25 @@ class Output:
             return
         res, over = cast(values, F32, self.dtype)
         dst[...] = res
-        self.overflow += over
+        if over:
+            with self._lock:
+                self.overflow += over
 
     def array(self) -> np.ndarray:
         return self.flat.reshape(self.shape)
+
+
+def run_pieces(numel: int, work: Callable[[int, int], None], step: int | None = None) -> None:
+    """Call ``work(start, count)`` for every piece, on ``WORKERS`` threads when there are
+    several pieces (numpy and preads release the GIL, so pieces compute on both cores)."""
+    parts = list(pieces(numel, PIECE if step is None else step))
+    if len(parts) <= 1 or WORKERS <= 1:
+        for start, count in parts:
+            work(start, count)
+        return
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="sdtool-arith") as pool:
+        for f in [pool.submit(work, s, c) for s, c in parts]:
+            f.result()
 
 
 def pieces(numel: int, step: int = PIECE) -> Iterator[tuple[int, int]]:

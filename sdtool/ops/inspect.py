@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtool.formats.open import open_model
+from sdtool.identify import Identity
+from sdtool.identify import identify as identify_model
 from sdtool.model import (
     ContainerFacts,
     GlobalUse,
@@ -19,37 +21,10 @@ from sdtool.model import (
     tensor_leaves,
     to_plain,
 )
-from sdtool.ops.identify import Identity
-from sdtool.ops.identify import identify as identify_model
 from sdtool.results import Result
 from sdtool.scan import classify_global
 
 SCHEMA = "sdtool.inspect/2"
-
-#: (component, key prefixes); first match wins, so longer/more specific prefixes come first.
-COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("EMA", ("model_ema.",)),
-    ("UNet", ("model.diffusion_model.", "unet.", "diffusion_model.", "lora_unet_")),
-    ("VAE", ("first_stage_model.", "vae.")),
-    (
-        "text encoder 2",
-        ("conditioner.embedders.1.", "text_encoders.clip_g.", "lora_te2_", "text_encoder_2."),
-    ),
-    ("text encoder 3", ("text_encoders.t5xxl.",)),
-    (
-        "text encoder",
-        (
-            "cond_stage_model.",
-            "conditioner.embedders.0.",
-            "text_encoders.clip_l.",
-            "lora_te_",
-            "lora_te1_",
-            "text_encoder.",
-            "text_model.",
-        ),
-    ),
-    ("ControlNet", ("control_model.",)),
-)
 
 
 @dataclass
@@ -142,14 +117,6 @@ class InspectReport(Result):
         return out
 
 
-def component_of(name: str) -> str:
-    """The component a key belongs to by its prefix ("other" when none matches)."""
-    for comp, prefixes in COMPONENTS:
-        if name.startswith(prefixes):
-            return comp
-    return "other"
-
-
 def _classify(g: GlobalUse) -> tuple[str, str]:
     """What ``sdtool scan`` makes of this global (the loader only stood it in or built it)."""
     severity, reason = classify_global(g.module, g.name)
@@ -163,10 +130,13 @@ def inspect_model(
     totals, other = Bucket(), Bucket()
     by_dtype: dict[str, Bucket] = {}
     by_comp: dict[str, Bucket] = {}
+    identity = identify_model(model) if identify else None
+    # one ownership of keys: identify's (so this table and "components: ..." agree)
+    owners = identity.owners() if identity is not None else {}
     for name, t in model.tensors.items():
         totals.add(t)
         by_dtype.setdefault(t.type_code, Bucket()).add(t)
-        by_comp.setdefault(component_of(name), Bucket()).add(t)
+        by_comp.setdefault(owners.get(name, "unknown"), Bucket()).add(t)
     for t in tensor_leaves(model.extra):
         other.add(t)
     listed = (
@@ -184,7 +154,6 @@ def inspect_model(
         )
         for g in model.globals
     ]
-    identity = identify_model(model) if identify else None
     return InspectReport(
         path=model.path,
         format=model.format,

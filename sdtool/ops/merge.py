@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,10 @@ import numpy as np
 
 from sdtool import __version__
 from sdtool.dtypes import DType
-from sdtool.errors import UsageError
+from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
-from sdtool.ops.arith import Inputs, Output, Overflows, pieces
+from sdtool.ops.arith import Inputs, Output, Overflows, run_pieces
 from sdtool.vocab import CASTABLE, cast_target, parse_dtype
 from sdtool.write import CastOverflow, output_format, write_model
 from sdtool.write.atomic import check_output
@@ -156,6 +157,109 @@ def parse_block_weights(text: str, arch: str) -> dict[str, float]:
     return dict(zip(names, values, strict=True))
 
 
+# -- aligning inputs that name keys differently ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where another input holds the values of one of A's keys: one tensor, or several
+    concatenated along dim 0 (diffusers' q/k/v for an OpenCLIP in_proj_weight), possibly
+    shaped differently only by unit dimensions (a 1x1 conv against a Linear)."""
+
+    keys: tuple[str, ...]
+    shape: tuple[int, ...]
+
+    def read(self, io: Inputs, m: ModelFile, start: int, count: int) -> np.ndarray:
+        if len(self.keys) == 1:
+            return io.f32(m, self.keys[0], start, count)
+        whole = np.concatenate([io.f32(m, k) for k in self.keys])
+        return whole[start : start + count]
+
+    def whole(self, io: Inputs, m: ModelFile) -> np.ndarray:
+        return np.concatenate([io.f32(m, k) for k in self.keys]).reshape(self.shape)
+
+
+#: identify's component name -> sdtool.layouts' diffusers component (where layouts differ)
+LAYOUT_COMPONENT = {"unet": "unet", "vae": "vae"}
+
+
+def align(a: ModelFile, other: ModelFile) -> tuple[dict[str, Source], list[str]]:
+    """A's key -> where ``other`` holds it, and notes on how names were aligned.
+
+    Same names first; then, component by component as ``identify`` finds them in both, other
+    prefixes (a bare UNet file against a checkpoint's ``model.diffusion_model.``) and, through
+    sdtool.layouts' tables for A's family, diffusers names against ldm names.
+    """
+    out = {k: Source((k,), other.tensors[k].shape) for k in a.tensors if k in other.tensors}
+    notes: list[str] = []
+    if len(out) == len(a.tensors):
+        return out, notes
+    from sdtool.ops.identify import identify
+
+    ia, ib = identify(a), identify(other)
+    family = ia.architecture or ib.architecture
+    theirs = {c.name: c for c in ib.components}
+    for ca in ia.components:
+        cb = theirs.get(ca.name)
+        if cb is None or (ca.prefix == cb.prefix and ca.layout == cb.layout):
+            continue
+        found = 0
+        for key in ca.keys:
+            if key in out:
+                continue
+            src = _aligned(key, a.tensors[key].shape, ca, cb, other, family)
+            if src is not None:
+                out[key] = src
+                found += 1
+        if found:
+            how = (
+                f"{cb.layout} names through the {family} tables"
+                if ca.layout != cb.layout
+                else f"prefix {cb.prefix or '(none)'!r} for {ca.prefix or '(none)'!r}"
+            )
+            notes.append(f"{other.path.name}: {found} {ca.name} key(s) aligned by {how}")
+    return out, notes
+
+
+def _aligned(
+    key: str,
+    a_shape: tuple[int, ...],
+    ca: Any,
+    cb: Any,
+    other: ModelFile,
+    family: str | None,
+) -> Source | None:
+    rel = key[len(ca.prefix) :]
+    if ca.layout == cb.layout:
+        k = cb.prefix + rel
+        return Source((k,), other.tensors[k].shape) if k in other.tensors else None
+    comp = LAYOUT_COMPONENT.get(ca.name)
+    if family is None or comp is None:
+        return None
+    try:
+        from sdtool import layouts
+
+        if ca.layout == "ldm":  # A single-file, the other diffusers
+            maps = layouts.keymap(family, comp, "to_diffusers", prefix=ca.prefix)(key)
+        else:
+            maps = layouts.keymap(family, comp, "to_single", prefix=cb.prefix)(rel)
+    except (ImportError, SdtoolError):
+        return None
+    keys: list[str] = []
+    for mp in sorted(maps, key=lambda mp: mp.part):
+        k = (cb.prefix + mp.target) if ca.layout == "ldm" else mp.target
+        if k not in other.tensors or mp.kind == "join":
+            return None
+        keys.append(k)
+    if not keys:
+        return None
+    shapes = [other.tensors[k].shape for k in keys]
+    shape = shapes[0] if len(keys) == 1 else (sum(s[0] for s in shapes), *shapes[0][1:])
+    if prod(shape) == prod(a_shape) and shape != a_shape:
+        shape = a_shape  # a unit-dimension layout op (squeeze / unsqueeze): same values
+    return Source(tuple(keys), shape)
+
+
 # -- the plan -------------------------------------------------------------------------------
 
 
@@ -187,6 +291,7 @@ class MergeResult:
     skipped: dict[str, str] = field(default_factory=dict)  # key (not in A) -> which inputs
     overflows: dict[str, int] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     dry_run: bool = False
     output_bytes: int = 0
     verified: bool = False
@@ -224,6 +329,7 @@ class MergeResult:
             "skipped": self.skipped,
             "overflows": self.overflows,
             "recipe": self.recipe,
+            "notes": self.notes,
             "output_bytes": self.output_bytes,
             "verified": self.verified,
             "seconds": round(self.seconds, 3),
@@ -236,9 +342,19 @@ def plan_keys(
     alpha: float,
     blocks: dict[str, float] | None,
     arch: str | None,
+    sources: Sequence[dict[str, Source]] | None = None,
 ) -> tuple[list[KeyPlan], dict[str, str]]:
-    """The rule for every key of the first model, and the keys only other inputs have."""
+    """The rule for every key of the first model, and the keys only other inputs have.
+
+    ``sources``: per other input, A's key -> where it holds it (``align``); default: the
+    same names.
+    """
     a, others = models[0], models[1:]
+    if sources is None:
+        sources = [
+            {k: Source((k,), m.tensors[k].shape) for k in a.tensors if k in m.tensors}
+            for m in others
+        ]
     plans: list[KeyPlan] = []
     for name, info in a.tensors.items():
         block = block_of(name, arch) if blocks is not None and arch is not None else None
@@ -249,29 +365,33 @@ def plan_keys(
         if info.dtype.code not in CASTABLE:
             plans.append(KeyPlan(name, "copy", f"{info.dtype} tensor: sdtool does not compute it"))
             continue
-        missing = [i for i, m in enumerate(others, 1) if name not in m.tensors]
+        missing = [i for i, src in enumerate(sources, 1) if name not in src]
         if missing:
             which = ", ".join(_letter(i) for i in missing)
             plans.append(KeyPlan(name, "copy", f"not in {which}"))
             continue
-        shapes = [m.tensors[name].shape for m in others]
-        bad = [i for i, m in enumerate(others, 1) if not m.tensors[name].dtype.is_float]
+        srcs = [src[name] for src in sources]
+        bad = [
+            i
+            for i, (m, sr) in enumerate(zip(others, srcs, strict=True), 1)
+            if not all(m.tensors[k].dtype.is_float for k in sr.keys)
+        ]
         if bad:
             which = ", ".join(_letter(i) for i in bad)
             plans.append(KeyPlan(name, "copy", f"not floating point in {which}"))
             continue
-        if all(s == info.shape for s in shapes):
+        shapes = [sr.shape for sr in srcs]
+        if all(sh == info.shape for sh in shapes):
             plans.append(KeyPlan(name, "merge", alpha=t, block=block))
             continue
         region = _region(info.shape, shapes)
+        desc = ", ".join(f"{_letter(i)} {list(sh)}" for i, sh in enumerate(shapes, 1))
         if region is None or not method.elementwise:
-            desc = ", ".join(f"{_letter(i)} {list(s)}" for i, s in enumerate(shapes, 1))
             why = "" if region is None else f" ({method.name} needs equal shapes)"
             plans.append(
                 KeyPlan(name, "copy", f"shape mismatch: A {list(info.shape)}, {desc}{why}")
             )
             continue
-        desc = ", ".join(f"{_letter(i)} {list(s)}" for i, s in enumerate(shapes, 1))
         plans.append(
             KeyPlan(
                 name,
@@ -283,9 +403,10 @@ def plan_keys(
             )
         )
     skipped: dict[str, str] = {}
-    for i, m in enumerate(others, 1):
+    for i, (m, src) in enumerate(zip(others, sources, strict=True), 1):
+        used = {k for sr in src.values() for k in sr.keys}
         for name in m.tensors:
-            if name not in a.tensors:
+            if name not in used:
                 prev = skipped.get(name)
                 skipped[name] = _letter(i) if prev is None else f"{prev}, {_letter(i)}"
     return plans, skipped
@@ -318,11 +439,18 @@ def add_difference(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
     return a + np.float32(t) * (b - c)
 
 
-def dare_masks(seed: int, name: str, count: int) -> list[np.random.Generator]:
-    """One generator per model for ``name``: the drop mask depends on (seed, key, model) only,
-    not on the order of keys, the other models, or the piece size."""
+def dare_masks(seed: int, name: str, count: int, start: int = 0) -> list[np.random.Generator]:
+    """One generator per model for ``name``, positioned at element ``start`` of its stream
+    (one 64-bit draw per element): the drop mask depends on (seed, key, model) only, not on the
+    order of keys, the other models, or how the tensor is cut into pieces."""
     key = zlib.crc32(name.encode())
-    return [np.random.Generator(np.random.PCG64([seed, key, i])) for i in range(count)]
+    gens = []
+    for i in range(count):
+        bits = np.random.PCG64([seed, key, i])
+        if start:
+            bits = bits.advance(start)
+        gens.append(np.random.Generator(bits))
+    return gens
 
 
 def dare(
@@ -406,6 +534,7 @@ KERNELS: dict[str, Callable[..., np.ndarray]] = {
 
 def _maker(
     models: Sequence[ModelFile],
+    sources: Sequence[dict[str, Source]],
     k: KeyPlan,
     method: Method,
     dtype: DType,
@@ -420,25 +549,38 @@ def _maker(
     a = models[0]
     shape = a.tensors[k.name].shape
     t = k.alpha if k.alpha is not None else 0.0
+    is_dare = method.name == "dare"
 
     def make() -> np.ndarray:
         out = Output(shape, dtype)
-        rngs = dare_masks(seed, k.name, len(models) - 1) if method.name == "dare" else []
+        rngs = dare_masks(seed, k.name, len(models) - 1) if is_dare else []
         opts: dict[str, Any] = {"density": density, "rngs": rngs}
         if k.rule == "merge-slice":
             assert k.region is not None
             region = tuple(slice(0, n) for n in k.region)
             base = io.whole(a, k.name)
-            x = [base[region]] + [io.whole(m, k.name) for m in models[1:]]
+            x = [base[region]] + [
+                src[k.name].whole(io, m) for m, src in zip(models[1:], sources, strict=True)
+            ]
             res = base.copy()
             res[region] = kernel(x, t, **opts)
             out.put(0, res)
         elif method.elementwise:
-            for start, count in pieces(out.flat.size):
-                x = [io.f32(m, k.name, start, count) for m in models]
-                out.put(start, kernel(x, t, **opts))
+
+            def piece(start: int, count: int) -> None:
+                x = [io.f32(a, k.name, start, count)] + [
+                    src[k.name].read(io, m, start, count)
+                    for m, src in zip(models[1:], sources, strict=True)
+                ]
+                rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
+                out.put(start, kernel(x, t, density=density, rngs=rngs))
+
+            run_pieces(out.flat.size, piece)
         else:
-            x = [io.whole(m, k.name) for m in models]
+            x = [io.whole(a, k.name)] + [
+                src[k.name].whole(io, m).reshape(shape)
+                for m, src in zip(models[1:], sources, strict=True)
+            ]
             out.put(0, kernel(x, t, **opts))
         if out.overflow and on_overflow == "fail":
             raise CastOverflow(
@@ -510,7 +652,13 @@ def merge(
                     path=paths[0],
                 )
             blocks = parse_block_weights(block_weights, arch)
-        keys, skipped = plan_keys(models, m, alpha, blocks, arch)
+        sources: list[dict[str, Source]] = []
+        notes: list[str] = []
+        for other in models[1:]:
+            src, how = align(models[0], other)
+            sources.append(src)
+            notes += how
+        keys, skipped = plan_keys(models, m, alpha, blocks, arch, sources)
         used_density = density if method in ("ties", "dare") else None
         used_seed = seed if method == "dare" else None
         recipe: dict[str, Any] = {
@@ -537,6 +685,7 @@ def merge(
             keys=keys,
             skipped=skipped,
             recipe=recipe,
+            notes=notes,
             dry_run=dry_run,
         )
         if dry_run:
@@ -552,7 +701,9 @@ def merge(
                 if k.rule == "copy":
                     plan.append(OutTensor(k.name, a, info, out_dt))
                 else:
-                    make = _maker(models, k, m, out_dt, io, overflows, density, seed, on_overflow)
+                    make = _maker(
+                        models, sources, k, m, out_dt, io, overflows, density, seed, on_overflow
+                    )
                     plan.append(OutTensor(k.name, a, info, out_dt, make))
             meta = {
                 "format": "pt",

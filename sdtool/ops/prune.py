@@ -23,9 +23,10 @@ from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import UsageError
 from sdtool.formats.open import opened
+from sdtool.identify import ComponentMatch, Identity, identify
+from sdtool.identify import tables as S
+from sdtool.identify.engine import ema_key
 from sdtool.model import ModelFile, TensorInfo
-from sdtool.ops import signatures as S
-from sdtool.ops.identify import ComponentMatch, Identity, ema_key, identify
 from sdtool.results import Result
 from sdtool.vocab import CASTABLE, cast_target
 from sdtool.write import OutTensor, WriteOptions, WriteResult, options_from, write_model

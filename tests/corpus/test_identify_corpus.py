@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sdtool import open_model
-from sdtool.ops.identify import identify
+from sdtool.cli.identity import identity_lines
+from sdtool.identify import identify
 
 pytestmark = pytest.mark.corpus
 
@@ -30,8 +31,8 @@ def test_cloneofsimo_loras(corpus: Path, name: str, rank: int, tokens: list[str]
     assert lo.flavour == "cloneofsimo"
     assert lo.ranks == {rank: 192}  # 144 UNet + 48 text-encoder down factors
     assert lo.modules == {"unet": 144, "te1": 48}
-    assert lo.tokens == tokens
-    assert ident.unknown_keys == []
+    assert lo.tokens == tuple(tokens)
+    assert ident.unknown_keys == ()
 
 
 def test_easynegative_embedding(corpus: Path) -> None:
@@ -39,7 +40,7 @@ def test_easynegative_embedding(corpus: Path) -> None:
         ident = identify(m)
     assert (ident.kind, ident.architecture) == ("embedding", "sd1")
     assert ident.embedding is not None
-    assert (ident.embedding.vectors, ident.embedding.dims) == (8, [768])
+    assert (ident.embedding.vectors, ident.embedding.dims) == (8, (768,))
 
 
 def test_safetensors_samples_are_not_models(corpus: Path) -> None:
@@ -63,6 +64,6 @@ def test_torch_embeddings(corpus: Path, name: str) -> None:
         pytest.skip("the torch loader is not on this branch yet")
     with open_model(corpus / "files" / name) as m:
         ident = identify(m)
-    assert ident.kind == "embedding", ident.summary_lines()
-    assert ident.embedding is not None and ident.embedding.dims == [768]
+    assert ident.kind == "embedding", identity_lines(ident)
+    assert ident.embedding is not None and ident.embedding.dims == (768,)
     assert ident.architecture == "sd1"

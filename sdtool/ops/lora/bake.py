@@ -179,7 +179,7 @@ def layout_ids(base: ModelFile) -> list[tuple[ModuleId, BaseTarget]]:
         from sdtool import layouts
     except ImportError:  # the layout tables are not in this build
         return []
-    from sdtool.ops.identify import identify
+    from sdtool.identify import identify
 
     family = identify(base).architecture
     if family is None:
@@ -203,7 +203,10 @@ def layout_ids(base: ModelFile) -> list[tuple[ModuleId, BaseTarget]]:
                         continue
                     rows = None
                     if mp.kind == "split":
-                        rows = layouts.part_rows(info.shape[0], mp.parts, mp.part)
+                        try:
+                            rows = layouts.part_rows(info.shape[0], mp.parts, mp.part)
+                        except SdtoolError:  # rows that do not split in the table's ratio
+                            continue
                     path = mp.target[: -len(".weight")].replace(".", "_")
                     out.append(((lora_comp, path), BaseTarget(key, rows, mp.op, family)))
     return out
@@ -277,7 +280,8 @@ def plan_patches(
         parsed = parse_lora(lora.tensors)
         rep = LoraReport(lora.path, strength, unknown_keys=parsed.unknown)
         peft_alpha, pattern = peft_alphas(lora)
-        for stem, mod in parsed.modules.items():
+        # sorted: modules that patch one tensor (a fused qkv and its q) apply in name order
+        for stem, mod in sorted(parsed.modules.items()):
             kind = mod.kind
             assert kind is not None
             rep.modules += 1

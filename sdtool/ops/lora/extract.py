@@ -232,7 +232,7 @@ def extract_targets(
     weights left out with the reason. Names follow what kohya writes for the family: diffusers
     module paths for SD 1.x/2.x UNets, the checkpoint's own (ldm/BFL/SAI) paths otherwise, HF
     paths for text encoders (OpenCLIP's fused q/k/v as three modules)."""
-    from sdtool.ops.identify import identify
+    from sdtool.identify import identify
 
     family = identify(base).architecture
     index = base_index(base)
@@ -253,8 +253,13 @@ def extract_targets(
             left[key] = "a kxk conv (give --conv-rank to extract convs)"
             continue
         comp = cands[0][0][0]
-        prefer_layout = comp != "unet" or family in DIFFUSERS_NAMED_UNET
-        chosen = [c for c in cands if (c[1].via != "native") == prefer_layout] or cands
+        native = [c for c in cands if c[1].via == "native"]
+        # kohya names SD 1.x/2.x UNet modules by diffusers paths, everything else by the
+        # checkpoint's own paths; text encoders without HF names (OpenCLIP) by their HF names
+        if (comp == "unet" and family in DIFFUSERS_NAMED_UNET) or not native:
+            chosen = [c for c in cands if c[1].via != "native"] or cands
+        else:
+            chosen = native
         chosen.sort(key=lambda c: c[1].rows or (0, 0))
         seen_rows: set[tuple[int, int] | None] = set()
         for (cp, path), target in chosen:
@@ -361,7 +366,7 @@ def extract(
                 continue
             if tm.tensors[key].dtype.is_float and _changed(tm, bm, key, io):
                 result.not_targets.append(key + (f" ({left[key]})" if key in left else ""))
-        from sdtool.ops.identify import identify
+        from sdtool.identify import identify
 
         family = identify(bm).architecture
         meta = {

@@ -1,0 +1,223 @@
+"""What identification answers: frozen result objects with a stable JSON form (docs/identify.md).
+
+Rendering them for people lives in ``sdtool/cli``; these objects only hold facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdtool.identify import tables as T
+from sdtool.results import Result
+
+SCHEMA = "sdtool.identify/2"
+LIST_LIMIT = 10  # missing keys / mismatches listed per component in JSON
+UNKNOWN_LIMIT = 100  # unknown keys listed in JSON
+
+
+@dataclass(frozen=True)
+class ShapeMismatch(Result):
+    key: str
+    shape: tuple[int, ...]
+    expected: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ComponentMatch(Result):
+    """One component found in the file: where, how complete, and what does not fit."""
+
+    name: str  # "unet", "vae", "clip-l", "wan", "ema" ...
+    signature: str  # the key-set signature or family id ("unet-ldm", "openclip-g", "wan" ...)
+    label: str  # "UNet", "CLIP-L" ...
+    role: str  # "denoiser", "vae", "text-encoder", "controlnet", "t2i-adapter", "ip-adapter" ...
+    layout: str  # "ldm" (original naming), "diffusers" (diffusers / transformers naming)
+    prefix: str  # the key prefix in this file ("" for a bare component)
+    found: int  # required keys found
+    expected: int  # required keys
+    keys: tuple[str, ...] = ()  # every file key this component owns (extras and scales too)
+    missing: tuple[str, ...] = ()  # full key names
+    extra: tuple[str, ...] = ()  # keys under its prefix that its signature does not list
+    mismatches: tuple[ShapeMismatch, ...] = ()
+    profile: str | None = None  # the shape set compared against (an architecture)
+    alias: bool = False  # matched through an older key spelling
+    family: bool = False  # told by marker keys (FAMILIES), not by a full key list
+
+    @property
+    def complete(self) -> bool:
+        return self.found == self.expected
+
+    @property
+    def fraction(self) -> float:
+        return self.found / self.expected if self.expected else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "signature": self.signature,
+            "label": self.label,
+            "role": self.role,
+            "layout": self.layout,
+            "prefix": self.prefix,
+            "found": self.found,
+            "expected": self.expected,
+            "tensors": len(self.keys),
+            "complete": self.complete,
+            "by_markers": self.family,
+            "missing_count": len(self.missing),
+            "missing": list(self.missing[:LIST_LIMIT]),
+            "extra_count": len(self.extra),
+            "extra": list(self.extra[:LIST_LIMIT]),
+            "shape_profile": self.profile,
+            "mismatch_count": len(self.mismatches),
+            "shape_mismatches": [
+                {"key": m.key, "shape": list(m.shape), "expected": list(m.expected)}
+                for m in self.mismatches[:LIST_LIMIT]
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class LoraInfo(Result):
+    """What a LoRA adapts and how: flavour, ranks, alphas, modules per target, trainer."""
+
+    flavour: str
+    factors: dict[str, int]  # flavour -> tensors
+    ranks: dict[int, int]  # rank -> modules
+    alphas: tuple[str, ...]  # from metadata (ss_network_alpha); .alpha tensor values are not read
+    alpha_tensors: int
+    modules: dict[str, int]  # "unet" / "te1" / "te2" / "te3" / "other" -> modules
+    tokens: tuple[str, ...]  # embedded textual-inversion tokens (cloneofsimo "<s1>" ...)
+    network: dict[str, str]  # kohya ss_network_* metadata, when present
+    trainer: str | None = None  # "kohya sd-scripts", "ai-toolkit", "XLabs" ... when it tells
+    trainer_source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "flavour": self.flavour,
+            "factors": self.factors,
+            "ranks": {str(k): v for k, v in sorted(self.ranks.items())},
+            "alphas": list(self.alphas),
+            "alpha_tensors": self.alpha_tensors,
+            "modules": self.modules,
+            "tokens": list(self.tokens),
+            "network": self.network,
+            "trainer": self.trainer,
+            "trainer_source": self.trainer_source,
+        }
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo(Result):
+    """A textual-inversion embedding: vectors per token and their width."""
+
+    layout: str  # "emb_params", "string_to_param", "sdxl", "tokens"
+    vectors: int
+    dims: tuple[int, ...]
+    tokens: dict[str, list[int]]  # tensor name -> shape
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout,
+            "vectors": self.vectors,
+            "dims": list(self.dims),
+            "tokens": self.tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Quantization(Result):
+    """How the file's weights are quantized, told by side-tensor names or element types."""
+
+    schemes: dict[str, int]  # scheme -> side tensors (or quantized tensors for a dtype scheme)
+    keys: tuple[str, ...]  # the side tensors (scales, packing state): not weights, not unknown
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schemes": self.schemes, "tensors": len(self.keys)}
+
+
+@dataclass(frozen=True)
+class Identity(Result):
+    """The answer. ``to_json`` is the stable schema (docs/identify.md)."""
+
+    kind: str
+    architecture: str | None = None
+    architecture_source: str | None = None
+    variant: str | None = None
+    model: str | None = None  # the component model of a one-component file ("T5-XXL" ...)
+    prediction: str | None = None
+    prediction_source: str | None = None
+    prediction_heuristic: bool = False
+    ema: bool = False
+    precision: dict[str, dict[str, int]] = field(default_factory=dict)
+    quantization: Quantization | None = None
+    pruning: str | None = None
+    pruning_note: str | None = None
+    components: tuple[ComponentMatch, ...] = ()
+    markers: dict[str, str] = field(default_factory=dict)  # key -> meaning
+    training_state: tuple[str, ...] = ()  # extra entries that are not weights
+    unknown_keys: tuple[str, ...] = ()
+    lora: LoraInfo | None = None
+    embedding: EmbeddingInfo | None = None
+    hypernetwork: dict[str, Any] | None = None
+    nearest: str | None = None
+    nearest_reason: str | None = None
+    notes: tuple[str, ...] = ()
+    ownership: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def component(self, name: str) -> ComponentMatch | None:
+        """The first component called ``name`` ("unet", "vae", "clip-l", "ema" ...)."""
+        return next((c for c in self.components if c.name == name), None)
+
+    def by_role(self, role: str) -> list[ComponentMatch]:
+        return [c for c in self.components if c.role == role]
+
+    @property
+    def architecture_label(self) -> str | None:
+        return T.ARCH_LABELS.get(self.architecture or "")
+
+    def owners(self) -> dict[str, str]:
+        """Tensor name -> the component label that owns it ("UNet", "CLIP-L", "EMA", ...).
+
+        Keys no component owns map to "markers", "quantization", "LoRA <target>", "embedding",
+        "hypernetwork" or "unknown": the one ownership that inspect's by-component table shows.
+        """
+        return dict(self.ownership)
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "architecture_label": self.architecture_label,
+            "architecture_source": self.architecture_source,
+            "variant": self.variant,
+            "model": self.model,
+            "prediction": {
+                "type": self.prediction,
+                "source": self.prediction_source,
+                "heuristic": self.prediction_heuristic,
+            },
+            "ema": self.ema,
+            "precision": self.precision,
+            "quantization": self.quantization.to_json() if self.quantization else None,
+            "pruning": {"state": self.pruning, "note": self.pruning_note},
+            "components": [c.to_json() for c in self.components],
+            "markers": self.markers,
+            "training_state": list(self.training_state),
+            "unknown_count": len(self.unknown_keys),
+            "unknown_keys": list(self.unknown_keys[:UNKNOWN_LIMIT]),
+            "lora": self.lora.to_json() if self.lora else None,
+            "embedding": self.embedding.to_json() if self.embedding else None,
+            "hypernetwork": self.hypernetwork,
+            "nearest": (
+                {"match": self.nearest, "reason": self.nearest_reason}
+                if self.kind == "unknown"
+                else None
+            ),
+            "notes": list(self.notes),
+        }
