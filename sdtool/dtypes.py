@@ -1,15 +1,18 @@
 """The one dtype table: safetensors code <-> numpy dtype <-> torch names <-> item size.
 
 Every reader and writer looks dtypes up here, so a new dtype is one row, not a new branch.
-bf16 and the float8 formats have no numpy dtype of their own; ml_dtypes provides them.
+bf16 and the float8 formats have no numpy dtype of their own; ml_dtypes provides them. ml_dtypes
+takes about a second to import, so it is imported only when one of those numpy dtypes is first
+needed (reading bf16/fp8 values, casting); listing and scanning never need it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from sdtool.errors import UnsupportedDtype
@@ -21,14 +24,26 @@ class DType:
     """One element type as every format spells it."""
 
     code: str  # safetensors spelling, e.g. "F32"; the canonical name inside sdtool
-    numpy: np.dtype  # little-endian numpy dtype
+    np_type: Any = field(repr=False)  # a numpy scalar type, or the name of an ml_dtypes type
+    itemsize: int
     torch: str | None  # attribute of the torch module, e.g. "float32"
     storage: str | None  # legacy typed-storage class, e.g. "FloatStorage"
     kind: str  # "float", "int", "uint", "bool" or "complex"
 
+    @cached_property
+    def numpy(self) -> np.dtype:
+        """The little-endian numpy dtype (bf16/fp8: ml_dtypes' type, imported on first use)."""
+        t = self.np_type
+        if isinstance(t, str):
+            import ml_dtypes
+
+            t = getattr(ml_dtypes, t)
+        return np.dtype(t).newbyteorder("<")
+
     @property
-    def itemsize(self) -> int:
-        return self.numpy.itemsize
+    def lazy(self) -> bool:
+        """True for the dtypes whose numpy type comes from ml_dtypes."""
+        return isinstance(self.np_type, str)
 
     @property
     def is_float(self) -> bool:
@@ -39,7 +54,9 @@ class DType:
 
 
 def _d(code: str, np_dtype: Any, torch: str | None, storage: str | None, kind: str) -> DType:
-    return DType(code, np.dtype(np_dtype).newbyteorder("<"), torch, storage, kind)
+    if isinstance(np_dtype, str):  # an ml_dtypes type: float8 names are 1 byte, bfloat16 2
+        return DType(code, np_dtype, 2 if np_dtype == "bfloat16" else 1, torch, storage, kind)
+    return DType(code, np_dtype, np.dtype(np_dtype).itemsize, torch, storage, kind)
 
 
 #: code -> DType. Order matters nowhere; lookups go through the indexes below.
@@ -49,12 +66,12 @@ DTYPES: dict[str, DType] = {
         _d("F64", np.float64, "float64", "DoubleStorage", "float"),
         _d("F32", np.float32, "float32", "FloatStorage", "float"),
         _d("F16", np.float16, "float16", "HalfStorage", "float"),
-        _d("BF16", ml_dtypes.bfloat16, "bfloat16", "BFloat16Storage", "float"),
-        _d("F8_E4M3", ml_dtypes.float8_e4m3fn, "float8_e4m3fn", "Float8_e4m3fnStorage", "float"),
-        _d("F8_E5M2", ml_dtypes.float8_e5m2, "float8_e5m2", "Float8_e5m2Storage", "float"),
-        _d("F8_E4M3FNUZ", ml_dtypes.float8_e4m3fnuz, "float8_e4m3fnuz", None, "float"),
-        _d("F8_E5M2FNUZ", ml_dtypes.float8_e5m2fnuz, "float8_e5m2fnuz", None, "float"),
-        _d("F8_E8M0", ml_dtypes.float8_e8m0fnu, "float8_e8m0fnu", None, "float"),
+        _d("BF16", "bfloat16", "bfloat16", "BFloat16Storage", "float"),
+        _d("F8_E4M3", "float8_e4m3fn", "float8_e4m3fn", "Float8_e4m3fnStorage", "float"),
+        _d("F8_E5M2", "float8_e5m2", "float8_e5m2", "Float8_e5m2Storage", "float"),
+        _d("F8_E4M3FNUZ", "float8_e4m3fnuz", "float8_e4m3fnuz", None, "float"),
+        _d("F8_E5M2FNUZ", "float8_e5m2fnuz", "float8_e5m2fnuz", None, "float"),
+        _d("F8_E8M0", "float8_e8m0fnu", "float8_e8m0fnu", None, "float"),
         _d("I64", np.int64, "int64", "LongStorage", "int"),
         _d("I32", np.int32, "int32", "IntStorage", "int"),
         _d("I16", np.int16, "int16", "ShortStorage", "int"),
@@ -125,8 +142,10 @@ def from_torch(name: str) -> DType:
 def from_numpy(dt: np.dtype) -> DType:
     """The dtype matching a numpy dtype (either byte order)."""
     le = dt.newbyteorder("<") if dt.byteorder not in ("|", "=") else dt
+    # an ml_dtypes dtype can only exist once ml_dtypes is imported: do not import it to compare
+    have_ml = "ml_dtypes" in sys.modules
     for d in DTYPES.values():
-        if d.numpy == le:
+        if (have_ml or not d.lazy) and d.numpy == le:
             return d
     raise UnsupportedDtype(f"numpy dtype {dt} has no tensor equivalent")
 

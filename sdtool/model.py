@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sdtool.dtypes import DType
-from sdtool.errors import CorruptFile, TruncatedFile
+from sdtool.errors import CorruptFile, MissingExtra, TruncatedFile
 from sdtool.results import Result
 from sdtool.vocab import Format
 
@@ -227,14 +227,23 @@ class ModelFile:
 
     # -- data on demand -------------------------------------------------------------------------
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, framework: str = "np") -> Any:
         """The tensor's values as a numpy array (little-endian, torch's layout and dtype).
 
         A view over a read-only mmap of the file when the bytes lie in it; a fresh array
         otherwise (deflated members, big-endian files). Raises TruncatedFile when the file is
-        shorter than the tensor needs.
+        shorter than the tensor needs. ``framework="pt"`` returns a torch tensor instead (a
+        copy, any dtype bf16 and fp8 included; needs torch), as safetensors' ``safe_open``.
+
+        Example:
+            >>> w = model.read("model.diffusion_model.out.2.weight", framework="pt")
         """
-        return self.read_info(self.tensors[name], name)
+        arr = self.read_info(self.tensors[name], name)
+        if framework == "np":
+            return arr
+        if framework == "pt":
+            return to_torch(arr, self.tensors[name].dtype)
+        raise ValueError(f"framework must be 'np' or 'pt', not {framework!r}")
 
     def read_info(self, info: TensorInfo, name: str = "?") -> np.ndarray:
         """Like ``read`` for a TensorInfo that may not be in ``tensors`` (e.g. optimizer state)."""
@@ -383,3 +392,22 @@ def to_plain(
         return repr(o)
 
     return conv(obj, 0)
+
+
+def to_torch(arr: np.ndarray, dtype: DType) -> Any:
+    """A torch tensor holding a copy of ``arr`` (of sdtool dtype ``dtype``); torch imported here.
+
+    numpy has no bf16/fp8 of its own (ml_dtypes' types are opaque to torch): those travel as
+    same-size integers and are viewed as the torch dtype, bit for bit.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise MissingExtra(
+            "framework='pt' needs PyTorch, which is not installed: pip install 'sdtool[torch]'"
+        ) from None
+    data = np.array(arr, copy=True, order="C")
+    if dtype.lazy:  # an ml_dtypes type
+        carrier = data.view({1: np.uint8, 2: np.int16}[dtype.itemsize])
+        return torch.from_numpy(carrier).view(getattr(torch, str(dtype.torch)))
+    return torch.from_numpy(data)

@@ -91,6 +91,7 @@ class Verdict(str, Enum):
     SUSPICIOUS = "suspicious"
     ERROR = "error"
     NOT_SCANNED = "not_scanned"
+    SKIPPED = "skipped"  # by content not a model file (an image, JSON, YAML, text): counted
     SAFE = "safe"
 
     @property

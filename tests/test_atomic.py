@@ -53,7 +53,7 @@ def test_disk_full_is_explained(tmp_path: Path) -> None:
 def test_no_overwrite_without_flag(tmp_path: Path) -> None:
     out = tmp_path / "o.bin"
     out.write_bytes(b"old")
-    with pytest.raises(OutputError, match="--overwrite"), atomic_output(out):
+    with pytest.raises(OutputError, match="overwrite=True"), atomic_output(out):
         pass
     with atomic_output(out, overwrite=True) as f:
         f.write(b"new")

@@ -40,7 +40,9 @@ def test_single_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         (["{src}", "{src}", "--overwrite"], "is also the input"),
         (["{src}", "{dir}/o.onnx"], "extension"),
         (["{dir}/missing.ckpt", "{dir}/o.safetensors"], "no such file"),
-        (["{src}"], "give IN and OUT"),
+        (["{src}", "{dir}/a.safetensors", "{dir}/b.safetensors"], "give IN [OUT]"),
+        (["{src}", "{dir}/o.safetensors", "--to", "ckpt"], "--to applies to batch mode"),
+        (["{src}", "--jobs", "2"], "--jobs applies to batch mode: add --out-dir DIR"),
         (["{src}", "{dir}/o.safetensors", "--metadata", "nokey"], "KEY=VALUE"),
     ],
 )

@@ -667,3 +667,29 @@ def test_sd21_unclip_and_zero123_variants(tmp_path: Path) -> None:
     ident = ident_of(tmp_path, e, name="zero123")
     assert ident.variant is not None and "Stable Zero123" in ident.variant
     assert ident.unknown_keys == ()
+
+
+def test_gguf_file_names_its_block_quantization(tmp_path: Path) -> None:
+    """A city96-style GGUF (original key names, Q8_0 blocks) read through sdtool's GGUF reader."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    path = tmp_path / "flux.gguf"
+    w = gguf.GGUFWriter(str(path), arch="flux")
+    x = np.zeros((32, 64), np.float32)
+    for k, (_, s) in L.flux(bare=True).items():
+        if len(s) == 2:
+            w.add_tensor(k, quants.quantize(x, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(k, np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open_model(path) as m:
+        ident = identify(m)
+    assert (ident.kind, ident.architecture) == ("unet", "flux-dev")  # names, not shapes
+    assert "Q8_0" in ident.precision and ident.unknown_keys == ()
+    assert ident.quantization is not None and "GGUF Q8_0 blocks" in ident.quantization.schemes

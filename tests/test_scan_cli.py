@@ -22,7 +22,8 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "ok.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=2))
     np.save(tmp_path / "sub" / "arr.npy", np.arange(4))
     (tmp_path / "sub" / "deeper" / "weights").write_bytes(PAYLOAD)  # extension-less payload
-    (tmp_path / "readme.txt").write_text("hello")
+    (tmp_path / "readme.txt").write_text("hello")  # not a model file: skipped, counted
+    (tmp_path / "junk.bin").write_bytes(bytes(range(256)))  # no format sdtool reads
     return tmp_path
 
 
@@ -33,17 +34,18 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 def test_directory_is_recursive_and_routes_by_content(tree: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, out = run(capsys, str(tree))
-    assert code == 1  # dangerous wins over the "not scanned" text file
+    assert code == 1  # dangerous wins over the "not scanned" junk file
     assert "DANGEROUS" in out and "deeper/weights" in out
-    assert "NOT SCANNED" in out and "readme.txt" in out  # nothing skipped silently
-    assert "4 files" in out and "exit 1" in out
+    assert "NOT SCANNED" in out and "junk.bin" in out  # nothing skipped silently
+    assert "SKIPPED     " + str(tree / "readme.txt") + ": not a model file (text)" in out
+    assert "5 files" in out and "exit 1" in out
 
 
 def test_exclude_and_exit_codes(tree: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    code, out = run(capsys, str(tree), "--exclude", "weights", "--exclude", "*.txt")
-    assert code == 0 and "2 files" in out and "2 safe" in out
+    code, out = run(capsys, str(tree), "--exclude", "weights", "--exclude", "*.bin")
+    assert code == 0 and "3 files" in out and "2 safe" in out and "1 skipped" in out
     code, _ = run(capsys, str(tree), "--exclude", "weights")
-    assert code == 2  # readme.txt could not be scanned
+    assert code == 2  # junk.bin could not be scanned
     assert run(capsys, str(tree / "nope"))[0] == 2
 
 
@@ -61,7 +63,7 @@ def test_json_schema(tree: Path, capsys) -> None:  # type: ignore[no-untyped-def
     code, out = run(capsys, str(tree), "--json", "--jobs", "2")
     doc = json.loads(out)
     assert code == 1 and doc["exit_code"] == 1 and doc["schema"] == "sdtool.scan/2"
-    assert doc["summary"]["files"] == 4 and doc["summary"]["dangerous"] == 1
+    assert doc["summary"]["files"] == 5 and doc["summary"]["dangerous"] == 1
     bad = next(f for f in doc["files"] if f["verdict"] == "dangerous")
     finding = bad["findings"][0]
     assert set(finding) == {
@@ -80,7 +82,7 @@ def test_sarif(tree: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     res = next(r for r in run0["results"] if r["level"] == "error")
     assert res["ruleId"] == "global"
     assert res["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].endswith("weights")
-    assert run0["invocations"][0]["toolExecutionNotifications"]  # readme.txt not scanned
+    assert run0["invocations"][0]["toolExecutionNotifications"]  # junk.bin not scanned
 
 
 def test_json_and_sarif_together_is_a_usage_error(tree: Path, capsys) -> None:  # type: ignore[no-untyped-def]

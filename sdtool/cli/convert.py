@@ -12,7 +12,14 @@ from typing import Any
 import click
 
 from sdtool.cli import progress as bars_
-from sdtool.cli.options import dtype_option, jobs_option, json_option, key_option, write_options
+from sdtool.cli.options import (
+    dtype_option,
+    jobs_option,
+    json_option,
+    key_option,
+    quiet_option,
+    write_options,
+)
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
 from sdtool.ops.convert import (
@@ -24,6 +31,7 @@ from sdtool.ops.convert import (
     convert_batch,
     parse_metadata,
 )
+from sdtool.ops.outname import derived
 from sdtool.vocab import ExitCode, parse_dtype
 
 
@@ -69,6 +77,7 @@ from sdtool.vocab import ExitCode, parse_dtype
 )
 @jobs_option("Batch mode: convert")
 @json_option("convert")
+@quiet_option("print nothing when all goes well (warnings and errors still on stderr)")
 def convert_cmd(
     paths: tuple[Path, ...],
     dtype: str,
@@ -82,23 +91,26 @@ def convert_cmd(
     to: str,
     jobs: int,
     as_json: bool,
+    quiet: bool = False,
     quant: str | None = None,
     fp8_scaled: bool = False,
     fp8_format: str = "comfy",
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
-    OUT: .safetensors/.sft or .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory stays
-    about one tensor), or .gguf (ComfyUI-GGUF's layout, --quant). The input's metadata and
-    non-tensor fields (global_step, ...) go into the safetensors __metadata__ (a .ckpt:
-    fields as entries, metadata under __metadata__).
-    Output is written to a temp file and renamed: an
-    error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed.
+    OUT is optional: without it, IN.ckpt becomes IN.safetensors beside it (IN-fp16.safetensors
+    with --dtype fp16); an existing folder as OUT receives that name. OUT: .safetensors/.sft or
+    .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory stays about one tensor), or .gguf
+    (ComfyUI-GGUF's layout, --quant). The input's metadata and non-tensor fields (global_step,
+    ...) go into the safetensors __metadata__ (a .ckpt: fields as entries, metadata under
+    __metadata__). Output is written to a temp file and renamed: an error or Ctrl-C leaves
+    nothing behind. Batch mode exits 1 if any file failed.
 
     \b
     Examples:
       sdtool convert model.ckpt model.safetensors
-      sdtool convert model.ckpt model-fp16.safetensors --dtype fp16 --verify
+      sdtool convert model.ckpt --dtype fp16 --verify
+      sdtool convert model.ckpt converted/
       sdtool convert downloads/ --out-dir converted/ --jobs 2
       sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
       sdtool convert flux1-dev.safetensors fp8.safetensors --dtype fp8_e4m3fn --fp8-scaled
@@ -117,17 +129,24 @@ def convert_cmd(
     )
     bars = bars_.enabled()
     if out_dir is None:
-        if len(paths) != 2:
+        batch_only = [f"--{n}" for n in ("to", "jobs") if _given(n)]
+        if batch_only:
+            verb = "applies" if len(batch_only) == 1 else "apply"
+            raise UsageError(f"{'/'.join(batch_only)} {verb} to batch mode: add --out-dir DIR")
+        if len(paths) > 2:
             raise UsageError(
-                "give IN and OUT, or inputs with --out-dir DIR (got "
-                f"{len(paths)} path{'s' if len(paths) != 1 else ''})"
+                f"give IN [OUT], or inputs with --out-dir DIR (got {len(paths)} paths)"
             )
-        src, dst = paths
+        src = paths[0]
+        tag = "" if dtype in (None, "keep") else dtype
+        dst = derived(src, paths[1] if len(paths) == 2 else None, [tag])
         with _sigterm_interrupts(), _bars(bars) as progress:
             result = convert(src, dst, options, progress=_single(progress, src))
-        if as_json:  # the same document as a batch of one, so scripts parse one shape
+        if as_json and not quiet:  # the same document as a batch of one: one shape to parse
             _details(result)  # warnings still reach stderr; stdout holds only the JSON
             print_json(BatchResult([result]).to_json())
+        elif quiet:
+            _details(result)
         else:
             render_one(result)
         return ExitCode.OK
@@ -136,18 +155,25 @@ def convert_cmd(
         batch = convert_batch(
             paths, out_dir, options, to=to, jobs=jobs, file_progress=_per_file(progress)
         )
-    if as_json:
+    if as_json or quiet:
         for r in batch.results:
             _details(r)
             if r.status == "failed":
                 error(r.error or r.path)
-        print_json(batch.to_json())
+        if not quiet:
+            print_json(batch.to_json())
     else:
         render_batch(batch)
     return ExitCode.FINDINGS if batch.failed else ExitCode.OK
 
 
 Progress = Callable[[Path, int, int], None]
+
+
+def _given(param: str) -> bool:
+    """Whether the user typed option ``param`` (not just its default)."""
+    source = click.get_current_context().get_parameter_source(param)
+    return source is click.core.ParameterSource.COMMANDLINE
 
 
 @contextmanager

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import click
 
 from sdtool.cli import progress, render
-from sdtool.cli.options import json_option
+from sdtool.cli.options import complete_from, json_option, quiet_option
+from sdtool.cli.stdin import spooled
 from sdtool.errors import SdtoolError
 from sdtool.ops.hash import ALGORITHMS, SCHEMA, HashResult, hash_file, parse_algorithms
 from sdtool.vocab import ExitCode
@@ -27,44 +30,150 @@ def _render(result: HashResult) -> None:
 
 
 @click.command("hash")
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, metavar="FILE...", type=click.Path(path_type=Path))
 @click.option(
     "-a",
     "--algorithm",
     "algorithms",
     multiple=True,
     metavar="NAME[,NAME]",
+    shell_complete=complete_from([*ALGORITHMS, "all"]),
     help="Hashes to compute: " + ", ".join(ALGORITHMS) + " or all (default: all).",
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "sha256sum"]),
+    default="table",
+    show_default=True,
+    help="sha256sum: one line 'HEX  FILE' per file, as sha256sum -c reads it.",
+)
+@click.option(
+    "-c",
+    "--check",
+    "check",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="SUMS",
+    help="Check the files listed in SUMS (sha256sum's format) and say OK or FAILED for each.",
+)
 @json_option("hash", "a JSON list")
-def hash_cmd(files: tuple[Path, ...], algorithms: tuple[str, ...], as_json: bool) -> int:
+@quiet_option("print nothing but errors (with --check: only the files that FAILED)")
+def hash_cmd(
+    files: tuple[Path, ...],
+    algorithms: tuple[str, ...],
+    fmt: str,
+    check: Path | None,
+    as_json: bool,
+    quiet: bool,
+) -> int:
     """Print SHA256, AutoV1, AutoV2, AutoV3, CRC32 and BLAKE3 of each FILE in one read.
 
     Hex is uppercase, as Civitai shows it. AutoV3 (the LoRA/"addnet" hash) exists only for
-    safetensors files. Exit code 0 when every file was hashed, 2 when one could not be read.
+    safetensors files. Folders are hashed recursively; - reads standard input. Exit code 0 when
+    every file was hashed (and, with --check, matched), 1 when a check FAILED, 2 when a file
+    could not be read.
 
     \b
     Examples:
       sdtool hash model.safetensors
-      sdtool hash -a autov2,autov3 loras/*.safetensors
-      sdtool hash --json model.ckpt
+      sdtool hash -a autov2,autov3 loras/
+      sdtool hash --format sha256sum models/ > SHA256SUMS
+      sdtool hash --check SHA256SUMS
     """
-    names = parse_algorithms(algorithms) if algorithms else tuple(ALGORITHMS)
+    if check is not None:
+        if files or as_json or fmt != "table" or algorithms:
+            raise click.UsageError("--check SUMS takes no FILE, --json, --format or --algorithm")
+        return _check(check, quiet=quiet)
+    if not files:
+        raise click.UsageError("give at least one FILE (or --check SUMS)")
+    if fmt == "sha256sum" and (as_json or algorithms):
+        raise click.UsageError("--format sha256sum prints SHA256 only: drop --json/--algorithm")
+    names = ("sha256",) if fmt == "sha256sum" else (
+        parse_algorithms(algorithms) if algorithms else tuple(ALGORITHMS)
+    )  # fmt: skip
     results: list[HashResult] = []
     code = ExitCode.OK
-    for path in files:
-        try:
-            size = path.stat().st_size if path.is_file() else 0
-            with progress.byte_bar(path.name, size) as bar:
-                cb = None if bar is None else bar.absolute
-                result = hash_file(path, algorithms=names, progress=cb)
-        except SdtoolError as e:
-            render.error(e.with_path(path))
+    for path in _expand(files):
+        result = _hash_one(path, names)
+        if result is None:
             code = ExitCode.ERROR
             continue
         results.append(result)
-        if not as_json:
+        if quiet or as_json:
+            continue
+        if fmt == "sha256sum":
+            click.echo(_sum_line(result.hashes["sha256"] or "", str(path)))
+        else:
             _render(result)
-    if as_json:
+    if as_json and not quiet:
         render.print_json({"schema": SCHEMA, "files": [r.to_json() for r in results]})
     return code
+
+
+def _expand(files: tuple[Path, ...]) -> list[Path]:
+    """Files as given; folders become every file under them, recursively, sorted."""
+    out: list[Path] = []
+    for f in files:
+        if f.is_dir():
+            out.extend(sorted(p for p in f.rglob("*") if p.is_file()))
+        else:
+            out.append(f)
+    return out
+
+
+def _hash_one(path: Path, names: tuple[str, ...]) -> HashResult | None:
+    """Hash one file (``-``: standard input); an error becomes one line on stderr."""
+    try:
+        with spooled(path) as real:
+            size = real.stat().st_size if real.is_file() else 0
+            with progress.byte_bar(path.name or "-", size) as bar:
+                cb = None if bar is None else bar.absolute
+                result = hash_file(real, algorithms=names, progress=cb)
+    except SdtoolError as e:
+        render.error(e.with_path(path))
+        return None
+    return dataclasses.replace(result, path=path)
+
+
+def _sum_line(hexdigest: str, name: str) -> str:
+    """A line sha256sum -c accepts: lowercase hex, two spaces, the name (escaped as
+    sha256sum does when it holds a backslash or a newline)."""
+    if "\\" in name or "\n" in name:
+        return "\\" + hexdigest.lower() + "  " + name.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"{hexdigest.lower()}  {name}"
+
+
+_SUM_LINE = re.compile(r"^(\\)?([0-9a-fA-F]{64}) [ *](.+)$")
+
+
+def _check(sums: Path, *, quiet: bool) -> int:
+    """sha256sum -c: each listed file hashed and compared; relative names from the cwd."""
+    try:
+        lines = sums.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SdtoolError(f"cannot read the checksum file: {e}", path=sums) from None
+    if not any(_SUM_LINE.match(ln) for ln in lines):
+        raise SdtoolError("no 'SHA256  FILE' line in the checksum file", path=sums)
+    code, failed, bad_lines = ExitCode.OK, 0, 0
+    for line in lines:
+        m = _SUM_LINE.match(line)
+        if m is None:
+            bad_lines += line.strip() != ""
+            continue
+        name = m.group(3)
+        if m.group(1):  # sha256sum's escapes: \\ and \n
+            name = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), name)
+        result = _hash_one(Path(name), ("sha256",))
+        if result is None:
+            code = ExitCode.ERROR
+            continue
+        ok = (result.hashes["sha256"] or "").lower() == m.group(2).lower()
+        if not ok:
+            failed += 1
+        if not ok or not quiet:
+            click.echo(f"{render.escape(name)}: {'OK' if ok else 'FAILED'}")
+    if bad_lines:
+        render.warn(f"{sums}: {bad_lines} line(s) are not 'SHA256  FILE' and were ignored")
+    if failed:
+        render.warn(f"{failed} computed checksum(s) did NOT match")
+    return ExitCode.FINDINGS if failed and code == ExitCode.OK else code

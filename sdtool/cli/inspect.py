@@ -2,48 +2,90 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
 
 from sdtool.cli.identity import identity_lines
-from sdtool.cli.options import json_option, key_option
-from sdtool.cli.render import console, human_bytes, human_count, markup, print_json
-from sdtool.model import ContainerFacts
-from sdtool.ops.inspect import InspectReport, inspect
+from sdtool.cli.options import json_option, key_option, quiet_option
+from sdtool.cli.render import (
+    console,
+    error,
+    human_bytes,
+    human_count,
+    markup,
+    print_json,
+    print_table,
+)
+
+if TYPE_CHECKING:
+    from sdtool.model import ContainerFacts
+    from sdtool.ops.inspect import InspectReport
 
 MAX_SHOWN = 160  # characters of a metadata value or extra field in the table view
 
 
 @click.command("inspect")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument(
+    "files", nargs=-1, required=True, metavar="FILE...", type=click.Path(path_type=Path)
+)
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
 @click.option(
-    "--filter", "pattern", metavar="GLOB", help="With --tensors: only names matching GLOB."
+    "--filter", "pattern", metavar="GLOB", help="List only the tensors whose name matches GLOB."
 )
 @key_option("Use")
 @json_option("inspect")
+@quiet_option("print nothing; exit 0 when every FILE can be read, 2 when one cannot")
 def inspect_cmd(
-    file: Path, list_tensors: bool, pattern: str | None, key: str | None, as_json: bool
+    files: tuple[Path, ...],
+    list_tensors: bool,
+    pattern: str | None,
+    key: str | None,
+    as_json: bool,
+    quiet: bool,
 ) -> int:
-    """Summarise FILE: format, tensors, parameters, dtypes, components, metadata, globals.
+    """Summarise each FILE: format, tensors, parameters, dtypes, components, metadata, globals.
 
     Reads headers and pickles only, never tensor bytes, and never runs code from the file.
+    FILE may be - for standard input. With several files, --json prints a list.
 
     \b
     Examples:
       sdtool inspect model.ckpt
       sdtool inspect model.safetensors --tensors --filter 'first_stage_model.*'
       sdtool inspect model.ckpt --json | jq .totals
+      sdtool inspect loras/*.safetensors --quiet
     """
-    report = inspect(file, key=key, tensors=list_tensors or bool(pattern), filter=pattern)
-    if as_json:
-        print_json(report.to_json())
-    else:
-        render(report)
-    return 0
+    from sdtool.cli.stdin import spooled
+    from sdtool.errors import SdtoolError
+    from sdtool.ops.inspect import inspect
+
+    reports = []
+    code = 0
+    for i, file in enumerate(files):
+        try:
+            with spooled(file) as real:
+                report = inspect(
+                    real, key=key, tensors=list_tensors or bool(pattern), filter=pattern
+                )
+        except SdtoolError as e:
+            if len(files) == 1:
+                raise
+            error(e.with_path(file))
+            code = 2
+            continue
+        report = dataclasses.replace(report, path=file)
+        reports.append(report)
+        if not as_json and not quiet:
+            if i:
+                console().print()
+            render(report)
+    if as_json and not quiet:
+        print_json(reports[0].to_json() if len(files) == 1 else [r.to_json() for r in reports])
+    return code
 
 
 def _bucket_row(name: str, b: Any, total: int) -> list[str]:
@@ -81,11 +123,11 @@ def render(r: InspectReport) -> None:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in r.dtypes.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
-        out.print(t)
+        print_table(out, t)
         t = _table("\nBy component", "component", "tensors", "params", "bytes", "share")
         for name, b in r.components.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
-        out.print(t)
+        print_table(out, t)
     if r.other_tensors.tensors:
         o = r.other_tensors
         out.print(
@@ -97,32 +139,40 @@ def render(r: InspectReport) -> None:
         t.columns[1].justify = "left"
         for k, v in r.metadata.items():
             t.add_row(markup(k, 60), markup(v, MAX_SHOWN))
-        out.print(t)
+        print_table(out, t)
     if r.extra:
         t = _table("\nNon-tensor fields", "field", "value")
         t.columns[1].justify = "left"
         for k, v in r.extra.items():
             t.add_row(markup(k, 60), markup(_short(v), MAX_SHOWN))
-        out.print(t)
+        print_table(out, t)
     if r.globals:
-        t = _table("\nGlobals in the pickle", "global", "loaded as", "scan verdict")
+        t = _table("\nGlobals in the pickle", "scan verdict", "loaded as", "global")
+        for c in t.columns:
+            c.justify = "left"
         for g in r.globals:
             mark = {"safe": "safe", "suspicious": "[yellow]suspicious[/yellow]"}.get(
                 g.severity, "[red]dangerous[/red]"
             )
-            t.add_row(markup(f"{g.module}.{g.name}", 90), g.loaded_as, mark)
-        out.print(t)
+            t.add_row(mark, g.loaded_as, markup(f"{g.module}.{g.name}"))
+        print_table(out, t)
         if any(g.unusual for g in r.globals):
             out.print(
                 "  [dim]stand-ins are inert records: sdtool never imports or calls them. "
                 "Run `sdtool scan` for what torch.load would do.[/dim]"
             )
-    if r.tensors:
-        t = _table(f"\nTensors ({len(r.tensors)})", "name", "dtype", "shape", "bytes")
+    if r.listed and not r.tensors:
+        out.print(f"\nno tensor name matches {markup(repr(r.filter))} (of {r.totals.tensors:,})")
+    elif r.tensors:
+        title = f"Tensors ({len(r.tensors):,})"
+        if r.filter is not None:
+            title = f"Tensors matching {markup(repr(r.filter))} ({len(r.tensors):,} of "
+            title += f"{r.totals.tensors:,})"
+        t = _table("\n" + title, "name", "dtype", "shape", "bytes")
         t.columns[2].justify = "left"
         for name, info in r.tensors:
             t.add_row(markup(name), info.type_code, str(list(info.shape)), human_bytes(info.nbytes))
-        out.print(t)
+        print_table(out, t)
 
 
 def _container_note(c: ContainerFacts) -> str:

@@ -7,6 +7,8 @@ Each command lives in its own module under sdtool/cli/ and is imported only when
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import re
 import sys
 from collections.abc import Sequence
 
@@ -31,10 +33,30 @@ COMMANDS: dict[str, str] = {
 
 
 class LazyGroup(click.Group):
-    """A click group whose commands are imported on first use."""
+    """A click group whose commands are imported on first use.
+
+    ``sdtool --help`` lists the commands without importing them: each one-line summary is read
+    from the first line of its function's docstring in the module's source (import only if that
+    fails), so the listing costs a few milliseconds, not the imports of every command.
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name in COMMANDS if self._load(name) is not None]
+        return [name for name in COMMANDS if _source(name) is not None or self._load(name)]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(map(len, COMMANDS), default=0)
+        rows = []
+        for name in self.list_commands(ctx):
+            summary = _summary(name)
+            if summary is None:
+                cmd = self._load(name)
+                summary = cmd.get_short_help_str(limit) if cmd is not None else ""
+            else:
+                summary = _short_help(summary, limit)
+            rows.append((name, summary))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return self._load(cmd_name)
@@ -55,12 +77,99 @@ class LazyGroup(click.Group):
         return cmd if isinstance(cmd, click.Command) else None
 
 
+def _source(name: str) -> str | None:
+    """The source text of the module defining command ``name`` (None: not built, or no source)."""
+    target = COMMANDS.get(name)
+    if target is None:
+        return None
+    try:
+        spec = importlib.util.find_spec(target.split(":")[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _summary(name: str) -> str | None:
+    """The first paragraph of command ``name``'s docstring, read from source without importing."""
+    text = _source(name)
+    if text is None:
+        return None
+    attr = COMMANDS[name].split(":")[1]
+    m = re.search(rf"^def {re.escape(attr)}\(.*?\"\"\"(.*?)(?:\n\s*\n|\"\"\")", text, re.S | re.M)
+    return " ".join(m.group(1).split()) if m else None
+
+
+def _short_help(text: str, limit: int) -> str:
+    """The first sentence of ``text``, cut at a word boundary to ``limit`` columns (as click)."""
+    sentence = text.split(". ", 1)[0].rstrip(".") + "."
+    if len(sentence) <= limit:
+        return sentence
+    words, out = sentence.split(), ""
+    for w in words:
+        if len(out) + len(w) + 4 > limit:
+            break
+        out = f"{out} {w}" if out else w
+    return out.rstrip(",;:") + "..."
+
+
+def _versions() -> str:
+    """``sdtool X (Python, numpy, safetensors, torch versions)``; nothing of them is imported."""
+    parts = [f"sdtool {__version__}", f"Python {sys.version.split()[0]}"]
+    for dist in ("numpy", "safetensors", "torch"):
+        version = _installed(dist)
+        parts.append(f"{dist} {version}" if version else f"{dist} not installed")
+    return parts[0] + " (" + ", ".join(parts[1:]) + ")"
+
+
+def _installed(dist: str) -> str | None:
+    """The installed version of ``dist`` from its ``*.dist-info`` folder name on sys.path
+    (importlib.metadata reads every distribution's metadata, ten times slower)."""
+    import os
+
+    pattern = re.compile(rf"^{re.escape(dist)}-([^-]+)\.dist-info$", re.I)
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            m = pattern.match(name)
+            if m:
+                return m.group(1)
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_versions())
+        ctx.exit(0)
+
+
 @click.group(
     cls=LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.version_option(__version__, "-V", "--version", prog_name="sdtool")
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option(
+    "-V",
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the versions of sdtool, Python, numpy, safetensors and torch, and exit.",
+)
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors (also after COMMAND).")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Inspect, scan, convert and prune Stable Diffusion and PyTorch model files.
@@ -81,8 +190,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run sdtool with ``argv``; return the exit code (0 ok, 1 findings/failures, 2 errors)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    args, debug = _take_debug(list(sys.argv[1:] if argv is None else argv))
+    if debug:
+        args.insert(0, "--debug")
     try:
         rv = cli.main(args=args, prog_name="sdtool", standalone_mode=False)
     except click.exceptions.Abort:
@@ -109,6 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return ExitCode.BROKEN_PIPE
     return int(rv or 0)
+
+
+def _take_debug(args: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere before ``--`` (``sdtool scan x --debug`` too): removed, and reported."""
+    end = args.index("--") if "--" in args else len(args)
+    kept = [a for a in args[:end] if a != "--debug"]
+    return kept + args[end:], len(kept) != end
 
 
 def _one_line(e: click.ClickException) -> str:

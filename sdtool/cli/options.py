@@ -29,6 +29,14 @@ class DTypeParam(click.ParamType):
     def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
         return "[" + "|".join(self.names) + "]"
 
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[Any]:
+        """The dtype names, for shell completion."""
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(n) for n in self.names if n.startswith(incomplete.lower())]
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         from sdtool import dtypes
         from sdtool.errors import UnsupportedDtype
@@ -115,3 +123,23 @@ def jobs_option(what: str) -> Callable[[F], F]:
         show_default=True,
         help=f"{what} this many files at once.",
     )
+
+
+def quiet_option(what: str) -> Callable[[F], F]:
+    """``-q/--quiet``: print less (what exactly, each command says); errors still on stderr."""
+    return click.option("-q", "--quiet", is_flag=True, help=f"Quiet: {what}.")
+
+
+def complete_from(choices: Any) -> Callable[[click.Context, click.Parameter, str], list[Any]]:
+    """A shell-completion callback offering ``choices`` (a list, or a callable returning one)
+    for options that take free text (``--drop vae,unet``) but have known values."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        from click.shell_completion import CompletionItem
+
+        values = choices() if callable(choices) else choices
+        done, _, last = incomplete.rpartition(",")
+        prefix = f"{done}," if done else ""
+        return [CompletionItem(prefix + v) for v in values if v.startswith(last)]
+
+    return complete

@@ -10,9 +10,25 @@ import click
 from rich.table import Table
 
 from sdtool.cli import progress
-from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
-from sdtool.cli.render import console, human_bytes, human_count, markup, print_json, warn
+from sdtool.cli.options import (
+    complete_from,
+    dry_run_option,
+    dtype_option,
+    json_option,
+    quiet_option,
+    write_options,
+)
+from sdtool.cli.render import (
+    console,
+    human_bytes,
+    human_count,
+    markup,
+    print_json,
+    print_table,
+    warn,
+)
 from sdtool.formats.open import open_model
+from sdtool.ops.outname import derived
 from sdtool.ops.prune import (
     DROP_TARGETS,
     EXTRACT_TARGETS,
@@ -30,8 +46,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def common(f: F) -> F:
     """The options prune and extract share, spelled as everywhere else (sdtool/cli/options.py)."""
+    quiet = quiet_option("print nothing when all goes well (warnings and errors on stderr)")
     for opt in reversed(
-        [dtype_option(), dry_run_option, json_option("prune", "the report as JSON"), write_options]
+        [
+            dtype_option(),
+            dry_run_option,
+            json_option("prune", "the report as JSON"),
+            write_options,
+            quiet,
+        ]
     ):
         f = opt(f)
     return f
@@ -39,7 +62,7 @@ def common(f: F) -> F:
 
 @click.command("prune")
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("out", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--ema-only", is_flag=True, help="Put the EMA weights under the model keys; drop model_ema.*."
 )
@@ -56,6 +79,7 @@ def common(f: F) -> F:
     "drop",
     multiple=True,
     metavar="PART",
+    shell_complete=complete_from(list(DROP_TARGETS)),
     help=f"Drop a part: {', '.join(DROP_TARGETS)} (repeatable).",
 )
 @click.option(
@@ -72,7 +96,7 @@ def common(f: F) -> F:
 @common
 def prune_cmd(
     src: Path,
-    out: Path,
+    out: Path | None,
     ema_only: bool,
     no_ema: bool,
     allow_partial_ema: bool,
@@ -85,26 +109,33 @@ def prune_cmd(
     overwrite: bool,
     verify: bool,
     on_overflow: str,
+    quiet: bool,
 ) -> int:
     """Keep the model weights of IN, drop training state, write OUT (any format).
 
-    What is kept follows the identified architecture (SD 1/2, SDXL, SD3, Flux), never a prefix
-    list. Training state (optimizer, schedulers, callbacks, loops) is dropped and reported.
+    OUT is optional: IN-pruned[-emaonly|-noema][-fp16].safetensors beside IN (or inside OUT
+    when OUT is an existing folder). What is kept follows the identified architecture
+    (SD 1/2, SDXL, SD3, Flux), never a prefix list. Training state (optimizer, schedulers,
+    callbacks, loops) is dropped and reported.
 
     \b
     Examples:
       sdtool prune sd15.ckpt sd15-emaonly-fp16.safetensors --ema-only --dtype fp16
+      sdtool prune sd15.ckpt --ema-only --dtype fp16
       sdtool prune model.ckpt model.safetensors --no-ema --fix-clip --dry-run
       sdtool prune model.safetensors baked.safetensors --bake-vae vae-ft-mse.safetensors
     """
     if ema_only and no_ema:
         raise click.UsageError("--ema-only and --no-ema exclude each other")
+    ema = "only" if ema_only else "drop" if no_ema else "keep"
+    ema_tag = {"only": "emaonly", "drop": "noema"}.get(ema, "")
+    out = derived(src, out, ["pruned", ema_tag, dtype or ""])
     with open_model(src) as model:
         vae = open_model(bake_vae) if bake_vae else None
         try:
             with progress.byte_bar(f"writing {out.name}") as bar:
                 opts = PruneOptions(
-                    ema="only" if ema_only else "drop" if no_ema else "keep",
+                    ema=ema,
                     allow_partial_ema=allow_partial_ema,
                     drop=parse_drop(drop),
                     bake_vae=vae,
@@ -120,12 +151,12 @@ def prune_cmd(
         finally:
             if vae is not None:
                 vae.close()
-    return report(result, src, out, dry_run=dry_run, as_json=as_json)
+    return report(result, src, out, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 
 @click.command("extract")
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("out", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--component",
     "-c",
@@ -137,7 +168,7 @@ def prune_cmd(
 @common
 def extract_cmd(
     src: Path,
-    out: Path,
+    out: Path | None,
     component: str,
     ema_only: bool,
     dtype: str | None,
@@ -146,15 +177,21 @@ def extract_cmd(
     overwrite: bool,
     verify: bool,
     on_overflow: str,
+    quiet: bool,
 ) -> int:
     """Write one component of IN to OUT with its prefix stripped (the standalone layout).
+
+    OUT is optional: IN-COMPONENT[-ema][-fp16].safetensors beside IN (or inside OUT when OUT
+    is an existing folder).
 
     \b
     Examples:
       sdtool extract sd15.ckpt vae.safetensors --component vae
+      sdtool extract sd15.ckpt --component vae
       sdtool extract sdxl.safetensors clip_g.safetensors --component clip-g --dtype fp16
       sdtool extract sd15.ckpt unet-ema.safetensors -c unet --ema-only
     """
+    out = derived(src, out, [component, "ema" if ema_only else "", dtype or ""])
     with open_model(src) as model, progress.byte_bar(f"writing {out.name}") as bar:
         opts = ExtractOptions(
             component=component,
@@ -167,15 +204,19 @@ def extract_cmd(
             progress=None if bar is None else bar.absolute,
         )
         result = extract(model, out, opts)
-    return report(result, src, out, dry_run=dry_run, as_json=as_json)
+    return report(result, src, out, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 
-def report(result: PruneResult, src: Path, out: Path, *, dry_run: bool, as_json: bool) -> int:
+def report(
+    result: PruneResult, src: Path, out: Path, *, dry_run: bool, as_json: bool, quiet: bool
+) -> int:
     """The before/after table, what was dropped or changed and why, then what was written."""
     w = result.write
     if w is not None:
         for tname, n in w.overflows.items():
             warn(f"{src}: {n} value(s) of {tname!r} overflowed to inf in the cast")
+    if quiet:
+        return 0
     if as_json:
         print_json(result.to_json())
         return 0
@@ -191,7 +232,7 @@ def report(result: PruneResult, src: Path, out: Path, *, dry_run: bool, as_json:
     for name in dict.fromkeys([*p.before, *p.after]):
         t.add_row(markup(name), *_cells(p.before.get(name)), *_cells(p.after.get(name)))
     t.add_row("total", *_cells(p.total("before")), *_cells(p.total("after")), style="bold")
-    c.print(t)
+    print_table(c, t)
     for d in p.dropped:
         c.print(
             f"dropped {d.totals.tensors:,} tensors ({human_bytes(d.totals.bytes)}): "

@@ -7,8 +7,10 @@ makes control characters visible and neutralises rich markup before anything is 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import textwrap
 from typing import Any
 
 import click
@@ -43,13 +45,77 @@ class _Console(Console):
     def on_broken_pipe(self) -> None:
         raise BrokenPipeError
 
+    def _render_buffer(self, buffer: Any) -> str:
+        """Rows of tables are padded to the column width: drop that padding at line ends."""
+        text = super()._render_buffer(buffer)
+        return text if self.is_terminal else _TRAILING_SPACES.sub("\n", text)
+
+
+_TRAILING_SPACES = re.compile(r" +\n")
+
+
+#: the width of output that goes to a pipe or file without COLUMNS: lines are never cut or
+#: wrapped there (grep and diff see whole findings and names)
+UNLIMITED = 10_000
+
+
+def columns(stream: Any = None) -> int | None:
+    """The width to lay out for: ``COLUMNS`` if set, else the terminal's, else None (a pipe)."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    stream = sys.stdout if stream is None else stream
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
 
 def console(stderr: bool = False) -> Console:
-    """A rich console; plain (no colour, no wrapping surprises) when not on a terminal."""
+    """A rich console; plain (no colour) when not on a terminal, and as wide as the output
+    needs there: piped output is never cut or wrapped unless ``COLUMNS`` asks for a width."""
     stream = sys.stderr if stderr else sys.stdout
     return _Console(
-        file=stream, highlight=False, soft_wrap=True, width=None if stream.isatty() else 120
+        file=stream, highlight=False, soft_wrap=True, width=columns(stream) or UNLIMITED
     )
+
+
+def print_table(out: Console, table: Any) -> None:
+    """Print a rich table whole: when it is wider than the output, its rows run past the width
+    rather than have a name cut with "…" or folded inside an identifier."""
+    from rich.measure import Measurement
+
+    if out.width >= UNLIMITED:  # a pipe: nothing to fit
+        out.print(table)
+        return
+    need = Measurement.get(out, out.options.update(max_width=UNLIMITED), table).maximum
+    if need > out.width:
+        wide = _Console(file=out.file, highlight=False, soft_wrap=True, width=need)
+        wide.print(table)
+    else:
+        out.print(table)
+
+
+def wrap_width(out: Console) -> int | None:
+    """The width text should be wrapped to on ``out`` (None: do not wrap)."""
+    return None if out.width >= UNLIMITED else out.width
+
+
+def wrap(text: str, width: int | None, first: str = "", rest: str = "") -> list[str]:
+    """``text`` as lines of at most ``width`` columns, broken only at spaces: a word longer
+    than the line (a dotted global, a path) stays whole on a line of its own."""
+    if width is None:
+        return [first + text]
+    return textwrap.wrap(
+        text,
+        width=max(width, 20),
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [first]
 
 
 def human_bytes(n: float) -> str:
@@ -74,9 +140,33 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
+#: how library messages spell a choice (Python keyword arguments) -> how the CLI spells it.
+#: The library names its parameters (``overwrite=True``); a user of the command line reads
+#: the flag. Generic rules follow the table: ``name=True`` -> ``--name``, ``name=`` -> ``--name``.
+FLAG_SPELLING: dict[str, str] = {
+    'ema="only"': "--ema-only",
+    'ema="drop"': "--no-ema",
+    "ema=True": "--ema-only",
+    "carry_metadata=False": "--no-metadata",
+    "out_dir=": "--out-dir ",
+    "bake_vae:": "--bake-vae:",
+    "key=...": "--key",
+}
+_FLAG_TRUE = re.compile(r"\b([a-z][a-z0-9_]*)=True\b")
+_FLAG_VALUE = re.compile(r"\b(key|drop|dtype|component|to|jobs|on_overflow|metadata|bake_vae)=")
+
+
+def flags(message: str) -> str:
+    """A library message with parameter spellings turned into the CLI's flags."""
+    for python, flag in FLAG_SPELLING.items():
+        message = re.sub(r"(?<![\w])" + re.escape(python), flag, message)
+    message = _FLAG_TRUE.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return _FLAG_VALUE.sub(lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
+
+
 def error(message: object) -> None:
-    """One escaped error line on stderr: ``sdtool: <file>: <problem>``."""
-    click.echo(f"sdtool: {escape(message)}", err=True)
+    """One escaped error line on stderr: ``sdtool: <file>: <problem>`` (flags spelled as flags)."""
+    click.echo(f"sdtool: {escape(flags(str(message)))}", err=True)
 
 
 def warn(message: str) -> None:

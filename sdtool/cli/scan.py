@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from sdtool.cli import progress as bars_
 from sdtool.cli.options import jobs_option, json_option
-from sdtool.cli.render import console, error, human_bytes, markup, print_json
+from sdtool.cli.render import console, error, human_bytes, markup, print_json, wrap, wrap_width
+from sdtool.cli.stdin import STDIN, is_stdin, spooled
 from sdtool.scan import FileReport, ScanReport, scan_paths
 from sdtool.scan.report import VERDICTS
 from sdtool.scan.sarif import to_sarif
+from sdtool.vocab import Verdict
 
 STYLE = {
     "dangerous": "bold red",
@@ -23,8 +24,11 @@ STYLE = {
     "error": "magenta",
     "not_scanned": "magenta",
     "safe": "green",
+    "skipped": "dim",
     "info": "dim",
 }
+RANK = {"dangerous": 0, "suspicious": 1}  # findings listed worst first
+LABEL = {"skipped": "skipped (not model files)"}  # how the summary names a verdict
 
 
 @click.command("scan")
@@ -49,8 +53,10 @@ def scan_cmd(
 ) -> int:
     """Check model files for anything loading them could run, without running anything.
 
-    PATHS are files or directories (scanned recursively). Every file is routed by its content,
-    whatever its name; files sdtool cannot analyse are listed as "not scanned".
+    PATHS are files or directories (scanned recursively), or - for standard input. Every file
+    is routed by its content, whatever its name. Files that are by content no model and nothing
+    a loader runs (images, JSON, YAML, text) are listed as skipped and counted; files sdtool
+    cannot analyse, truncated or corrupt ones included, as "could not scan" (on stderr).
 
     Exit codes: 0 nothing dangerous, 1 dangerous found (or suspicious with --strict),
     2 something could not be scanned (dangerous wins).
@@ -63,9 +69,6 @@ def scan_cmd(
     """
     if as_json and as_sarif:
         raise click.UsageError("choose one of --json and --sarif")
-    for p in paths:  # a mistyped argument is a user error: say so on stderr, scan the rest
-        if not os.path.lexists(p):
-            error(f"{p}: no such file or directory")
     progress = None
     bar = None
     if bars_.enabled():
@@ -76,12 +79,23 @@ def scan_cmd(
         def progress(r: FileReport) -> None:
             bar.update(1)
 
+    if sum(map(is_stdin, paths)) > 1:
+        raise click.UsageError("- (standard input) can be given once")
     try:
-        report = scan_paths(paths, strict=strict, exclude=exclude, jobs=jobs, crc=crc,
-                            progress=progress)  # fmt: skip
+        with ExitStack() as stack:
+            real = [stack.enter_context(spooled(p)) for p in paths]
+            report = scan_paths(real, strict=strict, exclude=exclude, jobs=jobs, crc=crc,
+                                progress=progress)  # fmt: skip
+        for given, r in zip(paths, real, strict=True):  # a spooled temp file is reported as -
+            if given != r:
+                for fr in report.files:
+                    fr.path = STDIN if fr.path == str(r) else fr.path
     finally:
         if bar is not None:
             bar.close()
+    if as_json or as_sarif:
+        for fr in report.files:
+            errors(fr)
     if as_json:
         print_json(report.to_json())
     elif as_sarif:
@@ -92,43 +106,52 @@ def scan_cmd(
 
 
 def render(report: ScanReport, *, quiet: bool = False) -> None:
-    """One block per file (verdict, findings table, errors), then the summary line."""
+    """One line per file, each finding as a wrapped block under it, then the summary line.
+
+    What kept a file from being scanned goes to stderr (``sdtool: FILE: ...``): stdout holds
+    only the report, so ``sdtool scan ... > report.txt`` stays clean.
+    """
     out = console()
+    width = wrap_width(out)
     for fr in report.files:
-        if quiet and fr.verdict == "safe":
-            continue
+        errors(fr)
         v = fr.verdict
-        out.print(
-            f"[{STYLE[v]}]{v.label.upper():<11}[/{STYLE[v]}] {markup(fr.path)} "
-            f"[dim]({markup(fr.format)}, {human_bytes(fr.size)})[/dim]"
-        )
+        if quiet and v in (Verdict.SAFE, Verdict.SKIPPED):
+            continue
+        label = f"[{STYLE[v]}]{v.label.upper():<11}[/{STYLE[v]}] {markup(fr.path)}"
+        if fr.skipped:
+            out.print(f"{label}: not a model file ({markup(fr.skipped)})")
+            continue
+        out.print(f"{label} [dim]({markup(fr.format)}, {human_bytes(fr.size)})[/dim]")
         shown = [f for f in fr.findings if f.severity != "info" or v != "safe"]
-        if shown:
-            t = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 1))
-            for col in ("severity", "rule", "where", "global", "usage / message"):
-                t.add_column(col, overflow="fold")
-            for f in sorted(shown, key=lambda f: ("dangerous", "suspicious").index(f.severity)
-                            if f.severity in ("dangerous", "suspicious") else 2):  # fmt: skip
-                where = f.member or ""
-                if f.stream:
-                    where += f" #{f.stream}"
-                if f.offset is not None:
-                    where += f" @{f.offset}"
-                t.add_row(
-                    f"[{STYLE.get(f.severity, '')}]{f.severity}[/]",
-                    f.rule,
-                    markup(where.strip(), 60),
-                    markup(f.global_name or "", 70),
-                    markup(f"{f.usage}: {f.message}" if f.usage else f.message, 160),
-                )
-            out.print(t)
-        for e in fr.errors:
-            out.print(f"    [magenta]error:[/magenta] {markup(e, 200)}")
+        for f in sorted(shown, key=lambda f: RANK.get(f.severity, 9)):
+            where = f.member or ""
+            if f.stream:
+                where += f" #{f.stream}"
+            if f.offset is not None:
+                where += f" @{f.offset}"
+            head = f"{f.severity} {f.rule}" + (f" {where.strip()}" if where.strip() else "")
+            if f.global_name:
+                head += f": {f.global_name}"
+            body = f"{f.usage}: {f.message}" if f.usage else f.message
+            style = STYLE.get(f.severity, "")
+            for i, line in enumerate(wrap(head, width, "  ", "      ")):
+                out.print(f"[{style}]{markup(line)}[/]" if i == 0 and style else markup(line))
+            for line in wrap(body, width, "      ", "      "):
+                out.print(markup(line))
     s = report.summary()
-    parts = [f"{s[v]} {v.label}" for v in VERDICTS if s[v]]
+    parts = [f"{s[v]} {LABEL.get(v, v.label)}" for v in VERDICTS if s[v]]
     out.print(
         f"\n{s['files']} file{'' if s['files'] == 1 else 's'}: "
         + (", ".join(parts) or "nothing to scan")
         + f" -> exit {report.exit_code}"
         + (" (--strict)" if report.strict else "")
     )
+
+
+def errors(fr: FileReport) -> None:
+    """Each reason a file could not be (fully) scanned, as one ``sdtool: FILE: ...`` line."""
+    for e in fr.errors:
+        text = e.removeprefix("not scanned: ")
+        missing = text == "no such file or directory"
+        error(f"{fr.path}: {text}" if missing else f"{fr.path}: could not scan: {text}")

@@ -316,11 +316,17 @@ def _q_q5_1(x: np.ndarray) -> np.ndarray:
 _HALF_DOWN = np.float32(0.5) - np.float32(2.0**-25)
 
 
+def _nudge(v: np.ndarray) -> np.ndarray:
+    """Add copysign(0.5 - 2**-25, v) in place: truncating the result rounds v half away from
+    zero (ggml's roundf) for |v| <= 128."""
+    v += np.copysign(_HALF_DOWN, v)
+    return v
+
+
 def _round_away(v: np.ndarray) -> np.ndarray:
     """ggml's roundf for Q8_0's scaled values (|v| <= 127, or NaN), as int8."""
-    v = v + np.copysign(_HALF_DOWN, v)
     with np.errstate(invalid="ignore"):
-        return v.astype(np.int8)  # the cast truncates toward zero
+        return _nudge(v.astype(np.float32, copy=True)).astype(np.int8)  # the cast truncates
 
 
 def _q_q8_0(x: np.ndarray) -> np.ndarray:
@@ -335,7 +341,7 @@ def _q_q8_0(x: np.ndarray) -> np.ndarray:
     a = np.abs(flat)
     d = _rowmax(a.reshape(n, 32)).reshape(n) / _F32(127)
     v = np.multiply(flat, np.repeat(_inverse(d), 32), out=a)
-    v += np.copysign(_HALF_DOWN, v)
+    _nudge(v)
     out = np.empty((n, 34), np.uint8)
     out[:, 0:2] = _halfbytes(d).reshape(n, 2)
     with np.errstate(invalid="ignore"):  # the cast truncates toward zero (NaN: as numpy does)

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from sdtool import dtypes
-from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
+from sdtool.errors import CorruptFile, TruncatedFile
 from sdtool.formats import ggml
 from sdtool.model import (
     ContainerFacts,
@@ -562,10 +562,3 @@ def encode(t: OutGGUF, values: np.ndarray, threads: int = 1) -> np.ndarray:
     if ggml.get(t.type).quantized or t.type == "BF16":
         return ggml.quantize(flat, t.type, threads=threads)
     return np.ascontiguousarray(flat, dtype=ggml.plain_numpy(t.type)).view(np.uint8)
-
-
-def check_type(name: str) -> ggml.GGMLType:
-    t = ggml.GGML_TYPES.get(name)
-    if t is None or (name not in ggml.QUANTIZE):
-        raise UnsupportedDtype(f"sdtool cannot write GGUF tensors of type {name}")
-    return t

@@ -40,8 +40,13 @@ def select(root: Any, key: str | None) -> tuple[Any, list[str]]:
         for part in key.split("."):
             cur = _child(cur, part)
             if cur is _DROP:
-                raise UsageError(f"--key {key!r}: {'.'.join([*path, part])!r} is not in the file")
+                raise UsageError(f"key={key!r}: {'.'.join([*path, part])!r} is not in the file")
             path.append(part)
+        if not isinstance(cur, dict | list | tuple | StandIn):  # nothing can hold tensors there
+            raise UsageError(
+                f"key={key!r} names {_kind(cur)}, not a dict of tensors"
+                + (f" (it is {cur!r})" if isinstance(cur, int | float | bool) else "")
+            )
         return cur, path
     while isinstance(cur, dict) and isinstance(cur.get("state_dict"), dict):
         cur = cur["state_dict"]
@@ -60,6 +65,12 @@ def _child(obj: Any, part: str) -> Any:
     if isinstance(obj, StandIn) and isinstance(obj.state, dict):
         return _child(obj.state, part)
     return _DROP
+
+
+def _kind(obj: Any) -> str:
+    """'an int', 'a str', 'a tensor' ... for an error message."""
+    name = "tensor" if isinstance(obj, TensorInfo) else type(obj).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
 
 
 def _name(k: Any) -> str:

@@ -164,6 +164,7 @@ class NpyLayout:
     """Where a .npy's parts lie, as ``numpy.load(allow_pickle=True)`` reads them."""
 
     version: tuple[int, int]
+    nbytes: int  # bytes of a plain array's data (what numpy.load reads after the header)
     has_object: bool  # numpy unpickles the data (from ``data_start``) instead of reading numbers
     data_start: int
 
@@ -202,8 +203,8 @@ def npy_layout(head: bytes) -> NpyLayout:
             raise ValueError("this numpy has no header reader sdtool knows")
         with warnings.catch_warnings():  # numpy warns about Python 2 headers it still reads
             warnings.simplefilter("ignore")
-            _, _, dt = read_header(fp, version, max_header_size=1 << 64)
-        return NpyLayout(version, bool(dt.hasobject), fp.tell())
+            shape, _, dt = read_header(fp, version, max_header_size=1 << 64)
+        return NpyLayout(version, int(dt.itemsize) * prod(shape), bool(dt.hasobject), fp.tell())
     except ValueError:
         raise
     except Exception as e:  # numpy's reader on hostile bytes (tokenize.TokenError ...)

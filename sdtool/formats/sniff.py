@@ -6,6 +6,7 @@ torch.load's rule is followed exactly: a zip iff the file starts with ``PK\\x03\
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -159,3 +160,65 @@ def sniff(path: str | Path) -> tuple[Format, bytes, int]:
 def not_a_model(path: Path, head: bytes, size: int) -> UnknownFormat:
     """The error for a file in no format sdtool reads."""
     return UnknownFormat(f"not a model file I know: {describe(head, size)}", path=path)
+
+
+# --- files that sit beside models and are not models -------------------------------------------
+
+#: magic bytes -> what the file is; images torch.load and pickle refuse at the first byte
+_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG image"),
+    (b"\xff\xd8\xff", "JPEG image"),
+    (b"GIF87a", "GIF image"),
+    (b"GIF89a", "GIF image"),
+)
+TEXT_LIMIT = 1 << 20  # text files larger than this are never called "not a model file"
+
+
+def not_a_model_file(data: bytes, size: int) -> str | None:
+    """What a file is when, by its content, it is no model and nothing a loader would run.
+
+    ``data`` is the file's first bytes (the whole file for text up to 1 MiB). Returns
+    "PNG image", "JPEG image", "GIF image", "WebP image", "JSON text", "YAML text" or "text",
+    or None when the file could be a model or anything sdtool should scan. Text is named only
+    when it is at most 1 MiB and UTF-8 without control characters. A protocol 0 pickle is text
+    too: a caller that skips text must first check, with the pickle machine, that loading it as
+    a pickle imports or calls nothing (the scanner does).
+    """
+    for magic, what in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return what
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP image"
+    if size == 0 or size > TEXT_LIMIT or len(data) < size:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+        return None
+    if "!!python/" in text:  # YAML that an unsafe loader turns into calls: scan, do not skip
+        return None
+    return _text_kind(text)
+
+
+def _text_kind(text: str) -> str:
+    """JSON, YAML or plain text, from the text itself."""
+    import json
+
+    stripped = text.lstrip("\ufeff \t\r\n")
+    if stripped[:1] in ("{", "["):
+        try:
+            json.loads(stripped)
+            return "JSON text"
+        except ValueError:
+            pass
+    lines = [ln for ln in stripped.splitlines() if ln.strip() and not ln.startswith("#")]
+    yaml_line = re.compile(r"^(---|\s*-\s|\s*[\w.\-\"']+\s*:(\s|$))")
+    if (
+        lines
+        and (lines[0].startswith("---") or yaml_line.match(lines[0]))
+        and all(yaml_line.match(ln) or ln[:1].isspace() for ln in lines[:50])
+    ):
+        return "YAML text"
+    return "text"

@@ -592,6 +592,7 @@ def load_one(
     token = _built.set([0]) if _built.get(None) is None else None
     try:
         _check_memo_indices(f)
+        _check_tuple_nesting(f)
         return up.load()
     except CorruptFile:
         raise
@@ -621,21 +622,136 @@ def load_one(
 
 
 def _check_memo_indices(f: Any) -> None:
-    """Refuse, before the C unpickler runs, what would make it allocate or recurse without bound.
+    """Refuse a memo index no pickler could write, before the C unpickler sizes its memo by it.
 
-    - A memo index no pickler could write: the C unpickler grows its memo table to twice the
-      largest PUT index and zero-fills it, so a 120-byte pickle with LONG_BINPUT 0x56730a35 makes
-      it write ~23 GB. A pickler numbers memo entries from 0, one per opcode at most, so an index
-      above the opcodes met so far is forged.
-    - Tuples nested deeper than MAX_TUPLE_DEPTH, or whose expanded tree (shared sub-tuples counted
-      each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items: CPython hashes a
-      tuple by walking it in C with no recursion guard, so a 300,000-deep tuple used as a dict key
-      overflows the C stack (a segfault) and ``t = (t, t)`` forty times takes 2**40 steps.
-      Only tuples can nest while hashable: lists and dicts stop a hash, and no allowed builder
-      returns nested tuples, so tracking the tuple opcodes is enough.
+    The C unpickler grows its memo table to twice the largest PUT index and zero-fills it, so a
+    120-byte pickle with LONG_BINPUT 0x56730a35 makes it write ~23 GB. A pickler numbers memo
+    entries from 0, one per opcode at most, so an index above the opcodes met so far is forged.
+    Opcodes are skipped over by their argument layout (pickletools' table), nothing is decoded
+    or built, so the walk costs a fraction of the load; ``f`` is left where it was.
+    """
+    start = f.tell()
+    try:
+        found = _forged_memo_put(f, start)
+    finally:
+        f.seek(start)
+    if found is not None:
+        name, index, count = found
+        raise CorruptFile(
+            f"pickle opcode {name} stores memo entry {index} after {count} opcodes "
+            "(a forged index that would make the unpickler allocate gigabytes)"
+        )
 
-    Opcodes are walked without building anything (a stack of (depth, size) per slot); ``f`` is
-    left where it was.
+
+def _arg_layouts() -> dict[int, int]:
+    """opcode byte -> its argument layout: n >= 0 fixed bytes, or one of the _ARG_* codes."""
+    by_n = {
+        pickletools.TAKEN_FROM_ARGUMENT1: _ARG_LEN1,
+        pickletools.TAKEN_FROM_ARGUMENT4: _ARG_LEN4,
+        pickletools.TAKEN_FROM_ARGUMENT4U: _ARG_LEN4U,
+        pickletools.TAKEN_FROM_ARGUMENT8U: _ARG_LEN8U,
+    }
+    out: dict[int, int] = {}
+    for op in pickletools.opcodes:
+        arg = op.arg
+        if arg is None:
+            layout = 0
+        elif arg.n >= 0:
+            layout = arg.n
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            layout = _ARG_TWO_LINES if arg.name == "stringnl_noescape_pair" else _ARG_LINE
+        else:
+            layout = by_n[arg.n]
+        out[op.code.encode("latin-1")[0]] = layout
+    return out
+
+
+_ARG_LINE, _ARG_TWO_LINES, _ARG_LEN1, _ARG_LEN4, _ARG_LEN4U, _ARG_LEN8U = range(-1, -7, -1)
+_WIDTH = {_ARG_LEN1: 1, _ARG_LEN4: 4, _ARG_LEN4U: 4, _ARG_LEN8U: 8}
+_STOP, _PUT, _BINPUT, _LONG_BINPUT = 0x2E, 0x70, 0x71, 0x72  # . p q r
+_WALK_CHUNK = 1 << 20
+_MAX_LINE = 1 << 24  # no pickler writes a longer text argument
+
+
+def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
+    """(opcode name, index, opcodes before it) of the first forged memo PUT, else None.
+
+    Stops, finding nothing, where the stream ends or breaks: the unpickler stops there too.
+    Long arguments (tensor bytes in old pickles) are skipped by seeking, never read.
+    """
+    layouts = _LAYOUT_TABLE
+    f.seek(start)
+    buf = f.read(_WALK_CHUNK)
+    base, i, count, end = start, 0, 0, len(buf)
+    while True:
+        if i + 9 > end:  # keep an opcode, a fixed argument and a length prefix in view
+            f.seek(base + i)
+            base, buf, i = base + i, f.read(_WALK_CHUNK), 0
+            end = len(buf)
+            if not end:
+                return None
+        code = buf[i]
+        layout = layouts[code]
+        if layout is None or code == _STOP:
+            return None
+        i += 1
+        if layout >= 0:
+            if i + layout > end:
+                return None
+            if code in (_BINPUT, _LONG_BINPUT):
+                index = int.from_bytes(buf[i : i + layout], "little")
+                if index > count:
+                    return ("BINPUT" if code == _BINPUT else "LONG_BINPUT", index, count)
+            i += layout
+        elif layout <= _ARG_LEN1:
+            width = _WIDTH[layout]
+            if i + width > end:
+                return None
+            n = int.from_bytes(buf[i : i + width], "little", signed=layout == _ARG_LEN4)
+            if n < 0:
+                return None
+            i += width + n  # past the buffer: the next refill seeks there
+        else:
+            for _ in range(2 if layout == _ARG_TWO_LINES else 1):
+                nl = buf.find(b"\n", i)
+                while nl < 0:  # read on until the line ends
+                    if end - i > _MAX_LINE:
+                        return None
+                    more = f.read(_WALK_CHUNK)
+                    if not more:
+                        return None
+                    buf += more
+                    end = len(buf)
+                    nl = buf.find(b"\n", i)
+                line, i = buf[i:nl], nl + 1
+            if code == _PUT:
+                try:
+                    index = int(line)
+                except ValueError:
+                    return None
+                if index > count:
+                    return ("PUT", index, count)
+        count += 1
+
+
+_LAYOUTS = _arg_layouts()
+_LAYOUT_TABLE: list[int | None] = [_LAYOUTS.get(c) for c in range(256)]
+# the unpickler decodes text opcodes with these codecs: look them up now, not lazily while a
+# file is read
+for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):
+    codecs.lookup(_codec)
+
+
+def _check_tuple_nesting(f: Any) -> None:
+    """Refuse, before the C unpickler runs, tuples it could not hash in bounded time and stack.
+
+    Tuples nested deeper than MAX_TUPLE_DEPTH, or whose expanded tree (shared sub-tuples counted
+    each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items: CPython hashes a
+    tuple by walking it in C with no recursion guard, so a 300,000-deep tuple used as a dict key
+    overflows the C stack (a segfault) and ``t = (t, t)`` forty times takes 2**40 steps. Only
+    tuples can nest while hashable: lists and dicts stop a hash, and no allowed builder returns
+    nested tuples, so tracking the tuple opcodes is enough. Opcodes are walked without building
+    anything (a stack of (depth, size) per slot); ``f`` is left where it was.
     """
     start = f.tell()
     stack: list[Any] = []  # (tuple depth, expanded tuple size) per slot
@@ -652,11 +768,6 @@ def _check_memo_indices(f: Any) -> None:
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(f)):
             name = op.name
-            if name in _MEMO_PUTS and isinstance(arg, int) and arg > count:
-                raise CorruptFile(
-                    f"pickle opcode {name} stores memo entry {arg} after {count} opcodes "
-                    "(a forged index that would make the unpickler allocate gigabytes)"
-                )
             if name in _TUPLE_ARITY:
                 n = _TUPLE_ARITY[name]
                 if n < 0:  # TUPLE: down to the mark
@@ -705,6 +816,3 @@ MAX_TUPLE_TREE = 50_000_000
 _TUPLE_ARITY = {"TUPLE": -1, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 _MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-# genops decodes text opcodes with these codecs: look them up now, not lazily while a file is read
-for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):
-    codecs.lookup(_codec)

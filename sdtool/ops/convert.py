@@ -27,6 +27,7 @@ from typing import Any
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import opened
 from sdtool.model import ModelFile, tensor_leaves, to_plain
+from sdtool.ops.outname import derived
 from sdtool.results import Result
 from sdtool.vocab import Progress, dtype_name
 from sdtool.write import (
@@ -162,7 +163,7 @@ def build_metadata(
 
 def convert(
     src: str | Path | ModelFile,
-    out: str | Path,
+    out: str | Path | None = None,
     options: ConvertOptions | None = None,
     **changes: Any,
 ) -> ConvertResult:
@@ -173,6 +174,8 @@ def convert(
 
     Args:
         src: a path, or an opened ModelFile (left open).
+        out: the output; None: ``<stem>[-<dtype>].safetensors`` beside ``src`` (inside ``out``
+            when it is an existing folder).
         options: ConvertOptions (dtype, key, metadata, carry_metadata, and the write options
             overwrite, verify, on_overflow, progress); ``changes`` may give them as keywords.
 
@@ -186,14 +189,15 @@ def convert(
 
     t0 = time.perf_counter()
     opts = options_from(ConvertOptions, options, changes)
-    out = Path(out)
+    src_path = src.path if isinstance(src, ModelFile) else Path(src)
+    out = derived(src_path, out, [dtype_name(opts.dtype.code) if opts.dtype else ""])
     if out.suffix.lower() == ".gguf" or opts.quant is not None:
         return _convert_gguf(src, out, opts, t0)
     output_format(out)  # refuse a bad extension before reading anything
     with opened(src, key=opts.key) as m:
         if not m.tensors:
             holders = [k for k, v in m.extra.items() if any(True for _ in tensor_leaves(v))]
-            hint = f" (tensors lie under {holders[:3]}: pick one with --key)" if holders else ""
+            hint = f" (tensors lie under {holders[:3]}: pick one with key=...)" if holders else ""
             raise UsageError(f"holds no state-dict tensors to convert{hint}", path=m.path)
         plan = plan_prune(m, PruneOptions(dtype=opts.dtype))
         renamed = _renames(m)
@@ -368,7 +372,7 @@ def batch_targets(
     """(input, output) pairs: files as given, folders searched recursively for model files
     (sub-folders mirrored under ``out_dir``). The output folder itself is never searched."""
     if to not in TO_SUFFIX:
-        raise UsageError(f"--to must be one of {', '.join(TO_SUFFIX)}, not {to!r}")
+        raise UsageError(f"to={to!r} is not one of {', '.join(TO_SUFFIX)}")
     ext = TO_SUFFIX[to]
     out_dir = Path(out_dir)
     pairs: list[tuple[Path, Path]] = []
@@ -409,7 +413,7 @@ def convert_batch(
     recorded with its error and the rest go on; Ctrl-C stops everything (finished files stay)."""
     opts = options_from(ConvertOptions, options, changes)
     if jobs < 1:
-        raise UsageError("--jobs must be at least 1")
+        raise UsageError(f"jobs={jobs} must be at least 1")
     pairs = batch_targets([Path(p) for p in inputs], Path(out_dir), to)
     seen: dict[Path, Path] = {}
 

@@ -59,6 +59,14 @@ class TensorDiff:
     nan_mismatch: int = 0  # elements NaN on exactly one side
     max_abs_diff: float | int | None = None  # over compared elements; None: not compared
 
+    @property
+    def counted_as(self) -> str:
+        """The status the totals count this tensor under: a dtype change whose values also
+        changed (after the cast) is counted as "changed", not as a dtype-only change."""
+        if self.status == "dtype" and (self.changed or self.nan_mismatch):
+            return "changed"
+        return self.status
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -89,7 +97,10 @@ class DiffResult:
     metadata_changed: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
-        return sum(1 for t in self.tensors if t.status == status)
+        """Tensors counted under ``status``: "changed" holds every tensor whose values differ,
+        its dtype changed or not; "dtype" only those whose one change is the dtype (A cast to
+        B's dtype equals B bit for bit)."""
+        return sum(1 for t in self.tensors if t.counted_as == status)
 
     @property
     def counts(self) -> dict[str, int]:

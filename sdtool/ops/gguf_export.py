@@ -320,7 +320,7 @@ def ggml_n_dims(shape: tuple[int, ...]) -> int:
 
 @dataclass
 class GGUFExport:
-    """What ``export_gguf`` wrote (or would write)."""
+    """The planned GGUF: architecture, KV pairs, tensors (and, once written, its size)."""
 
     arch: str
     quant: str
@@ -584,26 +584,6 @@ def verify_gguf(plan: GGUFExport, written: Path) -> None:
                 raise VerificationError(f"tensor {t.name!r} differs from its source after writing")
     finally:
         m.close()
-
-
-def export_gguf(
-    m: ModelFile,
-    f: Any,
-    quant: str,
-    *,
-    threads: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> GGUFExport:
-    """Write ``m`` as a ComfyUI-GGUF file to the open binary file ``f``; returns the plan."""
-    plan = plan_export(m, quant)
-    plan.nbytes = write_gguf(
-        f,
-        plan.kv,
-        plan.tensors,
-        threads=threads or ggml.default_threads(),
-        progress=progress,
-    )
-    return plan
 
 
 def quant_count(plan: GGUFExport) -> int:

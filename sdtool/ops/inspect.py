@@ -22,7 +22,7 @@ from sdtool.model import (
     to_plain,
 )
 from sdtool.results import Result
-from sdtool.scan import classify_global
+from sdtool.scan.classify import classify_global
 
 SCHEMA = "sdtool.inspect/2"
 
@@ -77,6 +77,8 @@ class InspectReport(Result):
     globals: list[GlobalReport]
     tensors: list[tuple[str, TensorInfo]] = field(default_factory=list)
     identity: Identity | None = None
+    listed: bool = False  # tensors were asked for: ``tensors`` is the (maybe empty) listing
+    filter: str | None = None  # the glob the listing was filtered with
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -104,7 +106,8 @@ class InspectReport(Result):
             ],
             "identity": self.identity.to_json() if self.identity is not None else None,
         }
-        if self.tensors:
+        if self.listed:
+            out["filter"] = self.filter
             out["tensors"] = [
                 {
                     "name": n,
@@ -168,6 +171,8 @@ def inspect_model(
         globals=globals_,
         tensors=listed,
         identity=identity,
+        listed=tensors,
+        filter=filter if tensors else None,
     )
 
 

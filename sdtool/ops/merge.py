@@ -194,7 +194,7 @@ def align(a: ModelFile, other: ModelFile) -> tuple[dict[str, Source], list[str]]
     notes: list[str] = []
     if len(out) == len(a.tensors):
         return out, notes
-    from sdtool.ops.identify import identify
+    from sdtool.identify import identify
 
     ia, ib = identify(a), identify(other)
     family = ia.architecture or ib.architecture

@@ -27,8 +27,9 @@ from sdtool.identify import ComponentMatch, Identity, identify
 from sdtool.identify import tables as S
 from sdtool.identify.engine import ema_key
 from sdtool.model import ModelFile, TensorInfo
+from sdtool.ops.outname import derived
 from sdtool.results import Result
-from sdtool.vocab import CASTABLE, cast_target
+from sdtool.vocab import CASTABLE, cast_target, dtype_name
 from sdtool.write import OutTensor, WriteOptions, WriteResult, options_from, write_model
 
 SCHEMA = "sdtool.prune/2"
@@ -225,6 +226,29 @@ def _uncast_notes(tensors: list[OutTensor], dtype: DType | None) -> list[str]:
     ]
 
 
+#: (options that contradict each other, why); checked before anything is read
+_CONTRADICTIONS: tuple[tuple[Callable[[PruneOptions], bool], str], ...] = (
+    (
+        lambda o: o.allow_partial_ema and o.ema != "only",
+        'allow_partial_ema=True applies only with ema="only"',
+    ),
+    (
+        lambda o: o.ema == "only" and "unet" in o.drop,
+        'ema="only" puts the EMA weights under the UNet keys, and drop="unet" removes them',
+    ),
+    (
+        lambda o: o.ema == "only" and "ema" in o.drop,
+        'ema="only" takes its weights from the EMA copy, and drop="ema" removes it',
+    ),
+)
+
+
+def _refuse_contradictions(options: PruneOptions) -> None:
+    for broken, why in _CONTRADICTIONS:
+        if broken(options):
+            raise UsageError(f"options contradict each other: {why}")
+
+
 def plan_prune(
     model: ModelFile, options: PruneOptions, identity: Identity | None = None
 ) -> PrunePlan:
@@ -239,8 +263,9 @@ def plan_prune(
     unknown_drop = set(options.drop) - set(DROP_TARGETS)
     if unknown_drop:
         raise UsageError(
-            f"--drop {sorted(unknown_drop)[0]!r} is not a part; use {', '.join(DROP_TARGETS)}"
+            f"drop={sorted(unknown_drop)[0]!r} is not a part; use {', '.join(DROP_TARGETS)}"
         )
+    _refuse_contradictions(options)
     ident = identity or identify(model)
     own = owners(ident)
     drop_roles = {r for d in options.drop for r in DROP_TARGETS[d]}
@@ -330,8 +355,8 @@ def _ema_sources(
     ema = ident.component("ema")
     if ema is None or unet is None:
         raise UsageError(
-            "--ema-only: the file has no EMA weights (no model_ema.* copy of the UNet); "
-            "prune without --ema-only to keep the weights as they are",
+            'ema="only": the file has no EMA weights (no model_ema.* copy of the UNet); '
+            'prune without ema="only" to keep the weights as they are',
             path=model.path,
         )
     out: dict[str, TensorInfo] = {}
@@ -343,7 +368,7 @@ def _ema_sources(
             continue
         if twin.shape != model.tensors[key].shape:
             raise UsageError(
-                f"--ema-only: EMA tensor {ema_key(key)!r} has shape {list(twin.shape)} but "
+                f'ema="only": EMA tensor {ema_key(key)!r} has shape {list(twin.shape)} but '
                 f"{key!r} has {list(model.tensors[key].shape)}; the EMA copy does not belong "
                 "to this UNet",
                 path=model.path,
@@ -351,8 +376,8 @@ def _ema_sources(
         out[key] = twin
     if missing and not options.allow_partial_ema:
         raise UsageError(
-            f"--ema-only: the EMA copy is incomplete: {len(missing)} of {len(unet.keys)} UNet "
-            f"keys have no model_ema twin (e.g. {missing[0]!r}); pass --allow-partial-ema to "
+            f'ema="only": the EMA copy is incomplete: {len(missing)} of {len(unet.keys)} UNet '
+            f"keys have no model_ema twin (e.g. {missing[0]!r}); pass allow_partial_ema=True to "
             "keep the raw weights for those",
             path=model.path,
         )
@@ -365,13 +390,13 @@ def _bake_sources(model: ModelFile, ident: Identity, vae_file: ModelFile) -> dic
     src = next(iter(vae_ident.by_role("vae")), None)
     if src is None:
         raise UsageError(
-            f"--bake-vae: {vae_file.path.name} holds no VAE ({vae_ident.kind}; "
+            f"bake_vae={vae_file.path.name!r} holds no VAE ({vae_ident.kind}; "
             f"{len(vae_file.tensors)} tensors)",
             path=vae_file.path,
         )
     if src.missing:
         raise UsageError(
-            f"--bake-vae: the VAE in {vae_file.path.name} is incomplete "
+            f"bake_vae={vae_file.path.name!r}: the VAE is incomplete "
             f"({len(src.missing)} keys missing, e.g. {src.missing[0]!r})",
             path=vae_file.path,
         )
@@ -381,14 +406,14 @@ def _bake_sources(model: ModelFile, ident: Identity, vae_file: ModelFile) -> dic
         prefix = next((p for sid, p in parts if S.COMPONENTS[sid].role == "vae"), None)
         if prefix is None:
             raise UsageError(
-                "--bake-vae: the checkpoint has no VAE and its architecture is not "
+                "bake_vae: the checkpoint has no VAE and its architecture is not "
                 "known, so there is no place to put one"
             )
     else:
         prefix = target.prefix
         if target.signature != src.signature:
             raise UsageError(
-                f"--bake-vae: {vae_file.path.name} is a {src.label}, the checkpoint has a "
+                f"bake_vae={vae_file.path.name!r} is a {src.label}, the checkpoint has a "
                 f"{target.label}",
                 path=vae_file.path,
             )
@@ -400,7 +425,7 @@ def _bake_sources(model: ModelFile, ident: Identity, vae_file: ModelFile) -> dic
         old = model.tensors.get(name)
         if old is not None and old.shape != info.shape:
             raise UsageError(
-                f"--bake-vae: {key!r} has shape {list(info.shape)} but the checkpoint's "
+                f"bake_vae: {key!r} has shape {list(info.shape)} but the checkpoint's "
                 f"{name!r} has {list(old.shape)}; this VAE does not fit",
                 path=vae_file.path,
             )
@@ -474,7 +499,7 @@ def plan_extract(
     """
     target = EXTRACT_TARGETS.get(component)
     if target is None:
-        raise UsageError(f"--component must be one of {', '.join(EXTRACT_TARGETS)}")
+        raise UsageError(f"component={component!r} is not one of {', '.join(EXTRACT_TARGETS)}")
     ident = identity or identify(model)
     found = [c for c in ident.components if target in (c.role, c.name) and c.role != "ema"]
     if not found:
@@ -484,14 +509,14 @@ def plan_extract(
         names = ", ".join(c.name for c in found)
         raise UsageError(
             f"the file has {len(found)} text encoders ({names}); extract one with "
-            f"--component {found[0].name}",
+            f"component={found[0].name!r}",
             path=model.path,
         )
     comp = found[0]
     ema_sources: dict[str, TensorInfo] = {}
     if ema:
         if comp.role != "denoiser":
-            raise UsageError("--ema-only applies to --component unet")
+            raise UsageError('ema=True applies only to component="unet"')
         ema_sources = _ema_sources(model, ident, comp, PruneOptions(ema="only"))
     own = owners(ident)
     b = _Builder(model, ident, own)
@@ -536,32 +561,49 @@ def _write(plan: PrunePlan, out: str | Path, options: WriteOptions) -> PruneResu
 
 def prune(
     src: str | Path | ModelFile,
-    out: str | Path,
+    out: str | Path | None = None,
     options: PruneOptions | None = None,
     **changes: Any,
 ) -> PruneResult:
     """Prune ``src`` (a path or an opened ModelFile) into ``out`` (format by extension).
 
     ``options`` (or keywords): what to keep (see ``PruneOptions``) and the write options
-    (dtype, overwrite, verify, on_overflow, dry_run, progress). See ``plan_prune``.
+    (dtype, overwrite, verify, on_overflow, dry_run, progress). See ``plan_prune``. Without
+    ``out``: ``<stem>-pruned[-emaonly|-noema][-<dtype>].safetensors`` beside ``src`` (inside
+    ``out`` when it is an existing folder).
+
+    Example:
+        >>> prune("sd15.ckpt", ema="only", dtype="fp16").write.path
+        PosixPath('sd15-pruned-emaonly-fp16.safetensors')
     """
     opts = options_from(PruneOptions, options, changes)
     with opened(src) as model:
-        return _write(plan_prune(model, opts), out, opts)
+        ema_tag = {"only": "emaonly", "drop": "noema"}.get(opts.ema, "")
+        dtype_tag = dtype_name(opts.dtype.code) if opts.dtype else ""
+        target = derived(model.path, out, ["pruned", ema_tag, dtype_tag])
+        return _write(plan_prune(model, opts), target, opts)
 
 
 def extract(
     src: str | Path | ModelFile,
-    out: str | Path,
+    out: str | Path | None = None,
     options: ExtractOptions | None = None,
     **changes: Any,
 ) -> PruneResult:
     """Write one component of ``src`` to ``out`` in its standalone layout (``ExtractOptions``:
-    component, ema, and the write options)."""
+    component, ema, and the write options). Without ``out``:
+    ``<stem>-<component>[-ema][-<dtype>].safetensors`` beside ``src``.
+
+    Example:
+        >>> extract("sd15.ckpt", component="vae").write.path
+        PosixPath('sd15-vae.safetensors')
+    """
     opts = options_from(ExtractOptions, options, changes)
     with opened(src) as model:
         plan = plan_extract(model, opts.component, dtype=opts.dtype, ema=opts.ema)
-        return _write(plan, out, opts)
+        dtype_tag = dtype_name(opts.dtype.code) if opts.dtype else ""
+        target = derived(model.path, out, [opts.component, "ema" if opts.ema else "", dtype_tag])
+        return _write(plan, target, opts)
 
 
 def parse_drop(values: Iterable[str]) -> frozenset[str]:
@@ -569,5 +611,5 @@ def parse_drop(values: Iterable[str]) -> frozenset[str]:
     out = {v.strip() for item in values for v in item.split(",") if v.strip()}
     bad = sorted(out - set(DROP_TARGETS))
     if bad:
-        raise UsageError(f"--drop {bad[0]!r} is not a part; use {', '.join(DROP_TARGETS)}")
+        raise UsageError(f"drop={bad[0]!r} is not a part; use {', '.join(DROP_TARGETS)}")
     return frozenset(out)

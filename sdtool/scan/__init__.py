@@ -16,11 +16,25 @@ import fnmatch
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sdtool.scan.classify import classify_global
-from sdtool.scan.containers import scan_file
 from sdtool.scan.report import FileReport, Finding, ScanReport
-from sdtool.scan.vm import DEFAULT_LIMITS, Limits
+
+if TYPE_CHECKING:
+    from sdtool.scan.vm import Limits
+
+# the pickle machine and the container walker load on first scan, so that importing
+# sdtool.scan.classify (inspect's verdict column) stays cheap
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Limits":
+        from sdtool.scan.vm import Limits
+
+        return Limits
+    raise AttributeError(f"module 'sdtool.scan' has no attribute {name!r}")
+
 
 __all__ = [
     "FileReport",
@@ -34,17 +48,20 @@ __all__ = [
 ]
 
 
-def scan(path: str | Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read") -> FileReport:
+def scan(path: str | Path, *, limits: Limits | None = None, crc: str = "read") -> FileReport:
     """Scan one file and return its FileReport (never raises for file content).
 
     A file's verdict does not depend on ``--strict`` (``ScanReport.exit_code`` does).
 
     Args:
         path: any file; the format is decided by content, never by extension.
-        limits: caps on opcodes, memo, stack and literal sizes.
+        limits: caps on opcodes, memo, stack and literal sizes (None: the defaults).
         crc: "read" checks the CRC-32 of every zip member that is read; "all" of every member.
     """
-    return scan_file(Path(path), limits=limits, crc=crc)
+    from sdtool.scan.containers import scan_file
+    from sdtool.scan.vm import DEFAULT_LIMITS
+
+    return scan_file(Path(path), limits=limits or DEFAULT_LIMITS, crc=crc)
 
 
 def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iterator[Path | str]:
@@ -88,7 +105,7 @@ def scan_paths(
     strict: bool = False,
     exclude: Iterable[str] = (),
     jobs: int = 1,
-    limits: Limits = DEFAULT_LIMITS,
+    limits: Limits | None = None,
     crc: str = "read",
     progress: Callable[[FileReport], None] | None = None,
     isolate: bool = True,
@@ -100,6 +117,10 @@ def scan_paths(
     process instead. ``progress`` is called with each FileReport as it completes (in input
     order).
     """
+    from sdtool.scan.containers import scan_file
+    from sdtool.scan.vm import DEFAULT_LIMITS
+
+    limits = limits or DEFAULT_LIMITS
     targets = list(iter_files(paths, exclude))
     report = ScanReport(strict=strict)
 

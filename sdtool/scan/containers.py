@@ -18,7 +18,7 @@ from typing import Any
 
 from sdtool.errors import SdtoolError
 from sdtool.formats import zip as zipfmt
-from sdtool.formats.sniff import describe, sniff_bytes
+from sdtool.formats.sniff import TEXT_LIMIT, describe, not_a_model_file, sniff_bytes
 from sdtool.scan.archives import scan_archive_7z, scan_unscannable
 from sdtool.scan.buffers import (
     Budget,
@@ -35,7 +35,7 @@ from sdtool.scan.context import (
     run_pickle,
 )
 from sdtool.scan.report import FileReport
-from sdtool.scan.vm import DEFAULT_LIMITS, OPNAMES, Inst, Limits, would_unpickle
+from sdtool.scan.vm import DEFAULT_LIMITS, OPNAMES, Inst, Limits, run_stream, would_unpickle
 from sdtool.scan.walkers.compressed import scan_compressed
 from sdtool.scan.walkers.gguf import scan_gguf
 from sdtool.scan.walkers.numpy import scan_npy
@@ -106,6 +106,8 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     if handler is not scan_pickle:
         _pickle_at_zero(ctx, buf, member, kind_name)
     if handler is None:
+        if member is None and _skip_not_a_model(ctx, buf, head, size):
+            return
         what = describe(head, size)
         if member is None:
             ctx.report.scanned = False
@@ -119,6 +121,21 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         handler(ctx, buf, member, depth)
     finally:
         ctx.depth = outer
+
+
+def _skip_not_a_model(ctx: Ctx, buf: Any, head: bytes, size: int) -> bool:
+    """A file that is, by content, an image, JSON, YAML or text: skipped, and said so."""
+    data = bytes(buf[:size]) if len(head) < size <= TEXT_LIMIT else head
+    what = not_a_model_file(data, size)
+    if what is None:
+        return False
+    if what.endswith("text"):  # protocol 0 pickles are text: skip only if loading it does nothing
+        s = run_stream(data, limits=ctx.limits)
+        if s.imports or s.calls or s.persids or s.incomplete:
+            return False
+    ctx.report.skipped = what
+    ctx.formats.append(Format.UNKNOWN)  # no model format; ``skipped`` says what it is
+    return True
 
 
 def _pickle_at_zero(ctx: Ctx, buf: Any, member: str | None, kind: str) -> None:

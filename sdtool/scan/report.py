@@ -78,6 +78,7 @@ class FileReport:
     scanned: bool = True  # False: nothing in the file could be analysed ("not scanned")
     streams: int = 0  # pickle streams analysed
     size: int = 0
+    skipped: str | None = None  # "PNG image", ...: by content not a model file (counted, exit 0)
 
     @property
     def severity(self) -> Severity:
@@ -95,6 +96,8 @@ class FileReport:
             return Verdict.NOT_SCANNED
         if self.errors:
             return Verdict.ERROR
+        if self.skipped:
+            return Verdict.SKIPPED
         return Verdict.SAFE
 
     def add(self, finding: Finding) -> None:
@@ -115,6 +118,7 @@ class FileReport:
             "size": self.size,
             "verdict": self.verdict,
             "scanned": self.scanned,
+            "skipped": self.skipped,
             "streams": self.streams,
             "findings": [f.to_json() for f in self.findings],
             "errors": list(self.errors),

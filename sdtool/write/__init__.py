@@ -230,7 +230,7 @@ def _overflow_error(
     return CastOverflow(
         f"the cast to {target} overflows to inf in {len(worst)} tensor(s) ({shown}{more}); "
         "nothing was written. Keep a wider dtype (bf16 has fp32's range), or pass "
-        "--on-overflow warn to write it anyway",
+        'on_overflow="warn" to write it anyway',
         overflows,
         path=out,
     )

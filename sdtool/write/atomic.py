@@ -36,7 +36,7 @@ def check_output(target: Path, *, inputs: Iterable[Path] = (), overwrite: bool =
     if target.is_dir():
         raise OutputError("is a directory; give a file name", path=target)
     if target.exists() and not overwrite:
-        raise OutputError("already exists; pass --overwrite to replace it", path=target)
+        raise OutputError("already exists; pass overwrite=True to replace it", path=target)
     if not target.parent.is_dir():
         raise OutputError(f"its folder {str(target.parent)!r} does not exist", path=target)
 

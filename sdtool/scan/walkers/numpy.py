@@ -42,8 +42,15 @@ def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         # numpy.load refuses it: nothing in the file is loaded
         ctx.report.notes.append(f"{member or 'file'}: numpy refuses the npy header ({e})"[:300])
         return
-    if not layout.has_object:
-        return  # plain numbers: nothing executable
+    if not layout.has_object:  # plain numbers: nothing executable, but the data must be there
+        available = len(buf) - layout.data_start
+        if layout.nbytes > available:
+            ctx.error(
+                member,
+                f"npy data needs {layout.nbytes} bytes but the file holds {available}; "
+                "the file is truncated",
+            )
+        return
     ctx.report.notes.append(f"{member or 'file'}: npy object array: its data is a pickle")
     data = Window(buf, layout.data_start, len(buf) - layout.data_start)
     scan_pickle(

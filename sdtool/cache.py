@@ -1,0 +1,213 @@
+"""A result cache that hub-scale batches can share: file identity -> SHA-256 -> results.
+
+Two tables, because the two facts age differently:
+
+* ``files``: (device, inode, size, mtime_ns, ctime_ns) -> SHA-256 of the content. A file whose
+  identity changed in any of these is a new file: its hash is never trusted. ctime is in the
+  key because a writer can reset mtime (``touch -d``) but not ctime.
+* ``results``: (SHA-256, kind, version) -> a JSON document (a scan verdict, an identity, the
+  hashes). ``version`` names what produced the result (the scan ruleset, sdtool's version), so
+  a new ruleset invalidates verdicts and nothing else.
+
+SQLite in WAL mode (stdlib, no service, safe with several processes: readers never block the
+writer, writers wait for each other up to ``timeout``). Every failure to use the cache (a
+read-only or corrupt database, a full disk) degrades to "no cache" rather than failing the job:
+the cache is an accelerator, never a source of truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+_DDL = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS files ("
+    " dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,"
+    " sha256 TEXT NOT NULL, PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns))",
+    "CREATE TABLE IF NOT EXISTS results ("
+    " sha256 TEXT, kind TEXT, version TEXT, value TEXT NOT NULL,"
+    " PRIMARY KEY (sha256, kind, version))",
+)
+
+
+def default_dir() -> Path:
+    """``$SDTOOL_CACHE_DIR``, else ``$XDG_CACHE_HOME/sdtool``, else ``~/.cache/sdtool``."""
+    env = os.environ.get("SDTOOL_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sdtool"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What says "this is still the same file": any change means the content may differ."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    @classmethod
+    def of_path(cls, path: str | Path) -> Identity:
+        return cls.of(os.stat(path))
+
+
+class Cache:
+    """The cache in ``directory`` (created on first use). Thread- and process-safe.
+
+    Example:
+        >>> cache = Cache(tmp)
+        >>> sha = cache.sha256(path)                 # None: not known for this identity
+        >>> cache.put_sha256(ident, digest)          # after hashing, if identity unchanged
+        >>> cache.put("scan", digest, ruleset, report.to_json())
+    """
+
+    def __init__(self, directory: str | Path | None = None, *, timeout: float = 30.0) -> None:
+        self.directory = Path(directory) if directory is not None else default_dir()
+        self.path = self.directory / "cache.sqlite3"
+        self._timeout = timeout
+        self._local = threading.local()
+        self.disabled_reason: str | None = None
+
+    # -- connection -----------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection | None:
+        if self.disabled_reason is not None:
+            return None
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            for stmt in _DDL:
+                conn.execute(stmt)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+            elif row[0] != str(SCHEMA):
+                conn.close()
+                self.disabled_reason = f"{self.path}: cache schema {row[0]}, expected {SCHEMA}"
+                return None
+        except (OSError, sqlite3.Error) as e:
+            self.disabled_reason = f"{self.path}: cache unusable ({e}); continuing without it"
+            return None
+        self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection | None]:
+        conn = self._conn()
+        try:
+            yield conn
+        except sqlite3.Error as e:  # locked past timeout, corrupt, disk full: no cache
+            self.disabled_reason = f"{self.path}: cache unusable ({e}); continuing without it"
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- file identity -> sha256 -----------------------------------------------------------
+    def sha256(self, ident: Identity) -> str | None:
+        """The SHA-256 recorded for exactly this identity, or None."""
+        with self._use() as conn:
+            if conn is None:
+                return None
+            row = conn.execute(
+                "SELECT sha256 FROM files WHERE dev=? AND ino=? AND size=? AND mtime_ns=?"
+                " AND ctime_ns=?",
+                (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns),
+            ).fetchone()
+            return None if row is None else str(row[0])
+        return None
+
+    def put_sha256(self, ident: Identity, sha256: str) -> None:
+        """Record ``sha256`` for ``ident`` (the caller checked the identity held while hashing)."""
+        with self._use() as conn:
+            if conn is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                    (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns, sha256),
+                )
+
+    # -- (sha256, kind, version) -> result ---------------------------------------------------
+    def get(self, kind: str, sha256: str, version: str) -> dict[str, Any] | None:
+        """The result ``kind`` stored for this content and producer version, or None."""
+        with self._use() as conn:
+            if conn is None:
+                return None
+            row = conn.execute(
+                "SELECT value FROM results WHERE sha256=? AND kind=? AND version=?",
+                (sha256, kind, version),
+            ).fetchone()
+            if row is None:
+                return None
+            try:
+                value = json.loads(row[0])
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+        return None
+
+    def put(self, kind: str, sha256: str, version: str, value: dict[str, Any]) -> None:
+        """Store a JSON-able result for this content and producer version."""
+        text = json.dumps(value, sort_keys=True, ensure_ascii=True)
+        with self._use() as conn:
+            if conn is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
+                    (sha256, kind, version, text),
+                )
+
+    def stats(self) -> dict[str, int]:
+        """Row counts, for ``--debug`` and tests."""
+        with self._use() as conn:
+            if conn is None:
+                return {"files": 0, "results": 0}
+            return {
+                t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+                for t in ("files", "results")
+            }
+        return {"files": 0, "results": 0}
+
+
+def cached_sha256(cache: Cache | None, path: str | Path, compute: Any) -> tuple[str, bool]:
+    """SHA-256 of ``path`` from the cache, or ``compute()`` (hex) recorded when safe.
+
+    Returns (hex digest, whether it came from the cache). The result is recorded only when the
+    file's identity was the same before and after ``compute`` ran: a file that changed while it
+    was read is hashed again next time.
+    """
+    before = Identity.of_path(path)
+    if cache is not None:
+        known = cache.sha256(before)
+        if known is not None:
+            return known, True
+    digest = str(compute())
+    if cache is not None and Identity.of_path(path) == before:
+        cache.put_sha256(before, digest)
+    return digest, False

@@ -1,0 +1,41 @@
+"""JSON Lines output for batch commands: one object per file, written whole as it finishes.
+
+Hubs run sdtool in job queues and read its output as it comes; a crash or Ctrl-C must leave only
+whole lines. Each record is encoded first and written with one ``os.write`` of the complete line
+(retried on a short write, which only a full pipe or disk causes), then nothing is buffered: a
+reader sees every finished file at once, and never half a record.
+
+Every record carries the same envelope (schema ``sdtool.<command>.jsonl/1``, docs/scale.md):
+``schema``, ``sdtool`` (version), ``path`` and whatever the command adds (``size``, ``sha256``
+when computed, ``ruleset`` for scan, the verdict or result, the findings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, BinaryIO
+
+from sdtool import __version__
+
+
+class JsonLines:
+    """Writes records to ``stream`` (stdout by default) one whole line at a time."""
+
+    def __init__(self, command: str, stream: BinaryIO | None = None) -> None:
+        self.schema = f"sdtool.{command}.jsonl/1"
+        self._fd = (stream if stream is not None else sys.stdout.buffer).fileno()
+        sys.stdout.flush()
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one record: the envelope first, then the command's fields."""
+        full = {"schema": self.schema, "sdtool": __version__, **record}
+        # ASCII: valid UTF-8 whatever bytes a file or member name holds (lone surrogates escaped)
+        line = (json.dumps(full, ensure_ascii=True, default=str) + "\n").encode("ascii")
+        view = memoryview(line)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.count += 1

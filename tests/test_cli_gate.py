@@ -1,0 +1,194 @@
+"""``sdtool scan`` as a CI gate (issue 10, item 1): model folders as people keep them scan with
+exit 0, files that are by content no model are skipped and counted, truncated or corrupt files
+of every format are "could not scan" (exit 2, dangerous wins), error lines go to stderr, and
+``-`` reads standard input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from sdtool.cli.main import main
+from tests.scan_payloads import MARK, REDUCE, STOP, STRING, asm, call_global
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "tiny-sd15-ema.ckpt"
+
+
+def _png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00\xff\x00\x00")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """An A1111 / ComfyUI model folder: models with their previews, infos, configs, notes."""
+    d = tmp_path / "models"
+    d.mkdir()
+    save_file({"lora_up.weight": np.ones((4, 4), np.float32)}, str(d / "style.safetensors"))
+    (d / "sd15.ckpt").write_bytes(EXAMPLE.read_bytes())
+    (d / "style.preview.png").write_bytes(_png())
+    (d / "sd15.preview.jpeg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(64))
+    (d / "style.civitai.info").write_text(json.dumps({"id": 1, "trainedWords": ["foo"]}))
+    (d / "style.json").write_text('{"activation text": "foo"}')
+    (d / "sd15.yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n")
+    (d / "notes.txt").write_text("hello, the trigger words are foo and bar\n")
+    (d / "README.md").write_text("# Style LoRA\n\nUse at weight 0.8.\n")
+    return d
+
+
+LABELS = {
+    "style.preview.png": "PNG image",
+    "sd15.preview.jpeg": "JPEG image",
+    "style.civitai.info": "JSON text",
+    "style.json": "JSON text",
+    "sd15.yaml": "YAML text",
+    "notes.txt": "text",
+    "README.md": "text",
+}
+
+
+def test_model_folder_passes_the_gate(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scan", str(folder)]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == ""
+    for name, what in LABELS.items():
+        assert f"SKIPPED     {folder / name}: not a model file ({what})\n" in cap.out
+    assert cap.out.endswith("9 files: 7 skipped (not model files), 2 safe -> exit 0\n"), cap.out
+    doc = json.loads(_run_json(folder, capsys))
+    assert doc["exit_code"] == 0 and doc["summary"]["skipped"] == 7
+    skipped = {Path(f["path"]).name: f["skipped"] for f in doc["files"] if f["skipped"]}
+    assert skipped == LABELS
+
+
+def _run_json(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    main(["scan", str(path), "--json"])
+    return capsys.readouterr().out
+
+
+def test_quiet_lists_only_what_needs_attention(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["scan", "--quiet", str(folder)]) == 0
+    assert capsys.readouterr().out == "\n9 files: 7 skipped (not model files), 2 safe -> exit 0\n"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        call_global("os", "system", proto=2),  # a binary pickle named .png
+        # a protocol 0 pickle is text: it imports and calls before anything else in the file
+        asm(b"cos\nsystem\n", MARK, STRING("echo hi"), b"t", REDUCE, STOP) + b"\n# notes\n",
+        b"!!python/object/apply:os.system ['echo hi']\n",  # YAML an unsafe loader runs
+    ],
+    ids=["pickle-as-png", "proto0-pickle-as-text", "yaml-python-tag"],
+)
+def test_content_decides_not_the_name(
+    content: bytes, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (folder / "evil.preview.png").write_bytes(content)
+    assert main(["scan", str(folder)]) != 0
+    out = capsys.readouterr().out
+    assert "evil.preview.png: not a model file" not in out
+
+
+def _formats(d: Path) -> dict[str, bytes]:
+    sd = {"w": torch.arange(4096, dtype=torch.float32).reshape(64, 64), "b": torch.ones(64)}
+    torch.save(sd, d / "zip.ckpt")
+    torch.save(sd, d / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    save_file({k: v.numpy() for k, v in sd.items()}, str(d / "m.safetensors"))
+    np.save(d / "a.npy", np.ones((64, 64), np.float32))
+    np.savez(d / "z.npz", a=np.ones(1000))
+    (d / "p.pkl").write_bytes(pickle.dumps({"a": list(range(300))}, protocol=2))
+    names = ["zip.ckpt", "legacy.ckpt", "m.safetensors", "a.npy", "z.npz", "p.pkl"]
+    return {n: (d / n).read_bytes() for n in names}
+
+
+def test_truncated_files_of_every_format_are_could_not_scan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cut anywhere (safetensors inside its header and inside its data included): never
+    SAFE/SUSPICIOUS with exit 0; the reason is one line on stderr per file."""
+    for name, data in _formats(tmp_path).items():
+        cuts = sorted({9, 40, len(data) // 3, len(data) // 2, len(data) - 100, len(data) - 1})
+        for n in cuts:
+            p = tmp_path / f"cut-{n}-{name}"
+            p.write_bytes(data[:n])
+            code = main(["scan", str(p)])
+            cap = capsys.readouterr()
+            assert code in (1, 2), (name, n, cap.out)
+            if code == 2:
+                assert cap.out.split()[0] in ("ERROR", "NOT"), (name, n, cap.out)
+                assert cap.err.startswith(f"sdtool: {p}: "), (name, n, cap.err)
+                assert "could not scan" in cap.err or "no such" in cap.err
+
+
+def test_error_lines_go_to_stderr_in_table_mode(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    st = (folder / "style.safetensors").read_bytes()
+    (folder / "cut.safetensors").write_bytes(st[:-10])  # cut inside its data section
+    (folder / "dangerous.pkl").write_bytes(call_global("os", "system", proto=2))
+    assert main(["scan", str(folder)]) == 1  # dangerous wins over could not scan
+    cap = capsys.readouterr()
+    assert f"ERROR       {folder / 'cut.safetensors'} (safetensors" in cap.out
+    assert cap.err == (
+        f"sdtool: {folder / 'cut.safetensors'}: could not scan: breaks the safetensors rules: "
+        "the tensors need 64 bytes of data but the file holds 54; the download is truncated\n"
+    )
+    assert "the download is truncated" not in cap.out
+    (folder / "dangerous.pkl").unlink()
+    assert main(["scan", str(folder), "--json"]) == 2
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["exit_code"] == 2 and cap.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["scan", "inspect", "hash"])
+def test_dash_reads_standard_input(command: str, sub_env: dict[str, str]) -> None:
+    """``cat m.ckpt | sdtool scan -``: a pipe (not seekable) is spooled to a temp file."""
+    data = EXAMPLE.read_bytes()
+    r = subprocess.run(
+        [sys.executable, "-m", "sdtool", command, "-", "--json"],
+        input=data,
+        capture_output=True,
+        env=sub_env,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    from_file = subprocess.run(
+        [sys.executable, "-m", "sdtool", command, str(EXAMPLE), "--json"],
+        capture_output=True,
+        env=sub_env,
+    )
+    expected = json.loads(from_file.stdout.replace(str(EXAMPLE).encode(), b"-"))
+    assert doc == expected
+
+
+def test_dash_over_the_size_cap_is_one_line(sub_env: dict[str, str]) -> None:
+    env = dict(sub_env, SDTOOL_STDIN_MAX="1000")
+    r = subprocess.run(
+        [sys.executable, "-m", "sdtool", "scan", "-"],
+        input=bytes(5000),
+        capture_output=True,
+        env=env,
+    )
+    assert r.returncode == 2
+    assert r.stderr == (
+        b"sdtool: -: standard input is larger than 1000 bytes (SDTOOL_STDIN_MAX); "
+        b"save it to a file first\n"
+    )

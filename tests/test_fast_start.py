@@ -1,0 +1,128 @@
+"""Issue 10, item 4: a fast start. Which modules ``sdtool --help``, ``scan`` and ``inspect``
+import (the figures are in benchmarks/bench_start.py, not timed here), the cheap forged-memo
+walk the loader runs before unpickling, and shell completion of choices."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import pickletools
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdtool.formats.unpickler import _forged_memo_put
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "tiny-sd15-ema.ckpt"
+
+PROBE = """
+import io, json, sys, contextlib
+from sdtool.cli.main import main
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        main(json.loads(sys.argv[1]))
+    except SystemExit:
+        pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def imported(argv: list[str], env: dict[str, str]) -> set[str]:
+    """The modules a fresh process has loaded after running ``sdtool ARGV``."""
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    return set(json.loads(r.stdout.splitlines()[-1]))
+
+
+HEAVY = {"torch", "ml_dtypes", "diffusers", "transformers", "gguf", "py7zr", "joblib", "tqdm"}
+
+
+def _under(mods: set[str], *prefixes: str) -> set[str]:
+    return {m for m in mods if m.split(".")[0] in prefixes or m.startswith(prefixes)}
+
+
+def test_help_imports_click_and_nothing_of_the_library(sub_env: dict[str, str]) -> None:
+    mods = imported(["--help"], sub_env)
+    assert not _under(mods, *HEAVY, "numpy", "rich")
+    assert {m for m in mods if m.startswith("sdtool")} <= {
+        "sdtool",
+        "sdtool.cli",
+        "sdtool.cli.main",
+        "sdtool.errors",
+        "sdtool.vocab",
+    }
+
+
+@pytest.mark.parametrize("argv", [["scan", str(EXAMPLE)], ["inspect", str(EXAMPLE)]])
+def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[str, str]) -> None:
+    mods = imported(argv, sub_env)
+    assert not _under(mods, *HEAVY), sorted(_under(mods, *HEAVY))
+    assert not _under(mods, "sdtool.layouts", "sdtool.ops.convert", "sdtool.ops.prune")
+    if argv[0] == "inspect":  # the verdict column needs the allowlist, not the pickle machine
+        assert not _under(mods, "sdtool.scan.vm", "sdtool.scan.containers", "sdtool.scan.rules")
+
+
+@pytest.mark.parametrize(
+    "command", ["inspect", "scan", "convert", "prune", "extract", "hash", "diff"]
+)
+def test_command_help_imports_nothing_heavy(command: str, sub_env: dict[str, str]) -> None:
+    assert not _under(imported([command, "--help"], sub_env), *HEAVY)
+
+
+def _reference(data: bytes) -> tuple[tuple[str, int, int] | None, bool]:
+    """The check as pickletools.genops sees it (what the walker replaced), and whether genops
+    stopped at a malformed opcode argument."""
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and isinstance(arg, int) and arg > count:
+                return (op.name, arg, count), False
+    except ValueError:
+        return None, True
+    return None, False
+
+
+def test_forged_memo_walk_agrees_with_pickletools() -> None:
+    """Same answer as genops; where genops already gave up on a malformed argument (a STRING
+    that is not ASCII: the unpickler fails there too), the walker may still find the forgery."""
+    rng = random.Random(7)
+    obj = {"a": [1, 2.5, "x" * 300, b"y" * 70_000], "b": {i: str(i) for i in range(300)}}
+    base = [pickle.dumps(obj, protocol=p) for p in range(6)]
+    base.append(b"(dp0\nS'a'\np1\nI1\nsS'b'\np99\nI2\ns.")  # a forged text PUT
+    base.append(b"\x80\x02}q\x00(X\x01\x00\x00\x00ar\x35\x0a\x73\x56K\x01u.")  # LONG_BINPUT
+    cases = list(base)
+    for data in base:
+        for _ in range(60):
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 3)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            cases.append(bytes(b[: rng.randint(1, len(b))]))
+    for data in cases:
+        got = _forged_memo_put(io.BytesIO(data), 0)
+        expected, malformed = _reference(data)
+        assert got == expected or (malformed and expected is None), data[:40]
+    assert _forged_memo_put(io.BytesIO(base[-1]), 0) == ("LONG_BINPUT", 0x56730A35, 5)
+    assert _forged_memo_put(io.BytesIO(base[-2]), 0) == ("PUT", 99, 8)
+
+
+def _complete(words: str, sub_env: dict[str, str]) -> list[str]:
+    env = dict(sub_env, _SDTOOL_COMPLETE="bash_complete", COMP_WORDS=words,
+               COMP_CWORD=str(len(words.split(" ")) - 1))  # fmt: skip
+    code = "import sys; sys.argv[0] = 'sdtool'; from sdtool.cli.main import run; run()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    return [ln.split(",", 1)[1] for ln in r.stdout.splitlines()]
+
+
+def test_shell_completion_completes_choices(sub_env: dict[str, str]) -> None:
+    assert _complete("sdtool ", sub_env)[:3] == ["inspect", "scan", "convert"]
+    assert _complete("sdtool convert m.ckpt --dtype fp", sub_env) == [
+        "fp32", "fp16", "fp8_e4m3fn", "fp8_e5m2",
+    ]  # fmt: skip
+    assert "vae" in _complete("sdtool extract m.ckpt --component ", sub_env)
+    assert _complete("sdtool prune m.ckpt --drop vae,u", sub_env) == ["vae,unet", "vae,unknown"]
