@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-import sdtool.scan.containers as containers
 from sdtool.cli.main import main
-from sdtool.scan import scan, scan_paths
+from sdtool.scan import containers, scan, scan_paths
 from sdtool.scan.workers import Task, run_isolated
 from tests.scan_payloads import call_global
 

@@ -37,13 +37,8 @@ def scan_safetensors(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None
     size = len(buf)
     try:
         header = read_header(as_file(buf), size)
-    except SdtoolError as e:
-        ctx.find(
-            "suspicious",
-            "safetensors-invalid",
-            f"breaks the safetensors rules: {e.message}",
-            member,
-        )
+    except SdtoolError as e:  # truncated or corrupt: no loader reads it, and neither can the scan
+        ctx.error(member, f"breaks the safetensors rules: {e.message}")
         _safetensors_tail(ctx, buf, member, depth, None)
         return
     raw = header.raw
