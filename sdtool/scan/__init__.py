@@ -23,6 +23,8 @@ from sdtool.scan.classify import classify_global
 from sdtool.scan.report import FileReport, Finding, ScanReport
 
 if TYPE_CHECKING:
+    from sdtool.cache import Cache
+    from sdtool.scan.cached import Lookup
     from sdtool.scan.vm import Limits
 
 # the pickle machine and the container walker load on first scan, so that importing
@@ -111,34 +113,61 @@ def scan_paths(
     limits: Limits | None = None,
     crc: str = "read",
     progress: Callable[[FileReport], None] | None = None,
+    cache: Cache | None = None,
+    sha256: bool = False,
 ) -> ScanReport:
     """Scan files and directories; ``jobs`` > 1 uses that many processes.
 
-    ``progress`` is called with each FileReport as it completes (in input order).
+    ``progress`` is called with each FileReport as it completes (in input order). With a
+    ``cache``, a file whose content was scanned before by this ruleset and these options is
+    not read again (sdtool.scan.cached); ``sha256`` also computes each file's SHA-256 (on
+    ``FileReport.sha256``), which lets identical files anywhere share one verdict.
     """
+    from sdtool.scan.cached import lookup, store
     from sdtool.scan.containers import scan_file
     from sdtool.scan.vm import DEFAULT_LIMITS
 
     limits = limits or DEFAULT_LIMITS
     targets = list(iter_files(paths, exclude))
     report = ScanReport(strict=strict)
+    settings = f"|crc={crc}|limits={limits!r}"
+    found = {
+        i: lookup(t, cache, sha256=sha256, settings=settings)
+        for i, t in enumerate(targets)
+        if isinstance(t, Path) and (cache is not None or sha256)
+    }
+    todo = [t for i, t in enumerate(targets) if isinstance(t, Path) and _miss(found.get(i))]
 
-    def done(r: FileReport) -> None:
+    def fresh() -> Iterator[FileReport]:
+        if jobs > 1 and len(todo) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=jobs) as pool:
+                futures = [pool.submit(scan_file, t, limits=limits, crc=crc) for t in todo]
+                for fut in futures:
+                    yield fut.result()
+        else:
+            for t in todo:
+                yield scan_file(t, limits=limits, crc=crc)
+
+    scanned = fresh()
+    for i, t in enumerate(targets):
+        if not isinstance(t, Path):
+            r = _missing(t)
+        else:
+            f = found.get(i)
+            if f is not None and f.hit is not None:
+                r, r.cached = f.hit, True
+            else:
+                r = next(scanned)
+                if f is not None:
+                    store(t, cache, f, r)
+            r.sha256 = f.sha256 if f is not None else None
         report.files.append(r)
         if progress is not None:
             progress(r)
-
-    if jobs > 1 and len(targets) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = [
-                pool.submit(scan_file, t, limits=limits, crc=crc) if isinstance(t, Path) else None
-                for t in targets
-            ]
-            for t, fut in zip(targets, futures, strict=True):
-                done(fut.result() if fut is not None else _missing(str(t)))
-    else:
-        for t in targets:
-            done(scan_file(t, limits=limits, crc=crc) if isinstance(t, Path) else _missing(t))
     return report
+
+
+def _miss(found: Lookup | None) -> bool:
+    return found is None or found.hit is None
