@@ -66,6 +66,16 @@ class Identity:
     def of_path(cls, path: str | Path) -> Identity:
         return cls.of(os.stat(path))
 
+    @property
+    def key(self) -> str:
+        """A results-table key for "this very file, unchanged" (when no SHA-256 is known)."""
+        return f"id:{self.dev}:{self.ino}:{self.size}:{self.mtime_ns}:{self.ctime_ns}"
+
+
+def open_cache(directory: str | Path | None = None, *, enabled: bool = True) -> Cache | None:
+    """The cache in ``directory`` (default: ``default_dir()``), or None when disabled."""
+    return Cache(directory) if enabled else None
+
 
 class Cache:
     """The cache in ``directory`` (created on first use). Thread- and process-safe.

@@ -245,6 +245,11 @@ class ModelFile:
             return to_torch(arr, self.tensors[name].dtype)
         raise ValueError(f"framework must be 'np' or 'pt', not {framework!r}")
 
+    def locate(self, name: str) -> tuple[ModelFile, TensorInfo]:
+        """The file that holds tensor ``name`` and its info there (a shard for sharded models):
+        what a writer copies bytes from."""
+        return self, self.tensors[name]
+
     def read_info(self, info: TensorInfo, name: str = "?") -> np.ndarray:
         """Like ``read`` for a TensorInfo that may not be in ``tensors`` (e.g. optimizer state)."""
         st = info.storage

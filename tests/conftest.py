@@ -28,3 +28,11 @@ def sub_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result cache (on by default) lives in a fresh folder per test, never in ~/.cache."""
+    monkeypatch.setenv("SDTOOL_CACHE_DIR", str(tmp_path_factory.mktemp("sdtool-cache")))

@@ -401,3 +401,119 @@ def test_bare_prefix_and_errors():
         keymap("sd1", "text_encoder_2")
     with pytest.raises(UsageError):
         keymap("sd1", "unet", "sideways")
+
+
+# -- SD3 / Flux ----------------------------------------------------------------------------------
+
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+)  # fmt: skip
+MMDIT = {
+    "sd3": ("sd3-comfyui", lambda: _meta_state(diffusers.SD3Transformer2DModel, SD3_MEDIUM)),
+    "flux": (
+        "flux-flux",
+        lambda: _meta_state(diffusers.FluxTransformer2DModel, {"guidance_embeds": True}),
+    ),
+}
+
+
+def _bf16_free(entries: L.Entries) -> L.Entries:
+    return {k: ("F32", s) for k, (_dt, s) in entries.items()}
+
+
+@pytest.mark.parametrize("family", list(MMDIT))
+def test_mmdit_full_layout_maps_onto_the_diffusers_model(family):
+    layout, reference = MMDIT[family]
+    comp = L.from_yaml(layout, ["diffuser"])
+    comp = {k: v for k, v in comp.items() if k.startswith("model.diffusion_model.")}
+    mapped, unmapped = _mapped_shapes(family, "transformer", comp)
+    assert unmapped == []
+    assert mapped == reference()
+    fwd, back = keymap(family, "transformer"), keymap(family, "transformer", "to_single")
+    for key in comp:
+        for m in fwd(key):
+            (b,) = back(m.target)
+            assert b.target == key and b.part == m.part
+
+
+@pytest.mark.parametrize("family", list(MMDIT))
+def test_mmdit_split_and_swap_match_diffusers(family):
+    """Real key structure and real dim 0 (what diffusers slices), other dims cut to 2."""
+    layout, _ = MMDIT[family]
+    comp = L.from_yaml(layout, ["diffuser"])
+    rng = np.random.default_rng(0)
+    single = {
+        k: torch.from_numpy(
+            rng.standard_normal((s[0], *(min(d, 2) for d in s[1:]))).astype(np.float32)
+        )
+        for k, (_dt, s) in comp.items()
+        if k.startswith("model.diffusion_model.") and s
+    }
+    km = keymap(family, "transformer")
+    ours = {}
+    for key, t in single.items():
+        for m in km(key):
+            arr = apply_op(m.op, t.numpy())
+            if m.kind == "split":
+                a, b = part_rows(arr.shape[0], m.parts, m.part)
+                arr = arr[a:b]
+            ours[m.target] = torch.from_numpy(np.ascontiguousarray(arr))
+    convert = (
+        sfu.convert_sd3_transformer_checkpoint_to_diffusers
+        if family == "sd3"
+        else sfu.convert_flux_transformer_checkpoint_to_diffusers
+    )
+    theirs = convert(dict(single))
+    _same(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("family", "layout", "comps", "prefix", "reference"),
+    [
+        (
+            "flux",
+            "flux-flux",
+            ["vae"],
+            "vae.",
+            lambda: _meta_state(
+                diffusers.AutoencoderKL,
+                {
+                    **SD_VAE,
+                    "latent_channels": 16,
+                    "use_quant_conv": False,
+                    "use_post_quant_conv": False,
+                },
+            ),
+        ),
+        (
+            "sd3",
+            "sd3-comfyui",
+            ["vae"],
+            "first_stage_model.",
+            lambda: _meta_state(
+                diffusers.AutoencoderKL,
+                {
+                    **SD_VAE,
+                    "latent_channels": 16,
+                    "use_quant_conv": False,
+                    "use_post_quant_conv": False,
+                },
+            ),
+        ),
+        (
+            "sd3",
+            "sd3-comfyui",
+            ["clip_g"],
+            "text_encoders.clip_g.transformer.",
+            lambda: _clip(1280, 32, 20, 5120, True),
+        ),
+    ],
+)
+def test_mmdit_vae_and_text_encoders(family, layout, comps, prefix, reference):
+    comp = {k: v for k, v in L.from_yaml(layout, comps).items() if k.startswith(prefix)}
+    component = "vae" if comps == ["vae"] else "text_encoder_2"
+    mapped, unmapped = _mapped_shapes(family, component, comp)
+    assert unmapped == []
+    assert mapped == reference()

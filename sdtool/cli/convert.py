@@ -12,7 +12,9 @@ from typing import Any
 import click
 
 from sdtool.cli import progress as bars_
+from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, run_lora_format, wants_layout
 from sdtool.cli.options import (
+    dry_run_option,
     dtype_option,
     jobs_option,
     json_option,
@@ -51,11 +53,33 @@ from sdtool.vocab import ExitCode, parse_dtype
 )
 @click.option(
     "--to",
-    type=click.Choice(list(TO_SUFFIX)),
-    default="safetensors",
-    show_default=True,
-    help="Batch mode: the output format.",
+    type=click.Choice([*TO_SUFFIX, "diffusers", "single"]),
+    default=None,
+    help="Batch mode: the output format (default safetensors). diffusers: a single-file "
+    "checkpoint to a diffusers folder; single: a diffusers folder/component to one file.",
 )
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    help="Write .safetensors shards of at most SIZE (5GB, 500MB: powers of 10) plus an index.",
+)
+@click.option(
+    "--family", help="Layouts: the model family (sd1, sd2, sdxl, sdxl-refiner, sd3, flux)."
+)
+@click.option(
+    "--prediction-type",
+    type=click.Choice(["epsilon", "v_prediction"]),
+    help="--to diffusers: the scheduler's prediction type (default: the family's).",
+)
+@click.option(
+    "--components", metavar="LIST", help="--to single: unet,vae,text-encoder,text-encoder-2."
+)
+@click.option(
+    "--lora-format",
+    type=click.Choice(["kohya", "diffusers", "peft", "comfy"]),
+    help="Rename a LoRA file's modules into this naming (alpha carried; docs/layouts.md).",
+)
+@dry_run_option
 @click.option(
     "--quant",
     metavar="TYPE",
@@ -88,10 +112,16 @@ def convert_cmd(
     verify: bool,
     on_overflow: str,
     out_dir: Path | None,
-    to: str,
+    to: str | None,
     jobs: int,
     as_json: bool,
+    max_shard_size: str | None = None,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    components: str | None = None,
+    dry_run: bool = False,
     quiet: bool = False,
+    lora_format: str | None = None,
     quant: str | None = None,
     fp8_scaled: bool = False,
     fp8_format: str = "comfy",
@@ -112,10 +142,34 @@ def convert_cmd(
       sdtool convert model.ckpt --dtype fp16 --verify
       sdtool convert model.ckpt converted/
       sdtool convert downloads/ --out-dir converted/ --jobs 2
+      sdtool convert flux-dev.safetensors out/model.safetensors --max-shard-size 5GB
+      sdtool convert sdxl.safetensors sdxl-diffusers/ --to diffusers --verify
+      sdtool convert sdxl-diffusers/ sdxl.safetensors --components unet,vae
+      sdtool convert sd15.safetensors out/ --to diffusers --dry-run
       sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
       sdtool convert flux1-dev.safetensors fp8.safetensors --dtype fp8_e4m3fn --fp8-scaled
     """
+    if lora_format is not None:
+        if out_dir is not None or len(paths) != 2:
+            raise UsageError("--lora-format converts one LoRA file to one output")
+        return run_lora_format(
+            paths[0], paths[1], to=lora_format, family=family, overwrite=overwrite,
+            verify=verify, dry_run=dry_run, as_json=as_json,
+        )  # fmt: skip
+    if out_dir is None and len(paths) == 2 and wants_layout(to, paths[0]):
+        return run_layout(
+            paths[0], paths[1], to=to, family=family, prediction_type=prediction_type,
+            components=components, overwrite=overwrite, verify=verify, dry_run=dry_run,
+            max_shard_size=max_shard_size, as_json=as_json,
+        )  # fmt: skip
+    if to in LAYOUT_TARGETS:
+        raise UsageError(f"--to {to} converts one input to one output (no --out-dir)")
+    if family or components or prediction_type:
+        raise UsageError("--family/--components/--prediction-type: with --to diffusers|single")
+    to = to or "safetensors"
     options = ConvertOptions(
+        max_shard_size=max_shard_size,
+        dry_run=dry_run,
         dtype=parse_dtype(dtype),
         key=key,
         metadata=parse_metadata(meta),

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import click
 
+from sdtool.cache import Cache, open_cache
 from sdtool.cli import progress, render
-from sdtool.cli.options import complete_from, json_option, quiet_option
+from sdtool.cli.options import (
+    cache_options,
+    complete_from,
+    json_option,
+    jsonl_option,
+    quiet_option,
+)
 from sdtool.cli.stdin import spooled
 from sdtool.errors import SdtoolError
-from sdtool.ops.hash import ALGORITHMS, SCHEMA, HashResult, hash_file, parse_algorithms
+from sdtool.ops.hash import ALGORITHMS, SCHEMA, HashResult, hash_cached, parse_algorithms
 from sdtool.vocab import ExitCode
 
 
@@ -57,6 +64,8 @@ def _render(result: HashResult) -> None:
     help="Check the files listed in SUMS (sha256sum's format) and say OK or FAILED for each.",
 )
 @json_option("hash", "a JSON list")
+@jsonl_option
+@cache_options
 @quiet_option("print nothing but errors (with --check: only the files that FAILED)")
 def hash_cmd(
     files: tuple[Path, ...],
@@ -64,6 +73,9 @@ def hash_cmd(
     fmt: str,
     check: Path | None,
     as_json: bool,
+    as_jsonl: bool,
+    cache_dir: Path | None,
+    no_cache: bool,
     quiet: bool,
 ) -> int:
     """Print SHA256, AutoV1, AutoV2, AutoV3, CRC32 and BLAKE3 of each FILE in one read.
@@ -79,11 +91,21 @@ def hash_cmd(
       sdtool hash -a autov2,autov3 loras/
       sdtool hash --format sha256sum models/ > SHA256SUMS
       sdtool hash --check SHA256SUMS
+      sdtool hash --jsonl /mirror/models > hashes.jsonl   # cached: a rerun reads nothing
     """
+    if as_json and as_jsonl:
+        raise click.UsageError("choose one of --json and --jsonl")
+    if cache_dir is not None and no_cache:
+        raise click.UsageError("--cache DIR and --no-cache contradict each other")
+    cache = open_cache(cache_dir, enabled=not no_cache)
     if check is not None:
-        if files or as_json or fmt != "table" or algorithms:
-            raise click.UsageError("--check SUMS takes no FILE, --json, --format or --algorithm")
-        return _check(check, quiet=quiet)
+        if files or as_json or as_jsonl or fmt != "table" or algorithms:
+            raise click.UsageError(
+                "--check SUMS takes no FILE, --json, --jsonl, --format or --algorithm"
+            )
+        return _check(check, quiet=quiet, cache=cache)
+    if fmt == "sha256sum" and as_jsonl:
+        raise click.UsageError("--format sha256sum prints SHA256 only: drop --jsonl")
     if not files:
         raise click.UsageError("give at least one FILE (or --check SUMS)")
     if fmt == "sha256sum" and (as_json or algorithms):
@@ -93,10 +115,23 @@ def hash_cmd(
     )  # fmt: skip
     results: list[HashResult] = []
     code = ExitCode.OK
-    for path in _expand(files):
-        result = _hash_one(path, names)
+    lines = None
+    if as_jsonl:
+        from sdtool.cli.jsonl import JsonLines
+
+        lines = JsonLines("hash")
+    from sdtool.formats.shards import expand_shards
+
+    for path in _expand(tuple(expand_shards(files))):  # a shard index or folder: its shards
+        result, cached = _hash_one(path, names, cache)
         if result is None:
             code = ExitCode.ERROR
+            if lines is not None:
+                lines.write({"path": str(path), "error": True})
+            continue
+        if lines is not None:
+            sha = result.hashes.get("sha256")
+            lines.write({**result.to_json(), "sha256": sha and sha.lower(), "cached": cached})
             continue
         results.append(result)
         if quiet or as_json:
@@ -121,18 +156,22 @@ def _expand(files: tuple[Path, ...]) -> list[Path]:
     return out
 
 
-def _hash_one(path: Path, names: tuple[str, ...]) -> HashResult | None:
-    """Hash one file (``-``: standard input); an error becomes one line on stderr."""
+def _hash_one(
+    path: Path, names: tuple[str, ...], cache: Cache | None
+) -> tuple[HashResult | None, bool]:
+    """Hash one file (``-``: standard input, never cached); an error becomes one line on
+    stderr. Returns (result or None, whether it came from the cache)."""
     try:
         with spooled(path) as real:
             size = real.stat().st_size if real.is_file() else 0
             with progress.byte_bar(path.name or "-", size) as bar:
                 cb = None if bar is None else bar.absolute
-                result = hash_file(real, algorithms=names, progress=cb)
+                use = cache if real == path else None
+                result, cached = hash_cached(real, use, algorithms=names, progress=cb)
     except SdtoolError as e:
         render.error(e.with_path(path))
-        return None
-    return dataclasses.replace(result, path=path)
+        return None, False
+    return dataclasses.replace(result, path=path), cached
 
 
 def _sum_line(hexdigest: str, name: str) -> str:
@@ -146,7 +185,7 @@ def _sum_line(hexdigest: str, name: str) -> str:
 _SUM_LINE = re.compile(r"^(\\)?([0-9a-fA-F]{64}) [ *](.+)$")
 
 
-def _check(sums: Path, *, quiet: bool) -> int:
+def _check(sums: Path, *, quiet: bool, cache: Cache | None) -> int:
     """sha256sum -c: each listed file hashed and compared; relative names from the cwd."""
     try:
         lines = sums.read_text(encoding="utf-8").splitlines()
@@ -163,7 +202,7 @@ def _check(sums: Path, *, quiet: bool) -> int:
         name = m.group(3)
         if m.group(1):  # sha256sum's escapes: \\ and \n
             name = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), name)
-        result = _hash_one(Path(name), ("sha256",))
+        result, _ = _hash_one(Path(name), ("sha256",), cache)
         if result is None:
             code = ExitCode.ERROR
             continue

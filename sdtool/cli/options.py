@@ -8,6 +8,7 @@ and progress on stderr; ``--overwrite``, ``--verify``, ``--dtype``, ``--key``, `
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -143,3 +144,28 @@ def complete_from(choices: Any) -> Callable[[click.Context, click.Parameter, str
         return [CompletionItem(prefix + v) for v in values if v.startswith(last)]
 
     return complete
+
+
+def jsonl_option(f: F) -> F:
+    """``--jsonl``: one JSON object per file on stdout, written whole as each file finishes."""
+    return click.option(
+        "--jsonl",
+        "as_jsonl",
+        is_flag=True,
+        help="Print one JSON object per file as it finishes (JSON Lines; docs/scale.md).",
+    )(f)
+
+
+def cache_options(f: F) -> F:
+    """``--cache DIR`` / ``--no-cache``: the result cache (default: the user's cache folder)."""
+    return _apply(
+        f,
+        click.option(
+            "--cache",
+            "cache_dir",
+            type=click.Path(path_type=Path, file_okay=False),
+            metavar="DIR",
+            help="Result cache folder (default: $SDTOOL_CACHE_DIR or ~/.cache/sdtool).",
+        ),
+        click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache."),
+    )

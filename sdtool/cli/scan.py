@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
+from sdtool.cache import open_cache
 from sdtool.cli import progress as bars_
-from sdtool.cli.options import jobs_option, json_option
+from sdtool.cli.options import cache_options, jobs_option, json_option, jsonl_option
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, wrap, wrap_width
 from sdtool.cli.stdin import STDIN, is_stdin, spooled
 from sdtool.scan import FileReport, ScanReport, scan_paths
@@ -41,6 +42,11 @@ LABEL = {"skipped": "skipped (not model files)"}  # how the summary names a verd
 @click.option("--crc", type=click.Choice(["read", "all"]), default="read", show_default=True,
               help="Check zip CRC-32 of the members read, or of every member.")  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="Only list files that are not safe.")
+@jsonl_option
+@click.option("--sha256", "with_sha256", is_flag=True,
+              help="Also compute each file's SHA-256 (in --jsonl records; keys the cache by "
+                   "content, so copies share a verdict).")  # fmt: skip
+@cache_options
 def scan_cmd(
     paths: tuple[Path, ...],
     strict: bool,
@@ -50,6 +56,10 @@ def scan_cmd(
     as_sarif: bool,
     crc: str,
     quiet: bool,
+    as_jsonl: bool,
+    with_sha256: bool,
+    cache_dir: Path | None,
+    no_cache: bool,
 ) -> int:
     """Check model files for anything loading them could run, without running anything.
 
@@ -66,26 +76,45 @@ def scan_cmd(
       sdtool scan model.ckpt
       sdtool scan ~/models --exclude '*.png' --jobs 2
       sdtool scan downloads/ --strict --sarif > scan.sarif
+      sdtool scan --jsonl --sha256 /mirror > verdicts.jsonl   # a rerun reads only new files
     """
-    if as_json and as_sarif:
-        raise click.UsageError("choose one of --json and --sarif")
-    progress = None
+    if sum((as_json, as_sarif, as_jsonl)) > 1:
+        raise click.UsageError("choose one of --json, --jsonl and --sarif")
+    if cache_dir is not None and no_cache:
+        raise click.UsageError("--cache DIR and --no-cache contradict each other")
+    if sum(map(is_stdin, paths)) > 1:
+        raise click.UsageError("- (standard input) can be given once")
+    # standard input is spooled to a new temp file each time: nothing to cache
+    cache = open_cache(cache_dir, enabled=not no_cache and not any(map(is_stdin, paths)))
     bar = None
     if bars_.enabled():
         from tqdm import tqdm
 
         bar = tqdm(unit="file", desc="scanning", leave=False, file=sys.stderr)
+    spools: dict[str, str] = {}  # spooled temp file -> "-"
+    lines = None
+    if as_jsonl:
+        from sdtool.cli.jsonl import JsonLines
+        from sdtool.scan.ruleset import ruleset_version
 
-        def progress(r: FileReport) -> None:
+        lines = JsonLines("scan")
+
+    def progress(r: FileReport) -> None:
+        if bar is not None:
             bar.update(1)
+        if lines is not None:
+            r.path = spools.get(r.path, r.path)
+            errors(r)
+            lines.write({**r.to_json(), "sha256": r.sha256, "ruleset": ruleset_version(),
+                         "cached": r.cached})  # fmt: skip
 
-    if sum(map(is_stdin, paths)) > 1:
-        raise click.UsageError("- (standard input) can be given once")
     try:
         with ExitStack() as stack:
             real = [stack.enter_context(spooled(p)) for p in paths]
+            spools.update({str(r): STDIN for given, r in zip(paths, real, strict=True)
+                           if given != r})  # fmt: skip
             report = scan_paths(real, strict=strict, exclude=exclude, jobs=jobs, crc=crc,
-                                progress=progress)  # fmt: skip
+                                progress=progress, cache=cache, sha256=with_sha256)  # fmt: skip
         for given, r in zip(paths, real, strict=True):  # a spooled temp file is reported as -
             if given != r:
                 for fr in report.files:
@@ -93,6 +122,8 @@ def scan_cmd(
     finally:
         if bar is not None:
             bar.close()
+    if as_jsonl:
+        return report.exit_code
     if as_json or as_sarif:
         for fr in report.files:
             errors(fr)

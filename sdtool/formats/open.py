@@ -16,7 +16,9 @@ def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
     """Open a model file lazily: headers and pickles are read, tensor bytes are not.
 
     Args:
-        path: any file; the format is decided by content, never by extension.
+        path: any file; the format is decided by content, never by extension. Also a shard
+            index (``*.safetensors.index.json``), or a folder holding one shard set (indexed or
+            not) or exactly one ``.safetensors`` file (a diffusers component folder).
         key: a dotted path to the sub-dict whose tensors to use instead of the state dict.
 
     Raises:
@@ -28,6 +30,12 @@ def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
         ...     print(len(m.tensors), m.format)
     """
     p = Path(path)
+    if p.is_dir() or p.name.endswith(".json"):
+        from sdtool.formats.shards import open_folder
+
+        opened = open_folder(p)
+        if opened is not None:
+            return opened
     kind, head, size = sniff(p)
     try:
         if kind is Format.SAFETENSORS:

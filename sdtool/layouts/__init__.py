@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from sdtool.errors import UsageError
-from sdtool.layouts import sd
+from sdtool.layouts import mmdit, sd
 from sdtool.layouts.keymap import (
     OPS,
     KeyMap,
@@ -105,6 +105,29 @@ COMPONENTS: dict[str, dict[str, Component]] = {
     },
 }
 
+_T5 = lambda: mmdit.hf_rules("encoder", "shared")  # noqa: E731
+_CLIP_HF_PROJ = lambda: mmdit.hf_rules("text_model", "text_projection")  # noqa: E731
+
+
+def _sd3(depth: int) -> dict[str, Component]:
+    return {
+        "transformer": Component("model.diffusion_model.", lambda: mmdit.sd3_rules(depth)),
+        "vae": Component("first_stage_model.", lambda: sd.vae_rules(quant_conv=False)),
+        "text_encoder": Component("text_encoders.clip_l.transformer.", _CLIP_HF_PROJ),
+        "text_encoder_2": Component("text_encoders.clip_g.transformer.", _CLIP_HF_PROJ),
+        "text_encoder_3": Component("text_encoders.t5xxl.transformer.", _T5),
+    }
+
+
+COMPONENTS["sd3"] = _sd3(24)
+COMPONENTS["sd3.5-large"] = _sd3(38)
+COMPONENTS["flux"] = {
+    "transformer": Component("model.diffusion_model.", mmdit.flux_rules),
+    "vae": Component("vae.", lambda: sd.vae_rules(quant_conv=False)),
+    "text_encoder": Component("text_encoders.clip_l.transformer.", sd.hf_clip_rules),
+    "text_encoder_2": Component("text_encoders.t5xxl.transformer.", _T5),
+}
+
 #: other spellings accepted for a family
 FAMILY_ALIASES: dict[str, str] = {
     "sd15": "sd1",
@@ -114,6 +137,11 @@ FAMILY_ALIASES: dict[str, str] = {
     "sdxl": "sdxl-base",
     "sdxl_base": "sdxl-base",
     "sdxl_refiner": "sdxl-refiner",
+    "sd3.5-medium": "sd3",
+    "sd35-large": "sd3.5-large",
+    "flux-dev": "flux",
+    "flux-schnell": "flux",
+    "flux1": "flux",
 }
 
 
@@ -150,8 +178,10 @@ def keymap(
     """The key map of one component of one family, in one direction.
 
     Args:
-        family: "sd1", "sd2", "sdxl-base", "sdxl-refiner" (aliases in FAMILY_ALIASES).
-        component: a diffusers component name: "unet", "vae", "text_encoder", "text_encoder_2".
+        family: "sd1", "sd2", "sdxl-base", "sdxl-refiner", "sd3" (SD3 and 3.5 medium: 24
+            blocks), "sd3.5-large" (38), "flux" (aliases in FAMILY_ALIASES).
+        component: a diffusers component name: "unet", "transformer", "vae", "text_encoder",
+            "text_encoder_2", "text_encoder_3".
         direction: "to_diffusers" (single-file key -> diffusers key) or "to_single".
         prefix: the single-file side's checkpoint prefix; None = the family's usual one
             (``single_prefix``), "" for a bare component file (a ComfyUI UNet, a VAE file).

@@ -152,23 +152,33 @@ class KeyMap:
 
     rules: list[Rule]
     joins: bool = False  # this direction was inverted from splits (some targets are joins)
-    _by_prefix: dict[str, Rule] = field(init=False, repr=False)
+    _by_prefix: dict[str, list[Rule]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        """Rules may share a source prefix (an inverted table where two modules fill one
+        diffusers module, e.g. SD3's x and context blocks): their suffix tables then decide,
+        and a remainder none of them lists is not mapped."""
         self._by_prefix = {}
         for rule in self.rules:
-            if not rule.source or rule.source in self._by_prefix:
-                raise ValueError(f"duplicate or empty source prefix {rule.source!r}")
-            self._by_prefix[rule.source] = rule
+            if not rule.source:
+                raise ValueError("a rule needs a source prefix")
+            self._by_prefix.setdefault(rule.source, []).append(rule)
 
     def __call__(self, key: str) -> tuple[Mapping, ...]:
         prefix = _match(self._by_prefix, key)
         if prefix is None:
             return ()
-        rule = self._by_prefix[prefix]
+        rules = self._by_prefix[prefix]
         rest = key[len(prefix) + 1 :] if len(key) > len(prefix) else ""
-        hit = _match(rule.suffixes, rest) if rest else None
+        rule, hit = rules[0], None
+        if rest:
+            for candidate in rules:
+                if (hit := _match(candidate.suffixes, rest)) is not None:
+                    rule = candidate
+                    break
         if hit is None:
+            if len(rules) > 1:
+                return ()
             return (Mapping(key, _join(rule.target, rest), rule.op if not rest else "copy"),)
         entry = rule.suffixes[hit]
         tail = rest[len(hit) :]

@@ -70,6 +70,7 @@ class ConvertOptions(WriteOptions):
     key: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     carry_metadata: bool = True
+    max_shard_size: str | int | None = None  # shards + index (docs/layouts.md)
     quant: str | None = None
     fp8_scaled: bool = False
     fp8_format: str = "comfy"
@@ -227,7 +228,19 @@ def convert(
         )
         if opts.dry_run:
             return result
-        w = write_model(tensors, out, opts, metadata=meta, fields=fields)
+        if opts.max_shard_size is not None:
+            if ckpt:
+                raise UsageError("--max-shard-size needs a .safetensors output", path=out)
+            from sdtool.ops.shards import write_sharded
+
+            sharded = write_sharded(tensors, out, opts, metadata=meta)
+            w = sharded.combined()
+            if sharded.index is not None:
+                out = sharded.index
+                notes.append(f"written as {len(sharded.files)} shards indexed by {out.name}")
+                result = replace(result, output=out, notes=notes + meta_notes)
+        else:
+            w = write_model(tensors, out, opts, metadata=meta, fields=fields)
         return replace(
             result,
             tensors=w.tensors,

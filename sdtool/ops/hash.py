@@ -30,12 +30,15 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sdtool.errors import CorruptFile, FileAccessError, UsageError
 from sdtool.formats.sniff import HEAD, sniff_bytes
 from sdtool.results import Result
 from sdtool.vocab import Format, Progress
+
+if TYPE_CHECKING:
+    from sdtool.cache import Cache
 
 CHUNK = 16 << 20  # bytes per read: large enough that per-chunk overhead vanishes
 BUFFERS = 4  # chunks in flight: the reader stays ahead while the hashers catch up
@@ -220,6 +223,65 @@ def hash_file(
         raise FileAccessError("permission denied", path=p) from None
     except OSError as e:
         raise FileAccessError(f"cannot read: {e.strerror or e}", path=p) from None
+
+
+CACHE_KIND = "hashes"
+
+
+def hash_cached(
+    path: str | Path,
+    cache: Cache | None,
+    *,
+    algorithms: Iterable[str] = tuple(ALGORITHMS),
+    progress: Progress | None = None,
+) -> tuple[HashResult, bool]:
+    """``hash_file`` through the result cache: (result, whether it came from the cache).
+
+    Hashes are stored under the file's SHA-256 and its identity (sdtool.cache), for this
+    sdtool version; a file whose identity changed is hashed again, and a file that changes
+    while it is read is not recorded.
+    """
+    from sdtool import __version__
+    from sdtool.cache import Identity
+
+    p = Path(path)
+    names = parse_algorithms(algorithms)
+    try:
+        ident = Identity.of_path(p) if cache is not None and p.is_file() else None
+    except OSError:
+        ident = None
+    if cache is None or ident is None:
+        return hash_file(p, algorithms=names, progress=progress), False
+    known = cache.sha256(ident)
+    keys = [k for k in (known, ident.key) if k]
+    for key in keys:
+        doc = cache.get(CACHE_KIND, key, __version__)
+        if doc is not None and all(n in doc.get("hashes", {}) for n in names):
+            return HashResult(
+                path=p,
+                size=int(doc["size"]),
+                safetensors=bool(doc["safetensors"]),
+                hashes={n: doc["hashes"][n] for n in names},
+                notes={n: v for n, v in doc.get("notes", {}).items() if n in names},
+            ), True
+    result = hash_file(p, algorithms=names, progress=progress)
+    try:
+        unchanged = Identity.of_path(p) == ident
+    except OSError:
+        unchanged = False
+    if unchanged:
+        sha = (result.hashes.get("sha256") or "").lower()
+        if sha:
+            cache.put_sha256(ident, sha)
+        record = {
+            "size": result.size,
+            "safetensors": result.safetensors,
+            "hashes": result.hashes,
+            "notes": result.notes,
+        }
+        for key in dict.fromkeys(k for k in (sha or known, ident.key) if k):
+            cache.put(CACHE_KIND, key, __version__, record)
+    return result, False
 
 
 def _hash_open(

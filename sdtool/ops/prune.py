@@ -305,6 +305,8 @@ def plan_prune(
                 changes.append(f"{name}: {why}; rewritten as int64 arange({CLIP_POSITIONS})")
                 src_info = replace(info, dtype=dtypes.from_code("I64"))
         dtype = out_dtype(src_info, options.dtype)
+        if make is None and src_info is info:  # a shard set: copy from the shard's own file
+            source, src_info = model.locate(name)
         b.keep(OutTensor(name, source, src_info, dtype, make))
     if ema_sources:
         partial = len(unet.keys) - len(ema_sources) if unet else 0

@@ -18,10 +18,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdtool.formats.shards import INDEX_RE, expand_shards
 from sdtool.scan.classify import classify_global
 from sdtool.scan.report import FileReport, Finding, ScanReport
 
 if TYPE_CHECKING:
+    from sdtool.cache import Cache
+    from sdtool.scan.cached import Lookup
     from sdtool.scan.vm import Limits
 
 # the pickle machine and the container walker load on first scan, so that importing
@@ -83,12 +86,14 @@ def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iter
                 dirs.sort()
                 for name in sorted(files):
                     fp = Path(root) / name
+                    if INDEX_RE.match(name):  # a shard index: its shards sit beside it
+                        continue
                     if not excluded(fp):
                         yield fp
                 dirs[:] = [d for d in dirs if not excluded(Path(root) / d)]
         elif p.exists():
             if not excluded(p):
-                yield p
+                yield from expand_shards([p])  # an index: its shards
         else:
             yield str(p)
 
@@ -108,6 +113,8 @@ def scan_paths(
     limits: Limits | None = None,
     crc: str = "read",
     progress: Callable[[FileReport], None] | None = None,
+    cache: Cache | None = None,
+    sha256: bool = False,
     isolate: bool = True,
 ) -> ScanReport:
     """Scan files and directories, each file in a worker process (``jobs`` of them at once).
@@ -115,31 +122,55 @@ def scan_paths(
     A worker that crashes or runs past the per-file time limit costs only its file, which is
     reported as could not scan (see sdtool.scan.workers); ``isolate=False`` scans in this
     process instead. ``progress`` is called with each FileReport as it completes (in input
-    order).
+    order). With a ``cache``, a file whose content was scanned before by this ruleset and these options is
+    not read again (sdtool.scan.cached); ``sha256`` also computes each file's SHA-256 (on
+    ``FileReport.sha256``), which lets identical files anywhere share one verdict.
     """
+    from sdtool.scan.cached import lookup, store
     from sdtool.scan.containers import scan_file
     from sdtool.scan.vm import DEFAULT_LIMITS
 
     limits = limits or DEFAULT_LIMITS
     targets = list(iter_files(paths, exclude))
     report = ScanReport(strict=strict)
+    settings = f"|crc={crc}|limits={limits!r}"
+    found = {
+        i: lookup(t, cache, sha256=sha256, settings=settings)
+        for i, t in enumerate(targets)
+        if isinstance(t, Path) and (cache is not None or sha256)
+    }
+    todo = [t for i, t in enumerate(targets) if isinstance(t, Path) and _miss(found.get(i))]
 
-    def done(r: FileReport) -> None:
+    def fresh() -> Iterator[FileReport]:
+        if not isolate:
+            for t in todo:
+                yield scan_file(t, limits=limits, crc=crc)
+            return
+        from dataclasses import asdict
+
+        from sdtool.scan.workers import Task, run_isolated
+
+        kwargs = {"crc": crc, "limits": asdict(limits)}
+        yield from run_isolated([Task(os.fspath(t), kwargs) for t in todo], jobs=max(1, jobs))
+
+    scanned = fresh()
+    for i, t in enumerate(targets):
+        if not isinstance(t, Path):
+            r = _missing(t)
+        else:
+            f = found.get(i)
+            if f is not None and f.hit is not None:
+                r, r.cached = f.hit, True
+            else:
+                r = next(scanned)
+                if f is not None:
+                    store(t, cache, f, r)
+            r.sha256 = f.sha256 if f is not None else None
         report.files.append(r)
         if progress is not None:
             progress(r)
-
-    if not isolate:
-        for t in targets:
-            done(scan_file(t, limits=limits, crc=crc) if isinstance(t, Path) else _missing(t))
-        return report
-    from dataclasses import asdict
-
-    from sdtool.scan.workers import Task, run_isolated
-
-    kwargs = {"crc": crc, "limits": asdict(limits)}
-    files = [t for t in targets if isinstance(t, Path)]
-    reports = run_isolated([Task(os.fspath(t), kwargs) for t in files], jobs=max(1, jobs))
-    for t in targets:
-        done(next(reports) if isinstance(t, Path) else _missing(t))
     return report
+
+
+def _miss(found: Lookup | None) -> bool:
+    return found is None or found.hit is None

@@ -43,10 +43,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def identity_key(ident: Identity) -> str:
-    return f"id:{ident.dev}:{ident.ino}:{ident.size}:{ident.mtime_ns}:{ident.ctime_ns}"
-
-
 def report_from_json(doc: dict[str, Any]) -> FileReport:
     """The FileReport that ``FileReport.to_json`` described (for cached verdicts)."""
     findings = [
@@ -82,23 +78,27 @@ class Lookup:
     sha256: str | None
     keys: tuple[str, ...]
     identity: Identity | None
+    settings: str = ""
 
 
-def lookup(path: Path, cache: Cache | None, *, sha256: bool = False) -> Lookup:
-    """The cached verdict for this file's content under the current ruleset, if any."""
+def lookup(path: Path, cache: Cache | None, *, sha256: bool = False, settings: str = "") -> Lookup:
+    """The cached verdict for this file's content under the current ruleset, if any.
+
+    ``settings`` names the scan options a verdict depends on (CRC mode, limits).
+    """
     try:
         before = Identity.of_path(path)
     except OSError:
-        return Lookup(None, None, (), None)
+        return Lookup(None, None, (), None, settings)
     digest = cache.sha256(before) if cache is not None else None
     if digest is None and sha256:
         try:
             digest, _ = cached_sha256(cache, path, lambda: file_sha256(path))
         except OSError:
             digest = None
-    keys = tuple(k for k in (digest, identity_key(before)) if k is not None)
+    keys = tuple(k for k in (digest, before.key) if k is not None)
     if cache is not None:
-        version = ruleset_version()
+        version = ruleset_version() + settings
         for key in keys:
             doc = cache.get(KIND, key, version)
             if doc is not None:
@@ -107,8 +107,8 @@ def lookup(path: Path, cache: Cache | None, *, sha256: bool = False) -> Lookup:
                 except (KeyError, TypeError, ValueError):
                     continue  # a record from an older layout: scan again
                 rep.path = str(path)  # the same content may sit under another name
-                return Lookup(rep, digest, keys, before)
-    return Lookup(None, digest, keys, before)
+                return Lookup(rep, digest, keys, before, settings)
+    return Lookup(None, digest, keys, before, settings)
 
 
 def store(path: Path, cache: Cache | None, found: Lookup, report: FileReport) -> None:
@@ -125,7 +125,7 @@ def store(path: Path, cache: Cache | None, found: Lookup, report: FileReport) ->
     except OSError:
         return
     doc = report.to_json()
-    version = ruleset_version()
+    version = ruleset_version() + found.settings
     for key in found.keys:
         cache.put(KIND, key, version, doc)
 

@@ -78,6 +78,8 @@ class FileReport:
     scanned: bool = True  # False: nothing in the file could be analysed ("not scanned")
     streams: int = 0  # pickle streams analysed
     size: int = 0
+    sha256: str | None = None  # hex, when the batch computed it (--jsonl --sha256; not in to_json)
+    cached: bool = False  # the verdict came from the result cache (not in to_json)
     skipped: str | None = None  # "PNG image", ...: by content not a model file (counted, exit 0)
 
     @property
