@@ -122,9 +122,9 @@ def scan_paths(
     A worker that crashes or runs past the per-file time limit costs only its file, which is
     reported as could not scan (see sdtool.scan.workers); ``isolate=False`` scans in this
     process instead. ``progress`` is called with each FileReport as it completes (in input
-    order). With a ``cache``, a file whose content was scanned before by this ruleset and these options is
-    not read again (sdtool.scan.cached); ``sha256`` also computes each file's SHA-256 (on
-    ``FileReport.sha256``), which lets identical files anywhere share one verdict.
+    order). With a ``cache``, a file whose content was scanned before by this ruleset and
+    these options is not read again (sdtool.scan.cached); ``sha256`` also computes each file's
+    SHA-256 (on ``FileReport.sha256``), which lets identical files anywhere share one verdict.
     """
     from sdtool.scan.cached import lookup, store
     from sdtool.scan.containers import scan_file
