@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from sdtool.cli import progress as bars_
-from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, wants_layout
+from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, run_lora_format, wants_layout
 from sdtool.cli.options import (
     dry_run_option,
     dtype_option,
@@ -74,6 +74,11 @@ from sdtool.vocab import ExitCode, parse_dtype
 @click.option(
     "--components", metavar="LIST", help="--to single: unet,vae,text-encoder,text-encoder-2."
 )
+@click.option(
+    "--lora-format",
+    type=click.Choice(["kohya", "diffusers", "peft", "comfy"]),
+    help="Rename a LoRA file's modules into this naming (alpha carried; docs/layouts.md).",
+)
 @dry_run_option
 @click.option(
     "--quant",
@@ -116,6 +121,7 @@ def convert_cmd(
     components: str | None = None,
     dry_run: bool = False,
     quiet: bool = False,
+    lora_format: str | None = None,
     quant: str | None = None,
     fp8_scaled: bool = False,
     fp8_format: str = "comfy",
@@ -143,6 +149,13 @@ def convert_cmd(
       sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
       sdtool convert flux1-dev.safetensors fp8.safetensors --dtype fp8_e4m3fn --fp8-scaled
     """
+    if lora_format is not None:
+        if out_dir is not None or len(paths) != 2:
+            raise UsageError("--lora-format converts one LoRA file to one output")
+        return run_lora_format(
+            paths[0], paths[1], to=lora_format, family=family, overwrite=overwrite,
+            verify=verify, dry_run=dry_run, as_json=as_json,
+        )  # fmt: skip
     if out_dir is None and len(paths) == 2 and wants_layout(to, paths[0]):
         return run_layout(
             paths[0], paths[1], to=to, family=family, prediction_type=prediction_type,
