@@ -135,6 +135,20 @@ HOSTILE: dict[str, bytes | None] = {
     "deep-marks-200k.pkl": b"\x80\x02" + b"(" * 200_000 + b"N.",
     "billion-laughs-60.pkl": _billion_laughs(60),
     "laughs-in-state-dict.pkl": _wide_dict_of_laughs(60),
+    # 300,000-deep tuples where they get hashed (a C-stack overflow: a segfault before the fix)
+    "deep-tuple-dict-key.pkl": b"\x80\x02}" + b"N" + b"\x85" * 300_000 + b"K\x01s.",
+    "deep-tuple-persid.pkl": b"\x80\x02N" + b"\x85" * 300_000 + b"Q.",
+    "deep-tuple-in-set.pkl": b"\x80\x04\x8f(N" + b"\x85" * 300_000 + b"\x90.",
+    "deep-mark-tuples.pkl": b"\x80\x02" + b"(" * 300_000 + b"N" + b"t" * 300_000 + b".",
+    "deep-dicts.pkl": b"\x80\x02}" + b"K\x01}" * 100_000 + b"s" * 100_000 + b".",
+    # retained-object bomb: torch.Size copies one 20,000-item list 3,000 times (38 KB -> 60M items)
+    "retained-size-copies.pkl": b"\x80\x02]]q\x00(K\x00"
+    + b"2" * 19_999
+    + b"e0ctorch\nSize\nq\x010("
+    + b"h\x01h\x00\x85R" * 3000
+    + b"e.",
+    # t = (t, t) sixty times, used as a dict key: hashing it walks 2**60 items
+    "tuple-laughs-key.pkl": b"\x80\x02}Nq\x00" + b"h\x00h\x00\x86q\x00" * 60 + b"K\x01s.",
     # npy: a shape whose product overflows, and one of exabytes
     "npy-shape-overflow.npy": None,
     "npy-exabyte.npy": None,

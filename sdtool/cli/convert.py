@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdtool.cli import progress as bars_
-from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, wants_layout
+from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, run_lora_format, wants_layout
 from sdtool.cli.options import (
     dry_run_option,
     dtype_option,
@@ -68,6 +68,11 @@ if TYPE_CHECKING:
 @click.option(
     "--components", metavar="LIST", help="--to single: unet,vae,text-encoder,text-encoder-2."
 )
+@click.option(
+    "--lora-format",
+    type=click.Choice(["kohya", "diffusers", "peft", "comfy"]),
+    help="Rename a LoRA file's modules into this naming (alpha carried; docs/layouts.md).",
+)
 @dry_run_option
 @click.option(
     "--quant",
@@ -110,6 +115,7 @@ def convert_cmd(
     components: str | None = None,
     dry_run: bool = False,
     quiet: bool = False,
+    lora_format: str | None = None,
     quant: str | None = None,
     fp8_scaled: bool = False,
     fp8_format: str = "comfy",
@@ -145,6 +151,13 @@ def convert_cmd(
         parse_metadata,
     )
 
+    if lora_format is not None:
+        if out_dir is not None or len(paths) != 2:
+            raise UsageError("--lora-format converts one LoRA file to one output")
+        return run_lora_format(
+            paths[0], paths[1], to=lora_format, family=family, overwrite=overwrite,
+            verify=verify, dry_run=dry_run, as_json=as_json,
+        )  # fmt: skip
     if out_dir is None and len(paths) == 2 and wants_layout(to, paths[0]):
         return run_layout(
             paths[0], paths[1], to=to, family=family, prediction_type=prediction_type,

@@ -82,3 +82,37 @@ def render(r: LayoutResult) -> None:
         )
     for note in r.notes:
         warn(f"{r.input}: {note}")
+
+
+def run_lora_format(
+    src: Path,
+    dst: Path,
+    *,
+    to: str,
+    family: str | None,
+    overwrite: bool,
+    verify: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> int:
+    from sdtool.ops.lora_format import convert_lora_format
+
+    r = convert_lora_format(
+        src, dst, to=to, family=family, overwrite=overwrite, verify=verify, dry_run=dry_run
+    )
+    if as_json:
+        print_json(r.to_json())
+        return 0
+    out = console()
+    if r.dry_run:
+        for old, new in r.mapping:
+            out.print(f"{markup(old)} -> {markup(new)}")
+    what = f"{r.modules} modules ({r.family}) as {to}"
+    if not r.dry_run:
+        what += f", {human_bytes(r.output_bytes)}" + (", verified" if r.verified else "")
+    out.print(
+        f"{'planned' if r.dry_run else 'converted'} {markup(r.input)} -> {markup(r.output)}: {what}"
+    )
+    for note in r.notes:
+        warn(f"{r.input}: {note}")
+    return 0

@@ -18,7 +18,7 @@ from sdtool.errors import CorruptFile, UsageError
 from sdtool.formats.unpickler import NumpyArray, StandInType
 from sdtool.model import StandIn, TensorInfo
 
-MAX_DEPTH = 400
+MAX_DEPTH = 200  # three Python frames a level: well inside the interpreter's recursion limit
 _MODULE_GROUPS = ("_parameters", "_buffers", "_modules")
 _DROP = object()
 
@@ -171,10 +171,13 @@ def collect(root: Any, key: str | None = None) -> tuple[dict[str, TensorInfo], d
     """(state-dict tensors by dotted name, the non-tensor rest, the state dict's path)."""
     main, path = select(root, key)
     w = _Walker(main)
-    rest = w.walk(root, "", main is normalize(root), 0)
-    if main is not normalize(root) and not w.tensors:
-        # the key/state_dict object was reached only through a path the walk skipped
-        w.walk(main, "", True, 0)
+    try:
+        rest = w.walk(root, "", main is normalize(root), 0)
+        if main is not normalize(root) and not w.tensors:
+            # the key/state_dict object was reached only through a path the walk skipped
+            w.walk(main, "", True, 0)
+    except RecursionError:  # a caller already deep in the stack: the same answer, not a crash
+        raise CorruptFile(f"the object graph nests deeper than {MAX_DEPTH} levels") from None
     if rest is _DROP:
         extra: dict[str, Any] = {}
     elif isinstance(rest, dict):

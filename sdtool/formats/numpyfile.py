@@ -15,14 +15,16 @@ without ``.npy`` (``np.savez(f, w=...)`` -> tensor ``w``).
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 import struct
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sdtool import dtypes
 from sdtool.dtypes import DType
@@ -155,6 +157,58 @@ def parse_npy_header(head: bytes, what: str) -> NpyHeader:
         raise CorruptFile(f"{what}: shape must be a tuple of non-negative integers")
     dt, big = _dtype_of(descr, what)
     return NpyHeader((major, minor), dt, big, fortran, shape, start + hlen)
+
+
+@dataclass(frozen=True)
+class NpyLayout:
+    """Where a .npy's parts lie, as ``numpy.load(allow_pickle=True)`` reads them."""
+
+    version: tuple[int, int]
+    nbytes: int  # bytes of a plain array's data (what numpy.load reads after the header)
+    has_object: bool  # numpy unpickles the data (from ``data_start``) instead of reading numbers
+    data_start: int
+
+
+#: header bytes numpy.load (allow_pickle=True: no size limit) may need; the scanner reads this
+#: much at most before deciding
+MAX_LAYOUT_HEADER = 16 << 20
+
+
+def npy_header_length(head: bytes) -> int:
+    """Bytes of magic + header a .npy starting with ``head`` (>= 12 bytes) declares."""
+    if head[6:7] == b"\x01":
+        return 10 + struct.unpack_from("<H", head, 8)[0]
+    return 12 + struct.unpack_from("<I", head, 8)[0]
+
+
+def npy_layout(head: bytes) -> NpyLayout:
+    """The layout of the .npy whose magic and header are in ``head``, read by numpy's own
+    header reader (so every spelling of an object dtype numpy accepts is recognised: ``'O'``,
+    ``'|O'``, ``'object'``, structured and subarray dtypes with object fields ...).
+
+    Raises ValueError where numpy.load raises (nothing of the file would be loaded).
+    """
+    import io
+
+    from numpy.lib import format as npformat
+
+    impl: Any = npformat
+    with contextlib.suppress(ImportError):
+        from numpy.lib import _format_impl as impl  # numpy 2 keeps the reader here
+    fp = io.BytesIO(head)
+    try:
+        version = npformat.read_magic(fp)
+        read_header = getattr(impl, "_read_array_header", None)
+        if read_header is None:  # pragma: no cover - numpy without the private reader
+            raise ValueError("this numpy has no header reader sdtool knows")
+        with warnings.catch_warnings():  # numpy warns about Python 2 headers it still reads
+            warnings.simplefilter("ignore")
+            shape, _, dt = read_header(fp, version, max_header_size=1 << 64)
+        return NpyLayout(version, int(dt.itemsize) * prod(shape), bool(dt.hasobject), fp.tell())
+    except ValueError:
+        raise
+    except Exception as e:  # numpy's reader on hostile bytes (tokenize.TokenError ...)
+        raise ValueError(f"{type(e).__name__}: {e}") from None
 
 
 def _dtype_of(descr: object, what: str) -> tuple[DType, bool]:

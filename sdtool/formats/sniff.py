@@ -64,7 +64,27 @@ def sniff_bytes(head: bytes, size: int) -> Format:
         and _proto0(head)
     ):
         return Format.PICKLE
-    return Format.UNKNOWN
+    return next((fmt for prefix, fmt in _PREFIXES if head.startswith(prefix)), Format.UNKNOWN)
+
+
+#: formats no model loader reads but that wrap or hide one (joblib opens the first three by
+#: these prefixes alone: its compressor detection): the scanner looks inside, open_model says
+#: what they are
+_PREFIXES = (
+    (b"ZF", Format.JOBLIB_ZFILE),  # joblib's old zlib container: b"ZF" + a 19-byte hex length
+    (b"\x5d\x00", Format.LZMA),  # LZMA "alone" (joblib's lzma prefix), any dictionary size
+    (b"\x04\x22\x4d\x18", Format.LZ4),  # an lz4 frame
+    (b"Rar!\x1a\x07", Format.RAR),
+)
+#: what describe() says of them
+_WHAT = {
+    Format.JOBLIB_ZFILE: (
+        "it is a joblib compressed container (scikit-learn style), not a model file"
+    ),
+    Format.LZMA: "it looks like an LZMA-compressed file (decompress it first)",
+    Format.LZ4: "it looks like an lz4-compressed file (decompress it first)",
+    Format.RAR: "it is a RAR archive (unpack it first)",
+}
 
 
 def _is_v7_tar(head: bytes) -> bool:
@@ -97,10 +117,9 @@ def describe(head: bytes, size: int) -> str:
         return "it is a PNG image"
     if text[:3] == b"\xff\xd8\xff":
         return "it is a JPEG image"
-    if text[:4] == b"ZF0x":
-        return "it is a joblib compressed container (scikit-learn style), not a model file"
-    if text[:3] == b"\x5d\x00\x00":
-        return "it looks like an LZMA-compressed file (decompress it first)"
+    known = _WHAT.get(next((f for p, f in _PREFIXES if text.startswith(p)), Format.UNKNOWN))
+    if known:
+        return known
     if lowered.startswith((b"{", b"[")):
         return "it looks like JSON text"
     if size >= 8 and len(head) >= 8:

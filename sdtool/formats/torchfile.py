@@ -27,7 +27,7 @@ from sdtool.errors import (
 from sdtool.formats import zip as zipr
 from sdtool.formats.graph import collect
 from sdtool.formats.sniff import sniff_bytes
-from sdtool.formats.unpickler import StorageType, globals_met, load_one
+from sdtool.formats.unpickler import StorageType, brief, globals_met, load_one
 from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, check_view
 from sdtool.vocab import Format
 
@@ -205,19 +205,21 @@ def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, ZipFacts]:
 
     def persistent_load(pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and _text(pid[0]) == "storage"):
-            raise CorruptFile(f"unexpected persistent id {pid!r}"[:200])
+            raise CorruptFile(f"unexpected persistent id {brief(pid)}")
         stype, key, _, numel = pid[1], _text(pid[2]), pid[3], pid[4]
         if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
-            raise CorruptFile(f"malformed storage reference for key {key!r}")
+            raise CorruptFile(f"malformed storage reference for key {brief(key)}")
         dtype = stype.dtype or dtypes.DTYPES["U8"]
         nbytes = numel * dtype.itemsize
         if key in cache:
             return _retype(cache[key], dtype, nbytes)
         m = members.get(f"{prefix}data/{key}")
         if m is None:
-            raise CorruptFile(f"storage {key!r} has no member {prefix}data/{key}")
+            raise CorruptFile(f"storage {brief(key)} has no member {prefix}data/{key}")
         if m.size < nbytes:
-            raise CorruptFile(f"storage {key!r} needs {nbytes} bytes, its member holds {m.size}")
+            raise CorruptFile(
+                f"storage {brief(key)} needs {nbytes} bytes, its member holds {m.size}"
+            )
         if m.stored:
             st = src.storage(key, dtype, nbytes, m.data_offset)
         else:
@@ -276,7 +278,9 @@ def _member_loader(src: _Source, m: zipr.ZipMember) -> Callable[[], bytes]:
 
 
 def _text(v: Any) -> str:
-    return v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+    if isinstance(v, bytes):
+        return v.decode("ascii", "replace")
+    return str(v) if isinstance(v, str | int) else brief(v)  # str() of a shared graph explodes
 
 
 # -- legacy and plain pickles ---------------------------------------------------------------------
@@ -301,7 +305,7 @@ def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
         return first, PickleFacts(pickle_protocol=protocol)
     proto = load_one(f, seen=src.seen)
     if proto != LEGACY_PROTOCOL:
-        raise CorruptFile(f"legacy torch file with protocol version {proto!r}, expected 1001")
+        raise CorruptFile(f"legacy torch file with protocol version {brief(proto)}, expected 1001")
     sys_info = load_one(f, seen=src.seen)
     little = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
     storages: dict[str, Storage] = {}
@@ -309,15 +313,15 @@ def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
 
     def persistent_load(pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
-            raise CorruptFile(f"unexpected persistent id {pid!r}"[:200])
+            raise CorruptFile(f"unexpected persistent id {brief(pid)}")
         tag = _text(pid[0])
         if tag == "module" and len(pid) >= 2:
             return pid[1]  # a pickled nn.Module's class (source-check record): a stand-in
         if tag != "storage" or len(pid) != 6:
-            raise CorruptFile(f"unexpected persistent id {pid!r}"[:200])
+            raise CorruptFile(f"unexpected persistent id {brief(pid)}")
         stype, key, _, numel, view = pid[1], _text(pid[2]), pid[3], pid[4], pid[5]
         if not isinstance(stype, StorageType) or not isinstance(numel, int) or numel < 0:
-            raise CorruptFile(f"malformed storage reference for key {key!r}")
+            raise CorruptFile(f"malformed storage reference for key {brief(key)}")
         dtype = stype.dtype or dtypes.DTYPES["U8"]
         if key not in storages:
             storages[key] = Storage(key, dtype, numel * dtype.itemsize, big_endian=not little)
@@ -338,7 +342,7 @@ def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
     for k in keys:
         st = storages.get(_text(k))
         if st is None:
-            raise CorruptFile(f"legacy torch file lists storage {k!r} that no tensor uses")
+            raise CorruptFile(f"legacy torch file lists storage {brief(k)} that no tensor uses")
         if pos + 8 > src.size:
             raise _truncated(st.key, pos + 8, src.size)
         (count,) = struct.unpack("<q", pread(pos, 8))
@@ -372,7 +376,7 @@ def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
 
 def _truncated(key: str, need: int, size: int) -> TruncatedFile:
     return TruncatedFile(
-        f"storage {key!r} needs bytes up to {need} but the file has {size}; "
+        f"storage {brief(key)} needs bytes up to {need} but the file has {size}; "
         "the download is truncated"
     )
 
@@ -417,7 +421,7 @@ def _load_tar_members(src: _Source, members: dict[str, tarfile.TarInfo]) -> tupl
         (n,) = struct.unpack("<q", f.read(8))
         pos = f.tell()
         if n < 0 or pos + n * dtype.itemsize > st_end:
-            raise CorruptFile(f"TAR torch file: storage {key!r} runs past its member")
+            raise CorruptFile(f"TAR torch file: storage {brief(key)} runs past its member")
         objects[key] = src.storage(str(key), dtype, n * dtype.itemsize, pos)
         f.seek(pos + n * dtype.itemsize)
     views = load_one(f, seen=src.seen)
@@ -427,7 +431,7 @@ def _load_tar_members(src: _Source, members: dict[str, tarfile.TarInfo]) -> tupl
         base = objects[root_key]
         off, nbytes = offset * base.dtype.itemsize, numel * base.dtype.itemsize
         if off < 0 or nbytes < 0 or off + nbytes > base.nbytes:
-            raise CorruptFile(f"TAR torch file: view {target!r} lies outside its storage")
+            raise CorruptFile(f"TAR torch file: view {brief(target)} lies outside its storage")
         objects[target] = _sub_storage(base, str(target), off, nbytes)
     # the tensors and pickle members are small: read each whole, so no record reads past it
     f = _member_bytes(src, members["tensors"])
@@ -452,7 +456,7 @@ def _load_tar_members(src: _Source, members: dict[str, tarfile.TarInfo]) -> tupl
         try:
             return objects[int(pid)]
         except (KeyError, ValueError, TypeError):
-            raise CorruptFile(f"TAR torch file: unknown object {pid!r}"[:200]) from None
+            raise CorruptFile(f"TAR torch file: unknown object {brief(pid)}") from None
 
     root = load_one(
         _member_bytes(src, members["pickle"]), persistent_load=persistent_load, seen=src.seen

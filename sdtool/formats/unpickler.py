@@ -17,8 +17,10 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import collections
+import contextvars
 import pickle
 import pickletools
+import reprlib
 import struct
 from collections.abc import Callable
 from math import prod
@@ -38,6 +40,16 @@ from sdtool.model import (
     contiguous_strides,
 )
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 80, 80
+
+
+def brief(v: Any) -> str:
+    """A short repr of a value from a file: bounded in depth and width (a shared or deep graph
+    would otherwise make ``repr`` take exponential time or overflow the stack)."""
+    return _BRIEF.repr(v)
+
+
 MAX_BYTES_FROM_PICKLE = 1 << 30  # a nested torch file or array inside a pickle
 
 
@@ -50,7 +62,7 @@ class _Frozen:
     __slots__ = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise CorruptFile(f"the pickle tries to set {name!r} on {self!r}")
+        raise CorruptFile(f"the pickle tries to set {brief(name)} on {self!r}")
 
     def __setstate__(self, state: Any) -> None:
         raise CorruptFile(f"the pickle tries to set state on {self!r}")
@@ -95,10 +107,32 @@ class Builder(_Frozen):
         object.__setattr__(self, "fn", fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+        out = self.fn(*args, **kwargs)
+        if isinstance(out, tuple | list | set | frozenset | dict | bytearray):
+            _charge(len(out) if not isinstance(out, bytearray) else len(out) // 64)
+        return out
 
     def __repr__(self) -> str:
         return f"<builder {self.qualname}>"
+
+
+#: items the allowed builders may copy into new containers in one load. Each copy costs one
+#: opcode however large its source, so a 38 KB pickle calling torch.Size on one 20,000-item list
+#: 3,000 times retains 60M items (gigabytes, minutes of graph walking); real files copy a few.
+MAX_BUILT_ITEMS = 2_000_000
+_built: contextvars.ContextVar[list[int]] = contextvars.ContextVar("sdtool_built")
+
+
+def _charge(n: int) -> None:
+    counter = _built.get(None)
+    if counter is None:
+        return
+    counter[0] += n
+    if counter[0] > MAX_BUILT_ITEMS:
+        raise CorruptFile(
+            f"the pickle copies more than {MAX_BUILT_ITEMS} items through constructors such as "
+            "torch.Size or set() (a retained-object bomb: a small file that takes gigabytes)"
+        )
 
 
 class NumpyDTypeSpec:
@@ -108,7 +142,7 @@ class NumpyDTypeSpec:
         if isinstance(spec, bytes):
             spec = spec.decode("latin1")
         if not isinstance(spec, str) or len(spec) > 16:
-            raise CorruptFile(f"numpy dtype spec {spec!r} is not a simple type code")
+            raise CorruptFile(f"numpy dtype spec {brief(spec)} is not a simple type code")
         self.spec = spec
         self.byteorder = "="
 
@@ -170,7 +204,7 @@ def _int_tuple(v: Any, what: str) -> tuple[int, ...]:
     if not isinstance(v, tuple | list) or not all(
         isinstance(x, int) and not isinstance(x, bool) for x in v
     ):
-        raise CorruptFile(f"{what} is not a tuple of integers: {v!r}"[:200])
+        raise CorruptFile(f"{what} is not a tuple of integers: {brief(v)}")
     return tuple(v)
 
 
@@ -207,7 +241,7 @@ def _rebuild_tensor_v3(
     *rest: Any,
 ) -> TensorInfo:
     if not isinstance(dtype, TorchDType) or dtype.dtype is None:
-        raise UnsupportedDtype(f"tensor dtype {dtype!r} is not one sdtool can hold")
+        raise UnsupportedDtype(f"tensor dtype {brief(dtype)} is not one sdtool can hold")
     return _rebuild_tensor(storage, offset, size, stride, requires_grad, dtype=dtype.dtype)
 
 
@@ -324,7 +358,7 @@ def _codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") ->
         return obj.encode("latin1")
     if enc in ("utf-8", "utf8", "ascii"):
         return obj.encode(enc)
-    raise CorruptFile(f"_codecs.encode with codec {encoding!r}")
+    raise CorruptFile(f"_codecs.encode with codec {brief(encoding)}")
 
 
 def _numpy_scalar(spec: Any, data: Any = None) -> Any:
@@ -555,8 +589,10 @@ def load_one(
 ) -> Any:
     """Unpickle one pickle from ``f`` (leaving ``f`` just past its STOP)."""
     up = RestrictedUnpickler(f, persistent_load=persistent_load, nested=nested, seen=seen)
+    token = _built.set([0]) if _built.get(None) is None else None
     try:
         _check_memo_indices(f)
+        _check_tuple_nesting(f)
         return up.load()
     except CorruptFile:
         raise
@@ -580,6 +616,9 @@ def load_one(
         struct.error,
     ) as e:
         raise CorruptFile(f"broken pickle ({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        if token is not None:
+            _built.reset(token)
 
 
 def _check_memo_indices(f: Any) -> None:
@@ -701,3 +740,79 @@ _LAYOUT_TABLE: list[int | None] = [_LAYOUTS.get(c) for c in range(256)]
 # file is read
 for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):
     codecs.lookup(_codec)
+
+
+def _check_tuple_nesting(f: Any) -> None:
+    """Refuse, before the C unpickler runs, tuples it could not hash in bounded time and stack.
+
+    Tuples nested deeper than MAX_TUPLE_DEPTH, or whose expanded tree (shared sub-tuples counted
+    each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items: CPython hashes a
+    tuple by walking it in C with no recursion guard, so a 300,000-deep tuple used as a dict key
+    overflows the C stack (a segfault) and ``t = (t, t)`` forty times takes 2**40 steps. Only
+    tuples can nest while hashable: lists and dicts stop a hash, and no allowed builder returns
+    nested tuples, so tracking the tuple opcodes is enough. Opcodes are walked without building
+    anything (a stack of (depth, size) per slot); ``f`` is left where it was.
+    """
+    start = f.tell()
+    stack: list[Any] = []  # (tuple depth, expanded tuple size) per slot
+    marks: list[int] = []  # stack lengths at each MARK
+    memo: dict[Any, Any] = {}
+    flat = (0, 1)
+
+    def pop_mark() -> list[Any]:
+        cut = marks.pop() if marks else 0
+        items = stack[cut:]
+        del stack[cut:]
+        return items
+
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(f)):
+            name = op.name
+            if name in _TUPLE_ARITY:
+                n = _TUPLE_ARITY[name]
+                if n < 0:  # TUPLE: down to the mark
+                    items = pop_mark()
+                else:
+                    items, stack[len(stack) - n :] = stack[len(stack) - n :], []
+                depth = 1 + max((x[0] for x in items), default=0)
+                size = 1 + sum(x[1] for x in items)
+                if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
+                    raise CorruptFile(
+                        f"opcode {count} ({name}) builds a tuple nested {depth} deep with "
+                        f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
+                        "hashing it would crash the unpickler or never end"
+                    )
+                stack.append((depth, size))
+                continue
+            if name in _MEMO_PUTS or name == "MEMOIZE":
+                if stack:
+                    memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if name in _MEMO_GETS:
+                stack.append(memo.get(arg, flat))
+                continue
+            if name == "DUP":
+                stack.append(stack[-1] if stack else flat)
+                continue
+            before = op.stack_before
+            if pickletools.markobject in before:
+                pop_mark()
+                del stack[max(0, len(stack) - before.index(pickletools.markobject)) :]
+            elif before:
+                del stack[max(0, len(stack) - len(before)) :]
+            for kind in op.stack_after:
+                if kind is pickletools.markobject:
+                    marks.append(len(stack))
+                else:
+                    stack.append(flat)
+    except ValueError:
+        pass  # a malformed stream: the unpickler itself stops at the same place with an error
+    finally:
+        f.seek(start)
+
+
+MAX_TUPLE_DEPTH = 1000
+MAX_TUPLE_TREE = 50_000_000
+_TUPLE_ARITY = {"TUPLE": -1, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})

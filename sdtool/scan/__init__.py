@@ -115,13 +115,16 @@ def scan_paths(
     progress: Callable[[FileReport], None] | None = None,
     cache: Cache | None = None,
     sha256: bool = False,
+    isolate: bool = True,
 ) -> ScanReport:
-    """Scan files and directories; ``jobs`` > 1 uses that many processes.
+    """Scan files and directories, each file in a worker process (``jobs`` of them at once).
 
-    ``progress`` is called with each FileReport as it completes (in input order). With a
-    ``cache``, a file whose content was scanned before by this ruleset and these options is
-    not read again (sdtool.scan.cached); ``sha256`` also computes each file's SHA-256 (on
-    ``FileReport.sha256``), which lets identical files anywhere share one verdict.
+    A worker that crashes or runs past the per-file time limit costs only its file, which is
+    reported as could not scan (see sdtool.scan.workers); ``isolate=False`` scans in this
+    process instead. ``progress`` is called with each FileReport as it completes (in input
+    order). With a ``cache``, a file whose content was scanned before by this ruleset and
+    these options is not read again (sdtool.scan.cached); ``sha256`` also computes each file's
+    SHA-256 (on ``FileReport.sha256``), which lets identical files anywhere share one verdict.
     """
     from sdtool.scan.cached import lookup, store
     from sdtool.scan.containers import scan_file
@@ -139,16 +142,16 @@ def scan_paths(
     todo = [t for i, t in enumerate(targets) if isinstance(t, Path) and _miss(found.get(i))]
 
     def fresh() -> Iterator[FileReport]:
-        if jobs > 1 and len(todo) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(scan_file, t, limits=limits, crc=crc) for t in todo]
-                for fut in futures:
-                    yield fut.result()
-        else:
+        if not isolate:
             for t in todo:
                 yield scan_file(t, limits=limits, crc=crc)
+            return
+        from dataclasses import asdict
+
+        from sdtool.scan.workers import Task, run_isolated
+
+        kwargs = {"crc": crc, "limits": asdict(limits)}
+        yield from run_isolated([Task(os.fspath(t), kwargs) for t in todo], jobs=max(1, jobs))
 
     scanned = fresh()
     for i, t in enumerate(targets):

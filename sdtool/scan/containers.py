@@ -1,101 +1,70 @@
-"""Walk a file the way the loaders read it and hand every pickle stream to the VM.
+"""Route each file, and each blob inside it, to the walker of its container.
 
-Routing is by content (sdtool.formats.sniff, shared with the loaders), never by name. Zips are
-read through sdtool.formats.zip (central directory, no CRC check, as torch does), and the
-irregularities that make other tools read them differently are reported. Nested containers
-(zips, tars, compressed wrappers) are followed to a bounded depth and decompressed size.
+Routing is by content (sdtool.formats.sniff, shared with the loaders), never by name. Each
+container has one walker module under sdtool.scan.walkers (zip, tar, pickle and legacy torch,
+numpy, compressed wrappers, safetensors) or sdtool.scan.archives (7z); walkers read layouts
+from sdtool.formats, report through the per-file Ctx (sdtool.scan.context) and recurse into
+members only through ``Ctx.nested``, which comes back here. Byte 0 of every blob is also tried
+as a pickle (pickle.load reads any file from there).
 """
 
 from __future__ import annotations
 
-import io
 import mmap
 import os
-import re
-import struct
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from sdtool.errors import CorruptFile, SdtoolError
+from sdtool.errors import SdtoolError
 from sdtool.formats import zip as zipfmt
-from sdtool.formats.sniff import TEXT_LIMIT, Kind, describe, not_a_model_file, sniff_bytes
-from sdtool.scan.report import FileReport, Finding
-from sdtool.scan.rules import analyse
-from sdtool.scan.vm import (
-    DEFAULT_LIMITS,
-    Inst,
-    Limits,
-    ListV,
-    Ref,
-    Stream,
-    run_stream,
-    would_unpickle,
+from sdtool.formats.sniff import TEXT_LIMIT, describe, not_a_model_file, sniff_bytes
+from sdtool.scan.archives import scan_archive_7z, scan_unscannable
+from sdtool.scan.buffers import (
+    Budget,
+    FileBuf,
+    close_all,
 )
+from sdtool.scan.context import (
+    MAX_DEPTH,
+    Ctx,
+    NotRegular,
+    join_path,
+    open_regular,
+    record_stream,
+    run_pickle,
+)
+from sdtool.scan.report import FileReport
+from sdtool.scan.vm import DEFAULT_LIMITS, OPNAMES, Inst, Limits, run_stream, would_unpickle
+from sdtool.scan.walkers.compressed import scan_compressed
+from sdtool.scan.walkers.gguf import scan_gguf
+from sdtool.scan.walkers.numpy import scan_npy
+from sdtool.scan.walkers.pickle import scan_pickle
+from sdtool.scan.walkers.safetensors import scan_safetensors
+from sdtool.scan.walkers.tar import scan_tar
+from sdtool.scan.walkers.zip import scan_zip
 from sdtool.vocab import Format
 
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-MAX_DEPTH = 4  # containers inside containers
-MAX_STREAMS = 1000  # pickle streams per member
-MAX_MEMBER = 2 << 30  # bytes read from one member into memory
-MAX_DECOMPRESSED = 2 << 30  # total bytes decompressed per file
-MAX_RATIO = 1000  # decompressed/compressed ratio before it counts as a bomb
 
-_STORAGE_ITEMSIZE = {
-    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
-    "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16, "QInt8": 1,
-    "QUInt8": 1, "QInt32": 4, "QUInt4x2": 1, "QUInt2x4": 1, "Untyped": 1,
-    "Float8_e4m3fn": 1, "Float8_e5m2": 1,
-}  # fmt: skip
-
-_CODE_RE = re.compile(
-    r"__import__|\bimport\s+\w|\beval\s*\(|\bexec\s*\(|os\.system|subprocess|<script|"
-    r"\bcurl\s|\bwget\s|powershell|/bin/(?:ba)?sh|base64\s*-d"
-)
-_URL_RE = re.compile(r"\b(?:https?|ftp|file)://", re.I)
-
-
-@dataclass
-class Ctx:
-    """Per-file scan state."""
-
-    report: FileReport
-    limits: Limits = DEFAULT_LIMITS
-    decompressed: int = 0
-    crc: str = "read"  # "read": check CRC of members that are read; "all": every member
-    formats: list[Format] = field(default_factory=list)
-    parsed: dict[str, Stream] = field(default_factory=dict)  # member -> its first stream
-    fd: int | None = None  # the top-level file, for scattered reads that should not fault pages
-
-    def find(self, severity: str, rule: str, message: str, member: str | None, **kw: Any) -> None:
-        self.report.add(Finding(severity, rule, message, member, **kw))
-
-    def error(self, member: str | None, message: str) -> None:
-        self.report.errors.append(f"{member}: {message}" if member else message)
-
-
-def _join(parent: str | None, child: str) -> str:
-    return f"{parent}/{child}" if parent else child
-
-
-# --- entry: route one blob by content -----------------------------------------------------------
-
-
-def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read") -> FileReport:
+def scan_file(
+    path: Path,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    crc: str = "read",
+    budget: Budget | None = None,
+) -> FileReport:
     """Scan one file. Never raises for file content; unreadable files are "not scanned"."""
     rep = FileReport(str(path))
-    ctx = Ctx(rep, limits, crc=crc)
+    ctx = Ctx(rep, limits, crc=crc, budget=Budget(**budget.__dict__) if budget else Budget())
+    ctx.budget.start()
     try:
-        size = path.stat().st_size
-        rep.size = size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
                 rep.scanned, rep.format = False, Format.EMPTY
                 rep.errors.append("not scanned: the file is empty")
                 return rep
-            if f.read(4) == zipfmt.LOCAL_SIG:
+            if f.read(4) in (zipfmt.LOCAL_SIG, zipfmt.EOCD_SIG):
                 # zips are read in small scattered pieces: plain reads keep RSS small
                 scan_blob(ctx, FileBuf(f, size), None, depth=0, name=path.name)
                 return rep
@@ -104,6 +73,9 @@ def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read")
                 if hasattr(mm, "madvise"):  # scattered small reads: no readahead into RSS
                     mm.madvise(mmap.MADV_RANDOM)
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
+    except NotRegular as e:
+        rep.scanned, rep.format = False, Format.UNREADABLE
+        rep.errors.append(f"not scanned: {e} (skipped by type, never opened)")
     except OSError as e:
         rep.scanned = False
         rep.format = Format.UNREADABLE
@@ -111,31 +83,10 @@ def scan_file(path: Path, *, limits: Limits = DEFAULT_LIMITS, crc: str = "read")
     except SdtoolError as e:
         rep.errors.append(e.message)
     finally:
+        close_all(ctx.keep)
         if ctx.formats:
             rep.format = ctx.formats[0]
     return rep
-
-
-class FileBuf:
-    """A read-only byte sequence over an open file (len, slices via pread) for zip walking."""
-
-    def __init__(self, f: BinaryIO, size: int) -> None:
-        self.f, self.size = f, size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, key: int | slice) -> Any:
-        if isinstance(key, int):
-            if key < 0:
-                key += self.size
-            if not 0 <= key < self.size:
-                raise IndexError("FileBuf index out of range")
-            return os.pread(self.f.fileno(), 1, key)[0]
-        start, stop, step = key.indices(self.size)
-        if step != 1:
-            raise ValueError("FileBuf slices must be contiguous")
-        return os.pread(self.f.fileno(), max(0, stop - start), start) if stop > start else b""
 
 
 def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str = "") -> None:
@@ -144,7 +95,7 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     head = bytes(buf[:4096])
     kind = sniff_bytes(head, size)
     extra = _extra_kind(head)
-    kind_name = extra if kind is Kind.UNKNOWN and extra else kind.value
+    kind_name = extra if kind is Format.UNKNOWN and extra else kind.value
     _check_name(ctx, member, name, kind_name)
     handler = _ROUTES.get(kind_name)
     if handler is None and member is None and would_unpickle(buf, limits=ctx.limits):
@@ -152,6 +103,8 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     if depth > MAX_DEPTH:
         ctx.error(member, f"not scanned: containers nested deeper than {MAX_DEPTH}")
         return
+    if handler is not scan_pickle:
+        _pickle_at_zero(ctx, buf, member, kind_name)
     if handler is None:
         if member is None and _skip_not_a_model(ctx, buf, head, size):
             return
@@ -163,7 +116,11 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         else:
             ctx.report.notes.append(f"{member}: not analysed ({what})")
         return
-    handler(ctx, buf, member, depth)
+    outer, ctx.depth = ctx.depth, depth
+    try:
+        handler(ctx, buf, member, depth)
+    finally:
+        ctx.depth = outer
 
 
 def _skip_not_a_model(ctx: Ctx, buf: Any, head: bytes, size: int) -> bool:
@@ -181,29 +138,37 @@ def _skip_not_a_model(ctx: Ctx, buf: Any, head: bytes, size: int) -> bool:
     return True
 
 
+def _pickle_at_zero(ctx: Ctx, buf: Any, member: str | None, kind: str) -> None:
+    """``pickle.load`` reads any file from byte 0, whatever else the bytes are (a tar whose first
+    member name is a protocol-0 pickle, a safetensors header length that starts a pickle ...).
+    If byte 0 starts a pickle that imports anything, that reading is scanned too.
+    """
+    if not len(buf) or buf[0] not in OPNAMES:
+        return
+    s = run_pickle(ctx, buf, 0, len(buf))
+    if not any(_importable(i.module) and _importable(i.name) for i in s.imports):
+        return  # garbage as a pickle (text, code), or plain data: nothing a loader could run
+    what = "of no format sdtool reads" if kind == "unknown" else f"a {kind} file"
+    ctx.find(
+        "suspicious",
+        "polyglot",
+        f"the bytes are {what} and, read from byte 0, also a pickle that imports something: "
+        "pickle.load (and loaders built on it) would run it; both readings are scanned",
+        member,
+    )
+    record_stream(ctx, s, join_path(member, "<as pickle>") if member else "<as pickle>", 0)
+
+
+def _importable(name: str | None) -> bool:
+    """A dotted name ``find_class`` could import (anything else fails before running)."""
+    return bool(name) and all(p.isidentifier() for p in (name or "").split("."))
+
+
 def _extra_kind(head: bytes) -> str | None:
-    """Formats sniff.py does not name but the scanner must not pass over."""
-    if head[:2] == b"ZF" and head[2:4] == b"0x":
-        return "joblib-zfile"
-    if (
-        len(head) >= 13
-        and head[0] == 0x5D
-        and head[1:5]
-        in (
-            b"\x00\x00\x80\x00",
-            b"\x00\x00\x40\x00",
-            b"\x00\x00\x00\x01",
-            b"\x00\x00\x00\x02",
-            b"\x00\x00\x00\x04",
-            b"\x00\x00\x10\x00",
-        )
-    ):
-        return "lzma"
-    if head[:4] == b"\x04\x22\x4d\x18":
-        return "lz4"
-    if head[:6] == b"Rar!\x1a\x07":
-        return "rar"
-    return None
+    """The one start the scanner routes differently from torch.load's sniffing: numpy.load
+    opens a file starting with an end-of-central-directory record as npz (zipfile finds the
+    real end record), torch.load does not."""
+    return "zip" if head[:4] == zipfmt.EOCD_SIG else None
 
 
 _EXT_KIND = {
@@ -233,722 +198,6 @@ def _check_name(ctx: Ctx, member: str | None, name: str, kind: str) -> None:
             return
 
 
-# --- pickles ------------------------------------------------------------------------------------
-
-
-def _record(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
-    ctx.report.streams += 1 + len(s.nested)
-    findings, errors = analyse(s, member=member, index=index)
-    ctx.report.findings.extend(findings)
-    for e in errors:
-        ctx.error(member, e)
-    where = f"stream {index}" if index else "pickle"
-    for sub in [s, *s.nested]:
-        if sub.error:
-            ctx.error(member, f"{where} broken at offset {sub.error_offset}: {sub.error}")
-            if any(f.severity == "dangerous" for f in findings):
-                ctx.find(
-                    "info",
-                    "stream-broken",
-                    f"{where} breaks at offset {sub.error_offset} after its payload: the loader "
-                    "runs what comes before the break",
-                    member,
-                    stream=index,
-                    offset=sub.error_offset,
-                )
-        if sub.incomplete:
-            ctx.error(
-                member, f"{where} analysis stopped at offset {sub.error_offset}: {sub.incomplete}"
-            )
-
-
-def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    """Every stream of a pickle file: legacy torch's five, concatenated pickles, trailing data."""
-    end = len(buf)
-    s0 = ctx.parsed.pop(member or "", None) or run_stream(
-        buf, 0, end, limits=ctx.limits, oracle=True
-    )
-    _record(ctx, s0, member, 0)
-    if s0.stopped and s0.result == LEGACY_MAGIC:
-        ctx.formats.append(Format.TORCH_LEGACY)
-        pos = _scan_legacy(ctx, buf, s0.end, member)
-    else:
-        ctx.formats.append(Format.PICKLE)
-        pos = s0.end if s0.stopped else -1
-    index = 1
-    while 0 <= pos < end:
-        if buf[pos : pos + 4] == b"PK\x03\x04" or _is_zip_tail(buf):
-            break
-        if not _looks_like_pickle(buf, pos):
-            break
-        s = run_stream(buf, pos, end, limits=ctx.limits, oracle=True)
-        if not s.stopped and not s.imports:
-            break  # not a pickle after all: trailing data
-        ctx.find(
-            "info",
-            "concatenated-pickle",
-            f"another pickle stream at offset {pos} (loaders that read several pickles run it)",
-            member,
-            stream=index,
-            offset=pos,
-        )
-        _record(ctx, s, member, index)
-        index += 1
-        pos = s.end if s.stopped else -1
-        if index > MAX_STREAMS:
-            ctx.error(member, f"more than {MAX_STREAMS} pickle streams: the rest is not analysed")
-            return
-    if pos < 0:
-        return
-    _trailing(ctx, buf, pos, member, depth)
-
-
-def _looks_like_pickle(buf: Any, pos: int) -> bool:
-    b = buf[pos]
-    return (b == 0x80 and pos + 1 < len(buf) and buf[pos + 1] <= 5) or b in b"(cI]}NSV\x95"
-
-
-def _is_zip_tail(buf: Any) -> bool:
-    n = len(buf)
-    tail = bytes(buf[max(0, n - 22 - 0xFFFF) :])
-    return tail.rfind(zipfmt.EOCD_SIG) >= 0 and bytes(buf[:4]) != b"PK\x03\x04"
-
-
-def _trailing(ctx: Ctx, buf: Any, pos: int, member: str | None, depth: int) -> None:
-    """Bytes after the last pickle: an appended zip (polyglot), or data no loader reads."""
-    end = len(buf)
-    if _is_zip_tail(buf):
-        try:
-            arch = zipfmt.read_archive(_as_file(buf), end)
-        except SdtoolError:
-            arch = None
-        if arch is not None and arch.entries:
-            ctx.find(
-                "suspicious",
-                "polyglot",
-                "a pickle with a zip appended: torch.load reads the pickle, zip tools (and "
-                "scanners that trust them) see the zip; both are scanned",
-                member,
-                offset=arch.prefix_bytes,
-            )
-            _scan_archive(
-                ctx,
-                buf,
-                arch,
-                _join(member, "<appended zip>") if member else "<appended zip>",
-                depth + 1,
-            )
-            return
-    if pos < end:
-        rest = bytes(buf[pos : min(end, pos + 64)])
-        if rest.strip(b"\x00\n\r\t ") == b"" and end - pos <= 64:
-            return
-        ctx.find(
-            "info",
-            "trailing-data",
-            f"{end - pos} bytes after the last pickle stream (offset {pos}) that no loader reads",
-            member,
-            offset=pos,
-        )
-
-
-def _scan_legacy(ctx: Ctx, buf: Any, pos: int, member: str | None) -> int:
-    """Streams 2-5 of a legacy torch file, then skip the raw storages by their counts."""
-    end = len(buf)
-    names = ("protocol version", "sys_info", "object", "storage keys")
-    streams: list[Stream] = []
-    for i, what in enumerate(names, start=1):
-        if pos >= end:
-            ctx.error(member, f"legacy torch file ends before its {what} pickle")
-            return -1
-        s = run_stream(buf, pos, end, limits=ctx.limits)
-        _record(ctx, s, member, i)
-        streams.append(s)
-        if not s.stopped:
-            return -1
-        pos = s.end
-    keys = streams[3].result
-    types = _legacy_storage_types(streams[2])
-    if not isinstance(keys, ListV) or keys.items is None:
-        ctx.error(member, "legacy torch storage key list is not a list: storages not skipped")
-        return -1
-    for key in keys.items:
-        itemsize = _STORAGE_ITEMSIZE.get(types.get(key, ""))
-        if pos + 8 > end:
-            ctx.error(member, f"legacy torch storage {key!r} is cut short (truncated download)")
-            return -1
-        if member is None and ctx.fd is not None:  # pread: no mapped pages across the file
-            raw = os.pread(ctx.fd, 8, pos)
-        else:
-            raw = bytes(buf[pos : pos + 8])
-        (count,) = struct.unpack_from("<q", raw)
-        if itemsize is None or count < 0 or pos + 8 + count * itemsize > end:
-            ctx.error(
-                member,
-                f"legacy torch storage {key!r}: cannot skip {count} elements of "
-                f"{types.get(key, 'unknown type')} at offset {pos}; the rest is not analysed",
-            )
-            return -1
-        pos += 8 + count * itemsize
-    ctx.report.notes.append(
-        f"{member or 'file'}: legacy torch file: 5 pickles and {len(keys.items)} raw storages"
-    )
-    return pos
-
-
-def _legacy_storage_types(s: Stream) -> dict[Any, str]:
-    out: dict[Any, str] = {}
-    for _, pid in s.persids:
-        if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
-            t = pid[1]
-            if isinstance(t, Ref) and t.imp.name and t.imp.name.endswith("Storage"):
-                out[pid[2]] = t.imp.name[: -len("Storage")]
-    return out
-
-
-# --- zips ---------------------------------------------------------------------------------------
-
-
-def _as_file(buf: Any) -> BinaryIO:
-    if isinstance(buf, FileBuf):
-        return buf.f
-    if isinstance(buf, mmap.mmap):
-        return buf  # type: ignore[return-value]  # mmap has seek/read
-    return io.BytesIO(buf)
-
-
-def scan_zip(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    try:
-        arch = zipfmt.read_archive(_as_file(buf), len(buf))
-    except SdtoolError as e:
-        ctx.error(member, f"zip cannot be read: {e.message}")
-        if member is None:
-            ctx.formats.append(Format.ZIP)
-        _scan_local_headers(ctx, buf, member, depth)
-        return
-    _scan_archive(ctx, buf, arch, member, depth)
-
-
-def _scan_archive(
-    ctx: Ctx, buf: Any, arch: zipfmt.ZipArchive, member: str | None, depth: int
-) -> None:
-    names = [m.name for m in arch.entries]
-    torchscript = [n for n in names if n.endswith(("constants.pkl", "bytecode.pkl"))]
-    code = [n for n in names if "/code/" in f"/{n}" and n.endswith(".py")]
-    is_torch = any(n.endswith("data.pkl") for n in names)
-    if member is None:
-        if torchscript:
-            ctx.formats.append(Format.TORCHSCRIPT)
-        elif is_torch:
-            ctx.formats.append(Format.TORCH_ZIP)
-        elif names and all(n.endswith(".npy") for n in names):
-            ctx.formats.append(Format.NPZ)
-        else:
-            ctx.formats.append(Format.ZIP)
-    for irr in arch.irregularities:
-        rule, sev = "zip-irregular", "suspicious"
-        if "duplicate" in irr:
-            rule = "zip-duplicate"
-        elif "local header" in irr:
-            rule = "zip-name-mismatch"
-        elif "flag bits" in irr:
-            rule = "zip-flags"
-        elif "before the zip" in irr:
-            rule = "zip-prefix"
-        ctx.find(
-            sev, rule, irr + " (torch reads the central directory; other tools may not)", member
-        )
-    if torchscript or code:
-        shown = ", ".join(code[:20]) + (f" and {len(code) - 20} more" if len(code) > 20 else "")
-        ctx.find(
-            "suspicious",
-            "torchscript",
-            f"TorchScript archive: executable code, only loadable by torch.jit.load, which runs "
-            f"it ({len(code)} code members: {shown or 'none listed'})",
-            member,
-        )
-    storage_keys = _referenced_storages(ctx, buf, arch, member)
-    for m in arch.entries:
-        if m.name.endswith("/") and m.size == 0:
-            continue
-        path = _join(member, m.name)
-        last = arch.members.get(m.name) is m
-        if m.name in storage_keys and last:
-            if ctx.crc == "all":
-                _check_crc(ctx, buf, m, path)
-            continue  # raw tensor bytes the loader maps; never unpickled
-        _scan_member(ctx, buf, m, path, depth, shadowed=not last)
-
-
-def _referenced_storages(
-    ctx: Ctx, buf: Any, arch: zipfmt.ZipArchive, member: str | None
-) -> set[str]:
-    """Members that data.pkl names as raw storages (``<prefix>/data/<key>``)."""
-    out: set[str] = set()
-    for name, m in arch.members.items():
-        if not name.endswith("data.pkl") or m.size > MAX_MEMBER:
-            continue
-        prefix = name[: -len("data.pkl")]
-        try:
-            data = _member_bytes(buf, m)
-        except SdtoolError:
-            continue
-        s = run_stream(data, 0, len(data), limits=ctx.limits, oracle=True)
-        ctx.parsed[_join(member, name)] = s  # scanned again below: parse once
-        for _, pid in s.persids:
-            if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
-                out.add(f"{prefix}data/{pid[2]}")
-    return out
-
-
-def _member_bytes(buf: Any, m: zipfmt.ZipMember, limit: int = MAX_MEMBER) -> bytes:
-    if m.method == zipfmt.STORED:
-        if m.compressed_size > limit:
-            raise CorruptFile(f"member {m.name!r} is larger than {limit} bytes")
-        return bytes(buf[m.data_offset : m.data_offset + m.compressed_size])
-    return zipfmt.read_member(_as_file(buf), m, limit=limit)
-
-
-def _check_crc(
-    ctx: Ctx, buf: Any, m: zipfmt.ZipMember, path: str, data: bytes | None = None
-) -> None:
-    if data is None:
-        try:
-            data = _member_bytes(buf, m)
-        except SdtoolError:
-            return
-    crc = zlib.crc32(data) & 0xFFFFFFFF
-    if crc != m.crc:
-        ctx.find(
-            "suspicious",
-            "zip-crc",
-            f"CRC-32 is {crc:08x} but the directory says {m.crc:08x}: torch ignores it, "
-            "zipfile refuses the member",
-            path,
-        )
-
-
-def _scan_member(
-    ctx: Ctx, buf: Any, m: zipfmt.ZipMember, path: str, depth: int, *, shadowed: bool
-) -> None:
-    try:
-        data = _member_bytes(buf, m)
-    except SdtoolError as e:
-        ctx.error(path, f"not scanned: {e.message}")
-        return
-    if not m.flags & 0x1:  # an encrypted member's CRC is of the plaintext
-        _check_crc(ctx, buf, m, path, data)
-    if shadowed:
-        path += " (shadowed duplicate)"
-    if m.flags & 0x1:
-        kind = sniff_bytes(data[:4096], len(data))
-        if kind is Kind.UNKNOWN:
-            ctx.error(path, "not scanned: the member is encrypted")
-            return
-    _scan_nested(ctx, data, path, depth + 1)
-
-
-def _scan_nested(ctx: Ctx, data: bytes, path: str, depth: int) -> None:
-    before = len(ctx.formats)
-    scan_blob(ctx, data, path, depth=depth)
-    del ctx.formats[before:]  # only the outermost format names the file
-
-
-def _scan_local_headers(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    """A zip whose directory is unreadable: walk the local headers (what a lenient reader sees)."""
-    pos = 0
-    n = len(buf)
-    count = 0
-    while pos + 30 <= n and bytes(buf[pos : pos + 4]) == zipfmt.LOCAL_SIG and count < 100_000:
-        (_, _, flags, method, _, _, _, csize, _usize, nlen, xlen) = struct.unpack_from(
-            "<4sHHHHHIIIHH", bytes(buf[pos : pos + 30])
-        )
-        name = bytes(buf[pos + 30 : pos + 30 + nlen]).decode("utf-8", "replace")
-        start = pos + 30 + nlen + xlen
-        if flags & 0x8 or start + csize > n:
-            break
-        raw = bytes(buf[start : start + csize])
-        if method == zipfmt.DEFLATED:
-            try:
-                raw = zlib.decompressobj(-15).decompress(raw, MAX_MEMBER)
-            except zlib.error:
-                raw = b""
-        if raw:
-            _scan_nested(ctx, raw, _join(member, name), depth + 1)
-        pos = start + csize
-        count += 1
-
-
-# --- other containers -----------------------------------------------------------------------------
-
-
-def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    """``.npy``: the header is a Python literal; object arrays carry a pickle after it."""
-    if member is None:
-        ctx.formats.append(Format.NPY)
-    head = bytes(buf[:16])
-    if len(head) < 10:
-        ctx.error(member, "npy header is cut short")
-        return
-    major = head[6]
-    if major != 1 and len(head) < 12:  # versions 2/3 need a 4-byte header length (fuzzing)
-        ctx.error(member, "npy header is cut short")
-        return
-    if major == 1:
-        (hlen,) = struct.unpack_from("<H", head, 8)
-        start = 10
-    else:
-        (hlen,) = struct.unpack_from("<I", head, 8)
-        start = 12
-    if hlen > 1 << 20 or start + hlen > len(buf):
-        ctx.error(member, f"npy header of {hlen} bytes does not fit the file")
-        return
-    text = bytes(buf[start : start + hlen]).decode("latin-1")
-    import ast
-
-    header: Any = None  # the literal, when it parses
-    try:
-        header = ast.literal_eval(text)  # literals only: never evaluates code
-        descr = header.get("descr") if isinstance(header, dict) else None
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        # Python 2 headers carry long literals (``(2L, 3L)``): read the descr alone
-        found = re.search(r"""['"]descr['"]\s*:\s*(['"][^'"]*['"]|\[.*\])""", text)
-        if found is None:
-            ctx.error(member, "npy header is not a Python literal and names no descr")
-            return
-        descr = found.group(1)
-    if "O" not in repr(descr):  # plain numbers: nothing executable, but the data must be there
-        short = _npy_short(header, len(buf) - start - hlen) if isinstance(header, dict) else None
-        if short:
-            ctx.error(member, short)
-        return
-    ctx.report.notes.append(f"{member or 'file'}: npy object array: its data is a pickle")
-    data = buf[start + hlen :] if isinstance(buf, bytes) else bytes(buf[start + hlen :])
-    scan_pickle(
-        ctx,
-        data,
-        _join(member, "<object array pickle>") if member else "<object array pickle>",
-        depth,
-    )
-    if member is None and ctx.formats and ctx.formats[-1] == "pickle":
-        ctx.formats.pop()
-
-
-def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    """torch's oldest format (sys_info, pickle, storages, tensors) or any other tar."""
-    import tarfile
-
-    try:
-        tf = tarfile.open(fileobj=_as_file(buf), mode="r:")  # noqa: SIM115 - closed with buf
-        infos = tf.getmembers()
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # ValueError: seek past end
-        ctx.error(member, f"tar cannot be read: {e}")
-        return
-    names = {i.name for i in infos}
-    torch_tar = {"sys_info", "pickle", "storages", "tensors"} <= names
-    if member is None:
-        ctx.formats.append(Format.TORCH_TAR if torch_tar else Format.TAR)
-    for info in infos:
-        if not info.isfile():
-            continue
-        path = _join(member, info.name)
-        if info.size > MAX_MEMBER:
-            ctx.error(path, "not scanned: member too large")
-            continue
-        f = tf.extractfile(info)
-        if f is None:
-            continue
-        data = f.read()
-        if torch_tar and info.name in ("storages", "tensors"):
-            _scan_tar_records(ctx, data, path, info.name)
-        else:
-            _scan_nested(ctx, data, path, depth + 1)
-
-
-def _scan_tar_records(ctx: Ctx, data: bytes, path: str, which: str) -> None:
-    """Legacy tar 'storages'/'tensors': a count pickle, then per record a pickle + raw bytes."""
-    s = run_stream(data, 0, len(data), limits=ctx.limits)
-    _record(ctx, s, path, 0)
-    count = s.result if s.stopped and isinstance(s.result, int) else None
-    if count is None:
-        return
-    pos, index = s.end, 1
-    for _ in range(min(count, 10_000_000)):
-        r = run_stream(data, pos, len(data), limits=ctx.limits)
-        _record(ctx, r, path, index)
-        index += 1
-        if not r.stopped:
-            return
-        pos = r.end
-        try:
-            if which == "storages":
-                t = r.result[2] if isinstance(r.result, tuple) and len(r.result) == 3 else None
-                name = t.imp.name if isinstance(t, Ref) and t.imp.name else ""
-                itemsize = _STORAGE_ITEMSIZE[name.removesuffix("Storage")]
-                (n,) = struct.unpack_from("<q", data, pos)
-                pos += 8 + n * itemsize
-            else:
-                (ndim,) = struct.unpack_from("<i", data, pos)
-                pos += 8 + 16 * ndim + 8
-        except (KeyError, struct.error, TypeError):
-            ctx.error(
-                path, f"cannot skip the raw bytes of record {index - 1}; the rest is not analysed"
-            )
-            return
-    if pos < len(data):  # storage views list (storages) follows; scan what remains
-        r = run_stream(data, pos, len(data), limits=ctx.limits)
-        if r.stopped or r.imports:
-            _record(ctx, r, path, index)
-
-
-def _decompressor(kind: str) -> Callable[[], Any]:
-    import bz2
-    import lzma
-
-    return {
-        "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
-        "zlib": lambda: zlib.decompressobj(),
-        "bzip2": lambda: bz2.BZ2Decompressor(),
-        "xz": lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ),
-        "lzma": lambda: lzma.LZMADecompressor(format=lzma.FORMAT_ALONE),
-    }[kind]
-
-
-def scan_compressed(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
-    """gzip/bz2/xz/lzma/zlib wrappers (joblib compression): bounded decompression, then route."""
-
-    def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-        if member is None:
-            ctx.formats.append(Format(kind))
-        start = 0
-        if kind == "joblib-zfile":
-            # b"ZF" + the hex length padded with spaces (19 or 20 bytes: Python 3 or 2)
-            head = bytes(buf[:40])
-            start, algo = 2, "zlib"
-            while start < len(head) and head[start] != 0x20:  # the hex token
-                start += 1
-            while start < len(head) and head[start] == 0x20:  # its padding
-                start += 1
-        else:
-            algo = kind
-        data = _decompress(ctx, buf, start, algo, member)
-        if data is None:
-            return
-        _scan_nested(ctx, data, _join(member, f"<{kind}>") if member else f"<{kind}>", depth + 1)
-
-    return handler
-
-
-def _decompress(ctx: Ctx, buf: Any, start: int, algo: str, member: str | None) -> bytes | None:
-    import lzma
-
-    d = _decompressor(algo)()
-    out = bytearray()
-    cap = min(MAX_DECOMPRESSED - ctx.decompressed, max(1 << 20, (len(buf) - start) * MAX_RATIO))
-    pos, chunk = start, 1 << 20
-    try:
-        while pos < len(buf):
-            piece = bytes(buf[pos : pos + chunk])
-            pos += len(piece)
-            out += d.decompress(piece, max(0, cap - len(out)) + 1)
-            while len(out) <= cap and getattr(d, "unconsumed_tail", None):
-                out += d.decompress(d.unconsumed_tail, max(0, cap - len(out)) + 1)
-            if len(out) > cap:
-                ctx.error(
-                    member,
-                    f"decompressed data exceeds {cap} bytes (ratio or size cap): "
-                    "only the beginning is scanned",
-                )
-                out = out[:cap]
-                break
-            if getattr(d, "eof", False):
-                break
-    except (zlib.error, OSError, EOFError, ValueError, lzma.LZMAError) as e:
-        if not out:
-            ctx.error(member, f"{algo} data does not decompress: {e}")
-            return None
-        ctx.error(member, f"{algo} data is corrupt after {len(out)} bytes: {e}")
-    ctx.decompressed += len(out)
-    return bytes(out)
-
-
-def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
-    """7z/rar/lz4: sdtool cannot look inside, so by policy the archive counts as dangerous."""
-
-    def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-        if member is None:
-            ctx.formats.append(Format(kind))
-        ctx.find(
-            "dangerous",
-            "unscannable-archive",
-            f"a {kind} archive: sdtool cannot look inside it, and model loaders never need one; "
-            "treated as dangerous by policy (unpack it and scan the contents)",
-            member,
-        )
-
-    return handler
-
-
-def _npy_short(header: Any, available: int) -> str | None:
-    """Why a plain .npy array's data does not fit the bytes after its header (None: it fits)."""
-    try:
-        import numpy as np
-
-        n = int(np.dtype(header["descr"]).itemsize)
-        for dim in header["shape"]:
-            n *= int(dim)
-    except Exception:  # a header numpy cannot read: numpy.load refuses it too
-        return "npy header names no readable dtype and shape"
-    if n > available:
-        return f"npy data needs {n} bytes but the file holds {available}; the file is truncated"
-    return None
-
-
-def scan_safetensors(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    """Reference-rule validation plus lint of the header and what surrounds the tensors."""
-    from sdtool.formats.safetensors import read_header
-
-    if member is None:
-        ctx.formats.append(Format.SAFETENSORS)
-    size = len(buf)
-    try:
-        header = read_header(_as_file(buf), size)
-    except SdtoolError as e:  # truncated or corrupt: no loader reads it, and neither can the scan
-        ctx.error(member, f"breaks the safetensors rules: {e.message}")
-        _safetensors_tail(ctx, buf, member, depth, None)
-        return
-    raw = header.raw
-    if raw[:1] in (b" ", b"\t", b"\n", b"\r"):
-        ctx.find(
-            "info",
-            "safetensors-lint",
-            "the header starts with whitespace (the reference accepts it; other parsers may not)",
-            member,
-        )
-    if header.duplicate_keys:
-        ctx.find(
-            "suspicious",
-            "safetensors-lint",
-            f"duplicate header keys {header.duplicate_keys[:5]} (parsers disagree on which wins)",
-            member,
-        )
-    unknown = sorted(
-        {
-            k
-            for e in header.entries.values()
-            for k in e
-            if k not in ("dtype", "shape", "data_offsets")
-        }
-    )
-    if unknown:
-        ctx.find("info", "safetensors-lint", f"unknown per-tensor fields {unknown[:5]}", member)
-    for k, v in header.metadata.items():
-        if _CODE_RE.search(v) or _CODE_RE.search(k):
-            ctx.find(
-                "suspicious",
-                "safetensors-metadata",
-                f"metadata {k!r} looks like code or a shell command",
-                member,
-            )
-        elif _URL_RE.search(v):
-            ctx.find("info", "safetensors-metadata", f"metadata {k!r} holds a URL", member)
-    _safetensors_tail(ctx, buf, member, depth, header)
-
-
-def _safetensors_tail(ctx: Ctx, buf: Any, member: str | None, depth: int, header: Any) -> None:
-    """A pickle or zip hidden after the tensors (or appended to the file)."""
-    size = len(buf)
-    if header is not None:
-        end = header.data_start + max(
-            (e["data_offsets"][1] for e in header.entries.values()), default=0
-        )
-    else:
-        if size < 8:
-            return
-        (n,) = struct.unpack_from("<Q", bytes(buf[:8]))
-        end = 8 + n if 8 + n <= size else size
-        end += _loose_data_length(bytes(buf[8:end]))
-    if _is_zip_tail(buf) or bytes(buf[end : end + 4]) == b"PK\x03\x04":
-        ctx.find(
-            "suspicious", "safetensors-hidden", "a zip is hidden after the safetensors data", member
-        )
-        try:
-            arch = zipfmt.read_archive(_as_file(buf), size)
-            _scan_archive(
-                ctx,
-                buf,
-                arch,
-                _join(member, "<hidden zip>") if member else "<hidden zip>",
-                depth + 1,
-            )
-        except SdtoolError:
-            pass
-        return
-    if end < size:
-        tail = bytes(buf[end:])
-        if sniff_bytes(tail[:4096], len(tail)) is Kind.PICKLE:
-            ctx.find(
-                "suspicious",
-                "safetensors-hidden",
-                f"a pickle is hidden after the tensors at offset {end}",
-                member,
-            )
-            _scan_nested(
-                ctx,
-                tail,
-                _join(member, "<hidden pickle>") if member else "<hidden pickle>",
-                depth + 1,
-            )
-
-
-def _loose_data_length(raw: bytes) -> int:
-    """The data length a header declares, read leniently (for a header the rules reject)."""
-    import json
-
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-        ends = [
-            e["data_offsets"][1]
-            for k, e in obj.items()
-            if k != "__metadata__"
-            and isinstance(e, dict)
-            and isinstance(e.get("data_offsets"), list)
-        ]
-        return max((x for x in ends if isinstance(x, int) and x >= 0), default=0)
-    except (ValueError, AttributeError, IndexError, TypeError, KeyError):
-        return 0
-
-
-def scan_gguf(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    """GGUF is plain data (no pickles, nothing executable): a header that keeps every GGUF rule
-    is safe; one that breaks them cannot be scanned (a loader's parser may be attacked by it).
-    Bytes hidden after the last tensor are checked like a safetensors tail."""
-    from sdtool.formats.gguf import read_header
-
-    if member is None:
-        ctx.formats.append(Format.GGUF)
-    try:
-        header = read_header(buf, len(buf))
-    except SdtoolError as e:
-        if member is None:
-            ctx.report.scanned = False
-        ctx.error(member, f"not scanned: breaks the GGUF rules: {e.message}")
-        return
-    end = -(-header.data_end // header.alignment) * header.alignment
-    tail = bytes(buf[end : end + 4096]) if end < len(buf) else b""
-    if tail and sniff_bytes(tail, len(buf) - end) in (Kind.PICKLE, Kind.ZIP):
-        ctx.find(
-            "suspicious",
-            "gguf-hidden",
-            f"a pickle or zip is hidden after the GGUF tensors at offset {end}",
-            member,
-        )
-        data = bytes(buf[end:])
-        _scan_nested(
-            ctx, data, _join(member, "<hidden data>") if member else "<hidden data>", depth + 1
-        )
-
-
 _ROUTES: dict[str, Callable[[Ctx, Any, str | None, int], None]] = {
     "gguf": scan_gguf,
     "pickle": scan_pickle,
@@ -962,9 +211,9 @@ _ROUTES: dict[str, Callable[[Ctx, Any, str | None, int], None]] = {
     "zlib": scan_compressed("zlib"),
     "lzma": scan_compressed("lzma"),
     "joblib-zfile": scan_compressed("joblib-zfile"),
-    "7z": scan_unscannable("7z"),
+    "7z": scan_archive_7z,
     "rar": scan_unscannable("rar"),
-    "lz4": scan_unscannable("lz4"),
+    "lz4": scan_compressed("lz4"),
 }
 
 __all__ = ["Inst", "scan_blob", "scan_file"]

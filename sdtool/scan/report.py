@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sdtool.vocab import ExitCode, Format, Severity, Verdict
@@ -10,6 +10,34 @@ from sdtool.vocab import ExitCode, Format, Severity, Verdict
 #: per-file verdicts, worst first
 VERDICTS = tuple(Verdict)
 SCHEMA_VERSION = "sdtool.scan/2"
+
+
+def utf8_safe(obj: Any) -> Any:
+    """``obj`` (JSON data) with every string encodable as UTF-8.
+
+    Names from files and file systems may hold bytes that are not UTF-8 (a tar member name, a
+    file name on disk): Python carries them as lone surrogates, which no UTF-8 output accepts.
+    They are written as ``\\xNN`` (an undecodable byte) or ``\\uNNNN`` escapes instead, so
+    ``--json`` and ``--sarif`` stay valid UTF-8 whatever the names hold.
+    """
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+            return obj
+        except UnicodeEncodeError:
+            return "".join(_escape_surrogate(c) for c in obj)
+    if isinstance(obj, dict):
+        return {utf8_safe(k): utf8_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [utf8_safe(v) for v in obj]
+    return obj
+
+
+def _escape_surrogate(c: str) -> str:
+    n = ord(c)
+    if 0xDC80 <= n <= 0xDCFF:  # surrogateescape: the undecodable byte n - 0xDC00
+        return f"\\x{n - 0xDC00:02x}"
+    return f"\\u{n:04x}" if 0xD800 <= n <= 0xDFFF else c
 
 
 @dataclass
@@ -77,6 +105,14 @@ class FileReport:
     def add(self, finding: Finding) -> None:
         self.findings.append(finding)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain data (what a scan worker process sends back as JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileReport:
+        return cls(**{**d, "findings": [Finding(**f) for f in d["findings"]]})
+
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path,
@@ -118,6 +154,9 @@ class ScanReport:
         return ExitCode.OK
 
     def to_json(self) -> dict[str, Any]:
+        return utf8_safe(self._to_json())
+
+    def _to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,
             "tool": "sdtool scan",

@@ -267,7 +267,12 @@ class PersistentIds(Rule):
 
     def check(self, s: Stream) -> Iterator[Finding]:
         for off, pid in s.persids:
-            if isinstance(pid, tuple) and pid and pid[0] in TORCH_PERSID_TAGS:
+            if (
+                isinstance(pid, tuple)
+                and pid
+                and isinstance(pid[0], str)
+                and pid[0] in TORCH_PERSID_TAGS
+            ):
                 if pid[0] != "storage" or len(pid) < 2 or _is_safe_ref(pid[1]):
                     continue
                 yield Finding(

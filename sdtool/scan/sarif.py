@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtool import __version__
-from sdtool.scan.report import ScanReport
+from sdtool.scan.report import ScanReport, utf8_safe
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 
@@ -29,7 +29,7 @@ RULE_TEXT: dict[str, str] = {
     "stream-broken": "A pickle stream breaks after its payload",
     "concatenated-pickle": "Several pickle streams in one file",
     "trailing-data": "Bytes after the last pickle stream",
-    "polyglot": "A pickle with a zip appended",
+    "polyglot": "The same bytes valid as a pickle and as another format",
     "torchscript": "A TorchScript archive (executable code)",
     "unscannable-archive": "An archive sdtool cannot look inside (treated as dangerous)",
     "zip-crc": "A zip member whose CRC-32 does not match",
@@ -44,6 +44,9 @@ RULE_TEXT: dict[str, str] = {
     "safetensors-metadata": "safetensors metadata that looks like code or a URL",
     "safetensors-hidden": "A pickle or zip hidden in a safetensors file",
     "rule-error": "A scanner rule crashed",
+    "zip-ambiguous": "Zip readers disagree on the archive's members (all readings are scanned)",
+    "tar-link": "A tar member that is a hard or symbolic link",
+    "joblib-side-file": "A joblib pickle that makes joblib.load read a file beside it",
 }
 LEVEL = {"dangerous": "error", "suspicious": "warning", "info": "note"}
 
@@ -97,30 +100,32 @@ def to_sarif(report: ScanReport, base: Path | None = None) -> dict[str, Any]:
                     "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}}}],
                 }
             )
-    return {
-        "$schema": SARIF_SCHEMA,
-        "version": "2.1.0",
-        "runs": [
-            {
-                "tool": {
-                    "driver": {
-                        "name": "sdtool scan",
-                        "version": __version__,
-                        "informationUri": "https://github.com/sdtool/sdtool",
-                        "rules": rules,
-                    }
-                },
-                "invocations": [
-                    {
-                        "executionSuccessful": report.exit_code != 2,
-                        "exitCode": report.exit_code,
-                        "toolExecutionNotifications": notes,
-                    }
-                ],
-                "results": results,
-            }
-        ],
-    }
+    return utf8_safe(
+        {
+            "$schema": SARIF_SCHEMA,
+            "version": "2.1.0",
+            "runs": [
+                {
+                    "tool": {
+                        "driver": {
+                            "name": "sdtool scan",
+                            "version": __version__,
+                            "informationUri": "https://github.com/sdtool/sdtool",
+                            "rules": rules,
+                        }
+                    },
+                    "invocations": [
+                        {
+                            "executionSuccessful": report.exit_code != 2,
+                            "exitCode": report.exit_code,
+                            "toolExecutionNotifications": notes,
+                        }
+                    ],
+                    "results": results,
+                }
+            ],
+        }
+    )
 
 
 def _uri(path: str, base: Path | None) -> str:

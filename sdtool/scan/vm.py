@@ -120,6 +120,24 @@ class _Unhashable:
     pass
 
 
+_SCALARS = (str, bytes, int, float, complex, bool, type(None))
+_SYMBOLIC = (Import, Ref, Inst, ListV, DictV, SetV, Blob, Opaque, _Unhashable)
+
+
+def hashable_key(v: Any, depth: int = 4) -> bool:
+    """Whether ``v`` can be hashed in bounded time and stack: scalars and shallow tuples of them.
+
+    A tuple's hash walks its items in C with no recursion guard: a 300,000-deep tuple overflows
+    the C stack (a segfault), and a tuple DAG (``t = (t, t)`` forty times) takes 2**40 steps.
+    Pickle values are never hashed unless this holds.
+    """
+    if isinstance(v, _SCALARS + _SYMBOLIC):  # symbolic values hash by identity
+        return True
+    if isinstance(v, tuple) and depth > 0 and len(v) <= 16:
+        return all(hashable_key(x, depth - 1) for x in v)
+    return False
+
+
 # --- events the rules read ----------------------------------------------------------------------
 
 
@@ -693,10 +711,9 @@ def _dict_update(m: Machine, d: DictV, items: list[Any]) -> None:
         return
     for i in range(0, len(items), 2):
         k = items[i]
-        try:
-            d.items[k] = items[i + 1]
-        except TypeError:  # an unhashable symbolic key (a tuple holding a list ...)
-            d.items[_Unhashable()] = items[i + 1]
+        if not hashable_key(k):  # a symbolic, deep or wide key: kept unhashed
+            k = _Unhashable()
+        d.items[k] = items[i + 1]
 
 
 def op_dict(m: Machine) -> None:
@@ -971,25 +988,21 @@ def _joblib_inline(m: Machine, wrapper: Inst) -> None:
 
 
 def _dtype_is_object(dtype: Any) -> bool:
-    return isinstance(dtype, Inst) and isinstance(dtype.args, tuple) and dtype.args[:1] == ("O8",)
+    from sdtool.scan import npdtype  # the dtype as numpy rebuilds it (every object spelling)
+
+    obj = npdtype.is_object(dtype)
+    if obj is None:
+        raise _Broken(
+            "NumpyArrayWrapper dtype is not understood: the array bytes cannot be skipped"
+        )
+    return obj
 
 
 def _dtype_itemsize(dtype: Any) -> int | None:
     """Item size of a symbolic ``numpy.dtype(code, align, copy)`` with its BUILD state."""
-    if not isinstance(dtype, Inst) or not isinstance(dtype.args, tuple) or not dtype.args:
-        return None
-    code = dtype.args[0]
-    state = dtype.state
-    if isinstance(state, tuple) and len(state) >= 6 and isinstance(state[5], int) and state[5] > 0:
-        return state[5]  # flexible types (U/S/V) record their element size
-    if not isinstance(code, str):
-        return None
-    import numpy as np  # a literal type code only: no pickle involved
+    from sdtool.scan import npdtype
 
-    try:
-        return int(np.dtype(code).itemsize)
-    except (TypeError, ValueError):
-        return None
+    return npdtype.itemsize(dtype)
 
 
 _HANDLER_FUNCS: dict[str, Callable[[Machine], Any]] = {

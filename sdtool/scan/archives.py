@@ -1,0 +1,118 @@
+"""General-purpose archives people ship models in (7z), opened with well-kept readers.
+
+A 7z is not a model format (no loader reads one), but a model inside one is loaded as soon as it
+is unpacked, and scanners that cannot open 7z used to be bypassed by it (the nullifAI files: a
+PyTorch file in 7z, its pickle broken after the payload). The archive is read with py7zr
+(imported only here, only when a 7z is met); every member is decompressed under the file's
+budget and scanned like any other blob. Without py7zr the archive stays dangerous by policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sdtool.scan.buffers import ScanLimit, Sink, as_io
+from sdtool.vocab import Format
+
+if TYPE_CHECKING:
+    from sdtool.scan.context import Ctx
+
+MAX_7Z_MEMBERS = 100_000
+
+
+def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> bool:
+    """Scan every member of the 7z in ``buf``; False when py7zr is not installed or cannot
+    open it at all (then nothing can unpack it to load it either, but the archive stays
+    dangerous by policy: it is not scanned)."""
+    try:
+        import py7zr
+        from py7zr.io import Py7zIO, WriterFactory
+    except ImportError:
+        return False
+
+    sinks: dict[str, Sink] = {}
+    over: list[ScanLimit] = []
+
+    class _Out(Py7zIO):
+        def __init__(self, sink: Sink) -> None:
+            self.sink = sink
+
+        def write(self, s: bytes | bytearray) -> int:
+            if not over:
+                try:
+                    self.sink.write(bytes(s))
+                except ScanLimit as e:  # recorded, raised once py7zr has returned
+                    over.append(e)
+            return len(s)
+
+        def read(self, size: int | None = None) -> bytes:
+            return b""
+
+        def seek(self, offset: int, whence: int = 0) -> int:
+            return 0
+
+        def flush(self) -> None:
+            return None
+
+        def size(self) -> int:
+            return self.sink.n
+
+    class _Factory(WriterFactory):
+        def create(self, filename: str) -> Py7zIO:
+            sink = Sink(ctx.budget, f"{member or '7z'}/{filename}", len(buf), ctx.keep)
+            sinks[filename] = sink
+            return _Out(sink)
+
+    left = max(1, ctx.budget.max_bytes - ctx.budget.used_bytes)
+    error = None
+    try:
+        with py7zr.SevenZipFile(as_io(buf), mode="r", max_extract_size=left) as z:
+            names = z.getnames()
+            if len(names) > MAX_7Z_MEMBERS:
+                raise ScanLimit(f"a 7z archive of {len(names)} members")
+            z.extract(factory=_Factory())
+    except ScanLimit:
+        raise
+    except Exception as e:  # a third-party reader on hostile bytes: any failure
+        error = f"{type(e).__name__}: {e}"[:300]
+    if error is not None and not sinks:
+        return False  # not even opened: the policy for archives sdtool cannot look into
+    if error is not None:
+        ctx.error(
+            member,
+            f"7z cannot be read completely ({error}); what was unpacked is scanned",
+        )
+    for name, sink in sinks.items():
+        data = sink.result()
+        if len(data):
+            ctx.nested(data, f"{member}/{name}" if member else name)
+    if over:
+        raise over[0]
+    return True
+
+
+def scan_archive_7z(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
+    if member is None:
+        ctx.formats.append(Format.SEVENZIP)
+    ctx.report.notes.append(f"{member or 'file'}: a 7z archive: every member is scanned")
+    if not scan_7z(ctx, buf, member):
+        ctx.formats.pop() if member is None else None
+        scan_unscannable("7z")(ctx, buf, member, depth)
+
+
+def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
+    """7z/rar/lz4: sdtool cannot look inside, so by policy the archive counts as dangerous."""
+
+    def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
+        if member is None:
+            ctx.formats.append(Format(kind))
+        ctx.find(
+            "dangerous",
+            "unscannable-archive",
+            f"a {kind} archive: sdtool cannot look inside it, and model loaders never need one; "
+            "treated as dangerous by policy (unpack it and scan the contents)",
+            member,
+        )
+
+    return handler

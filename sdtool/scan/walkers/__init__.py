@@ -1,0 +1,1 @@
+"""One walker module per container; sdtool.scan.containers routes blobs to them."""
