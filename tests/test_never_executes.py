@@ -46,6 +46,10 @@ try:
     from sdtool.scan import scan
 except ImportError:
     scan = None
+try:  # sdtool.scan.archives reads 7z with py7zr, imported when a 7z is met: sdtool's, not a file's
+    import py7zr, py7zr.io, sdtool.scan.archives
+except ImportError:
+    pass
 before = set(sys.modules)
 outcomes = {}
 out_dir = Path(sys.argv[1]).parent / "never-executes-out"
