@@ -48,6 +48,7 @@ except ImportError:
     scan = None
 try:  # sdtool.scan.archives reads 7z with py7zr, imported when a 7z is met: sdtool's, not a file's
     import py7zr, py7zr.io, sdtool.scan.archives
+    import glob, psutil  # py7zr imports these while it unpacks
 except ImportError:
     pass
 before = set(sys.modules)
