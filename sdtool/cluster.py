@@ -25,6 +25,8 @@ from sdtool.errors import SdtoolError, UsageError
 
 R = TypeVar("R")
 LOCAL = "local"
+#: how long to wait for the scheduler at an address
+CONNECT_TIMEOUT = "20s"
 
 
 class Cluster:
@@ -55,8 +57,8 @@ class Cluster:
                 )
                 self.client = distributed.Client(self._local)
             else:
-                self.client = distributed.Client(address, timeout="20s")
-        except (OSError, TimeoutError, ValueError) as e:
+                self.client = distributed.Client(address, timeout=CONNECT_TIMEOUT)
+        except (OSError, TimeoutError, ValueError, RuntimeError) as e:
             self.close()
             raise SdtoolError(f"cannot reach the Dask scheduler at {address}: {e}") from None
         threads = sum(self.client.nthreads().values()) or 1
@@ -146,9 +148,21 @@ def scan_task(task: str) -> str:
     import sdtool.scan.containers  # noqa: F401  (loaded once here, inherited by the child)
     from sdtool.scan.workers import Task, run_isolated
 
+    _allow_children()
     d = json.loads(task)
     report = next(iter(run_isolated([Task(d["path"], d["kwargs"])], jobs=1)))
     return json.dumps(report.to_dict())
+
+
+def _allow_children() -> None:
+    """Dask's worker processes are daemonic, and multiprocessing refuses children to daemons
+    (lest they outlive it). The scan child is joined or killed before its task returns, so the
+    worker may have it: clear the flag (what ``distributed.worker.daemon: False`` does)."""
+    import multiprocessing as mp
+
+    me = mp.current_process()
+    if me.daemon:
+        me._config["daemon"] = False  # type: ignore[attr-defined]
 
 
 def scan_runner(cluster: Cluster) -> Callable[[Sequence[Any]], Iterator[Any]]:
@@ -187,3 +201,33 @@ def hash_task(args: tuple[str, tuple[str, ...], str | None, bool]) -> dict[str, 
     except OSError as e:
         return {"error": f"{path}: {e.strerror or e}"}
     return {"result": result.to_json(), "cached": cached}
+
+
+def hash_paths(
+    cluster: Cluster,
+    paths: Sequence[Path],
+    names: tuple[str, ...],
+    cache_dir: Path | None,
+) -> Iterator[tuple[Path, Any, bool, str | None]]:
+    """Hash ``paths`` as tasks, in input order: (path, HashResult or None, cached, error).
+
+    ``cache_dir`` None: no cache; else each worker uses that folder on its own machine.
+    """
+    from sdtool.ops.hash import HashResult
+
+    folder = None if cache_dir is None else str(cache_dir)
+    args = [(str(p), names, folder, cache_dir is not None) for p in paths]
+
+    def lost(arg: tuple[str, ...], exc: BaseException) -> dict[str, Any]:
+        return {"error": f"{arg[0]}: the cluster task failed ({type(exc).__name__})"}
+
+    for p, doc in zip(paths, cluster.map_ordered(hash_task, args, lost), strict=True):
+        if "error" in doc:
+            yield p, None, False, str(doc["error"])
+            continue
+        r = doc["result"]
+        result = HashResult(
+            path=p, size=int(r["size"]), safetensors=bool(r["safetensors"]),
+            hashes=dict(r["hashes"]), notes=dict(r.get("notes", {})),
+        )  # fmt: skip
+        yield p, result, bool(doc["cached"]), None

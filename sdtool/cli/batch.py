@@ -32,12 +32,15 @@ def check_batch_options(
 
 @contextmanager
 def cluster_runner(address: str | None, jobs: int = 1) -> Iterator[Cluster | None]:
-    """The cluster at ``address`` (``local``: a new local one with ``jobs`` workers, at least
-    2), closed on the way out; None without ``address``. distributed is imported only here."""
+    """The cluster at ``address`` (``local``: a new local one with ``jobs`` workers, or one
+    per core), closed on the way out; None without ``address``. distributed is imported only
+    here."""
     if address is None:
         yield None
         return
+    import os
+
     from sdtool.cluster import Cluster
 
-    with Cluster(address, workers=max(2, jobs)) as cluster:
+    with Cluster(address, workers=jobs if jobs > 1 else os.cpu_count() or 2) as cluster:
         yield cluster

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from sdtool.cache import Identity
+from sdtool.cache import Identity, default_dir
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import opened
 from sdtool.model import ModelFile, tensor_leaves, to_plain
@@ -511,7 +511,7 @@ def convert_batch(
     for src, dst in pairs:  # claim outputs in input order so duplicates fail deterministically
         owner.setdefault(dst, src)
     base = replace(opts, progress=None)
-    rs = Resume(Path(cache_dir) if cache_dir else None, options_digest(base, to=to))
+    rs = Resume(Path(cache_dir) if cache_dir else default_dir(), options_digest(base, to=to))
     work = [ConvertJob(s, d, base, owner[d], rs if resume else None) for s, d in pairs]
     cancel = threading.Event()
 

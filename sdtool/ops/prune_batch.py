@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from sdtool.cache import Identity
+from sdtool.cache import Identity, default_dir
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.ops.batch import Resume, options_digest, run_batch
 from sdtool.ops.convert import batch_targets
@@ -164,7 +164,7 @@ def prune_batch(
     for s, d in pairs:
         owner.setdefault(d, s)
     base = replace(options, progress=None)
-    rs = Resume(Path(cache_dir) if cache_dir else None, options_digest(base, verb="prune"))
+    rs = Resume(Path(cache_dir) if cache_dir else default_dir(), options_digest(base, verb="prune"))
     cancel = threading.Event()
 
     def one(pair: tuple[Path, Path]) -> PruneItem:
