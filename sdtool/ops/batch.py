@@ -106,6 +106,7 @@ class Resume:
         except OSError:
             return None
         doc = self.cache.get(OUTPUT_KIND, ident.key, self._version(dst))
+        self.cache.release()
         if doc is None or doc.get("identity") != list(dataclasses.astuple(out)):
             return None
         return doc

@@ -141,6 +141,8 @@ def scan_paths(
         for i, t in enumerate(targets)
         if isinstance(t, Path) and (cache is not None or sha256)
     }
+    if cache is not None:
+        cache.release()  # the lookups are done; scanning may take long
     todo = [t for i, t in enumerate(targets) if isinstance(t, Path) and _miss(found.get(i))]
 
     def fresh() -> Iterator[FileReport]:
