@@ -11,6 +11,7 @@ import click
 from sdtool.cache import Cache, open_cache
 from sdtool.cli import progress, render
 from sdtool.cli.options import (
+    PathOrUrl,
     cache_options,
     complete_from,
     json_option,
@@ -37,7 +38,7 @@ def _render(result: HashResult) -> None:
 
 
 @click.command("hash")
-@click.argument("files", nargs=-1, metavar="FILE...", type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, metavar="FILE...", type=PathOrUrl())
 @click.option(
     "-a",
     "--algorithm",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdtool.cli.options import json_option, key_option, quiet_option
+from sdtool.cli.options import PathOrUrl, json_option, key_option, quiet_option
 from sdtool.cli.render import (
     console,
     error,
@@ -29,9 +29,7 @@ MAX_SHOWN = 160  # characters of a metadata value or extra field in the table vi
 
 
 @click.command("inspect")
-@click.argument(
-    "files", nargs=-1, required=True, metavar="FILE...", type=click.Path(path_type=Path)
-)
+@click.argument("files", nargs=-1, required=True, metavar="FILE...", type=PathOrUrl())
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
 @click.option(
     "--filter", "pattern", metavar="GLOB", help="List only the tensors whose name matches GLOB."
