@@ -259,6 +259,13 @@ class HttpFile(RangeReader):
         def body(resp: http.client.HTTPResponse) -> bytes:
             if resp.status != 206:
                 raise self._status_error(resp, ranged=True)
+            if _start(resp.getheader("Content-Range")) != offset:
+                resp.read()
+                raise FileAccessError(
+                    f"the server answered a request for bytes from {offset} with other bytes "
+                    f"({resp.getheader('Content-Range')})",
+                    path=self.path,
+                )
             return _read_exactly(resp, n)
 
         return self._request(f"bytes={offset}-{offset + n - 1}", body)[1]
@@ -303,6 +310,8 @@ class HttpFile(RangeReader):
                 _sleep(tries)
             finally:
                 resp.close()
+                if pos < self.size:  # stopped early: the connection holds unread bytes
+                    self._drop(self.target)
 
     def close(self) -> None:
         super().close()
@@ -347,8 +356,10 @@ class HttpFile(RangeReader):
             headers = {"Range": byte_range, "User-Agent": _agent(), "Accept-Encoding": "identity"}
             if self.token and _token_host(parts.netloc):
                 headers["Authorization"] = f"Bearer {self.token}"
-            path = parts.path or "/"
-            conn.request("GET", path + (f"?{parts.query}" if parts.query else ""), headers=headers)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            if getattr(conn, "via_proxy", False):  # a plain-HTTP proxy takes the whole URL
+                target = f"{parts.scheme}://{parts.netloc}{target}"
+            conn.request("GET", target, headers=headers)
             resp = conn.getresponse()
             if resp.status not in REDIRECTS:
                 if url != self.target and resp.status == 206:
@@ -370,7 +381,16 @@ class HttpFile(RangeReader):
         conn = self._conns.get(key)
         if conn is None:
             cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-            conn = self._conns[key] = cls(netloc, timeout=timeout())
+            proxy = _proxy(scheme, netloc)
+            if proxy is None:
+                conn = cls(netloc, timeout=timeout())
+            elif scheme == "https":  # a CONNECT tunnel through the proxy
+                conn = cls(proxy, timeout=timeout())
+                conn.set_tunnel(netloc)
+            else:
+                conn = http.client.HTTPConnection(proxy, timeout=timeout())
+                conn.via_proxy = True  # type: ignore[attr-defined]
+            self._conns[key] = conn
         return conn
 
     def _drop(self, url: str) -> None:
@@ -418,6 +438,23 @@ class HttpFile(RangeReader):
         return FileAccessError(f"cannot read from {host}: {why}, {tries}", path=self.path)
 
 
+def _proxy(scheme: str, netloc: str) -> str | None:
+    """The proxy (host:port) for ``scheme`` from HTTPS_PROXY / HTTP_PROXY, unless NO_PROXY
+    names the host; None for a direct connection."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme)
+    host = netloc.rsplit("@", 1)[-1]
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not url or bypass(host.split(":", 1)[0], proxies):
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "") or not parts.hostname:
+        return None  # an https:// or socks proxy: not spoken here, connect directly
+    return f"{parts.hostname}:{parts.port or 80}"
+
+
 def _why(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
@@ -429,6 +466,11 @@ def _why(e: BaseException) -> str:
 
 def _sleep(attempt: int) -> None:
     time.sleep(min(MAX_BACKOFF, BACKOFF * 2 ** (attempt - 1)))
+
+
+def _start(content_range: str | None) -> int | None:
+    m = re.match(r"\s*bytes\s+(\d+)-", content_range or "")
+    return int(m.group(1)) if m else None
 
 
 def _total(content_range: str | None) -> int | None:

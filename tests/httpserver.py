@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
 
 
 @dataclass
@@ -17,6 +19,7 @@ class Seen:
     """One request as the server saw it."""
 
     path: str
+    target: str  # the request line's target as sent
     range: str | None
     authorization: str | None
     status: int = 0
@@ -25,7 +28,7 @@ class Seen:
 
 @dataclass
 class FileServer:
-    files: dict[str, bytes] = field(default_factory=dict)  # URL path -> content
+    files: dict[str, bytes | Path] = field(default_factory=dict)  # URL path -> content
     ranges: bool = True  # False: ignore Range, answer 200 with the whole file
     status: dict[str, int] = field(default_factory=dict)  # URL path -> fixed error status
     fail_first: list[int] = field(default_factory=list)  # statuses for the next requests
@@ -55,6 +58,30 @@ class FileServer:
         self.seen.clear()
 
 
+@dataclass
+class Window:
+    """Bytes of a file on disk, read when sent."""
+
+    path: Path
+    start: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> Window:
+        start, stop, _ = key.indices(self.length)
+        return Window(self.path, self.start + start, max(0, stop - start))
+
+    def pieces(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            left = self.length
+            while left > 0 and (piece := f.read(min(left, 1 << 20))):
+                left -= len(piece)
+                yield piece
+
+
 def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -62,18 +89,28 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:  # quiet
             pass
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        def _send(
+            self, status: int, body: bytes | Window, headers: dict[str, str] | None = None
+        ) -> None:
             self.send_response(status)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
-            self._seen.status, self._seen.sent = status, len(body)
+            self._seen.status = status
+            if isinstance(body, bytes):
+                self.wfile.write(body)
+                self._seen.sent = len(body)
+                return
+            for piece in body.pieces():  # a file on disk: streamed (the benchmark's 7 GB)
+                self.wfile.write(piece)
+                self._seen.sent += len(piece)
 
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            self._seen = Seen(path, self.headers.get("Range"), self.headers.get("Authorization"))
+            path = urlsplit(self.path).path  # also an absolute URL (as sent to a proxy)
+            self._seen = Seen(
+                path, self.path, self.headers.get("Range"), self.headers.get("Authorization")
+            )
             with state.lock:
                 state.seen.append(self._seen)
                 fail = state.fail_first.pop(0) if state.fail_first else None
@@ -90,7 +127,12 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             if path in state.status:
                 self._send(state.status[path], b"no")
                 return
-            data = state.files.get(path)
+            content = state.files.get(path)
+            data: bytes | Window | None = None
+            if isinstance(content, Path):
+                data = Window(content, 0, content.stat().st_size)
+            elif content is not None:
+                data = content
             if data is None:
                 self._send(404, b"not found")
                 return

@@ -365,3 +365,20 @@ def test_inspect_cli_json_names_the_url(server: FileServer, files: dict[str, Pat
     assert json.loads(capsys.readouterr().out)["path"] == url
     assert main(["inspect", url]) == 0
     assert url in capsys.readouterr().out
+
+
+def test_http_proxy_from_the_environment(
+    server: FileServer, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured (the server plays the proxy: it sees absolute URLs), NO_PROXY too."""
+    _host(server, files)
+    for name in ("http_proxy", "https_proxy", "no_proxy", "NO_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.base)
+    url = "http://models.invalid/model.safetensors"
+    _same_report(url, files["st"])
+    assert server.seen[0].target == url
+    monkeypatch.setenv("NO_PROXY", "models.invalid")
+    monkeypatch.setenv("SDTOOL_HTTP_RETRIES", "0")
+    with pytest.raises(FileAccessError, match=r"cannot read from models\.invalid"):
+        inspect(url)

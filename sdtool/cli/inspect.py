@@ -48,7 +48,8 @@ def inspect_cmd(
     """Summarise each FILE: format, tensors, parameters, dtypes, components, metadata, globals.
 
     Reads headers and pickles only, never tensor bytes, and never runs code from the file.
-    FILE may be - for standard input. With several files, --json prints a list.
+    FILE may be - for standard input, or a URL (https://, hf://ORG/REPO/PATH[@REV]) read by
+    range requests. With several files, --json prints a list.
 
     \b
     Examples:
@@ -56,6 +57,7 @@ def inspect_cmd(
       sdtool inspect model.safetensors --tensors --filter 'first_stage_model.*'
       sdtool inspect model.ckpt --json | jq .totals
       sdtool inspect loras/*.safetensors --quiet
+      sdtool inspect hf://stabilityai/sdxl-turbo/sd_xl_turbo_1.0_fp16.safetensors
     """
     from sdtool.cli.stdin import spooled
     from sdtool.errors import SdtoolError

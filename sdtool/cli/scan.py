@@ -70,7 +70,8 @@ def scan_cmd(
 ) -> int:
     """Check model files for anything loading them could run, without running anything.
 
-    PATHS are files or directories (scanned recursively), or - for standard input. Every file
+    PATHS are files or directories (scanned recursively), - for standard input, or URLs
+    (https://, hf://ORG/REPO/PATH[@REV]: only what holds pickles is fetched). Every file
     is routed by its content, whatever its name. Files that are by content no model and nothing
     a loader runs (images, JSON, YAML, text) are listed as skipped and counted; files sdtool
     cannot analyse, truncated or corrupt ones included, as "could not scan" (on stderr).
