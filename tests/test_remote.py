@@ -382,3 +382,15 @@ def test_http_proxy_from_the_environment(
     monkeypatch.setenv("SDTOOL_HTTP_RETRIES", "0")
     with pytest.raises(FileAccessError, match=r"cannot read from models\.invalid"):
         inspect(url)
+
+
+def test_legacy_torch_and_empty_files(server: FileServer, tmp_path: Path) -> None:
+    import torch
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(6.0)}, legacy, _use_new_zipfile_serialization=False)
+    server.files["/legacy.pt"] = legacy.read_bytes()
+    _same_report(server.url("/legacy.pt"), legacy)
+    server.files["/empty.bin"] = b""
+    assert hash_file(server.url("/empty.bin")).size == 0
+    assert scan(server.url("/empty.bin")).errors == ["not scanned: the file is empty"]
