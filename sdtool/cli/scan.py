@@ -13,9 +13,17 @@ import click
 from sdtool.cache import open_cache
 from sdtool.cli import progress as bars_
 from sdtool.cli.batch import cluster_runner
-from sdtool.cli.options import cache_options, cluster_option, jobs_option, json_option, jsonl_option
+from sdtool.cli.options import (
+    PathOrUrl,
+    cache_options,
+    cluster_option,
+    jobs_option,
+    json_option,
+    jsonl_option,
+)
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, wrap, wrap_width
 from sdtool.cli.stdin import STDIN, is_stdin, spooled
+from sdtool.urls import is_url
 from sdtool.vocab import Verdict
 
 if TYPE_CHECKING:
@@ -35,7 +43,7 @@ LABEL = {"skipped": "skipped (not model files)"}  # how the summary names a verd
 
 
 @click.command("scan")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=PathOrUrl())
 @click.option("--strict", is_flag=True, help="Fail (exit 1) on suspicious files too.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching GLOB.")
 @jobs_option("Scan")
@@ -67,7 +75,8 @@ def scan_cmd(
 ) -> int:
     """Check model files for anything loading them could run, without running anything.
 
-    PATHS are files or directories (scanned recursively), or - for standard input. Every file
+    PATHS are files or directories (scanned recursively), - for standard input, or URLs
+    (https://, hf://ORG/REPO/PATH[@REV]: only what holds pickles is fetched). Every file
     is routed by its content, whatever its name. Files that are by content no model and nothing
     a loader runs (images, JSON, YAML, text) are listed as skipped and counted; files sdtool
     cannot analyse, truncated or corrupt ones included, as "could not scan" (on stderr).
@@ -92,8 +101,8 @@ def scan_cmd(
         raise click.UsageError("--cache DIR and --no-cache contradict each other")
     if sum(map(is_stdin, paths)) > 1:
         raise click.UsageError("- (standard input) can be given once")
-    if cluster is not None and any(map(is_stdin, paths)):
-        raise click.UsageError("--cluster scans files the workers can read: not - (stdin)")
+    if cluster is not None and any(is_stdin(p) or is_url(p) for p in paths):
+        raise click.UsageError("--cluster scans files the workers can read: not - or URLs")
     # standard input is spooled to a new temp file each time: nothing to cache
     cache = open_cache(cache_dir, enabled=not no_cache and not any(map(is_stdin, paths)))
     bar = None
