@@ -75,8 +75,11 @@ def tree_bytes(root: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def run(args: list[str], cache: Path | None) -> tuple[float, int, int]:
-    """Wall seconds, JSON lines written, exit code of ``sdtool ARGS`` in a fresh process."""
+def run(args: list[str], cache: Path | None) -> tuple[float, int, int, float]:
+    """Wall seconds, JSON lines written, exit code and CPU seconds (the process and the
+    children it waited for: scan's workers; not a cluster's) of ``sdtool ARGS``."""
+    import resource
+
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "sdtool", *args]
     if cache is not None:
@@ -84,12 +87,15 @@ def run(args: list[str], cache: Path | None) -> tuple[float, int, int]:
     else:
         cmd += ["--no-cache"]
     with tempfile.TemporaryFile() as out:
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env)
         dt = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out.seek(0)
         lines = sum(1 for _ in out)
-    return dt, lines, proc.returncode
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return dt, lines, proc.returncode, cpu
 
 
 def main() -> None:
@@ -114,10 +120,14 @@ def main() -> None:
     if not a.no_cluster:
         import distributed
 
+        # the workers import this checkout's sdtool, as the CLI runs below do
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+        )
         t0 = time.perf_counter()
         cluster = distributed.LocalCluster(
             n_workers=a.jobs, threads_per_worker=1, processes=True,
-            dashboard_address=None, silence_logs=logging.ERROR,
+            dashboard_address=":0", silence_logs=logging.ERROR,
         )  # fmt: skip
         address = cluster.scheduler_address
         took = time.perf_counter() - t0
@@ -138,27 +148,33 @@ def main() -> None:
                     modes = [("cold", cold), ("cached", cached)]
                     if address is not None:
                         modes.append(("cluster", run([*base, "--cluster", address], None)))
-                for mode, (dt, lines, code) in modes:
-                    rows.append((name, cmd, mode, n, nbytes, dt, lines, code, cold[0] / dt))
+                for mode, (dt, lines, code, cpu) in modes:
+                    ratio, cpu_ratio = cold[0] / dt, cold[3] / cpu if cpu else float("nan")
+                    rows.append((name, cmd, mode, n, nbytes, dt, lines, code, ratio, cpu,
+                                 cpu_ratio))  # fmt: skip
     finally:
         if cluster is not None:
             cluster.close()
 
     head = ("workload", "cmd", "mode", "files", "MB", "seconds", "files/s", "MB/s", "cold/x",
-            "lines", "exit")  # fmt: skip
+            "CPU s", "cold/x CPU", "lines", "exit")  # fmt: skip
     print()
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for name, cmd, mode, n, nbytes, dt, lines, code, ratio in rows:
+    for name, cmd, mode, n, nbytes, dt, lines, code, ratio, cpu, cpu_ratio in rows:
+        local = mode != "cluster"  # a cluster's CPU is in its worker processes: not counted
         cells = [name, cmd, mode, f"{n:,}", f"{nbytes / 1e6:.1f}", f"{dt:.2f}", f"{n / dt:,.0f}",
-                 f"{nbytes / 1e6 / dt:.1f}", f"{ratio:.1f}", f"{lines:,}", str(code)]  # fmt: skip
+                 f"{nbytes / 1e6 / dt:.1f}", f"{ratio:.1f}", f"{cpu:.2f}" if local else "-",
+                 f"{cpu_ratio:.1f}" if local else "-", f"{lines:,}", str(code)]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     print(
         "\ncold: empty cache (files in the page cache); cached: the same command again; cluster:"
         f" cold on the LocalCluster ({a.jobs} processes, start-up not included); scan --jobs"
-        f" {a.jobs}; hash one file at a time locally. cold/x: cold seconds / this row's."
+        f" {a.jobs}; hash one file at a time locally. cold/x: cold seconds / this row's; CPU:"
+        " user+sys of sdtool and its scan workers (robust on a loaded machine)."
     )
-    keys = ("workload", "cmd", "mode", "files", "bytes", "seconds", "lines", "exit", "cold_x")
+    keys = ("workload", "cmd", "mode", "files", "bytes", "seconds", "lines", "exit", "cold_x",
+            "cpu_seconds", "cold_x_cpu")  # fmt: skip
     print(json.dumps({"rows": [dict(zip(keys, r, strict=True)) for r in rows]}))
 
 

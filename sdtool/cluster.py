@@ -52,7 +52,7 @@ class Cluster:
                     n_workers=workers,
                     threads_per_worker=1,
                     processes=True,
-                    dashboard_address=None,
+                    dashboard_address=":0",
                     silence_logs=logging.ERROR,
                 )
                 self.client = distributed.Client(self._local)
@@ -61,8 +61,28 @@ class Cluster:
         except (OSError, TimeoutError, ValueError, RuntimeError) as e:
             self.close()
             raise SdtoolError(f"cannot reach the Dask scheduler at {address}: {e}") from None
+        self._check_workers(address)
         threads = sum(self.client.nthreads().values()) or 1
         self.window = window or max(32, 4 * threads)
+
+    def _check_workers(self, address: str) -> None:
+        """One probe task: the workers must run this very sdtool (a task is a reference to
+        an sdtool function, and its results must mean what they mean here)."""
+        from sdtool import __version__
+
+        try:
+            theirs = self.client.submit(_version, pure=False).result(timeout=120)
+        except Exception as e:  # whatever the worker side raised, as one line
+            self.close()
+            raise SdtoolError(
+                f"the Dask workers at {address} cannot run sdtool tasks ({type(e).__name__}): "
+                "install sdtool[cluster] in the workers' environment"
+            ) from None
+        if theirs != __version__:
+            self.close()
+            raise SdtoolError(
+                f"the Dask workers at {address} run sdtool {theirs}, this is {__version__}"
+            )
 
     def close(self) -> None:
         client = getattr(self, "client", None)
@@ -141,6 +161,12 @@ class Cluster:
 
 
 # -- the tasks (module-level: workers import them by name) ---------------------------------
+
+
+def _version() -> str:
+    from sdtool import __version__
+
+    return __version__
 
 
 def scan_task(task: str) -> str:

@@ -181,3 +181,21 @@ def test_killed_batch_leaves_whole_lines(
     lines = [json.loads(line) for line in text.splitlines()]
     assert 1 <= len(lines) <= 300
     assert all(r["status"] == "converted" for r in lines)
+
+
+def test_sharded_output_is_resumed_by_its_index(tmp_path: Path, capsys: Cap) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    big = {n: np.full((300, 300), i, np.float32) for i, n in enumerate("ab")}
+    save_file(big, str(d / "m.safetensors"))
+    args = ["convert", str(d), "--out-dir", str(tmp_path / "o"), "--resume", "--jsonl"]
+    args += ["--max-shard-size", "0.4MB"]
+    _, first, _ = _run(capsys, args)
+    assert first[0]["status"] == "converted"
+    index = Path(str(first[0]["output"]))
+    assert index.name == "m.safetensors.index.json" and first[0]["output_sha256"] == _sha(index)
+    _, second, _ = _run(capsys, args)
+    assert second[0]["status"] == "resumed" and second[0]["output"] == str(index)
+    index.write_bytes(index.read_bytes())  # the index rewritten: not verifiably ours
+    _, third, _ = _run(capsys, args)
+    assert third[0]["status"] == "converted"

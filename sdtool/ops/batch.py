@@ -102,27 +102,45 @@ class Resume:
         output on disk is still exactly what was written (else None: redo it)."""
         try:
             ident = Identity.of_path(src)
-            out = Identity.of_path(dst)
         except OSError:
             return None
         doc = self.cache.get(OUTPUT_KIND, ident.key, self._version(dst))
         self.cache.release()
-        if doc is None or doc.get("identity") != list(dataclasses.astuple(out)):
+        if doc is None:
+            return None
+        try:  # the file written: dst, or the index of a sharded output
+            out = Identity.of_path(doc.get("written") or dst)
+        except (OSError, TypeError):
+            return None
+        if doc.get("identity") != list(dataclasses.astuple(out)):
             return None
         return doc
 
-    def record(self, src: Path, before: Identity, dst: Path, result: dict[str, Any]) -> str | None:
-        """Record ``dst`` (just written from ``src``, whose identity was ``before``); returns
-        the output's SHA-256, or None when nothing was recorded (the input changed meanwhile,
-        or the output is gone)."""
+    def record(
+        self,
+        src: Path,
+        before: Identity,
+        dst: Path,
+        result: dict[str, Any],
+        written: Path | None = None,
+    ) -> str | None:
+        """Record ``dst`` (just written from ``src``, whose identity was ``before``; the file
+        on disk is ``written``, e.g. a shard index, else ``dst``); returns its SHA-256, or None
+        when nothing was recorded (the input changed meanwhile, or the output is gone)."""
+        path = written or dst
         try:
-            out = Identity.of_path(dst)
-            sha = file_sha256(dst)
-            if Identity.of_path(src) != before or Identity.of_path(dst) != out:
+            out = Identity.of_path(path)
+            sha = file_sha256(path)
+            if Identity.of_path(src) != before or Identity.of_path(path) != out:
                 return None
         except OSError:
             return None
-        doc = {"identity": list(dataclasses.astuple(out)), "sha256": sha, "result": result}
+        doc = {
+            "identity": list(dataclasses.astuple(out)),
+            "sha256": sha,
+            "result": result,
+            "written": os.path.abspath(path),
+        }
         self.cache.put(OUTPUT_KIND, before.key, self._version(dst), doc)
         return sha
 

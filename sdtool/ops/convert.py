@@ -457,9 +457,8 @@ def convert_job(job: ConvertJob, progress: Progress | None = None) -> ConvertRes
                 old = None
             if old is not None:
                 return replace(
-                    old, path=src, output=dst, status="resumed", seconds=0.0,
-                    output_sha256=doc.get("sha256"),
-                )  # fmt: skip
+                    old, path=src, status="resumed", seconds=0.0, output_sha256=doc.get("sha256")
+                )
         overwrite = True  # not verifiably ours: redo it
     if dst.exists() and not overwrite:
         return ConvertResult(src, dst, status="skipped", input_bytes=size)
@@ -473,7 +472,7 @@ def convert_job(job: ConvertJob, progress: Progress | None = None) -> ConvertRes
         msg = f"{src}: {e.strerror or e}"
         return ConvertResult(src, dst, status="failed", input_bytes=size, error=msg)
     if job.resume is not None and result.status == "converted":
-        sha = job.resume.record(src, before, result.output, result.to_json())
+        sha = job.resume.record(src, before, dst, result.to_json(), written=result.output)
         result = replace(result, output_sha256=sha)
     return result
 
