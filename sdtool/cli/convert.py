@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--lora-format",
-    type=click.Choice(["kohya", "diffusers", "peft", "comfy"]),
+    type=click.Choice(["kohya", "diffusers", "peft", "comfy", "ai-toolkit"]),
     help="Rename a LoRA file's modules into this naming (alpha carried; docs/layouts.md).",
 )
 @dry_run_option

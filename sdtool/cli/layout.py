@@ -108,6 +108,10 @@ def run_lora_format(
         for old, new in r.mapping:
             out.print(f"{markup(old)} -> {markup(new)}")
     what = f"{r.modules} modules ({r.family}) as {to}"
+    if r.split:
+        what += f", {len(r.split)} fused split into parts"
+    if r.fused:
+        what += f", {len(r.fused)} fused from parts"
     if not r.dry_run:
         what += f", {human_bytes(r.output_bytes)}" + (", verified" if r.verified else "")
     out.print(
