@@ -419,10 +419,7 @@ def _fuse(m: ModelFile, target: str, parts: dict[int, Mod], ratio: tuple[int, ..
     u = int(next(iter(unit)))
     kind = first.kind
     if kind == "lokr":
-        raise UsageError(
-            f"LoKr parts of {target!r} cannot join: separate Kronecker products are not one "
-            "over the fused rows"
-        )
+        return _fuse_lokr(m, target, parts, ratio, u)
     if kind in ("full", "bias"):
         role = T.ROW_ROLES[kind][0]
         tail = first.t[role].shape[1:]
@@ -475,6 +472,50 @@ def _fuse(m: ModelFile, target: str, parts: dict[int, Mod], ratio: tuple[int, ..
     return Mod(first.stem, first.comp, target, kind, t, alpha, None)
 
 
+def _fuse_lokr(
+    m: ModelFile, target: str, parts: dict[int, Mod], ratio: tuple[int, ...], u: int
+) -> Mod:
+    """kron(w1_i, w2) stacked = kron(stack(w1_i), w2): exact when the parts share w2 (and
+    w1_b, alpha), w1 rows stacked (a missing part: zero rows). Otherwise refused."""
+    mods = [parts[i] for i in sorted(parts)]
+    first = mods[0]
+    w1 = "lokr_w1" if "lokr_w1" in first.t else "lokr_w1_a"
+    shared = sorted(r for r in first.t if r != w1)
+    same = (
+        all(sorted(p.t) == sorted(first.t) for p in mods)
+        and len({p.alpha for p in mods}) == 1
+        and all(len({p.t[r].raw(m) for p in mods}) == 1 for r in shared)
+    )
+    if not same:
+        raise UsageError(
+            f"LoKr parts of {target!r} cannot join: their Kronecker products do not share "
+            "w2, so no one product covers the fused rows"
+        )
+    w2 = _lokr_w2_rows(first)
+    if any((u * ratio[i]) % w2 for i in range(len(ratio))):
+        raise UsageError(f"LoKr parts of {target!r}: w2's {w2} rows do not divide every part")
+    tail = first.t[w1].shape[1:]
+    stacked = _concat(
+        m,
+        [
+            parts[i].t[w1] if i in parts else _zeros((u * ratio[i] // w2, *tail), first.t[w1].dtype)
+            for i in range(len(ratio))
+        ],
+    )
+    t = {r: first.t[r] for r in shared}
+    t[w1] = stacked
+    keys = {p.alpha_key for p in mods}
+    return Mod(
+        first.stem,
+        first.comp,
+        target,
+        "lokr",
+        t,
+        first.alpha,
+        keys.pop() if len(keys) == 1 else None,
+    )
+
+
 # -- names -------------------------------------------------------------------------------------
 
 
@@ -507,7 +548,12 @@ def _detect(paths: list[str], comps: set[str], widths: set[int]) -> tuple[str, b
         p.startswith(("down_blocks", "up_blocks", "mid_block", "input_blocks")) for p in paths
     ):  # diffusers names of the first blocks only: Flux is 3072 wide, SD3 64 per block
         return ("flux" if 3072 in widths or not widths else "sd3"), 3072 not in widths
-    if "te2" in comps or "input_blocks" in unet or "output_blocks" in unet:
+    sd1_ldm = any(  # SD1/SD2 have attention at input 1-2, output 9-11; SDXL has 9 blocks
+        p.startswith(("input_blocks.1.1.", "input_blocks.2.1.", "output_blocks.9.",
+                      "output_blocks.10.", "output_blocks.11."))
+        for p in paths
+    )  # fmt: skip
+    if "te2" in comps or (("input_blocks" in unet or "output_blocks" in unet) and not sd1_ldm):
         return "sdxl-base", False
     return "sd1", False
 
