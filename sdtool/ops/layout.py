@@ -7,8 +7,9 @@ squeezes, transposes: bytes copied as they are); only joins and half-swaps are c
 tensor at a time. Tensors no diffusers component has a slot for (EMA weights, the noise
 schedule, CLIP's ``position_ids``, OpenCLIP's ``logit_scale``...) and the input's metadata go to
 ``single_file_extras.safetensors`` at the folder's root, so ``to_single`` gives every tensor back
-bit for bit under its original name. Tokenizers are not written (sdtool has no vocabulary files
-and never downloads): model_index.json lists them as [null, null]; load with ``tokenizer=...``.
+bit for bit under its original name. Tokenizers are copied from ``tokenizers_from`` (a diffusers
+folder) or not written (sdtool has no vocabulary files and never downloads): model_index.json
+lists them as [null, null]; load with ``tokenizer=None`` / ``tokenizer=...``.
 
 ``to_single``: a diffusers folder, a component folder or a component file -> one file as ComfyUI
 / A1111 load it (a whole checkpoint with its prefixes; a lone component without them).
@@ -336,7 +337,14 @@ def to_diffusers(
                 f"no {', '.join(missing)} written (sdtool ships no vocabularies and downloads "
                 "nothing): model_index.json lists them as [null, null]; add them with "
                 "--tokenizers-from DIR (a diffusers folder of the family, e.g. a hub snapshot "
-                "in ~/.cache/huggingface/hub) or pass tokenizer=... when loading"
+                "in ~/.cache/huggingface/hub); "
+                + (
+                    "the pipeline loads without them"
+                    if fam.startswith("sdxl")
+                    else "load with DiffusionPipeline.from_pretrained(out, "
+                    + ", ".join(f"{t}=None" for t in missing)
+                    + ")"
+                )
             )
         if dry_run:
             res.seconds = time.perf_counter() - t0
