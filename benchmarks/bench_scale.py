@@ -120,7 +120,9 @@ def main() -> None:
     if not a.no_cluster:
         import distributed
 
-        # the workers import this checkout's sdtool, as the CLI runs below do
+        # the scheduler (in this process) and the workers import this checkout's sdtool, as
+        # the CLI runs below do
+        sys.path.insert(0, str(ROOT))
         os.environ["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
         )
