@@ -352,3 +352,18 @@ def test_quant_without_out_derives_a_gguf_name(
     err = capsys.readouterr().err
     assert "name the output *.gguf" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_k_quant_of_inf_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sd = flux_sd()
+    w = sd["double_blocks.0.img_attn.proj.weight"].clone()
+    w.view(-1)[3] = float("inf")
+    sd["double_blocks.0.img_attn.proj.weight"] = w
+    src = _save(sd, tmp_path / "f.safetensors")
+    out = tmp_path / "f.gguf"
+    assert main(["convert", str(src), str(out), "--quant", "Q4_K_M"]) == 2
+    err = capsys.readouterr().err
+    assert "inf or NaN" in err and "img_attn.proj.weight" in err and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]

@@ -777,11 +777,21 @@ class F16Overflow(ValueError):
         self.count = count
 
 
+class NonFinite(ValueError):
+    """inf or NaN given to a K-quant (``count`` of them): llama.cpp's reference has no rule
+    for them (its rounding helper is undefined there), so sdtool refuses."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} value(s) are inf or NaN")
+        self.count = count
+
+
 def encode_into(qtype: str, src: np.ndarray, out: np.ndarray) -> None:
     """Encode the values ``src`` (1-D, any float dtype, whole blocks) as ``qtype`` into ``out``
     (their bytes: (blocks, size) or flat uint8). F16 from a wider type raises F16Overflow when
     a finite value becomes inf; BF16 from bfloat16 keeps the bits (NaNs made quiet, as ggml's
-    conversion does); the rest is gguf-py's / ggml's conversion of the float32 values."""
+    conversion does); the rest is gguf-py's / ggml's conversion of the float32 values. The
+    K-quants raise NonFinite for inf or NaN values."""
     t = get(qtype)
     n = src.size // t.block
     out = out.reshape(n, t.size)
@@ -807,7 +817,12 @@ def encode_into(qtype: str, src: np.ndarray, out: np.ndarray) -> None:
         np.copyto(out.reshape(-1).view(_F32), src, casting="unsafe")
     else:
         x = _widen_into(src, "x").reshape(n, t.block)
-        out[...] = QUANTIZE[qtype](x)
+        if qtype in K_QUANTS:
+            bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+            if bad:
+                raise NonFinite(bad)
+        with np.errstate(all="ignore"):  # tiny blocks: scales overflow, then decode as 0
+            out[...] = QUANTIZE[qtype](x)
 
 
 def dequantize(raw: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:

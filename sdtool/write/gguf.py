@@ -130,6 +130,11 @@ def _encode(t: OutGGUF, src: np.ndarray, out: np.ndarray) -> None:
             f"tensor {t.name!r}: {e.count} value(s) overflow float16; write BF16 or a "
             "quantized type instead"
         ) from None
+    except ggml.NonFinite as e:
+        raise UsageError(
+            f"tensor {t.name!r}: {e.count} value(s) are inf or NaN, which {t.type} cannot "
+            "hold (llama.cpp's K-quants have no rule for them); use Q8_0, F16 or BF16"
+        ) from None
 
 
 def _pread(fd: int, buf: np.ndarray, offset: int, name: str) -> None:
