@@ -276,6 +276,25 @@ def _halfbytes(v: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v.astype(_F16)).view(np.uint8)
 
 
+#: float32 bit patterns (sign cleared) whose float16 is normal: [2**-14, 65520)
+_F16_NORMAL = (np.uint32(0x38800000), np.uint32(0x477FF000))
+
+
+def _f16_bits(v: np.ndarray) -> np.ndarray:
+    """float32 -> float16 bits, rounded to nearest even: numpy's ``astype(float16)``, bit for
+    bit, in a few integer passes (numpy converts one element at a time, ~10x slower). Values
+    whose float16 is not normal (zero, subnormal, overflow, inf, NaN) go through numpy."""
+    b = np.ascontiguousarray(v, dtype=_F32).view(np.uint32)
+    a = b & np.uint32(0x7FFFFFFF)
+    r = a + (np.uint32(0x0FFF) + ((a >> 13) & np.uint32(1)))
+    h = ((r >> 13) - np.uint32(0x1C000)) | ((b >> 16) & np.uint32(0x8000))
+    odd = (a < _F16_NORMAL[0]) | (a >= _F16_NORMAL[1])
+    if odd.any():
+        with np.errstate(over="ignore"):
+            h[odd] = v.reshape(-1)[odd].astype(_F16).view(np.uint16)
+    return h.astype(np.uint16)
+
+
 def _q_trunc(v: np.ndarray, top: int) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         return np.trunc(v).astype(np.uint8).clip(0, top)
@@ -315,6 +334,7 @@ def _q_q5_1(x: np.ndarray) -> np.ndarray:
 #: the largest float32 below 0.5: adding it (with v's sign) and truncating rounds half away
 #: from zero exactly for |v| <= 128 (benchmarks/check_q8_rounding.py tries every such float)
 _HALF_DOWN = np.float32(0.5) - np.float32(2.0**-25)
+_HALF_DOWN_BITS = np.array(_HALF_DOWN, np.float32).view(np.uint32)
 
 
 def _nudge(v: np.ndarray) -> np.ndarray:
@@ -367,9 +387,13 @@ def _q8_0_numpy(src: np.ndarray, out: np.ndarray) -> None:
     np.abs(x, out=a)
     d, inv = _q8_scales(a.reshape(n, 32).max(axis=1))
     np.multiply(x.reshape(n, 32), inv[:, None], out=a.reshape(n, 32))
-    np.copysign(_HALF_DOWN, a, out=x)
+    # copysign(0.5 - 2**-25, a) by bits: a's sign bit over the constant's (2 integer passes,
+    # several times np.copysign)
+    u = x.view(np.uint32)
+    np.bitwise_and(a.view(np.uint32), np.uint32(0x80000000), out=u)
+    u |= _HALF_DOWN_BITS
     a += x
-    out[:, 0:2] = _halfbytes(d).reshape(n, 2)
+    out[:, 0:2] = _f16_bits(d).view(np.uint8).reshape(n, 2)
     with np.errstate(invalid="ignore"):  # the cast truncates toward zero (NaN: as numpy does)
         np.copyto(out[:, 2:].view(np.int8), a.reshape(n, 32), casting="unsafe")
 
@@ -423,8 +447,18 @@ def _as_torch(torch: Any, src: np.ndarray) -> Any:
     return torch.from_numpy(np.ascontiguousarray(src))
 
 
-def _q8_0_into(src: np.ndarray, out: np.ndarray) -> None:
-    if _torch() is not None and str(src.dtype) in _TORCH_SOURCES:
+#: Q8_0 values above which importing torch (about 1.5 s of CPU) pays for itself: its kernel
+#: saves about 1 ns per value over numpy's (benchmarks/bench_gguf.py)
+TORCH_MIN_ELEMENTS = 2 << 30
+
+
+def torch_pays(q8_elements: int) -> bool:
+    """Whether the Q8_0 kernel should use torch for this many values (when installed)."""
+    return q8_elements >= TORCH_MIN_ELEMENTS
+
+
+def _q8_0_into(src: np.ndarray, out: np.ndarray, use_torch: bool = True) -> None:
+    if use_torch and str(src.dtype) in _TORCH_SOURCES and _torch() is not None:
         _q8_0_torch(src, out)
     else:
         _q8_0_numpy(src, out)
@@ -786,18 +820,19 @@ class NonFinite(ValueError):
         self.count = count
 
 
-def encode_into(qtype: str, src: np.ndarray, out: np.ndarray) -> None:
+def encode_into(qtype: str, src: np.ndarray, out: np.ndarray, *, use_torch: bool = True) -> None:
     """Encode the values ``src`` (1-D, any float dtype, whole blocks) as ``qtype`` into ``out``
     (their bytes: (blocks, size) or flat uint8). F16 from a wider type raises F16Overflow when
     a finite value becomes inf; BF16 from bfloat16 keeps the bits (NaNs made quiet, as ggml's
     conversion does); the rest is gguf-py's / ggml's conversion of the float32 values. The
-    K-quants raise NonFinite for inf or NaN values."""
+    K-quants raise NonFinite for inf or NaN values. ``use_torch``: Q8_0 may use torch's kernel
+    (when installed; the bytes are the same either way)."""
     t = get(qtype)
     n = src.size // t.block
     out = out.reshape(n, t.size)
     kind = str(src.dtype)
     if qtype == "Q8_0":
-        _q8_0_into(src, out)
+        _q8_0_into(src, out, use_torch)
     elif qtype == "BF16" and kind == "bfloat16":
         u = np.ascontiguousarray(src).view(np.uint16)
         o = out.reshape(-1).view(np.uint16)

@@ -2,7 +2,8 @@
 
 The package holds everything that writes: ``plan`` (OutTensor: what each output tensor is and
 where its values come from), ``stream`` (the I/O engine: bounded pieces, casts, kernel copies),
-``cast`` (torch-exact casts), ``safetensors`` and ``torchfile`` (the two output formats),
+``cast`` (torch-exact casts), ``safetensors`` and ``torchfile`` (the two output formats;
+``gguf`` writes the GGUF plans of ``ops/gguf_export.py``),
 ``atomic`` (temp file, fsync, rename) and ``verify`` (read back, compare bit for bit).
 
 Every verb that writes (convert, prune, extract, and what builds on them) takes one options

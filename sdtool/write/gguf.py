@@ -122,9 +122,9 @@ def _piece_elements(t: OutGGUF) -> int:
     return max(1, ggml.PIECE_ELEMENTS // block) * block
 
 
-def _encode(t: OutGGUF, src: np.ndarray, out: np.ndarray) -> None:
+def _encode(t: OutGGUF, src: np.ndarray, out: np.ndarray, use_torch: bool = True) -> None:
     try:
-        ggml.encode_into(t.type, src, out)
+        ggml.encode_into(t.type, src, out, use_torch=use_torch)
     except ggml.F16Overflow as e:
         raise UsageError(
             f"tensor {t.name!r}: {e.count} value(s) overflow float16; write BF16 or a "
@@ -146,7 +146,11 @@ def _pread(fd: int, buf: np.ndarray, offset: int, name: str) -> None:
         got += k
 
 
-def _jobs(t: OutGGUF, fds: dict[Path, int]) -> Iterator[tuple[Job, int]]:
+def _torch_pays(tensors: Sequence[OutGGUF]) -> bool:
+    return ggml.torch_pays(sum(t.numel for t in tensors if t.type == "Q8_0"))
+
+
+def _jobs(t: OutGGUF, fds: dict[Path, int], use_torch: bool) -> Iterator[tuple[Job, int]]:
     """The pieces of ``t``: (job, output bytes) in file order."""
     gt = ggml.get(t.type)
     per = _piece_elements(t)
@@ -167,7 +171,7 @@ def _jobs(t: OutGGUF, fds: dict[Path, int]) -> Iterator[tuple[Job, int]]:
                 raw = ggml._scratch("raw", (b - a) * item, np.uint8)
                 _pread(fd, raw, span.offset + a * item, t.name)
                 o = out[: gt.nbytes(b - a)]
-                _encode(t, raw.view(span.dtype), o)
+                _encode(t, raw.view(span.dtype), o, use_torch)
                 return o
 
             return run
@@ -184,7 +188,7 @@ def _jobs(t: OutGGUF, fds: dict[Path, int]) -> Iterator[tuple[Job, int]]:
     def from_array(a: int, b: int) -> Job:
         def run(out: np.ndarray) -> np.ndarray:
             o = out[: gt.nbytes(b - a)]
-            _encode(t, flat[a:b], o)
+            _encode(t, flat[a:b], o, use_torch)
             return o
 
         return run
@@ -213,6 +217,7 @@ def write_gguf(
     window: deque[tuple[Future[np.ndarray], np.ndarray, int]] = deque()
     fds: dict[Path, int] = {}
     threads = max(1, threads)
+    use_torch = _torch_pays(tensors)
 
     def flush_one() -> None:
         nonlocal total
@@ -230,7 +235,7 @@ def write_gguf(
     try:
         for t in tensors:
             last = None
-            for job, _nbytes in _jobs(t, fds):
+            for job, _nbytes in _jobs(t, fds, use_torch):
                 if len(window) >= AHEAD * threads + 1:
                     flush_one()
                 buf = free.pop() if free else np.empty(biggest, np.uint8)
@@ -251,7 +256,7 @@ def write_gguf(
     return total
 
 
-def encode(t: OutGGUF, values: np.ndarray, threads: int = 1) -> np.ndarray:
+def encode(t: OutGGUF, values: np.ndarray, threads: int = 1, use_torch: bool = True) -> np.ndarray:
     """A tensor's stored bytes (1-D uint8) from its values (all at once: for verifying)."""
     if values.size != t.numel:
         raise ValueError(f"tensor {t.name!r} has {values.size} values, not {t.numel}")
@@ -261,7 +266,7 @@ def encode(t: OutGGUF, values: np.ndarray, threads: int = 1) -> np.ndarray:
     per = _piece_elements(t)
 
     def job(a: int, b: int) -> Callable[[], None]:
-        return lambda: _encode(t, flat[a:b], out[gt.nbytes(a) : gt.nbytes(b)])
+        return lambda: _encode(t, flat[a:b], out[gt.nbytes(a) : gt.nbytes(b)], use_torch)
 
     ggml._run([job(a, min(t.numel, a + per)) for a in range(0, t.numel, per)], threads)
     return out
@@ -273,6 +278,7 @@ def verify_gguf(tensors: Sequence[OutGGUF], written: Path, threads: int | None =
     from sdtool.formats.gguf import read_gguf
 
     threads = threads or ggml.default_threads()
+    use_torch = _torch_pays(tensors)
     m = read_gguf(written)
     try:
         entries = {e.name: e for e in m.header.tensors}
@@ -282,7 +288,7 @@ def verify_gguf(tensors: Sequence[OutGGUF], written: Path, threads: int | None =
                 raise VerificationError(f"tensor {t.name!r} reads back differently from the plan")
             at = m.header.data_start + e.offset
             got = np.frombuffer(m._map(), np.uint8, e.nbytes, at)
-            want = encode(t, t.values(), threads)
+            want = encode(t, t.values(), threads, use_torch)
             if not np.array_equal(got, want):
                 raise VerificationError(f"tensor {t.name!r} differs from its source after writing")
     finally:
