@@ -11,14 +11,13 @@ import struct
 from pathlib import Path
 
 from sdtool.errors import FileAccessError, UnknownFormat
+from sdtool.formats.source import RangeReader
 from sdtool.vocab import Format
 
 HEAD = 4096
 
 
 #: What sniffing says is a ``vocab.Format`` (ZIP, PICKLE and TAR before a reader looks inside).
-#: ``Kind`` is the old name, kept only until scan/ moves to ``Format``.
-Kind = Format
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -137,8 +136,11 @@ def describe(head: bytes, size: int) -> str:
     return f"its first bytes are {head[:16].hex(' ')}"
 
 
-def sniff(path: str | Path) -> tuple[Format, bytes, int]:
+def sniff(path: str | Path | RangeReader) -> tuple[Format, bytes, int]:
     """(kind, first bytes, size) of ``path``; FileAccessError when it cannot be read."""
+    if isinstance(path, RangeReader):
+        head = path.pread(0, HEAD)
+        return sniff_bytes(head, path.size), head, path.size
     p = Path(path)
     try:
         if p.is_dir():
