@@ -184,6 +184,22 @@ def test_k_quants_special_values(qtype: str) -> None:
             ggml.quantize(y, qtype)
 
 
+def test_float16_scales_by_integer_rounding_equal_numpy() -> None:
+    """The Q8_0 scales' float32 -> float16 (integer round-to-nearest-even) is numpy's
+    ``astype(float16)`` bit for bit: around every float16 boundary and at random
+    (benchmarks/check_q8_rounding.py tries all 2**32 float32 values)."""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    bits = h.view(np.uint32).astype(np.int64)
+    steps = (-0x1000, -2, -1, 0, 1, 2, 0x1000)
+    near = np.concatenate([(bits + d) % (1 << 32) for d in steps]).astype(np.uint32)
+    rng = np.random.default_rng(11)
+    v = np.concatenate([near.view(np.float32), rng.integers(0, 1 << 32, 1 << 18, np.uint32)
+                        .view(np.float32)])  # fmt: skip
+    with np.errstate(all="ignore"):
+        want = v.astype(np.float16).view(np.uint16)
+    assert np.array_equal(ggml._f16_bits(v), want)
+
+
 def test_outer_axis_sums_add_in_index_order() -> None:
     """The K-quant search sums 16/32 terms as llama.cpp's C loops do, one after the other."""
     t = (np.random.default_rng(4).standard_normal((32, 5000)) * 1e3).astype(np.float32)
