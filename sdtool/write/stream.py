@@ -138,8 +138,9 @@ class Chunks:
         pos = offset
         while pos < end:
             n = min(step, end - pos)
-            buf = bytearray(n)
-            read_exact(fd, memoryview(buf), pos, self.t)
+            # into a reused ring buffer when there is one (a fresh one faults in every page)
+            buf = bytearray(n) if self.ring is None else self.ring.next(n)[:n]
+            read_exact(fd, memoryview(buf).cast("B"), pos, self.t)
             pos += n
             yield self._job(np.frombuffer(buf, src.numpy), src)
 
