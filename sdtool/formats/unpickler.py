@@ -591,8 +591,7 @@ def load_one(
     up = RestrictedUnpickler(f, persistent_load=persistent_load, nested=nested, seen=seen)
     token = _built.set([0]) if _built.get(None) is None else None
     try:
-        _check_memo_indices(f)
-        _check_tuple_nesting(f)
+        _check_stream(f)
         return up.load()
     except CorruptFile:
         raise
@@ -621,26 +620,43 @@ def load_one(
             _built.reset(token)
 
 
-def _check_memo_indices(f: Any) -> None:
-    """Refuse a memo index no pickler could write, before the C unpickler sizes its memo by it.
+def _check_stream(f: Any) -> None:
+    """Refuse, before the C unpickler runs, what would make it allocate gigabytes or crash.
 
-    The C unpickler grows its memo table to twice the largest PUT index and zero-fills it, so a
-    120-byte pickle with LONG_BINPUT 0x56730a35 makes it write ~23 GB. A pickler numbers memo
-    entries from 0, one per opcode at most, so an index above the opcodes met so far is forged.
-    Opcodes are skipped over by their argument layout (pickletools' table), nothing is decoded
-    or built, so the walk costs a fraction of the load; ``f`` is left where it was.
+    - A memo index no pickler could write: the C unpickler grows its memo table to twice the
+      largest PUT index and zero-fills it, so a 120-byte pickle with LONG_BINPUT 0x56730a35
+      makes it write ~23 GB. A pickler numbers memo entries from 0, one per opcode at most, so
+      an index above the opcodes met so far is forged.
+    - Tuples nested deeper than MAX_TUPLE_DEPTH, or whose expanded tree (shared sub-tuples
+      counted each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items:
+      CPython hashes a tuple by walking it in C with no recursion guard, so a 300,000-deep
+      tuple used as a dict key overflows the C stack (a segfault) and ``t = (t, t)`` forty
+      times takes 2**40 steps. Only tuples can nest while hashable: lists and dicts stop a
+      hash, and no allowed builder returns nested tuples, so tracking tuple opcodes is enough.
+
+    One pass over the opcodes, skipped over by their argument layout (pickletools' table) with
+    a stack of (depth, size) per slot: nothing is decoded or built, so the walk costs a
+    fraction of the load; ``f`` is left where it was.
     """
     start = f.tell()
     try:
-        found = _forged_memo_put(f, start)
+        found = _walk(f, start, tuples=True)
     finally:
         f.seek(start)
-    if found is not None:
-        name, index, count = found
+    if found is None:
+        return
+    if found[0] == "TUPLE":
+        _, count, name, depth, size = found
         raise CorruptFile(
-            f"pickle opcode {name} stores memo entry {index} after {count} opcodes "
-            "(a forged index that would make the unpickler allocate gigabytes)"
+            f"opcode {count} ({name}) builds a tuple nested {depth} deep with "
+            f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
+            "hashing it would crash the unpickler or never end"
         )
+    name, index, count = found
+    raise CorruptFile(
+        f"pickle opcode {name} stores memo entry {index} after {count} opcodes "
+        "(a forged index that would make the unpickler allocate gigabytes)"
+    )
 
 
 def _arg_layouts() -> dict[int, int]:
@@ -674,12 +690,44 @@ _MAX_LINE = 1 << 24  # no pickler writes a longer text argument
 
 
 def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
-    """(opcode name, index, opcodes before it) of the first forged memo PUT, else None.
+    """(opcode name, index, opcodes before it) of the first forged memo PUT, else None."""
+    found = _walk(f, start, tuples=False)
+    return None if found is None else (found[0], found[1], found[2])
+
+
+def _stack_effects() -> list[tuple[int, int, int] | None]:
+    """opcode byte -> (pops to a mark: 0/1, further pops, pushes) from pickletools' table;
+    None for the opcodes the walker handles itself (tuples, memo, DUP, MARK)."""
+    out: list[tuple[int, int, int] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        before, after = op.stack_before, op.stack_after
+        if pickletools.markobject in before:
+            effect = (1, before.index(pickletools.markobject), len(after))
+        else:
+            effect = (0, len(before), len(after))
+        out[op.code.encode("latin-1")[0]] = effect
+    return out
+
+
+_TUPLE_OPS = {0x74: -1, 0x85: 1, 0x86: 2, 0x87: 3}  # t TUPLE (to the mark), TUPLE1/2/3
+_TUPLE_NAMES = {0x74: "TUPLE", 0x85: "TUPLE1", 0x86: "TUPLE2", 0x87: "TUPLE3"}
+_GETS = {0x67: "GET", 0x68: "BINGET", 0x6A: "LONG_BINGET"}  # g h j
+_PUTS = {0x70: "PUT", 0x71: "BINPUT", 0x72: "LONG_BINPUT"}  # p q r
+_MEMOIZE, _DUP, _MARK = 0x94, 0x32, 0x28
+
+
+def _walk(f: Any, start: int, *, tuples: bool) -> tuple[Any, ...] | None:
+    """The first problem in the stream: (PUT name, index, count) for a forged memo index, or
+    ("TUPLE", count, name, depth, size) for a tuple over the limits (only when ``tuples``).
 
     Stops, finding nothing, where the stream ends or breaks: the unpickler stops there too.
     Long arguments (tensor bytes in old pickles) are skipped by seeking, never read.
     """
-    layouts = _LAYOUT_TABLE
+    layouts, effects = _LAYOUT_TABLE, _EFFECTS
+    flat = (0, 1)
+    stack: list[tuple[int, int]] = []  # (tuple depth, expanded tuple size) per slot
+    marks: list[int] = []
+    memo: dict[int, tuple[int, int]] = {}
     f.seek(start)
     buf = f.read(_WALK_CHUNK)
     base, i, count, end = start, 0, 0, len(buf)
@@ -695,13 +743,12 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
         if layout is None or code == _STOP:
             return None
         i += 1
+        arg: int | None = None
         if layout >= 0:
             if i + layout > end:
                 return None
-            if code in (_BINPUT, _LONG_BINPUT):
-                index = int.from_bytes(buf[i : i + layout], "little")
-                if index > count:
-                    return ("BINPUT" if code == _BINPUT else "LONG_BINPUT", index, count)
+            if code in _PUTS or (tuples and code in _GETS):
+                arg = int.from_bytes(buf[i : i + layout], "little")
             i += layout
         elif layout <= _ARG_LEN1:
             width = _WIDTH[layout]
@@ -724,95 +771,57 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
                     end = len(buf)
                     nl = buf.find(b"\n", i)
                 line, i = buf[i:nl], nl + 1
-            if code == _PUT:
+            if code == _PUT or (tuples and code in _GETS):
                 try:
-                    index = int(line)
+                    arg = int(line)
                 except ValueError:
                     return None
-                if index > count:
-                    return ("PUT", index, count)
+        if code in _PUTS:
+            if arg is not None and arg > count:
+                return (_PUTS[code], arg, count)
+            if tuples and stack and arg is not None:
+                memo[arg] = stack[-1]
+        elif tuples:
+            if code in _TUPLE_OPS:
+                k = _TUPLE_OPS[code]
+                cut = (marks.pop() if marks else 0) if k < 0 else max(0, len(stack) - k)
+                items = stack[cut:]
+                del stack[cut:]
+                depth = 1 + max((x[0] for x in items), default=0)
+                size = 1 + sum(x[1] for x in items)
+                if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
+                    return ("TUPLE", count, _TUPLE_NAMES[code], depth, size)
+                stack.append((depth, size))
+            elif code in _GETS:
+                stack.append(memo.get(arg, flat) if arg is not None else flat)
+            elif code == _MEMOIZE:
+                if stack:
+                    memo[len(memo)] = stack[-1]
+            elif code == _DUP:
+                stack.append(stack[-1] if stack else flat)
+            elif code == _MARK:
+                marks.append(len(stack))
+            else:
+                effect = effects[code]
+                assert effect is not None
+                to_mark, pops, pushes = effect
+                if to_mark:
+                    cut = marks.pop() if marks else 0
+                    del stack[cut:]
+                if pops:
+                    del stack[max(0, len(stack) - pops) :]
+                stack.extend([flat] * pushes)
         count += 1
 
 
 _LAYOUTS = _arg_layouts()
 _LAYOUT_TABLE: list[int | None] = [_LAYOUTS.get(c) for c in range(256)]
+_EFFECTS = _stack_effects()
 # the unpickler decodes text opcodes with these codecs: look them up now, not lazily while a
 # file is read
 for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):
     codecs.lookup(_codec)
 
 
-def _check_tuple_nesting(f: Any) -> None:
-    """Refuse, before the C unpickler runs, tuples it could not hash in bounded time and stack.
-
-    Tuples nested deeper than MAX_TUPLE_DEPTH, or whose expanded tree (shared sub-tuples counted
-    each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items: CPython hashes a
-    tuple by walking it in C with no recursion guard, so a 300,000-deep tuple used as a dict key
-    overflows the C stack (a segfault) and ``t = (t, t)`` forty times takes 2**40 steps. Only
-    tuples can nest while hashable: lists and dicts stop a hash, and no allowed builder returns
-    nested tuples, so tracking the tuple opcodes is enough. Opcodes are walked without building
-    anything (a stack of (depth, size) per slot); ``f`` is left where it was.
-    """
-    start = f.tell()
-    stack: list[Any] = []  # (tuple depth, expanded tuple size) per slot
-    marks: list[int] = []  # stack lengths at each MARK
-    memo: dict[Any, Any] = {}
-    flat = (0, 1)
-
-    def pop_mark() -> list[Any]:
-        cut = marks.pop() if marks else 0
-        items = stack[cut:]
-        del stack[cut:]
-        return items
-
-    try:
-        for count, (op, arg, _) in enumerate(pickletools.genops(f)):
-            name = op.name
-            if name in _TUPLE_ARITY:
-                n = _TUPLE_ARITY[name]
-                if n < 0:  # TUPLE: down to the mark
-                    items = pop_mark()
-                else:
-                    items, stack[len(stack) - n :] = stack[len(stack) - n :], []
-                depth = 1 + max((x[0] for x in items), default=0)
-                size = 1 + sum(x[1] for x in items)
-                if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
-                    raise CorruptFile(
-                        f"opcode {count} ({name}) builds a tuple nested {depth} deep with "
-                        f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
-                        "hashing it would crash the unpickler or never end"
-                    )
-                stack.append((depth, size))
-                continue
-            if name in _MEMO_PUTS or name == "MEMOIZE":
-                if stack:
-                    memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
-                continue
-            if name in _MEMO_GETS:
-                stack.append(memo.get(arg, flat))
-                continue
-            if name == "DUP":
-                stack.append(stack[-1] if stack else flat)
-                continue
-            before = op.stack_before
-            if pickletools.markobject in before:
-                pop_mark()
-                del stack[max(0, len(stack) - before.index(pickletools.markobject)) :]
-            elif before:
-                del stack[max(0, len(stack) - len(before)) :]
-            for kind in op.stack_after:
-                if kind is pickletools.markobject:
-                    marks.append(len(stack))
-                else:
-                    stack.append(flat)
-    except ValueError:
-        pass  # a malformed stream: the unpickler itself stops at the same place with an error
-    finally:
-        f.seek(start)
-
-
 MAX_TUPLE_DEPTH = 1000
 MAX_TUPLE_TREE = 50_000_000
-_TUPLE_ARITY = {"TUPLE": -1, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
-_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
