@@ -201,8 +201,7 @@ def main() -> None:
             )
             sys_part = ", sys <= its" if job.sys_goal else ""
             goal = (
-                f"<= {job.goal}x, < {job.rss_goal_mib} MiB{sys_part}: "
-                f"{'met' if ok else 'NOT met'}"
+                f"<= {job.goal}x, < {job.rss_goal_mib} MiB{sys_part}: {'met' if ok else 'NOT met'}"
             )
         if r.rc not in (0, 1):
             goal = f"exit {r.rc}"
