@@ -591,7 +591,7 @@ def load_one(
     up = RestrictedUnpickler(f, persistent_load=persistent_load, nested=nested, seen=seen)
     token = _built.set([0]) if _built.get(None) is None else None
     try:
-        _check_stream(f)
+        _check_before_loading(f)
         return up.load()
     except CorruptFile:
         raise
@@ -620,8 +620,8 @@ def load_one(
             _built.reset(token)
 
 
-def _check_stream(f: Any) -> None:
-    """Refuse, before the C unpickler runs, what would make it allocate gigabytes or crash.
+def _check_before_loading(f: Any) -> None:
+    """Refuse, in one walk over the opcodes before the C unpickler runs, what it would choke on.
 
     - A memo index no pickler could write: the C unpickler grows its memo table to twice the
       largest PUT index and zero-fills it, so a 120-byte pickle with LONG_BINPUT 0x56730a35
@@ -631,32 +631,24 @@ def _check_stream(f: Any) -> None:
       counted each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items:
       CPython hashes a tuple by walking it in C with no recursion guard, so a 300,000-deep
       tuple used as a dict key overflows the C stack (a segfault) and ``t = (t, t)`` forty
-      times takes 2**40 steps. Only tuples can nest while hashable: lists and dicts stop a
-      hash, and no allowed builder returns nested tuples, so tracking tuple opcodes is enough.
+      times takes 2**40 steps. Only tuples can nest while hashable (lists and dicts stop a
+      hash, and no allowed builder returns nested tuples), so a stack of (depth, size) per slot
+      is enough.
 
-    One pass over the opcodes, skipped over by their argument layout (pickletools' table) with
-    a stack of (depth, size) per slot: nothing is decoded or built, so the walk costs a
-    fraction of the load; ``f`` is left where it was.
+    Opcodes are skipped over by their argument layout (pickletools' table), nothing is decoded
+    or built, so the walk costs a fraction of the load; ``f`` is left where it was.
     """
     start = f.tell()
     try:
-        found = _walk(f, start, tuples=True)
+        found = _forged_memo_put(f, start)
     finally:
         f.seek(start)
-    if found is None:
-        return
-    if found[0] == "TUPLE":
-        _, count, name, depth, size = found
+    if found is not None:
+        name, index, count = found
         raise CorruptFile(
-            f"opcode {count} ({name}) builds a tuple nested {depth} deep with "
-            f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
-            "hashing it would crash the unpickler or never end"
+            f"pickle opcode {name} stores memo entry {index} after {count} opcodes "
+            "(a forged index that would make the unpickler allocate gigabytes)"
         )
-    name, index, count = found
-    raise CorruptFile(
-        f"pickle opcode {name} stores memo entry {index} after {count} opcodes "
-        "(a forged index that would make the unpickler allocate gigabytes)"
-    )
 
 
 def _arg_layouts() -> dict[int, int]:
@@ -685,48 +677,22 @@ def _arg_layouts() -> dict[int, int]:
 _ARG_LINE, _ARG_TWO_LINES, _ARG_LEN1, _ARG_LEN4, _ARG_LEN4U, _ARG_LEN8U = range(-1, -7, -1)
 _WIDTH = {_ARG_LEN1: 1, _ARG_LEN4: 4, _ARG_LEN4U: 4, _ARG_LEN8U: 8}
 _STOP, _PUT, _BINPUT, _LONG_BINPUT = 0x2E, 0x70, 0x71, 0x72  # . p q r
+_GET, _BINGET, _LONG_BINGET = 0x67, 0x68, 0x6A  # g h j
+_BIN_MEMO = frozenset({_BINPUT, _LONG_BINPUT, _BINGET, _LONG_BINGET})
 _WALK_CHUNK = 1 << 20
 _MAX_LINE = 1 << 24  # no pickler writes a longer text argument
 
 
 def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
-    """(opcode name, index, opcodes before it) of the first forged memo PUT, else None."""
-    found = _walk(f, start, tuples=False)
-    return None if found is None else (found[0], found[1], found[2])
-
-
-def _stack_effects() -> list[tuple[int, int, int] | None]:
-    """opcode byte -> (pops to a mark: 0/1, further pops, pushes) from pickletools' table;
-    None for the opcodes the walker handles itself (tuples, memo, DUP, MARK)."""
-    out: list[tuple[int, int, int] | None] = [None] * 256
-    for op in pickletools.opcodes:
-        before, after = op.stack_before, op.stack_after
-        if pickletools.markobject in before:
-            effect = (1, before.index(pickletools.markobject), len(after))
-        else:
-            effect = (0, len(before), len(after))
-        out[op.code.encode("latin-1")[0]] = effect
-    return out
-
-
-_TUPLE_OPS = {0x74: -1, 0x85: 1, 0x86: 2, 0x87: 3}  # t TUPLE (to the mark), TUPLE1/2/3
-_TUPLE_NAMES = {0x74: "TUPLE", 0x85: "TUPLE1", 0x86: "TUPLE2", 0x87: "TUPLE3"}
-_GETS = {0x67: "GET", 0x68: "BINGET", 0x6A: "LONG_BINGET"}  # g h j
-_PUTS = {0x70: "PUT", 0x71: "BINPUT", 0x72: "LONG_BINPUT"}  # p q r
-_MEMOIZE, _DUP, _MARK = 0x94, 0x32, 0x28
-
-
-def _walk(f: Any, start: int, *, tuples: bool) -> tuple[Any, ...] | None:
-    """The first problem in the stream: (PUT name, index, count) for a forged memo index, or
-    ("TUPLE", count, name, depth, size) for a tuple over the limits (only when ``tuples``).
+    """(opcode name, index, opcodes before it) of the first forged memo PUT, else None; raises
+    CorruptFile for tuples nested too deeply (see _check_before_loading).
 
     Stops, finding nothing, where the stream ends or breaks: the unpickler stops there too.
     Long arguments (tensor bytes in old pickles) are skipped by seeking, never read.
     """
     layouts, effects = _LAYOUT_TABLE, _EFFECTS
-    flat = (0, 1)
-    stack: list[tuple[int, int]] = []  # (tuple depth, expanded tuple size) per slot
-    marks: list[int] = []
+    stack: list[tuple[int, int]] = []  # (tuple depth, expanded tuple size) per stack slot
+    marks: list[int] = []  # stack lengths at each MARK
     memo: dict[int, tuple[int, int]] = {}
     f.seek(start)
     buf = f.read(_WALK_CHUNK)
@@ -743,12 +709,14 @@ def _walk(f: Any, start: int, *, tuples: bool) -> tuple[Any, ...] | None:
         if layout is None or code == _STOP:
             return None
         i += 1
-        arg: int | None = None
+        index = -1  # the memo index a PUT/GET names (-1: MEMOIZE, the next free one)
         if layout >= 0:
             if i + layout > end:
                 return None
-            if code in _PUTS or (tuples and code in _GETS):
-                arg = int.from_bytes(buf[i : i + layout], "little")
+            if code in _BIN_MEMO:
+                index = int.from_bytes(buf[i : i + layout], "little")
+                if code in (_BINPUT, _LONG_BINPUT) and index > count:
+                    return ("BINPUT" if code == _BINPUT else "LONG_BINPUT", index, count)
             i += layout
         elif layout <= _ARG_LEN1:
             width = _WIDTH[layout]
@@ -771,52 +739,111 @@ def _walk(f: Any, start: int, *, tuples: bool) -> tuple[Any, ...] | None:
                     end = len(buf)
                     nl = buf.find(b"\n", i)
                 line, i = buf[i:nl], nl + 1
-            if code == _PUT or (tuples and code in _GETS):
+            if code in (_PUT, _GET):
                 try:
-                    arg = int(line)
+                    index = int(line)
                 except ValueError:
                     return None
-        if code in _PUTS:
-            if arg is not None and arg > count:
-                return (_PUTS[code], arg, count)
-            if tuples and stack and arg is not None:
-                memo[arg] = stack[-1]
-        elif tuples:
-            if code in _TUPLE_OPS:
-                k = _TUPLE_OPS[code]
-                cut = (marks.pop() if marks else 0) if k < 0 else max(0, len(stack) - k)
-                items = stack[cut:]
-                del stack[cut:]
-                depth = 1 + max((x[0] for x in items), default=0)
-                size = 1 + sum(x[1] for x in items)
-                if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
-                    return ("TUPLE", count, _TUPLE_NAMES[code], depth, size)
-                stack.append((depth, size))
-            elif code in _GETS:
-                stack.append(memo.get(arg, flat) if arg is not None else flat)
-            elif code == _MEMOIZE:
-                if stack:
-                    memo[len(memo)] = stack[-1]
-            elif code == _DUP:
-                stack.append(stack[-1] if stack else flat)
-            elif code == _MARK:
-                marks.append(len(stack))
-            else:
-                effect = effects[code]
-                assert effect is not None
-                to_mark, pops, pushes = effect
-                if to_mark:
-                    cut = marks.pop() if marks else 0
-                    del stack[cut:]
-                if pops:
-                    del stack[max(0, len(stack) - pops) :]
-                stack.extend([flat] * pushes)
+                if code == _PUT and index > count:
+                    return ("PUT", index, count)
+        kind, below, pushes = effects[code]
+        if kind == _FX_PLAIN:  # the common case, inline
+            if below:
+                del stack[max(0, len(stack) - below) :]
+            if pushes:
+                stack.extend(_FLATS[pushes])
+        else:
+            _stack_effect(code, kind, below, index, stack, marks, memo, count)
         count += 1
+
+
+def _stack_effect(
+    code: int,
+    kind: int,
+    below: int,
+    index: int,
+    stack: list[tuple[int, int]],
+    marks: list[int],
+    memo: dict[int, tuple[int, int]],
+    count: int,
+) -> None:
+    """Apply one opcode to the (depth, size) stack; raise CorruptFile for a tuple too deep."""
+    if kind == _FX_MARKED:  # pops down to the mark and ``below`` more, pushes one
+        cut = marks.pop() if marks else 0
+        del stack[max(0, cut - below) :]
+        stack.append(_FLAT)
+    elif kind == _FX_POP_MARK:
+        cut = marks.pop() if marks else 0
+        del stack[cut:]
+    elif kind == _FX_MARK:
+        marks.append(len(stack))
+    elif kind == _FX_TUPLE:
+        if below < 0:  # TUPLE: down to the mark
+            cut = marks.pop() if marks else 0
+            items, stack[cut:] = stack[cut:], []
+        else:
+            items, stack[len(stack) - below :] = stack[len(stack) - below :], []
+        depth = 1 + max((x[0] for x in items), default=0)
+        size = 1 + sum(x[1] for x in items)
+        if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
+            raise CorruptFile(
+                f"opcode {count} ({_OPNAME[code]}) builds a tuple nested {depth} deep with "
+                f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
+                "hashing it would crash the unpickler or never end"
+            )
+        stack.append((depth, size))
+    elif kind == _FX_PUT:
+        if stack:
+            memo[len(memo) if index < 0 else index] = stack[-1]
+    elif kind == _FX_GET:
+        stack.append(memo.get(index, _FLAT))
+    else:  # DUP
+        stack.append(stack[-1] if stack else _FLAT)
+
+
+_FX_PLAIN, _FX_MARKED, _FX_POP_MARK, _FX_MARK, _FX_TUPLE, _FX_PUT, _FX_GET, _FX_DUP = range(8)
+_FLAT = (0, 1)
+_FLATS = [[_FLAT] * n for n in range(4)]
+_SPECIAL_FX = {
+    "TUPLE": (_FX_TUPLE, -1, 1),
+    "TUPLE1": (_FX_TUPLE, 1, 1),
+    "TUPLE2": (_FX_TUPLE, 2, 1),
+    "TUPLE3": (_FX_TUPLE, 3, 1),
+    "PUT": (_FX_PUT, 0, 0),
+    "BINPUT": (_FX_PUT, 0, 0),
+    "LONG_BINPUT": (_FX_PUT, 0, 0),
+    "MEMOIZE": (_FX_PUT, 0, 0),
+    "GET": (_FX_GET, 0, 1),
+    "BINGET": (_FX_GET, 0, 1),
+    "LONG_BINGET": (_FX_GET, 0, 1),
+    "DUP": (_FX_DUP, 0, 1),
+    "MARK": (_FX_MARK, 0, 0),
+    "POP_MARK": (_FX_POP_MARK, 0, 0),
+}
+
+
+def _stack_effects() -> list[tuple[int, int, int]]:
+    """opcode byte -> (kind, items popped (below the mark for marked ones), items pushed)."""
+    out = [(_FX_PLAIN, 0, 0)] * 256
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")[0]
+        if op.name in _SPECIAL_FX:
+            out[code] = _SPECIAL_FX[op.name]
+            continue
+        before, after = op.stack_before, op.stack_after
+        assert pickletools.markobject not in after and len(after) <= 1, op.name
+        if pickletools.markobject in before:  # LIST, DICT, INST, OBJ, APPENDS, SETITEMS ...
+            assert len(after) == 1, op.name
+            out[code] = (_FX_MARKED, before.index(pickletools.markobject), 1)
+        else:
+            out[code] = (_FX_PLAIN, len(before), len(after))
+    return out
 
 
 _LAYOUTS = _arg_layouts()
 _LAYOUT_TABLE: list[int | None] = [_LAYOUTS.get(c) for c in range(256)]
 _EFFECTS = _stack_effects()
+_OPNAME = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
 # the unpickler decodes text opcodes with these codecs: look them up now, not lazily while a
 # file is read
 for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):

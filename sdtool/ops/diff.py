@@ -27,10 +27,11 @@ import numpy as np
 from sdtool.errors import TruncatedFile, UnsupportedDtype
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
+from sdtool.results import Result
 from sdtool.vocab import Progress
 from sdtool.write.stream import prefetch
 
-CHUNK_ELEMENTS = 2 << 20  # elements per compared piece: buffers and temporaries stay well under 256 MB
+CHUNK_ELEMENTS = 2 << 20  # elements per compared piece: buffers and temporaries well under 256 MB
 
 SCHEMA = "sdtool.diff/2"
 
@@ -84,8 +85,8 @@ class TensorDiff:
         }
 
 
-@dataclass
-class DiffResult:
+@dataclass(frozen=True)
+class DiffResult(Result):
     """The comparison of two files; ``tensors`` in A's order, then B's extra names."""
 
     a: Path
@@ -196,26 +197,18 @@ def diff(
 def _diff_models(
     ma: ModelFile, mb: ModelFile, dtype_tolerant: bool, fast: bool, progress: Progress | None
 ) -> DiffResult:
-    result = DiffResult(
-        ma.path, mb.path, str(ma.format), str(mb.format), [], dtype_tolerant, fast=fast
-    )
-    ka, kb = ma.metadata, mb.metadata
-    result.metadata_a_only = [k for k in ka if k not in kb]
-    result.metadata_b_only = [k for k in kb if k not in ka]
-    result.metadata_changed = [k for k in ka if k in kb and ka[k] != kb[k]]
+    tensors: list[TensorDiff] = []
 
     pairs: list[_Pair] = []
     for name, ta in ma.tensors.items():
         tb = mb.tensors.get(name)
         if tb is None:
-            result.tensors.append(
-                TensorDiff(name, "missing", dtype_a=str(ta.dtype), shape_a=ta.shape)
-            )
+            tensors.append(TensorDiff(name, "missing", dtype_a=str(ta.dtype), shape_a=ta.shape))
             continue
         td = TensorDiff(
             name, "equal", str(ta.dtype), str(tb.dtype), ta.shape, tb.shape, numel=ta.numel
         )
-        result.tensors.append(td)
+        tensors.append(td)
         if ta.shape != tb.shape:
             td.status, td.numel = "shape", 0
             continue
@@ -224,11 +217,21 @@ def _diff_models(
         pairs.append(_Pair(name, ta, tb, td))
     for name, tb in mb.tensors.items():
         if name not in ma.tensors:
-            result.tensors.append(
-                TensorDiff(name, "extra", dtype_b=str(tb.dtype), shape_b=tb.shape)
-            )
+            tensors.append(TensorDiff(name, "extra", dtype_b=str(tb.dtype), shape_b=tb.shape))
     _compare_all(ma, mb, pairs, fast, progress)
-    return result
+    ka, kb = ma.metadata, mb.metadata
+    return DiffResult(
+        ma.path,
+        mb.path,
+        str(ma.format),
+        str(mb.format),
+        tensors,
+        dtype_tolerant,
+        metadata_a_only=[k for k in ka if k not in kb],
+        metadata_b_only=[k for k in kb if k not in ka],
+        metadata_changed=[k for k in ka if k in kb and ka[k] != kb[k]],
+        fast=fast,
+    )
 
 
 @dataclass
@@ -411,7 +414,9 @@ def _source(
         while got < want:
             k = os.preadv(fd, [view[got:]], offset + start * item + got)
             if k == 0:
-                raise TruncatedFile(f"tensor {name!r} ends early; the file shrank", path=holder.path)
+                raise TruncatedFile(
+                    f"tensor {name!r} ends early; the file shrank", path=holder.path
+                )
             got += k
         return view
 
