@@ -23,6 +23,7 @@ def backend(request: pytest.FixtureRequest) -> object:
     yield request.param
     cast_mod.use_numpy()
 
+
 #: torch's x86 vector kernels fix NaN bits; its scalar fallback canonicalises a few differently
 VECTOR_NAN = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 UINT = {1: (np.uint8, torch.uint8), 2: (np.uint16, torch.uint16), 4: (np.uint32, torch.uint32),

@@ -36,9 +36,7 @@ def _line(t: TensorDiff) -> list[str] | None:
     if t.changed is None:  # --fast: known to differ, elements not counted
         values = f"differs{cast}; elements not counted (--fast)"
     else:
-        values = (
-            f"{t.changed:,} of {t.numel:,} differ{cast}, max |a-b| {_fmt_diff(t.max_abs_diff)}"
-        )
+        values = f"{t.changed:,} of {t.numel:,} differ{cast}, max |a-b| {_fmt_diff(t.max_abs_diff)}"
     if t.nan_mismatch:
         values += f", {t.nan_mismatch:,} NaN on one side"
     if t.status == "dtype":

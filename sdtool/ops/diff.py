@@ -141,9 +141,7 @@ class DiffResult(Result):
             "dtype_tolerant": self.dtype_tolerant,
             "fast": self.fast,
             "counts": self.counts,
-            "changed_elements": None
-            if self.fast
-            else sum(t.changed or 0 for t in self.tensors),
+            "changed_elements": None if self.fast else sum(t.changed or 0 for t in self.tensors),
             "max_abs_diff": _json_number(self.max_abs_diff),
             "metadata": {
                 "a_only": self.metadata_a_only,
