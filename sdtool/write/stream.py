@@ -139,8 +139,14 @@ class Chunks:
         while pos < end:
             n = min(step, end - pos)
             # into a reused ring buffer when there is one (a fresh one faults in every page)
-            buf = bytearray(n) if self.ring is None else self.ring.next(n)[:n]
-            read_exact(fd, memoryview(buf).cast("B"), pos, self.t)
+            buf: bytearray | np.ndarray
+            if self.ring is None:
+                buf = bytearray(n)
+                view = memoryview(buf)
+            else:
+                buf = self.ring.next(n)[:n]
+                view = buf.data
+            read_exact(fd, view, pos, self.t)
             pos += n
             yield self._job(np.frombuffer(buf, src.numpy), src)
 
