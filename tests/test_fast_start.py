@@ -70,7 +70,7 @@ def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[
 
 
 @pytest.mark.parametrize(
-    "command", ["inspect", "scan", "convert", "prune", "extract", "hash", "diff"]
+    "command", ["inspect", "scan", "convert", "prune", "extract", "hash", "diff", "merge", "lora"]
 )
 def test_command_help_imports_nothing_heavy(command: str, sub_env: dict[str, str]) -> None:
     """``sdtool COMMAND --help`` loads the command's module and click: not numpy, not rich."""
@@ -127,3 +127,10 @@ def test_shell_completion_completes_choices(sub_env: dict[str, str]) -> None:
     ]  # fmt: skip
     assert "vae" in _complete("sdtool extract m.ckpt --component ", sub_env)
     assert _complete("sdtool prune m.ckpt --drop vae,u", sub_env) == ["vae,unet", "vae,unknown"]
+
+
+@pytest.mark.parametrize("sub", ["bake", "extract", "resize"])
+def test_lora_subcommand_help_imports_nothing_heavy(sub: str, sub_env: dict[str, str]) -> None:
+    """``sdtool lora bake --help`` (and extract, resize): click and the cli module only."""
+    mods = imported(["lora", sub, "--help"], sub_env)
+    assert not _under(mods, *HEAVY, "numpy", "rich", "sdtool.ops", "sdtool.formats")

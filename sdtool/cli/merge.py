@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from sdtool.cli import render
 from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
 from sdtool.errors import UsageError
-from sdtool.ops.merge import METHODS, MergeResult, merge
+from sdtool.vocab import MERGE_METHODS
+
+if TYPE_CHECKING:  # the library (numpy) loads when the command runs, not for --help
+    from sdtool.ops.merge import MergeResult
 
 EXIT_OK = 0
 #: keys listed per rule in the text plan (all of them are in --json)
@@ -23,7 +27,7 @@ LIST_LIMIT = 20
 )
 @click.option(
     "--method",
-    type=click.Choice(list(METHODS)),
+    type=click.Choice(list(MERGE_METHODS)),
     default="weighted-sum",
     show_default=True,
     help="weighted-sum: (1-alpha)A + alpha B; add-difference: A + alpha(B - C); "
@@ -78,6 +82,8 @@ def merge_cmd(
       sdtool merge a.sft b.sft ab.sft --dry-run \\
         --block-weights 0.5,1,1,1,1,1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0
     """
+    from sdtool.ops.merge import merge
+
     if len(paths) < 3:
         raise UsageError(f"give at least two inputs and OUT (got {len(paths)} paths)")
     *inputs, out = paths

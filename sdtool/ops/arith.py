@@ -5,14 +5,24 @@ result in the output dtype. ``Inputs`` reads pieces of input tensors with ``prea
 2 GB input never piles up in the process as mapped pages), ``Output`` collects a result in the
 output dtype piece by piece with sdtool's torch-exact cast. Memory is then about one output
 tensor plus a few pieces per input, whatever the model's size.
+
+Speed: pieces are read into per-thread buffers that are reused (no page faults, no zeroing),
+converted to float32 in place, computed with in-place numpy ops and cast into the output, on
+``WORKERS`` threads of one pool (numpy, torch and ``pread`` release the GIL). When torch is
+installed (and ``SDTOOL_NO_TORCH`` is unset) the dtype conversions use its vectorised kernels:
+fp16/bf16 -> float32 is exact either way, and float32 -> fp16/bf16 is torch's own ``.to()``,
+the reference of ``sdtool.write.cast``; numpy's scalar loops are about ten times slower.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -22,11 +32,101 @@ from sdtool.errors import TruncatedFile
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.write.cast import cast
 
-#: elements per piece of an elementwise computation (4 MiB of float32 per input)
-PIECE = 1024 * 1024
+#: elements per piece of an elementwise computation (1 MiB of float32 per input: a piece of
+#: every input stays in a core's cache between the conversion and the arithmetic)
+PIECE = 256 * 1024
 #: threads computing pieces of one tensor at once
 WORKERS = 2
 F32 = dtypes.from_code("F32")
+
+
+@cache
+def fast_torch() -> Any:
+    """torch for dtype conversions, or None (not installed, or ``SDTOOL_NO_TORCH`` set)."""
+    if os.environ.get("SDTOOL_NO_TORCH"):
+        return None
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the tests run with torch
+        return None
+    return torch
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (sdtool runs its own threads over
+    pieces; torch's would only spin against them on a busy machine), then restored."""
+    torch = fast_torch()
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Scratch(threading.local):
+    """Per-thread buffers reused from piece to piece (a fresh buffer costs a page fault and a
+    zeroing per 4 KiB: as much as the arithmetic itself)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[int, np.ndarray] = {}
+
+    def get(self, slot: int, nbytes: int) -> np.ndarray:
+        """At least ``nbytes`` bytes (uint8) of this thread's buffer ``slot``."""
+        buf = self.bufs.get(slot)
+        if buf is None or buf.size < nbytes:
+            buf = self.bufs[slot] = np.empty(max(nbytes, PIECE * 4), np.uint8)
+        return buf[:nbytes]
+
+    def f32(self, slot: int, count: int) -> np.ndarray:
+        """``count`` float32 values of this thread's buffer ``slot``."""
+        return self.get(slot, count * 4).view(np.float32)
+
+
+SCRATCH = Scratch()
+#: scratch slots: float32 pieces of the inputs use 0..; raw bytes use RAW + i
+RAW = 1000
+
+
+def to_f32(raw: np.ndarray, out: np.ndarray) -> None:
+    """Convert ``raw`` (any float dtype sdtool casts) into the float32 array ``out``, exactly
+    (fp16/bf16/fp8 -> float32 is exact; float64 rounds to nearest, as numpy and torch do)."""
+    torch = fast_torch()
+    if raw.dtype == np.float32:
+        np.copyto(out, raw)
+        return
+    if torch is not None and raw.size >= 4096:
+        src = dtypes.from_numpy(raw.dtype)
+        if src.torch is not None:
+            t = torch.from_numpy(raw.view(np.uint8)).view(getattr(torch, src.torch))
+            torch.from_numpy(out).copy_(t)
+            return
+    np.copyto(out, raw, casting="unsafe")
+
+
+#: |x| below which a float32 value casts to the key's dtype without overflow (finite, no NaN)
+_FAST_OUT = {"F16": 65504.0, "BF16": 3.3895313892515355e38}
+
+
+def from_f32(values: np.ndarray, dst: np.ndarray, dtype: DType) -> int:
+    """Cast float32 ``values`` into ``dst`` (of ``dtype``) as torch's ``.to()``; the number of
+    finite values that overflowed. torch's kernel when installed, else ``write.cast``."""
+    torch = fast_torch()
+    limit = _FAST_OUT.get(dtype.code)
+    if torch is not None and limit is not None and values.size >= 4096:
+        tv = torch.from_numpy(values)
+        lo, hi = torch.aminmax(tv)  # NaN propagates: the comparisons below fail then
+        if -limit < float(lo) and float(hi) < limit:
+            td = torch.from_numpy(dst.view(np.uint8)).view(getattr(torch, dtype.torch or ""))
+            td.copy_(tv)
+            return 0
+    res, over = cast(values, F32, dtype)
+    dst[...] = res
+    return over
 
 
 def compute_dtype(info: TensorInfo) -> bool:
@@ -46,6 +146,18 @@ class Inputs:
         self._fds: dict[int, int] = {}
         self._cache: dict[int, tuple[str, np.ndarray]] = {}
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads = contextlib.ExitStack()
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The ``WORKERS`` threads computing pieces, for as long as these inputs are open
+        (torch's own intra-op threads are set to 1 meanwhile)."""
+        with self._lock:
+            if self._pool is None:
+                self._threads.enter_context(torch_threads(1))
+                self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="sdtool-arith")
+            return self._pool
 
     def _fd(self, m: ModelFile) -> int:
         with self._lock:
@@ -54,16 +166,24 @@ class Inputs:
                 fd = self._fds[id(m)] = os.open(m.path, os.O_RDONLY)
             return fd
 
-    def raw(self, m: ModelFile, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
-        """Elements ``start .. start + count`` of the flattened tensor, in its own dtype."""
+    def raw(
+        self,
+        m: ModelFile,
+        name: str,
+        start: int = 0,
+        count: int | None = None,
+        into: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Elements ``start .. start + count`` of the flattened tensor, in its own dtype
+        (read into the uint8 buffer ``into`` when given and the tensor lies in the file as is)."""
         info = m.tensors[name]
         count = info.numel - start if count is None else count
         span = info.file_span
         item = info.dtype.itemsize
         if span is not None:
             offset = span[0] + start * item
-            buf = bytearray(count * item)
-            view = memoryview(buf)
+            buf = np.empty(count * item, np.uint8) if into is None else into[: count * item]
+            view = memoryview(buf)  # type: ignore[arg-type]
             fd = self._fd(m)
             got = 0
             while got < len(buf):
@@ -75,7 +195,7 @@ class Inputs:
                         path=m.path,
                     )
                 got += n
-            return np.frombuffer(buf, info.dtype.numpy)
+            return buf.view(info.dtype.numpy)
         with self._lock:
             hit = self._cache.get(id(m))
         if hit is None or hit[0] != name:
@@ -91,11 +211,32 @@ class Inputs:
         a = self.raw(m, name, start, count)
         return a if a.dtype == np.float32 else a.astype(np.float32)
 
+    def f32_into(
+        self, m: ModelFile, name: str, start: int, out: np.ndarray, slot: int = 0
+    ) -> np.ndarray:
+        """Elements ``start .. start + out.size`` as float32, into ``out`` (no allocation:
+        float32 tensors are read straight into it, others through this thread's scratch
+        buffer ``slot``)."""
+        info = m.tensors[name]
+        if info.dtype.code == "F32" and info.file_span is not None:
+            self.raw(m, name, start, out.size, into=out.view(np.uint8))
+            return out
+        if info.file_span is not None:
+            raw = self.raw(m, name, start, out.size, SCRATCH.get(RAW + slot, out.size * 8))
+        else:
+            raw = self.raw(m, name, start, out.size)
+        to_f32(raw, out)
+        return out
+
     def whole(self, m: ModelFile, name: str) -> np.ndarray:
         """The whole tensor as float32, in its shape."""
         return self.f32(m, name).reshape(m.tensors[name].shape)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._threads.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -125,8 +266,7 @@ class Output:
         if self.dtype.code == "F32":
             dst[...] = values
             return
-        res, over = cast(values, F32, self.dtype)
-        dst[...] = res
+        over = from_f32(values, dst, self.dtype)
         if over:
             with self._lock:
                 self.overflow += over
@@ -135,17 +275,32 @@ class Output:
         return self.flat.reshape(self.shape)
 
 
-def run_pieces(numel: int, work: Callable[[int, int], None], step: int | None = None) -> None:
+def run_pieces(
+    numel: int,
+    work: Callable[[int, int], None],
+    step: int | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> None:
     """Call ``work(start, count)`` for every piece, on ``WORKERS`` threads when there are
-    several pieces (numpy and preads release the GIL, so pieces compute on both cores)."""
+    several pieces (numpy and preads release the GIL, so pieces compute on both cores):
+    those of ``pool`` (``Inputs.pool``), else a pool made for this call."""
     parts = list(pieces(numel, PIECE if step is None else step))
     if len(parts) <= 1 or WORKERS <= 1:
         for start, count in parts:
             work(start, count)
         return
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="sdtool-arith") as pool:
-        for f in [pool.submit(work, s, c) for s, c in parts]:
-            f.result()
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(
+                ThreadPoolExecutor(WORKERS, thread_name_prefix="sdtool-arith")
+            )
+        futures = [pool.submit(work, s, c) for s, c in parts]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def pieces(numel: int, step: int = PIECE) -> Iterator[tuple[int, int]]:

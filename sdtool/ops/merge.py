@@ -54,8 +54,8 @@ from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
-from sdtool.ops.arith import Inputs, Output, Overflows, run_pieces
-from sdtool.vocab import CASTABLE, cast_target, parse_dtype
+from sdtool.ops.arith import SCRATCH, Inputs, Output, Overflows, run_pieces
+from sdtool.vocab import CASTABLE, MERGE_METHODS, cast_target, parse_dtype
 from sdtool.write import CastOverflow, output_format, write_model
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
@@ -84,6 +84,8 @@ METHODS: dict[str, Method] = {
         Method("slerp", 2, 2, False, "slerp(A, B; alpha) on the flattened tensor"),
     )
 }
+
+assert tuple(METHODS) == MERGE_METHODS, "vocab.MERGE_METHODS lists the methods for --help"
 
 #: merge-rule names, in the order reports list them
 RULES = ("merge", "merge-slice", "copy")
@@ -174,6 +176,15 @@ class Source:
             return io.f32(m, self.keys[0], start, count)
         whole = np.concatenate([io.f32(m, k) for k in self.keys])
         return whole[start : start + count]
+
+    def read_into(
+        self, io: Inputs, m: ModelFile, start: int, out: np.ndarray, slot: int
+    ) -> np.ndarray:
+        """``read`` into the float32 array ``out`` (``out.size`` elements)."""
+        if len(self.keys) == 1:
+            return io.f32_into(m, self.keys[0], start, out, slot)
+        out[...] = self.read(io, m, start, out.size)
+        return out
 
     def whole(self, io: Inputs, m: ModelFile) -> np.ndarray:
         return np.concatenate([io.f32(m, k) for k in self.keys]).reshape(self.shape)
@@ -439,6 +450,22 @@ def add_difference(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
     return a + np.float32(t) * (b - c)
 
 
+def weighted_sum_(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
+    """``weighted_sum`` computed in place in ``x`` (the same float32 operations, same bits)."""
+    a, b = x
+    np.multiply(a, np.float32(1 - t), out=a)
+    np.multiply(b, np.float32(t), out=b)
+    return np.add(a, b, out=a)
+
+
+def add_difference_(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
+    """``add_difference`` computed in place in ``x`` (the same float32 operations, same bits)."""
+    a, b, c = x
+    np.subtract(b, c, out=b)
+    np.multiply(b, np.float32(t), out=b)
+    return np.add(a, b, out=a)
+
+
 def dare_masks(seed: int, name: str, count: int, start: int = 0) -> list[np.random.Generator]:
     """One generator per model for ``name``, positioned at element ``start`` of its stream
     (one 64-bit draw per element): the drop mask depends on (seed, key, model) only, not on the
@@ -530,6 +557,12 @@ KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "dare": dare,
     "slerp": slerp,
 }
+#: elementwise method -> the kernel on pieces it may overwrite (same operations, same bits)
+PIECE_KERNELS: dict[str, Callable[..., np.ndarray]] = {
+    **KERNELS,
+    "weighted-sum": weighted_sum_,
+    "add-difference": add_difference_,
+}
 
 
 def _maker(
@@ -546,6 +579,7 @@ def _maker(
 ) -> Callable[[], np.ndarray]:
     """The function computing key ``k``'s output tensor when the writer asks for it."""
     kernel = KERNELS[method.name]
+    in_place = PIECE_KERNELS[method.name]
     a = models[0]
     shape = a.tensors[k.name].shape
     t = k.alpha if k.alpha is not None else 0.0
@@ -568,14 +602,14 @@ def _maker(
         elif method.elementwise:
 
             def piece(start: int, count: int) -> None:
-                x = [io.f32(a, k.name, start, count)] + [
-                    src[k.name].read(io, m, start, count)
-                    for m, src in zip(models[1:], sources, strict=True)
-                ]
+                # into this thread's reused buffers: no allocation per piece
+                x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
+                for i, (m, src) in enumerate(zip(models[1:], sources, strict=True), 1):
+                    x.append(src[k.name].read_into(io, m, start, SCRATCH.f32(i, count), i))
                 rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
-                out.put(start, kernel(x, t, density=density, rngs=rngs))
+                out.put(start, in_place(x, t, density=density, rngs=rngs))
 
-            run_pieces(out.flat.size, piece)
+            run_pieces(out.flat.size, piece, pool=io.pool)
         else:
             x = [io.whole(a, k.name)] + [
                 src[k.name].whole(io, m).reshape(shape)
