@@ -262,19 +262,16 @@ def _big(seed: int, dtype: torch.dtype) -> dict:
     }
 
 
-@pytest.mark.parametrize("torch_path", [True, False])
 @pytest.mark.parametrize(
     ("method", "out_dtype"),
     [("weighted-sum", "fp16"), ("add-difference", "bf16"), ("add-difference", "fp16")],
 )
 def test_fast_path_bit_for_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, out_dtype: str, torch_path: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, out_dtype: str
 ) -> None:
-    """Many pieces on 2 threads, reused buffers, torch's conversions (or numpy's without torch):
-    the same bits as torch on the whole model, overflow counts included."""
+    """Many pieces on 2 threads, reused buffers, the bitwise conversions: the same bits as
+    torch on the whole model, overflow counts included."""
     monkeypatch.setattr(arith, "PIECE", 4099)
-    if not torch_path:
-        monkeypatch.setattr(arith, "fast_torch", lambda: None)
     dts = [torch.float16, torch.bfloat16, torch.float32]
     n = 2 if method == "weighted-sum" else 3
     ms = [_big(i, dts[i]) for i in range(n)]
