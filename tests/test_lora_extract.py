@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtool.cli.main import main
+from sdtool.errors import SdtoolError
 from sdtool.ops.lora.bake import bake
 from sdtool.ops.lora.extract import choose_rank, extract, factor, resize
 
@@ -174,4 +175,8 @@ def test_cli_extract_and_resize(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["lora", "resize", str(out), str(small), "--rank", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["schema"] == "sdtool.lora-resize/1"
     assert main(["lora", "resize", str(out), str(small), "--sv-fro", "2"]) == 2
-    assert "--sv-fro must be in (0, 1]" in capsys.readouterr().err
+    assert "--sv-fro 2.0 must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SdtoolError, match=r"^rank=0 must be at least 1"):
+        extract(tp, bp, tmp_path / "r0.safetensors", rank=0)
+    assert main(["lora", "extract", str(tp), str(bp), str(tmp_path / "r0.sft"), "--rank", "0"]) == 2
+    assert "--rank 0 must be at least 1" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtool.cli.main import main
+from sdtool.errors import SdtoolError
 from sdtool.ops import arith
 from sdtool.ops import merge as merge_mod
 from sdtool.ops.merge import block_of, merge, parse_block_weights
@@ -242,7 +243,7 @@ def test_cli_dry_run_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["merge", *ps, str(tmp_path / "x.safetensors"), "--method", "add-difference"]) == 2
     assert "add-difference merges 3 inputs, got 2" in capsys.readouterr().err
     assert main(["merge", *ps, str(tmp_path / "x.safetensors"), "--block-weights", "1,2"]) == 2
-    assert "--block-weights has 2 values" in capsys.readouterr().err
+    assert "the block weights have 2 values" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -292,3 +293,19 @@ def test_fast_path_bit_for_bit(
     finite = {k: int((~torch.isfinite(v) & torch.isfinite(fn(k, [m[k].float() for m in ms]))).sum())
               for k, v in want.items()}  # fmt: skip
     assert r.overflows == {k: c for k, c in finite.items() if c}
+
+
+def test_library_names_parameters_cli_names_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Library errors say ``density=`` (a caller's word); the command says ``--density``."""
+    ps = [str(_save(tmp_path, f"{i}.safetensors", _model(i))) for i in range(2)]
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SdtoolError, match=r"^density=0\.0 is outside \(0, 1\]"):
+        merge(ps, out, method="dare", density=0.0)
+    with pytest.raises(SdtoolError, match=r"^block_weights='1,x' is not comma-separated"):
+        merge(ps, out, block_weights="1,x")
+    assert main(["merge", *ps, str(out), "--method", "dare", "--density", "0"]) == 2
+    assert "--density 0.0 is outside (0, 1]" in capsys.readouterr().err
+    assert main(["merge", *ps, str(out), "--block-weights", "1,x"]) == 2
+    assert "--block-weights '1,x' is not comma-separated numbers" in capsys.readouterr().err

@@ -146,14 +146,14 @@ def parse_block_weights(text: str, arch: str) -> dict[str, float]:
     try:
         values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
-        raise UsageError(f"--block-weights wants comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"block_weights={text!r} is not comma-separated numbers") from None
     names = ["BASE", *BLOCKS[arch]]
     if arch == "sdxl" and len(values) == 26:
         values = values[:10] + values[13:23]
     if len(values) != len(names):
         want = "26 (SD 1.x/2.x)" if arch == "sd1" else "20 (SDXL) or 26 (converted)"
         raise UsageError(
-            f"--block-weights has {len(values)} values; this {arch} UNet wants {want}: "
+            f"the block weights have {len(values)} values; this {arch} UNet wants {want}: "
             "BASE, IN.., M00, OUT.."
         )
     return dict(zip(names, values, strict=True))
@@ -619,7 +619,7 @@ def _maker(
         if out.overflow and on_overflow == "fail":
             raise CastOverflow(
                 f"the cast to {dtype} overflows to inf in {k.name!r} ({out.overflow} values); "
-                "nothing was written. Keep a wider dtype, or pass --on-overflow warn",
+                'nothing was written. Keep a wider dtype, or pass on_overflow="warn"',
                 {k.name: out.overflow},
             )
         overflows.set(k.name, out.overflow)
@@ -664,12 +664,12 @@ def merge(
     out = Path(out)
     m = METHODS.get(method)
     if m is None:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        raise UsageError(f"method={method!r} is not one of {', '.join(METHODS)}")
     if len(paths) < m.min_inputs or (m.max_inputs is not None and len(paths) > m.max_inputs):
         want = str(m.min_inputs) if m.min_inputs == m.max_inputs else f"at least {m.min_inputs}"
         raise UsageError(f"{method} merges {want} inputs, got {len(paths)}")
     if not 0 < density <= 1:
-        raise UsageError(f"--density must be in (0, 1], not {density}")
+        raise UsageError(f"density={density} is outside (0, 1]")
     target = _parse_dtype(dtype)
     output_format(out)
     if not dry_run:
@@ -681,7 +681,7 @@ def merge(
         if block_weights is not None:
             if arch is None:
                 raise UsageError(
-                    "--block-weights needs an SD 1.x/2.x or SDXL UNet with ldm key names "
+                    "block weights need an SD 1.x/2.x or SDXL UNet with ldm key names "
                     "(model.diffusion_model.input_blocks...) in the first input",
                     path=paths[0],
                 )

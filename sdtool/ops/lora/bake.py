@@ -48,7 +48,7 @@ SCHEMA = "sdtool.lora-bake/1"
 
 
 class UnmatchedModules(SdtoolError):
-    """--strict and some LoRA module matched no base key (exit 1)."""
+    """``strict=True`` and some LoRA module matched no base key (the command exits 1)."""
 
 
 @dataclass
@@ -531,7 +531,7 @@ def _maker(
         if out.overflow and on_overflow == "fail":
             raise CastOverflow(
                 f"the cast to {dtype} overflows to inf in {key!r} ({out.overflow} values); "
-                "nothing was written. Keep a wider dtype, or pass --on-overflow warn",
+                'nothing was written. Keep a wider dtype, or pass on_overflow="warn"',
                 {key: out.overflow},
             )
         overflows.set(key, out.overflow)

@@ -214,14 +214,14 @@ def _dynamic(
         if v is not None
     ]
     if len(given) > 1:
-        raise UsageError("give at most one of --sv-ratio, --sv-cumulative, --sv-fro")
+        raise UsageError("give at most one of sv_ratio=..., sv_cumulative=..., sv_fro=...")
     if not given:
         return None, None
     name, value = given[0]
     if name == "sv_ratio" and value <= 1:
-        raise UsageError(f"--sv-ratio must be above 1 (largest / smallest kept), not {value}")
+        raise UsageError(f"sv_ratio={value} must be above 1 (largest / smallest kept)")
     if name != "sv_ratio" and not 0 < value <= 1:
-        raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], not {value}")
+        raise UsageError(f"{name}={value} must be in (0, 1]")
     return name, value
 
 
@@ -250,7 +250,7 @@ def extract_targets(
             left[key] = "an embedding, not a Linear/Conv"
             continue
         if len(info.shape) == 4 and info.shape[2:] != (1, 1) and not conv:
-            left[key] = "a kxk conv (give --conv-rank to extract convs)"
+            left[key] = "a kxk conv (extracted only with a conv rank above 0)"
             continue
         comp = cands[0][0][0]
         native = [c for c in cands if c[1].via == "native"]
@@ -313,7 +313,7 @@ def extract(
         dtype: the LoRA's dtype (fp16, bf16, fp32).
 
     A layer whose difference is exactly zero is left out and listed in ``zero``; changed
-    weights no LoRA module covers (norms, embeddings, kxk convs without --conv-rank) are listed
+    weights no LoRA module covers (norms, embeddings, kxk convs without a conv rank) are listed
     in ``not_targets``.
     """
     t0 = time.perf_counter()
@@ -399,11 +399,11 @@ def extract(
 
 def _check_ranks(rank: int, conv_rank: int, clamp_quantile: float) -> None:
     if rank < 1:
-        raise UsageError(f"--rank must be at least 1, not {rank}")
+        raise UsageError(f"rank={rank} must be at least 1")
     if conv_rank < 0:
-        raise UsageError(f"--conv-rank must be 0 (no convs) or more, not {conv_rank}")
+        raise UsageError(f"conv_rank={conv_rank} must be 0 (no convs) or more")
     if not 0 < clamp_quantile <= 1:
-        raise UsageError(f"--clamp-quantile must be in (0, 1], not {clamp_quantile}")
+        raise UsageError(f"clamp_quantile={clamp_quantile} must be in (0, 1]")
 
 
 def _dtype(name: str) -> DType:
@@ -411,7 +411,7 @@ def _dtype(name: str) -> DType:
 
     dt = parse_dtype(name)
     if dt is None:
-        raise UsageError("--dtype must name a dtype (fp16, bf16, fp32) for a LoRA")
+        raise UsageError(f"dtype={name!r} is not a dtype for a LoRA (fp16, bf16, fp32)")
     return dt
 
 
