@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import click
 
@@ -134,8 +134,6 @@ def render_merge(r: MergeResult) -> None:
         out.print(f"  skipped, not in A [{len(keys)}]: {shown}{more}")
     for note in r.notes:
         out.print(f"  {render.markup(note)}")
-    for name, n in r.overflows.items():
-        render.warn(f"{n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
     if r.dry_run:
         merged = [k for k in r.keys if k.rule == "merge"]
         for k in merged[:LIST_LIMIT]:
@@ -143,9 +141,29 @@ def render_merge(r: MergeResult) -> None:
             out.print(f"  merge {render.markup(k.name, 90)}: alpha {k.alpha:g}{where}")
         if len(merged) > LIST_LIMIT:
             out.print(f"  (+{len(merged) - LIST_LIMIT} more merged; --json lists every key)")
-        out.print("dry run: nothing written")
+    render_written(r, r.dtype, [f"{len(r.keys):,} tensors"])
+
+
+class Written(Protocol):
+    """What ``render_written`` reads of a merge / bake / extract / resize result."""
+
+    output: Path
+    dry_run: bool
+    overflows: dict[str, int]
+    output_bytes: int
+    verified: bool
+    seconds: float
+
+
+def render_written(r: Written, dtype: str, how: list[str] | None = None) -> None:
+    """The end of every arithmetic command's report: overflow warnings, then ``dry run:
+    nothing written`` or ``wrote OUT: [how, ]size[, verified] in N s``."""
+    for name, n in r.overflows.items():
+        render.warn(f"{n} value(s) of {name!r} overflowed to inf in the cast to {dtype}")
+    if r.dry_run:
+        render.console().print("dry run: nothing written")
         return
-    how = [f"{len(r.keys):,} tensors", render.human_bytes(r.output_bytes)]
-    if r.verified:
-        how.append("verified")
-    out.print(f"wrote {render.markup(r.output)}: {', '.join(how)} in {r.seconds:.1f} s")
+    how = [*(how or []), render.human_bytes(r.output_bytes)] + (["verified"] if r.verified else [])
+    render.console().print(
+        f"wrote {render.markup(r.output)}: {', '.join(how)} in {r.seconds:.1f} s"
+    )

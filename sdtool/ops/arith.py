@@ -18,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -28,6 +31,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.write.cast import cast
+from sdtool.write.plan import OutTensor
 
 #: elements per piece of an elementwise computation (1 MiB of float32 per input: a piece of
 #: every input stays in a core's cache between the conversion and the arithmetic)
@@ -287,14 +291,70 @@ def pieces(numel: int, step: int = PIECE) -> Iterator[tuple[int, int]]:
 
 
 class Overflows:
-    """Values that became inf in the cast to the output dtype, by tensor (thread-safe)."""
+    """Values that became inf in the cast to the output dtype, by tensor (thread-safe), and
+    what to do about them (``on_overflow``: ``fail`` or ``warn``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_overflow: str = "fail") -> None:
         self.counts: dict[str, int] = {}
+        self.on_overflow = on_overflow
         self._lock = threading.Lock()
+
+    def done(self, name: str, out: Output) -> np.ndarray:
+        """``out``'s array once computed: CastOverflow (nothing is written) when the cast
+        overflowed and ``on_overflow`` is ``fail``, else the count is recorded."""
+        if out.overflow and self.on_overflow == "fail":
+            from sdtool.write import CastOverflow
+
+            raise CastOverflow(
+                f"the cast to {out.dtype} overflows to inf in {name!r} ({out.overflow} values); "
+                'nothing was written. Keep a wider dtype, or pass on_overflow="warn"',
+                {name: out.overflow},
+            )
+        self.set(name, out.overflow)
+        return out.array()
 
     def set(self, name: str, n: int) -> None:
         """Record ``n`` for ``name`` (a recomputation, e.g. by --verify, counts once)."""
         if n:
             with self._lock:
                 self.counts[name] = n
+
+
+class Written(Protocol):
+    """The fields every arithmetic result shares about its output."""
+
+    overflows: dict[str, int]
+    output_bytes: int
+    verified: bool
+    seconds: float
+
+
+def write_result(
+    result: Written,
+    plan: Sequence[OutTensor],
+    out: Path,
+    t0: float,
+    *,
+    metadata: dict[str, str],
+    overwrite: bool,
+    verify: bool,
+    overflows: Overflows | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write ``plan`` to ``out`` (sdtool's atomic writer) and fill ``result``'s output fields:
+    the overflows (the computed tensors' and the writer's casts'), size, verification, time."""
+    from sdtool.write import write_model
+
+    w = write_model(
+        plan,
+        out,
+        metadata=metadata,
+        overwrite=overwrite,
+        verify=verify,
+        on_overflow="fail" if overflows is None else overflows.on_overflow,
+        progress=progress,
+    )
+    result.overflows = {**(overflows.counts if overflows else {}), **w.overflows}
+    result.output_bytes = w.nbytes
+    result.verified = w.verified
+    result.seconds = time.perf_counter() - t0

@@ -54,9 +54,9 @@ from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
-from sdtool.ops.arith import SCRATCH, Inputs, Output, Overflows, run_pieces
+from sdtool.ops.arith import SCRATCH, Inputs, Output, Overflows, run_pieces, write_result
 from sdtool.vocab import CASTABLE, MERGE_METHODS, cast_target, parse_dtype
-from sdtool.write import CastOverflow, output_format, write_model
+from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
 
@@ -575,7 +575,6 @@ def _maker(
     overflows: Overflows,
     density: float,
     seed: int,
-    on_overflow: str,
 ) -> Callable[[], np.ndarray]:
     """The function computing key ``k``'s output tensor when the writer asks for it."""
     kernel = KERNELS[method.name]
@@ -616,14 +615,7 @@ def _maker(
                 for m, src in zip(models[1:], sources, strict=True)
             ]
             out.put(0, kernel(x, t, **opts))
-        if out.overflow and on_overflow == "fail":
-            raise CastOverflow(
-                f"the cast to {dtype} overflows to inf in {k.name!r} ({out.overflow} values); "
-                'nothing was written. Keep a wider dtype, or pass on_overflow="warn"',
-                {k.name: out.overflow},
-            )
-        overflows.set(k.name, out.overflow)
-        return out.array()
+        return overflows.done(k.name, out)
 
     return make
 
@@ -726,7 +718,7 @@ def merge(
             result.seconds = time.perf_counter() - t0
             return result
         a = models[0]
-        overflows = Overflows()
+        overflows = Overflows(on_overflow)
         with Inputs() as io:
             plan: list[OutTensor] = []
             for k in keys:
@@ -735,28 +727,24 @@ def merge(
                 if k.rule == "copy":
                     plan.append(OutTensor(k.name, a, info, out_dt))
                 else:
-                    make = _maker(
-                        models, sources, k, m, out_dt, io, overflows, density, seed, on_overflow
-                    )
+                    make = _maker(models, sources, k, m, out_dt, io, overflows, density, seed)
                     plan.append(OutTensor(k.name, a, info, out_dt, make))
             meta = {
                 "format": "pt",
                 "sd_merge_recipe": json.dumps(recipe),
                 "sd_merge_models": json.dumps({p.name: {"name": p.name} for p in paths}),
             }
-            w = write_model(
+            write_result(
+                result,
                 plan,
                 out,
+                t0,
                 metadata=meta,
                 overwrite=overwrite,
                 verify=verify,
-                on_overflow=on_overflow,
+                overflows=overflows,
                 progress=progress,
             )
-        result.overflows = {**overflows.counts, **w.overflows}
-        result.output_bytes = w.nbytes
-        result.verified = w.verified
-        result.seconds = time.perf_counter() - t0
         return result
 
 

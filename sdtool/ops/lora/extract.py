@@ -37,11 +37,11 @@ from sdtool.dtypes import DType
 from sdtool.errors import UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
-from sdtool.ops.arith import Inputs
+from sdtool.ops.arith import Inputs, write_result
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
-from sdtool.write import output_format, write_model
+from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
 
@@ -167,6 +167,7 @@ class LoraOpResult:
     skipped: dict[str, str] = field(default_factory=dict)  # key or stem -> why
     metadata: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
+    overflows: dict[str, int] = field(default_factory=dict)
     output_bytes: int = 0
     verified: bool = False
     seconds: float = 0.0
@@ -495,10 +496,7 @@ def _finish(
         return result
     if not plan:
         raise UsageError("nothing to write: no module has a non-zero difference")
-    w = write_model(plan, out, metadata=meta, overwrite=overwrite, verify=verify)
-    result.output_bytes = w.nbytes
-    result.verified = w.verified
-    result.seconds = time.perf_counter() - t0
+    write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
     return result
 
 
