@@ -93,14 +93,15 @@ def test_read_framework_pt_is_bit_for_bit(tmp_path: Path, dtype: torch.dtype) ->
 def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path: Path) -> None:
     """A header of 384 bytes begins b"\\x80\\x01\\x00": the next byte is no pickle opcode, so
     pickle.load fails there; the file is read (and scanned) as the safetensors it is."""
-    from sdtool.formats.sniff import Kind, sniff
+    from sdtool.formats.sniff import sniff
+    from sdtool.vocab import Format
 
     for pad in range(200):
         path = tmp_path / "t.safetensors"
         save_file({"w" * (1 + pad): torch.ones(2)}, str(path))
         if path.read_bytes()[:3] in (b"\x80\x00\x00", b"\x80\x01\x00"):
             break
-    assert sniff(path)[0] is Kind.SAFETENSORS
+    assert sniff(path)[0] is Format.SAFETENSORS
     assert sdtool.scan(path).verdict == "safe"
     with sdtool.open_model(path) as m:
         assert m.read("w" * (1 + pad)).tolist() == [1.0, 1.0]

@@ -42,6 +42,19 @@ def test_identical_copy(tmp_path: Path, base: dict[str, np.ndarray]) -> None:
     assert main(["diff", str(a), str(b)]) == 0
 
 
+def test_result_is_frozen(tmp_path: Path, base: dict[str, np.ndarray]) -> None:
+    import dataclasses
+
+    from sdtool.results import Result
+
+    a = _save(tmp_path / "a.safetensors", base)
+    r = diff(a, a)
+    assert isinstance(r, Result)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.a = tmp_path  # type: ignore[misc]
+    assert r.to_json()["a"] == {"path": str(a), "format": "safetensors"}
+
+
 def test_changed_counts_across_chunks(
     tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:

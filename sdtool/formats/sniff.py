@@ -17,8 +17,6 @@ HEAD = 4096
 
 
 #: What sniffing says is a ``vocab.Format`` (ZIP, PICKLE and TAR before a reader looks inside).
-#: ``Kind`` is the old name, kept only until scan/ moves to ``Format``.
-Kind = Format
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 from sdtool.errors import TruncatedFile
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
+from sdtool.results import Result
 from sdtool.vocab import Progress
 
 CHUNK_ELEMENTS = 4 << 20  # elements per compared slice: temporaries stay near 200 MB at most
@@ -82,8 +83,8 @@ class TensorDiff:
         }
 
 
-@dataclass
-class DiffResult:
+@dataclass(frozen=True)
+class DiffResult(Result):
     """The comparison of two files; ``tensors`` in A's order, then B's extra names."""
 
     a: Path
@@ -186,11 +187,7 @@ def diff(
 def _diff_models(
     ma: ModelFile, mb: ModelFile, dtype_tolerant: bool, progress: Progress | None
 ) -> DiffResult:
-    result = DiffResult(ma.path, mb.path, str(ma.format), str(mb.format), [], dtype_tolerant)
-    ka, kb = ma.metadata, mb.metadata
-    result.metadata_a_only = [k for k in ka if k not in kb]
-    result.metadata_b_only = [k for k in kb if k not in ka]
-    result.metadata_changed = [k for k in ka if k in kb and ka[k] != kb[k]]
+    tensors: list[TensorDiff] = []
 
     total = sum(
         t.nbytes
@@ -201,9 +198,7 @@ def _diff_models(
     for name, ta in ma.tensors.items():
         tb = mb.tensors.get(name)
         if tb is None:
-            result.tensors.append(
-                TensorDiff(name, "missing", dtype_a=str(ta.dtype), shape_a=ta.shape)
-            )
+            tensors.append(TensorDiff(name, "missing", dtype_a=str(ta.dtype), shape_a=ta.shape))
             continue
         td = TensorDiff(
             name, "equal", str(ta.dtype), str(tb.dtype), ta.shape, tb.shape, numel=ta.numel
@@ -219,13 +214,22 @@ def _diff_models(
             done += ta.nbytes
             if progress is not None:
                 progress(done, total)
-        result.tensors.append(td)
+        tensors.append(td)
     for name, tb in mb.tensors.items():
         if name not in ma.tensors:
-            result.tensors.append(
-                TensorDiff(name, "extra", dtype_b=str(tb.dtype), shape_b=tb.shape)
-            )
-    return result
+            tensors.append(TensorDiff(name, "extra", dtype_b=str(tb.dtype), shape_b=tb.shape))
+    ka, kb = ma.metadata, mb.metadata
+    return DiffResult(
+        ma.path,
+        mb.path,
+        str(ma.format),
+        str(mb.format),
+        tensors,
+        dtype_tolerant,
+        metadata_a_only=[k for k in ka if k not in kb],
+        metadata_b_only=[k for k in kb if k not in ka],
+        metadata_changed=[k for k in ka if k in kb and ka[k] != kb[k]],
+    )
 
 
 def _compare_values(
