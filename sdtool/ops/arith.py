@@ -191,7 +191,11 @@ class Inputs:
     def f32(self, m: ModelFile, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
         """Like ``raw``, upcast to float32 (exact for fp16/bf16/fp8; fp64 rounds)."""
         a = self.raw(m, name, start, count)
-        return a if a.dtype == np.float32 else a.astype(np.float32)
+        if a.dtype == np.float32:
+            return a
+        out = np.empty(a.size, np.float32)
+        to_f32(a, out)
+        return out
 
     def f32_into(
         self, m: ModelFile, name: str, start: int, out: np.ndarray, slot: int = 0

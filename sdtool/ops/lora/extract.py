@@ -1,8 +1,10 @@
 """``extract``: a LoRA from the difference of two checkpoints; ``resize``: a LoRA to a new rank.
 
-Both are SVDs, module by module, streamed: each module's matrix (``tuned - base`` rows of one
-weight, or a LoRA module's ``up @ down``) is factored when the writer reaches its up factor,
-and its down factor follows; memory is one module at a time.
+Both are SVDs, module by module. extract at a fixed rank streams: the plan needs only the
+shapes, so each module's matrix (``tuned - base`` rows of one weight) is factored when the
+writer reaches its first factor and let go once both are written; memory is one module at a
+time. A dynamic rank (and resize, whose inputs are small) factors every module while planning
+and holds the factors until they are written.
 
 Per module (kohya networks/extract_lora_from_models.py, resize_lora.py): a kxk conv is
 flattened to [out, in*k*k] (1x1 squeezed); ``M = U S Vh``; keep ``r`` singular values;
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
-from sdtool.ops.arith import Inputs, write_result
+from sdtool.ops.arith import PIECE, SCRATCH, Inputs, write_result
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
@@ -279,13 +283,62 @@ def _info(shape: tuple[int, ...], dtype: DType, key: str) -> TensorInfo:
 
 
 class _Pairs:
-    """A module's (up, down) factors, handed to their two output tensors."""
+    """A module's (up, down) factors, handed to their two output tensors: given, or computed
+    by ``compute`` when the writer asks for the first of them and let go once both were
+    taken (computed again if asked again, e.g. by verify)."""
 
-    def __init__(self, up: np.ndarray, down: np.ndarray) -> None:
-        self.value = (up, down)
+    def __init__(
+        self,
+        up: np.ndarray | None = None,
+        down: np.ndarray | None = None,
+        compute: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
+        self.value = None if up is None or down is None else (up, down)
+        self.compute = compute
+        self.taken: set[int] = set()
+        self.lock = threading.Lock()
 
     def take(self, i: int) -> np.ndarray:
-        return self.value[i]
+        with self.lock:
+            if self.value is None:
+                assert self.compute is not None
+                self.value = self.compute()
+            v = self.value[i]
+            if self.compute is not None:
+                self.taken.add(i)
+                if len(self.taken) == 2:
+                    self.value, self.taken = None, set()
+            return v
+
+
+def _factor_later(
+    tm: ModelFile,
+    bm: ModelFile,
+    key: str,
+    rows: tuple[int, int] | None,
+    io: Inputs,
+    r: int,
+    clamp_quantile: float,
+    report: ModuleReport,
+) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """The factors of ``tuned - base`` (``rows`` of ``key``) at the fixed rank ``r``: a matrix
+    whose largest singular value is below MIN_SV gets rank 1 from ``choose_rank``, padded
+    with zero columns / rows to ``r`` (the same product)."""
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        diff = _diff_rows(tm, bm, key, rows, io)
+        mat = diff.reshape(diff.shape[0], -1)
+        del diff
+        up, down, got, kept = factor(
+            mat, rank=r, method=None, param=None, clamp_quantile=clamp_quantile
+        )
+        report.fro_kept = round(kept, 6)
+        if got < r:
+            up = np.pad(up, ((0, 0), (0, r - got)))
+            down = np.pad(down, ((0, r - got), (0, 0)))
+        return up, down
+
+    return run
 
 
 def extract(
@@ -341,14 +394,29 @@ def extract(
                 why = "not in TUNED" if key not in tm.tensors else "TUNED has another shape"
                 result.skipped[key] = why
                 continue
-            diff = _diff_rows(tm, bm, key, target.rows, io)
             keys_done.add(key)
-            if not np.any(diff):
+            if not _differs(tm, bm, key, target.rows, io):
                 result.zero.append(name)
                 continue
             info = bm.tensors[key]
             kxk = len(info.shape) == 4 and info.shape[2:] != (1, 1)
             r_cap = conv_rank if kxk else rank
+            if method is None:
+                # a fixed rank: the shapes are known, the SVD waits for the writer (one
+                # module's factors in memory at a time)
+                rows = info.shape[0] if target.rows is None else target.rows[1] - target.rows[0]
+                r = min(r_cap, rows, prod(info.shape[1:]))
+                report = ModuleReport(name, key, r)
+                result.modules.append(report)
+                if dry_run:
+                    continue
+                later = _factor_later(tm, bm, key, target.rows, io, r, clamp_quantile, report)
+                up_shape, down_shape = _factor_shapes(info.shape, target.rows, r)
+                plan += _module_plan(
+                    name, tm, _Pairs(compute=later), up_shape, down_shape, r, float(r), target_dt
+                )
+                continue
+            diff = _diff_rows(tm, bm, key, target.rows, io)
             mat = diff.reshape(diff.shape[0], -1)
             del diff
             # the rank is known only after the SVD: factor now (dry runs too), write later
@@ -365,7 +433,7 @@ def extract(
         for key in tm.tensors:
             if key in keys_done or key not in bm.tensors or key in result.skipped:
                 continue
-            if tm.tensors[key].dtype.is_float and _changed(tm, bm, key, io):
+            if tm.tensors[key].dtype.is_float and _differs(tm, bm, key, None, io):
                 result.not_targets.append(key + (f" ({left[key]})" if key in left else ""))
         from sdtool.identify import identify
 
@@ -425,14 +493,21 @@ def _diff_rows(
     return a - b
 
 
-def _changed(tm: ModelFile, bm: ModelFile, key: str, io: Inputs) -> bool:
-    if tm.tensors[key].shape != bm.tensors[key].shape:
+def _differs(
+    tm: ModelFile, bm: ModelFile, key: str, rows: tuple[int, int] | None, io: Inputs
+) -> bool:
+    """Whether ``key`` (its ``rows``) differs in value between TUNED and BASE (another shape
+    counts as a difference; +0 equals -0), read piece by piece into reused buffers."""
+    ti, bi = tm.tensors[key], bm.tensors[key]
+    if ti.shape != bi.shape:
         return True
-    n = tm.tensors[key].numel
-    step = 1 << 21
-    for s in range(0, n, step):
-        c = min(step, n - s)
-        if not np.array_equal(io.f32(tm, key, s, c), io.f32(bm, key, s, c)):
+    per = prod(ti.shape[1:]) if ti.shape else 1
+    start, stop = (0, ti.numel) if rows is None else (rows[0] * per, rows[1] * per)
+    for s in range(start, stop, PIECE):
+        c = min(PIECE, stop - s)
+        a = io.f32_into(tm, key, s, SCRATCH.f32(0, c), 0)
+        b = io.f32_into(bm, key, s, SCRATCH.f32(1, c), 1)
+        if not np.array_equal(a, b):
             return True
     return False
 
