@@ -23,17 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from sdtool.errors import SdtoolError
+from sdtool.errors import ScanLimit
+from sdtool.formats.source import RangeReader
 
 SPILL = 64 << 20  # decompressed bytes kept in memory; more go to a temporary file
 CHUNK = 1 << 20
-
-
-class ScanLimit(SdtoolError):
-    """The file's work or byte budget ran out: the rest of the file is not analysed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"could not scan: limit: {message}")
 
 
 @dataclass
@@ -163,6 +157,8 @@ def as_file(buf: Any) -> BinaryIO:
     """A file-like view of ``buf`` for readers that seek and read."""
     if isinstance(buf, FileBuf):
         return buf.f
+    if isinstance(buf, RangeReader):  # remote bytes: reads go through its block cache
+        return buf.open()
     if isinstance(buf, mmap.mmap):
         return buf  # type: ignore[return-value]  # mmap has seek/read
     if isinstance(buf, Window):

@@ -20,9 +20,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any
 
+from sdtool.errors import ScanLimit, ScanWorkerDied
 from sdtool.scan.report import FileReport
 
 #: per-file wall-clock limit (seconds) before the child is killed
@@ -50,6 +50,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
     faulthandler.disable()  # a crash is reported by the parent, as the file's error
     from sdtool.scan.containers import scan_file
     from sdtool.scan.vm import Limits
+    from sdtool.urls import as_path
 
     while True:
         try:
@@ -61,7 +62,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
         if "limits" in kwargs:
             kwargs["limits"] = Limits(**kwargs["limits"])
         try:
-            rep = scan_file(Path(task["path"]), **kwargs)
+            rep = scan_file(as_path(task["path"]), **kwargs)
         except MemoryError:
             rep = limit_report(task["path"], f"the scan needed more than {memory_limit} bytes")
         conn.send_bytes(json.dumps(rep.to_dict()).encode())
@@ -69,7 +70,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
 
 def limit_report(path: str, why: str) -> FileReport:
     rep = FileReport(path)
-    rep.errors.append(f"could not scan: limit: {why}")
+    rep.errors.append(ScanLimit(why).message)
     return rep
 
 
@@ -83,8 +84,10 @@ def crash_report(path: str, exitcode: int | None) -> FileReport:
         how = f"exit status {exitcode}"
     rep = FileReport(path, scanned=False)
     rep.errors.append(
-        f"could not scan: the scanner process died on this file ({how}); the other files "
-        "were scanned"
+        ScanWorkerDied(
+            f"could not scan: the scanner process died on this file ({how}); the other files "
+            "were scanned"
+        ).message
     )
     return rep
 
