@@ -119,6 +119,12 @@ def compute_dtype(info: TensorInfo) -> bool:
     return info.dtype.is_float
 
 
+def _local_span(m: ModelFile, info: TensorInfo) -> tuple[int, int] | None:
+    """The tensor's bytes in a local file, to ``pread``; None for a remote file (its own
+    reader fetches ranges) or a tensor that is not stored as is."""
+    return info.file_span if getattr(m, "source", None) is None else None
+
+
 class Inputs:
     """Read (pieces of) tensors of several opened models as float32 arrays.
 
@@ -160,7 +166,7 @@ class Inputs:
         (read into the uint8 buffer ``into`` when given and the tensor lies in the file as is)."""
         info = m.tensors[name]
         count = info.numel - start if count is None else count
-        span = info.file_span
+        span = _local_span(m, info)
         item = info.dtype.itemsize
         if span is not None:
             offset = span[0] + start * item
@@ -204,10 +210,11 @@ class Inputs:
         float32 tensors are read straight into it, others through this thread's scratch
         buffer ``slot``)."""
         info = m.tensors[name]
-        if info.dtype.code == "F32" and info.file_span is not None:
+        local = _local_span(m, info) is not None
+        if info.dtype.code == "F32" and local:
             self.raw(m, name, start, out.size, into=out.view(np.uint8))
             return out
-        if info.file_span is not None:
+        if local:
             raw = self.raw(m, name, start, out.size, SCRATCH.get(RAW + slot, out.size * 8))
         else:
             raw = self.raw(m, name, start, out.size)
