@@ -42,6 +42,7 @@ def imported(argv: list[str], env: dict[str, str]) -> set[str]:
 
 
 HEAVY = {"torch", "ml_dtypes", "diffusers", "transformers", "gguf", "py7zr", "joblib", "tqdm"}
+HEAVY |= {"distributed", "dask"}  # --cluster only
 
 
 def _under(mods: set[str], *prefixes: str) -> set[str]:
