@@ -30,7 +30,6 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from math import prod
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ import numpy as np
 from sdtool import dtypes
 from sdtool.errors import CorruptFile, TruncatedFile
 from sdtool.formats import ggml
+from sdtool.formats.source import Input, RangeReader
 from sdtool.model import (
     ContainerFacts,
     ModelFile,
@@ -348,7 +348,7 @@ class GGUFModel(ModelFile):
         assert st.file_offset is not None
         if st.file_offset + st.nbytes > self.file_size:
             raise TruncatedFile(f"tensor {name!r} runs past the end of the file", path=self.path)
-        raw = np.frombuffer(self._map(), np.uint8, st.nbytes, st.file_offset)
+        raw = self._span(st.file_offset, st.nbytes)
         values = ggml.dequantize(raw, info.ggml_type, threads=ggml.default_threads())
         return values.reshape(info.shape)
 
@@ -377,8 +377,10 @@ def _metadata(kv: dict[str, KV]) -> tuple[dict[str, str], list[str]]:
     return meta, left
 
 
-def read_gguf(path: Path) -> GGUFModel:
+def read_gguf(path: Input) -> GGUFModel:
     """Open a GGUF file: parse and check the header; tensor bytes stay on disk."""
+    if isinstance(path, RangeReader):  # remote: the header through the block cache
+        return _model(path, read_header(path, path.size))
     size = path.stat().st_size
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
@@ -387,6 +389,10 @@ def read_gguf(path: Path) -> GGUFModel:
         finally:
             if isinstance(mm, mmap.mmap):
                 mm.close()
+    return _model(path, header)
+
+
+def _model(path: Input, header: Header) -> GGUFModel:
     tensors: dict[str, TensorInfo] = {}
     for t in header.tensors:
         shape = orig_shape(header.kv, t.name) or t.shape
