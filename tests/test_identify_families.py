@@ -191,6 +191,68 @@ def ssd1b() -> E:
     return keep
 
 
+def distilled_sdxl(
+    depth_in: dict[int, int], depth_out: dict[int, int], drop: tuple[int, ...] = ()
+) -> E:
+    """SDXL's SGM layout with other transformer depths per input / output block (ComfyUI
+    supported_models.py gives the encoder's); ``drop``: input/output blocks removed (KOALA keeps
+    one res block per level: the removed blocks' keys go, the rest keep SDXL's numbering)."""
+    keep = {}
+    for k, v in L.sdxl().items():
+        parts = k.split(".")
+        if k.startswith("model.diffusion_model.middle_block.") and parts[3] in ("1", "2"):
+            continue
+        if len(parts) > 3 and parts[2] in ("input_blocks", "output_blocks"):
+            n = int(parts[3])
+            if parts[2] == "input_blocks" and n in drop:
+                continue
+            if len(parts) > 6 and parts[5] == "transformer_blocks":
+                depth = (depth_in if parts[2] == "input_blocks" else depth_out).get(n, 0)
+                if int(parts[6]) >= depth:
+                    continue
+        keep[k] = v
+    return keep
+
+
+def koala(depth: int) -> E:
+    """KOALA in SGM naming: one res block per level (input blocks 1, 3, 5 hold res + attention),
+    encoder depths [0, 2, depth] (ComfyUI KOALA_700M / KOALA_1B); input blocks renumbered."""
+    e = distilled_sdxl({4: 2, 7: depth}, {0: depth, 1: depth, 2: depth, 3: 2, 4: 2, 5: 2},
+                       drop=(2, 5, 8))  # fmt: skip
+    renum = {"input_blocks.3.": "input_blocks.2.", "input_blocks.4.": "input_blocks.3.",
+             "input_blocks.6.": "input_blocks.4.", "input_blocks.7.": "input_blocks.5."}  # fmt: skip
+    out = {}
+    for k, v in e.items():
+        for old, new in renum.items():
+            if k.startswith("model.diffusion_model." + old):
+                k = "model.diffusion_model." + new + k[len("model.diffusion_model." + old) :]
+                break
+        out[k] = v
+    return out
+
+
+def distilled_sdxl_diffusers(depth: tuple[int, int], layers: int = 2) -> E:
+    """The harvested SDXL diffusers UNet with other depths in down blocks 1 and 2 (and the up
+    blocks mirrored), ``layers`` res/attention blocks per down level."""
+    out = {}
+    for k, v in L.harvested("unet-sdxl-diffusers").items():
+        parts = k.split(".")
+        if k.startswith("mid_block.attentions."):
+            continue
+        if (
+            parts[0] == "down_blocks"
+            and parts[2] in ("attentions", "resnets")
+            and int(parts[3]) >= layers
+        ):
+            continue
+        if len(parts) > 5 and parts[2] == "attentions" and parts[4] == "transformer_blocks":
+            level = int(parts[1]) if parts[0] == "down_blocks" else 2 - int(parts[1])
+            if level in (1, 2) and int(parts[5]) >= depth[level - 1]:
+                continue
+        out[k] = v
+    return out
+
+
 NATIVE: dict[str, Callable[[], E]] = {
     "chroma": chroma,
     "flux-fill": lambda: flux_variant(384),
@@ -242,6 +304,9 @@ NATIVE: dict[str, Callable[[], E]] = {
     "wan-vae-2.1": wan_vae,
     "wan-vae-2.2": lambda: wan_vae(True),
     "ssd-1b": ssd1b,
+    "segmind-vega": lambda: distilled_sdxl({4: 1, 5: 1, 7: 2, 8: 2}, {0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 1}),
+    "koala-700m": lambda: koala(5),
+    "koala-1b": lambda: koala(6),
     "t2i-adapter-sd1": lambda: bf16({
         "conv_in.weight": (320, 192, 3, 3), "body.0.block1.weight": (320, 320, 3, 3),
         "body.0.block2.weight": (320, 320, 3, 3), "body.2.in_conv.weight": (640, 320, 1, 1),
@@ -293,6 +358,13 @@ CASES: dict[str, Case] = {
     "wan-vae-2.1": (NATIVE["wan-vae-2.1"], "vae", "wan", "2.1 VAE", "VAE"),
     "wan-vae-2.2": (NATIVE["wan-vae-2.2"], "vae", "wan", "2.2 VAE", "VAE"),
     "ssd-1b": (NATIVE["ssd-1b"], "checkpoint", "ssd-1b", None, None),
+    "segmind-vega": (NATIVE["segmind-vega"], "checkpoint", "segmind-vega", None, None),
+    "koala-700m": (NATIVE["koala-700m"], "checkpoint", "koala-700m", None, None),
+    "koala-1b": (NATIVE["koala-1b"], "checkpoint", "koala-1b", None, None),
+    "segmind-vega-diffusers": (lambda: distilled_sdxl_diffusers((1, 2)), "unet", "segmind-vega", None, None),
+    "koala-700m-diffusers": (lambda: distilled_sdxl_diffusers((2, 5), layers=1), "unet", "koala-700m", None, None),
+    "koala-1b-diffusers": (lambda: distilled_sdxl_diffusers((2, 6), layers=1), "unet", "koala-1b", None, None),
+    "omnigen2": (lambda: L.harvested("omnigen2"), "unet", "omnigen2", None, None),
     "t2i-adapter-sd1": (NATIVE["t2i-adapter-sd1"], "t2i-adapter", "sd1", None, "T2I-Adapter"),
     "t2i-adapter-sdxl": (NATIVE["t2i-adapter-sdxl"], "t2i-adapter", "sdxl-base", None, "T2I-Adapter"),
     "ip-adapter-sd15": (NATIVE["ip-adapter-sd15"], "ip-adapter", "sd1", None, "IP-Adapter"),
@@ -524,6 +596,9 @@ LORA_CASES: dict[str, tuple[E, dict[str, str] | None, str | None, str | None]] =
     "auraflow": (lora({"transformer.joint_transformer_blocks.0.attn.to_q": (3072, 3072)}, "peft"), None, "auraflow", "PEFT"),
     "hunyuan-video-musubi": (lora({"lora_unet_double_blocks_19_img_attn_qkv": (3072, 9216), "lora_unet_single_blocks_39_linear1": (3072, 21504)}, "kohya"), None, "hunyuan-video", "kohya"),
     "ltxv-peft": (lora({"transformer.transformer_blocks.0.attn1.to_k": (2048, 2048)}, "peft"), None, "ltxv", "PEFT"),
+    "omnigen2-refiner": (lora({"transformer.ref_image_refiner.0.attn.to_q": (2520, 2520), "transformer.layers.0.attn.to_q": (2520, 2520)}, "peft"), None, "omnigen2", "PEFT"),
+    "omnigen2-layers-only": (lora({"transformer.layers.0.attn.to_q": (2520, 2520)}, "peft"), None, "omnigen2", "PEFT"),
+    "lumina2-diffusers": (lora({"transformer.layers.0.attn.to_q": (2304, 2304)}, "peft"), None, "lumina2", "PEFT"),
     "chroma": (lora({"lora_unet_distilled_guidance_layer_layers_0_in_layer": (5120, 5120), "lora_unet_double_blocks_0_img_attn_qkv": (3072, 9216)}, "kohya"), None, "chroma", "kohya"),
 }  # fmt: skip
 
@@ -610,6 +685,22 @@ MARKER_ONLY: dict[str, tuple[dict[str, tuple[int, ...]], str, str | None]] = {
     "kandinsky5": ({"visual_transformer_blocks.0.cross_attention.key_norm.weight": (128,), "visual_embeddings.in_layer.bias": (1792,)}, "kandinsky5", None),
     "sd-x4-upscaler": ({"input_blocks.0.0.weight": (256, 7, 3, 3), "out.2.weight": (4, 256, 3, 3), "label_emb.weight": (1000, 1024)}, "sd-x4-upscaler", None),
     "ip-adapter-faceid": ({"ip_adapter.1.to_k_ip.weight": (320, 768), "image_proj.proj.0.weight": (1024, 512)}, "sd1", "FaceID"),
+    # ComfyUI model_detection.py families beyond images, and variants it tells apart
+    "hunyuan-video-1.5": ({"txt_in.individual_token_refiner.blocks.0.norm1.weight": (2048,), "img_in.proj.weight": (2048, 65, 1, 1, 1), "cond_type_embedding.weight": (3, 2048)}, "hunyuan-video", "1.5"),
+    "ltx-2": ({"adaln_single.emb.timestep_embedder.linear_1.bias": (4096,), "audio_adaln_single.linear.weight": (12288, 2048), "patchify_proj.weight": (4096, 128)}, "ltxv", "LTX-2"),
+    "wan-camera": ({"head.modulation": (1, 2, 5120), "control_adapter.conv.weight": (5120, 1536, 2, 2), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "camera"),
+    "wan-s2v": ({"head.modulation": (1, 2, 5120), "casual_audio_encoder.encoder.final_linear.weight": (5120, 1024), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "S2V"),
+    "wan-humo": ({"head.modulation": (1, 2, 5120), "audio_proj.audio_proj_glob_1.layer.bias": (1536,), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "HuMo"),
+    "wan-animate": ({"head.modulation": (1, 2, 5120), "face_adapter.fuser_blocks.0.k_norm.weight": (128,), "patch_embedding.weight": (5120, 36, 1, 2, 2)}, "wan", "Animate"),
+    "cosmos-predict1": ({"blocks.block0.blocks.0.block.attn.to_q.0.weight": (4096, 4096), "x_embedder.proj.1.weight": (4096, 68)}, "cosmos", "Predict 1"),
+    "anima": ({"blocks.0.mlp.layer1.weight": (8192, 2048), "x_embedder.proj.1.weight": (2048, 68), "llm_adapter.blocks.0.cross_attn.q_proj.weight": (1024, 1024)}, "cosmos", "Anima"),
+    "hunyuan3d-2.1": ({"t_embedder.mlp.2.weight": (2048, 2048), "blocks.0.attn1.k_norm.weight": (128,), "x_embedder.weight": (2048, 64)}, "hunyuan3d", "2.1"),
+    "ace-step": ({"genre_embedder.weight": (2560, 2560), "transformer_blocks.0.attn.to_q.weight": (2560, 2560)}, "ace-step", None),
+    "ace-step-1.5": ({"encoder.lyric_encoder.layers.0.input_layernorm.weight": (2048,), "decoder.layers.0.self_attn_norm.weight": (2048,), "decoder.layers.0.mlp.gate_proj.weight": (6144, 2048)}, "ace-step", "1.5"),
+    "cogvideox": ({"blocks.0.norm1.linear.weight": (18432, 512), "patch_embed.proj.weight": (3072, 16, 2, 2), "patch_embed.text_proj.weight": (3072, 4096)}, "cogvideox", None),
+    "seedvr2-3b": ({"blocks.31.mlp.all.proj_in_gate.weight": (6912, 2560), "blocks.0.attn.proj_qkv.vid.weight": (7680, 2560)}, "seedvr2", "3B"),
+    "seedvr2-7b": ({"blocks.35.mlp.all.proj_in_gate.weight": (8192, 3072)}, "seedvr2", "7B"),
+    "kandinsky5-lite-image": ({"visual_transformer_blocks.0.cross_attention.key_norm.weight": (128,), "visual_embeddings.in_layer.bias": (2560,)}, "kandinsky5", "lite (image)"),
 }  # fmt: skip
 
 
@@ -693,3 +784,60 @@ def test_gguf_file_names_its_block_quantization(tmp_path: Path) -> None:
     assert (ident.kind, ident.architecture) == ("unet", "flux-dev")  # names, not shapes
     assert "Q8_0" in ident.precision and ident.unknown_keys == ()
     assert ident.quantization is not None and "GGUF Q8_0 blocks" in ident.quantization.schemes
+
+
+def test_omnigen2_is_not_lumina2(tmp_path: Path) -> None:
+    """OmniGen2 carries Lumina 2's blocks and ComfyUI's OmniGen2 marker
+    (``time_caption_embed.timestep_embedder.linear_1.bias``) is in diffusers' Lumina 2 too: the
+    reference-image modules and the width tell them apart, both ways."""
+    ident = ident_of(tmp_path, L.harvested("omnigen2"), name="omnigen2")
+    assert ident.architecture == "omnigen2" and ident.unknown_keys == ()
+    ident = ident_of(tmp_path, L.harvested("lumina2-diffusers"), name="lumina2")
+    assert ident.architecture == "lumina2"
+    c = ident.components[0]
+    assert c.signature == "lumina2-diffusers" and c.complete and not c.mismatches
+
+
+def test_svd_named_by_its_image_conditioner(tmp_path: Path) -> None:
+    """SVD's OpenCLIP-H image encoder under conditioner.embedders.0.open_clip.model.visual. is
+    a component of its own that names the architecture, beside the UNet's temporal layers."""
+    pre = "conditioner.embedders.0.open_clip.model.visual."
+    cond = {
+        pre + "conv1.weight": ("F16", (1280, 3, 14, 14)), pre + "class_embedding": ("F16", (1280,)),
+        pre + "positional_embedding": ("F16", (257, 1280)), pre + "ln_pre.weight": ("F16", (1280,)),
+        pre + "proj": ("F16", (1280, 1024)), pre + "ln_post.weight": ("F16", (1280,)),
+    }  # fmt: skip
+    for i in range(32):
+        cond[f"{pre}transformer.resblocks.{i}.attn.in_proj_weight"] = ("F16", (3840, 1280))
+        cond[f"{pre}transformer.resblocks.{i}.mlp.c_fc.weight"] = ("F16", (5120, 1280))
+    ident = ident_of(tmp_path, svd() | cond)
+    text = "\n".join(identity_lines(ident))
+    assert (ident.kind, ident.architecture) == ("checkpoint", "svd"), text
+    enc = ident.component("clip-vision-h")
+    assert enc is not None and enc.prefix == pre and len(enc.keys) == len(cond), text
+    assert "OpenCLIP-H image encoder under" in (ident.architecture_source or ""), text
+    assert ident.unknown_keys == (), text
+    # the conditioner alone (no UNet) still says SVD
+    ident = ident_of(tmp_path, cond, name="cond")
+    assert ident.architecture == "svd" and ident.unknown_keys == ()
+
+
+def test_torchao_flattened_weights(tmp_path: Path) -> None:
+    """torchao saves a quantized weight as ``<module>._weight_qdata`` + ``._weight_scale``
+    (prototype/safetensors flatten_tensor_state_dict): read as the weight, scale set aside."""
+    e: E = {}
+    for k, (dt, s) in L.flux(bare=True).items():
+        if k.endswith(".weight") and len(s) == 2:
+            mod = k[: -len(".weight")]
+            e[mod + "._weight_qdata"] = ("F8_E4M3", s)
+            e[mod + "._weight_scale"] = ("F32", (s[0], 1))
+        else:
+            e[k] = (dt, s)
+    ident = ident_of(tmp_path, e)
+    text = "\n".join(identity_lines(ident))
+    assert (ident.kind, ident.architecture) == ("unet", "flux-dev"), text
+    assert ident.unknown_keys == (), text
+    assert ident.quantization is not None and "torchao" in ident.quantization.schemes, text
+    flux = ident.component("flux")
+    assert flux is not None and flux.complete and not flux.missing, text
+    assert set(ident.owners()) == set(e)

@@ -61,6 +61,10 @@ class Harvest:
     config: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the released model whose config this is
     config_cls: str | None = None  # transformers: the config class
+    # a class that the released model extends: modules copied under new names (old prefix,
+    # new prefix) and parameters added (name -> shape), facts of the released model's class
+    copies: tuple[tuple[str, str], ...] = ()
+    adds: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 HARVESTS: tuple[Harvest, ...] = (
@@ -171,6 +175,17 @@ HARVESTS: tuple[Harvest, ...] = (
              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064},
             "Qwen/Qwen2.5-VL-7B-Instruct language model (Qwen-Image's text encoder)",
             "Qwen2Config"),
+    # OmniGen2's transformer (OmniGen2/OmniGen2, config.json) is Lumina 2's blocks and
+    # combined timestep/caption embedder with a reference-image patch embedder and refiner and
+    # an image-index embedding (OmniGen2Transformer2DModel, VectorSpaceLab/OmniGen2)
+    Harvest("omnigen2", "diffusers", "Lumina2Transformer2DModel",
+            {"hidden_size": 2520, "num_layers": 32, "num_refiner_layers": 2,
+             "num_attention_heads": 21, "num_kv_heads": 7, "axes_dim_rope": (40, 40, 40),
+             "axes_lens": (1024, 1664, 1664), "cap_feat_dim": 2048},
+            "OmniGen2/OmniGen2 transformer (Lumina 2 class + OmniGen2's reference-image modules)",
+            copies=(("noise_refiner.", "ref_image_refiner."),
+                    ("x_embedder.", "ref_image_patch_embedder.")),
+            adds={"image_index_embedding": (5, 2520)}),
 )  # fmt: skip
 
 _DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
@@ -191,7 +206,11 @@ def build(h: Harvest) -> Any:
 
 def harvest(h: Harvest) -> dict[str, Any]:
     model = build(h)
-    sd = model.state_dict()
+    sd = dict(model.state_dict())
+    for old, new in h.copies:
+        sd |= {new + k[len(old) :]: t for k, t in list(sd.items()) if k.startswith(old)}
+    for name, shape in h.adds.items():
+        sd[name] = next(iter(sd.values())).new_empty(shape)
     return {
         "source": f"{h.module}.{h.cls} — {h.source}",
         "keys": list(sd),

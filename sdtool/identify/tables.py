@@ -93,6 +93,7 @@ COMPONENTS: dict[str, ComponentMeta] = {
     "llama-3.1-8b": ComponentMeta("llama-3.1-8b", "diffusers"),
     "gemma-2-2b": ComponentMeta("gemma-2-2b", "diffusers"),
     "qwen2.5-7b": ComponentMeta("qwen2.5-7b", "diffusers"),
+    "omnigen2": ComponentMeta("omnigen2", "diffusers"),
 }
 
 #: Which harvested model (tools/harvest_layouts.py) becomes which signature, with its profile
@@ -129,6 +130,7 @@ HARVESTED_SIGNATURES: tuple[tuple[str, str, str], ...] = (
     ("llama-3.1-8b", "llama-3.1-8b", "hidream"),
     ("gemma-2-2b", "gemma-2-2b", "lumina2"),
     ("qwen2.5-7b", "qwen2.5-7b", "qwen-image"),
+    ("omnigen2", "omnigen2", "omnigen2"),
 )
 #: Keys of a harvested model that files may lack (tied or non-persistent in the class).
 HARVESTED_OPTIONAL: dict[str, tuple[str, ...]] = {
@@ -183,6 +185,13 @@ ARCH_LABELS: dict[str, str] = {
     "sd-x4-upscaler": "SD x4 upscaler",
     "hunyuan3d": "Hunyuan3D",
     "kandinsky5": "Kandinsky 5",
+    "omnigen2": "OmniGen2",
+    "segmind-vega": "Segmind Vega (distilled SDXL)",
+    "koala-700m": "KOALA-700M (distilled SDXL)",
+    "koala-1b": "KOALA-1B (distilled SDXL)",
+    "ace-step": "ACE-Step",
+    "cogvideox": "CogVideoX",
+    "seedvr2": "SeedVR2",
 }
 #: Architecture -> coarser readings of it: a hint for one of these is no conflict.
 ARCH_PARENTS: dict[str, tuple[str, ...]] = {
@@ -192,11 +201,15 @@ ARCH_PARENTS: dict[str, tuple[str, ...]] = {
     "sd3.5-large": ("sd3",),
     "sd3.5-medium": ("sd3",),
     "z-image": ("lumina2",),
+    "segmind-vega": ("sdxl-base",),
+    "koala-700m": ("sdxl-base",),
+    "koala-1b": ("sdxl-base",),
 }
 #: Architectures trained with a flow-matching objective (prediction "flow" unless stated).
 FLOW_ARCHS = frozenset(
     {"sd3", "sd3.5-large", "sd3.5-medium", "flux", "flux-dev", "flux-schnell", "flux2", "chroma",
-     "auraflow", "wan", "ltxv", "lumina2", "z-image", "qwen-image", "hidream", "hunyuan-video"}
+     "auraflow", "wan", "ltxv", "lumina2", "z-image", "qwen-image", "hidream", "hunyuan-video",
+     "omnigen2", "ace-step"}
 )  # fmt: skip
 
 
@@ -317,6 +330,7 @@ SIG_ARCH: dict[str, str] = {
     "qwen-image": "qwen-image",
     "hidream": "hidream",
     "svd-diffusers": "svd",
+    "omnigen2": "omnigen2",
 }
 
 
@@ -335,6 +349,8 @@ PLACEMENTS: tuple[Placement, ...] = (
     Placement("openclip-g", "conditioner.embedders.1.model.", "sdxl-base"),
     Placement("openclip-g", "conditioner.embedders.0.model.", "sdxl-refiner"),
     Placement("clip-g", "text_encoders.clip_g.transformer.", "sd3"),
+    # SVD's image conditioner (ComfyUI supported_models.py SVD_img2vid clip_vision_prefix)
+    Placement("clip-vision-h", "conditioner.embedders.0.open_clip.model.visual.", "svd"),
 )
 
 #: Keys a component may lack at one placement: SDXL conditions on CLIP-L's penultimate layer,
@@ -435,6 +451,10 @@ VARIANT_RULES: tuple[VariantRule, ...] = (
                 {3968: "v1.0/v1.1 (style and size conditions)"}, "extra embedder width"),
     VariantRule("svd", "label_emb.0.0.weight", 1,
                 {768: "img2vid", 256: "SV3D u", 1280: "SV3D p"}, "label_emb width"),
+    # ComfyUI model_detection.py Kandinsky 5: model_dim 4096 pro video, 2560 lite image,
+    # 1792 lite video
+    VariantRule("kandinsky5", "visual_embeddings.in_layer.bias", 0,
+                {4096: "pro (video)", 2560: "lite (image)", 1792: "lite (video)"}, "model width"),
 )  # fmt: skip
 
 
@@ -503,12 +523,20 @@ FAMILIES: tuple[Family, ...] = (
            ("double_layers.0.attn.w1q.weight", "cond_seq_linear.weight"), source=f"{_CN}; {_DF}"),
     Family("hunyuan-dit", "hunyuan-dit", "hunyuan-dit",
            ("mlp_t5.0.weight", "extra_embedder.0.weight")),
+    # HunyuanVideo 1.5: a cond_type_embedding (ComfyUI model_detection.py)
+    Family("hunyuan-video", "hunyuan-video", "hunyuan-video",
+           ("txt_in.individual_token_refiner.blocks.0.norm1.weight", "img_in.proj.weight",
+            "cond_type_embedding.weight"), variant="1.5"),
     Family("hunyuan-video", "hunyuan-video", "hunyuan-video",
            ("txt_in.individual_token_refiner.blocks.0.norm1.weight", "img_in.proj.weight")),
     Family("mochi", "mochi", "mochi", ("t5_yproj.weight",)),
     Family("pixart", "pixart-alpha", "pixart",
            ("t_block.1.weight", "ar_embedder.mlp.0.weight")),
     Family("pixart", "pixart-sigma", "pixart", ("t_block.1.weight",)),
+    # LTX-2: audio and video (ComfyUI "ltxav": an audio_adaln_single beside the video one)
+    Family("ltxv", "ltxv", "ltxv",
+           ("adaln_single.emb.timestep_embedder.linear_1.bias", "audio_adaln_single.linear.weight"),
+           variant="LTX-2 (audio + video)"),
     Family("ltxv", "ltxv", "ltxv",
            ("adaln_single.emb.timestep_embedder.linear_1.bias", "patchify_proj.weight"),
            none_of=("pos_embed.proj.bias",), source=f"{_CN}; {_DF}"),
@@ -521,19 +549,101 @@ FAMILIES: tuple[Family, ...] = (
     Family("wan", "wan", "wan",
            ("head.modulation", "vace_patch_embedding.weight"), variant="VACE",
            source=f"{_CN}; {_DF}"),
+    # Wan 2.x model types (ComfyUI model_detection.py): one marker each
+    Family("wan", "wan", "wan", ("head.modulation", "control_adapter.conv.weight"),
+           variant="camera control"),
+    Family("wan", "wan", "wan",
+           ("head.modulation", "casual_audio_encoder.encoder.final_linear.weight"),
+           variant="S2V (speech to video)"),
+    Family("wan", "wan", "wan", ("head.modulation", "audio_proj.audio_proj_glob_1.layer.bias"),
+           variant="HuMo"),
+    Family("wan", "wan", "wan", ("head.modulation", "face_adapter.fuser_blocks.0.k_norm.weight"),
+           variant="Animate"),
     Family("wan", "wan", "wan",
            ("head.modulation", "img_emb.proj.0.bias"),
            variant="CLIP image conditioning (2.1 I2V / FLF2V)", source=f"{_CN}; {_DF}"),
     Family("wan", "wan", "wan",
            ("head.modulation", "patch_embedding.weight"), source=f"{_CN}; {_DF}"),
     Family("cosmos", "cosmos", "cosmos",
+           ("blocks.block0.blocks.0.block.attn.to_q.0.weight", "x_embedder.proj.1.weight"),
+           variant="Predict 1"),
+    Family("cosmos", "cosmos", "cosmos",
+           ("blocks.0.mlp.layer1.weight", "x_embedder.proj.1.weight",
+            "llm_adapter.blocks.0.cross_attn.q_proj.weight"), variant="Anima (Predict 2)"),
+    Family("cosmos", "cosmos", "cosmos",
            ("blocks.0.mlp.layer1.weight", "x_embedder.proj.1.weight")),
     Family("stable-audio", "stable-audio", "stable-audio",
            ("transformer.rotary_pos_emb.inv_freq", "postprocess_conv.weight")),
     Family("hunyuan3d", "hunyuan3d", "hunyuan3d",
-           ("latent_in.weight", "cond_in.weight")),
+           ("latent_in.weight", "cond_in.weight"), variant="2.0"),
+    Family("hunyuan3d", "hunyuan3d", "hunyuan3d",
+           ("t_embedder.mlp.2.weight", "blocks.0.attn1.k_norm.weight"),
+           none_of=("mlp_t5.0.weight",), variant="2.1"),
+    # audio: ACE-Step (genre embedder) and ACE-Step 1.5 (lyric encoder + decoder)
+    Family("ace-step", "ace-step", "ace-step", ("genre_embedder.weight",)),
+    Family("ace-step", "ace-step", "ace-step",
+           ("encoder.lyric_encoder.layers.0.input_layernorm.weight",
+            "decoder.layers.0.self_attn_norm.weight"), variant="1.5"),
+    # video: CogVideoX (ComfyUI's naming), SeedVR2 (video restoration) 3B / 7B
+    Family("cogvideox", "cogvideox", "cogvideox",
+           ("blocks.0.norm1.linear.weight", "patch_embed.proj.weight")),
+    Family("seedvr2", "seedvr2", "seedvr2", ("blocks.31.mlp.all.proj_in_gate.weight",),
+           none_of=("blocks.35.mlp.all.proj_in_gate.weight",), variant="3B"),
+    Family("seedvr2", "seedvr2", "seedvr2", ("blocks.35.mlp.all.proj_in_gate.weight",),
+           variant="7B"),
+    Family("seedvr2", "seedvr2", "seedvr2", ("blocks.35.mlp.vid.proj_out.weight",),
+           shapes=(("blocks.35.mlp.vid.proj_out.weight", 0, 3072),), variant="7B"),
     Family("kandinsky5", "kandinsky5", "kandinsky5",
            ("visual_transformer_blocks.0.cross_attention.key_norm.weight",)),
+    # distilled SDXL UNets (ComfyUI supported_models.py: encoder transformer depths; SSD-1B is a
+    # key set). Segmind Vega [0,0,1,1,2,2]; KOALA one block per level, [0,2,5] / [0,2,6].
+    Family("unet-vega", "segmind-vega", "unet",
+           ("input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+            "input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight", "label_emb.0.0.weight"),
+           none_of=("input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
+                    "input_blocks.7.1.transformer_blocks.2.attn2.to_k.weight"),
+           shapes=(("label_emb.0.0.weight", 1, 2816),),
+           source="ComfyUI supported_models.py Segmind_Vega"),
+    Family("unet-koala", "koala-1b", "unet",
+           ("input_blocks.5.1.transformer_blocks.5.attn2.to_k.weight",
+            "input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight", "label_emb.0.0.weight"),
+           none_of=("input_blocks.5.1.transformer_blocks.6.attn2.to_k.weight",),
+           shapes=(("label_emb.0.0.weight", 1, 2816),),
+           source="ComfyUI supported_models.py KOALA_1B"),
+    Family("unet-koala", "koala-700m", "unet",
+           ("input_blocks.5.1.transformer_blocks.4.attn2.to_k.weight",
+            "input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight", "label_emb.0.0.weight"),
+           none_of=("input_blocks.5.1.transformer_blocks.5.attn2.to_k.weight",),
+           shapes=(("label_emb.0.0.weight", 1, 2816),),
+           source="ComfyUI supported_models.py KOALA_700M"),
+    # the same in diffusers naming (how Segmind and ETRI ship them)
+    Family("unet-vega", "segmind-vega", "unet",
+           ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            "down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_k.weight",
+            "add_embedding.linear_1.weight"),
+           none_of=("down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight",
+                    "down_blocks.2.attentions.0.transformer_blocks.2.attn2.to_k.weight",
+                    "controlnet_cond_embedding.conv_in.weight"),
+           shapes=(("add_embedding.linear_1.weight", 1, 2816),),
+           source="ComfyUI supported_models.py Segmind_Vega (diffusers naming)"),
+    Family("unet-koala", "koala-1b", "unet",
+           ("down_blocks.2.attentions.0.transformer_blocks.5.attn2.to_k.weight",
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight",
+            "add_embedding.linear_1.weight"),
+           none_of=("down_blocks.2.attentions.0.transformer_blocks.6.attn2.to_k.weight",
+                    "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.weight",
+                    "controlnet_cond_embedding.conv_in.weight"),
+           shapes=(("add_embedding.linear_1.weight", 1, 2816),),
+           source="ComfyUI supported_models.py KOALA_1B (diffusers naming)"),
+    Family("unet-koala", "koala-700m", "unet",
+           ("down_blocks.2.attentions.0.transformer_blocks.4.attn2.to_k.weight",
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight",
+            "add_embedding.linear_1.weight"),
+           none_of=("down_blocks.2.attentions.0.transformer_blocks.5.attn2.to_k.weight",
+                    "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.weight",
+                    "controlnet_cond_embedding.conv_in.weight"),
+           shapes=(("add_embedding.linear_1.weight", 1, 2816),),
+           source="ComfyUI supported_models.py KOALA_700M (diffusers naming)"),
     # SD x4 upscaler: an SD2-style UNet with 7 input channels and 256 base channels
     Family("unet-x4", "sd-x4-upscaler", "unet",
            ("input_blocks.0.0.weight", "out.2.weight"),
@@ -546,6 +656,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("wan-vae", "wan", "vae", ("decoder.middle.0.residual.0.gamma",),
            variant="2.1 VAE (16 latent channels; also Qwen-Image's VAE)",
            source="ComfyUI sd.py VAE; " + _DF),
+    # -- conditioners ---------------------------------------------------------------------------
+    # OpenCLIP ViT-H/14 visual tower (SVD's image conditioner; the architecture comes from its
+    # placement under conditioner.embedders.0.open_clip.model.visual.)
+    Family("clip-vision-h", "", "clip-vision-h",
+           ("conv1.weight", "class_embedding", "transformer.resblocks.0.attn.in_proj_weight",
+            "proj"), shapes=(("class_embedding", 0, 1280),),
+           source="ComfyUI supported_models.py SVD_img2vid clip_vision_prefix; OpenCLIP ViT-H/14"),
     # -- text encoders with more than a language model -----------------------------------------
     Family("qwen2.5-vl-vision", "", "qwen2.5-vl-vision",
            ("blocks.0.attn.qkv.weight", "merger.mlp.0.weight", "patch_embed.proj.weight"),
@@ -825,6 +942,11 @@ LORA_MODULE_ARCH: tuple[LoraArch, ...] = (
     LoraArch(re.compile(r"blocks[._]\d+[._]ffn[._]net"), "wan", "Wan blocks (diffusers)"),
     LoraArch(re.compile(r"double_layers|single_layers|joint_transformer_blocks"), "auraflow",
              "AuraFlow layers"),
+    LoraArch(re.compile(r"ref_image_refiner|ref_image_patch_embedder"), "omnigen2",
+             "OmniGen2 reference-image layers"),
+    # diffusers-named Lumina 2 and OmniGen2 share module names; their widths differ
+    LoraArch(re.compile(r"(^|[._])(layers|noise_refiner|context_refiner)[._]\d+[._]attn[._]to_"),
+             "", "Lumina-style layers", {2304: "lumina2", 2520: "omnigen2"}),
     LoraArch(re.compile(r"noise_refiner|context_refiner|layers[._]\d+[._]attention[._]"),
              "lumina2", "Lumina 2 layers"),
     LoraArch(re.compile(r"transformer_blocks[._]\d+[._]attn[._]add_k_proj"), "",
@@ -885,10 +1007,18 @@ QUANT_RULES: tuple[Quant, ...] = (
                      r"quant_state\.bitsandbytes__(nf4|fp4))$"), "bitsandbytes 4-bit"),
     Quant(re.compile(r"\.(SCB|weight_format)$"), "bitsandbytes 8-bit"),
     Quant(re.compile(r"\.weight\.(_data|_scale)$|\.(output_scale)$"), "optimum-quanto"),
-    Quant(re.compile(r"\.weight_(qdata|zero_point)$"), "torchao"),
+    # torchao's safetensors flattening: ``<module>._<param>_<data>`` (``0._weight_qdata``,
+    # ``0._weight_scale``; torchao prototype/safetensors flatten_tensor_state_dict)
+    Quant(re.compile(r"\._(weight|bias)_(scale|zero_point|act_scale|block_size|qdata)$"),
+          "torchao"),
     Quant(re.compile(r"^(enc\.|dec\.)?(blk\.\d+\.|token_embd\.|output_norm\.|output\.weight$)"),
           "llama.cpp (GGUF) tensor names"),
 )  # fmt: skip
+#: Quantized tensors stored under another name than the weight they hold: read as that weight
+#: when matching key sets (the side tensors above are set aside).
+QUANT_DATA: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\._(weight|bias)_qdata$"), r".\1"),  # torchao
+)
 #: Element types that are themselves a quantization when no scale keys say more.
 QUANT_DTYPES: dict[str, str] = {
     "F8_E4M3": "fp8 e4m3 weights",
