@@ -186,6 +186,30 @@ HARVESTS: tuple[Harvest, ...] = (
             copies=(("noise_refiner.", "ref_image_refiner."),
                     ("x_embedder.", "ref_image_patch_embedder.")),
             adds={"image_index_embedding": (5, 2520)}),
+    # the marker-key families in diffusers naming, each with its class defaults (the release
+    # named: the defaults are its config)
+    Harvest("flux2-diffusers", "diffusers", "Flux2Transformer2DModel", {},
+            "black-forest-labs/FLUX.2-dev transformer (class defaults)"),
+    Harvest("hunyuan-video-diffusers", "diffusers", "HunyuanVideoTransformer3DModel", {},
+            "hunyuanvideo-community/HunyuanVideo transformer (class defaults)"),
+    Harvest("hunyuan-video15-diffusers", "diffusers", "HunyuanVideo15Transformer3DModel", {},
+            "HunyuanVideo-1.5 transformer (class defaults)"),
+    Harvest("mochi-diffusers", "diffusers", "MochiTransformer3DModel", {},
+            "genmo/mochi-1-preview transformer (class defaults)"),
+    Harvest("cosmos-diffusers", "diffusers", "CosmosTransformer3DModel", {},
+            "nvidia/Cosmos-1.0-Diffusion-7B transformer (class defaults)"),
+    Harvest("stable-audio-diffusers", "diffusers", "StableAudioDiTModel", {},
+            "stabilityai/stable-audio-open-1.0 transformer (class defaults)"),
+    Harvest("kandinsky5-diffusers", "diffusers", "Kandinsky5Transformer3DModel", {},
+            "Kandinsky 5 transformer (class defaults)"),
+    Harvest("z-image-diffusers", "diffusers", "ZImageTransformer2DModel", {},
+            "Tongyi-MAI/Z-Image-Turbo transformer (class defaults)"),
+    Harvest("wan-vace-diffusers", "diffusers", "WanVACETransformer3DModel", {},
+            "Wan VACE transformer (class defaults)"),
+    Harvest("ace-step-diffusers", "diffusers", "AceStepTransformer1DModel", {},
+            "ACE-Step transformer (class defaults)"),
+    Harvest("cogvideox-diffusers", "diffusers", "CogVideoXTransformer3DModel", {},
+            "THUDM/CogVideoX-2b transformer (class defaults)"),
 )  # fmt: skip
 
 _DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}

@@ -94,6 +94,17 @@ COMPONENTS: dict[str, ComponentMeta] = {
     "gemma-2-2b": ComponentMeta("gemma-2-2b", "diffusers"),
     "qwen2.5-7b": ComponentMeta("qwen2.5-7b", "diffusers"),
     "omnigen2": ComponentMeta("omnigen2", "diffusers"),
+    "flux2-diffusers": ComponentMeta("flux2", "diffusers"),
+    "hunyuan-video-diffusers": ComponentMeta("hunyuan-video", "diffusers"),
+    "hunyuan-video15-diffusers": ComponentMeta("hunyuan-video", "diffusers"),
+    "mochi-diffusers": ComponentMeta("mochi", "diffusers"),
+    "cosmos-diffusers": ComponentMeta("cosmos", "diffusers"),
+    "stable-audio-diffusers": ComponentMeta("stable-audio", "diffusers"),
+    "kandinsky5-diffusers": ComponentMeta("kandinsky5", "diffusers"),
+    "z-image-diffusers": ComponentMeta("z-image", "diffusers"),
+    "wan-vace-diffusers": ComponentMeta("wan", "diffusers"),
+    "ace-step-diffusers": ComponentMeta("ace-step", "diffusers"),
+    "cogvideox-diffusers": ComponentMeta("cogvideox", "diffusers"),
 }
 
 #: Which harvested model (tools/harvest_layouts.py) becomes which signature, with its profile
@@ -131,6 +142,17 @@ HARVESTED_SIGNATURES: tuple[tuple[str, str, str], ...] = (
     ("gemma-2-2b", "gemma-2-2b", "lumina2"),
     ("qwen2.5-7b", "qwen2.5-7b", "qwen-image"),
     ("omnigen2", "omnigen2", "omnigen2"),
+    ("flux2-diffusers", "flux2-diffusers", "flux2"),
+    ("hunyuan-video-diffusers", "hunyuan-video-diffusers", "hunyuan-video"),
+    ("hunyuan-video15-diffusers", "hunyuan-video15-diffusers", "hunyuan-video"),
+    ("mochi-diffusers", "mochi-diffusers", "mochi"),
+    ("cosmos-diffusers", "cosmos-diffusers", "cosmos"),
+    ("stable-audio-diffusers", "stable-audio-diffusers", "stable-audio"),
+    ("kandinsky5-diffusers", "kandinsky5-diffusers", "kandinsky5"),
+    ("z-image-diffusers", "z-image-diffusers", "z-image"),
+    ("wan-vace-diffusers", "wan-vace-diffusers", "wan"),
+    ("ace-step-diffusers", "ace-step-diffusers", "ace-step"),
+    ("cogvideox-diffusers", "cogvideox-diffusers", "cogvideox"),
 )
 #: Keys of a harvested model that files may lack (tied or non-persistent in the class).
 HARVESTED_OPTIONAL: dict[str, tuple[str, ...]] = {
@@ -331,6 +353,17 @@ SIG_ARCH: dict[str, str] = {
     "hidream": "hidream",
     "svd-diffusers": "svd",
     "omnigen2": "omnigen2",
+    "flux2-diffusers": "flux2",
+    "hunyuan-video-diffusers": "hunyuan-video",
+    "hunyuan-video15-diffusers": "hunyuan-video",
+    "mochi-diffusers": "mochi",
+    "cosmos-diffusers": "cosmos",
+    "stable-audio-diffusers": "stable-audio",
+    "kandinsky5-diffusers": "kandinsky5",
+    "z-image-diffusers": "z-image",
+    "wan-vace-diffusers": "wan",
+    "ace-step-diffusers": "ace-step",
+    "cogvideox-diffusers": "cogvideox",
 }
 
 
@@ -451,6 +484,10 @@ VARIANT_RULES: tuple[VariantRule, ...] = (
                 {3968: "v1.0/v1.1 (style and size conditions)"}, "extra embedder width"),
     VariantRule("svd", "label_emb.0.0.weight", 1,
                 {768: "img2vid", 256: "SV3D u", 1280: "SV3D p"}, "label_emb width"),
+    VariantRule("wan-vace-diffusers", "vace_patch_embedding.weight", 0,
+                {5120: "VACE, 14B", 1536: "VACE, 1.3B"}, "model width"),
+    VariantRule("hunyuan-video15-diffusers", "x_embedder.proj.weight", 0, {2048: "1.5"},
+                "model width"),
     # ComfyUI model_detection.py Kandinsky 5: model_dim 4096 pro video, 2560 lite image,
     # 1792 lite video
     VariantRule("kandinsky5", "visual_embeddings.in_layer.bias", 0,
