@@ -853,3 +853,33 @@ def test_torchao_flattened_weights(tmp_path: Path) -> None:
     flux = ident.component("flux")
     assert flux is not None and flux.complete and not flux.missing, text
     assert set(ident.owners()) == set(e)
+
+
+def test_docs_table_lists_every_family_with_its_source() -> None:
+    """docs/identify.md's family table holds every harvested signature and marker-key row of
+    the tables (tools/identify_table.py), and no generated row the tables no longer have."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "identify_table", root / "tools" / "identify_table.py"
+    )
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    want = tool.rows()
+    docs = (root / "docs" / "identify.md").read_text().splitlines()
+    assert tool.NOTE in docs
+    missing = [r for r in want if r not in docs]
+    assert not missing, "run tools/identify_table.py: " + "\n".join(missing[:5])
+    from sdtool.identify.tables import FAMILIES
+
+    ends = tuple(f" | {f.source} |" for f in FAMILIES)
+    generated = [
+        line
+        for line in docs
+        if "diffusers/transformers naming: key set `" in line
+        or (" | marker keys `" in line and line.endswith(ends))
+    ]
+    stale = [line for line in generated if line not in want]
+    assert not stale, stale[:5]
