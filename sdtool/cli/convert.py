@@ -337,8 +337,11 @@ def render_batch(b: BatchResult) -> None:
         else:  # the reason goes to stderr as the one-line error every command prints
             out.print(f"[red]failed[/red]    {markup(r.path)}")
             error(r.error or r.path)
+    for i in b.ignored:
+        out.print(f"ignored   {markup(i.path)}: {markup(i.reason)} (not a model file)")
     s = b.to_json()["summary"]
+    more = f", {s['ignored']} ignored" if s["ignored"] else ""
     out.print(
-        f"\n{s['converted']} converted, {s['skipped']} skipped, {s['failed']} failed; "
+        f"\n{s['converted']} converted, {s['skipped']} skipped, {s['failed']} failed{more}; "
         f"{human_bytes(s['input_bytes'])} -> {human_bytes(s['output_bytes'])}"
     )

@@ -29,7 +29,7 @@ from sdtool.formats.open import opened
 from sdtool.model import ModelFile, tensor_leaves, to_plain
 from sdtool.ops.outname import derived
 from sdtool.results import Result
-from sdtool.vocab import TO_SUFFIX, Progress, dtype_name
+from sdtool.vocab import TO_SUFFIX, Format, Progress, dtype_name
 from sdtool.write import (
     OUT_FORMATS,
     WriteOptions,
@@ -45,7 +45,11 @@ MAX_METADATA_VALUE = 64 * 1024
 #: textual-inversion embeddings: the A1111 .pt layout -> the name A1111 reads in safetensors
 TI_PREFIX, TI_NAME = "string_to_param.", "emb_params"
 #: files convert_batch picks up inside folders
-MODEL_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".sft", ".npy", ".npz"})
+#: what open_model reads, as sniffing names it: a folder's files are inputs by content (as scan
+#: decides), never by extension; the others are left out with the reason
+READABLE = frozenset(
+    {Format.SAFETENSORS, Format.ZIP, Format.PICKLE, Format.TAR, Format.GGUF, Format.NPY}
+)
 #: --to choice -> output extension
 
 
@@ -355,6 +359,7 @@ class BatchResult(Result):
     """Every file's result, in input order."""
 
     results: list[ConvertResult]
+    ignored: list[Ignored] = field(default_factory=list)  # folder files that are no models
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -372,33 +377,79 @@ class BatchResult(Result):
                 "converted": len(done),
                 "skipped": self.count("skipped"),
                 "failed": self.failed,
+                "ignored": len(self.ignored),
                 "input_bytes": sum(r.input_bytes for r in done),
                 "output_bytes": sum(r.output_bytes for r in done),
             },
+            "ignored": [i.to_json() for i in self.ignored],
         }
+
+
+@dataclass(frozen=True)
+class Ignored(Result):
+    """A file a folder walk left out: by its content no model file sdtool converts."""
+
+    path: Path
+    reason: str  # "PNG image", "JSON text", "text", "a gzip file, not a model file ..."
 
 
 def batch_targets(
     inputs: Sequence[Path], out_dir: Path, to: str = "safetensors"
 ) -> list[tuple[Path, Path]]:
     """(input, output) pairs: files as given, folders searched recursively for model files
-    (sub-folders mirrored under ``out_dir``). The output folder itself is never searched."""
+    (by content; sub-folders mirrored under ``out_dir``). The output folder is never searched."""
+    return batch_inputs(inputs, out_dir, to)[0]
+
+
+def batch_inputs(
+    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors"
+) -> tuple[list[tuple[Path, Path]], list[Ignored]]:
+    """``batch_targets`` and the files of the folders left out, each with why."""
     if to not in TO_SUFFIX:
         raise UsageError(f"to={to!r} is not one of {', '.join(TO_SUFFIX)}")
     ext = TO_SUFFIX[to]
     out_dir = Path(out_dir)
     pairs: list[tuple[Path, Path]] = []
+    ignored: list[Ignored] = []
     for inp in map(Path, inputs):
         if inp.is_dir():
             for f in sorted(inp.rglob("*")):
-                if not f.is_file() or f.suffix.lower() not in MODEL_SUFFIXES:
+                if not f.is_file() or _inside(f, out_dir):
                     continue
-                if _inside(f, out_dir):
+                why = not_convertible(f)
+                if why is not None:
+                    ignored.append(Ignored(f, why))
                     continue
                 pairs.append((f, out_dir / f.relative_to(inp).with_suffix(ext)))
         else:
             pairs.append((inp, out_dir / (inp.stem + ext)))
-    return pairs
+    return pairs, ignored
+
+
+def not_convertible(path: Path) -> str | None:
+    """Why a file found in a folder is no input, by its content (scan's rule: an image, JSON,
+    YAML or text, or a format open_model does not read), or None. A file that cannot be read
+    is an input, so its conversion fails with the reason."""
+    from sdtool.formats.sniff import TEXT_LIMIT, describe, not_a_model_file, sniff
+
+    try:
+        kind, head, size = sniff(path)
+    except SdtoolError:
+        return None
+    if kind in READABLE:
+        return None
+    data = head
+    if len(head) < size <= TEXT_LIMIT:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+    what = not_a_model_file(data, size)
+    if what is not None:
+        return what
+    if kind is not Format.UNKNOWN:
+        return f"a {kind.value} file, not a model file sdtool converts"
+    return describe(head, size)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -426,7 +477,7 @@ def convert_batch(
     opts = options_from(ConvertOptions, options, changes)
     if jobs < 1:
         raise UsageError(f"jobs={jobs} must be at least 1")
-    pairs = batch_targets([Path(p) for p in inputs], Path(out_dir), to)
+    pairs, ignored = batch_inputs([Path(p) for p in inputs], Path(out_dir), to)
     seen: dict[Path, Path] = {}
 
     def one(pair: tuple[Path, Path]) -> ConvertResult:
@@ -460,7 +511,7 @@ def convert_batch(
         seen.setdefault(dst, src)
     cancel = threading.Event()
     if jobs == 1:
-        return BatchResult([one(p) for p in pairs])
+        return BatchResult([one(p) for p in pairs], ignored)
     pool = ThreadPoolExecutor(max_workers=jobs)
     futures = [pool.submit(one, p) for p in pairs]
     try:
@@ -470,4 +521,4 @@ def convert_batch(
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    return BatchResult(results)
+    return BatchResult(results, ignored)
