@@ -214,42 +214,87 @@ def distilled_sdxl(
     return keep
 
 
-def koala(depth: int) -> E:
-    """KOALA in SGM naming: one res block per level (input blocks 1, 3, 5 hold res + attention),
-    encoder depths [0, 2, depth] (ComfyUI KOALA_700M / KOALA_1B); input blocks renumbered."""
-    e = distilled_sdxl({4: 2, 7: depth}, {0: depth, 1: depth, 2: depth, 3: 2, 4: 2, 5: 2},
-                       drop=(2, 5, 8))  # fmt: skip
-    renum = {"input_blocks.3.": "input_blocks.2.", "input_blocks.4.": "input_blocks.3.",
-             "input_blocks.6.": "input_blocks.4.", "input_blocks.7.": "input_blocks.5."}  # fmt: skip
-    out = {}
-    for k, v in e.items():
-        for old, new in renum.items():
-            if k.startswith("model.diffusion_model." + old):
-                k = "model.diffusion_model." + new + k[len("model.diffusion_model." + old) :]
-                break
-        out[k] = v
-    return out
+def koala(depth: int, middle: int | None) -> E:
+    """KOALA in SGM naming, after ComfyUI's KOALA_700M / KOALA_1B configs: one res block per
+    level (input blocks 1, 3, 5), two per level on the way up (output blocks 0-5), encoder depths
+    [0, 2, depth], decoder [depth, depth, 2, 2, 0, 0], a middle block of depth ``middle`` or
+    none. Built from SDXL's layout: its blocks renumbered, shapes as SDXL's."""
+    inp = {1: 1, 3: 2, 4: 3, 6: 4, 7: 5}  # SDXL input block -> KOALA's
+    out = {0: 0, 2: 1, 3: 2, 5: 3, 6: 4, 8: 5}
+    depth_in, depth_out = {3: 2, 5: depth}, {0: depth, 1: depth, 2: 2, 3: 2}
+    pre = "model.diffusion_model."
+    e: E = {}
+    for k, v in L.sdxl().items():
+        if not k.startswith(pre):
+            e[k] = v
+            continue
+        parts = k[len(pre) :].split(".")
+        if parts[0] == "middle_block":
+            if middle is None or (
+                len(parts) > 3 and parts[2] == "transformer_blocks" and int(parts[3]) >= middle
+            ):
+                continue
+        elif parts[0] in ("input_blocks", "output_blocks"):
+            table, depths = (inp, depth_in) if parts[0] == "input_blocks" else (out, depth_out)
+            n = table.get(int(parts[1]))
+            if n is None:
+                continue
+            if (
+                len(parts) > 4
+                and parts[3] == "transformer_blocks"
+                and int(parts[4]) >= depths.get(n, 0)
+            ):
+                continue
+            parts[1] = str(n)
+        e[pre + ".".join(parts)] = v
+    return e
 
 
-def distilled_sdxl_diffusers(depth: tuple[int, int], layers: int = 2) -> E:
-    """The harvested SDXL diffusers UNet with other depths in down blocks 1 and 2 (and the up
-    blocks mirrored), ``layers`` res/attention blocks per down level."""
+def distilled_sdxl_diffusers(depth: tuple[int, int], layers: int = 2, middle: int | None = 10) -> E:
+    """The harvested SDXL diffusers UNet with other depths in down blocks 1 and 2 (the up blocks
+    mirrored), ``layers`` res/attention blocks per down level (``layers + 1`` up) and a middle
+    block of depth ``middle`` or none (ComfyUI's diffusers configs for Vega / KOALA)."""
     out = {}
     for k, v in L.harvested("unet-sdxl-diffusers").items():
         parts = k.split(".")
-        if k.startswith("mid_block.attentions."):
+        deep = len(parts) > 5 and parts[4] == "transformer_blocks" and middle is not None
+        if parts[0] == "mid_block" and (middle is None or (deep and int(parts[5]) >= middle)):
+            continue
+        per_level = layers + (parts[0] == "up_blocks")
+        blocks = parts[0] in ("down_blocks", "up_blocks") and parts[2] in ("attentions", "resnets")
+        if blocks and int(parts[3]) >= per_level:
             continue
         if (
-            parts[0] == "down_blocks"
-            and parts[2] in ("attentions", "resnets")
-            and int(parts[3]) >= layers
+            parts[0] != "mid_block"
+            and len(parts) > 5
+            and parts[2] == "attentions"
+            and parts[4] == "transformer_blocks"
         ):
-            continue
-        if len(parts) > 5 and parts[2] == "attentions" and parts[4] == "transformer_blocks":
             level = int(parts[1]) if parts[0] == "down_blocks" else 2 - int(parts[1])
             if level in (1, 2) and int(parts[5]) >= depth[level - 1]:
                 continue
         out[k] = v
+    return out
+
+
+def sdxs(attention_at_0: bool, width: int) -> E:
+    """SD 1.x's diffusers UNet (layouts sd1-kohya) cut to SDXS's shape (ComfyUI SD_XS /
+    SD09_XS): three levels of one res block (two on the way up), attention at level 0 or not,
+    cross-attention width ``width``."""
+    out: E = {}
+    for k, (dt, sh) in L.strip_prefix(L.from_yaml("sd1-kohya", ["diffuser"]), "unet.").items():
+        parts = k.split(".")
+        if parts[0] == "down_blocks":
+            if parts[1] == "3" or (parts[2] in ("attentions", "resnets") and parts[3] != "0"):
+                continue
+            if parts[1] == "0" and parts[2] == "attentions" and not attention_at_0:
+                continue
+        third = len(parts) > 3 and parts[2] in ("attentions", "resnets") and parts[3] == "2"
+        if parts[0] == "up_blocks" and (parts[1] == "0" or third):
+            continue
+        if k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight"):
+            sh = (sh[0], width)
+        out[k] = (dt, sh)
     return out
 
 
@@ -304,9 +349,11 @@ NATIVE: dict[str, Callable[[], E]] = {
     "wan-vae-2.1": wan_vae,
     "wan-vae-2.2": lambda: wan_vae(True),
     "ssd-1b": ssd1b,
+    # ComfyUI Segmind_Vega: transformer_depth [0,0,1,1,2,2], output [0,0,0,1,1,1,2,2,2] (from
+    # output block 8 down to 0), no middle transformer
     "segmind-vega": lambda: distilled_sdxl({4: 1, 5: 1, 7: 2, 8: 2}, {0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 1}),
-    "koala-700m": lambda: koala(5),
-    "koala-1b": lambda: koala(6),
+    "koala-700m": lambda: koala(5, None),
+    "koala-1b": lambda: koala(6, 6),
     "t2i-adapter-sd1": lambda: bf16({
         "conv_in.weight": (320, 192, 3, 3), "body.0.block1.weight": (320, 320, 3, 3),
         "body.0.block2.weight": (320, 320, 3, 3), "body.2.in_conv.weight": (640, 320, 1, 1),
@@ -361,10 +408,12 @@ CASES: dict[str, Case] = {
     "segmind-vega": (NATIVE["segmind-vega"], "checkpoint", "segmind-vega", None, None),
     "koala-700m": (NATIVE["koala-700m"], "checkpoint", "koala-700m", None, None),
     "koala-1b": (NATIVE["koala-1b"], "checkpoint", "koala-1b", None, None),
-    "segmind-vega-diffusers": (lambda: distilled_sdxl_diffusers((1, 2)), "unet", "segmind-vega", None, None),
-    "koala-700m-diffusers": (lambda: distilled_sdxl_diffusers((2, 5), layers=1), "unet", "koala-700m", None, None),
-    "koala-1b-diffusers": (lambda: distilled_sdxl_diffusers((2, 6), layers=1), "unet", "koala-1b", None, None),
+    "segmind-vega-diffusers": (lambda: distilled_sdxl_diffusers((1, 2), middle=None), "unet", "segmind-vega", None, None),
+    "koala-700m-diffusers": (lambda: distilled_sdxl_diffusers((2, 5), layers=1, middle=None), "unet", "koala-700m", None, None),
+    "koala-1b-diffusers": (lambda: distilled_sdxl_diffusers((2, 6), layers=1, middle=6), "unet", "koala-1b", None, None),
     "omnigen2": (lambda: L.harvested("omnigen2"), "unet", "omnigen2", None, None),
+    "sdxs": (lambda: sdxs(False, 768), "unet", "sdxs", None, None),
+    "sdxs-0.9": (lambda: sdxs(True, 1024), "unet", "sdxs-0.9", None, None),
     # the marker-key families in diffusers naming: the whole key list of the class
     "flux2-diffusers": (lambda: L.harvested("flux2-diffusers"), "unet", "flux2", None, None),
     "hunyuan-video-diffusers": (lambda: L.harvested("hunyuan-video-diffusers"), "unet", "hunyuan-video", None, None),

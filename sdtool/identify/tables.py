@@ -211,6 +211,8 @@ ARCH_LABELS: dict[str, str] = {
     "segmind-vega": "Segmind Vega (distilled SDXL)",
     "koala-700m": "KOALA-700M (distilled SDXL)",
     "koala-1b": "KOALA-1B (distilled SDXL)",
+    "sdxs": "SDXS (distilled SD 1.x)",
+    "sdxs-0.9": "SDXS 0.9 (distilled SD 2.1)",
     "ace-step": "ACE-Step",
     "cogvideox": "CogVideoX",
     "seedvr2": "SeedVR2",
@@ -681,6 +683,24 @@ FAMILIES: tuple[Family, ...] = (
                     "controlnet_cond_embedding.conv_in.weight"),
            shapes=(("add_embedding.linear_1.weight", 1, 2816),),
            source="ComfyUI supported_models.py KOALA_700M (diffusers naming)"),
+    # SDXS (ComfyUI model_detection.py SD_XS / SD09_XS, diffusers naming): three levels of one
+    # res block, no fourth down block; SD_XS has no attention at level 0 (context 768), SDXS
+    # 0.9 has (context 1024)
+    Family("unet-sdxs", "sdxs", "unet",
+           ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight", "conv_in.weight"),
+           none_of=("down_blocks.3.resnets.0.conv1.weight",
+                    "down_blocks.1.attentions.1.norm.weight",
+                    "down_blocks.0.attentions.0.norm.weight", "add_embedding.linear_1.weight",
+                    "controlnet_cond_embedding.conv_in.weight"),
+           shapes=(("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight", 1, 768),),
+           source="ComfyUI model_detection.py SD_XS (diffusers naming)"),
+    Family("unet-sdxs", "sdxs-0.9", "unet",
+           ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", "conv_in.weight"),
+           none_of=("down_blocks.3.resnets.0.conv1.weight",
+                    "down_blocks.0.attentions.1.norm.weight",
+                    "add_embedding.linear_1.weight", "controlnet_cond_embedding.conv_in.weight"),
+           shapes=(("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", 1, 1024),),
+           source="ComfyUI model_detection.py SD09_XS (diffusers naming)"),
     # SD x4 upscaler: an SD2-style UNet with 7 input channels and 256 base channels
     Family("unet-x4", "sd-x4-upscaler", "unet",
            ("input_blocks.0.0.weight", "out.2.weight"),
