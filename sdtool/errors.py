@@ -65,3 +65,34 @@ class VerificationError(SdtoolError):
 
 class UsageError(SdtoolError):
     """Options that do not fit together or do not fit the file."""
+
+
+# -- scanning: why (part of) a file could not be scanned; reported as "could not scan", exit 2 --
+
+
+class ScanError(SdtoolError):
+    """Part of a file could not be scanned. ``sdtool scan`` reports it (``could not scan: ...``,
+    exit 2) and keeps every finding made before it; it is never a verdict by itself."""
+
+
+class ScanLimit(ScanError):
+    """The file's work or byte budget ran out: the rest of the file is not analysed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"could not scan: limit: {message}")
+
+
+class NotRegularFile(ScanError):
+    """A named pipe, socket, device or directory: skipped by type, never opened."""
+
+
+class UnsupportedArchive(ScanError):
+    """An archive sdtool cannot look inside (RAR; a 7z py7zr refuses; lz4 without its package)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"unsupported archive ({kind}): {reason}; unpack it and scan the contents")
+        self.kind = kind
+
+
+class ScanWorkerDied(ScanError):
+    """The process scanning a file died (a fault, the OOM killer) or ran past its time."""

@@ -127,3 +127,103 @@ def test_shell_completion_completes_choices(sub_env: dict[str, str]) -> None:
     ]  # fmt: skip
     assert "vae" in _complete("sdtool extract m.ckpt --component ", sub_env)
     assert _complete("sdtool prune m.ckpt --drop vae,u", sub_env) == ["vae,unet", "vae,unknown"]
+
+
+def _nesting_reference(data: bytes) -> bool:
+    """The tuple-nesting check as it was written over pickletools.genops (before it was folded
+    into the memo walk): True when it refuses the stream."""
+    from sdtool.formats.unpickler import MAX_TUPLE_DEPTH, MAX_TUPLE_TREE
+
+    arity = {"TUPLE": -1, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+    stack: list[tuple[int, int]] = []
+    marks: list[int] = []
+    memo: dict[int, tuple[int, int]] = {}
+    flat = (0, 1)
+
+    def pop_mark() -> list[tuple[int, int]]:
+        cut = marks.pop() if marks else 0
+        items = stack[cut:]
+        del stack[cut:]
+        return items
+
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            name = op.name
+            if name in arity:
+                n = arity[name]
+                if n < 0:
+                    items = pop_mark()
+                else:
+                    items, stack[len(stack) - n :] = stack[len(stack) - n :], []
+                depth = 1 + max((x[0] for x in items), default=0)
+                size = 1 + sum(x[1] for x in items)
+                if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
+                    return True
+                stack.append((depth, size))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                if stack:
+                    memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, flat))
+            elif name == "DUP":
+                stack.append(stack[-1] if stack else flat)
+            else:
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    pop_mark()
+                    del stack[max(0, len(stack) - before.index(pickletools.markobject)) :]
+                elif before:
+                    del stack[max(0, len(stack) - len(before)) :]
+                for kind in op.stack_after:
+                    if kind is pickletools.markobject:
+                        marks.append(len(stack))
+                    else:
+                        stack.append(flat)
+    except ValueError:
+        pass
+    return False
+
+
+def _refuses(data: bytes, *, nesting_only: bool = False) -> bool:
+    """Does the one walk refuse ``data`` (a tuple nested too deeply, or a forged memo index)?"""
+    from sdtool.errors import CorruptFile
+
+    try:
+        forged = _forged_memo_put(io.BytesIO(data), 0)
+    except CorruptFile as e:
+        assert "nested" in e.message
+        return True
+    return forged is not None and not nesting_only
+
+
+def test_one_walk_checks_memo_and_tuple_nesting_as_genops_did() -> None:
+    """Issue 12: the nesting pre-check is folded into the memo walk (one pass, no genops);
+    it refuses exactly what the genops version refused on hostile and mutated streams."""
+    deep = [
+        b"\x80\x02}" + b"N" + b"\x85" * 1001 + b"K\x01s.",  # a deep tuple as a dict key
+        b"\x80\x02" + b"(" * 1001 + b"N" + b"t" * 1001 + b".",  # MARK ... TUPLE nesting
+        b"\x80\x04\x8f(N" + b"\x85" * 1001 + b"\x90.",  # deep tuple in a set
+        b"\x80\x02N\x85q\x00" + b"h\x00h\x00\x86q\x00" * 40 + b".",  # (t, t) through the memo
+        b"\x80\x02N\x85" + b"2\x86" * 40 + b".",  # t = (t, t) forty times through DUP
+        b"(lp0\nN" + b"\x85p0\ng0\n" * 1001 + b".",  # text PUT/GET keep the depth
+    ]
+    for data in deep:
+        assert _nesting_reference(data), data[:20]
+        assert _refuses(data, nesting_only=True), data[:20]
+    shallow = [b"\x80\x02" + b"N\x85" * 10 + b".", pickle.dumps(((1, 2), (3, (4,))), 2)]
+    rng = random.Random(11)
+    benign = [pickle.dumps({"a": (1, (2, (3,))), "b": [()] * 5}, p) for p in range(6)]
+    base = [*deep, *shallow, *benign]
+    cases = list(base)
+    for data in base:
+        for _ in range(40):
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 3)):
+                b[rng.randrange(len(b))] = rng.choice(b"(t\x85\x86\x872hqpgN0")
+            cases.append(bytes(b))
+    # what genops refused, the walk refuses (as nesting, or earlier as a forged memo index)
+    missed = [c[:30] for c in cases if _nesting_reference(c) and not _refuses(c)]
+    assert not missed, missed
+    # the walk may refuse more only where genops gave up on a malformed argument it steps over
+    disagree = [c for c in cases if _refuses(c, nesting_only=True) != _nesting_reference(c)]
+    assert len(disagree) <= len(cases) // 20, len(disagree)

@@ -129,7 +129,7 @@ def test_pickle_zip_polyglot(tmp_path: Path) -> None:
 
 
 def test_zip_inside_zip_and_7z_inside_zip(tmp_path: Path) -> None:
-    # attack: the payload one archive deeper; and a 7z (which sdtool does not open) in a zip
+    # attack: the payload one archive deeper; and a broken 7z (py7zr cannot open it) in a zip
     inner = make_zip(tmp_path / "inner.zip", [("archive/data.pkl", PAYLOAD)]).read_bytes()
     p = make_zip(tmp_path / "outer.zip", [("inner.zip", inner)])
     r = scan(p)
@@ -137,7 +137,9 @@ def test_zip_inside_zip_and_7z_inside_zip(tmp_path: Path) -> None:
     assert any(f.member == "inner.zip/archive/data.pkl" for f in r.findings)
     seven = b"7z\xbc\xaf\x27\x1c\x00\x04" + b"\x00" * 40
     r = scan(make_zip(tmp_path / "o2.zip", [("model.7z", seven)]))
-    assert r.verdict == "dangerous" and "unscannable-archive" in rules(r)
+    # issue 12: an archive sdtool cannot open is "could not scan" (exit 2), not dangerous
+    assert r.verdict == "error" and not r.findings
+    assert any("unsupported archive (7z)" in e for e in r.errors)
 
 
 @pytest.mark.parametrize(

@@ -316,6 +316,82 @@ CASES["npz-zip64-two-records.npz"] = (zip64_two_records, NPZ)
 CASES["torch-zip-eocd-in-comment.pt"] = (torch_zip_end_record_cut_in_comment, TORCH)
 
 
+def torch_zip64_two_records(c: str, evil_at_locator: bool) -> bytes:
+    """A torch zip with two zip64 end records, each with its own central directory listing a
+    different ``archive/data.pkl``: torch's miniz reads the record the locator points to,
+    zipfile the one right before the locator. ``evil_at_locator`` puts the payload in miniz's."""
+    evil, good = payload(c), pickle.dumps({}, protocol=2)
+    name = "archive/data.pkl"
+    body = _local(name, evil)
+    good_off = len(body)
+    body += _local(name, good)
+    version_off = len(body)
+    body += _local("archive/version", b"3\n")
+    bad, fine = (evil, 0), (good, good_off)
+    miniz, zipf = (bad, fine) if evil_at_locator else (fine, bad)
+
+    def directory(entry: tuple[bytes, int]) -> bytes:
+        return _central(name, *entry) + _central("archive/version", b"3\n", version_off)
+
+    cd_miniz = directory(miniz)
+    out = body + cd_miniz
+    miniz_at = len(out)
+    out += _zip64_record(2, len(cd_miniz), len(body))
+    cd_zipf = directory(zipf)
+    out += cd_zipf + _zip64_record(2, len(cd_zipf), len(out))  # right before the locator
+    out += _locator(miniz_at)
+    return out + _eocd(0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+
+
+def safetensors_pickle(c: str) -> bytes:
+    """Valid safetensors and, from byte 0, a pickle that runs ``c``'s payload.
+
+    The 8-byte header length starts with SHORT_BINBYTES (``C``, one length byte, zeros): the
+    pickle swallows the rest of the length and the start of the JSON header, resumes inside a
+    metadata string, hops over the header with more printable SHORT_BINBYTES (``C`` + a length
+    byte + that many bytes), and lands exactly where the tensor bytes start: the tensor is the
+    payload pickle.
+    """
+    pl = payload(c)
+    tensors = {"t": {"dtype": "U8", "shape": [len(pl)], "data_offsets": [0, len(pl)]}}
+    head = json.dumps(tensors, separators=(",", ":"))[:-1] + ',"__metadata__":{"p":"'
+    swallow = len(head) + 6  # the 6 zero bytes of the length, then the JSON up to the string
+    size = 0x43 + 256 * swallow  # the header length those 8 bytes spell
+    left, hops = size - len(head), []
+    while left > 2 + 126:
+        k = 100 if left - 102 >= 2 + 40 else left - 2 - 60
+        hops.append("C" + chr(k) + "a" * k)
+        left -= 2 + k
+    k = left - 2  # the last hop swallows the end of the string and the closing braces
+    assert 35 <= k <= 126 and chr(k) not in '"\\', k
+    text = head + "".join(hops) + "C" + chr(k) + "a" * (k - 3) + '"}}'
+    assert len(text) == size
+    return b"C" + bytes([swallow]) + bytes(6) + text.encode() + pl
+
+
+def benign_npz() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, a=np.arange(4, dtype=np.float32))
+    return buf.getvalue()
+
+
+def pickle_then_torch_zip(c: str) -> bytes:
+    """A pickle from byte 0 with a valid torch zip after it (zipfile opens it, torch.load and
+    pickle.load run the pickle)."""
+    return payload(c) + torch_zip(pickle.dumps({}, protocol=2))
+
+
+CASES["torch-zip64-two-records-miniz.pt"] = (lambda c: torch_zip64_two_records(c, True), TORCH)
+CASES["torch-zip64-two-records-zipfile.pt"] = (
+    lambda c: torch_zip64_two_records(c, False),
+    "pickle.loads(zipfile.ZipFile(p).read('archive/data.pkl'))",
+)
+# polyglots: pickle.load reads any file from byte 0
+CASES["polyglot-safetensors.safetensors"] = (safetensors_pickle, PICKLE)
+CASES["polyglot-pickle-torch-zip.pt"] = (pickle_then_torch_zip, TORCH)
+CASES["polyglot-pickle-npz.npz"] = (lambda c: payload(c) + benign_npz(), NUMPY)
+
+
 # -- the tests ------------------------------------------------------------------------------------
 
 
@@ -337,7 +413,7 @@ def test_scanned_as_the_loader_reads_it(
 
 
 CHILD = r"""
-import gzip, json, pickle, sys, warnings
+import gzip, json, pickle, sys, warnings, zipfile
 warnings.simplefilter("ignore")
 import numpy, joblib
 cases = json.loads(sys.argv[1])
@@ -357,7 +433,7 @@ for p, expr in cases:
         import torch
     try:
         eval(expr, {"p": p, "numpy": numpy, "joblib": joblib, "pickle": pickle, "gzip": gzip,
-                    "torch": sys.modules.get("torch"), "un7z": un7z})
+                    "torch": sys.modules.get("torch"), "un7z": un7z, "zipfile": zipfile})
         out[p] = "loaded"
     except Exception as e:  # the payload ran before the loader gave up, or it did not run
         out[p] = f"{type(e).__name__}: {e}"[:200]
@@ -385,3 +461,37 @@ def test_positive_control_every_case_runs_under_its_real_loader(tmp_path: Path) 
         if not (tmp_path / f"CANARY-{Path(p).name}").exists()
     ]
     assert not missing, missing
+
+
+def test_polyglots_are_valid_in_both_readings(tmp_path: Path) -> None:
+    """The polyglot cases really are both: safetensors loads the tensor, zipfile the members,
+    and the scan names the outer format and the second reading."""
+    from safetensors.numpy import load_file
+
+    st = build(tmp_path, "polyglot-safetensors.safetensors")
+    assert load_file(str(st))["t"].tobytes() == payload("CANARY-polyglot-safetensors.safetensors")
+    r = scan(st)
+    assert r.format == "safetensors" and "polyglot" in {f.rule for f in r.findings}
+    for name in ("polyglot-pickle-torch-zip.pt", "polyglot-pickle-npz.npz"):
+        p = build(tmp_path, name)
+        assert zipfile.is_zipfile(p) and zipfile.ZipFile(p).testzip() is None
+        r = scan(p)
+        assert r.verdict == "dangerous" and "polyglot" in {f.rule for f in r.findings}
+    # benign halves alone are safe: the verdict comes from the pickle reading
+    assert scan_bytes(tmp_path, benign_npz()).verdict == "safe"
+
+
+def test_torch_zip64_two_records_every_reading_is_scanned(tmp_path: Path) -> None:
+    """Each reader sees one archive; the payload is found whichever reader holds it, and the
+    ambiguity itself is reported."""
+    for name in ("torch-zip64-two-records-miniz.pt", "torch-zip64-two-records-zipfile.pt"):
+        r = scan(build(tmp_path, name))
+        assert r.verdict == "dangerous", name
+        assert "zip-ambiguous" in {f.rule for f in r.findings}, name
+        assert any(f.rule == "global" and "data.pkl" in (f.member or "") for f in r.findings)
+
+
+def scan_bytes(tmp_path: Path, data: bytes, name: str = "blob.bin"):  # type: ignore[no-untyped-def]
+    p = tmp_path / name
+    p.write_bytes(data)
+    return scan(p)

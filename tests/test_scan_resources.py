@@ -204,7 +204,7 @@ def test_7z_bomb_ends_in_a_limit(tmp_path: Path) -> None:
     assert any(e.startswith("could not scan: limit:") for e in r.errors), r.errors
 
 
-def test_7z_without_py7zr_stays_dangerous_by_policy(
+def test_7z_without_py7zr_is_could_not_scan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import builtins
@@ -224,4 +224,6 @@ def test_7z_without_py7zr_stays_dangerous_by_policy(
 
     monkeypatch.setattr(builtins, "__import__", no_py7zr)
     r = scan(p)
-    assert r.verdict == "dangerous" and r.findings[0].rule == "unscannable-archive"
+    # issue 12: could not scan (exit 2) with the reason, never "dangerous" for being unopenable
+    assert r.verdict == "not_scanned" and not r.findings
+    assert any("unsupported archive (7z): py7zr" in e for e in r.errors)

@@ -591,8 +591,7 @@ def load_one(
     up = RestrictedUnpickler(f, persistent_load=persistent_load, nested=nested, seen=seen)
     token = _built.set([0]) if _built.get(None) is None else None
     try:
-        _check_memo_indices(f)
-        _check_tuple_nesting(f)
+        _check_before_loading(f)
         return up.load()
     except CorruptFile:
         raise
@@ -621,12 +620,21 @@ def load_one(
             _built.reset(token)
 
 
-def _check_memo_indices(f: Any) -> None:
-    """Refuse a memo index no pickler could write, before the C unpickler sizes its memo by it.
+def _check_before_loading(f: Any) -> None:
+    """Refuse, in one walk over the opcodes before the C unpickler runs, what it would choke on.
 
-    The C unpickler grows its memo table to twice the largest PUT index and zero-fills it, so a
-    120-byte pickle with LONG_BINPUT 0x56730a35 makes it write ~23 GB. A pickler numbers memo
-    entries from 0, one per opcode at most, so an index above the opcodes met so far is forged.
+    - A memo index no pickler could write: the C unpickler grows its memo table to twice the
+      largest PUT index and zero-fills it, so a 120-byte pickle with LONG_BINPUT 0x56730a35
+      makes it write ~23 GB. A pickler numbers memo entries from 0, one per opcode at most, so
+      an index above the opcodes met so far is forged.
+    - Tuples nested deeper than MAX_TUPLE_DEPTH, or whose expanded tree (shared sub-tuples
+      counted each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items:
+      CPython hashes a tuple by walking it in C with no recursion guard, so a 300,000-deep
+      tuple used as a dict key overflows the C stack (a segfault) and ``t = (t, t)`` forty
+      times takes 2**40 steps. Only tuples can nest while hashable (lists and dicts stop a
+      hash, and no allowed builder returns nested tuples), so a stack of (depth, size) per slot
+      is enough.
+
     Opcodes are skipped over by their argument layout (pickletools' table), nothing is decoded
     or built, so the walk costs a fraction of the load; ``f`` is left where it was.
     """
@@ -669,17 +677,23 @@ def _arg_layouts() -> dict[int, int]:
 _ARG_LINE, _ARG_TWO_LINES, _ARG_LEN1, _ARG_LEN4, _ARG_LEN4U, _ARG_LEN8U = range(-1, -7, -1)
 _WIDTH = {_ARG_LEN1: 1, _ARG_LEN4: 4, _ARG_LEN4U: 4, _ARG_LEN8U: 8}
 _STOP, _PUT, _BINPUT, _LONG_BINPUT = 0x2E, 0x70, 0x71, 0x72  # . p q r
+_GET, _BINGET, _LONG_BINGET = 0x67, 0x68, 0x6A  # g h j
+_BIN_MEMO = frozenset({_BINPUT, _LONG_BINPUT, _BINGET, _LONG_BINGET})
 _WALK_CHUNK = 1 << 20
 _MAX_LINE = 1 << 24  # no pickler writes a longer text argument
 
 
 def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
-    """(opcode name, index, opcodes before it) of the first forged memo PUT, else None.
+    """(opcode name, index, opcodes before it) of the first forged memo PUT, else None; raises
+    CorruptFile for tuples nested too deeply (see _check_before_loading).
 
     Stops, finding nothing, where the stream ends or breaks: the unpickler stops there too.
     Long arguments (tensor bytes in old pickles) are skipped by seeking, never read.
     """
-    layouts = _LAYOUT_TABLE
+    layouts, effects = _LAYOUT_TABLE, _EFFECTS
+    stack: list[tuple[int, int]] = []  # (tuple depth, expanded tuple size) per stack slot
+    marks: list[int] = []  # stack lengths at each MARK
+    memo: dict[int, tuple[int, int]] = {}
     f.seek(start)
     buf = f.read(_WALK_CHUNK)
     base, i, count, end = start, 0, 0, len(buf)
@@ -695,12 +709,13 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
         if layout is None or code == _STOP:
             return None
         i += 1
+        index = -1  # the memo index a PUT/GET names (-1: MEMOIZE, the next free one)
         if layout >= 0:
             if i + layout > end:
                 return None
-            if code in (_BINPUT, _LONG_BINPUT):
+            if code in _BIN_MEMO:
                 index = int.from_bytes(buf[i : i + layout], "little")
-                if index > count:
+                if code in (_BINPUT, _LONG_BINPUT) and index > count:
                     return ("BINPUT" if code == _BINPUT else "LONG_BINPUT", index, count)
             i += layout
         elif layout <= _ARG_LEN1:
@@ -724,95 +739,116 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
                     end = len(buf)
                     nl = buf.find(b"\n", i)
                 line, i = buf[i:nl], nl + 1
-            if code == _PUT:
+            if code in (_PUT, _GET):
                 try:
                     index = int(line)
                 except ValueError:
                     return None
-                if index > count:
+                if code == _PUT and index > count:
                     return ("PUT", index, count)
+        kind, below, pushes = effects[code]
+        if kind == _FX_PLAIN:  # the common case, inline
+            if below:
+                del stack[max(0, len(stack) - below) :]
+            if pushes:
+                stack.extend(_FLATS[pushes])
+        else:
+            _stack_effect(code, kind, below, index, stack, marks, memo, count)
         count += 1
+
+
+def _stack_effect(
+    code: int,
+    kind: int,
+    below: int,
+    index: int,
+    stack: list[tuple[int, int]],
+    marks: list[int],
+    memo: dict[int, tuple[int, int]],
+    count: int,
+) -> None:
+    """Apply one opcode to the (depth, size) stack; raise CorruptFile for a tuple too deep."""
+    if kind == _FX_MARKED:  # pops down to the mark and ``below`` more, pushes one
+        cut = marks.pop() if marks else 0
+        del stack[max(0, cut - below) :]
+        stack.append(_FLAT)
+    elif kind == _FX_POP_MARK:
+        cut = marks.pop() if marks else 0
+        del stack[cut:]
+    elif kind == _FX_MARK:
+        marks.append(len(stack))
+    elif kind == _FX_TUPLE:
+        if below < 0:  # TUPLE: down to the mark
+            cut = marks.pop() if marks else 0
+            items, stack[cut:] = stack[cut:], []
+        else:
+            items, stack[len(stack) - below :] = stack[len(stack) - below :], []
+        depth = 1 + max((x[0] for x in items), default=0)
+        size = 1 + sum(x[1] for x in items)
+        if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
+            raise CorruptFile(
+                f"opcode {count} ({_OPNAME[code]}) builds a tuple nested {depth} deep with "
+                f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
+                "hashing it would crash the unpickler or never end"
+            )
+        stack.append((depth, size))
+    elif kind == _FX_PUT:
+        if stack:
+            memo[len(memo) if index < 0 else index] = stack[-1]
+    elif kind == _FX_GET:
+        stack.append(memo.get(index, _FLAT))
+    else:  # DUP
+        stack.append(stack[-1] if stack else _FLAT)
+
+
+_FX_PLAIN, _FX_MARKED, _FX_POP_MARK, _FX_MARK, _FX_TUPLE, _FX_PUT, _FX_GET, _FX_DUP = range(8)
+_FLAT = (0, 1)
+_FLATS = [[_FLAT] * n for n in range(4)]
+_SPECIAL_FX = {
+    "TUPLE": (_FX_TUPLE, -1, 1),
+    "TUPLE1": (_FX_TUPLE, 1, 1),
+    "TUPLE2": (_FX_TUPLE, 2, 1),
+    "TUPLE3": (_FX_TUPLE, 3, 1),
+    "PUT": (_FX_PUT, 0, 0),
+    "BINPUT": (_FX_PUT, 0, 0),
+    "LONG_BINPUT": (_FX_PUT, 0, 0),
+    "MEMOIZE": (_FX_PUT, 0, 0),
+    "GET": (_FX_GET, 0, 1),
+    "BINGET": (_FX_GET, 0, 1),
+    "LONG_BINGET": (_FX_GET, 0, 1),
+    "DUP": (_FX_DUP, 0, 1),
+    "MARK": (_FX_MARK, 0, 0),
+    "POP_MARK": (_FX_POP_MARK, 0, 0),
+}
+
+
+def _stack_effects() -> list[tuple[int, int, int]]:
+    """opcode byte -> (kind, items popped (below the mark for marked ones), items pushed)."""
+    out = [(_FX_PLAIN, 0, 0)] * 256
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")[0]
+        if op.name in _SPECIAL_FX:
+            out[code] = _SPECIAL_FX[op.name]
+            continue
+        before, after = op.stack_before, op.stack_after
+        assert pickletools.markobject not in after and len(after) <= 1, op.name
+        if pickletools.markobject in before:  # LIST, DICT, INST, OBJ, APPENDS, SETITEMS ...
+            assert len(after) == 1, op.name
+            out[code] = (_FX_MARKED, before.index(pickletools.markobject), 1)
+        else:
+            out[code] = (_FX_PLAIN, len(before), len(after))
+    return out
 
 
 _LAYOUTS = _arg_layouts()
 _LAYOUT_TABLE: list[int | None] = [_LAYOUTS.get(c) for c in range(256)]
+_EFFECTS = _stack_effects()
+_OPNAME = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
 # the unpickler decodes text opcodes with these codecs: look them up now, not lazily while a
 # file is read
 for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):
     codecs.lookup(_codec)
 
 
-def _check_tuple_nesting(f: Any) -> None:
-    """Refuse, before the C unpickler runs, tuples it could not hash in bounded time and stack.
-
-    Tuples nested deeper than MAX_TUPLE_DEPTH, or whose expanded tree (shared sub-tuples counted
-    each time, as hashing and comparing walk them) exceeds MAX_TUPLE_TREE items: CPython hashes a
-    tuple by walking it in C with no recursion guard, so a 300,000-deep tuple used as a dict key
-    overflows the C stack (a segfault) and ``t = (t, t)`` forty times takes 2**40 steps. Only
-    tuples can nest while hashable: lists and dicts stop a hash, and no allowed builder returns
-    nested tuples, so tracking the tuple opcodes is enough. Opcodes are walked without building
-    anything (a stack of (depth, size) per slot); ``f`` is left where it was.
-    """
-    start = f.tell()
-    stack: list[Any] = []  # (tuple depth, expanded tuple size) per slot
-    marks: list[int] = []  # stack lengths at each MARK
-    memo: dict[Any, Any] = {}
-    flat = (0, 1)
-
-    def pop_mark() -> list[Any]:
-        cut = marks.pop() if marks else 0
-        items = stack[cut:]
-        del stack[cut:]
-        return items
-
-    try:
-        for count, (op, arg, _) in enumerate(pickletools.genops(f)):
-            name = op.name
-            if name in _TUPLE_ARITY:
-                n = _TUPLE_ARITY[name]
-                if n < 0:  # TUPLE: down to the mark
-                    items = pop_mark()
-                else:
-                    items, stack[len(stack) - n :] = stack[len(stack) - n :], []
-                depth = 1 + max((x[0] for x in items), default=0)
-                size = 1 + sum(x[1] for x in items)
-                if depth > MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
-                    raise CorruptFile(
-                        f"opcode {count} ({name}) builds a tuple nested {depth} deep with "
-                        f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
-                        "hashing it would crash the unpickler or never end"
-                    )
-                stack.append((depth, size))
-                continue
-            if name in _MEMO_PUTS or name == "MEMOIZE":
-                if stack:
-                    memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
-                continue
-            if name in _MEMO_GETS:
-                stack.append(memo.get(arg, flat))
-                continue
-            if name == "DUP":
-                stack.append(stack[-1] if stack else flat)
-                continue
-            before = op.stack_before
-            if pickletools.markobject in before:
-                pop_mark()
-                del stack[max(0, len(stack) - before.index(pickletools.markobject)) :]
-            elif before:
-                del stack[max(0, len(stack) - len(before)) :]
-            for kind in op.stack_after:
-                if kind is pickletools.markobject:
-                    marks.append(len(stack))
-                else:
-                    stack.append(flat)
-    except ValueError:
-        pass  # a malformed stream: the unpickler itself stops at the same place with an error
-    finally:
-        f.seek(start)
-
-
 MAX_TUPLE_DEPTH = 1000
 MAX_TUPLE_TREE = 50_000_000
-_TUPLE_ARITY = {"TUPLE": -1, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
-_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})

@@ -4,7 +4,12 @@ A 7z is not a model format (no loader reads one), but a model inside one is load
 is unpacked, and scanners that cannot open 7z used to be bypassed by it (the nullifAI files: a
 PyTorch file in 7z, its pickle broken after the payload). The archive is read with py7zr
 (imported only here, only when a 7z is met); every member is decompressed under the file's
-budget and scanned like any other blob. Without py7zr the archive stays dangerous by policy.
+budget and scanned like any other blob.
+
+An archive sdtool cannot open (a RAR: the only RAR readers on the package registry drive an
+external ``unrar`` program; a 7z py7zr refuses; lz4 without the ``lz4`` package) is never called
+dangerous merely because it cannot be opened: it is ``could not scan: unsupported archive``,
+exit 2, with the reason, so CI fails closed without a false "malicious" label.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sdtool.errors import UnsupportedArchive
 from sdtool.scan.buffers import ScanLimit, Sink, as_io
 from sdtool.vocab import Format
 
@@ -21,15 +27,14 @@ if TYPE_CHECKING:
 MAX_7Z_MEMBERS = 100_000
 
 
-def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> bool:
-    """Scan every member of the 7z in ``buf``; False when py7zr is not installed or cannot
-    open it at all (then nothing can unpack it to load it either, but the archive stays
-    dangerous by policy: it is not scanned)."""
+def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> str | None:
+    """Scan every member of the 7z in ``buf``; or why it cannot be opened at all (py7zr is not
+    installed or refuses it: then the archive is not scanned, ``could not scan``)."""
     try:
         import py7zr
         from py7zr.io import Py7zIO, WriterFactory
     except ImportError:
-        return False
+        return "py7zr (the `archives` extra) is not installed"
 
     sinks: dict[str, Sink] = {}
     over: list[ScanLimit] = []
@@ -77,7 +82,7 @@ def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> bool:
     except Exception as e:  # a third-party reader on hostile bytes: any failure
         error = f"{type(e).__name__}: {e}"[:300]
     if error is not None and not sinks:
-        return False  # not even opened: the policy for archives sdtool cannot look into
+        return f"py7zr cannot open it ({error})"
     if error is not None:
         ctx.error(
             member,
@@ -89,30 +94,39 @@ def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> bool:
             ctx.nested(data, f"{member}/{name}" if member else name)
     if over:
         raise over[0]
-    return True
+    return None
 
 
 def scan_archive_7z(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     if member is None:
         ctx.formats.append(Format.SEVENZIP)
     ctx.report.notes.append(f"{member or 'file'}: a 7z archive: every member is scanned")
-    if not scan_7z(ctx, buf, member):
+    why = scan_7z(ctx, buf, member)
+    if why is not None:
         ctx.formats.pop() if member is None else None
-        scan_unscannable("7z")(ctx, buf, member, depth)
+        ctx.report.notes.pop()
+        scan_unscannable("7z", why)(ctx, buf, member, depth)
 
 
-def scan_unscannable(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
-    """7z/rar/lz4: sdtool cannot look inside, so by policy the archive counts as dangerous."""
+_SHOWN = {"rar": "RAR", "7z": "7z", "lz4": "lz4"}
+#: why sdtool cannot look inside an archive of each kind (when it cannot)
+UNSUPPORTED = {
+    "rar": "sdtool reads no RAR (Python's RAR readers run an external unrar program)",
+    "lz4": "the lz4 package is not installed",
+}
+
+
+def scan_unscannable(kind: str, why: str = "") -> Callable[[Ctx, Any, str | None, int], None]:
+    """An archive sdtool cannot look inside: ``could not scan`` (exit 2), never a verdict."""
 
     def handler(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         if member is None:
             ctx.formats.append(Format(kind))
-        ctx.find(
-            "dangerous",
-            "unscannable-archive",
-            f"a {kind} archive: sdtool cannot look inside it, and model loaders never need one; "
-            "treated as dangerous by policy (unpack it and scan the contents)",
+            ctx.report.scanned = False  # nothing in it was analysed
+        reason = why or UNSUPPORTED.get(kind, "sdtool has no reader for it")
+        ctx.error(
             member,
+            f"not scanned: {UnsupportedArchive(_SHOWN.get(kind, kind), reason).message}",
         )
 
     return handler

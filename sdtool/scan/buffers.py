@@ -23,17 +23,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from sdtool.errors import SdtoolError
+from sdtool.errors import ScanLimit
 
 SPILL = 64 << 20  # decompressed bytes kept in memory; more go to a temporary file
 CHUNK = 1 << 20
-
-
-class ScanLimit(SdtoolError):
-    """The file's work or byte budget ran out: the rest of the file is not analysed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"could not scan: limit: {message}")
 
 
 @dataclass

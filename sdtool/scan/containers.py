@@ -28,7 +28,7 @@ from sdtool.scan.buffers import (
 from sdtool.scan.context import (
     MAX_DEPTH,
     Ctx,
-    NotRegular,
+    NotRegularFile,
     join_path,
     open_regular,
     record_stream,
@@ -73,7 +73,7 @@ def scan_file(
                 if hasattr(mm, "madvise"):  # scattered small reads: no readahead into RSS
                     mm.madvise(mmap.MADV_RANDOM)
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
-    except NotRegular as e:
+    except NotRegularFile as e:
         rep.scanned, rep.format = False, Format.UNREADABLE
         rep.errors.append(f"not scanned: {e} (skipped by type, never opened)")
     except OSError as e:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sdtool.errors import NotRegularFile
 from sdtool.scan.buffers import (
     Budget,
     ScanLimit,
@@ -93,11 +94,7 @@ def open_regular(path: Path) -> BinaryIO:
             return os.fdopen(fd, "rb")
         os.close(fd)
         what = "not a regular file"
-    raise NotRegular(what)
-
-
-class NotRegular(Exception):
-    pass
+    raise NotRegularFile(what)
 
 
 def run_pickle(ctx: Ctx, buf: Any, start: int, end: int, *, oracle: bool = False) -> Stream:

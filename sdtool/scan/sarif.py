@@ -31,7 +31,6 @@ RULE_TEXT: dict[str, str] = {
     "trailing-data": "Bytes after the last pickle stream",
     "polyglot": "The same bytes valid as a pickle and as another format",
     "torchscript": "A TorchScript archive (executable code)",
-    "unscannable-archive": "An archive sdtool cannot look inside (treated as dangerous)",
     "zip-crc": "A zip member whose CRC-32 does not match",
     "zip-name-mismatch": "A zip member named differently in its local header",
     "zip-duplicate": "Duplicate zip member names",

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from sdtool.errors import ScanLimit, ScanWorkerDied
 from sdtool.scan.report import FileReport
 
 #: per-file wall-clock limit (seconds) before the child is killed
@@ -69,7 +70,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
 
 def limit_report(path: str, why: str) -> FileReport:
     rep = FileReport(path)
-    rep.errors.append(f"could not scan: limit: {why}")
+    rep.errors.append(ScanLimit(why).message)
     return rep
 
 
@@ -83,8 +84,10 @@ def crash_report(path: str, exitcode: int | None) -> FileReport:
         how = f"exit status {exitcode}"
     rep = FileReport(path, scanned=False)
     rep.errors.append(
-        f"could not scan: the scanner process died on this file ({how}); the other files "
-        "were scanned"
+        ScanWorkerDied(
+            f"could not scan: the scanner process died on this file ({how}); the other files "
+            "were scanned"
+        ).message
     )
     return rep
 

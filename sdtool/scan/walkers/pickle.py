@@ -20,7 +20,7 @@ from sdtool.scan.context import (
     MAX_MEMBER,
     MAX_STREAMS,
     Ctx,
-    NotRegular,
+    NotRegularFile,
     join_path,
     open_regular,
     record_stream,
@@ -80,7 +80,7 @@ def _side_files(ctx: Ctx, s: Stream, member: str | None, depth: int) -> None:
         try:
             with open_regular(target) as f:
                 data = f.read(MAX_MEMBER)
-        except (OSError, NotRegular):
+        except (OSError, NotRegularFile):
             ctx.report.notes.append(f"{member or 'file'}: joblib side file {name!r} is absent")
             continue
         scan_nested(ctx, data, join_path(member, f"<side file {name}>"), depth + 1)
