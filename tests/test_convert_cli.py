@@ -98,6 +98,7 @@ def test_batch_picks_inputs_by_content(tmp_path: Path, capsys: pytest.CaptureFix
     dl.joinpath("preview.ckpt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     dl.joinpath("config.safetensors").write_text('{"a": 1}')
     dl.joinpath("notes.pt").write_text("trained for 10 epochs\n")
+    dl.joinpath("blob.msgpack").write_bytes(bytes(range(200)))  # unknown bytes, no model name
     out = tmp_path / "out"
     assert main(["convert", str(dl), "--out-dir", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -114,7 +115,7 @@ def test_batch_picks_inputs_by_content(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["convert", str(dl), "--out-dir", str(out), "--overwrite"]) == 0
     text = capsys.readouterr().out
     assert "ignored   " in text and "PNG image (not a model file)" in text
-    assert "2 converted, 0 skipped, 0 failed, 3 ignored" in text
+    assert "2 converted, 0 skipped, 0 failed, 4 ignored" in text
 
 
 def test_batch_to_ckpt_and_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,6 +51,9 @@ TI_PREFIX, TI_NAME = "string_to_param.", "emb_params"
 READABLE = frozenset(
     {Format.SAFETENSORS, Format.ZIP, Format.PICKLE, Format.TAR, Format.GGUF, Format.NPY}
 )
+#: names that make bytes of no known format a broken model (an input that fails) rather than
+#: a file to leave out
+MODEL_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".sft", ".npy", ".npz"})
 #: --to choice -> output extension
 
 
@@ -430,9 +433,11 @@ def batch_inputs(
 
 
 def not_convertible(path: Path) -> str | None:
-    """Why a file found in a folder is no input, by its content (scan's rule: an image, JSON,
-    YAML or text, or a format open_model does not read), or None. A file that cannot be read
-    is an input, so its conversion fails with the reason."""
+    """Why a file found in a folder is no input, or None. Content decides, as scan does: a
+    format open_model reads is an input whatever its name; an image, JSON, YAML or text is not,
+    whatever its name. Bytes that are neither (a cut-short download, an archive, unknown bytes)
+    are an input only under a model file name, so the conversion fails with the reason; under
+    another name they are left out. A file that cannot be read is an input (it fails)."""
     from sdtool.formats.sniff import TEXT_LIMIT, describe, not_a_model_file, sniff
 
     try:
@@ -450,6 +455,8 @@ def not_convertible(path: Path) -> str | None:
     what = not_a_model_file(data, size)
     if what is not None:
         return what
+    if path.suffix.lower() in MODEL_SUFFIXES:
+        return None
     if kind is not Format.UNKNOWN:
         return f"a {kind.value} file, not a model file sdtool converts"
     return describe(head, size)
