@@ -89,35 +89,6 @@ def test_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert {r["status"] for r in doc["results"]} == {"skipped"}
 
 
-def test_batch_picks_inputs_by_content(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A folder's files are inputs by content, as scan decides: a model under any name is
-    converted, images / JSON / text under model names are left out with the reason."""
-    dl = tmp_path / "downloads"
-    _ckpt(dl / "model.weights", 1)  # a torch zip whatever its name
-    _ckpt(dl / "noext", 2)
-    dl.joinpath("preview.ckpt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
-    dl.joinpath("config.safetensors").write_text('{"a": 1}')
-    dl.joinpath("notes.pt").write_text("trained for 10 epochs\n")
-    dl.joinpath("blob.msgpack").write_bytes(bytes(range(200)))  # unknown bytes, no model name
-    out = tmp_path / "out"
-    assert main(["convert", str(dl), "--out-dir", str(out), "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert sorted(Path(r["path"]).name for r in doc["results"]) == ["model.weights", "noext"]
-    assert {r["status"] for r in doc["results"]} == {"converted"}
-    why = {Path(i["path"]).name: i["reason"] for i in doc["ignored"]}
-    assert why == {
-        "preview.ckpt": "PNG image",
-        "config.safetensors": "JSON text",
-        "notes.pt": "text",
-    }
-    assert doc["summary"]["ignored"] == 3
-    assert (out / "model.safetensors").is_file() and (out / "noext.safetensors").is_file()
-    assert main(["convert", str(dl), "--out-dir", str(out), "--overwrite"]) == 0
-    text = capsys.readouterr().out
-    assert "ignored   " in text and "PNG image (not a model file)" in text
-    assert "2 converted, 0 skipped, 0 failed, 4 ignored" in text
-
-
 def test_batch_to_ckpt_and_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _ckpt(tmp_path / "in" / "m.safetensors.src.ckpt")
     out = tmp_path / "out"

@@ -30,7 +30,7 @@ from sdtool.model import ModelFile, tensor_leaves, to_plain
 from sdtool.ops.batch import Resume, Runner, options_digest, run_batch
 from sdtool.ops.outname import derived
 from sdtool.results import Result
-from sdtool.vocab import TO_SUFFIX, Format, Progress, dtype_name
+from sdtool.vocab import TO_SUFFIX, Progress, dtype_name
 from sdtool.write import (
     OUT_FORMATS,
     WriteOptions,
@@ -46,13 +46,6 @@ MAX_METADATA_VALUE = 64 * 1024
 #: textual-inversion embeddings: the A1111 .pt layout -> the name A1111 reads in safetensors
 TI_PREFIX, TI_NAME = "string_to_param.", "emb_params"
 #: files convert_batch picks up inside folders
-#: what open_model reads, as sniffing names it: a folder's files are inputs by content (as scan
-#: decides), never by extension; the others are left out with the reason
-READABLE = frozenset(
-    {Format.SAFETENSORS, Format.ZIP, Format.PICKLE, Format.TAR, Format.GGUF, Format.NPY}
-)
-#: names that make bytes of no known format a broken model (an input that fails) rather than
-#: a file to leave out
 MODEL_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".sft", ".npy", ".npz"})
 #: --to choice -> output extension
 
@@ -364,7 +357,6 @@ class BatchResult(Result):
     """Every file's result, in input order."""
 
     results: list[ConvertResult]
-    ignored: list[Ignored] = field(default_factory=list)  # folder files that are no models
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -383,83 +375,33 @@ class BatchResult(Result):
                 "skipped": self.count("skipped"),
                 "resumed": self.count("resumed"),
                 "failed": self.failed,
-                "ignored": len(self.ignored),
                 "input_bytes": sum(r.input_bytes for r in done),
                 "output_bytes": sum(r.output_bytes for r in done),
             },
-            "ignored": [i.to_json() for i in self.ignored],
         }
-
-
-@dataclass(frozen=True)
-class Ignored(Result):
-    """A file a folder walk left out: by its content no model file sdtool converts."""
-
-    path: Path
-    reason: str  # "PNG image", "JSON text", "text", "a gzip file, not a model file ..."
 
 
 def batch_targets(
     inputs: Sequence[Path], out_dir: Path, to: str = "safetensors"
 ) -> list[tuple[Path, Path]]:
     """(input, output) pairs: files as given, folders searched recursively for model files
-    (by content; sub-folders mirrored under ``out_dir``). The output folder is never searched."""
-    return batch_inputs(inputs, out_dir, to)[0]
-
-
-def batch_inputs(
-    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors"
-) -> tuple[list[tuple[Path, Path]], list[Ignored]]:
-    """``batch_targets`` and the files of the folders left out, each with why."""
+    (sub-folders mirrored under ``out_dir``). The output folder itself is never searched."""
     if to not in TO_SUFFIX:
         raise UsageError(f"to={to!r} is not one of {', '.join(TO_SUFFIX)}")
     ext = TO_SUFFIX[to]
     out_dir = Path(out_dir)
     pairs: list[tuple[Path, Path]] = []
-    ignored: list[Ignored] = []
     for inp in map(Path, inputs):
         if inp.is_dir():
             for f in sorted(inp.rglob("*")):
-                if not f.is_file() or _inside(f, out_dir):
+                if not f.is_file() or f.suffix.lower() not in MODEL_SUFFIXES:
                     continue
-                why = not_convertible(f)
-                if why is not None:
-                    ignored.append(Ignored(f, why))
+                if _inside(f, out_dir):
                     continue
                 pairs.append((f, out_dir / f.relative_to(inp).with_suffix(ext)))
         else:
             pairs.append((inp, out_dir / (inp.stem + ext)))
-    return pairs, ignored
-
-
-def not_convertible(path: Path) -> str | None:
-    """Why a file found in a folder is no input, or None. Content decides, as scan does: a
-    format open_model reads is an input whatever its name; an image, JSON, YAML or text is not,
-    whatever its name. Bytes that are neither (a cut-short download, an archive, unknown bytes)
-    are an input only under a model file name, so the conversion fails with the reason; under
-    another name they are left out. A file that cannot be read is an input (it fails)."""
-    from sdtool.formats.sniff import TEXT_LIMIT, describe, not_a_model_file, sniff
-
-    try:
-        kind, head, size = sniff(path)
-    except SdtoolError:
-        return None
-    if kind in READABLE:
-        return None
-    data = head
-    if len(head) < size <= TEXT_LIMIT:
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return None
-    what = not_a_model_file(data, size)
-    if what is not None:
-        return what
-    if path.suffix.lower() in MODEL_SUFFIXES:
-        return None
-    if kind is not Format.UNKNOWN:
-        return f"a {kind.value} file, not a model file sdtool converts"
-    return describe(head, size)
+    return pairs
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -563,7 +505,7 @@ def convert_batch(
     opts = options_from(ConvertOptions, options, changes)
     if jobs < 1:
         raise UsageError(f"jobs={jobs} must be at least 1")
-    pairs, ignored = batch_inputs([Path(p) for p in inputs], Path(out_dir), to)
+    pairs = batch_targets([Path(p) for p in inputs], Path(out_dir), to)
     owner: dict[Path, Path] = {}
     for src, dst in pairs:  # claim outputs in input order so duplicates fail deterministically
         owner.setdefault(dst, src)
@@ -592,4 +534,4 @@ def convert_batch(
         results = run_batch(work, convert_job, on_result=on_result, runner=runner, on_error=lost)
     else:
         results = run_batch(work, one, jobs=jobs, on_result=on_result, cancel=cancel)
-    return BatchResult(results, ignored)
+    return BatchResult(results)
