@@ -231,6 +231,7 @@ COMPONENTS: dict[str, Component] = {
         Component("cogvideox", "CogVideoX transformer", "denoiser"),
         Component("seedvr2", "SeedVR2 transformer", "denoiser"),
         Component("clip-vision-h", "OpenCLIP-H image encoder", "text-encoder"),
+        Component("dit", "DiT", "denoiser"),  # a transformer denoiser with no name of its own
     )
 }
 #: the roles components play (``--drop`` and ``extract --component`` name roles too)

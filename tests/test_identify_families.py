@@ -413,6 +413,12 @@ CASES: dict[str, Case] = {
     "koala-1b-diffusers": (lambda: distilled_sdxl_diffusers((2, 6), layers=1, middle=6), "unet", "koala-1b", None, None),
     "omnigen2": (lambda: L.harvested("omnigen2"), "unet", "omnigen2", None, None),
     "sdxs": (lambda: sdxs(False, 768), "unet", "sdxs", None, None),
+    # diffusers naming that is ComfyUI's own: the key set and ComfyUI's marker row agree
+    "qwen-image-2.1": (lambda: L.harvested("qwen-image-21"), "unet", "qwen-image-2.1", None, None),
+    "ideogram4": (lambda: L.harvested("ideogram4"), "unet", "ideogram4", None, None),
+    "kandinsky6": (lambda: L.harvested("kandinsky6"), "unet", "kandinsky6", None, None),
+    "ernie-image": (lambda: L.harvested("ernie-image"), "unet", "ernie-image", None, None),
+    "joyimage": (lambda: L.harvested("joyimage"), "unet", "joyimage", None, None),
     "sdxs-0.9": (lambda: sdxs(True, 1024), "unet", "sdxs-0.9", None, None),
     # the marker-key families in diffusers naming: the whole key list of the class
     "flux2-diffusers": (lambda: L.harvested("flux2-diffusers"), "unet", "flux2", None, None),
@@ -761,6 +767,17 @@ MARKER_ONLY: dict[str, tuple[dict[str, tuple[int, ...]], str, str | None]] = {
     "cogvideox": ({"blocks.0.norm1.linear.weight": (18432, 512), "patch_embed.proj.weight": (3072, 16, 2, 2), "patch_embed.text_proj.weight": (3072, 4096)}, "cogvideox", None),
     "seedvr2-3b": ({"blocks.31.mlp.all.proj_in_gate.weight": (6912, 2560), "blocks.0.attn.proj_qkv.vid.weight": (7680, 2560)}, "seedvr2", "3B"),
     "seedvr2-7b": ({"blocks.35.mlp.all.proj_in_gate.weight": (8192, 3072)}, "seedvr2", "7B"),
+    "krea2": ({"txtfusion.projector.weight": (4096, 12), "first.weight": (3072, 64), "blocks.0.attn.wq.weight": (3072, 3072)}, "krea2", None),
+    "minimax-h3": ({"video_patch_proj.weight": (3072, 192), "audio_patch_proj.weight": (3072, 64)}, "minimax-h3", None),
+    "minimax-music3": ({"cond_layer_logits": (8,), "latent_conditioners.0.weight": (1024, 64), "diffusion_transformer.transformer.layers.0.self_attn.to_qkv.weight": (3072, 1024)}, "minimax-music3", None),
+    "hidream-o1": ({"t_embedder1.mlp.0.weight": (2560, 256), "x_embedder.proj1.weight": (2560, 64)}, "hidream-o1", None),
+    "boogu": ({"double_stream_layers.0.img_instruct_attn.processor.img_to_q.weight": (2520, 2520), "x_embedder.weight": (2520, 64)}, "boogu", None),
+    "lens": ({"transformer_blocks.0.attn.norm_added_q.weight": (64,), "transformer_blocks.0.img_mlp.w1.weight": (8192, 2048), "img_in.weight": (2048, 64)}, "lens", None),
+    "mage-flow": ({"txt_norm.weight": (2560,), "proj_out.weight": (128, 3072), "img_in.weight": (3072, 128)}, "mage-flow", None),
+    "ovis-image": ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "double_blocks.0.img_mlp.gate_proj.weight": (12288, 3072), "txt_norm.scale": (2048,), "img_in.weight": (3072, 64)}, "ovis-image", None),
+    "longcat-image": ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "txt_in.weight": (3072, 3584), "img_in.weight": (3072, 64)}, "longcat-image", None),
+    "newbie": ({"cap_embedder.1.weight": (2304, 2304), "noise_refiner.0.attention.k_norm.weight": (96,), "clip_text_pooled_proj.0.weight": (1024,)}, "lumina2", "NewBie"),
+    "z-image-pixel": ({"cap_embedder.1.weight": (3840, 2560), "noise_refiner.0.attention.k_norm.weight": (128,), "dec_net.cond_embed.weight": (256, 3840)}, "z-image", "pixel space"),
     "kandinsky5-lite-image": ({"visual_transformer_blocks.0.cross_attention.key_norm.weight": (128,), "visual_embeddings.in_layer.bias": (2560,)}, "kandinsky5", "lite (image)"),
 }  # fmt: skip
 

@@ -210,6 +210,18 @@ HARVESTS: tuple[Harvest, ...] = (
             "ACE-Step transformer (class defaults)"),
     Harvest("cogvideox-diffusers", "diffusers", "CogVideoXTransformer3DModel", {},
             "THUDM/CogVideoX-2b transformer (class defaults)"),
+    # families whose diffusers naming is ComfyUI's own (its model_detection.py markers are in
+    # the class's keys), each with its class defaults
+    Harvest("qwen-image-21", "diffusers", "QwenImage21Transformer2DModel", {},
+            "Qwen-Image 2.1 transformer (class defaults)"),
+    Harvest("ideogram4", "diffusers", "Ideogram4Transformer2DModel", {},
+            "Ideogram 4 transformer (class defaults)"),
+    Harvest("kandinsky6", "diffusers", "Kandinsky6Transformer3DModel", {},
+            "Kandinsky 6 transformer (class defaults)"),
+    Harvest("ernie-image", "diffusers", "ErnieImageTransformer2DModel", {},
+            "ERNIE-Image transformer (class defaults)"),
+    Harvest("joyimage", "diffusers", "JoyImageEditTransformer3DModel", {},
+            "JoyImage-Edit transformer (class defaults)"),
 )  # fmt: skip
 
 _DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
