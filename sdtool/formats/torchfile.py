@@ -251,7 +251,7 @@ def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, ZipFacts]:
         storages=len(cache),
         members=len(archive.entries),
         deflated_storages=sum(1 for s in cache.values() if s.file_offset is None),
-        irregularities=list(archive.irregularities),
+        irregularities=[str(i) for i in archive.irregularities],
     )
     return root, container
 

@@ -105,7 +105,7 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             break
         if not _looks_like_pickle(buf, pos):
             break
-        s = run_pickle(ctx, buf, pos, end)
+        s = run_pickle(ctx, buf, pos, end, oracle=True)
         if not s.stopped and not s.imports:
             break  # not a pickle after all: trailing data
         ctx.find(
@@ -188,7 +188,7 @@ def _scan_legacy(ctx: Ctx, buf: Any, pos: int, member: str | None) -> int:
         if pos >= end:
             ctx.error(member, f"legacy torch file ends before its {what} pickle")
             return -1
-        s = run_pickle(ctx, buf, pos, end)
+        s = run_pickle(ctx, buf, pos, end, oracle=True)
         record_stream(ctx, s, member, i)
         streams.append(s)
         if not s.stopped:

@@ -107,14 +107,14 @@ def _tar_link(ctx: Ctx, tf: Any, info: Any, path: str, torch_tar: bool) -> Any:
 
 def _scan_tar_records(ctx: Ctx, data: Any, path: str, which: str) -> None:
     """Legacy tar 'storages'/'tensors': a count pickle, then per record a pickle + raw bytes."""
-    s = run_pickle(ctx, data, 0, len(data))
+    s = run_pickle(ctx, data, 0, len(data), oracle=True)
     record_stream(ctx, s, path, 0)
     count = s.result if s.stopped and isinstance(s.result, int) else None
     if count is None:
         return
     pos, index = s.end, 1
     for _ in range(min(count, 10_000_000)):
-        r = run_pickle(ctx, data, pos, len(data))
+        r = run_pickle(ctx, data, pos, len(data), oracle=True)
         record_stream(ctx, r, path, index)
         index += 1
         if not r.stopped:
@@ -139,6 +139,6 @@ def _scan_tar_records(ctx: Ctx, data: Any, path: str, which: str) -> None:
             )
             return
     if pos < len(data):  # storage views list (storages) follows; scan what remains
-        r = run_pickle(ctx, data, pos, len(data))
+        r = run_pickle(ctx, data, pos, len(data), oracle=True)
         if r.stopped or r.imports:
             record_stream(ctx, r, path, index)
