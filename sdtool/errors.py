@@ -15,16 +15,27 @@ class SdtoolError(Exception):
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.path = None if path is None else Path(path)
+        self.path = None if path is None else _as_path(path)
 
     def with_path(self, path: str | Path) -> SdtoolError:
         """Attach the file the error is about, unless one is already attached."""
         if self.path is None:
-            self.path = Path(path)
+            self.path = _as_path(path)
         return self
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path is not None else self.message
+
+
+def _as_path(path: str | Path) -> Path:
+    """``path`` as a Path; a URL stays whole (sdtool.urls.UrlPath), a Path stays itself."""
+    if isinstance(path, Path):
+        return path
+    if "://" in path:
+        from sdtool.urls import as_path
+
+        return as_path(path)
+    return Path(path)
 
 
 class FileAccessError(SdtoolError):

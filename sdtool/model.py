@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -188,11 +188,24 @@ class ContainerFacts(Result):
     state_dict_path: str = ""
 
 
+class ByteSource(Protocol):
+    """Bytes that are not a local file (``sdtool.formats.source.RangeReader``: a remote file)."""
+
+    path: Path
+    size: int
+
+    def pread(self, offset: int, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class ModelFile:
     """An opened model file: ordered tensors with data on demand, plus everything else it holds.
 
     Attributes:
-        path: the file.
+        path: the file (a ``sdtool.urls.UrlPath`` for a remote one).
+        source: for a remote file, where its bytes come from (closed with the ModelFile);
+            None for a local file, which is memory-mapped.
         format: the ``vocab.Format``: SAFETENSORS, TORCH_ZIP, TORCH_LEGACY, TORCH_TAR, PICKLE,
             NPY or NPZ.
         tensors: name -> TensorInfo, in file order (state-dict tensors, dotted names).
@@ -206,7 +219,7 @@ class ModelFile:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | ByteSource,
         format: Format,
         tensors: dict[str, TensorInfo],
         *,
@@ -215,14 +228,15 @@ class ModelFile:
         container: ContainerFacts | None = None,
         globals: list[GlobalUse] | None = None,
     ) -> None:
-        self.path = path
+        self.source: ByteSource | None = None if isinstance(path, Path) else path
+        self.path: Path = path if isinstance(path, Path) else path.path
         self.format = format
         self.tensors = tensors
         self.metadata = metadata or {}
         self.extra = extra or {}
         self.container = container if container is not None else ContainerFacts()
         self.globals = globals or []
-        self.file_size = path.stat().st_size
+        self.file_size = self.source.size if self.source else self.path.stat().st_size
         self._mmap: mmap.mmap | None = None
 
     # -- data on demand -------------------------------------------------------------------------
@@ -261,7 +275,10 @@ class ModelFile:
                     f"file has {self.file_size}; the download is truncated",
                     path=self.path,
                 )
-            base = np.frombuffer(self._map(), np.uint8, st.nbytes, st.file_offset)
+            if self.source is not None:
+                base = np.frombuffer(self.source.pread(st.file_offset, st.nbytes), np.uint8)
+            else:
+                base = np.frombuffer(self._map(), np.uint8, st.nbytes, st.file_offset)
         else:
             assert st.load is not None, "a storage has either a file offset or a loader"
             raw = st.load()
@@ -297,6 +314,8 @@ class ModelFile:
 
     def close(self) -> None:
         """Release the file mapping (arrays still viewing it keep it alive until they go)."""
+        if self.source is not None:
+            self.source.close()
         if self._mmap is not None:
             # numpy views may still be exported; then the GC closes the map with them
             with contextlib.suppress(BufferError):

@@ -11,6 +11,7 @@ import click
 from sdtool.cache import Cache, open_cache
 from sdtool.cli import progress, render
 from sdtool.cli.options import (
+    PathOrUrl,
     cache_options,
     complete_from,
     json_option,
@@ -37,7 +38,7 @@ def _render(result: HashResult) -> None:
 
 
 @click.command("hash")
-@click.argument("files", nargs=-1, metavar="FILE...", type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, metavar="FILE...", type=PathOrUrl())
 @click.option(
     "-a",
     "--algorithm",
@@ -81,7 +82,8 @@ def hash_cmd(
     """Print SHA256, AutoV1, AutoV2, AutoV3, CRC32 and BLAKE3 of each FILE in one read.
 
     Hex is uppercase, as Civitai shows it. AutoV3 (the LoRA/"addnet" hash) exists only for
-    safetensors files. Folders are hashed recursively; - reads standard input. Exit code 0 when
+    safetensors files. Folders are hashed recursively; - reads standard input; a URL (https://,
+    hf://ORG/REPO/PATH[@REV]) is streamed once, never saved. Exit code 0 when
     every file was hashed (and, with --check, matched), 1 when a check FAILED, 2 when a file
     could not be read.
 

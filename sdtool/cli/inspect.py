@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdtool.cli.options import json_option, key_option, quiet_option
+from sdtool.cli.options import PathOrUrl, json_option, key_option, quiet_option
 from sdtool.cli.render import (
     console,
     error,
@@ -29,9 +29,7 @@ MAX_SHOWN = 160  # characters of a metadata value or extra field in the table vi
 
 
 @click.command("inspect")
-@click.argument(
-    "files", nargs=-1, required=True, metavar="FILE...", type=click.Path(path_type=Path)
-)
+@click.argument("files", nargs=-1, required=True, metavar="FILE...", type=PathOrUrl())
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
 @click.option(
     "--filter", "pattern", metavar="GLOB", help="List only the tensors whose name matches GLOB."
@@ -50,7 +48,8 @@ def inspect_cmd(
     """Summarise each FILE: format, tensors, parameters, dtypes, components, metadata, globals.
 
     Reads headers and pickles only, never tensor bytes, and never runs code from the file.
-    FILE may be - for standard input. With several files, --json prints a list.
+    FILE may be - for standard input, or a URL (https://, hf://ORG/REPO/PATH[@REV]) read by
+    range requests. With several files, --json prints a list.
 
     \b
     Examples:
@@ -58,6 +57,7 @@ def inspect_cmd(
       sdtool inspect model.safetensors --tensors --filter 'first_stage_model.*'
       sdtool inspect model.ckpt --json | jq .totals
       sdtool inspect loras/*.safetensors --quiet
+      sdtool inspect hf://stabilityai/sdxl-turbo/sd_xl_turbo_1.0_fp16.safetensors
     """
     from sdtool.cli.stdin import spooled
     from sdtool.errors import SdtoolError

@@ -55,6 +55,21 @@ class DTypeParam(click.ParamType):
         self.fail(f"{text!r} is not a dtype sdtool casts to; use one of {', '.join(self.names)}")
 
 
+class PathOrUrl(click.Path):
+    """A file argument that may also be a URL (https://, http://, hf://), kept whole as a
+    ``sdtool.urls.UrlPath`` (a plain Path would drop a slash)."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from sdtool.urls import UrlPath, is_url
+
+        if isinstance(value, str) and is_url(value):
+            return UrlPath(value)
+        return super().convert(value, param, ctx)
+
+
 def _apply(f: F, *decorators: Callable[[F], F]) -> F:
     for d in reversed(decorators):
         f = d(f)

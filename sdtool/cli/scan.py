@@ -12,7 +12,13 @@ import click
 
 from sdtool.cache import open_cache
 from sdtool.cli import progress as bars_
-from sdtool.cli.options import cache_options, jobs_option, json_option, jsonl_option
+from sdtool.cli.options import (
+    PathOrUrl,
+    cache_options,
+    jobs_option,
+    json_option,
+    jsonl_option,
+)
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, wrap, wrap_width
 from sdtool.cli.stdin import STDIN, is_stdin, spooled
 from sdtool.vocab import Verdict
@@ -34,7 +40,7 @@ LABEL = {"skipped": "skipped (not model files)"}  # how the summary names a verd
 
 
 @click.command("scan")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=PathOrUrl())
 @click.option("--strict", is_flag=True, help="Fail (exit 1) on suspicious files too.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching GLOB.")
 @jobs_option("Scan")
@@ -64,7 +70,8 @@ def scan_cmd(
 ) -> int:
     """Check model files for anything loading them could run, without running anything.
 
-    PATHS are files or directories (scanned recursively), or - for standard input. Every file
+    PATHS are files or directories (scanned recursively), - for standard input, or URLs
+    (https://, hf://ORG/REPO/PATH[@REV]: only what holds pickles is fetched). Every file
     is routed by its content, whatever its name. Files that are by content no model and nothing
     a loader runs (images, JSON, YAML, text) are listed as skipped and counted; files sdtool
     cannot analyse, truncated or corrupt ones included, as "could not scan" (on stderr).

@@ -8,17 +8,21 @@ from pathlib import Path
 
 from sdtool.errors import CorruptFile, SdtoolError, UnknownFormat, UsageError
 from sdtool.formats.sniff import not_a_model, sniff
+from sdtool.formats.source import Input, RangeReader, input_path
 from sdtool.model import ModelFile
+from sdtool.urls import is_url
 from sdtool.vocab import COMPRESSED, Format
 
 
-def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
+def open_model(path: str | Path | RangeReader, *, key: str | None = None) -> ModelFile:
     """Open a model file lazily: headers and pickles are read, tensor bytes are not.
 
     Args:
         path: any file; the format is decided by content, never by extension. Also a shard
             index (``*.safetensors.index.json``), or a folder holding one shard set (indexed or
-            not) or exactly one ``.safetensors`` file (a diffusers component folder).
+            not) or exactly one ``.safetensors`` file (a diffusers component folder). Or a URL
+            (``https://``, ``http://``, ``hf://ORG/REPO/PATH[@REV]``: safetensors and torch
+            files, read by HTTP range requests, see sdtool.remote), or a RangeReader.
         key: a dotted path to the sub-dict whose tensors to use instead of the state dict.
 
     Raises:
@@ -29,6 +33,17 @@ def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
         >>> with open_model("model.ckpt") as m:
         ...     print(len(m.tensors), m.format)
     """
+    if is_url(path):
+        from sdtool.remote import open_url  # HTTP only when a URL is given
+
+        reader = open_url(str(path))
+        try:
+            return _open_input(reader, key)
+        except BaseException:
+            reader.close()
+            raise
+    if isinstance(path, RangeReader):
+        return _open_input(path, key)
     p = Path(path)
     if p.is_dir() or p.name.endswith(".json"):
         from sdtool.formats.shards import open_folder
@@ -36,7 +51,19 @@ def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
         opened = open_folder(p)
         if opened is not None:
             return opened
+    return _open_input(p, key)
+
+
+def _open_input(p: Input, key: str | None) -> ModelFile:
     kind, head, size = sniff(p)
+    remote = isinstance(p, RangeReader)
+    if remote and kind not in (Format.SAFETENSORS, Format.ZIP, Format.PICKLE, Format.TAR):
+        if kind in (Format.GGUF, Format.NPY):
+            raise UnknownFormat(
+                f"a {kind.value} file: reading one over HTTP is not supported; download it first",
+                path=input_path(p),
+            )
+        raise not_a_model(input_path(p), head, size)
     try:
         if kind is Format.SAFETENSORS:
             from sdtool.formats.safetensors import read_safetensors
@@ -46,25 +73,25 @@ def open_model(path: str | Path, *, key: str | None = None) -> ModelFile:
             from sdtool.formats.torchfile import read_torch
 
             return read_torch(p, kind, key=key)
-        if kind is Format.GGUF:
+        if kind is Format.GGUF and isinstance(p, Path):
             from sdtool.formats.gguf import read_gguf
 
             return read_gguf(p)
-        if kind is Format.NPY:
+        if kind is Format.NPY and isinstance(p, Path):
             from sdtool.formats.numpyfile import read_npy
 
             return read_npy(p)
     except SdtoolError as e:
-        raise e.with_path(p) from None
+        raise e.with_path(input_path(p)) from None
     except (OSError, ValueError, EOFError, MemoryError, RecursionError) as e:
-        raise CorruptFile(f"cannot be read ({type(e).__name__}: {e})", path=p) from None
+        raise CorruptFile(f"cannot be read ({type(e).__name__}: {e})", path=input_path(p)) from None
     if kind in COMPRESSED or kind is Format.SEVENZIP:
         raise UnknownFormat(
             f"a {kind.value}-compressed file, not a model file I know (decompress it first, "
             "or use `sdtool scan` to check what is inside)",
-            path=p,
+            path=input_path(p),
         )
-    raise not_a_model(p, head, size)
+    raise not_a_model(input_path(p), head, size)
 
 
 @contextlib.contextmanager

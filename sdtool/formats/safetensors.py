@@ -12,11 +12,11 @@ import json
 import struct
 from dataclasses import dataclass, field
 from math import prod
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from sdtool import dtypes
 from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
+from sdtool.formats.source import Input, input_path, input_size, open_input
 from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, contiguous_strides
 from sdtool.vocab import Format
 
@@ -138,14 +138,14 @@ def _check_offsets(entries: dict[str, dict[str, Any]], buffer_len: int) -> None:
         raise CorruptFile(f"{buffer_len - expected} unexpected bytes after the last tensor")
 
 
-def read_safetensors(path: Path) -> ModelFile:
+def read_safetensors(path: Input) -> ModelFile:
     """Open a safetensors file lazily (header only)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    size = input_size(path)
+    with open_input(path) as f:
         try:
             header = read_header(f, size)
         except CorruptFile as e:
-            raise e.with_path(path) from None
+            raise e.with_path(input_path(path)) from None
     tensors: dict[str, TensorInfo] = {}
     start = header.data_start
     by_offset = sorted(header.entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 from sdtool.errors import FileAccessError, UnknownFormat
+from sdtool.formats.source import RangeReader
 from sdtool.vocab import Format
 
 HEAD = 4096
@@ -135,8 +136,11 @@ def describe(head: bytes, size: int) -> str:
     return f"its first bytes are {head[:16].hex(' ')}"
 
 
-def sniff(path: str | Path) -> tuple[Format, bytes, int]:
+def sniff(path: str | Path | RangeReader) -> tuple[Format, bytes, int]:
     """(kind, first bytes, size) of ``path``; FileAccessError when it cannot be read."""
+    if isinstance(path, RangeReader):
+        head = path.pread(0, HEAD)
+        return sniff_bytes(head, path.size), head, path.size
     p = Path(path)
     try:
         if p.is_dir():

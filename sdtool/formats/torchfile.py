@@ -27,6 +27,7 @@ from sdtool.errors import (
 from sdtool.formats import zip as zipr
 from sdtool.formats.graph import collect
 from sdtool.formats.sniff import sniff_bytes
+from sdtool.formats.source import Input, RangeReader, input_path, input_size, open_input
 from sdtool.formats.unpickler import StorageType, brief, globals_met, load_one
 from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, check_view
 from sdtool.vocab import Format
@@ -90,6 +91,7 @@ class _Source:
     size: int
     path: Path | None = None  # set for the real file
     data: bytes | None = None  # set for a nested torch file held in a pickle
+    reader: RangeReader | None = None  # set for a remote file
     seen: Seen = field(default_factory=collections.Counter)
 
     def storage(self, key: str, dtype: dtypes.DType, nbytes: int, offset: int) -> Storage:
@@ -107,15 +109,18 @@ class _Source:
         return _load_pickles(src)[0]
 
 
-def read_torch(path: Path, kind: Format, *, key: str | None = None) -> ModelFile:
+def read_torch(path: Input, kind: Format, *, key: str | None = None) -> ModelFile:
     """Open a torch file (zip, legacy, TAR) or plain pickle lazily."""
-    size = path.stat().st_size
+    size = input_size(path)
     container: ContainerFacts
-    with open(path, "rb") as f:
-        src = _Source(f, size, path=path)
+    with open_input(path) as f:
+        reader = path if isinstance(path, RangeReader) else None
+        src = _Source(f, size, path=input_path(path), reader=reader)
         if kind is Format.ZIP:
             archive = zipr.read_archive(f, size)
             if _is_npz(archive):
+                if not isinstance(path, Path):
+                    raise UnknownFormat("an npz archive: download it to read it")
                 from sdtool.formats.numpyfile import read_npz
 
                 return read_npz(path, archive)
@@ -220,9 +225,9 @@ def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, ZipFacts]:
             raise CorruptFile(
                 f"storage {brief(key)} needs {nbytes} bytes, its member holds {m.size}"
             )
-        if m.stored:
+        if m.stored and src.reader is None:
             st = src.storage(key, dtype, nbytes, m.data_offset)
-        else:
+        else:  # deflated, or remote: its local header is read when its bytes are
             st = Storage(key, dtype, nbytes, load=_member_loader(src, m))
         st.big_endian = big
         cache[key] = st
@@ -250,7 +255,7 @@ def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, ZipFacts]:
         pickle_protocol=raw[1] if raw[:1] == b"\x80" else 0,
         storages=len(cache),
         members=len(archive.entries),
-        deflated_storages=sum(1 for s in cache.values() if s.file_offset is None),
+        deflated_storages=sum(1 for k in cache if not members[f"{prefix}data/{k}"].stored),
         irregularities=[str(i) for i in archive.irregularities],
     )
     return root, container
@@ -267,6 +272,9 @@ def _member_loader(src: _Source, m: zipr.ZipMember) -> Callable[[], bytes]:
     if src.data is not None:
         data = src.data
         return lambda: zipr.read_member(io.BytesIO(data), m)
+    if src.reader is not None:
+        reader = src.reader
+        return lambda: zipr.read_member(reader.open(), m)
     path = src.path
 
     def load() -> bytes:

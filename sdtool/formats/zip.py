@@ -21,6 +21,7 @@ from enum import Enum
 from typing import BinaryIO
 
 from sdtool.errors import CorruptFile, TruncatedFile
+from sdtool.formats.source import is_remote
 
 EOCD_SIG = b"PK\x05\x06"
 EOCD64_SIG = b"PK\x06\x06"
@@ -43,8 +44,21 @@ class ZipMember:
     compressed_size: int
     size: int
     header_offset: int  # absolute offset of the local header
-    data_offset: int = -1  # absolute offset of the member's bytes (after the local header)
     local_name: str | None = None
+    _offset: int = field(default=-1, repr=False)
+    #: reads the local header when ``data_offset`` is first asked for (remote files only)
+    _locate: Callable[[ZipMember], None] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def data_offset(self) -> int:
+        """Absolute offset of the member's bytes (after the local header)."""
+        if self._offset < 0 and self._locate is not None:
+            self._locate(self)
+        return self._offset
+
+    @data_offset.setter
+    def data_offset(self, value: int) -> None:
+        self._offset = value
 
     @property
     def stored(self) -> bool:
@@ -172,6 +186,9 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
                 )
             )
         members[m.name] = m
+        if is_remote(f):
+            _defer(pread, m, file_size, irregular)
+            continue
         _locate_data(pread, m, file_size)
         if m.local_name is not None and m.local_name != m.name:
             irregular.append(
@@ -231,6 +248,27 @@ def positional_reader(f: BinaryIO) -> Callable[[int, int], bytes]:
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     return lambda offset, n: os.pread(fd, n, offset)
+
+
+def _defer(
+    pread: Callable[[int, int], bytes], m: ZipMember, file_size: int, irregular: list[str]
+) -> None:
+    """Remote bytes: a local header costs a request, and a checkpoint has one per tensor, so
+    each is read when its member's data is first asked for (the pickles, not the storages).
+    What can be checked without it is checked now."""
+    if m.header_offset + 30 + m.compressed_size > file_size:
+        raise TruncatedFile(
+            f"zip member {m.name!r} needs bytes up to {m.header_offset + 30 + m.compressed_size}"
+            f" but the file has {file_size}; the download is truncated"
+        )
+
+    def locate(m: ZipMember) -> None:
+        m._locate = None
+        _locate_data(pread, m, file_size)
+        if m.local_name is not None and m.local_name != m.name:
+            irregular.append(f"member {m.name!r} is named {m.local_name!r} in its local header")
+
+    m._locate = locate
 
 
 def _locate_data(pread: Callable[[int, int], bytes], m: ZipMember, file_size: int) -> None:
@@ -329,7 +367,8 @@ def read_archives(
 
 
 def _signature(arch: ZipArchive) -> tuple[tuple[str, int, int], ...]:
-    return tuple((m.name, m.data_offset, m.compressed_size) for m in arch.entries)
+    # the local header's offset decides where the data lies: comparing it needs no read
+    return tuple((m.name, m.header_offset, m.compressed_size) for m in arch.entries)
 
 
 def _records(tail: bytes, pos: int, base: int) -> list[EndRecord]:
@@ -380,7 +419,10 @@ def _read_with(f: BinaryIO, file_size: int, tail: bytes, pos: int, rec: EndRecor
     located: list[ZipMember] = []
     for m in entries:
         with contextlib.suppress(CorruptFile, TruncatedFile):
-            _locate_data(pread, m, file_size)
+            if is_remote(f):
+                _defer(pread, m, file_size, [])
+            else:
+                _locate_data(pread, m, file_size)
             located.append(m)
             members[m.name] = m
     return ZipArchive(members, located, prefix, file_size)

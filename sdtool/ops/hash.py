@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from sdtool.errors import CorruptFile, FileAccessError, UsageError
 from sdtool.formats.sniff import HEAD, sniff_bytes
 from sdtool.results import Result
+from sdtool.urls import is_url
 from sdtool.vocab import Format, Progress
 
 if TYPE_CHECKING:
@@ -208,10 +209,15 @@ def hash_file(
         >>> hash_file("model.safetensors", algorithms=["autov2", "autov3"]).hashes
         {'autov2': '6CE0161689', 'autov3': '...'}
     """
-    p = Path(path)
     names = parse_algorithms(algorithms)
     if not names:
         raise UsageError("no hash algorithm requested")
+    if is_url(path):  # one streamed pass over HTTP (sdtool.remote)
+        from sdtool.remote import open_url
+
+        with open_url(path) as r, r.open() as f:
+            return _hash_open(r.path, f, names, progress, max(chunk_size, 1 << 16), size=r.size)
+    p = Path(path)
     try:
         if p.is_dir():
             raise FileAccessError("is a directory, not a file", path=p)
@@ -244,6 +250,8 @@ def hash_cached(
     from sdtool import __version__
     from sdtool.cache import Identity
 
+    if is_url(path):  # a remote file has no identity to key the cache by
+        return hash_file(path, algorithms=algorithms, progress=progress), False
     p = Path(path)
     names = parse_algorithms(algorithms)
     try:
@@ -285,9 +293,16 @@ def hash_cached(
 
 
 def _hash_open(
-    p: Path, f: BinaryIO, names: tuple[str, ...], progress: Progress | None, chunk: int
+    p: Path,
+    f: BinaryIO,
+    names: tuple[str, ...],
+    progress: Progress | None,
+    chunk: int,
+    *,
+    size: int | None = None,
 ) -> HashResult:
-    size = os.fstat(f.fileno()).st_size
+    if size is None:
+        size = os.fstat(f.fileno()).st_size
     head = f.read(HEAD)
     notes: dict[str, str] = {}
     is_st = sniff_bytes(head, size) is Format.SAFETENSORS

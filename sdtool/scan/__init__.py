@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sdtool.formats.shards import INDEX_RE, expand_shards
 from sdtool.scan.classify import classify_global
 from sdtool.scan.report import FileReport, Finding, ScanReport
+from sdtool.urls import as_path, is_url
 
 if TYPE_CHECKING:
     from sdtool.cache import Cache
@@ -64,7 +65,7 @@ def scan(path: str | Path, *, limits: Limits | None = None, crc: str = "read") -
     from sdtool.scan.containers import scan_file
     from sdtool.scan.vm import DEFAULT_LIMITS
 
-    return scan_file(Path(path), limits=limits or DEFAULT_LIMITS, crc=crc)
+    return scan_file(as_path(path), limits=limits or DEFAULT_LIMITS, crc=crc)
 
 
 def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iterator[Path | str]:
@@ -80,6 +81,9 @@ def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iter
         return any(fnmatch.fnmatch(s, pat) or fnmatch.fnmatch(p.name, pat) for pat in pats)
 
     for raw in paths:
+        if is_url(raw) or is_url(str(raw)):  # a remote file: read by ranges, never walked
+            yield as_path(str(raw))
+            continue
         p = Path(raw)
         if p.is_dir():
             for root, dirs, files in os.walk(p):
@@ -137,7 +141,7 @@ def scan_paths(
     found = {
         i: lookup(t, cache, sha256=sha256, settings=settings)
         for i, t in enumerate(targets)
-        if isinstance(t, Path) and (cache is not None or sha256)
+        if isinstance(t, Path) and (cache is not None or sha256) and not is_url(t)
     }
     todo = [t for i, t in enumerate(targets) if isinstance(t, Path) and _miss(found.get(i))]
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from sdtool.errors import ScanLimit
+from sdtool.formats.source import RangeReader
 
 SPILL = 64 << 20  # decompressed bytes kept in memory; more go to a temporary file
 CHUNK = 1 << 20
@@ -156,6 +157,8 @@ def as_file(buf: Any) -> BinaryIO:
     """A file-like view of ``buf`` for readers that seek and read."""
     if isinstance(buf, FileBuf):
         return buf.f
+    if isinstance(buf, RangeReader):  # remote bytes: reads go through its block cache
+        return buf.open()
     if isinstance(buf, mmap.mmap):
         return buf  # type: ignore[return-value]  # mmap has seek/read
     if isinstance(buf, Window):

@@ -43,6 +43,7 @@ from sdtool.scan.walkers.pickle import scan_pickle
 from sdtool.scan.walkers.safetensors import scan_safetensors
 from sdtool.scan.walkers.tar import scan_tar
 from sdtool.scan.walkers.zip import scan_zip
+from sdtool.urls import is_url
 from sdtool.vocab import Format
 
 
@@ -58,6 +59,9 @@ def scan_file(
     ctx = Ctx(rep, limits, crc=crc, budget=Budget(**budget.__dict__) if budget else Budget())
     ctx.budget.start()
     try:
+        if is_url(path):
+            _scan_remote(ctx, path)
+            return rep
         with open_regular(path) as f:
             size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
@@ -87,6 +91,26 @@ def scan_file(
         if ctx.formats:
             rep.format = ctx.formats[0]
     return rep
+
+
+def _scan_remote(ctx: Ctx, path: Path) -> None:
+    """A URL, read by ranges (sdtool.remote): what holds pickles is read, raw storages are not."""
+    from sdtool.remote import open_url
+
+    rep = ctx.report
+    try:
+        reader = open_url(path)
+    except SdtoolError as e:
+        rep.scanned, rep.format = False, Format.UNREADABLE
+        rep.errors.append(f"not scanned: {e.message}")
+        return
+    with reader:
+        rep.size = reader.size
+        if reader.size == 0:
+            rep.scanned, rep.format = False, Format.EMPTY
+            rep.errors.append("not scanned: the file is empty")
+            return
+        scan_blob(ctx, reader, None, depth=0, name=path.name)
 
 
 def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str = "") -> None:

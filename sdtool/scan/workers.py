@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any
 
 from sdtool.errors import ScanLimit, ScanWorkerDied
@@ -51,6 +50,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
     faulthandler.disable()  # a crash is reported by the parent, as the file's error
     from sdtool.scan.containers import scan_file
     from sdtool.scan.vm import Limits
+    from sdtool.urls import as_path
 
     while True:
         try:
@@ -62,7 +62,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
         if "limits" in kwargs:
             kwargs["limits"] = Limits(**kwargs["limits"])
         try:
-            rep = scan_file(Path(task["path"]), **kwargs)
+            rep = scan_file(as_path(task["path"]), **kwargs)
         except MemoryError:
             rep = limit_report(task["path"], f"the scan needed more than {memory_limit} bytes")
         conn.send_bytes(json.dumps(rep.to_dict()).encode())

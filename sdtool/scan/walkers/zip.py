@@ -45,9 +45,11 @@ def scan_zip(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             return
         arch = readings.pop(0)  # torch cannot read it; zipfile (numpy, joblib) can
     scan_archive(ctx, buf, arch, member, depth)
-    done = {(m.data_offset, m.compressed_size) for m in arch.entries}
+    # keyed by the local header (it decides where the data lies) so that comparing readings
+    # reads no local header: a remote file reads only the members it scans
+    done = {(m.header_offset, m.compressed_size) for m in arch.entries}
     for n, other in enumerate(readings, start=1):
-        new = [m for m in other.entries if (m.data_offset, m.compressed_size) not in done]
+        new = [m for m in other.entries if (m.header_offset, m.compressed_size) not in done]
         if not new:
             continue
         names = ", ".join(m.name for m in new[:5]) + (" ..." if len(new) > 5 else "")
@@ -60,7 +62,7 @@ def scan_zip(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             member,
         )
         for m in new:
-            done.add((m.data_offset, m.compressed_size))
+            done.add((m.header_offset, m.compressed_size))
             if m.name.endswith("/") and m.size == 0:
                 continue
             path = join_path(member, f"<reading {n}>/{m.name}")
