@@ -188,16 +188,9 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
         members[m.name] = m
         if is_remote(f):
             _defer(pread, m, file_size, irregular)
-            continue
-        _locate_data(pread, m, file_size)
-        if m.local_name is not None and m.local_name != m.name:
-            irregular.append(
-                ZipIrregularity(
-                    Irregular.LOCAL_NAME,
-                    f"member {m.name!r} is named {m.local_name!r} in its local header",
-                    m.name,
-                )
-            )
+        else:
+            _locate_data(pread, m, file_size)
+            irregular.extend(_local_name(m))
         if m.flags & 0x61:
             irregular.append(
                 ZipIrregularity(
@@ -251,7 +244,10 @@ def positional_reader(f: BinaryIO) -> Callable[[int, int], bytes]:
 
 
 def _defer(
-    pread: Callable[[int, int], bytes], m: ZipMember, file_size: int, irregular: list[str]
+    pread: Callable[[int, int], bytes],
+    m: ZipMember,
+    file_size: int,
+    irregular: list[ZipIrregularity],
 ) -> None:
     """Remote bytes: a local header costs a request, and a checkpoint has one per tensor, so
     each is read when its member's data is first asked for (the pickles, not the storages).
@@ -265,10 +261,17 @@ def _defer(
     def locate(m: ZipMember) -> None:
         m._locate = None
         _locate_data(pread, m, file_size)
-        if m.local_name is not None and m.local_name != m.name:
-            irregular.append(f"member {m.name!r} is named {m.local_name!r} in its local header")
+        irregular.extend(_local_name(m))
 
     m._locate = locate
+
+
+def _local_name(m: ZipMember) -> list[ZipIrregularity]:
+    """The local header names the member differently from the central directory."""
+    if m.local_name is None or m.local_name == m.name:
+        return []
+    text = f"member {m.name!r} is named {m.local_name!r} in its local header"
+    return [ZipIrregularity(Irregular.LOCAL_NAME, text, m.name)]
 
 
 def _locate_data(pread: Callable[[int, int], bytes], m: ZipMember, file_size: int) -> None:
