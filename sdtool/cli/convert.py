@@ -69,8 +69,14 @@ if TYPE_CHECKING:
     "--components", metavar="LIST", help="--to single: unet,vae,text-encoder,text-encoder-2."
 )
 @click.option(
+    "--tokenizers-from",
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="--to diffusers: copy tokenizer*/ from this diffusers folder (sdtool ships none).",
+)
+@click.option(
     "--lora-format",
-    type=click.Choice(["kohya", "diffusers", "peft", "comfy"]),
+    type=click.Choice(["kohya", "diffusers", "peft", "comfy", "ai-toolkit"]),
     help="Rename a LoRA file's modules into this naming (alpha carried; docs/layouts.md).",
 )
 @dry_run_option
@@ -116,6 +122,7 @@ def convert_cmd(
     dry_run: bool = False,
     quiet: bool = False,
     lora_format: str | None = None,
+    tokenizers_from: Path | None = None,
     quant: str | None = None,
     fp8_scaled: bool = False,
     fp8_format: str = "comfy",
@@ -162,12 +169,14 @@ def convert_cmd(
         return run_layout(
             paths[0], paths[1], to=to, family=family, prediction_type=prediction_type,
             components=components, overwrite=overwrite, verify=verify, dry_run=dry_run,
-            max_shard_size=max_shard_size, as_json=as_json,
+            max_shard_size=max_shard_size, as_json=as_json, tokenizers_from=tokenizers_from,
         )  # fmt: skip
     if to in LAYOUT_TARGETS:
         raise UsageError(f"--to {to} converts one input to one output (no --out-dir)")
-    if family or components or prediction_type:
-        raise UsageError("--family/--components/--prediction-type: with --to diffusers|single")
+    if family or components or prediction_type or tokenizers_from:
+        raise UsageError(
+            "--family/--components/--prediction-type/--tokenizers-from: with --to diffusers|single"
+        )
     to = to or "safetensors"
     options = ConvertOptions(
         max_shard_size=max_shard_size,

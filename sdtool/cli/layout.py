@@ -34,6 +34,7 @@ def run_layout(
     dry_run: bool,
     max_shard_size: str | None,
     as_json: bool,
+    tokenizers_from: Path | None = None,
 ) -> int:
     from sdtool.ops.layout import to_diffusers, to_single
 
@@ -43,8 +44,11 @@ def run_layout(
         result = to_diffusers(
             src, dst, family=family, prediction_type=prediction_type, overwrite=overwrite,
             verify=verify, dry_run=dry_run, max_shard_size=max_shard_size,
+            tokenizers_from=tokenizers_from,
         )  # fmt: skip
     else:
+        if tokenizers_from:
+            raise UsageError("--tokenizers-from applies to --to diffusers")
         if max_shard_size:
             raise UsageError("--max-shard-size applies to --to diffusers (and plain conversions)")
         chosen = [c.strip() for c in components.split(",") if c.strip()] if components else None
@@ -108,6 +112,10 @@ def run_lora_format(
         for old, new in r.mapping:
             out.print(f"{markup(old)} -> {markup(new)}")
     what = f"{r.modules} modules ({r.family}) as {to}"
+    if r.split:
+        what += f", {len(r.split)} fused split into parts"
+    if r.fused:
+        what += f", {len(r.fused)} fused from parts"
     if not r.dry_run:
         what += f", {human_bytes(r.output_bytes)}" + (", verified" if r.verified else "")
     out.print(

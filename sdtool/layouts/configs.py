@@ -162,6 +162,18 @@ def model_index(family: str, present: set[str]) -> dict[str, Any]:
     return dict(sorted(out.items(), key=lambda kv: (not kv[0].startswith("_"), kv[0])))
 
 
+def tokenizer_slots(family: str) -> dict[str, str]:
+    """The family pipeline's tokenizer slots -> the transformers class diffusers' hub repos use
+    (CLIP's for CLIP-L/G, T5TokenizerFast for T5: Flux's tokenizer_2, SD3's tokenizer_3)."""
+    comps = FAMILIES[family].components
+    t5 = {"flux": "tokenizer_2"}.get(family, "tokenizer_3")
+    return {
+        n: "T5TokenizerFast" if n == t5 else "CLIPTokenizer"
+        for n in comps
+        if n.startswith("tokenizer")
+    }
+
+
 def scheduler_config(family: str, prediction_type: str | None = None) -> dict[str, Any]:
     fam = FAMILIES[family]
     cls, cfg = fam.scheduler

@@ -14,7 +14,9 @@ section 3.
 
 from __future__ import annotations
 
-FORMATS = ("kohya", "diffusers", "peft", "comfy")
+FORMATS = ("kohya", "diffusers", "peft", "comfy", "ai-toolkit")
+#: formats that name modules by diffusers paths, with PEFT's lora_A / lora_B
+PEFT_FORMATS = frozenset({"diffusers", "peft", "ai-toolkit"})
 
 #: module-name parts that contain "_" themselves (kept whole when "_" becomes "."), longest
 #: first when they overlap. UNet (diffusers and ldm), CLIP, T5, MMDiT and Flux names.
@@ -71,3 +73,31 @@ COMFY_TE = {
 }  # fmt: skip
 #: families whose kohya LoRAs name the UNet / transformer by single-file (ldm, BFL) paths
 KOHYA_SINGLE_NAMES = frozenset({"sdxl-base", "sdxl-refiner", "flux", "sd3", "sd3.5-large"})
+
+#: role (sdtool.ops.lora.names) -> key suffix in kohya / LyCORIS / ComfyUI files and in
+#: diffusers / PEFT / ai-toolkit files; None: that naming has no spelling for it. LoHa / LoKr
+#: keep LyCORIS' suffixes everywhere (PEFT's LoHa / LoKr layers use the same names).
+SUFFIX: dict[str, tuple[str | None, str | None]] = {
+    "down": (".lora_down.weight", ".lora_A.weight"),
+    "up": (".lora_up.weight", ".lora_B.weight"),
+    "mid": (".lora_mid.weight", None),
+    "dora": (".dora_scale", None),
+    "magnitude": (None, ".lora_magnitude_vector"),
+    **{r: ("." + r, "." + r) for r in (
+        "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+        "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+        "diff", "diff_b",
+    )},
+}  # fmt: skip
+#: per kind, the roles whose rows are the adapted weight's output rows (a row slice of the
+#: fused weight slices them; a half swap swaps them). LoKr's rows are w1's blocks (below).
+ROW_ROLES = {
+    "lora": ("up",),
+    "loha": ("hada_w1_a", "hada_w2_a"),
+    "full": ("diff",),
+    "bias": ("diff_b",),
+}
+#: Flux's text encoders: kohya (``networks/lora_flux.py``) writes T5 as ``lora_te3``, ComfyUI as
+#: ``text_encoders.t5xxl``; diffusers' FluxPipeline calls it ``text_encoder_2``
+FLUX_COMPONENTS = {"te3": "te2"}
+KOHYA_PREFIX_FAMILY = {"flux": {"te2": "lora_te3"}}

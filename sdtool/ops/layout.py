@@ -7,8 +7,9 @@ squeezes, transposes: bytes copied as they are); only joins and half-swaps are c
 tensor at a time. Tensors no diffusers component has a slot for (EMA weights, the noise
 schedule, CLIP's ``position_ids``, OpenCLIP's ``logit_scale``...) and the input's metadata go to
 ``single_file_extras.safetensors`` at the folder's root, so ``to_single`` gives every tensor back
-bit for bit under its original name. Tokenizers are not written (sdtool has no vocabulary files
-and never downloads): model_index.json lists them as [null, null]; load with ``tokenizer=...``.
+bit for bit under its original name. Tokenizers are copied from ``tokenizers_from`` (a diffusers
+folder) or not written (sdtool has no vocabulary files and never downloads): model_index.json
+lists them as [null, null]; load with ``tokenizer=None`` / ``tokenizer=...``.
 
 ``to_single``: a diffusers folder, a component folder or a component file -> one file as ComfyUI
 / A1111 load it (a whole checkpoint with its prefixes; a lone component without them).
@@ -286,6 +287,7 @@ def to_diffusers(
     verify: bool = False,
     dry_run: bool = False,
     max_shard_size: str | int | None = None,
+    tokenizers_from: str | Path | None = None,
 ) -> LayoutResult:
     """Write the single-file checkpoint ``src`` as the diffusers folder ``out_dir``.
 
@@ -296,6 +298,8 @@ def to_diffusers(
         verify: re-read every written file and compare it bit for bit with its sources.
         dry_run: resolve the mapping and return it; write nothing.
         max_shard_size: shard each component's weights (``"5GB"``), with an index.
+        tokenizers_from: a diffusers folder (or a hub snapshot of one) whose ``tokenizer*/``
+            folders are copied in for the family's tokenizer slots (sdtool ships none).
 
     Raises UsageError for a family sdtool has no tables for, OutputError for an existing
     ``out_dir`` without ``overwrite``; nothing is left behind on any error.
@@ -326,10 +330,22 @@ def to_diffusers(
                 res.notes.append(
                     f"no {comp} in the input: model_index.json lists it as [null, null]"
                 )
-        res.notes.append(
-            "tokenizers are not written (sdtool downloads nothing): model_index.json lists them "
-            "as [null, null]; pass tokenizer=... when loading"
-        )
+        tokens = _tokenizer_sources(fam, tokenizers_from)
+        missing = [t for t in C.tokenizer_slots(fam) if t not in tokens]
+        if missing:
+            res.notes.append(
+                f"no {', '.join(missing)} written (sdtool ships no vocabularies and downloads "
+                "nothing): model_index.json lists them as [null, null]; add them with "
+                "--tokenizers-from DIR (a diffusers folder of the family, e.g. a hub snapshot "
+                "in ~/.cache/huggingface/hub); "
+                + (
+                    "the pipeline loads without them"
+                    if fam.startswith("sdxl")
+                    else "load with DiffusionPipeline.from_pretrained(out, "
+                    + ", ".join(f"{t}=None" for t in missing)
+                    + ")"
+                )
+            )
         if dry_run:
             res.seconds = time.perf_counter() - t0
             return res
@@ -355,7 +371,12 @@ def to_diffusers(
             else:
                 sched = C.scheduler_config(fam, prediction_type)
             _write_json(folder.tmp / "scheduler" / "scheduler_config.json", sched)
-            _write_json(folder.tmp / "model_index.json", C.model_index(fam, present))
+            index = C.model_index(fam, present)
+            for slot, (srcdir, cls) in tokens.items():
+                shutil.copytree(srcdir, folder.tmp / slot)  # symlinks (hub cache) followed
+                index[slot] = ["transformers", cls]
+                res.files[f"{slot}/"] = sum(1 for p in (folder.tmp / slot).rglob("*"))
+            _write_json(folder.tmp / "model_index.json", index)
             if extras or m.metadata:
                 meta = {**m.metadata, "sdtool.layout.family": fam}
                 plan = [OutTensor(k, *m.locate(k), m.tensors[k].dtype) for k in extras]
@@ -370,6 +391,43 @@ def to_diffusers(
         res.verified = verify
         res.seconds = time.perf_counter() - t0
         return res
+
+
+#: files a tokenizer folder needs, by transformers class (any one group suffices)
+_TOKENIZER_FILES = {
+    "CLIPTokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    "T5TokenizerFast": (("spiece.model",), ("tokenizer.json",)),
+}
+
+
+def _tokenizer_sources(fam: str, folder: str | Path | None) -> dict[str, tuple[Path, str]]:
+    """slot -> (the folder to copy, its class) for the family's tokenizer slots found in
+    ``folder``; UsageError for a folder that is not there or a slot without its files."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"--tokenizers-from: {folder} is not a folder")
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    out: dict[str, tuple[Path, str]] = {}
+    for slot, default in C.tokenizer_slots(fam).items():
+        d = folder / slot
+        if not d.is_dir():
+            continue
+        entry = index.get(slot)
+        cls = entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else default
+        if not any(all((d / f).is_file() for f in group) for group in _TOKENIZER_FILES[default]):
+            need = " or ".join("+".join(g) for g in _TOKENIZER_FILES[default])
+            raise UsageError(f"--tokenizers-from: {d} lacks the {default} files ({need})")
+        out[slot] = (d, cls)
+    if not out:
+        raise UsageError(
+            f"--tokenizers-from: {folder} has none of {', '.join(C.tokenizer_slots(fam))}/"
+        )
+    return out
 
 
 def _config(
