@@ -217,11 +217,12 @@ def hash_task(args: tuple[str, tuple[str, ...], str | None, bool]) -> dict[str, 
     ``{"error": message}``."""
     from sdtool.ops.batch import shared_cache
     from sdtool.ops.hash import hash_cached
+    from sdtool.urls import as_path
 
     path, names, cache_dir, use_cache = args
     cache = shared_cache(cache_dir) if use_cache else None
     try:
-        result, cached = hash_cached(Path(path), cache, algorithms=names)
+        result, cached = hash_cached(as_path(path), cache, algorithms=names)  # URLs stay whole
     except SdtoolError as e:
         return {"error": str(e.with_path(path))}
     except OSError as e:

@@ -138,14 +138,14 @@ def convert_cmd(
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
     OUT is optional: without it, IN.ckpt becomes IN.safetensors beside it (IN-fp16.safetensors
-    with --dtype fp16); an existing folder as OUT receives that name. OUT: .safetensors/.sft or
-    .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory stays about one tensor), or .gguf
-    (ComfyUI-GGUF's layout, --quant). The input's metadata and non-tensor fields (global_step,
-    ...) go into the safetensors __metadata__ (a .ckpt: fields as entries, metadata under
-    __metadata__). Output is written to a temp file and renamed: an error or Ctrl-C leaves
-    nothing behind. Batch mode exits 1 if any file failed; --resume skips the outputs an
-    earlier run wrote and that are unchanged since, --jsonl prints one JSON object per file as
-    it finishes, --cluster runs the files on a Dask cluster (docs/scale.md).
+    with --dtype fp16, IN-Q8_0.gguf with --quant Q8_0); an existing folder as OUT receives that
+    name. OUT: .safetensors/.sft or .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory
+    stays about one tensor), or .gguf (ComfyUI-GGUF's layout, --quant). The input's metadata and
+    non-tensor fields (global_step, ...) go into the safetensors __metadata__ (a .ckpt: fields
+    as entries, metadata under __metadata__). Output is written to a temp file and renamed: an
+    error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed; --resume skips
+    the outputs an earlier run wrote and that are unchanged since, --jsonl prints one JSON object
+    per file as it finishes, --cluster runs the files on a Dask cluster (docs/scale.md).
 
     \b
     Examples:
@@ -214,8 +214,11 @@ def convert_cmd(
                 f"give IN [OUT], or inputs with --out-dir DIR (got {len(paths)} paths)"
             )
         src = paths[0]
-        tag = "" if dtype in (None, "keep") else dtype
-        dst = derived(src, paths[1] if len(paths) == 2 else None, [tag])
+        out = paths[1] if len(paths) == 2 else None
+        if quant is not None:  # GGUF: IN-Q8_0.gguf (an OUT that is not .gguf: convert refuses)
+            dst = derived(src, out, [quant.upper()], ext=".gguf")
+        else:
+            dst = derived(src, out, ["" if dtype in (None, "keep") else dtype])
         with _sigterm_interrupts(), _bars(bars) as progress:
             result = convert(src, dst, options, progress=_single(progress, src))
         if as_json and not quiet:  # the same document as a batch of one: one shape to parse
