@@ -22,12 +22,16 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
+#: reads share one read transaction for up to this many lookups or seconds (see ``_reading``)
+READ_BATCH = 512
+READ_SECONDS = 0.25
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS files ("
@@ -129,9 +133,41 @@ class Cache:
         except sqlite3.Error as e:  # locked past timeout, corrupt, disk full: no cache
             self.disabled_reason = f"{self.path}: cache unusable ({e}); continuing without it"
 
+    def _reading(self, conn: sqlite3.Connection) -> None:
+        """Start or continue a read transaction shared by consecutive lookups.
+
+        Each statement in its own transaction takes and releases SQLite's WAL read lock and
+        revalidates its page cache: at 10,000 files that dominated a cached rerun. Lookups
+        therefore share one read transaction, for at most READ_BATCH lookups or READ_SECONDS
+        (a snapshot at most that old: another process's fresh rows are seen a moment later,
+        never a wrong row), and any write ends it first.
+        """
+        st = self._local
+        now = time.monotonic()
+        if conn.in_transaction:
+            st.reads += 1
+            if st.reads < READ_BATCH and now - st.since < READ_SECONDS:
+                return
+            conn.execute("COMMIT")
+        conn.execute("BEGIN")
+        st.reads, st.since = 0, now
+
+    def _writing(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:  # a shared read transaction: end it, then write on our own
+            conn.execute("COMMIT")
+
+    def release(self) -> None:
+        """End this thread's shared read transaction (after a run of lookups, before slow
+        work), so it does not hold back other processes' WAL checkpoints meanwhile."""
+        with self._use() as conn:
+            if conn is not None:
+                self._writing(conn)
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._writing(conn)
             conn.close()
             self._local.conn = None
 
@@ -147,6 +183,7 @@ class Cache:
         with self._use() as conn:
             if conn is None:
                 return None
+            self._reading(conn)
             row = conn.execute(
                 "SELECT sha256 FROM files WHERE dev=? AND ino=? AND size=? AND mtime_ns=?"
                 " AND ctime_ns=?",
@@ -159,6 +196,7 @@ class Cache:
         """Record ``sha256`` for ``ident`` (the caller checked the identity held while hashing)."""
         with self._use() as conn:
             if conn is not None:
+                self._writing(conn)
                 conn.execute(
                     "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
                     (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns, sha256),
@@ -170,6 +208,7 @@ class Cache:
         with self._use() as conn:
             if conn is None:
                 return None
+            self._reading(conn)
             row = conn.execute(
                 "SELECT value FROM results WHERE sha256=? AND kind=? AND version=?",
                 (sha256, kind, version),
@@ -188,6 +227,7 @@ class Cache:
         text = json.dumps(value, sort_keys=True, ensure_ascii=True)
         with self._use() as conn:
             if conn is not None:
+                self._writing(conn)
                 conn.execute(
                     "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
                     (sha256, kind, version, text),
@@ -198,6 +238,7 @@ class Cache:
         with self._use() as conn:
             if conn is None:
                 return {"files": 0, "results": 0}
+            self._writing(conn)  # counts as of now, not of a shared read snapshot
             return {
                 t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
                 for t in ("files", "results")

@@ -275,10 +275,7 @@ class ModelFile:
                     f"file has {self.file_size}; the download is truncated",
                     path=self.path,
                 )
-            if self.source is not None:
-                base = np.frombuffer(self.source.pread(st.file_offset, st.nbytes), np.uint8)
-            else:
-                base = np.frombuffer(self._map(), np.uint8, st.nbytes, st.file_offset)
+            base = self._span(st.file_offset, st.nbytes)
         else:
             assert st.load is not None, "a storage has either a file offset or a loader"
             raw = st.load()
@@ -303,6 +300,13 @@ class ModelFile:
         if st.big_endian:
             arr = arr.astype(info.dtype.numpy)
         return arr
+
+    def _span(self, offset: int, n: int) -> np.ndarray:
+        """``n`` bytes at ``offset`` as uint8: a view of the mapped file, or (a remote file)
+        fetched from the source."""
+        if self.source is not None:
+            return np.frombuffer(self.source.pread(offset, n), np.uint8)
+        return np.frombuffer(self._map(), np.uint8, n, offset)
 
     def _map(self) -> mmap.mmap:
         if self._mmap is None:

@@ -58,6 +58,7 @@ MAX_REDIRECTS = 5
 #: seconds before the first retry; doubled each time (tests set it to 0)
 BACKOFF = 0.5
 MAX_BACKOFF = 8.0
+MAX_RETRY_AFTER = 60.0  # the longest Retry-After waited for
 
 
 def _env_number(name: str, default: float) -> float:
@@ -155,7 +156,12 @@ def _token_host(netloc: str) -> bool:
 
 
 class _Retry(Exception):
-    """A failure worth another try (the message says what it was)."""
+    """A failure worth another try (the message says what it was); ``wait``: the server's
+    Retry-After, in seconds, if it gave one."""
+
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 class HttpFile(RangeReader):
@@ -334,7 +340,9 @@ class HttpFile(RangeReader):
                 resp = self._get(byte_range)
                 if resp.status in RETRIED:
                     resp.read()
-                    raise _Retry(f"HTTP {resp.status} {resp.reason}".strip())
+                    after = resp.getheader("Retry-After") or ""
+                    wait = float(after) if after.strip().isdigit() else None
+                    raise _Retry(f"HTTP {resp.status} {resp.reason}".strip(), wait)
                 try:
                     result = handle(resp)
                 finally:
@@ -346,7 +354,7 @@ class HttpFile(RangeReader):
                 attempt += 1
                 if attempt > retries():
                     raise self._gave_up(e, attempt) from None
-                _sleep(attempt)
+                _sleep(attempt, e.wait if isinstance(e, _Retry) else None)
 
     def _get(self, byte_range: str) -> http.client.HTTPResponse:
         url = self.target
@@ -464,8 +472,12 @@ def _why(e: BaseException) -> str:
     return re.sub(r"\s+", " ", text)[:200]
 
 
-def _sleep(attempt: int) -> None:
-    time.sleep(min(MAX_BACKOFF, BACKOFF * 2 ** (attempt - 1)))
+def _sleep(attempt: int, asked: float | None = None) -> None:
+    """Exponential backoff; a server's Retry-After is honoured up to MAX_RETRY_AFTER."""
+    delay = min(MAX_BACKOFF, BACKOFF * 2 ** (attempt - 1))
+    if asked is not None and BACKOFF > 0:
+        delay = max(delay, min(asked, MAX_RETRY_AFTER))
+    time.sleep(delay)
 
 
 def _start(content_range: str | None) -> int | None:

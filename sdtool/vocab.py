@@ -250,6 +250,8 @@ EXTRACT_TARGETS: dict[str, str] = {
     "openclip-h": "openclip-h",
     "t5xxl": "t5xxl",
 }
+#: ``merge --method`` names (sdtool.ops.merge.METHODS defines each; here for a numpy-free --help)
+MERGE_METHODS = ("weighted-sum", "add-difference", "ties", "dare", "slerp")
 #: ``convert --to`` (batch mode) -> the output suffix
 TO_SUFFIX = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
 

@@ -9,9 +9,20 @@ import pytest
 from sdtool import dtypes
 from sdtool.errors import UnsupportedDtype
 from sdtool.vocab import CASTABLE
+from sdtool.write import cast as cast_mod
 from sdtool.write.cast import cast
 
 torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(autouse=True, params=["numpy", "torch"])
+def backend(request: pytest.FixtureRequest) -> object:
+    """Every test runs on both paths: sdtool's numpy casts and torch's kernels (use_torch)."""
+    if request.param == "torch":
+        assert cast_mod.use_torch()
+    yield request.param
+    cast_mod.use_numpy()
+
 
 #: torch's x86 vector kernels fix NaN bits; its scalar fallback canonicalises a few differently
 VECTOR_NAN = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -100,3 +111,23 @@ def test_overflow_counted_fp16() -> None:
 def test_integer_cast_refused() -> None:
     with pytest.raises(UnsupportedDtype):
         cast(np.zeros(2, np.int64), dtypes.from_code("I64"), dtypes.from_code("F16"))
+
+
+def test_torch_path_taken_for_safe_pieces_only(backend: str) -> None:
+    """With torch on, a finite in-range piece is converted by torch's kernel (same bits as
+    .to()); a piece with NaN or an overflow goes the numpy way, which counts the overflow."""
+    f32, f16 = dtypes.from_code("F32"), dtypes.from_code("F16")
+    rng = np.random.default_rng(5)
+    vals = (rng.standard_normal(100_003) * 0.02).astype(np.float32)
+    vals[::997] = np.float32(3e-6)  # float16 subnormals
+    want = torch.from_numpy(vals).half().numpy().view(np.uint16)
+    got, over = cast(vals, f32, f16)
+    assert np.array_equal(got.view(np.uint16), want) and over == 0
+    via_torch = cast_mod._cast_torch(vals, f32, f16, None) if backend == "torch" else None
+    if backend == "torch":
+        assert via_torch is not None and np.array_equal(via_torch[0].view(np.uint16), want)
+        big = vals.copy()
+        big[7] = np.float32(1e6)
+        assert cast_mod._cast_torch(big, f32, f16, None) is None
+        got, over = cast(big, f32, f16)
+        assert over == 1 and got.view(np.uint16)[7] == 0x7C00

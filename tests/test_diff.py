@@ -178,6 +178,7 @@ def test_cli_json_schema(
         "b",
         "identical",
         "dtype_tolerant",
+        "fast",
         "counts",
         "changed_elements",
         "max_abs_diff",
@@ -245,3 +246,89 @@ def test_torch_checkpoint_vs_safetensors(tmp_path: Path) -> None:
     t = {x.name: x for x in diff(ckpt, st2).tensors}["model.wt"]
     assert (t.status, t.changed) == ("changed", 1)
     assert t.max_abs_diff == abs(42.0 - float(w.t()[0, 1]))
+
+
+def test_equal_bytes_are_never_decoded(
+    tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Equal pieces are settled by one memcmp: a file compared with its own copy in another
+    container (a .ckpt and its safetensors) decodes nothing."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(diff_mod, "CHUNK_ELEMENTS", 100)
+    a = tmp_path / "a.ckpt"
+    torch.save({k: torch.from_numpy(v) for k, v in base.items()}, a)
+    b = _save(tmp_path / "b.safetensors", base)
+    decoded: list[int] = []
+    real = diff_mod._values
+    monkeypatch.setattr(diff_mod, "_values", lambda p, i: decoded.append(1) or real(p, i))
+    r = diff(a, b)
+    assert r.identical and r.counts["equal"] == 3
+    assert decoded == []
+    # one changed element: only its piece (of 31 in unet.w) is decoded, on both sides
+    tuned = dict(base)
+    w = base["unet.w"].copy()
+    w.reshape(-1)[1234] += np.float32(1)
+    tuned["unet.w"] = w
+    r = diff(a, _save(tmp_path / "c.safetensors", tuned))
+    assert len(decoded) == 2
+    t = {x.name: x for x in r.tensors}["unet.w"]
+    assert (t.status, t.changed, t.max_abs_diff) == ("changed", 1, 1.0)
+
+
+def test_fast_stops_at_the_first_difference(
+    tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(diff_mod, "CHUNK_ELEMENTS", 100)  # unet.w: 31 pieces
+    tuned = dict(base, **{"unet.w": base["unet.w"] + np.float32(0.5)})
+    a = _save(tmp_path / "a.safetensors", base)
+    b = _save(tmp_path / "b.safetensors", tuned)
+    decoded: list[int] = []
+    real = diff_mod._values
+    monkeypatch.setattr(diff_mod, "_values", lambda p, i: decoded.append(1) or real(p, i))
+    fast = diff(a, b, fast=True)
+    assert len(decoded) == 2  # the first piece of unet.w, both sides; then reading stops
+    slow = diff(a, b)
+    assert fast.identical is slow.identical is False
+    assert fast.counts == slow.counts
+    by = {t.name: t for t in fast.tensors}
+    assert (by["unet.w"].status, by["unet.w"].changed, by["unet.w"].max_abs_diff) == (
+        "changed",
+        None,
+        None,
+    )
+    assert (by["bias"].status, by["bias"].changed, by["bias"].max_abs_diff) == ("equal", 0, 0)
+    assert {t.name: t.changed for t in slow.tensors}["unet.w"] == 64 * 48
+    doc = fast.to_json()
+    assert doc["fast"] is True and doc["changed_elements"] is None
+
+
+def test_fast_cli_summary(
+    tmp_path: Path, base: dict[str, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tuned = dict(base, bias=base["bias"] + np.float32(1))
+    a = _save(tmp_path / "a.safetensors", base)
+    b = _save(tmp_path / "b.safetensors", tuned)
+    assert main(["diff", "--fast", str(a), str(b)]) == 1
+    out = capsys.readouterr().out
+    assert "bias" in out and "not counted (--fast)" in out
+    assert out.strip().splitlines()[-1] == (
+        "2 equal, 1 changed, 0 dtype, 0 shape, 0 missing, 0 extra; different"
+    )
+    assert main(["diff", "--fast", str(a), str(a)]) == 0
+
+
+def test_dtype_tolerant_matches_torch_casts_nan_payloads(tmp_path: Path) -> None:
+    """B made by torch's .half() (NaN payloads, overflow, subnormals) is exactly A cast."""
+    torch = pytest.importorskip("torch")
+    bits = np.array(
+        [0x7F800001, 0xFFC12345, 0x7FA00000, 0x477FF000, 0x33000001, 0x00000001, 0x3F800000],
+        np.uint32,
+    )
+    a_vals = bits.view(np.float32)
+    half = torch.from_numpy(a_vals.copy()).half().numpy()
+    a = _save(tmp_path / "a.safetensors", {"x": a_vals})
+    b = _save(tmp_path / "b.safetensors", {"x": half})
+    r = diff(a, b, dtype_tolerant=True)
+    t = r.tensors[0]
+    assert (t.status, t.changed) == ("dtype", 0)
+    assert r.identical

@@ -42,6 +42,7 @@ def imported(argv: list[str], env: dict[str, str]) -> set[str]:
 
 
 HEAVY = {"torch", "ml_dtypes", "diffusers", "transformers", "gguf", "py7zr", "joblib", "tqdm"}
+HEAVY |= {"distributed", "dask"}  # --cluster only
 
 
 def _under(mods: set[str], *prefixes: str) -> set[str]:
@@ -70,7 +71,7 @@ def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[
 
 
 @pytest.mark.parametrize(
-    "command", ["inspect", "scan", "convert", "prune", "extract", "hash", "diff"]
+    "command", ["inspect", "scan", "convert", "prune", "extract", "hash", "diff", "merge", "lora"]
 )
 def test_command_help_imports_nothing_heavy(command: str, sub_env: dict[str, str]) -> None:
     """``sdtool COMMAND --help`` loads the command's module and click: not numpy, not rich."""
@@ -227,3 +228,10 @@ def test_one_walk_checks_memo_and_tuple_nesting_as_genops_did() -> None:
     # the walk may refuse more only where genops gave up on a malformed argument it steps over
     disagree = [c for c in cases if _refuses(c, nesting_only=True) != _nesting_reference(c)]
     assert len(disagree) <= len(cases) // 20, len(disagree)
+
+
+@pytest.mark.parametrize("sub", ["bake", "extract", "resize"])
+def test_lora_subcommand_help_imports_nothing_heavy(sub: str, sub_env: dict[str, str]) -> None:
+    """``sdtool lora bake --help`` (and extract, resize): click and the cli module only."""
+    mods = imported(["lora", sub, "--help"], sub_env)
+    assert not _under(mods, *HEAVY, "numpy", "rich", "sdtool.ops", "sdtool.formats")

@@ -64,13 +64,36 @@ def _special_values() -> np.ndarray:
 # -- quantize: equal to gguf-py's bytes -------------------------------------------------------
 
 
+def _scale_edges() -> np.ndarray:
+    """Blocks whose max |x| puts the scale at float16's edges: subnormal, the smallest
+    normal, rounding ties, overflow to inf, a float32-denormal max (1/d overflows)."""
+    rng = np.random.default_rng(3)
+    tops = np.array(
+        [1e-45, 1e-40, 1e-38, 5.96e-8 * 127, 6.1e-5 * 127, 6.1e-5 * 127 * (1 + 2**-11),
+         1.0, 127.0, 65504.0 * 127, 65520.0 * 127, 3e38],
+        np.float32,
+    )  # fmt: skip
+    x = rng.uniform(-1, 1, (tops.size * 8, 32)).astype(np.float32)
+    x *= np.repeat(tops, 8)[:, None]
+    x[::8, 5] = np.repeat(tops, 1)  # the max itself, exactly
+    return x.reshape(-1, 256)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
 @pytest.mark.parametrize("qtype", GGUF_PY_QUANTIZES)
-@pytest.mark.parametrize("data", ["random", "special", "bf16"])
-def test_quantize_matches_gguf_py(qtype: str, data: str) -> None:
-    """Bit for bit, special values included. The rule for each special value is gguf-py's
-    (and ggml's): an all-zero block stores d = 0 and the zero level; denormals quantize like
-    any small number; a block holding inf gets d = inf (Q8_0: q = 0 or NaN-derived levels);
-    NaN propagates into d or becomes the level numpy's float->int conversion gives."""
+@pytest.mark.parametrize("data", ["random", "special", "bf16", "f16", "scales"])
+def test_quantize_matches_gguf_py(
+    qtype: str, data: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit for bit, special values included, with torch's kernel and with numpy's. The rule
+    for each special value is gguf-py's (and ggml's): an all-zero block stores d = 0 and the
+    zero level; denormals quantize like any small number; a block holding inf gets d = inf
+    (Q8_0: q = 0 or NaN-derived levels); NaN propagates into d or becomes the level numpy's
+    float->int conversion gives."""
+    if kernel == "numpy":
+        monkeypatch.setattr(ggml, "_TORCH", [None])
+    else:
+        pytest.importorskip("torch")
     rng = np.random.default_rng(1)
     if data == "random":
         x = (rng.standard_normal((32, 512)) * 0.05).astype(np.float32)
@@ -78,6 +101,10 @@ def test_quantize_matches_gguf_py(qtype: str, data: str) -> None:
         import ml_dtypes
 
         x = (rng.standard_normal((16, 256)) * 3).astype(ml_dtypes.bfloat16)
+    elif data == "f16":
+        x = (rng.standard_normal((16, 256)) * 3).astype(np.float16)
+    elif data == "scales":
+        x = _scale_edges()
     else:
         x = _special_values()
     with np.errstate(all="ignore"):
@@ -127,6 +154,50 @@ def test_k_quants_within_their_error_bound(qtype: str, levels: int) -> None:
     rmse = np.sqrt(((back - x) ** 2).mean()) / x.std()
     assert rmse < {"Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.03}[qtype]
     assert np.array_equal(back[-2], np.zeros(1024, np.float32))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_special_values(qtype: str) -> None:
+    """The K-quant rule: zeros (either sign) and blocks too small for a float16 scale
+    (denormals, tiny normals) decode as zeros; denormals among ordinary values are ordinary
+    small numbers (within the bound above); inf and NaN are refused (NonFinite)."""
+    tiny = [
+        np.zeros(256),
+        -np.zeros(256),
+        np.full(256, 1e-42),
+        np.resize([1e-42, -3e-41, 0.0, 1e-45], 256),
+        np.linspace(-1e-36, 1e-36, 256),
+    ]
+    x = np.concatenate(tiny).astype(np.float32)
+    q = ggml.quantize(x, qtype)
+    back = quants.dequantize(q.reshape(len(tiny), -1), getattr(T, qtype)).reshape(-1)
+    assert np.array_equal(np.abs(back), np.zeros_like(x))
+    rng = np.random.default_rng(8)
+    mixed = rng.standard_normal(1024).astype(np.float32)
+    mixed[::7] = np.float32(1e-40)
+    back = quants.dequantize(ggml.quantize(mixed, qtype).reshape(4, -1), getattr(T, qtype))
+    assert np.abs(back.reshape(-1) - mixed).max() < np.abs(mixed).max() / 7
+    for bad in (np.inf, -np.inf, np.nan):
+        y = mixed.copy()
+        y[300] = bad
+        with pytest.raises(ggml.NonFinite):
+            ggml.quantize(y, qtype)
+
+
+def test_float16_scales_by_integer_rounding_equal_numpy() -> None:
+    """The Q8_0 scales' float32 -> float16 (integer round-to-nearest-even) is numpy's
+    ``astype(float16)`` bit for bit: around every float16 boundary and at random
+    (benchmarks/check_q8_rounding.py tries all 2**32 float32 values)."""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    bits = h.view(np.uint32).astype(np.int64)
+    steps = (-0x1000, -2, -1, 0, 1, 2, 0x1000)
+    near = np.concatenate([(bits + d) % (1 << 32) for d in steps]).astype(np.uint32)
+    rng = np.random.default_rng(11)
+    v = np.concatenate([near.view(np.float32), rng.integers(0, 1 << 32, 1 << 18, np.uint32)
+                        .view(np.float32)])  # fmt: skip
+    with np.errstate(all="ignore"):
+        want = v.astype(np.float16).view(np.uint16)
+    assert np.array_equal(ggml._f16_bits(v), want)
 
 
 def test_outer_axis_sums_add_in_index_order() -> None:

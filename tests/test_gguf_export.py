@@ -328,3 +328,42 @@ def test_quantizer_handles_every_choice() -> None:
     x = np.random.default_rng(0).standard_normal(512).astype(np.float32)
     for base, _ in QUANTS.values():
         assert ggml.quantize(x, base).size == ggml.get(base).nbytes(512)
+
+
+def test_quant_without_out_derives_a_gguf_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``convert IN --quant Q8_0`` writes IN-Q8_0.gguf beside IN (a GGUF input: its stem);
+    --quant with an OUT that is not .gguf is one line, exit 2, nothing written."""
+    src = _save(flux_sd(), tmp_path / "f.safetensors")
+    assert main(["convert", str(src), "--quant", "q8_0", "-q"]) == 0
+    out = tmp_path / "f-Q8_0.gguf"
+    tensors, _ = _reader(out)
+    assert tensors["double_blocks.0.img_attn.proj.weight"].tensor_type.name == "Q8_0"  # type: ignore[attr-defined]
+    assert main(["convert", str(out), "--quant", "Q4_0", "-q"]) == 0
+    assert (tmp_path / "f-Q8_0-Q4_0.gguf").exists()
+    folder = tmp_path / "into"
+    folder.mkdir()
+    assert main(["convert", str(src), str(folder), "--quant", "BF16", "-q"]) == 0
+    assert (folder / "f-BF16.gguf").exists()
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["convert", str(src), str(tmp_path / "o.ckpt"), "--quant", "Q8_0"]) == 2
+    err = capsys.readouterr().err
+    assert "name the output *.gguf" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_k_quant_of_inf_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sd = flux_sd()
+    w = sd["double_blocks.0.img_attn.proj.weight"].clone()
+    w.view(-1)[3] = float("inf")
+    sd["double_blocks.0.img_attn.proj.weight"] = w
+    src = _save(sd, tmp_path / "f.safetensors")
+    out = tmp_path / "f.gguf"
+    assert main(["convert", str(src), str(out), "--quant", "Q4_K_M"]) == 2
+    err = capsys.readouterr().err
+    assert "inf or NaN" in err and "img_attn.proj.weight" in err and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]

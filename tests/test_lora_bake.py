@@ -273,3 +273,67 @@ def test_equals_diffusers_fuse_lora(tmp_path: Path) -> None:
     for kk, v in fused.items():
         assert torch.equal(got[kk], v), kk
     assert sum(not torch.equal(got[kk], base_sd[kk]) for kk in got) == res.loras[0].matched
+
+
+def _tiny_transformer(family: str) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    if family == "sd3":
+        return SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4,
+            num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=8,
+            pooled_projection_dim=6, out_channels=4, pos_embed_max_size=8,
+        )  # fmt: skip
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=6,
+        axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+
+
+#: the modules diffusers' own SD3 / Flux LoRA trainers target (train_dreambooth_lora_*.py)
+TRANSFORMER_TARGETS = {
+    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+            "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj"],
+    "flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+             "to_add_out", "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out", "norm.linear"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_mmdit_and_flux_equal_diffusers_fuse_lora(tmp_path: Path, family: str) -> None:
+    """A PEFT LoRA on a tiny diffusers SD3 (MMDiT) / Flux transformer, saved the way
+    diffusers' trainers save it (``transformer.`` prefix, PEFT's lora_A / lora_B): sdtool's
+    bake of the bare transformer file equals the weights after ``fuse_lora``, bit for bit."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = _tiny_transformer(family)
+    base_sd = {kk: v.clone().contiguous() for kk, v in model.state_dict().items()}
+    cfg = LoraConfig(
+        r=2, lora_alpha=3, init_lora_weights=False, target_modules=TRANSFORMER_TARGETS[family]
+    )
+    model.add_adapter(cfg)
+    lora_sd = {
+        "transformer." + kk: v.contiguous() for kk, v in get_peft_model_state_dict(model).items()
+    }
+    meta = {"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 3})}
+    bp, lp = tmp_path / f"{family}.safetensors", tmp_path / "lora.safetensors"
+    save_file(base_sd, str(bp))
+    save_file(lora_sd, str(lp), metadata=meta)
+    model.fuse_lora(lora_scale=1.0)
+    fused = {
+        kk.replace(".base_layer", ""): v
+        for kk, v in model.state_dict().items()
+        if "lora_" not in kk
+    }
+    out = tmp_path / "out.safetensors"
+    res = bake(bp, [lp], out)
+    assert not res.loras[0].unmatched and res.loras[0].matched == len(lora_sd) // 2
+    got = load_file(out)
+    assert set(got) == set(base_sd)
+    for kk, v in fused.items():
+        assert torch.equal(got[kk], v), kk
+    assert sum(not torch.equal(got[kk], base_sd[kk]) for kk in got) == res.loras[0].matched

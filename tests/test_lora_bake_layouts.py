@@ -191,3 +191,82 @@ def test_flux_split_lora_patches_fused_rows(tmp_path: Path) -> None:
     got = load_file(out)
     for key in (qkv, lin1, ada):
         assert np.array_equal(got[key], want[key]), key
+
+
+def _bake_and_check(tmp_path: Path, base: dict, mods: dict, name: str) -> None:
+    """Write ``base`` and a LoRA of ``mods`` (stem -> (base key, rows, (up, down))), bake it at
+    fp32, and compare every patched tensor with base + up @ down (scale 1: no alpha)."""
+    save_file(base, str(tmp_path / f"{name}.safetensors"))
+    lora = {}
+    for stem, (_, _, (up, down)) in mods.items():
+        if stem.startswith("lora_"):
+            lora |= {stem + ".lora_up.weight": up, stem + ".lora_down.weight": down}
+        else:
+            lora |= {stem + ".lora_B.weight": up, stem + ".lora_A.weight": down}
+    save_file(lora, str(tmp_path / f"{name}-lora.safetensors"))
+    out = tmp_path / f"{name}-out.safetensors"
+    r = bake(tmp_path / f"{name}.safetensors", [tmp_path / f"{name}-lora.safetensors"], out,
+             dtype="fp32")  # fmt: skip
+    assert r.loras[0].matched == len(mods), r.loras[0].unmatched
+    want = {k: v.astype(np.float32) for k, v in base.items() if v.dtype.kind == "f"}
+    for _stem, (key, rows, (up, down)) in sorted(mods.items()):  # bake's order: by name
+        region = want[key] if rows is None else want[key][rows[0] : rows[1]]
+        region += delta(up, down)
+    got = load_file(out)
+    for key, _, _ in mods.values():
+        assert np.array_equal(got[key], want[key]), key
+    untouched = set(base) - {key for key, _, _ in mods.values()}
+    assert all(np.array_equal(got[k], base[k].astype(got[k].dtype)) for k in untouched)
+
+
+TE_L = "text_encoders.clip_l.transformer.text_model.encoder.layers."
+TE_G = "text_encoders.clip_g.transformer.text_model.encoder.layers."
+T5 = "text_encoders.t5xxl.transformer.encoder.block."
+
+
+def test_sd3_text_encoder_loras_every_naming(tmp_path: Path) -> None:
+    """SD3 (MMDiT, SAI single file with CLIP-L, CLIP-G and T5-XXL): kohya's lora_te1_/te2_/
+    te3_ (sd-scripts' lora_sd3: te3 is T5, HF T5 module paths) and diffusers/PEFT's
+    text_encoder / text_encoder_2 / text_encoder_3 reach their encoders' weights; kohya's
+    lora_unet_ names the MMDiT by SAI paths."""
+    base = L.tiny_arrays(L.sd3())
+    qkv = U + "joint_blocks.0.x_block.attn.qkv.weight"
+    base[qkv] = RNG.standard_normal((9, 3)).astype(base[qkv].dtype)
+    mods = {
+        "lora_unet_joint_blocks_0_x_block_attn_qkv": (qkv, None, pair(2, 9, 3)),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (
+            TE_L + "0.self_attn.q_proj.weight", None, pair(2, 3, 3)),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1": (
+            TE_G + "0.mlp.fc1.weight", None, pair(2, 3, 3)),
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (
+            T5 + "0.layer.0.SelfAttention.q.weight", None, pair(1, 3, 3)),
+        "lora_te3_encoder_block_0_layer_1_DenseReluDense_wo": (
+            T5 + "0.layer.1.DenseReluDense.wo.weight", None, pair(2, 3, 3)),
+        "text_encoder.text_model.encoder.layers.1.self_attn.k_proj": (
+            TE_L + "1.self_attn.k_proj.weight", None, pair(2, 3, 3)),
+        "text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj": (
+            TE_G + "1.self_attn.out_proj.weight", None, pair(1, 3, 3)),
+        "text_encoder_3.encoder.block.1.layer.0.SelfAttention.v": (
+            T5 + "1.layer.0.SelfAttention.v.weight", None, pair(2, 3, 3)),
+    }  # fmt: skip
+    _bake_and_check(tmp_path, base, mods, "sd3")
+
+
+def test_flux_text_encoder_loras(tmp_path: Path) -> None:
+    """Flux with CLIP-L and T5-XXL in the file: kohya's lora_te1_ (CLIP-L) and lora_te3_ (T5,
+    sd-scripts' lora_flux), diffusers' text_encoder (CLIP-L), and a BFL-named kohya
+    transformer module in the same LoRA."""
+    base = L.tiny_arrays(L.flux())
+    lin2 = U + "single_blocks.0.linear2.weight"
+    mods = {
+        "lora_unet_single_blocks_0_linear2": (lin2, None, pair(2, 3, 3)),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc2": (
+            TE_L + "0.mlp.fc2.weight", None, pair(2, 3, 3)),
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_o": (
+            T5 + "0.layer.0.SelfAttention.o.weight", None, pair(1, 3, 3)),
+        "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0": (
+            T5 + "1.layer.1.DenseReluDense.wi_0.weight", None, pair(2, 3, 3)),
+        "text_encoder.text_model.encoder.layers.1.self_attn.v_proj": (
+            TE_L + "1.self_attn.v_proj.weight", None, pair(2, 3, 3)),
+    }  # fmt: skip
+    _bake_and_check(tmp_path, base, mods, "flux")

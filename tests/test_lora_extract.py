@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtool.cli.main import main
+from sdtool.errors import SdtoolError
 from sdtool.ops.lora.bake import bake
 from sdtool.ops.lora.extract import choose_rank, extract, factor, resize
 
@@ -174,4 +175,39 @@ def test_cli_extract_and_resize(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["lora", "resize", str(out), str(small), "--rank", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["schema"] == "sdtool.lora-resize/1"
     assert main(["lora", "resize", str(out), str(small), "--sv-fro", "2"]) == 2
-    assert "--sv-fro must be in (0, 1]" in capsys.readouterr().err
+    assert "--sv-fro 2.0 must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SdtoolError, match=r"^rank=0 must be at least 1"):
+        extract(tp, bp, tmp_path / "r0.safetensors", rank=0)
+    assert main(["lora", "extract", str(tp), str(bp), str(tmp_path / "r0.sft"), "--rank", "0"]) == 2
+    assert "--rank 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_fixed_rank_factors_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a fixed rank the plan needs no SVD (a dry run does none); writing factors each module
+    once, when the writer reaches it, and a tiny difference (largest singular value under
+    MIN_SV: choose_rank's 1) is padded to the planned rank with zeros."""
+    from sdtool.ops.lora import extract as ex
+
+    tp, bp, tuned, base = _pair(tmp_path)
+    calls: list[tuple[int, ...]] = []
+    real = ex.factor
+
+    def counting(m: np.ndarray, **kw: object) -> tuple:
+        calls.append(m.shape)
+        return real(m, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ex, "factor", counting)
+    res = extract(tp, bp, tmp_path / "dry.safetensors", rank=4, dry_run=True)
+    assert calls == [] and [m.rank for m in res.modules] == [4, 4, 4]
+    assert all(m.fro_kept is None for m in res.modules)
+    key = TE + "encoder.layers.0.self_attn.q_proj.weight"
+    tuned[key] = base[key] + 1e-8 * torch.randn(base[key].shape, generator=G)
+    save_file(tuned, str(tp), metadata=None)
+    out = tmp_path / "lora.safetensors"
+    res = extract(tp, bp, out, rank=4, dtype="fp32")
+    assert len(calls) == 3 and all(m.fro_kept is not None for m in res.modules)
+    got = load_file(out)
+    stem = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    up, down = got[stem + ".lora_up.weight"], got[stem + ".lora_down.weight"]
+    assert up.shape == (12, 4) and down.shape == (4, 12)
+    assert not up[:, 1:].any() and not down[1:].any()

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtool.cli.main import main
+from sdtool.errors import SdtoolError
 from sdtool.ops import arith
 from sdtool.ops import merge as merge_mod
 from sdtool.ops.merge import block_of, merge, parse_block_weights
@@ -242,5 +243,69 @@ def test_cli_dry_run_json_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["merge", *ps, str(tmp_path / "x.safetensors"), "--method", "add-difference"]) == 2
     assert "add-difference merges 3 inputs, got 2" in capsys.readouterr().err
     assert main(["merge", *ps, str(tmp_path / "x.safetensors"), "--block-weights", "1,2"]) == 2
-    assert "--block-weights has 2 values" in capsys.readouterr().err
+    assert "the block weights have 2 values" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def _big(seed: int, dtype: torch.dtype) -> dict:
+    """Tensors large enough for the fast (torch-converted, many-piece) path, with values that
+    overflow fp16, and in the first model NaNs and infs (those pieces take the exact numpy
+    cast; NaN in one input only: the payload of NaN + NaN is the hardware's choice)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(96, 128, generator=g)
+    hot = torch.randn(64, 80, generator=g) * 40000
+    if seed == 0:
+        hot[3, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 7e4, -7e4])
+    return {
+        U + "middle_block.1.proj_in.weight": w.to(dtype),
+        U + "middle_block.1.proj_out.weight": hot.to(dtype),
+        U + "out.0.bias": torch.randn(5000, generator=g).to(dtype),
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "out_dtype"),
+    [("weighted-sum", "fp16"), ("add-difference", "bf16"), ("add-difference", "fp16")],
+)
+def test_fast_path_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, out_dtype: str
+) -> None:
+    """Many pieces on 2 threads, reused buffers, the bitwise conversions: the same bits as
+    torch on the whole model, overflow counts included."""
+    monkeypatch.setattr(arith, "PIECE", 4099)
+    dts = [torch.float16, torch.bfloat16, torch.float32]
+    n = 2 if method == "weighted-sum" else 3
+    ms = [_big(i, dts[i]) for i in range(n)]
+    ps = [_save(tmp_path, f"{i}.safetensors", m) for i, m in enumerate(ms)]
+    out = tmp_path / "out.safetensors"
+    t = 0.3
+    r = merge(ps, out, method=method, alpha=t, dtype=out_dtype, on_overflow="warn")
+    if method == "weighted-sum":
+        fn = lambda k, x: (1 - t) * x[0] + t * x[1]  # noqa: E731
+    else:
+        fn = lambda k, x: x[0] + t * (x[1] - x[2])  # noqa: E731
+    target = {"fp16": torch.float16, "bf16": torch.bfloat16}[out_dtype]
+    want = _oracle(ms, fn, target)
+    got = load_file(out)
+    assert set(got) == set(want)
+    for k in want:  # bits, NaN payloads included
+        assert torch.equal(got[k].view(torch.int16), want[k].view(torch.int16)), k
+    finite = {k: int((~torch.isfinite(v) & torch.isfinite(fn(k, [m[k].float() for m in ms]))).sum())
+              for k, v in want.items()}  # fmt: skip
+    assert r.overflows == {k: c for k, c in finite.items() if c}
+
+
+def test_library_names_parameters_cli_names_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Library errors say ``density=`` (a caller's word); the command says ``--density``."""
+    ps = [str(_save(tmp_path, f"{i}.safetensors", _model(i))) for i in range(2)]
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SdtoolError, match=r"^density=0\.0 is outside \(0, 1\]"):
+        merge(ps, out, method="dare", density=0.0)
+    with pytest.raises(SdtoolError, match=r"^block_weights='1,x' is not comma-separated"):
+        merge(ps, out, block_weights="1,x")
+    assert main(["merge", *ps, str(out), "--method", "dare", "--density", "0"]) == 2
+    assert "--density 0.0 is outside (0, 1]" in capsys.readouterr().err
+    assert main(["merge", *ps, str(out), "--block-weights", "1,x"]) == 2
+    assert "--block-weights '1,x' is not comma-separated numbers" in capsys.readouterr().err

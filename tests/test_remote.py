@@ -394,3 +394,29 @@ def test_legacy_torch_and_empty_files(server: FileServer, tmp_path: Path) -> Non
     server.files["/empty.bin"] = b""
     assert hash_file(server.url("/empty.bin")).size == 0
     assert scan(server.url("/empty.bin")).errors == ["not scanned: the file is empty"]
+
+
+def test_gguf_over_http(server: FileServer, tmp_path: Path) -> None:
+    """GGUF headers are read through the block cache; quantized tensors dequantize on demand."""
+    import gguf
+
+    from sdtool.formats.open import open_model
+
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(p), arch="flux")
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(100)])
+    x = np.linspace(-1, 1, 8 * 512, dtype=np.float32).reshape(8, 512)
+    w.add_tensor("q8", gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+    w.add_tensor("f32", x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    server.files["/m.gguf"] = p.read_bytes()
+    _same_report(server.url("/m.gguf"), p)
+    assert server.requests == 1
+    with open_model(server.url("/m.gguf")) as m, open_model(p) as local:
+        for name in ("q8", "f32"):
+            assert np.array_equal(m.read(name), local.read(name))
+    assert scan(server.url("/m.gguf")).verdict == scan(p).verdict

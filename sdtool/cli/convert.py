@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdtool.cli import progress as bars_
+from sdtool.cli.batch import check_batch_options, cluster_runner
 from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, run_lora_format, wants_layout
 from sdtool.cli.options import (
+    batch_options,
     dry_run_option,
     dtype_option,
     jobs_option,
@@ -102,6 +104,7 @@ if TYPE_CHECKING:
 @jobs_option("Batch mode: convert")
 @json_option("convert")
 @quiet_option("print nothing when all goes well (warnings and errors still on stderr)")
+@batch_options(cluster=True)
 def convert_cmd(
     paths: tuple[Path, ...],
     dtype: str,
@@ -126,16 +129,23 @@ def convert_cmd(
     quant: str | None = None,
     fp8_scaled: bool = False,
     fp8_format: str = "comfy",
+    as_jsonl: bool = False,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    no_cache: bool = False,
+    cluster: str | None = None,
 ) -> int:
     """Convert IN to OUT (format by OUT's extension), or many inputs into --out-dir.
 
     OUT is optional: without it, IN.ckpt becomes IN.safetensors beside it (IN-fp16.safetensors
-    with --dtype fp16); an existing folder as OUT receives that name. OUT: .safetensors/.sft or
-    .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory stays about one tensor), or .gguf
-    (ComfyUI-GGUF's layout, --quant). The input's metadata and non-tensor fields (global_step,
-    ...) go into the safetensors __metadata__ (a .ckpt: fields as entries, metadata under
-    __metadata__). Output is written to a temp file and renamed: an error or Ctrl-C leaves
-    nothing behind. Batch mode exits 1 if any file failed.
+    with --dtype fp16, IN-Q8_0.gguf with --quant Q8_0); an existing folder as OUT receives that
+    name. OUT: .safetensors/.sft or .ckpt/.pt/.pth/.bin (torch's zip; both streamed: memory
+    stays about one tensor), or .gguf (ComfyUI-GGUF's layout, --quant). The input's metadata and
+    non-tensor fields (global_step, ...) go into the safetensors __metadata__ (a .ckpt: fields
+    as entries, metadata under __metadata__). Output is written to a temp file and renamed: an
+    error or Ctrl-C leaves nothing behind. Batch mode exits 1 if any file failed; --resume skips
+    the outputs an earlier run wrote and that are unchanged since, --jsonl prints one JSON object
+    per file as it finishes, --cluster runs the files on a Dask cluster (docs/scale.md).
 
     \b
     Examples:
@@ -143,6 +153,7 @@ def convert_cmd(
       sdtool convert model.ckpt --dtype fp16 --verify
       sdtool convert model.ckpt converted/
       sdtool convert downloads/ --out-dir converted/ --jobs 2
+      sdtool convert mirror/ --out-dir st/ --resume --jsonl > done.jsonl
       sdtool convert flux-dev.safetensors out/model.safetensors --max-shard-size 5GB
       sdtool convert sdxl.safetensors sdxl-diffusers/ --to diffusers --verify
       sdtool convert sdxl-diffusers/ sdxl.safetensors --components unet,vae
@@ -194,7 +205,7 @@ def convert_cmd(
     )
     bars = bars_.enabled()
     if out_dir is None:
-        batch_only = [f"--{n}" for n in ("to", "jobs") if _given(n)]
+        batch_only = [f"--{n}" for n in BATCH_ONLY if _given(n)]
         if batch_only:
             verb = "applies" if len(batch_only) == 1 else "apply"
             raise UsageError(f"{'/'.join(batch_only)} {verb} to batch mode: add --out-dir DIR")
@@ -203,8 +214,11 @@ def convert_cmd(
                 f"give IN [OUT], or inputs with --out-dir DIR (got {len(paths)} paths)"
             )
         src = paths[0]
-        tag = "" if dtype in (None, "keep") else dtype
-        dst = derived(src, paths[1] if len(paths) == 2 else None, [tag])
+        out = paths[1] if len(paths) == 2 else None
+        if quant is not None:  # GGUF: IN-Q8_0.gguf (an OUT that is not .gguf: convert refuses)
+            dst = derived(src, out, [quant.upper()], ext=".gguf")
+        else:
+            dst = derived(src, out, ["" if dtype in (None, "keep") else dtype])
         with _sigterm_interrupts(), _bars(bars) as progress:
             result = convert(src, dst, options, progress=_single(progress, src))
         if as_json and not quiet:  # the same document as a batch of one: one shape to parse
@@ -215,12 +229,31 @@ def convert_cmd(
         else:
             render_one(result)
         return ExitCode.OK
+    check_batch_options(as_json=as_json, as_jsonl=as_jsonl, cache_dir=cache_dir,
+                        no_cache=no_cache, resume=resume)  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _sigterm_interrupts(), _bars(bars) as progress:
+    lines = None
+    if as_jsonl:
+        from sdtool.cli.jsonl import JsonLines
+
+        lines = JsonLines("convert")
+        bars = False
+
+    def on_result(r: ConvertResult) -> None:
+        if lines is not None:
+            _details(r)
+            if r.status == "failed":
+                error(r.error or r.path)
+            lines.write(jsonl_record(r))
+
+    with _sigterm_interrupts(), _bars(bars) as progress, cluster_runner(cluster, jobs) as runner:
         batch = convert_batch(
-            paths, out_dir, options, to=to, jobs=jobs, file_progress=_per_file(progress)
-        )
-    if as_json or quiet:
+            paths, out_dir, options, to=to, jobs=jobs, file_progress=_per_file(progress),
+            on_result=on_result, resume=resume, cache_dir=cache_dir, runner=runner,
+        )  # fmt: skip
+    if as_jsonl:
+        pass
+    elif as_json or quiet:
         for r in batch.results:
             _details(r)
             if r.status == "failed":
@@ -233,6 +266,12 @@ def convert_cmd(
 
 
 Progress = Callable[[Path, int, int], None]
+BATCH_ONLY = ("to", "jobs", "jsonl", "resume", "cluster")
+
+
+def jsonl_record(r: ConvertResult) -> dict[str, Any]:
+    """A --jsonl record: the result object (docs/convert.md) plus the batch envelope."""
+    return {**r.to_json(), "size": r.input_bytes, "sha256": None}
 
 
 def _given(param: str) -> bool:
@@ -343,11 +382,15 @@ def render_batch(b: BatchResult) -> None:
             _details(r)
         elif r.status == "skipped":
             out.print(f"skipped   {markup(r.path)}: {markup(r.output)} exists (--overwrite)")
+        elif r.status == "resumed":
+            out.print(f"resumed   {markup(r.path)}: {markup(r.output)} already written")
         else:  # the reason goes to stderr as the one-line error every command prints
             out.print(f"[red]failed[/red]    {markup(r.path)}")
             error(r.error or r.path)
     s = b.to_json()["summary"]
     out.print(
-        f"\n{s['converted']} converted, {s['skipped']} skipped, {s['failed']} failed; "
+        f"\n{s['converted']} converted, {s['skipped']} skipped, "
+        + (f"{s['resumed']} resumed, " if s["resumed"] else "")
+        + f"{s['failed']} failed; "
         f"{human_bytes(s['input_bytes'])} -> {human_bytes(s['output_bytes'])}"
     )

@@ -33,7 +33,10 @@ def _line(t: TensorDiff) -> list[str] | None:
     if t.status == "shape":
         return [f"[yellow]shape[/]   {name}", f"{a} -> {b}"]
     cast = " after the cast" if t.status == "dtype" else ""
-    values = f"{t.changed:,} of {t.numel:,} differ{cast}, max |a-b| {_fmt_diff(t.max_abs_diff)}"
+    if t.changed is None:  # --fast: known to differ, elements not counted
+        values = f"differs{cast}; elements not counted (--fast)"
+    else:
+        values = f"{t.changed:,} of {t.numel:,} differ{cast}, max |a-b| {_fmt_diff(t.max_abs_diff)}"
     if t.nan_mismatch:
         values += f", {t.nan_mismatch:,} NaN on one side"
     if t.status == "dtype":
@@ -85,6 +88,8 @@ def _summary(r: DiffResult) -> str:
     order = ("equal", "changed", "dtype", "shape", "missing", "extra")
     summary = ", ".join(f"{c[s]:,} {s}" for s in order)
     verdict = "[green]identical[/]" if r.identical else "[red]different[/]"
+    if r.fast and not r.identical:  # the maximum is not computed under --fast
+        return f"{summary}; {verdict}"
     return f"{summary}; max |a-b| {_fmt_diff(r.max_abs_diff)}; {verdict}"
 
 
@@ -96,17 +101,30 @@ def _summary(r: DiffResult) -> str:
     is_flag=True,
     help="Count a dtype change as identical when A cast to B's dtype equals B bit for bit.",
 )
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Decide each tensor from its bytes: stop at its first difference, no element counts.",
+)
 @click.option("--summary", "summary_only", is_flag=True, help="Print only the totals line.")
 @json_option("diff")
 @quiet_option("print nothing; the exit code says identical (0) or different (1)")
 def diff_cmd(
-    a: Path, b: Path, dtype_tolerant: bool, summary_only: bool, as_json: bool, quiet: bool
+    a: Path,
+    b: Path,
+    dtype_tolerant: bool,
+    fast: bool,
+    summary_only: bool,
+    as_json: bool,
+    quiet: bool,
 ) -> int:
     """Compare model files A and B tensor by tensor.
 
     Lists tensors only in A (-) or only in B (+), shape and dtype changes, and for each changed
     tensor how many elements differ and the largest absolute difference. Values are compared bit
-    for bit, streamed one tensor at a time. The totals count a tensor whose values changed as
+    for bit, streamed one tensor at a time; pieces whose bytes are equal are never decoded, so
+    equal files compare at the speed of reading them. --fast also skips counting: a tensor is
+    read only up to its first difference. The totals count a tensor whose values changed as
     "changed", its dtype changed or not; "dtype" counts tensors whose one change is the dtype.
     Exit code 0 when identical, 1 when they differ, 2 on errors: use it in CI to confirm a
     conversion.
@@ -117,6 +135,7 @@ def diff_cmd(
       sdtool diff --dtype-tolerant model.safetensors model-fp16.safetensors
       sdtool diff --json base.safetensors finetuned.safetensors
       sdtool diff --summary model.ckpt model-pruned.safetensors
+      sdtool diff --fast --summary base.safetensors finetuned.safetensors
     """
     if as_json and summary_only:
         raise click.UsageError("--summary is for the text report; --json always has the totals")
@@ -124,7 +143,7 @@ def diff_cmd(
 
     with progress.byte_bar("comparing") as bar:
         cb = None if bar is None else bar.absolute
-        result = diff(a, b, dtype_tolerant=dtype_tolerant, progress=cb)
+        result = diff(a, b, dtype_tolerant=dtype_tolerant, fast=fast, progress=cb)
     if quiet:
         pass
     elif as_json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -13,6 +14,7 @@ from sdtool.cli import progress, render
 from sdtool.cli.options import (
     PathOrUrl,
     cache_options,
+    cluster_option,
     complete_from,
     json_option,
     jsonl_option,
@@ -68,6 +70,7 @@ def _render(result: HashResult) -> None:
 @jsonl_option
 @cache_options
 @quiet_option("print nothing but errors (with --check: only the files that FAILED)")
+@cluster_option
 def hash_cmd(
     files: tuple[Path, ...],
     algorithms: tuple[str, ...],
@@ -78,6 +81,7 @@ def hash_cmd(
     cache_dir: Path | None,
     no_cache: bool,
     quiet: bool,
+    cluster: str | None = None,
 ) -> int:
     """Print SHA256, AutoV1, AutoV2, AutoV3, CRC32 and BLAKE3 of each FILE in one read.
 
@@ -124,8 +128,8 @@ def hash_cmd(
         lines = JsonLines("hash")
     from sdtool.formats.shards import expand_shards
 
-    for path in _expand(tuple(expand_shards(files))):  # a shard index or folder: its shards
-        result, cached = _hash_one(path, names, cache)
+    paths = _expand(tuple(expand_shards(files)))  # a shard index or folder: its shards
+    for path, result, cached in _outcomes(paths, names, cache, cluster):
         if result is None:
             code = ExitCode.ERROR
             if lines is not None:
@@ -145,6 +149,29 @@ def hash_cmd(
     if as_json and not quiet:
         render.print_json({"schema": SCHEMA, "files": [r.to_json() for r in results]})
     return code
+
+
+def _outcomes(
+    paths: list[Path], names: tuple[str, ...], cache: Cache | None, cluster: str | None
+) -> Iterator[tuple[Path, HashResult | None, bool]]:
+    """Each file's (path, result or None, cached), here or as tasks on ``--cluster``."""
+    if cluster is None:
+        for path in paths:
+            yield path, *_hash_one(path, names, cache)
+        return
+    from sdtool.cli.batch import cluster_runner
+    from sdtool.cluster import hash_paths
+    from sdtool.urls import is_url
+
+    if any(str(p) == "-" or is_url(p) for p in paths):
+        raise click.UsageError("--cluster hashes files the workers can read: not - or URLs")
+    with cluster_runner(cluster) as cl:
+        assert cl is not None
+        folder = None if cache is None else cache.directory
+        for path, result, cached, err in hash_paths(cl, paths, names, folder):
+            if err is not None:
+                render.error(err)
+            yield path, result, cached
 
 
 def _expand(files: tuple[Path, ...]) -> list[Path]:

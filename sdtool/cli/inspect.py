@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdtool.cli.options import PathOrUrl, json_option, key_option, quiet_option
+from sdtool.cli.options import PathOrUrl, json_option, jsonl_option, key_option, quiet_option
 from sdtool.cli.render import (
     console,
     error,
@@ -37,6 +37,7 @@ MAX_SHOWN = 160  # characters of a metadata value or extra field in the table vi
 @key_option("Use")
 @json_option("inspect")
 @quiet_option("print nothing; exit 0 when every FILE can be read, 2 when one cannot")
+@jsonl_option
 def inspect_cmd(
     files: tuple[Path, ...],
     list_tensors: bool,
@@ -44,12 +45,14 @@ def inspect_cmd(
     key: str | None,
     as_json: bool,
     quiet: bool,
+    as_jsonl: bool = False,
 ) -> int:
     """Summarise each FILE: format, tensors, parameters, dtypes, components, metadata, globals.
 
     Reads headers and pickles only, never tensor bytes, and never runs code from the file.
     FILE may be - for standard input, or a URL (https://, hf://ORG/REPO/PATH[@REV]) read by
-    range requests. With several files, --json prints a list.
+    range requests. With several files, --json prints a list; --jsonl one JSON object per file
+    as it is read (docs/scale.md).
 
     \b
     Examples:
@@ -63,6 +66,13 @@ def inspect_cmd(
     from sdtool.errors import SdtoolError
     from sdtool.ops.inspect import inspect
 
+    if as_json and as_jsonl:
+        raise click.UsageError("choose one of --json and --jsonl")
+    lines = None
+    if as_jsonl:
+        from sdtool.cli.jsonl import JsonLines
+
+        lines = JsonLines("inspect")
     reports = []
     code = 0
     for i, file in enumerate(files):
@@ -72,12 +82,17 @@ def inspect_cmd(
                     real, key=key, tensors=list_tensors or bool(pattern), filter=pattern
                 )
         except SdtoolError as e:
-            if len(files) == 1:
+            if len(files) == 1 and lines is None:
                 raise
             error(e.with_path(file))
+            if lines is not None:
+                lines.write({"path": str(file), "error": str(e)})
             code = 2
             continue
         report = dataclasses.replace(report, path=file)
+        if lines is not None:
+            lines.write(jsonl_record(report))
+            continue
         reports.append(report)
         if not as_json and not quiet:
             if i:
@@ -86,6 +101,20 @@ def inspect_cmd(
     if as_json and not quiet:
         print_json(reports[0].to_json() if len(files) == 1 else [r.to_json() for r in reports])
     return code
+
+
+def jsonl_record(report: InspectReport) -> dict[str, Any]:
+    """A --jsonl record: the --json object (docs/inspect.md) plus the batch envelope (its
+    ``ruleset`` names the tables that graded the pickle's globals)."""
+    from sdtool.scan.ruleset import ruleset_version
+
+    doc = {k: v for k, v in report.to_json().items() if k != "schema"}  # the line's schema
+    return {
+        **doc,
+        "size": report.file_size,
+        "sha256": None,
+        "ruleset": ruleset_version(),
+    }
 
 
 def _bucket_row(name: str, b: Any, total: int) -> list[str]:

@@ -12,6 +12,7 @@ when computed, ``ruleset`` for scan, the verdict or result, the findings).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -25,7 +26,11 @@ class JsonLines:
 
     def __init__(self, command: str, stream: BinaryIO | None = None) -> None:
         self.schema = f"sdtool.{command}.jsonl/1"
-        self._fd = (stream if stream is not None else sys.stdout.buffer).fileno()
+        self._stream = stream if stream is not None else sys.stdout.buffer
+        try:
+            self._fd: int | None = self._stream.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self._fd = None  # an in-memory stream (tests): write and flush it
         sys.stdout.flush()
         self.count = 0
 
@@ -34,6 +39,11 @@ class JsonLines:
         full = {"schema": self.schema, "sdtool": __version__, **record}
         # ASCII: valid UTF-8 whatever bytes a file or member name holds (lone surrogates escaped)
         line = (json.dumps(full, ensure_ascii=True, default=str) + "\n").encode("ascii")
+        if self._fd is None:
+            self._stream.write(line)
+            self._stream.flush()
+            self.count += 1
+            return
         view = memoryview(line)
         while view:
             n = os.write(self._fd, view)

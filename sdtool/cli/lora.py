@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from sdtool.cli import render
+from sdtool.cli.merge import render_written
 from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
 from sdtool.errors import UsageError
 
@@ -110,13 +111,7 @@ def _render_bake(r: object) -> None:
             out.print(f"  {render.markup(key, 90)} <- {render.markup(', '.join(stems), 120)}")
         if len(r.patched) > LIST_LIMIT:
             out.print(f"  (+{len(r.patched) - LIST_LIMIT} more; --json lists all)")
-    for name, n in r.overflows.items():
-        render.warn(f"{n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
-    if r.dry_run:
-        out.print("dry run: nothing written")
-        return
-    how = [render.human_bytes(r.output_bytes)] + (["verified"] if r.verified else [])
-    out.print(f"wrote {render.markup(r.output)}: {', '.join(how)} in {r.seconds:.1f} s")
+    render_written(r, r.dtype)
 
 
 def _rank_options(f: F) -> F:
@@ -277,8 +272,4 @@ def _render_op(r: object, as_json: bool) -> None:
         out.print(f"  changed but not extracted [{len(r.not_targets)}]: {shown}")
     for k, why in list(r.skipped.items())[:LIST_LIMIT]:
         out.print(f"  skipped {render.markup(k, 90)}: {render.markup(why)}")
-    if r.dry_run:
-        out.print("dry run: nothing written")
-        return
-    how = [render.human_bytes(r.output_bytes)] + (["verified"] if r.verified else [])
-    out.print(f"wrote {render.markup(r.output)}: {', '.join(how)} in {r.seconds:.1f} s")
+    render_written(r, r.dtype)

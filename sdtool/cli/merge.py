@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import click
 
 from sdtool.cli import render
 from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
 from sdtool.errors import UsageError
-from sdtool.ops.merge import METHODS, MergeResult, merge
+from sdtool.vocab import MERGE_METHODS
+
+if TYPE_CHECKING:  # the library (numpy) loads when the command runs, not for --help
+    from sdtool.ops.merge import MergeResult
 
 EXIT_OK = 0
 #: keys listed per rule in the text plan (all of them are in --json)
@@ -23,7 +27,7 @@ LIST_LIMIT = 20
 )
 @click.option(
     "--method",
-    type=click.Choice(list(METHODS)),
+    type=click.Choice(list(MERGE_METHODS)),
     default="weighted-sum",
     show_default=True,
     help="weighted-sum: (1-alpha)A + alpha B; add-difference: A + alpha(B - C); "
@@ -78,6 +82,8 @@ def merge_cmd(
       sdtool merge a.sft b.sft ab.sft --dry-run \\
         --block-weights 0.5,1,1,1,1,1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0
     """
+    from sdtool.ops.merge import merge
+
     if len(paths) < 3:
         raise UsageError(f"give at least two inputs and OUT (got {len(paths)} paths)")
     *inputs, out = paths
@@ -128,8 +134,6 @@ def render_merge(r: MergeResult) -> None:
         out.print(f"  skipped, not in A [{len(keys)}]: {shown}{more}")
     for note in r.notes:
         out.print(f"  {render.markup(note)}")
-    for name, n in r.overflows.items():
-        render.warn(f"{n} value(s) of {name!r} overflowed to inf in the cast to {r.dtype}")
     if r.dry_run:
         merged = [k for k in r.keys if k.rule == "merge"]
         for k in merged[:LIST_LIMIT]:
@@ -137,9 +141,29 @@ def render_merge(r: MergeResult) -> None:
             out.print(f"  merge {render.markup(k.name, 90)}: alpha {k.alpha:g}{where}")
         if len(merged) > LIST_LIMIT:
             out.print(f"  (+{len(merged) - LIST_LIMIT} more merged; --json lists every key)")
-        out.print("dry run: nothing written")
+    render_written(r, r.dtype, [f"{len(r.keys):,} tensors"])
+
+
+class Written(Protocol):
+    """What ``render_written`` reads of a merge / bake / extract / resize result."""
+
+    output: Path
+    dry_run: bool
+    overflows: dict[str, int]
+    output_bytes: int
+    verified: bool
+    seconds: float
+
+
+def render_written(r: Written, dtype: str, how: list[str] | None = None) -> None:
+    """The end of every arithmetic command's report: overflow warnings, then ``dry run:
+    nothing written`` or ``wrote OUT: [how, ]size[, verified] in N s``."""
+    for name, n in r.overflows.items():
+        render.warn(f"{n} value(s) of {name!r} overflowed to inf in the cast to {dtype}")
+    if r.dry_run:
+        render.console().print("dry run: nothing written")
         return
-    how = [f"{len(r.keys):,} tensors", render.human_bytes(r.output_bytes)]
-    if r.verified:
-        how.append("verified")
-    out.print(f"wrote {render.markup(r.output)}: {', '.join(how)} in {r.seconds:.1f} s")
+    how = [*(how or []), render.human_bytes(r.output_bytes)] + (["verified"] if r.verified else [])
+    render.console().print(
+        f"wrote {render.markup(r.output)}: {', '.join(how)} in {r.seconds:.1f} s"
+    )

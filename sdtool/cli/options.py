@@ -184,3 +184,33 @@ def cache_options(f: F) -> F:
         ),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache."),
     )
+
+
+def cluster_option(f: F) -> F:
+    """``--cluster ADDRESS``: run the files as tasks on a Dask cluster (``local``: start one)."""
+    return click.option(
+        "--cluster",
+        metavar="ADDRESS",
+        help="Run each file as a task on the Dask scheduler at ADDRESS (tcp://host:8786), or "
+        "'local' to start a local cluster (needs sdtool[cluster]; docs/scale.md).",
+    )(f)
+
+
+def resume_option(f: F) -> F:
+    """``--resume``: skip the outputs an earlier run wrote and recorded, unchanged since."""
+    return click.option(
+        "--resume",
+        is_flag=True,
+        help="Skip outputs an earlier run wrote (recorded in the cache) and unchanged since; "
+        "redo any other existing output.",
+    )(f)
+
+
+def batch_options(*, cluster: bool = False) -> Callable[[F], F]:
+    """What batch writers share: ``--jsonl``, ``--resume``, the cache and maybe ``--cluster``."""
+
+    def apply(f: F) -> F:
+        extra = (cluster_option,) if cluster else ()
+        return _apply(f, jsonl_option, resume_option, cache_options, *extra)
+
+    return apply

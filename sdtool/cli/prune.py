@@ -10,9 +10,11 @@ import click
 
 from sdtool.cli import progress
 from sdtool.cli.options import (
+    batch_options,
     complete_from,
     dry_run_option,
     dtype_option,
+    jobs_option,
     json_option,
     quiet_option,
     write_options,
@@ -52,8 +54,9 @@ def common(f: F) -> F:
 
 
 @click.command("prune")
-@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.argument("out", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
+@click.argument(
+    "paths", nargs=-1, required=True, metavar="IN [OUT]", type=click.Path(path_type=Path)
+)
 @click.option(
     "--ema-only", is_flag=True, help="Put the EMA weights under the model keys; drop model_ema.*."
 )
@@ -85,9 +88,15 @@ def common(f: F) -> F:
     help="Rewrite broken CLIP position_ids (float or wrong values) as int64 arange(77).",
 )
 @common
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Batch mode: every PATH is an input (files or folders); outputs go here.",
+)
+@jobs_option("Batch mode: prune")
+@batch_options()
 def prune_cmd(
-    src: Path,
-    out: Path | None,
+    paths: tuple[Path, ...],
     ema_only: bool,
     no_ema: bool,
     allow_partial_ema: bool,
@@ -101,13 +110,21 @@ def prune_cmd(
     verify: bool,
     on_overflow: str,
     quiet: bool,
+    out_dir: Path | None = None,
+    jobs: int = 1,
+    as_jsonl: bool = False,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    no_cache: bool = False,
 ) -> int:
     """Keep the model weights of IN, drop training state, write OUT (any format).
 
     OUT is optional: IN-pruned[-emaonly|-noema][-fp16].safetensors beside IN (or inside OUT
     when OUT is an existing folder). What is kept follows the identified architecture
     (SD 1/2, SDXL, SD3, Flux), never a prefix list. Training state (optimizer, schedulers,
-    callbacks, loops) is dropped and reported.
+    callbacks, loops) is dropped and reported. Batch mode: IN... --out-dir DIR prunes every
+    file (folders searched) into DIR; --resume skips outputs an earlier run wrote, --jsonl
+    prints one JSON object per file as it finishes (docs/scale.md).
 
     \b
     Examples:
@@ -115,6 +132,7 @@ def prune_cmd(
       sdtool prune sd15.ckpt --ema-only --dtype fp16
       sdtool prune model.ckpt model.safetensors --no-ema --fix-clip --dry-run
       sdtool prune model.safetensors baked.safetensors --bake-vae vae-ft-mse.safetensors
+      sdtool prune checkpoints/ --out-dir pruned/ --ema-only --resume --jsonl
     """
     if ema_only and no_ema:
         raise click.UsageError("--ema-only and --no-ema exclude each other")
@@ -122,6 +140,24 @@ def prune_cmd(
     from sdtool.ops.prune import PruneOptions, parse_drop, prune
 
     ema = "only" if ema_only else "drop" if no_ema else "keep"
+    if out_dir is not None:
+        if bake_vae is not None:
+            raise click.UsageError("--bake-vae prunes one model: not with --out-dir")
+        opts = PruneOptions(
+            ema=ema, allow_partial_ema=allow_partial_ema, drop=parse_drop(drop),
+            fix_clip=fix_clip, dtype=parse_dtype(dtype), dry_run=dry_run, overwrite=overwrite,
+            verify=verify, on_overflow=on_overflow,
+        )  # fmt: skip
+        return _batch(
+            paths, out_dir, opts, jobs=jobs, as_json=as_json, as_jsonl=as_jsonl, quiet=quiet,
+            resume=resume, cache_dir=cache_dir, no_cache=no_cache,
+        )  # fmt: skip
+    given = [n for n in ("jobs", "jsonl", "resume") if _given(n)]
+    if given:
+        raise click.UsageError(f"--{'/--'.join(given)}: batch mode only, add --out-dir DIR")
+    if len(paths) > 2:
+        raise click.UsageError(f"give IN [OUT], or inputs with --out-dir DIR (got {len(paths)})")
+    src, out = paths[0], (paths[1] if len(paths) == 2 else None)
     ema_tag = {"only": "emaonly", "drop": "noema"}.get(ema, "")
     out = derived(src, out, ["pruned", ema_tag, dtype or ""])
     with open_model(src) as model:
@@ -146,6 +182,61 @@ def prune_cmd(
             if vae is not None:
                 vae.close()
     return report(result, src, out, dry_run=dry_run, as_json=as_json, quiet=quiet)
+
+
+def _given(param: str) -> bool:
+    source = click.get_current_context().get_parameter_source(param)
+    return source is click.core.ParameterSource.COMMANDLINE
+
+
+def _batch(
+    paths: tuple[Path, ...],
+    out_dir: Path,
+    opts: Any,
+    *,
+    jobs: int,
+    as_json: bool,
+    as_jsonl: bool,
+    quiet: bool,
+    resume: bool,
+    cache_dir: Path | None,
+    no_cache: bool,
+) -> int:
+    """prune IN... --out-dir DIR: a line per file (or JSON / JSON Lines), exit 1 if one failed."""
+    from sdtool.cli.batch import check_batch_options
+    from sdtool.cli.render import error
+    from sdtool.ops.prune_batch import PruneItem, prune_batch
+
+    check_batch_options(as_json=as_json, as_jsonl=as_jsonl, cache_dir=cache_dir,
+                        no_cache=no_cache, resume=resume)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = None
+    if as_jsonl:
+        from sdtool.cli.jsonl import JsonLines
+
+        lines = JsonLines("prune")
+
+    def on_result(r: PruneItem) -> None:
+        if r.status == "failed":
+            error(r.error or r.path)
+        if lines is not None:
+            lines.write({**r.to_json(), "size": r.input_bytes, "sha256": None})
+        elif not (as_json or quiet):
+            out = console()
+            if r.status == "failed":
+                out.print(f"[red]failed[/red]    {markup(r.path)}")
+            else:
+                note = {"skipped": " exists (--overwrite)", "resumed": " already written"}
+                out.print(
+                    f"{r.status:<9} {markup(r.path)} -> {markup(r.output)}"
+                    + note.get(r.status, f" ({human_bytes(r.output_bytes)})")
+                )
+
+    batch = prune_batch(paths, out_dir, opts, jobs=jobs, on_result=on_result, resume=resume,
+                        cache_dir=cache_dir)  # fmt: skip
+    if as_json and not quiet:
+        print_json(batch.to_json())
+    return 1 if batch.failed else 0
 
 
 @click.command("extract")

@@ -165,7 +165,11 @@ FLAG_SPELLING: dict[str, str] = {
     "key=...": "--key",
 }
 _FLAG_TRUE = re.compile(r"\b([a-z][a-z0-9_]*)=True\b")
-_FLAG_VALUE = re.compile(r"\b(key|drop|dtype|component|to|jobs|on_overflow|metadata|bake_vae)=")
+_FLAG_VALUE = re.compile(
+    r"\b(key|drop|dtype|component|to|jobs|on_overflow|metadata|bake_vae"
+    r"|method|density|block_weights|rank|conv_rank|sv_ratio|sv_fro|sv_cumulative"
+    r"|clamp_quantile)="
+)
 
 
 def flags(message: str) -> str:

@@ -12,15 +12,18 @@ import click
 
 from sdtool.cache import open_cache
 from sdtool.cli import progress as bars_
+from sdtool.cli.batch import cluster_runner
 from sdtool.cli.options import (
     PathOrUrl,
     cache_options,
+    cluster_option,
     jobs_option,
     json_option,
     jsonl_option,
 )
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, wrap, wrap_width
 from sdtool.cli.stdin import STDIN, is_stdin, spooled
+from sdtool.urls import is_url
 from sdtool.vocab import Verdict
 
 if TYPE_CHECKING:
@@ -54,6 +57,7 @@ LABEL = {"skipped": "skipped (not model files)"}  # how the summary names a verd
               help="Also compute each file's SHA-256 (in --jsonl records; keys the cache by "
                    "content, so copies share a verdict).")  # fmt: skip
 @cache_options
+@cluster_option
 def scan_cmd(
     paths: tuple[Path, ...],
     strict: bool,
@@ -67,6 +71,7 @@ def scan_cmd(
     with_sha256: bool,
     cache_dir: Path | None,
     no_cache: bool,
+    cluster: str | None = None,
 ) -> int:
     """Check model files for anything loading them could run, without running anything.
 
@@ -85,6 +90,7 @@ def scan_cmd(
       sdtool scan ~/models --exclude '*.png' --jobs 2
       sdtool scan downloads/ --strict --sarif > scan.sarif
       sdtool scan --jsonl --sha256 /mirror > verdicts.jsonl   # a rerun reads only new files
+      sdtool scan --jsonl --cluster tcp://scheduler:8786 /mnt/mirror > verdicts.jsonl
     """
     from sdtool.scan import scan_paths
     from sdtool.scan.sarif import to_sarif
@@ -95,6 +101,8 @@ def scan_cmd(
         raise click.UsageError("--cache DIR and --no-cache contradict each other")
     if sum(map(is_stdin, paths)) > 1:
         raise click.UsageError("- (standard input) can be given once")
+    if cluster is not None and any(is_stdin(p) or is_url(p) for p in paths):
+        raise click.UsageError("--cluster scans files the workers can read: not - or URLs")
     # standard input is spooled to a new temp file each time: nothing to cache
     cache = open_cache(cache_dir, enabled=not no_cache and not any(map(is_stdin, paths)))
     bar = None
@@ -121,11 +129,18 @@ def scan_cmd(
 
     try:
         with ExitStack() as stack:
+            runner = None
+            cl = stack.enter_context(cluster_runner(cluster, jobs))
+            if cl is not None:
+                from sdtool.cluster import scan_runner
+
+                runner = scan_runner(cl)
             real = [stack.enter_context(spooled(p)) for p in paths]
             spools.update({str(r): STDIN for given, r in zip(paths, real, strict=True)
                            if given != r})  # fmt: skip
             report = scan_paths(real, strict=strict, exclude=exclude, jobs=jobs, crc=crc,
-                                progress=progress, cache=cache, sha256=with_sha256)  # fmt: skip
+                                progress=progress, cache=cache, sha256=with_sha256,
+                                runner=runner)  # fmt: skip
         for given, r in zip(paths, real, strict=True):  # a spooled temp file is reported as -
             if given != r:
                 for fr in report.files:

@@ -15,6 +15,7 @@ enough to stay in cache) and on ``threads`` threads (numpy releases the GIL).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -275,6 +276,25 @@ def _halfbytes(v: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v.astype(_F16)).view(np.uint8)
 
 
+#: float32 bit patterns (sign cleared) whose float16 is normal: [2**-14, 65520)
+_F16_NORMAL = (np.uint32(0x38800000), np.uint32(0x477FF000))
+
+
+def _f16_bits(v: np.ndarray) -> np.ndarray:
+    """float32 -> float16 bits, rounded to nearest even: numpy's ``astype(float16)``, bit for
+    bit, in a few integer passes (numpy converts one element at a time, ~10x slower). Values
+    whose float16 is not normal (zero, subnormal, overflow, inf, NaN) go through numpy."""
+    b = np.ascontiguousarray(v, dtype=_F32).view(np.uint32)
+    a = b & np.uint32(0x7FFFFFFF)
+    r = a + (np.uint32(0x0FFF) + ((a >> 13) & np.uint32(1)))
+    h = ((r >> 13) - np.uint32(0x1C000)) | ((b >> 16) & np.uint32(0x8000))
+    odd = (a < _F16_NORMAL[0]) | (a >= _F16_NORMAL[1])
+    if odd.any():
+        with np.errstate(over="ignore"):
+            h[odd] = v.reshape(-1)[odd].astype(_F16).view(np.uint16)
+    return h.astype(np.uint16)
+
+
 def _q_trunc(v: np.ndarray, top: int) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         return np.trunc(v).astype(np.uint8).clip(0, top)
@@ -314,6 +334,7 @@ def _q_q5_1(x: np.ndarray) -> np.ndarray:
 #: the largest float32 below 0.5: adding it (with v's sign) and truncating rounds half away
 #: from zero exactly for |v| <= 128 (benchmarks/check_q8_rounding.py tries every such float)
 _HALF_DOWN = np.float32(0.5) - np.float32(2.0**-25)
+_HALF_DOWN_BITS = np.array(_HALF_DOWN, np.float32).view(np.uint32)
 
 
 def _nudge(v: np.ndarray) -> np.ndarray:
@@ -329,33 +350,164 @@ def _round_away(v: np.ndarray) -> np.ndarray:
         return _nudge(v.astype(np.float32, copy=True)).astype(np.int8)  # the cast truncates
 
 
+def _round_away_torch(v: np.ndarray) -> np.ndarray:
+    """The torch kernel's rounding of finite |v| <= 128 (the check script compares it with
+    gguf-py's formula on every such float32)."""
+    torch = _torch()
+    tv = torch.from_numpy(np.array(v, np.float32))
+    out = np.empty(v.shape, np.int8)
+    _torch_round_into(torch, tv, torch.empty_like(tv), torch.from_numpy(out))
+    return out
+
+
+def _q8_scales(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block max |x| (n,) -> (d, 1/d or 0), as gguf-py computes them (float32)."""
+    d = m / _F32(127)
+    return d, _inverse(d)
+
+
 def _q_q8_0(x: np.ndarray) -> np.ndarray:
     """d = max|x| / 127; q = x/d rounded half away from zero (ggml's roundf), as gguf-py.
 
-    Per-block values are repeated to element length so every pass is a flat, contiguous one
-    (numpy's broadcasting over rows of 32 costs a loop per row), and the rounded values are
-    cast straight into the output blocks.
+    The plain numpy kernel on (n, 32) float32 blocks; ``_q8_0_into`` is the one the writer
+    uses (scratch buffers, torch when installed) and falls back to this for odd blocks.
     """
     n = x.shape[0]
-    flat = x.reshape(-1)
-    a = np.abs(flat)
-    d = _rowmax(a.reshape(n, 32)).reshape(n) / _F32(127)
-    v = np.multiply(flat, np.repeat(_inverse(d), 32), out=a)
-    _nudge(v)
     out = np.empty((n, 34), np.uint8)
-    out[:, 0:2] = _halfbytes(d).reshape(n, 2)
-    with np.errstate(invalid="ignore"):  # the cast truncates toward zero (NaN: as numpy does)
-        np.copyto(out[:, 2:].view(np.int8), v.reshape(n, 32), casting="unsafe")
+    _q8_0_numpy(x.reshape(-1), out)
     return out
+
+
+def _q8_0_numpy(src: np.ndarray, out: np.ndarray) -> None:
+    """Q8_0 of ``src`` (n*32 values, any float dtype) into ``out`` (n, 34), numpy only, in
+    four flat passes over per-thread scratch (no temporaries per piece)."""
+    n = out.shape[0]
+    x = _widen_into(src, "x")
+    a = _scratch("a", x.size, _F32)
+    np.abs(x, out=a)
+    d, inv = _q8_scales(a.reshape(n, 32).max(axis=1))
+    np.multiply(x.reshape(n, 32), inv[:, None], out=a.reshape(n, 32))
+    # copysign(0.5 - 2**-25, a) by bits: a's sign bit over the constant's (2 integer passes,
+    # several times np.copysign)
+    u = x.view(np.uint32)
+    np.bitwise_and(a.view(np.uint32), np.uint32(0x80000000), out=u)
+    u |= _HALF_DOWN_BITS
+    a += x
+    out[:, 0:2] = _f16_bits(d).view(np.uint8).reshape(n, 2)
+    with np.errstate(invalid="ignore"):  # the cast truncates toward zero (NaN: as numpy does)
+        np.copyto(out[:, 2:].view(np.int8), a.reshape(n, 32), casting="unsafe")
+
+
+def _torch_round_into(torch: Any, v: Any, tmp: Any, out: Any) -> None:
+    """v + copysign(0.5 - 2**-25, v), truncated into the int8 tensor ``out`` (v is changed)."""
+    torch.copysign(_TORCH_HALF_DOWN[0], v, out=tmp)
+    v.add_(tmp)
+    out.copy_(v)  # float -> int8 truncates toward zero (finite values in [-128, 128] only)
+
+
+_TORCH_HALF_DOWN: list[Any] = []
+
+
+def _q8_0_torch(src: np.ndarray, out: np.ndarray) -> None:
+    """Q8_0 with torch's vectorised kernels (one thread each): widen, |x|, row max, scale,
+    round, cast into ``out``. Every step is exact or one IEEE operation, as numpy's; blocks
+    whose scale or inverse is not finite (inf/NaN inputs, all-denormal blocks) are redone by
+    the numpy kernel, so the bytes are gguf-py's in every case (tests/test_gguf.py)."""
+    torch = _torch()
+    if not _TORCH_HALF_DOWN:
+        _TORCH_HALF_DOWN.append(torch.tensor(float(_HALF_DOWN), dtype=torch.float32))
+    n = out.shape[0]
+    size = n * 32
+    x = _scratch_torch("tx", size)
+    x.copy_(_as_torch(torch, src))
+    a = _scratch_torch("ta", size)
+    torch.abs(x, out=a)
+    m = a.view(n, 32).amax(dim=1).numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        d, inv = _q8_scales(m)
+    torch.mul(x.view(n, 32), torch.from_numpy(inv)[:, None], out=a.view(n, 32))
+    bad = ~(np.isfinite(d) & np.isfinite(inv))
+    if bad.any():
+        a.view(n, 32)[torch.from_numpy(bad)] = 0.0  # finite until redone below
+    tout = torch.from_numpy(out)
+    _torch_round_into(torch, a.view(n, 32), x.view(n, 32), tout[:, 2:].view(torch.int8))
+    # float32 -> float16 rounds to nearest even as numpy does (all finite d >= 0 compared)
+    tout[:, 0:2].view(torch.float16).copy_(torch.from_numpy(d)[:, None])
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        fix = np.empty((rows.size, 34), np.uint8)
+        _q8_0_numpy(widen(src.reshape(n, 32)[rows]).reshape(-1), fix)
+        out[rows] = fix
+
+
+def _as_torch(torch: Any, src: np.ndarray) -> Any:
+    """A torch view of a float numpy array (bfloat16 through its bits)."""
+    if str(src.dtype) == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(src).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(src))
+
+
+#: Q8_0 values above which importing torch (about 1.5 s of CPU) pays for itself: its kernel
+#: saves about 1 ns per value over numpy's (benchmarks/bench_gguf.py)
+TORCH_MIN_ELEMENTS = 2 << 30
+
+
+def torch_pays(q8_elements: int) -> bool:
+    """Whether the Q8_0 kernel should use torch for this many values (when installed)."""
+    return q8_elements >= TORCH_MIN_ELEMENTS
+
+
+def _q8_0_into(src: np.ndarray, out: np.ndarray, use_torch: bool = True) -> None:
+    if use_torch and str(src.dtype) in _TORCH_SOURCES and _torch() is not None:
+        _q8_0_torch(src, out)
+    else:
+        _q8_0_numpy(src, out)
+
+
+_TORCH_SOURCES = frozenset({"bfloat16", "float16", "float32"})
+
+
+# -- per-thread scratch -----------------------------------------------------------------------
+
+_LOCAL = threading.local()
+
+
+def _scratch(name: str, size: int, dtype: Any) -> np.ndarray:
+    """A reusable per-thread buffer of ``size`` elements (contents undefined): pieces reuse
+    the same memory, so quantizing allocates (and page-faults) nothing per piece."""
+    bufs: dict[str, np.ndarray] = _LOCAL.__dict__.setdefault("np", {})
+    dt = np.dtype(dtype)
+    nbytes = size * dt.itemsize
+    b = bufs.get(name)
+    if b is None or b.size < nbytes:
+        b = np.empty(max(nbytes, PIECE_ELEMENTS * 4), np.uint8)
+        bufs[name] = b
+    return b[:nbytes].view(dt)
+
+
+def _scratch_torch(name: str, size: int) -> Any:
+    """A per-thread float32 torch tensor of ``size`` elements sharing a numpy scratch."""
+    torch = _torch()
+    return torch.from_numpy(_scratch(name, size, _F32))
+
+
+def _widen_into(src: np.ndarray, name: str) -> np.ndarray:
+    """``src`` as float32 in the per-thread scratch ``name`` (bf16 by a shift: exact)."""
+    x = _scratch(name, src.size, _F32)
+    if str(src.dtype) == "bfloat16":
+        u = np.ascontiguousarray(src).view(np.uint16)
+        np.left_shift(u, 16, out=x.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(x, src.reshape(-1), casting="unsafe")
+    return x
 
 
 _TORCH: list[Any] = []
 
 
 def _torch() -> Any:
-    """torch when it is installed (its row max is several times numpy's for 32-wide rows;
-    a max is exact, so the bytes do not depend on it), else None. Imported on first use:
-    only quantizing ever asks. Sets torch's intra-op threads to 1 for this process."""
+    """torch when it is installed (``SDTOOL_NO_TORCH=1``: never), else None. Imported on first
+    use: only quantizing ever asks. Sets torch's intra-op threads to 1 for this process."""
     if not _TORCH:
         import importlib.util
 
@@ -369,15 +521,6 @@ def _torch() -> Any:
             mod = torch
         _TORCH.append(mod)
     return _TORCH[0]
-
-
-def _rowmax(a: np.ndarray) -> np.ndarray:
-    """Per row maximum, (n, k) -> (n, 1); NaN propagates (numpy and torch agree)."""
-    torch = _torch()
-    if torch is not None:
-        out: np.ndarray = torch.from_numpy(a).amax(dim=1, keepdim=True).numpy()
-        return out
-    return a.max(axis=1, keepdims=True)
 
 
 def widen(part: np.ndarray) -> np.ndarray:
@@ -645,8 +788,7 @@ def quantize(values: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:
     not a multiple of the block.
     """
     t = get(qtype)
-    fn = QUANTIZE.get(qtype)
-    if fn is None:
+    if qtype not in QUANTIZE:
         raise UnsupportedDtype(f"sdtool does not quantize to {qtype}")
     flat = values.reshape(-1)
     if flat.size % t.block:
@@ -655,14 +797,67 @@ def quantize(values: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:
     out = np.empty((n, t.size), np.uint8)
 
     def job(a: int, b: int) -> Callable[[], None]:
-        def run() -> None:
-            x = widen(flat[a * t.block : b * t.block])
-            out[a:b] = fn(x.reshape(b - a, t.block))
-
-        return run
+        return lambda: encode_into(qtype, flat[a * t.block : b * t.block], out[a:b])
 
     _run([job(a, b) for a, b in _pieces(n, t.block)], threads)
     return out.reshape(-1)
+
+
+class F16Overflow(ValueError):
+    """Finite values that float16 cannot hold (``count`` of them)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} value(s) overflow float16")
+        self.count = count
+
+
+class NonFinite(ValueError):
+    """inf or NaN given to a K-quant (``count`` of them): llama.cpp's reference has no rule
+    for them (its rounding helper is undefined there), so sdtool refuses."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} value(s) are inf or NaN")
+        self.count = count
+
+
+def encode_into(qtype: str, src: np.ndarray, out: np.ndarray, *, use_torch: bool = True) -> None:
+    """Encode the values ``src`` (1-D, any float dtype, whole blocks) as ``qtype`` into ``out``
+    (their bytes: (blocks, size) or flat uint8). F16 from a wider type raises F16Overflow when
+    a finite value becomes inf; BF16 from bfloat16 keeps the bits (NaNs made quiet, as ggml's
+    conversion does); the rest is gguf-py's / ggml's conversion of the float32 values. The
+    K-quants raise NonFinite for inf or NaN values. ``use_torch``: Q8_0 may use torch's kernel
+    (when installed; the bytes are the same either way)."""
+    t = get(qtype)
+    n = src.size // t.block
+    out = out.reshape(n, t.size)
+    kind = str(src.dtype)
+    if qtype == "Q8_0":
+        _q8_0_into(src, out, use_torch)
+    elif qtype == "BF16" and kind == "bfloat16":
+        u = np.ascontiguousarray(src).view(np.uint16)
+        o = out.reshape(-1).view(np.uint16)
+        np.copyto(o, u)
+        nan = (u & 0x7FFF) > 0x7F80
+        if nan.any():
+            o[nan] |= np.uint16(0x40)
+    elif qtype == "F16":
+        o16 = out.reshape(-1).view(_F16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(o16, src, casting="unsafe")
+        if (src.dtype.kind == "f" and src.dtype.itemsize > 2) or kind == "bfloat16":
+            over = int(np.count_nonzero(np.isinf(o16) & np.isfinite(src)))
+            if over:
+                raise F16Overflow(over)
+    elif qtype == "F32":
+        np.copyto(out.reshape(-1).view(_F32), src, casting="unsafe")
+    else:
+        x = _widen_into(src, "x").reshape(n, t.block)
+        if qtype in K_QUANTS:
+            bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+            if bad:
+                raise NonFinite(bad)
+        with np.errstate(all="ignore"):  # tiny blocks: scales overflow, then decode as 0
+            out[...] = QUANTIZE[qtype](x)
 
 
 def dequantize(raw: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:

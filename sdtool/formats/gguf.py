@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp, ComfyUI-GGUF): read the header lazily, hand out tensors, write files.
+"""GGUF (llama.cpp, ComfyUI-GGUF): read the header lazily, hand out tensors (writing:
+``sdtool/write/gguf.py``).
 
 Layout (gguf-py's gguf_reader.py / gguf_writer.py; all little-endian)::
 
@@ -26,18 +27,17 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from math import prod
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from sdtool import dtypes
 from sdtool.errors import CorruptFile, TruncatedFile
 from sdtool.formats import ggml
+from sdtool.formats.source import Input, RangeReader
 from sdtool.model import (
     ContainerFacts,
     ModelFile,
@@ -348,7 +348,7 @@ class GGUFModel(ModelFile):
         assert st.file_offset is not None
         if st.file_offset + st.nbytes > self.file_size:
             raise TruncatedFile(f"tensor {name!r} runs past the end of the file", path=self.path)
-        raw = np.frombuffer(self._map(), np.uint8, st.nbytes, st.file_offset)
+        raw = self._span(st.file_offset, st.nbytes)
         values = ggml.dequantize(raw, info.ggml_type, threads=ggml.default_threads())
         return values.reshape(info.shape)
 
@@ -377,8 +377,10 @@ def _metadata(kv: dict[str, KV]) -> tuple[dict[str, str], list[str]]:
     return meta, left
 
 
-def read_gguf(path: Path) -> GGUFModel:
+def read_gguf(path: Input) -> GGUFModel:
     """Open a GGUF file: parse and check the header; tensor bytes stay on disk."""
+    if isinstance(path, RangeReader):  # remote: the header through the block cache
+        return _model(path, read_header(path, path.size))
     size = path.stat().st_size
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
@@ -387,6 +389,10 @@ def read_gguf(path: Path) -> GGUFModel:
         finally:
             if isinstance(mm, mmap.mmap):
                 mm.close()
+    return _model(path, header)
+
+
+def _model(path: Input, header: Header) -> GGUFModel:
     tensors: dict[str, TensorInfo] = {}
     for t in header.tensors:
         shape = orig_shape(header.kv, t.name) or t.shape
@@ -433,132 +439,3 @@ def _type_counts(entries: Iterable[TensorEntry]) -> dict[str, int]:
     for t in entries:
         out[t.type.name] = out.get(t.type.name, 0) + 1
     return out
-
-
-# -- writing ------------------------------------------------------------------------------
-
-
-@dataclass
-class OutGGUF:
-    """One tensor of a GGUF being written: its stored shape (numpy order), type, and how to
-    get its values (``values()`` returns an array of ``numel`` elements, any float dtype)."""
-
-    name: str
-    shape: tuple[int, ...]
-    type: str
-    values: Callable[[], np.ndarray]
-    source_dtype: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def numel(self) -> int:
-        return prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return ggml.get(self.type).nbytes(self.numel)
-
-
-def _pack_string(s: str) -> bytes:
-    raw = s.encode("utf-8")
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _pack_value(vtype: int, value: Any, item_type: int | None = None) -> bytes:
-    if vtype == T_STRING:
-        return _pack_string(value)
-    if vtype == T_ARRAY:
-        assert item_type is not None
-        body = b"".join(_pack_value(item_type, v) for v in value)
-        return struct.pack("<IQ", item_type, len(value)) + body
-    fmt = VALUE_TYPES[vtype][1]
-    assert fmt is not None
-    return struct.pack(fmt, value)
-
-
-def header_bytes(
-    kv: Sequence[tuple[str, KV]], tensors: Sequence[OutGGUF], alignment: int
-) -> tuple[bytes, list[int]]:
-    """The header (padded to the alignment) and each tensor's offset from the data start."""
-    parts = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kv))]
-    for k, e in kv:
-        parts += [
-            _pack_string(k),
-            struct.pack("<I", e.type),
-            _pack_value(e.type, e.value, e.item_type),
-        ]
-    offsets, pos = [], 0
-    for t in tensors:
-        offsets.append(pos)
-        dims = tuple(reversed(t.shape)) or (1,)
-        parts += [
-            _pack_string(t.name),
-            struct.pack("<I", len(dims)),
-            struct.pack(f"<{len(dims)}Q", *dims),
-            struct.pack("<IQ", ggml.get(t.type).id, pos),
-        ]
-        pos += -(-t.nbytes // alignment) * alignment
-    head = b"".join(parts)
-    return head + b"\0" * (-len(head) % alignment), offsets
-
-
-def write_gguf(
-    f: BinaryIO,
-    kv: Sequence[tuple[str, KV]],
-    tensors: Sequence[OutGGUF],
-    *,
-    alignment: int = DEFAULT_ALIGNMENT,
-    threads: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> int:
-    """Stream a GGUF file to ``f``: header, then each tensor quantized and padded in turn.
-
-    Three stages overlap: the next tensor is read while this one is quantized (on
-    ``threads`` threads) and the previous one is written, so memory is about three tensors
-    (values or bytes) at most. Returns the bytes written.
-    """
-    head, _ = header_bytes(kv, tensors, alignment)
-    f.write(head)
-    total = len(head)
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        nxt = reader.submit(tensors[0].values) if tensors else None
-        pending: Future[None] | None = None
-        for i, t in enumerate(tensors):
-            assert nxt is not None
-            values = nxt.result()
-            nxt = reader.submit(tensors[i + 1].values) if i + 1 < len(tensors) else None
-            data = encode(t, values, threads)
-            del values
-            if pending is not None:
-                pending.result()
-            pad = -data.size % alignment
-            pending = writer.submit(_write, f, data, pad)
-            total += data.size + pad
-            if progress is not None:
-                progress(data.size)
-        if pending is not None:
-            pending.result()
-    return total
-
-
-def _write(f: BinaryIO, data: np.ndarray, pad: int) -> None:
-    f.write(data.data)
-    if pad:
-        f.write(b"\0" * pad)
-
-
-def encode(t: OutGGUF, values: np.ndarray, threads: int = 1) -> np.ndarray:
-    """A tensor's stored bytes (1-D uint8) from its values."""
-    if values.size != t.numel:
-        raise ValueError(f"tensor {t.name!r} has {values.size} values, not {t.numel}")
-    flat = values.reshape(-1)
-    if t.type == "BF16" and str(flat.dtype) == "bfloat16":
-        # already bf16: the bytes as they are, NaNs made quiet as ggml's conversion does
-        u = np.ascontiguousarray(flat).view(np.uint16)
-        nan = (u & 0x7FFF) > 0x7F80
-        if nan.any():
-            u = np.where(nan, u | np.uint16(0x40), u)
-        return u.view(np.uint8)
-    if ggml.get(t.type).quantized or t.type == "BF16":
-        return ggml.quantize(flat, t.type, threads=threads)
-    return np.ascontiguousarray(flat, dtype=ggml.plain_numpy(t.type)).view(np.uint8)

@@ -57,8 +57,10 @@ def open_model(path: str | Path | RangeReader, *, key: str | None = None) -> Mod
 def _open_input(p: Input, key: str | None) -> ModelFile:
     kind, head, size = sniff(p)
     remote = isinstance(p, RangeReader)
-    if remote and kind not in (Format.SAFETENSORS, Format.ZIP, Format.PICKLE, Format.TAR):
-        if kind in (Format.GGUF, Format.NPY):
+    if remote and kind not in (
+        Format.SAFETENSORS, Format.ZIP, Format.PICKLE, Format.TAR, Format.GGUF
+    ):  # fmt: skip
+        if kind is Format.NPY:
             raise UnknownFormat(
                 f"a {kind.value} file: reading one over HTTP is not supported; download it first",
                 path=input_path(p),
@@ -73,7 +75,7 @@ def _open_input(p: Input, key: str | None) -> ModelFile:
             from sdtool.formats.torchfile import read_torch
 
             return read_torch(p, kind, key=key)
-        if kind is Format.GGUF and isinstance(p, Path):
+        if kind is Format.GGUF:
             from sdtool.formats.gguf import read_gguf
 
             return read_gguf(p)

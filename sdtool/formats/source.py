@@ -88,6 +88,8 @@ class RangeReader:
             return b""
         b = self.block
         first, last = offset // b, (end - 1) // b
+        if first == last and (hit := self._blocks.get(first)) is not None:  # the common case
+            return hit[offset - first * b : end - first * b]
         if (last - first + 1) * b > self.cache_limit // 2:  # a big read: straight through
             self.requests += 1
             self.fetched += end - offset
@@ -131,12 +133,13 @@ class RangeReader:
         return self.size
 
     def __getitem__(self, key: int | slice) -> Any:
-        if isinstance(key, int):
+        if isinstance(key, int):  # the pickle machine reads opcodes one byte at a time
             if key < 0:
                 key += self.size
             if not 0 <= key < self.size:
                 raise IndexError("index out of range")
-            return self.pread(key, 1)[0]
+            hit = self._blocks.get(key // self.block)
+            return hit[key % self.block] if hit is not None else self.pread(key, 1)[0]
         start, stop, step = key.indices(self.size)
         if step != 1:
             raise ValueError("slices must be contiguous")

@@ -19,14 +19,15 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sdtool.cache import Identity, default_dir
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import opened
 from sdtool.model import ModelFile, tensor_leaves, to_plain
+from sdtool.ops.batch import Resume, Runner, options_digest, run_batch
 from sdtool.ops.outname import derived
 from sdtool.results import Result
 from sdtool.vocab import TO_SUFFIX, Progress, dtype_name
@@ -81,7 +82,7 @@ class ConvertResult(Result):
 
     path: Path  # the input
     output: Path
-    status: str = "converted"  # converted | skipped | failed
+    status: str = "converted"  # converted | skipped | resumed | failed
     error: str | None = None
     input_format: str = ""
     output_format: str = ""
@@ -98,6 +99,7 @@ class ConvertResult(Result):
     metadata_keys: list[str] = field(default_factory=list)
     verified: bool = False
     seconds: float = 0.0
+    output_sha256: str | None = None  # when computed (--resume records it)
 
     def to_json(self) -> dict[str, Any]:
         d = super().to_json()
@@ -371,6 +373,7 @@ class BatchResult(Result):
             "summary": {
                 "converted": len(done),
                 "skipped": self.count("skipped"),
+                "resumed": self.count("resumed"),
                 "failed": self.failed,
                 "input_bytes": sum(r.input_bytes for r in done),
                 "output_bytes": sum(r.output_bytes for r in done),
@@ -409,6 +412,71 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ConvertJob:
+    """One file of a batch, picklable (it may run on a cluster worker).
+
+    ``owner``: the input that claims ``dst`` (the first in input order); another input that
+    maps to the same output fails. ``resume``: skip an output recorded as written and
+    unchanged, and record new ones (sdtool.ops.batch).
+    """
+
+    src: Path
+    dst: Path
+    options: ConvertOptions
+    owner: Path
+    resume: Resume | None = None
+
+
+def result_from_json(doc: dict[str, Any]) -> ConvertResult:
+    """The ConvertResult that ``ConvertResult.to_json`` described."""
+    names = {f.name for f in fields(ConvertResult)}
+    kw = {k: v for k, v in doc.items() if k in names}
+    return ConvertResult(**{**kw, "path": Path(doc["path"]), "output": Path(doc["output"])})
+
+
+def convert_job(job: ConvertJob, progress: Progress | None = None) -> ConvertResult:
+    """Convert one file of a batch; every failure becomes a ``failed`` result."""
+    src, dst, opts = job.src, job.dst, job.options
+    try:
+        size = src.stat().st_size
+    except OSError:
+        size = 0
+    if job.owner != src:
+        return ConvertResult(
+            src, dst, status="failed", input_bytes=size,
+            error=f"{src}: {job.owner} already converts to {dst}",
+        )  # fmt: skip
+    overwrite = opts.overwrite
+    if job.resume is not None:
+        doc = job.resume.done(src, dst)
+        if doc is not None:
+            try:
+                old = result_from_json(doc["result"])
+            except (KeyError, TypeError, ValueError):
+                old = None
+            if old is not None:
+                return replace(
+                    old, path=src, status="resumed", seconds=0.0, output_sha256=doc.get("sha256")
+                )
+        overwrite = True  # not verifiably ours: redo it
+    if dst.exists() and not overwrite:
+        return ConvertResult(src, dst, status="skipped", input_bytes=size)
+    try:
+        before = Identity.of_path(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        result = convert(src, dst, replace(opts, progress=progress, overwrite=overwrite))
+    except SdtoolError as e:
+        return ConvertResult(src, dst, status="failed", input_bytes=size, error=str(e))
+    except OSError as e:
+        msg = f"{src}: {e.strerror or e}"
+        return ConvertResult(src, dst, status="failed", input_bytes=size, error=msg)
+    if job.resume is not None and result.status == "converted":
+        sha = job.resume.record(src, before, dst, result.to_json(), written=result.output)
+        result = replace(result, output_sha256=sha)
+    return result
+
+
 def convert_batch(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -417,57 +485,53 @@ def convert_batch(
     to: str = "safetensors",
     jobs: int = 1,
     file_progress: Callable[[Path], Progress | None] | None = None,
+    on_result: Callable[[ConvertResult], None] | None = None,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    runner: Runner | None = None,
     **changes: Any,
 ) -> BatchResult:
     """Convert files and folders into ``out_dir``; existing outputs are skipped unless
     ``overwrite``. ``options``/``changes`` are convert's (dtype, key, metadata, verify ...);
-    ``file_progress(input)`` gives each file's ``progress(done, total)``. A failed file is
-    recorded with its error and the rest go on; Ctrl-C stops everything (finished files stay)."""
+    ``file_progress(input)`` gives each file's ``progress(done, total)``; ``on_result`` sees
+    each file's result as it finishes. A failed file is recorded with its error and the rest
+    go on; Ctrl-C stops everything (finished files stay).
+
+    ``resume``: skip outputs recorded in the cache (``cache_dir``, default the user's) as
+    written from the same input with the same options and unchanged since (status
+    ``resumed``); any other existing output is redone. ``runner``: run the files on a cluster
+    (sdtool.cluster) instead of ``jobs`` threads.
+    """
     opts = options_from(ConvertOptions, options, changes)
     if jobs < 1:
         raise UsageError(f"jobs={jobs} must be at least 1")
     pairs = batch_targets([Path(p) for p in inputs], Path(out_dir), to)
-    seen: dict[Path, Path] = {}
-
-    def one(pair: tuple[Path, Path]) -> ConvertResult:
-        src, dst = pair
-        size = src.stat().st_size if src.exists() else 0
-        if dst in seen and seen[dst] != src:
-            return ConvertResult(
-                src, dst, status="failed", input_bytes=size,
-                error=f"{src}: {seen[dst]} already converts to {dst}",
-            )  # fmt: skip
-        if dst.exists() and not opts.overwrite:
-            return ConvertResult(src, dst, status="skipped", input_bytes=size)
-        try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shown = file_progress(src) if file_progress is not None else None
-
-            def cb(done: int, total: int) -> None:
-                if cancel.is_set():  # Ctrl-C in the main thread: stop here, temp file goes
-                    raise KeyboardInterrupt
-                if shown is not None:
-                    shown(done, total)
-
-            return convert(src, dst, replace(opts, progress=cb))
-        except SdtoolError as e:
-            return ConvertResult(src, dst, status="failed", input_bytes=size, error=str(e))
-        except OSError as e:
-            msg = f"{src}: {e.strerror or e}"
-            return ConvertResult(src, dst, status="failed", input_bytes=size, error=msg)
-
+    owner: dict[Path, Path] = {}
     for src, dst in pairs:  # claim outputs in input order so duplicates fail deterministically
-        seen.setdefault(dst, src)
+        owner.setdefault(dst, src)
+    base = replace(opts, progress=None)
+    rs = Resume(Path(cache_dir) if cache_dir else default_dir(), options_digest(base, to=to))
+    work = [ConvertJob(s, d, base, owner[d], rs if resume else None) for s, d in pairs]
     cancel = threading.Event()
-    if jobs == 1:
-        return BatchResult([one(p) for p in pairs])
-    pool = ThreadPoolExecutor(max_workers=jobs)
-    futures = [pool.submit(one, p) for p in pairs]
-    try:
-        results = [f.result() for f in futures]
-    except BaseException:
-        cancel.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown()
+
+    def one(job: ConvertJob) -> ConvertResult:
+        shown = file_progress(job.src) if file_progress is not None else None
+
+        def cb(done: int, total: int) -> None:
+            if cancel.is_set():  # Ctrl-C in the main thread: stop here, temp file goes
+                raise KeyboardInterrupt
+            if shown is not None:
+                shown(done, total)
+
+        return convert_job(job, cb)
+
+    if runner is not None:
+
+        def lost(job: ConvertJob, e: BaseException) -> ConvertResult:
+            why = f"{job.src}: the cluster task failed ({type(e).__name__}: {e})"
+            return ConvertResult(job.src, job.dst, status="failed", error=why)
+
+        results = run_batch(work, convert_job, on_result=on_result, runner=runner, on_error=lost)
+    else:
+        results = run_batch(work, one, jobs=jobs, on_result=on_result, cancel=cancel)
     return BatchResult(results)

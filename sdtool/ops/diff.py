@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sdtool.errors import TruncatedFile
+from sdtool.errors import TruncatedFile, UnsupportedDtype
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.results import Result
 from sdtool.vocab import Progress
+from sdtool.write.stream import prefetch
 
-CHUNK_ELEMENTS = 4 << 20  # elements per compared slice: temporaries stay near 200 MB at most
+CHUNK_ELEMENTS = 2 << 20  # elements per compared piece: buffers and temporaries well under 256 MB
 
 SCHEMA = "sdtool.diff/2"
 
@@ -56,7 +57,8 @@ class TensorDiff:
     shape_a: tuple[int, ...] | None = None
     shape_b: tuple[int, ...] | None = None
     numel: int = 0  # elements compared (0 when values were not compared)
-    changed: int = 0  # elements whose bits differ (after the cast when dtypes differ)
+    changed: int | None = 0  # elements whose bits differ (after the cast when dtypes differ);
+    # None: the tensor differs, elements not counted (``fast``)
     nan_mismatch: int = 0  # elements NaN on exactly one side
     max_abs_diff: float | int | None = None  # over compared elements; None: not compared
 
@@ -64,7 +66,7 @@ class TensorDiff:
     def counted_as(self) -> str:
         """The status the totals count this tensor under: a dtype change whose values also
         changed (after the cast) is counted as "changed", not as a dtype-only change."""
-        if self.status == "dtype" and (self.changed or self.nan_mismatch):
+        if self.status == "dtype" and (self.changed or self.changed is None or self.nan_mismatch):
             return "changed"
         return self.status
 
@@ -96,6 +98,7 @@ class DiffResult(Result):
     metadata_a_only: list[str] = field(default_factory=list)
     metadata_b_only: list[str] = field(default_factory=list)
     metadata_changed: list[str] = field(default_factory=list)
+    fast: bool = False  # compared by bytes only: changed tensors have no element counts
 
     def count(self, status: str) -> int:
         """Tensors counted under ``status``: "changed" holds every tensor whose values differ,
@@ -136,8 +139,9 @@ class DiffResult(Result):
             "b": {"path": os.fspath(self.b), "format": self.format_b},
             "identical": self.identical,
             "dtype_tolerant": self.dtype_tolerant,
+            "fast": self.fast,
             "counts": self.counts,
-            "changed_elements": sum(t.changed for t in self.tensors),
+            "changed_elements": None if self.fast else sum(t.changed or 0 for t in self.tensors),
             "max_abs_diff": _json_number(self.max_abs_diff),
             "metadata": {
                 "a_only": self.metadata_a_only,
@@ -160,6 +164,7 @@ def diff(
     b: str | Path,
     *,
     dtype_tolerant: bool = False,
+    fast: bool = False,
     progress: Progress | None = None,
 ) -> DiffResult:
     """Compare the tensors of model files ``a`` and ``b``.
@@ -168,6 +173,9 @@ def diff(
         a, b: model files in any format open_model reads.
         dtype_tolerant: count a tensor whose dtype differs as identical when A cast to B's
             dtype equals B bit for bit (e.g. B is A converted to fp16); it is still listed.
+        fast: decide each tensor from its bytes alone: reading a tensor stops at its first
+            differing piece, and changed tensors get no element counts or largest difference
+            (``changed`` and ``max_abs_diff`` are None). The verdict is the same as without it.
         progress: called as ``progress(bytes_done, bytes_total)`` over A's compared tensors.
 
     Returns:
@@ -181,20 +189,15 @@ def diff(
         >>> r.identical, r.counts["changed"]
     """
     with open_model(a) as ma, open_model(b) as mb:
-        return _diff_models(ma, mb, dtype_tolerant, progress)
+        return _diff_models(ma, mb, dtype_tolerant, fast, progress)
 
 
 def _diff_models(
-    ma: ModelFile, mb: ModelFile, dtype_tolerant: bool, progress: Progress | None
+    ma: ModelFile, mb: ModelFile, dtype_tolerant: bool, fast: bool, progress: Progress | None
 ) -> DiffResult:
     tensors: list[TensorDiff] = []
 
-    total = sum(
-        t.nbytes
-        for n, t in ma.tensors.items()
-        if n in mb.tensors and t.shape == mb.tensors[n].shape
-    )
-    done = 0
+    pairs: list[_Pair] = []
     for name, ta in ma.tensors.items():
         tb = mb.tensors.get(name)
         if tb is None:
@@ -203,21 +206,17 @@ def _diff_models(
         td = TensorDiff(
             name, "equal", str(ta.dtype), str(tb.dtype), ta.shape, tb.shape, numel=ta.numel
         )
+        tensors.append(td)
         if ta.shape != tb.shape:
             td.status, td.numel = "shape", 0
-        else:
-            _compare_values(ma, mb, name, ta, tb, td)
-            if ta.dtype != tb.dtype:
-                td.status = "dtype"
-            elif td.changed:
-                td.status = "changed"
-            done += ta.nbytes
-            if progress is not None:
-                progress(done, total)
-        tensors.append(td)
+            continue
+        if ta.dtype != tb.dtype:
+            td.status = "dtype"
+        pairs.append(_Pair(name, ta, tb, td))
     for name, tb in mb.tensors.items():
         if name not in ma.tensors:
             tensors.append(TensorDiff(name, "extra", dtype_b=str(tb.dtype), shape_b=tb.shape))
+    _compare_all(ma, mb, pairs, fast, progress)
     ka, kb = ma.metadata, mb.metadata
     return DiffResult(
         ma.path,
@@ -229,71 +228,197 @@ def _diff_models(
         metadata_a_only=[k for k in ka if k not in kb],
         metadata_b_only=[k for k in kb if k not in ka],
         metadata_changed=[k for k in ka if k in kb and ka[k] != kb[k]],
+        fast=fast,
     )
 
 
-def _compare_values(
-    ma: ModelFile, mb: ModelFile, name: str, ta: TensorInfo, tb: TensorInfo, td: TensorDiff
-) -> None:
-    """Fill td.changed / nan_mismatch / max_abs_diff, one bounded chunk at a time."""
+@dataclass
+class _Pair:
+    """Two tensors of the same name and shape, and the record their comparison fills."""
+
+    name: str
+    ta: TensorInfo
+    tb: TensorInfo
+    td: TensorDiff
     worst: float | int = 0
-    exact_ints = ta.dtype == tb.dtype and ta.dtype.kind in ("int", "uint")
-    chunks_b = _chunks(mb, tb, name)
-    for ca in _chunks(ma, ta, name):
-        cb = next(chunks_b)
-        if ta.dtype != tb.dtype:
-            with np.errstate(all="ignore"):
-                ca_cast = ca.astype(cb.dtype)
-        else:
-            ca_cast = ca
-        mask = _bits_differ(ca_cast, cb)
-        n_changed = int(np.count_nonzero(mask))
-        if ta.dtype != tb.dtype:
-            # the true difference, not the rounding's: compare the original values everywhere
-            mask = np.ones(ca.shape, bool)
-        elif n_changed == 0:
-            continue
-        td.changed += n_changed
-        va, vb = ca[mask], cb[mask]
-        if exact_ints:
-            worst = max(worst, _max_int_diff(va, vb))
-        else:
-            d, nan_mismatch = _max_float_diff(va, vb)
-            td.nan_mismatch += nan_mismatch
-            worst = max(worst, d)
-    td.max_abs_diff = worst
+    decided: bool = False  # fast mode: a difference was found, stop reading this pair
 
 
-def _chunks(m: ModelFile, info: TensorInfo, name: str) -> Iterator[np.ndarray]:
-    """The tensor's elements in file order, CHUNK_ELEMENTS at a time, as 1-D arrays.
+def _compare_all(
+    ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fast: bool, progress: Progress | None
+) -> None:
+    """Compare every pair's values, piece by piece.
 
-    Bytes that lie in the file as-is are read with plain reads, so the resident memory is one
-    chunk (an mmap would leave the whole file resident); other storages go through
-    ModelFile.read_info (a copy only for a rare non-contiguous view).
+    A background thread reads the next pieces of both files (plain preads into reused buffers:
+    no page faults on fresh memory, no mmap keeping the files resident) while this one compares
+    them; a piece whose bytes are equal on both sides (one memcmp) is never decoded, so two
+    equal files are compared at the speed of reading them.
     """
-    dt = info.dtype.numpy
-    span = info.file_span
-    if span is None:
-        flat = m.read_info(info, name).reshape(-1)
-        for start in range(0, max(flat.size, 1), CHUNK_ELEMENTS):
-            yield flat[start : start + CHUNK_ELEMENTS]
+    total = sum(p.ta.nbytes for p in pairs)
+    done = 0
+    with _Fds() as fds:
+        for p, piece_a, piece_b, nbytes in prefetch(_pieces(ma, mb, pairs, fds, fast), depth=2):
+            if nbytes:
+                done += nbytes
+                if progress is not None:
+                    progress(done, total)
+            if piece_a is None:  # the pair is complete
+                td = p.td
+                if td.status == "equal" and (td.changed or td.changed is None):
+                    td.status = "changed"
+                exact = not fast or td.status == "equal"  # fast: no decoding, no maximum
+                td.max_abs_diff = p.worst if exact else None
+                continue
+            if not p.decided:
+                _compare_piece(p, piece_a, piece_b, fast)
+
+
+def _compare_piece(p: _Pair, piece_a: Any, piece_b: Any, fast: bool) -> None:
+    """Fold one piece of a pair into its record (bytes first, decoding only a difference)."""
+    ta, tb, td = p.ta, p.tb, p.td
+    same_dtype = ta.dtype == tb.dtype
+    if same_dtype and isinstance(piece_a, memoryview):
+        # one memcmp (bytearray.startswith; comparing memoryviews goes element by element)
+        whole = piece_a.obj
+        assert isinstance(whole, bytearray)
+        if whole.startswith(piece_b):
+            return
+    ca = _values(piece_a, ta)
+    cb = _values(piece_b, tb)
+    if same_dtype:
+        mask = _bits_differ(ca, cb)
+        n_changed = int(np.count_nonzero(mask))
+        if n_changed == 0:
+            return
+    else:
+        ca_cast = _cast_like(ca, ta, tb)
+        n_changed = int(np.count_nonzero(_bits_differ(ca_cast, cb)))
+        # the true difference, not the rounding's: compare the original values everywhere
+        mask = None
+    if fast:
+        if n_changed:
+            td.changed, p.decided = None, True
         return
+    assert td.changed is not None
+    td.changed += n_changed
+    va, vb = (ca, cb) if mask is None else (ca[mask], cb[mask])
+    if same_dtype and ta.dtype.kind in ("int", "uint"):
+        p.worst = max(p.worst, _max_int_diff(va, vb))
+    else:
+        d, nan_mismatch = _max_float_diff(va, vb)
+        td.nan_mismatch += nan_mismatch
+        p.worst = max(p.worst, d)
+
+
+def _values(piece: Any, info: TensorInfo) -> np.ndarray:
+    """A piece as elements: raw bytes are viewed (no copy), arrays pass through."""
+    if isinstance(piece, np.ndarray):
+        return piece
+    return np.frombuffer(piece, info.dtype.numpy)
+
+
+def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
+    """A's values in B's dtype, with the bits sdtool's convert (and torch's ``.to()``) give."""
+    from sdtool.write.cast import cast, check_cast
+
+    try:
+        check_cast(ta.dtype, tb.dtype)
+    except UnsupportedDtype:
+        with np.errstate(all="ignore"):
+            return ca.astype(tb.dtype.numpy)
+    return cast(np.ascontiguousarray(ca), ta.dtype, tb.dtype)[0]
+
+
+class _Fds:
+    """One read-only descriptor per file read, all closed at the end."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def get(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __enter__(self) -> _Fds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+#: pieces in flight at once: the one compared, the prefetch queue's two, the one being read,
+#: and one spare; a slot's buffers are reused RING pieces later
+RING = 6
+
+
+def _pieces(
+    ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fds: _Fds, fast: bool
+) -> Iterator[tuple[_Pair, Any, Any, int]]:
+    """(pair, piece of A, piece of B, bytes of A done) for every piece of every pair, in order,
+    then (pair, None, None, 0) when the pair is complete. Pieces are memoryviews of reused
+    buffers (raw bytes read from the file) or arrays (values only ``read_info`` can produce)."""
+    ring: list[list[bytearray]] = [[bytearray(), bytearray()] for _ in range(RING)]
+    turn = 0
+    for p in pairs:
+        step = max(1, CHUNK_ELEMENTS)
+        srcs = [_source(ma, p.name, p.ta, fds), _source(mb, p.name, p.tb, fds)]
+        numel = p.ta.numel
+        for start in range(0, numel, step):
+            if fast and p.decided:
+                break
+            n = min(step, numel - start)
+            slot = ring[turn % RING]
+            turn += 1
+            got = [src(start, n, slot, side) for side, src in enumerate(srcs)]
+            yield p, got[0], got[1], n * p.ta.dtype.itemsize
+        yield p, None, None, 0
+
+
+def _source(
+    m: ModelFile, name: str, info: TensorInfo, fds: _Fds
+) -> Callable[[int, int, list[bytearray], int], Any]:
+    """A reader of elements [start, start + n) of the tensor: raw bytes into the slot's buffer
+    when they lie in the file as they are, else a slice of the values read_info gives."""
+    holder, hinfo = m.locate(name) if name in m.tensors else (m, info)
+    span = hinfo.file_span
+    item = info.dtype.itemsize
+    if span is None:
+        flat: list[np.ndarray] = []
+
+        def values(start: int, n: int, slot: list[bytearray], side: int) -> Any:
+            if not flat:
+                flat.append(holder.read_info(hinfo, name).reshape(-1))
+            return flat[0][start : start + n]
+
+        return values
     offset, nbytes = span
-    if offset + nbytes > m.file_size:
+    if offset + nbytes > holder.file_size:
         raise TruncatedFile(
             f"tensor {name!r} needs bytes up to {offset + nbytes} but the file has "
-            f"{m.file_size}; the download is truncated",
-            path=m.path,
+            f"{holder.file_size}; the download is truncated",
+            path=holder.path,
         )
-    step = CHUNK_ELEMENTS * dt.itemsize
-    with open(m.path, "rb") as f:
-        f.seek(offset)
-        for start in range(0, max(nbytes, 1), step):
-            want = min(step, nbytes - start)
-            data = f.read(want)
-            if len(data) != want:
-                raise TruncatedFile(f"tensor {name!r} ends early; the file shrank", path=m.path)
-            yield np.frombuffer(data, dt)
+    fd = fds.get(holder.path)
+
+    def raw(start: int, n: int, slot: list[bytearray], side: int) -> Any:
+        want = n * item
+        if len(slot[side]) < want:  # buffers grow once, then are reused: no fresh pages
+            slot[side] = bytearray(max(want, CHUNK_ELEMENTS * 4))
+        view = memoryview(slot[side])[:want]
+        got = 0
+        while got < want:
+            k = os.preadv(fd, [view[got:]], offset + start * item + got)
+            if k == 0:
+                raise TruncatedFile(
+                    f"tensor {name!r} ends early; the file shrank", path=holder.path
+                )
+            got += k
+        return view
+
+    return raw
 
 
 def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -319,7 +444,8 @@ def _max_float_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     if a.size == 0:
         return 0.0, 0
     wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
-    fa, fb = a.astype(wide), b.astype(wide)
+    with np.errstate(all="ignore"):  # signalling NaNs warn as they widen
+        fa, fb = a.astype(wide), b.astype(wide)
     nan_a, nan_b = np.isnan(fa), np.isnan(fb)
     one_nan = int(np.count_nonzero(nan_a != nan_b))
     keep = ~(nan_a | nan_b)

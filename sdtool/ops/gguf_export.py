@@ -37,18 +37,11 @@ import numpy as np
 
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats import ggml
-from sdtool.formats.gguf import (
-    KV,
-    T_ARRAY,
-    T_INT32,
-    T_STRING,
-    T_UINT32,
-    OutGGUF,
-    encode,
-    write_gguf,
-)
+from sdtool.formats.gguf import KV, T_ARRAY, T_INT32, T_STRING, T_UINT32
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.ops.fp8scaled import Scaled, dequantized, find_scaled, is_aux
+from sdtool.write.gguf import OutGGUF, Span, write_gguf
+from sdtool.write.gguf import verify_gguf as _verify
 
 MAX_NAME = 127
 QUANT_THRESHOLD = 1024  # convert.py: tensors up to this many elements stay F32
@@ -460,7 +453,7 @@ def plan_export(m: ModelFile, quant: str, *, threads: int = 1) -> GGUFExport:
         typ = base_type(arch, new, info)
         if len(shape) > MAX_GGML_DIMS:
             read = _reader(m, src, info, scaled=scaled.get(src))
-            out.append(OutGGUF(new, shape, "F32", read, info.type_code))
+            out.append(OutGGUF(new, shape, "F32", read, info.type_code, span=_span(m, src, info)))
             notes.append(f"{new}: {len(shape)}-D, written as F32 (ComfyUI-GGUF's 5-D fix)")
             continue
         if (
@@ -481,7 +474,8 @@ def plan_export(m: ModelFile, quant: str, *, threads: int = 1) -> GGUFExport:
             if note:
                 notes.append(note)
         read = _reader(m, src, info, f16=typ == "F16", scaled=scaled.get(src))
-        out.append(OutGGUF(new, shape, typ, read, info.type_code))
+        span = None if src in scaled else _span(m, src, info)
+        out.append(OutGGUF(new, shape, typ, read, info.type_code, span=span))
     if main == "BF16" and quant == "F16":
         notes.append("bf16 tensors written as F16 (ComfyUI-GGUF keeps bf16 models in BF16)")
     types: dict[str, int] = {}
@@ -496,6 +490,22 @@ def _main_dtype(m: ModelFile, names: dict[str, str]) -> str:
         c = m.tensors[src].type_code
         counts[c] = counts.get(c, 0) + 1
     return max(counts, key=lambda k: counts[k]) if counts else "F32"
+
+
+def _span(m: ModelFile, name: str, info: TensorInfo) -> Span | None:
+    """Where the tensor's values lie raw in the file (None: they must be computed)."""
+    span = info.file_span
+    if span is None or not info.dtype.is_float:
+        return None
+    off, n = span
+    if n != info.numel * np.dtype(info.dtype.numpy).itemsize:
+        return None
+
+    def check() -> None:
+        if off + n > m.file_size:
+            m.read_info(info, name)  # raises the reader's TruncatedFile
+
+    return Span(Path(m.path), off, np.dtype(info.dtype.numpy), check)
 
 
 def _reader(
@@ -556,7 +566,7 @@ def write_gguf_plan(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Stream the planned tensors to the open binary file ``f``."""
+    """Stream the planned tensors to the open binary file ``f`` (``write/gguf.py``)."""
     plan.nbytes = write_gguf(
         f, plan.kv, plan.tensors, threads=threads or ggml.default_threads(), progress=progress
     )
@@ -566,24 +576,7 @@ def write_gguf_plan(
 def verify_gguf(plan: GGUFExport, written: Path) -> None:
     """Re-read ``written``: every tensor's stored bytes equal a fresh quantization of its
     source values, and the header names the planned types and shapes."""
-    from sdtool.errors import VerificationError
-    from sdtool.formats.gguf import read_gguf
-
-    m = read_gguf(written)
-    try:
-        entries = {t.name: t for t in m.header.tensors}
-        for t in plan.tensors:
-            e = entries.get(t.name)
-            if e is None or e.type.name != t.type or e.shape != t.shape:
-                raise VerificationError(f"tensor {t.name!r} reads back differently from the plan")
-            at = m.header.data_start + e.offset
-            got = np.frombuffer(m._map(), np.uint8, e.nbytes, at)
-            values = t.values()
-            want = encode(t, values, ggml.default_threads())
-            if not np.array_equal(got, want):
-                raise VerificationError(f"tensor {t.name!r} differs from its source after writing")
-    finally:
-        m.close()
+    _verify(plan.tensors, written)
 
 
 def quant_count(plan: GGUFExport) -> int:

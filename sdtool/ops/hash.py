@@ -12,7 +12,7 @@ CRC32    zlib's CRC-32 as Civitai prints it: 4 bytes little-endian, uppercase he
 BLAKE3   the whole file
 =======  =============================================================================
 
-The file is read once, in large chunks; each hasher runs in its own thread (hashlib, zlib.crc32
+The file is read once, in large chunks; each hasher runs in its own thread (hashlib, the CRC-32
 and blake3 release the GIL on large buffers), so on a machine with free cores the wall time is
 that of the slowest hash and the disk, not the sum. Hex is uppercase, as Civitai shows it.
 torch is never imported here.
@@ -26,12 +26,12 @@ import os
 import queue
 import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from sdtool.crc import crc32
 from sdtool.errors import CorruptFile, FileAccessError, UsageError
 from sdtool.formats.sniff import HEAD, sniff_bytes
 from sdtool.results import Result
@@ -50,13 +50,14 @@ SCHEMA = "sdtool.hash/2"
 
 
 class _Crc32:
-    """zlib.crc32 behind the hashlib interface; digest is the CRC's 4 bytes little-endian."""
+    """CRC-32 (sdtool.crc: ISA-L's when installed) behind the hashlib interface; digest is the
+    CRC's 4 bytes little-endian."""
 
     def __init__(self) -> None:
         self._crc = 0
 
     def update(self, data: Any) -> None:
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32(data, self._crc)
 
     def digest(self) -> bytes:
         return struct.pack("<I", self._crc)

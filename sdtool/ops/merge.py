@@ -54,9 +54,9 @@ from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
-from sdtool.ops.arith import Inputs, Output, Overflows, run_pieces
-from sdtool.vocab import CASTABLE, cast_target, parse_dtype
-from sdtool.write import CastOverflow, output_format, write_model
+from sdtool.ops.arith import SCRATCH, Inputs, Output, Overflows, run_pieces, write_result
+from sdtool.vocab import CASTABLE, MERGE_METHODS, cast_target, parse_dtype
+from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
 
@@ -84,6 +84,8 @@ METHODS: dict[str, Method] = {
         Method("slerp", 2, 2, False, "slerp(A, B; alpha) on the flattened tensor"),
     )
 }
+
+assert tuple(METHODS) == MERGE_METHODS, "vocab.MERGE_METHODS lists the methods for --help"
 
 #: merge-rule names, in the order reports list them
 RULES = ("merge", "merge-slice", "copy")
@@ -144,14 +146,14 @@ def parse_block_weights(text: str, arch: str) -> dict[str, float]:
     try:
         values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
-        raise UsageError(f"--block-weights wants comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"block_weights={text!r} is not comma-separated numbers") from None
     names = ["BASE", *BLOCKS[arch]]
     if arch == "sdxl" and len(values) == 26:
         values = values[:10] + values[13:23]
     if len(values) != len(names):
         want = "26 (SD 1.x/2.x)" if arch == "sd1" else "20 (SDXL) or 26 (converted)"
         raise UsageError(
-            f"--block-weights has {len(values)} values; this {arch} UNet wants {want}: "
+            f"the block weights have {len(values)} values; this {arch} UNet wants {want}: "
             "BASE, IN.., M00, OUT.."
         )
     return dict(zip(names, values, strict=True))
@@ -174,6 +176,15 @@ class Source:
             return io.f32(m, self.keys[0], start, count)
         whole = np.concatenate([io.f32(m, k) for k in self.keys])
         return whole[start : start + count]
+
+    def read_into(
+        self, io: Inputs, m: ModelFile, start: int, out: np.ndarray, slot: int
+    ) -> np.ndarray:
+        """``read`` into the float32 array ``out`` (``out.size`` elements)."""
+        if len(self.keys) == 1:
+            return io.f32_into(m, self.keys[0], start, out, slot)
+        out[...] = self.read(io, m, start, out.size)
+        return out
 
     def whole(self, io: Inputs, m: ModelFile) -> np.ndarray:
         return np.concatenate([io.f32(m, k) for k in self.keys]).reshape(self.shape)
@@ -439,6 +450,22 @@ def add_difference(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
     return a + np.float32(t) * (b - c)
 
 
+def weighted_sum_(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
+    """``weighted_sum`` computed in place in ``x`` (the same float32 operations, same bits)."""
+    a, b = x
+    np.multiply(a, np.float32(1 - t), out=a)
+    np.multiply(b, np.float32(t), out=b)
+    return np.add(a, b, out=a)
+
+
+def add_difference_(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
+    """``add_difference`` computed in place in ``x`` (the same float32 operations, same bits)."""
+    a, b, c = x
+    np.subtract(b, c, out=b)
+    np.multiply(b, np.float32(t), out=b)
+    return np.add(a, b, out=a)
+
+
 def dare_masks(seed: int, name: str, count: int, start: int = 0) -> list[np.random.Generator]:
     """One generator per model for ``name``, positioned at element ``start`` of its stream
     (one 64-bit draw per element): the drop mask depends on (seed, key, model) only, not on the
@@ -530,6 +557,12 @@ KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "dare": dare,
     "slerp": slerp,
 }
+#: elementwise method -> the kernel on pieces it may overwrite (same operations, same bits)
+PIECE_KERNELS: dict[str, Callable[..., np.ndarray]] = {
+    **KERNELS,
+    "weighted-sum": weighted_sum_,
+    "add-difference": add_difference_,
+}
 
 
 def _maker(
@@ -542,10 +575,10 @@ def _maker(
     overflows: Overflows,
     density: float,
     seed: int,
-    on_overflow: str,
 ) -> Callable[[], np.ndarray]:
     """The function computing key ``k``'s output tensor when the writer asks for it."""
     kernel = KERNELS[method.name]
+    in_place = PIECE_KERNELS[method.name]
     a = models[0]
     shape = a.tensors[k.name].shape
     t = k.alpha if k.alpha is not None else 0.0
@@ -568,28 +601,21 @@ def _maker(
         elif method.elementwise:
 
             def piece(start: int, count: int) -> None:
-                x = [io.f32(a, k.name, start, count)] + [
-                    src[k.name].read(io, m, start, count)
-                    for m, src in zip(models[1:], sources, strict=True)
-                ]
+                # into this thread's reused buffers: no allocation per piece
+                x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
+                for i, (m, src) in enumerate(zip(models[1:], sources, strict=True), 1):
+                    x.append(src[k.name].read_into(io, m, start, SCRATCH.f32(i, count), i))
                 rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
-                out.put(start, kernel(x, t, density=density, rngs=rngs))
+                out.put(start, in_place(x, t, density=density, rngs=rngs))
 
-            run_pieces(out.flat.size, piece)
+            run_pieces(out.flat.size, piece, pool=io.pool)
         else:
             x = [io.whole(a, k.name)] + [
                 src[k.name].whole(io, m).reshape(shape)
                 for m, src in zip(models[1:], sources, strict=True)
             ]
             out.put(0, kernel(x, t, **opts))
-        if out.overflow and on_overflow == "fail":
-            raise CastOverflow(
-                f"the cast to {dtype} overflows to inf in {k.name!r} ({out.overflow} values); "
-                "nothing was written. Keep a wider dtype, or pass --on-overflow warn",
-                {k.name: out.overflow},
-            )
-        overflows.set(k.name, out.overflow)
-        return out.array()
+        return overflows.done(k.name, out)
 
     return make
 
@@ -630,12 +656,12 @@ def merge(
     out = Path(out)
     m = METHODS.get(method)
     if m is None:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        raise UsageError(f"method={method!r} is not one of {', '.join(METHODS)}")
     if len(paths) < m.min_inputs or (m.max_inputs is not None and len(paths) > m.max_inputs):
         want = str(m.min_inputs) if m.min_inputs == m.max_inputs else f"at least {m.min_inputs}"
         raise UsageError(f"{method} merges {want} inputs, got {len(paths)}")
     if not 0 < density <= 1:
-        raise UsageError(f"--density must be in (0, 1], not {density}")
+        raise UsageError(f"density={density} is outside (0, 1]")
     target = _parse_dtype(dtype)
     output_format(out)
     if not dry_run:
@@ -647,7 +673,7 @@ def merge(
         if block_weights is not None:
             if arch is None:
                 raise UsageError(
-                    "--block-weights needs an SD 1.x/2.x or SDXL UNet with ldm key names "
+                    "block weights need an SD 1.x/2.x or SDXL UNet with ldm key names "
                     "(model.diffusion_model.input_blocks...) in the first input",
                     path=paths[0],
                 )
@@ -692,7 +718,7 @@ def merge(
             result.seconds = time.perf_counter() - t0
             return result
         a = models[0]
-        overflows = Overflows()
+        overflows = Overflows(on_overflow)
         with Inputs() as io:
             plan: list[OutTensor] = []
             for k in keys:
@@ -701,28 +727,24 @@ def merge(
                 if k.rule == "copy":
                     plan.append(OutTensor(k.name, a, info, out_dt))
                 else:
-                    make = _maker(
-                        models, sources, k, m, out_dt, io, overflows, density, seed, on_overflow
-                    )
+                    make = _maker(models, sources, k, m, out_dt, io, overflows, density, seed)
                     plan.append(OutTensor(k.name, a, info, out_dt, make))
             meta = {
                 "format": "pt",
                 "sd_merge_recipe": json.dumps(recipe),
                 "sd_merge_models": json.dumps({p.name: {"name": p.name} for p in paths}),
             }
-            w = write_model(
+            write_result(
+                result,
                 plan,
                 out,
+                t0,
                 metadata=meta,
                 overwrite=overwrite,
                 verify=verify,
-                on_overflow=on_overflow,
+                overflows=overflows,
                 progress=progress,
             )
-        result.overflows = {**overflows.counts, **w.overflows}
-        result.output_bytes = w.nbytes
-        result.verified = w.verified
-        result.seconds = time.perf_counter() - t0
         return result
 
 

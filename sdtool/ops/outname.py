@@ -14,7 +14,9 @@ from pathlib import Path
 from sdtool.errors import OutputError
 
 #: extensions dropped from the input's name before the tags are added
-MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".npz", ".npy")
+MODEL_SUFFIXES = (
+    ".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".npz", ".npy", ".gguf",
+)  # fmt: skip
 
 
 def stem(path: Path) -> str:

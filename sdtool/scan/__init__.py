@@ -120,6 +120,7 @@ def scan_paths(
     cache: Cache | None = None,
     sha256: bool = False,
     isolate: bool = True,
+    runner: Callable[[list[Any]], Iterator[FileReport]] | None = None,
 ) -> ScanReport:
     """Scan files and directories, each file in a worker process (``jobs`` of them at once).
 
@@ -129,6 +130,7 @@ def scan_paths(
     order). With a ``cache``, a file whose content was scanned before by this ruleset and
     these options is not read again (sdtool.scan.cached); ``sha256`` also computes each file's
     SHA-256 (on ``FileReport.sha256``), which lets identical files anywhere share one verdict.
+    ``runner(tasks)`` scans the workers' tasks elsewhere (sdtool.cluster), reports in order.
     """
     from sdtool.scan.cached import lookup, store
     from sdtool.scan.containers import scan_file
@@ -143,6 +145,8 @@ def scan_paths(
         for i, t in enumerate(targets)
         if isinstance(t, Path) and (cache is not None or sha256) and not is_url(t)
     }
+    if cache is not None:
+        cache.release()  # the lookups are done; scanning may take long
     todo = [t for i, t in enumerate(targets) if isinstance(t, Path) and _miss(found.get(i))]
 
     def fresh() -> Iterator[FileReport]:
@@ -155,7 +159,8 @@ def scan_paths(
         from sdtool.scan.workers import Task, run_isolated
 
         kwargs = {"crc": crc, "limits": asdict(limits)}
-        yield from run_isolated([Task(os.fspath(t), kwargs) for t in todo], jobs=max(1, jobs))
+        tasks = [Task(os.fspath(t), kwargs) for t in todo]
+        yield from (runner(tasks) if runner else run_isolated(tasks, jobs=max(1, jobs)))
 
     scanned = fresh()
     for i, t in enumerate(targets):

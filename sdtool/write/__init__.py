@@ -2,7 +2,8 @@
 
 The package holds everything that writes: ``plan`` (OutTensor: what each output tensor is and
 where its values come from), ``stream`` (the I/O engine: bounded pieces, casts, kernel copies),
-``cast`` (torch-exact casts), ``safetensors`` and ``torchfile`` (the two output formats),
+``cast`` (torch-exact casts), ``safetensors`` and ``torchfile`` (the two output formats;
+``gguf`` writes the GGUF plans of ``ops/gguf_export.py``),
 ``atomic`` (temp file, fsync, rename) and ``verify`` (read back, compare bit for bit).
 
 Every verb that writes (convert, prune, extract, and what builds on them) takes one options
@@ -177,6 +178,7 @@ def write_model(
         dup = sorted({n for n in names if names.count(n) > 1})
         raise OutputError(f"the output would have tensors named twice: {dup[:5]}", path=out)
     advance = _Counter(opts.progress, sum(t.nbytes for t in plan))
+    _choose_cast_kernels(plan)
     sources = {t.source.path for t in plan}
     with atomic_output(out, inputs=sources, overwrite=opts.overwrite) as f:
         try:
@@ -212,6 +214,21 @@ def write_model(
         metadata_written=bool(metadata if fmt == "safetensors" else _ckpt_metadata(metadata)),
         verified=opts.verify,
     )
+
+
+def _choose_cast_kernels(plan: Sequence[OutTensor]) -> None:
+    """Which kernels cast: ``SDTOOL_CAST_KERNELS`` = ``numpy`` (the default: sdtool's own
+    vectorised casts, peak memory well under 256 MiB), ``torch`` (torch's kernels when torch is
+    installed and the write casts at least ``cast.TORCH_CAST_MIN_BYTES``: faster, but importing
+    torch costs about a second and 200 MB of resident libraries) or ``auto`` (the same as torch)."""
+    from sdtool.write import cast
+
+    kernels = os.environ.get("SDTOOL_CAST_KERNELS", cast.DEFAULT_KERNELS).strip().lower()
+    if kernels not in ("torch", "auto"):
+        cast.use_numpy()
+        return
+    if sum(t.info.nbytes for t in plan if t.is_cast) >= cast.TORCH_CAST_MIN_BYTES:
+        cast.use_torch()
 
 
 def _ckpt_metadata(metadata: dict[str, str] | None) -> dict[str, str]:

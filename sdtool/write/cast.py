@@ -14,11 +14,21 @@ tests/test_cast.py:
   in a few pairs; NaN stays NaN either way.)
 
 Every cast goes float -> float32 -> target, which is how torch's kernels treat NaN too.
+
+With ``SDTOOL_CAST_KERNELS=torch``, when torch is installed and a write casts at least
+``TORCH_CAST_MIN_BYTES``, the writer calls ``use_torch()`` and casts go through torch's own
+conversion kernels (F16C/AVX2 vectorised, about
+seven times numpy's speed here): its bits are torch's by definition. Importing torch costs about a
+second, so small writes keep the numpy path; a piece that may overflow or holds NaN takes the
+numpy path either way, which counts the overflow.
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -98,21 +108,27 @@ FAST_BLOCK = 64 * 1024
 _F16_NORMAL = U32(113 << 23)  # |x| from 2**-14 (float16's smallest normal) up: f32 bits
 _F16_ROUND = U32((0xFFF - (112 << 23)) & 0xFFFFFFFF)  # rounding bias + exponent rebias
 _HALF_BITS = U32(0x3F000000)  # 0.5f
+_F16_SAFE_BITS = U32(0x477FE000)  # 65504.0f, float16's largest finite value
 
 
-def _f32_to_f16(v: np.ndarray, out: np.ndarray, t1: np.ndarray, t2: np.ndarray) -> None:
-    """float32 -> float16 bits, round to nearest even, for NaN-free |v| < 65504 only.
+def _f32_to_f16(v: np.ndarray, out: np.ndarray, t1: np.ndarray, t2: np.ndarray) -> bool:
+    """float32 -> float16 bits, round to nearest even, when every |v| < 65504 (NaN-free);
+    False, writing nothing, when some value is not (the caller then casts the exact way).
 
     numpy's own cast is a scalar loop (~2.6 ns a value here); these whole-block integer ops
-    are vectorised and about twice as fast. Normal results: add the rounding bias (0xFFF plus
-    the lowest kept mantissa bit, for ties to even) and the exponent rebias to the bits, shift
-    by 13. Below 2**-14 (float16 subnormals and zeros): |v| + 0.5 rounds at float16's
-    subnormal step in the FPU's own round-to-nearest-even, and the low bits are the result.
-    Bit-identical to torch and numpy on every such value (benchmarks/check_fast_cast.py
-    checks all 2**32 patterns; tests/test_cast_fast.py samples them).
+    are vectorised and about twice as fast. The range test is one integer max over |v|'s bits
+    (NaN and inf bits are above any finite value's), which the conversion needs anyway. Normal
+    results: add the rounding bias (0xFFF plus the lowest kept mantissa bit, for ties to even)
+    and the exponent rebias to the bits, shift by 13. Below 2**-14 (float16 subnormals and
+    zeros): |v| + 0.5 rounds at float16's subnormal step in the FPU's own round-to-nearest-even,
+    and the low bits are the result. Bit-identical to torch and numpy on every such value
+    (benchmarks/check_fast_cast.py checks all 2**32 patterns; tests/test_cast_fast.py samples
+    them).
     """
     u = v.view(U32)
     np.bitwise_and(u, U32(0x7FFFFFFF), out=t1)  # |v|
+    if t1.max() >= _F16_SAFE_BITS:
+        return False
     np.right_shift(t1, 13, out=t2)
     np.bitwise_and(t2, U32(1), out=t2)
     np.add(t2, t1, out=t2)
@@ -126,12 +142,73 @@ def _f32_to_f16(v: np.ndarray, out: np.ndarray, t1: np.ndarray, t2: np.ndarray) 
         tiny = np.abs(v[small]) + np.float32(0.5)
         t2[small] = (tiny.view(U32) - _HALF_BITS) | t1[small]
     np.copyto(out.view(U16), t2, casting="unsafe")  # < 2**16: nothing saturates
+    return True
 
 
-#: (src, dst) -> a faster exact cast of NaN-free float32 values inside ``_SAFE_BELOW[dst]``.
-_FAST: dict[tuple[str, str], Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]] = {
+#: (src, dst) -> a faster exact cast of a float32 block, or False when the block holds a value
+#: it does not handle (NaN, inf, or one that may round out of range)
+_FAST: dict[tuple[str, str], Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], bool]] = {
     ("F32", "F16"): _f32_to_f16,
 }
+
+
+_F32_SAFE = 3.4e38  # float64 values below this stay finite in float32 (its max: 3.4028235e38)
+#: a write casting at least this many source bytes imports torch for its kernels (when installed
+#: and chosen: write._choose_cast_kernels)
+TORCH_CAST_MIN_BYTES = 1 << 30
+DEFAULT_KERNELS = "numpy"
+_torch: Any = None
+_torch_lock = threading.Lock()
+
+
+def use_torch() -> bool:
+    """Cast through torch's kernels from now on, if torch is installed; True when it is.
+
+    Imports torch (about a second). torch warns when it wraps a read-only array (our mapped
+    source bytes, which it only reads); that one warning is silenced.
+    """
+    global _torch
+    with _torch_lock:
+        if _torch is None:
+            try:
+                import torch
+            except ImportError:
+                return False
+            warnings.filterwarnings(
+                "ignore", message="The given NumPy array is not writable", category=UserWarning
+            )
+            _torch = torch
+    return True
+
+
+def use_numpy() -> None:
+    """Back to the numpy casts (tests compare the two paths)."""
+    global _torch
+    _torch = None
+
+
+def _as_torch(arr: np.ndarray, dt: DType) -> Any:
+    """A torch view of the 1-D array ``arr`` (no copy); ml_dtypes types travel as integers."""
+    if dt.lazy:
+        carrier = arr.view({1: np.uint8, 2: np.int16}[dt.itemsize])
+        return _torch.from_numpy(carrier).view(getattr(_torch, str(dt.torch)))
+    return _torch.from_numpy(arr)
+
+
+def _cast_torch(
+    values: np.ndarray, src: DType, dst: DType, out: np.ndarray | None
+) -> tuple[np.ndarray, int] | None:
+    """torch's own conversion of a piece that cannot overflow; None: take the numpy path.
+    (Sources of 16 bits and more: torch has no aminmax for float8.)"""
+    tin = _as_torch(values, src)
+    limit = min(_SAFE_BELOW[dst.code], _F32_SAFE if src.code == "F64" else float("inf"))
+    if limit != float("inf"):
+        lo, hi = _torch.aminmax(tin)  # NaN propagates: NaN fails the test below
+        if not (-limit < float(lo) and float(hi) < limit):
+            return None
+    res = _into(out, values.size, dst) if out is not None else np.empty(values.size, dst.numpy)
+    _as_torch(res, dst).copy_(tin)
+    return res, 0
 
 
 def cast(
@@ -147,6 +224,10 @@ def cast(
     """
     check_cast(src, dst)
     values = values.reshape(-1)
+    if _torch is not None and values.size and src != dst and src.itemsize >= 2:
+        done = _cast_torch(np.ascontiguousarray(values), src, dst, out)
+        if done is not None:
+            return done
     fast = _FAST.get((src.code, dst.code))
     if fast is not None:
         return _cast_blocks(values, src, dst, out, fast)
@@ -180,7 +261,7 @@ def _cast_blocks(
     src: DType,
     dst: DType,
     out: np.ndarray | None,
-    fast: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None],
+    fast: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], bool],
 ) -> tuple[np.ndarray, int]:
     """Cast block by block (each block in cache once): NaN-free blocks inside the target's
     range take ``fast``, the others numpy's cast plus the exact NaN/overflow handling."""
@@ -188,14 +269,11 @@ def _cast_blocks(
     res = _into(out, values.size, dst) if out is not None else np.empty(values.size, dst.numpy)
     block = max(1, min(FAST_BLOCK, values.size))
     t1, t2 = np.empty(block, U32), np.empty(block, U32)
-    limit = _SAFE_BELOW[dst.code]
     overflow = 0
     with np.errstate(all="ignore"):
         for i in range(0, values.size, block):
             v, r = values[i : i + block], res[i : i + block]
-            if -limit < v.min() and v.max() < limit:  # min/max propagate NaN: NaN fails
-                fast(v, r, t1[: v.size], t2[: v.size])
-            else:
+            if not fast(v, r, t1[: v.size], t2[: v.size]):
                 np.copyto(r, v, casting="unsafe")
                 overflow += _fix_nonfinite(v, v, r, src, dst)
     return res, overflow

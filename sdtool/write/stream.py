@@ -138,8 +138,15 @@ class Chunks:
         pos = offset
         while pos < end:
             n = min(step, end - pos)
-            buf = bytearray(n)
-            read_exact(fd, memoryview(buf), pos, self.t)
+            # into a reused ring buffer when there is one (a fresh one faults in every page)
+            buf: bytearray | np.ndarray
+            if self.ring is None:
+                buf = bytearray(n)
+                view = memoryview(buf)
+            else:
+                buf = self.ring.next(n)[:n]
+                view = buf.data
+            read_exact(fd, view, pos, self.t)
             pos += n
             yield self._job(np.frombuffer(buf, src.numpy), src)
 

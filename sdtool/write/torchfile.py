@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from sdtool.crc import crc32
 from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.torchfile import METADATA_KEY
 from sdtool.write.plan import OutTensor
-from sdtool.write.stream import Chunks, SourceFds, prefetch, write_all
+from sdtool.write.stream import BufferRing, Chunks, SourceFds, prefetch, write_all
+
+PREFETCH = 2  # pieces read (and cast) ahead of the one being written
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
@@ -96,7 +98,7 @@ class _Zip:
     def member(self, name: str, data: bytes) -> None:
         start = self.begin(name)
         self._write(data)
-        self.end(name, start, zlib.crc32(data), len(data))
+        self.end(name, start, crc32(data), len(data))
 
     def finish(self) -> None:
         """The central directory, the zip64 end record and locator, the end record."""
@@ -304,17 +306,20 @@ def write_torch(
     for name, value in _RECORDS_BEFORE:
         z.member(f"{ARCHIVE}/{name}", value)
     overflows: dict[str, int] = {}
+    # a piece's buffer is reused RING pieces later: in flight at most are the one written,
+    # the prefetch queue's, and the one being made
+    ring = BufferRing(slots=PREFETCH + 3)
     with SourceFds() as fds:
         for i, t in enumerate(plan):
             name = f"{ARCHIVE}/data/{i}"
             start = z.begin(name)
             crc, size = 0, 0
-            chunks = Chunks(t, fds.get(t) if t.make is None else None)
+            chunks = Chunks(t, fds.get(t) if t.make is None else None, ring)
             # reads and casts run a piece or two ahead on another thread (numpy, pread and
-            # zlib release the GIL) while this one writes and checksums
-            for piece in prefetch(iter(chunks), depth=2):
+            # the CRC release the GIL) while this one writes and checksums
+            for piece in prefetch(iter(chunks), depth=PREFETCH):
                 n = write_all(z.fd, piece)
-                crc = zlib.crc32(_bytes_of(piece), crc)
+                crc = crc32(_bytes_of(piece), crc)
                 z.pos += n
                 size += n
                 if progress is not None:

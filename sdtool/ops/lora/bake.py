@@ -30,7 +30,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
-from sdtool.ops.arith import Inputs, Output, Overflows
+from sdtool.ops.arith import Inputs, Output, Overflows, write_result
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.names import (
     BaseTarget,
@@ -40,7 +40,7 @@ from sdtool.ops.lora.names import (
     parse_lora,
 )
 from sdtool.vocab import CASTABLE
-from sdtool.write import CastOverflow, output_format, write_model
+from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
 
@@ -48,7 +48,7 @@ SCHEMA = "sdtool.lora-bake/1"
 
 
 class UnmatchedModules(SdtoolError):
-    """--strict and some LoRA module matched no base key (exit 1)."""
+    """``strict=True`` and some LoRA module matched no base key (the command exits 1)."""
 
 
 @dataclass
@@ -473,7 +473,7 @@ def bake(
         if dry_run:
             result.seconds = time.perf_counter() - t0
             return result
-        overflows = Overflows()
+        overflows = Overflows(on_overflow)
         plan: list[OutTensor] = []
         for key, info in bm.tensors.items():
             want = _out_dtype(info.dtype, target_dt)
@@ -482,9 +482,7 @@ def bake(
                 plan.append(OutTensor(key, bm, info, want))
                 continue
             plan.append(
-                OutTensor(
-                    key, bm, info, want, _maker(bm, key, ps, lms, io, want, overflows, on_overflow)
-                )
+                OutTensor(key, bm, info, want, _maker(bm, key, ps, lms, io, want, overflows))
             )
         recipe = {
             "type": "sdtool-lora-bake",
@@ -495,19 +493,17 @@ def bake(
         from sdtool.ops.convert import build_metadata
 
         meta, _, _ = build_metadata(bm, add={"sdtool_lora_bake": json.dumps(recipe)})
-        w = write_model(
+        write_result(
+            result,
             plan,
             out,
+            t0,
             metadata=meta,
             overwrite=overwrite,
             verify=verify,
-            on_overflow=on_overflow,
+            overflows=overflows,
             progress=progress,
         )
-    result.overflows = {**overflows.counts, **w.overflows}
-    result.output_bytes = w.nbytes
-    result.verified = w.verified
-    result.seconds = time.perf_counter() - t0
     return result
 
 
@@ -519,7 +515,6 @@ def _maker(
     io: Inputs,
     dtype: DType,
     overflows: Overflows,
-    on_overflow: str,
 ) -> Callable[[], np.ndarray]:
     def make() -> np.ndarray:
         try:
@@ -528,13 +523,6 @@ def _maker(
             raise e.with_path(loras[patches[0].lora].path) from None
         out = Output(w.shape, dtype)
         out.put(0, w)
-        if out.overflow and on_overflow == "fail":
-            raise CastOverflow(
-                f"the cast to {dtype} overflows to inf in {key!r} ({out.overflow} values); "
-                "nothing was written. Keep a wider dtype, or pass --on-overflow warn",
-                {key: out.overflow},
-            )
-        overflows.set(key, out.overflow)
-        return out.array()
+        return overflows.done(key, out)
 
     return make

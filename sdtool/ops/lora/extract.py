@@ -1,8 +1,10 @@
 """``extract``: a LoRA from the difference of two checkpoints; ``resize``: a LoRA to a new rank.
 
-Both are SVDs, module by module, streamed: each module's matrix (``tuned - base`` rows of one
-weight, or a LoRA module's ``up @ down``) is factored when the writer reaches its up factor,
-and its down factor follows; memory is one module at a time.
+Both are SVDs, module by module. extract at a fixed rank streams: the plan needs only the
+shapes, so each module's matrix (``tuned - base`` rows of one weight) is factored when the
+writer reaches its first factor and let go once both are written; memory is one module at a
+time. A dynamic rank (and resize, whose inputs are small) factors every module while planning
+and holds the factors until they are written.
 
 Per module (kohya networks/extract_lora_from_models.py, resize_lora.py): a kxk conv is
 flattened to [out, in*k*k] (1x1 squeezed); ``M = U S Vh``; keep ``r`` singular values;
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +41,11 @@ from sdtool.dtypes import DType
 from sdtool.errors import UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
-from sdtool.ops.arith import Inputs
+from sdtool.ops.arith import PIECE, SCRATCH, Inputs, write_result
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
-from sdtool.write import output_format, write_model
+from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
 
@@ -167,6 +171,7 @@ class LoraOpResult:
     skipped: dict[str, str] = field(default_factory=dict)  # key or stem -> why
     metadata: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
+    overflows: dict[str, int] = field(default_factory=dict)
     output_bytes: int = 0
     verified: bool = False
     seconds: float = 0.0
@@ -214,14 +219,14 @@ def _dynamic(
         if v is not None
     ]
     if len(given) > 1:
-        raise UsageError("give at most one of --sv-ratio, --sv-cumulative, --sv-fro")
+        raise UsageError("give at most one of sv_ratio=..., sv_cumulative=..., sv_fro=...")
     if not given:
         return None, None
     name, value = given[0]
     if name == "sv_ratio" and value <= 1:
-        raise UsageError(f"--sv-ratio must be above 1 (largest / smallest kept), not {value}")
+        raise UsageError(f"sv_ratio={value} must be above 1 (largest / smallest kept)")
     if name != "sv_ratio" and not 0 < value <= 1:
-        raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], not {value}")
+        raise UsageError(f"{name}={value} must be in (0, 1]")
     return name, value
 
 
@@ -250,7 +255,7 @@ def extract_targets(
             left[key] = "an embedding, not a Linear/Conv"
             continue
         if len(info.shape) == 4 and info.shape[2:] != (1, 1) and not conv:
-            left[key] = "a kxk conv (give --conv-rank to extract convs)"
+            left[key] = "a kxk conv (extracted only with a conv rank above 0)"
             continue
         comp = cands[0][0][0]
         native = [c for c in cands if c[1].via == "native"]
@@ -278,13 +283,62 @@ def _info(shape: tuple[int, ...], dtype: DType, key: str) -> TensorInfo:
 
 
 class _Pairs:
-    """A module's (up, down) factors, handed to their two output tensors."""
+    """A module's (up, down) factors, handed to their two output tensors: given, or computed
+    by ``compute`` when the writer asks for the first of them and let go once both were
+    taken (computed again if asked again, e.g. by verify)."""
 
-    def __init__(self, up: np.ndarray, down: np.ndarray) -> None:
-        self.value = (up, down)
+    def __init__(
+        self,
+        up: np.ndarray | None = None,
+        down: np.ndarray | None = None,
+        compute: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
+        self.value = None if up is None or down is None else (up, down)
+        self.compute = compute
+        self.taken: set[int] = set()
+        self.lock = threading.Lock()
 
     def take(self, i: int) -> np.ndarray:
-        return self.value[i]
+        with self.lock:
+            if self.value is None:
+                assert self.compute is not None
+                self.value = self.compute()
+            v = self.value[i]
+            if self.compute is not None:
+                self.taken.add(i)
+                if len(self.taken) == 2:
+                    self.value, self.taken = None, set()
+            return v
+
+
+def _factor_later(
+    tm: ModelFile,
+    bm: ModelFile,
+    key: str,
+    rows: tuple[int, int] | None,
+    io: Inputs,
+    r: int,
+    clamp_quantile: float,
+    report: ModuleReport,
+) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """The factors of ``tuned - base`` (``rows`` of ``key``) at the fixed rank ``r``: a matrix
+    whose largest singular value is below MIN_SV gets rank 1 from ``choose_rank``, padded
+    with zero columns / rows to ``r`` (the same product)."""
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        diff = _diff_rows(tm, bm, key, rows, io)
+        mat = diff.reshape(diff.shape[0], -1)
+        del diff
+        up, down, got, kept = factor(
+            mat, rank=r, method=None, param=None, clamp_quantile=clamp_quantile
+        )
+        report.fro_kept = round(kept, 6)
+        if got < r:
+            up = np.pad(up, ((0, 0), (0, r - got)))
+            down = np.pad(down, ((0, r - got), (0, 0)))
+        return up, down
+
+    return run
 
 
 def extract(
@@ -313,7 +367,7 @@ def extract(
         dtype: the LoRA's dtype (fp16, bf16, fp32).
 
     A layer whose difference is exactly zero is left out and listed in ``zero``; changed
-    weights no LoRA module covers (norms, embeddings, kxk convs without --conv-rank) are listed
+    weights no LoRA module covers (norms, embeddings, kxk convs without a conv rank) are listed
     in ``not_targets``.
     """
     t0 = time.perf_counter()
@@ -340,14 +394,29 @@ def extract(
                 why = "not in TUNED" if key not in tm.tensors else "TUNED has another shape"
                 result.skipped[key] = why
                 continue
-            diff = _diff_rows(tm, bm, key, target.rows, io)
             keys_done.add(key)
-            if not np.any(diff):
+            if not _differs(tm, bm, key, target.rows, io):
                 result.zero.append(name)
                 continue
             info = bm.tensors[key]
             kxk = len(info.shape) == 4 and info.shape[2:] != (1, 1)
             r_cap = conv_rank if kxk else rank
+            if method is None:
+                # a fixed rank: the shapes are known, the SVD waits for the writer (one
+                # module's factors in memory at a time)
+                rows = info.shape[0] if target.rows is None else target.rows[1] - target.rows[0]
+                r = min(r_cap, rows, prod(info.shape[1:]))
+                report = ModuleReport(name, key, r)
+                result.modules.append(report)
+                if dry_run:
+                    continue
+                later = _factor_later(tm, bm, key, target.rows, io, r, clamp_quantile, report)
+                up_shape, down_shape = _factor_shapes(info.shape, target.rows, r)
+                plan += _module_plan(
+                    name, tm, _Pairs(compute=later), up_shape, down_shape, r, float(r), target_dt
+                )
+                continue
+            diff = _diff_rows(tm, bm, key, target.rows, io)
             mat = diff.reshape(diff.shape[0], -1)
             del diff
             # the rank is known only after the SVD: factor now (dry runs too), write later
@@ -364,7 +433,7 @@ def extract(
         for key in tm.tensors:
             if key in keys_done or key not in bm.tensors or key in result.skipped:
                 continue
-            if tm.tensors[key].dtype.is_float and _changed(tm, bm, key, io):
+            if tm.tensors[key].dtype.is_float and _differs(tm, bm, key, None, io):
                 result.not_targets.append(key + (f" ({left[key]})" if key in left else ""))
         from sdtool.identify import identify
 
@@ -399,11 +468,11 @@ def extract(
 
 def _check_ranks(rank: int, conv_rank: int, clamp_quantile: float) -> None:
     if rank < 1:
-        raise UsageError(f"--rank must be at least 1, not {rank}")
+        raise UsageError(f"rank={rank} must be at least 1")
     if conv_rank < 0:
-        raise UsageError(f"--conv-rank must be 0 (no convs) or more, not {conv_rank}")
+        raise UsageError(f"conv_rank={conv_rank} must be 0 (no convs) or more")
     if not 0 < clamp_quantile <= 1:
-        raise UsageError(f"--clamp-quantile must be in (0, 1], not {clamp_quantile}")
+        raise UsageError(f"clamp_quantile={clamp_quantile} must be in (0, 1]")
 
 
 def _dtype(name: str) -> DType:
@@ -411,7 +480,7 @@ def _dtype(name: str) -> DType:
 
     dt = parse_dtype(name)
     if dt is None:
-        raise UsageError("--dtype must name a dtype (fp16, bf16, fp32) for a LoRA")
+        raise UsageError(f"dtype={name!r} is not a dtype for a LoRA (fp16, bf16, fp32)")
     return dt
 
 
@@ -424,14 +493,21 @@ def _diff_rows(
     return a - b
 
 
-def _changed(tm: ModelFile, bm: ModelFile, key: str, io: Inputs) -> bool:
-    if tm.tensors[key].shape != bm.tensors[key].shape:
+def _differs(
+    tm: ModelFile, bm: ModelFile, key: str, rows: tuple[int, int] | None, io: Inputs
+) -> bool:
+    """Whether ``key`` (its ``rows``) differs in value between TUNED and BASE (another shape
+    counts as a difference; +0 equals -0), read piece by piece into reused buffers."""
+    ti, bi = tm.tensors[key], bm.tensors[key]
+    if ti.shape != bi.shape:
         return True
-    n = tm.tensors[key].numel
-    step = 1 << 21
-    for s in range(0, n, step):
-        c = min(step, n - s)
-        if not np.array_equal(io.f32(tm, key, s, c), io.f32(bm, key, s, c)):
+    per = prod(ti.shape[1:]) if ti.shape else 1
+    start, stop = (0, ti.numel) if rows is None else (rows[0] * per, rows[1] * per)
+    for s in range(start, stop, PIECE):
+        c = min(PIECE, stop - s)
+        a = io.f32_into(tm, key, s, SCRATCH.f32(0, c), 0)
+        b = io.f32_into(bm, key, s, SCRATCH.f32(1, c), 1)
+        if not np.array_equal(a, b):
             return True
     return False
 
@@ -495,10 +571,7 @@ def _finish(
         return result
     if not plan:
         raise UsageError("nothing to write: no module has a non-zero difference")
-    w = write_model(plan, out, metadata=meta, overwrite=overwrite, verify=verify)
-    result.output_bytes = w.nbytes
-    result.verified = w.verified
-    result.seconds = time.perf_counter() - t0
+    write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
     return result
 
 

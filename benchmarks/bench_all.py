@@ -1,0 +1,216 @@
+"""Every throughput job of issue 18 beside its hardware yardstick, in one run: one table.
+
+Inputs (built once under /work/bench by make_checkpoint.py and sdtool itself, reused after):
+the 7.7 GB SD 1.5 training checkpoint with EMA (torch zip), the same in the legacy format, and
+its safetensors conversion. Each job runs --runs times in its own process on a warm page cache
+(the inputs are read once before each job); the table gives the median wall time and the peak
+RSS, user and system time of the median run, measured by /usr/bin/time. Outputs go beside the
+inputs (the same disk as cp's) and are deleted after each run.
+
+    python benchmarks/bench_all.py                 # everything, 3 runs each (~15 minutes)
+    python benchmarks/bench_all.py --runs 1 --only 'fp16|cp'
+
+Goals (issue 18): a cast at most 0.8x cp of the same file, under 256 MiB; the six hashes
+within 1.25x of one hashlib SHA-256 pass; diff within 1.2x of reading both files once and
+system time no more than cat's, under 256 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(os.environ.get("SDTOOL_BENCH_DIR", "/work/bench"))
+CKPT = BENCH / "sd15-ema.ckpt"
+LEGACY = BENCH / "sd15-ema-legacy.ckpt"
+ST = BENCH / "sd15-ema.safetensors"
+OUT = BENCH / "bench-all.out"
+
+HASHLIB_PASS = """
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], 'rb', buffering=0) as f:
+    buf = bytearray(16 << 20); view = memoryview(buf)
+    while n := f.readinto(buf):
+        h.update(view[:n])
+print(h.hexdigest())
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One command; ``yardstick`` names the job it is compared with, ``goal`` the ratio."""
+
+    name: str
+    cmd: list[str]
+    reads: tuple[Path, ...]
+    yardstick: str | None = None
+    goal: float | None = None
+    rss_goal_mib: int | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    sys_goal: bool = False  # system time no more than the yardstick's
+
+
+def sdtool(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sdtool", *args]
+
+
+def jobs() -> list[Job]:
+    st, ck, lg = str(ST), str(CKPT), str(LEGACY)
+    o_st, o_ck = str(OUT.with_suffix(".safetensors")), str(OUT.with_suffix(".ckpt"))
+    cast = {"yardstick": "cp ckpt", "goal": 0.8, "rss_goal_mib": 256}
+    return [
+        # yardsticks
+        Job("cp ckpt", ["cp", ck, o_st], (CKPT,)),
+        Job("cp + sync ckpt (a durable copy)", ["sh", "-c", 'cp "$0" "$1" && sync "$1"', ck, o_st],
+            (CKPT,)),
+        Job("cp legacy", ["cp", lg, o_st], (LEGACY,)),
+        Job("hashlib SHA-256 pass", [sys.executable, "-c", HASHLIB_PASS, st], (ST,)),
+        Job("cat ckpt safetensors", ["sh", "-c", 'cat "$0" "$1" > /dev/null', ck, st],
+            (CKPT, ST)),
+        # convert: zip checkpoint
+        Job("convert ckpt (keep dtype)", sdtool("convert", ck, o_st), (CKPT,), "cp ckpt", 1.0,
+            256),
+        Job("convert ckpt --dtype fp16", sdtool("convert", ck, o_st, "--dtype", "fp16"),
+            (CKPT,), **cast),
+        Job("convert ckpt --dtype fp16 (torch kernels)",
+            sdtool("convert", ck, o_st, "--dtype", "fp16"), (CKPT,), **cast,
+            env=(("SDTOOL_CAST_KERNELS", "torch"),)),
+        Job("convert ckpt --dtype bf16", sdtool("convert", ck, o_st, "--dtype", "bf16"),
+            (CKPT,), **cast),
+        Job("convert ckpt --dtype fp8_e4m3fn",
+            sdtool("convert", ck, o_st, "--dtype", "fp8_e4m3fn"), (CKPT,), **cast),
+        Job("prune ckpt --ema-only --dtype fp16",
+            sdtool("prune", ck, o_st, "--ema-only", "--dtype", "fp16"), (CKPT,), **cast),
+        # .ckpt output
+        Job("convert ckpt -> .ckpt (keep dtype)", sdtool("convert", ck, o_ck), (CKPT,),
+            "cp ckpt", 1.0, 256),
+        Job("convert ckpt -> .ckpt --dtype fp16",
+            sdtool("convert", ck, o_ck, "--dtype", "fp16"), (CKPT,), **cast),
+        # the legacy format
+        Job("convert legacy (keep dtype)", sdtool("convert", lg, o_st), (LEGACY,),
+            "cp legacy", 1.0, 256),
+        Job("convert legacy --dtype fp16", sdtool("convert", lg, o_st, "--dtype", "fp16"),
+            (LEGACY,), "cp legacy", 0.8, 256),
+        # hashes and diff
+        Job("hash (6 algorithms) safetensors", sdtool("hash", st), (ST,),
+            "hashlib SHA-256 pass", 1.25, 256),
+        Job("diff ckpt safetensors", sdtool("diff", "--summary", ck, st), (CKPT, ST),
+            "cat ckpt safetensors", 1.2, 256, sys_goal=True),
+        Job("diff --fast ckpt safetensors", sdtool("diff", "--fast", "--summary", ck, st),
+            (CKPT, ST), "cat ckpt safetensors", 1.2, 256, sys_goal=True),
+        Job("diff legacy ckpt", sdtool("diff", "--summary", lg, ck), (LEGACY, CKPT),
+            None, None, 256),
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Run:
+    wall: float
+    rss_mib: float
+    user: float
+    sys: float
+    rc: int
+
+
+def run_once(job: Job) -> Run:
+    report = Path(f"/tmp/bench_all.{os.getpid()}.time")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **dict(job.env))
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "%M %U %S", "-o", str(report), *job.cmd],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    wall = time.perf_counter() - t0
+    rss, user, sys_t = report.read_text().split()[-3:]
+    report.unlink()
+    for p in (OUT.with_suffix(".safetensors"), OUT.with_suffix(".ckpt")):
+        p.unlink(missing_ok=True)
+    if proc.returncode not in (0, 1):
+        sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
+    return Run(wall, int(rss) / 1024, float(user), float(sys_t), proc.returncode)
+
+
+def warm(paths: tuple[Path, ...]) -> None:
+    for p in paths:
+        subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
+
+
+def ensure_inputs() -> None:
+    make = [sys.executable, str(ROOT / "benchmarks" / "make_checkpoint.py")]
+    if not CKPT.exists():
+        subprocess.run([*make, str(CKPT)], check=True)
+    if not LEGACY.exists():
+        subprocess.run([*make, str(LEGACY), "--legacy"], check=True)
+    if not ST.exists():
+        subprocess.run(sdtool("convert", str(CKPT), str(ST)), check=True, cwd=ROOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="", help="run the jobs whose name matches this regex")
+    args = ap.parse_args()
+    ensure_inputs()
+    pick = re.compile(args.only or ".")
+    chosen = {j.name for j in jobs() if pick.search(j.name)}
+    chosen |= {j.yardstick for j in jobs() if j.name in chosen and j.yardstick}
+    results: dict[str, Run] = {}
+    load0 = os.getloadavg()[0]
+    for job in jobs():
+        if job.name not in chosen:
+            continue
+        runs = []
+        for _ in range(args.runs):
+            warm(job.reads)
+            runs.append(run_once(job))
+        runs.sort(key=lambda r: r.wall)
+        results[job.name] = runs[len(runs) // 2]
+        med = statistics.median(r.wall for r in runs)
+        print(f"  {job.name}: {med:.2f} s", file=sys.stderr, flush=True)
+    print(
+        f"\n{args.runs} runs each, median; page cache warm; {os.cpu_count()} cores; "
+        f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n"
+    )
+    print("| job | wall s | peak RSS MiB | user s | sys s | yardstick | ratio | goal |")
+    print("|---|---:|---:|---:|---:|---|---:|---|")
+    for job in jobs():
+        r = results.get(job.name)
+        if r is None:
+            continue
+        ref = results.get(job.yardstick or "")
+        ratio = f"{r.wall / ref.wall:.2f}x" if ref else "-"
+        goal = ""
+        if job.goal is not None and ref:
+            ok = (
+                r.wall / ref.wall <= job.goal
+                and (job.rss_goal_mib is None or r.rss_mib <= job.rss_goal_mib)
+                and (not job.sys_goal or r.sys <= ref.sys)
+            )
+            sys_part = ", sys <= its" if job.sys_goal else ""
+            goal = (
+                f"<= {job.goal}x, < {job.rss_goal_mib} MiB{sys_part}: {'met' if ok else 'NOT met'}"
+            )
+        if r.rc not in (0, 1):
+            goal = f"exit {r.rc}"
+        yard = f"{job.yardstick} ({ref.wall:.2f} s)" if ref else "-"
+        print(
+            f"| {job.name} | {r.wall:.2f} | {r.rss_mib:.0f} | {r.user:.2f} | {r.sys:.2f} | "
+            f"{yard} | {ratio} | {goal} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Hub-scale throughput: files/s and bytes/s of ``sdtool scan`` / ``hash``, cold and cached,
+local pool and Dask cluster; prints one table.
+
+Workloads:
+  corpus  the shared corpus (../shared/corpus/files): real, mixed, some large files;
+  tree    a generated tree of N small checkpoints (default 10,000) under /tmp (torch zip
+          .ckpt, safetensors, plain pickles and numpy files, a few KiB each), built once and
+          reused (never in the repository).
+
+Modes, each the real CLI in a fresh process writing --jsonl to a file (start-up included):
+  cold      an empty cache folder (the files themselves are in the page cache: this measures
+            sdtool, not the disk);
+  cached    the same command again with that cache: nothing changed, nothing is read;
+  cluster   cold, with --cluster ADDRESS of a LocalCluster of --jobs worker processes started
+            once beforehand (its start-up is reported on its own line).
+
+The "cold/cached" column is the speed-up a rerun over an unchanged tree gets (issue 17: at
+least 50x for 10,000 files).
+
+Usage:
+    python benchmarks/bench_scale.py [--files 10000] [--jobs 2] [--no-cluster] [--corpus DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus" / "files"
+TREE = Path(tempfile.gettempdir()) / "sdtool-bench-scale"
+
+
+def make_tree(n: int) -> Path:
+    """N small checkpoints in 100 folders (built once per N; a marker file says it is whole)."""
+    root = TREE / str(n)
+    marker = TREE / f"{n}.complete"
+    if marker.exists():
+        return root
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"d{i % 100:02}"
+        d.mkdir(parents=True, exist_ok=True)
+        w = rng.standard_normal((8, 8)).astype(np.float32)
+        kind = i % 4
+        if kind == 0:
+            torch.save({"state_dict": {"w": torch.from_numpy(w)}, "step": i}, d / f"m{i}.ckpt")
+        elif kind == 1:
+            save_file({"w": w, "b": np.arange(i % 7 + 1)}, str(d / f"m{i}.safetensors"))
+        elif kind == 2:
+            import pickle
+
+            (d / f"m{i}.pkl").write_bytes(pickle.dumps({"step": i, "lr": 1e-4}, protocol=2))
+        else:
+            np.save(d / f"m{i}.npy", w)
+    marker.write_text("ok\n")
+    return root
+
+
+def tree_bytes(root: Path) -> tuple[int, int]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def run(args: list[str], cache: Path | None) -> tuple[float, int, int, float]:
+    """Wall seconds, JSON lines written, exit code and CPU seconds (the process and the
+    children it waited for: scan's workers; not a cluster's) of ``sdtool ARGS``."""
+    import resource
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "sdtool", *args]
+    if cache is not None:
+        cmd += ["--cache", str(cache)]
+    else:
+        cmd += ["--no-cache"]
+    with tempfile.TemporaryFile() as out:
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env)
+        dt = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out.seek(0)
+        lines = sum(1 for _ in out)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return dt, lines, proc.returncode, cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--no-cluster", action="store_true")
+    a = ap.parse_args()
+
+    t0 = time.perf_counter()
+    tree = make_tree(a.files)
+    print(f"tree: {a.files} files under {tree} ({time.perf_counter() - t0:.1f} s to build/find)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"cores: {os.cpu_count()}, load average at start: {load:.1f}")
+    workloads = [("tree", tree)]
+    if a.corpus.is_dir():
+        workloads.insert(0, ("corpus", a.corpus))
+
+    address = None
+    cluster = None
+    if not a.no_cluster:
+        import distributed
+
+        # the workers import this checkout's sdtool, as the CLI runs below do
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+        )
+        t0 = time.perf_counter()
+        cluster = distributed.LocalCluster(
+            n_workers=a.jobs, threads_per_worker=1, processes=True,
+            dashboard_address=":0", silence_logs=logging.ERROR,
+        )  # fmt: skip
+        address = cluster.scheduler_address
+        took = time.perf_counter() - t0
+        print(f"LocalCluster of {a.jobs} worker processes: {took:.1f} s to start")
+
+    rows = []
+    try:
+        for name, root in workloads:
+            n, nbytes = tree_bytes(root)
+            for cmd in ("scan", "hash"):
+                base = [cmd, "--jsonl", str(root)]
+                if cmd == "scan":
+                    base += ["--jobs", str(a.jobs)]
+                with tempfile.TemporaryDirectory() as tmp:
+                    cache = Path(tmp) / "cache"
+                    cold = run(base, cache)
+                    cached = run(base, cache)
+                    modes = [("cold", cold), ("cached", cached)]
+                    if address is not None:
+                        modes.append(("cluster", run([*base, "--cluster", address], None)))
+                for mode, (dt, lines, code, cpu) in modes:
+                    ratio, cpu_ratio = cold[0] / dt, cold[3] / cpu if cpu else float("nan")
+                    rows.append((name, cmd, mode, n, nbytes, dt, lines, code, ratio, cpu,
+                                 cpu_ratio))  # fmt: skip
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+    head = ("workload", "cmd", "mode", "files", "MB", "seconds", "files/s", "MB/s", "cold/x",
+            "CPU s", "cold/x CPU", "lines", "exit")  # fmt: skip
+    print()
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name, cmd, mode, n, nbytes, dt, lines, code, ratio, cpu, cpu_ratio in rows:
+        local = mode != "cluster"  # a cluster's CPU is in its worker processes: not counted
+        cells = [name, cmd, mode, f"{n:,}", f"{nbytes / 1e6:.1f}", f"{dt:.2f}", f"{n / dt:,.0f}",
+                 f"{nbytes / 1e6 / dt:.1f}", f"{ratio:.1f}", f"{cpu:.2f}" if local else "-",
+                 f"{cpu_ratio:.1f}" if local else "-", f"{lines:,}", str(code)]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    print(
+        "\ncold: empty cache (files in the page cache); cached: the same command again; cluster:"
+        f" cold on the LocalCluster ({a.jobs} processes, start-up not included); scan --jobs"
+        f" {a.jobs}; hash one file at a time locally. cold/x: cold seconds / this row's; CPU:"
+        " user+sys of sdtool and its scan workers (robust on a loaded machine)."
+    )
+    keys = ("workload", "cmd", "mode", "files", "bytes", "seconds", "lines", "exit", "cold_x",
+            "cpu_seconds", "cold_x_cpu")  # fmt: skip
+    print(json.dumps({"rows": [dict(zip(keys, r, strict=True)) for r in rows]}))
+
+
+if __name__ == "__main__":
+    main()

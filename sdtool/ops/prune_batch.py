@@ -1,0 +1,182 @@
+"""``prune_batch``: prune many files into an output folder (``sdtool prune IN... --out-dir``).
+
+Each input is found as convert's batch finds them (files as given, folders searched for model
+files, sub-folders mirrored), pruned to ``<stem>-pruned[-emaonly|-noema][-<dtype>].safetensors``
+in the output folder, one failure not stopping the rest. Resumable as convert batches are
+(sdtool.ops.batch).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from sdtool.cache import Identity, default_dir
+from sdtool.errors import SdtoolError, UsageError
+from sdtool.ops.batch import Resume, options_digest, run_batch
+from sdtool.ops.convert import batch_targets
+from sdtool.ops.outname import derived
+from sdtool.ops.prune import PruneOptions, prune
+from sdtool.results import Result
+from sdtool.vocab import Progress, dtype_name
+
+SCHEMA = "sdtool.prune-batch/1"
+
+
+@dataclass(frozen=True)
+class PruneItem(Result):
+    """One file of a prune batch. ``report`` is the file's ``sdtool prune --json`` document
+    (docs/prune.md) when it was pruned."""
+
+    path: Path
+    output: Path
+    status: str = "pruned"  # pruned | skipped | resumed | failed
+    error: str | None = None
+    input_bytes: int = 0
+    output_bytes: int = 0
+    tensors: int = 0
+    verified: bool = False
+    seconds: float = 0.0
+    output_sha256: str | None = None  # when computed (resume records it)
+    report: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = super().to_json()
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+@dataclass(frozen=True)
+class PruneBatchResult(Result):
+    """Every file's item, in input order."""
+
+    results: list[PruneItem]
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "results": [r.to_json() for r in self.results],
+            "summary": {s: self.count(s) for s in ("pruned", "skipped", "resumed", "failed")},
+        }
+
+
+def _item_from_json(doc: dict[str, Any]) -> PruneItem:
+    names = {f.name for f in fields(PruneItem)}
+    kw = {k: v for k, v in doc.items() if k in names}
+    return PruneItem(**{**kw, "path": Path(doc["path"]), "output": Path(doc["output"])})
+
+
+def prune_one(
+    src: Path,
+    dst: Path,
+    opts: PruneOptions,
+    owner: Path,
+    resume: Resume | None,
+    progress: Progress | None = None,
+) -> PruneItem:
+    """Prune one file of a batch; every failure becomes a ``failed`` item."""
+    try:
+        size = src.stat().st_size
+    except OSError:
+        size = 0
+    if owner != src:
+        why = f"{src}: {owner} already prunes to {dst}"
+        return PruneItem(src, dst, status="failed", input_bytes=size, error=why)
+    overwrite = opts.overwrite
+    if resume is not None:
+        doc = resume.done(src, dst)
+        if doc is not None:
+            try:
+                old = _item_from_json(doc["result"])
+            except (KeyError, TypeError, ValueError):
+                old = None
+            if old is not None:
+                return replace(
+                    old, path=src, output=dst, status="resumed", seconds=0.0,
+                    output_sha256=doc.get("sha256"),
+                )  # fmt: skip
+        overwrite = True  # not verifiably ours: redo it
+    if dst.exists() and not overwrite:
+        return PruneItem(src, dst, status="skipped", input_bytes=size)
+    t0 = time.perf_counter()
+    try:
+        before = Identity.of_path(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        res = prune(src, dst, replace(opts, progress=progress, overwrite=overwrite))
+    except SdtoolError as e:
+        return PruneItem(src, dst, status="failed", input_bytes=size, error=str(e))
+    except OSError as e:
+        msg = f"{src}: {e.strerror or e}"
+        return PruneItem(src, dst, status="failed", input_bytes=size, error=msg)
+    w = res.write
+    item = PruneItem(
+        src,
+        dst,
+        status="pruned" if w is not None else "planned",
+        input_bytes=size,
+        output_bytes=w.nbytes if w is not None else 0,
+        tensors=w.tensors if w is not None else len(res.plan.tensors),
+        verified=bool(w and w.verified),
+        seconds=time.perf_counter() - t0,
+        report=res.to_json(),
+    )
+    if resume is not None and w is not None:
+        item = replace(item, output_sha256=resume.record(src, before, dst, item.to_json()))
+    return item
+
+
+def prune_batch(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    options: PruneOptions,
+    *,
+    jobs: int = 1,
+    file_progress: Callable[[Path], Progress | None] | None = None,
+    on_result: Callable[[PruneItem], None] | None = None,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+) -> PruneBatchResult:
+    """Prune files and folders into ``out_dir`` (``options``: prune's; ``bake_vae`` is refused:
+    one file's VAE is for one model). ``on_result`` sees each item as it finishes; ``resume``
+    skips outputs recorded as written and unchanged (sdtool.ops.batch)."""
+    if options.bake_vae is not None:
+        raise UsageError("--bake-vae prunes one model: not with --out-dir")
+    if jobs < 1:
+        raise UsageError(f"jobs={jobs} must be at least 1")
+    ema_tag = {"only": "emaonly", "drop": "noema"}.get(options.ema, "")
+    tags = ["pruned", ema_tag, dtype_name(options.dtype.code) if options.dtype else ""]
+    pairs = [
+        (s, d.parent / derived(s, None, tags).name)
+        for s, d in batch_targets([Path(p) for p in inputs], Path(out_dir))
+    ]
+    owner: dict[Path, Path] = {}
+    for s, d in pairs:
+        owner.setdefault(d, s)
+    base = replace(options, progress=None)
+    rs = Resume(Path(cache_dir) if cache_dir else default_dir(), options_digest(base, verb="prune"))
+    cancel = threading.Event()
+
+    def one(pair: tuple[Path, Path]) -> PruneItem:
+        src, dst = pair
+        shown = file_progress(src) if file_progress is not None else None
+
+        def cb(done: int, total: int) -> None:
+            if cancel.is_set():
+                raise KeyboardInterrupt
+            if shown is not None:
+                shown(done, total)
+
+        return prune_one(src, dst, base, owner[dst], rs if resume else None, cb)
+
+    return PruneBatchResult(run_batch(pairs, one, jobs=jobs, on_result=on_result, cancel=cancel))

@@ -1,0 +1,295 @@
+"""The GGUF output format: header, then every tensor streamed in pieces through the encoders.
+
+A GGUF is written in one sequential pass (``write_gguf``): the header (KV pairs and tensor
+infos with their offsets, padded to the alignment), then each tensor's bytes padded to the
+alignment. Tensors are cut into pieces of about ``ggml.PIECE_ELEMENTS`` values; a pool of
+``threads`` workers reads each piece (``pread`` straight from the source file when the values
+lie there raw, a ``Span``) and encodes it (``ggml.encode_into``: F32/F16/BF16 or a quantized
+type) into one of a few reusable output buffers, while the calling thread writes finished
+pieces in order. Memory is therefore a constant (the buffers and each worker's scratch),
+plus one tensor for sources whose values must be computed whole (a pickle's storages, a
+dequantized GGUF, scaled fp8).
+
+What goes where (names, types, shapes: ComfyUI-GGUF's layout) is ``ops/gguf_export.py``'s
+plan; this module writes any list of ``OutGGUF``. The reader is ``formats/gguf.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from sdtool.errors import SdtoolError, UsageError, VerificationError
+from sdtool.formats import ggml
+from sdtool.formats.gguf import DEFAULT_ALIGNMENT, KV, MAGIC, T_ARRAY, T_STRING, VALUE_TYPES
+
+#: output buffers in flight per worker thread (pieces encoded ahead of the writing thread)
+AHEAD = 3
+
+
+@dataclass(frozen=True)
+class Span:
+    """A tensor's values stored raw in a file: ``dtype`` (little-endian), C order, from
+    ``offset``. ``check`` raises the reader's error when the file is too short for them."""
+
+    path: Path
+    offset: int
+    dtype: np.dtype
+    check: Callable[[], None] | None = None
+
+
+@dataclass
+class OutGGUF:
+    """One tensor of a GGUF being written: its stored shape (numpy order), type, and how to
+    get its values (``values()`` returns an array of ``numel`` elements, any float dtype;
+    ``span``, when set, says where they lie raw in a file, so pieces are read as needed)."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    values: Callable[[], np.ndarray]
+    source_dtype: str = ""
+    notes: list[str] = field(default_factory=list)
+    span: Span | None = None
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return ggml.get(self.type).nbytes(self.numel)
+
+
+def _pack_string(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _pack_value(vtype: int, value: Any, item_type: int | None = None) -> bytes:
+    if vtype == T_STRING:
+        return _pack_string(value)
+    if vtype == T_ARRAY:
+        assert item_type is not None
+        body = b"".join(_pack_value(item_type, v) for v in value)
+        return struct.pack("<IQ", item_type, len(value)) + body
+    fmt = VALUE_TYPES[vtype][1]
+    assert fmt is not None
+    return struct.pack(fmt, value)
+
+
+def header_bytes(
+    kv: Sequence[tuple[str, KV]], tensors: Sequence[OutGGUF], alignment: int
+) -> tuple[bytes, list[int]]:
+    """The header (padded to the alignment) and each tensor's offset from the data start."""
+    parts = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kv))]
+    for k, e in kv:
+        parts += [
+            _pack_string(k),
+            struct.pack("<I", e.type),
+            _pack_value(e.type, e.value, e.item_type),
+        ]
+    offsets, pos = [], 0
+    for t in tensors:
+        offsets.append(pos)
+        dims = tuple(reversed(t.shape)) or (1,)
+        parts += [
+            _pack_string(t.name),
+            struct.pack("<I", len(dims)),
+            struct.pack(f"<{len(dims)}Q", *dims),
+            struct.pack("<IQ", ggml.get(t.type).id, pos),
+        ]
+        pos += -(-t.nbytes // alignment) * alignment
+    head = b"".join(parts)
+    return head + b"\0" * (-len(head) % alignment), offsets
+
+
+#: one piece's job: encode into the given output buffer, return the bytes to write
+Job = Callable[[np.ndarray], np.ndarray]
+
+
+def _piece_elements(t: OutGGUF) -> int:
+    block = ggml.get(t.type).block
+    return max(1, ggml.PIECE_ELEMENTS // block) * block
+
+
+def _encode(t: OutGGUF, src: np.ndarray, out: np.ndarray, use_torch: bool = True) -> None:
+    try:
+        ggml.encode_into(t.type, src, out, use_torch=use_torch)
+    except ggml.F16Overflow as e:
+        raise UsageError(
+            f"tensor {t.name!r}: {e.count} value(s) overflow float16; write BF16 or a "
+            "quantized type instead"
+        ) from None
+    except ggml.NonFinite as e:
+        raise UsageError(
+            f"tensor {t.name!r}: {e.count} value(s) are inf or NaN, which {t.type} cannot "
+            "hold (llama.cpp's K-quants have no rule for them); use Q8_0, F16 or BF16"
+        ) from None
+
+
+def _pread(fd: int, buf: np.ndarray, offset: int, name: str) -> None:
+    view, got = memoryview(buf.data), 0
+    while got < buf.size:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k <= 0:
+            raise SdtoolError(f"tensor {name!r} ends early; the file shrank")
+        got += k
+
+
+def _torch_pays(tensors: Sequence[OutGGUF]) -> bool:
+    return ggml.torch_pays(sum(t.numel for t in tensors if t.type == "Q8_0"))
+
+
+def _jobs(t: OutGGUF, fds: dict[Path, int], use_torch: bool) -> Iterator[tuple[Job, int]]:
+    """The pieces of ``t``: (job, output bytes) in file order."""
+    gt = ggml.get(t.type)
+    per = _piece_elements(t)
+    n = t.numel
+    if n % gt.block:
+        raise ValueError(f"tensor {t.name!r}: {n} values are not whole {t.type} blocks")
+    span = t.span
+    if span is not None:
+        if span.check is not None:
+            span.check()
+        fd = fds.get(span.path)
+        if fd is None:
+            fd = fds[span.path] = os.open(span.path, os.O_RDONLY)
+        item = span.dtype.itemsize
+
+        def from_file(a: int, b: int) -> Job:
+            def run(out: np.ndarray) -> np.ndarray:
+                raw = ggml._scratch("raw", (b - a) * item, np.uint8)
+                _pread(fd, raw, span.offset + a * item, t.name)
+                o = out[: gt.nbytes(b - a)]
+                _encode(t, raw.view(span.dtype), o, use_torch)
+                return o
+
+            return run
+
+        for a in range(0, n, per):
+            b = min(n, a + per)
+            yield from_file(a, b), gt.nbytes(b - a)
+        return
+    values = t.values()
+    if values.size != n:
+        raise ValueError(f"tensor {t.name!r} has {values.size} values, not {n}")
+    flat = values.reshape(-1)
+
+    def from_array(a: int, b: int) -> Job:
+        def run(out: np.ndarray) -> np.ndarray:
+            o = out[: gt.nbytes(b - a)]
+            _encode(t, flat[a:b], o, use_torch)
+            return o
+
+        return run
+
+    for a in range(0, n, per):
+        b = min(n, a + per)
+        yield from_array(a, b), gt.nbytes(b - a)
+
+
+def write_gguf(
+    f: BinaryIO,
+    kv: Sequence[tuple[str, KV]],
+    tensors: Sequence[OutGGUF],
+    *,
+    alignment: int = DEFAULT_ALIGNMENT,
+    threads: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Stream a GGUF file to ``f``: the header, then each tensor in pieces encoded on
+    ``threads`` workers and written in order by this thread. Returns the bytes written."""
+    head, _ = header_bytes(kv, tensors, alignment)
+    f.write(head)
+    total = len(head)
+    biggest = max((ggml.get(t.type).nbytes(_piece_elements(t)) for t in tensors), default=0)
+    free: list[np.ndarray] = []
+    window: deque[tuple[Future[np.ndarray], np.ndarray, int]] = deque()
+    fds: dict[Path, int] = {}
+    threads = max(1, threads)
+    use_torch = _torch_pays(tensors)
+
+    def flush_one() -> None:
+        nonlocal total
+        fut, buf, pad = window.popleft()
+        data = fut.result()
+        f.write(data.data)
+        if pad:
+            f.write(b"\0" * pad)
+        total += data.size + pad
+        free.append(buf)
+        if progress is not None:
+            progress(data.size)
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="sdtool-gguf")
+    try:
+        for t in tensors:
+            last = None
+            for job, _nbytes in _jobs(t, fds, use_torch):
+                if len(window) >= AHEAD * threads + 1:
+                    flush_one()
+                buf = free.pop() if free else np.empty(biggest, np.uint8)
+                last = (pool.submit(job, buf), buf, 0)
+                window.append(last)
+            pad = -t.nbytes % alignment
+            if last is not None and pad:
+                window[-1] = (last[0], last[1], pad)
+            elif pad:  # an empty tensor: nothing to encode, only padding
+                f.write(b"\0" * pad)
+                total += pad
+        while window:
+            flush_one()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
+    return total
+
+
+def encode(t: OutGGUF, values: np.ndarray, threads: int = 1, use_torch: bool = True) -> np.ndarray:
+    """A tensor's stored bytes (1-D uint8) from its values (all at once: for verifying)."""
+    if values.size != t.numel:
+        raise ValueError(f"tensor {t.name!r} has {values.size} values, not {t.numel}")
+    gt = ggml.get(t.type)
+    flat = values.reshape(-1)
+    out = np.empty(t.nbytes, np.uint8)
+    per = _piece_elements(t)
+
+    def job(a: int, b: int) -> Callable[[], None]:
+        return lambda: _encode(t, flat[a:b], out[gt.nbytes(a) : gt.nbytes(b)], use_torch)
+
+    ggml._run([job(a, min(t.numel, a + per)) for a in range(0, t.numel, per)], threads)
+    return out
+
+
+def verify_gguf(tensors: Sequence[OutGGUF], written: Path, threads: int | None = None) -> None:
+    """Re-read ``written``: every tensor's stored bytes equal a fresh encoding of its source
+    values, and the header names the planned types and shapes."""
+    from sdtool.formats.gguf import read_gguf
+
+    threads = threads or ggml.default_threads()
+    use_torch = _torch_pays(tensors)
+    m = read_gguf(written)
+    try:
+        entries = {e.name: e for e in m.header.tensors}
+        for t in tensors:
+            e = entries.get(t.name)
+            if e is None or e.type.name != t.type or e.shape != t.shape:
+                raise VerificationError(f"tensor {t.name!r} reads back differently from the plan")
+            at = m.header.data_start + e.offset
+            got = np.frombuffer(m._map(), np.uint8, e.nbytes, at)
+            want = encode(t, t.values(), threads, use_torch)
+            if not np.array_equal(got, want):
+                raise VerificationError(f"tensor {t.name!r} differs from its source after writing")
+    finally:
+        m.close()
