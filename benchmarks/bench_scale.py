@@ -113,14 +113,16 @@ def main() -> None:
     print(f"cores: {os.cpu_count()}, load average at start: {load:.1f}")
     workloads = [("tree", tree)]
     if a.corpus.is_dir():
-        workloads.insert(0, ("corpus", a.corpus))
+        workloads.append(("corpus", a.corpus))
 
     address = None
     cluster = None
     if not a.no_cluster:
         import distributed
 
-        # the workers import this checkout's sdtool, as the CLI runs below do
+        # the scheduler (in this process) and the workers import this checkout's sdtool, as
+        # the CLI runs below do
+        sys.path.insert(0, str(ROOT))
         os.environ["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
         )
@@ -144,6 +146,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     cache = Path(tmp) / "cache"
                     cold = run(base, cache)
+                    print(f"  {name} {cmd} cold: {cold[0]:.2f} s", flush=True)
                     cached = run(base, cache)
                     modes = [("cold", cold), ("cached", cached)]
                     if address is not None:
@@ -152,6 +155,8 @@ def main() -> None:
                     ratio, cpu_ratio = cold[0] / dt, cold[3] / cpu if cpu else float("nan")
                     rows.append((name, cmd, mode, n, nbytes, dt, lines, code, ratio, cpu,
                                  cpu_ratio))  # fmt: skip
+                    print(f"  {name} {cmd} {mode}: {dt:.2f} s, CPU {cpu:.2f} s, {lines} lines,"
+                          f" exit {code}", flush=True)  # fmt: skip
     finally:
         if cluster is not None:
             cluster.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from sdtool.errors import SdtoolError, UsageError
 
 R = TypeVar("R")
 LOCAL = "local"
+_THREAD = threading.local()  # a worker thread's isolated scan child
 #: how long to wait for the scheduler at an address
 CONNECT_TIMEOUT = "20s"
 
@@ -170,14 +172,18 @@ def _version() -> str:
 
 
 def scan_task(task: str) -> str:
-    """One file's scan on a worker, in the isolated child a local scan uses; JSON in and out."""
-    import sdtool.scan.containers  # noqa: F401  (loaded once here, inherited by the child)
-    from sdtool.scan.workers import Task, run_isolated
-
+    """One file's scan on a worker, in an isolated child as a local scan does (kept for the
+    worker thread's next task, as a local scan keeps its children); JSON in and out."""
     _allow_children()
+    from sdtool.scan.workers import Isolated, Task
+
+    scanner = getattr(_THREAD, "scanner", None)
+    if scanner is None:
+        import sdtool.scan.containers  # noqa: F401  (loaded once here, inherited by the child)
+
+        scanner = _THREAD.scanner = Isolated()
     d = json.loads(task)
-    report = next(iter(run_isolated([Task(d["path"], d["kwargs"])], jobs=1)))
-    return json.dumps(report.to_dict())
+    return json.dumps(scanner.scan(Task(d["path"], d["kwargs"])).to_dict())
 
 
 def _allow_children() -> None:

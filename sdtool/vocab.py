@@ -226,6 +226,12 @@ COMPONENTS: dict[str, Component] = {
         Component("qwen2.5-vl-vision", "Qwen2.5-VL vision tower", "text-encoder"),
         Component("t2i-adapter", "T2I-Adapter", "t2i-adapter"),
         Component("ip-adapter", "IP-Adapter", "ip-adapter"),
+        Component("omnigen2", "OmniGen2 transformer", "denoiser"),
+        Component("ace-step", "ACE-Step transformer", "denoiser"),
+        Component("cogvideox", "CogVideoX transformer", "denoiser"),
+        Component("seedvr2", "SeedVR2 transformer", "denoiser"),
+        Component("clip-vision-h", "OpenCLIP-H image encoder", "text-encoder"),
+        Component("dit", "DiT", "denoiser"),  # a transformer denoiser with no name of its own
     )
 }
 #: the roles components play (``--drop`` and ``extract --component`` name roles too)

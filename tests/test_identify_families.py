@@ -191,6 +191,113 @@ def ssd1b() -> E:
     return keep
 
 
+def distilled_sdxl(
+    depth_in: dict[int, int], depth_out: dict[int, int], drop: tuple[int, ...] = ()
+) -> E:
+    """SDXL's SGM layout with other transformer depths per input / output block (ComfyUI
+    supported_models.py gives the encoder's); ``drop``: input/output blocks removed (KOALA keeps
+    one res block per level: the removed blocks' keys go, the rest keep SDXL's numbering)."""
+    keep = {}
+    for k, v in L.sdxl().items():
+        parts = k.split(".")
+        if k.startswith("model.diffusion_model.middle_block.") and parts[3] in ("1", "2"):
+            continue
+        if len(parts) > 3 and parts[2] in ("input_blocks", "output_blocks"):
+            n = int(parts[3])
+            if parts[2] == "input_blocks" and n in drop:
+                continue
+            if len(parts) > 6 and parts[5] == "transformer_blocks":
+                depth = (depth_in if parts[2] == "input_blocks" else depth_out).get(n, 0)
+                if int(parts[6]) >= depth:
+                    continue
+        keep[k] = v
+    return keep
+
+
+def koala(depth: int, middle: int | None) -> E:
+    """KOALA in SGM naming, after ComfyUI's KOALA_700M / KOALA_1B configs: one res block per
+    level (input blocks 1, 3, 5), two per level on the way up (output blocks 0-5), encoder depths
+    [0, 2, depth], decoder [depth, depth, 2, 2, 0, 0], a middle block of depth ``middle`` or
+    none. Built from SDXL's layout: its blocks renumbered, shapes as SDXL's."""
+    inp = {1: 1, 3: 2, 4: 3, 6: 4, 7: 5}  # SDXL input block -> KOALA's
+    out = {0: 0, 2: 1, 3: 2, 5: 3, 6: 4, 8: 5}
+    depth_in, depth_out = {3: 2, 5: depth}, {0: depth, 1: depth, 2: 2, 3: 2}
+    pre = "model.diffusion_model."
+    e: E = {}
+    for k, v in L.sdxl().items():
+        if not k.startswith(pre):
+            e[k] = v
+            continue
+        parts = k[len(pre) :].split(".")
+        if parts[0] == "middle_block":
+            if middle is None or (
+                len(parts) > 3 and parts[2] == "transformer_blocks" and int(parts[3]) >= middle
+            ):
+                continue
+        elif parts[0] in ("input_blocks", "output_blocks"):
+            table, depths = (inp, depth_in) if parts[0] == "input_blocks" else (out, depth_out)
+            n = table.get(int(parts[1]))
+            if n is None:
+                continue
+            if (
+                len(parts) > 4
+                and parts[3] == "transformer_blocks"
+                and int(parts[4]) >= depths.get(n, 0)
+            ):
+                continue
+            parts[1] = str(n)
+        e[pre + ".".join(parts)] = v
+    return e
+
+
+def distilled_sdxl_diffusers(depth: tuple[int, int], layers: int = 2, middle: int | None = 10) -> E:
+    """The harvested SDXL diffusers UNet with other depths in down blocks 1 and 2 (the up blocks
+    mirrored), ``layers`` res/attention blocks per down level (``layers + 1`` up) and a middle
+    block of depth ``middle`` or none (ComfyUI's diffusers configs for Vega / KOALA)."""
+    out = {}
+    for k, v in L.harvested("unet-sdxl-diffusers").items():
+        parts = k.split(".")
+        deep = len(parts) > 5 and parts[4] == "transformer_blocks" and middle is not None
+        if parts[0] == "mid_block" and (middle is None or (deep and int(parts[5]) >= middle)):
+            continue
+        per_level = layers + (parts[0] == "up_blocks")
+        blocks = parts[0] in ("down_blocks", "up_blocks") and parts[2] in ("attentions", "resnets")
+        if blocks and int(parts[3]) >= per_level:
+            continue
+        if (
+            parts[0] != "mid_block"
+            and len(parts) > 5
+            and parts[2] == "attentions"
+            and parts[4] == "transformer_blocks"
+        ):
+            level = int(parts[1]) if parts[0] == "down_blocks" else 2 - int(parts[1])
+            if level in (1, 2) and int(parts[5]) >= depth[level - 1]:
+                continue
+        out[k] = v
+    return out
+
+
+def sdxs(attention_at_0: bool, width: int) -> E:
+    """SD 1.x's diffusers UNet (layouts sd1-kohya) cut to SDXS's shape (ComfyUI SD_XS /
+    SD09_XS): three levels of one res block (two on the way up), attention at level 0 or not,
+    cross-attention width ``width``."""
+    out: E = {}
+    for k, (dt, sh) in L.strip_prefix(L.from_yaml("sd1-kohya", ["diffuser"]), "unet.").items():
+        parts = k.split(".")
+        if parts[0] == "down_blocks":
+            if parts[1] == "3" or (parts[2] in ("attentions", "resnets") and parts[3] != "0"):
+                continue
+            if parts[1] == "0" and parts[2] == "attentions" and not attention_at_0:
+                continue
+        third = len(parts) > 3 and parts[2] in ("attentions", "resnets") and parts[3] == "2"
+        if parts[0] == "up_blocks" and (parts[1] == "0" or third):
+            continue
+        if k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight"):
+            sh = (sh[0], width)
+        out[k] = (dt, sh)
+    return out
+
+
 NATIVE: dict[str, Callable[[], E]] = {
     "chroma": chroma,
     "flux-fill": lambda: flux_variant(384),
@@ -242,6 +349,11 @@ NATIVE: dict[str, Callable[[], E]] = {
     "wan-vae-2.1": wan_vae,
     "wan-vae-2.2": lambda: wan_vae(True),
     "ssd-1b": ssd1b,
+    # ComfyUI Segmind_Vega: transformer_depth [0,0,1,1,2,2], output [0,0,0,1,1,1,2,2,2] (from
+    # output block 8 down to 0), no middle transformer
+    "segmind-vega": lambda: distilled_sdxl({4: 1, 5: 1, 7: 2, 8: 2}, {0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 1}),
+    "koala-700m": lambda: koala(5, None),
+    "koala-1b": lambda: koala(6, 6),
     "t2i-adapter-sd1": lambda: bf16({
         "conv_in.weight": (320, 192, 3, 3), "body.0.block1.weight": (320, 320, 3, 3),
         "body.0.block2.weight": (320, 320, 3, 3), "body.2.in_conv.weight": (640, 320, 1, 1),
@@ -293,6 +405,33 @@ CASES: dict[str, Case] = {
     "wan-vae-2.1": (NATIVE["wan-vae-2.1"], "vae", "wan", "2.1 VAE", "VAE"),
     "wan-vae-2.2": (NATIVE["wan-vae-2.2"], "vae", "wan", "2.2 VAE", "VAE"),
     "ssd-1b": (NATIVE["ssd-1b"], "checkpoint", "ssd-1b", None, None),
+    "segmind-vega": (NATIVE["segmind-vega"], "checkpoint", "segmind-vega", None, None),
+    "koala-700m": (NATIVE["koala-700m"], "checkpoint", "koala-700m", None, None),
+    "koala-1b": (NATIVE["koala-1b"], "checkpoint", "koala-1b", None, None),
+    "segmind-vega-diffusers": (lambda: distilled_sdxl_diffusers((1, 2), middle=None), "unet", "segmind-vega", None, None),
+    "koala-700m-diffusers": (lambda: distilled_sdxl_diffusers((2, 5), layers=1, middle=None), "unet", "koala-700m", None, None),
+    "koala-1b-diffusers": (lambda: distilled_sdxl_diffusers((2, 6), layers=1, middle=6), "unet", "koala-1b", None, None),
+    "omnigen2": (lambda: L.harvested("omnigen2"), "unet", "omnigen2", None, None),
+    "sdxs": (lambda: sdxs(False, 768), "unet", "sdxs", None, None),
+    # diffusers naming that is ComfyUI's own: the key set and ComfyUI's marker row agree
+    "qwen-image-2.1": (lambda: L.harvested("qwen-image-21"), "unet", "qwen-image-2.1", None, None),
+    "ideogram4": (lambda: L.harvested("ideogram4"), "unet", "ideogram4", None, None),
+    "kandinsky6": (lambda: L.harvested("kandinsky6"), "unet", "kandinsky6", None, None),
+    "ernie-image": (lambda: L.harvested("ernie-image"), "unet", "ernie-image", None, None),
+    "joyimage": (lambda: L.harvested("joyimage"), "unet", "joyimage", None, None),
+    "sdxs-0.9": (lambda: sdxs(True, 1024), "unet", "sdxs-0.9", None, None),
+    # the marker-key families in diffusers naming: the whole key list of the class
+    "flux2-diffusers": (lambda: L.harvested("flux2-diffusers"), "unet", "flux2", None, None),
+    "hunyuan-video-diffusers": (lambda: L.harvested("hunyuan-video-diffusers"), "unet", "hunyuan-video", None, None),
+    "hunyuan-video15-diffusers": (lambda: L.harvested("hunyuan-video15-diffusers"), "unet", "hunyuan-video", "1.5", None),
+    "mochi-diffusers": (lambda: L.harvested("mochi-diffusers"), "unet", "mochi", None, None),
+    "cosmos-diffusers": (lambda: L.harvested("cosmos-diffusers"), "unet", "cosmos", None, None),
+    "stable-audio-diffusers": (lambda: L.harvested("stable-audio-diffusers"), "unet", "stable-audio", None, None),
+    "kandinsky5-diffusers": (lambda: L.harvested("kandinsky5-diffusers"), "unet", "kandinsky5", None, None),
+    "z-image-diffusers": (lambda: L.harvested("z-image-diffusers"), "unet", "z-image", None, None),
+    "wan-vace-diffusers": (lambda: L.harvested("wan-vace-diffusers"), "unet", "wan", "VACE, 14B", None),
+    "ace-step-diffusers": (lambda: L.harvested("ace-step-diffusers"), "unet", "ace-step", None, None),
+    "cogvideox-diffusers": (lambda: L.harvested("cogvideox-diffusers"), "unet", "cogvideox", None, None),
     "t2i-adapter-sd1": (NATIVE["t2i-adapter-sd1"], "t2i-adapter", "sd1", None, "T2I-Adapter"),
     "t2i-adapter-sdxl": (NATIVE["t2i-adapter-sdxl"], "t2i-adapter", "sdxl-base", None, "T2I-Adapter"),
     "ip-adapter-sd15": (NATIVE["ip-adapter-sd15"], "ip-adapter", "sd1", None, "IP-Adapter"),
@@ -524,6 +663,9 @@ LORA_CASES: dict[str, tuple[E, dict[str, str] | None, str | None, str | None]] =
     "auraflow": (lora({"transformer.joint_transformer_blocks.0.attn.to_q": (3072, 3072)}, "peft"), None, "auraflow", "PEFT"),
     "hunyuan-video-musubi": (lora({"lora_unet_double_blocks_19_img_attn_qkv": (3072, 9216), "lora_unet_single_blocks_39_linear1": (3072, 21504)}, "kohya"), None, "hunyuan-video", "kohya"),
     "ltxv-peft": (lora({"transformer.transformer_blocks.0.attn1.to_k": (2048, 2048)}, "peft"), None, "ltxv", "PEFT"),
+    "omnigen2-refiner": (lora({"transformer.ref_image_refiner.0.attn.to_q": (2520, 2520), "transformer.layers.0.attn.to_q": (2520, 2520)}, "peft"), None, "omnigen2", "PEFT"),
+    "omnigen2-layers-only": (lora({"transformer.layers.0.attn.to_q": (2520, 2520)}, "peft"), None, "omnigen2", "PEFT"),
+    "lumina2-diffusers": (lora({"transformer.layers.0.attn.to_q": (2304, 2304)}, "peft"), None, "lumina2", "PEFT"),
     "chroma": (lora({"lora_unet_distilled_guidance_layer_layers_0_in_layer": (5120, 5120), "lora_unet_double_blocks_0_img_attn_qkv": (3072, 9216)}, "kohya"), None, "chroma", "kohya"),
 }  # fmt: skip
 
@@ -610,6 +752,33 @@ MARKER_ONLY: dict[str, tuple[dict[str, tuple[int, ...]], str, str | None]] = {
     "kandinsky5": ({"visual_transformer_blocks.0.cross_attention.key_norm.weight": (128,), "visual_embeddings.in_layer.bias": (1792,)}, "kandinsky5", None),
     "sd-x4-upscaler": ({"input_blocks.0.0.weight": (256, 7, 3, 3), "out.2.weight": (4, 256, 3, 3), "label_emb.weight": (1000, 1024)}, "sd-x4-upscaler", None),
     "ip-adapter-faceid": ({"ip_adapter.1.to_k_ip.weight": (320, 768), "image_proj.proj.0.weight": (1024, 512)}, "sd1", "FaceID"),
+    # ComfyUI model_detection.py families beyond images, and variants it tells apart
+    "hunyuan-video-1.5": ({"txt_in.individual_token_refiner.blocks.0.norm1.weight": (2048,), "img_in.proj.weight": (2048, 65, 1, 1, 1), "cond_type_embedding.weight": (3, 2048)}, "hunyuan-video", "1.5"),
+    "ltx-2": ({"adaln_single.emb.timestep_embedder.linear_1.bias": (4096,), "audio_adaln_single.linear.weight": (12288, 2048), "patchify_proj.weight": (4096, 128)}, "ltxv", "LTX-2"),
+    "wan-camera": ({"head.modulation": (1, 2, 5120), "control_adapter.conv.weight": (5120, 1536, 2, 2), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "camera"),
+    "wan-s2v": ({"head.modulation": (1, 2, 5120), "casual_audio_encoder.encoder.final_linear.weight": (5120, 1024), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "S2V"),
+    "wan-humo": ({"head.modulation": (1, 2, 5120), "audio_proj.audio_proj_glob_1.layer.bias": (1536,), "patch_embedding.weight": (5120, 16, 1, 2, 2)}, "wan", "HuMo"),
+    "wan-animate": ({"head.modulation": (1, 2, 5120), "face_adapter.fuser_blocks.0.k_norm.weight": (128,), "patch_embedding.weight": (5120, 36, 1, 2, 2)}, "wan", "Animate"),
+    "cosmos-predict1": ({"blocks.block0.blocks.0.block.attn.to_q.0.weight": (4096, 4096), "x_embedder.proj.1.weight": (4096, 68)}, "cosmos", "Predict 1"),
+    "anima": ({"blocks.0.mlp.layer1.weight": (8192, 2048), "x_embedder.proj.1.weight": (2048, 68), "llm_adapter.blocks.0.cross_attn.q_proj.weight": (1024, 1024)}, "cosmos", "Anima"),
+    "hunyuan3d-2.1": ({"t_embedder.mlp.2.weight": (2048, 2048), "blocks.0.attn1.k_norm.weight": (128,), "x_embedder.weight": (2048, 64)}, "hunyuan3d", "2.1"),
+    "ace-step": ({"genre_embedder.weight": (2560, 2560), "transformer_blocks.0.attn.to_q.weight": (2560, 2560)}, "ace-step", None),
+    "ace-step-1.5": ({"encoder.lyric_encoder.layers.0.input_layernorm.weight": (2048,), "decoder.layers.0.self_attn_norm.weight": (2048,), "decoder.layers.0.mlp.gate_proj.weight": (6144, 2048)}, "ace-step", "1.5"),
+    "cogvideox": ({"blocks.0.norm1.linear.weight": (18432, 512), "patch_embed.proj.weight": (3072, 16, 2, 2), "patch_embed.text_proj.weight": (3072, 4096)}, "cogvideox", None),
+    "seedvr2-3b": ({"blocks.31.mlp.all.proj_in_gate.weight": (6912, 2560), "blocks.0.attn.proj_qkv.vid.weight": (7680, 2560)}, "seedvr2", "3B"),
+    "seedvr2-7b": ({"blocks.35.mlp.all.proj_in_gate.weight": (8192, 3072)}, "seedvr2", "7B"),
+    "krea2": ({"txtfusion.projector.weight": (4096, 12), "first.weight": (3072, 64), "blocks.0.attn.wq.weight": (3072, 3072)}, "krea2", None),
+    "minimax-h3": ({"video_patch_proj.weight": (3072, 192), "audio_patch_proj.weight": (3072, 64)}, "minimax-h3", None),
+    "minimax-music3": ({"cond_layer_logits": (8,), "latent_conditioners.0.weight": (1024, 64), "diffusion_transformer.transformer.layers.0.self_attn.to_qkv.weight": (3072, 1024)}, "minimax-music3", None),
+    "hidream-o1": ({"t_embedder1.mlp.0.weight": (2560, 256), "x_embedder.proj1.weight": (2560, 64)}, "hidream-o1", None),
+    "boogu": ({"double_stream_layers.0.img_instruct_attn.processor.img_to_q.weight": (2520, 2520), "x_embedder.weight": (2520, 64)}, "boogu", None),
+    "lens": ({"transformer_blocks.0.attn.norm_added_q.weight": (64,), "transformer_blocks.0.img_mlp.w1.weight": (8192, 2048), "img_in.weight": (2048, 64)}, "lens", None),
+    "mage-flow": ({"txt_norm.weight": (2560,), "proj_out.weight": (128, 3072), "img_in.weight": (3072, 128)}, "mage-flow", None),
+    "ovis-image": ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "double_blocks.0.img_mlp.gate_proj.weight": (12288, 3072), "txt_norm.scale": (2048,), "img_in.weight": (3072, 64)}, "ovis-image", None),
+    "longcat-image": ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "txt_in.weight": (3072, 3584), "img_in.weight": (3072, 64)}, "longcat-image", None),
+    "newbie": ({"cap_embedder.1.weight": (2304, 2304), "noise_refiner.0.attention.k_norm.weight": (96,), "clip_text_pooled_proj.0.weight": (1024,)}, "lumina2", "NewBie"),
+    "z-image-pixel": ({"cap_embedder.1.weight": (3840, 2560), "noise_refiner.0.attention.k_norm.weight": (128,), "dec_net.cond_embed.weight": (256, 3840)}, "z-image", "pixel space"),
+    "kandinsky5-lite-image": ({"visual_transformer_blocks.0.cross_attention.key_norm.weight": (128,), "visual_embeddings.in_layer.bias": (2560,)}, "kandinsky5", "lite (image)"),
 }  # fmt: skip
 
 
@@ -693,3 +862,90 @@ def test_gguf_file_names_its_block_quantization(tmp_path: Path) -> None:
     assert (ident.kind, ident.architecture) == ("unet", "flux-dev")  # names, not shapes
     assert "Q8_0" in ident.precision and ident.unknown_keys == ()
     assert ident.quantization is not None and "GGUF Q8_0 blocks" in ident.quantization.schemes
+
+
+def test_omnigen2_is_not_lumina2(tmp_path: Path) -> None:
+    """OmniGen2 carries Lumina 2's blocks and ComfyUI's OmniGen2 marker
+    (``time_caption_embed.timestep_embedder.linear_1.bias``) is in diffusers' Lumina 2 too: the
+    reference-image modules and the width tell them apart, both ways."""
+    ident = ident_of(tmp_path, L.harvested("omnigen2"), name="omnigen2")
+    assert ident.architecture == "omnigen2" and ident.unknown_keys == ()
+    ident = ident_of(tmp_path, L.harvested("lumina2-diffusers"), name="lumina2")
+    assert ident.architecture == "lumina2"
+    c = ident.components[0]
+    assert c.signature == "lumina2-diffusers" and c.complete and not c.mismatches
+
+
+def test_svd_named_by_its_image_conditioner(tmp_path: Path) -> None:
+    """SVD's OpenCLIP-H image encoder under conditioner.embedders.0.open_clip.model.visual. is
+    a component of its own that names the architecture, beside the UNet's temporal layers."""
+    pre = "conditioner.embedders.0.open_clip.model.visual."
+    cond = {
+        pre + "conv1.weight": ("F16", (1280, 3, 14, 14)), pre + "class_embedding": ("F16", (1280,)),
+        pre + "positional_embedding": ("F16", (257, 1280)), pre + "ln_pre.weight": ("F16", (1280,)),
+        pre + "proj": ("F16", (1280, 1024)), pre + "ln_post.weight": ("F16", (1280,)),
+    }  # fmt: skip
+    for i in range(32):
+        cond[f"{pre}transformer.resblocks.{i}.attn.in_proj_weight"] = ("F16", (3840, 1280))
+        cond[f"{pre}transformer.resblocks.{i}.mlp.c_fc.weight"] = ("F16", (5120, 1280))
+    ident = ident_of(tmp_path, svd() | cond)
+    text = "\n".join(identity_lines(ident))
+    assert (ident.kind, ident.architecture) == ("checkpoint", "svd"), text
+    enc = ident.component("clip-vision-h")
+    assert enc is not None and enc.prefix == pre and len(enc.keys) == len(cond), text
+    assert "OpenCLIP-H image encoder under" in (ident.architecture_source or ""), text
+    assert ident.unknown_keys == (), text
+    # the conditioner alone (no UNet) still says SVD
+    ident = ident_of(tmp_path, cond, name="cond")
+    assert ident.architecture == "svd" and ident.unknown_keys == ()
+
+
+def test_torchao_flattened_weights(tmp_path: Path) -> None:
+    """torchao saves a quantized weight as ``<module>._weight_qdata`` + ``._weight_scale``
+    (prototype/safetensors flatten_tensor_state_dict): read as the weight, scale set aside."""
+    e: E = {}
+    for k, (dt, s) in L.flux(bare=True).items():
+        if k.endswith(".weight") and len(s) == 2:
+            mod = k[: -len(".weight")]
+            e[mod + "._weight_qdata"] = ("F8_E4M3", s)
+            e[mod + "._weight_scale"] = ("F32", (s[0], 1))
+        else:
+            e[k] = (dt, s)
+    ident = ident_of(tmp_path, e)
+    text = "\n".join(identity_lines(ident))
+    assert (ident.kind, ident.architecture) == ("unet", "flux-dev"), text
+    assert ident.unknown_keys == (), text
+    assert ident.quantization is not None and "torchao" in ident.quantization.schemes, text
+    flux = ident.component("flux")
+    assert flux is not None and flux.complete and not flux.missing, text
+    assert set(ident.owners()) == set(e)
+
+
+def test_docs_table_lists_every_family_with_its_source() -> None:
+    """docs/identify.md's family table holds every harvested signature and marker-key row of
+    the tables (tools/identify_table.py), and no generated row the tables no longer have."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "identify_table", root / "tools" / "identify_table.py"
+    )
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    want = tool.rows()
+    docs = (root / "docs" / "identify.md").read_text().splitlines()
+    assert tool.NOTE in docs
+    missing = [r for r in want if r not in docs]
+    assert not missing, "run tools/identify_table.py: " + "\n".join(missing[:5])
+    from sdtool.identify.tables import FAMILIES
+
+    ends = tuple(f" | {f.source} |" for f in FAMILIES)
+    generated = [
+        line
+        for line in docs
+        if "diffusers/transformers naming: key set `" in line
+        or (" | marker keys `" in line and line.endswith(ends))
+    ]
+    stale = [line for line in generated if line not in want]
+    assert not stale, stale[:5]

@@ -277,6 +277,10 @@ def test_differential_vm_against_c_unpickler(data: bytes, stop: bool) -> None:
     # every import the loader makes, the model saw (or could not resolve and flagged)
     missing = [p for p in o.imports if p not in seen]
     assert not missing or computed, (data, o.imports, seen)
+    # every call and BUILD the loader performs, the model saw (issue 12: calls compared too)
+    from sdtool.scan.oracle import _compare_calls
+
+    assert not _compare_calls(s, o), (data, o.events, s.calls, s.mutations)
     if o.stopped:
         # a stream the loader reads to STOP, the model follows to the same offset
         assert s.stopped, (data, s.error, s.error_offset)
@@ -319,3 +323,202 @@ def test_forked_scanners_each_get_a_worker(tmp_path: Path) -> None:
     (tmp_path / "ok.pkl").write_bytes(pickle.dumps({"a": 1}))
     rep = scan_paths([tmp_path], jobs=2)
     assert [f.verdict for f in rep.files] == ["dangerous"] * 3 + ["safe"]
+
+
+# --- calls, BUILDs, and the streams the cross-check used to skip (issue 12 gap d) -------------
+
+
+def _drop(monkeypatch: pytest.MonkeyPatch, opcode: bytes, record_as: str | None = None) -> None:
+    """Simulate a model bug: ``opcode`` runs but its call is not recorded (or recorded as
+    ``record_as``), so only the cross-check can notice what the loader does there."""
+    real = vmmod._HANDLERS[opcode[0]]
+
+    def silent(m: Any) -> Any:
+        before = len(m.s.calls), len(m.s.mutations)
+        out = real(m)
+        if record_as is None:
+            del m.s.calls[before[0] :]
+            del m.s.mutations[before[1] :]
+        else:
+            for c in m.s.calls[before[0] :]:
+                c.opcode = record_as
+        return out
+
+    monkeypatch.setitem(vmmod._HANDLERS, opcode[0], silent)
+
+
+def _disagreements(s: Any) -> list[str]:
+    findings, _ = analyse(s, member=None, index=0)
+    return [f.message for f in findings if f.rule == "parser-disagreement"]
+
+
+def test_a_call_the_model_missed_is_a_disagreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = asm(PROTO(2), GLOBAL("collections", "OrderedDict"), b")", REDUCE, STOP)
+    assert _disagreements(run_stream(data, oracle=True)) == []
+    _drop(monkeypatch, REDUCE)
+    msgs = _disagreements(run_stream(data, oracle=True))
+    assert any("calls or instantiates collections.OrderedDict 1 time(s)" in m for m in msgs)
+    assert any("running __init__" in m for m in msgs)
+
+
+def test_newobj_recorded_for_reduce_is_a_disagreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REDUCE runs __init__, NEWOBJ does not: the capability table tells them apart
+    (accelerate's PartialState), so the cross-check does too."""
+    data = asm(PROTO(2), GLOBAL("collections", "OrderedDict"), b")", REDUCE, STOP)
+    _drop(monkeypatch, REDUCE, record_as="NEWOBJ")
+    msgs = _disagreements(run_stream(data, oracle=True))
+    assert msgs and all("running __init__" in m for m in msgs)
+
+
+def test_a_build_the_model_missed_is_a_disagreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = asm(PROTO(2), GLOBAL("argparse", "Namespace"), b")\x81}b", STOP)  # NEWOBJ + BUILD
+    assert _disagreements(run_stream(data, oracle=True)) == []
+    _drop(monkeypatch, b"b")
+    msgs = _disagreements(run_stream(data, oracle=True))
+    assert any("runs BUILD" in m and "argparse.Namespace" in m for m in msgs)
+
+
+def test_a_call_of_a_call_result_the_model_missed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # getattr(x, 'y')(...): the second REDUCE calls what the first returned
+    data = asm(
+        PROTO(2), GLOBAL("builtins", "getattr"), GLOBAL("collections", "OrderedDict"),
+        U("fromkeys"), b"\x86", REDUCE, b")", REDUCE, STOP,
+    )  # fmt: skip
+    assert _disagreements(run_stream(data, oracle=True)) == []
+    real = vmmod._HANDLERS[REDUCE[0]]
+    seen = [0]
+
+    def second_silent(m: Any) -> Any:
+        seen[0] += 1
+        n = len(m.s.calls)
+        out = real(m)
+        if seen[0] == 2:
+            del m.s.calls[n:]
+        return out
+
+    monkeypatch.setitem(vmmod._HANDLERS, REDUCE[0], second_silent)
+    msgs = _disagreements(run_stream(data, oracle=True))
+    assert any("calls the result of an earlier call 1 time(s)" in m for m in msgs)
+
+
+def _joblib_bytes() -> bytes:
+    import io
+
+    import joblib
+    import numpy as np
+
+    arr = np.empty(2, dtype=object)
+    arr[0], arr[1] = collections_od(), "x"
+    buf = io.BytesIO()
+    joblib.dump({"raw": np.arange(1000.0), "obj": arr, "raw2": np.ones((3, 3), np.int8)}, buf)
+    return buf.getvalue()
+
+
+def collections_od() -> Any:
+    import collections
+
+    return collections.OrderedDict(a=1)
+
+
+def test_joblib_streams_are_cross_checked_as_joblib_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """joblib.load is Python's pickle._Unpickler reading each array after BUILD of its
+    NumpyArrayWrapper (an object array as a nested pickle.load): the cross-check loads the
+    stream the same way, reaches the same STOP, and reports a call the model missed in the
+    nested pickle."""
+    data = _joblib_bytes()
+    s = run_stream(data, oracle=True)
+    assert len(s.joblib_skips) == 3 and s.nested
+    assert s.oracle.failed is None and s.oracle.stopped, s.oracle
+    assert s.oracle.end == s.end == len(data)
+    assert ("new", ("collections", "OrderedDict")) in s.oracle.events  # in the nested pickle
+    assert _disagreements(s) == []
+    _drop(monkeypatch, REDUCE)
+    assert any(
+        "collections.OrderedDict" in m for m in _disagreements(run_stream(data, oracle=True))
+    )
+
+
+def test_joblib_array_skipped_differently_is_a_disagreement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the model and joblib part ways over an array's extent, the loader's reading is
+    not the model's: the cross-check fails to reach the model's STOP or ends elsewhere."""
+    data = _joblib_bytes()
+    real = vmmod._joblib_inline
+
+    def off_by_8(m: Any, wrapper: Any) -> None:
+        real(m, wrapper)
+        if m.s.joblib_skips and not m.s.joblib_skips[-1][2]:
+            a, b, nested = m.s.joblib_skips[-1]
+            m.s.joblib_skips[-1] = (a, b - 8, nested)  # the oracle is told 8 bytes fewer
+
+    monkeypatch.setattr(vmmod, "_joblib_inline", off_by_8)
+    s = run_stream(data, oracle=True)
+    assert s.stopped and not (s.oracle.stopped and s.oracle.end == s.end)
+
+
+def test_legacy_torch_streams_and_concatenated_pickles_are_cross_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf, _use_new_zipfile_serialization=False)
+    legacy = buf.getvalue()
+    p = tmp_path / "old.pt"
+    p.write_bytes(legacy)
+    r = scan_bytes(tmp_path, legacy)
+    assert r.verdict == Verdict.SAFE, r.findings
+    _drop(monkeypatch, REDUCE)  # the object pickle (stream 3) rebuilds its tensor by REDUCE
+    r = scan_bytes(tmp_path, legacy)
+    hits = [f for f in r.findings if f.rule == "parser-disagreement"]
+    assert hits and {f.stream for f in hits} == {3}, [(f.stream, f.message) for f in hits]
+    assert any("torch._utils._rebuild_tensor_v2" in f.message for f in hits)
+    # a second pickle after the first (concatenated): cross-checked too
+    two = pickle.dumps([1], 2) + asm(
+        PROTO(2), GLOBAL("collections", "OrderedDict"), b")", REDUCE, STOP
+    )
+    r = scan_bytes(tmp_path, two)
+    hits = [f for f in r.findings if f.rule == "parser-disagreement"]
+    assert hits and {f.stream for f in hits} == {1}
+
+
+def test_torch_tar_records_are_cross_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import struct
+    import tarfile
+
+    record = asm(PROTO(2), b"G" + struct.pack(">d", 1.5), U("cpu"), GLOBAL("torch", "FloatStorage"),
+                 b"\x87", STOP)  # fmt: skip
+    members = {
+        "sys_info": pickle.dumps({"protocol_version": 1001, "little_endian": True}, 2),
+        "storages": b"\x80\x02K\x01."
+        + record
+        + struct.pack("<q", 1)
+        + b"\0" * 4
+        + pickle.dumps([], 2),
+        "tensors": b"\x80\x02K\x00.",
+        "pickle": pickle.dumps({}, 2),
+    }
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    r = scan_bytes(tmp_path, out.getvalue())
+    assert not [f for f in r.findings if f.rule == "parser-disagreement"], r.findings
+
+    def broken(m: Any) -> None:
+        raise vmmod._Broken("simulated model bug")
+
+    monkeypatch.setitem(vmmod._HANDLERS, ord("G"), broken)  # BINFLOAT, only in the record
+    r = scan_bytes(tmp_path, out.getvalue())
+    hits = [f for f in r.findings if f.rule == "parser-disagreement"]
+    assert hits and all(f.member == "storages" and f.stream == 1 for f in hits), r.findings

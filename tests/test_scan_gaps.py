@@ -152,3 +152,46 @@ def test_framed_payload_positive_control(tmp_path: Path) -> None:
         assert pickle.loads(data) == [1] * 500 and ran == ["true"]
     finally:
         del sys.modules["xx"]
+
+
+# -- issue 11: zip irregularities are typed values, not sentences matched by words -------------
+
+
+def _flagged_zip(names: list[str], flag_member: str, prefix: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for n in names:
+            z.writestr(n, pickle.dumps({"a": 1}, protocol=2))
+    data = bytearray(buf.getvalue())
+    # set flag bit 0x40 (strong encryption) in the central entry of ``flag_member``
+    at = data.index(b"PK\x01\x02")
+    while True:
+        nlen = int.from_bytes(data[at + 28 : at + 30], "little")
+        if data[at + 46 : at + 46 + nlen].decode() == flag_member:
+            data[at + 8] |= 0x40
+            break
+        at = data.index(b"PK\x01\x02", at + 4)
+    return prefix + bytes(data)
+
+
+def test_zip_irregularities_are_typed(tmp_path: Path) -> None:
+    from sdtool.formats import zip as zipfmt
+    from sdtool.scan.walkers.zip import IRREGULAR_RULES
+
+    data = _flagged_zip(["a.pkl", "b.pkl"], "b.pkl", prefix=b"junk" * 4)
+    arch = zipfmt.read_archive(io.BytesIO(data), len(data))
+    kinds = [(i.kind, i.member) for i in arch.irregularities]
+    assert kinds == [(zipfmt.Irregular.PREFIX, None), (zipfmt.Irregular.FLAG_BITS, "b.pkl")]
+    assert str(arch.irregularities[0]) == "16 bytes before the zip archive"
+    assert set(IRREGULAR_RULES) == set(zipfmt.Irregular)
+
+
+def test_member_names_do_not_change_the_rule(tmp_path: Path) -> None:
+    """Bug fixed by typing: the rule was recovered from the sentence by words, so a member
+    whose *name* held "duplicate" or "local header" turned a flag-bit finding into another rule.
+    """
+    p = tmp_path / "m.zip"
+    p.write_bytes(_flagged_zip(["duplicate before the zip local header.pkl"],
+                               "duplicate before the zip local header.pkl"))  # fmt: skip
+    r = scan(p)
+    assert {f.rule for f in r.findings} == {"zip-flags"}, r.findings

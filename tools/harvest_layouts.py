@@ -61,6 +61,10 @@ class Harvest:
     config: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the released model whose config this is
     config_cls: str | None = None  # transformers: the config class
+    # a class that the released model extends: modules copied under new names (old prefix,
+    # new prefix) and parameters added (name -> shape), facts of the released model's class
+    copies: tuple[tuple[str, str], ...] = ()
+    adds: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 HARVESTS: tuple[Harvest, ...] = (
@@ -171,6 +175,53 @@ HARVESTS: tuple[Harvest, ...] = (
              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064},
             "Qwen/Qwen2.5-VL-7B-Instruct language model (Qwen-Image's text encoder)",
             "Qwen2Config"),
+    # OmniGen2's transformer (OmniGen2/OmniGen2, config.json) is Lumina 2's blocks and
+    # combined timestep/caption embedder with a reference-image patch embedder and refiner and
+    # an image-index embedding (OmniGen2Transformer2DModel, VectorSpaceLab/OmniGen2)
+    Harvest("omnigen2", "diffusers", "Lumina2Transformer2DModel",
+            {"hidden_size": 2520, "num_layers": 32, "num_refiner_layers": 2,
+             "num_attention_heads": 21, "num_kv_heads": 7, "axes_dim_rope": (40, 40, 40),
+             "axes_lens": (1024, 1664, 1664), "cap_feat_dim": 2048},
+            "OmniGen2/OmniGen2 transformer (Lumina 2 class + OmniGen2's reference-image modules)",
+            copies=(("noise_refiner.", "ref_image_refiner."),
+                    ("x_embedder.", "ref_image_patch_embedder.")),
+            adds={"image_index_embedding": (5, 2520)}),
+    # the marker-key families in diffusers naming, each with its class defaults (the release
+    # named: the defaults are its config)
+    Harvest("flux2-diffusers", "diffusers", "Flux2Transformer2DModel", {},
+            "black-forest-labs/FLUX.2-dev transformer (class defaults)"),
+    Harvest("hunyuan-video-diffusers", "diffusers", "HunyuanVideoTransformer3DModel", {},
+            "hunyuanvideo-community/HunyuanVideo transformer (class defaults)"),
+    Harvest("hunyuan-video15-diffusers", "diffusers", "HunyuanVideo15Transformer3DModel", {},
+            "HunyuanVideo-1.5 transformer (class defaults)"),
+    Harvest("mochi-diffusers", "diffusers", "MochiTransformer3DModel", {},
+            "genmo/mochi-1-preview transformer (class defaults)"),
+    Harvest("cosmos-diffusers", "diffusers", "CosmosTransformer3DModel", {},
+            "nvidia/Cosmos-1.0-Diffusion-7B transformer (class defaults)"),
+    Harvest("stable-audio-diffusers", "diffusers", "StableAudioDiTModel", {},
+            "stabilityai/stable-audio-open-1.0 transformer (class defaults)"),
+    Harvest("kandinsky5-diffusers", "diffusers", "Kandinsky5Transformer3DModel", {},
+            "Kandinsky 5 transformer (class defaults)"),
+    Harvest("z-image-diffusers", "diffusers", "ZImageTransformer2DModel", {},
+            "Tongyi-MAI/Z-Image-Turbo transformer (class defaults)"),
+    Harvest("wan-vace-diffusers", "diffusers", "WanVACETransformer3DModel", {},
+            "Wan VACE transformer (class defaults)"),
+    Harvest("ace-step-diffusers", "diffusers", "AceStepTransformer1DModel", {},
+            "ACE-Step transformer (class defaults)"),
+    Harvest("cogvideox-diffusers", "diffusers", "CogVideoXTransformer3DModel", {},
+            "THUDM/CogVideoX-2b transformer (class defaults)"),
+    # families whose diffusers naming is ComfyUI's own (its model_detection.py markers are in
+    # the class's keys), each with its class defaults
+    Harvest("qwen-image-21", "diffusers", "QwenImage21Transformer2DModel", {},
+            "Qwen-Image 2.1 transformer (class defaults)"),
+    Harvest("ideogram4", "diffusers", "Ideogram4Transformer2DModel", {},
+            "Ideogram 4 transformer (class defaults)"),
+    Harvest("kandinsky6", "diffusers", "Kandinsky6Transformer3DModel", {},
+            "Kandinsky 6 transformer (class defaults)"),
+    Harvest("ernie-image", "diffusers", "ErnieImageTransformer2DModel", {},
+            "ERNIE-Image transformer (class defaults)"),
+    Harvest("joyimage", "diffusers", "JoyImageEditTransformer3DModel", {},
+            "JoyImage-Edit transformer (class defaults)"),
 )  # fmt: skip
 
 _DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
@@ -191,7 +242,11 @@ def build(h: Harvest) -> Any:
 
 def harvest(h: Harvest) -> dict[str, Any]:
     model = build(h)
-    sd = model.state_dict()
+    sd = dict(model.state_dict())
+    for old, new in h.copies:
+        sd |= {new + k[len(old) :]: t for k, t in list(sd.items()) if k.startswith(old)}
+    for name, shape in h.adds.items():
+        sd[name] = next(iter(sd.values())).new_empty(shape)
     return {
         "source": f"{h.module}.{h.cls} — {h.source}",
         "keys": list(sd),

@@ -296,7 +296,9 @@ def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
                     big_endian=h.big_endian,
                 )
             tensors[name] = _info(h, st)
-    container = NpzFacts(other_members=other, irregularities=list(archive.irregularities))
+    container = NpzFacts(
+        other_members=other, irregularities=[str(i) for i in archive.irregularities]
+    )
     return ModelFile(path, Format.NPZ, tensors, container=container)
 
 

@@ -12,7 +12,7 @@ import collections
 import io
 import struct
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -256,7 +256,7 @@ def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, ZipFacts]:
         storages=len(cache),
         members=len(archive.entries),
         deflated_storages=sum(1 for k in cache if not members[f"{prefix}data/{k}"].stored),
-        irregularities=list(archive.irregularities),
+        irregularities=[str(i) for i in archive.irregularities],
     )
     return root, container
 
@@ -289,6 +289,128 @@ def _text(v: Any) -> str:
     if isinstance(v, bytes):
         return v.decode("ascii", "replace")
     return str(v) if isinstance(v, str | int) else brief(v)  # str() of a shared graph explodes
+
+
+# -- layouts: where the pickles and the raw bytes of legacy and TAR files lie ---------------------
+# The reader below and the scanner's walkers (sdtool.scan.walkers) both walk these; each brings
+# its own way to read a pickle (the restricted unpickler, or the opcode model) and to know a
+# storage's element size (a StorageType, or the storage class's name).
+
+#: the five pickles of a legacy file, in order (raw storages follow the last one)
+LEGACY_PICKLES = ("magic number", "protocol version", "sys_info", "object", "storage keys")
+#: the TAR format's members that torch.load unpickles
+TAR_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
+
+
+@dataclass(frozen=True)
+class RawSpan:
+    """Bytes no unpickler reads: a storage (an int64 element count, then the elements) or the
+    fixed fields of a TAR tensor record. ``offset`` is where the span starts."""
+
+    key: Any  # the storage key (or the record's index for TAR tensor records)
+    offset: int
+    length: int  # bytes, count field included
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def legacy_storages(
+    pread: Callable[[int, int], bytes],
+    pos: int,
+    size: int,
+    keys: list[Any],
+    itemsize: Callable[[Any], int | None],
+) -> Iterator[tuple[RawSpan, int]]:
+    """The raw storages of a legacy file, after its five pickles (``pos``: where the last one
+    ends), in storage-key order: (span, element count) each. ``itemsize(key)`` is None for a
+    key whose element size is unknown. Raises TruncatedFile / CorruptFile where the layout
+    cannot be followed; what was yielded before stays valid."""
+    for key in keys:
+        width = itemsize(key)
+        if pos + 8 > size:
+            raise TruncatedFile(
+                f"storage {brief(key)} needs bytes up to {pos + 8} but the file has {size}; "
+                "the download is truncated"
+            )
+        (count,) = struct.unpack("<q", pread(pos, 8))
+        if width is None or count < 0:
+            raise CorruptFile(
+                f"legacy torch storage {brief(key)}: cannot skip {count} elements of unknown "
+                f"size at offset {pos}"
+            )
+        span = RawSpan(key, pos, 8 + count * width)
+        yield span, count
+        if span.end > size:
+            raise TruncatedFile(
+                f"storage {brief(key)} needs bytes up to {span.end} but the file has {size}; "
+                "the download is truncated"
+            )
+        pos = span.end
+
+
+def tar_records(
+    which: str,
+    size: int,
+    pread: Callable[[int, int], bytes],
+    load: Callable[[int, str], tuple[Any, int]],
+    itemsize: Callable[[Any], int | None],
+) -> Iterator[tuple[str, int, Any, RawSpan | None]]:
+    """The records of a TAR file's ``storages`` or ``tensors`` member (``size`` bytes): a count
+    pickle, then per record a pickle and raw bytes (``storages``: an int64 element count and
+    the elements, ``itemsize(record)`` bytes each; ``tensors``: int32 rank, 4 bytes, shape,
+    stride and an int64 offset), then (``storages``) a pickle of storage views.
+
+    ``load(pos, what)`` reads the pickle at ``pos`` ("count", "record" or "views") and returns
+    (value, end); ``itemsize(record)`` is called on every record before its raw bytes are
+    read (it may raise for a malformed one). Yields (what, pickle offset, value, the raw span
+    after it or None). A count that is not a non-negative int ends the walk (the caller judges
+    it). Raises CorruptFile / TruncatedFile where the records cannot be followed.
+    """
+    count, pos = load(0, "count")
+    yield "count", 0, count, None
+    if not isinstance(count, int) or count < 0:
+        return
+    for index in range(count):
+        at = pos
+        value, pos = load(at, "record")
+        width = itemsize(value)  # first: the caller may refuse a malformed record here
+        if which == "storages":
+            raw = pread(pos, 8)
+            key = value[0] if isinstance(value, tuple) and value else value
+            if width is None or len(raw) < 8:
+                raise CorruptFile(f"TAR torch file: bad storage record {index}")
+            (n,) = struct.unpack("<q", raw)
+            span = RawSpan(key, pos, 8 + n * width)
+            if n < 0 or span.end > size:
+                raise CorruptFile(f"TAR torch file: storage {brief(key)} runs past its member")
+        else:
+            raw = pread(pos, 4)
+            if len(raw) < 4:
+                raise TruncatedFile(f"TAR torch file: tensor record {index} is cut short")
+            (ndim,) = struct.unpack("<i", raw)
+            if not 0 <= ndim <= 64:
+                raise CorruptFile("TAR torch file: bad tensor rank")
+            span = RawSpan(index, pos, 8 + 16 * ndim + 8)
+            if span.end > size:
+                raise TruncatedFile(f"TAR torch file: tensor record {index} is cut short")
+        yield "record", at, value, span
+        pos = span.end
+    if which == "storages" and pos < size:
+        views, end = load(pos, "views")
+        if end > size:
+            raise CorruptFile("TAR torch file: the storage records run past their member")
+        yield "views", pos, views, None
+
+
+def tensor_record_fields(raw: bytes) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(shape, stride, storage offset) from a TAR tensor record's raw span."""
+    (ndim,) = struct.unpack_from("<i", raw, 0)
+    shape = struct.unpack_from(f"<{ndim}q", raw, 8)
+    stride = struct.unpack_from(f"<{ndim}q", raw, 8 + 8 * ndim)
+    (offset,) = struct.unpack_from("<q", raw, 8 + 16 * ndim)
+    return shape, stride, offset
 
 
 # -- legacy and plain pickles ---------------------------------------------------------------------
@@ -347,22 +469,22 @@ def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
         raise CorruptFile("legacy torch file: the storage key list is missing")
     pos = f.tell()
     pread = zipr.positional_reader(f)  # one page per count header, no read-ahead
-    for k in keys:
+
+    def itemsize(k: Any) -> int:
         st = storages.get(_text(k))
         if st is None:
             raise CorruptFile(f"legacy torch file lists storage {brief(k)} that no tensor uses")
-        if pos + 8 > src.size:
-            raise _truncated(st.key, pos + 8, src.size)
-        (count,) = struct.unpack("<q", pread(pos, 8))
+        return st.dtype.itemsize
+
+    for span, count in legacy_storages(pread, pos, src.size, keys, itemsize):
+        st = storages[_text(span.key)]
         if count * st.dtype.itemsize != st.nbytes:
             raise CorruptFile(
                 f"storage {st.key!r} holds {count} elements, its tensors expect {st.numel}"
             )
-        if pos + 8 + st.nbytes > src.size:
-            raise _truncated(st.key, pos + 8 + st.nbytes, src.size)
-        fixed = src.storage(st.key, st.dtype, st.nbytes, pos + 8)
+        fixed = src.storage(st.key, st.dtype, st.nbytes, span.offset + 8)
         st.file_offset, st.load = fixed.file_offset, fixed.load
-        pos += 8 + st.nbytes
+        pos = span.end
     for vst, root_st, off in views:
         if root_st.file_offset is not None:
             vst.file_offset = root_st.file_offset + off
@@ -380,13 +502,6 @@ def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
         trailing_bytes=src.size - pos,
     )
     return root, container
-
-
-def _truncated(key: str, need: int, size: int) -> TruncatedFile:
-    return TruncatedFile(
-        f"storage {brief(key)} needs bytes up to {need} but the file has {size}; "
-        "the download is truncated"
-    )
 
 
 # -- the oldest TAR format ------------------------------------------------------------------------
@@ -415,44 +530,60 @@ def _load_tar_members(src: _Source, members: dict[str, tarfile.TarInfo]) -> tupl
     f = src.f
     objects: dict[Any, Any] = {}
     st_m = members["storages"]
-    st_end = st_m.offset_data + st_m.size
-    f.seek(st_m.offset_data)
-    count = load_one(f, seen=src.seen)
-    if not isinstance(count, int) or count < 0:
-        raise CorruptFile("TAR torch file: bad storage count")
-    for _ in range(count):
-        args = load_one(f, seen=src.seen)
+    base = st_m.offset_data
+
+    def load(pos: int, what: str) -> tuple[Any, int]:
+        f.seek(base + pos)
+        return load_one(f, seen=src.seen), f.tell() - base
+
+    def pread(pos: int, n: int) -> bytes:
+        f.seek(base + pos)
+        return f.read(n)
+
+    def itemsize(args: Any) -> int:
         if not (isinstance(args, tuple) and len(args) == 3 and isinstance(args[2], StorageType)):
             raise CorruptFile("TAR torch file: bad storage record")
-        key, _, stype = args
-        dtype = stype.dtype or dtypes.DTYPES["U8"]
-        (n,) = struct.unpack("<q", f.read(8))
-        pos = f.tell()
-        if n < 0 or pos + n * dtype.itemsize > st_end:
-            raise CorruptFile(f"TAR torch file: storage {brief(key)} runs past its member")
-        objects[key] = src.storage(str(key), dtype, n * dtype.itemsize, pos)
-        f.seek(pos + n * dtype.itemsize)
-    views = load_one(f, seen=src.seen)
-    if f.tell() > st_end:
-        raise CorruptFile("TAR torch file: the storage records run past their member")
+        return (args[2].dtype or dtypes.DTYPES["U8"]).itemsize
+
+    count: Any = None
+    views: Any = None
+    for what, _, value, span in tar_records("storages", st_m.size, pread, load, itemsize):
+        if what == "count":
+            count = value
+            if not isinstance(count, int) or count < 0:
+                raise CorruptFile("TAR torch file: bad storage count")
+        elif what == "record":
+            assert span is not None
+            key, _, stype = value
+            dtype = stype.dtype or dtypes.DTYPES["U8"]
+            objects[key] = src.storage(str(key), dtype, span.length - 8, base + span.offset + 8)
+        else:
+            views = value
     for target, root_key, offset, numel in views if isinstance(views, list) else []:
-        base = objects[root_key]
-        off, nbytes = offset * base.dtype.itemsize, numel * base.dtype.itemsize
-        if off < 0 or nbytes < 0 or off + nbytes > base.nbytes:
+        base_st = objects[root_key]
+        off, nbytes = offset * base_st.dtype.itemsize, numel * base_st.dtype.itemsize
+        if off < 0 or nbytes < 0 or off + nbytes > base_st.nbytes:
             raise CorruptFile(f"TAR torch file: view {brief(target)} lies outside its storage")
-        objects[target] = _sub_storage(base, str(target), off, nbytes)
+        objects[target] = _sub_storage(base_st, str(target), off, nbytes)
     # the tensors and pickle members are small: read each whole, so no record reads past it
-    f = _member_bytes(src, members["tensors"])
-    ntensors = load_one(f, seen=src.seen)
-    for _ in range(ntensors if isinstance(ntensors, int) else 0):
-        key, storage_id, _ = load_one(f, seen=src.seen)
-        (ndim,) = struct.unpack("<i", f.read(4))
-        f.read(4)
-        if not 0 <= ndim <= 64:
-            raise CorruptFile("TAR torch file: bad tensor rank")
-        shape = struct.unpack(f"<{ndim}q", f.read(8 * ndim))
-        stride = struct.unpack(f"<{ndim}q", f.read(8 * ndim))
-        (offset,) = struct.unpack("<q", f.read(8))
+    t = _member_bytes(src, members["tensors"])
+    tdata = t.getvalue()
+
+    def tload(pos: int, what: str) -> tuple[Any, int]:
+        t.seek(pos)
+        return load_one(t, seen=src.seen), t.tell()
+
+    def tensor_record(value: Any) -> None:
+        _key, _storage_id, _ = value  # a record of the wrong shape is malformed
+
+    for what, _, value, span in tar_records(
+        "tensors", len(tdata), lambda p, n: tdata[p : p + n], tload, tensor_record
+    ):
+        if what != "record":
+            continue
+        assert span is not None
+        key, storage_id, _ = value
+        shape, stride, offset = tensor_record_fields(tdata[span.offset : span.end])
         st = objects[storage_id]
         info = TensorInfo(st.dtype, tuple(shape), tuple(stride), offset, st)
         check_view(info, str(key))

@@ -17,6 +17,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import BinaryIO
 
 from sdtool.errors import CorruptFile, TruncatedFile
@@ -64,6 +65,28 @@ class ZipMember:
         return self.method == STORED
 
 
+class Irregular(Enum):
+    """What the reader noticed that other zip readers may take differently."""
+
+    PREFIX = "prefix"  # bytes before the archive (a polyglot or a self-extractor)
+    ENTRY_COUNT = "entry-count"  # the central directory and the end record disagree on the count
+    DUPLICATE_NAME = "duplicate-name"  # two entries with one name (the last one is used)
+    LOCAL_NAME = "local-name"  # the local header names the member differently
+    FLAG_BITS = "flag-bits"  # encrypted / patched-data flag bits
+
+
+@dataclass(frozen=True)
+class ZipIrregularity:
+    """One irregularity: its kind, the member it concerns (if any), and a sentence for people."""
+
+    kind: Irregular
+    message: str
+    member: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class ZipArchive:
     """The members of a zip (last one wins for duplicate names, as torch and zipfile do)."""
@@ -72,7 +95,7 @@ class ZipArchive:
     entries: list[ZipMember]  # every central-directory entry, duplicates included
     prefix_bytes: int  # bytes before the archive proper (a polyglot or self-extractor)
     file_size: int
-    irregularities: list[str] = field(default_factory=list)
+    irregularities: list[ZipIrregularity] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[ZipMember]:
         return iter(self.members.values())
@@ -123,9 +146,11 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
     if len(cd) < cd_size:
         raise TruncatedFile("zip central directory is cut short")
     entries: list[ZipMember] = []
-    irregular: list[str] = []
+    irregular: list[ZipIrregularity] = []
     if prefix:
-        irregular.append(f"{prefix} bytes before the zip archive")
+        irregular.append(
+            ZipIrregularity(Irregular.PREFIX, f"{prefix} bytes before the zip archive")
+        )
     off = 0
     while off + 46 <= len(cd) and cd[off : off + 4] == CENTRAL_SIG:
         (_, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, hoff) = _u(
@@ -143,21 +168,37 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
         if len(entries) > count:
             break
     if len(entries) != count:
-        irregular.append(f"central directory lists {len(entries)} entries, end record says {count}")
+        irregular.append(
+            ZipIrregularity(
+                Irregular.ENTRY_COUNT,
+                f"central directory lists {len(entries)} entries, end record says {count}",
+            )
+        )
     members: dict[str, ZipMember] = {}
     pread = positional_reader(f)
     for m in entries:
         if m.name in members:
-            irregular.append(f"duplicate member name {m.name!r} (the last one is used)")
+            irregular.append(
+                ZipIrregularity(
+                    Irregular.DUPLICATE_NAME,
+                    f"duplicate member name {m.name!r} (the last one is used)",
+                    m.name,
+                )
+            )
         members[m.name] = m
         if is_remote(f):
             _defer(pread, m, file_size, irregular)
-            continue
-        _locate_data(pread, m, file_size)
-        if m.local_name is not None and m.local_name != m.name:
-            irregular.append(f"member {m.name!r} is named {m.local_name!r} in its local header")
+        else:
+            _locate_data(pread, m, file_size)
+            irregular.extend(_local_name(m))
         if m.flags & 0x61:
-            irregular.append(f"member {m.name!r} has flag bits {m.flags:#x} (encrypted/patched)")
+            irregular.append(
+                ZipIrregularity(
+                    Irregular.FLAG_BITS,
+                    f"member {m.name!r} has flag bits {m.flags:#x} (encrypted/patched)",
+                    m.name,
+                )
+            )
     return ZipArchive(members, entries, prefix, file_size, irregular)
 
 
@@ -203,7 +244,10 @@ def positional_reader(f: BinaryIO) -> Callable[[int, int], bytes]:
 
 
 def _defer(
-    pread: Callable[[int, int], bytes], m: ZipMember, file_size: int, irregular: list[str]
+    pread: Callable[[int, int], bytes],
+    m: ZipMember,
+    file_size: int,
+    irregular: list[ZipIrregularity],
 ) -> None:
     """Remote bytes: a local header costs a request, and a checkpoint has one per tensor, so
     each is read when its member's data is first asked for (the pickles, not the storages).
@@ -217,10 +261,17 @@ def _defer(
     def locate(m: ZipMember) -> None:
         m._locate = None
         _locate_data(pread, m, file_size)
-        if m.local_name is not None and m.local_name != m.name:
-            irregular.append(f"member {m.name!r} is named {m.local_name!r} in its local header")
+        irregular.extend(_local_name(m))
 
     m._locate = locate
+
+
+def _local_name(m: ZipMember) -> list[ZipIrregularity]:
+    """The local header names the member differently from the central directory."""
+    if m.local_name is None or m.local_name == m.name:
+        return []
+    text = f"member {m.name!r} is named {m.local_name!r} in its local header"
+    return [ZipIrregularity(Irregular.LOCAL_NAME, text, m.name)]
 
 
 def _locate_data(pread: Callable[[int, int], bytes], m: ZipMember, file_size: int) -> None:

@@ -98,11 +98,13 @@ def identify(model: ModelFile) -> Identity:
         return _special(special, tensors, precision, training_state, meta_arch, meta_src)
 
     quant = _quantization(tensors)
-    weights = {k: t for k, t in tensors.items() if quant is None or k not in quant.keys}
+    weights, renamed = _as_weights(tensors, quant)
     counts = _candidates(weights)
     comps = _claim(counts, weights)
     comps = _families(comps, weights)
     comps = _with_extras(comps, weights, quant)
+    if renamed:  # back to the file's own names
+        comps = [replace(c, keys=tuple(renamed.get(k, k) for k in c.keys)) for c in comps]
     claimed = {k for c in comps for k in c.keys}
     ema = _ema(tensors, comps)
     if ema is not None:
@@ -118,12 +120,14 @@ def identify(model: ModelFile) -> Identity:
     w.unknown = [k for k in tensors if k not in claimed and (quant is None or k not in quant.keys)]
     w.components = sorted(comps, key=lambda m: (ROLE_ORDER.get(m.role, 9), m.prefix))
 
-    _architecture(w, tensors, meta_arch, meta_src)
+    # markers and shapes are read under the weights' names too (torchao's qdata)
+    view = tensors if not renamed else {**tensors, **{n: tensors[o] for n, o in renamed.items()}}
+    _architecture(w, view, meta_arch, meta_src)
     w.kind = _kind(w.components, meta_kind)
     nearest: tuple[str | None, str | None] = (None, None)
     if w.kind == "unknown":
         nearest = _nearest(weights, counts)
-    _variant(w, tensors)
+    _variant(w, view)
     _prediction(w, model)
     pruning = _pruning(w, model, training_state)
     w.components = [_shapes(c, tensors, w.architecture) for c in w.components]
@@ -216,7 +220,8 @@ def _quantization(tensors: dict[str, TensorInfo]) -> Quantization | None:
         rule = next((q for q in T.QUANT_RULES if q.pattern.search(key)), None)
         if rule is not None:
             schemes[rule.scheme] += 1
-            if "GGUF" not in rule.scheme:  # llama.cpp names are the weights themselves
+            # llama.cpp names and torchao's qdata are the weights themselves
+            if "GGUF" not in rule.scheme and not _QUANT_DATA.search(key):
                 keys.append(key)
     for t in tensors.values():
         code = t.type_code  # a GGUF block format ("Q4_K") or the dtype's code
@@ -227,6 +232,30 @@ def _quantization(tensors: dict[str, TensorInfo]) -> Quantization | None:
     if not schemes:
         return None
     return Quantization(dict(schemes.most_common()), tuple(keys))
+
+
+def _as_weights(
+    tensors: dict[str, TensorInfo], quant: Quantization | None
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors key sets are matched against: side tensors set aside, quantized data under
+    another name (``QUANT_DATA``: torchao's ``x._weight_qdata``) read as the weight it holds.
+    Returns (weights, weight name -> file name) for the renamed ones."""
+    if quant is None:
+        return tensors, {}
+    side = set(quant.keys)
+    weights: dict[str, TensorInfo] = {}
+    renamed: dict[str, str] = {}
+    for k, t in tensors.items():
+        if k in side:
+            continue
+        for pattern, repl in T.QUANT_DATA:
+            new = pattern.sub(repl, k)
+            if new != k:
+                renamed[new] = k
+                k = new
+                break
+        weights[k] = t
+    return weights, renamed
 
 
 # -- components --------------------------------------------------------------------------------
@@ -326,7 +355,9 @@ def _families(comps: list[ComponentMatch], tensors: dict[str, TensorInfo]) -> li
                 named[prefix] = f
     out = list(comps)
     for prefix, f in named.items():
-        same = [c for c in out if c.prefix == prefix and c.role == f.role]
+        # a partial key-set reading at the same prefix is this family read wrongly, whatever
+        # its role (a distilled SDXL UNet read as part of a ControlNet)
+        same = [c for c in out if c.prefix == prefix and (c.role == f.role or not c.complete)]
         if f.signature is not None and any(c.signature == f.signature for c in same):
             continue  # the key list already explains it; the family row names the architecture
         if any(c.complete and c.layout == "diffusers" for c in same):
@@ -672,6 +703,7 @@ def _need(parts: list[str], extra: int) -> str:
 
 
 _ANY_LORA_SUFFIX = tuple(s.suffix for s in T.LORA_SUFFIXES)
+_QUANT_DATA = re.compile("|".join(f"(?:{p.pattern})" for p, _ in T.QUANT_DATA))
 _ANY_QUANT = re.compile("|".join(f"(?:{q.pattern.pattern})" for q in T.QUANT_RULES))
 _FAMILY_HEADS = tuple({f.all_of[0] for f in T.FAMILIES})
 

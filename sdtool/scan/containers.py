@@ -172,6 +172,7 @@ def _pickle_at_zero(ctx: Ctx, buf: Any, member: str | None, kind: str) -> None:
     s = run_pickle(ctx, buf, 0, len(buf))
     if not any(_importable(i.module) and _importable(i.name) for i in s.imports):
         return  # garbage as a pickle (text, code), or plain data: nothing a loader could run
+    s = run_pickle(ctx, buf, 0, len(buf), oracle=True)  # recorded: cross-checked too
     what = "of no format sdtool reads" if kind == "unknown" else f"a {kind} file"
     ctx.find(
         "suspicious",

@@ -29,6 +29,7 @@ from sdtool.vocab import Format
 MAX_DEPTH = 4  # containers inside containers
 MAX_STREAMS = 1000  # pickle streams per member
 MAX_MEMBER = 2 << 30  # bytes of one member (stored ones are windows, never copied)
+MAX_ORACLE_STREAMS = 5000  # streams per file cross-checked with the C unpickler
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Ctx:
     formats: list[Format] = field(default_factory=list)
     parsed: dict[str, Stream] = field(default_factory=dict)  # member -> its first stream
     fd: int | None = None  # the top-level file, for scattered reads that should not fault pages
+    oracle_runs: int = 0  # streams handed to the C unpickler so far
 
     def find(self, severity: str, rule: str, message: str, member: str | None, **kw: Any) -> None:
         self.report.add(Finding(severity, rule, message, member, **kw))
@@ -102,6 +104,15 @@ def run_pickle(ctx: Ctx, buf: Any, start: int, end: int, *, oracle: bool = False
     it walked: every opcode takes at least one). ``oracle``: also through the C unpickler
     (see vm.run_stream)."""
     ctx.budget.check_time()
+    if oracle:
+        ctx.oracle_runs += 1
+        if ctx.oracle_runs > MAX_ORACLE_STREAMS:
+            oracle = False
+            if ctx.oracle_runs == MAX_ORACLE_STREAMS + 1:
+                ctx.report.notes.append(
+                    f"streams after the first {MAX_ORACLE_STREAMS} are not cross-checked with "
+                    "the C unpickler"
+                )
     left = ctx.budget.opcodes_left()
     limits = ctx.limits
     if left < limits.max_opcodes:

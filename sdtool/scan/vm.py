@@ -184,7 +184,9 @@ class Stream:
     persids: list[tuple[int, Any]] = field(default_factory=list)
     result: Any = None  # the value STOP returned
     nested: list[Stream] = field(default_factory=list)  # joblib object-array pickles
-    joblib_arrays: int = 0  # joblib arrays inlined between opcodes (no oracle for these)
+    # joblib arrays inlined between opcodes: (start, end, nested pickle?) of each, the bytes
+    # joblib's NumpyUnpickler reads after BUILD of a NumpyArrayWrapper (the oracle skips them too)
+    joblib_skips: list[tuple[int, int, bool]] = field(default_factory=list)
     oracle: Any = None  # what the C unpickler did with the same bytes (oracle.OracleResult)
 
 
@@ -966,12 +968,13 @@ def _joblib_inline(m: Machine, wrapper: Inst) -> None:
     for d in shape:
         count *= d
     m.frame_end = -1  # joblib writes the array outside any frame
-    m.s.joblib_arrays += 1
+    start = m.pos
     if _dtype_is_object(dtype):  # the array follows as a whole nested pickle
         if m.depth >= m.limits.max_nested_depth:
             raise _Limit("joblib object arrays nested too deeply")
         sub = Machine(m.buf, m.pos, m.end, limits=m.limits, depth=m.depth + 1).run()
         m.s.nested.append(sub)
+        m.s.joblib_skips.append((start, sub.end, True))
         if not sub.stopped:
             raise _Broken(f"the nested pickle of an object array broke: {sub.error}")
         m.pos = sub.end
@@ -985,6 +988,7 @@ def _joblib_inline(m: Machine, wrapper: Inst) -> None:
             "NumpyArrayWrapper dtype is not understood: the array bytes cannot be skipped"
         )
     m._read(count * itemsize)
+    m.s.joblib_skips.append((start, m.pos, False))
 
 
 def _dtype_is_object(dtype: Any) -> bool:
@@ -1094,15 +1098,18 @@ def run_stream(
 
     ``oracle``: also load the same bytes with CPython's C unpickler (inert globals, bounded
     child process, ``sdtool.scan.oracle``) and keep its result on ``Stream.oracle`` so the rules
-    can report where the two parsers disagree. Skipped for joblib pickles (joblib's own
-    unpickler reads the array bytes between opcodes, which the plain C unpickler cannot).
+    can report where the two parsers disagree. A joblib pickle (arrays inline between opcodes)
+    is loaded as joblib loads it: by Python's own ``pickle._Unpickler`` that, after BUILD of a
+    ``NumpyArrayWrapper``, reads the array (``joblib_skips``) or its nested pickle.
     """
     s = Machine(buf, start, end, limits=limits).run()
-    if oracle and limits.oracle and not s.joblib_arrays:
+    if oracle and limits.oracle:
         from sdtool.scan.oracle import run_c_unpickler
 
         upto = s.end if s.stopped else None
-        s.oracle = run_c_unpickler(buf, start, len(buf) if end is None else end, upto=upto)
+        s.oracle = run_c_unpickler(
+            buf, start, len(buf) if end is None else end, upto=upto, joblib=s.joblib_skips
+        )
     return s
 
 

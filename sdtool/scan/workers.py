@@ -185,3 +185,34 @@ def _collect(
         return
     w.stop()
     workers.remove(w)
+
+
+class Isolated:
+    """One reusable isolated child that scans tasks one at a time, as ``run_isolated`` does
+    for a list (a cluster worker's per-file tasks use it: sdtool.cluster). A child that dies
+    or runs past ``timeout`` costs its task only; the next task gets a fresh child."""
+
+    def __init__(self, *, timeout: float = FILE_TIMEOUT, memory_limit: int = MEMORY_LIMIT) -> None:
+        self.timeout = timeout
+        self.memory_limit = memory_limit
+        self._worker: _Worker | None = None
+
+    def scan(self, task: Task) -> FileReport:
+        if self._worker is None:
+            self._worker = _Worker(_context(), self.memory_limit)
+        w = self._worker
+        workers = [w]
+        done: dict[int, FileReport] = {}
+        w.give(0, task)
+        while 0 not in done:
+            left = w.started + self.timeout - time.monotonic()
+            ready = wait([w.conn, w.proc.sentinel], timeout=max(0.0, min(left, 1.0)))
+            _collect(w, ready, [task], done, self.timeout, workers)
+        if not workers:  # it died or was stopped: the next task starts a fresh one
+            self._worker = None
+        return done[0]
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None

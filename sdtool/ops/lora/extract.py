@@ -27,8 +27,9 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -41,7 +42,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
-from sdtool.ops.arith import PIECE, SCRATCH, Inputs, write_result
+from sdtool.ops.arith import PIECE, SCRATCH, WORKERS, Inputs, write_result
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
@@ -105,10 +106,21 @@ def svd(m: np.ndarray, rank: int | None, seed: int = 0) -> tuple[np.ndarray, ...
 
 
 def _randomized(m: np.ndarray, rank: int, seed: int) -> tuple[np.ndarray, ...]:
-    """Halko, Martinsson & Tropp: range of m @ G, power iterations, SVD of the small matrix."""
+    """Halko, Martinsson & Tropp: range of m @ G, power iterations, SVD of the small matrix
+    (torch's kernels when installed; G from numpy's seeded generator either way)."""
     rng = np.random.default_rng(seed)
     k = min(rank + OVERSAMPLE, min(m.shape))
-    q, _ = np.linalg.qr(m @ rng.standard_normal((m.shape[1], k)).astype(np.float32))
+    g = rng.standard_normal((m.shape[1], k)).astype(np.float32)
+    torch = lm._torch()
+    if torch is not None:
+        tm_ = torch.from_numpy(np.ascontiguousarray(m, np.float32))
+        tq, _ = torch.linalg.qr(tm_ @ torch.from_numpy(g))
+        for _ in range(POWER_ITERS):
+            tq, _ = torch.linalg.qr(tm_.T @ tq)
+            tq, _ = torch.linalg.qr(tm_ @ tq)
+        tub, ts, tvh = torch.linalg.svd(tq.T @ tm_, full_matrices=False)
+        return (tq @ tub).numpy(), ts.numpy(), tvh.numpy()
+    q, _ = np.linalg.qr(m @ g)
     for _ in range(POWER_ITERS):
         q, _ = np.linalg.qr(m.T @ q)
         q, _ = np.linalg.qr(m @ q)
@@ -292,9 +304,13 @@ class _Pairs:
         up: np.ndarray | None = None,
         down: np.ndarray | None = None,
         compute: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+        name: str = "",
     ) -> None:
+        self.name = name
         self.value = None if up is None or down is None else (up, down)
         self.compute = compute
+        self.ahead: _Ahead | None = None
+        self.index = 0
         self.taken: set[int] = set()
         self.lock = threading.Lock()
 
@@ -302,13 +318,61 @@ class _Pairs:
         with self.lock:
             if self.value is None:
                 assert self.compute is not None
-                self.value = self.compute()
+                self.value = self.compute() if self.ahead is None else self.ahead.get(self)
             v = self.value[i]
             if self.compute is not None:
                 self.taken.add(i)
                 if len(self.taken) == 2:
                     self.value, self.taken = None, set()
             return v
+
+
+class _Ahead:
+    """Factors the module the writer asks for and the next one at once, on ``WORKERS``
+    threads with torch's own threads at 1: small QRs and SVDs on BLAS threads cost ~100x
+    their work in thread hand-offs (measured), whole modules in parallel use both cores.
+    At most ``WORKERS`` modules' factors are in memory."""
+
+    def __init__(self) -> None:
+        self.order: list[_Pairs] = []
+        self.futures: dict[int, Future[tuple[np.ndarray, np.ndarray]]] = {}
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+
+    def add(self, pair: _Pairs) -> None:
+        pair.ahead, pair.index = self, len(self.order)
+        self.order.append(pair)
+
+    def get(self, pair: _Pairs) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            assert self.pool is not None
+            for p in self.order[pair.index : pair.index + WORKERS]:
+                if id(p) not in self.futures and p.compute is not None:
+                    self.futures[id(p)] = self.pool.submit(p.compute)
+            f = self.futures.pop(id(pair))
+        return f.result()
+
+    @contextmanager
+    def running(self, names: list[str]) -> Iterator[None]:
+        """Workers (and torch at one thread) for the block; ``names``: the modules in the
+        order the writer reaches them."""
+        rank = {n: i for i, n in enumerate(names)}
+        self.order.sort(key=lambda p: rank.get(p.name, len(rank)))
+        for i, p in enumerate(self.order):
+            p.index = i
+        torch = lm._torch()
+        before = torch.get_num_threads() if torch is not None else 0
+        if torch is not None:
+            torch.set_num_threads(1)
+        self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="sdtool-svd")
+        try:
+            yield
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+            self.futures.clear()
+            if torch is not None:
+                torch.set_num_threads(before)
 
 
 def _factor_later(
@@ -389,6 +453,7 @@ def extract(
         )  # fmt: skip
         plan: list[OutTensor] = []
         keys_done: set[str] = set()
+        ahead = _Ahead()
         for name, (key, target) in targets.items():
             if key not in tm.tensors or tm.tensors[key].shape != bm.tensors[key].shape:
                 why = "not in TUNED" if key not in tm.tensors else "TUNED has another shape"
@@ -412,9 +477,9 @@ def extract(
                     continue
                 later = _factor_later(tm, bm, key, target.rows, io, r, clamp_quantile, report)
                 up_shape, down_shape = _factor_shapes(info.shape, target.rows, r)
-                plan += _module_plan(
-                    name, tm, _Pairs(compute=later), up_shape, down_shape, r, float(r), target_dt
-                )
+                pair = _Pairs(compute=later, name=name)
+                ahead.add(pair)
+                plan += _module_plan(name, tm, pair, up_shape, down_shape, r, float(r), target_dt)
                 continue
             diff = _diff_rows(tm, bm, key, target.rows, io)
             mat = diff.reshape(diff.shape[0], -1)
@@ -463,7 +528,9 @@ def extract(
             ),
         }
         result.metadata = meta
-        return _finish(result, plan, out, meta, overwrite, verify, t0)
+        # the writer reaches the factors in safetensors' order: by name
+        with ahead.running(sorted(p.name for p in ahead.order)):
+            return _finish(result, plan, out, meta, overwrite, verify, t0)
 
 
 def _check_ranks(rank: int, conv_rank: int, clamp_quantile: float) -> None:

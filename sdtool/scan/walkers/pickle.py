@@ -5,14 +5,13 @@ bytes after the last STOP, and the files a joblib pickle makes joblib.load read 
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 from sdtool.dtypes import storage_itemsize
 from sdtool.errors import SdtoolError
 from sdtool.formats import zip as zipfmt
-from sdtool.formats.torchfile import LEGACY_MAGIC
+from sdtool.formats.torchfile import LEGACY_MAGIC, LEGACY_PICKLES, legacy_storages
 from sdtool.scan.buffers import (
     as_file,
 )
@@ -105,7 +104,7 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             break
         if not _looks_like_pickle(buf, pos):
             break
-        s = run_pickle(ctx, buf, pos, end)
+        s = run_pickle(ctx, buf, pos, end, oracle=True)
         if not s.stopped and not s.imports:
             break  # not a pickle after all: trailing data
         ctx.find(
@@ -180,15 +179,15 @@ def _trailing(ctx: Ctx, buf: Any, pos: int, member: str | None, depth: int) -> N
 
 
 def _scan_legacy(ctx: Ctx, buf: Any, pos: int, member: str | None) -> int:
-    """Streams 2-5 of a legacy torch file, then skip the raw storages by their counts."""
+    """Streams 2-5 of a legacy torch file, then skip the raw storages where the format's
+    layout (``torchfile.legacy_storages``) puts them."""
     end = len(buf)
-    names = ("protocol version", "sys_info", "object", "storage keys")
     streams: list[Stream] = []
-    for i, what in enumerate(names, start=1):
+    for i, what in enumerate(LEGACY_PICKLES[1:], start=1):
         if pos >= end:
             ctx.error(member, f"legacy torch file ends before its {what} pickle")
             return -1
-        s = run_pickle(ctx, buf, pos, end)
+        s = run_pickle(ctx, buf, pos, end, oracle=True)
         record_stream(ctx, s, member, i)
         streams.append(s)
         if not s.stopped:
@@ -199,30 +198,24 @@ def _scan_legacy(ctx: Ctx, buf: Any, pos: int, member: str | None) -> int:
     if not isinstance(keys, ListV) or keys.items is None:
         ctx.error(member, "legacy torch storage key list is not a list: storages not skipped")
         return -1
-    for key in keys.items:
-        if not isinstance(key, str):  # torch writes string keys; anything else is forged
-            ctx.error(member, "legacy torch storage key is not a string: storages not skipped")
-            return -1
-        itemsize = storage_itemsize(types.get(key, "") + "Storage")
-        if pos + 8 > end:
-            ctx.error(
-                member,
-                f"legacy torch storage {key!r} is cut short (truncated download)",
-            )
-            return -1
-        if member is None and ctx.fd is not None:  # pread: no mapped pages across the file
-            raw = os.pread(ctx.fd, 8, pos)
-        else:
-            raw = bytes(buf[pos : pos + 8])
-        (count,) = struct.unpack_from("<q", raw)
-        if itemsize is None or count < 0 or pos + 8 + count * itemsize > end:
-            ctx.error(
-                member,
-                f"legacy torch storage {key!r}: cannot skip {count} elements of "
-                f"{types.get(key, 'unknown type')} at offset {pos}; the rest is not analysed",
-            )
-            return -1
-        pos += 8 + count * itemsize
+    if not all(isinstance(k, str) for k in keys.items):  # torch writes string keys
+        ctx.error(member, "legacy torch storage key is not a string: storages not skipped")
+        return -1
+
+    def pread(offset: int, n: int) -> bytes:
+        if member is None and ctx.fd is not None:  # no mapped pages across the file
+            return os.pread(ctx.fd, n, offset)
+        return bytes(buf[offset : offset + n])
+
+    def itemsize(key: Any) -> int | None:
+        return storage_itemsize(types.get(key, "") + "Storage")
+
+    try:
+        for span, _ in legacy_storages(pread, pos, end, list(keys.items), itemsize):
+            pos = span.end
+    except SdtoolError as e:
+        ctx.error(member, f"{e.message}; the rest is not analysed")
+        return -1
     ctx.report.notes.append(
         f"{member or 'file'}: legacy torch file: 5 pickles and {len(keys.items)} raw storages"
     )

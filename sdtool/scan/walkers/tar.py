@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from sdtool.dtypes import storage_itemsize
+from sdtool.errors import SdtoolError
+from sdtool.formats.torchfile import TAR_MEMBERS, tar_records
 from sdtool.scan.buffers import (
     Window,
     as_file,
@@ -40,7 +41,7 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         ctx.error(member, f"tar cannot be read: {e}")
         return
     names = {i.name for i in infos}
-    torch_tar = {"sys_info", "pickle", "storages", "tensors"} <= names
+    torch_tar = set(TAR_MEMBERS) <= names
     if member is None:
         ctx.formats.append(Format.TORCH_TAR if torch_tar else Format.TAR)
     for info in infos:
@@ -65,9 +66,6 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             scan_nested(ctx, data, path, depth + 1)
 
 
-_TORCH_TAR_NAMES = ("sys_info", "pickle", "storages", "tensors")
-
-
 def _tar_link(ctx: Ctx, tf: Any, info: Any, path: str, torch_tar: bool) -> Any:
     """A hard or symbolic link: torch's tar loader extracts and reads it, so does tarfile.
 
@@ -83,7 +81,7 @@ def _tar_link(ctx: Ctx, tf: Any, info: Any, path: str, torch_tar: bool) -> Any:
     except (tarfile.TarError, KeyError, OSError):
         f = None
     if f is None:
-        loaded = torch_tar and info.name in _TORCH_TAR_NAMES
+        loaded = torch_tar and info.name in TAR_MEMBERS
         ctx.find(
             "dangerous" if loaded else "suspicious",
             "tar-link",
@@ -105,40 +103,35 @@ def _tar_link(ctx: Ctx, tf: Any, info: Any, path: str, torch_tar: bool) -> Any:
     return f.read(MAX_MEMBER)
 
 
+class _Stop(Exception):
+    """A record's pickle broke: the walk ends there (the break is already reported)."""
+
+
 def _scan_tar_records(ctx: Ctx, data: Any, path: str, which: str) -> None:
-    """Legacy tar 'storages'/'tensors': a count pickle, then per record a pickle + raw bytes."""
-    s = run_pickle(ctx, data, 0, len(data))
-    record_stream(ctx, s, path, 0)
-    count = s.result if s.stopped and isinstance(s.result, int) else None
-    if count is None:
-        return
-    pos, index = s.end, 1
-    for _ in range(min(count, 10_000_000)):
-        r = run_pickle(ctx, data, pos, len(data))
-        record_stream(ctx, r, path, index)
-        index += 1
+    """Legacy tar 'storages'/'tensors': every pickle where the format's layout
+    (``torchfile.tar_records``) puts it, raw bytes skipped."""
+    index = [0]
+
+    def load(pos: int, what: str) -> tuple[Any, int]:
+        r = run_pickle(ctx, data, pos, len(data), oracle=True)
+        if what != "views" or r.stopped or r.imports:
+            record_stream(ctx, r, path, index[0])
+        index[0] += 1
         if not r.stopped:
-            return
-        pos = r.end
-        try:
-            if which == "storages":
-                t = r.result[2] if isinstance(r.result, tuple) and len(r.result) == 3 else None
-                name = t.imp.name if isinstance(t, Ref) and t.imp.name else ""
-                itemsize = storage_itemsize(name)
-                if itemsize is None:
-                    raise KeyError(name)
-                (n,) = struct.unpack("<q", bytes(data[pos : pos + 8]))
-                pos += 8 + n * itemsize
-            else:
-                (ndim,) = struct.unpack("<i", bytes(data[pos : pos + 4]))
-                pos += 8 + 16 * ndim + 8
-        except (KeyError, struct.error, TypeError):
-            ctx.error(
-                path,
-                f"cannot skip the raw bytes of record {index - 1}; the rest is not analysed",
-            )
-            return
-    if pos < len(data):  # storage views list (storages) follows; scan what remains
-        r = run_pickle(ctx, data, pos, len(data))
-        if r.stopped or r.imports:
-            record_stream(ctx, r, path, index)
+            raise _Stop
+        return r.result, r.end
+
+    def itemsize(record: Any) -> int | None:
+        t = record[2] if isinstance(record, tuple) and len(record) == 3 else None
+        return storage_itemsize(t.imp.name) if isinstance(t, Ref) and t.imp.name else None
+
+    def pread(pos: int, n: int) -> bytes:
+        return bytes(data[pos : pos + n])
+
+    try:
+        for _ in tar_records(which, len(data), pread, load, itemsize):
+            pass
+    except _Stop:
+        return
+    except SdtoolError as e:
+        ctx.error(path, f"{e.message}; the rest is not analysed")

@@ -86,19 +86,10 @@ def scan_archive(
         else:
             ctx.formats.append(Format.ZIP)
     for irr in arch.irregularities:
-        rule, sev = "zip-irregular", "suspicious"
-        if "duplicate" in irr:
-            rule = "zip-duplicate"
-        elif "local header" in irr:
-            rule = "zip-name-mismatch"
-        elif "flag bits" in irr:
-            rule = "zip-flags"
-        elif "before the zip" in irr:
-            rule = "zip-prefix"
         ctx.find(
-            sev,
-            rule,
-            irr + " (torch reads the central directory; other tools may not)",
+            "suspicious",
+            IRREGULAR_RULES[irr.kind],
+            irr.message + " (torch reads the central directory; other tools may not)",
             member,
         )
     if torchscript or code:
@@ -148,6 +139,16 @@ def _referenced_storages(
                 out.add(f"{prefix}data/{pid[2]}")
     return out
 
+
+#: the scan rule of each zip irregularity the reader records
+IRREGULAR_RULES = {
+    zipfmt.Irregular.PREFIX: "zip-prefix",
+    zipfmt.Irregular.ENTRY_COUNT: "zip-irregular",
+    zipfmt.Irregular.DUPLICATE_NAME: "zip-duplicate",
+    zipfmt.Irregular.LOCAL_NAME: "zip-name-mismatch",
+    zipfmt.Irregular.FLAG_BITS: "zip-flags",
+}
+assert set(IRREGULAR_RULES) == set(zipfmt.Irregular), "every irregularity has a rule"
 
 #: zip compression methods zipfile reads (numpy.load opens npz files with zipfile); torch's
 #: miniz reads only stored and deflate, so a method it lacks never reaches torch.load.
