@@ -162,3 +162,26 @@ def test_loha_parts_block_diagonal_and_lokr_refusals(tmp_path: Path):
     save_file(parts, str(src))
     with pytest.raises(UsageError, match="do not share w2"):
         convert_lora_format(src, tmp_path / "x.safetensors", to="kohya", family="flux")
+
+
+def test_dry_run_lists_every_part(tmp_path: Path):
+    g = _g()
+    sd = {}
+    for n in ("to_q", "to_k", "to_v"):
+        sd[f"transformer.transformer_blocks.0.attn.{n}.lora_A.weight"] = torch.randn(
+            2, 8, generator=g
+        )
+        sd[f"transformer.transformer_blocks.0.attn.{n}.lora_B.weight"] = torch.randn(
+            8, 2, generator=g
+        )
+    src = tmp_path / "d.safetensors"
+    save_file(sd, str(src))
+    r = convert_lora_format(
+        src, tmp_path / "k.safetensors", to="kohya", family="flux", dry_run=True
+    )
+    assert r.mapping == [
+        (f"transformer.transformer_blocks.0.attn.{n}", "lora_unet_double_blocks_0_img_attn_qkv")
+        for n in ("to_q", "to_k", "to_v")
+    ]
+    assert r.fused == ["double_blocks.0.img_attn.qkv"] and r.written == 1
+    assert not (tmp_path / "k.safetensors").exists()

@@ -167,10 +167,10 @@ def tokenizer_slots(family: str) -> dict[str, str]:
     (CLIP's for CLIP-L/G, T5TokenizerFast for T5: Flux's tokenizer_2, SD3's tokenizer_3)."""
     comps = FAMILIES[family].components
     t5 = {"flux": "tokenizer_2"}.get(family, "tokenizer_3")
-    return {
+    return {  # a tokenizer whose text encoder the pipeline never has (the refiner's) is no slot
         n: "T5TokenizerFast" if n == t5 else "CLIPTokenizer"
         for n in comps
-        if n.startswith("tokenizer")
+        if n.startswith("tokenizer") and comps.get(n.replace("tokenizer", "text_encoder"))
     }
 
 

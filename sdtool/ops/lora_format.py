@@ -246,6 +246,7 @@ class Mod:
     alpha_key: str | None = None  # the input's .alpha tensor, copied while alpha is unchanged
     origin: tuple[str, int] | None = None  # (fused input stem, part) when split from one
     whole: Mod | None = None  # that fused module, to write back unchanged
+    stems: tuple[str, ...] = ()  # the input modules joined into this one
 
     @property
     def rank(self) -> int | None:
@@ -396,6 +397,12 @@ def _compact_spans(
 
 def _fuse(m: ModelFile, target: str, parts: dict[int, Mod], ratio: tuple[int, ...]) -> Mod:
     """One module of the fused weight ``target`` from the modules of its parts."""
+    fused = _fuse_parts(m, target, parts, ratio)
+    fused.stems = tuple(dict.fromkeys(parts[i].stem for i in sorted(parts)))
+    return fused
+
+
+def _fuse_parts(m: ModelFile, target: str, parts: dict[int, Mod], ratio: tuple[int, ...]) -> Mod:
     mods = [parts[i] for i in sorted(parts)]
     first = mods[0]
     whole = first.whole
@@ -808,7 +815,7 @@ def _plan(
         elif rank is not None and (mod.kind == "lora" or mod.alpha is not None):
             value = float(rank if mod.alpha is None else mod.alpha)
             plan.append(_scalar(new + ".alpha", value, m))
-        res.mapping.append((mod.stem, new))
+        res.mapping.extend((stem, new) for stem in mod.stems or (mod.stem,))
     return plan, meta_cfg
 
 
