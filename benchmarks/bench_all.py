@@ -101,7 +101,7 @@ def jobs() -> list[Job]:
         Job("convert legacy --dtype fp16", sdtool("convert", lg, o_st, "--dtype", "fp16"),
             (LEGACY,), "cp legacy", 0.8, 256),
         # hashes and diff
-        Job("hash (6 algorithms) safetensors", sdtool("hash", st), (ST,),
+        Job("hash (6 algorithms) safetensors", sdtool("hash", "--no-cache", st), (ST,),
             "hashlib SHA-256 pass", 1.25, 256),
         Job("diff ckpt safetensors", sdtool("diff", "--summary", ck, st), (CKPT, ST),
             "cat ckpt safetensors", 1.2, 256, sys_goal=True),
