@@ -10,7 +10,13 @@ import click
 
 from sdtool.cli import render
 from sdtool.cli.merge import render_written
-from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
+from sdtool.cli.options import (
+    dry_run_option,
+    dtype_option,
+    json_option,
+    quiet_option,
+    write_options,
+)
 from sdtool.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +43,7 @@ def lora_cmd() -> None:
 @write_options
 @dry_run_option
 @json_option("lora")
+@quiet_option("print nothing but errors; the exit code tells")
 def bake_cmd(
     paths: tuple[str, ...],
     strict: bool,
@@ -46,6 +53,7 @@ def bake_cmd(
     on_overflow: str,
     dry_run: bool,
     as_json: bool,
+    quiet: bool,
 ) -> int:
     """Bake LoRAs into BASE, writing OUT: W + strength * alpha/rank * up @ down.
 
@@ -80,7 +88,9 @@ def bake_cmd(
     except UnmatchedModules as e:
         render.error(e)
         return EXIT_UNMATCHED
-    if as_json:
+    if quiet:
+        pass
+    elif as_json:
         render.print_json(result.to_json())
     else:
         _render_bake(result)
@@ -168,6 +178,7 @@ def _rank_options(f: F) -> F:
 @write_options
 @dry_run_option
 @json_option("lora")
+@quiet_option("print nothing but errors; the exit code tells")
 def extract_cmd(
     tuned: Path,
     base: Path,
@@ -184,6 +195,7 @@ def extract_cmd(
     on_overflow: str,
     dry_run: bool,
     as_json: bool,
+    quiet: bool,
 ) -> int:
     """Extract a kohya-format LoRA of TUNED - BASE (SVD per layer) into OUT.
 
@@ -203,7 +215,8 @@ def extract_cmd(
         sv_cumulative=sv_cumulative, clamp_quantile=clamp_quantile, dtype=dtype,
         overwrite=overwrite, verify=verify, dry_run=dry_run,
     )  # fmt: skip
-    _render_op(r, as_json)
+    if not quiet:
+        _render_op(r, as_json)
     return EXIT_OK
 
 
@@ -217,6 +230,7 @@ def extract_cmd(
 @write_options
 @dry_run_option
 @json_option("lora")
+@quiet_option("print nothing but errors; the exit code tells")
 def resize_cmd(
     src: Path,
     out: Path,
@@ -232,6 +246,7 @@ def resize_cmd(
     on_overflow: str,
     dry_run: bool,
     as_json: bool,
+    quiet: bool,
 ) -> int:
     """Resize a LoRA's modules to a new rank by SVD of up @ down, keeping each one's scale.
 
@@ -247,7 +262,8 @@ def resize_cmd(
         sv_cumulative=sv_cumulative, clamp_quantile=clamp_quantile, dtype=dtype,
         overwrite=overwrite, verify=verify, dry_run=dry_run,
     )  # fmt: skip
-    _render_op(r, as_json)
+    if not quiet:
+        _render_op(r, as_json)
     return EXIT_OK
 
 

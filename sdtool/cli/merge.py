@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Protocol
 import click
 
 from sdtool.cli import render
-from sdtool.cli.options import dry_run_option, dtype_option, json_option, write_options
+from sdtool.cli.options import (
+    dry_run_option,
+    dtype_option,
+    json_option,
+    quiet_option,
+    write_options,
+)
 from sdtool.errors import UsageError
 from sdtool.vocab import MERGE_METHODS
 
@@ -52,6 +58,7 @@ LIST_LIMIT = 20
 @write_options
 @dry_run_option
 @json_option("merge")
+@quiet_option("print nothing but errors; the exit code tells")
 def merge_cmd(
     paths: tuple[Path, ...],
     method: str,
@@ -65,6 +72,7 @@ def merge_cmd(
     on_overflow: str,
     dry_run: bool,
     as_json: bool,
+    quiet: bool,
 ) -> int:
     """Merge model files into OUT, streamed one tensor at a time.
 
@@ -101,7 +109,9 @@ def merge_cmd(
         dry_run=dry_run,
         on_overflow=on_overflow,
     )
-    if as_json:
+    if quiet:
+        pass
+    elif as_json:
         render.print_json(result.to_json())
     else:
         render_merge(result)
