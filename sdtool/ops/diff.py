@@ -29,7 +29,7 @@ from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.results import Result
 from sdtool.vocab import Progress
-from sdtool.write.stream import prefetch
+from sdtool.write.stream import SourceFds, prefetch
 
 CHUNK_ELEMENTS = 2 << 20  # elements per compared piece: buffers and temporaries well under 256 MB
 
@@ -256,7 +256,7 @@ def _compare_all(
     """
     total = sum(p.ta.nbytes for p in pairs)
     done = 0
-    with _Fds() as fds:
+    with SourceFds() as fds:
         for p, piece_a, piece_b, nbytes in prefetch(_pieces(ma, mb, pairs, fds, fast), depth=2):
             if nbytes:
                 done += nbytes
@@ -329,33 +329,13 @@ def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
     return cast(np.ascontiguousarray(ca), ta.dtype, tb.dtype)[0]
 
 
-class _Fds:
-    """One read-only descriptor per file read, all closed at the end."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-
-    def get(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
-
-    def __enter__(self) -> _Fds:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
 #: pieces in flight at once: the one compared, the prefetch queue's two, the one being read,
 #: and one spare; a slot's buffers are reused RING pieces later
 RING = 6
 
 
 def _pieces(
-    ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fds: _Fds, fast: bool
+    ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fds: SourceFds, fast: bool
 ) -> Iterator[tuple[_Pair, Any, Any, int]]:
     """(pair, piece of A, piece of B, bytes of A done) for every piece of every pair, in order,
     then (pair, None, None, 0) when the pair is complete. Pieces are memoryviews of reused
@@ -378,7 +358,7 @@ def _pieces(
 
 
 def _source(
-    m: ModelFile, name: str, info: TensorInfo, fds: _Fds
+    m: ModelFile, name: str, info: TensorInfo, fds: SourceFds
 ) -> Callable[[int, int, list[bytearray], int], Any]:
     """A reader of elements [start, start + n) of the tensor: raw bytes into the slot's buffer
     when they lie in the file as they are, else a slice of the values read_info gives."""
@@ -401,7 +381,7 @@ def _source(
             f"{holder.file_size}; the download is truncated",
             path=holder.path,
         )
-    fd = fds.get(holder.path)
+    fd = fds.of(holder.path)
 
     def raw(start: int, n: int, slot: list[bytearray], side: int) -> Any:
         want = n * item

@@ -16,6 +16,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -270,13 +271,16 @@ class SourceFds:
     """One read-only descriptor per source file, all closed when the block ends."""
 
     def __init__(self) -> None:
-        self._fds: dict[int, int] = {}
+        self._fds: dict[Path, int] = {}
 
     def get(self, t: OutTensor) -> int:
-        key = id(t.source)
-        if key not in self._fds:
-            self._fds[key] = os.open(t.source.path, os.O_RDONLY)
-        return self._fds[key]
+        return self.of(t.source.path)
+
+    def of(self, path: Path) -> int:
+        """The descriptor of ``path`` (one per file, whoever asks)."""
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
 
     def __enter__(self) -> SourceFds:
         return self
