@@ -103,6 +103,16 @@ BY_ID: dict[int, GGMLType] = {t.id: t for t in GGML_TYPES.values()}
 _F16 = np.dtype("<f2")
 _F32 = np.float32
 
+#: bfloat16 values as their raw bits, for callers that should not import ml_dtypes (its import
+#: alone costs over a second of CPU): a one-field record of uint16; every encoder accepts it
+#: wherever it accepts ml_dtypes' bfloat16
+BF16_BITS = np.dtype([("bf16", "<u2")])
+
+
+def is_bf16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` holds bfloat16 values (ml_dtypes' type or ``BF16_BITS``)."""
+    return dtype == BF16_BITS or str(dtype) == "bfloat16"
+
 
 def _f16(raw: np.ndarray) -> np.ndarray:
     """Little-endian float16 bytes (n, 2) -> float32 (n, 1)."""
@@ -442,7 +452,7 @@ def _q8_0_torch(src: np.ndarray, out: np.ndarray) -> None:
 
 def _as_torch(torch: Any, src: np.ndarray) -> Any:
     """A torch view of a float numpy array (bfloat16 through its bits)."""
-    if str(src.dtype) == "bfloat16":
+    if is_bf16(src.dtype):
         return torch.from_numpy(np.ascontiguousarray(src).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(src))
 
@@ -458,13 +468,14 @@ def torch_pays(q8_elements: int) -> bool:
 
 
 def _q8_0_into(src: np.ndarray, out: np.ndarray, use_torch: bool = True) -> None:
-    if use_torch and str(src.dtype) in _TORCH_SOURCES and _torch() is not None:
+    torch_reads = is_bf16(src.dtype) or str(src.dtype) in _TORCH_SOURCES
+    if use_torch and torch_reads and _torch() is not None:
         _q8_0_torch(src, out)
     else:
         _q8_0_numpy(src, out)
 
 
-_TORCH_SOURCES = frozenset({"bfloat16", "float16", "float32"})
+_TORCH_SOURCES = frozenset({"float16", "float32"})
 
 
 # -- per-thread scratch -----------------------------------------------------------------------
@@ -494,7 +505,7 @@ def _scratch_torch(name: str, size: int) -> Any:
 def _widen_into(src: np.ndarray, name: str) -> np.ndarray:
     """``src`` as float32 in the per-thread scratch ``name`` (bf16 by a shift: exact)."""
     x = _scratch(name, src.size, _F32)
-    if str(src.dtype) == "bfloat16":
+    if is_bf16(src.dtype):
         u = np.ascontiguousarray(src).view(np.uint16)
         np.left_shift(u, 16, out=x.view(np.uint32), dtype=np.uint32)
     else:
@@ -525,7 +536,7 @@ def _torch() -> Any:
 
 def widen(part: np.ndarray) -> np.ndarray:
     """Values as contiguous float32 (bf16 by a shift: exact, and 3x numpy's cast)."""
-    if str(part.dtype) == "bfloat16":
+    if is_bf16(part.dtype):
         u = np.ascontiguousarray(part).view(np.uint16)
         return np.left_shift(u, 16, dtype=np.uint32).view(_F32)
     return np.ascontiguousarray(part, dtype=_F32)
@@ -830,10 +841,10 @@ def encode_into(qtype: str, src: np.ndarray, out: np.ndarray, *, use_torch: bool
     t = get(qtype)
     n = src.size // t.block
     out = out.reshape(n, t.size)
-    kind = str(src.dtype)
+    bf16 = is_bf16(src.dtype)
     if qtype == "Q8_0":
         _q8_0_into(src, out, use_torch)
-    elif qtype == "BF16" and kind == "bfloat16":
+    elif qtype == "BF16" and bf16:
         u = np.ascontiguousarray(src).view(np.uint16)
         o = out.reshape(-1).view(np.uint16)
         np.copyto(o, u)
@@ -842,14 +853,20 @@ def encode_into(qtype: str, src: np.ndarray, out: np.ndarray, *, use_torch: bool
             o[nan] |= np.uint16(0x40)
     elif qtype == "F16":
         o16 = out.reshape(-1).view(_F16)
+        wide = _widen_into(src, "x") if bf16 else src  # bfloat16 -> float32 is exact
         with np.errstate(over="ignore", invalid="ignore"):
-            np.copyto(o16, src, casting="unsafe")
-        if (src.dtype.kind == "f" and src.dtype.itemsize > 2) or kind == "bfloat16":
-            over = int(np.count_nonzero(np.isinf(o16) & np.isfinite(src)))
+            np.copyto(o16, wide, casting="unsafe")
+        if (src.dtype.kind == "f" and src.dtype.itemsize > 2) or bf16:
+            over = int(np.count_nonzero(np.isinf(o16) & np.isfinite(wide)))
             if over:
                 raise F16Overflow(over)
     elif qtype == "F32":
-        np.copyto(out.reshape(-1).view(_F32), src, casting="unsafe")
+        o32 = out.reshape(-1).view(_F32)
+        if bf16:
+            u = np.ascontiguousarray(src).view(np.uint16)
+            np.left_shift(u, 16, out=o32.view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(o32, src, casting="unsafe")
     else:
         x = _widen_into(src, "x").reshape(n, t.block)
         if qtype in K_QUANTS:
