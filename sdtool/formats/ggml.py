@@ -341,6 +341,79 @@ def _q_q5_1(x: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
+@dataclass(frozen=True)
+class _Legacy:
+    """One of Q4_0/Q4_1/Q5_0/Q5_1 as gguf-py computes it: ``top`` the largest level; symmetric
+    types scale by the signed absmax over ``-(top + 1) / 2`` and add ``bias``; the others scale
+    (x - min) by (max - min) / top and add 0.5. Byte offsets of the min, fifth bits and nibbles."""
+
+    top: int
+    symmetric: bool
+    bias: float
+    m_at: int | None
+    qh_at: int | None
+    qs_at: int
+
+
+_LEGACY: dict[str, _Legacy] = {
+    "Q4_0": _Legacy(15, True, 8.5, None, None, 2),
+    "Q4_1": _Legacy(15, False, 0.5, 2, None, 4),
+    "Q5_0": _Legacy(31, True, 16.5, None, 2, 6),
+    "Q5_1": _Legacy(31, False, 0.5, 2, 4, 8),
+}
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_LOW_BITS = np.uint64(0x0101010101010101)
+#: (8 bytes of 0/1, as a uint64) * this >> 56: the 8 bits packed, byte k -> bit k
+_GATHER_BITS = np.uint64(0x0102040810204080)
+
+
+def _legacy_into(qtype: str, x: np.ndarray, out: np.ndarray) -> None:
+    """Q4_0/Q4_1/Q5_0/Q5_1 of float32 blocks ``x`` (n, 32) into ``out`` (n, size): gguf-py's
+    arithmetic step for step (the same float32 operations in the same order), on per-thread
+    scratch and with the nibble and fifth-bit packing done on 64-bit words. Its truncation
+    is the cast itself: every scaled value of a block with a finite scale and inverse lies
+    in [0.5, top + 1.5]. Blocks without (inf/NaN inputs, scales whose inverse overflows) are
+    redone by the plain port (``QUANTIZE``), so every byte is gguf-py's."""
+    spec = _LEGACY[qtype]
+    n = x.shape[0]
+    v = _scratch("v", x.size, _F32).reshape(n, 32)
+    if spec.symmetric:
+        np.abs(x, out=v)
+        top = np.take_along_axis(x, v.argmax(axis=1)[:, None], axis=1)[:, 0]
+        d = top / _F32(-(spec.top + 1) // 2)
+        inv = _inverse(d)
+        np.multiply(x, inv[:, None], out=v)
+        mn = None
+    else:
+        mx, mn = x.max(axis=1), x.min(axis=1)
+        d = (mx - mn) / _F32(spec.top)
+        inv = _inverse(d)
+        np.subtract(x, mn[:, None], out=v)
+        v *= inv[:, None]
+    v += _F32(spec.bias)
+    q = _scratch("q", x.size, np.uint8).reshape(n, 32)
+    np.copyto(q, v, casting="unsafe")  # truncates toward zero: the values are positive
+    np.minimum(q, np.uint8(spec.top), out=q)
+    w = q.view(np.uint64)  # (n, 4): elements 0-15 in words 0-1, 16-31 in words 2-3
+    packed = _scratch("p", 2 * n, np.uint64).reshape(n, 2)
+    np.bitwise_and(w[:, 2:4], _LOW_NIBBLES, out=packed)
+    packed <<= np.uint64(4)
+    packed |= w[:, 0:2] & _LOW_NIBBLES
+    out[:, spec.qs_at : spec.qs_at + 16] = packed.view(np.uint8)
+    out[:, 0:2] = _f16_bits(d).view(np.uint8).reshape(n, 2)
+    if mn is not None and spec.m_at is not None:
+        out[:, spec.m_at : spec.m_at + 2] = _f16_bits(mn).view(np.uint8).reshape(n, 2)
+    if spec.qh_at is not None:
+        fifth = (w >> np.uint64(4)) & _LOW_BITS
+        fifth *= _GATHER_BITS
+        fifth >>= np.uint64(56)
+        out[:, spec.qh_at : spec.qh_at + 4] = fifth.astype(np.uint8)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(d) & np.isfinite(inv))
+    if bad.any():
+        out[bad] = QUANTIZE[qtype](x[bad])
+
+
 #: the largest float32 below 0.5: adding it (with v's sign) and truncating rounds half away
 #: from zero exactly for |v| <= 128 (benchmarks/check_q8_rounding.py tries every such float)
 _HALF_DOWN = np.float32(0.5) - np.float32(2.0**-25)
@@ -388,6 +461,19 @@ def _q_q8_0(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _row_max_abs(a: np.ndarray) -> np.ndarray:
+    """Each row's max of ``a`` (|x| values, float32 (n, k)), as numpy's float max gives it.
+
+    The max is taken over the bit patterns as uint32 (ordered as the non-negative floats
+    are; numpy's integer row reduction is about 1.7x its float one). A row holding NaN is
+    redone with the float max, so its NaN is the one numpy picks."""
+    m = a.view(np.uint32).max(axis=1)
+    nan = m > np.uint32(0x7F800000)
+    if nan.any():
+        m[nan] = a[nan].max(axis=1).view(np.uint32)
+    return m.view(_F32)
+
+
 def _q8_0_numpy(src: np.ndarray, out: np.ndarray) -> None:
     """Q8_0 of ``src`` (n*32 values, any float dtype) into ``out`` (n, 34), numpy only, in
     four flat passes over per-thread scratch (no temporaries per piece)."""
@@ -395,7 +481,7 @@ def _q8_0_numpy(src: np.ndarray, out: np.ndarray) -> None:
     x = _widen_into(src, "x")
     a = _scratch("a", x.size, _F32)
     np.abs(x, out=a)
-    d, inv = _q8_scales(a.reshape(n, 32).max(axis=1))
+    d, inv = _q8_scales(_row_max_abs(a.reshape(n, 32)))
     np.multiply(x.reshape(n, 32), inv[:, None], out=a.reshape(n, 32))
     # copysign(0.5 - 2**-25, a) by bits: a's sign bit over the constant's (2 integer passes,
     # several times np.copysign)
@@ -874,7 +960,10 @@ def encode_into(qtype: str, src: np.ndarray, out: np.ndarray, *, use_torch: bool
             if bad:
                 raise NonFinite(bad)
         with np.errstate(all="ignore"):  # tiny blocks: scales overflow, then decode as 0
-            out[...] = QUANTIZE[qtype](x)
+            if qtype in _LEGACY:
+                _legacy_into(qtype, x, out)
+            else:
+                out[...] = QUANTIZE[qtype](x)
 
 
 def dequantize(raw: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:
