@@ -208,7 +208,9 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
 
 def errors(fr: FileReport) -> None:
     """Each reason a file could not be (fully) scanned, as one ``sdtool: FILE: ...`` line."""
-    for e in fr.errors:
-        text = e.removeprefix("not scanned: ")
-        missing = text == "no such file or directory"
+    from sdtool.scan.report import ProblemKind
+
+    for p in fr.problems:
+        text = p.message.removeprefix("not scanned: ")
+        missing = p.kind is ProblemKind.MISSING
         error(f"{fr.path}: {text}" if missing else f"{fr.path}: could not scan: {text}")

@@ -33,7 +33,7 @@ from sdtool.scan.context import (
     record_stream,
     run_pickle,
 )
-from sdtool.scan.report import FileReport
+from sdtool.scan.report import FileReport, Problem, ProblemKind
 from sdtool.scan.vm import DEFAULT_LIMITS, OPNAMES, Inst, Limits, run_stream, would_unpickle
 from sdtool.scan.walkers.compressed import scan_compressed
 from sdtool.scan.walkers.gguf import scan_gguf
@@ -65,7 +65,7 @@ def scan_file(
             size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
                 rep.scanned, rep.format = False, Format.EMPTY
-                rep.errors.append("not scanned: the file is empty")
+                rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
                 return rep
             if sniff_any(f.read(HEAD), size) is Format.ZIP:
                 # zips are read in small scattered pieces: plain reads keep RSS small
@@ -78,13 +78,14 @@ def scan_file(
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
     except NotRegularFile as e:
         rep.scanned, rep.format = False, Format.UNREADABLE
-        rep.errors.append(f"not scanned: {e} (skipped by type, never opened)")
+        rep.problem(ProblemKind.NOT_SCANNED, f"not scanned: {e} (skipped by type, never opened)")
     except OSError as e:
         rep.scanned = False
         rep.format = Format.UNREADABLE
-        rep.errors.append(f"not scanned: cannot read the file ({e.strerror or e})")
+        why = f"not scanned: cannot read the file ({e.strerror or e})"
+        rep.problem(ProblemKind.NOT_SCANNED, why)
     except SdtoolError as e:
-        rep.errors.append(e.message)
+        rep.problems.append(Problem.of(e))
     finally:
         close_all(ctx.keep)
         if ctx.formats:
@@ -101,13 +102,13 @@ def _scan_remote(ctx: Ctx, path: Path) -> None:
         reader = open_url(path)
     except SdtoolError as e:
         rep.scanned, rep.format = False, Format.UNREADABLE
-        rep.errors.append(f"not scanned: {e.message}")
+        rep.problem(ProblemKind.NOT_SCANNED, f"not scanned: {e.message}")
         return
     with reader:
         rep.size = reader.size
         if reader.size == 0:
             rep.scanned, rep.format = False, Format.EMPTY
-            rep.errors.append("not scanned: the file is empty")
+            rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
             return
         scan_blob(ctx, reader, None, depth=0, name=path.name)
 
@@ -122,7 +123,9 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     if handler is None and member is None and would_unpickle(buf, limits=ctx.limits):
         handler = scan_pickle  # pickle.load reads any file from byte 0, whatever it starts with
     if depth > MAX_DEPTH:
-        ctx.error(member, f"not scanned: containers nested deeper than {MAX_DEPTH}")
+        ctx.error(
+            member, f"not scanned: containers nested deeper than {MAX_DEPTH}", ProblemKind.LIMIT
+        )
         return
     if handler is not scan_pickle:
         _pickle_at_zero(ctx, buf, member, kind)
@@ -133,7 +136,11 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         if member is None:
             ctx.report.scanned = False
             ctx.formats.append(Format.UNKNOWN)
-            ctx.error(None, f"not scanned: not a format sdtool can analyse ({what})")
+            ctx.error(
+                None,
+                f"not scanned: not a format sdtool can analyse ({what})",
+                ProblemKind.UNSUPPORTED,
+            )
         else:
             ctx.report.notes.append(f"{member}: not analysed ({what})")
         return
