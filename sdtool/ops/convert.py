@@ -382,13 +382,16 @@ class BatchResult(Result):
 
 
 def batch_targets(
-    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors"
+    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors", *, quant: str | None = None
 ) -> list[tuple[Path, Path]]:
     """(input, output) pairs: files as given, folders searched recursively for model files
-    (sub-folders mirrored under ``out_dir``). The output folder itself is never searched."""
+    (sub-folders mirrored under ``out_dir``). The output folder itself is never searched.
+    With ``quant`` (a GGUF type) the outputs are ``.gguf`` files."""
     if to not in TO_SUFFIX:
         raise UsageError(f"to={to!r} is not one of {', '.join(TO_SUFFIX)}")
-    ext = TO_SUFFIX[to]
+    if quant is not None and to != "safetensors":
+        raise UsageError(f"--quant writes GGUF; it does not combine with --to {to}")
+    ext = ".gguf" if quant is not None else TO_SUFFIX[to]
     out_dir = Path(out_dir)
     pairs: list[tuple[Path, Path]] = []
     for inp in map(Path, inputs):
@@ -505,7 +508,7 @@ def convert_batch(
     opts = options_from(ConvertOptions, options, changes)
     if jobs < 1:
         raise UsageError(f"jobs={jobs} must be at least 1")
-    pairs = batch_targets([Path(p) for p in inputs], Path(out_dir), to)
+    pairs = batch_targets([Path(p) for p in inputs], Path(out_dir), to, quant=opts.quant)
     owner: dict[Path, Path] = {}
     for src, dst in pairs:  # claim outputs in input order so duplicates fail deterministically
         owner.setdefault(dst, src)
