@@ -13,7 +13,6 @@ import click
 
 from sdtool.cli import progress as bars_
 from sdtool.cli.batch import check_batch_options, cluster_runner
-from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, run_lora_format, wants_layout
 from sdtool.cli.options import (
     batch_options,
     dry_run_option,
@@ -161,6 +160,7 @@ def convert_cmd(
       sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
       sdtool convert flux1-dev.safetensors fp8.safetensors --dtype fp8_e4m3fn --fp8-scaled
     """
+    from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, run_lora_format, wants_layout
     from sdtool.ops.convert import (
         BatchResult,
         ConvertOptions,

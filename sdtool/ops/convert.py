@@ -399,20 +399,23 @@ class BatchResult(Result):
 
 
 def batch_targets(
-    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors"
+    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors", *, quant: str | None = None
 ) -> list[tuple[Path, Path]]:
     """(input, output) pairs: files as given, folders searched recursively for model files
-    (by content; sub-folders mirrored under ``out_dir``). The output folder is never searched."""
-    return batch_inputs(inputs, out_dir, to)[0]
+    (by content; sub-folders mirrored under ``out_dir``). The output folder is never searched.
+    With ``quant`` (a GGUF type) the outputs are ``.gguf`` files."""
+    return batch_inputs(inputs, out_dir, to, quant=quant)[0]
 
 
 def batch_inputs(
-    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors"
+    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors", *, quant: str | None = None
 ) -> tuple[list[tuple[Path, Path]], list[Ignored]]:
     """``batch_targets``, and the folders' files left out, each with why (``not_convertible``)."""
     if to not in TO_SUFFIX:
         raise UsageError(f"to={to!r} is not one of {', '.join(TO_SUFFIX)}")
-    ext = TO_SUFFIX[to]
+    if quant is not None and to != "safetensors":
+        raise UsageError(f"--quant writes GGUF; it does not combine with --to {to}")
+    ext = ".gguf" if quant is not None else TO_SUFFIX[to]
     out_dir = Path(out_dir)
     pairs: list[tuple[Path, Path]] = []
     ignored: list[Ignored] = []
@@ -580,7 +583,7 @@ def convert_batch(
     opts = options_from(ConvertOptions, options, changes)
     if jobs < 1:
         raise UsageError(f"jobs={jobs} must be at least 1")
-    pairs, ignored = batch_inputs([Path(p) for p in inputs], Path(out_dir), to)
+    pairs, ignored = batch_inputs([Path(p) for p in inputs], Path(out_dir), to, quant=opts.quant)
     owner: dict[Path, Path] = {}
     for src, dst in pairs:  # claim outputs in input order so duplicates fail deterministically
         owner.setdefault(dst, src)
