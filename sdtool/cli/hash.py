@@ -6,10 +6,10 @@ import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from sdtool.cache import Cache, open_cache
 from sdtool.cli import progress, render
 from sdtool.cli.options import (
     PathOrUrl,
@@ -20,13 +20,17 @@ from sdtool.cli.options import (
     jsonl_option,
     quiet_option,
 )
-from sdtool.cli.stdin import spooled
 from sdtool.errors import SdtoolError
-from sdtool.ops.hash import ALGORITHMS, SCHEMA, HashResult, hash_cached, parse_algorithms
-from sdtool.vocab import ExitCode
+from sdtool.vocab import HASH_NAMES, ExitCode
+
+if TYPE_CHECKING:  # the hashing machinery (and the cache's sqlite3) load when a file is hashed
+    from sdtool.cache import Cache
+    from sdtool.ops.hash import HashResult
 
 
 def _render(result: HashResult) -> None:
+    from sdtool.ops.hash import ALGORITHMS
+
     out = render.console()
     out.print(f"[bold]{render.markup(result.path)}[/]  ({render.human_bytes(result.size)})")
     for name, value in result.hashes.items():
@@ -47,8 +51,8 @@ def _render(result: HashResult) -> None:
     "algorithms",
     multiple=True,
     metavar="NAME[,NAME]",
-    shell_complete=complete_from([*ALGORITHMS, "all"]),
-    help="Hashes to compute: " + ", ".join(ALGORITHMS) + " or all (default: all).",
+    shell_complete=complete_from([*HASH_NAMES, "all"]),
+    help="Hashes to compute: " + ", ".join(HASH_NAMES) + " or all (default: all).",
 )
 @click.option(
     "--format",
@@ -99,6 +103,9 @@ def hash_cmd(
       sdtool hash --check SHA256SUMS
       sdtool hash --jsonl /mirror/models > hashes.jsonl   # cached: a rerun reads nothing
     """
+    from sdtool.cache import open_cache
+    from sdtool.ops.hash import SCHEMA, parse_algorithms
+
     if as_json and as_jsonl:
         raise click.UsageError("choose one of --json and --jsonl")
     if cache_dir is not None and no_cache:
@@ -117,7 +124,7 @@ def hash_cmd(
     if fmt == "sha256sum" and (as_json or algorithms):
         raise click.UsageError("--format sha256sum prints SHA256 only: drop --json/--algorithm")
     names = ("sha256",) if fmt == "sha256sum" else (
-        parse_algorithms(algorithms) if algorithms else tuple(ALGORITHMS)
+        parse_algorithms(algorithms) if algorithms else HASH_NAMES
     )  # fmt: skip
     results: list[HashResult] = []
     code = ExitCode.OK
@@ -190,6 +197,9 @@ def _hash_one(
 ) -> tuple[HashResult | None, bool]:
     """Hash one file (``-``: standard input, never cached); an error becomes one line on
     stderr. Returns (result or None, whether it came from the cache)."""
+    from sdtool.cli.stdin import spooled
+    from sdtool.ops.hash import hash_cached
+
     try:
         with spooled(path) as real:
             size = real.stat().st_size if real.is_file() else 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -10,9 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from sdtool.cache import open_cache
 from sdtool.cli import progress as bars_
-from sdtool.cli.batch import cluster_runner
 from sdtool.cli.options import (
     PathOrUrl,
     cache_options,
@@ -22,7 +19,6 @@ from sdtool.cli.options import (
     jsonl_option,
 )
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, wrap, wrap_width
-from sdtool.cli.stdin import STDIN, is_stdin, spooled
 from sdtool.urls import is_url
 from sdtool.vocab import Verdict
 
@@ -92,6 +88,9 @@ def scan_cmd(
       sdtool scan --jsonl --sha256 /mirror > verdicts.jsonl   # a rerun reads only new files
       sdtool scan --jsonl --cluster tcp://scheduler:8786 /mnt/mirror > verdicts.jsonl
     """
+    from sdtool.cache import open_cache
+    from sdtool.cli.batch import cluster_runner
+    from sdtool.cli.stdin import STDIN, is_stdin, spooled
     from sdtool.scan import scan_paths
     from sdtool.scan.sarif import to_sarif
 
@@ -156,6 +155,8 @@ def scan_cmd(
     if as_json:
         print_json(report.to_json())
     elif as_sarif:
+        import json
+
         click.echo(json.dumps(to_sarif(report, Path.cwd()), indent=2, ensure_ascii=False))
     else:
         render(report, quiet=quiet)
@@ -208,7 +209,9 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
 
 def errors(fr: FileReport) -> None:
     """Each reason a file could not be (fully) scanned, as one ``sdtool: FILE: ...`` line."""
-    for e in fr.errors:
-        text = e.removeprefix("not scanned: ")
-        missing = text == "no such file or directory"
+    from sdtool.scan.report import ProblemKind
+
+    for p in fr.problems:
+        text = p.message.removeprefix("not scanned: ")
+        missing = p.kind is ProblemKind.MISSING
         error(f"{fr.path}: {text}" if missing else f"{fr.path}: could not scan: {text}")

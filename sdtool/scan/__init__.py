@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdtool.formats.shards import INDEX_RE, expand_shards
 from sdtool.scan.classify import classify_global
-from sdtool.scan.report import FileReport, Finding, ScanReport
+from sdtool.scan.report import FileReport, Finding, ProblemKind, ScanReport
 from sdtool.urls import as_path, is_url
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iter
 
 def _missing(path: str) -> FileReport:
     rep = FileReport(path, scanned=False)
-    rep.errors.append("not scanned: no such file or directory")
+    rep.problem(ProblemKind.MISSING, "not scanned: no such file or directory")
     return rep
 
 

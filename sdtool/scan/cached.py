@@ -44,7 +44,13 @@ def file_sha256(path: Path) -> str:
 
 
 def report_from_json(doc: dict[str, Any]) -> FileReport:
-    """The FileReport that ``FileReport.to_json`` described (for cached verdicts)."""
+    """The FileReport that ``FileReport.to_json`` described (for cached verdicts).
+
+    Only complete verdicts are stored (``store``): a document with errors raises ValueError
+    (the file is scanned again), as its problems' kinds are not in the JSON.
+    """
+    if doc.get("errors"):
+        raise ValueError("a cached verdict has no errors")
     findings = [
         Finding(
             severity=f["severity"],
@@ -62,7 +68,6 @@ def report_from_json(doc: dict[str, Any]) -> FileReport:
         path=doc["path"],
         format=Format(doc.get("format", "unknown")),
         findings=findings,
-        errors=list(doc.get("errors", [])),
         notes=list(doc.get("notes", [])),
         scanned=bool(doc.get("scanned", True)),
         streams=int(doc.get("streams", 0)),
@@ -118,7 +123,7 @@ def store(path: Path, cache: Cache | None, found: Lookup, report: FileReport) ->
     Only complete verdicts are stored: a report with errors (a limit hit, an unreadable member)
     is scanned again next time, since the error may be the machine's and not the file's.
     """
-    if cache is None or found.identity is None or report.errors or not report.scanned:
+    if cache is None or found.identity is None or report.problems or not report.scanned:
         return
     try:
         if Identity.of_path(path) != found.identity:
