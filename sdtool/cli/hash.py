@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,21 +25,17 @@ from sdtool.cli.options import (
 )
 from sdtool.cli.stdin import spooled
 from sdtool.errors import SdtoolError
-from sdtool.ops.hash import ALGORITHMS, SCHEMA, HashResult, hash_cached, parse_algorithms
+from sdtool.ops.hash import (
+    ALGORITHMS,
+    SCHEMA,
+    HashResult,
+    cached_many,
+    hash_cached,
+    parse_algorithms,
+    record_text,
+    walk_files,
+)
 from sdtool.vocab import ExitCode
-
-
-def _render(result: HashResult) -> None:
-    out = render.console()
-    out.print(f"[bold]{render.markup(result.path)}[/]  ({render.human_bytes(result.size)})")
-    for name, value in result.hashes.items():
-        label = ALGORITHMS[name].label
-        note = result.notes.get(name)
-        shown = value if value is not None else "-"
-        line = f"  {label:<7} {shown}"
-        if note:
-            line += f"  [dim]({render.markup(note)})[/]"
-        out.print(line)
 
 
 @click.command("hash")
@@ -119,50 +118,95 @@ def hash_cmd(
     names = ("sha256",) if fmt == "sha256sum" else (
         parse_algorithms(algorithms) if algorithms else tuple(ALGORITHMS)
     )  # fmt: skip
-    results: list[HashResult] = []
     code = ExitCode.OK
     lines = None
     if as_jsonl:
         from sdtool.cli.jsonl import JsonLines
 
         lines = JsonLines("hash")
-    from sdtool.formats.shards import expand_shards
+    from json.encoder import encode_basestring_ascii as enc
 
-    paths = _expand(tuple(expand_shards(files)))  # a shard index or folder: its shards
-    for path, result, cached in _outcomes(paths, names, cache, cluster):
-        if result is None:
-            code = ExitCode.ERROR
-            if lines is not None:
-                lines.write({"path": str(path), "error": True})
-            continue
+    records: list[dict[str, Any]] = []
+    table = not (as_jsonl or as_json or quiet or fmt == "sha256sum")
+    out = render.console() if table else None  # rich loads only to print a table
+    plain = out is None or render.plain_output(out)
+    entries = walk_files(_shards(files))  # a shard index or folder: its shards
+    head = "" if lines is None else lines.head + '"path": '
+    for batch in _outcomes(entries, names, cache, cluster):
+        text: list[str] = []
+        for path, stored, cached in batch:
+            name = str(path)
+            if stored is None:
+                code = ExitCode.ERROR
+                if lines is not None:
+                    text.append(lines.line({"path": name, "error": True}))
+                continue
+            if lines is not None:  # spliced from the stored text: nothing decoded
+                m = _SHA256.search(stored)
+                sha = f'"{m.group(1).lower()}"' if m else "null"
+                tail = "true}\n" if cached else "false}\n"
+                text.append(f'{head}{enc(name)}, {stored[1:-1]}, "sha256": {sha}, "cached": {tail}')
+                continue
+            rec = json.loads(stored)
+            if as_json:
+                records.append({"path": name, **rec})
+            elif quiet:
+                continue
+            elif fmt == "sha256sum":
+                text.append(_sum_line(rec["hashes"]["sha256"] or "", name) + "\n")
+            else:
+                text.extend(_lines(name, rec, plain))
         if lines is not None:
-            sha = result.hashes.get("sha256")
-            lines.write({**result.to_json(), "sha256": sha and sha.lower(), "cached": cached})
-            continue
-        results.append(result)
-        if quiet or as_json:
-            continue
-        if fmt == "sha256sum":
-            click.echo(_sum_line(result.hashes["sha256"] or "", str(path)))
-        else:
-            _render(result)
+            lines.write_lines(text)
+        elif out is not None and not plain:
+            for line in text:
+                out.print(line)
+        elif text:
+            click.echo("".join(text), nl=False)
     if as_json and not quiet:
-        render.print_json({"schema": SCHEMA, "files": [r.to_json() for r in results]})
+        render.print_json({"schema": SCHEMA, "files": records})
     return code
 
 
+#: cached results printed per write
+BATCH = 512
+Outcome = tuple[Path | str, str | None, bool]
+_SHA256 = re.compile(r'"sha256": "([0-9A-F]{64})"')
+
+
 def _outcomes(
-    paths: list[Path], names: tuple[str, ...], cache: Cache | None, cluster: str | None
-) -> Iterator[tuple[Path, HashResult | None, bool]]:
-    """Each file's (path, result or None, cached), here or as tasks on ``--cluster``."""
+    entries: list[tuple[Path | str, os.stat_result | None]],
+    names: tuple[str, ...],
+    cache: Cache | None,
+    cluster: str | None,
+) -> Iterator[list[Outcome]]:
+    """Each file's (path, record or None, cached) in input order, here or as tasks on
+    ``--cluster``, in batches: a run of results from the cache, or one fresh result. A
+    record is HashResult's JSON without the path, as text (``record_text``)."""
     if cluster is None:
-        for path in paths:
-            yield path, *_hash_one(path, names, cache)
+        local = [(str(p), st) for p, st in entries]  # stdin and URLs have no stat: not cached
+        known = cached_many(local, cache, algorithms=names)
+        batch: list[Outcome] = []
+        for (path, _), rec in zip(entries, known, strict=True):
+            if rec is not None:
+                batch.append((path, rec, True))
+                if len(batch) < BATCH:
+                    continue
+            if batch:
+                yield batch
+                batch = []
+            if rec is None:
+                given = path if isinstance(path, Path) else Path(path)  # a URL stays whole
+                result, cached = _hash_one(given, names, cache)
+                yield [(path, _record(result), cached)]
+        if batch:
+            yield batch
         return
     from sdtool.cli.batch import cluster_runner
     from sdtool.cluster import hash_paths
     from sdtool.urls import is_url
 
+    paths = [p if isinstance(p, Path) else Path(p) for p, _ in entries]
     if any(str(p) == "-" or is_url(p) for p in paths):
         raise click.UsageError("--cluster hashes files the workers can read: not - or URLs")
     with cluster_runner(cluster) as cl:
@@ -171,18 +215,53 @@ def _outcomes(
         for path, result, cached, err in hash_paths(cl, paths, names, folder):
             if err is not None:
                 render.error(err)
-            yield path, result, cached
+            yield [(path, _record(result), cached)]
 
 
-def _expand(files: tuple[Path, ...]) -> list[Path]:
-    """Files as given; folders become every file under them, recursively, sorted."""
-    out: list[Path] = []
-    for f in files:
-        if f.is_dir():
-            out.extend(sorted(p for p in f.rglob("*") if p.is_file()))
-        else:
-            out.append(f)
-    return out
+def _record(result: HashResult | None) -> str | None:
+    """HashResult's JSON record without its path, as the cache gives it."""
+    if result is None:
+        return None
+    return record_text(result.size, result.safetensors, result.hashes, result.notes)
+
+
+def _shards(files: tuple[Path, ...]) -> list[Path]:
+    """``files``, a shard index or a folder of one shard set as its shards (the shard reader,
+    which loads numpy, only where a name says there may be shards)."""
+    if not any(_maybe_shards(f) for f in files):
+        return list(files)
+    from sdtool.formats.shards import expand_shards
+
+    return expand_shards(files)
+
+
+def _maybe_shards(f: Path) -> bool:
+    if not f.is_dir():
+        return ".safetensors.index" in f.name
+    try:
+        with os.scandir(f) as it:
+            return any(".safetensors.index" in e.name or _SHARD.search(e.name) for e in it)
+    except OSError:
+        return False
+
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _lines(name: str, rec: dict[str, Any], plain: bool) -> list[str]:
+    """A file's hashes as text lines (rich markup unless ``plain``, then with newlines)."""
+    size = render.human_bytes(rec["size"])
+    if plain:
+        lines = [f"{render.escape(name)}  ({size})\n"]
+    else:
+        lines = [f"[bold]{render.markup(name)}[/]  ({size})"]
+    for algo, value in rec["hashes"].items():
+        note = rec["notes"].get(algo)
+        line = f"  {ALGORITHMS[algo].label:<7} {value if value is not None else '-'}"
+        if note:
+            line += f"  ({render.escape(note)})" if plain else f"  [dim]({render.markup(note)})[/]"
+        lines.append(line + "\n" if plain else line)
+    return lines
 
 
 def _hash_one(

@@ -42,9 +42,13 @@ class JsonLines:
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one record: the envelope first, then the command's fields."""
+        self._put(self.line(record).encode("ascii"), 1)
+
+    def line(self, record: dict[str, Any]) -> str:
+        """One record's line (for ``write_lines``): the envelope, the fields, a newline."""
         full = {"schema": self.schema, "sdtool": __version__, **record}
         # ASCII: valid UTF-8 whatever bytes a file or member name holds (lone surrogates escaped)
-        self._put((json.dumps(full, ensure_ascii=True, default=str) + "\n").encode("ascii"), 1)
+        return json.dumps(full, ensure_ascii=True, default=str) + "\n"
 
     def write_lines(self, lines: list[str]) -> None:
         """Write whole lines, each already JSON beginning with ``head`` and ending in a
