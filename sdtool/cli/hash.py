@@ -180,42 +180,58 @@ def _outcomes(
     cache: Cache | None,
     cluster: str | None,
 ) -> Iterator[list[Outcome]]:
-    """Each file's (path, record or None, cached) in input order, here or as tasks on
-    ``--cluster``, in batches: a run of results from the cache, or one fresh result. A
-    record is HashResult's JSON without the path, as text (``record_text``)."""
-    if cluster is None:
-        local = [(str(p), st) for p, st in entries]  # stdin and URLs have no stat: not cached
-        known = cached_many(local, cache, algorithms=names)
-        batch: list[Outcome] = []
-        for (path, _), rec in zip(entries, known, strict=True):
-            if rec is not None:
-                batch.append((path, rec, True))
-                if len(batch) < BATCH:
-                    continue
-            if batch:
-                yield batch
-                batch = []
-            if rec is None:
-                given = path if isinstance(path, Path) else Path(path)  # a URL stays whole
-                result, cached = _hash_one(given, names, cache)
-                yield [(path, _record(result), cached)]
+    """Each file's (path, record or None, cached) in input order, in batches: a run of
+    results from the cache, or one fresh result, hashed here or as a task on ``--cluster``.
+    A record is HashResult's JSON without the path, as text (``record_text``). What the
+    cache answers is never sent to the cluster, nor is one reached when it answers all."""
+    if cluster is not None:
+        from sdtool.urls import is_url
+
+        if any(str(p) == "-" or is_url(p) for p, _ in entries):
+            raise click.UsageError("--cluster hashes files the workers can read: not - or URLs")
+    local = [(str(p), st) for p, st in entries]  # stdin and URLs have no stat: not cached
+    known = cached_many(local, cache, algorithms=names)
+    misses = [p for (p, _), rec in zip(entries, known, strict=True) if rec is None]
+    fresh = (_hashed_here if cluster is None else _hashed_there)(misses, names, cache, cluster)
+    batch: list[Outcome] = []
+    for (path, _), rec in zip(entries, known, strict=True):
+        if rec is not None:
+            batch.append((path, rec, True))
+            if len(batch) < BATCH:
+                continue
         if batch:
             yield batch
-        return
+            batch = []
+        if rec is None:
+            yield [next(fresh)]
+    if batch:
+        yield batch
+
+
+def _hashed_here(
+    paths: list[Path | str], names: tuple[str, ...], cache: Cache | None, cluster: str | None
+) -> Iterator[Outcome]:
+    for path in paths:
+        given = path if isinstance(path, Path) else Path(path)  # a URL stays whole
+        result, cached = _hash_one(given, names, cache)
+        yield path, _record(result), cached
+
+
+def _hashed_there(
+    paths: list[Path | str], names: tuple[str, ...], cache: Cache | None, cluster: str | None
+) -> Iterator[Outcome]:
+    """The files as tasks on the cluster (reached on the first one), in input order."""
     from sdtool.cli.batch import cluster_runner
     from sdtool.cluster import hash_paths
-    from sdtool.urls import is_url
 
-    paths = [p if isinstance(p, Path) else Path(p) for p, _ in entries]
-    if any(str(p) == "-" or is_url(p) for p in paths):
-        raise click.UsageError("--cluster hashes files the workers can read: not - or URLs")
     with cluster_runner(cluster) as cl:
         assert cl is not None
         folder = None if cache is None else cache.directory
-        for path, result, cached, err in hash_paths(cl, paths, names, folder):
+        todo = [Path(p) for p in paths]
+        for path, result, cached, err in hash_paths(cl, todo, names, folder):
             if err is not None:
                 render.error(err)
-            yield [(path, _record(result), cached)]
+            yield path, _record(result), cached
 
 
 def _record(result: HashResult | None) -> str | None:

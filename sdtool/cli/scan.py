@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,11 +132,15 @@ def scan_cmd(
     try:
         with ExitStack() as stack:
             runner = None
-            cl = stack.enter_context(cluster_runner(cluster, jobs))
-            if cl is not None:
-                from sdtool.cluster import scan_runner
+            if cluster is not None:  # reached only when some file is not in the cache
 
-                runner = scan_runner(cl)
+                def runner(tasks: list[Any]) -> Iterator[FileReport]:
+                    from sdtool.cluster import scan_runner
+
+                    cl = stack.enter_context(cluster_runner(cluster, jobs))
+                    assert cl is not None
+                    yield from scan_runner(cl)(tasks)
+
             real = [stack.enter_context(spooled(p)) for p in paths]
             spools.update({str(r): STDIN for given, r in zip(paths, real, strict=True)
                            if given != r})  # fmt: skip
