@@ -184,11 +184,8 @@ def _outcomes(
     results from the cache, or one fresh result, hashed here or as a task on ``--cluster``.
     A record is HashResult's JSON without the path, as text (``record_text``). What the
     cache answers is never sent to the cluster, nor is one reached when it answers all."""
-    if cluster is not None:
-        from sdtool.urls import is_url
-
-        if any(str(p) == "-" or is_url(p) for p, _ in entries):
-            raise click.UsageError("--cluster hashes files the workers can read: not - or URLs")
+    if cluster is not None and any(str(p) == "-" for p, _ in entries):  # URLs: fetched there
+        raise click.UsageError("--cluster hashes files the workers can read: not - (stdin)")
     local = [(str(p), st) for p, st in entries]  # stdin and URLs have no stat: not cached
     known = cached_many(local, cache, algorithms=names)
     misses = [p for (p, _), rec in zip(entries, known, strict=True) if rec is None]
@@ -227,7 +224,7 @@ def _hashed_there(
     with cluster_runner(cluster) as cl:
         assert cl is not None
         folder = None if cache is None else cache.directory
-        todo = [Path(p) for p in paths]
+        todo = [p if isinstance(p, Path) else Path(p) for p in paths]  # a URL stays whole
         for path, result, cached, err in hash_paths(cl, todo, names, folder):
             if err is not None:
                 render.error(err)

@@ -34,7 +34,6 @@ from sdtool.cli.render import (
     wrap_width,
 )
 from sdtool.cli.stdin import STDIN, is_stdin, spooled
-from sdtool.urls import is_url
 from sdtool.vocab import Verdict
 
 if TYPE_CHECKING:
@@ -114,8 +113,8 @@ def scan_cmd(
         raise click.UsageError("--cache DIR and --no-cache contradict each other")
     if sum(map(is_stdin, paths)) > 1:
         raise click.UsageError("- (standard input) can be given once")
-    if cluster is not None and any(is_stdin(p) or is_url(p) for p in paths):
-        raise click.UsageError("--cluster scans files the workers can read: not - or URLs")
+    if cluster is not None and any(map(is_stdin, paths)):  # URLs: each worker fetches its own
+        raise click.UsageError("--cluster scans files the workers can read: not - (stdin)")
     # standard input is spooled to a new temp file each time: nothing to cache
     cache = open_cache(cache_dir, enabled=not no_cache and not any(map(is_stdin, paths)))
     bar = None
