@@ -11,7 +11,7 @@ import pytest
 
 from sdtool import dtypes
 from sdtool.errors import UnsupportedDtype
-from sdtool.formats.sniff import sniff_bytes
+from sdtool.formats.sniff import sniff_any, sniff_bytes
 from sdtool.formats.unpickler import ALLOWED, _numpy_dtype_class
 from sdtool.results import Result
 from sdtool.scan.classify import classify_global
@@ -63,6 +63,15 @@ def test_sniff_speaks_format() -> None:
     assert sniff_bytes(b"PK\x03\x04" + bytes(40), 44) is Format.ZIP
     assert sniff_bytes(b"\x80\x02}q\x00.", 6) is Format.PICKLE
     assert sniff_bytes(b"\x93NUMPY", 6) is Format.NPY
+
+
+def test_one_sniffer_for_scan() -> None:
+    """The scanner's one extra start: numpy.load opens an end-of-central-directory record as
+    an npz (zipfile finds the real end record), torch.load does not."""
+    eocd = b"PK\x05\x06" + bytes(18)
+    assert sniff_bytes(eocd, 22) is Format.UNKNOWN
+    assert sniff_any(eocd, 22) is Format.ZIP
+    assert sniff_any(b"\x80\x02}q\x00.", 6) is Format.PICKLE
 
 
 def test_dtype_names_and_the_cast_rule() -> None:

@@ -8,11 +8,10 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdtool.cache import Cache, open_cache
 from sdtool.cli import progress, render
 from sdtool.cli.options import (
     PathOrUrl,
@@ -23,19 +22,12 @@ from sdtool.cli.options import (
     jsonl_option,
     quiet_option,
 )
-from sdtool.cli.stdin import spooled
 from sdtool.errors import SdtoolError
-from sdtool.ops.hash import (
-    ALGORITHMS,
-    SCHEMA,
-    HashResult,
-    cached_many,
-    hash_cached,
-    parse_algorithms,
-    record_text,
-    walk_files,
-)
-from sdtool.vocab import ExitCode
+from sdtool.vocab import HASH_NAMES, ExitCode
+
+if TYPE_CHECKING:  # the hashing machinery (and the cache's sqlite3) load when a file is hashed
+    from sdtool.cache import Cache
+    from sdtool.ops.hash import HashResult
 
 
 @click.command("hash")
@@ -46,8 +38,8 @@ from sdtool.vocab import ExitCode
     "algorithms",
     multiple=True,
     metavar="NAME[,NAME]",
-    shell_complete=complete_from([*ALGORITHMS, "all"]),
-    help="Hashes to compute: " + ", ".join(ALGORITHMS) + " or all (default: all).",
+    shell_complete=complete_from([*HASH_NAMES, "all"]),
+    help="Hashes to compute: " + ", ".join(HASH_NAMES) + " or all (default: all).",
 )
 @click.option(
     "--format",
@@ -98,6 +90,9 @@ def hash_cmd(
       sdtool hash --check SHA256SUMS
       sdtool hash --jsonl /mirror/models > hashes.jsonl   # cached: a rerun reads nothing
     """
+    from sdtool.cache import open_cache
+    from sdtool.ops.hash import SCHEMA, parse_algorithms, walk_files
+
     if as_json and as_jsonl:
         raise click.UsageError("choose one of --json and --jsonl")
     if cache_dir is not None and no_cache:
@@ -116,7 +111,7 @@ def hash_cmd(
     if fmt == "sha256sum" and (as_json or algorithms):
         raise click.UsageError("--format sha256sum prints SHA256 only: drop --json/--algorithm")
     names = ("sha256",) if fmt == "sha256sum" else (
-        parse_algorithms(algorithms) if algorithms else tuple(ALGORITHMS)
+        parse_algorithms(algorithms) if algorithms else HASH_NAMES
     )  # fmt: skip
     code = ExitCode.OK
     lines = None
@@ -184,6 +179,8 @@ def _outcomes(
     results from the cache, or one fresh result, hashed here or as a task on ``--cluster``.
     A record is HashResult's JSON without the path, as text (``record_text``). What the
     cache answers is never sent to the cluster, nor is one reached when it answers all."""
+    from sdtool.ops.hash import cached_many
+
     if cluster is not None and any(str(p) == "-" for p, _ in entries):  # URLs: fetched there
         raise click.UsageError("--cluster hashes files the workers can read: not - (stdin)")
     local = [(str(p), st) for p, st in entries]  # stdin and URLs have no stat: not cached
@@ -233,6 +230,8 @@ def _hashed_there(
 
 def _record(result: HashResult | None) -> str | None:
     """HashResult's JSON record without its path, as the cache gives it."""
+    from sdtool.ops.hash import record_text
+
     if result is None:
         return None
     return record_text(result.size, result.safetensors, result.hashes, result.notes)
@@ -263,6 +262,8 @@ _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 def _lines(name: str, rec: dict[str, Any], plain: bool) -> list[str]:
     """A file's hashes as text lines (rich markup unless ``plain``, then with newlines)."""
+    from sdtool.ops.hash import ALGORITHMS
+
     size = render.human_bytes(rec["size"])
     if plain:
         lines = [f"{render.escape(name)}  ({size})\n"]
@@ -282,6 +283,9 @@ def _hash_one(
 ) -> tuple[HashResult | None, bool]:
     """Hash one file (``-``: standard input, never cached); an error becomes one line on
     stderr. Returns (result or None, whether it came from the cache)."""
+    from sdtool.cli.stdin import spooled
+    from sdtool.ops.hash import hash_cached
+
     try:
         with spooled(path) as real:
             size = real.stat().st_size if real.is_file() else 0

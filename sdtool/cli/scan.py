@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -11,9 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdtool.cache import open_cache
 from sdtool.cli import progress as bars_
-from sdtool.cli.batch import cluster_runner
 from sdtool.cli.options import (
     PathOrUrl,
     cache_options,
@@ -33,7 +30,6 @@ from sdtool.cli.render import (
     wrap,
     wrap_width,
 )
-from sdtool.cli.stdin import STDIN, is_stdin, spooled
 from sdtool.vocab import Verdict
 
 if TYPE_CHECKING:
@@ -104,6 +100,9 @@ def scan_cmd(
       sdtool scan --jsonl --sha256 /mirror > verdicts.jsonl   # a rerun reads only new files
       sdtool scan --jsonl --cluster tcp://scheduler:8786 /mnt/mirror > verdicts.jsonl
     """
+    from sdtool.cache import open_cache
+    from sdtool.cli.batch import cluster_runner
+    from sdtool.cli.stdin import STDIN, is_stdin, spooled
     from sdtool.scan import scan_items, scan_paths
     from sdtool.scan.sarif import to_sarif
 
@@ -168,6 +167,8 @@ def scan_cmd(
     if as_json:
         print_json(report.to_json())
     else:
+        import json
+
         click.echo(json.dumps(to_sarif(report, Path.cwd()), indent=2, ensure_ascii=False))
     return report.exit_code
 
@@ -317,7 +318,9 @@ def _file_lines(fr: FileReport, plain: bool, width: int | None) -> list[str]:
 
 def errors(fr: FileReport) -> None:
     """Each reason a file could not be (fully) scanned, as one ``sdtool: FILE: ...`` line."""
-    for e in fr.errors:
-        text = e.removeprefix("not scanned: ")
-        missing = text == "no such file or directory"
+    from sdtool.scan.report import ProblemKind
+
+    for p in fr.problems:
+        text = p.message.removeprefix("not scanned: ")
+        missing = p.kind is ProblemKind.MISSING
         error(f"{fr.path}: {text}" if missing else f"{fr.path}: could not scan: {text}")

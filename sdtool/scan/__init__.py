@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sdtool.scan.report import FileReport, Finding, Scanned, ScanReport
+from sdtool.scan.report import FileReport, Finding, ProblemKind, Scanned, ScanReport
 from sdtool.urls import as_path, is_url
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def _shards(p: Path) -> list[Path]:
 
 def _missing(path: str) -> FileReport:
     rep = FileReport(path, scanned=False)
-    rep.errors.append("not scanned: no such file or directory")
+    rep.problem(ProblemKind.MISSING, "not scanned: no such file or directory")
     return rep
 
 

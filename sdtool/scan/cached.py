@@ -48,7 +48,13 @@ def file_sha256(path: Path) -> str:
 
 def report_from_json(doc: dict[str, Any], path: str | None = None) -> FileReport:
     """The FileReport that ``FileReport.to_json`` described (for cached verdicts); ``path``
-    when the document does not name it (a stored body)."""
+    when the document does not name it (a stored body).
+
+    Only complete verdicts are stored (``store``): a document with errors raises ValueError
+    (the file is scanned again), as its problems' kinds are not in the JSON.
+    """
+    if doc.get("errors"):
+        raise ValueError("a cached verdict has no errors")
     findings = [
         Finding(
             severity=f["severity"],
@@ -66,7 +72,6 @@ def report_from_json(doc: dict[str, Any], path: str | None = None) -> FileReport
         path=doc["path"] if path is None else path,
         format=Format(doc.get("format", "unknown")),
         findings=findings,
-        errors=list(doc.get("errors", [])),
         notes=list(doc.get("notes", [])),
         scanned=bool(doc.get("scanned", True)),
         streams=int(doc.get("streams", 0)),
@@ -195,7 +200,7 @@ def store(path: Path | str, cache: Cache | None, found: Lookup, report: FileRepo
     Only complete verdicts are stored: a report with errors (a limit hit, an unreadable member)
     is scanned again next time, since the error may be the machine's and not the file's.
     """
-    if cache is None or found.identity is None or report.errors or not report.scanned:
+    if cache is None or found.identity is None or report.problems or not report.scanned:
         return
     try:
         if Identity.of_path(path) != found.identity:
