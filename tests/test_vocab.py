@@ -123,3 +123,16 @@ def test_identify_speaks_the_component_names() -> None:
 def test_user_dtype_names_parse_everywhere() -> None:
     for name, code in DTYPE_NAMES.items():
         assert dtypes.parse(name).code == code
+
+
+def test_one_table_of_storage_classes() -> None:
+    """The storage classes the scanner allows are the one table's (dtypes.STORAGE_ITEMSIZE),
+    whose sizes agree with the dtype table's."""
+    from sdtool.dtypes import DTYPES, STORAGE_ITEMSIZE
+    from sdtool.scan.allowlist import SAFE
+
+    allowed = {name for mod, name in SAFE if mod == "torch" and name.endswith("Storage")}
+    assert allowed - {"TypedStorage"} == set(STORAGE_ITEMSIZE)
+    for d in DTYPES.values():
+        if d.storage:
+            assert STORAGE_ITEMSIZE[d.storage] == d.itemsize
