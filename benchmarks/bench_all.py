@@ -3,9 +3,10 @@
 Inputs (built once under /work/bench by make_checkpoint.py and sdtool itself, reused after):
 the 7.7 GB SD 1.5 training checkpoint with EMA (torch zip), the same in the legacy format, and
 its safetensors conversion. Each job runs --runs times in its own process on a warm page cache
-(the inputs are read once before each job); the table gives the median wall time and the peak
-RSS, user and system time of the median run, measured by /usr/bin/time. Outputs go beside the
-inputs (the same disk as cp's) and are deleted after each run.
+(the inputs are read once before each job), in rounds (every job once per round); the table
+gives the median wall time and the peak RSS, user and system time of the median run, measured
+by /usr/bin/time. Outputs go beside the inputs (the same disk as cp's) and are deleted after
+each run.
 
     python benchmarks/bench_all.py                 # everything, 3 runs each (~15 minutes)
     python benchmarks/bench_all.py --runs 1 --only 'fp16|cp'
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -169,17 +169,19 @@ def main() -> None:
     chosen |= {j.yardstick for j in jobs() if j.name in chosen and j.yardstick}
     results: dict[str, Run] = {}
     load0 = os.getloadavg()[0]
-    for job in jobs():
-        if job.name not in chosen:
-            continue
-        runs = []
-        for _ in range(args.runs):
+    # Rounds: every job once per round, so a drift of the machine (this VM's disk writes vary
+    # by +-25% over minutes) moves a job and its yardstick alike instead of skewing a ratio.
+    todo = [j for j in jobs() if j.name in chosen]
+    runs: dict[str, list[Run]] = {j.name: [] for j in todo}
+    for r in range(args.runs):
+        for job in todo:
             warm(job.reads)
-            runs.append(run_once(job))
-        runs.sort(key=lambda r: r.wall)
-        results[job.name] = runs[len(runs) // 2]
-        med = statistics.median(r.wall for r in runs)
-        print(f"  {job.name}: {med:.2f} s", file=sys.stderr, flush=True)
+            os.sync()  # no writeback left over from the previous job
+            runs[job.name].append(run_once(job))
+            print(f"  round {r + 1}: {job.name}: {runs[job.name][-1].wall:.2f} s", file=sys.stderr)
+    for name, done in runs.items():
+        done.sort(key=lambda r: r.wall)
+        results[name] = done[len(done) // 2]
     print(
         f"\n{args.runs} runs each, median; page cache warm; {os.cpu_count()} cores; "
         f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n"

@@ -258,6 +258,9 @@ EXTRACT_TARGETS: dict[str, str] = {
 }
 #: ``merge --method`` names (sdtool.ops.merge.METHODS defines each; here for a numpy-free --help)
 MERGE_METHODS = ("weighted-sum", "add-difference", "ties", "dare", "slerp")
+#: ``hash --algorithm`` names in display order (sdtool.ops.hash.ALGORITHMS defines each; here
+#: so that ``hash --help`` loads no hashing machinery)
+HASH_NAMES = ("sha256", "autov1", "autov2", "autov3", "crc32", "blake3")
 #: ``convert --to`` (batch mode) -> the output suffix
 TO_SUFFIX = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
 

@@ -55,10 +55,13 @@ def test_result_is_frozen(tmp_path: Path, base: dict[str, np.ndarray]) -> None:
     assert r.to_json()["a"] == {"path": str(a), "format": "safetensors"}
 
 
+@pytest.mark.parametrize("task_pieces", [64, 3])
 def test_changed_counts_across_chunks(
-    tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch, task_pieces: int
 ) -> None:
     monkeypatch.setattr(diff_mod, "CHUNK_ELEMENTS", 100)  # 3072 elements -> 31 chunks
+    # 64: unet.w is one task; 3: eleven tasks of 300 elements, tallied by several workers
+    monkeypatch.setattr(diff_mod, "TASK_PIECES", task_pieces)
     tuned = dict(base)
     w = base["unet.w"].copy()
     flat = w.reshape(-1)
@@ -332,3 +335,34 @@ def test_dtype_tolerant_matches_torch_casts_nan_payloads(tmp_path: Path) -> None
     t = r.tensors[0]
     assert (t.status, t.changed) == ("dtype", 0)
     assert r.identical
+
+
+def test_a_read_error_in_a_worker_reaches_the_caller(
+    tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that shrinks under the workers: the error is raised in the caller, every
+    worker stops, and the CLI says so in one line with exit 2."""
+    import threading
+
+    from sdtool.errors import TruncatedFile
+
+    monkeypatch.setattr(diff_mod, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(diff_mod, "TASK_PIECES", 2)
+    a = _save(tmp_path / "a.safetensors", base)
+    b = _save(tmp_path / "b.safetensors", base)
+    calls: list[int] = []
+    real = diff_mod._Side.read
+
+    def flaky(self: diff_mod._Side, start: int, n: int, bufs: list[bytearray], which: int):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 7:
+            raise TruncatedFile("tensor 'unet.w' ends early; the file shrank", path=a)
+        return real(self, start, n, bufs, which)
+
+    monkeypatch.setattr(diff_mod._Side, "read", flaky)
+    before = threading.active_count()
+    with pytest.raises(TruncatedFile, match="shrank"):
+        diff(a, b)
+    assert threading.active_count() == before
+    calls.clear()
+    assert main(["diff", str(a), str(b)]) == 2

@@ -209,6 +209,82 @@ def test_outer_axis_sums_add_in_index_order() -> None:
     assert np.array_equal(ggml._seq_sum(t).view(np.uint32), acc.view(np.uint32))
 
 
+@pytest.mark.parametrize("source", ["float32", "bfloat16", "float16"])
+def test_f16_and_f32_match_gguf_py(source: str) -> None:
+    """F16 and F32 (gguf-py: ``astype``) bit for bit, special values included; F16 refuses a
+    finite value that float16 cannot hold (F16Overflow) instead of writing inf."""
+    import ml_dtypes
+
+    sp = _special_values().reshape(-1)
+    x = sp[np.isnan(sp) | np.isinf(sp) | (np.abs(sp) < 65504)]
+    x = x[: x.size // 256 * 256]
+    x = x.astype(
+        {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[source]
+    )
+    wide = x.astype(np.float32)
+    for qtype, kind in (("F16", T.F16), ("F32", T.F32)):
+        with np.errstate(all="ignore"):
+            want = quants.quantize(wide, kind)
+        assert np.array_equal(_bits(want).reshape(-1), ggml.quantize(x, qtype))
+    with pytest.raises(ggml.F16Overflow):
+        ggml.quantize(np.full(32, 1e5, np.float32), "F16")
+
+
+@pytest.mark.parametrize("qtype", sorted(ggml.QUANTIZE))
+def test_bf16_bits_encode_like_bfloat16(qtype: str) -> None:
+    """``BF16_BITS`` (bfloat16 as raw uint16, no ml_dtypes) encodes to the same bytes as
+    ml_dtypes' bfloat16, for every type sdtool writes, with and without torch's Q8_0 kernel."""
+    import ml_dtypes
+
+    x = (np.random.default_rng(6).standard_normal(4096) * 2).astype(ml_dtypes.bfloat16)
+    x[::97] = np.array([0.0, -0.0, 1e-40, np.nan], ml_dtypes.bfloat16)[np.arange(43) % 4]
+    if qtype in ggml.K_QUANTS:
+        x[::97] = 0  # K-quants refuse NaN
+    bits = x.view(np.uint16).view(ggml.BF16_BITS)
+    t = ggml.get(qtype)
+    for use_torch in (False, True):
+        want = np.empty(t.nbytes(x.size), np.uint8)
+        got = np.empty_like(want)
+        with np.errstate(all="ignore"):
+            ggml.encode_into(qtype, x, want, use_torch=use_torch)
+            ggml.encode_into(qtype, bits, got, use_torch=use_torch)
+        assert np.array_equal(want, got)
+
+
+def test_gguf_export_of_bf16_never_imports_ml_dtypes(
+    tmp_path: Path, sub_env: dict[str, str]
+) -> None:
+    """Streaming bf16 tensors into GGUF reads their bits (ml_dtypes' import alone costs over a
+    second of CPU)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "double_blocks.0.img_attn.proj.weight": torch.randn(256, 256, generator=g),
+        "double_blocks.0.img_attn.proj.bias": torch.randn(256, generator=g),
+        "img_in.weight": torch.randn(256, 64, generator=g),
+        "final_layer.linear.weight": torch.randn(64, 256, generator=g),
+    }
+    src = tmp_path / "f.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, src)
+    code = (
+        "import sys; from sdtool.cli.main import main\n"
+        "for q in ('Q8_0', 'Q4_0', 'F16', 'BF16'):\n"
+        "    assert main(['convert', sys.argv[1], sys.argv[2] + q + '.gguf', '--quant', q,"
+        " '-q']) == 0\n"
+        "assert 'ml_dtypes' not in sys.modules, 'ml_dtypes imported'\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp_path / "o-")],
+        capture_output=True, text=True, env={**sub_env, "SDTOOL_NO_TORCH": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r8 = gguf.GGUFReader(str(tmp_path / "o-Q8_0.gguf"))
+    types = {t.name: t.tensor_type.name for t in r8.tensors}
+    assert types["double_blocks.0.img_attn.proj.weight"] == "Q8_0"
+
+
 def test_k_quants_are_deterministic_across_threads() -> None:
     x = (np.random.default_rng(2).standard_normal((64, 2048)) * 0.1).astype(np.float32)
     assert np.array_equal(ggml.quantize(x, "Q4_K", threads=1), ggml.quantize(x, "Q4_K", threads=2))

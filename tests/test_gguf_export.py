@@ -367,3 +367,28 @@ def test_k_quant_of_inf_is_one_line_exit_2(
     err = capsys.readouterr().err
     assert "inf or NaN" in err and "img_attn.proj.weight" in err and err.count("\n") == 1, err
     assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
+
+
+def test_batch_out_dir_with_quant_writes_gguf_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Batch mode (``--out-dir``) with --quant derives ``<stem>.gguf`` (sub-folders mirrored),
+    each a GGUF gguf-py opens; --quant with --to ckpt is one line, exit 2."""
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    _save(flux_sd(), models / "a.safetensors")
+    _save(flux_sd(), models / "sub" / "b.safetensors")
+    out = tmp_path / "out"
+    assert main(["convert", str(models), "--out-dir", str(out), "--quant", "Q8_0", "-q"]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["a.gguf", "sub/b.gguf"]
+    for name in written:
+        tensors, fields = _reader(out / name)
+        assert _field(fields, "general.file_type") == 7
+        assert tensors["double_blocks.0.img_attn.proj.weight"].tensor_type.name == "Q8_0"  # type: ignore[attr-defined]
+    capsys.readouterr()
+    other = tmp_path / "other"
+    args = ["convert", str(models), "--out-dir", str(other), "--quant", "Q8_0", "--to", "ckpt"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--quant" in err and err.count("\n") == 1, err

@@ -170,3 +170,32 @@ def test_full_disk_is_one_line_and_exit_2(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "disk is full" in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_copied_tensors_checksum_piece_by_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes copied as they are go through the read-checksum-write loop in many small pieces;
+    every member's CRC-32 is right (zipfile checks them) and torch reads the values."""
+    from sdtool.write import stream
+
+    monkeypatch.setattr(stream, "CRC_COPY_BYTES", 7)
+    sd = _sd()
+    save_file({k: v.contiguous() for k, v in sd.items() if k != "t"}, tmp_path / "m.safetensors")
+    convert(tmp_path / "m.safetensors", tmp_path / "o.ckpt", verify=True)
+    assert zipfile.ZipFile(tmp_path / "o.ckpt").testzip() is None
+    _same(
+        torch.load(tmp_path / "o.ckpt", weights_only=True),
+        {k: v for k, v in sd.items() if k != "t"},
+    )
+
+
+def test_truncated_source_to_ckpt_leaves_nothing(tmp_path: Path) -> None:
+    from sdtool.errors import TruncatedFile
+
+    save_file({"a": torch.ones(64), "b": torch.ones(1024)}, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(TruncatedFile):
+        convert(tmp_path / "cut.safetensors", tmp_path / "o.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.safetensors", "m.safetensors"]

@@ -6,11 +6,9 @@ makes control characters visible and neutralises rich markup before anything is 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import textwrap
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +92,12 @@ def console(stderr: bool = False) -> Console:
     )
 
 
+def plain_output(out: Console) -> bool:
+    """Whether ``out`` prints plain text (not a terminal, no colour forced): then rich adds
+    nothing to a line of escaped text, and a long listing may be written as it is."""
+    return not out.is_terminal and out.color_system is None
+
+
 def print_table(out: Console, table: Any) -> None:
     """Print a rich table whole: when it is wider than the output, its rows run past the width
     rather than have a name cut with "…" or folded inside an identifier."""
@@ -120,6 +124,8 @@ def wrap(text: str, width: int | None, first: str = "", rest: str = "") -> list[
     than the line (a dotted global, a path) stays whole on a line of its own."""
     if width is None:
         return [first + text]
+    import textwrap
+
     return textwrap.wrap(
         text,
         width=max(width, 20),
@@ -149,6 +155,8 @@ def human_count(n: int) -> str:
 
 def print_json(data: Any) -> None:
     """Write ``data`` as indented JSON to stdout (non-ASCII kept, control chars JSON-escaped)."""
+    import json
+
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 

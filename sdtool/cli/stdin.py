@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +44,8 @@ def spooled(path: Path) -> Iterator[Path]:
         with _named_dash(Path(f"/dev/fd/{fd}")):
             yield Path(f"/dev/fd/{fd}")
         return
+    import tempfile  # here: a file argument never pays for it
+
     cap = limit()
     with tempfile.NamedTemporaryFile(prefix="sdtool-stdin-") as tmp:
         copied = 0

@@ -103,6 +103,16 @@ BY_ID: dict[int, GGMLType] = {t.id: t for t in GGML_TYPES.values()}
 _F16 = np.dtype("<f2")
 _F32 = np.float32
 
+#: bfloat16 values as their raw bits, for callers that should not import ml_dtypes (its import
+#: alone costs over a second of CPU): a one-field record of uint16; every encoder accepts it
+#: wherever it accepts ml_dtypes' bfloat16
+BF16_BITS = np.dtype([("bf16", "<u2")])
+
+
+def is_bf16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` holds bfloat16 values (ml_dtypes' type or ``BF16_BITS``)."""
+    return dtype == BF16_BITS or str(dtype) == "bfloat16"
+
 
 def _f16(raw: np.ndarray) -> np.ndarray:
     """Little-endian float16 bytes (n, 2) -> float32 (n, 1)."""
@@ -331,6 +341,79 @@ def _q_q5_1(x: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
+@dataclass(frozen=True)
+class _Legacy:
+    """One of Q4_0/Q4_1/Q5_0/Q5_1 as gguf-py computes it: ``top`` the largest level; symmetric
+    types scale by the signed absmax over ``-(top + 1) / 2`` and add ``bias``; the others scale
+    (x - min) by (max - min) / top and add 0.5. Byte offsets of the min, fifth bits and nibbles."""
+
+    top: int
+    symmetric: bool
+    bias: float
+    m_at: int | None
+    qh_at: int | None
+    qs_at: int
+
+
+_LEGACY: dict[str, _Legacy] = {
+    "Q4_0": _Legacy(15, True, 8.5, None, None, 2),
+    "Q4_1": _Legacy(15, False, 0.5, 2, None, 4),
+    "Q5_0": _Legacy(31, True, 16.5, None, 2, 6),
+    "Q5_1": _Legacy(31, False, 0.5, 2, 4, 8),
+}
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_LOW_BITS = np.uint64(0x0101010101010101)
+#: (8 bytes of 0/1, as a uint64) * this >> 56: the 8 bits packed, byte k -> bit k
+_GATHER_BITS = np.uint64(0x0102040810204080)
+
+
+def _legacy_into(qtype: str, x: np.ndarray, out: np.ndarray) -> None:
+    """Q4_0/Q4_1/Q5_0/Q5_1 of float32 blocks ``x`` (n, 32) into ``out`` (n, size): gguf-py's
+    arithmetic step for step (the same float32 operations in the same order), on per-thread
+    scratch and with the nibble and fifth-bit packing done on 64-bit words. Its truncation
+    is the cast itself: every scaled value of a block with a finite scale and inverse lies
+    in [0.5, top + 1.5]. Blocks without (inf/NaN inputs, scales whose inverse overflows) are
+    redone by the plain port (``QUANTIZE``), so every byte is gguf-py's."""
+    spec = _LEGACY[qtype]
+    n = x.shape[0]
+    v = _scratch("v", x.size, _F32).reshape(n, 32)
+    if spec.symmetric:
+        np.abs(x, out=v)
+        top = np.take_along_axis(x, v.argmax(axis=1)[:, None], axis=1)[:, 0]
+        d = top / _F32(-(spec.top + 1) // 2)
+        inv = _inverse(d)
+        np.multiply(x, inv[:, None], out=v)
+        mn = None
+    else:
+        mx, mn = x.max(axis=1), x.min(axis=1)
+        d = (mx - mn) / _F32(spec.top)
+        inv = _inverse(d)
+        np.subtract(x, mn[:, None], out=v)
+        v *= inv[:, None]
+    v += _F32(spec.bias)
+    q = _scratch("q", x.size, np.uint8).reshape(n, 32)
+    np.copyto(q, v, casting="unsafe")  # truncates toward zero: the values are positive
+    np.minimum(q, np.uint8(spec.top), out=q)
+    w = q.view(np.uint64)  # (n, 4): elements 0-15 in words 0-1, 16-31 in words 2-3
+    packed = _scratch("p", 2 * n, np.uint64).reshape(n, 2)
+    np.bitwise_and(w[:, 2:4], _LOW_NIBBLES, out=packed)
+    packed <<= np.uint64(4)
+    packed |= w[:, 0:2] & _LOW_NIBBLES
+    out[:, spec.qs_at : spec.qs_at + 16] = packed.view(np.uint8)
+    out[:, 0:2] = _f16_bits(d).view(np.uint8).reshape(n, 2)
+    if mn is not None and spec.m_at is not None:
+        out[:, spec.m_at : spec.m_at + 2] = _f16_bits(mn).view(np.uint8).reshape(n, 2)
+    if spec.qh_at is not None:
+        fifth = (w >> np.uint64(4)) & _LOW_BITS
+        fifth *= _GATHER_BITS
+        fifth >>= np.uint64(56)
+        out[:, spec.qh_at : spec.qh_at + 4] = fifth.astype(np.uint8)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(d) & np.isfinite(inv))
+    if bad.any():
+        out[bad] = QUANTIZE[qtype](x[bad])
+
+
 #: the largest float32 below 0.5: adding it (with v's sign) and truncating rounds half away
 #: from zero exactly for |v| <= 128 (benchmarks/check_q8_rounding.py tries every such float)
 _HALF_DOWN = np.float32(0.5) - np.float32(2.0**-25)
@@ -378,6 +461,19 @@ def _q_q8_0(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _row_max_abs(a: np.ndarray) -> np.ndarray:
+    """Each row's max of ``a`` (|x| values, float32 (n, k)), as numpy's float max gives it.
+
+    The max is taken over the bit patterns as uint32 (ordered as the non-negative floats
+    are; numpy's integer row reduction is about 1.7x its float one). A row holding NaN is
+    redone with the float max, so its NaN is the one numpy picks."""
+    m = a.view(np.uint32).max(axis=1)
+    nan = m > np.uint32(0x7F800000)
+    if nan.any():
+        m[nan] = a[nan].max(axis=1).view(np.uint32)
+    return m.view(_F32)
+
+
 def _q8_0_numpy(src: np.ndarray, out: np.ndarray) -> None:
     """Q8_0 of ``src`` (n*32 values, any float dtype) into ``out`` (n, 34), numpy only, in
     four flat passes over per-thread scratch (no temporaries per piece)."""
@@ -385,7 +481,7 @@ def _q8_0_numpy(src: np.ndarray, out: np.ndarray) -> None:
     x = _widen_into(src, "x")
     a = _scratch("a", x.size, _F32)
     np.abs(x, out=a)
-    d, inv = _q8_scales(a.reshape(n, 32).max(axis=1))
+    d, inv = _q8_scales(_row_max_abs(a.reshape(n, 32)))
     np.multiply(x.reshape(n, 32), inv[:, None], out=a.reshape(n, 32))
     # copysign(0.5 - 2**-25, a) by bits: a's sign bit over the constant's (2 integer passes,
     # several times np.copysign)
@@ -442,7 +538,7 @@ def _q8_0_torch(src: np.ndarray, out: np.ndarray) -> None:
 
 def _as_torch(torch: Any, src: np.ndarray) -> Any:
     """A torch view of a float numpy array (bfloat16 through its bits)."""
-    if str(src.dtype) == "bfloat16":
+    if is_bf16(src.dtype):
         return torch.from_numpy(np.ascontiguousarray(src).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(src))
 
@@ -458,13 +554,14 @@ def torch_pays(q8_elements: int) -> bool:
 
 
 def _q8_0_into(src: np.ndarray, out: np.ndarray, use_torch: bool = True) -> None:
-    if use_torch and str(src.dtype) in _TORCH_SOURCES and _torch() is not None:
+    torch_reads = is_bf16(src.dtype) or str(src.dtype) in _TORCH_SOURCES
+    if use_torch and torch_reads and _torch() is not None:
         _q8_0_torch(src, out)
     else:
         _q8_0_numpy(src, out)
 
 
-_TORCH_SOURCES = frozenset({"bfloat16", "float16", "float32"})
+_TORCH_SOURCES = frozenset({"float16", "float32"})
 
 
 # -- per-thread scratch -----------------------------------------------------------------------
@@ -494,7 +591,7 @@ def _scratch_torch(name: str, size: int) -> Any:
 def _widen_into(src: np.ndarray, name: str) -> np.ndarray:
     """``src`` as float32 in the per-thread scratch ``name`` (bf16 by a shift: exact)."""
     x = _scratch(name, src.size, _F32)
-    if str(src.dtype) == "bfloat16":
+    if is_bf16(src.dtype):
         u = np.ascontiguousarray(src).view(np.uint16)
         np.left_shift(u, 16, out=x.view(np.uint32), dtype=np.uint32)
     else:
@@ -525,7 +622,7 @@ def _torch() -> Any:
 
 def widen(part: np.ndarray) -> np.ndarray:
     """Values as contiguous float32 (bf16 by a shift: exact, and 3x numpy's cast)."""
-    if str(part.dtype) == "bfloat16":
+    if is_bf16(part.dtype):
         u = np.ascontiguousarray(part).view(np.uint16)
         return np.left_shift(u, 16, dtype=np.uint32).view(_F32)
     return np.ascontiguousarray(part, dtype=_F32)
@@ -566,47 +663,74 @@ def _seq_sum(terms: np.ndarray) -> np.ndarray:
     return np.add.reduce(np.ascontiguousarray(terms), axis=0)
 
 
+def _k_buf(name: str, like: np.ndarray) -> np.ndarray:
+    """Per-thread float32 scratch shaped like ``like`` (the K-quant search's work arrays)."""
+    return _scratch(name, like.size, _F32).reshape(like.shape)
+
+
+def _levels(
+    iscale: np.ndarray, v: np.ndarray, lo: np.float32, hi: np.float32, out: np.ndarray
+) -> np.ndarray:
+    """clip(nearest_int(iscale * v), lo, hi) into ``out``."""
+    np.multiply(iscale, v, out=out)
+    np.rint(out, out=out)
+    return np.clip(out, lo, hi, out=out)
+
+
 def _make_qkx2(
     x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_qkx2_quants (use_mad false) over sub-blocks x (n, m) -> (scale, the_min, L)."""
+    """make_qkx2_quants (use_mad false) over sub-blocks x (n, m) -> (scale, the_min, L).
+
+    Every full-size step runs in place on per-thread scratch (no temporaries); the float32
+    operations and their order are the C loop's."""
     mn = np.minimum(x.min(axis=0), _F32(0))
     mx = x.max(axis=0)
+    t, xm, L, la, wl, diff = (_k_buf(k, x) for k in ("kt", "kxm", "kL", "kla", "kwl", "kd"))
     sum_w = _seq_sum(w)
-    sum_x = _seq_sum(w * x)
+    sum_x = _seq_sum(np.multiply(w, x, out=t))
     flat = mx == mn
     top = _F32(nmax)
+    zero = _F32(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rng = mx - mn
-        iscale = np.where(flat, _F32(0), top / rng)
+        iscale = np.where(flat, zero, top / rng)
         scale = _F32(1) / iscale
-        xm = x - mn
-        L = np.clip(_nearest(iscale * xm), 0, top)
-        diff = scale * L + mn - x
-        best = _seq_sum(w * (diff * diff))
+        np.subtract(x, mn, out=xm)
+        _levels(iscale, xm, zero, top, L)
+
+        def error(s: np.ndarray, m: np.ndarray, lv: np.ndarray) -> np.ndarray:
+            """sum of w * (s * L + m - x)**2 per sub-block."""
+            d = np.multiply(s, lv, out=diff)
+            d += m
+            d -= x
+            d *= d
+            d *= w
+            return _seq_sum(d)
+
+        best = error(scale, mn, L)
         for step in range(nstep + 1):
-            isc = np.where(flat, _F32(0), (_F32(rmin) + _F32(rdelta) * _F32(step) + top) / rng)
-            la = np.clip(_nearest(isc * xm), 0, top)
-            wl = w * la
+            isc = np.where(flat, zero, (_F32(rmin) + _F32(rdelta) * _F32(step) + top) / rng)
+            _levels(isc, xm, zero, top, la)
+            np.multiply(w, la, out=wl)
             sum_l = _seq_sum(wl)
-            sum_l2 = _seq_sum(wl * la)
-            sum_xl = _seq_sum(wl * x)
+            sum_l2 = _seq_sum(np.multiply(wl, la, out=t))
+            sum_xl = _seq_sum(np.multiply(wl, x, out=t))
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
-            this_min = np.where(pos, _F32(0), this_min)
+            this_min = np.where(pos, zero, this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale * la + this_min - x
-            cur = _seq_sum(w * (diff * diff))
+            cur = error(this_scale, this_min, la)
             better = (D > 0) & (cur < best) & ~flat
             if better.any():
-                L = np.where(better, la, L)
+                np.copyto(L, la, where=better)
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
                 mn = np.where(better, this_min, mn)
-    scale = np.where(flat, _F32(0), scale).astype(_F32)
-    return scale, (-mn).astype(_F32), np.where(flat, _F32(0), L)
+    scale = np.where(flat, zero, scale).astype(_F32)
+    return scale, (-mn).astype(_F32), np.where(flat, zero, L)
 
 
 def _quant_k45(
@@ -667,30 +791,36 @@ def _q_q5_k(x: np.ndarray) -> np.ndarray:
 
 
 def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(rmse_type 1, no weights) over sub-blocks x (n, m) -> (scale, L + nmax)."""
+    """make_qx_quants(rmse_type 1, no weights) over sub-blocks x (n, m) -> (scale, L + nmax).
+
+    In place on per-thread scratch, the C loop's float32 operations in its order."""
     i = np.abs(x).argmax(axis=0)[None, :]
     mx = np.take_along_axis(x, i, axis=0)[0]
     zero = np.abs(mx) < GROUP_MAX_EPS
-    w = x * x
-    wx = w * x
+    w, wx, t, lvl, lv = (_k_buf(k, x) for k in ("qw", "qwx", "qt", "ql", "qlv"))
+    np.multiply(x, x, out=w)
+    np.multiply(w, x, out=wx)
     lo, hi = _F32(-nmax), _F32(nmax - 1)
 
-    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lvl = np.clip(_nearest(iscale * x), lo, hi)
-        return _seq_sum(wx * lvl), _seq_sum((w * lvl) * lvl), lvl
+    def fit(iscale: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _levels(iscale, x, lo, hi, out)
+        sumlx = _seq_sum(np.multiply(wx, out, out=t))
+        wll = np.multiply(w, out, out=t)
+        wll *= out
+        return sumlx, _seq_sum(wll)
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        sumlx, suml2, lvl = fit(np.where(zero, _F32(0), _F32(-nmax) / mx))
+        sumlx, suml2 = fit(np.where(zero, _F32(0), _F32(-nmax) / mx), lvl)
         scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             isc = np.where(zero, _F32(0), -(_F32(nmax) + _F32(0.1) * _F32(step)) / mx)
-            slx, sl2, lv = fit(isc)
+            slx, sl2 = fit(isc, lv)
             better = (sl2 > 0) & (slx * slx > best * sl2)
             if better.any():
-                lvl = np.where(better, lv, lvl)
+                np.copyto(lvl, lv, where=better)
                 scale = np.where(better, slx / sl2, scale)
                 best = np.where(better, scale * slx, best)
     scale = np.where(zero, _F32(0), scale).astype(_F32)
@@ -830,10 +960,10 @@ def encode_into(qtype: str, src: np.ndarray, out: np.ndarray, *, use_torch: bool
     t = get(qtype)
     n = src.size // t.block
     out = out.reshape(n, t.size)
-    kind = str(src.dtype)
+    bf16 = is_bf16(src.dtype)
     if qtype == "Q8_0":
         _q8_0_into(src, out, use_torch)
-    elif qtype == "BF16" and kind == "bfloat16":
+    elif qtype == "BF16" and bf16:
         u = np.ascontiguousarray(src).view(np.uint16)
         o = out.reshape(-1).view(np.uint16)
         np.copyto(o, u)
@@ -842,14 +972,20 @@ def encode_into(qtype: str, src: np.ndarray, out: np.ndarray, *, use_torch: bool
             o[nan] |= np.uint16(0x40)
     elif qtype == "F16":
         o16 = out.reshape(-1).view(_F16)
+        wide = _widen_into(src, "x") if bf16 else src  # bfloat16 -> float32 is exact
         with np.errstate(over="ignore", invalid="ignore"):
-            np.copyto(o16, src, casting="unsafe")
-        if (src.dtype.kind == "f" and src.dtype.itemsize > 2) or kind == "bfloat16":
-            over = int(np.count_nonzero(np.isinf(o16) & np.isfinite(src)))
+            np.copyto(o16, wide, casting="unsafe")
+        if (src.dtype.kind == "f" and src.dtype.itemsize > 2) or bf16:
+            over = int(np.count_nonzero(np.isinf(o16) & np.isfinite(wide)))
             if over:
                 raise F16Overflow(over)
     elif qtype == "F32":
-        np.copyto(out.reshape(-1).view(_F32), src, casting="unsafe")
+        o32 = out.reshape(-1).view(_F32)
+        if bf16:
+            u = np.ascontiguousarray(src).view(np.uint16)
+            np.left_shift(u, 16, out=o32.view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(o32, src, casting="unsafe")
     else:
         x = _widen_into(src, "x").reshape(n, t.block)
         if qtype in K_QUANTS:
@@ -857,7 +993,10 @@ def encode_into(qtype: str, src: np.ndarray, out: np.ndarray, *, use_torch: bool
             if bad:
                 raise NonFinite(bad)
         with np.errstate(all="ignore"):  # tiny blocks: scales overflow, then decode as 0
-            out[...] = QUANTIZE[qtype](x)
+            if qtype in _LEGACY:
+                _legacy_into(qtype, x, out)
+            else:
+                out[...] = QUANTIZE[qtype](x)
 
 
 def dequantize(raw: np.ndarray, qtype: str, *, threads: int = 1) -> np.ndarray:

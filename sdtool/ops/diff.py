@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +31,11 @@ from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.results import Result
 from sdtool.vocab import Progress
-from sdtool.write.stream import SourceFds, prefetch
+from sdtool.write.stream import SourceFds
 
-CHUNK_ELEMENTS = 2 << 20  # elements per compared piece: buffers and temporaries well under 256 MB
+#: elements per compared piece and side: 1 MiB of fp32, so both sides' buffers stay in the CPU's
+#: cache between the read and the memcmp (8 MiB pieces ran at half the speed)
+CHUNK_ELEMENTS = 256 << 10
 
 SCHEMA = "sdtool.diff/2"
 
@@ -244,38 +248,147 @@ class _Pair:
     decided: bool = False  # fast mode: a difference was found, stop reading this pair
 
 
+@dataclass
+class _Task:
+    """Elements [start, stop) of one pair: the unit a worker thread compares."""
+
+    pair: _Pair
+    sides: tuple[_Side, _Side]
+    start: int
+    stop: int
+
+
+@dataclass
+class _Tally:
+    """What a task found, folded into its pair under the lock when the task ends."""
+
+    changed: int = 0
+    nan_mismatch: int = 0
+    worst: float | int = 0
+    differs: bool = False
+
+
+#: tasks are this many pieces long: large enough that handing them out costs nothing, small
+#: enough that two workers finish together
+TASK_PIECES = 64
+
+
+def _workers() -> int:
+    """Worker threads: copying from the page cache scales with cores (measured on 2 cores:
+    two threads read two 7.7 GB files about 1.5x faster than one, with no more system time)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def _compare_all(
     ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fast: bool, progress: Progress | None
 ) -> None:
-    """Compare every pair's values, piece by piece.
+    """Compare every pair's values, piece by piece, on a few worker threads.
 
-    A background thread reads the next pieces of both files (plain preads into reused buffers:
-    no page faults on fresh memory, no mmap keeping the files resident) while this one compares
-    them; a piece whose bytes are equal on both sides (one memcmp) is never decoded, so two
-    equal files are compared at the speed of reading them.
+    A worker reads one piece of each side with plain preads into its own two small buffers
+    (they stay in the CPU cache: reading is one copy out of the page cache, as ``cat`` does,
+    and the memcmp after it reads cached bytes) and compares them; a piece whose bytes are
+    equal on both sides is never decoded, so two equal files are compared at the speed of
+    reading them. Preads, memcmp and numpy release the GIL, so the workers run in parallel.
     """
     total = sum(p.ta.nbytes for p in pairs)
-    done = 0
+    lock = threading.Lock()
+    events: queue.Queue[tuple[int, BaseException | None]] = queue.Queue()
+    stop = threading.Event()
     with SourceFds() as fds:
-        for p, piece_a, piece_b, nbytes in prefetch(_pieces(ma, mb, pairs, fds, fast), depth=2):
-            if nbytes:
+        tasks = _tasks(ma, mb, pairs, fds)
+
+        def next_task() -> _Task | None:
+            with lock:
+                return next(tasks, None)
+
+        def work() -> None:
+            bufs = [bytearray(), bytearray()]
+            try:
+                while not stop.is_set() and (task := next_task()) is not None:
+                    tally = _run_task(task, bufs, fast, stop)
+                    with lock:
+                        _fold(task.pair, tally, fast)
+                    events.put((task.pair.ta.dtype.itemsize * (task.stop - task.start), None))
+            except BaseException as e:  # handed to the caller's thread
+                events.put((0, e))
+            finally:
+                events.put((-1, None))
+
+        n = _workers()
+        threads = [threading.Thread(target=work, name=f"sdtool-diff-{i}") for i in range(n)]
+        for t in threads:
+            t.start()
+        done, running = 0, n
+        try:
+            while running:
+                nbytes, error = events.get()
+                if error is not None:
+                    raise error
+                if nbytes < 0:
+                    running -= 1
+                    continue
                 done += nbytes
                 if progress is not None:
                     progress(done, total)
-            if piece_a is None:  # the pair is complete
-                td = p.td
-                if td.status == "equal" and (td.changed or td.changed is None):
-                    td.status = "changed"
-                exact = not fast or td.status == "equal"  # fast: no decoding, no maximum
-                td.max_abs_diff = p.worst if exact else None
-                continue
-            if not p.decided:
-                _compare_piece(p, piece_a, piece_b, fast)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    for p in pairs:
+        td = p.td
+        if td.status == "equal" and (td.changed or td.changed is None):
+            td.status = "changed"
+        exact = not fast or td.status == "equal"  # fast: no decoding, no maximum
+        td.max_abs_diff = p.worst if exact else None
 
 
-def _compare_piece(p: _Pair, piece_a: Any, piece_b: Any, fast: bool) -> None:
-    """Fold one piece of a pair into its record (bytes first, decoding only a difference)."""
-    ta, tb, td = p.ta, p.tb, p.td
+def _tasks(ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fds: SourceFds) -> Iterator[_Task]:
+    """Every pair as tasks, in order: pairs read raw on both sides in ranges of TASK_PIECES
+    pieces, the others whole (their values are materialised once, by one worker)."""
+    for p in pairs:
+        sides = (_Side.of(ma, p.name, p.ta, fds), _Side.of(mb, p.name, p.tb, fds))
+        numel = p.ta.numel
+        if sides[0].values is not None or sides[1].values is not None:
+            yield _Task(p, sides, 0, numel)
+            continue
+        span = max(1, CHUNK_ELEMENTS) * TASK_PIECES
+        for start in range(0, numel, span):
+            yield _Task(p, sides, start, min(numel, start + span))
+        if numel == 0:
+            yield _Task(p, sides, 0, 0)
+
+
+def _run_task(task: _Task, bufs: list[bytearray], fast: bool, stop: threading.Event) -> _Tally:
+    p, (sa, sb) = task.pair, task.sides
+    tally = _Tally()
+    step = max(1, CHUNK_ELEMENTS)
+    for start in range(task.start, task.stop, step):
+        if stop.is_set() or (fast and (p.decided or tally.differs)):
+            break
+        n = min(step, task.stop - start)
+        _compare_piece(
+            p.ta, p.tb, sa.read(start, n, bufs, 0), sb.read(start, n, bufs, 1), fast, tally
+        )
+    return tally
+
+
+def _fold(p: _Pair, tally: _Tally, fast: bool) -> None:
+    """Add a task's tally to its pair (under the lock)."""
+    td = p.td
+    if fast:
+        if tally.differs:
+            td.changed, p.decided = None, True
+        return
+    if td.changed is not None:
+        td.changed += tally.changed
+    td.nan_mismatch += tally.nan_mismatch
+    p.worst = max(p.worst, tally.worst)
+
+
+def _compare_piece(
+    ta: TensorInfo, tb: TensorInfo, piece_a: Any, piece_b: Any, fast: bool, tally: _Tally
+) -> None:
+    """Fold one piece of a pair into the tally (bytes first, decoding only a difference)."""
     same_dtype = ta.dtype == tb.dtype
     if same_dtype and isinstance(piece_a, memoryview):
         # one memcmp (bytearray.startswith; comparing memoryviews goes element by element)
@@ -295,19 +408,18 @@ def _compare_piece(p: _Pair, piece_a: Any, piece_b: Any, fast: bool) -> None:
         n_changed = int(np.count_nonzero(_bits_differ(ca_cast, cb)))
         # the true difference, not the rounding's: compare the original values everywhere
         mask = None
+    if n_changed:
+        tally.differs = True
     if fast:
-        if n_changed:
-            td.changed, p.decided = None, True
         return
-    assert td.changed is not None
-    td.changed += n_changed
+    tally.changed += n_changed
     va, vb = (ca, cb) if mask is None else (ca[mask], cb[mask])
     if same_dtype and ta.dtype.kind in ("int", "uint"):
-        p.worst = max(p.worst, _max_int_diff(va, vb))
+        tally.worst = max(tally.worst, _max_int_diff(va, vb))
     else:
         d, nan_mismatch = _max_float_diff(va, vb)
-        td.nan_mismatch += nan_mismatch
-        p.worst = max(p.worst, d)
+        tally.nan_mismatch += nan_mismatch
+        tally.worst = max(tally.worst, d)
 
 
 def _values(piece: Any, info: TensorInfo) -> np.ndarray:
@@ -329,76 +441,55 @@ def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
     return cast(np.ascontiguousarray(ca), ta.dtype, tb.dtype)[0]
 
 
-#: pieces in flight at once: the one compared, the prefetch queue's two, the one being read,
-#: and one spare; a slot's buffers are reused RING pieces later
-RING = 6
+@dataclass
+class _Side:
+    """One side of a pair: where its raw bytes lie (``fd``, ``offset``), or how to get its
+    values when they do not lie in the file as they are (``values``, materialised once)."""
 
+    name: str
+    item: int
+    fd: int = -1
+    offset: int = 0
+    path: Path | None = None
+    values: Callable[[], np.ndarray] | None = None
+    _flat: np.ndarray | None = None
 
-def _pieces(
-    ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fds: SourceFds, fast: bool
-) -> Iterator[tuple[_Pair, Any, Any, int]]:
-    """(pair, piece of A, piece of B, bytes of A done) for every piece of every pair, in order,
-    then (pair, None, None, 0) when the pair is complete. Pieces are memoryviews of reused
-    buffers (raw bytes read from the file) or arrays (values only ``read_info`` can produce)."""
-    ring: list[list[bytearray]] = [[bytearray(), bytearray()] for _ in range(RING)]
-    turn = 0
-    for p in pairs:
-        step = max(1, CHUNK_ELEMENTS)
-        srcs = [_source(ma, p.name, p.ta, fds), _source(mb, p.name, p.tb, fds)]
-        numel = p.ta.numel
-        for start in range(0, numel, step):
-            if fast and p.decided:
-                break
-            n = min(step, numel - start)
-            slot = ring[turn % RING]
-            turn += 1
-            got = [src(start, n, slot, side) for side, src in enumerate(srcs)]
-            yield p, got[0], got[1], n * p.ta.dtype.itemsize
-        yield p, None, None, 0
+    @classmethod
+    def of(cls, m: ModelFile, name: str, info: TensorInfo, fds: SourceFds) -> _Side:
+        holder, hinfo = m.locate(name) if name in m.tensors else (m, info)
+        span = hinfo.file_span
+        item = info.dtype.itemsize
+        if span is None:
+            return cls(name, item, values=lambda: holder.read_info(hinfo, name).reshape(-1))
+        offset, nbytes = span
+        if offset + nbytes > holder.file_size:
+            raise TruncatedFile(
+                f"tensor {name!r} needs bytes up to {offset + nbytes} but the file has "
+                f"{holder.file_size}; the download is truncated",
+                path=holder.path,
+            )
+        return cls(name, item, fds.of(holder.path), offset, holder.path)
 
-
-def _source(
-    m: ModelFile, name: str, info: TensorInfo, fds: SourceFds
-) -> Callable[[int, int, list[bytearray], int], Any]:
-    """A reader of elements [start, start + n) of the tensor: raw bytes into the slot's buffer
-    when they lie in the file as they are, else a slice of the values read_info gives."""
-    holder, hinfo = m.locate(name) if name in m.tensors else (m, info)
-    span = hinfo.file_span
-    item = info.dtype.itemsize
-    if span is None:
-        flat: list[np.ndarray] = []
-
-        def values(start: int, n: int, slot: list[bytearray], side: int) -> Any:
-            if not flat:
-                flat.append(holder.read_info(hinfo, name).reshape(-1))
-            return flat[0][start : start + n]
-
-        return values
-    offset, nbytes = span
-    if offset + nbytes > holder.file_size:
-        raise TruncatedFile(
-            f"tensor {name!r} needs bytes up to {offset + nbytes} but the file has "
-            f"{holder.file_size}; the download is truncated",
-            path=holder.path,
-        )
-    fd = fds.of(holder.path)
-
-    def raw(start: int, n: int, slot: list[bytearray], side: int) -> Any:
-        want = n * item
-        if len(slot[side]) < want:  # buffers grow once, then are reused: no fresh pages
-            slot[side] = bytearray(max(want, CHUNK_ELEMENTS * 4))
-        view = memoryview(slot[side])[:want]
+    def read(self, start: int, n: int, bufs: list[bytearray], which: int) -> Any:
+        """Elements [start, start + n): a view of ``bufs[which]`` refilled from the file (it
+        grows once, then is reused), or a slice of the materialised values."""
+        if self.values is not None:
+            if self._flat is None:
+                self._flat = self.values()
+            return self._flat[start : start + n]
+        want = n * self.item
+        if len(bufs[which]) < want:
+            bufs[which] = bytearray(max(want, CHUNK_ELEMENTS * self.item))
+        view = memoryview(bufs[which])[:want]
         got = 0
         while got < want:
-            k = os.preadv(fd, [view[got:]], offset + start * item + got)
+            k = os.preadv(self.fd, [view[got:]], self.offset + start * self.item + got)
             if k == 0:
                 raise TruncatedFile(
-                    f"tensor {name!r} ends early; the file shrank", path=holder.path
+                    f"tensor {self.name!r} ends early; the file shrank", path=self.path
                 )
             got += k
         return view
-
-    return raw
 
 
 def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
