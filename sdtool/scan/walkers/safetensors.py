@@ -94,7 +94,7 @@ def _safetensors_tail(ctx: Ctx, buf: Any, member: str | None, depth: int, header
         if size < 8:
             return
         end = lenient_data_end(buf)
-    if is_zip_tail(buf) or bytes(buf[end : end + 4]) == b"PK\x03\x04":
+    if is_zip_tail(buf) or bytes(buf[end : end + 4]) == zipfmt.LOCAL_SIG:
         ctx.find(
             "suspicious",
             "safetensors-hidden",
