@@ -82,12 +82,13 @@ def test_command_help_imports_nothing_heavy(command: str, sub_env: dict[str, str
     assert not _under(mods, *HEAVY, *HELP_FREE), sorted(_under(mods, *HEAVY, *HELP_FREE))
 
 
-def test_inspect_of_a_tiny_file_imports_no_numpy(sub_env: dict[str, str]) -> None:
+def test_inspect_of_a_tiny_file_imports_no_numpy_no_rich(sub_env: dict[str, str]) -> None:
     """Listing names, dtypes, shapes and offsets needs the header and the pickle only: no
-    numpy (the restricted unpickler builds tensor references without it), no cache, no
-    safetensors, no temp files (standard input is not involved)."""
+    numpy (the restricted unpickler builds tensor references without it), no rich (its report
+    prints as plain text off a terminal: sdtool.cli.plain), no cache, no safetensors, no temp
+    files (standard input is not involved)."""
     mods = imported(["inspect", str(EXAMPLE)], sub_env)
-    banned = {"numpy", "safetensors", "sqlite3", "tempfile", "sdtool.cache"}
+    banned = {"numpy", "rich", "safetensors", "sqlite3", "tempfile", "sdtool.cache"}
     assert not _under(mods, *HEAVY, *banned), sorted(_under(mods, *HEAVY, *banned))
 
 
