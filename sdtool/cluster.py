@@ -199,7 +199,7 @@ def _allow_children() -> None:
 
 def scan_runner(cluster: Cluster) -> Callable[[Sequence[Any]], Iterator[Any]]:
     """A ``runner`` for ``scan_paths``: its fresh scans as tasks, reports in input order."""
-    from sdtool.scan.report import FileReport
+    from sdtool.scan.report import FileReport, Problem, ProblemKind
     from sdtool.scan.workers import crash_report
 
     def run(tasks: Sequence[Any]) -> Iterator[FileReport]:
@@ -208,7 +208,8 @@ def scan_runner(cluster: Cluster) -> Callable[[Sequence[Any]], Iterator[Any]]:
         def failed(text: str, exc: BaseException) -> str:
             path = json.loads(text)["path"]
             rep = crash_report(path, None)
-            rep.errors[-1] = f"could not scan: the cluster task failed ({type(exc).__name__})"
+            why = f"could not scan: the cluster task failed ({type(exc).__name__})"
+            rep.problems[-1] = Problem(ProblemKind.CRASH, why)
             return json.dumps(rep.to_dict())
 
         for doc in cluster.map_ordered(scan_task, texts, failed):

@@ -121,9 +121,11 @@ def from_code(code: str) -> DType:
         raise UnsupportedDtype(f"unknown dtype {code!r}") from None
 
 
-#: element sizes of torch storage classes sdtool cannot hold as tensors (quantized, untyped):
-#: the scanner still needs them to step over a legacy file's raw storage bytes
-_OTHER_STORAGE_ITEMSIZE = {
+#: the one table of torch storage classes and their element sizes: the dtypes' own, and those
+#: sdtool cannot hold as tensors (quantized, untyped), which the scanner still needs to step over
+#: a legacy file's raw storage bytes (scan.allowlist's storage classes are these names)
+STORAGE_ITEMSIZE: dict[str, int] = {
+    **{name: d.itemsize for name, d in _BY_STORAGE.items()},
     "QInt8Storage": 1, "QUInt8Storage": 1, "QInt32Storage": 4, "QUInt4x2Storage": 1,
     "QUInt2x4Storage": 1, "UntypedStorage": 1,
 }  # fmt: skip
@@ -131,8 +133,7 @@ _OTHER_STORAGE_ITEMSIZE = {
 
 def storage_itemsize(name: str) -> int | None:
     """Bytes per element of the torch storage class ``name`` ("HalfStorage"), None if unknown."""
-    d = _BY_STORAGE.get(name)
-    return d.itemsize if d is not None else _OTHER_STORAGE_ITEMSIZE.get(name)
+    return STORAGE_ITEMSIZE.get(name)
 
 
 def from_storage(name: str) -> DType:

@@ -89,6 +89,57 @@ def test_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert {r["status"] for r in doc["results"]} == {"skipped"}
 
 
+def test_batch_picks_inputs_by_content(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder's files are inputs by content, as scan decides: a model under any name is
+    converted; a pickle only if it holds tensors; images / JSON / text under model names are
+    left out with the reason; unreadable bytes under a model name fail."""
+    import pickle
+
+    dl = tmp_path / "downloads"
+    _ckpt(dl / "model.weights", 1)  # a torch zip whatever its name
+    _ckpt(dl / "noext", 2)
+    old = {"w": torch.ones(2, 2)}
+    torch.save(old, dl / "legacy.pkl", _use_new_zipfile_serialization=False)  # tensors: input
+    dl.joinpath("data.pkl").write_bytes(pickle.dumps({"lr": 0.1, "steps": [1, 2]}, protocol=2))
+    dl.joinpath("cut.pkl").write_bytes(b"\x80\x02cbuiltins")  # a pickle cut short: left out
+    dl.joinpath("cut.ckpt").write_bytes(b"\x80\x02cbuiltins")  # ... but under a model name
+    dl.joinpath("preview.ckpt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    dl.joinpath("config.safetensors").write_text('{"a": 1}')
+    dl.joinpath("notes.pt").write_text("trained for 10 epochs\n")
+    dl.joinpath("blob.msgpack").write_bytes(bytes(range(200)))  # unknown bytes, no model name
+    out = tmp_path / "out"
+    assert main(["convert", str(dl), "--out-dir", str(out), "--json"]) == 1  # cut.ckpt failed
+    doc = json.loads(capsys.readouterr().out)
+    status = {Path(r["path"]).name: r["status"] for r in doc["results"]}
+    assert status == {
+        "cut.ckpt": "failed",
+        "legacy.pkl": "converted",
+        "model.weights": "converted",
+        "noext": "converted",
+    }
+    why = {Path(i["path"]).name: i["reason"] for i in doc["ignored"]}
+    assert why.pop("blob.msgpack").startswith("its first bytes are")
+    assert why.pop("cut.pkl").startswith("a pickle sdtool cannot read (")
+    assert why == {
+        "config.safetensors": "JSON text",
+        "data.pkl": "no tensors",
+        "notes.pt": "text",
+        "preview.ckpt": "PNG image",
+    }
+    assert doc["summary"]["ignored"] == 6 and doc["summary"]["failed"] == 1
+    assert (out / "model.safetensors").is_file() and (out / "legacy.safetensors").is_file()
+    (dl / "cut.ckpt").unlink()
+    assert main(["convert", str(dl), "--out-dir", str(out), "--overwrite"]) == 0
+    text = capsys.readouterr().out
+    assert f"ignored   {dl / 'data.pkl'}: no tensors\n" in text
+    assert "3 converted, 0 skipped, 0 failed, 6 ignored" in text
+    assert main(["convert", str(dl), "--out-dir", str(out), "--jsonl", "--overwrite"]) == 0
+    res = capsys.readouterr()
+    recs = [json.loads(line) for line in res.out.splitlines()]
+    assert sorted(r["status"] for r in recs) == ["converted"] * 3  # a record per input
+    assert "6 file(s) in the folders hold nothing to convert" in res.err
+
+
 def test_batch_to_ckpt_and_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _ckpt(tmp_path / "in" / "m.safetensors.src.ckpt")
     out = tmp_path / "out"

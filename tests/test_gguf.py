@@ -209,6 +209,27 @@ def test_outer_axis_sums_add_in_index_order() -> None:
     assert np.array_equal(ggml._seq_sum(t).view(np.uint32), acc.view(np.uint32))
 
 
+@pytest.mark.parametrize("source", ["float32", "bfloat16", "float16"])
+def test_f16_and_f32_match_gguf_py(source: str) -> None:
+    """F16 and F32 (gguf-py: ``astype``) bit for bit, special values included; F16 refuses a
+    finite value that float16 cannot hold (F16Overflow) instead of writing inf."""
+    import ml_dtypes
+
+    sp = _special_values().reshape(-1)
+    x = sp[np.isnan(sp) | np.isinf(sp) | (np.abs(sp) < 65504)]
+    x = x[: x.size // 256 * 256]
+    x = x.astype(
+        {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[source]
+    )
+    wide = x.astype(np.float32)
+    for qtype, kind in (("F16", T.F16), ("F32", T.F32)):
+        with np.errstate(all="ignore"):
+            want = quants.quantize(wide, kind)
+        assert np.array_equal(_bits(want).reshape(-1), ggml.quantize(x, qtype))
+    with pytest.raises(ggml.F16Overflow):
+        ggml.quantize(np.full(32, 1e5, np.float32), "F16")
+
+
 @pytest.mark.parametrize("qtype", sorted(ggml.QUANTIZE))
 def test_bf16_bits_encode_like_bfloat16(qtype: str) -> None:
     """``BF16_BITS`` (bfloat16 as raw uint16, no ml_dtypes) encodes to the same bytes as

@@ -10,7 +10,13 @@ import pytest
 
 from sdtool import open_model
 from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
-from sdtool.formats.numpyfile import NPY_TENSOR, PickledArray, read_npz
+from sdtool.formats.numpyfile import (
+    NPY_TENSOR,
+    PickledArray,
+    parse_npy_header,
+    read_npy_layout,
+    read_npz,
+)
 from sdtool.formats.zip import read_archive
 from sdtool.model import ModelFile
 
@@ -154,3 +160,19 @@ def test_npz_string_member_refused(tmp_path: Path) -> None:
     np.savez(p, data=np.arange(3.0), format=np.array(b"csc"))
     with pytest.raises(UnsupportedDtype, match=r"'format\.npy'"):
         _npz(p)
+
+
+def test_one_header_description_for_reader_and_scanner(tmp_path: Path) -> None:
+    """The scanner's view (numpy.load's reading) and the reader's parse agree on where the data
+    lies; a header that does not fit the bytes is TruncatedFile for both."""
+    p = tmp_path / "a.npy"
+    np.save(p, np.arange(6, dtype=np.float32).reshape(2, 3))
+    raw = p.read_bytes()
+    layout = read_npy_layout(raw)
+    assert layout.data_start == parse_npy_header(raw, "a").data_start == len(raw) - 24
+    assert layout.nbytes == 24 and not layout.has_object and layout.version == (1, 0)
+    for cut in (raw[:11], raw[:40]):
+        with pytest.raises(TruncatedFile):
+            read_npy_layout(cut)
+        with pytest.raises(TruncatedFile):
+            parse_npy_header(cut, "a")

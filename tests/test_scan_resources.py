@@ -22,6 +22,7 @@ import pytest
 
 from sdtool.cli.main import main
 from sdtool.scan import containers, scan, scan_paths
+from sdtool.scan.report import ProblemKind
 from sdtool.scan.workers import Task, run_isolated
 from tests.scan_payloads import call_global
 
@@ -66,6 +67,7 @@ def test_a_crashing_worker_costs_only_its_file(
     assert [Path(f.path).name for f in report.files] == sorted(p.name for p in paths)
     assert by_name["crash.pkl"].verdict == "not_scanned"
     assert "scanner process died" in by_name["crash.pkl"].errors[0]
+    assert [p.kind for p in by_name["crash.pkl"].problems] == [ProblemKind.CRASH]
     if how == "segv":
         assert "SIGSEGV" in by_name["crash.pkl"].errors[0]
     assert by_name["a.pkl"].verdict == by_name["c.pkl"].verdict == "safe"
@@ -83,6 +85,7 @@ def test_a_hanging_file_ends_in_a_time_limit(
     assert time.monotonic() - t0 < 30
     assert [r.verdict for r in reports] == ["safe", "error", "dangerous", "safe"]
     assert reports[1].errors == ["could not scan: limit: scanning took longer than 2 s"]
+    assert [p.kind for p in reports[1].problems] == [ProblemKind.LIMIT]
 
 
 def test_results_come_back_as_json_not_pickles(tmp_path: Path) -> None:
@@ -113,6 +116,24 @@ def test_fifo_socket_and_device_are_skipped_by_type(tmp_path: Path) -> None:
     assert scan(tmp_path / "pipe").errors == [
         "not scanned: a named pipe (skipped by type, never opened)"
     ]
+
+
+def test_problems_are_typed(tmp_path: Path) -> None:
+    """Each reason (part of) a file went unanalysed has a kind; --json keeps the sentences;
+    a worker process sends the kinds back."""
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    (tmp_path / "cut.pkl").write_bytes(b"\x80\x02cbuiltins")  # a pickle cut inside GLOBAL
+    report = scan_paths([tmp_path, tmp_path / "nope"], isolate=False)
+    kinds = {Path(f.path).name: [p.kind for p in f.problems] for f in report.files}
+    assert kinds == {
+        "cut.pkl": [ProblemKind.BROKEN],
+        "empty.pkl": [ProblemKind.NOT_SCANNED],
+        "nope": [ProblemKind.MISSING],
+    }
+    for f, doc in zip(report.files, report.to_json()["files"], strict=True):
+        assert doc["errors"] == [p.message for p in f.problems] == f.errors
+    (rep,) = run_isolated([Task(str(tmp_path / "cut.pkl"), {})])
+    assert rep.problems == scan(tmp_path / "cut.pkl").problems
 
 
 def test_json_and_sarif_are_utf8_whatever_the_names(

@@ -11,7 +11,7 @@ import pytest
 
 from sdtool import dtypes
 from sdtool.errors import UnsupportedDtype
-from sdtool.formats.sniff import sniff_bytes
+from sdtool.formats.sniff import sniff_any, sniff_bytes
 from sdtool.formats.unpickler import ALLOWED, _numpy_dtype_class
 from sdtool.results import Result
 from sdtool.scan.classify import classify_global
@@ -65,6 +65,15 @@ def test_sniff_speaks_format() -> None:
     assert sniff_bytes(b"\x93NUMPY", 6) is Format.NPY
 
 
+def test_one_sniffer_for_scan() -> None:
+    """The scanner's one extra start: numpy.load opens an end-of-central-directory record as
+    an npz (zipfile finds the real end record), torch.load does not."""
+    eocd = b"PK\x05\x06" + bytes(18)
+    assert sniff_bytes(eocd, 22) is Format.UNKNOWN
+    assert sniff_any(eocd, 22) is Format.ZIP
+    assert sniff_any(b"\x80\x02}q\x00.", 6) is Format.PICKLE
+
+
 def test_dtype_names_and_the_cast_rule() -> None:
     assert parse_dtype(None) is None and parse_dtype("keep") is None
     assert parse_dtype("fp16") == F16 and parse_dtype("half") == F16 and parse_dtype(F16) == F16
@@ -114,3 +123,16 @@ def test_identify_speaks_the_component_names() -> None:
 def test_user_dtype_names_parse_everywhere() -> None:
     for name, code in DTYPE_NAMES.items():
         assert dtypes.parse(name).code == code
+
+
+def test_one_table_of_storage_classes() -> None:
+    """The storage classes the scanner allows are the one table's (dtypes.STORAGE_ITEMSIZE),
+    whose sizes agree with the dtype table's."""
+    from sdtool.dtypes import DTYPES, STORAGE_ITEMSIZE
+    from sdtool.scan.allowlist import SAFE
+
+    allowed = {name for mod, name in SAFE if mod == "torch" and name.endswith("Storage")}
+    assert allowed - {"TypedStorage"} == set(STORAGE_ITEMSIZE)
+    for d in DTYPES.values():
+        if d.storage:
+            assert STORAGE_ITEMSIZE[d.storage] == d.itemsize

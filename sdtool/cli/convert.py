@@ -251,8 +251,10 @@ def convert_cmd(
             paths, out_dir, options, to=to, jobs=jobs, file_progress=_per_file(progress),
             on_result=on_result, resume=resume, cache_dir=cache_dir, runner=runner,
         )  # fmt: skip
-    if as_jsonl:
-        pass
+    if as_jsonl:  # a record per input; the files left out are named by --json and the text
+        if batch.ignored:
+            warn(f"{len(batch.ignored)} file(s) in the folders hold nothing to convert and were "
+                 "left out (--json lists them with the reason)")  # fmt: skip
     elif as_json or quiet:
         for r in batch.results:
             _details(r)
@@ -387,10 +389,13 @@ def render_batch(b: BatchResult) -> None:
         else:  # the reason goes to stderr as the one-line error every command prints
             out.print(f"[red]failed[/red]    {markup(r.path)}")
             error(r.error or r.path)
+    for i in b.ignored:
+        out.print(f"ignored   {markup(i.path)}: {markup(i.reason)}")
     s = b.to_json()["summary"]
+    more = f", {s['ignored']} ignored" if s["ignored"] else ""
     out.print(
         f"\n{s['converted']} converted, {s['skipped']} skipped, "
         + (f"{s['resumed']} resumed, " if s["resumed"] else "")
-        + f"{s['failed']} failed; "
+        + f"{s['failed']} failed{more}; "
         f"{human_bytes(s['input_bytes'])} -> {human_bytes(s['output_bytes'])}"
     )

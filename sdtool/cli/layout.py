@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from sdtool.cli.render import console, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
+from sdtool.vocab import ExitCode
 
 if TYPE_CHECKING:  # the layout engine loads when a layout conversion runs, not for --help
     from sdtool.ops.layout import LayoutResult
@@ -60,7 +61,7 @@ def run_layout(
         print_json(result.to_json())
     else:
         render(result)
-    return 0
+    return ExitCode.OK
 
 
 def render(r: LayoutResult) -> None:
@@ -106,7 +107,7 @@ def run_lora_format(
     )
     if as_json:
         print_json(r.to_json())
-        return 0
+        return ExitCode.OK
     out = console()
     if r.dry_run:
         for old, new in r.mapping:
@@ -123,4 +124,4 @@ def run_lora_format(
     )
     for note in r.notes:
         warn(f"{r.input}: {note}")
-    return 0
+    return ExitCode.OK

@@ -18,9 +18,9 @@ from sdtool.cli.options import (
     write_options,
 )
 from sdtool.errors import UsageError
+from sdtool.vocab import ExitCode
 
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_OK, EXIT_UNMATCHED = 0, 1
 LIST_LIMIT = 20
 
 
@@ -87,14 +87,14 @@ def bake_cmd(
         )
     except UnmatchedModules as e:
         render.error(e)
-        return EXIT_UNMATCHED
+        return ExitCode.FINDINGS  # strict and some LoRA module matched nothing
     if quiet:
         pass
     elif as_json:
         render.print_json(result.to_json())
     else:
         _render_bake(result)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _render_bake(r: object) -> None:
@@ -217,7 +217,7 @@ def extract_cmd(
     )  # fmt: skip
     if not quiet:
         _render_op(r, as_json)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 @lora_cmd.command("resize")
@@ -264,7 +264,7 @@ def resize_cmd(
     )  # fmt: skip
     if not quiet:
         _render_op(r, as_json)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _render_op(r: object, as_json: bool) -> None:

@@ -17,12 +17,11 @@ from sdtool.cli.options import (
     write_options,
 )
 from sdtool.errors import UsageError
-from sdtool.vocab import MERGE_METHODS
+from sdtool.vocab import MERGE_METHODS, ExitCode
 
 if TYPE_CHECKING:  # the library (numpy) loads when the command runs, not for --help
     from sdtool.ops.merge import MergeResult
 
-EXIT_OK = 0
 #: keys listed per rule in the text plan (all of them are in --json)
 LIST_LIMIT = 20
 
@@ -115,7 +114,7 @@ def merge_cmd(
         render.print_json(result.to_json())
     else:
         render_merge(result)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def render_merge(r: MergeResult) -> None:

@@ -29,7 +29,7 @@ from sdtool.cli.render import (
     warn,
 )
 from sdtool.ops.outname import derived
-from sdtool.vocab import DROP_TARGETS, EXTRACT_TARGETS, parse_dtype
+from sdtool.vocab import DROP_TARGETS, EXTRACT_TARGETS, ExitCode, parse_dtype
 
 if TYPE_CHECKING:
     from sdtool.ops.prune import PruneResult
@@ -236,7 +236,7 @@ def _batch(
                         cache_dir=cache_dir)  # fmt: skip
     if as_json and not quiet:
         print_json(batch.to_json())
-    return 1 if batch.failed else 0
+    return ExitCode.FINDINGS if batch.failed else ExitCode.OK
 
 
 @click.command("extract")
@@ -304,10 +304,10 @@ def report(
         for tname, n in w.overflows.items():
             warn(f"{src}: {n} value(s) of {tname!r} overflowed to inf in the cast")
     if quiet:
-        return 0
+        return ExitCode.OK
     if as_json:
         print_json(result.to_json())
-        return 0
+        return ExitCode.OK
     from rich.table import Table
 
     p = result.plan
@@ -343,7 +343,7 @@ def report(
             f"wrote {markup(w.path)} ({w.format}, {w.tensors:,} tensors, "
             f"{human_bytes(w.nbytes)}{extra})"
         )
-    return 0
+    return ExitCode.OK
 
 
 def _cells(t: Any) -> tuple[str, str, str]:

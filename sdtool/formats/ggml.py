@@ -663,47 +663,74 @@ def _seq_sum(terms: np.ndarray) -> np.ndarray:
     return np.add.reduce(np.ascontiguousarray(terms), axis=0)
 
 
+def _k_buf(name: str, like: np.ndarray) -> np.ndarray:
+    """Per-thread float32 scratch shaped like ``like`` (the K-quant search's work arrays)."""
+    return _scratch(name, like.size, _F32).reshape(like.shape)
+
+
+def _levels(
+    iscale: np.ndarray, v: np.ndarray, lo: np.float32, hi: np.float32, out: np.ndarray
+) -> np.ndarray:
+    """clip(nearest_int(iscale * v), lo, hi) into ``out``."""
+    np.multiply(iscale, v, out=out)
+    np.rint(out, out=out)
+    return np.clip(out, lo, hi, out=out)
+
+
 def _make_qkx2(
     x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_qkx2_quants (use_mad false) over sub-blocks x (n, m) -> (scale, the_min, L)."""
+    """make_qkx2_quants (use_mad false) over sub-blocks x (n, m) -> (scale, the_min, L).
+
+    Every full-size step runs in place on per-thread scratch (no temporaries); the float32
+    operations and their order are the C loop's."""
     mn = np.minimum(x.min(axis=0), _F32(0))
     mx = x.max(axis=0)
+    t, xm, L, la, wl, diff = (_k_buf(k, x) for k in ("kt", "kxm", "kL", "kla", "kwl", "kd"))
     sum_w = _seq_sum(w)
-    sum_x = _seq_sum(w * x)
+    sum_x = _seq_sum(np.multiply(w, x, out=t))
     flat = mx == mn
     top = _F32(nmax)
+    zero = _F32(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rng = mx - mn
-        iscale = np.where(flat, _F32(0), top / rng)
+        iscale = np.where(flat, zero, top / rng)
         scale = _F32(1) / iscale
-        xm = x - mn
-        L = np.clip(_nearest(iscale * xm), 0, top)
-        diff = scale * L + mn - x
-        best = _seq_sum(w * (diff * diff))
+        np.subtract(x, mn, out=xm)
+        _levels(iscale, xm, zero, top, L)
+
+        def error(s: np.ndarray, m: np.ndarray, lv: np.ndarray) -> np.ndarray:
+            """sum of w * (s * L + m - x)**2 per sub-block."""
+            d = np.multiply(s, lv, out=diff)
+            d += m
+            d -= x
+            d *= d
+            d *= w
+            return _seq_sum(d)
+
+        best = error(scale, mn, L)
         for step in range(nstep + 1):
-            isc = np.where(flat, _F32(0), (_F32(rmin) + _F32(rdelta) * _F32(step) + top) / rng)
-            la = np.clip(_nearest(isc * xm), 0, top)
-            wl = w * la
+            isc = np.where(flat, zero, (_F32(rmin) + _F32(rdelta) * _F32(step) + top) / rng)
+            _levels(isc, xm, zero, top, la)
+            np.multiply(w, la, out=wl)
             sum_l = _seq_sum(wl)
-            sum_l2 = _seq_sum(wl * la)
-            sum_xl = _seq_sum(wl * x)
+            sum_l2 = _seq_sum(np.multiply(wl, la, out=t))
+            sum_xl = _seq_sum(np.multiply(wl, x, out=t))
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
-            this_min = np.where(pos, _F32(0), this_min)
+            this_min = np.where(pos, zero, this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale * la + this_min - x
-            cur = _seq_sum(w * (diff * diff))
+            cur = error(this_scale, this_min, la)
             better = (D > 0) & (cur < best) & ~flat
             if better.any():
-                L = np.where(better, la, L)
+                np.copyto(L, la, where=better)
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
                 mn = np.where(better, this_min, mn)
-    scale = np.where(flat, _F32(0), scale).astype(_F32)
-    return scale, (-mn).astype(_F32), np.where(flat, _F32(0), L)
+    scale = np.where(flat, zero, scale).astype(_F32)
+    return scale, (-mn).astype(_F32), np.where(flat, zero, L)
 
 
 def _quant_k45(
@@ -764,30 +791,36 @@ def _q_q5_k(x: np.ndarray) -> np.ndarray:
 
 
 def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(rmse_type 1, no weights) over sub-blocks x (n, m) -> (scale, L + nmax)."""
+    """make_qx_quants(rmse_type 1, no weights) over sub-blocks x (n, m) -> (scale, L + nmax).
+
+    In place on per-thread scratch, the C loop's float32 operations in its order."""
     i = np.abs(x).argmax(axis=0)[None, :]
     mx = np.take_along_axis(x, i, axis=0)[0]
     zero = np.abs(mx) < GROUP_MAX_EPS
-    w = x * x
-    wx = w * x
+    w, wx, t, lvl, lv = (_k_buf(k, x) for k in ("qw", "qwx", "qt", "ql", "qlv"))
+    np.multiply(x, x, out=w)
+    np.multiply(w, x, out=wx)
     lo, hi = _F32(-nmax), _F32(nmax - 1)
 
-    def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lvl = np.clip(_nearest(iscale * x), lo, hi)
-        return _seq_sum(wx * lvl), _seq_sum((w * lvl) * lvl), lvl
+    def fit(iscale: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _levels(iscale, x, lo, hi, out)
+        sumlx = _seq_sum(np.multiply(wx, out, out=t))
+        wll = np.multiply(w, out, out=t)
+        wll *= out
+        return sumlx, _seq_sum(wll)
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        sumlx, suml2, lvl = fit(np.where(zero, _F32(0), _F32(-nmax) / mx))
+        sumlx, suml2 = fit(np.where(zero, _F32(0), _F32(-nmax) / mx), lvl)
         scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             isc = np.where(zero, _F32(0), -(_F32(nmax) + _F32(0.1) * _F32(step)) / mx)
-            slx, sl2, lv = fit(isc)
+            slx, sl2 = fit(isc, lv)
             better = (sl2 > 0) & (slx * slx > best * sl2)
             if better.any():
-                lvl = np.where(better, lv, lvl)
+                np.copyto(lvl, lv, where=better)
                 scale = np.where(better, slx / sl2, scale)
                 best = np.where(better, scale * slx, best)
     scale = np.where(zero, _F32(0), scale).astype(_F32)

@@ -115,16 +115,11 @@ def parse_npy_header(head: bytes, what: str) -> NpyHeader:
     if len(head) < 10:
         raise TruncatedFile(f"{what}: the .npy header is cut short")
     major, minor = head[6], head[7]
-    if major == 1:
-        (hlen,) = struct.unpack_from("<H", head, 8)
-        start = 10
-    elif major in (2, 3):
-        if len(head) < 12:
-            raise TruncatedFile(f"{what}: the .npy header is cut short")
-        (hlen,) = struct.unpack_from("<I", head, 8)
-        start = 12
-    else:
+    if major not in (1, 2, 3):
         raise CorruptFile(f"{what}: unknown .npy format version {major}.{minor}")
+    if len(head) < _header_start(head):
+        raise TruncatedFile(f"{what}: the .npy header is cut short")
+    start, hlen = _preamble(head)
     if hlen > MAX_HEADER:
         raise CorruptFile(
             f"{what}: the .npy header declares {hlen} bytes, over sdtool's {MAX_HEADER}-byte "
@@ -174,11 +169,34 @@ class NpyLayout:
 MAX_LAYOUT_HEADER = 16 << 20
 
 
-def npy_header_length(head: bytes) -> int:
-    """Bytes of magic + header a .npy starting with ``head`` (>= 12 bytes) declares."""
-    if head[6:7] == b"\x01":
-        return 10 + struct.unpack_from("<H", head, 8)[0]
-    return 12 + struct.unpack_from("<I", head, 8)[0]
+def _header_start(head: bytes) -> int:
+    """Where the header dict starts: version 1.x has a u16 length at byte 8, later ones a u32."""
+    return 10 if head[6:7] == b"\x01" else 12
+
+
+def _preamble(head: bytes) -> tuple[int, int]:
+    """(where the header dict starts, its declared length) of the .npy starting with ``head``,
+    which holds at least ``_header_start(head)`` bytes. The version is not checked here."""
+    start = _header_start(head)
+    return start, struct.unpack_from("<H" if start == 10 else "<I", head, 8)[0]
+
+
+def read_npy_layout(buf: Any) -> NpyLayout:
+    """The layout of the .npy in ``buf`` (bytes or a mapping: ``len`` and slices), as
+    ``numpy.load(allow_pickle=True)`` reads it (``npy_layout``), reading at most the declared
+    header (``MAX_LAYOUT_HEADER`` bytes).
+
+    Raises TruncatedFile when the header does not fit the bytes (or the limit), ValueError
+    where numpy.load refuses the header (then nothing of the file is loaded).
+    """
+    if len(buf) < 12:
+        raise TruncatedFile("npy header is cut short")
+    head = bytes(buf[:12])
+    start, hlen = _preamble(head)
+    need = start + hlen
+    if need > min(len(buf), MAX_LAYOUT_HEADER):
+        raise TruncatedFile(f"npy header of {need} bytes does not fit the file (or sdtool's limit)")
+    return npy_layout(bytes(buf[:need]))
 
 
 def npy_layout(head: bytes) -> NpyLayout:

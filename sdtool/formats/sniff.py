@@ -1,7 +1,8 @@
 """Decide a file's format by its content, never by its name, and describe what it is not.
 
 torch.load's rule is followed exactly: a zip iff the file starts with ``PK\\x03\\x04``
-(a pickle with a zip appended is a pickle to torch). Loader and scanner share it.
+(a pickle with a zip appended is a pickle to torch). Loader and scanner share it; the scanner
+routes by ``sniff_any``, which adds the starts other loaders (numpy.load) read differently.
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ def sniff_bytes(head: bytes, size: int) -> Format:
     ):
         return Format.PICKLE
     return next((fmt for prefix, fmt in _PREFIXES if head.startswith(prefix)), Format.UNKNOWN)
+
+
+#: a zip's end-of-central-directory record (sdtool.formats.zip.EOCD_SIG)
+_EOCD = b"PK\x05\x06"
+
+
+def sniff_any(head: bytes, size: int) -> Format:
+    """What any loader could read the bytes as: ``sniff_bytes`` (torch.load's rule), and a zip
+    also when they start with an end-of-central-directory record (numpy.load opens that as an
+    npz, zipfile finding the real end record; torch.load does not). The scanner routes by it.
+    """
+    kind = sniff_bytes(head, size)
+    return Format.ZIP if kind is Format.UNKNOWN and head[:4] == _EOCD else kind
 
 
 #: formats no model loader reads but that wrap or hide one (joblib opens the first three by

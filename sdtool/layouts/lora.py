@@ -60,6 +60,34 @@ DIFFUSERS_COMPONENT = {"te1": "text_encoder", "te2": "text_encoder_2", "te3": "t
 #: kohya prefix per component; SD 1.x/2.x have one text encoder, written lora_te
 KOHYA_PREFIX = {"unet": "lora_unet", "te1": "lora_te1", "te2": "lora_te2", "te3": "lora_te3"}
 KOHYA_SINGLE_TE = "lora_te"
+
+#: module-stem prefix -> the component it adapts, kohya-style underscore names (none nests in
+#: another, so the order does not matter)
+UNDERSCORE_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("lora_unet_", "unet"),
+    ("lora_transformer_", "unet"),
+    ("lycoris_", "unet"),
+    ("lora_te1_", "te1"),
+    ("lora_te2_", "te2"),
+    ("lora_te3_", "te3"),
+    ("lora_te_", "te1"),
+)
+#: module-stem prefix -> component, dotted names (diffusers, PEFT, ComfyUI, ai-toolkit); a prefix
+#: comes before any shorter one it starts with
+DOTTED_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("base_model.model.", "unet"),
+    ("model.diffusion_model.", "unet"),
+    ("diffusion_model.", "unet"),
+    ("transformer.", "unet"),
+    ("unet.", "unet"),
+    ("text_encoder_2.", "te2"),
+    ("text_encoder_3.", "te3"),
+    ("text_encoder.", "te1"),
+    ("text_encoders.clip_l.transformer.", "te1"),
+    ("text_encoders.clip_h.transformer.", "te1"),
+    ("text_encoders.clip_g.transformer.", "te2"),
+    ("text_encoders.t5xxl.transformer.", "te3"),
+)
 #: ComfyUI's text-encoder prefixes per family
 COMFY_TE = {
     "sd1": {"te1": "text_encoders.clip_l.transformer"},
@@ -101,3 +129,12 @@ ROW_ROLES = {
 #: ``text_encoders.t5xxl``; diffusers' FluxPipeline calls it ``text_encoder_2``
 FLUX_COMPONENTS = {"te3": "te2"}
 KOHYA_PREFIX_FAMILY = {"flux": {"te2": "lora_te3"}}
+
+
+def kohya_prefix(family: str | None, comp: str, single_te: bool) -> str:
+    """kohya's module-name prefix (without the joining underscore) for component ``comp``:
+    the family's own where it has one, ``lora_te`` for the only text encoder of SD 1.x/2.x."""
+    own = KOHYA_PREFIX_FAMILY.get(family or "", {}).get(comp)
+    if own:
+        return own
+    return KOHYA_SINGLE_TE if comp == "te1" and single_te else KOHYA_PREFIX[comp]

@@ -30,7 +30,7 @@ from sdtool.model import ModelFile, tensor_leaves, to_plain
 from sdtool.ops.batch import Resume, Runner, options_digest, run_batch
 from sdtool.ops.outname import derived
 from sdtool.results import Result
-from sdtool.vocab import TO_SUFFIX, Progress, dtype_name
+from sdtool.vocab import TO_SUFFIX, Format, Progress, dtype_name
 from sdtool.write import (
     OUT_FORMATS,
     WriteOptions,
@@ -45,8 +45,14 @@ SCHEMA = "sdtool.convert/2"
 MAX_METADATA_VALUE = 64 * 1024
 #: textual-inversion embeddings: the A1111 .pt layout -> the name A1111 reads in safetensors
 TI_PREFIX, TI_NAME = "string_to_param.", "emb_params"
-#: files convert_batch picks up inside folders
+#: what open_model reads, as sniffing names it: a folder's files are inputs by content (as scan
+#: decides), never by extension; a plain pickle is one only if it holds tensors
+READABLE = frozenset({Format.SAFETENSORS, Format.ZIP, Format.TAR, Format.GGUF, Format.NPY})
+#: names that make bytes convert cannot read a broken model (an input that fails with the
+#: reason) rather than a file to leave out
 MODEL_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".sft", ".npy", ".npz"})
+#: why a pickle in a folder is left out when it holds no tensor anywhere
+NO_TENSORS = "no tensors"
 #: --to choice -> output extension
 
 
@@ -353,10 +359,19 @@ def _renames(m: ModelFile) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Ignored(Result):
+    """A file a folder walk left out: by its content nothing convert converts."""
+
+    path: Path
+    reason: str  # "no tensors", "PNG image", "JSON text", "text", "a gzip file, not ..."
+
+
+@dataclass(frozen=True)
 class BatchResult(Result):
-    """Every file's result, in input order."""
+    """Every file's result, in input order, and the folder files left out."""
 
     results: list[ConvertResult]
+    ignored: list[Ignored] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -375,9 +390,11 @@ class BatchResult(Result):
                 "skipped": self.count("skipped"),
                 "resumed": self.count("resumed"),
                 "failed": self.failed,
+                "ignored": len(self.ignored),
                 "input_bytes": sum(r.input_bytes for r in done),
                 "output_bytes": sum(r.output_bytes for r in done),
             },
+            "ignored": [i.to_json() for i in self.ignored],
         }
 
 
@@ -385,8 +402,15 @@ def batch_targets(
     inputs: Sequence[Path], out_dir: Path, to: str = "safetensors", *, quant: str | None = None
 ) -> list[tuple[Path, Path]]:
     """(input, output) pairs: files as given, folders searched recursively for model files
-    (sub-folders mirrored under ``out_dir``). The output folder itself is never searched.
+    (by content; sub-folders mirrored under ``out_dir``). The output folder is never searched.
     With ``quant`` (a GGUF type) the outputs are ``.gguf`` files."""
+    return batch_inputs(inputs, out_dir, to, quant=quant)[0]
+
+
+def batch_inputs(
+    inputs: Sequence[Path], out_dir: Path, to: str = "safetensors", *, quant: str | None = None
+) -> tuple[list[tuple[Path, Path]], list[Ignored]]:
+    """``batch_targets``, and the folders' files left out, each with why (``not_convertible``)."""
     if to not in TO_SUFFIX:
         raise UsageError(f"to={to!r} is not one of {', '.join(TO_SUFFIX)}")
     if quant is not None and to != "safetensors":
@@ -394,17 +418,68 @@ def batch_targets(
     ext = ".gguf" if quant is not None else TO_SUFFIX[to]
     out_dir = Path(out_dir)
     pairs: list[tuple[Path, Path]] = []
+    ignored: list[Ignored] = []
     for inp in map(Path, inputs):
         if inp.is_dir():
             for f in sorted(inp.rglob("*")):
-                if not f.is_file() or f.suffix.lower() not in MODEL_SUFFIXES:
+                if not f.is_file() or _inside(f, out_dir):
                     continue
-                if _inside(f, out_dir):
+                why = not_convertible(f)
+                if why is not None:
+                    ignored.append(Ignored(f, why))
                     continue
                 pairs.append((f, out_dir / f.relative_to(inp).with_suffix(ext)))
         else:
             pairs.append((inp, out_dir / (inp.stem + ext)))
-    return pairs
+    return pairs, ignored
+
+
+def not_convertible(path: Path) -> str | None:
+    """Why a file found in a folder is no input, or None. Content decides, as scan does.
+
+    A format open_model reads (safetensors, a torch zip or TAR, GGUF, npy) is an input whatever
+    its name. A pickle (a legacy torch file, or any ``.pkl``) is read by the restricted loader
+    (nothing runs): an input if it holds a tensor anywhere, else left out as "no tensors". An
+    image, JSON, YAML or text is left out whatever its name. Anything else (a cut-short
+    download, an archive, unknown bytes, a pickle the loader cannot read) is an input only
+    under a model file name (``MODEL_SUFFIXES``), so its conversion fails with the reason;
+    under another name it is left out with that reason. A file that cannot be read is an input
+    (it fails).
+    """
+    from sdtool.formats.sniff import TEXT_LIMIT, describe, not_a_model_file, sniff
+
+    try:
+        kind, head, size = sniff(path)
+    except SdtoolError:
+        return None
+    if kind in READABLE:
+        return None
+    model_name = path.suffix.lower() in MODEL_SUFFIXES
+    if kind is Format.PICKLE:
+        try:
+            return None if _holds_tensors(path) else NO_TENSORS
+        except SdtoolError as e:
+            return None if model_name else f"a pickle sdtool cannot read ({e.message})"
+    data = head
+    if len(head) < size <= TEXT_LIMIT:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+    what = not_a_model_file(data, size)
+    if what is not None:
+        return what
+    if model_name:
+        return None
+    if kind is not Format.UNKNOWN:
+        return f"a {kind.value} file, not a model file sdtool converts"
+    return describe(head, size)
+
+
+def _holds_tensors(path: Path) -> bool:
+    """Whether the restricted loader finds a tensor anywhere in the pickle (state dict or not)."""
+    with opened(path) as m:
+        return bool(m.tensors) or any(True for v in m.extra.values() for _ in tensor_leaves(v))
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -508,7 +583,7 @@ def convert_batch(
     opts = options_from(ConvertOptions, options, changes)
     if jobs < 1:
         raise UsageError(f"jobs={jobs} must be at least 1")
-    pairs = batch_targets([Path(p) for p in inputs], Path(out_dir), to, quant=opts.quant)
+    pairs, ignored = batch_inputs([Path(p) for p in inputs], Path(out_dir), to, quant=opts.quant)
     owner: dict[Path, Path] = {}
     for src, dst in pairs:  # claim outputs in input order so duplicates fail deterministically
         owner.setdefault(dst, src)
@@ -537,4 +612,4 @@ def convert_batch(
         results = run_batch(work, convert_job, on_result=on_result, runner=runner, on_error=lost)
     else:
         results = run_batch(work, one, jobs=jobs, on_result=on_result, cancel=cancel)
-    return BatchResult(results)
+    return BatchResult(results, ignored)

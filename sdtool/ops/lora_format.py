@@ -58,29 +58,6 @@ from sdtool.ops.lora.names import LoraModule, parse_lora
 from sdtool.write import OutTensor, write_model
 
 MAIN = {"sd3": "transformer", "sd3.5-large": "transformer", "flux": "transformer"}
-_DOTTED_PREFIXES = (
-    ("base_model.model.", "unet"),
-    ("model.diffusion_model.", "unet"),
-    ("diffusion_model.", "unet"),
-    ("transformer.", "unet"),
-    ("unet.", "unet"),
-    ("text_encoder_2.", "te2"),
-    ("text_encoder_3.", "te3"),
-    ("text_encoder.", "te1"),
-    ("text_encoders.clip_l.transformer.", "te1"),
-    ("text_encoders.clip_h.transformer.", "te1"),
-    ("text_encoders.clip_g.transformer.", "te2"),
-    ("text_encoders.t5xxl.transformer.", "te3"),
-)
-_UNDERSCORE_PREFIXES = (
-    ("lora_unet_", "unet"),
-    ("lora_transformer_", "unet"),
-    ("lycoris_", "unet"),
-    ("lora_te1_", "te1"),
-    ("lora_te2_", "te2"),
-    ("lora_te3_", "te3"),
-    ("lora_te_", "te1"),
-)
 _DORA = ("dora", "magnitude")
 #: (rank-side factor, row-side factor) pairs stacked / block-diagonalised when parts fuse
 _FACTOR_PAIRS = {
@@ -528,10 +505,10 @@ def _fuse_lokr(
 
 def _split_stem(stem: str) -> tuple[str, str] | None:
     """(component id, dotted module path) of a stem in any naming."""
-    for prefix, comp in _DOTTED_PREFIXES:
+    for prefix, comp in T.DOTTED_PREFIXES:
         if stem.startswith(prefix):
             return comp, stem[len(prefix) :]
-    for prefix, comp in _UNDERSCORE_PREFIXES:
+    for prefix, comp in T.UNDERSCORE_PREFIXES:
         if stem.startswith(prefix):
             return comp, T.dotted(stem[len(prefix) :])
     return None
@@ -760,10 +737,7 @@ def _plan(
         comp, path = mod.comp, mod.path
         dcomp = main if comp == "unet" else T.DIFFUSERS_COMPONENT[comp]
         if to == "kohya":
-            prefix = T.KOHYA_PREFIX_FAMILY.get(fam, {}).get(comp) or (
-                T.KOHYA_SINGLE_TE if comp == "te1" and single_te else T.KOHYA_PREFIX[comp]
-            )
-            new = prefix + "_" + path.replace(".", "_")
+            new = T.kohya_prefix(fam, comp, single_te) + "_" + path.replace(".", "_")
         elif to == "comfy":
             te = T.COMFY_TE.get(fam, {})
             if comp == "unet":

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdtool.errors import UnsupportedArchive
 from sdtool.scan.buffers import ScanLimit, Sink, as_io
+from sdtool.scan.report import ProblemKind
 from sdtool.vocab import Format
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ def scan_unscannable(kind: str, why: str = "") -> Callable[[Ctx, Any, str | None
         ctx.error(
             member,
             f"not scanned: {UnsupportedArchive(_SHOWN.get(kind, kind), reason).message}",
+            ProblemKind.UNSUPPORTED,
         )
 
     return handler

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtool.errors import SdtoolError
-from sdtool.formats import zip as zipfmt
-from sdtool.formats.sniff import TEXT_LIMIT, describe, not_a_model_file, sniff_bytes
+from sdtool.formats.sniff import HEAD, TEXT_LIMIT, describe, not_a_model_file, sniff_any
 from sdtool.scan.archives import scan_archive_7z, scan_unscannable
 from sdtool.scan.buffers import (
     Budget,
@@ -34,7 +33,7 @@ from sdtool.scan.context import (
     record_stream,
     run_pickle,
 )
-from sdtool.scan.report import FileReport
+from sdtool.scan.report import FileReport, Problem, ProblemKind
 from sdtool.scan.vm import DEFAULT_LIMITS, OPNAMES, Inst, Limits, run_stream, would_unpickle
 from sdtool.scan.walkers.compressed import scan_compressed
 from sdtool.scan.walkers.gguf import scan_gguf
@@ -66,9 +65,9 @@ def scan_file(
             size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
                 rep.scanned, rep.format = False, Format.EMPTY
-                rep.errors.append("not scanned: the file is empty")
+                rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
                 return rep
-            if f.read(4) in (zipfmt.LOCAL_SIG, zipfmt.EOCD_SIG):
+            if sniff_any(f.read(HEAD), size) is Format.ZIP:
                 # zips are read in small scattered pieces: plain reads keep RSS small
                 scan_blob(ctx, FileBuf(f, size), None, depth=0, name=path.name)
                 return rep
@@ -79,13 +78,14 @@ def scan_file(
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
     except NotRegularFile as e:
         rep.scanned, rep.format = False, Format.UNREADABLE
-        rep.errors.append(f"not scanned: {e} (skipped by type, never opened)")
+        rep.problem(ProblemKind.NOT_SCANNED, f"not scanned: {e} (skipped by type, never opened)")
     except OSError as e:
         rep.scanned = False
         rep.format = Format.UNREADABLE
-        rep.errors.append(f"not scanned: cannot read the file ({e.strerror or e})")
+        why = f"not scanned: cannot read the file ({e.strerror or e})"
+        rep.problem(ProblemKind.NOT_SCANNED, why)
     except SdtoolError as e:
-        rep.errors.append(e.message)
+        rep.problems.append(Problem.of(e))
     finally:
         close_all(ctx.keep)
         if ctx.formats:
@@ -102,13 +102,13 @@ def _scan_remote(ctx: Ctx, path: Path) -> None:
         reader = open_url(path)
     except SdtoolError as e:
         rep.scanned, rep.format = False, Format.UNREADABLE
-        rep.errors.append(f"not scanned: {e.message}")
+        rep.problem(ProblemKind.NOT_SCANNED, f"not scanned: {e.message}")
         return
     with reader:
         rep.size = reader.size
         if reader.size == 0:
             rep.scanned, rep.format = False, Format.EMPTY
-            rep.errors.append("not scanned: the file is empty")
+            rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
             return
         scan_blob(ctx, reader, None, depth=0, name=path.name)
 
@@ -117,18 +117,18 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     """Route ``buf`` (bytes or mmap) by its content."""
     size = len(buf)
     head = bytes(buf[:4096])
-    kind = sniff_bytes(head, size)
-    extra = _extra_kind(head)
-    kind_name = extra if kind is Format.UNKNOWN and extra else kind.value
-    _check_name(ctx, member, name, kind_name)
-    handler = _ROUTES.get(kind_name)
+    kind = sniff_any(head, size)
+    _check_name(ctx, member, name, kind)
+    handler = _ROUTES.get(kind)
     if handler is None and member is None and would_unpickle(buf, limits=ctx.limits):
         handler = scan_pickle  # pickle.load reads any file from byte 0, whatever it starts with
     if depth > MAX_DEPTH:
-        ctx.error(member, f"not scanned: containers nested deeper than {MAX_DEPTH}")
+        ctx.error(
+            member, f"not scanned: containers nested deeper than {MAX_DEPTH}", ProblemKind.LIMIT
+        )
         return
     if handler is not scan_pickle:
-        _pickle_at_zero(ctx, buf, member, kind_name)
+        _pickle_at_zero(ctx, buf, member, kind)
     if handler is None:
         if member is None and _skip_not_a_model(ctx, buf, head, size):
             return
@@ -136,7 +136,11 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         if member is None:
             ctx.report.scanned = False
             ctx.formats.append(Format.UNKNOWN)
-            ctx.error(None, f"not scanned: not a format sdtool can analyse ({what})")
+            ctx.error(
+                None,
+                f"not scanned: not a format sdtool can analyse ({what})",
+                ProblemKind.UNSUPPORTED,
+            )
         else:
             ctx.report.notes.append(f"{member}: not analysed ({what})")
         return
@@ -162,7 +166,7 @@ def _skip_not_a_model(ctx: Ctx, buf: Any, head: bytes, size: int) -> bool:
     return True
 
 
-def _pickle_at_zero(ctx: Ctx, buf: Any, member: str | None, kind: str) -> None:
+def _pickle_at_zero(ctx: Ctx, buf: Any, member: str | None, kind: Format) -> None:
     """``pickle.load`` reads any file from byte 0, whatever else the bytes are (a tar whose first
     member name is a protocol-0 pickle, a safetensors header length that starts a pickle ...).
     If byte 0 starts a pickle that imports anything, that reading is scanned too.
@@ -173,7 +177,7 @@ def _pickle_at_zero(ctx: Ctx, buf: Any, member: str | None, kind: str) -> None:
     if not any(_importable(i.module) and _importable(i.name) for i in s.imports):
         return  # garbage as a pickle (text, code), or plain data: nothing a loader could run
     s = run_pickle(ctx, buf, 0, len(buf), oracle=True)  # recorded: cross-checked too
-    what = "of no format sdtool reads" if kind == "unknown" else f"a {kind} file"
+    what = "of no format sdtool reads" if kind is Format.UNKNOWN else f"a {kind} file"
     ctx.find(
         "suspicious",
         "polyglot",
@@ -189,31 +193,25 @@ def _importable(name: str | None) -> bool:
     return bool(name) and all(p.isidentifier() for p in (name or "").split("."))
 
 
-def _extra_kind(head: bytes) -> str | None:
-    """The one start the scanner routes differently from torch.load's sniffing: numpy.load
-    opens a file starting with an end-of-central-directory record as npz (zipfile finds the
-    real end record), torch.load does not."""
-    return "zip" if head[:4] == zipfmt.EOCD_SIG else None
-
-
+#: a name's extension -> the content it promises (an .npz is a zip to sniffing)
 _EXT_KIND = {
-    ".safetensors": "safetensors",
-    ".npy": "npy",
-    ".npz": "zip",
-    ".zip": "zip",
-    ".7z": "7z",
-    ".gz": "gzip",
-    ".bz2": "bzip2",
-    ".xz": "xz",
+    ".safetensors": Format.SAFETENSORS,
+    ".npy": Format.NPY,
+    ".npz": Format.ZIP,
+    ".zip": Format.ZIP,
+    ".7z": Format.SEVENZIP,
+    ".gz": Format.GZIP,
+    ".bz2": Format.BZIP2,
+    ".xz": Format.XZ,
 }
 
 
-def _check_name(ctx: Ctx, member: str | None, name: str, kind: str) -> None:
+def _check_name(ctx: Ctx, member: str | None, name: str, kind: Format) -> None:
     """A name that lies about the content (a pickle named .safetensors)."""
     base = (member or name).rsplit("/", 1)[-1].lower()
     for ext, expected in _EXT_KIND.items():
-        if base.endswith(ext) and kind != expected and not (ext == ".npz" and kind == "zip"):
-            sev = "suspicious" if kind in ("pickle", "zip") else "info"
+        if base.endswith(ext) and kind is not expected:
+            sev = "suspicious" if kind in (Format.PICKLE, Format.ZIP) else "info"
             ctx.find(
                 sev,
                 "misnamed",
@@ -223,22 +221,22 @@ def _check_name(ctx: Ctx, member: str | None, name: str, kind: str) -> None:
             return
 
 
-_ROUTES: dict[str, Callable[[Ctx, Any, str | None, int], None]] = {
-    "gguf": scan_gguf,
-    "pickle": scan_pickle,
-    "zip": scan_zip,
-    "npy": scan_npy,
-    "tar": scan_tar,
-    "safetensors": scan_safetensors,
-    "gzip": scan_compressed("gzip"),
-    "bzip2": scan_compressed("bzip2"),
-    "xz": scan_compressed("xz"),
-    "zlib": scan_compressed("zlib"),
-    "lzma": scan_compressed("lzma"),
-    "joblib-zfile": scan_compressed("joblib-zfile"),
-    "7z": scan_archive_7z,
-    "rar": scan_unscannable("rar"),
-    "lz4": scan_compressed("lz4"),
+_ROUTES: dict[Format, Callable[[Ctx, Any, str | None, int], None]] = {
+    Format.GGUF: scan_gguf,
+    Format.PICKLE: scan_pickle,
+    Format.ZIP: scan_zip,
+    Format.NPY: scan_npy,
+    Format.TAR: scan_tar,
+    Format.SAFETENSORS: scan_safetensors,
+    Format.GZIP: scan_compressed("gzip"),
+    Format.BZIP2: scan_compressed("bzip2"),
+    Format.XZ: scan_compressed("xz"),
+    Format.ZLIB: scan_compressed("zlib"),
+    Format.LZMA: scan_compressed("lzma"),
+    Format.JOBLIB_ZFILE: scan_compressed("joblib-zfile"),
+    Format.SEVENZIP: scan_archive_7z,
+    Format.RAR: scan_unscannable("rar"),
+    Format.LZ4: scan_compressed("lz4"),
 }
 
 __all__ = ["Inst", "scan_blob", "scan_file"]

@@ -16,7 +16,7 @@ from sdtool.scan.buffers import (
     Budget,
     ScanLimit,
 )
-from sdtool.scan.report import FileReport, Finding
+from sdtool.scan.report import FileReport, Finding, ProblemKind
 from sdtool.scan.rules import analyse
 from sdtool.scan.vm import (
     DEFAULT_LIMITS,
@@ -51,8 +51,11 @@ class Ctx:
     def find(self, severity: str, rule: str, message: str, member: str | None, **kw: Any) -> None:
         self.report.add(Finding(severity, rule, message, member, **kw))
 
-    def error(self, member: str | None, message: str) -> None:
-        self.report.errors.append(f"{member}: {message}" if member else message)
+    def error(
+        self, member: str | None, message: str, kind: ProblemKind = ProblemKind.BROKEN
+    ) -> None:
+        """A part of the file not analysed (by default: its bytes break their format)."""
+        self.report.problem(kind, message, member)
 
     def nested(self, data: Any, path: str, depth: int | None = None) -> None:
         """Scan ``data`` (a member of the container being walked) like any other blob: the one
@@ -127,7 +130,7 @@ def record_stream(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
     findings, errors = analyse(s, member=member, index=index)
     ctx.report.findings.extend(findings)
     for e in errors:
-        ctx.error(member, e)
+        ctx.error(member, e, ProblemKind.RULE)
     where = f"stream {index}" if index else "pickle"
     for sub in [s, *s.nested]:
         if sub.error:
@@ -146,6 +149,7 @@ def record_stream(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
             ctx.error(
                 member,
                 f"{where} analysis stopped at offset {sub.error_offset}: {sub.incomplete}",
+                ProblemKind.STOPPED,
             )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
+from sdtool import errors as err
 from sdtool.vocab import ExitCode, Format, Severity, Verdict
 
 #: per-file verdicts, worst first
@@ -66,6 +68,52 @@ class Finding:
         }
 
 
+class ProblemKind(str, Enum):
+    """Why a file, or a part of it, went unanalysed (one ``Problem``)."""
+
+    MISSING = "missing"  # no such file or directory
+    NOT_SCANNED = "not_scanned"  # the file or a member was not read at all (empty, a pipe ...)
+    UNSUPPORTED = "unsupported"  # an archive or compression sdtool cannot open
+    BROKEN = "broken"  # the bytes break their format: the rest of that part is not analysed
+    STOPPED = "stopped"  # the pickle model stopped short (a stream limit): the rest is not
+    LIMIT = "limit"  # the file's byte / opcode / time / memory budget ran out
+    CRASH = "crash"  # the scanner process, or the cluster task, died on the file
+    RULE = "rule"  # a scan rule crashed on a stream
+
+    def __str__(self) -> str:
+        return self.value
+
+    __hash__ = str.__hash__
+
+
+#: the scan exceptions that end (part of) a file's scan -> their kind (others: BROKEN)
+_EXC_KIND: tuple[tuple[type[err.SdtoolError], ProblemKind], ...] = (
+    (err.ScanLimit, ProblemKind.LIMIT),
+    (err.ScanWorkerDied, ProblemKind.CRASH),
+    (err.NotRegularFile, ProblemKind.NOT_SCANNED),
+    (err.UnsupportedArchive, ProblemKind.UNSUPPORTED),
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason (part of) a file was not analysed: typed, with the sentence ``--json`` shows
+    under ``errors`` (the member first: ``"data.pkl: stream 1 broken at offset 9: ..."``)."""
+
+    kind: ProblemKind
+    message: str
+    member: str | None = None
+
+    @classmethod
+    def of(cls, e: err.SdtoolError, member: str | None = None) -> Problem:
+        """The problem a scan exception stands for (its kind by its class)."""
+        kind = next((k for t, k in _EXC_KIND if isinstance(e, t)), ProblemKind.BROKEN)
+        return cls(kind, f"{member}: {e.message}" if member else e.message, member)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class FileReport:
     """What the scan found in one file."""
@@ -73,7 +121,7 @@ class FileReport:
     path: str
     format: Format = Format.UNKNOWN
     findings: list[Finding] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)  # what kept parts of the file unanalysed
+    problems: list[Problem] = field(default_factory=list)  # what kept parts unanalysed
     notes: list[str] = field(default_factory=list)
     scanned: bool = True  # False: nothing in the file could be analysed ("not scanned")
     streams: int = 0  # pickle streams analysed
@@ -81,6 +129,15 @@ class FileReport:
     sha256: str | None = None  # hex, when the batch computed it (--jsonl --sha256; not in to_json)
     cached: bool = False  # the verdict came from the result cache (not in to_json)
     skipped: str | None = None  # "PNG image", ...: by content not a model file (counted, exit 0)
+
+    @property
+    def errors(self) -> list[str]:
+        """The problems' sentences, as ``--json`` lists them under ``errors``."""
+        return [p.message for p in self.problems]
+
+    def problem(self, kind: ProblemKind, message: str, member: str | None = None) -> None:
+        """Record a problem; ``member`` (a path inside the file) prefixes the sentence."""
+        self.problems.append(Problem(kind, f"{member}: {message}" if member else message, member))
 
     @property
     def severity(self) -> Severity:
@@ -96,7 +153,7 @@ class FileReport:
             return Verdict(sev.value)
         if not self.scanned:
             return Verdict.NOT_SCANNED
-        if self.errors:
+        if self.problems:
             return Verdict.ERROR
         if self.skipped:
             return Verdict.SKIPPED
@@ -111,7 +168,10 @@ class FileReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileReport:
-        return cls(**{**d, "findings": [Finding(**f) for f in d["findings"]]})
+        problems = [
+            Problem(ProblemKind(p["kind"]), p["message"], p["member"]) for p in d["problems"]
+        ]
+        return cls(**{**d, "findings": [Finding(**f) for f in d["findings"]], "problems": problems})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +186,71 @@ class FileReport:
             "errors": list(self.errors),
             "notes": list(self.notes),
         }
+
+
+def exit_code(verdicts: set[Verdict], errors: bool, *, strict: bool = False) -> ExitCode:
+    """The exit code of a scan whose files had ``verdicts`` (and some ``errors``): 0 nothing
+    dangerous, 1 dangerous (or suspicious with ``strict``), 2 something could not be scanned."""
+    if Verdict.DANGEROUS in verdicts or (strict and Verdict.SUSPICIOUS in verdicts):
+        return ExitCode.FINDINGS
+    if errors or verdicts & {Verdict.ERROR, Verdict.NOT_SCANNED}:
+        return ExitCode.ERROR
+    return ExitCode.OK
+
+
+class Scanned:
+    """One file's outcome in a batch (``sdtool.scan.scan_items``): a fresh FileReport, or a
+    verdict from the cache as its stored JSON ``body``, decoded only if ``report`` is asked
+    for (a JSON Lines run copies the body out as it is)."""
+
+    __slots__ = ("_body", "_report", "cached", "path", "sha256", "verdict")
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        report: FileReport | None = None,
+        body: str | None = None,
+        verdict: Verdict | None = None,
+        sha256: str | None = None,
+        cached: bool = False,
+    ) -> None:
+        self.path = path
+        self._report = report
+        self._body = body
+        self.verdict: Verdict = report.verdict if report is not None else verdict or Verdict.ERROR
+        self.sha256 = sha256
+        self.cached = cached
+
+    @property
+    def report(self) -> FileReport:
+        """The FileReport (decoded from the body on first use), with ``cached`` and ``sha256``."""
+        if self._report is None:
+            from sdtool.scan.cached import report_from_body
+
+            self._report = report_from_body(self._body or "{}", self.path)
+        rep = self._report
+        rep.cached, rep.sha256 = self.cached, self.sha256
+        return rep
+
+    @property
+    def body(self) -> str:
+        """``FileReport.to_json``'s fields after the path, as JSON (``scan.cached.body_of``)."""
+        if self._body is None:
+            from sdtool.scan.cached import body_of
+
+            self._body = body_of(self.report)
+        return self._body
+
+    @property
+    def stored(self) -> str | None:
+        """The stored body of a cached verdict (None for a fresh one: ``body`` encodes it)."""
+        return self._body if self.cached else None
+
+    @property
+    def errors(self) -> list[str]:
+        """What kept the file from being scanned completely (a cached verdict has none)."""
+        return self._report.errors if self._report is not None else []
 
 
 @dataclass
@@ -147,11 +272,7 @@ class ScanReport:
     def exit_code(self) -> ExitCode:
         """0 nothing dangerous, 1 dangerous (or suspicious with strict), 2 could not scan."""
         verdicts = {f.verdict for f in self.files}
-        if Verdict.DANGEROUS in verdicts or (self.strict and Verdict.SUSPICIOUS in verdicts):
-            return ExitCode.FINDINGS
-        if verdicts & {Verdict.ERROR, Verdict.NOT_SCANNED} or any(f.errors for f in self.files):
-            return ExitCode.ERROR
-        return ExitCode.OK
+        return exit_code(verdicts, any(f.problems for f in self.files), strict=self.strict)
 
     def to_json(self) -> dict[str, Any]:
         return utf8_safe(self._to_json())

@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from sdtool.errors import ScanLimit, ScanWorkerDied
-from sdtool.scan.report import FileReport
+from sdtool.scan.report import FileReport, Problem
 
 #: per-file wall-clock limit (seconds) before the child is killed
 FILE_TIMEOUT = 600.0
@@ -70,7 +70,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
 
 def limit_report(path: str, why: str) -> FileReport:
     rep = FileReport(path)
-    rep.errors.append(ScanLimit(why).message)
+    rep.problems.append(Problem.of(ScanLimit(why)))
     return rep
 
 
@@ -83,11 +83,13 @@ def crash_report(path: str, exitcode: int | None) -> FileReport:
     else:
         how = f"exit status {exitcode}"
     rep = FileReport(path, scanned=False)
-    rep.errors.append(
-        ScanWorkerDied(
-            f"could not scan: the scanner process died on this file ({how}); the other files "
-            "were scanned"
-        ).message
+    rep.problems.append(
+        Problem.of(
+            ScanWorkerDied(
+                f"could not scan: the scanner process died on this file ({how}); the other "
+                "files were scanned"
+            )
+        )
     )
     return rep
 

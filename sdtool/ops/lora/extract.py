@@ -41,6 +41,7 @@ from sdtool import __version__, dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import UsageError
 from sdtool.formats.open import open_model
+from sdtool.layouts.lora import kohya_prefix
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
 from sdtool.ops.arith import PIECE, SCRATCH, WORKERS, Inputs, write_result
 from sdtool.ops.lora import math as lm
@@ -56,8 +57,6 @@ SCHEMA_RESIZE = "sdtool.lora-resize/1"
 MIN_SV = 1e-6
 DYNAMIC = ("sv_ratio", "sv_cumulative", "sv_fro")
 OVERSAMPLE, POWER_ITERS = 8, 2
-#: kohya component prefixes by LoRA component, for files whose family has one text encoder
-KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_"}
 #: ss_base_model_version values kohya writes
 MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl-base": "sdxl_base_v1-0"}
 #: nn.Embedding weights (2-D, but no LoRA module adapts them)
@@ -283,8 +282,7 @@ def extract_targets(
             if target.rows in seen_rows:
                 continue
             seen_rows.add(target.rows)
-            prefix = "lora_te_" if cp == "te1" and te_count == 1 else KOHYA_PREFIX[cp]
-            out[prefix + path] = (key, target)
+            out[kohya_prefix(None, cp, te_count == 1) + "_" + path] = (key, target)
     return out, left
 
 

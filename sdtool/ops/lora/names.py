@@ -24,6 +24,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from sdtool.layouts.lora import DOTTED_PREFIXES, UNDERSCORE_PREFIXES
+
 #: key suffix -> role of the tensor in its module; longest suffixes are tried first
 ROLES: dict[str, str] = {
     ".lora_down.weight": "down",
@@ -71,30 +73,6 @@ KINDS: tuple[tuple[str, frozenset[str]], ...] = (
     ("bias", frozenset({"diff_b"})),
 )
 
-#: stem prefix -> component (kohya-style underscore names); longest first
-UNDERSCORE_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("lora_transformer_", "unet"),
-    ("lora_unet_", "unet"),
-    ("lycoris_", "unet"),
-    ("lora_te1_", "te1"),
-    ("lora_te2_", "te2"),
-    ("lora_te3_", "te3"),
-    ("lora_te_", "te1"),
-)
-#: stem prefix -> component (dotted names); longest first
-DOTTED_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("base_model.model.", "unet"),
-    ("model.diffusion_model.", "unet"),
-    ("diffusion_model.", "unet"),
-    ("transformer.", "unet"),
-    ("unet.", "unet"),
-    ("text_encoder_2.", "te2"),
-    ("text_encoder_3.", "te3"),
-    ("text_encoder.", "te1"),
-    ("text_encoders.clip_l.transformer.", "te1"),
-    ("text_encoders.clip_g.transformer.", "te2"),
-    ("text_encoders.t5xxl.transformer.", "te3"),
-)
 #: diffusers' old attention-processor module names -> the Linear they adapt
 _PROCESSOR = re.compile(
     r"\.processor\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj)(?:_lora)?$"

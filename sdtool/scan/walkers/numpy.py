@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdtool.errors import TruncatedFile
 from sdtool.scan.buffers import (
     Window,
 )
@@ -17,27 +18,15 @@ from sdtool.vocab import Format
 
 def scan_npy(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """``.npy``: read as numpy.load reads it; an object dtype (any spelling) means a pickle."""
-    from sdtool.formats.numpyfile import (
-        MAX_LAYOUT_HEADER,
-        npy_header_length,
-        npy_layout,
-    )
+    from sdtool.formats.numpyfile import read_npy_layout
 
     if member is None:
         ctx.formats.append(Format.NPY)
-    head = bytes(buf[:12])
-    if len(head) < 12:
-        ctx.error(member, "npy header is cut short")
-        return
-    need = npy_header_length(head)
-    if need > min(len(buf), MAX_LAYOUT_HEADER):
-        ctx.error(
-            member,
-            f"npy header of {need} bytes does not fit the file (or sdtool's limit)",
-        )
-        return
     try:
-        layout = npy_layout(bytes(buf[:need]))
+        layout = read_npy_layout(buf)
+    except TruncatedFile as e:
+        ctx.error(member, e.message)
+        return
     except ValueError as e:
         # numpy.load refuses it: nothing in the file is loaded
         ctx.report.notes.append(f"{member or 'file'}: numpy refuses the npy header ({e})"[:300])

@@ -26,6 +26,7 @@ from sdtool.scan.context import (
     run_pickle,
     scan_nested,
 )
+from sdtool.scan.report import ProblemKind
 from sdtool.scan.vm import (
     DictV,
     Inst,
@@ -122,6 +123,7 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             ctx.error(
                 member,
                 f"more than {MAX_STREAMS} pickle streams: the rest is not analysed",
+                ProblemKind.LIMIT,
             )
             return
     if pos < 0:

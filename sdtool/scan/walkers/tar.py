@@ -19,6 +19,7 @@ from sdtool.scan.context import (
     run_pickle,
     scan_nested,
 )
+from sdtool.scan.report import ProblemKind
 from sdtool.scan.vm import (
     Ref,
 )
@@ -53,7 +54,7 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         elif not info.isfile():
             continue
         elif info.size > MAX_MEMBER:
-            ctx.error(path, "not scanned: member too large")
+            ctx.error(path, "not scanned: member too large", ProblemKind.LIMIT)
             continue
         elif info.issparse():
             f = tf.extractfile(info)

@@ -22,6 +22,7 @@ from sdtool.scan.context import (
     run_pickle,
     scan_nested,
 )
+from sdtool.scan.report import ProblemKind
 from sdtool.scan.walkers.compressed import inflate
 from sdtool.vocab import Format
 
@@ -215,7 +216,7 @@ def _scan_member(
     except ScanLimit:
         raise
     except SdtoolError as e:
-        ctx.error(path, f"not scanned: {e.message}")
+        ctx.error(path, f"not scanned: {e.message}", ProblemKind.NOT_SCANNED)
         return
     if not m.flags & 0x1:  # an encrypted member's CRC is of the plaintext
         _check_crc(ctx, buf, m, path, data)
@@ -224,7 +225,7 @@ def _scan_member(
     if m.flags & 0x1:
         kind = sniff_bytes(data[:4096], len(data))
         if kind is Format.UNKNOWN:
-            ctx.error(path, "not scanned: the member is encrypted")
+            ctx.error(path, "not scanned: the member is encrypted", ProblemKind.NOT_SCANNED)
             return
     scan_nested(ctx, data, path, depth + 1)
     if ctx.pending is not None:
