@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -119,6 +118,7 @@ def hash_cmd(
         from sdtool.cli.jsonl import JsonLines
 
         lines = JsonLines("hash")
+    import json  # here: hash --help loads no json
     from json.encoder import encode_basestring_ascii as enc
 
     records: list[dict[str, Any]] = []
