@@ -291,6 +291,40 @@ def _locate_data(pread: Callable[[int, int], bytes], m: ZipMember, file_size: in
         )
 
 
+@dataclass(frozen=True)
+class LocalHeader:
+    """A local file header met walking a zip from its start (``local_headers``)."""
+
+    name: str
+    flags: int
+    method: int
+    data_start: int  # where the member's (compressed) data starts
+    csize: int
+
+
+def local_headers(
+    pread: Callable[[int, int], bytes], size: int, *, max_count: int = 100_000
+) -> Iterator[LocalHeader]:
+    """The local headers from offset 0, back to back: what a lenient reader sees when the
+    central directory is unreadable. Stops at the first bytes that are no local header, at a
+    member whose sizes follow its data (flag 0x8) and at data running past ``size``."""
+    pos = count = 0
+    while pos + 30 <= size and count < max_count:
+        hdr = pread(pos, 30)
+        if hdr[:4] != LOCAL_SIG:
+            return
+        (_, _, flags, method, _, _, _, csize, _usize, nlen, xlen) = struct.unpack_from(
+            "<4sHHHHHIIIHH", hdr
+        )
+        name = pread(pos + 30, nlen).decode("utf-8", "replace")
+        start = pos + 30 + nlen + xlen
+        if flags & 0x8 or start + csize > size:
+            return
+        yield LocalHeader(name, flags, method, start, csize)
+        pos = start + csize
+        count += 1
+
+
 def read_member(f: BinaryIO, m: ZipMember, limit: int | None = None) -> bytes:
     """The member's bytes, inflated if deflated (no CRC check, as torch). ``limit`` caps size."""
     if limit is not None and m.size > limit:
