@@ -120,7 +120,6 @@ def hash_cmd(
         from sdtool.cli.jsonl import JsonLines
 
         lines = JsonLines("hash")
-    import json  # here: hash --help loads no json
     from json.encoder import encode_basestring_ascii as enc
 
     records: list[dict[str, Any]] = []
