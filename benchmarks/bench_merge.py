@@ -1,18 +1,23 @@
-"""Merge three SD 1.5-shaped fp16 checkpoints several ways; print wall time and peak RSS.
+"""Merge three SD 1.5-shaped fp16 checkpoints several ways; print one table: wall time, ratio
+to the I/O floor, CPU time and peak RSS.
 
 The inputs are generated (``--make``): the real SD 1.5 key set and shapes (UNet, VAE, CLIP-L,
 from ../shared/reference/layouts/sd1-ldm.yaml, no EMA: 1,131 tensors, 2.13 GB each in fp16)
-filled with seeded random values. Each case then runs in its own process, one after another;
-peak RSS comes from /usr/bin/time around that process alone. Outputs are deleted after each case.
+filled with seeded random values. The inputs are read once first (untimed), so every case reads
+them from the page cache; then each case runs in its own process, one after another; peak RSS
+comes from /usr/bin/time around that process alone. Outputs are deleted after each case.
 
     python benchmarks/bench_merge.py --make                 # inputs under /work/bench/merge
-    python benchmarks/bench_merge.py --skip torch           # every case but the whole-model one
+    python benchmarks/bench_merge.py                        # every case (~3-4 min idle)
+    python benchmarks/bench_merge.py --skip torch --skip mecha   # sdtool and the floors only
 
-Cases: the floor (``cat`` the three inputs once, then ``cp`` one to the output and sync: reading
-the inputs once plus writing the output); ``sdtool merge`` add-difference (3 inputs) and
-weighted-sum (2 inputs); sd-mecha's add_difference (streaming, its default threads); the
-whole-model torch way (three ``load_file``, a dict comprehension, ``save_file``), which needs
-about 4 x 2.1 GB of RAM. Targets (issue 15): sdtool under 300 MiB RSS and within 1.3x of the floor.
+Cases: the floors (``cat`` the inputs once, then ``cp`` A to the output and ``sync`` it: reading
+the inputs once plus writing the output durably), for three inputs and for two; ``sdtool
+merge`` add-difference (A B C), weighted-sum (A B) and ties (A B C, whole tensors: not a
+streaming method); sd-mecha's add_difference (streaming, its default threads); the whole-model
+torch way (three ``load_file``, a dict comprehension, ``save_file``), which needs about
+4 x 2.1 GB of RAM. Each sdtool/sd-mecha/torch row's ratio is to the floor with the same number
+of inputs. Targets (issue 15): sdtool under 300 MiB RSS and within 1.3x of the floor.
 """
 
 from __future__ import annotations
@@ -136,38 +141,42 @@ def main() -> None:
             )
     out = d / "out.safetensors"
     py = sys.executable
-    env_py = [py, "-m", "sdtool"]
-    cases = {
-        "floor: cat A B C + cp A OUT + sync": [
-            "sh", "-c", 'cat "$0" "$1" "$2" > /dev/null && cp "$0" "$3" && sync "$3"',
-            str(a), str(b), str(c), str(out),
-        ],
-        "sdtool merge add-difference (A B C)": [
-            *env_py, "merge", str(a), str(b), str(c), str(out), "--method", "add-difference",
-        ],
-        "sdtool merge weighted-sum (A B)": [*env_py, "merge", str(a), str(b), str(out)],
-        "sd-mecha add_difference (A B C)": [py, "-c", MECHA_WAY, str(a), str(b), str(c), str(out)],
-        "torch whole-model add-difference (A B C)": [
-            py, "-c", TORCH_WAY, str(a), str(b), str(c), str(out)
-        ],
+    sd = [py, "-m", "sdtool", "merge"]
+    floor = 'cat "$@" > /dev/null && cp "$1" "$0" && sync "$0"'
+    abc, o = [str(a), str(b), str(c)], str(out)
+    # name -> (inputs, command)
+    cases: dict[str, tuple[int, list[str]]] = {
+        "floor: cat A B C, cp A OUT, sync": (3, ["sh", "-c", floor, o, *abc]),
+        "floor: cat A B, cp A OUT, sync": (2, ["sh", "-c", floor, o, *abc[:2]]),
+        "sdtool merge add-difference A B C": (3, [*sd, *abc, o, "--method", "add-difference"]),
+        "sdtool merge weighted-sum A B": (2, [*sd, *abc[:2], o]),
+        "sdtool merge ties A B C (whole tensors)": (3, [*sd, *abc, o, "--method", "ties"]),
+        "sd-mecha add_difference A B C": (3, [py, "-c", MECHA_WAY, *abc, o]),
+        "torch whole-model add-difference A B C": (3, [py, "-c", TORCH_WAY, *abc, o]),
     }  # fmt: skip
+    load0 = os.getloadavg()[0]
+    subprocess.run(["cat", str(a), str(b), str(c)], stdout=subprocess.DEVNULL, check=True)
     rows = []
-    for name, cmd in cases.items():
+    floors: dict[int, float] = {}
+    for name, (n_in, cmd) in cases.items():
         if any(s in name for s in args.skip):
             continue
         out.unlink(missing_ok=True)
         wall, cpu, rss, rc = run(cmd)
-        rows.append((name, wall, cpu, rss, rc))
+        if name.startswith("floor"):
+            floors[n_in] = wall
+        rows.append((name, n_in, wall, cpu, rss, rc))
         print(f"{name:45s} {wall:8.1f} s {cpu:8.1f} cpu-s {rss / 2**20:7.0f} MiB  exit {rc}",
               flush=True)  # fmt: skip
         out.unlink(missing_ok=True)
-    floor = next((w for n, w, *_ in rows if n.startswith("floor")), None)
     load = os.getloadavg()[0]
-    print(f"\nload average at the end: {load:.1f} (the machine has {os.cpu_count()} cores)")
+    print(f"\nload average: {load0:.1f} at the start, {load:.1f} at the end "
+          f"(the machine has {os.cpu_count()} cores)")  # fmt: skip
     print("| case | wall | vs floor | CPU (user+sys) | peak RSS | exit |")
     print("|---|---|---|---|---|---|")
-    for name, wall, cpu, rss, rc in rows:
-        ratio = f"{wall / floor:.2f}x" if floor else "-"
+    for name, n_in, wall, cpu, rss, rc in rows:
+        fl = floors.get(n_in)
+        ratio = f"{wall / fl:.2f}x" if fl else "-"
         print(f"| {name} | {wall:.1f} s | {ratio} | {cpu:.1f} s | {rss / 2**20:.0f} MiB | {rc} |")
 
 

@@ -8,17 +8,23 @@ Workloads:
           reused (never in the repository).
 
 Modes, each the real CLI in a fresh process writing --jsonl to a file (start-up included):
-  cold      an empty cache folder (the files themselves are in the page cache: this measures
-            sdtool, not the disk);
-  cached    the same command again with that cache: nothing changed, nothing is read;
-  cluster   cold, with --cluster ADDRESS of a LocalCluster of --jobs worker processes started
-            once beforehand (its start-up is reported on its own line).
+  local   cold: an empty cache folder (the files themselves are in the page cache: this
+          measures sdtool, not the disk); cached: the same command again with that cache
+          (nothing changed, nothing is read: issue 17 asks at least 50x for 10,000 files);
+  cluster the same two runs with --cluster ADDRESS of a LocalCluster of --jobs worker
+          processes started once beforehand (its start-up is reported on its own line), on
+          the tree's first --cluster-files files (2,000: every file is a Dask task, ~1-3 ms of
+          client CPU each, which would make 10,000 take minutes); a cached rerun answers from
+          the client's cache and sends no task.
 
-The "cold/cached" column is the speed-up a rerun over an unchanged tree gets (issue 17: at
-least 50x for 10,000 files).
+Columns: files/s and MB/s by wall time; cold/x, the cold run's wall seconds over this row's
+(the speed-up of a rerun); CPU s, user+sys of sdtool and its scan workers (not a cluster's
+workers), steadier than wall time on a loaded machine; files/CPU-s, files per CPU second,
+that is files/s per core for the docs' arithmetic.
 
 Usage:
     python benchmarks/bench_scale.py [--files 10000] [--jobs 2] [--no-cluster] [--corpus DIR]
+                                     [--cluster-files 2000]
 """
 
 from __future__ import annotations
@@ -70,8 +76,8 @@ def make_tree(n: int) -> Path:
     return root
 
 
-def tree_bytes(root: Path) -> tuple[int, int]:
-    files = [p for p in root.rglob("*") if p.is_file()]
+def tree_bytes(*roots: Path) -> tuple[int, int]:
+    files = [p for root in roots for p in root.rglob("*") if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files)
 
 
@@ -104,6 +110,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     ap.add_argument("--no-cluster", action="store_true")
+    ap.add_argument("--cluster-files", type=int, default=2_000,
+                    help="files of the tree the cluster rows scan (its first folders)")  # fmt: skip
     a = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -136,50 +144,55 @@ def main() -> None:
         print(f"LocalCluster of {a.jobs} worker processes: {took:.1f} s to start")
 
     rows = []
+    engines = [("local", [])] + ([("cluster", ["--cluster", address])] if address else [])
     try:
         for name, root in workloads:
-            n, nbytes = tree_bytes(root)
             for cmd in ("scan", "hash"):
-                base = [cmd, "--jsonl", str(root)]
-                if cmd == "scan":
-                    base += ["--jobs", str(a.jobs)]
-                with tempfile.TemporaryDirectory() as tmp:
-                    cache = Path(tmp) / "cache"
-                    cold = run(base, cache)
-                    print(f"  {name} {cmd} cold: {cold[0]:.2f} s", flush=True)
-                    cached = run(base, cache)
-                    modes = [("cold", cold), ("cached", cached)]
-                    if address is not None:
-                        modes.append(("cluster", run([*base, "--cluster", address], None)))
-                for mode, (dt, lines, code, cpu) in modes:
-                    ratio, cpu_ratio = cold[0] / dt, cold[3] / cpu if cpu else float("nan")
-                    rows.append((name, cmd, mode, n, nbytes, dt, lines, code, ratio, cpu,
-                                 cpu_ratio))  # fmt: skip
-                    print(f"  {name} {cmd} {mode}: {dt:.2f} s, CPU {cpu:.2f} s, {lines} lines,"
-                          f" exit {code}", flush=True)  # fmt: skip
+                for engine, extra in engines:
+                    roots = [root]
+                    if name == "tree" and engine == "cluster" and a.cluster_files < a.files:
+                        # a task per file costs the Dask client ~1-3 ms: a sample of folders
+                        roots = sorted(root.iterdir())[: max(1, a.cluster_files * 100 // a.files)]
+                    n, nbytes = tree_bytes(*roots)
+                    base = [cmd, "--jsonl", *map(str, roots)]
+                    if cmd == "scan":
+                        base += ["--jobs", str(a.jobs)]
+                    with tempfile.TemporaryDirectory() as tmp:
+                        cache = Path(tmp) / "cache"
+                        cold = run([*base, *extra], cache)
+                        cached = run([*base, *extra], cache)
+                    for mode, m in (("cold", cold), ("cached", cached)):
+                        rows.append((name, cmd, engine, mode, n, nbytes, cold[0], *m))
+                        dt, lines, code, cpu = m
+                        print(f"  {name} {cmd} {engine} {mode}: {dt:.2f} s, CPU {cpu:.2f} s,"
+                              f" {lines} lines, exit {code}", flush=True)  # fmt: skip
     finally:
         if cluster is not None:
             cluster.close()
 
-    head = ("workload", "cmd", "mode", "files", "MB", "seconds", "files/s", "MB/s", "cold/x",
-            "CPU s", "cold/x CPU", "lines", "exit")  # fmt: skip
+    head = ("workload", "cmd", "engine", "mode", "files", "MB", "seconds", "files/s", "MB/s",
+            "cold/x", "CPU s", "files/CPU-s", "lines", "exit")  # fmt: skip
     print()
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for name, cmd, mode, n, nbytes, dt, lines, code, ratio, cpu, cpu_ratio in rows:
-        local = mode != "cluster"  # a cluster's CPU is in its worker processes: not counted
-        cells = [name, cmd, mode, f"{n:,}", f"{nbytes / 1e6:.1f}", f"{dt:.2f}", f"{n / dt:,.0f}",
-                 f"{nbytes / 1e6 / dt:.1f}", f"{ratio:.1f}", f"{cpu:.2f}" if local else "-",
-                 f"{cpu_ratio:.1f}" if local else "-", f"{lines:,}", str(code)]  # fmt: skip
+    for name, cmd, engine, mode, n, nbytes, cold_s, dt, lines, code, cpu in rows:
+        local = engine == "local"  # a cluster's CPU is in its worker processes: not counted
+        cells = [name, cmd, engine, mode, f"{n:,}", f"{nbytes / 1e6:.1f}", f"{dt:.2f}",
+                 f"{n / dt:,.0f}", f"{nbytes / 1e6 / dt:.1f}", f"{cold_s / dt:.1f}",
+                 f"{cpu:.2f}" if local else "-",
+                 f"{n / cpu:,.0f}" if local and cpu else "-", f"{lines:,}",
+                 str(code)]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        "\ncold: empty cache (files in the page cache); cached: the same command again; cluster:"
-        f" cold on the LocalCluster ({a.jobs} processes, start-up not included); scan --jobs"
-        f" {a.jobs}; hash one file at a time locally. cold/x: cold seconds / this row's; CPU:"
-        " user+sys of sdtool and its scan workers (robust on a loaded machine)."
+        f"\nload average at the end: {load:.1f}. cold: empty cache (files in the page cache);"
+        " cached: the same command again; cluster: the same on the LocalCluster"
+        f" ({a.jobs} processes, start-up not included; on the tree's first"
+        f" {min(a.cluster_files, a.files):,} files, --cluster-files); scan --jobs {a.jobs};"
+        " hash one file at a time locally. cold/x: cold seconds / this row's."
     )
-    keys = ("workload", "cmd", "mode", "files", "bytes", "seconds", "lines", "exit", "cold_x",
-            "cpu_seconds", "cold_x_cpu")  # fmt: skip
+    keys = ("workload", "cmd", "engine", "mode", "files", "bytes", "cold_seconds", "seconds",
+            "lines", "exit", "cpu_seconds")  # fmt: skip
     print(json.dumps({"rows": [dict(zip(keys, r, strict=True)) for r in rows]}))
 
 

@@ -23,15 +23,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SCHEMA = 1
 #: reads share one read transaction for up to this many lookups or seconds (see ``_reading``)
 READ_BATCH = 512
 READ_SECONDS = 0.25
+#: identities per query of ``lookup_many`` (6 bound values each, well under SQLite's limit)
+LOOKUP_CHUNK = 256
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS files ("
@@ -52,8 +53,7 @@ def default_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "sdtool"
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     """What says "this is still the same file": any change means the content may differ."""
 
     dev: int
@@ -74,6 +74,22 @@ class Identity:
     def key(self) -> str:
         """A results-table key for "this very file, unchanged" (when no SHA-256 is known)."""
         return f"id:{self.dev}:{self.ino}:{self.size}:{self.mtime_ns}:{self.ctime_ns}"
+
+
+#: one query answers a chunk of identities: each one's SHA-256 (files) and the result stored
+#: under its identity key (``Identity.key``, spelled in SQL), else under that SHA-256
+#: (results); every join is a primary-key probe
+_LOOKUP_SQL = (
+    "WITH p(kind, version) AS (VALUES (?, ?)),"
+    " q(i, dev, ino, size, mtime_ns, ctime_ns) AS (VALUES {rows})"
+    " SELECT q.i, f.sha256, coalesce(r1.value, r2.value) FROM p, q"
+    " LEFT JOIN files f ON f.dev = q.dev AND f.ino = q.ino AND f.size = q.size"
+    " AND f.mtime_ns = q.mtime_ns AND f.ctime_ns = q.ctime_ns"
+    " LEFT JOIN results r1 ON r1.sha256 = 'id:' || q.dev || ':' || q.ino || ':' || q.size"
+    " || ':' || q.mtime_ns || ':' || q.ctime_ns AND r1.kind = p.kind AND r1.version = p.version"
+    " LEFT JOIN results r2 ON r1.value IS NULL AND r2.sha256 = f.sha256"
+    " AND r2.kind = p.kind AND r2.version = p.version"
+)
 
 
 def open_cache(directory: str | Path | None = None, *, enabled: bool = True) -> Cache | None:
@@ -106,7 +122,8 @@ class Cache:
         if conn is not None:
             return conn
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if not self.directory.is_dir():
+                self.directory.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -202,9 +219,45 @@ class Cache:
                     (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns, sha256),
                 )
 
+    def lookup_many(
+        self, kind: str, version: str, idents: Sequence[Identity]
+    ) -> list[tuple[str | None, str | None]]:
+        """For each identity, (its recorded SHA-256, the stored text of result ``kind`` by
+        ``version``), either None when unknown: in one query per LOOKUP_CHUNK identities.
+
+        The result is looked up under the identity's key first (this very file, unchanged),
+        then under its recorded SHA-256 (the same content anywhere). The text is returned as
+        stored, undecoded: a caller that only copies it out never parses it.
+        """
+        out: list[tuple[str | None, str | None]] = [(None, None)] * len(idents)
+        with self._use() as conn:
+            if conn is None:
+                return out
+            for lo in range(0, len(idents), LOOKUP_CHUNK):
+                part = idents[lo : lo + LOOKUP_CHUNK]
+                self._reading(conn)
+                params: list[object] = [kind, version]
+                for j, d in enumerate(part, lo):
+                    params += (j, *d)
+                rows = ",".join(["(?,?,?,?,?,?)"] * len(part))
+                for j, sha, value in conn.execute(_LOOKUP_SQL.format(rows=rows), params):
+                    out[j] = (sha, value)
+        return out
+
     # -- (sha256, kind, version) -> result ---------------------------------------------------
     def get(self, kind: str, sha256: str, version: str) -> dict[str, Any] | None:
         """The result ``kind`` stored for this content and producer version, or None."""
+        text = self.get_text(kind, sha256, version)
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def get_text(self, kind: str, sha256: str, version: str) -> str | None:
+        """As ``get``, the stored text undecoded."""
         with self._use() as conn:
             if conn is None:
                 return None
@@ -213,18 +266,15 @@ class Cache:
                 "SELECT value FROM results WHERE sha256=? AND kind=? AND version=?",
                 (sha256, kind, version),
             ).fetchone()
-            if row is None:
-                return None
-            try:
-                value = json.loads(row[0])
-            except ValueError:
-                return None
-            return value if isinstance(value, dict) else None
+            return None if row is None else str(row[0])
         return None
 
     def put(self, kind: str, sha256: str, version: str, value: dict[str, Any]) -> None:
         """Store a JSON-able result for this content and producer version."""
-        text = json.dumps(value, sort_keys=True, ensure_ascii=True)
+        self.put_text(kind, sha256, version, json.dumps(value, sort_keys=True, ensure_ascii=True))
+
+    def put_text(self, kind: str, sha256: str, version: str, text: str) -> None:
+        """Store an encoded result (JSON text) as it is, to be copied out as it is."""
         with self._use() as conn:
             if conn is not None:
                 self._writing(conn)

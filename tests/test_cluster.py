@@ -97,6 +97,31 @@ def test_hash_on_cluster_matches_local(tmp_path: Path, capsys: Cap, scheduler: s
     assert _strip(again, "cached") == _strip(local, "cached")
 
 
+def test_urls_on_cluster_match_local(tmp_path: Path, capsys: Cap, scheduler: str) -> None:
+    """URLs are tasks too: each worker reads its file by HTTP ranges (a local server here)."""
+    from tests.httpserver import serve
+
+    d = _tree(tmp_path / "t")
+    with serve() as server:
+        for name in ("evil.pkl", "plain0.pkl", "m0.safetensors"):
+            server.files["/" + name] = (d / name).read_bytes()
+        urls = [server.url("/" + n) for n in ("evil.pkl", "plain0.pkl", "m0.safetensors")]
+        urls.append(server.url("/missing.pkl"))  # 404: one error line, exit 2 for hash
+        for cmd in (["scan", "--jsonl"], ["hash", "--jsonl", "-a", "sha256,crc32"]):
+            args = [*cmd, "--no-cache", str(d / "plain1.pkl"), *urls]
+            local_code, local = _run(capsys, args)
+            code, there = _run(capsys, [*args, "--cluster", scheduler])
+            assert code == local_code
+            assert there == local
+            assert [r["path"] for r in there][1:] == urls
+            if cmd[0] == "scan":
+                assert [r["verdict"] for r in there] == [
+                    "safe", "dangerous", "safe", "safe", "not_scanned"
+                ]  # fmt: skip
+    assert main(["scan", "--cluster", scheduler, "-"]) == 2  # standard input: refused
+    assert "not - (stdin)" in capsys.readouterr().err
+
+
 def test_convert_on_cluster_matches_local(tmp_path: Path, capsys: Cap, scheduler: str) -> None:
     d = _tree(tmp_path / "t")
     (d / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

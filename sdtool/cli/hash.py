@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -26,21 +27,6 @@ from sdtool.vocab import HASH_NAMES, ExitCode
 if TYPE_CHECKING:  # the hashing machinery (and the cache's sqlite3) load when a file is hashed
     from sdtool.cache import Cache
     from sdtool.ops.hash import HashResult
-
-
-def _render(result: HashResult) -> None:
-    from sdtool.ops.hash import ALGORITHMS
-
-    out = render.console()
-    out.print(f"[bold]{render.markup(result.path)}[/]  ({render.human_bytes(result.size)})")
-    for name, value in result.hashes.items():
-        label = ALGORITHMS[name].label
-        note = result.notes.get(name)
-        shown = value if value is not None else "-"
-        line = f"  {label:<7} {shown}"
-        if note:
-            line += f"  [dim]({render.markup(note)})[/]"
-        out.print(line)
 
 
 @click.command("hash")
@@ -103,8 +89,10 @@ def hash_cmd(
       sdtool hash --check SHA256SUMS
       sdtool hash --jsonl /mirror/models > hashes.jsonl   # cached: a rerun reads nothing
     """
+    import json
+
     from sdtool.cache import open_cache
-    from sdtool.ops.hash import SCHEMA, parse_algorithms
+    from sdtool.ops.hash import SCHEMA, parse_algorithms, walk_files
 
     if as_json and as_jsonl:
         raise click.UsageError("choose one of --json and --jsonl")
@@ -126,70 +114,169 @@ def hash_cmd(
     names = ("sha256",) if fmt == "sha256sum" else (
         parse_algorithms(algorithms) if algorithms else HASH_NAMES
     )  # fmt: skip
-    results: list[HashResult] = []
     code = ExitCode.OK
     lines = None
     if as_jsonl:
         from sdtool.cli.jsonl import JsonLines
 
         lines = JsonLines("hash")
-    from sdtool.formats.shards import expand_shards
+    from json.encoder import encode_basestring_ascii as enc
 
-    paths = _expand(tuple(expand_shards(files)))  # a shard index or folder: its shards
-    for path, result, cached in _outcomes(paths, names, cache, cluster):
-        if result is None:
-            code = ExitCode.ERROR
-            if lines is not None:
-                lines.write({"path": str(path), "error": True})
-            continue
+    records: list[dict[str, Any]] = []
+    table = not (as_jsonl or as_json or quiet or fmt == "sha256sum")
+    out = render.console() if table else None  # rich loads only to print a table
+    plain = out is None or render.plain_output(out)
+    entries = walk_files(_shards(files))  # a shard index or folder: its shards
+    head = "" if lines is None else lines.head + '"path": '
+    for batch in _outcomes(entries, names, cache, cluster):
+        text: list[str] = []
+        for path, stored, cached in batch:
+            name = str(path)
+            if stored is None:
+                code = ExitCode.ERROR
+                if lines is not None:
+                    text.append(lines.line({"path": name, "error": True}))
+                continue
+            if lines is not None:  # spliced from the stored text: nothing decoded
+                m = _SHA256.search(stored)
+                sha = f'"{m.group(1).lower()}"' if m else "null"
+                tail = "true}\n" if cached else "false}\n"
+                text.append(f'{head}{enc(name)}, {stored[1:-1]}, "sha256": {sha}, "cached": {tail}')
+                continue
+            rec = json.loads(stored)
+            if as_json:
+                records.append({"path": name, **rec})
+            elif quiet:
+                continue
+            elif fmt == "sha256sum":
+                text.append(_sum_line(rec["hashes"]["sha256"] or "", name) + "\n")
+            else:
+                text.extend(_lines(name, rec, plain))
         if lines is not None:
-            sha = result.hashes.get("sha256")
-            lines.write({**result.to_json(), "sha256": sha and sha.lower(), "cached": cached})
-            continue
-        results.append(result)
-        if quiet or as_json:
-            continue
-        if fmt == "sha256sum":
-            click.echo(_sum_line(result.hashes["sha256"] or "", str(path)))
-        else:
-            _render(result)
+            lines.write_lines(text)
+        elif out is not None and not plain:
+            for line in text:
+                out.print(line)
+        elif text:
+            click.echo("".join(text), nl=False)
     if as_json and not quiet:
-        render.print_json({"schema": SCHEMA, "files": [r.to_json() for r in results]})
+        render.print_json({"schema": SCHEMA, "files": records})
     return code
 
 
+#: cached results printed per write
+BATCH = 512
+Outcome = tuple[Path | str, str | None, bool]
+_SHA256 = re.compile(r'"sha256": "([0-9A-F]{64})"')
+
+
 def _outcomes(
-    paths: list[Path], names: tuple[str, ...], cache: Cache | None, cluster: str | None
-) -> Iterator[tuple[Path, HashResult | None, bool]]:
-    """Each file's (path, result or None, cached), here or as tasks on ``--cluster``."""
-    if cluster is None:
-        for path in paths:
-            yield path, *_hash_one(path, names, cache)
-        return
+    entries: list[tuple[Path | str, os.stat_result | None]],
+    names: tuple[str, ...],
+    cache: Cache | None,
+    cluster: str | None,
+) -> Iterator[list[Outcome]]:
+    """Each file's (path, record or None, cached) in input order, in batches: a run of
+    results from the cache, or one fresh result, hashed here or as a task on ``--cluster``.
+    A record is HashResult's JSON without the path, as text (``record_text``). What the
+    cache answers is never sent to the cluster, nor is one reached when it answers all."""
+    from sdtool.ops.hash import cached_many
+
+    if cluster is not None and any(str(p) == "-" for p, _ in entries):  # URLs: fetched there
+        raise click.UsageError("--cluster hashes files the workers can read: not - (stdin)")
+    local = [(str(p), st) for p, st in entries]  # stdin and URLs have no stat: not cached
+    known = cached_many(local, cache, algorithms=names)
+    misses = [p for (p, _), rec in zip(entries, known, strict=True) if rec is None]
+    fresh = (_hashed_here if cluster is None else _hashed_there)(misses, names, cache, cluster)
+    batch: list[Outcome] = []
+    for (path, _), rec in zip(entries, known, strict=True):
+        if rec is not None:
+            batch.append((path, rec, True))
+            if len(batch) < BATCH:
+                continue
+        if batch:
+            yield batch
+            batch = []
+        if rec is None:
+            yield [next(fresh)]
+    if batch:
+        yield batch
+
+
+def _hashed_here(
+    paths: list[Path | str], names: tuple[str, ...], cache: Cache | None, cluster: str | None
+) -> Iterator[Outcome]:
+    for path in paths:
+        given = path if isinstance(path, Path) else Path(path)  # a URL stays whole
+        result, cached = _hash_one(given, names, cache)
+        yield path, _record(result), cached
+
+
+def _hashed_there(
+    paths: list[Path | str], names: tuple[str, ...], cache: Cache | None, cluster: str | None
+) -> Iterator[Outcome]:
+    """The files as tasks on the cluster (reached on the first one), in input order."""
     from sdtool.cli.batch import cluster_runner
     from sdtool.cluster import hash_paths
-    from sdtool.urls import is_url
 
-    if any(str(p) == "-" or is_url(p) for p in paths):
-        raise click.UsageError("--cluster hashes files the workers can read: not - or URLs")
     with cluster_runner(cluster) as cl:
         assert cl is not None
         folder = None if cache is None else cache.directory
-        for path, result, cached, err in hash_paths(cl, paths, names, folder):
+        todo = [p if isinstance(p, Path) else Path(p) for p in paths]  # a URL stays whole
+        for path, result, cached, err in hash_paths(cl, todo, names, folder):
             if err is not None:
                 render.error(err)
-            yield path, result, cached
+            yield path, _record(result), cached
 
 
-def _expand(files: tuple[Path, ...]) -> list[Path]:
-    """Files as given; folders become every file under them, recursively, sorted."""
-    out: list[Path] = []
-    for f in files:
-        if f.is_dir():
-            out.extend(sorted(p for p in f.rglob("*") if p.is_file()))
-        else:
-            out.append(f)
-    return out
+def _record(result: HashResult | None) -> str | None:
+    """HashResult's JSON record without its path, as the cache gives it."""
+    from sdtool.ops.hash import record_text
+
+    if result is None:
+        return None
+    return record_text(result.size, result.safetensors, result.hashes, result.notes)
+
+
+def _shards(files: tuple[Path, ...]) -> list[Path]:
+    """``files``, a shard index or a folder of one shard set as its shards (the shard reader,
+    which loads numpy, only where a name says there may be shards)."""
+    if not any(_maybe_shards(f) for f in files):
+        return list(files)
+    from sdtool.formats.shards import expand_shards
+
+    return expand_shards(files)
+
+
+def _maybe_shards(f: Path) -> bool:
+    if not f.is_dir():
+        return ".safetensors.index" in f.name
+    try:
+        with os.scandir(f) as it:
+            return any(".safetensors.index" in e.name or _SHARD.search(e.name) for e in it)
+    except OSError:
+        return False
+
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _lines(name: str, rec: dict[str, Any], plain: bool) -> list[str]:
+    """A file's hashes as text lines (rich markup unless ``plain``, then with newlines)."""
+    from sdtool.ops.hash import ALGORITHMS
+
+    size = render.human_bytes(rec["size"])
+    if plain:
+        lines = [f"{render.escape(name)}  ({size})\n"]
+    else:
+        lines = [f"[bold]{render.markup(name)}[/]  ({size})"]
+    for algo, value in rec["hashes"].items():
+        note = rec["notes"].get(algo)
+        line = f"  {ALGORITHMS[algo].label:<7} {value if value is not None else '-'}"
+        if note:
+            line += f"  ({render.escape(note)})" if plain else f"  [dim]({render.markup(note)})[/]"
+        lines.append(line + "\n" if plain else line)
+    return lines
 
 
 def _hash_one(

@@ -34,18 +34,36 @@ class JsonLines:
         sys.stdout.flush()
         self.count = 0
 
+    @property
+    def head(self) -> str:
+        """How every line begins: the envelope, up to where the command's fields go (for
+        lines spliced from stored JSON, ``write_lines``)."""
+        return json.dumps({"schema": self.schema, "sdtool": __version__})[:-1] + ", "
+
     def write(self, record: dict[str, Any]) -> None:
         """Write one record: the envelope first, then the command's fields."""
+        self._put(self.line(record).encode("ascii"), 1)
+
+    def line(self, record: dict[str, Any]) -> str:
+        """One record's line (for ``write_lines``): the envelope, the fields, a newline."""
         full = {"schema": self.schema, "sdtool": __version__, **record}
         # ASCII: valid UTF-8 whatever bytes a file or member name holds (lone surrogates escaped)
-        line = (json.dumps(full, ensure_ascii=True, default=str) + "\n").encode("ascii")
+        return json.dumps(full, ensure_ascii=True, default=str) + "\n"
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Write whole lines, each already JSON beginning with ``head`` and ending in a
+        newline, ASCII only: the results that are ready together go out in one write."""
+        if lines:
+            self._put("".join(lines).encode("ascii"), len(lines))
+
+    def _put(self, data: bytes, count: int) -> None:
         if self._fd is None:
-            self._stream.write(line)
+            self._stream.write(data)
             self._stream.flush()
-            self.count += 1
+            self.count += count
             return
-        view = memoryview(line)
+        view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
-        self.count += 1
+        self.count += count

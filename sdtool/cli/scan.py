@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,12 +19,22 @@ from sdtool.cli.options import (
     json_option,
     jsonl_option,
 )
-from sdtool.cli.render import console, error, human_bytes, markup, print_json, wrap, wrap_width
-from sdtool.urls import is_url
+from sdtool.cli.render import (
+    console,
+    error,
+    escape,
+    human_bytes,
+    markup,
+    plain_output,
+    print_json,
+    wrap,
+    wrap_width,
+)
 from sdtool.vocab import Verdict
 
 if TYPE_CHECKING:
     from sdtool.scan import FileReport, ScanReport
+    from sdtool.scan.report import Scanned
 
 STYLE = {
     "dangerous": "bold red",
@@ -36,6 +47,7 @@ STYLE = {
 }
 RANK = {"dangerous": 0, "suspicious": 1}  # findings listed worst first
 LABEL = {"skipped": "skipped (not model files)"}  # how the summary names a verdict
+_LABELS = {v: f"{v.label.upper():<11}" for v in Verdict}  # the first column, padded
 
 
 @click.command("scan")
@@ -91,7 +103,7 @@ def scan_cmd(
     from sdtool.cache import open_cache
     from sdtool.cli.batch import cluster_runner
     from sdtool.cli.stdin import STDIN, is_stdin, spooled
-    from sdtool.scan import scan_paths
+    from sdtool.scan import scan_items, scan_paths
     from sdtool.scan.sarif import to_sarif
 
     if sum((as_json, as_sarif, as_jsonl)) > 1:
@@ -100,8 +112,8 @@ def scan_cmd(
         raise click.UsageError("--cache DIR and --no-cache contradict each other")
     if sum(map(is_stdin, paths)) > 1:
         raise click.UsageError("- (standard input) can be given once")
-    if cluster is not None and any(is_stdin(p) or is_url(p) for p in paths):
-        raise click.UsageError("--cluster scans files the workers can read: not - or URLs")
+    if cluster is not None and any(map(is_stdin, paths)):  # URLs: each worker fetches its own
+        raise click.UsageError("--cluster scans files the workers can read: not - (stdin)")
     # standard input is spooled to a new temp file each time: nothing to cache
     cache = open_cache(cache_dir, enabled=not no_cache and not any(map(is_stdin, paths)))
     bar = None
@@ -110,57 +122,92 @@ def scan_cmd(
 
         bar = tqdm(unit="file", desc="scanning", leave=False, file=sys.stderr)
     spools: dict[str, str] = {}  # spooled temp file -> "-"
-    lines = None
-    if as_jsonl:
-        from sdtool.cli.jsonl import JsonLines
-        from sdtool.scan.ruleset import ruleset_version
-
-        lines = JsonLines("scan")
 
     def progress(r: FileReport) -> None:
         if bar is not None:
             bar.update(1)
-        if lines is not None:
-            r.path = spools.get(r.path, r.path)
-            errors(r)
-            lines.write({**r.to_json(), "sha256": r.sha256, "ruleset": ruleset_version(),
-                         "cached": r.cached})  # fmt: skip
 
     try:
         with ExitStack() as stack:
             runner = None
-            cl = stack.enter_context(cluster_runner(cluster, jobs))
-            if cl is not None:
-                from sdtool.cluster import scan_runner
+            if cluster is not None:  # reached only when some file is not in the cache
 
-                runner = scan_runner(cl)
+                def runner(tasks: list[Any]) -> Iterator[FileReport]:
+                    from sdtool.cluster import scan_runner
+
+                    cl = stack.enter_context(cluster_runner(cluster, jobs))
+                    assert cl is not None
+                    yield from scan_runner(cl)(tasks)
+
             real = [stack.enter_context(spooled(p)) for p in paths]
             spools.update({str(r): STDIN for given, r in zip(paths, real, strict=True)
                            if given != r})  # fmt: skip
-            report = scan_paths(real, strict=strict, exclude=exclude, jobs=jobs, crc=crc,
-                                progress=progress, cache=cache, sha256=with_sha256,
-                                runner=runner)  # fmt: skip
-        for given, r in zip(paths, real, strict=True):  # a spooled temp file is reported as -
-            if given != r:
-                for fr in report.files:
-                    fr.path = STDIN if fr.path == str(r) else fr.path
+            options: dict[str, Any] = {"exclude": exclude, "jobs": jobs, "crc": crc, "cache": cache,
+                       "sha256": with_sha256, "runner": runner}  # fmt: skip
+            if as_jsonl:
+                return write_jsonl(scan_items(real, **options), spools, bar, strict=strict)
+            if not (as_json or as_sarif):
+                done = []
+                for batch in scan_items(real, **options):
+                    done.append(batch)
+                    if bar is not None:
+                        bar.update(len(batch))
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                return render_items(done, quiet=quiet, strict=strict, spools=spools)
+            report = scan_paths(real, strict=strict, progress=progress, **options)
+        for fr in report.files:  # a spooled temp file is reported as -
+            fr.path = spools.get(fr.path, fr.path)
     finally:
         if bar is not None:
             bar.close()
-    if as_jsonl:
-        return report.exit_code
-    if as_json or as_sarif:
-        for fr in report.files:
-            errors(fr)
+    for fr in report.files:
+        errors(fr)
     if as_json:
         print_json(report.to_json())
-    elif as_sarif:
+    else:
         import json
 
         click.echo(json.dumps(to_sarif(report, Path.cwd()), indent=2, ensure_ascii=False))
-    else:
-        render(report, quiet=quiet)
     return report.exit_code
+
+
+def write_jsonl(
+    batches: Iterable[list[Scanned]], spools: dict[str, str], bar: Any, *, strict: bool
+) -> int:
+    """Each file's JSON line, a batch of ready results in one write; the exit code.
+
+    A line is spliced from the file's stored JSON (``Scanned.body``, the same text for a fresh
+    and a cached verdict), so a cached verdict is never decoded and encoded again.
+    """
+    from json.encoder import encode_basestring_ascii as enc
+
+    from sdtool.cli.jsonl import JsonLines
+    from sdtool.scan.report import exit_code
+    from sdtool.scan.ruleset import ruleset_version
+
+    lines = JsonLines("scan")
+    head = lines.head + '"path": '
+    tail = ', "ruleset": ' + enc(ruleset_version()) + ', "cached": '
+    verdicts: set[Verdict] = set()
+    failed = False
+    for batch in batches:
+        out = []
+        for item in batch:
+            path = spools.get(item.path, item.path)
+            if item.errors:
+                failed = True
+                item.report.path = path
+                errors(item.report)
+            verdicts.add(item.verdict)
+            sha = enc(item.sha256) if item.sha256 else "null"
+            cached = "true}\n" if item.cached else "false}\n"
+            out.append(f'{head}{enc(path)}, {item.body[1:-1]}, "sha256": {sha}{tail}{cached}')
+        lines.write_lines(out)
+        if bar is not None:
+            bar.update(len(batch))
+    return exit_code(verdicts, failed, strict=strict)
 
 
 def render(report: ScanReport, *, quiet: bool = False) -> None:
@@ -169,42 +216,104 @@ def render(report: ScanReport, *, quiet: bool = False) -> None:
     What kept a file from being scanned goes to stderr (``sdtool: FILE: ...``): stdout holds
     only the report, so ``sdtool scan ... > report.txt`` stays clean.
     """
+    from sdtool.scan.report import Scanned
+
+    items = [[Scanned(fr.path, report=fr, sha256=fr.sha256, cached=fr.cached)]
+             for fr in report.files]  # fmt: skip
+    render_items(items, quiet=quiet, strict=report.strict)
+
+
+def render_items(batches: Iterable[list[Scanned]], *, quiet: bool = False,
+                 strict: bool = False, spools: dict[str, str] | None = None) -> int:  # fmt: skip
+    """``render`` of results as they come (``scan_items``); returns the exit code.
+
+    Off a terminal (no colour) the lines are written as plain text in batches rather than
+    through rich one by one, and a cached safe file's line is read from its stored JSON
+    without decoding it: a rerun over an unchanged tree prints as fast as it looks up.
+    """
+    from sdtool.scan.cached import head_of
+    from sdtool.scan.report import exit_code
+
     out = console()
+    plain = plain_output(out)
     width = wrap_width(out)
-    for fr in report.files:
-        errors(fr)
-        v = fr.verdict
-        if quiet and v in (Verdict.SAFE, Verdict.SKIPPED):
-            continue
-        label = f"[{STYLE[v]}]{v.label.upper():<11}[/{STYLE[v]}] {markup(fr.path)}"
-        if fr.skipped:
-            out.print(f"{label}: not a model file ({markup(fr.skipped)})")
-            continue
-        out.print(f"{label} [dim]({markup(fr.format)}, {human_bytes(fr.size)})[/dim]")
-        shown = [f for f in fr.findings if f.severity != "info" or v != "safe"]
-        for f in sorted(shown, key=lambda f: RANK.get(f.severity, 9)):
-            where = f.member or ""
-            if f.stream:
-                where += f" #{f.stream}"
-            if f.offset is not None:
-                where += f" @{f.offset}"
-            head = f"{f.severity} {f.rule}" + (f" {where.strip()}" if where.strip() else "")
-            if f.global_name:
-                head += f": {f.global_name}"
-            body = f"{f.usage}: {f.message}" if f.usage else f.message
-            style = STYLE.get(f.severity, "")
-            for i, line in enumerate(wrap(head, width, "  ", "      ")):
-                out.print(f"[{style}]{markup(line)}[/]" if i == 0 and style else markup(line))
-            for line in wrap(body, width, "      ", "      "):
-                out.print(markup(line))
-    s = report.summary()
-    parts = [f"{s[v]} {LABEL.get(v, v.label)}" for v in Verdict if s[v]]
-    out.print(
-        f"\n{s['files']} file{'' if s['files'] == 1 else 's'}: "
+    counts = dict.fromkeys(Verdict, 0)
+    failed = False
+    for batch in batches:
+        text: list[str] = []
+        for item in batch:
+            v = item.verdict
+            counts[v] += 1
+            path = spools.get(item.path, item.path) if spools else item.path
+            if item.errors:
+                failed = True
+                item.report.path = path
+                errors(item.report)
+            if quiet and v in (Verdict.SAFE, Verdict.SKIPPED):
+                continue
+            fast = head_of(item.stored) if v is Verdict.SAFE and item.stored else None
+            if fast is not None:  # safe: format and size are all its line shows
+                lines = [_line(v, path, plain, f"({fast[0]}, {human_bytes(fast[1])})")]
+            else:
+                fr = item.report
+                fr.path = path
+                lines = _file_lines(fr, plain, width)
+            if plain:
+                text.extend(lines)
+            else:
+                for line in lines:
+                    out.print(line)
+        if text:
+            out.file.write("".join(t.rstrip(" ") + "\n" for t in text))
+    code = exit_code({v for v, n in counts.items() if n}, failed, strict=strict)
+    files = sum(counts.values())
+    parts = [f"{counts[v]} {LABEL.get(v, v.label)}" for v in Verdict if counts[v]]
+    summary = (
+        f"{files} file{'' if files == 1 else 's'}: "
         + (", ".join(parts) or "nothing to scan")
-        + f" -> exit {report.exit_code}"
-        + (" (--strict)" if report.strict else "")
+        + f" -> exit {code}"
+        + (" (--strict)" if strict else "")
     )
+    if plain:
+        out.file.write(f"\n{summary}\n")
+        out.file.flush()
+    else:
+        out.print(f"\n{summary}")
+    return code
+
+
+def _line(v: Verdict, path: str, plain: bool, rest: str) -> str:
+    """A file's first line: its verdict label, its path and ``rest`` (plain text)."""
+    if plain:
+        return f"{_LABELS[v]} {escape(path)} {rest}"
+    return f"[{STYLE[v]}]{_LABELS[v]}[/{STYLE[v]}] {markup(path)} [dim]{markup(rest)}[/dim]"
+
+
+def _file_lines(fr: FileReport, plain: bool, width: int | None) -> list[str]:
+    """A file's lines: its verdict line, then each finding shown as a wrapped block (rich
+    markup, or plain text when ``plain``)."""
+    v = fr.verdict
+    text = escape if plain else markup
+    if fr.skipped:
+        label = _LABELS[v] if plain else f"[{STYLE[v]}]{_LABELS[v]}[/{STYLE[v]}]"
+        return [f"{label} {text(fr.path)}: not a model file ({text(fr.skipped)})"]
+    lines = [_line(v, fr.path, plain, f"({fr.format}, {human_bytes(fr.size)})")]
+    shown = [f for f in fr.findings if f.severity != "info" or v != "safe"]
+    for f in sorted(shown, key=lambda f: RANK.get(f.severity, 9)):
+        where = f.member or ""
+        if f.stream:
+            where += f" #{f.stream}"
+        if f.offset is not None:
+            where += f" @{f.offset}"
+        head = f"{f.severity} {f.rule}" + (f" {where.strip()}" if where.strip() else "")
+        if f.global_name:
+            head += f": {f.global_name}"
+        body = f"{f.usage}: {f.message}" if f.usage else f.message
+        style = "" if plain else STYLE.get(f.severity, "")
+        for i, line in enumerate(wrap(head, width, "  ", "      ")):
+            lines.append(f"[{style}]{markup(line)}[/]" if i == 0 and style else text(line))
+        lines.extend(text(line) for line in wrap(body, width, "      ", "      "))
+    return lines
 
 
 def errors(fr: FileReport) -> None:

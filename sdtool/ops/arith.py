@@ -20,7 +20,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +31,7 @@ from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
 from sdtool.model import ModelFile, TensorInfo
-from sdtool.write.cast import cast
+from sdtool.write.cast import _f32_to_f16, cast
 from sdtool.write.plan import OutTensor
 
 #: elements per piece of an elementwise computation (1 MiB of float32 per input: a piece of
@@ -63,6 +64,7 @@ class Scratch(threading.local):
 SCRATCH = Scratch()
 #: scratch slots: float32 pieces of the inputs use 0..; raw bytes use RAW + i
 RAW = 1000
+TMP = 2000
 
 
 _MAGIC = np.float32(2.0**112)  # float16's exponent bias (15) to float32's (127)
@@ -119,7 +121,7 @@ def compute_dtype(info: TensorInfo) -> bool:
     return info.dtype.is_float
 
 
-def _local_span(m: ModelFile, info: TensorInfo) -> tuple[int, int] | None:
+def local_span(m: ModelFile, info: TensorInfo) -> tuple[int, int] | None:
     """The tensor's bytes in a local file, to ``pread``; None for a remote file (its own
     reader fetches ranges) or a tensor that is not stored as is."""
     return info.file_span if getattr(m, "source", None) is None else None
@@ -166,7 +168,7 @@ class Inputs:
         (read into the uint8 buffer ``into`` when given and the tensor lies in the file as is)."""
         info = m.tensors[name]
         count = info.numel - start if count is None else count
-        span = _local_span(m, info)
+        span = local_span(m, info)
         item = info.dtype.itemsize
         if span is not None:
             offset = span[0] + start * item
@@ -210,7 +212,7 @@ class Inputs:
         float32 tensors are read straight into it, others through this thread's scratch
         buffer ``slot``)."""
         info = m.tensors[name]
-        local = _local_span(m, info) is not None
+        local = local_span(m, info) is not None
         if info.dtype.code == "F32" and local:
             self.raw(m, name, start, out.size, into=out.view(np.uint8))
             return out
@@ -258,6 +260,12 @@ class Output:
         if self.dtype.code == "F32":
             dst[...] = values
             return
+        if self.dtype.code == "F16":
+            # sdtool.write.cast's exact float16 kernel on the whole piece, its scratch reused
+            t1 = SCRATCH.get(TMP, values.size * 4).view(np.uint32)
+            t2 = SCRATCH.get(TMP + 1, values.size * 4).view(np.uint32)
+            if _f32_to_f16(values, dst, t1, t2):  # False: a value needs the exact path
+                return
         _, over = cast(values, F32, self.dtype, out=dst)  # straight into ``dst``
         if over:
             with self._lock:
@@ -293,6 +301,82 @@ def run_pieces(
         finally:
             for f in futures:
                 f.cancel()
+
+
+#: output bytes computed ahead of the tensor the writer asks for (``Ahead``)
+AHEAD_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Task:
+    """One elementwise output tensor: its size, how to allocate it, how to fill one piece."""
+
+    name: str
+    nbytes: int
+    new: Callable[[], Output]
+    piece: Callable[[Output, int, int], None]  # (out, start, count): compute and ``out.put``
+
+
+class Ahead:
+    """Elementwise tensors computed ahead, piece by piece, on ``pool``, in ``tasks``' order
+    (the order the writer will ask for them): while the writer waits for, then writes, one
+    tensor, both workers are already on the pieces of the next ones, with no pause at the
+    end of each tensor (a tensor of 7 pieces no longer leaves one worker idle for the last).
+
+    ``get(name)`` returns the finished Output; about ``budget`` bytes of outputs are computed
+    ahead of it, each task once. A name asked before its turn is computed then; one asked
+    again (as --verify does) is computed again, without look-ahead. Thread-safe."""
+
+    def __init__(
+        self, pool: ThreadPoolExecutor, tasks: Sequence[Task], budget: int = AHEAD_BYTES
+    ) -> None:
+        self.pool = pool
+        self.tasks = list(tasks)
+        self.where = {t.name: i for i, t in enumerate(self.tasks)}
+        self.budget = budget
+        self.next = 0  # the next task to start ahead
+        self.started: set[str] = set()
+        self.running: dict[str, tuple[Output, list[Future[None]], int]] = {}
+        self.held = 0  # bytes of outputs started and not yet handed out
+        self._lock = threading.Lock()
+
+    def _start(self, t: Task) -> None:
+        out = t.new()
+        futures = [self.pool.submit(t.piece, out, s, c) for s, c in pieces(out.flat.size)]
+        self.running[t.name] = (out, futures, t.nbytes)
+        self.started.add(t.name)
+        self.held += t.nbytes
+
+    def _top_up(self) -> None:
+        while self.next < len(self.tasks) and self.held < self.budget:
+            t = self.tasks[self.next]
+            self.next += 1
+            if t.name not in self.started:
+                self._start(t)
+
+    def get(self, name: str) -> Output:
+        with self._lock:
+            if name not in self.running:
+                self._start(self.tasks[self.where[name]])
+            self._top_up()
+            out, futures, _ = self.running[name]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            with self._lock:
+                _, _, nbytes = self.running.pop(name)
+                self.held -= nbytes
+                self._top_up()
+        return out
+
+    def cancel(self) -> None:
+        """Drop the pieces not started (an error ended the write)."""
+        with self._lock:
+            for _, futures, _ in self.running.values():
+                for f in futures:
+                    f.cancel()
+            self.running.clear()
 
 
 def pieces(numel: int, step: int = PIECE) -> Iterator[tuple[int, int]]:

@@ -112,7 +112,7 @@ class Resume:
             out = Identity.of_path(doc.get("written") or dst)
         except (OSError, TypeError):
             return None
-        if doc.get("identity") != list(dataclasses.astuple(out)):
+        if doc.get("identity") != list(out):
             return None
         return doc
 
@@ -136,7 +136,7 @@ class Resume:
         except OSError:
             return None
         doc = {
-            "identity": list(dataclasses.astuple(out)),
+            "identity": list(out),
             "sha256": sha,
             "result": result,
             "written": os.path.abspath(path),

@@ -21,12 +21,15 @@ torch is never imported here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import json
 import os
 import queue
+import re
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -282,15 +285,116 @@ def hash_cached(
         sha = (result.hashes.get("sha256") or "").lower()
         if sha:
             cache.put_sha256(ident, sha)
-        record = {
-            "size": result.size,
-            "safetensors": result.safetensors,
-            "hashes": result.hashes,
-            "notes": result.notes,
-        }
+        record = record_text(result.size, result.safetensors, result.hashes, result.notes)
         for key in dict.fromkeys(k for k in (sha or known, ident.key) if k):
-            cache.put(CACHE_KIND, key, __version__, record)
+            cache.put_text(CACHE_KIND, key, __version__, record)
     return result, False
+
+
+def record_text(size: int, safetensors: bool, hashes: dict[str, Any], notes: dict[str, Any]) -> str:
+    """A file's hashes as the cache stores them: HashResult's JSON without the path, encoded
+    once, so a JSON line can be spliced from it."""
+    doc = {"size": size, "safetensors": safetensors, "hashes": hashes, "notes": notes}
+    return json.dumps(doc, ensure_ascii=True)
+
+
+@functools.cache
+def _layout(names: tuple[str, ...]) -> re.Pattern[str]:
+    """A stored record in ``record_text``'s layout holding exactly ``names``, in order."""
+    hashes = ", ".join(f'"{n}": (?:"[0-9A-F]*"|null)' for n in names)
+    return re.compile(
+        r'\{"size": [0-9]+, "safetensors": (?:true|false), "hashes": \{'
+        + hashes
+        + r'\}, "notes": \{.*\}\}',
+        re.DOTALL,
+    )
+
+
+def cached_many(
+    files: Sequence[tuple[str, os.stat_result | None]],
+    cache: Cache | None,
+    *,
+    algorithms: Iterable[str] = tuple(ALGORITHMS),
+) -> list[str | None]:
+    """``hash_cached``'s cache hits for many files (path, its stat or None) at once.
+
+    One query answers a few hundred files (``Cache.lookup_many``: by identity, else by the
+    identity's recorded SHA-256). Each hit is a ``record_text`` holding exactly the requested
+    hashes (as stored, undecoded, when it was stored so); None where this sdtool has not
+    recorded every requested hash for exactly this file.
+    """
+    from sdtool import __version__
+    from sdtool.cache import Identity
+
+    names = parse_algorithms(algorithms)
+    out: list[str | None] = [None] * len(files)
+    if cache is None:
+        return out
+    layout = _layout(names)
+    live = [(i, Identity.of(st)) for i, (_, st) in enumerate(files) if st is not None]
+    answers = cache.lookup_many(CACHE_KIND, __version__, [d for _, d in live])
+    for (i, _), (_, text) in zip(live, answers, strict=True):
+        if text is None:
+            continue
+        if layout.fullmatch(text):
+            out[i] = text
+            continue
+        try:  # stored for other hashes too, or in another layout: cut to these
+            doc = json.loads(text)
+            hashes, notes = doc["hashes"], doc.get("notes", {})
+            if all(n in hashes for n in names):
+                out[i] = record_text(
+                    int(doc["size"]),
+                    bool(doc["safetensors"]),
+                    {n: hashes[n] for n in names},
+                    {n: v for n, v in notes.items() if n in names},
+                )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a record this sdtool wrote: hash the file again
+    return out
+
+
+def walk_files(paths: Iterable[Path]) -> list[tuple[Path | str, os.stat_result | None]]:
+    """Each path as given, a folder as every file under it (recursively, in sorted path
+    order, symlinked folders not followed), each with its stat (None: none could be had;
+    the hash says why). Files found in folders are strings (no Path built for each); the
+    stat comes from ``os.scandir``, so a cached rerun costs one system call per file."""
+    out: list[tuple[Path | str, os.stat_result | None]] = []
+    for f in paths:
+        if is_url(f) or not os.path.isdir(f):
+            try:
+                st: os.stat_result | None = os.stat(f) if not is_url(f) else None
+            except (OSError, ValueError):
+                st = None
+            out.append((f, st))
+            continue
+        top = str(f)
+        found: list[tuple[list[str], str, os.stat_result]] = []
+        _walk_sorted(top, "" if top == "." else top.rstrip("/") + "/", [], found)
+        found.sort(key=lambda t: t[0])
+        out.extend((p, st) for _, p, st in found)
+    return out
+
+
+def _walk_sorted(
+    folder: str, prefix: str, parts: list[str], found: list[tuple[list[str], str, os.stat_result]]
+) -> None:
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError:
+        return
+    for e in entries:
+        try:
+            if e.is_dir():
+                if not e.is_symlink():
+                    _walk_sorted(e.path, prefix + e.name + "/", [*parts, e.name], found)
+                continue
+            if not e.is_file():
+                continue
+            found.append(([*parts, e.name], prefix + e.name, e.stat()))
+        except OSError:
+            continue
 
 
 def _hash_open(

@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,22 @@ from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
-from sdtool.ops.arith import SCRATCH, Inputs, Output, Overflows, run_pieces, write_result
+from sdtool.ops.arith import (
+    F32,
+    SCRATCH,
+    Ahead,
+    Inputs,
+    Output,
+    Overflows,
+    Task,
+    local_span,
+    run_pieces,
+    write_result,
+)
 from sdtool.vocab import CASTABLE, MERGE_METHODS, cast_target, parse_dtype
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
-from sdtool.write.plan import OutTensor
+from sdtool.write.plan import OutTensor, source_order
 
 SCHEMA = "sdtool.merge/1"
 
@@ -565,6 +577,46 @@ PIECE_KERNELS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def _piece_fn(
+    models: Sequence[ModelFile],
+    sources: Sequence[dict[str, Source]],
+    k: KeyPlan,
+    method: Method,
+    io: Inputs,
+    density: float,
+    seed: int,
+) -> Callable[[Output, int, int], None]:
+    """Computes elements ``start .. start + count`` of key ``k`` into ``out`` (elementwise
+    methods), from this thread's reused buffers: no allocation per piece."""
+    in_place = PIECE_KERNELS[method.name]
+    a = models[0]
+    t = k.alpha if k.alpha is not None else 0.0
+    is_dare = method.name == "dare"
+    srcs = [(m, src[k.name]) for m, src in zip(models[1:], sources, strict=True)]
+
+    def piece(out: Output, start: int, count: int) -> None:
+        x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
+        for i, (m, sr) in enumerate(srcs, 1):
+            x.append(sr.read_into(io, m, start, SCRATCH.f32(i, count), i))
+        rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
+        out.put(start, in_place(x, t, density=density, rngs=rngs))
+
+    return piece
+
+
+def _preadable(
+    models: Sequence[ModelFile], sources: Sequence[dict[str, Source]], name: str
+) -> bool:
+    """Every input holds ``name`` as one tensor that ``Inputs`` reads in pieces with pread
+    (no whole-tensor cache, which the pieces of other tensors computed at once would evict)."""
+    if any(len(src[name].keys) != 1 for src in sources):
+        return False
+    pairs = [(models[0], name)] + [
+        (m, src[name].keys[0]) for m, src in zip(models[1:], sources, strict=True)
+    ]
+    return all(local_span(m, m.tensors[k]) is not None for m, k in pairs)
+
+
 def _maker(
     models: Sequence[ModelFile],
     sources: Sequence[dict[str, Source]],
@@ -575,16 +627,19 @@ def _maker(
     overflows: Overflows,
     density: float,
     seed: int,
+    ahead: Ahead | None = None,
 ) -> Callable[[], np.ndarray]:
-    """The function computing key ``k``'s output tensor when the writer asks for it."""
+    """The function computing key ``k``'s output tensor when the writer asks for it (from
+    ``ahead`` when it computes this key ahead)."""
     kernel = KERNELS[method.name]
-    in_place = PIECE_KERNELS[method.name]
     a = models[0]
     shape = a.tensors[k.name].shape
     t = k.alpha if k.alpha is not None else 0.0
     is_dare = method.name == "dare"
 
     def make() -> np.ndarray:
+        if ahead is not None:
+            return overflows.done(k.name, ahead.get(k.name))
         out = Output(shape, dtype)
         rngs = dare_masks(seed, k.name, len(models) - 1) if is_dare else []
         opts: dict[str, Any] = {"density": density, "rngs": rngs}
@@ -599,16 +654,8 @@ def _maker(
             res[region] = kernel(x, t, **opts)
             out.put(0, res)
         elif method.elementwise:
-
-            def piece(start: int, count: int) -> None:
-                # into this thread's reused buffers: no allocation per piece
-                x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
-                for i, (m, src) in enumerate(zip(models[1:], sources, strict=True), 1):
-                    x.append(src[k.name].read_into(io, m, start, SCRATCH.f32(i, count), i))
-                rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
-                out.put(start, in_place(x, t, density=density, rngs=rngs))
-
-            run_pieces(out.flat.size, piece, pool=io.pool)
+            piece = _piece_fn(models, sources, k, method, io, density, seed)
+            run_pieces(out.flat.size, lambda s, c: piece(out, s, c), pool=io.pool)
         else:
             x = [io.whole(a, k.name)] + [
                 src[k.name].whole(io, m).reshape(shape)
@@ -721,30 +768,54 @@ def merge(
         overflows = Overflows(on_overflow)
         with Inputs() as io:
             plan: list[OutTensor] = []
+            # elementwise keys read by pread are computed ahead, in the order the writer
+            # reads its computed tensors (A's file order)
+            early = [
+                k
+                for k in keys
+                if k.rule == "merge" and m.elementwise and _preadable(models, sources, k.name)
+            ]
+            early.sort(key=lambda k: source_order(OutTensor(k.name, a, a.tensors[k.name], F32)))
+            tasks = []
+            for k in early:
+                info = a.tensors[k.name]
+                dt = _out_dtype(info.dtype, target)
+                piece = _piece_fn(models, sources, k, m, io, density, seed)
+                tasks.append(
+                    Task(k.name, info.numel * dt.itemsize, partial(Output, info.shape, dt), piece)
+                )
+            ahead = Ahead(io.pool, tasks)
+            ahead_names = {k.name for k in early}
             for k in keys:
                 info = a.tensors[k.name]
                 out_dt = _out_dtype(info.dtype, target)
                 if k.rule == "copy":
                     plan.append(OutTensor(k.name, a, info, out_dt))
                 else:
-                    make = _maker(models, sources, k, m, out_dt, io, overflows, density, seed)
+                    make = _maker(
+                        models, sources, k, m, out_dt, io, overflows, density, seed,
+                        ahead if k.name in ahead_names else None,
+                    )  # fmt: skip
                     plan.append(OutTensor(k.name, a, info, out_dt, make))
             meta = {
                 "format": "pt",
                 "sd_merge_recipe": json.dumps(recipe),
                 "sd_merge_models": json.dumps({p.name: {"name": p.name} for p in paths}),
             }
-            write_result(
-                result,
-                plan,
-                out,
-                t0,
-                metadata=meta,
-                overwrite=overwrite,
-                verify=verify,
-                overflows=overflows,
-                progress=progress,
-            )
+            try:
+                write_result(
+                    result,
+                    plan,
+                    out,
+                    t0,
+                    metadata=meta,
+                    overwrite=overwrite,
+                    verify=verify,
+                    overflows=overflows,
+                    progress=progress,
+                )
+            finally:
+                ahead.cancel()
         return result
 
 

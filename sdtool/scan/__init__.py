@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sdtool.formats.shards import INDEX_RE, expand_shards
-from sdtool.scan.classify import classify_global
-from sdtool.scan.report import FileReport, Finding, ProblemKind, ScanReport
+from sdtool.scan.report import FileReport, Finding, ProblemKind, Scanned, ScanReport
 from sdtool.urls import as_path, is_url
 
 if TYPE_CHECKING:
     from sdtool.cache import Cache
     from sdtool.scan.cached import Lookup
+    from sdtool.scan.classify import classify_global
     from sdtool.scan.vm import Limits
 
 # the pickle machine and the container walker load on first scan, so that importing
-# sdtool.scan.classify (inspect's verdict column) stays cheap
+# sdtool.scan.classify (inspect's verdict column) stays cheap; the allowlist loads on first
+# use, so that a rerun answered from the cache loads neither
 
 
 def __getattr__(name: str) -> Any:
@@ -37,6 +38,10 @@ def __getattr__(name: str) -> Any:
         from sdtool.scan.vm import Limits
 
         return Limits
+    if name == "classify_global":  # loads the allowlist: not needed by a cached rerun
+        from sdtool.scan.classify import classify_global
+
+        return classify_global
     raise AttributeError(f"module 'sdtool.scan' has no attribute {name!r}")
 
 
@@ -48,6 +53,7 @@ __all__ = [
     "classify_global",
     "iter_files",
     "scan",
+    "scan_items",
     "scan_paths",
 ]
 
@@ -68,38 +74,120 @@ def scan(path: str | Path, *, limits: Limits | None = None, crc: str = "read") -
     return scan_file(as_path(path), limits=limits or DEFAULT_LIMITS, crc=crc)
 
 
+class Target(NamedTuple):
+    """A file to scan as the walk found it: its path (as ``str(Path)`` spells it), its stat
+    (None when it cannot be stat'ed: the scan says why), or a URL, or a path that is missing."""
+
+    path: str
+    st: os.stat_result | None
+    kind: str = "file"  # "file" | "url" | "missing"
+
+
 def iter_files(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iterator[Path | str]:
     """Every file under ``paths`` (recursively, sorted), minus ``exclude`` globs.
 
     Yields a str (an error message) for a path that does not exist, so nothing is skipped
     silently.
     """
+    for t in walk(paths, exclude):
+        yield t.path if t.kind == "missing" else as_path(t.path)
+
+
+def walk(paths: Iterable[str | Path], exclude: Iterable[str] = ()) -> Iterator[Target]:
+    """``iter_files`` as Targets, each with the stat the walk got anyway (``os.scandir``):
+    a file's identity for the cache costs no second system call, and no Path is built."""
     pats = list(exclude)
 
-    def excluded(p: Path) -> bool:
-        s = p.as_posix()
-        return any(fnmatch.fnmatch(s, pat) or fnmatch.fnmatch(p.name, pat) for pat in pats)
+    def excluded(s: str, name: str) -> bool:
+        return any(fnmatch.fnmatch(s, pat) or fnmatch.fnmatch(name, pat) for pat in pats)
 
     for raw in paths:
         if is_url(raw) or is_url(str(raw)):  # a remote file: read by ranges, never walked
-            yield as_path(str(raw))
+            yield Target(str(raw), None, "url")
             continue
         p = Path(raw)
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for name in sorted(files):
-                    fp = Path(root) / name
-                    if INDEX_RE.match(name):  # a shard index: its shards sit beside it
-                        continue
-                    if not excluded(fp):
-                        yield fp
-                dirs[:] = [d for d in dirs if not excluded(Path(root) / d)]
+        top = str(p)
+        if os.path.isdir(top):
+            yield from _walk_dir(top, excluded if pats else None)
         elif p.exists():
-            if not excluded(p):
-                yield from expand_shards([p])  # an index: its shards
+            if not (pats and excluded(p.as_posix(), p.name)):
+                for f in _shards(p):  # an index: its shards
+                    yield Target(str(f), _stat(f))
         else:
-            yield str(p)
+            yield Target(top, None, "missing")
+
+
+def _walk_dir(top: str, excluded: Callable[[str, str], bool] | None) -> Iterator[Target]:
+    """``os.walk``'s order (a folder's files sorted, then its subfolders sorted, symlinked
+    folders not followed, unreadable ones skipped), with each file's stat."""
+    try:
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError:
+        return
+    files: list[os.DirEntry[str]] = []
+    dirs: list[os.DirEntry[str]] = []
+    for e in entries:
+        try:
+            is_dir = e.is_dir()
+        except OSError:
+            is_dir = False
+        (dirs if is_dir else files).append(e)
+    files.sort(key=_name)
+    prefix = "" if top == "." else top if top.endswith("/") else top + "/"
+    for e in files:
+        name = e.name
+        if name[-5:] == ".json" and _maybe_index(name) and _index_re().match(name):
+            continue  # a shard index: its shards sit beside it
+        fp = prefix + name
+        if excluded is not None and excluded(fp, name):
+            continue
+        try:
+            st: os.stat_result | None = e.stat()
+        except OSError:
+            st = None
+        yield Target(fp, st)
+    dirs.sort(key=_name)
+    for e in dirs:
+        fp = prefix + e.name
+        if excluded is not None and excluded(fp, e.name):
+            continue
+        try:
+            if e.is_symlink():
+                continue
+        except OSError:
+            continue
+        yield from _walk_dir(fp, excluded)
+
+
+def _name(e: os.DirEntry[str]) -> str:
+    return e.name
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    try:
+        return os.stat(p)
+    except OSError:
+        return None
+
+
+def _maybe_index(name: str) -> bool:
+    """A cheap test before the shard index pattern (whose module loads numpy)."""
+    return name.endswith(".json") and ".safetensors.index" in name
+
+
+def _index_re() -> re.Pattern[str]:
+    from sdtool.formats.shards import INDEX_RE
+
+    return INDEX_RE
+
+
+def _shards(p: Path) -> list[Path]:
+    if not _maybe_index(p.name):
+        return [p]
+    from sdtool.formats.shards import expand_shards
+
+    return expand_shards([p])
 
 
 def _missing(path: str) -> FileReport:
@@ -132,54 +220,98 @@ def scan_paths(
     SHA-256 (on ``FileReport.sha256``), which lets identical files anywhere share one verdict.
     ``runner(tasks)`` scans the workers' tasks elsewhere (sdtool.cluster), reports in order.
     """
-    from sdtool.scan.cached import lookup, store
-    from sdtool.scan.containers import scan_file
-    from sdtool.scan.vm import DEFAULT_LIMITS
-
-    limits = limits or DEFAULT_LIMITS
-    targets = list(iter_files(paths, exclude))
     report = ScanReport(strict=strict)
-    settings = f"|crc={crc}|limits={limits!r}"
-    found = {
-        i: lookup(t, cache, sha256=sha256, settings=settings)
-        for i, t in enumerate(targets)
-        if isinstance(t, Path) and (cache is not None or sha256) and not is_url(t)
-    }
+    for batch in scan_items(
+        paths, exclude=exclude, jobs=jobs, limits=limits, crc=crc, cache=cache,
+        sha256=sha256, isolate=isolate, runner=runner,
+    ):  # fmt: skip
+        for item in batch:
+            r = item.report
+            report.files.append(r)
+            if progress is not None:
+                progress(r)
+    return report
+
+
+#: at most this many ready results per batch ``scan_items`` yields
+BATCH = 512
+
+
+def scan_items(
+    paths: Iterable[str | Path],
+    *,
+    exclude: Iterable[str] = (),
+    jobs: int = 1,
+    limits: Limits | None = None,
+    crc: str = "read",
+    cache: Cache | None = None,
+    sha256: bool = False,
+    isolate: bool = True,
+    runner: Callable[[list[Any]], Iterator[FileReport]] | None = None,
+) -> Iterator[list[Scanned]]:
+    """``scan_paths``' files as they complete, in input order, in batches: each batch holds
+    the results ready now (cached verdicts, up to BATCH of them), or one fresh scan.
+
+    What is cached costs a stat from the walk and a share of one query per few hundred
+    files; its verdict stays the stored JSON until ``Scanned.report`` is asked for, and no
+    worker process starts, nor does the scanner load, unless some file must be scanned.
+    """
+    from sdtool.scan.cached import lookup_many, store
+
+    targets = list(walk(paths, exclude))
+    # the limits are part of a verdict's key; the defaults' by name (they live in scan/vm.py,
+    # whose source is in the ruleset version: a new default is a new ruleset)
+    settings = f"|crc={crc}|limits={'default' if limits is None else repr(limits)}"
+    found: list[Lookup | None] = [None] * len(targets)
+    if cache is not None or sha256:
+        local = [i for i, t in enumerate(targets) if t.kind == "file"]
+        known = lookup_many([targets[i] for i in local], cache, sha256=sha256, settings=settings)
+        for i, hit in zip(local, known, strict=True):
+            found[i] = hit
     if cache is not None:
         cache.release()  # the lookups are done; scanning may take long
-    todo = [t for i, t in enumerate(targets) if isinstance(t, Path) and _miss(found.get(i))]
+    todo = [
+        t.path
+        for t, f in zip(targets, found, strict=True)
+        if t.kind != "missing" and (f is None or f.hit is None)
+    ]
 
     def fresh() -> Iterator[FileReport]:
+        from sdtool.scan.containers import scan_file
+        from sdtool.scan.vm import DEFAULT_LIMITS
+
+        lim = limits or DEFAULT_LIMITS
         if not isolate:
             for t in todo:
-                yield scan_file(t, limits=limits, crc=crc)
+                yield scan_file(as_path(t), limits=lim, crc=crc)
             return
         from dataclasses import asdict
 
         from sdtool.scan.workers import Task, run_isolated
 
-        kwargs = {"crc": crc, "limits": asdict(limits)}
-        tasks = [Task(os.fspath(t), kwargs) for t in todo]
+        kwargs = {"crc": crc, "limits": asdict(lim)}
+        tasks = [Task(t, kwargs) for t in todo]
         yield from (runner(tasks) if runner else run_isolated(tasks, jobs=max(1, jobs)))
 
-    scanned = fresh()
-    for i, t in enumerate(targets):
-        if not isinstance(t, Path):
-            r = _missing(t)
+    scanned = fresh()  # a generator: nothing starts until a file needs it
+    batch: list[Scanned] = []
+    for t, f in zip(targets, found, strict=True):
+        if t.kind == "missing":
+            batch.append(Scanned(t.path, report=_missing(t.path)))
+        elif f is not None and f.hit is not None:
+            batch.append(Scanned(t.path, body=f.hit, verdict=f.verdict, sha256=f.sha256,
+                                 cached=True))  # fmt: skip
         else:
-            f = found.get(i)
-            if f is not None and f.hit is not None:
-                r, r.cached = f.hit, True
-            else:
-                r = next(scanned)
-                if f is not None:
-                    store(t, cache, f, r)
-            r.sha256 = f.sha256 if f is not None else None
-        report.files.append(r)
-        if progress is not None:
-            progress(r)
-    return report
-
-
-def _miss(found: Lookup | None) -> bool:
-    return found is None or found.hit is None
+            if batch:
+                yield batch
+                batch = []
+            r = next(scanned)
+            if f is not None:
+                store(t.path, cache, f, r)
+            yield [Scanned(t.path, report=r, sha256=f.sha256 if f is not None else None)]
+            continue
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -11,15 +11,18 @@ hashes gets content-level sharing.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sdtool.cache import Cache, Identity, cached_sha256
 from sdtool.scan.report import FileReport, Finding
 from sdtool.scan.ruleset import ruleset_version
-from sdtool.vocab import Format
+from sdtool.vocab import Format, Verdict
 
 KIND = "scan"
 _CHUNK = 8 << 20
@@ -43,8 +46,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def report_from_json(doc: dict[str, Any]) -> FileReport:
-    """The FileReport that ``FileReport.to_json`` described (for cached verdicts).
+def report_from_json(doc: dict[str, Any], path: str | None = None) -> FileReport:
+    """The FileReport that ``FileReport.to_json`` described (for cached verdicts); ``path``
+    when the document does not name it (a stored body).
 
     Only complete verdicts are stored (``store``): a document with errors raises ValueError
     (the file is scanned again), as its problems' kinds are not in the JSON.
@@ -65,7 +69,7 @@ def report_from_json(doc: dict[str, Any]) -> FileReport:
         for f in doc.get("findings", [])
     ]
     return FileReport(
-        path=doc["path"],
+        path=doc["path"] if path is None else path,
         format=Format(doc.get("format", "unknown")),
         findings=findings,
         notes=list(doc.get("notes", [])),
@@ -76,48 +80,123 @@ def report_from_json(doc: dict[str, Any]) -> FileReport:
     )
 
 
-@dataclass(frozen=True)
-class Lookup:
+def body_of(report: FileReport) -> str:
+    """The report's ``to_json`` fields after ``path``, encoded once: what the cache stores and
+    what a JSON line carries between the path and the batch's own fields (a line is spliced
+    from it, never decoded and encoded again)."""
+    doc = report.to_json()
+    del doc["path"]  # the same content may sit under another name
+    return json.dumps(doc, ensure_ascii=True)
+
+
+#: a body this module wrote begins with format, size and verdict (``FileReport.to_json``'s
+#: order), so they are read without decoding the rest
+_HEAD = re.compile(r'\{"format": "([a-z0-9-]+)", "size": ([0-9]+), "verdict": "([a-z_]+)", ')
+_VERDICTS = {v.value: v for v in Verdict}
+
+
+def parse_body(body: str, path: str) -> tuple[Verdict, str] | None:
+    """(verdict, body) of a stored body of a complete scan (no errors: ``store`` stores no
+    other); one of another layout is decoded and encoded again; None when it is no complete
+    report (then the file is scanned again)."""
+    m = _HEAD.match(body)
+    # the quoted keys cannot occur inside a JSON string (its quotes are escaped there)
+    if (
+        m is not None
+        and m.group(3) in _VERDICTS
+        and ', "scanned": true, ' in body
+        and '"errors": [], "notes": [' in body
+        and body[-1] == "}"
+    ):
+        return _VERDICTS[m.group(3)], body
+    try:
+        rep = report_from_json(json.loads(body), path)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if rep.errors or not rep.scanned:  # never stored so: not a verdict to trust
+        return None
+    return rep.verdict, body_of(rep)
+
+
+def head_of(body: str) -> tuple[str, int] | None:
+    """(format, size) from the head of a stored body, undecoded (None: not this layout)."""
+    m = _HEAD.match(body)
+    return None if m is None else (m.group(1), int(m.group(2)))
+
+
+def report_from_body(body: str, path: str) -> FileReport:
+    """The FileReport a stored body describes, under ``path``."""
+    return report_from_json(json.loads(body), path)
+
+
+class Lookup(NamedTuple):
     """What a cache lookup found, and what storing the fresh verdict needs."""
 
-    hit: FileReport | None
+    hit: str | None  # the stored body (``body_of``) of this content's verdict, undecoded
     sha256: str | None
-    keys: tuple[str, ...]
     identity: Identity | None
     settings: str = ""
+    verdict: Verdict | None = None  # the hit's
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Where the verdict is stored: its SHA-256 (when known) and its identity."""
+        ident = self.identity
+        return tuple(k for k in (self.sha256, ident and ident.key) if k)
+
+
+def lookup_many(
+    targets: Sequence[tuple[str, os.stat_result | None] | tuple[str, os.stat_result | None, str]],
+    cache: Cache | None,
+    *,
+    sha256: bool = False,
+    settings: str = "",
+) -> list[Lookup]:
+    """The cached verdicts of many files (path, its stat or None, ...) under this ruleset.
+
+    One query answers a few hundred files (``Cache.lookup_many``): each file's verdict by its
+    identity, else by its recorded SHA-256. ``sha256``: a file whose SHA-256 is not recorded
+    is read and hashed now (its verdict then looked up by that hash). ``settings`` names the
+    scan options a verdict depends on (CRC mode, limits).
+    """
+    version = ruleset_version() + settings
+    out = [Lookup(None, None, None, settings)] * len(targets)
+    live = [
+        (i, t[0], Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        for i, t in enumerate(targets)
+        if (st := t[1]) is not None
+    ]
+    answers: Sequence[tuple[str | None, str | None]] = (
+        cache.lookup_many(KIND, version, [d for _, _, d in live])
+        if cache is not None
+        else [(None, None)] * len(live)
+    )
+    for (i, path, ident), (digest, text) in zip(live, answers, strict=True):
+        if text is None and digest is None and sha256:
+            try:
+                digest, _ = cached_sha256(cache, path, lambda p=path: file_sha256(Path(p)))
+            except OSError:
+                digest = None
+            if cache is not None and digest is not None:
+                text = cache.get_text(KIND, digest, version)
+        parsed = None if text is None else parse_body(text, path)
+        if parsed is None:
+            out[i] = Lookup(None, digest, ident, settings)
+        else:
+            out[i] = Lookup(parsed[1], digest, ident, settings, parsed[0])
+    return out
 
 
 def lookup(path: Path, cache: Cache | None, *, sha256: bool = False, settings: str = "") -> Lookup:
-    """The cached verdict for this file's content under the current ruleset, if any.
-
-    ``settings`` names the scan options a verdict depends on (CRC mode, limits).
-    """
+    """The cached verdict for this file's content under the current ruleset, if any."""
     try:
-        before = Identity.of_path(path)
+        st: os.stat_result | None = os.stat(path)
     except OSError:
-        return Lookup(None, None, (), None, settings)
-    digest = cache.sha256(before) if cache is not None else None
-    if digest is None and sha256:
-        try:
-            digest, _ = cached_sha256(cache, path, lambda: file_sha256(path))
-        except OSError:
-            digest = None
-    keys = tuple(k for k in (digest, before.key) if k is not None)
-    if cache is not None:
-        version = ruleset_version() + settings
-        for key in keys:
-            doc = cache.get(KIND, key, version)
-            if doc is not None:
-                try:
-                    rep = report_from_json(doc)
-                except (KeyError, TypeError, ValueError):
-                    continue  # a record from an older layout: scan again
-                rep.path = str(path)  # the same content may sit under another name
-                return Lookup(rep, digest, keys, before, settings)
-    return Lookup(None, digest, keys, before, settings)
+        st = None
+    return lookup_many([(str(path), st)], cache, sha256=sha256, settings=settings)[0]
 
 
-def store(path: Path, cache: Cache | None, found: Lookup, report: FileReport) -> None:
+def store(path: Path | str, cache: Cache | None, found: Lookup, report: FileReport) -> None:
     """Record a fresh, complete verdict if the file did not change while it was scanned.
 
     Only complete verdicts are stored: a report with errors (a limit hit, an unreadable member)
@@ -130,10 +209,10 @@ def store(path: Path, cache: Cache | None, found: Lookup, report: FileReport) ->
             return
     except OSError:
         return
-    doc = report.to_json()
+    body = body_of(report)
     version = ruleset_version() + found.settings
     for key in found.keys:
-        cache.put(KIND, key, version, doc)
+        cache.put_text(KIND, key, version, body)
 
 
 def scan_cached(
@@ -146,7 +225,7 @@ def scan_cached(
     """``scan_one(path)``, or its cached verdict when this content was scanned by this ruleset."""
     found = lookup(path, cache, sha256=sha256)
     if found.hit is not None:
-        return CachedScan(found.hit, found.sha256, True)
+        return CachedScan(report_from_body(found.hit, str(path)), found.sha256, True)
     rep = scan_one(path)
     store(path, cache, found, rep)
     return CachedScan(rep, found.sha256, False)

@@ -188,6 +188,71 @@ class FileReport:
         }
 
 
+def exit_code(verdicts: set[Verdict], errors: bool, *, strict: bool = False) -> ExitCode:
+    """The exit code of a scan whose files had ``verdicts`` (and some ``errors``): 0 nothing
+    dangerous, 1 dangerous (or suspicious with ``strict``), 2 something could not be scanned."""
+    if Verdict.DANGEROUS in verdicts or (strict and Verdict.SUSPICIOUS in verdicts):
+        return ExitCode.FINDINGS
+    if errors or verdicts & {Verdict.ERROR, Verdict.NOT_SCANNED}:
+        return ExitCode.ERROR
+    return ExitCode.OK
+
+
+class Scanned:
+    """One file's outcome in a batch (``sdtool.scan.scan_items``): a fresh FileReport, or a
+    verdict from the cache as its stored JSON ``body``, decoded only if ``report`` is asked
+    for (a JSON Lines run copies the body out as it is)."""
+
+    __slots__ = ("_body", "_report", "cached", "path", "sha256", "verdict")
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        report: FileReport | None = None,
+        body: str | None = None,
+        verdict: Verdict | None = None,
+        sha256: str | None = None,
+        cached: bool = False,
+    ) -> None:
+        self.path = path
+        self._report = report
+        self._body = body
+        self.verdict: Verdict = report.verdict if report is not None else verdict or Verdict.ERROR
+        self.sha256 = sha256
+        self.cached = cached
+
+    @property
+    def report(self) -> FileReport:
+        """The FileReport (decoded from the body on first use), with ``cached`` and ``sha256``."""
+        if self._report is None:
+            from sdtool.scan.cached import report_from_body
+
+            self._report = report_from_body(self._body or "{}", self.path)
+        rep = self._report
+        rep.cached, rep.sha256 = self.cached, self.sha256
+        return rep
+
+    @property
+    def body(self) -> str:
+        """``FileReport.to_json``'s fields after the path, as JSON (``scan.cached.body_of``)."""
+        if self._body is None:
+            from sdtool.scan.cached import body_of
+
+            self._body = body_of(self.report)
+        return self._body
+
+    @property
+    def stored(self) -> str | None:
+        """The stored body of a cached verdict (None for a fresh one: ``body`` encodes it)."""
+        return self._body if self.cached else None
+
+    @property
+    def errors(self) -> list[str]:
+        """What kept the file from being scanned completely (a cached verdict has none)."""
+        return self._report.errors if self._report is not None else []
+
+
 @dataclass
 class ScanReport:
     """The files of one scan, in the order given, with the summary and exit code."""
@@ -207,11 +272,7 @@ class ScanReport:
     def exit_code(self) -> ExitCode:
         """0 nothing dangerous, 1 dangerous (or suspicious with strict), 2 could not scan."""
         verdicts = {f.verdict for f in self.files}
-        if Verdict.DANGEROUS in verdicts or (self.strict and Verdict.SUSPICIOUS in verdicts):
-            return ExitCode.FINDINGS
-        if verdicts & {Verdict.ERROR, Verdict.NOT_SCANNED} or any(f.problems for f in self.files):
-            return ExitCode.ERROR
-        return ExitCode.OK
+        return exit_code(verdicts, any(f.problems for f in self.files), strict=self.strict)
 
     def to_json(self) -> dict[str, Any]:
         return utf8_safe(self._to_json())

@@ -16,7 +16,16 @@ from typing import Any, BinaryIO
 from sdtool.errors import CorruptFile, OutputError, TruncatedFile
 from sdtool.formats.safetensors import MAX_HEADER
 from sdtool.write.plan import OutTensor, source_order
-from sdtool.write.stream import BufferRing, Chunks, Job, SourceFds, copy_span, prefetch, write_all
+from sdtool.write.stream import (
+    BufferRing,
+    Chunks,
+    Job,
+    SourceFds,
+    copy_span,
+    prefetch,
+    start_writeback,
+    write_all,
+)
 
 #: safetensors' Dtype enum order (ascending); the writer sorts by it descending.
 DTYPE_ORDER: tuple[str, ...] = (
@@ -138,7 +147,9 @@ def write_safetensors(
 
 
 def _cast_and_write(job: Job, fd: int, at: int) -> int:
-    return write_all(fd, job.run(), at)
+    n = write_all(fd, job.run(), at)
+    start_writeback(fd, at, n)  # the disk writes while the next pieces are made
+    return n
 
 
 @contextlib.contextmanager

