@@ -14,10 +14,10 @@ comes from /usr/bin/time around that process alone. Outputs are deleted after ea
 Cases: the floors (``cat`` the inputs once, then ``cp`` A to the output and ``sync`` it: reading
 the inputs once plus writing the output durably), for three inputs and for two; ``sdtool
 merge`` add-difference (A B C), weighted-sum (A B) and, with ``--ties``, ties (A B C: whole
-tensors, not a streaming method: ~50 CPU-s, ~1.8 GiB); sd-mecha's add_difference (streaming, its default threads); the whole-model
-torch way (three ``load_file``, a dict comprehension, ``save_file``), which needs about
-4 x 2.1 GB of RAM. Each sdtool/sd-mecha/torch row's ratio is to the floor with the same number
-of inputs. Targets (issue 15): sdtool under 300 MiB RSS and within 1.3x of the floor.
+tensors, not a streaming method: ~50 CPU-s, ~1.8 GiB); sd-mecha's add_difference (streaming,
+its default threads); the whole-model torch way (three ``load_file``, a dict comprehension,
+``save_file``), which needs about 4 x 2.1 GB of RAM. Each row's ratio is to the floor with the
+same number of inputs. Targets (issue 15): sdtool under 300 MiB RSS and within 1.3x of the floor.
 """
 
 from __future__ import annotations
