@@ -12,8 +12,10 @@ Modes, each the real CLI in a fresh process writing --jsonl to a file (start-up 
           measures sdtool, not the disk); cached: the same command again with that cache
           (nothing changed, nothing is read: issue 17 asks at least 50x for 10,000 files);
   cluster the same two runs with --cluster ADDRESS of a LocalCluster of --jobs worker
-          processes started once beforehand (its start-up is reported on its own line); a
-          cached rerun answers from the client's cache and sends no task.
+          processes started once beforehand (its start-up is reported on its own line), on
+          the tree's first --cluster-files files (2,000: every file is a Dask task, ~1-3 ms of
+          client CPU each, which would make 10,000 take minutes); a cached rerun answers from
+          the client's cache and sends no task.
 
 Columns: files/s and MB/s by wall time; cold/x, the cold run's wall seconds over this row's
 (the speed-up of a rerun); CPU s, user+sys of sdtool and its scan workers (not a cluster's
@@ -22,6 +24,7 @@ that is files/s per core for the docs' arithmetic.
 
 Usage:
     python benchmarks/bench_scale.py [--files 10000] [--jobs 2] [--no-cluster] [--corpus DIR]
+                                     [--cluster-files 2000]
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ def make_tree(n: int) -> Path:
     return root
 
 
-def tree_bytes(root: Path) -> tuple[int, int]:
-    files = [p for p in root.rglob("*") if p.is_file()]
+def tree_bytes(*roots: Path) -> tuple[int, int]:
+    files = [p for root in roots for p in root.rglob("*") if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files)
 
 
@@ -107,6 +110,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     ap.add_argument("--no-cluster", action="store_true")
+    ap.add_argument("--cluster-files", type=int, default=2_000,
+                    help="files of the tree the cluster rows scan (its first folders)")  # fmt: skip
     a = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -142,12 +147,16 @@ def main() -> None:
     engines = [("local", [])] + ([("cluster", ["--cluster", address])] if address else [])
     try:
         for name, root in workloads:
-            n, nbytes = tree_bytes(root)
             for cmd in ("scan", "hash"):
-                base = [cmd, "--jsonl", str(root)]
-                if cmd == "scan":
-                    base += ["--jobs", str(a.jobs)]
                 for engine, extra in engines:
+                    roots = [root]
+                    if name == "tree" and engine == "cluster" and a.cluster_files < a.files:
+                        # a task per file costs the Dask client ~1-3 ms: a sample of folders
+                        roots = sorted(root.iterdir())[: max(1, a.cluster_files * 100 // a.files)]
+                    n, nbytes = tree_bytes(*roots)
+                    base = [cmd, "--jsonl", *map(str, roots)]
+                    if cmd == "scan":
+                        base += ["--jobs", str(a.jobs)]
                     with tempfile.TemporaryDirectory() as tmp:
                         cache = Path(tmp) / "cache"
                         cold = run([*base, *extra], cache)
@@ -178,8 +187,9 @@ def main() -> None:
     print(
         f"\nload average at the end: {load:.1f}. cold: empty cache (files in the page cache);"
         " cached: the same command again; cluster: the same on the LocalCluster"
-        f" ({a.jobs} processes, start-up not included); scan --jobs {a.jobs}; hash one file at"
-        " a time locally. cold/x: cold seconds / this row's."
+        f" ({a.jobs} processes, start-up not included; on the tree's first"
+        f" {min(a.cluster_files, a.files):,} files, --cluster-files); scan --jobs {a.jobs};"
+        " hash one file at a time locally. cold/x: cold seconds / this row's."
     )
     keys = ("workload", "cmd", "engine", "mode", "files", "bytes", "cold_seconds", "seconds",
             "lines", "exit", "cpu_seconds")  # fmt: skip

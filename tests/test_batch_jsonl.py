@@ -125,6 +125,27 @@ def test_prune_batch_jsonl_and_resume(tmp_path: Path, capsys: Cap) -> None:
     assert [r["output_sha256"] for r in second] == [r["output_sha256"] for r in first]
 
 
+def test_batch_folders_leave_out_what_holds_nothing(tmp_path: Path, capsys: Cap) -> None:
+    """prune's batch finds inputs as convert's does: a pickle of plain data is 'ignored: no
+    tensors' (listed, exit 0); --jsonl keeps a record per input and says so once on stderr."""
+    import pickle
+
+    src = _tree(tmp_path / "in", 2)
+    (src / "opt.pkl").write_bytes(pickle.dumps({"lr": 0.1}, protocol=2))
+    (src / "notes.txt").write_text("trained for 10 epochs\n")
+    out = tmp_path / "o"
+    code, recs, err = _run(capsys, ["prune", str(src), "--out-dir", str(out), "--jsonl"])
+    assert code == 0 and [r["status"] for r in recs] == ["pruned"] * 2
+    assert "2 file(s) in the folders hold nothing to prune" in err
+    assert main(["prune", str(src), "--out-dir", str(out), "--json", "--overwrite"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    why = {Path(i["path"]).name: i["reason"] for i in doc["ignored"]}
+    assert why == {"opt.pkl": "no tensors", "notes.txt": "text"}
+    assert doc["summary"]["ignored"] == 2 and doc["summary"]["pruned"] == 2
+    assert main(["prune", str(src), "--out-dir", str(out), "--overwrite"]) == 0
+    assert f"ignored   {src / 'opt.pkl'}: no tensors\n" in capsys.readouterr().out
+
+
 def test_prune_batch_plain_and_usage(tmp_path: Path, capsys: Cap) -> None:
     src = _tree(tmp_path / "in", 2)
     res = CliRunner().invoke(cli, ["prune", str(src), "--out-dir", str(tmp_path / "o")])

@@ -138,3 +138,29 @@ def test_torchscript_is_reported_not_loaded(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), p)
     with pytest.raises(TorchScriptFile, match="TorchScript archive"):
         open_model(p)
+
+
+def test_zip_local_headers_walk_from_the_start() -> None:
+    """formats.zip.local_headers: what a lenient reader walks when the central directory is
+    gone (the scanner's fallback), stopping where sizes follow the data (flag 0x8)."""
+    import zipfile
+
+    from sdtool.formats.zip import DEFLATED, STORED, local_headers
+
+    b = io.BytesIO()
+    with zipfile.ZipFile(b, "w") as z:
+        z.writestr("a/x.pkl", b"x" * 10)
+        z.writestr("a/y.pkl", b"y" * 100, compress_type=zipfile.ZIP_DEFLATED)
+    raw = b.getvalue()
+    cut = raw[: raw.index(b"PK\x01\x02")]
+
+    def pread(off: int, n: int) -> bytes:
+        return cut[off : off + n]
+
+    got = list(local_headers(pread, len(cut)))
+    assert [(h.name, h.method) for h in got] == [("a/x.pkl", STORED), ("a/y.pkl", DEFLATED)]
+    assert cut[got[0].data_start : got[0].data_start + got[0].csize] == b"x" * 10
+    assert got[1].data_start + got[1].csize == len(cut)
+    streamed = bytearray(cut)
+    streamed[6:8] = struct.pack("<H", 0x8)  # sizes after the data: nothing to walk by
+    assert list(local_headers(lambda o, n: bytes(streamed[o : o + n]), len(cut))) == []

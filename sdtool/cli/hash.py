@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -90,6 +89,8 @@ def hash_cmd(
       sdtool hash --check SHA256SUMS
       sdtool hash --jsonl /mirror/models > hashes.jsonl   # cached: a rerun reads nothing
     """
+    import json
+
     from sdtool.cache import open_cache
     from sdtool.ops.hash import SCHEMA, parse_algorithms, walk_files
 

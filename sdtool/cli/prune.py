@@ -236,6 +236,12 @@ def _batch(
                         cache_dir=cache_dir)  # fmt: skip
     if as_json and not quiet:
         print_json(batch.to_json())
+    elif lines is not None and batch.ignored:  # folder files with nothing to prune (convert's rule)
+        warn(f"{len(batch.ignored)} file(s) in the folders hold nothing to prune and were left "
+             "out (--json lists them with the reason)")  # fmt: skip
+    elif not (as_json or quiet):
+        for i in batch.ignored:
+            console().print(f"ignored   {markup(i.path)}: {markup(i.reason)}")
     return ExitCode.FINDINGS if batch.failed else ExitCode.OK
 
 

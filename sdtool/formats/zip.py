@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sdtool.errors import CorruptFile, TruncatedFile
 from sdtool.formats.source import is_remote
@@ -103,6 +103,13 @@ class ZipArchive:
 
 def _u(fmt: str, buf: bytes, off: int) -> tuple[int, ...]:
     return struct.unpack_from(fmt, buf, off)
+
+
+def has_end_record(buf: Any) -> bool:
+    """Whether an end-of-central-directory record lies where zipfile looks for one: in the
+    last 22 + 64 KiB bytes of ``buf`` (bytes or a mapping)."""
+    n = len(buf)
+    return bytes(buf[max(0, n - 22 - MAX_COMMENT) :]).rfind(EOCD_SIG) >= 0
 
 
 def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
@@ -289,6 +296,40 @@ def _locate_data(pread: Callable[[int, int], bytes], m: ZipMember, file_size: in
             f"zip member {m.name!r} needs bytes up to {m.data_offset + m.compressed_size} but "
             f"the file has {file_size}; the download is truncated"
         )
+
+
+@dataclass(frozen=True)
+class LocalHeader:
+    """A local file header met walking a zip from its start (``local_headers``)."""
+
+    name: str
+    flags: int
+    method: int
+    data_start: int  # where the member's (compressed) data starts
+    csize: int
+
+
+def local_headers(
+    pread: Callable[[int, int], bytes], size: int, *, max_count: int = 100_000
+) -> Iterator[LocalHeader]:
+    """The local headers from offset 0, back to back: what a lenient reader sees when the
+    central directory is unreadable. Stops at the first bytes that are no local header, at a
+    member whose sizes follow its data (flag 0x8) and at data running past ``size``."""
+    pos = count = 0
+    while pos + 30 <= size and count < max_count:
+        hdr = pread(pos, 30)
+        if hdr[:4] != LOCAL_SIG:
+            return
+        (_, _, flags, method, _, _, _, csize, _usize, nlen, xlen) = struct.unpack_from(
+            "<4sHHHHHIIIHH", hdr
+        )
+        name = pread(pos + 30, nlen).decode("utf-8", "replace")
+        start = pos + 30 + nlen + xlen
+        if flags & 0x8 or start + csize > size:
+            return
+        yield LocalHeader(name, flags, method, start, csize)
+        pos = start + csize
+        count += 1
 
 
 def read_member(f: BinaryIO, m: ZipMember, limit: int | None = None) -> bytes:

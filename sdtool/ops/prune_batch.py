@@ -11,14 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from sdtool.cache import Identity, default_dir
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.ops.batch import Resume, options_digest, run_batch
-from sdtool.ops.convert import batch_targets
+from sdtool.ops.convert import Ignored, batch_inputs
 from sdtool.ops.outname import derived
 from sdtool.ops.prune import PruneOptions, prune
 from sdtool.results import Result
@@ -52,9 +52,10 @@ class PruneItem(Result):
 
 @dataclass(frozen=True)
 class PruneBatchResult(Result):
-    """Every file's item, in input order."""
+    """Every file's item, in input order, and the folder files left out (as convert's)."""
 
     results: list[PruneItem]
+    ignored: list[Ignored] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -67,7 +68,11 @@ class PruneBatchResult(Result):
         return {
             "schema": SCHEMA,
             "results": [r.to_json() for r in self.results],
-            "summary": {s: self.count(s) for s in ("pruned", "skipped", "resumed", "failed")},
+            "summary": {
+                **{s: self.count(s) for s in ("pruned", "skipped", "resumed", "failed")},
+                "ignored": len(self.ignored),
+            },
+            "ignored": [i.to_json() for i in self.ignored],
         }
 
 
@@ -156,10 +161,8 @@ def prune_batch(
         raise UsageError(f"jobs={jobs} must be at least 1")
     ema_tag = {"only": "emaonly", "drop": "noema"}.get(options.ema, "")
     tags = ["pruned", ema_tag, dtype_name(options.dtype.code) if options.dtype else ""]
-    pairs = [
-        (s, d.parent / derived(s, None, tags).name)
-        for s, d in batch_targets([Path(p) for p in inputs], Path(out_dir))
-    ]
+    found, ignored = batch_inputs([Path(p) for p in inputs], Path(out_dir))
+    pairs = [(s, d.parent / derived(s, None, tags).name) for s, d in found]
     owner: dict[Path, Path] = {}
     for s, d in pairs:
         owner.setdefault(d, s)
@@ -179,4 +182,5 @@ def prune_batch(
 
         return prune_one(src, dst, base, owner[dst], rs if resume else None, cb)
 
-    return PruneBatchResult(run_batch(pairs, one, jobs=jobs, on_result=on_result, cancel=cancel))
+    results = run_batch(pairs, one, jobs=jobs, on_result=on_result, cancel=cancel)
+    return PruneBatchResult(results, ignored)

@@ -24,6 +24,7 @@ from sdtool.urls import as_path, is_url
 
 if TYPE_CHECKING:
     from sdtool.cache import Cache
+    from sdtool.scan.cached import Lookup
     from sdtool.scan.classify import classify_global
     from sdtool.scan.vm import Limits
 
@@ -261,18 +262,18 @@ def scan_items(
     # the limits are part of a verdict's key; the defaults' by name (they live in scan/vm.py,
     # whose source is in the ruleset version: a new default is a new ruleset)
     settings = f"|crc={crc}|limits={'default' if limits is None else repr(limits)}"
-    local = [i for i, t in enumerate(targets) if t.kind == "file"]
-    found = {}
+    found: list[Lookup | None] = [None] * len(targets)
     if cache is not None or sha256:
-        pairs = [targets[i][:2] for i in local]
-        known = lookup_many(pairs, cache, sha256=sha256, settings=settings)
-        found = dict(zip(local, known, strict=True))
+        local = [i for i, t in enumerate(targets) if t.kind == "file"]
+        known = lookup_many([targets[i] for i in local], cache, sha256=sha256, settings=settings)
+        for i, hit in zip(local, known, strict=True):
+            found[i] = hit
     if cache is not None:
         cache.release()  # the lookups are done; scanning may take long
     todo = [
         t.path
-        for i, t in enumerate(targets)
-        if t.kind != "missing" and (i not in found or found[i].hit is None)
+        for t, f in zip(targets, found, strict=True)
+        if t.kind != "missing" and (f is None or f.hit is None)
     ]
 
     def fresh() -> Iterator[FileReport]:
@@ -294,8 +295,7 @@ def scan_items(
 
     scanned = fresh()  # a generator: nothing starts until a file needs it
     batch: list[Scanned] = []
-    for i, t in enumerate(targets):
-        f = found.get(i)
+    for t, f in zip(targets, found, strict=True):
         if t.kind == "missing":
             batch.append(Scanned(t.path, report=_missing(t.path)))
         elif f is not None and f.hit is not None:

@@ -146,13 +146,13 @@ class Lookup(NamedTuple):
 
 
 def lookup_many(
-    targets: Sequence[tuple[str, os.stat_result | None]],
+    targets: Sequence[tuple[str, os.stat_result | None] | tuple[str, os.stat_result | None, str]],
     cache: Cache | None,
     *,
     sha256: bool = False,
     settings: str = "",
 ) -> list[Lookup]:
-    """The cached verdicts of many files (path, its stat or None) under this ruleset.
+    """The cached verdicts of many files (path, its stat or None, ...) under this ruleset.
 
     One query answers a few hundred files (``Cache.lookup_many``): each file's verdict by its
     identity, else by its recorded SHA-256. ``sha256``: a file whose SHA-256 is not recorded
@@ -160,16 +160,18 @@ def lookup_many(
     scan options a verdict depends on (CRC mode, limits).
     """
     version = ruleset_version() + settings
-    idents = [None if st is None else Identity.of(st) for _, st in targets]
-    live = [(i, d) for i, d in enumerate(idents) if d is not None]
+    out = [Lookup(None, None, None, settings)] * len(targets)
+    live = [
+        (i, t[0], Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        for i, t in enumerate(targets)
+        if (st := t[1]) is not None
+    ]
     answers: Sequence[tuple[str | None, str | None]] = (
-        cache.lookup_many(KIND, version, [d for _, d in live])
+        cache.lookup_many(KIND, version, [d for _, _, d in live])
         if cache is not None
         else [(None, None)] * len(live)
     )
-    out = [Lookup(None, None, d, settings) for d in idents]
-    for (i, ident), (digest, text) in zip(live, answers, strict=True):
-        path = targets[i][0]
+    for (i, path, ident), (digest, text) in zip(live, answers, strict=True):
         if text is None and digest is None and sha256:
             try:
                 digest, _ = cached_sha256(cache, path, lambda p=path: file_sha256(Path(p)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import zlib
 from typing import Any
 
@@ -234,24 +233,13 @@ def _scan_member(
 
 def _scan_local_headers(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """A zip whose directory is unreadable: walk the local headers (what a lenient reader sees)."""
-    pos = 0
-    n = len(buf)
-    count = 0
-    while pos + 30 <= n and bytes(buf[pos : pos + 4]) == zipfmt.LOCAL_SIG and count < 100_000:
-        (_, _, flags, method, _, _, _, csize, _usize, nlen, xlen) = struct.unpack_from(
-            "<4sHHHHHIIIHH", bytes(buf[pos : pos + 30])
-        )
-        name = bytes(buf[pos + 30 : pos + 30 + nlen]).decode("utf-8", "replace")
-        start = pos + 30 + nlen + xlen
-        if flags & 0x8 or start + csize > n:
-            break
-        raw: Any = Window(buf, start, csize)
+    for h in zipfmt.local_headers(lambda off, n: bytes(buf[off : off + n]), len(buf)):
+        raw: Any = Window(buf, h.data_start, h.csize)
+        path = join_path(member, h.name)
         limit = None
-        if method == zipfmt.DEFLATED:
-            raw, limit = inflate(ctx, chunks(raw), "deflate", csize, join_path(member, name))
+        if h.method == zipfmt.DEFLATED:
+            raw, limit = inflate(ctx, chunks(raw), "deflate", h.csize, path)
         if len(raw):
-            scan_nested(ctx, raw, join_path(member, name), depth + 1)
+            scan_nested(ctx, raw, path, depth + 1)
         if limit is not None:
             raise limit
-        pos = start + csize
-        count += 1
