@@ -393,6 +393,7 @@ def test_batch_out_dir_with_quant_writes_gguf_names(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--quant" in err and err.count("\n") == 1, err
+    assert not other.exists()
 
 
 def test_writer_starts_writeback_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

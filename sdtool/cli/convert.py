@@ -231,6 +231,8 @@ def convert_cmd(
         return ExitCode.OK
     check_batch_options(as_json=as_json, as_jsonl=as_jsonl, cache_dir=cache_dir,
                         no_cache=no_cache, resume=resume)  # fmt: skip
+    if quant is not None and to != "safetensors":  # before the folder is made
+        raise UsageError(f"--quant writes GGUF; it does not combine with --to {to}")
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = None
     if as_jsonl:
