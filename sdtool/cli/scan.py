@@ -20,15 +20,13 @@ from sdtool.cli.options import (
     jsonl_option,
 )
 from sdtool.cli.render import (
-    console,
     error,
     escape,
     human_bytes,
     markup,
-    plain_output,
     print_json,
+    report_console,
     wrap,
-    wrap_width,
 )
 from sdtool.vocab import Verdict
 
@@ -234,9 +232,9 @@ def render_items(batches: Iterable[list[Scanned]], *, quiet: bool = False,
     from sdtool.scan.cached import head_of
     from sdtool.scan.report import exit_code
 
-    out = console()
-    plain = plain_output(out)
-    width = wrap_width(out)
+    out = report_console()  # rich loads only where the output is more than plain text
+    plain = out.plain
+    width = out.wrap_width()
     counts = dict.fromkeys(Verdict, 0)
     failed = False
     for batch in batches:
