@@ -3,7 +3,9 @@
 Every reader and writer looks dtypes up here, so a new dtype is one row, not a new branch.
 bf16 and the float8 formats have no numpy dtype of their own; ml_dtypes provides them. ml_dtypes
 takes about a second to import, so it is imported only when one of those numpy dtypes is first
-needed (reading bf16/fp8 values, casting); listing and scanning never need it.
+needed (reading bf16/fp8 values, casting); listing and scanning never need it. numpy itself is
+imported only when a row's numpy dtype is asked for: listing a file's tensors needs only the
+codes and item sizes, so ``sdtool inspect`` starts without numpy.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from sdtool.errors import UnsupportedDtype
 from sdtool.vocab import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class DType:
     """One element type as every format spells it."""
 
     code: str  # safetensors spelling, e.g. "F32"; the canonical name inside sdtool
-    np_type: Any = field(repr=False)  # a numpy scalar type, or the name of an ml_dtypes type
+    np_type: str = field(repr=False)  # a numpy dtype name, or the name of an ml_dtypes type
     itemsize: int
     torch: str | None  # attribute of the torch module, e.g. "float32"
     storage: str | None  # legacy typed-storage class, e.g. "FloatStorage"
@@ -33,8 +36,10 @@ class DType:
     @cached_property
     def numpy(self) -> np.dtype:
         """The little-endian numpy dtype (bf16/fp8: ml_dtypes' type, imported on first use)."""
-        t = self.np_type
-        if isinstance(t, str):
+        import numpy as np
+
+        t: Any = self.np_type
+        if self.lazy:
             import ml_dtypes
 
             t = getattr(ml_dtypes, t)
@@ -43,7 +48,7 @@ class DType:
     @property
     def lazy(self) -> bool:
         """True for the dtypes whose numpy type comes from ml_dtypes."""
-        return isinstance(self.np_type, str)
+        return self.np_type not in _NUMPY_NAMES
 
     @property
     def is_float(self) -> bool:
@@ -53,36 +58,43 @@ class DType:
         return self.code
 
 
-def _d(code: str, np_dtype: Any, torch: str | None, storage: str | None, kind: str) -> DType:
-    if isinstance(np_dtype, str):  # an ml_dtypes type: float8 names are 1 byte, bfloat16 2
-        return DType(code, np_dtype, 2 if np_dtype == "bfloat16" else 1, torch, storage, kind)
-    return DType(code, np_dtype, np.dtype(np_dtype).itemsize, torch, storage, kind)
+#: numpy's own dtype names -> item size (the other rows name ml_dtypes types: float8 types are
+#: 1 byte, bfloat16 2); a test checks these against numpy
+_NUMPY_NAMES = {
+    "float64": 8, "float32": 4, "float16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16,
+}  # fmt: skip
+
+
+def _d(code: str, np_dtype: str, torch: str | None, storage: str | None, kind: str) -> DType:
+    size = _NUMPY_NAMES.get(np_dtype, 2 if np_dtype == "bfloat16" else 1)
+    return DType(code, np_dtype, size, torch, storage, kind)
 
 
 #: code -> DType. Order matters nowhere; lookups go through the indexes below.
 DTYPES: dict[str, DType] = {
     d.code: d
     for d in (
-        _d("F64", np.float64, "float64", "DoubleStorage", "float"),
-        _d("F32", np.float32, "float32", "FloatStorage", "float"),
-        _d("F16", np.float16, "float16", "HalfStorage", "float"),
+        _d("F64", "float64", "float64", "DoubleStorage", "float"),
+        _d("F32", "float32", "float32", "FloatStorage", "float"),
+        _d("F16", "float16", "float16", "HalfStorage", "float"),
         _d("BF16", "bfloat16", "bfloat16", "BFloat16Storage", "float"),
         _d("F8_E4M3", "float8_e4m3fn", "float8_e4m3fn", "Float8_e4m3fnStorage", "float"),
         _d("F8_E5M2", "float8_e5m2", "float8_e5m2", "Float8_e5m2Storage", "float"),
         _d("F8_E4M3FNUZ", "float8_e4m3fnuz", "float8_e4m3fnuz", None, "float"),
         _d("F8_E5M2FNUZ", "float8_e5m2fnuz", "float8_e5m2fnuz", None, "float"),
         _d("F8_E8M0", "float8_e8m0fnu", "float8_e8m0fnu", None, "float"),
-        _d("I64", np.int64, "int64", "LongStorage", "int"),
-        _d("I32", np.int32, "int32", "IntStorage", "int"),
-        _d("I16", np.int16, "int16", "ShortStorage", "int"),
-        _d("I8", np.int8, "int8", "CharStorage", "int"),
-        _d("U64", np.uint64, "uint64", None, "uint"),
-        _d("U32", np.uint32, "uint32", None, "uint"),
-        _d("U16", np.uint16, "uint16", None, "uint"),
-        _d("U8", np.uint8, "uint8", "ByteStorage", "uint"),
-        _d("BOOL", np.bool_, "bool", "BoolStorage", "bool"),
-        _d("C64", np.complex64, "complex64", "ComplexFloatStorage", "complex"),
-        _d("C128", np.complex128, "complex128", "ComplexDoubleStorage", "complex"),
+        _d("I64", "int64", "int64", "LongStorage", "int"),
+        _d("I32", "int32", "int32", "IntStorage", "int"),
+        _d("I16", "int16", "int16", "ShortStorage", "int"),
+        _d("I8", "int8", "int8", "CharStorage", "int"),
+        _d("U64", "uint64", "uint64", None, "uint"),
+        _d("U32", "uint32", "uint32", None, "uint"),
+        _d("U16", "uint16", "uint16", None, "uint"),
+        _d("U8", "uint8", "uint8", "ByteStorage", "uint"),
+        _d("BOOL", "bool", "bool", "BoolStorage", "bool"),
+        _d("C64", "complex64", "complex64", "ComplexFloatStorage", "complex"),
+        _d("C128", "complex128", "complex128", "ComplexDoubleStorage", "complex"),
     )
 }
 

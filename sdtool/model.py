@@ -10,18 +10,20 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, MissingExtra, TruncatedFile
 from sdtool.results import Result
 from sdtool.vocab import Format
+
+if TYPE_CHECKING:  # numpy loads when tensor values are read, not to list them
+    import numpy as np
 
 
 @dataclass(eq=False)
@@ -266,6 +268,8 @@ class ModelFile:
 
     def read_info(self, info: TensorInfo, name: str = "?") -> np.ndarray:
         """Like ``read`` for a TensorInfo that may not be in ``tensors`` (e.g. optimizer state)."""
+        import numpy as np
+
         st = info.storage
         check_view(info, name)
         if st.file_offset is not None:
@@ -304,6 +308,8 @@ class ModelFile:
     def _span(self, offset: int, n: int) -> np.ndarray:
         """``n`` bytes at ``offset`` as uint8: a view of the mapped file, or (a remote file)
         fetched from the source."""
+        import numpy as np
+
         if self.source is not None:
             return np.frombuffer(self.source.pread(offset, n), np.uint8)
         return np.frombuffer(self._map(), np.uint8, n, offset)
@@ -373,6 +379,8 @@ def to_plain(
     say ``"..."``): a pickle can share one list 60 levels deep, 2**60 paths from 120 bytes.
     """
     budget = [max_nodes]
+    # a numpy value can only be in the graph once numpy is imported: do not import it to ask
+    np_types = _numpy_types()
 
     def conv(o: Any, depth: int) -> Any:
         budget[0] -= 1
@@ -382,7 +390,7 @@ def to_plain(
             return o
         if isinstance(o, float):
             return o if o == o and o not in (float("inf"), float("-inf")) else repr(o)
-        if isinstance(o, np.generic):
+        if np_types and isinstance(o, np_types[0]):
             return conv(o.item(), depth)
         if isinstance(o, TensorInfo):
             return {"__tensor__": o.describe()}
@@ -415,11 +423,17 @@ def to_plain(
             if o.listitems:
                 d["listitems"] = conv(o.listitems, depth + 1)
             return d
-        if isinstance(o, np.ndarray):
+        if np_types and isinstance(o, np_types[1]):
             return {"__array__": f"{o.dtype} {list(o.shape)}"}
         return repr(o)
 
     return conv(obj, 0)
+
+
+def _numpy_types() -> tuple[type[Any], type[Any]] | None:
+    """(numpy.generic, numpy.ndarray) if numpy is loaded, else None (no value can be numpy's)."""
+    np = sys.modules.get("numpy")
+    return None if np is None else (np.generic, np.ndarray)
 
 
 def to_torch(arr: np.ndarray, dtype: DType) -> Any:
@@ -434,6 +448,8 @@ def to_torch(arr: np.ndarray, dtype: DType) -> Any:
         raise MissingExtra(
             "framework='pt' needs PyTorch, which is not installed: pip install 'sdtool[torch]'"
         ) from None
+    import numpy as np
+
     data = np.array(arr, copy=True, order="C")
     if dtype.lazy:  # an ml_dtypes type
         carrier = data.view({1: np.uint8, 2: np.int16}[dtype.itemsize])

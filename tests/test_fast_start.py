@@ -82,6 +82,30 @@ def test_command_help_imports_nothing_heavy(command: str, sub_env: dict[str, str
     assert not _under(mods, *HEAVY, *HELP_FREE), sorted(_under(mods, *HEAVY, *HELP_FREE))
 
 
+def test_inspect_of_a_tiny_file_imports_no_numpy_no_rich(sub_env: dict[str, str]) -> None:
+    """Listing names, dtypes, shapes and offsets needs the header and the pickle only: no
+    numpy (the restricted unpickler builds tensor references without it), no rich (its report
+    prints as plain text off a terminal: sdtool.cli.plain), no cache, no safetensors, no temp
+    files (standard input is not involved)."""
+    mods = imported(["inspect", str(EXAMPLE)], sub_env)
+    banned = {"numpy", "rich", "safetensors", "sqlite3", "tempfile", "sdtool.cache"}
+    assert not _under(mods, *HEAVY, *banned), sorted(_under(mods, *HEAVY, *banned))
+
+
+def test_dtype_table_item_sizes_are_numpys() -> None:
+    """The dtype table names numpy types by string (numpy is imported only to read values):
+    the item sizes it states are numpy's and ml_dtypes'."""
+    import ml_dtypes
+    import numpy as np
+
+    from sdtool.dtypes import DTYPES
+
+    for d in DTYPES.values():
+        t = getattr(ml_dtypes, d.np_type) if d.lazy else d.np_type
+        assert np.dtype(t).itemsize == d.itemsize, d.code
+        assert d.numpy == np.dtype(t).newbyteorder("<"), d.code
+
+
 def test_hash_names_in_vocab_are_the_algorithms() -> None:
     """``hash --help`` and completion read vocab.HASH_NAMES: the same names, in the same order,
     as the algorithms ops.hash computes."""

@@ -9,19 +9,17 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdtool.cli.options import PathOrUrl, json_option, jsonl_option, key_option, quiet_option
+from sdtool.cli.plain import Table
 from sdtool.cli.render import (
-    console,
     error,
     human_bytes,
     human_count,
     markup,
     print_json,
-    print_table,
+    report_console,
 )
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from sdtool.model import ContainerFacts
     from sdtool.ops.inspect import InspectReport
 
@@ -96,7 +94,7 @@ def inspect_cmd(
         reports.append(report)
         if not as_json and not quiet:
             if i:
-                console().print()
+                report_console().print()
             render(report)
     if as_json and not quiet:
         print_json(reports[0].to_json() if len(files) == 1 else [r.to_json() for r in reports])
@@ -123,21 +121,19 @@ def _bucket_row(name: str, b: Any, total: int) -> list[str]:
 
 
 def _table(title: str, *columns: str) -> Table:
-    from rich.table import Table
-
-    t = Table(
-        title=title, title_justify="left", title_style="bold", show_edge=False, pad_edge=False
-    )
+    """A report table (printed as rich prints it, bold title left, no outer edge)."""
+    t = Table(title)
     for i, c in enumerate(columns):
         t.add_column(c, justify="left" if i == 0 else "right")
     return t
 
 
 def render(r: InspectReport) -> None:
-    """Print the report as rich tables (everything from the file is escaped)."""
+    """Print the report as tables, as rich lays them out (everything from the file is escaped;
+    rich itself is imported only where its output is more than plain text: sdtool.cli.plain)."""
     from sdtool.cli.identity import identity_lines
 
-    out = console()
+    out = report_console()
     out.print(f"[bold]{markup(r.path)}[/bold]")
     facts = [
         ("format", markup(r.format + _container_note(r.container))),
@@ -156,11 +152,11 @@ def render(r: InspectReport) -> None:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in r.dtypes.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
-        print_table(out, t)
+        out.print_table(t)
         t = _table("\nBy component", "component", "tensors", "params", "bytes", "share")
         for name, b in r.components.items():
             t.add_row(*_bucket_row(name, b, r.totals.bytes))
-        print_table(out, t)
+        out.print_table(t)
     if r.other_tensors.tensors:
         o = r.other_tensors
         out.print(
@@ -172,13 +168,13 @@ def render(r: InspectReport) -> None:
         t.columns[1].justify = "left"
         for k, v in r.metadata.items():
             t.add_row(markup(k, 60), markup(v, MAX_SHOWN))
-        print_table(out, t)
+        out.print_table(t)
     if r.extra:
         t = _table("\nNon-tensor fields", "field", "value")
         t.columns[1].justify = "left"
         for k, v in r.extra.items():
             t.add_row(markup(k, 60), markup(_short(v), MAX_SHOWN))
-        print_table(out, t)
+        out.print_table(t)
     if r.globals:
         t = _table("\nGlobals in the pickle", "scan verdict", "loaded as", "global")
         for c in t.columns:
@@ -188,7 +184,7 @@ def render(r: InspectReport) -> None:
                 g.severity, "[red]dangerous[/red]"
             )
             t.add_row(mark, g.loaded_as, markup(f"{g.module}.{g.name}"))
-        print_table(out, t)
+        out.print_table(t)
         if any(g.unusual for g in r.globals):
             out.print(
                 "  [dim]stand-ins are inert records: sdtool never imports or calls them. "
@@ -205,7 +201,7 @@ def render(r: InspectReport) -> None:
         t.columns[2].justify = "left"
         for name, info in r.tensors:
             t.add_row(markup(name), info.type_code, str(list(info.shape)), human_bytes(info.nbytes))
-        print_table(out, t)
+        out.print_table(t)
 
 
 def _container_note(c: ContainerFacts) -> str:

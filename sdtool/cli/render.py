@@ -17,6 +17,8 @@ import click
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from sdtool.cli.plain import Console as PlainConsole
+
 # rich loads on first output, not on import: ``sdtool COMMAND --help`` never pays for it
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
@@ -37,9 +39,21 @@ def _esc_char(c: str) -> str:
 
 def markup(text: object, limit: int | None = None) -> str:
     """``escape`` plus rich-markup escaping, for text placed inside rich renderables."""
-    from rich.markup import escape as rich_escape
+    return markup_escape(escape(text, limit))
 
-    return rich_escape(escape(text, limit))
+
+# what rich.markup.escape does, without importing rich: a backslash before every ``[`` that
+# could open a tag (backslashes already there doubled), and a lone trailing backslash doubled
+_TAG_LIKE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
+
+
+def markup_escape(text: str) -> str:
+    """``text`` as rich markup that prints it literally (rich.markup.escape's rules; a test
+    compares the two)."""
+    text = _TAG_LIKE.sub(lambda m: f"{m.group(1)}{m.group(1)}\\{m.group(2)}", text)
+    if text.endswith("\\") and not text.endswith("\\\\"):
+        return text + "\\"
+    return text
 
 
 @cache
@@ -86,10 +100,22 @@ def columns(stream: Any = None) -> int | None:
 def console(stderr: bool = False) -> Console:
     """A rich console; plain (no colour) when not on a terminal, and as wide as the output
     needs there: piped output is never cut or wrapped unless ``COLUMNS`` asks for a width."""
-    stream = sys.stderr if stderr else sys.stdout
+    return rich_console(sys.stderr if stderr else sys.stdout)
+
+
+def rich_console(stream: Any) -> Console:
+    """``console()`` writing to ``stream``."""
     return _console_class()(
         file=stream, highlight=False, soft_wrap=True, width=columns(stream) or UNLIMITED
     )
+
+
+def report_console() -> PlainConsole:
+    """A console for reports of markup lines and simple tables that prints them without
+    importing rich where rich's output is plain text (sdtool.cli.plain), through rich elsewhere."""
+    from sdtool.cli.plain import Console as PlainConsole
+
+    return PlainConsole(sys.stdout)
 
 
 def plain_output(out: Console) -> bool:

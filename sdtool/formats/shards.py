@@ -19,13 +19,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from sdtool.errors import CorruptFile, FileAccessError
 from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo
 from sdtool.vocab import Format
+
+if TYPE_CHECKING:
+    import numpy as np
 
 INDEX_RE = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")

@@ -24,9 +24,7 @@ import reprlib
 import struct
 from collections.abc import Callable
 from math import prod
-from typing import IO, Any
-
-import numpy as np
+from typing import IO, TYPE_CHECKING, Any
 
 from sdtool import dtypes
 from sdtool.dtypes import DType
@@ -39,6 +37,9 @@ from sdtool.model import (
     check_view,
     contiguous_strides,
 )
+
+if TYPE_CHECKING:  # numpy loads only for the numpy arrays, dtypes and scalars a pickle holds
+    import numpy as np
 
 _BRIEF = reprlib.Repr()
 _BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 80, 80
@@ -151,6 +152,8 @@ class NumpyDTypeSpec:
             self.byteorder = state[1]
 
     def resolve(self) -> np.dtype:
+        import numpy as np
+
         try:
             dt = np.dtype(self.spec)
         except TypeError:
@@ -181,6 +184,8 @@ class NumpyArray:
         if spec.spec.startswith("O"):
             self.objects = raw  # an object array: its elements were unpickled as plain data
             return
+        import numpy as np
+
         dt = spec.resolve()
         shape = _int_tuple(shape, "numpy array shape")
         if isinstance(raw, str):
@@ -272,6 +277,8 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
 def _rebuild_device_tensor_from_numpy(
     data: Any, dtype: Any, device: Any, requires_grad: Any
 ) -> Any:
+    import numpy as np
+
     arr = data.value() if isinstance(data, NumpyArray) else None
     if not isinstance(arr, np.ndarray):
         raise CorruptFile("a tensor from numpy without a numeric array")
@@ -279,6 +286,8 @@ def _rebuild_device_tensor_from_numpy(
 
 
 def _tensor_from_array(arr: np.ndarray, key: str) -> TensorInfo:
+    import numpy as np
+
     arr = np.ascontiguousarray(arr)
     dt = dtypes.from_numpy(arr.dtype)
     raw = arr.astype(dt.numpy, copy=False).tobytes()
@@ -369,6 +378,8 @@ def _numpy_scalar(spec: Any, data: Any = None) -> Any:
         data = data.encode("latin1")
     if not isinstance(data, bytes) or len(data) != dt.itemsize:
         raise CorruptFile("numpy scalar data does not match its dtype")
+    import numpy as np
+
     return np.frombuffer(data, dt)[0]
 
 
@@ -382,6 +393,8 @@ def _numpy_frombuffer(buf: Any, spec: Any, shape: Any, order: Any = "C") -> np.n
         buf = buf.raw().tobytes()
     if not isinstance(buf, bytes | bytearray) or len(buf) != prod(shape) * dt.itemsize:
         raise CorruptFile("numpy array data does not match its shape")
+    import numpy as np
+
     return np.frombuffer(bytes(buf), dt).reshape(shape, order="F" if order == "F" else "C")
 
 

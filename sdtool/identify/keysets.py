@@ -11,7 +11,7 @@ import gzip
 import json
 from dataclasses import dataclass
 from functools import cache, cached_property
-from importlib import resources
+from pathlib import Path
 
 from sdtool.identify.tables import COMPONENTS, OPTIONAL_AT, ComponentMeta, Shape
 
@@ -42,7 +42,9 @@ class Signature:
 @cache
 def signatures() -> dict[str, Signature]:
     """The key-set signatures, loaded once from the package data."""
-    raw = resources.files("sdtool.data").joinpath("signatures.json.gz").read_bytes()
+    # beside the package, read directly: importlib.resources costs more to import (tempfile,
+    # zipfile readers) than the read itself, and sdtool is never run from a zip
+    raw = (Path(__file__).parent.parent / "data" / "signatures.json.gz").read_bytes()
     data = json.loads(gzip.decompress(raw))["signatures"]
     out: dict[str, Signature] = {}
     for sid, d in data.items():
