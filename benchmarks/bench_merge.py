@@ -13,11 +13,11 @@ comes from /usr/bin/time around that process alone. Outputs are deleted after ea
 
 Cases: the floors (``cat`` the inputs once, then ``cp`` A to the output and ``sync`` it: reading
 the inputs once plus writing the output durably), for three inputs and for two; ``sdtool
-merge`` add-difference (A B C), weighted-sum (A B) and ties (A B C, whole tensors: not a
-streaming method); sd-mecha's add_difference (streaming, its default threads); the whole-model
-torch way (three ``load_file``, a dict comprehension, ``save_file``), which needs about
-4 x 2.1 GB of RAM. Each sdtool/sd-mecha/torch row's ratio is to the floor with the same number
-of inputs. Targets (issue 15): sdtool under 300 MiB RSS and within 1.3x of the floor.
+merge`` add-difference (A B C), weighted-sum (A B) and, with ``--ties``, ties (A B C: whole
+tensors, not a streaming method: ~50 CPU-s, ~1.8 GiB); sd-mecha's add_difference (streaming,
+its default threads); the whole-model torch way (three ``load_file``, a dict comprehension,
+``save_file``), which needs about 4 x 2.1 GB of RAM. Each row's ratio is to the floor with the
+same number of inputs. Targets (issue 15): sdtool under 300 MiB RSS and within 1.3x of the floor.
 """
 
 from __future__ import annotations
@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--make", action="store_true", help="generate the three inputs first")
     ap.add_argument("--skip", action="append", default=[], help="skip cases containing this")
+    ap.add_argument(
+        "--ties", action="store_true", help="also ties (whole tensors: ~2 min, ~1.8 GiB)"
+    )
     args = ap.parse_args()
     d: Path = args.dir
     d.mkdir(parents=True, exist_ok=True)
@@ -159,7 +162,7 @@ def main() -> None:
     rows = []
     floors: dict[int, float] = {}
     for name, (n_in, cmd) in cases.items():
-        if any(s in name for s in args.skip):
+        if any(s in name for s in args.skip) or ("ties" in name and not args.ties):
             continue
         out.unlink(missing_ok=True)
         wall, cpu, rss, rc = run(cmd)

@@ -211,3 +211,40 @@ def test_fixed_rank_factors_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     up, down = got[stem + ".lora_up.weight"], got[stem + ".lora_down.weight"]
     assert up.shape == (12, 4) and down.shape == (4, 12)
     assert not up[:, 1:].any() and not down[1:].any()
+
+
+def test_resize_fixed_rank_streams_tucker_and_zero_modules(tmp_path: Path) -> None:
+    """At a fixed rank the SVD runs when the writer reaches a module: a Tucker LoCon
+    (lora_mid) resized at full rank keeps its delta; a zero module keeps the fixed rank
+    (zero factors); a dynamic rank factors first and gives the same Tucker delta."""
+    tk, z = "lora_unet_t_conv", "lora_unet_zero_proj"
+    sd = {
+        tk + ".lora_down.weight": r(4, 6, 1, 1),
+        tk + ".lora_mid.weight": r(4, 4, 3, 3),
+        tk + ".lora_up.weight": r(5, 4, 1, 1),
+        tk + ".alpha": torch.tensor(2.0),
+        z + ".lora_down.weight": torch.zeros(4, 7),
+        z + ".lora_up.weight": r(3, 4),
+        z + ".alpha": torch.tensor(4.0),
+    }
+    src = tmp_path / "in.safetensors"
+    save_file(sd, str(src))
+    mid = sd[tk + ".lora_mid.weight"]
+    up, down = sd[tk + ".lora_up.weight"].flatten(1), sd[tk + ".lora_down.weight"].flatten(1)
+    want = 2.0 / 4 * torch.einsum("ijkl,oi,jm->omkl", mid, up, down).flatten(1)
+    for i, kw in enumerate([{"rank": 64}, {"rank": 64, "sv_ratio": 1e9}]):
+        out = tmp_path / f"out{i}.safetensors"
+        res = resize(src, out, dtype="fp32", **kw)  # type: ignore[arg-type]
+        got = load_file(out)
+        k = got[tk + ".lora_down.weight"].shape[0]
+        have = (
+            float(got[tk + ".alpha"])
+            / k
+            * (got[tk + ".lora_up.weight"].flatten(1) @ got[tk + ".lora_down.weight"].flatten(1))
+        )
+        torch.testing.assert_close(have, want, rtol=0, atol=5e-5)
+        ranks = {m.name: m.rank for m in res.modules}
+        assert ranks[tk] == min(5, 54) if i == 0 else ranks[tk] <= 5
+        assert all(m.fro_kept is not None for m in res.modules)
+        zu, zd = got[z + ".lora_up.weight"], got[z + ".lora_down.weight"]
+        assert zu.shape[1] == (3 if i == 0 else 1) and not (zu @ zd).any()

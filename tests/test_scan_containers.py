@@ -376,3 +376,19 @@ def test_classify_global_api() -> None:
     assert classify_global("argparse", "Namespace")[0] == "suspicious"
     assert classify_global("posix", "system") == ("dangerous", "os.system: runs a shell command")
     assert classify_global("some.unknown", "function")[0] == "dangerous"
+
+
+def test_safetensors_tail_after_a_rejected_header(tmp_path: Path) -> None:
+    """A header the reference rules reject is still read leniently for where the data ends
+    (formats.safetensors.lenient_data_end): a pickle after it is found."""
+    from sdtool.formats.safetensors import lenient_data_end
+
+    bad = (
+        b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+        b'"v":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}'
+    )
+    p = _st(tmp_path, bad, data=b"\x00" * 12, tail=PAYLOAD)
+    assert lenient_data_end(p.read_bytes()) == 8 + len(bad) + 12
+    r = scan(p)
+    assert r.verdict == "dangerous" and "safetensors-hidden" in rules(r)
+    assert "breaks the safetensors rules" in r.errors[0]

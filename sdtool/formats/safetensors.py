@@ -46,6 +46,38 @@ class Header:
     def data_start(self) -> int:
         return 8 + self.length
 
+    @property
+    def data_end(self) -> int:
+        """Where the last tensor's bytes end (what follows is no tensor's)."""
+        ends = (e["data_offsets"][1] for e in self.entries.values())
+        return self.data_start + max(ends, default=0)
+
+
+def lenient_data_end(buf: Any) -> int:
+    """Where the tensor data of the safetensors bytes ``buf`` (bytes or a mapping, at least 8
+    bytes) ends as a lenient reader takes it, for a header the rules reject: 8 + the declared
+    header length (capped at the bytes), plus the largest ``data_offsets`` end of any entry
+    (nothing when the header is no JSON object)."""
+    (n,) = struct.unpack_from("<Q", bytes(buf[:8]))
+    end = min(8 + n, len(buf))
+    return end + _loose_data_length(bytes(buf[8:end]))
+
+
+def _loose_data_length(raw: bytes) -> int:
+    """The data length a header declares, read leniently (for a header the rules reject)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+        ends = [
+            e["data_offsets"][1]
+            for k, e in obj.items()
+            if k != "__metadata__"
+            and isinstance(e, dict)
+            and isinstance(e.get("data_offsets"), list)
+        ]
+        return max((x for x in ends if isinstance(x, int) and x >= 0), default=0)
+    except (ValueError, AttributeError, IndexError, TypeError, KeyError):
+        return 0
+
 
 def _pairs_hook(dups: list[str]) -> Any:
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

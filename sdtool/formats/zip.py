@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sdtool.errors import CorruptFile, TruncatedFile
 from sdtool.formats.source import is_remote
@@ -103,6 +103,13 @@ class ZipArchive:
 
 def _u(fmt: str, buf: bytes, off: int) -> tuple[int, ...]:
     return struct.unpack_from(fmt, buf, off)
+
+
+def has_end_record(buf: Any) -> bool:
+    """Whether an end-of-central-directory record lies where zipfile looks for one: in the
+    last 22 + 64 KiB bytes of ``buf`` (bytes or a mapping)."""
+    n = len(buf)
+    return bytes(buf[max(0, n - 22 - MAX_COMMENT) :]).rfind(EOCD_SIG) >= 0
 
 
 def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:

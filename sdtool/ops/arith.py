@@ -304,7 +304,7 @@ def run_pieces(
 
 
 #: output bytes computed ahead of the tensor the writer asks for (``Ahead``)
-AHEAD_BYTES = 32 * 1024 * 1024
+AHEAD_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -328,12 +328,12 @@ class Ahead:
     again (as --verify does) is computed again, without look-ahead. Thread-safe."""
 
     def __init__(
-        self, pool: ThreadPoolExecutor, tasks: Sequence[Task], budget: int = AHEAD_BYTES
+        self, pool: ThreadPoolExecutor, tasks: Sequence[Task], budget: int | None = None
     ) -> None:
         self.pool = pool
         self.tasks = list(tasks)
         self.where = {t.name: i for i, t in enumerate(self.tasks)}
-        self.budget = budget
+        self.budget = AHEAD_BYTES if budget is None else budget
         self.next = 0  # the next task to start ahead
         self.started: set[str] = set()
         self.running: dict[str, tuple[Output, list[Future[None]], int]] = {}

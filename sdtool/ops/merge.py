@@ -710,7 +710,7 @@ def merge(
     if not 0 < density <= 1:
         raise UsageError(f"density={density} is outside (0, 1]")
     target = _parse_dtype(dtype)
-    output_format(out)
+    fmt = output_format(out)
     if not dry_run:
         check_output(out, inputs=paths, overwrite=overwrite)
     with ExitStack() as stack:
@@ -769,13 +769,14 @@ def merge(
         with Inputs() as io:
             plan: list[OutTensor] = []
             # elementwise keys read by pread are computed ahead, in the order the writer
-            # reads its computed tensors (A's file order)
+            # asks for them: safetensors' by A's file order, a .ckpt's in the plan's
             early = [
                 k
                 for k in keys
                 if k.rule == "merge" and m.elementwise and _preadable(models, sources, k.name)
             ]
-            early.sort(key=lambda k: source_order(OutTensor(k.name, a, a.tensors[k.name], F32)))
+            if fmt == "safetensors":
+                early.sort(key=lambda k: source_order(OutTensor(k.name, a, a.tensors[k.name], F32)))
             tasks = []
             for k in early:
                 info = a.tensors[k.name]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import _compat_pickle  # data tables only (the stdlib's Python-2 name mapping)
 import re
 
+from sdtool.dtypes import STORAGE_ITEMSIZE
+
 # --- module aliases: the same module under another name --------------------------------------
 
 #: module spelling -> the module it really is (for classification; the unpickler imports either)
@@ -156,31 +158,11 @@ SAFE: dict[tuple[str, str], str] = {
     ),
 }
 
-_STORAGE_NAMES = [
-    "Float",
-    "Double",
-    "Half",
-    "BFloat16",
-    "Long",
-    "Int",
-    "Short",
-    "Char",
-    "Byte",
-    "Bool",
-    "ComplexFloat",
-    "ComplexDouble",
-    "QInt8",
-    "QUInt8",
-    "QInt32",
-    "QUInt4x2",
-    "QUInt2x4",
-    "Float8_e4m3fn",
-    "Float8_e5m2",
-    "Untyped",
-]
-for _n in _STORAGE_NAMES:
-    SAFE[("torch", f"{_n}Storage")] = _STORAGE
-    SAFE[("torch.cuda", f"{_n}Storage")] = _STORAGE
+# every torch storage class: the one table (sdtool.dtypes.STORAGE_ITEMSIZE, which the scanner
+# also steps over legacy raw storages with)
+for _name in STORAGE_ITEMSIZE:
+    SAFE[("torch", _name)] = _STORAGE
+    SAFE[("torch.cuda", _name)] = _STORAGE
 
 _TORCH_CONSTANTS = [
     "float32",

@@ -685,28 +685,18 @@ def resize(
         )  # fmt: skip
         plan: list[OutTensor] = []
         done: set[str] = set()
+        ahead = _Ahead()
         for stem, mod in parsed.modules.items():
             if mod.kind != "lora":
                 result.skipped[stem] = f"a {mod.kind} module: copied unchanged"
                 continue
             k_up, k_down = mod.keys["up"], mod.keys["down"]
             up_i, down_i = lm_.tensors[k_up], lm_.tensors[k_down]
-            up = io.whole(lm_, k_up)
-            down = io.whole(lm_, k_down)
-            roles = set(mod.keys)
             old_rank = down_i.shape[0]
-            if "mid" in roles:
-                out_ch = up_i.shape[0]
-                mid = io.whole(lm_, mod.keys["mid"])
-                full = lm.einsum(
-                    "ijkl,oi,jm->omkl", mid, up.reshape(out_ch, -1), down.reshape(old_rank, -1)
-                )
-                shape = full.shape
-            elif len(down_i.shape) == 4 and down_i.shape[2:] != (1, 1):
-                full = lm.conv_updown(up, down)
-                shape = full.shape
+            if "mid" in mod.keys:
+                kernel = lm_.tensors[mod.keys["mid"]].shape[2:]
+                shape = (up_i.shape[0], prod(down_i.shape[1:]), *kernel)
             else:
-                full = lm.mm(up.reshape(up.shape[0], -1), down.reshape(old_rank, -1))
                 shape = (up_i.shape[0], *down_i.shape[1:])
             if "alpha" in mod.keys:
                 old_alpha = float(io.f32(lm_, mod.keys["alpha"]).reshape(-1)[0])
@@ -715,25 +705,36 @@ def resize(
             else:
                 old_alpha = float(old_rank)
             kxk = len(shape) == 4 and shape[2:] != (1, 1)
-            upn, downn, r, kept = factor(
-                full.reshape(shape[0], -1),
-                rank=conv_rank if kxk else rank,
-                method=method,
-                param=param,
-                clamp_quantile=clamp_quantile,
-            )
-            del full
-            result.modules.append(ModuleReport(stem, stem, r, old_rank, round(kept, 6)))
+            cap = conv_rank if kxk else rank
+            full_of = _full_later(lm_, mod.keys, io, shape)
             done.update(mod.keys.values())
-            if dry_run:
-                continue
             dt = _dtype(dtype) if dtype else up_i.dtype
+            up_key, down_key = k_up[len(stem) :], k_down[len(stem) :]
+            if method is None:
+                # a fixed rank: the shapes are known, the SVD waits for the writer (one
+                # module's factors in memory at a time, as extract)
+                r = min(cap, shape[0], prod(shape[1:]))
+                report = ModuleReport(stem, stem, r, old_rank)
+                result.modules.append(report)
+                if dry_run:
+                    continue
+                later = _refactor_later(full_of, r, clamp_quantile, report)
+                pair = _Pairs(compute=later, name=stem)
+                ahead.add(pair)
+            else:
+                # the rank is known only after the SVD: factor now (dry runs too), write later
+                upn, downn, r, kept = factor(
+                    full_of(), rank=cap, method=method, param=param, clamp_quantile=clamp_quantile
+                )
+                result.modules.append(ModuleReport(stem, stem, r, old_rank, round(kept, 6)))
+                if dry_run:
+                    continue
+                pair = _Pairs(upn, downn)
             up_shape = (shape[0], r, 1, 1) if len(shape) == 4 else (shape[0], r)
             down_shape = (r, *shape[1:])
-            pair = _Pairs(upn, downn)
             plan += _module_plan(
                 stem, lm_, pair, up_shape, down_shape, r, old_alpha / old_rank * r, dt,
-                up_key=k_up[len(stem):], down_key=k_down[len(stem):],
+                up_key=up_key, down_key=down_key,
             )  # fmt: skip
         for key, info in lm_.tensors.items():
             if key not in done:
@@ -749,4 +750,48 @@ def resize(
              "method": method, "param": param, "clamp_quantile": clamp_quantile}
         )  # fmt: skip
         result.metadata = meta
-        return _finish(result, plan, out, meta, overwrite, verify, t0)
+        # the writer reaches the factors in safetensors' order: by name
+        with ahead.running(sorted(p.name for p in ahead.order)):
+            return _finish(result, plan, out, meta, overwrite, verify, t0)
+
+
+def _full_later(
+    m: ModelFile, keys: dict[str, str], io: Inputs, shape: tuple[int, ...]
+) -> Callable[[], np.ndarray]:
+    """``up @ down`` of a LoRA/LoCon module (through ``mid`` for a Tucker LoCon), as the
+    matrix [out, in * k * k], read when called."""
+
+    def run() -> np.ndarray:
+        up, down = io.whole(m, keys["up"]), io.whole(m, keys["down"])
+        old_rank = down.shape[0]
+        if "mid" in keys:
+            mid = io.whole(m, keys["mid"])
+            full = lm.einsum(
+                "ijkl,oi,jm->omkl", mid, up.reshape(shape[0], -1), down.reshape(old_rank, -1)
+            )
+        elif len(down.shape) == 4 and down.shape[2:] != (1, 1):
+            full = lm.conv_updown(up, down)
+        else:
+            full = lm.mm(up.reshape(up.shape[0], -1), down.reshape(old_rank, -1))
+        return full.reshape(shape[0], -1)
+
+    return run
+
+
+def _refactor_later(
+    full_of: Callable[[], np.ndarray], r: int, clamp_quantile: float, report: ModuleReport
+) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """The factors of ``full_of()`` at the fixed rank ``r`` (padded with zeros to ``r`` when
+    the product is zero: the same product)."""
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        up, down, got, kept = factor(
+            full_of(), rank=r, method=None, param=None, clamp_quantile=clamp_quantile
+        )
+        report.fro_kept = round(kept, 6)
+        if got < r:
+            up = np.pad(up, ((0, 0), (0, r - got)))
+            down = np.pad(down, ((0, r - got), (0, 0)))
+        return up, down
+
+    return run

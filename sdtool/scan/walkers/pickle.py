@@ -101,7 +101,7 @@ def scan_pickle(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         pos = s0.end if s0.stopped else -1
     index = 1
     while 0 <= pos < end:
-        if buf[pos : pos + 4] == b"PK\x03\x04" or is_zip_tail(buf):
+        if buf[pos : pos + 4] == zipfmt.LOCAL_SIG or is_zip_tail(buf):
             break
         if not _looks_like_pickle(buf, pos):
             break
@@ -137,9 +137,8 @@ def _looks_like_pickle(buf: Any, pos: int) -> bool:
 
 
 def is_zip_tail(buf: Any) -> bool:
-    n = len(buf)
-    tail = bytes(buf[max(0, n - 22 - 0xFFFF) :])
-    return tail.rfind(zipfmt.EOCD_SIG) >= 0 and bytes(buf[:4]) != b"PK\x03\x04"
+    """A zip appended to bytes that do not start as one (zipfile finds it from the end)."""
+    return zipfmt.has_end_record(buf) and bytes(buf[:4]) != zipfmt.LOCAL_SIG
 
 
 def _trailing(ctx: Ctx, buf: Any, pos: int, member: str | None, depth: int) -> None:

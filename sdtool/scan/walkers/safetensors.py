@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import struct
 from typing import Any
 
 from sdtool.errors import SdtoolError
@@ -86,18 +85,16 @@ def scan_safetensors(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None
 
 def _safetensors_tail(ctx: Ctx, buf: Any, member: str | None, depth: int, header: Any) -> None:
     """A pickle or zip hidden after the tensors (or appended to the file)."""
+    from sdtool.formats.safetensors import lenient_data_end
+
     size = len(buf)
     if header is not None:
-        end = header.data_start + max(
-            (e["data_offsets"][1] for e in header.entries.values()), default=0
-        )
+        end = header.data_end
     else:
         if size < 8:
             return
-        (n,) = struct.unpack_from("<Q", bytes(buf[:8]))
-        end = min(8 + n, size)
-        end += _loose_data_length(bytes(buf[8:end]))
-    if is_zip_tail(buf) or bytes(buf[end : end + 4]) == b"PK\x03\x04":
+        end = lenient_data_end(buf)
+    if is_zip_tail(buf) or bytes(buf[end : end + 4]) == zipfmt.LOCAL_SIG:
         ctx.find(
             "suspicious",
             "safetensors-hidden",
@@ -131,21 +128,3 @@ def _safetensors_tail(ctx: Ctx, buf: Any, member: str | None, depth: int, header
                 join_path(member, "<hidden pickle>") if member else "<hidden pickle>",
                 depth + 1,
             )
-
-
-def _loose_data_length(raw: bytes) -> int:
-    """The data length a header declares, read leniently (for a header the rules reject)."""
-    import json
-
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-        ends = [
-            e["data_offsets"][1]
-            for k, e in obj.items()
-            if k != "__metadata__"
-            and isinstance(e, dict)
-            and isinstance(e.get("data_offsets"), list)
-        ]
-        return max((x for x in ends if isinstance(x, int) and x >= 0), default=0)
-    except (ValueError, AttributeError, IndexError, TypeError, KeyError):
-        return 0
