@@ -178,13 +178,6 @@ class Console:
             self._rich = rich_console(self.file)
         return self._rich
 
-    def wrap_width(self) -> int | None:
-        """The width text should be wrapped to (None: do not wrap), as render.wrap_width."""
-        from sdtool.cli.render import UNLIMITED, columns
-
-        width = columns(self.file)
-        return None if width is None or width >= UNLIMITED else width
-
     def print(self, markup: str = "") -> None:
         text = text_of(markup) if self.plain else None
         if text is None or any(ln.rstrip(" ") != ln.rstrip() for ln in text.split("\n")):
