@@ -2,9 +2,15 @@
 
 Runs each command line in a fresh process N times and prints the minimum and median wall time
 and the minimum CPU time (user + system of the child), next to ``python -c pass`` (the floor
-any Python program pays) and ``python -c 'import numpy'``. The minimum is the figure to compare
-with the goal: on a shared machine the median mostly measures the other jobs (the load average
-is printed). The 7.7 GB checkpoint is made by make_checkpoint.py (default /work/bench).
+any Python program pays; in an editable install it includes the import hook pip's ``site``
+loads, pathlib and urllib among it) and ``python -c 'import click'`` (the floor of any click
+CLI). The minimum is the figure to compare with the goal: on a shared machine the median mostly
+measures the other jobs (the load average is printed). The 7.7 GB checkpoint is made by
+make_checkpoint.py (default /work/bench). ``sdtool`` is the console script beside the Python
+running this (pip's generated one), when there is one.
+
+The children run without PYTHONDONTWRITEBYTECODE, so the warm-up run writes the .pyc files an
+installed package has (with it set, every run would compile sdtool's sources again).
 
     python benchmarks/bench_start.py [--ckpt /work/bench/sd15-ema.ckpt] [--runs 15]
 """
@@ -23,7 +29,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 EXAMPLE = REPO / "examples" / "tiny-sd15-ema.ckpt"
-COMMANDS = ("inspect", "scan", "convert", "prune", "extract", "hash", "diff")
+COMMANDS = ("inspect", "scan", "convert", "prune", "extract", "hash", "diff", "merge", "lora")
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def cases(ckpt: Path) -> list[tuple[str, list[str]]]:
@@ -31,10 +38,14 @@ def cases(ckpt: Path) -> list[tuple[str, list[str]]]:
     sd = [*py, "-m", "sdtool"]
     out = [
         ("python -c pass", [*py, "-c", "pass"]),
+        ("python -c 'import click'", [*py, "-c", "import click"]),
         ("python -c 'import numpy'", [*py, "-c", "import numpy"]),
         ("sdtool --help", [*sd, "--help"]),
         ("sdtool --version", [*sd, "--version"]),
     ]
+    script = Path(sys.executable).with_name("sdtool")
+    if script.is_file():
+        out.append(("sdtool --help (console script)", [str(script), "--help"]))
     out += [(f"sdtool {c} --help", [*sd, c, "--help"]) for c in COMMANDS]
     out.append(("sdtool scan tiny example", [*sd, "scan", str(EXAMPLE)]))
     out.append(("sdtool inspect tiny example", [*sd, "inspect", str(EXAMPLE)]))
@@ -48,7 +59,7 @@ def run(argv: list[str]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the child) of one run."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, env=ENV)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

@@ -49,6 +49,9 @@ def _special_values() -> np.ndarray:
         np.zeros(256, np.float32),
         np.full(256, 1e-42, np.float32),
         np.full(256, -3.0, np.float32),
+        np.resize(np.array([0.0, -0.0], np.float32), 256),  # max = min = a zero: which one
+        np.resize(np.array([-0.0, 0.0, -1.0, 0.0], np.float32), 256),  # max a zero
+        np.resize(np.array([0.0, 2.0, -0.0], np.float32), 256),  # min a zero
         np.resize(sp, 256),
         rng.permutation(np.resize(sp, 256)),
         np.where(rng.random(256) < 0.1, np.float32(np.nan), rng.standard_normal(256)).astype(

@@ -3,6 +3,7 @@ equal to gguf-py's quantize, round trips, and the refusals."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -392,3 +393,24 @@ def test_batch_out_dir_with_quant_writes_gguf_names(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--quant" in err and err.count("\n") == 1, err
+
+
+def test_writer_starts_writeback_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GGUF writer asks the kernel to start writing each finished stretch of the file
+    (contiguous ranges from 0, in order); the file is the same as without the hint."""
+    from sdtool.write import gguf as writer
+
+    src = _save(flux_sd(), tmp_path / "f.safetensors")
+    plain = tmp_path / "plain.gguf"
+    monkeypatch.setattr(writer, "_writeback_starter", lambda: None)
+    _convert(src, plain, "--quant", "Q8_0", "-q")
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(writer, "_writeback_starter", lambda: lambda fd, o, n: calls.append((o, n)))
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 4096)
+    hinted = tmp_path / "hinted.gguf"
+    _convert(src, hinted, "--quant", "Q8_0", "-q")
+    assert hinted.read_bytes() == plain.read_bytes()
+    assert len(calls) > 3 and calls[0][0] == 0
+    assert all(o == po + pn for (po, pn), (o, _) in itertools.pairwise(calls))
+    end = calls[-1][0] + calls[-1][1]
+    assert hinted.stat().st_size - 4096 < end <= hinted.stat().st_size

@@ -367,6 +367,22 @@ _LOW_BITS = np.uint64(0x0101010101010101)
 _GATHER_BITS = np.uint64(0x0102040810204080)
 
 
+def _row_max_min(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's max and min (float32 (n, 32)), as numpy's row reductions give them. The
+    tree's answer is exact except for the sign of a zero result (which of -0.0 / +0.0 wins
+    depends on the order of comparisons): rows whose max or min is zero are redone by numpy's
+    reduction. NaN propagates either way (such rows are redone whole by the caller)."""
+    flat = x.reshape(-1)
+    n = x.shape[0]
+    mx = _block_reduce(np.maximum, flat, n, "tree")
+    mn = _block_reduce(np.minimum, flat, n, "tree2")
+    zero = (mx == 0) | (mn == 0)
+    if zero.any():
+        mx[zero] = x[zero].max(axis=1)
+        mn[zero] = x[zero].min(axis=1)
+    return mx, mn
+
+
 def _legacy_into(qtype: str, x: np.ndarray, out: np.ndarray) -> None:
     """Q4_0/Q4_1/Q5_0/Q5_1 of float32 blocks ``x`` (n, 32) into ``out`` (n, size): gguf-py's
     arithmetic step for step (the same float32 operations in the same order), on per-thread
@@ -385,7 +401,7 @@ def _legacy_into(qtype: str, x: np.ndarray, out: np.ndarray) -> None:
         np.multiply(x, inv[:, None], out=v)
         mn = None
     else:
-        mx, mn = x.max(axis=1), x.min(axis=1)
+        mx, mn = _row_max_min(x)
         d = (mx - mn) / _F32(spec.top)
         inv = _inverse(d)
         np.subtract(x, mn[:, None], out=v)
@@ -461,13 +477,25 @@ def _q_q8_0(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _block_reduce(op: np.ufunc, v: np.ndarray, n: int, name: str) -> np.ndarray:
+    """``op`` (np.maximum / np.minimum) over each of the ``n`` runs of ``v`` (flat, a power of
+    two values per run): a tree of strided 1-D passes (pairs, then pairs of pairs ...), about
+    2.4x numpy's row reduction, which loops over the rows of 32 one by one. The result is a
+    view of the per-thread scratch ``name``."""
+    cur = op(v[0::2], v[1::2], out=_scratch(name, v.size // 2, v.dtype))
+    while cur.size > n:
+        h = cur.size // 2
+        cur = op(cur[0::2], cur[1::2], out=cur[:h])  # numpy buffers the overlap
+    return cur
+
+
 def _row_max_abs(a: np.ndarray) -> np.ndarray:
     """Each row's max of ``a`` (|x| values, float32 (n, k)), as numpy's float max gives it.
 
     The max is taken over the bit patterns as uint32 (ordered as the non-negative floats
-    are; numpy's integer row reduction is about 1.7x its float one). A row holding NaN is
+    are, so the result is exact whatever the order of comparisons). A row holding NaN is
     redone with the float max, so its NaN is the one numpy picks."""
-    m = a.view(np.uint32).max(axis=1)
+    m = _block_reduce(np.maximum, a.reshape(-1).view(np.uint32), a.shape[0], "tree")
     nan = m > np.uint32(0x7F800000)
     if nan.any():
         m[nan] = a[nan].max(axis=1).view(np.uint32)

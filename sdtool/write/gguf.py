@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,9 @@ from sdtool.formats.gguf import DEFAULT_ALIGNMENT, KV, MAGIC, T_ARRAY, T_STRING,
 
 #: output buffers in flight per worker thread (pieces encoded ahead of the writing thread)
 AHEAD = 3
+#: after this many bytes written, the kernel is asked to start writing them to disk
+#: (``sync_file_range``, Linux), so the closing fsync does not wait for the whole file
+WRITEBACK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,29 @@ def _jobs(t: OutGGUF, fds: dict[Path, int], use_torch: bool) -> Iterator[tuple[J
         yield from_array(a, b), gt.nbytes(b - a)
 
 
+def _writeback_starter() -> Callable[[int, int, int], None] | None:
+    """``start(fd, offset, nbytes)``: begin writing that range of the file to disk without
+    waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # errors: only a hint
+
+
+def _file_fd(f: BinaryIO) -> int | None:
+    try:
+        return f.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def write_gguf(
     f: BinaryIO,
     kv: Sequence[tuple[str, KV]],
@@ -208,10 +235,16 @@ def write_gguf(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Stream a GGUF file to ``f``: the header, then each tensor in pieces encoded on
-    ``threads`` workers and written in order by this thread. Returns the bytes written."""
+    ``threads`` workers and written in order by this thread. Returns the bytes written.
+
+    Every ``WRITEBACK_BYTES`` the kernel is asked to start writing the finished part to
+    disk, so the caller's closing fsync overlaps the encoding instead of following it."""
     head, _ = header_bytes(kv, tensors, alignment)
+    fd = _file_fd(f)
+    start = _writeback_starter() if fd is not None else None
     f.write(head)
     total = len(head)
+    synced = 0
     biggest = max((ggml.get(t.type).nbytes(_piece_elements(t)) for t in tensors), default=0)
     free: list[np.ndarray] = []
     window: deque[tuple[Future[np.ndarray], np.ndarray, int]] = deque()
@@ -220,7 +253,7 @@ def write_gguf(
     use_torch = _torch_pays(tensors)
 
     def flush_one() -> None:
-        nonlocal total
+        nonlocal total, synced
         fut, buf, pad = window.popleft()
         data = fut.result()
         f.write(data.data)
@@ -228,6 +261,10 @@ def write_gguf(
             f.write(b"\0" * pad)
         total += data.size + pad
         free.append(buf)
+        if start is not None and fd is not None and total - synced >= WRITEBACK_BYTES:
+            f.flush()
+            start(fd, synced, total - synced)
+            synced = total
         if progress is not None:
             progress(data.size)
 
