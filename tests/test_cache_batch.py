@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +197,29 @@ def test_walks_keep_their_order(tmp_path: Path) -> None:
     ]
     hashed = [str(p) for p, st in walk_files([root]) if st is not None]
     assert hashed == [str(p) for p in sorted(q for q in root.rglob("*") if q.is_file())]
+
+
+PROBE = """
+import os, sys
+from sdtool.cli.main import main
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the JSON lines go to descriptor 1
+code = main(sys.argv[1:])
+sys.stderr.write(str(code) + " " + " ".join(sorted(sys.modules)) + "\\n")
+"""
+
+
+def test_cached_rerun_loads_no_scanner_and_starts_no_worker(
+    tmp_path: Path, sub_env: dict[str, str]
+) -> None:
+    _tree(tmp_path / "t", 6)
+    args = ["scan", "--jsonl", "--cache", str(tmp_path / "c"), str(tmp_path / "t")]
+    for hit in (False, True):
+        run = subprocess.run(
+            [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=sub_env
+        )
+        code, *loaded = run.stderr.splitlines()[-1].split()
+        assert run.returncode == 0 and code == "1", run.stderr  # the evil pickle
+        mods = set(loaded)
+        heavy = {"sdtool.scan.containers", "sdtool.scan.vm", "sdtool.scan.workers", "numpy"}
+        heavy |= {"multiprocessing", "sdtool.scan.allowlist"}
+        assert bool(mods & heavy) is not hit, sorted(mods & heavy)

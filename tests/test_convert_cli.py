@@ -140,6 +140,21 @@ def test_batch_picks_inputs_by_content(tmp_path: Path, capsys: pytest.CaptureFix
     assert "6 file(s) in the folders hold nothing to convert" in res.err
 
 
+def test_batch_named_plain_pickle_is_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pickle of plain data given by name in batch mode: 'ignored: no tensors', exit 0."""
+    import pickle
+
+    opt = tmp_path / "opt.pkl"
+    opt.write_bytes(pickle.dumps({"lr": 0.1}, protocol=2))
+    src = _ckpt(tmp_path / "m.ckpt")
+    assert main(["convert", str(opt), str(src), "--out-dir", str(tmp_path / "o"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ignored"] == [{"path": str(opt), "reason": "no tensors"}]
+    assert [Path(r["path"]).name for r in doc["results"]] == ["m.ckpt"]
+
+
 def test_batch_to_ckpt_and_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _ckpt(tmp_path / "in" / "m.safetensors.src.ckpt")
     out = tmp_path / "out"

@@ -124,8 +124,8 @@ def hash_cmd(
 
     records: list[dict[str, Any]] = []
     table = not (as_jsonl or as_json or quiet or fmt == "sha256sum")
-    out = render.console() if table else None  # rich loads only to print a table
-    plain = out is None or render.plain_output(out)
+    if table:  # plain text off a terminal, without rich (byte for byte what rich prints)
+        out = render.report_console()
     entries = walk_files(_shards(files))  # a shard index or folder: its shards
     head = "" if lines is None else lines.head + '"path": '
     for batch in _outcomes(entries, names, cache, cluster):
@@ -151,12 +151,11 @@ def hash_cmd(
             elif fmt == "sha256sum":
                 text.append(_sum_line(rec["hashes"]["sha256"] or "", name) + "\n")
             else:
-                text.extend(_lines(name, rec, plain))
+                text.extend(_lines(name, rec))
         if lines is not None:
             lines.write_lines(text)
-        elif out is not None and not plain:
-            for line in text:
-                out.print(line)
+        elif table and text:
+            out.print("\n".join(text))
         elif text:
             click.echo("".join(text), nl=False)
     if as_json and not quiet:
@@ -261,21 +260,17 @@ def _maybe_shards(f: Path) -> bool:
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
-def _lines(name: str, rec: dict[str, Any], plain: bool) -> list[str]:
-    """A file's hashes as text lines (rich markup unless ``plain``, then with newlines)."""
+def _lines(name: str, rec: dict[str, Any]) -> list[str]:
+    """A file's hashes as markup lines."""
     from sdtool.ops.hash import ALGORITHMS
 
-    size = render.human_bytes(rec["size"])
-    if plain:
-        lines = [f"{render.escape(name)}  ({size})\n"]
-    else:
-        lines = [f"[bold]{render.markup(name)}[/]  ({size})"]
+    lines = [f"[bold]{render.markup(name)}[/]  ({render.human_bytes(rec['size'])})"]
     for algo, value in rec["hashes"].items():
         note = rec["notes"].get(algo)
         line = f"  {ALGORITHMS[algo].label:<7} {value if value is not None else '-'}"
         if note:
-            line += f"  ({render.escape(note)})" if plain else f"  [dim]({render.markup(note)})[/]"
-        lines.append(line + "\n" if plain else line)
+            line += f"  [dim]({render.markup(note)})[/]"
+        lines.append(line)
     return lines
 
 

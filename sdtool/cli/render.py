@@ -118,12 +118,6 @@ def report_console() -> PlainConsole:
     return PlainConsole(sys.stdout)
 
 
-def plain_output(out: Console) -> bool:
-    """Whether ``out`` prints plain text (not a terminal, no colour forced): then rich adds
-    nothing to a line of escaped text, and a long listing may be written as it is."""
-    return not out.is_terminal and out.color_system is None
-
-
 def print_table(out: Console, table: Any) -> None:
     """Print a rich table whole: when it is wider than the output, its rows run past the width
     rather than have a name cut with "…" or folded inside an identifier."""

@@ -20,15 +20,13 @@ from sdtool.cli.options import (
     jsonl_option,
 )
 from sdtool.cli.render import (
-    console,
+    columns,
     error,
-    escape,
     human_bytes,
     markup,
-    plain_output,
     print_json,
+    report_console,
     wrap,
-    wrap_width,
 )
 from sdtool.vocab import Verdict
 
@@ -227,16 +225,16 @@ def render_items(batches: Iterable[list[Scanned]], *, quiet: bool = False,
                  strict: bool = False, spools: dict[str, str] | None = None) -> int:  # fmt: skip
     """``render`` of results as they come (``scan_items``); returns the exit code.
 
-    Off a terminal (no colour) the lines are written as plain text in batches rather than
-    through rich one by one, and a cached safe file's line is read from its stored JSON
-    without decoding it: a rerun over an unchanged tree prints as fast as it looks up.
+    The lines of a batch are printed at once through ``sdtool.cli.plain`` (plain text off a
+    terminal, without rich, byte for byte what rich prints; rich otherwise), and a cached safe
+    file's line is made from its stored format and size without decoding the rest: a rerun
+    over an unchanged tree prints as fast as it looks up.
     """
     from sdtool.scan.cached import head_of
     from sdtool.scan.report import exit_code
 
-    out = console()
-    plain = plain_output(out)
-    width = wrap_width(out)
+    out = report_console()
+    width = columns()  # wrap only to an asked or a terminal's width (rich never wraps here)
     counts = dict.fromkeys(Verdict, 0)
     failed = False
     for batch in batches:
@@ -253,51 +251,37 @@ def render_items(batches: Iterable[list[Scanned]], *, quiet: bool = False,
                 continue
             fast = head_of(item.stored) if v is Verdict.SAFE and item.stored else None
             if fast is not None:  # safe: format and size are all its line shows
-                lines = [_line(v, path, plain, f"({fast[0]}, {human_bytes(fast[1])})")]
+                text.append(_line(v, path, f"({fast[0]}, {human_bytes(fast[1])})"))
             else:
                 fr = item.report
                 fr.path = path
-                lines = _file_lines(fr, plain, width)
-            if plain:
-                text.extend(lines)
-            else:
-                for line in lines:
-                    out.print(line)
+                text.extend(_file_lines(fr, width))
         if text:
-            out.file.write("".join(t.rstrip(" ") + "\n" for t in text))
+            out.print("\n".join(text))
     code = exit_code({v for v, n in counts.items() if n}, failed, strict=strict)
     files = sum(counts.values())
     parts = [f"{counts[v]} {LABEL.get(v, v.label)}" for v in Verdict if counts[v]]
-    summary = (
-        f"{files} file{'' if files == 1 else 's'}: "
+    out.print(
+        f"\n{files} file{'' if files == 1 else 's'}: "
         + (", ".join(parts) or "nothing to scan")
         + f" -> exit {code}"
         + (" (--strict)" if strict else "")
     )
-    if plain:
-        out.file.write(f"\n{summary}\n")
-        out.file.flush()
-    else:
-        out.print(f"\n{summary}")
     return code
 
 
-def _line(v: Verdict, path: str, plain: bool, rest: str) -> str:
-    """A file's first line: its verdict label, its path and ``rest`` (plain text)."""
-    if plain:
-        return f"{_LABELS[v]} {escape(path)} {rest}"
+def _line(v: Verdict, path: str, rest: str) -> str:
+    """A file's first line (markup): its verdict label, its path and ``rest``."""
     return f"[{STYLE[v]}]{_LABELS[v]}[/{STYLE[v]}] {markup(path)} [dim]{markup(rest)}[/dim]"
 
 
-def _file_lines(fr: FileReport, plain: bool, width: int | None) -> list[str]:
-    """A file's lines: its verdict line, then each finding shown as a wrapped block (rich
-    markup, or plain text when ``plain``)."""
+def _file_lines(fr: FileReport, width: int | None) -> list[str]:
+    """A file's lines (markup): its verdict line, then each finding shown as a wrapped block."""
     v = fr.verdict
-    text = escape if plain else markup
     if fr.skipped:
-        label = _LABELS[v] if plain else f"[{STYLE[v]}]{_LABELS[v]}[/{STYLE[v]}]"
-        return [f"{label} {text(fr.path)}: not a model file ({text(fr.skipped)})"]
-    lines = [_line(v, fr.path, plain, f"({fr.format}, {human_bytes(fr.size)})")]
+        label = f"[{STYLE[v]}]{_LABELS[v]}[/{STYLE[v]}]"
+        return [f"{label} {markup(fr.path)}: not a model file ({markup(fr.skipped)})"]
+    lines = [_line(v, fr.path, f"({fr.format}, {human_bytes(fr.size)})")]
     shown = [f for f in fr.findings if f.severity != "info" or v != "safe"]
     for f in sorted(shown, key=lambda f: RANK.get(f.severity, 9)):
         where = f.member or ""
@@ -309,10 +293,10 @@ def _file_lines(fr: FileReport, plain: bool, width: int | None) -> list[str]:
         if f.global_name:
             head += f": {f.global_name}"
         body = f"{f.usage}: {f.message}" if f.usage else f.message
-        style = "" if plain else STYLE.get(f.severity, "")
+        style = STYLE.get(f.severity, "")
         for i, line in enumerate(wrap(head, width, "  ", "      ")):
-            lines.append(f"[{style}]{markup(line)}[/]" if i == 0 and style else text(line))
-        lines.extend(text(line) for line in wrap(body, width, "      ", "      "))
+            lines.append(f"[{style}]{markup(line)}[/]" if i == 0 and style else markup(line))
+        lines.extend(markup(line) for line in wrap(body, width, "      ", "      "))
     return lines
 
 

@@ -429,6 +429,8 @@ def batch_inputs(
                     ignored.append(Ignored(f, why))
                     continue
                 pairs.append((f, out_dir / f.relative_to(inp).with_suffix(ext)))
+        elif _plain_pickle(inp):  # named, but a pickle of plain data: nothing to convert
+            ignored.append(Ignored(inp, NO_TENSORS))
         else:
             pairs.append((inp, out_dir / (inp.stem + ext)))
     return pairs, ignored
@@ -474,6 +476,17 @@ def not_convertible(path: Path) -> str | None:
     if kind is not Format.UNKNOWN:
         return f"a {kind.value} file, not a model file sdtool converts"
     return describe(head, size)
+
+
+def _plain_pickle(path: Path) -> bool:
+    """A file given by name that is a pickle the restricted loader reads and finds no tensor in
+    (any other file given by name is an input, and fails if it cannot be converted)."""
+    from sdtool.formats.sniff import sniff
+
+    try:
+        return sniff(path)[0] is Format.PICKLE and not _holds_tensors(path)
+    except SdtoolError:
+        return False
 
 
 def _holds_tensors(path: Path) -> bool:
