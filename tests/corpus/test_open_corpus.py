@@ -27,6 +27,9 @@ REAL_COMPILE = builtins.compile
 import sdtool, sdtool.formats.torchfile, sdtool.formats.safetensors, sdtool.formats.numpyfile
 from sdtool import open_model
 from sdtool.errors import SdtoolError
+# sdtool imports numpy (and ml_dtypes) lazily, where tensor values are first read; load them
+# before the canaries: what is watched is what the files make sdtool do, not its own start
+import numpy, ml_dtypes
 calls = []
 def canary(name):
     def f(*a, **k):
