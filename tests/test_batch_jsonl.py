@@ -220,3 +220,31 @@ def test_sharded_output_is_resumed_by_its_index(tmp_path: Path, capsys: Cap) -> 
     index.write_bytes(index.read_bytes())  # the index rewritten: not verifiably ours
     _, third, _ = _run(capsys, args)
     assert third[0]["status"] == "converted"
+
+
+@pytest.mark.parametrize(
+    ("verb", "name"), [("convert", "m.safetensors"), ("prune", "m-pruned.safetensors")]
+)
+def test_two_inputs_for_one_output_the_second_fails(
+    tmp_path: Path, capsys: Cap, verb: str, name: str
+) -> None:
+    """Two inputs whose outputs would share a name: the first in input order writes it, the
+    second is a failure naming the first (never a silent overwrite); the rest of the batch goes
+    on, and a --resume rerun answers the first from its record."""
+    torch = pytest.importorskip("torch")
+    first = _model(tmp_path / "in" / "m.safetensors")
+    second = tmp_path / "in" / "m.ckpt"
+    torch.save({"w": torch.ones(4, 4)}, second)
+    out = tmp_path / "out"
+    args = [verb, str(first), str(second), "--out-dir", str(out), "--resume", "--jsonl"]
+    args += ["--cache", str(tmp_path / "cache")]
+    code, lines, _ = _run(capsys, args)
+    assert code == 1
+    by = {Path(str(r["path"])).name: r for r in lines}
+    assert by["m.safetensors"]["status"] in ("converted", "pruned")
+    assert by["m.ckpt"]["status"] == "failed"
+    assert f"{first} already {verb}s to {out / name}" in str(by["m.ckpt"]["error"])
+    np.testing.assert_array_equal(load_file(str(out / name))["w"], load_file(str(first))["w"])
+    code, lines, _ = _run(capsys, args)
+    by = {Path(str(r["path"])).name: r for r in lines}
+    assert (by["m.safetensors"]["status"], by["m.ckpt"]["status"]) == ("resumed", "failed")

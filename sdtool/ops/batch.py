@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sdtool.cache import Cache, Identity
+from sdtool.errors import SdtoolError
 
 OUTPUT_KIND = "output"
 _CHUNK = 8 << 20
@@ -143,6 +144,68 @@ class Resume:
         }
         self.cache.put(OUTPUT_KIND, before.key, self._version(dst), doc)
         return sha
+
+
+def record_from_json(cls: type[R], doc: dict[str, Any]) -> R:
+    """The per-file result of class ``cls`` that its ``to_json`` described (a resume record)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kw = {k: v for k, v in doc.items() if k in names}
+    return cls(**{**kw, "path": Path(doc["path"]), "output": Path(doc["output"])})
+
+
+def run_one(
+    cls: type[R],
+    src: Path,
+    dst: Path,
+    owner: Path,
+    resume: Resume | None,
+    overwrite: bool,
+    work: Callable[[int, bool], tuple[R, Path | None]],
+    verb: str,
+) -> R:
+    """The steps every one-file job of a batch shares, around ``work(size, overwrite)``, which
+    makes the output and returns (result, the file written or None when nothing was): refuse a
+    second input mapping to ``owner``'s output, answer from a resume record, skip an existing
+    output unless overwriting, turn every failure into a ``failed`` result of class ``cls``
+    (fields path, output, status, error, input_bytes, seconds, output_sha256), and record what
+    was written for the next ``--resume``."""
+    try:
+        size = src.stat().st_size
+    except OSError:
+        size = 0
+
+    def failed(error: str) -> R:
+        return cls(src, dst, status="failed", input_bytes=size, error=error)  # type: ignore[call-arg]
+
+    if owner != src:
+        return failed(f"{src}: {owner} already {verb}s to {dst}")
+    if resume is not None:
+        doc = resume.done(src, dst)
+        if doc is not None:
+            try:
+                old = record_from_json(cls, doc["result"])
+            except (KeyError, TypeError, ValueError):
+                old = None
+            if old is not None:
+                return dataclasses.replace(
+                    old, path=src, status="resumed", seconds=0.0,  # type: ignore[type-var]
+                    output_sha256=doc.get("sha256"),
+                )  # fmt: skip
+        overwrite = True  # not verifiably ours: redo it
+    if dst.exists() and not overwrite:
+        return cls(src, dst, status="skipped", input_bytes=size)  # type: ignore[call-arg]
+    try:
+        before = Identity.of_path(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        result, written = work(size, overwrite)
+    except SdtoolError as e:
+        return failed(str(e))
+    except OSError as e:
+        return failed(f"{src}: {e.strerror or e}")
+    if resume is not None and written is not None:
+        sha = resume.record(src, before, dst, result.to_json(), written=written)  # type: ignore[attr-defined]
+        result = dataclasses.replace(result, output_sha256=sha)  # type: ignore[type-var]
+    return result
 
 
 def run_batch(

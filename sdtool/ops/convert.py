@@ -19,15 +19,15 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdtool.cache import Identity, default_dir
+from sdtool.cache import default_dir
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import opened
 from sdtool.model import ModelFile, tensor_leaves, to_plain
-from sdtool.ops.batch import Resume, Runner, options_digest, run_batch
+from sdtool.ops.batch import Resume, Runner, options_digest, record_from_json, run_batch, run_one
 from sdtool.ops.outname import derived
 from sdtool.results import Result
 from sdtool.vocab import TO_SUFFIX, Format, Progress, dtype_name
@@ -521,51 +521,21 @@ class ConvertJob:
 
 def result_from_json(doc: dict[str, Any]) -> ConvertResult:
     """The ConvertResult that ``ConvertResult.to_json`` described."""
-    names = {f.name for f in fields(ConvertResult)}
-    kw = {k: v for k, v in doc.items() if k in names}
-    return ConvertResult(**{**kw, "path": Path(doc["path"]), "output": Path(doc["output"])})
+    return record_from_json(ConvertResult, doc)
 
 
 def convert_job(job: ConvertJob, progress: Progress | None = None) -> ConvertResult:
     """Convert one file of a batch; every failure becomes a ``failed`` result."""
-    src, dst, opts = job.src, job.dst, job.options
-    try:
-        size = src.stat().st_size
-    except OSError:
-        size = 0
-    if job.owner != src:
-        return ConvertResult(
-            src, dst, status="failed", input_bytes=size,
-            error=f"{src}: {job.owner} already converts to {dst}",
-        )  # fmt: skip
-    overwrite = opts.overwrite
-    if job.resume is not None:
-        doc = job.resume.done(src, dst)
-        if doc is not None:
-            try:
-                old = result_from_json(doc["result"])
-            except (KeyError, TypeError, ValueError):
-                old = None
-            if old is not None:
-                return replace(
-                    old, path=src, status="resumed", seconds=0.0, output_sha256=doc.get("sha256")
-                )
-        overwrite = True  # not verifiably ours: redo it
-    if dst.exists() and not overwrite:
-        return ConvertResult(src, dst, status="skipped", input_bytes=size)
-    try:
-        before = Identity.of_path(src)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        result = convert(src, dst, replace(opts, progress=progress, overwrite=overwrite))
-    except SdtoolError as e:
-        return ConvertResult(src, dst, status="failed", input_bytes=size, error=str(e))
-    except OSError as e:
-        msg = f"{src}: {e.strerror or e}"
-        return ConvertResult(src, dst, status="failed", input_bytes=size, error=msg)
-    if job.resume is not None and result.status == "converted":
-        sha = job.resume.record(src, before, dst, result.to_json(), written=result.output)
-        result = replace(result, output_sha256=sha)
-    return result
+
+    def work(size: int, overwrite: bool) -> tuple[ConvertResult, Path | None]:
+        opts = replace(job.options, progress=progress, overwrite=overwrite)
+        result = convert(job.src, job.dst, opts)
+        return result, result.output if result.status == "converted" else None
+
+    return run_one(
+        ConvertResult, job.src, job.dst, job.owner, job.resume, job.options.overwrite, work,
+        "convert",
+    )  # fmt: skip
 
 
 def convert_batch(

@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdtool.cache import Identity, default_dir
-from sdtool.errors import SdtoolError, UsageError
-from sdtool.ops.batch import Resume, options_digest, run_batch
+from sdtool.cache import default_dir
+from sdtool.errors import UsageError
+from sdtool.ops.batch import Resume, options_digest, run_batch, run_one
 from sdtool.ops.convert import Ignored, batch_inputs
 from sdtool.ops.outname import derived
 from sdtool.ops.prune import PruneOptions, prune
@@ -76,12 +76,6 @@ class PruneBatchResult(Result):
         }
 
 
-def _item_from_json(doc: dict[str, Any]) -> PruneItem:
-    names = {f.name for f in fields(PruneItem)}
-    kw = {k: v for k, v in doc.items() if k in names}
-    return PruneItem(**{**kw, "path": Path(doc["path"]), "output": Path(doc["output"])})
-
-
 def prune_one(
     src: Path,
     dst: Path,
@@ -91,54 +85,25 @@ def prune_one(
     progress: Progress | None = None,
 ) -> PruneItem:
     """Prune one file of a batch; every failure becomes a ``failed`` item."""
-    try:
-        size = src.stat().st_size
-    except OSError:
-        size = 0
-    if owner != src:
-        why = f"{src}: {owner} already prunes to {dst}"
-        return PruneItem(src, dst, status="failed", input_bytes=size, error=why)
-    overwrite = opts.overwrite
-    if resume is not None:
-        doc = resume.done(src, dst)
-        if doc is not None:
-            try:
-                old = _item_from_json(doc["result"])
-            except (KeyError, TypeError, ValueError):
-                old = None
-            if old is not None:
-                return replace(
-                    old, path=src, output=dst, status="resumed", seconds=0.0,
-                    output_sha256=doc.get("sha256"),
-                )  # fmt: skip
-        overwrite = True  # not verifiably ours: redo it
-    if dst.exists() and not overwrite:
-        return PruneItem(src, dst, status="skipped", input_bytes=size)
-    t0 = time.perf_counter()
-    try:
-        before = Identity.of_path(src)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+
+    def work(size: int, overwrite: bool) -> tuple[PruneItem, Path | None]:
+        t0 = time.perf_counter()
         res = prune(src, dst, replace(opts, progress=progress, overwrite=overwrite))
-    except SdtoolError as e:
-        return PruneItem(src, dst, status="failed", input_bytes=size, error=str(e))
-    except OSError as e:
-        msg = f"{src}: {e.strerror or e}"
-        return PruneItem(src, dst, status="failed", input_bytes=size, error=msg)
-    w = res.write
-    item = PruneItem(
-        src,
-        dst,
-        status="pruned" if w is not None else "planned",
-        input_bytes=size,
-        output_bytes=w.nbytes if w is not None else 0,
-        tensors=w.tensors if w is not None else len(res.plan.tensors),
-        verified=bool(w and w.verified),
-        seconds=time.perf_counter() - t0,
-        report=res.to_json(),
-    )
-    if resume is not None and w is not None:
-        item = replace(item, output_sha256=resume.record(src, before, dst, item.to_json()))
-    return item
+        w = res.write
+        item = PruneItem(
+            src,
+            dst,
+            status="pruned" if w is not None else "planned",
+            input_bytes=size,
+            output_bytes=w.nbytes if w is not None else 0,
+            tensors=w.tensors if w is not None else len(res.plan.tensors),
+            verified=bool(w and w.verified),
+            seconds=time.perf_counter() - t0,
+            report=res.to_json(),
+        )
+        return item, dst if w is not None else None
+
+    return run_one(PruneItem, src, dst, owner, resume, opts.overwrite, work, "prune")
 
 
 def prune_batch(
