@@ -266,6 +266,16 @@ class ModelFile:
         what a writer copies bytes from."""
         return self, self.tensors[name]
 
+    def check_end(self, name: str, end: int) -> None:
+        """TruncatedFile unless the file reaches byte ``end`` (where tensor ``name`` ends):
+        every reader and writer asks this before reading a tensor's bytes."""
+        if end > self.file_size:
+            raise TruncatedFile(
+                f"tensor {name!r} needs bytes up to {end} but the file has {self.file_size}; "
+                "the download is truncated",
+                path=self.path,
+            )
+
     def read_info(self, info: TensorInfo, name: str = "?") -> np.ndarray:
         """Like ``read`` for a TensorInfo that may not be in ``tensors`` (e.g. optimizer state)."""
         import numpy as np
@@ -273,12 +283,7 @@ class ModelFile:
         st = info.storage
         check_view(info, name)
         if st.file_offset is not None:
-            if st.file_offset + st.nbytes > self.file_size:
-                raise TruncatedFile(
-                    f"tensor {name!r} needs bytes up to {st.file_offset + st.nbytes} but the "
-                    f"file has {self.file_size}; the download is truncated",
-                    path=self.path,
-                )
+            self.check_end(name, st.file_offset + st.nbytes)
             base = self._span(st.file_offset, st.nbytes)
         else:
             assert st.load is not None, "a storage has either a file offset or a loader"

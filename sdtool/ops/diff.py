@@ -462,12 +462,7 @@ class _Side:
         if span is None:
             return cls(name, item, values=lambda: holder.read_info(hinfo, name).reshape(-1))
         offset, nbytes = span
-        if offset + nbytes > holder.file_size:
-            raise TruncatedFile(
-                f"tensor {name!r} needs bytes up to {offset + nbytes} but the file has "
-                f"{holder.file_size}; the download is truncated",
-                path=holder.path,
-            )
+        holder.check_end(name, offset + nbytes)
         return cls(name, item, fds.of(holder.path), offset, holder.path)
 
     def read(self, start: int, n: int, bufs: list[bytearray], which: int) -> Any:

@@ -502,8 +502,7 @@ def _span(m: ModelFile, name: str, info: TensorInfo) -> Span | None:
         return None
 
     def check() -> None:
-        if off + n > m.file_size:
-            m.read_info(info, name)  # raises the reader's TruncatedFile
+        m.check_end(name, off + n)
 
     # bf16 as its bits: the encoders read them without ml_dtypes (whose import costs ~1.5 s)
     dtype = ggml.BF16_BITS if info.type_code == "BF16" else np.dtype(info.dtype.numpy)
@@ -527,8 +526,7 @@ def _reader(
             values = dequantized(m, scaled)()
         elif span is not None:
             off, n = span
-            if off + n > m.file_size:
-                m.read_info(info, name)  # raises the reader's TruncatedFile
+            m.check_end(name, off + n)
             buf = np.empty(n, np.uint8)
             fd = os.open(m.path, os.O_RDONLY)
             try:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from sdtool.errors import CorruptFile, OutputError, TruncatedFile
+from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.safetensors import MAX_HEADER
 from sdtool.write.plan import OutTensor, source_order
 from sdtool.write.stream import (
@@ -177,12 +177,7 @@ def _steps(
         t = p.tensor
         span = t.copy_span
         if span is not None:
-            if span[0] + span[1] > t.source.file_size:
-                raise TruncatedFile(
-                    f"tensor {t.name!r} needs bytes up to {span[0] + span[1]} but the file "
-                    f"has {t.source.file_size}; the download is truncated",
-                    path=t.source.path,
-                )
+            t.source.check_end(t.name, span[0] + span[1])
             yield "copy", p, None
             continue
         chunks = Chunks(t, fds.get(t), ring)

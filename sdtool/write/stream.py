@@ -128,12 +128,7 @@ class Chunks:
         offset, length = span
         src = self.t.info.dtype
         end = offset + length
-        if end > self.t.source.file_size:
-            raise TruncatedFile(
-                f"tensor {self.t.name!r} needs bytes up to {end} but the file has "
-                f"{self.t.source.file_size}; the download is truncated",
-                path=self.t.source.path,
-            )
+        self.t.source.check_end(self.t.name, end)
         step = CHUNK_BYTES // max(src.itemsize, self.t.dtype.itemsize) * src.itemsize
         if src != self.t.dtype:
             yield from self._mapped(fd, offset, end, step, src)

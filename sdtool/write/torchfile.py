@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from sdtool.crc import crc32
-from sdtool.errors import CorruptFile, OutputError, TruncatedFile
+from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.torchfile import METADATA_KEY
 from sdtool.write.plan import OutTensor
 from sdtool.write.stream import BufferRing, Chunks, SourceFds, copy_with_crc, prefetch, write_all
@@ -315,7 +315,7 @@ def write_torch(
             start = z.begin(name)
             span = t.copy_span
             if span is not None:  # bytes as they are: one tight read-checksum-write loop
-                _check_span(t, span)
+                t.source.check_end(t.name, span[0] + span[1])
                 crc = copy_with_crc(fds.get(t), z.fd, span[0], span[1], t, progress)
                 z.pos += span[1]
                 z.end(name, start, crc, span[1])
@@ -343,16 +343,6 @@ def write_torch(
     z.member(f"{ARCHIVE}/.data/serialization_id", f"{digest:040d}"[:40].encode())
     z.finish()
     return overflows
-
-
-def _check_span(t: OutTensor, span: tuple[int, int]) -> None:
-    """TruncatedFile before writing anything of a tensor whose bytes the source lacks."""
-    if span[0] + span[1] > t.source.file_size:
-        raise TruncatedFile(
-            f"tensor {t.name!r} needs bytes up to {span[0] + span[1]} but the file has "
-            f"{t.source.file_size}; the download is truncated",
-            path=t.source.path,
-        )
 
 
 def _bytes_of(piece: Any) -> memoryview:
