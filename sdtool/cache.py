@@ -296,6 +296,17 @@ class Cache:
         return {"files": 0, "results": 0}
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the whole file, read in large chunks (hashlib releases the GIL)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cached_sha256(cache: Cache | None, path: str | Path, compute: Any) -> tuple[str, bool]:
     """SHA-256 of ``path`` from the cache, or ``compute()`` (hex) recorded when safe.
 

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sdtool.cache import Cache, Identity
+from sdtool.cache import Cache, Identity, file_sha256
 from sdtool.errors import SdtoolError
 
 OUTPUT_KIND = "output"
-_CHUNK = 8 << 20
 
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
@@ -57,14 +56,6 @@ def options_digest(options: Any, **extra: Any) -> str:
     }
     text = repr(dataclasses.replace(options, **changes)) + repr(sorted(extra.items()))
     return hashlib.sha256(f"{__version__}|{text}".encode()).hexdigest()[:32]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _CACHES: dict[str, Cache] = {}

@@ -10,7 +10,6 @@ hashes gets content-level sharing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sdtool.cache import Cache, Identity, cached_sha256
+from sdtool.cache import Cache, Identity, cached_sha256, file_sha256
 from sdtool.scan.report import FileReport, Finding
 from sdtool.scan.ruleset import ruleset_version
 from sdtool.vocab import Format, Verdict
 
 KIND = "scan"
-_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -35,15 +33,6 @@ class CachedScan:
     report: FileReport
     sha256: str | None  # hex, when computed or known
     cached: bool  # the verdict came from the cache
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of the whole file, read in large chunks (hashlib releases the GIL)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def report_from_json(doc: dict[str, Any], path: str | None = None) -> FileReport:

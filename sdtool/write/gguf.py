@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +31,7 @@ import numpy as np
 from sdtool.errors import SdtoolError, UsageError, VerificationError
 from sdtool.formats import ggml
 from sdtool.formats.gguf import DEFAULT_ALIGNMENT, KV, MAGIC, T_ARRAY, T_STRING, VALUE_TYPES
+from sdtool.write.stream import start_writeback
 
 #: output buffers in flight per worker thread (pieces encoded ahead of the writing thread)
 AHEAD = 3
@@ -204,18 +204,8 @@ def _jobs(t: OutGGUF, fds: dict[Path, int], use_torch: bool) -> Iterator[tuple[J
 
 def _writeback_starter() -> Callable[[int, int, int], None] | None:
     """``start(fd, offset, nbytes)``: begin writing that range of the file to disk without
-    waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # errors: only a hint
+    waiting (``stream.start_writeback``: a no-op where the kernel cannot); None: never."""
+    return start_writeback
 
 
 def _file_fd(f: BinaryIO) -> int | None:
