@@ -387,20 +387,11 @@ def _factor_later(
     whose largest singular value is below MIN_SV gets rank 1 from ``choose_rank``, padded
     with zero columns / rows to ``r`` (the same product)."""
 
-    def run() -> tuple[np.ndarray, np.ndarray]:
+    def full() -> np.ndarray:
         diff = _diff_rows(tm, bm, key, rows, io)
-        mat = diff.reshape(diff.shape[0], -1)
-        del diff
-        up, down, got, kept = factor(
-            mat, rank=r, method=None, param=None, clamp_quantile=clamp_quantile
-        )
-        report.fro_kept = round(kept, 6)
-        if got < r:
-            up = np.pad(up, ((0, 0), (0, r - got)))
-            down = np.pad(down, ((0, r - got), (0, 0)))
-        return up, down
+        return diff.reshape(diff.shape[0], -1)
 
-    return run
+    return _refactor_later(full, r, clamp_quantile, report)
 
 
 def extract(
