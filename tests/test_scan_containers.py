@@ -392,3 +392,27 @@ def test_safetensors_tail_after_a_rejected_header(tmp_path: Path) -> None:
     r = scan(p)
     assert r.verdict == "dangerous" and "safetensors-hidden" in rules(r)
     assert "breaks the safetensors rules" in r.errors[0]
+
+
+def test_npy_header_past_sdtools_limit_is_never_safe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """numpy.load(allow_pickle=True) ignores its header-size limit, so an object .npy with a
+    header longer than sdtool reads (MAX_LAYOUT_HEADER, patched small here) still unpickles its
+    body in numpy: the scanner must say it could not scan it, never SAFE."""
+    from sdtool.formats import numpyfile
+
+    text = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    text += b" " * (600 - len(text)) + b"\n"
+    body = call_global("os", "system", "echo pwned")
+    p = tmp_path / "big-header.npy"
+    p.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + body)
+    # numpy itself reads this header (it is well formed; only its length is unusual)
+    with open(p, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        assert np.lib.format.read_array_header_1_0(f) == ((1,), False, np.dtype("O"))
+    assert version == (1, 0)
+    assert scan(p).verdict == "dangerous"  # within the limit: the body is scanned
+    monkeypatch.setattr(numpyfile, "MAX_LAYOUT_HEADER", 256)
+    r = scan(p)
+    assert r.verdict != "safe" and r.errors, r.to_json()
