@@ -265,16 +265,19 @@ Candidate = tuple[str, str, bool]  # signature id, prefix, via alias
 
 def _candidates(tensors: dict[str, TensorInfo]) -> Counter[Candidate]:
     """How many keys each (signature, prefix) explains: every key is split at each dot."""
-    index = K.component_index()
-    counts: Counter[Candidate] = Counter()
+    splits: list[tuple[str, str]] = []  # (prefix, tail) at every dot, in key order
     for key in tensors:
         pos = -1
         while True:
-            for sid, alias in index.get(key[pos + 1 :], ()):
-                counts[(sid, key[: pos + 1], alias)] += 1
+            splits.append((key[: pos + 1], key[pos + 1 :]))
             pos = key.find(".", pos + 1)
             if pos < 0:
                 break
+    index = K.index_for({tail for _, tail in splits})
+    counts: Counter[Candidate] = Counter()
+    for prefix, tail in splits:
+        for sid, alias in index.get(tail, ()):
+            counts[(sid, prefix, alias)] += 1
     return counts
 
 
