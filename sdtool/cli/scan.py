@@ -121,7 +121,7 @@ def scan_cmd(
         bar = tqdm(unit="file", desc="scanning", leave=False, file=sys.stderr)
     spools: dict[str, str] = {}  # spooled temp file -> "-"
 
-    def progress(r: FileReport) -> None:
+    def on_result(r: FileReport) -> None:
         if bar is not None:
             bar.update(1)
 
@@ -154,7 +154,7 @@ def scan_cmd(
                     bar.close()
                     bar = None
                 return render_items(done, quiet=quiet, strict=strict, spools=spools)
-            report = scan_paths(real, strict=strict, progress=progress, **options)
+            report = scan_paths(real, strict=strict, on_result=on_result, **options)
         for fr in report.files:  # a spooled temp file is reported as -
             fr.path = spools.get(fr.path, fr.path)
     finally:

@@ -204,7 +204,7 @@ def scan_paths(
     jobs: int = 1,
     limits: Limits | None = None,
     crc: str = "read",
-    progress: Callable[[FileReport], None] | None = None,
+    on_result: Callable[[FileReport], None] | None = None,
     cache: Cache | None = None,
     sha256: bool = False,
     isolate: bool = True,
@@ -214,10 +214,11 @@ def scan_paths(
 
     A worker that crashes or runs past the per-file time limit costs only its file, which is
     reported as could not scan (see sdtool.scan.workers); ``isolate=False`` scans in this
-    process instead. ``progress`` is called with each FileReport as it completes (in input
-    order). With a ``cache``, a file whose content was scanned before by this ruleset and
-    these options is not read again (sdtool.scan.cached); ``sha256`` also computes each file's
-    SHA-256 (on ``FileReport.sha256``), which lets identical files anywhere share one verdict.
+    process instead. ``on_result`` is called with each FileReport as it completes (in input
+    order), as the batch verbs' ``on_result`` is. With a ``cache``, a file whose content was
+    scanned before by this ruleset and these options is not read again (sdtool.scan.cached);
+    ``sha256`` also computes each file's SHA-256 (on ``FileReport.sha256``), which lets
+    identical files anywhere share one verdict.
     ``runner(tasks)`` scans the workers' tasks elsewhere (sdtool.cluster), reports in order.
     """
     report = ScanReport(strict=strict)
@@ -228,8 +229,8 @@ def scan_paths(
         for item in batch:
             r = item.report
             report.files.append(r)
-            if progress is not None:
-                progress(r)
+            if on_result is not None:
+                on_result(r)
     return report
 
 
