@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sdtool.scan.report import FileReport, Finding, ProblemKind, Scanned, ScanReport
+from sdtool.scan.report import FileReport, Finding, Problem, ProblemKind, Scanned, ScanReport
 from sdtool.urls import as_path, is_url
 
 if TYPE_CHECKING:
@@ -191,9 +191,8 @@ def _shards(p: Path) -> list[Path]:
 
 
 def _missing(path: str) -> FileReport:
-    rep = FileReport(path, scanned=False)
-    rep.problem(ProblemKind.MISSING, "not scanned: no such file or directory")
-    return rep
+    why = Problem(ProblemKind.MISSING, "not scanned: no such file or directory")
+    return FileReport(path, scanned=False, problems=(why,))
 
 
 def scan_paths(
@@ -221,17 +220,17 @@ def scan_paths(
     identical files anywhere share one verdict.
     ``runner(tasks)`` scans the workers' tasks elsewhere (sdtool.cluster), reports in order.
     """
-    report = ScanReport(strict=strict)
+    files: list[FileReport] = []
     for batch in scan_items(
         paths, exclude=exclude, jobs=jobs, limits=limits, crc=crc, cache=cache,
         sha256=sha256, isolate=isolate, runner=runner,
     ):  # fmt: skip
         for item in batch:
             r = item.report
-            report.files.append(r)
+            files.append(r)
             if on_result is not None:
                 on_result(r)
-    return report
+    return ScanReport(tuple(files), strict=strict)
 
 
 #: at most this many ready results per batch ``scan_items`` yields
