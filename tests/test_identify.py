@@ -478,3 +478,26 @@ def test_package_tables_match_the_layouts() -> None:
         gen.encode(gen.build(L.LAYOUTS))
         == tool.parents[1].joinpath("sdtool", "data", "signatures.json.gz").read_bytes()
     )
+
+
+def test_index_for_a_files_tails_is_the_whole_index_cut_down() -> None:
+    """identify looks keys up in ``index_for`` the file's key tails, not in the whole
+    ``component_index``: the same (signature, alias) lists in the same order for every tail,
+    aliased (CLIP-L's ``text_model.``) and not; a signature's keys are distinct (each key
+    counts once)."""
+    import random
+
+    from sdtool.identify.keysets import component_index, index_for
+
+    for sig in signatures().values():
+        assert len(set(sig.keys)) == len(sig.keys), sig.id
+    whole = component_index()
+    rng = random.Random(3)
+    names = sorted(whole)
+    for tails in (
+        set(names),
+        set(rng.sample(names, 3000)) | {"nothing.here", "weight", ""},
+        {k for k in names if k.startswith(("text_model.", "embeddings.", "encoder."))},
+        set(),
+    ):
+        assert index_for(tails) == {k: v for k, v in whole.items() if k in tails}
