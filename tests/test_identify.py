@@ -501,3 +501,31 @@ def test_index_for_a_files_tails_is_the_whole_index_cut_down() -> None:
         set(),
     ):
         assert index_for(tails) == {k: v for k, v in whole.items() if k in tails}
+
+
+def test_candidates_split_every_key_at_every_dot_in_order() -> None:
+    """identify's candidates (signature, prefix, alias) and their counts, in first-seen order,
+    as splitting each key in turn at every dot and looking each tail up in the whole index."""
+    from collections import Counter
+
+    from sdtool.identify.engine import _candidates
+    from sdtool.identify.keysets import component_index
+
+    def reference(keys: list[str]) -> list[tuple[tuple[str, str, bool], int]]:
+        index, counts = component_index(), Counter[tuple[str, str, bool]]()
+        for key in keys:
+            pos = -1
+            while True:
+                for sid, alias in index.get(key[pos + 1 :], ()):
+                    counts[(sid, key[: pos + 1], alias)] += 1
+                pos = key.find(".", pos + 1)
+                if pos < 0:
+                    break
+        return list(counts.items())
+
+    clip = [f"x.text_model.{k}" for k in signatures()["clip-l"].keys[:40]]
+    unet = [f"model.diffusion_model.{k}" for k in signatures()["unet-ldm"].keys[::5]]
+    odd = ["a..b", "a.", ".", "", "..weight", "text_model.embeddings.position_ids", "weight"]
+    for keys in (clip + unet + odd, odd, unet[::-1] + [k[2:] for k in clip], []):
+        t = dict.fromkeys(keys)
+        assert list(_candidates(t).items()) == reference(keys)  # type: ignore[arg-type]
