@@ -132,10 +132,13 @@ def run(cmd: list[str]) -> tuple[float, float, int, int]:
         ["/usr/bin/time", "-f", "%M %U %S", "-o", str(report), *cmd],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.stderr.buffer.write(proc.stderr)
     rss_kib, user, system = report.read_text().split()[-3:]
     report.unlink()
     return wall, float(user) + float(system), int(rss_kib) * 1024, proc.returncode
