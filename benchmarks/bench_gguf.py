@@ -195,7 +195,11 @@ def make_input(path: Path, double: int, single: int) -> None:
     if path.exists() and depth_of(path) == (double, single):
         return
     print(f"  making {path} ({double} double + {single} single blocks)", file=sys.stderr)
-    subprocess.run([sys.executable, "-c", MAKE, str(path), str(double), str(single)], check=True)
+    subprocess.run(
+        [sys.executable, "-c", MAKE, str(path), str(double), str(single)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def make_tiny(path: Path) -> None:
