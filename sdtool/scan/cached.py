@@ -240,7 +240,7 @@ def store(path: Path | str, cache: Cache | None, found: Lookup, report: FileRepo
     text = stored_of(report)
     version = ruleset_version() + found.settings
     for key in found.keys:
-        cache.put_text(KIND, key, version, text)
+        cache.put_text(KIND, key, version, text, path)
 
 
 def scan_cached(
