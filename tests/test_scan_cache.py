@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -232,3 +233,16 @@ def test_a_rerun_prints_the_cold_runs_lines_errors_and_exit_code(
         code, _, err = _run(tmp_path, sub_env, ["scan", *extra, str(d), *cache])
         assert code == 2 and err.count(b"could not scan") == 3 and b"cut.pkl" in err
     assert _run(tmp_path, sub_env, ["scan", "--jsonl", str(d / "ok.pkl"), *cache])[0] == 0
+
+
+def test_sha256_is_computed_for_a_verdict_cached_by_identity(tmp_path: Path) -> None:
+    """A tree scanned without --sha256, then with it: each line has its hash, the verdicts
+    still come from the cache."""
+    f = tmp_path / "m.pkl"
+    f.write_bytes(EVIL)
+    one = Counting()
+    with Cache(tmp_path / "c") as cache:
+        assert scan_cached(f, one, cache).sha256 is None
+        again = scan_cached(f, one, cache, sha256=True)
+    assert one.calls == 1 and again.cached
+    assert again.sha256 == hashlib.sha256(EVIL).hexdigest()

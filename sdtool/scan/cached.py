@@ -201,12 +201,12 @@ def lookup_many(
         else [(None, None)] * len(live)
     )
     for (i, path, ident), (digest, text) in zip(live, answers, strict=True):
-        if text is None and digest is None and sha256:
+        if digest is None and sha256:  # asked for: hashed once, even for a verdict by identity
             try:
                 digest, _ = cached_sha256(cache, path, lambda p=path: file_sha256(Path(p)))
             except OSError:
                 digest = None
-            if cache is not None and digest is not None:
+            if cache is not None and digest is not None and text is None:
                 text = cache.get_text(KIND, digest, version)
         parsed = None if text is None else parse_body(text, path)
         if parsed is None:
