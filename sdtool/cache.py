@@ -338,10 +338,9 @@ class Cache:
 
     # -- hygiene ----------------------------------------------------------------------------
     def _seen(self, conn: sqlite3.Connection, dev: int, ino: int, path: str | Path | None) -> None:
-        if path is not None:
-            conn.execute(
-                "INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", (dev, ino, os.path.abspath(path))
-            )
+        if path is not None:  # as bytes: a name need not be UTF-8
+            where = os.fsencode(os.path.abspath(path))
+            conn.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", (dev, ino, where))
 
     def _drop_files(
         self, conn: sqlite3.Connection, dev: int, ino: int, keep: Sequence[int]

@@ -112,3 +112,15 @@ def test_the_first_write_prunes_when_the_last_prune_is_old(
         files[2].write_bytes(b"x")
         scan_paths([tmp_path / "t"], cache=cache, isolate=False)
         assert len(calls) == 2 and _rows(cache, "seen") == 2
+
+
+def test_a_name_that_is_not_utf8_is_remembered_and_pruned(tmp_path: Path) -> None:
+    f = Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff.pkl"))
+    f.write_bytes(EVIL)
+    with Cache(tmp_path / "c") as cache:
+        assert (
+            scan_paths([f], cache=cache, isolate=False, sha256=True).files[0].verdict == "dangerous"
+        )
+        assert _rows(cache, "seen") == 1 and cache.prune()["seen"] == 0
+        f.unlink()
+        assert cache.prune() == {"results": 2, "files": 1, "seen": 1}

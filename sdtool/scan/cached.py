@@ -25,7 +25,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -81,9 +81,9 @@ def report_from_json(
     return FileReport(
         path=doc["path"] if path is None else path,
         format=Format(doc.get("format", "unknown")),
-        findings=findings,
-        problems=problems,
-        notes=list(doc.get("notes", [])),
+        findings=tuple(findings),
+        problems=tuple(problems),
+        notes=tuple(doc.get("notes", [])),
         scanned=bool(doc.get("scanned", True)),
         streams=int(doc.get("streams", 0)),
         size=int(doc.get("size", 0)),
@@ -254,8 +254,7 @@ def scan_cached(
     found = lookup(path, cache, sha256=sha256)
     if found.hit is not None:
         rep = found.report or report_from_body(found.hit, str(path))
-        rep.cached, rep.sha256 = True, found.sha256
-        return CachedScan(rep, found.sha256, True)
+        return CachedScan(replace(rep, cached=True, sha256=found.sha256), found.sha256, True)
     rep = scan_one(path)
     store(path, cache, found, rep)
     return CachedScan(rep, found.sha256, False)

@@ -70,9 +70,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
 
 def limit_report(path: str, why: str) -> FileReport:
     """The report of a file whose scan ran out of this machine's time or memory."""
-    rep = FileReport(path)
-    rep.problems.append(Problem.of(ScanOutOfResources(why)))
-    return rep
+    return FileReport(path, problems=(Problem.of(ScanOutOfResources(why)),))
 
 
 def crash_report(path: str, exitcode: int | None) -> FileReport:
@@ -83,16 +81,11 @@ def crash_report(path: str, exitcode: int | None) -> FileReport:
             how = f"signal {-exitcode}"
     else:
         how = f"exit status {exitcode}"
-    rep = FileReport(path, scanned=False)
-    rep.problems.append(
-        Problem.of(
-            ScanWorkerDied(
-                f"could not scan: the scanner process died on this file ({how}); the other "
-                "files were scanned"
-            )
-        )
+    died = ScanWorkerDied(
+        f"could not scan: the scanner process died on this file ({how}); the other "
+        "files were scanned"
     )
-    return rep
+    return FileReport(path, scanned=False, problems=(Problem.of(died),))
 
 
 class _Worker:
