@@ -22,10 +22,11 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from sdtool.aligned import PageBuffer
 from sdtool.errors import TruncatedFile, UnsupportedDtype
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
@@ -297,7 +298,7 @@ def _compare_all(
                 return next(tasks, None)
 
         def work() -> None:
-            bufs = [bytearray(), bytearray()]
+            bufs: list[PageBuffer | None] = [None, None]
             try:
                 while not stop.is_set() and (task := next_task()) is not None:
                     tally = _run_task(task, bufs, fast, stop)
@@ -353,7 +354,9 @@ def _tasks(ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fds: SourceFds) -> 
             yield _Task(p, sides, 0, 0)
 
 
-def _run_task(task: _Task, bufs: list[bytearray], fast: bool, stop: threading.Event) -> _Tally:
+def _run_task(
+    task: _Task, bufs: list[PageBuffer | None], fast: bool, stop: threading.Event
+) -> _Tally:
     p, (sa, sb) = task.pair, task.sides
     tally = _Tally()
     step = max(1, CHUNK_ELEMENTS)
@@ -385,12 +388,14 @@ def _compare_piece(
 ) -> None:
     """Fold one piece of a pair into the tally (bytes first, decoding only a difference)."""
     same_dtype = ta.dtype == tb.dtype
-    if same_dtype and isinstance(piece_a, memoryview):
-        # one memcmp (bytearray.startswith; comparing memoryviews goes element by element)
-        whole = piece_a.obj
-        assert isinstance(whole, bytearray)
-        if whole.startswith(piece_b):
-            return
+    # one memcmp (bytearray.startswith; comparing memoryviews goes element by element)
+    if (
+        same_dtype
+        and isinstance(piece_a, _Raw)
+        and isinstance(piece_b, _Raw)
+        and piece_a.raw.startswith(piece_b.view, piece_a.offset)
+    ):
+        return
     ca = _values(piece_a, ta)
     cb = _values(piece_b, tb)
     if same_dtype:
@@ -421,7 +426,7 @@ def _values(piece: Any, info: TensorInfo) -> np.ndarray:
     """A piece as elements: raw bytes are viewed (no copy), arrays pass through."""
     if isinstance(piece, np.ndarray):
         return piece
-    return np.frombuffer(piece, info.dtype.numpy)
+    return np.frombuffer(piece.view, info.dtype.numpy)
 
 
 def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
@@ -434,6 +439,16 @@ def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
         with np.errstate(all="ignore"):
             return ca.astype(tb.dtype.numpy)
     return cast(np.ascontiguousarray(ca), ta.dtype, tb.dtype)[0]
+
+
+class _Raw(NamedTuple):
+    """A piece read as it lies in the file into a worker's ``PageBuffer`` (placed as its
+    source lies in a page: the kernel's copy runs 3.5x faster): ``view`` is
+    ``raw[offset:offset + len(view)]``."""
+
+    raw: bytearray
+    offset: int
+    view: memoryview
 
 
 @dataclass
@@ -460,26 +475,28 @@ class _Side:
         holder.check_end(name, offset + nbytes)
         return cls(name, item, fds.of(holder.path), offset, holder.path)
 
-    def read(self, start: int, n: int, bufs: list[bytearray], which: int) -> Any:
-        """Elements [start, start + n): a view of ``bufs[which]`` refilled from the file (it
+    def read(self, start: int, n: int, bufs: list[PageBuffer | None], which: int) -> Any:
+        """Elements [start, start + n): the start of ``bufs[which]`` refilled from the file (it
         grows once, then is reused), or a slice of the materialised values."""
         if self.values is not None:
             if self._flat is None:
                 self._flat = self.values()
             return self._flat[start : start + n]
         want = n * self.item
-        if len(bufs[which]) < want:
-            bufs[which] = bytearray(max(want, CHUNK_ELEMENTS * self.item))
-        view = memoryview(bufs[which])[:want]
+        buf = bufs[which]
+        if buf is None or buf.size < want:
+            buf = bufs[which] = PageBuffer(max(want, CHUNK_ELEMENTS * self.item))
+        at = self.offset + start * self.item
+        offset, view = buf.at(at, want)
         got = 0
         while got < want:
-            k = os.preadv(self.fd, [view[got:]], self.offset + start * self.item + got)
+            k = os.preadv(self.fd, [view[got:]], at + got)
             if k == 0:
                 raise TruncatedFile(
                     f"tensor {self.name!r} ends early; the file shrank", path=self.path
                 )
             got += k
-        return view
+        return _Raw(buf.raw, offset, view)
 
 
 def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
