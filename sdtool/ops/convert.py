@@ -188,14 +188,15 @@ def convert(
         >>> r = convert("model.ckpt", "model.safetensors", dtype="fp16", verify=True)
         >>> print(r.tensors, r.output_bytes)
     """
-    from sdtool.ops.prune import PruneOptions, plan_prune
-
     t0 = time.perf_counter()
     opts = options_from(ConvertOptions, options, changes)
     src_path = src.path if isinstance(src, ModelFile) else Path(src)
     out = derived(src_path, out, [dtype_name(opts.dtype.code) if opts.dtype else ""])
     if out.suffix.lower() == ".gguf" or opts.quant is not None:
         return _convert_gguf(src, out, opts, t0)
+    # here, not at the top: GGUF export needs no identify tables (~30 ms of start-up)
+    from sdtool.ops.prune import PruneOptions, plan_prune
+
     output_format(out)  # refuse a bad extension before reading anything
     with opened(src, key=opts.key) as m:
         if not m.tensors:
