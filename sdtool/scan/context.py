@@ -127,6 +127,8 @@ def run_pickle(ctx: Ctx, buf: Any, start: int, end: int, *, oracle: bool = False
 
 def record_stream(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
     ctx.report.streams += 1 + len(s.nested)
+    if any(sub.oracle is not None and sub.oracle.failed for sub in (s, *s.nested)):
+        ctx.report.self_contained = False  # the cross-check ran out of time or memory here
     findings, errors = analyse(s, member=member, index=index)
     ctx.report.findings.extend(findings)
     for e in errors:
