@@ -118,28 +118,25 @@ def test_gguf_export_applies_the_scale(tmp_path: Path) -> None:
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
+XL = "model.diffusion_model."
+
+
 @pytest.mark.parametrize(
     ("sd", "scaled"),
     [
         (  # SDXL (ComfyUI keys): the never-quantize list and transformer projections stay
             {
-                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (
-                    64,
-                    64,
-                ),
-                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight": (
-                    64,
-                    256,
-                ),
-                "model.diffusion_model.input_blocks.1.1.proj_in.weight": (64, 64),
-                "model.diffusion_model.input_blocks.1.1.norm.weight": (64,),
-                "model.diffusion_model.time_embed.0.weight": (256, 64),
-                "model.diffusion_model.label_emb.0.0.weight": (256, 128),
-                "model.diffusion_model.input_blocks.0.0.weight": (64, 4, 3, 3),
-                "model.diffusion_model.input_blocks.3.0.op.weight": (64, 64, 3, 3),
-                "model.diffusion_model.input_blocks.6.0.op.weight": (64, 64, 3, 3),
-                "model.diffusion_model.output_blocks.2.2.conv.weight": (64, 64, 3, 3),
-                "model.diffusion_model.output_blocks.5.2.conv.weight": (64, 64, 3, 3),
+                XL + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (64, 64),
+                XL + "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight": (64, 256),
+                XL + "input_blocks.1.1.proj_in.weight": (64, 64),
+                XL + "input_blocks.1.1.norm.weight": (64,),
+                XL + "time_embed.0.weight": (256, 64),
+                XL + "label_emb.0.0.weight": (256, 128),
+                XL + "input_blocks.0.0.weight": (64, 4, 3, 3),
+                XL + "input_blocks.3.0.op.weight": (64, 64, 3, 3),
+                XL + "input_blocks.6.0.op.weight": (64, 64, 3, 3),
+                XL + "output_blocks.2.2.conv.weight": (64, 64, 3, 3),
+                XL + "output_blocks.5.2.conv.weight": (64, 64, 3, 3),
             },
             {"transformer_blocks.0.attn1.to_q.", "transformer_blocks.0.ff.net.2."},
         ),
