@@ -36,9 +36,13 @@ class Bucket(Result):
     bytes: int = 0
 
     def add(self, t: TensorInfo) -> None:
+        self.count(t.numel, t.nbytes)
+
+    def count(self, parameters: int, nbytes: int) -> None:
+        """One more tensor of ``parameters`` elements in ``nbytes`` bytes."""
         self.tensors += 1
-        self.parameters += t.numel
-        self.bytes += t.nbytes
+        self.parameters += parameters
+        self.bytes += nbytes
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,13 @@ def inspect_model(
     # one ownership of keys: identify's (so this table and "components: ..." agree)
     owners = identity.owners() if identity is not None else {}
     for name, t in model.tensors.items():
-        totals.add(t)
-        by_dtype.setdefault(t.type_code, Bucket()).add(t)
-        by_comp.setdefault(owners.get(name, "unknown"), Bucket()).add(t)
+        n, nbytes = t.numel, t.nbytes  # once for the three tables (GGUF blocks size their own)
+        totals.count(n, nbytes)
+        for table, group in ((by_dtype, t.type_code), (by_comp, owners.get(name, "unknown"))):
+            bucket = table.get(group)
+            if bucket is None:
+                bucket = table[group] = Bucket()
+            bucket.count(n, nbytes)
     for t in tensor_leaves(model.extra):
         other.add(t)
     listed = (
