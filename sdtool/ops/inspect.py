@@ -21,7 +21,7 @@ from sdtool.model import (
     tensor_leaves,
     to_plain,
 )
-from sdtool.results import Result, json_key, named
+from sdtool.results import JsonKey, Result, json_key, named
 from sdtool.scan.classify import classify_global
 
 SCHEMA = "sdtool.inspect/3"
@@ -69,7 +69,7 @@ class InspectReport(Result):
     """What ``inspect`` found; ``to_json`` is the documented schema (docs/inspect.md)."""
 
     JSON_SCHEMA: ClassVar[str | None] = SCHEMA
-    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
         "path", "format", "file_size", "totals", "dtypes", "components", "metadata", "extra",
         "other_tensors", "container", "globals", "identity", "filter", "tensors",
     )  # fmt: skip

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from sdtool.formats.open import open_model
 from sdtool.layouts import Mapping, components, family_name, keymap, op_shape, part_rows
 from sdtool.layouts import configs as C
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
+from sdtool.results import Result, json_key, rounded, rows
 from sdtool.write import OutTensor, write_model
 
 EXTRAS = "single_file_extras.safetensors"
@@ -46,38 +47,26 @@ COMPONENT_NAMES = {"text-encoder": "text_encoder", "text-encoder-2": "text_encod
 
 
 @dataclass
-class LayoutResult:
+class LayoutResult(Result):
     """What a layout conversion wrote (or would write, for a dry run)."""
 
-    input: Path
+    JSON_SCHEMA: ClassVar[str | None] = "sdtool.layout/1"
+
+    input: Path = field(metadata=json_key("path"))
     output: Path
     direction: str  # to_diffusers | to_single
     family: str
     files: dict[str, int] = field(default_factory=dict)  # relative path -> tensors
-    mapping: list[tuple[str, str, str]] = field(default_factory=list)  # source, target, how
+    #: source, target, how
+    mapping: list[tuple[str, str, str]] = field(
+        default_factory=list, metadata=json_key(as_=rows("source", "target", "how"))
+    )
     extras: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     output_bytes: int = 0
     verified: bool = False
     dry_run: bool = False
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": "sdtool.layout/1",
-            "path": os.fspath(self.input),
-            "output": os.fspath(self.output),
-            "direction": self.direction,
-            "family": self.family,
-            "files": self.files,
-            "mapping": [{"source": s, "target": t, "how": h} for s, t, h in self.mapping],
-            "extras": self.extras,
-            "notes": self.notes,
-            "output_bytes": self.output_bytes,
-            "verified": self.verified,
-            "dry_run": self.dry_run,
-            "seconds": round(self.seconds, 3),
-        }
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
 
 
 # -- family detection ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from sdtool import errors as err
-from sdtool.results import Result, json_key
+from sdtool.results import JsonKey, Result, json_key
 from sdtool.vocab import ExitCode, Format, Severity, Verdict
 
 #: per-file verdicts, worst first
@@ -133,7 +133,7 @@ class Problem:
 class FileReport(Result):
     """What the scan found in one file (frozen: a scan builds it in a ``FileScan``)."""
 
-    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
         "path", "format", "size", "verdict", "scanned", "skipped", "streams", "findings",
         "errors", "notes",
     )  # fmt: skip
@@ -293,7 +293,7 @@ class ScanReport(Result):
     """The files of one scan, in the order given, with the summary and exit code."""
 
     JSON_SCHEMA: ClassVar[str | None] = SCHEMA_VERSION
-    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
         "tool", "strict", "exit_code", "summary", "files"
     )  # fmt: skip
 

@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from sdtool.ops.lora.names import (
     native_ids,
     parse_lora,
 )
+from sdtool.results import JsonKey, Result, json_key, rounded
 from sdtool.vocab import CASTABLE, Progress
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
@@ -73,14 +74,20 @@ class LoraReport:
     modules: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     matched: int = 0
+    dora: int = 0
     unmatched: dict[str, str] = field(default_factory=dict)  # module stem -> why
     unknown_keys: list[str] = field(default_factory=list)
-    dora: int = 0
 
 
 @dataclass
-class BakeResult:
+class BakeResult(Result):
     """What ``bake`` did (or would do). ``to_json`` is docs/lora.md's ``sdtool.lora-bake/1``."""
+
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "base", "output", "dtype", "dry_run", "loras", "patched", "overflows", "tensors",
+        "output_bytes", "verified", "seconds",
+    )  # fmt: skip
 
     base: Path
     output: Path
@@ -92,39 +99,11 @@ class BakeResult:
     output_bytes: int = 0
     tensors: int = 0
     verified: bool = False
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
 
     @property
     def unmatched(self) -> int:
         return sum(len(r.unmatched) for r in self.loras)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "base": str(self.base),
-            "output": str(self.output),
-            "dtype": self.dtype,
-            "dry_run": self.dry_run,
-            "loras": [
-                {
-                    "path": str(r.path),
-                    "strength": r.strength,
-                    "modules": r.modules,
-                    "kinds": r.kinds,
-                    "matched": r.matched,
-                    "dora": r.dora,
-                    "unmatched": r.unmatched,
-                    "unknown_keys": r.unknown_keys,
-                }
-                for r in self.loras
-            ],
-            "patched": self.patched,
-            "overflows": self.overflows,
-            "tensors": self.tensors,
-            "output_bytes": self.output_bytes,
-            "verified": self.verified,
-            "seconds": round(self.seconds, 3),
-        }
 
 
 def parse_lora_arg(text: str) -> tuple[Path, float]:

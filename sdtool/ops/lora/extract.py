@@ -33,7 +33,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from sdtool.ops.arith import PIECE, SCRATCH, WORKERS, Inputs, write_result
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
+from sdtool.results import JsonKey, Result, json_key, rounded
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
@@ -165,8 +166,14 @@ class ModuleReport:
 
 
 @dataclass
-class LoraOpResult:
+class LoraOpResult(Result):
     """What extract / resize wrote. ``to_json`` is docs/lora.md's schema."""
+
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "schema", "inputs", "output", "rank", "conv_rank", "method", "param", "dtype",
+        "dry_run", "modules", "zero", "not_targets", "skipped", "metadata", "output_bytes",
+        "verified", "seconds",
+    )  # fmt: skip
 
     schema: str
     inputs: list[Path]
@@ -185,37 +192,7 @@ class LoraOpResult:
     overflows: dict[str, int] = field(default_factory=dict)
     output_bytes: int = 0
     verified: bool = False
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema,
-            "inputs": [str(p) for p in self.inputs],
-            "output": str(self.output),
-            "rank": self.rank,
-            "conv_rank": self.conv_rank,
-            "method": self.method,
-            "param": self.param,
-            "dtype": self.dtype,
-            "dry_run": self.dry_run,
-            "modules": [
-                {
-                    "name": m.name,
-                    "source": m.source,
-                    "rank": m.rank,
-                    "old_rank": m.old_rank,
-                    "fro_kept": m.fro_kept,
-                }
-                for m in self.modules
-            ],
-            "zero": self.zero,
-            "not_targets": self.not_targets,
-            "skipped": self.skipped,
-            "metadata": self.metadata,
-            "output_bytes": self.output_bytes,
-            "verified": self.verified,
-            "seconds": round(self.seconds, 3),
-        }
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
 
 
 # -- extract --------------------------------------------------------------------------------
