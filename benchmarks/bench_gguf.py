@@ -320,7 +320,7 @@ def main() -> None:
             f"{src} ({double} double + {single} single, {src.stat().st_size / 1e9:.2f} GB)"
         )
         rows += bench_depth(src, f"{double}+{single}", types)
-    speed = disk_speed(Path(args.input or "/tmp").parent if args.input else Path("/tmp"))
+    speed = disk_speed(args.input.parent if args.input else Path("/tmp"))
     load = os.getloadavg()[0]
     print(f"\ninput: {'; '.join(inputs)} bf16; {os.cpu_count()} cores, load average {load:.1f}")
     print(

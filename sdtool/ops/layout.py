@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,7 +46,7 @@ NO_SLOT = ("embeddings.position_ids",)
 COMPONENT_NAMES = {"text-encoder": "text_encoder", "text-encoder-2": "text_encoder_2"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayoutResult(Result):
     """What a layout conversion wrote (or would write, for a dry run)."""
 
@@ -311,8 +311,8 @@ def to_diffusers(
                 extras.append(key)
                 continue
             per[comp][key] = maps  # type: ignore[index]
-            res.mapping += [(key, f"{comp}/{m_.target}", _how([m_])) for m_ in maps]
-        res.extras = extras
+            res.mapping.extend((key, f"{comp}/{m_.target}", _how([m_])) for m_ in maps)
+        res.extras.extend(extras)
         present = {c for c, maps in per.items() if maps}
         for comp in components(fam):
             if comp not in present:
@@ -336,9 +336,9 @@ def to_diffusers(
                 )
             )
         if dry_run:
-            res.seconds = time.perf_counter() - t0
-            return res
+            return replace(res, seconds=time.perf_counter() - t0)
         folder = _FolderOutput(out_dir, overwrite)
+        output_bytes = 0
         transformer_shapes: dict[str, tuple[int, ...]] | None = None
         try:
             for comp in sorted(present):
@@ -354,7 +354,7 @@ def to_diffusers(
                 rel = f"{comp}/{WEIGHTS[lib[0]]}"
                 n, size = _write(plan, folder.tmp / rel, {"format": "pt"}, verify, max_shard_size)
                 res.files[rel] = n
-                res.output_bytes += size
+                output_bytes += size
             if fam in ("sd3", "sd3.5-large", "flux"):
                 sched = C.flow_scheduler(fam, transformer_shapes)
             else:
@@ -372,14 +372,13 @@ def to_diffusers(
                 plan = [OutTensor(t.name, t.source, t.info, t.info.dtype) for t in plan]
                 n, size = _write(plan, folder.tmp / EXTRAS, meta, verify, None)
                 res.files[EXTRAS] = n
-                res.output_bytes += size
+                output_bytes += size
             folder.commit()
         except BaseException:
             folder.abort()
             raise
-        res.verified = verify
-        res.seconds = time.perf_counter() - t0
-        return res
+        seconds = time.perf_counter() - t0
+        return replace(res, output_bytes=output_bytes, verified=verify, seconds=seconds)
 
 
 #: files a tokenizer folder needs, by transformers class (any one group suffices)
@@ -559,9 +558,9 @@ def to_single(
                     path=s.model.path,
                 )
             plan += build_component_plan(s.model, maps)
-            res.mapping += [
+            res.mapping.extend(
                 (f"{s.component}/{k}", ms[0].target, _how(ms)) for k, ms in maps.items()
-            ]
+            )
         meta: dict[str, str] = {"format": "pt"}
         if extras is not None:
             for k in extras.tensors:
@@ -571,14 +570,11 @@ def to_single(
         if not plan:
             raise UsageError("nothing to write: no component found", path=src)
         if dry_run:
-            res.seconds = time.perf_counter() - t0
-            return res
+            return replace(res, seconds=time.perf_counter() - t0)
         w = write_model(plan, out, metadata=meta, overwrite=overwrite, verify=verify)
         res.files[out.name] = w.tensors
-        res.output_bytes = w.nbytes
-        res.verified = w.verified
-        res.seconds = time.perf_counter() - t0
-        return res
+        seconds = time.perf_counter() - t0
+        return replace(res, output_bytes=w.nbytes, verified=w.verified, seconds=seconds)
     except SdtoolError:
         raise
     finally:

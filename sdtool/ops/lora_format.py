@@ -68,7 +68,7 @@ _FACTOR_PAIRS = {
 _PEFT_SIDE = {"kohya": 0, "comfy": 0, "diffusers": 1, "peft": 1, "ai-toolkit": 1}
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraFormatResult(Result):
     """What ``convert_lora_format`` wrote (or would, for a dry run)."""
 
@@ -700,15 +700,16 @@ def convert_lora_format(
                 f"{target}: its parts have different down factors, so the fused module has "
                 f"them stacked (rank {a} per part -> {b}, block-diagonal up; exact, larger)"
             )
-        res.written = len(mods)
         if dry_run:
-            res.seconds = time.perf_counter() - t0
-            return res
+            return replace(res, written=len(mods), seconds=time.perf_counter() - t0)
         w = write_model(plan, out, metadata=meta, overwrite=overwrite, verify=verify)
-        res.output_bytes = w.nbytes
-        res.verified = w.verified
-        res.seconds = time.perf_counter() - t0
-        return res
+        return replace(
+            res,
+            written=len(mods),
+            output_bytes=w.nbytes,
+            verified=w.verified,
+            seconds=time.perf_counter() - t0,
+        )
 
 
 def _plan(

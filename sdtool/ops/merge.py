@@ -43,7 +43,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from math import prod
 from pathlib import Path
@@ -300,7 +300,7 @@ class KeyPlan:
     region: tuple[int, ...] | None = None  # merge-slice: the merged leading region
 
 
-@dataclass
+@dataclass(frozen=True)
 class MergeResult(Result):
     """What ``merge`` did (or, with ``dry_run``, would do). ``to_json`` is docs/merge.md's."""
 
@@ -738,8 +738,7 @@ def merge(
             dry_run=dry_run,
         )
         if dry_run:
-            result.seconds = time.perf_counter() - t0
-            return result
+            return replace(result, seconds=time.perf_counter() - t0)
         a = models[0]
         overflows = Overflows(on_overflow)
         with Inputs() as io:
@@ -780,7 +779,7 @@ def merge(
                 "sd_merge_models": json.dumps({p.name: {"name": p.name} for p in paths}),
             }
             try:
-                write_result(
+                result = write_result(
                     result,
                     plan,
                     out,

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -79,7 +79,7 @@ class LoraReport:
     unknown_keys: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BakeResult(Result):
     """What ``bake`` did (or would do). ``to_json`` is docs/lora.md's ``sdtool.lora-bake/1``."""
 
@@ -450,8 +450,7 @@ def bake(
                 "nothing was written",
             )
         if dry_run:
-            result.seconds = time.perf_counter() - t0
-            return result
+            return replace(result, seconds=time.perf_counter() - t0)
         overflows = Overflows(on_overflow)
         plan: list[OutTensor] = []
         for key, info in bm.tensors.items():
@@ -472,7 +471,7 @@ def bake(
         from sdtool.ops.convert import build_metadata
 
         meta, _, _ = build_metadata(bm, add={"sdtool_lora_bake": json.dumps(recipe)})
-        write_result(
+        result = write_result(
             result,
             plan,
             out,

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 from typing import ClassVar
@@ -165,7 +165,7 @@ class ModuleReport:
     fro_kept: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraOpResult(Result):
     """What extract / resize wrote. ``to_json`` is docs/lora.md's schema."""
 
@@ -493,7 +493,7 @@ def extract(
                 }
             ),
         }
-        result.metadata = meta
+        result = replace(result, metadata=meta)
         # the writer reaches the factors in safetensors' order: by name
         with ahead.running(sorted(p.name for p in ahead.order)):
             return _finish(result, plan, out, meta, overwrite, verify, t0)
@@ -600,12 +600,10 @@ def _finish(
     t0: float,
 ) -> LoraOpResult:
     if result.dry_run:
-        result.seconds = time.perf_counter() - t0
-        return result
+        return replace(result, seconds=time.perf_counter() - t0)
     if not plan:
         raise UsageError("nothing to write: no module has a non-zero difference")
-    write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
-    return result
+    return write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
 
 
 # -- resize ---------------------------------------------------------------------------------
@@ -717,7 +715,7 @@ def resize(
             {"sdtool_version": __version__, "rank": rank, "conv_rank": conv_rank,
              "method": method, "param": param, "clamp_quantile": clamp_quantile}
         )  # fmt: skip
-        result.metadata = meta
+        result = replace(result, metadata=meta)
         # the writer reaches the factors in safetensors' order: by name
         with ahead.running(sorted(p.name for p in ahead.order)):
             return _finish(result, plan, out, meta, overwrite, verify, t0)
