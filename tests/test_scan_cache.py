@@ -16,7 +16,7 @@ import pytest
 
 from sdtool.cache import Cache
 from sdtool.scan import cached as cached_mod
-from sdtool.scan import containers, scan
+from sdtool.scan import containers, oracle, scan
 from sdtool.scan.cached import scan_cached
 from sdtool.scan.report import FileReport, ProblemKind
 from sdtool.scan.workers import crash_report, limit_report
@@ -140,6 +140,13 @@ def _io_error(monkeypatch: pytest.MonkeyPatch, f: Path) -> Counting:
     return Counting()
 
 
+def _oracle_timeout(monkeypatch: pytest.MonkeyPatch) -> Counting:
+    # the C-unpickler cross-check ran out of time (a loaded machine): the verdict lacks it
+    failed = oracle.OracleResult(failed="the C unpickler did not finish within 5 s")
+    monkeypatch.setattr(oracle, "run_c_unpickler", lambda *a, **k: failed)
+    return Counting()
+
+
 class Returning(Counting):
     """scan_one that returns a made report (a worker's time limit, a crash)."""
 
@@ -160,6 +167,7 @@ class Returning(Counting):
         ("time", ProblemKind.RESOURCES),
         ("crash", ProblemKind.CRASH),
         ("side-file", None),
+        ("cross-check", None),
     ],
 )
 def test_what_the_machine_or_other_files_decide_is_scanned_again(
@@ -178,6 +186,7 @@ def test_what_the_machine_or_other_files_decide_is_scanned_again(
         "time": lambda: Returning(lambda p: limit_report(p, "scanning took longer than 1 s")),
         "crash": lambda: Returning(lambda p: crash_report(p, -9)),
         "side-file": Counting,
+        "cross-check": lambda: _oracle_timeout(monkeypatch),
     }[case]()
     with Cache(tmp_path / "c") as cache:
         first = scan_cached(f, one, cache)
@@ -187,6 +196,8 @@ def test_what_the_machine_or_other_files_decide_is_scanned_again(
     assert [p.kind for p in first.report.problems] == ([kind] if kind else [])
     if case == "side-file":
         assert not first.report.self_contained and "side.npy" in " ".join(first.report.notes)
+    if case == "cross-check":
+        assert "not cross-checked" in " ".join(f.message for f in first.report.findings)
     if case == "permission":
         assert first.report.errors == ["not scanned: cannot read the file (Permission denied)"]
 
