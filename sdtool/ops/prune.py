@@ -62,25 +62,27 @@ class ExtractOptions(WriteOptions):
     ema: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Totals(Result):
     tensors: int = 0
     parameters: int = 0
     bytes: int = 0
 
-    def add(self, numel: int, nbytes: int) -> None:
-        self.tensors += 1
-        self.parameters += numel
-        self.bytes += nbytes
+    @classmethod
+    def of(cls, sizes: Iterable[tuple[int, int]]) -> Totals:
+        """The totals of tensors of these (elements, bytes)."""
+        n = params = size = 0
+        for numel, nbytes in sizes:
+            n, params, size = n + 1, params + numel, size + nbytes
+        return cls(n, params, size)
 
 
 def _sum(per: dict[str, Totals]) -> Totals:
-    t = Totals()
-    for v in per.values():
-        t.tensors += v.tensors
-        t.parameters += v.parameters
-        t.bytes += v.bytes
-    return t
+    return Totals(
+        sum(v.tensors for v in per.values()),
+        sum(v.parameters for v in per.values()),
+        sum(v.bytes for v in per.values()),
+    )
 
 
 def _side(per: dict[str, Totals]) -> dict[str, Any]:
@@ -88,7 +90,7 @@ def _side(per: dict[str, Totals]) -> dict[str, Any]:
     return {"total": _sum(per), "components": per}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dropped(Result):
     """A group of dropped tensors (or non-tensor entries) sharing one reason."""
 
@@ -306,9 +308,7 @@ def plan_prune(
         model.path,
         b.out,
         ident,
-        b.before,
-        b.after,
-        list(b.dropped.values()),
+        *b.accounts(),
         entries,
         changes,
         meta,
@@ -435,23 +435,31 @@ class _Builder:
     def __init__(self, model: ModelFile, ident: Identity, own: dict[str, ComponentMatch]):
         self.model, self.ident, self.own = model, ident, own
         self.out: list[OutTensor] = []
-        self.before: dict[str, Totals] = {}
-        self.after: dict[str, Totals] = {}
-        self.dropped: dict[str, Dropped] = {}
+        # group -> the (elements, bytes) of its tensors; reason -> the dropped tensors' names
+        self.before: dict[str, list[tuple[int, int]]] = {}
+        self.after: dict[str, list[tuple[int, int]]] = {}
+        self.dropped: dict[str, list[str]] = {}
         for name, info in model.tensors.items():
             g = _group(name, own, ident)
-            self.before.setdefault(g, Totals()).add(info.numel, info.nbytes)
+            self.before.setdefault(g, []).append((info.numel, info.nbytes))
 
     def keep(self, t: OutTensor, group: str | None = None) -> None:
         self.out.append(t)
         g = group or _group(t.name, self.own, self.ident)
-        self.after.setdefault(g, Totals()).add(t.info.numel, t.nbytes)
+        self.after.setdefault(g, []).append((t.info.numel, t.nbytes))
 
     def drop(self, name: str, reason: str) -> None:
-        info = self.model.tensors[name]
-        d = self.dropped.setdefault(reason, Dropped(reason))
-        d.names.append(name)
-        d.totals.add(info.numel, info.nbytes)
+        self.dropped.setdefault(reason, []).append(name)
+
+    def accounts(self) -> tuple[dict[str, Totals], dict[str, Totals], list[Dropped]]:
+        """The frozen before, after and dropped accounts."""
+        info = self.model.tensors
+        dropped = [
+            Dropped(reason, names, Totals.of((info[n].numel, info[n].nbytes) for n in names))
+            for reason, names in self.dropped.items()
+        ]
+        before = {g: Totals.of(v) for g, v in self.before.items()}
+        return before, {g: Totals.of(v) for g, v in self.after.items()}, dropped
 
     def replaced(self, name: str) -> None:
         self.drop(name, "replaced by the baked VAE")
@@ -514,9 +522,7 @@ def plan_extract(
         model.path,
         b.out,
         ident,
-        b.before,
-        b.after,
-        list(b.dropped.values()),
+        *b.accounts(),
         entries,
         changes,
         meta or {"format": "pt"},

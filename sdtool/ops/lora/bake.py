@@ -65,7 +65,7 @@ class Patch:
     dora: str | None = None  # the role holding the DoRA magnitude
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraReport:
     """One LoRA file: what it holds and where its modules went."""
 
@@ -257,17 +257,18 @@ def plan_patches(
     reports: list[LoraReport] = []
     for li, (lora, strength) in enumerate(loras):
         parsed = parse_lora(lora.tensors)
-        rep = LoraReport(lora.path, strength, unknown_keys=parsed.unknown)
+        kinds_seen: dict[str, int] = {}
+        unmatched: dict[str, str] = {}
+        matched = dora_modules = 0
         peft_alpha, pattern = peft_alphas(lora)
         # sorted: modules that patch one tensor (a fused qkv and its q) apply in name order
         for stem, mod in sorted(parsed.modules.items()):
             kind = mod.kind
             assert kind is not None
-            rep.modules += 1
-            rep.kinds[kind] = rep.kinds.get(kind, 0) + 1
+            kinds_seen[kind] = kinds_seen.get(kind, 0) + 1
             mid = mod.id
             if mid is None:
-                rep.unmatched[stem] = "unknown module naming"
+                unmatched[stem] = "unknown module naming"
                 continue
             # a module may carry a bias diff beside its weight factors: two patches
             kinds = [kind] + (["bias"] if kind != "bias" and "diff_b" in mod.keys else [])
@@ -275,12 +276,12 @@ def plan_patches(
             for kd in kinds:
                 found = _target(index.get(mid), kd, base)
                 if isinstance(found, str):
-                    rep.unmatched[stem] = found
+                    unmatched[stem] = found
                     break
                 shapes = {r: lora.tensors[k].shape for r, k in mod.keys.items()}
                 why = _fits(kd, shapes, found, base)
                 if why is not None:
-                    rep.unmatched[stem] = why
+                    unmatched[stem] = why
                     break
                 alpha = None
                 if "alpha" in mod.keys:
@@ -293,11 +294,16 @@ def plan_patches(
                 scale = lm.scale_of(kd, shapes, alpha)
                 made.append((found.key, Patch(li, mod, kd, found, strength, scale, dora)))
             else:
-                rep.matched += 1
-                rep.dora += any(p.dora is not None for _, p in made)
+                matched += 1
+                dora_modules += any(p.dora is not None for _, p in made)
                 for key, patch in made:
                     patches.setdefault(key, []).append(patch)
-        reports.append(rep)
+        reports.append(
+            LoraReport(
+                lora.path, strength, len(parsed.modules), kinds_seen, matched, dora_modules,
+                unmatched, parsed.unknown,
+            )
+        )  # fmt: skip
     return patches, reports
 
 
