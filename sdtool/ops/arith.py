@@ -256,23 +256,28 @@ class Output:
     def put(self, start: int, values: np.ndarray) -> None:
         """Store float32 ``values`` at flat position ``start`` (cast as torch's ``.to()``)."""
         values = values.reshape(-1)
-        dst = self.flat[start : start + values.size]
-        if self.dtype.code == "F32":
-            dst[...] = values
-            return
-        if self.dtype.code == "F16":
-            # sdtool.write.cast's exact float16 kernel on the whole piece, its scratch reused
-            t1 = SCRATCH.get(TMP, values.size * 4).view(np.uint32)
-            t2 = SCRATCH.get(TMP + 1, values.size * 4).view(np.uint32)
-            if _f32_to_f16(values, dst, t1, t2):  # False: a value needs the exact path
-                return
-        _, over = cast(values, F32, self.dtype, out=dst)  # straight into ``dst``
+        over = store(values, self.flat[start : start + values.size], self.dtype)
         if over:
             with self._lock:
                 self.overflow += over
 
     def array(self) -> np.ndarray:
         return self.flat.reshape(self.shape)
+
+
+def store(values: np.ndarray, dst: np.ndarray, dtype: DType) -> int:
+    """Cast the flat float32 ``values`` into ``dst`` (``dtype``, as torch's ``.to()``); the
+    number of finite values that became inf."""
+    if dtype.code == "F32":
+        dst[...] = values
+        return 0
+    if dtype.code == "F16":
+        # sdtool.write.cast's exact float16 kernel on the whole piece, its scratch reused
+        t1 = SCRATCH.get(TMP, values.size * 4).view(np.uint32)
+        t2 = SCRATCH.get(TMP + 1, values.size * 4).view(np.uint32)
+        if _f32_to_f16(values, dst, t1, t2):  # False: a value needs the exact path
+            return 0
+    return cast(values, F32, dtype, out=dst)[1]  # straight into ``dst``
 
 
 def run_pieces(
@@ -392,6 +397,7 @@ class Overflows:
     def __init__(self, on_overflow: str = "fail") -> None:
         self.counts: dict[str, int] = {}
         self.on_overflow = on_overflow
+        self._pieces: dict[str, dict[int, int]] = {}
         self._lock = threading.Lock()
 
     def done(self, name: str, out: Output) -> np.ndarray:
@@ -407,6 +413,25 @@ class Overflows:
             )
         self.set(name, out.overflow)
         return out.array()
+
+    def piece(self, name: str, start: int, n: int, dtype: DType) -> None:
+        """Record ``n`` overflows in the piece of ``name`` at ``start`` (CastOverflow when
+        ``on_overflow`` is ``fail``: the writer stops, nothing is written); the tensor's count
+        is the sum over its pieces (a recomputed piece counts once)."""
+        if not n:
+            return
+        if self.on_overflow == "fail":
+            from sdtool.write import CastOverflow
+
+            raise CastOverflow(
+                f"the cast to {dtype} overflows to inf in {name!r} ({n} values from element "
+                f'{start} on); nothing was written. Keep a wider dtype, or pass on_overflow="warn"',
+                {name: n},
+            )
+        with self._lock:
+            per = self._pieces.setdefault(name, {})
+            per[start] = n
+            self.counts[name] = sum(per.values())
 
     def set(self, name: str, n: int) -> None:
         """Record ``n`` for ``name`` (a recomputation, e.g. by --verify, counts once)."""

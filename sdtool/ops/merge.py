@@ -41,7 +41,7 @@ import re
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -57,7 +57,6 @@ from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
 from sdtool.ops.arith import (
-    F32,
     SCRATCH,
     Ahead,
     Inputs,
@@ -65,13 +64,15 @@ from sdtool.ops.arith import (
     Overflows,
     Task,
     local_span,
+    pieces,
     run_pieces,
+    store,
     write_result,
 )
 from sdtool.vocab import CASTABLE, MERGE_METHODS, cast_target, parse_dtype
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
-from sdtool.write.plan import OutTensor, source_order
+from sdtool.write.plan import OutTensor
 
 SCHEMA = "sdtool.merge/1"
 
@@ -578,6 +579,33 @@ PIECE_KERNELS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def _compute_fn(
+    models: Sequence[ModelFile],
+    sources: Sequence[dict[str, Source]],
+    k: KeyPlan,
+    method: Method,
+    io: Inputs,
+    density: float,
+    seed: int,
+) -> Callable[[int, int], np.ndarray]:
+    """Computes elements ``start .. start + count`` of key ``k`` (elementwise methods) as
+    float32, in this thread's reused buffers (valid until its next piece): no allocation."""
+    in_place = PIECE_KERNELS[method.name]
+    a = models[0]
+    t = k.alpha if k.alpha is not None else 0.0
+    is_dare = method.name == "dare"
+    srcs = [(m, src[k.name]) for m, src in zip(models[1:], sources, strict=True)]
+
+    def compute(start: int, count: int) -> np.ndarray:
+        x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
+        for i, (m, sr) in enumerate(srcs, 1):
+            x.append(sr.read_into(io, m, start, SCRATCH.f32(i, count), i))
+        rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
+        return in_place(x, t, density=density, rngs=rngs)
+
+    return compute
+
+
 def _piece_fn(
     models: Sequence[ModelFile],
     sources: Sequence[dict[str, Source]],
@@ -587,22 +615,34 @@ def _piece_fn(
     density: float,
     seed: int,
 ) -> Callable[[Output, int, int], None]:
-    """Computes elements ``start .. start + count`` of key ``k`` into ``out`` (elementwise
-    methods), from this thread's reused buffers: no allocation per piece."""
-    in_place = PIECE_KERNELS[method.name]
-    a = models[0]
-    t = k.alpha if k.alpha is not None else 0.0
-    is_dare = method.name == "dare"
-    srcs = [(m, src[k.name]) for m, src in zip(models[1:], sources, strict=True)]
+    """Computes elements ``start .. start + count`` of key ``k`` into ``out``."""
+    compute = _compute_fn(models, sources, k, method, io, density, seed)
 
     def piece(out: Output, start: int, count: int) -> None:
-        x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
-        for i, (m, sr) in enumerate(srcs, 1):
-            x.append(sr.read_into(io, m, start, SCRATCH.f32(i, count), i))
-        rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
-        out.put(start, in_place(x, t, density=density, rngs=rngs))
+        out.put(start, compute(start, count))
 
     return piece
+
+
+def _pieces_fn(
+    compute: Callable[[int, int], np.ndarray],
+    name: str,
+    numel: int,
+    dtype: DType,
+    overflows: Overflows,
+) -> Callable[[], Iterator[tuple[int, Callable[[np.ndarray], None]]]]:
+    """``OutTensor.pieces`` of a key: each piece computed and cast into the writer's buffer
+    on the thread that then writes it (no output tensor in memory)."""
+
+    def fill(start: int, count: int, out: np.ndarray) -> None:
+        over = store(compute(start, count), out.view(dtype.numpy), dtype)
+        overflows.piece(name, start, over, dtype)
+
+    def gen() -> Iterator[tuple[int, Callable[[np.ndarray], None]]]:
+        for s, c in pieces(numel):
+            yield c * dtype.itemsize, partial(fill, s, c)
+
+    return gen
 
 
 def _preadable(
@@ -769,15 +809,17 @@ def merge(
         overflows = Overflows(on_overflow)
         with Inputs() as io:
             plan: list[OutTensor] = []
-            # elementwise keys read by pread are computed ahead, in the order the writer
-            # asks for them: safetensors' by A's file order, a .ckpt's in the plan's
+            # elementwise keys read by pread: into safetensors, the writer's threads compute
+            # them piece by piece, each piece written by the thread that made it; into a
+            # .ckpt, they are computed ahead on the pool, in the plan's order
             early = [
                 k
                 for k in keys
                 if k.rule == "merge" and m.elementwise and _preadable(models, sources, k.name)
             ]
+            streamed: list[KeyPlan] = []
             if fmt == "safetensors":
-                early.sort(key=lambda k: source_order(OutTensor(k.name, a, a.tensors[k.name], F32)))
+                streamed, early = early, []
             tasks = []
             for k in early:
                 info = a.tensors[k.name]
@@ -788,6 +830,7 @@ def merge(
                 )
             ahead = Ahead(io.pool, tasks)
             ahead_names = {k.name for k in early}
+            streamed_names = {k.name for k in streamed}
             for k in keys:
                 info = a.tensors[k.name]
                 out_dt = _out_dtype(info.dtype, target)
@@ -798,7 +841,11 @@ def merge(
                         models, sources, k, m, out_dt, io, overflows, density, seed,
                         ahead if k.name in ahead_names else None,
                     )  # fmt: skip
-                    plan.append(OutTensor(k.name, a, info, out_dt, make))
+                    gen = None
+                    if k.name in streamed_names:
+                        compute = _compute_fn(models, sources, k, m, io, density, seed)
+                        gen = _pieces_fn(compute, k.name, info.numel, out_dt, overflows)
+                    plan.append(OutTensor(k.name, a, info, out_dt, make, gen))
             meta = {
                 "format": "pt",
                 "sd_merge_recipe": json.dumps(recipe),

@@ -88,6 +88,10 @@ class Chunks:
         a writer can cast several pieces at once (numpy releases the GIL) and still write
         them in order, since each job knows its output size before it runs."""
         t = self.t
+        if t.pieces is not None:
+            for nbytes, fill in t.pieces():
+                yield self._filled(nbytes, fill)
+            return
         if t.make is not None:
             arr = np.asarray(t.make())
             if arr.shape != t.shape:
@@ -116,6 +120,16 @@ class Chunks:
             if after is not None:
                 after()
             return out
+
+        return Job(nbytes, run)
+
+    def _filled(self, nbytes: int, fill: Callable[[np.ndarray], None]) -> Job:
+        """A job filling a buffer (taken from the ring now, in order) with a computed piece."""
+        buf = np.empty(nbytes, np.uint8) if self.ring is None else self.ring.next(nbytes)[:nbytes]
+
+        def run() -> np.ndarray:
+            fill(buf)
+            return buf.view(self.t.dtype.numpy)
 
         return Job(nbytes, run)
 
