@@ -199,6 +199,8 @@ def _allow_children() -> None:
 
 def scan_runner(cluster: Cluster) -> Callable[[Sequence[Any]], Iterator[Any]]:
     """A ``runner`` for ``scan_paths``: its fresh scans as tasks, reports in input order."""
+    from dataclasses import replace
+
     from sdtool.scan.report import FileReport, Problem, ProblemKind
     from sdtool.scan.workers import crash_report
 
@@ -207,9 +209,8 @@ def scan_runner(cluster: Cluster) -> Callable[[Sequence[Any]], Iterator[Any]]:
 
         def failed(text: str, exc: BaseException) -> str:
             path = json.loads(text)["path"]
-            rep = crash_report(path, None)
             why = f"could not scan: the cluster task failed ({type(exc).__name__})"
-            rep.problems[-1] = Problem(ProblemKind.CRASH, why)
+            rep = replace(crash_report(path, None), problems=(Problem(ProblemKind.CRASH, why),))
             return json.dumps(rep.to_dict())
 
         for doc in cluster.map_ordered(scan_task, texts, failed):

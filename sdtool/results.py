@@ -2,8 +2,17 @@
 
 A result is a frozen dataclass deriving from ``Result``; its ``to_json`` is its fields by name,
 converted by ``jsonable`` (paths and enums as their strings, nested results and dataclasses as
-objects, tuples as lists). A field that JSON spells differently says so with
-``field(metadata={"json": "name"})``; one that JSON leaves out with ``{"json": None}``.
+objects, tuples as lists). What a document spells differently is said declaratively, never in a
+per-class ``to_json``:
+
+- a field JSON names differently: ``field(metadata=json_key("global"))``; one JSON leaves out:
+  ``json_key(None)``; one written converted: ``json_key(as_=rounded)`` (``rounded``,
+  ``head(n)``, ``rows(...)``, ``named(...)`` below, or ``len``); one written only when another
+  attribute is true: ``json_key(when="listed")``;
+- ``JSON_SCHEMA``: a class's schema id, written first as ``"schema"``;
+- ``JSON_KEYS``: when a document also holds computed values, its keys in order, each a field
+  (spelled as its metadata says), a property, or a ``(key, attribute)`` pair.
+
 Schemas are documented in docs/<command>.md; the file a record is about is always ``path``.
 """
 
@@ -11,8 +20,51 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
+
+_OMIT = object()
+
+
+def json_key(
+    name: str | object | None = _OMIT,
+    *,
+    as_: Callable[[Any], Any] | None = None,
+    when: str | None = None,
+) -> dict[str, Any]:
+    """Field metadata: the field's JSON key (None: left out), a converter for its value, and
+    the attribute that must be true for the key to be written."""
+    meta: dict[str, Any] = {}
+    if name is not _OMIT:
+        meta["json"] = name
+    if as_ is not None:
+        meta["json_as"] = as_
+    if when is not None:
+        meta["json_when"] = when
+    return meta
+
+
+def rounded(value: float) -> float:
+    """Seconds and the like, as JSON gives them: to the millisecond."""
+    return round(value, 3)
+
+
+def head(n: int) -> Callable[[Sequence[Any]], list[Any]]:
+    """A converter keeping a long list's first ``n`` items (the count goes beside it)."""
+    return lambda items: list(items[:n])
+
+
+def rows(*names: str) -> Callable[[Iterable[Sequence[Any]]], list[dict[str, Any]]]:
+    """A converter writing tuples as objects: ``rows("source", "target")`` makes
+    ``[("a", "b")]`` ``[{"source": "a", "target": "b"}]``."""
+    return lambda items: [dict(zip(names, item, strict=True)) for item in items]
+
+
+def named(key: str) -> Callable[[Mapping[str, Any]], list[dict[str, Any]]]:
+    """A converter writing a mapping of objects as a list, each with its name under ``key``:
+    ``named("name")`` makes ``{"vae": bucket}`` ``[{"name": "vae", **bucket}]``."""
+    return lambda mapping: [{key: k, **jsonable(v)} for k, v in mapping.items()]
 
 
 def jsonable(value: Any) -> Any:
@@ -25,7 +77,7 @@ def jsonable(value: Any) -> Any:
         return os.fspath(value)
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {str(jsonable(k)): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [jsonable(v) for v in value]
@@ -39,11 +91,25 @@ def jsonable(value: Any) -> Any:
 class Result:
     """Mixin for result dataclasses: ``to_json`` from the fields (see the module docstring)."""
 
+    #: the document's schema id (``"sdtool.convert/2"``), written first as ``"schema"``
+    JSON_SCHEMA: ClassVar[str | None] = None
+    #: the document's keys in order (fields by name, and properties); empty: every field
+    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = ()
+
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
         assert dataclasses.is_dataclass(self)
-        for f in dataclasses.fields(self):
-            name = f.metadata.get("json", f.name)
-            if name is not None:
-                out[name] = jsonable(getattr(self, f.name))
+        out: dict[str, Any] = {}
+        if self.JSON_SCHEMA is not None:
+            out["schema"] = self.JSON_SCHEMA
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for entry in self.JSON_KEYS or tuple(fields):
+            key, attr = entry if isinstance(entry, tuple) else (entry, entry)
+            meta = fields[attr].metadata if attr in fields else {}
+            name = meta.get("json", key)
+            if name is None or ("json_when" in meta and not getattr(self, meta["json_when"])):
+                continue
+            value = getattr(self, attr)
+            if "json_as" in meta:
+                value = meta["json_as"](value)
+            out[name] = jsonable(value)
         return out

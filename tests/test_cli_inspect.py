@@ -48,7 +48,7 @@ def test_summary(sd_like: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_json_schema(sd_like: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(sd_like), "--json", "--tensors"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["schema"] == "sdtool.inspect/2"
+    assert data["schema"] == "sdtool.inspect/3"  # /3: typed zip irregularities (issue 11)
     assert data["format"] == "safetensors"
     assert data["totals"] == {"tensors": 3, "parameters": 144 + 3 + 77, "bytes": 288 + 12 + 616}
     assert data["dtypes"]["I64"] == {"tensors": 1, "parameters": 77, "bytes": 616}
@@ -207,3 +207,32 @@ def test_by_component_table_is_identify_ownership(
     ident = {c["label"]: c["tensors"] for c in data["identity"]["components"]}
     assert comps == {**ident, "markers": 2}  # model_ema.decay / num_updates
     assert comps["CLIP-L"] == 197 and comps["UNet"] == 686 and comps["EMA"] == 686
+
+
+def test_json_zip_irregularities_are_typed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """inspect/3: the zip reader's irregularities are typed objects (kind, message, member),
+    the same values scan consumes, not sentences (issue 11.5)."""
+    import warnings
+    import zipfile
+
+    import torch
+
+    from sdtool.formats import zip as zipfmt
+    from sdtool.formats.open import open_model
+
+    p = tmp_path / "dup.pt"
+    torch.save({"w": torch.zeros(2)}, p)
+    with warnings.catch_warnings(), zipfile.ZipFile(p, "a") as z:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        z.writestr("dup/extra", b"1")
+        z.writestr("dup/extra", b"2")
+    with open_model(p) as m:
+        irr = m.container.irregularities  # type: ignore[attr-defined]
+    assert [(i.kind, i.member) for i in irr] == [(zipfmt.Irregular.DUPLICATE_NAME, "dup/extra")]
+    assert main(["inspect", str(p), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["container"]["irregularities"] == [
+        {"kind": "duplicate-name", "message": irr[0].message, "member": "dup/extra"}
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -55,13 +56,14 @@ def test_result_is_frozen(tmp_path: Path, base: dict[str, np.ndarray]) -> None:
     assert r.to_json()["a"] == {"path": str(a), "format": "safetensors"}
 
 
-@pytest.mark.parametrize("task_pieces", [64, 3])
+@pytest.mark.parametrize("in_flight", [1, 6])
 def test_changed_counts_across_chunks(
-    tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch, task_pieces: int
+    tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch, in_flight: int
 ) -> None:
     monkeypatch.setattr(diff_mod, "CHUNK_ELEMENTS", 100)  # 3072 elements -> 31 chunks
-    # 64: unet.w is one task; 3: eleven tasks of 300 elements, tallied by several workers
-    monkeypatch.setattr(diff_mod, "TASK_PIECES", task_pieces)
+    # 1: one piece in flight, read and compared in turn; 6: pieces of unet.w tallied by
+    # several comparers at once
+    monkeypatch.setattr(diff_mod, "IN_FLIGHT", in_flight)
     tuned = dict(base)
     w = base["unet.w"].copy()
     flat = w.reshape(-1)
@@ -347,13 +349,13 @@ def test_a_read_error_in_a_worker_reaches_the_caller(
     from sdtool.errors import TruncatedFile
 
     monkeypatch.setattr(diff_mod, "CHUNK_ELEMENTS", 100)
-    monkeypatch.setattr(diff_mod, "TASK_PIECES", 2)
+    monkeypatch.setattr(diff_mod, "IN_FLIGHT", 2)
     a = _save(tmp_path / "a.safetensors", base)
     b = _save(tmp_path / "b.safetensors", base)
     calls: list[int] = []
     real = diff_mod._Side.read
 
-    def flaky(self: diff_mod._Side, start: int, n: int, bufs: list[bytearray], which: int):  # type: ignore[no-untyped-def]
+    def flaky(self: diff_mod._Side, start: int, n: int, bufs: list[Any], which: int):  # type: ignore[no-untyped-def]
         calls.append(1)
         if len(calls) == 7:
             raise TruncatedFile("tensor 'unet.w' ends early; the file shrank", path=a)

@@ -26,7 +26,7 @@ from sdtool.cli.options import (
 from sdtool.cli.render import console, error, human_bytes, markup, print_json, warn
 from sdtool.errors import UsageError
 from sdtool.ops.outname import derived
-from sdtool.vocab import TO_SUFFIX, ExitCode, parse_dtype
+from sdtool.vocab import TO_SUFFIX, ExitCode, Progress, parse_dtype
 
 if TYPE_CHECKING:
     from sdtool.ops.convert import BatchResult, ConvertResult
@@ -269,7 +269,8 @@ def convert_cmd(
     return ExitCode.FINDINGS if batch.failed else ExitCode.OK
 
 
-Progress = Callable[[Path, int, int], None]
+#: a batch's progress: ``(file, done, total)``, each file's bar fed by a ``vocab.Progress``
+FileProgress = Callable[[Path, int, int], None]
 BATCH_ONLY = ("to", "jobs", "jsonl", "resume", "cluster")
 
 
@@ -302,18 +303,18 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _single(progress: Progress | None, src: Path) -> Callable[[int, int], None] | None:
+def _single(progress: FileProgress | None, src: Path) -> Progress | None:
     return None if progress is None else (lambda done, total: progress(src, done, total))
 
 
 def _per_file(
-    progress: Progress | None,
-) -> Callable[[Path], Callable[[int, int], None] | None] | None:
+    progress: FileProgress | None,
+) -> Callable[[Path], Progress | None] | None:
     return None if progress is None else (lambda src: _single(progress, src))
 
 
 @contextmanager
-def _bars(enabled: bool) -> Iterator[Progress | None]:
+def _bars(enabled: bool) -> Iterator[FileProgress | None]:
     """tqdm bars on stderr (TTY only): one per file in flight plus an overall one, in bytes."""
     if not enabled:
         yield None

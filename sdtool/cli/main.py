@@ -153,7 +153,7 @@ def _installed(dist: str) -> str | None:
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value and not ctx.resilient_parsing:
         click.echo(_versions())
-        ctx.exit(0)
+        ctx.exit(ExitCode.OK)
 
 
 @click.group(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +122,7 @@ def scan_cmd(
         bar = tqdm(unit="file", desc="scanning", leave=False, file=sys.stderr)
     spools: dict[str, str] = {}  # spooled temp file -> "-"
 
-    def progress(r: FileReport) -> None:
+    def on_result(r: FileReport) -> None:
         if bar is not None:
             bar.update(1)
 
@@ -154,9 +155,10 @@ def scan_cmd(
                     bar.close()
                     bar = None
                 return render_items(done, quiet=quiet, strict=strict, spools=spools)
-            report = scan_paths(real, strict=strict, progress=progress, **options)
-        for fr in report.files:  # a spooled temp file is reported as -
-            fr.path = spools.get(fr.path, fr.path)
+            report = scan_paths(real, strict=strict, on_result=on_result, **options)
+        if spools:  # a spooled temp file is reported as -
+            files = tuple(replace(fr, path=spools.get(fr.path, fr.path)) for fr in report.files)
+            report = replace(report, files=files)
     finally:
         if bar is not None:
             bar.close()
@@ -196,8 +198,7 @@ def write_jsonl(
             path = spools.get(item.path, item.path)
             if item.errors:
                 failed = True
-                item.report.path = path
-                errors(item.report)
+                errors(replace(item.report, path=path))
             verdicts.add(item.verdict)
             sha = enc(item.sha256) if item.sha256 else "null"
             cached = "true}\n" if item.cached else "false}\n"
@@ -245,8 +246,7 @@ def render_items(batches: Iterable[list[Scanned]], *, quiet: bool = False,
             path = spools.get(item.path, item.path) if spools else item.path
             if item.errors:
                 failed = True
-                item.report.path = path
-                errors(item.report)
+                errors(replace(item.report, path=path))
             if quiet and v in (Verdict.SAFE, Verdict.SKIPPED):
                 continue
             fast = head_of(item.stored) if v is Verdict.SAFE and item.stored else None
@@ -254,7 +254,8 @@ def render_items(batches: Iterable[list[Scanned]], *, quiet: bool = False,
                 text.append(_line(v, path, f"({fast[0]}, {human_bytes(fast[1])})"))
             else:
                 fr = item.report
-                fr.path = path
+                if fr.path != path:
+                    fr = replace(fr, path=path)
                 text.extend(_file_lines(fr, width))
         if text:
             out.print("\n".join(text))

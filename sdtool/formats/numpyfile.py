@@ -29,7 +29,14 @@ from typing import Any, BinaryIO
 from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, TruncatedFile, UnsupportedDtype
-from sdtool.formats.zip import DEFLATED, STORED, ZipArchive, ZipMember, read_member
+from sdtool.formats.zip import (
+    DEFLATED,
+    STORED,
+    ZipArchive,
+    ZipIrregularity,
+    ZipMember,
+    read_member,
+)
 from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, contiguous_strides
 from sdtool.vocab import Format
 
@@ -79,7 +86,7 @@ class NpzFacts(ContainerFacts):
     """A ``.npz`` file's container facts."""
 
     other_members: list[str] = field(default_factory=list)  # members that are not .npy
-    irregularities: list[str] = field(default_factory=list)  # what the zip reader noticed
+    irregularities: tuple[ZipIrregularity, ...] = ()  # what the zip reader noticed
 
 
 @dataclass(frozen=True)
@@ -314,9 +321,7 @@ def read_npz(path: Path, archive: ZipArchive) -> ModelFile:
                     big_endian=h.big_endian,
                 )
             tensors[name] = _info(h, st)
-    container = NpzFacts(
-        other_members=other, irregularities=[str(i) for i in archive.irregularities]
-    )
+    container = NpzFacts(other_members=other, irregularities=tuple(archive.irregularities))
     return ModelFile(path, Format.NPZ, tensors, container=container)
 
 

@@ -53,7 +53,7 @@ class ZipFacts(ContainerFacts):
     storages: int = 0
     members: int = 0
     deflated_storages: int = 0
-    irregularities: list[str] = field(default_factory=list)  # what the zip reader noticed
+    irregularities: tuple[zipr.ZipIrregularity, ...] = ()  # what the zip reader noticed
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, ZipFacts]:
         storages=len(cache),
         members=len(archive.entries),
         deflated_storages=sum(1 for k in cache if not members[f"{prefix}data/{k}"].stored),
-        irregularities=[str(i) for i in archive.irregularities],
+        irregularities=tuple(archive.irregularities),
     )
     return root, container
 

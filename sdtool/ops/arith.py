@@ -31,6 +31,7 @@ from sdtool import dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
 from sdtool.model import ModelFile, TensorInfo
+from sdtool.vocab import Progress
 from sdtool.write.cast import _f32_to_f16, cast
 from sdtool.write.plan import OutTensor
 
@@ -459,7 +460,7 @@ def write_result(
     overwrite: bool,
     verify: bool,
     overflows: Overflows | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Write ``plan`` to ``out`` (sdtool's atomic writer) and fill ``result``'s output fields:
     the overflows (the computed tensors' and the writer's casts'), size, verification, time."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from sdtool.aligned import PageBuffer
 from sdtool.crc import crc32
 from sdtool.errors import CorruptFile, FileAccessError, UsageError
 from sdtool.formats.sniff import HEAD, sniff_bytes
@@ -455,7 +456,8 @@ def _read_and_hash(
         t.start()
     chunk = max(1, min(chunk, size + 1))  # a small file needs one small buffer (+1: see EOF)
     count = min(BUFFERS, size // chunk + 1)
-    bufs = [bytearray(chunk) for _ in range(count)]
+    # page-aligned, as every read starts at a multiple of ``chunk`` (see sdtool.aligned)
+    bufs = [PageBuffer(chunk).at(0, chunk)[1] for _ in range(count)]
     pending = [0] * count  # hashers still reading each buffer
     free = list(range(count))
     pos = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sdtool.formats.open import open_model
 from sdtool.identify import Identity
@@ -21,14 +21,14 @@ from sdtool.model import (
     tensor_leaves,
     to_plain,
 )
-from sdtool.results import Result
+from sdtool.results import Result, json_key, named
 from sdtool.scan.classify import classify_global
 
-SCHEMA = "sdtool.inspect/2"
+SCHEMA = "sdtool.inspect/3"
 
 
 @dataclass
-class Bucket:
+class Bucket(Result):
     """Tensors, parameters and bytes of one group."""
 
     tensors: int = 0
@@ -40,12 +40,9 @@ class Bucket:
         self.parameters += t.numel
         self.bytes += t.nbytes
 
-    def to_json(self) -> dict[str, int]:
-        return {"tensors": self.tensors, "parameters": self.parameters, "bytes": self.bytes}
-
 
 @dataclass(frozen=True)
-class GlobalReport:
+class GlobalReport(Result):
     """A global the loader met: built by sdtool, or an inert stand-in, with scan's severity."""
 
     module: str
@@ -60,64 +57,42 @@ class GlobalReport:
         return self.severity != "safe"
 
 
+def _tensor_rows(tensors: list[tuple[str, TensorInfo]]) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "dtype": t.type_code, "shape": list(t.shape), "bytes": t.nbytes}
+        for n, t in tensors
+    ]
+
+
 @dataclass(frozen=True)
 class InspectReport(Result):
     """What ``inspect`` found; ``to_json`` is the documented schema (docs/inspect.md)."""
+
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+        "path", "format", "file_size", "totals", "dtypes", "components", "metadata", "extra",
+        "other_tensors", "container", "globals", "identity", "filter", "tensors",
+    )  # fmt: skip
 
     path: Path
     format: str
     file_size: int
     totals: Bucket
     dtypes: dict[str, Bucket]
-    components: dict[str, Bucket]
+    components: dict[str, Bucket] = field(metadata=json_key(as_=named("name")))
     metadata: dict[str, str]
     extra: Any
     other_tensors: Bucket
-    container: ContainerFacts
+    container: ContainerFacts = field(metadata=json_key(as_=lambda c: to_plain(c.to_json())))
     globals: list[GlobalReport]
-    tensors: list[tuple[str, TensorInfo]] = field(default_factory=list)
+    #: the listing, when tensors were asked for (``listed``)
+    tensors: list[tuple[str, TensorInfo]] = field(
+        default_factory=list, metadata=json_key(as_=_tensor_rows, when="listed")
+    )
     identity: Identity | None = None
     listed: bool = False  # tensors were asked for: ``tensors`` is the (maybe empty) listing
-    filter: str | None = None  # the glob the listing was filtered with
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "schema": SCHEMA,
-            "path": str(self.path),
-            "format": self.format,
-            "file_size": self.file_size,
-            "totals": self.totals.to_json(),
-            "dtypes": {k: v.to_json() for k, v in self.dtypes.items()},
-            "components": [{"name": k, **v.to_json()} for k, v in self.components.items()],
-            "metadata": self.metadata,
-            "extra": self.extra,
-            "other_tensors": self.other_tensors.to_json(),
-            "container": to_plain(self.container.to_json()),
-            "globals": [
-                {
-                    "module": g.module,
-                    "name": g.name,
-                    "count": g.count,
-                    "loaded_as": g.loaded_as,
-                    "severity": g.severity,
-                    "reason": g.reason,
-                }
-                for g in self.globals
-            ],
-            "identity": self.identity.to_json() if self.identity is not None else None,
-        }
-        if self.listed:
-            out["filter"] = self.filter
-            out["tensors"] = [
-                {
-                    "name": n,
-                    "dtype": t.type_code,
-                    "shape": list(t.shape),
-                    "bytes": t.nbytes,
-                }
-                for n, t in self.tensors
-            ]
-        return out
+    #: the glob the listing was filtered with
+    filter: str | None = field(default=None, metadata=json_key(when="listed"))
 
 
 def _classify(g: GlobalUse) -> tuple[str, str]:

@@ -69,7 +69,7 @@ from sdtool.ops.arith import (
     store,
     write_result,
 )
-from sdtool.vocab import CASTABLE, MERGE_METHODS, cast_target, parse_dtype
+from sdtool.vocab import CASTABLE, MERGE_METHODS, Progress, cast_target, parse_dtype
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
@@ -722,7 +722,7 @@ def merge(
     verify: bool = False,
     dry_run: bool = False,
     on_overflow: str = "fail",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> MergeResult:
     """Merge model files into ``out`` (format by extension), streaming tensor by tensor.
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sdtool.scan.report import FileReport, Finding, ProblemKind, Scanned, ScanReport
+from sdtool.scan.report import FileReport, Finding, Problem, ProblemKind, Scanned, ScanReport
 from sdtool.urls import as_path, is_url
 
 if TYPE_CHECKING:
@@ -191,9 +191,8 @@ def _shards(p: Path) -> list[Path]:
 
 
 def _missing(path: str) -> FileReport:
-    rep = FileReport(path, scanned=False)
-    rep.problem(ProblemKind.MISSING, "not scanned: no such file or directory")
-    return rep
+    why = Problem(ProblemKind.MISSING, "not scanned: no such file or directory")
+    return FileReport(path, scanned=False, problems=(why,))
 
 
 def scan_paths(
@@ -204,7 +203,7 @@ def scan_paths(
     jobs: int = 1,
     limits: Limits | None = None,
     crc: str = "read",
-    progress: Callable[[FileReport], None] | None = None,
+    on_result: Callable[[FileReport], None] | None = None,
     cache: Cache | None = None,
     sha256: bool = False,
     isolate: bool = True,
@@ -214,23 +213,24 @@ def scan_paths(
 
     A worker that crashes or runs past the per-file time limit costs only its file, which is
     reported as could not scan (see sdtool.scan.workers); ``isolate=False`` scans in this
-    process instead. ``progress`` is called with each FileReport as it completes (in input
-    order). With a ``cache``, a file whose content was scanned before by this ruleset and
-    these options is not read again (sdtool.scan.cached); ``sha256`` also computes each file's
-    SHA-256 (on ``FileReport.sha256``), which lets identical files anywhere share one verdict.
+    process instead. ``on_result`` is called with each FileReport as it completes (in input
+    order), as the batch verbs' ``on_result`` is. With a ``cache``, a file whose content was
+    scanned before by this ruleset and these options is not read again (sdtool.scan.cached);
+    ``sha256`` also computes each file's SHA-256 (on ``FileReport.sha256``), which lets
+    identical files anywhere share one verdict.
     ``runner(tasks)`` scans the workers' tasks elsewhere (sdtool.cluster), reports in order.
     """
-    report = ScanReport(strict=strict)
+    files: list[FileReport] = []
     for batch in scan_items(
         paths, exclude=exclude, jobs=jobs, limits=limits, crc=crc, cache=cache,
         sha256=sha256, isolate=isolate, runner=runner,
     ):  # fmt: skip
         for item in batch:
             r = item.report
-            report.files.append(r)
-            if progress is not None:
-                progress(r)
-    return report
+            files.append(r)
+            if on_result is not None:
+                on_result(r)
+    return ScanReport(tuple(files), strict=strict)
 
 
 #: at most this many ready results per batch ``scan_items`` yields

@@ -60,8 +60,8 @@ def report_from_json(doc: dict[str, Any], path: str | None = None) -> FileReport
     return FileReport(
         path=doc["path"] if path is None else path,
         format=Format(doc.get("format", "unknown")),
-        findings=findings,
-        notes=list(doc.get("notes", [])),
+        findings=tuple(findings),
+        notes=tuple(doc.get("notes", [])),
         scanned=bool(doc.get("scanned", True)),
         streams=int(doc.get("streams", 0)),
         size=int(doc.get("size", 0)),

@@ -33,7 +33,7 @@ from sdtool.scan.context import (
     record_stream,
     run_pickle,
 )
-from sdtool.scan.report import FileReport, Problem, ProblemKind
+from sdtool.scan.report import FileReport, FileScan, Problem, ProblemKind
 from sdtool.scan.vm import DEFAULT_LIMITS, OPNAMES, Inst, Limits, run_stream, would_unpickle
 from sdtool.scan.walkers.compressed import scan_compressed
 from sdtool.scan.walkers.gguf import scan_gguf
@@ -54,23 +54,28 @@ def scan_file(
     budget: Budget | None = None,
 ) -> FileReport:
     """Scan one file. Never raises for file content; unreadable files are "not scanned"."""
-    rep = FileReport(str(path))
+    rep = FileScan(str(path))
+    _scan_into(rep, path, limits, crc, budget)
+    return rep.freeze()
+
+
+def _scan_into(rep: FileScan, path: Path, limits: Limits, crc: str, budget: Budget | None) -> None:
     ctx = Ctx(rep, limits, crc=crc, budget=Budget(**budget.__dict__) if budget else Budget())
     ctx.budget.start()
     try:
         if is_url(path):
             _scan_remote(ctx, path)
-            return rep
+            return
         with open_regular(path) as f:
             size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
                 rep.scanned, rep.format = False, Format.EMPTY
                 rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
-                return rep
+                return
             if sniff_any(f.read(HEAD), size) is Format.ZIP:
                 # zips are read in small scattered pieces: plain reads keep RSS small
                 scan_blob(ctx, FileBuf(f, size), None, depth=0, name=path.name)
-                return rep
+                return
             ctx.fd = f.fileno()
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 if hasattr(mm, "madvise"):  # scattered small reads: no readahead into RSS
@@ -90,7 +95,6 @@ def scan_file(
         close_all(ctx.keep)
         if ctx.formats:
             rep.format = ctx.formats[0]
-    return rep
 
 
 def _scan_remote(ctx: Ctx, path: Path) -> None:

@@ -16,7 +16,7 @@ from sdtool.scan.buffers import (
     Budget,
     ScanLimit,
 )
-from sdtool.scan.report import FileReport, Finding, ProblemKind
+from sdtool.scan.report import FileScan, Finding, ProblemKind
 from sdtool.scan.rules import analyse
 from sdtool.scan.vm import (
     DEFAULT_LIMITS,
@@ -36,7 +36,7 @@ MAX_ORACLE_STREAMS = 5000  # streams per file cross-checked with the C unpickler
 class Ctx:
     """Per-file scan state."""
 
-    report: FileReport
+    report: FileScan
     limits: Limits = DEFAULT_LIMITS
     budget: Budget = field(default_factory=Budget)
     keep: list[Any] = field(default_factory=list)  # temporary files and maps to close at the end

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from sdtool import errors as err
+from sdtool.results import Result, json_key
 from sdtool.vocab import ExitCode, Format, Severity, Verdict
 
 #: per-file verdicts, worst first
@@ -42,8 +43,8 @@ def _escape_surrogate(c: str) -> str:
     return f"\\u{n:04x}" if 0xD800 <= n <= 0xDFFF else c
 
 
-@dataclass
-class Finding:
+@dataclass(frozen=True)
+class Finding(Result):
     """One thing worth reporting, located as precisely as the container allows."""
 
     severity: str  # "dangerous" | "suspicious" | "info"
@@ -52,20 +53,9 @@ class Finding:
     member: str | None = None  # path inside the container ("archive/data.pkl"); None: the file
     stream: int | None = None  # index of the pickle stream within the member
     offset: int | None = None  # byte offset of the opcode within the member (or file)
-    global_name: str | None = None  # "module.qualname" as the unpickler resolves it
+    #: "module.qualname" as the unpickler resolves it
+    global_name: str | None = field(default=None, metadata=json_key("global"))
     usage: str | None = None  # "called via REDUCE", "only imported", ...
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "severity": self.severity,
-            "rule": self.rule,
-            "message": self.message,
-            "member": self.member,
-            "stream": self.stream,
-            "offset": self.offset,
-            "global": self.global_name,
-            "usage": self.usage,
-        }
 
 
 class ProblemKind(str, Enum):
@@ -114,30 +104,31 @@ class Problem:
         return self.message
 
 
-@dataclass
-class FileReport:
-    """What the scan found in one file."""
+@dataclass(frozen=True)
+class FileReport(Result):
+    """What the scan found in one file (frozen: a scan builds it in a ``FileScan``)."""
+
+    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+        "path", "format", "size", "verdict", "scanned", "skipped", "streams", "findings",
+        "errors", "notes",
+    )  # fmt: skip
 
     path: str
     format: Format = Format.UNKNOWN
-    findings: list[Finding] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)  # what kept parts unanalysed
-    notes: list[str] = field(default_factory=list)
+    findings: tuple[Finding, ...] = ()
+    problems: tuple[Problem, ...] = ()  # what kept parts unanalysed (JSON: ``errors``)
+    notes: tuple[str, ...] = ()
     scanned: bool = True  # False: nothing in the file could be analysed ("not scanned")
     streams: int = 0  # pickle streams analysed
     size: int = 0
-    sha256: str | None = None  # hex, when the batch computed it (--jsonl --sha256; not in to_json)
-    cached: bool = False  # the verdict came from the result cache (not in to_json)
+    sha256: str | None = None  # hex, when the batch computed it (--jsonl --sha256; not in JSON)
+    cached: bool = False  # the verdict came from the result cache (not in JSON)
     skipped: str | None = None  # "PNG image", ...: by content not a model file (counted, exit 0)
 
     @property
     def errors(self) -> list[str]:
         """The problems' sentences, as ``--json`` lists them under ``errors``."""
         return [p.message for p in self.problems]
-
-    def problem(self, kind: ProblemKind, message: str, member: str | None = None) -> None:
-        """Record a problem; ``member`` (a path inside the file) prefixes the sentence."""
-        self.problems.append(Problem(kind, f"{member}: {message}" if member else message, member))
 
     @property
     def severity(self) -> Severity:
@@ -159,33 +150,46 @@ class FileReport:
             return Verdict.SKIPPED
         return Verdict.SAFE
 
-    def add(self, finding: Finding) -> None:
-        self.findings.append(finding)
-
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain data (what a scan worker process sends back as JSON)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileReport:
-        problems = [
+        problems = tuple(
             Problem(ProblemKind(p["kind"]), p["message"], p["member"]) for p in d["problems"]
-        ]
-        return cls(**{**d, "findings": [Finding(**f) for f in d["findings"]], "problems": problems})
+        )
+        findings = tuple(Finding(**f) for f in d["findings"])
+        return cls(**{**d, "findings": findings, "problems": problems, "notes": tuple(d["notes"])})
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "format": self.format,
-            "size": self.size,
-            "verdict": self.verdict,
-            "scanned": self.scanned,
-            "skipped": self.skipped,
-            "streams": self.streams,
-            "findings": [f.to_json() for f in self.findings],
-            "errors": list(self.errors),
-            "notes": list(self.notes),
-        }
+
+@dataclass
+class FileScan:
+    """A FileReport being built while a file is scanned (``Ctx.report``); ``freeze`` gives it."""
+
+    path: str
+    format: Format = Format.UNKNOWN
+    findings: list[Finding] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    scanned: bool = True
+    streams: int = 0
+    size: int = 0
+    skipped: str | None = None
+
+    def problem(self, kind: ProblemKind, message: str, member: str | None = None) -> None:
+        """Record a problem; ``member`` (a path inside the file) prefixes the sentence."""
+        self.problems.append(Problem(kind, f"{member}: {message}" if member else message, member))
+
+    def add(self, finding: Finding) -> None:
+        self.findings.append(finding)
+
+    def freeze(self) -> FileReport:
+        """The finished, frozen report."""
+        return FileReport(
+            self.path, self.format, tuple(self.findings), tuple(self.problems),
+            tuple(self.notes), self.scanned, self.streams, self.size, skipped=self.skipped,
+        )  # fmt: skip
 
 
 def exit_code(verdicts: set[Verdict], errors: bool, *, strict: bool = False) -> ExitCode:
@@ -230,7 +234,8 @@ class Scanned:
 
             self._report = report_from_body(self._body or "{}", self.path)
         rep = self._report
-        rep.cached, rep.sha256 = self.cached, self.sha256
+        if (rep.cached, rep.sha256) != (self.cached, self.sha256):
+            rep = self._report = replace(rep, cached=self.cached, sha256=self.sha256)
         return rep
 
     @property
@@ -253,14 +258,22 @@ class Scanned:
         return self._report.errors if self._report is not None else []
 
 
-@dataclass
-class ScanReport:
+@dataclass(frozen=True)
+class ScanReport(Result):
     """The files of one scan, in the order given, with the summary and exit code."""
 
-    files: list[FileReport] = field(default_factory=list)
-    strict: bool = False
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA_VERSION
+    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+        "tool", "strict", "exit_code", "summary", "files"
+    )  # fmt: skip
 
+    files: tuple[FileReport, ...] = ()
+    strict: bool = False
+    tool: ClassVar[str] = "sdtool scan"
+
+    @property
     def summary(self) -> dict[str, int]:
+        """Files per verdict, files, findings."""
         counts = {v.value: 0 for v in VERDICTS}
         for f in self.files:
             counts[f.verdict.value] += 1
@@ -275,14 +288,4 @@ class ScanReport:
         return exit_code(verdicts, any(f.problems for f in self.files), strict=self.strict)
 
     def to_json(self) -> dict[str, Any]:
-        return utf8_safe(self._to_json())
-
-    def _to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA_VERSION,
-            "tool": "sdtool scan",
-            "strict": self.strict,
-            "exit_code": self.exit_code,
-            "summary": self.summary(),
-            "files": [f.to_json() for f in self.files],
-        }
+        return utf8_safe(super().to_json())

@@ -7,6 +7,7 @@ turns a rule that crashes into an error finding (never into "clean").
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from sdtool.scan.allowlist import ARG_CHECKS, BUILTIN_CODECS, TENSOR_BUILDERS, TORCH_PERSID_TAGS
@@ -339,9 +340,7 @@ def analyse(s: Stream, *, member: str | None, index: int) -> tuple[list[Finding]
     errors: list[str] = []
     for rule in RULES:
         try:
-            for f in rule.check(s):
-                f.member, f.stream = member, index
-                findings.append(f)
+            findings.extend(replace(f, member=member, stream=index) for f in rule.check(s))
         except Exception as e:  # a crashing rule must never read as "clean"
             errors.append(f"rule {rule.id} failed on stream {index}: {type(e).__name__}: {e}")
             findings.append(

@@ -69,9 +69,7 @@ def _child(conn: Connection, memory_limit: int) -> None:
 
 
 def limit_report(path: str, why: str) -> FileReport:
-    rep = FileReport(path)
-    rep.problems.append(Problem.of(ScanLimit(why)))
-    return rep
+    return FileReport(path, problems=(Problem.of(ScanLimit(why)),))
 
 
 def crash_report(path: str, exitcode: int | None) -> FileReport:
@@ -82,16 +80,11 @@ def crash_report(path: str, exitcode: int | None) -> FileReport:
             how = f"signal {-exitcode}"
     else:
         how = f"exit status {exitcode}"
-    rep = FileReport(path, scanned=False)
-    rep.problems.append(
-        Problem.of(
-            ScanWorkerDied(
-                f"could not scan: the scanner process died on this file ({how}); the other "
-                "files were scanned"
-            )
-        )
+    died = ScanWorkerDied(
+        f"could not scan: the scanner process died on this file ({how}); the other "
+        "files were scanned"
     )
-    return rep
+    return FileReport(path, scanned=False, problems=(Problem.of(died),))
 
 
 class _Worker:

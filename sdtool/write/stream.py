@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from sdtool import dtypes
+from sdtool.aligned import PageBuffer
 from sdtool.crc import crc32
 from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
@@ -45,20 +46,21 @@ class BufferRing:
     """
 
     def __init__(self, slots: int = 5) -> None:
-        self.slots: list[np.ndarray] = []
+        self.slots: list[PageBuffer] = []
         self.size = slots
         self.i = 0
 
-    def next(self, nbytes: int) -> np.ndarray:
+    def next(self, nbytes: int, at: int = 0) -> np.ndarray:
+        """The next buffer's ``nbytes``, placed for a read from file offset ``at``."""
         if len(self.slots) < self.size:
-            self.slots.append(np.empty(CHUNK_BYTES, np.uint8))
+            self.slots.append(PageBuffer(CHUNK_BYTES))
             buf = self.slots[-1]
         else:
             buf = self.slots[self.i % self.size]
         self.i += 1
         if buf.size < nbytes:  # pieces are at most CHUNK_BYTES of output; be safe anyway
-            buf = np.empty(nbytes, np.uint8)
-        return buf
+            buf = PageBuffer(nbytes)
+        return buf.array(at, nbytes)
 
 
 class Chunks:
@@ -151,16 +153,10 @@ class Chunks:
         while pos < end:
             n = min(step, end - pos)
             # into a reused ring buffer when there is one (a fresh one faults in every page)
-            buf: bytearray | np.ndarray
-            if self.ring is None:
-                buf = bytearray(n)
-                view = memoryview(buf)
-            else:
-                buf = self.ring.next(n)[:n]
-                view = buf.data
-            read_exact(fd, view, pos, self.t)
+            buf = PageBuffer(n).array(pos, n) if self.ring is None else self.ring.next(n, pos)
+            read_exact(fd, buf.data, pos, self.t)
             pos += n
-            yield self._job(np.frombuffer(buf, src.numpy), src)
+            yield self._job(buf.view(src.numpy), src)
 
     def _mapped(self, fd: int, offset: int, end: int, step: int, src: DType) -> Iterator[Job]:
         """Cast straight from a read-only map of the tensor's bytes, dropping each piece's pages
@@ -279,6 +275,7 @@ def copy_span(
     done = 0
     step = 256 * 1024 * 1024
     mode = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
+    buf: PageBuffer | None = None  # the "read" way's buffer, made once
     while done < length:
         want = min(step, length - done)
         at = None if dst_offset is None else dst_offset + done
@@ -290,9 +287,10 @@ def copy_span(
                     os.lseek(dst_fd, at, os.SEEK_SET)
                 n = os.sendfile(dst_fd, src_fd, offset + done, want)
             else:
-                buf = bytearray(min(want, CHUNK_BYTES))
-                read_exact(src_fd, memoryview(buf), offset + done, t)
-                n = write_all(dst_fd, buf, at)
+                buf = buf or PageBuffer(min(length, CHUNK_BYTES))
+                view = buf.at(offset + done, min(want, buf.size))[1]
+                read_exact(src_fd, view, offset + done, t)
+                n = write_all(dst_fd, view, at)
         except OSError as e:
             if mode != "read" and e.errno in _NO_FAST_COPY:
                 mode = "sendfile" if mode == "copy_file_range" else "read"
@@ -325,12 +323,11 @@ def copy_with_crc(
     """Copy ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s file position and
     return their CRC-32 (a zip member's checksum): read, checksum and write one small piece at
     a time. (Large pieces measured slower: they leave the cache between the three passes.)"""
-    buf = bytearray(min(CRC_COPY_BYTES, max(length, 1)))
-    view = memoryview(buf)
+    buf = PageBuffer(min(CRC_COPY_BYTES, max(length, 1)))
     crc, done = 0, 0
     while done < length:
-        n = min(len(buf), length - done)
-        piece = view[:n]
+        n = min(buf.size, length - done)
+        piece = buf.at(offset + done, n)[1]
         read_exact(src_fd, piece, offset + done, t)
         crc = crc32(piece, crc)
         write_all(dst_fd, piece)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdtool.aligned import PageBuffer
 from sdtool.errors import VerificationError
 from sdtool.model import ModelFile
 from sdtool.write.plan import OutTensor
@@ -51,12 +52,14 @@ def _verify_tensor(t: OutTensor, m: ModelFile, out_fd: int, src_fd: int) -> None
     span = info.file_span
     flat = None if span is not None else m.read_info(info, t.name).reshape(-1)
     pos = 0
+    buf: PageBuffer | None = None  # reused; placed for each read (see sdtool.aligned)
     for piece in Chunks(t, src_fd):
         expect = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
         if span is not None:
-            buf = bytearray(expect.size)
-            read_exact(out_fd, memoryview(buf), span[0] + pos, t)
-            got = np.frombuffer(buf, np.uint8)
+            if buf is None or buf.size < expect.size:
+                buf = PageBuffer(expect.size)
+            got = buf.array(span[0] + pos, expect.size)
+            read_exact(out_fd, got.data, span[0] + pos, t)
         else:
             assert flat is not None
             n = piece.size

@@ -39,7 +39,7 @@ from sdtool.ops.lora.names import (
     native_ids,
     parse_lora,
 )
-from sdtool.vocab import CASTABLE
+from sdtool.vocab import CASTABLE, Progress
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
@@ -422,7 +422,7 @@ def bake(
     verify: bool = False,
     dry_run: bool = False,
     on_overflow: str = "fail",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> BakeResult:
     """Bake LoRAs into ``base``, writing ``out`` (format by extension).
 
