@@ -56,6 +56,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
+from sdtool.ops import arith
 from sdtool.ops.arith import (
     SCRATCH,
     Ahead,
@@ -596,14 +597,24 @@ def _compute_fn(
     is_dare = method.name == "dare"
     srcs = [(m, src[k.name]) for m, src in zip(models[1:], sources, strict=True)]
 
-    def compute(start: int, count: int) -> np.ndarray:
+    if _preadable(models, sources, k.name):
+        readers = [io.piece_reader(a, k.name)] + [io.piece_reader(m, sr.keys[0]) for m, sr in srcs]
+
+        def compute(start: int, count: int) -> np.ndarray:
+            x = [read(start, count, i) for i, read in enumerate(readers)]
+            rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
+            return in_place(x, t, density=density, rngs=rngs)
+
+        return compute
+
+    def compute_any(start: int, count: int) -> np.ndarray:
         x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
         for i, (m, sr) in enumerate(srcs, 1):
             x.append(sr.read_into(io, m, start, SCRATCH.f32(i, count), i))
         rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
         return in_place(x, t, density=density, rngs=rngs)
 
-    return compute
+    return compute_any
 
 
 def _piece_fn(
@@ -624,6 +635,10 @@ def _piece_fn(
     return piece
 
 
+#: pieces of the computation per piece written (``_pieces_fn``)
+WRITE_PIECES = 4
+
+
 def _pieces_fn(
     compute: Callable[[int, int], np.ndarray],
     name: str,
@@ -632,14 +647,18 @@ def _pieces_fn(
     overflows: Overflows,
 ) -> Callable[[], Iterator[tuple[int, Callable[[np.ndarray], None]]]]:
     """``OutTensor.pieces`` of a key: each piece computed and cast into the writer's buffer
-    on the thread that then writes it (no output tensor in memory)."""
+    on the thread that then writes it (no output tensor in memory). A writer's piece is
+    ``WRITE_PIECES`` pieces of the computation (fewer writes and writeback calls, while each
+    piece of the computation stays small enough for the cache)."""
 
     def fill(start: int, count: int, out: np.ndarray) -> None:
-        over = store(compute(start, count), out.view(dtype.numpy), dtype)
-        overflows.piece(name, start, over, dtype)
+        dst = out.view(dtype.numpy)
+        for s, c in pieces(count):
+            over = store(compute(start + s, c), dst[s : s + c], dtype)
+            overflows.piece(name, start + s, over, dtype)
 
     def gen() -> Iterator[tuple[int, Callable[[np.ndarray], None]]]:
-        for s, c in pieces(numel):
+        for s, c in pieces(numel, WRITE_PIECES * arith.PIECE):
             yield c * dtype.itemsize, partial(fill, s, c)
 
     return gen
