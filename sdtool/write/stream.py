@@ -51,16 +51,21 @@ class BufferRing:
         self.i = 0
 
     def next(self, nbytes: int, at: int = 0) -> np.ndarray:
-        """The next buffer's ``nbytes``, placed for a read from file offset ``at``."""
-        if len(self.slots) < self.size:
-            self.slots.append(PageBuffer(CHUNK_BYTES))
-            buf = self.slots[-1]
-        else:
-            buf = self.slots[self.i % self.size]
+        """The next buffer's ``nbytes``, placed for a read from file offset ``at``. A slot is
+        as large as the largest piece it held, in powers of two (a PageBuffer is zeroed: a
+        writer of small pieces, as merge's, does not hold 7 x 16 MiB)."""
+        k = self.i % self.size
         self.i += 1
-        if buf.size < nbytes:  # pieces are at most CHUNK_BYTES of output; be safe anyway
-            buf = PageBuffer(nbytes)
-        return buf.array(at, nbytes)
+        if k == len(self.slots):
+            self.slots.append(PageBuffer(_pow2(nbytes)))
+        elif self.slots[k].size < nbytes:
+            self.slots[k] = PageBuffer(_pow2(nbytes))
+        return self.slots[k].array(at, nbytes)
+
+
+def _pow2(n: int) -> int:
+    """``n`` rounded up to a power of two, at least 64 KiB."""
+    return max(1 << 16, 1 << (n - 1).bit_length())
 
 
 class Chunks:
