@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import zlib
 from collections import Counter
@@ -87,6 +88,8 @@ class Method:
     max_inputs: int | None  # None: any number
     elementwise: bool
     summary: str
+    #: computed piece by piece (elementwise, or ties: after one whole-tensor statistic)
+    by_pieces: bool = True
 
 
 METHODS: dict[str, Method] = {
@@ -96,7 +99,7 @@ METHODS: dict[str, Method] = {
         Method("add-difference", 3, 3, True, "A + alpha * (B - C)"),
         Method("ties", 2, None, False, "BASE + alpha * TIES(M_i - BASE; density)"),
         Method("dare", 2, None, True, "BASE + alpha * sum(DARE(M_i - BASE; density, seed))"),
-        Method("slerp", 2, 2, False, "slerp(A, B; alpha) on the flattened tensor"),
+        Method("slerp", 2, 2, False, "slerp(A, B; alpha) on the flattened tensor", False),
     )
 }
 
@@ -513,14 +516,32 @@ def ties(x: list[np.ndarray], t: float, *, density: float, **_: Any) -> np.ndarr
     the k-th smallest |d|, k = max(1, int((1 - density) * n)); ties kept), elect the sign of
     the summed trimmed deltas, average the deltas that agree with it (0 where none does)."""
     base, models = x[0], x[1:]
-    n = base.size
+    thresholds = [ties_threshold(np.abs(m - base).reshape(-1), density) for m in models]
+    return ties_piece(x, t, thresholds=thresholds)
+
+
+def ties_threshold(mag: np.ndarray, density: float) -> np.float32 | None:
+    """The k-th smallest of a delta's magnitudes ``mag`` (flat, float32; reordered in place),
+    k = max(1, int((1 - density) * n)); None: nothing is trimmed (density 1, or empty)."""
+    n = mag.size
+    if density >= 1 or not n:
+        return None
+    k = max(1, int((1 - density) * n))
+    mag.partition(k - 1)
+    return np.float32(mag[k - 1])
+
+
+def ties_piece(
+    x: list[np.ndarray], t: float, *, thresholds: Sequence[np.float32 | None], **_: Any
+) -> np.ndarray:
+    """``ties`` on a piece of the tensors, given each delta's threshold (``ties_threshold`` of
+    the whole tensor): every step after the thresholds is elementwise, the same operations in
+    the same order as on the whole tensor, so the pieces give the same bits."""
+    base, models = x[0], x[1:]
     trimmed = []
-    for m in models:
+    for m, threshold in zip(models, thresholds, strict=True):
         d = m - base
-        if density < 1 and n:
-            k = max(1, int((1 - density) * n))
-            mag = np.abs(d).reshape(-1)
-            threshold = np.partition(mag, k - 1)[k - 1]
+        if threshold is not None:
             d = np.where(np.abs(d) >= threshold, d, np.float32(0))
         trimmed.append(d)
     total = np.zeros_like(base)
@@ -577,6 +598,7 @@ PIECE_KERNELS: dict[str, Callable[..., np.ndarray]] = {
     **KERNELS,
     "weighted-sum": weighted_sum_,
     "add-difference": add_difference_,
+    "ties": ties_piece,
 }
 
 
@@ -597,24 +619,62 @@ def _compute_fn(
     is_dare = method.name == "dare"
     srcs = [(m, src[k.name]) for m, src in zip(models[1:], sources, strict=True)]
 
+    readers: list[Callable[[int, int, int], np.ndarray]]
     if _preadable(models, sources, k.name):
         readers = [io.piece_reader(a, k.name)] + [io.piece_reader(m, sr.keys[0]) for m, sr in srcs]
+    else:
 
-        def compute(start: int, count: int) -> np.ndarray:
-            x = [read(start, count, i) for i, read in enumerate(readers)]
-            rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
-            return in_place(x, t, density=density, rngs=rngs)
+        def reader(m: ModelFile, sr: Source) -> Callable[[int, int, int], np.ndarray]:
+            return lambda s, c, i: sr.read_into(io, m, s, SCRATCH.f32(i, c), i)
 
-        return compute
+        readers = [reader(m, sr) for m, sr in [(a, Source((k.name,), ())), *srcs]]
+    ties_state = None
+    if method.name == "ties":
+        ties_state = _TiesThresholds(readers, a.tensors[k.name].numel, density)
 
-    def compute_any(start: int, count: int) -> np.ndarray:
-        x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
-        for i, (m, sr) in enumerate(srcs, 1):
-            x.append(sr.read_into(io, m, start, SCRATCH.f32(i, count), i))
+    def compute(start: int, count: int) -> np.ndarray:
+        if ties_state is not None:  # the whole tensor's, computed once by the first piece
+            thresholds = ties_state.get()  # (before the reads: it reads into the same scratch)
+            return in_place([read(start, count, i) for i, read in enumerate(readers)], t,
+                            thresholds=thresholds)  # fmt: skip
+        x = [read(start, count, i) for i, read in enumerate(readers)]
         rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
         return in_place(x, t, density=density, rngs=rngs)
 
-    return compute_any
+    return compute
+
+
+class _TiesThresholds:
+    """Each delta's TIES threshold for one tensor, computed once, by whichever piece asks
+    first: |m_i - base| is read piece by piece into one float32 array of the tensor's size,
+    reused for every model (memory: that array, not every input's whole tensor)."""
+
+    def __init__(
+        self, readers: list[Callable[[int, int, int], np.ndarray]], numel: int, density: float
+    ) -> None:
+        self.readers, self.numel, self.density = readers, numel, density
+        self.value: list[np.float32 | None] | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> list[np.float32 | None]:
+        with self.lock:
+            if self.value is None:
+                self.value = self._compute()
+            return self.value
+
+    def _compute(self) -> list[np.float32 | None]:
+        if self.density >= 1 or not self.numel:
+            return [None] * (len(self.readers) - 1)
+        mag = np.empty(self.numel, np.float32)
+        out = []
+        for i, read in enumerate(self.readers[1:], 1):
+            for s, c in pieces(self.numel):
+                base = self.readers[0](s, c, 0)
+                d = mag[s : s + c]
+                np.subtract(read(s, c, i), base, out=d)
+                np.abs(d, out=d)
+            out.append(ties_threshold(mag, self.density))
+        return out
 
 
 def _piece_fn(
@@ -713,7 +773,7 @@ def _maker(
             res = base.copy()
             res[region] = kernel(x, t, **opts)
             out.put(0, res)
-        elif method.elementwise:
+        elif method.by_pieces:
             piece = _piece_fn(models, sources, k, method, io, density, seed)
             run_pieces(out.flat.size, lambda s, c: piece(out, s, c), pool=io.pool)
         else:
@@ -834,7 +894,7 @@ def merge(
             early = [
                 k
                 for k in keys
-                if k.rule == "merge" and m.elementwise and _preadable(models, sources, k.name)
+                if k.rule == "merge" and m.by_pieces and _preadable(models, sources, k.name)
             ]
             streamed: list[KeyPlan] = []
             if fmt == "safetensors":
