@@ -3,9 +3,12 @@
 Each output tensor is computed from the same-named tensor of every input when the writer
 reaches it, in float32 whatever the inputs' dtypes, then cast to the output dtype; nothing
 holds a whole model. Elementwise methods (weighted-sum, add-difference, dare) read inputs in
-pieces of ``arith.PIECE`` elements, computed ahead of the writer on two threads
-(``arith.Ahead``: about 16 MiB of outputs); ties and slerp need whole-tensor statistics and
-hold one tensor per input (float32) at a time.
+pieces of ``arith.PIECE`` elements: into safetensors, the writer's two threads compute each
+piece and write it (``OutTensor.pieces``: no output tensor in memory); into a .ckpt, they are
+computed ahead of the writer on two threads (``arith.Ahead``: about 16 MiB of outputs). ties
+first computes each delta's threshold over the whole tensor (one float32 array of its size),
+then goes piece by piece the same way; slerp needs whole-tensor norms and holds one tensor per
+input (float32) at a time.
 
 The methods (``a`` = first input, ``b``, ``c`` the next, ``t`` = alpha, all float32):
 
