@@ -128,9 +128,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--make", action="store_true", help="generate the three inputs first")
     ap.add_argument("--skip", action="append", default=[], help="skip cases containing this")
-    ap.add_argument(
-        "--ties", action="store_true", help="also ties (about a minute)"
-    )
+    ap.add_argument("--ties", action="store_true", help="also ties (about a minute)")
     args = ap.parse_args()
     d: Path = args.dir
     d.mkdir(parents=True, exist_ok=True)
