@@ -13,6 +13,13 @@ SQLite in WAL mode (stdlib, no service, safe with several processes: readers nev
 writer, writers wait for each other up to ``timeout``). Every failure to use the cache (a
 read-only or corrupt database, a full disk) degrades to "no cache" rather than failing the job:
 the cache is an accelerator, never a source of truth.
+
+Hygiene (``Cache.prune``; ``sdtool cache prune``): results of other producer versions than the
+newest KEEP_VERSIONS of a kind are dropped, and so are the rows of files that are gone or have
+changed (``seen`` remembers where each identity was met). Writing a new identity drops the
+rows of that inode's older identities at once; the rest runs when a process first writes
+and the last prune is older than PRUNE_EVERY, bounded to PRUNE_STATS stats of remembered
+files per run (a rotating cursor), so no run pays for the whole table.
 """
 
 from __future__ import annotations
@@ -33,14 +40,26 @@ READ_BATCH = 512
 READ_SECONDS = 0.25
 #: identities per query of ``lookup_many`` (6 bound values each, well under SQLite's limit)
 LOOKUP_CHUNK = 256
+#: per kind, the producer versions whose results are kept (the newest by last write);
+#: a version is the text before the first "|" (scan: the ruleset, not its option suffix)
+KEEP_VERSIONS = 3
+VERSIONED_KINDS = ("scan", "hash")
+#: seconds between automatic prunes, and remembered files stat'ed per prune (0: all)
+PRUNE_EVERY = 6 * 3600.0
+PRUNE_STATS = 2000
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS versions (kind TEXT, version TEXT, used REAL NOT NULL,"
+    " PRIMARY KEY (kind, version))",
+    "CREATE TABLE IF NOT EXISTS seen (dev INTEGER, ino INTEGER, path TEXT NOT NULL,"
+    " PRIMARY KEY (dev, ino))",
     "CREATE TABLE IF NOT EXISTS files ("
     " dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,"
     " sha256 TEXT NOT NULL, PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns))",
     "CREATE TABLE IF NOT EXISTS results ("
     " sha256 TEXT, kind TEXT, version TEXT, value TEXT NOT NULL,"
     " PRIMARY KEY (sha256, kind, version))",
+    "CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256)",
 )
 
 
@@ -113,6 +132,8 @@ class Cache:
         self._timeout = timeout
         self._local = threading.local()
         self.disabled_reason: str | None = None
+        self._noted: set[tuple[str, str]] = set()  # (kind, version) whose last write is noted
+        self._auto_prune = True  # until this process's first write has checked the clock
 
     # -- connection -----------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection | None:
@@ -209,15 +230,21 @@ class Cache:
             return None if row is None else str(row[0])
         return None
 
-    def put_sha256(self, ident: Identity, sha256: str) -> None:
-        """Record ``sha256`` for ``ident`` (the caller checked the identity held while hashing)."""
+    def put_sha256(self, ident: Identity, sha256: str, path: str | Path | None = None) -> None:
+        """Record ``sha256`` for ``ident`` (the caller checked the identity held while hashing)
+        and, with ``path``, where that file is (to prune its rows once it is gone). The rows
+        of the inode's older identities (the file changed since) are dropped."""
         with self._use() as conn:
             if conn is not None:
                 self._writing(conn)
-                conn.execute(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                    (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns, sha256),
-                )
+                with _tx(conn):
+                    self._drop_files(conn, ident.dev, ident.ino, ident[2:])
+                    conn.execute(
+                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                        (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns, sha256),
+                    )
+                    self._seen(conn, ident.dev, ident.ino, path)
+                self._after_write(conn)
 
     def lookup_many(
         self, kind: str, version: str, idents: Sequence[Identity]
@@ -269,19 +296,201 @@ class Cache:
             return None if row is None else str(row[0])
         return None
 
-    def put(self, kind: str, sha256: str, version: str, value: dict[str, Any]) -> None:
+    def put(
+        self,
+        kind: str,
+        sha256: str,
+        version: str,
+        value: dict[str, Any],
+        path: str | Path | None = None,
+    ) -> None:
         """Store a JSON-able result for this content and producer version."""
-        self.put_text(kind, sha256, version, json.dumps(value, sort_keys=True, ensure_ascii=True))
+        text = json.dumps(value, sort_keys=True, ensure_ascii=True)
+        self.put_text(kind, sha256, version, text, path)
 
-    def put_text(self, kind: str, sha256: str, version: str, text: str) -> None:
-        """Store an encoded result (JSON text) as it is, to be copied out as it is."""
+    def put_text(
+        self, kind: str, sha256: str, version: str, text: str, path: str | Path | None = None
+    ) -> None:
+        """Store an encoded result (JSON text) as it is, to be copied out as it is.
+
+        ``sha256`` is a content hash or an identity's key (``Identity.key``); for the latter,
+        ``path`` says where the file is (to prune its rows once it is gone), and the results
+        of this kind under the inode's older identities are dropped."""
         with self._use() as conn:
             if conn is not None:
                 self._writing(conn)
+                with _tx(conn):
+                    conn.execute(
+                        "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
+                        (sha256, kind, version, text),
+                    )
+                    if sha256.startswith("id:"):
+                        dev, ino = (int(x) for x in sha256.split(":")[1:3])
+                        lo, hi = _id_range(dev, ino)
+                        conn.execute(
+                            "DELETE FROM results WHERE sha256 >= ? AND sha256 < ? AND kind=?"
+                            " AND sha256 != ?",
+                            (lo, hi, kind, sha256),
+                        )
+                        self._seen(conn, dev, ino, path)
+                    self._note_version(conn, kind, version)
+                self._after_write(conn)
+
+    # -- hygiene ----------------------------------------------------------------------------
+    def _seen(self, conn: sqlite3.Connection, dev: int, ino: int, path: str | Path | None) -> None:
+        if path is not None:  # as bytes: a name need not be UTF-8
+            where = os.fsencode(os.path.abspath(path))
+            conn.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", (dev, ino, where))
+
+    def _drop_files(
+        self, conn: sqlite3.Connection, dev: int, ino: int, keep: Sequence[int]
+    ) -> tuple[int, int]:
+        """Drop the ``files`` rows of inode (dev, ino) but the identity with ``keep`` (size,
+        mtime_ns, ctime_ns), and the results under their SHA-256s that no other file has;
+        returns the rows dropped (files, results)."""
+        where = "dev=? AND ino=? AND NOT (size=? AND mtime_ns=? AND ctime_ns=?)"
+        args = (dev, ino, *keep)
+        shas = [r[0] for r in conn.execute(f"SELECT sha256 FROM files WHERE {where}", args)]
+        if not shas:
+            return 0, 0
+        files = conn.execute(f"DELETE FROM files WHERE {where}", args).rowcount
+        results = 0
+        for sha in set(shas):
+            if conn.execute("SELECT 1 FROM files WHERE sha256=? LIMIT 1", (sha,)).fetchone():
+                continue  # a copy elsewhere still has this content
+            results += conn.execute("DELETE FROM results WHERE sha256=?", (sha,)).rowcount
+        return files, results
+
+    def _note_version(self, conn: sqlite3.Connection, kind: str, version: str) -> None:
+        name = version.split("|", 1)[0]
+        if (kind, name) not in self._noted:
+            self._noted.add((kind, name))
+            conn.execute(
+                "INSERT OR REPLACE INTO versions VALUES (?, ?, ?)", (kind, name, time.time())
+            )
+
+    def _after_write(self, conn: sqlite3.Connection) -> None:
+        """A process's first write prunes, when the last prune is older than PRUNE_EVERY."""
+        if not self._auto_prune:
+            return
+        self._auto_prune = False
+        row = conn.execute("SELECT value FROM meta WHERE key='pruned_at'").fetchone()
+        if row is None or time.time() - float(row[0]) > PRUNE_EVERY:
+            self.prune(stats=PRUNE_STATS)
+
+    def prune(self, *, stats: int = 0, keep: int = KEEP_VERSIONS) -> dict[str, int]:
+        """Drop what can no longer be used; returns the rows dropped per table.
+
+        * results of kinds VERSIONED_KINDS whose producer version is not among the ``keep``
+          newest written (by last write);
+        * the rows of remembered files (``seen``) that are gone, or whose identity changed:
+          ``stats`` of them are checked (0: all), from where the last prune stopped;
+        * results stored under the SHA-256 of such a file's content, when no other recorded
+          file has that content.
+
+        Safe while other processes use the cache: each step is one short write transaction,
+        and a row dropped under another process's feet only costs it a fresh scan or hash.
+        """
+        dropped = {"results": 0, "files": 0, "seen": 0}
+        conn = self._conn()
+        if conn is None:
+            return dropped
+        try:
+            self._writing(conn)
+            with _tx(conn):
+                for kind in VERSIONED_KINDS:
+                    cur = conn.execute(
+                        "DELETE FROM results WHERE kind=?1 AND substr(version, 1,"
+                        " instr(version || '|', '|') - 1) NOT IN (SELECT version FROM versions"
+                        " WHERE kind=?1 ORDER BY used DESC LIMIT ?2)",
+                        (kind, keep),
+                    )
+                    dropped["results"] += cur.rowcount
+                    conn.execute(
+                        "DELETE FROM versions WHERE kind=?1 AND version NOT IN (SELECT version"
+                        " FROM versions WHERE kind=?1 ORDER BY used DESC LIMIT ?2)",
+                        (kind, keep),
+                    )
+            self._prune_seen(conn, stats, dropped)
+            with _tx(conn):
                 conn.execute(
-                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
-                    (sha256, kind, version, text),
+                    "INSERT OR REPLACE INTO meta VALUES ('pruned_at', ?)", (repr(time.time()),)
                 )
+        except sqlite3.Error as e:
+            self.disabled_reason = f"{self.path}: cache unusable ({e}); continuing without it"
+        return dropped
+
+    def _prune_seen(self, conn: sqlite3.Connection, stats: int, dropped: dict[str, int]) -> None:
+        """Check ``stats`` remembered files (0: all) from the cursor; drop the rows of those
+        gone (another inode, or none, at the path) or changed (other identities' rows)."""
+        row = conn.execute("SELECT value FROM meta WHERE key='prune_cursor'").fetchone()
+        after = tuple(int(x) for x in row[0].split(":")) if row and stats else (-1, -1)
+        rows = conn.execute(
+            "SELECT dev, ino, path FROM seen WHERE (dev, ino) > (?, ?) ORDER BY dev, ino"
+            + (" LIMIT ?" if stats else ""),
+            (*after, stats) if stats else after,
+        ).fetchall()
+        if stats and len(rows) < stats and after != (-1, -1):  # wrap around to the start
+            rows += conn.execute(
+                "SELECT dev, ino, path FROM seen WHERE (dev, ino) <= (?, ?) ORDER BY dev, ino"
+                " LIMIT ?",
+                (*after, stats - len(rows)),
+            ).fetchall()
+        for dev, ino, path in rows:
+            try:
+                st = os.stat(path)
+                now: Identity | None = Identity.of(st)
+            except OSError:
+                now = None
+            if now is not None and (now.dev, now.ino) != (dev, ino):
+                now = None  # another file at that path now
+            lo, hi = _id_range(dev, ino)
+            with _tx(conn):
+                keep = (now.size, now.mtime_ns, now.ctime_ns) if now else (-1, -1, -1)
+                files, results = self._drop_files(conn, dev, ino, keep)
+                dropped["files"] += files
+                dropped["results"] += (
+                    results
+                    + conn.execute(
+                        "DELETE FROM results WHERE sha256 >= ? AND sha256 < ? AND sha256 != ?",
+                        (lo, hi, now.key if now else ""),
+                    ).rowcount
+                )
+                if now is None:
+                    dropped["seen"] += conn.execute(
+                        "DELETE FROM seen WHERE dev=? AND ino=?", (dev, ino)
+                    ).rowcount
+        if rows:
+            last = f"{rows[-1][0]}:{rows[-1][1]}"
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('prune_cursor', ?)", (last,))
+
+    def info(self) -> dict[str, Any]:
+        """What the cache holds: its path and size, rows per table and kind, versions."""
+        out: dict[str, Any] = {"path": str(self.path), "bytes": 0}
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                out["bytes"] += os.path.getsize(f"{self.path}{suffix}")
+        with self._use() as conn:
+            if conn is None:
+                out["disabled"] = self.disabled_reason
+                return out
+            self._writing(conn)
+            out["rows"] = {
+                t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+                for t in ("files", "results", "seen")
+            }
+            out["results"] = dict(
+                conn.execute("SELECT kind, count(*) FROM results GROUP BY kind").fetchall()
+            )
+            out["versions"] = [
+                {"kind": k, "version": v, "last_write": u}
+                for k, v, u in conn.execute(
+                    "SELECT kind, version, used FROM versions ORDER BY kind, used DESC"
+                )
+            ]
+            row = conn.execute("SELECT value FROM meta WHERE key='pruned_at'").fetchone()
+            out["pruned_at"] = float(row[0]) if row else None
+        return out
 
     def stats(self) -> dict[str, int]:
         """Row counts, for ``--debug`` and tests."""
@@ -294,6 +503,24 @@ class Cache:
                 for t in ("files", "results")
             }
         return {"files": 0, "results": 0}
+
+
+@contextlib.contextmanager
+def _tx(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (the connection is in autocommit mode): all or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _id_range(dev: int, ino: int) -> tuple[str, str]:
+    """The range of ``Identity.key`` texts of one inode: [``id:D:I:``, ``id:D:I;``)."""
+    return f"id:{dev}:{ino}:", f"id:{dev}:{ino};"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -321,5 +548,5 @@ def cached_sha256(cache: Cache | None, path: str | Path, compute: Any) -> tuple[
             return known, True
     digest = str(compute())
     if cache is not None and Identity.of_path(path) == before:
-        cache.put_sha256(before, digest)
+        cache.put_sha256(before, digest, path)
     return digest, False

@@ -93,6 +93,11 @@ class ScanLimit(ScanError):
         super().__init__(f"could not scan: limit: {message}")
 
 
+class ScanOutOfResources(ScanLimit):
+    """This machine's time or memory for one file ran out: a fact about the run, not about the
+    bytes (another run, on an idle or bigger machine, may finish), so never cached."""
+
+
 class NotRegularFile(ScanError):
     """A named pipe, socket, device or directory: skipped by type, never opened."""
 

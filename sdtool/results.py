@@ -8,10 +8,12 @@ per-class ``to_json``:
 - a field JSON names differently: ``field(metadata=json_key("global"))``; one JSON leaves out:
   ``json_key(None)``; one written converted: ``json_key(as_=rounded)`` (``rounded``,
   ``head(n)``, ``rows(...)``, ``named(...)`` below, or ``len``); one written only when another
-  attribute is true: ``json_key(when="listed")``;
+  attribute is true: ``json_key(when="listed")``; one whose object's keys are written in
+  place of its own key: ``json_key(inline=True)``;
 - ``JSON_SCHEMA``: a class's schema id, written first as ``"schema"``;
 - ``JSON_KEYS``: when a document also holds computed values, its keys in order, each a field
-  (spelled as its metadata says), a property, or a ``(key, attribute)`` pair.
+  (spelled as its metadata says), a property, or a ``(key, attribute)`` pair, or a
+  ``(key, attribute, converter)`` triple.
 
 Schemas are documented in docs/<command>.md; the file a record is about is always ``path``.
 """
@@ -32,9 +34,11 @@ def json_key(
     *,
     as_: Callable[[Any], Any] | None = None,
     when: str | None = None,
+    inline: bool = False,
 ) -> dict[str, Any]:
-    """Field metadata: the field's JSON key (None: left out), a converter for its value, and
-    the attribute that must be true for the key to be written."""
+    """Field metadata: the field's JSON key (None: left out), a converter for its value, the
+    attribute that must be true for the key to be written, and whether its object's keys are
+    written in place of its own."""
     meta: dict[str, Any] = {}
     if name is not _OMIT:
         meta["json"] = name
@@ -42,6 +46,8 @@ def json_key(
         meta["json_as"] = as_
     if when is not None:
         meta["json_when"] = when
+    if inline:
+        meta["json_inline"] = True
     return meta
 
 
@@ -88,13 +94,18 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+#: one entry of ``Result.JSON_KEYS``
+JsonKey = str | tuple[str, str] | tuple[str, str, Callable[[Any], Any]]
+
+
 class Result:
     """Mixin for result dataclasses: ``to_json`` from the fields (see the module docstring)."""
 
     #: the document's schema id (``"sdtool.convert/2"``), written first as ``"schema"``
     JSON_SCHEMA: ClassVar[str | None] = None
-    #: the document's keys in order (fields by name, and properties); empty: every field
-    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = ()
+    #: the document's keys in order (fields by name, properties, (key, attribute[, converter]));
+    #: empty: every field
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = ()
 
     def to_json(self) -> dict[str, Any]:
         assert dataclasses.is_dataclass(self)
@@ -103,13 +114,18 @@ class Result:
             out["schema"] = self.JSON_SCHEMA
         fields = {f.name: f for f in dataclasses.fields(self)}
         for entry in self.JSON_KEYS or tuple(fields):
-            key, attr = entry if isinstance(entry, tuple) else (entry, entry)
+            key, attr, *conv = entry if isinstance(entry, tuple) else (entry, entry)
             meta = fields[attr].metadata if attr in fields else {}
+            if conv:
+                meta = {**meta, "json_as": conv[0]}
             name = meta.get("json", key)
             if name is None or ("json_when" in meta and not getattr(self, meta["json_when"])):
                 continue
             value = getattr(self, attr)
             if "json_as" in meta:
                 value = meta["json_as"](value)
-            out[name] = jsonable(value)
+            if meta.get("json_inline"):
+                out.update(jsonable(value))
+            else:
+                out[name] = jsonable(value)
         return out

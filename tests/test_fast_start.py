@@ -11,6 +11,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -273,3 +274,130 @@ def test_lora_subcommand_help_imports_nothing_heavy(sub: str, sub_env: dict[str,
     """``sdtool lora bake --help`` (and extract, resize): click and the cli module only."""
     mods = imported(["lora", sub, "--help"], sub_env)
     assert not _under(mods, *HEAVY, "numpy", "rich", "sdtool.ops", "sdtool.formats")
+
+
+def _generic_walk(f: io.BytesIO, start: int) -> tuple[str, int, int] | None:
+    """The walk one opcode at a time, by the layout and stack-effect tables alone (as it was
+    written before the fast kinds): the reference the loader's walk must equal exactly."""
+    from sdtool.formats import unpickler as u
+
+    stack: list[tuple[int, int]] = []
+    marks: list[int] = []
+    memo: dict[int, tuple[int, int]] = {}
+    f.seek(start)
+    buf = f.read(u._WALK_CHUNK)
+    base, i, count, end = start, 0, 0, len(buf)
+    while True:
+        if i + 9 > end:
+            f.seek(base + i)
+            base, buf, i = base + i, f.read(u._WALK_CHUNK), 0
+            end = len(buf)
+            if not end:
+                return None
+        code = buf[i]
+        layout = u._LAYOUT_TABLE[code]
+        if layout is None or code == u._STOP:
+            return None
+        i += 1
+        index = -1
+        if layout >= 0:
+            if i + layout > end:
+                return None
+            if code in u._BIN_MEMO:
+                index = int.from_bytes(buf[i : i + layout], "little")
+                if code in (u._BINPUT, u._LONG_BINPUT) and index > count:
+                    return ("BINPUT" if code == u._BINPUT else "LONG_BINPUT", index, count)
+            i += layout
+        elif layout <= u._ARG_LEN1:
+            width = u._WIDTH[layout]
+            if i + width > end:
+                return None
+            n = int.from_bytes(buf[i : i + width], "little", signed=layout == u._ARG_LEN4)
+            if n < 0:
+                return None
+            i += width + n
+        else:
+            for _ in range(2 if layout == u._ARG_TWO_LINES else 1):
+                nl = buf.find(b"\n", i)
+                while nl < 0:
+                    if end - i > u._MAX_LINE:
+                        return None
+                    more = f.read(u._WALK_CHUNK)
+                    if not more:
+                        return None
+                    buf += more
+                    end = len(buf)
+                    nl = buf.find(b"\n", i)
+                line, i = buf[i:nl], nl + 1
+            if code in (u._PUT, u._GET):
+                try:
+                    index = int(line)
+                except ValueError:
+                    return None
+                if code == u._PUT and index > count:
+                    return ("PUT", index, count)
+        kind, below, pushes = u._EFFECTS[code]
+        if kind == u._FX_PLAIN:
+            if below:
+                del stack[max(0, len(stack) - below) :]
+            stack.extend([(0, 1)] * pushes)
+        else:
+            u._stack_effect(code, kind, below, index, stack, marks, memo, count)
+        count += 1
+
+
+def _walk_outcome(walk: Any, data: bytes, start: int = 0) -> Any:
+    from sdtool.errors import CorruptFile
+
+    try:
+        return walk(io.BytesIO(data), start)
+    except CorruptFile as e:
+        return e.message
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 64, 16])
+def test_fast_walk_equals_the_generic_walk(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader's walk takes the common opcodes by fast kinds and checks bounds per window,
+    not per opcode: on torch's pickles, every protocol, hostile and mutated streams, cut at
+    every length and read through small windows, it answers exactly as one opcode at a time
+    (the same forged PUT at the same count, the same refusal message, or nothing)."""
+    from sdtool.formats import unpickler as u
+
+    monkeypatch.setattr(u, "_WALK_CHUNK", chunk)
+    t = (1, (2, (3,)))
+    obj = {"a": [t, t, (), "k" * 300, b"b" * 300, 2.5, -7, 1 << 70, True, None]}
+    obj["s"], obj["f"], obj["b"] = {1, 2}, frozenset({t}), bytearray(b"xy")
+    base = [pickle.dumps(obj, protocol=p) for p in range(6)]
+    base.append(_torch_pickle())
+    base += [
+        b"\x80\x02}q\x00(X\x01\x00\x00\x00ar\x35\x0a\x73\x56K\x01u.",  # forged LONG_BINPUT
+        b"(dp0\nS'a'\np1\nI1\nsS'b'\np99\nI2\ns.",  # forged text PUT
+        b"\x80\x02N\x85q\x00" + b"h\x00h\x00\x86q\x00" * 40 + b".",  # (t, t) through the memo
+        b"\x80\x02" + b"(" * 1001 + b"N" + b"t" * 1001 + b".",  # MARK ... TUPLE nesting
+        b"\x80\x02N\x85" + b"2\x86" * 40 + b".",  # t = (t, t) forty times through DUP
+        b"\x80\x02N\x85r\x00\x00\x00\x00" + b"j\x00\x00\x00\x00\x85r\x00\x00\x00\x00" * 1001,
+    ]
+    for n in (2, 3):  # a PUT naming the count of opcodes before it is legal, one more forged
+        base += [b"\x80\x02Nr" + n.to_bytes(4, "little") + b"N.", b"\x80\x02Nq" + bytes([n]) + b"."]
+        base.append(b"NN" + f"p{n}\n".encode() + b".")
+    rng = random.Random(5)
+    cases = list(base)
+    for data in base:
+        cases += [data[:n] for n in range(0, min(len(data), 400))]
+        for _ in range(30):
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.choice([rng.randrange(256), *b"(t\x85\x86hjqrX\x8c"])
+            cases.append(bytes(b[: rng.randint(1, len(b))]))
+    for data in cases:
+        for start in (0, 3) if len(data) > 3 else (0,):
+            fast = _walk_outcome(u._forged_memo_put, data, start)
+            assert fast == _walk_outcome(_generic_walk, data, start), (data[:60], start)
+
+
+def _torch_pickle() -> bytes:
+    """data.pkl of the tiny example checkpoint (torch's own pickler output)."""
+    import zipfile
+
+    with zipfile.ZipFile(EXAMPLE) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))

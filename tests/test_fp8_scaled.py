@@ -116,3 +116,60 @@ def test_gguf_export_applies_the_scale(tmp_path: Path) -> None:
     want = (q.float() * scale).half()
     got = torch.from_numpy(names[name].data.copy())
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+XL = "model.diffusion_model."
+
+
+@pytest.mark.parametrize(
+    ("sd", "scaled"),
+    [
+        (  # SDXL (ComfyUI keys): the never-quantize list and transformer projections stay
+            {
+                XL + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (64, 64),
+                XL + "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight": (64, 256),
+                XL + "input_blocks.1.1.proj_in.weight": (64, 64),
+                XL + "input_blocks.1.1.norm.weight": (64,),
+                XL + "time_embed.0.weight": (256, 64),
+                XL + "label_emb.0.0.weight": (256, 128),
+                XL + "input_blocks.0.0.weight": (64, 4, 3, 3),
+                XL + "input_blocks.3.0.op.weight": (64, 64, 3, 3),
+                XL + "input_blocks.6.0.op.weight": (64, 64, 3, 3),
+                XL + "output_blocks.2.2.conv.weight": (64, 64, 3, 3),
+                XL + "output_blocks.5.2.conv.weight": (64, 64, 3, 3),
+            },
+            {"transformer_blocks.0.attn1.to_q.", "transformer_blocks.0.ff.net.2."},
+        ),
+        (  # Wan: modulation, patch/text/time embeddings and the head stay
+            {
+                "blocks.0.self_attn.norm_q.weight": (64,),
+                "blocks.0.self_attn.q.weight": (64, 64),
+                "blocks.0.ffn.2.weight": (64, 128),
+                "blocks.0.modulation": (1, 6, 64),
+                "text_embedding.2.weight": (64, 64),
+                "time_projection.1.weight": (384, 64),
+                "head.modulation": (1, 2, 64),
+                "head.head.weight": (16, 64),
+                "patch_embedding.weight": (64, 16, 1, 2, 2),
+            },
+            {"blocks.0.self_attn.q.", "blocks.0.ffn.2."},
+        ),
+    ],
+    ids=["sdxl", "wan"],
+)
+def test_scaled_fp8_keeps_each_familys_layers(
+    tmp_path: Path, sd: dict[str, tuple[int, ...]], scaled: set[str]
+) -> None:
+    """Only the family's Linear weights become fp8; the rest keeps its dtype and values."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {k: (torch.randn(*s, generator=g) * 0.05).to(torch.bfloat16) for k, s in sd.items()}
+    src = tmp_path / "m.safetensors"
+    save_file(tensors, src)
+    out = tmp_path / "fp8.safetensors"
+    assert main(["convert", str(src), str(out), "--dtype", "fp8_e4m3fn", "--fp8-scaled"]) == 0
+    got = load_file(out)
+    fp8 = {k for k, v in got.items() if v.dtype == torch.float8_e4m3fn and v.numel()}
+    assert {next(s for s in scaled if s in k) for k in fp8} == scaled and len(fp8) == len(scaled)
+    for k, v in tensors.items():
+        if k not in fp8:
+            assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v), k

@@ -254,6 +254,32 @@ def test_bf16_bits_encode_like_bfloat16(qtype: str) -> None:
         assert np.array_equal(want, got)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"])
+def test_streamed_bf16_special_values_match_gguf_py(qtype: str, kernel: str) -> None:
+    """The path a bf16 safetensors takes when streamed (raw ``BF16_BITS`` pieces into
+    ``encode_into``), against gguf-py on the same values widened to float32: zeros of both
+    signs, bf16 denormals, inf, NaN (quiet and signalling), the largest bf16, ties."""
+    if kernel == "torch":
+        pytest.importorskip("torch")
+    sp = _special_values().reshape(-1)
+    bits = (sp.view(np.uint32) >> 16).astype(np.uint16)  # bf16 by truncation: any bit pattern
+    extra = np.array([0x0001, 0x8001, 0x007F, 0x7F7F, 0xFF7F, 0x7F81, 0xFFC1, 0x7F80, 0xFF80],
+                     np.uint16)  # fmt: skip
+    bits = np.concatenate([bits, np.resize(extra, 256), np.resize(extra[:5], 256)])
+    wide = (bits.astype(np.uint32) << 16).view(np.float32)
+    if qtype == "F16":  # F16 refuses finite values above its range (tested above)
+        bits = bits[~np.isfinite(wide) | (np.abs(wide) < 65504)]
+    bits = bits[: bits.size // 256 * 256]
+    wide = (bits.astype(np.uint32) << 16).view(np.float32)
+    t = ggml.get(qtype)
+    got = np.empty(t.nbytes(bits.size), np.uint8)
+    with np.errstate(all="ignore"):
+        want = quants.quantize(wide.reshape(-1, 256), getattr(T, qtype))
+        ggml.encode_into(qtype, bits.view(ggml.BF16_BITS), got, use_torch=kernel == "torch")
+    assert np.array_equal(_bits(want).reshape(-1), got)
+
+
 def test_gguf_export_of_bf16_never_imports_ml_dtypes(
     tmp_path: Path, sub_env: dict[str, str]
 ) -> None:

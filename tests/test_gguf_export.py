@@ -415,3 +415,106 @@ def test_writer_starts_writeback_in_order(tmp_path: Path, monkeypatch: pytest.Mo
     assert all(o == po + pn for (po, pn), (o, _) in itertools.pairwise(calls))
     end = calls[-1][0] + calls[-1][1]
     assert hinted.stat().st_size - 4096 < end <= hinted.stat().st_size
+
+
+# The families the tests above do not cover: a tiny file of each (its detection keys, a tensor of
+# each rule) and the type ComfyUI-GGUF's convert.py + lcpp.patch give every tensor (Q8_0).
+# name -> shape, wanted type (None: the tensor is dropped); Q = quantized, B = kept bf16.
+Q, B = "Q8_0", "BF16"
+FAMILIES: dict[str, dict[str, tuple[tuple[int, ...], str | None]]] = {
+    "aura": {
+        "double_layers.3.modX.1.weight": ((64, 64), Q),
+        "double_layers.0.attn.w1q.weight": ((64, 64), Q),
+        "t_embedder.mlp.0.weight": ((64, 64), B),
+        "init_x_linear.weight": ((64, 64), B),
+        "modF.1.weight": ((64, 64), B),
+        "cond_seq_linear.weight": ((64, 64), B),
+        "final_linear.weight": ((64, 64), B),
+        "positional_encoding": ((1, 64, 64), B),  # leading unit dim kept (gguf_set_tensor_ndim)
+        "register_tokens": ((1, 32, 64), B),
+    },
+    "hidream": {
+        "caption_projection.0.linear.weight": ((64, 64), B),
+        "double_stream_blocks.0.block.ff_i.shared_experts.w3.weight": ((64, 64), Q),
+        "double_stream_blocks.0.block.ff_i.gate.weight": ((64, 64), "F32"),  # hiprec
+        "x_embedder.proj.weight": ((64, 64), B),
+        "t_embedder.timestep_embedder.linear_1.weight": ((64, 64), B),
+        "final_layer.linear.weight": ((64, 64), B),
+    },
+    "cosmos": {
+        "net.blocks.0.mlp.layer1.weight": ((64, 64), Q),
+        "net.blocks.0.adaln_modulation_cross_attn.1.weight": ((64, 64), Q),
+        "net.blocks.0.self_attn.q_proj._extra_state": ((64,), None),  # keys_ignore
+        "net.pos_embedder.dim_spatial_range": ((64, 64), "F32"),  # hiprec
+        "net.x_embedder.proj.1.weight": ((64, 64), B),
+        "net.t_embedding_norm.weight": ((64, 64), B),
+        "net.final_layer.linear.weight": ((64, 64), B),
+    },
+    "ltxv": {
+        "adaln_single.emb.timestep_embedder.linear_2.weight": ((64, 64), B),
+        "transformer_blocks.27.scale_shift_table": ((6, 64), "F32"),  # hiprec
+        "caption_projection.linear_2.weight": ((64, 64), B),
+        "transformer_blocks.0.attn1.to_q.weight": ((64, 64), Q),
+        "patchify_proj.weight": ((64, 64), B),
+        "proj_out.weight": ((64, 64), B),
+    },
+    "hyvid": {
+        "double_blocks.0.img_attn_proj.weight": ((64, 64), Q),
+        "txt_in.individual_token_refiner.blocks.1.self_attn_qkv.weight": ((64, 64), B),
+        "img_in.proj.weight": ((64, 16, 1, 2, 2), "F32"),  # 5-D: fix_5d_tensors.py, F32
+        "vector_in.in_layer.weight": ((64, 64), B),
+        "final_layer.linear.weight": ((64, 64), B),
+    },
+    "lumina2": {
+        "cap_embedder.1.weight": ((64, 64), B),
+        "context_refiner.0.attention.qkv.weight": ((192, 64), B),
+        "noise_refiner.0.attention.out.weight": ((64, 64), B),
+        "layers.0.attention.qkv.weight": ((192, 64), Q),
+        "layers.0.feed_forward.w2.weight": ((64, 64), Q),
+        "x_embedder.weight": ((64, 64), B),
+    },
+    "sd1": {
+        **{
+            k: ((64, 64, 3, 3), Q)  # reshaped to [144, 256] (2-D), so quantized
+            for k in (
+                "input_blocks.3.0.op.weight",
+                "input_blocks.6.0.op.weight",
+                "input_blocks.9.0.op.weight",
+                "output_blocks.2.1.conv.weight",
+                "output_blocks.5.2.conv.weight",
+                "output_blocks.8.2.conv.weight",
+            )
+        },
+        "input_blocks.1.1.proj_in.weight": ((320, 320), Q),
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": ((320, 768), Q),
+        "time_embed.0.weight": ((1280, 320), B),
+        "out.2.weight": ((4, 320, 3, 3), B),
+    },
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_per_family_rules(tmp_path: Path, family: str) -> None:
+    """Detection, the never-quantize lists, keys_hiprec (F32), keys_ignore, ``net.`` stripped,
+    5-D tensors in F32 and leading unit dims kept, for each family, as Q8_0."""
+    spec = FAMILIES[family]
+    sd = {k: _r(*shape) for k, (shape, _) in spec.items()}
+    src = _save({("model.diffusion_model." + k if family == "sd1" else k): v
+                 for k, v in sd.items()}, tmp_path / f"{family}.safetensors")  # fmt: skip
+    out = tmp_path / f"{family}.gguf"
+    _convert(src, out, "--quant", "Q8_0", "--verify", "-q")
+    tensors, fields = _reader(out)
+    assert _field(fields, "general.architecture") == family
+    strip = "net." if family == "cosmos" else ""
+    got = {
+        n: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)))  # type: ignore[attr-defined]
+        for n, t in tensors.items()
+    }
+    want = {}
+    for k, (shape, typ) in spec.items():
+        if typ is not None:
+            name = k.removeprefix(strip)
+            if family == "sd1" and len(shape) > 1 and shape[-1] % 256 and np.prod(shape) % 256 == 0:
+                shape = (int(np.prod(shape)) // 256, 256)  # convert.py's shape fix
+            want[name] = (typ, shape)
+    assert got == want

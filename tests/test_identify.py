@@ -478,3 +478,54 @@ def test_package_tables_match_the_layouts() -> None:
         gen.encode(gen.build(L.LAYOUTS))
         == tool.parents[1].joinpath("sdtool", "data", "signatures.json.gz").read_bytes()
     )
+
+
+def test_index_for_a_files_tails_is_the_whole_index_cut_down() -> None:
+    """identify looks keys up in ``index_for`` the file's key tails, not in the whole
+    ``component_index``: the same (signature, alias) lists in the same order for every tail,
+    aliased (CLIP-L's ``text_model.``) and not; a signature's keys are distinct (each key
+    counts once)."""
+    import random
+
+    from sdtool.identify.keysets import component_index, index_for
+
+    for sig in signatures().values():
+        assert len(set(sig.keys)) == len(sig.keys), sig.id
+    whole = component_index()
+    rng = random.Random(3)
+    names = sorted(whole)
+    for tails in (
+        set(names),
+        set(rng.sample(names, 3000)) | {"nothing.here", "weight", ""},
+        {k for k in names if k.startswith(("text_model.", "embeddings.", "encoder."))},
+        set(),
+    ):
+        assert index_for(tails) == {k: v for k, v in whole.items() if k in tails}
+
+
+def test_candidates_split_every_key_at_every_dot_in_order() -> None:
+    """identify's candidates (signature, prefix, alias) and their counts, in first-seen order,
+    as splitting each key in turn at every dot and looking each tail up in the whole index."""
+    from collections import Counter
+
+    from sdtool.identify.engine import _candidates
+    from sdtool.identify.keysets import component_index
+
+    def reference(keys: list[str]) -> list[tuple[tuple[str, str, bool], int]]:
+        index, counts = component_index(), Counter[tuple[str, str, bool]]()
+        for key in keys:
+            pos = -1
+            while True:
+                for sid, alias in index.get(key[pos + 1 :], ()):
+                    counts[(sid, key[: pos + 1], alias)] += 1
+                pos = key.find(".", pos + 1)
+                if pos < 0:
+                    break
+        return list(counts.items())
+
+    clip = [f"x.text_model.{k}" for k in signatures()["clip-l"].keys[:40]]
+    unet = [f"model.diffusion_model.{k}" for k in signatures()["unet-ldm"].keys[::5]]
+    odd = ["a..b", "a.", ".", "", "..weight", "text_model.embeddings.position_ids", "weight"]
+    for keys in (clip + unet + odd, odd, unet[::-1] + [k[2:] for k in clip], []):
+        t = dict.fromkeys(keys)
+        assert list(_candidates(t).items()) == reference(keys)  # type: ignore[arg-type]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -160,6 +162,7 @@ def convert_cmd(
       sdtool convert flux1-dev.safetensors flux1-dev-Q8_0.gguf --quant Q8_0
       sdtool convert flux1-dev.safetensors fp8.safetensors --dtype fp8_e4m3fn --fp8-scaled
     """
+    _one_blas_thread()
     from sdtool.cli.layout import LAYOUT_TARGETS, run_layout, run_lora_format, wants_layout
     from sdtool.ops.convert import (
         BatchResult,
@@ -267,6 +270,14 @@ def convert_cmd(
     else:
         render_batch(batch)
     return ExitCode.FINDINGS if batch.failed else ExitCode.OK
+
+
+def _one_blas_thread() -> None:
+    """Before numpy is first imported: OpenBLAS starts one spinning thread per core when it
+    loads (40-90 ms of CPU here), and convert multiplies no matrices (its threads are
+    sdtool's own). Only when numpy is not loaded yet and the user has not chosen."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 #: a batch's progress: ``(file, done, total)``, each file's bar fed by a ``vocab.Progress``

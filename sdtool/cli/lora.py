@@ -18,10 +18,13 @@ from sdtool.cli.options import (
     write_options,
 )
 from sdtool.errors import UsageError
-from sdtool.vocab import ExitCode
+from sdtool.vocab import ExitCode, dtype_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 LIST_LIMIT = 20
+
+#: the dtypes a LoRA is written in (its factors are never fp8)
+LORA_DTYPES = ("F16", "BF16", "F32")
 
 
 @click.group("lora")
@@ -170,7 +173,7 @@ def _rank_options(f: F) -> F:
 @_rank_options
 @click.option(
     "--dtype",
-    type=click.Choice(["fp16", "bf16", "fp32"]),
+    type=click.Choice([dtype_name(code) for code in LORA_DTYPES]),
     default="fp16",
     show_default=True,
     help="The LoRA's dtype.",

@@ -156,12 +156,18 @@ def render_merge(r: MergeResult) -> None:
 class Written(Protocol):
     """What ``render_written`` reads of a merge / bake / extract / resize result."""
 
-    output: Path
-    dry_run: bool
-    overflows: dict[str, int]
-    output_bytes: int
-    verified: bool
-    seconds: float
+    @property
+    def output(self) -> Path: ...
+    @property
+    def dry_run(self) -> bool: ...
+    @property
+    def overflows(self) -> dict[str, int]: ...
+    @property
+    def output_bytes(self) -> int: ...
+    @property
+    def verified(self) -> bool: ...
+    @property
+    def seconds(self) -> float: ...
 
 
 def render_written(r: Written, dtype: str, how: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ import _compat_pickle
 import codecs
 import collections
 import contextvars
+import operator
 import pickle
 import pickletools
 import reprlib
@@ -702,72 +703,171 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
 
     Stops, finding nothing, where the stream ends or breaks: the unpickler stops there too.
     Long arguments (tensor bytes in old pickles) are skipped by seeking, never read.
+
+    Why the fast paths are exactly as strict as the generic step (``_GENERIC`` below, one
+    opcode by its pickletools layout and stack effect): every opcode byte maps, through
+    ``_FAST``, either to the generic step or to a fast kind derived from the same two tables
+    (``_fast_kinds``: same argument width, same pops and pushes), so an attacker cannot pick
+    an opcode the walk skips differently from the unpickler. Only the bounds checks move:
+    inside a window the walk reads ahead freely (``safe`` keeps a 9-byte margin: an opcode,
+    an 8-byte argument or a length prefix); at the end of the stream the window is padded
+    with NUL bytes (no opcode), so a truncated argument reads padding, and the walk returns
+    None as soon as it is past the real end, before judging anything the padding decided (a
+    forged PUT is reported only when its index lies wholly inside the stream). The tuple
+    limits are checked by the one ``_tuple_item`` for every tuple, flat items or not.
+    tests/test_fast_start.py checks this walk against the generic one, opcode for opcode.
     """
+    fast, widths, pops, u32 = _FAST_KIND, _FAST_WIDTH, _FAST_POPS, _U32
     layouts, effects = _LAYOUT_TABLE, _EFFECTS
     stack: list[tuple[int, int]] = []  # (tuple depth, expanded tuple size) per stack slot
     marks: list[int] = []  # stack lengths at each MARK
     memo: dict[int, tuple[int, int]] = {}
-    f.seek(start)
-    buf = f.read(_WALK_CHUNK)
-    base, i, count, end = start, 0, 0, len(buf)
+    flat = _FLAT
+    pos, count = start, 0  # pos: the stream offset of buf[0]
     while True:
-        if i + 9 > end:  # keep an opcode, a fixed argument and a length prefix in view
-            f.seek(base + i)
-            base, buf, i = base + i, f.read(_WALK_CHUNK), 0
-            end = len(buf)
-            if not end:
-                return None
-        code = buf[i]
-        layout = layouts[code]
-        if layout is None or code == _STOP:
+        f.seek(pos)
+        buf, eof = _window(f)
+        end = len(buf)
+        if not end:
             return None
-        i += 1
-        index = -1  # the memo index a PUT/GET names (-1: MEMOIZE, the next free one)
-        if layout >= 0:
-            if i + layout > end:
-                return None
-            if code in _BIN_MEMO:
-                index = int.from_bytes(buf[i : i + layout], "little")
-                if code in (_BINPUT, _LONG_BINPUT) and index > count:
-                    return ("BINPUT" if code == _BINPUT else "LONG_BINPUT", index, count)
-            i += layout
-        elif layout <= _ARG_LEN1:
-            width = _WIDTH[layout]
-            if i + width > end:
-                return None
-            n = int.from_bytes(buf[i : i + width], "little", signed=layout == _ARG_LEN4)
-            if n < 0:
-                return None
-            i += width + n  # past the buffer: the next refill seeks there
+        if eof:  # padding past the end: arguments read it, and the walk stops right after
+            buf += _PAD
+            safe = end
         else:
-            for _ in range(2 if layout == _ARG_TWO_LINES else 1):
-                nl = buf.find(b"\n", i)
-                while nl < 0:  # read on until the line ends
-                    if end - i > _MAX_LINE:
+            safe = end - 9
+        i = 0
+        while i < safe:
+            code = buf[i]
+            kind = fast[code]
+            if kind == 1:  # _K_PUSH: a fixed argument (or none); pushes one flat item
+                stack.append(flat)
+                i += widths[code]
+            elif kind == 2:  # _K_LONG_BINPUT
+                index = u32(buf, i + 1)[0]
+                if index > count:
+                    if i + 5 > end:
+                        return None  # the index runs past the stream: it ends here
+                    return ("LONG_BINPUT", index, count)
+                if stack:
+                    memo[index] = stack[-1]
+                i += 5
+            elif kind == 3:  # _K_BINGET
+                stack.append(memo.get(buf[i + 1], flat))
+                i += 2
+            elif kind == 4:  # _K_FIXED: a fixed argument (or none); pops some, pushes one
+                del stack[max(0, len(stack) - pops[code]) :]
+                stack.append(flat)
+                i += widths[code]
+            elif kind == 5:  # _K_MARK
+                marks.append(len(stack))
+                i += 1
+            elif kind == 6:  # _K_TUPLE: down to the mark
+                cut = marks.pop() if marks else 0
+                items, stack[cut:] = stack[cut:], []
+                stack.append(_tuple_item(items, code, count))
+                i += 1
+            elif kind == 7:  # _K_TUPLE_N: TUPLE1..3
+                below = pops[code]
+                items, stack[len(stack) - below :] = stack[len(stack) - below :], []
+                stack.append(_tuple_item(items, code, count))
+                i += 1
+            elif kind == 8:  # _K_STR4: BINUNICODE, BINBYTES: 4-byte length, pushes one
+                i += 5 + u32(buf, i + 1)[0]
+                stack.append(flat)
+            elif kind == 9:  # _K_STR1: SHORT_BINUNICODE and co: 1-byte length, pushes one
+                i += 2 + buf[i + 1]
+                stack.append(flat)
+            elif kind == 10:  # _K_BINPUT
+                index = buf[i + 1]
+                if index > count:
+                    if i + 2 > end:
                         return None
-                    more = f.read(_WALK_CHUNK)
-                    if not more:
-                        return None
-                    buf += more
-                    end = len(buf)
-                    nl = buf.find(b"\n", i)
-                line, i = buf[i:nl], nl + 1
-            if code in (_PUT, _GET):
-                try:
-                    index = int(line)
-                except ValueError:
+                    return ("BINPUT", index, count)
+                if stack:
+                    memo[index] = stack[-1]
+                i += 2
+            else:  # _GENERIC: every other opcode, by its layout and stack effect
+                layout = layouts[code]
+                if layout is None or code == _STOP:
                     return None
-                if code == _PUT and index > count:
-                    return ("PUT", index, count)
-        kind, below, pushes = effects[code]
-        if kind == _FX_PLAIN:  # the common case, inline
-            if below:
-                del stack[max(0, len(stack) - below) :]
-            if pushes:
-                stack.extend(_FLATS[pushes])
-        else:
-            _stack_effect(code, kind, below, index, stack, marks, memo, count)
-        count += 1
+                i += 1
+                index = -1  # the memo index a PUT/GET names (-1: MEMOIZE, the next free one)
+                if layout >= 0:
+                    if i + layout > end:
+                        return None
+                    if code in _BIN_MEMO:
+                        index = int.from_bytes(buf[i : i + layout], "little")
+                        if code in (_BINPUT, _LONG_BINPUT) and index > count:
+                            return ("BINPUT" if code == _BINPUT else "LONG_BINPUT", index, count)
+                    i += layout
+                elif layout <= _ARG_LEN1:
+                    width = _WIDTH[layout]
+                    if i + width > end:
+                        return None
+                    n = int.from_bytes(buf[i : i + width], "little", signed=layout == _ARG_LEN4)
+                    if n < 0:
+                        return None
+                    i += width + n  # past the window: the next refill seeks there
+                else:
+                    for _ in range(2 if layout == _ARG_TWO_LINES else 1):
+                        nl = buf.find(b"\n", i, end)
+                        while nl < 0:  # read on until the line ends
+                            if eof or end - i > _MAX_LINE:
+                                return None
+                            more, eof = _window(f)
+                            buf = buf[:end] + more
+                            end = len(buf)
+                            if eof:
+                                buf += _PAD
+                            safe = end if eof else end - 9
+                            nl = buf.find(b"\n", i, end)
+                        line, i = buf[i:nl], nl + 1
+                    if code in (_PUT, _GET):
+                        try:
+                            index = int(line)
+                        except ValueError:
+                            return None
+                        if code == _PUT and index > count:
+                            return ("PUT", index, count)
+                fx, fx_below, pushes = effects[code]
+                if fx == _FX_PLAIN:
+                    if fx_below:
+                        del stack[max(0, len(stack) - fx_below) :]
+                    if pushes:
+                        stack.extend(_FLATS[pushes])
+                else:
+                    _stack_effect(code, fx, fx_below, index, stack, marks, memo, count)
+            count += 1
+        if eof:
+            return None  # past the end of the stream without a STOP
+        pos += i
+
+
+def _window(f: Any) -> tuple[bytes, bool]:
+    """The next _WALK_CHUNK bytes of ``f`` (fewer at its end), and whether the stream ends."""
+    buf = f.read(_WALK_CHUNK)
+    while len(buf) < _WALK_CHUNK:
+        more = f.read(_WALK_CHUNK - len(buf))
+        if not more:
+            return buf, True
+        buf += more
+    return buf, False
+
+
+def _tuple_item(items: list[tuple[int, int]], code: int, count: int) -> tuple[int, int]:
+    """The (depth, size) of a tuple of ``items``; raise CorruptFile past the limits.
+
+    Depth 0 is a flat item (size 1) and only that, so the deepest item (the largest pair)
+    tells whether the sizes must be added up one by one."""
+    deepest = max(items)[0] if items else 0
+    size = 1 + (sum(map(_SIZE, items)) if deepest else len(items))
+    if deepest >= MAX_TUPLE_DEPTH or size > MAX_TUPLE_TREE:
+        raise CorruptFile(
+            f"opcode {count} ({_OPNAME[code]}) builds a tuple nested {deepest + 1} deep with "
+            f"{size} items expanded (limits {MAX_TUPLE_DEPTH} and {MAX_TUPLE_TREE}): "
+            "hashing it would crash the unpickler or never end"
+        )
+    return deepest + 1, size
 
 
 def _stack_effect(
@@ -857,6 +957,43 @@ _LAYOUTS = _arg_layouts()
 _LAYOUT_TABLE: list[int | None] = [_LAYOUTS.get(c) for c in range(256)]
 _EFFECTS = _stack_effects()
 _OPNAME = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+
+
+# the walk's fast kinds (see _forged_memo_put), each derived from the layout and effect tables
+_K_PUSH, _K_LONG_BINPUT, _K_BINGET, _K_FIXED, _K_MARK, _K_TUPLE, _K_TUPLE_N = range(1, 8)
+_K_STR4, _K_STR1, _K_BINPUT = range(8, 11)  # 0: the generic step
+_PAD = bytes(16)  # NUL is no opcode
+_U32 = struct.Struct("<I").unpack_from
+_SIZE = operator.itemgetter(1)
+
+
+def _fast_kinds() -> tuple[list[int], list[int], list[int]]:
+    """Per opcode byte: its fast kind (0: the generic step), the bytes it takes with its fixed
+    argument, the items it pops. Each from the layout and stack-effect tables, never by hand."""
+    kinds, widths, pops = [0] * 256, [0] * 256, [0] * 256
+    for code in range(256):
+        layout = _LAYOUT_TABLE[code]
+        if layout is None or code == _STOP:
+            continue
+        fx, below, pushes = _EFFECTS[code]
+        kind = 0
+        if code in _FAST_MEMO:
+            kind = _FAST_MEMO[code]
+        elif fx == _FX_MARK:
+            kind = _K_MARK
+        elif fx == _FX_TUPLE:
+            kind = _K_TUPLE if below < 0 else _K_TUPLE_N
+        elif fx == _FX_PLAIN and pushes == 1:
+            if layout >= 0:
+                kind = _K_PUSH if below == 0 else _K_FIXED
+            elif below == 0 and layout in (_ARG_LEN4U, _ARG_LEN1):
+                kind = _K_STR4 if layout == _ARG_LEN4U else _K_STR1
+        kinds[code], widths[code], pops[code] = kind, 1 + max(layout, 0), max(below, 0)
+    return kinds, widths, pops
+
+
+_FAST_MEMO = {_LONG_BINPUT: _K_LONG_BINPUT, _BINPUT: _K_BINPUT, _BINGET: _K_BINGET}
+_FAST_KIND, _FAST_WIDTH, _FAST_POPS = _fast_kinds()
 # the unpickler decodes text opcodes with these codecs: look them up now, not lazily while a
 # file is read
 for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):

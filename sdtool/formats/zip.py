@@ -28,7 +28,9 @@ EOCD64_SIG = b"PK\x06\x06"
 EOCD64_LOC_SIG = b"PK\x06\x07"
 CENTRAL_SIG = b"PK\x01\x02"
 LOCAL_SIG = b"PK\x03\x04"
-STORED, DEFLATED = 0, 8
+STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
+#: the compressed member methods a model loader may meet -> the codec that reads them
+METHODS: dict[int, str] = {DEFLATED: "deflate", BZIP2: "bzip2", LZMA: "zip-lzma"}
 MAX_MEMBERS = 10_000_000
 MAX_COMMENT = 0xFFFF
 
@@ -99,6 +101,14 @@ class ZipArchive:
 
     def __iter__(self) -> Iterator[ZipMember]:
         return iter(self.members.values())
+
+
+def lzma_header(raw: Any) -> tuple[Any, int]:
+    """An LZMA member's filter properties and where its raw LZMA stream starts: the member
+    data begins with a 2-byte version, a 2-byte properties size, then the properties."""
+    head = bytes(raw[:4])
+    psize = int.from_bytes(head[2:4], "little") if len(head) == 4 else 0
+    return raw[4 : 4 + psize], 4 + psize
 
 
 def _u(fmt: str, buf: bytes, off: int) -> tuple[int, ...]:

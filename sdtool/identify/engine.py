@@ -20,6 +20,8 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Any
 
 from sdtool.identify import keysets as K
@@ -264,18 +266,34 @@ Candidate = tuple[str, str, bool]  # signature id, prefix, via alias
 
 
 def _candidates(tensors: dict[str, TensorInfo]) -> Counter[Candidate]:
-    """How many keys each (signature, prefix) explains: every key is split at each dot."""
-    index = K.component_index()
+    """How many keys each (signature, prefix) explains: every key is split at each dot.
+
+    The tails are taken a dot at a time for all keys at once (``str.partition`` over the
+    list, in C), and only the tails some signature knows are counted, in the order key by
+    key, shortest prefix first, as splitting each key in turn would."""
+    keys = list(tensors)
+    numbers, tails = list(range(len(keys))), keys
+    levels: list[tuple[list[int], list[str]]] = []  # per dots dropped: (key numbers, tails)
+    while tails:
+        levels.append((numbers, tails))
+        parts = list(map(str.partition, tails, repeat(".")))
+        split = list(map(bool, map(_SEP, parts)))
+        numbers, tails = list(compress(numbers, split)), list(compress(map(_REST, parts), split))
+    index = K.index_for(set().union(*(t for _, t in levels)))
+    known = sorted(
+        (n, level, tail)
+        for level, (numbers, tails) in enumerate(levels)
+        for n, tail in compress(zip(numbers, tails, strict=True), map(index.__contains__, tails))
+    )
     counts: Counter[Candidate] = Counter()
-    for key in tensors:
-        pos = -1
-        while True:
-            for sid, alias in index.get(key[pos + 1 :], ()):
-                counts[(sid, key[: pos + 1], alias)] += 1
-            pos = key.find(".", pos + 1)
-            if pos < 0:
-                break
+    for n, _, tail in known:
+        prefix = keys[n][: len(keys[n]) - len(tail)]
+        for sid, alias in index[tail]:
+            counts[(sid, prefix, alias)] += 1
     return counts
+
+
+_SEP, _REST = itemgetter(1), itemgetter(2)
 
 
 def _full_key(sig: K.Signature, prefix: str, rel: str, alias: bool) -> str:

@@ -11,6 +11,7 @@ import gzip
 import json
 from dataclasses import dataclass
 from functools import cache, cached_property
+from itertools import filterfalse
 from pathlib import Path
 
 from sdtool.identify.tables import COMPONENTS, OPTIONAL_AT, ComponentMeta, Shape
@@ -28,7 +29,7 @@ class Signature:
 
     @cached_property
     def required(self) -> tuple[str, ...]:
-        return tuple(k for k in self.keys if k not in self.optional)
+        return tuple(filterfalse(self.optional.__contains__, self.keys))
 
     @cached_property
     def shapes(self) -> dict[str, dict[str, Shape]]:
@@ -69,7 +70,9 @@ def optional_at(sid: str, prefix: str) -> frozenset[str]:
 
 @cache
 def component_index() -> dict[str, list[tuple[str, bool]]]:
-    """relative key -> [(signature id, via alias)]: how any file key is traced to components."""
+    """relative key -> [(signature id, via alias)]: how any file key is traced to components.
+
+    The whole index (50,000 keys); a file needs only ``index_for`` its own keys' tails."""
     index: dict[str, list[tuple[str, bool]]] = {}
     for sid, sig in signatures().items():
         for key in sig.keys:
@@ -77,4 +80,28 @@ def component_index() -> dict[str, list[tuple[str, bool]]]:
             for old, new in sig.meta.aliases:
                 if key.startswith(old):
                     index.setdefault(new + key[len(old) :], []).append((sid, True))
+    return index
+
+
+def index_for(tails: set[str]) -> dict[str, list[tuple[str, bool]]]:
+    """``component_index()`` cut down to the relative keys in ``tails``: the same lists, in the
+    same order, without building the whole index (a file has some thousand tails; the index,
+    50,000 keys, took more time to build than the rest of identification).
+
+    A signature's keys are distinct (tests/test_identify.py), so a signature adds one
+    ``(id, False)`` per key in ``tails``: a set intersection, in C. Aliased keys (one signature)
+    go the long way, in key order, as ``component_index`` does."""
+    index: dict[str, list[tuple[str, bool]]] = {}
+    for sid, sig in signatures().items():
+        if sig.meta.aliases:
+            for key in sig.keys:
+                if key in tails:
+                    index.setdefault(key, []).append((sid, False))
+                for old, new in sig.meta.aliases:
+                    if key.startswith(old) and (alias := new + key[len(old) :]) in tails:
+                        index.setdefault(alias, []).append((sid, True))
+            continue
+        entry = (sid, False)
+        for key in tails.intersection(sig.keys):
+            index.setdefault(key, []).append(entry)
     return index

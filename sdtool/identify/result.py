@@ -6,10 +6,10 @@ Rendering them for people lives in ``sdtool/cli``; these objects only hold facts
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from sdtool.identify import tables as T
-from sdtool.results import Result
+from sdtool.results import JsonKey, Result, head, json_key
 
 SCHEMA = "sdtool.identify/2"
 LIST_LIMIT = 10  # missing keys / mismatches listed per component in JSON
@@ -26,6 +26,15 @@ class ShapeMismatch(Result):
 @dataclass(frozen=True)
 class ComponentMatch(Result):
     """One component found in the file: where, how complete, and what does not fit."""
+
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "name", "signature", "label", "role", "layout", "prefix", "found", "expected",
+        ("tensors", "keys", len), "complete", ("by_markers", "family"),
+        ("missing_count", "missing", len), ("missing", "missing", head(LIST_LIMIT)),
+        ("extra_count", "extra", len), ("extra", "extra", head(LIST_LIMIT)),
+        ("shape_profile", "profile"), ("mismatch_count", "mismatches", len),
+        ("shape_mismatches", "mismatches", head(LIST_LIMIT)),
+    )  # fmt: skip
 
     name: str  # "unet", "vae", "clip-l", "wan", "ema" ...
     signature: str  # the key-set signature or family id ("unet-ldm", "openclip-g", "wan" ...)
@@ -51,31 +60,6 @@ class ComponentMatch(Result):
     def fraction(self) -> float:
         return self.found / self.expected if self.expected else 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "signature": self.signature,
-            "label": self.label,
-            "role": self.role,
-            "layout": self.layout,
-            "prefix": self.prefix,
-            "found": self.found,
-            "expected": self.expected,
-            "tensors": len(self.keys),
-            "complete": self.complete,
-            "by_markers": self.family,
-            "missing_count": len(self.missing),
-            "missing": list(self.missing[:LIST_LIMIT]),
-            "extra_count": len(self.extra),
-            "extra": list(self.extra[:LIST_LIMIT]),
-            "shape_profile": self.profile,
-            "mismatch_count": len(self.mismatches),
-            "shape_mismatches": [
-                {"key": m.key, "shape": list(m.shape), "expected": list(m.expected)}
-                for m in self.mismatches[:LIST_LIMIT]
-            ],
-        }
-
 
 @dataclass(frozen=True)
 class LoraInfo(Result):
@@ -83,7 +67,8 @@ class LoraInfo(Result):
 
     flavour: str
     factors: dict[str, int]  # flavour -> tensors
-    ranks: dict[int, int]  # rank -> modules
+    #: rank -> modules
+    ranks: dict[int, int] = field(metadata=json_key(as_=lambda r: dict(sorted(r.items()))))
     alphas: tuple[str, ...]  # from metadata (ss_network_alpha); .alpha tensor values are not read
     alpha_tensors: int
     modules: dict[str, int]  # "unet" / "te1" / "te2" / "te3" / "other" -> modules
@@ -91,20 +76,6 @@ class LoraInfo(Result):
     network: dict[str, str]  # kohya ss_network_* metadata, when present
     trainer: str | None = None  # "kohya sd-scripts", "ai-toolkit", "XLabs" ... when it tells
     trainer_source: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "flavour": self.flavour,
-            "factors": self.factors,
-            "ranks": {str(k): v for k, v in sorted(self.ranks.items())},
-            "alphas": list(self.alphas),
-            "alpha_tensors": self.alpha_tensors,
-            "modules": self.modules,
-            "tokens": list(self.tokens),
-            "network": self.network,
-            "trainer": self.trainer,
-            "trainer_source": self.trainer_source,
-        }
 
 
 @dataclass(frozen=True)
@@ -116,29 +87,30 @@ class EmbeddingInfo(Result):
     dims: tuple[int, ...]
     tokens: dict[str, list[int]]  # tensor name -> shape
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "layout": self.layout,
-            "vectors": self.vectors,
-            "dims": list(self.dims),
-            "tokens": self.tokens,
-        }
-
 
 @dataclass(frozen=True)
 class Quantization(Result):
     """How the file's weights are quantized, told by side-tensor names or element types."""
 
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = ("schemes", ("tensors", "keys", len))
+
     schemes: dict[str, int]  # scheme -> side tensors (or quantized tensors for a dtype scheme)
     keys: tuple[str, ...]  # the side tensors (scales, packing state): not weights, not unknown
-
-    def to_json(self) -> dict[str, Any]:
-        return {"schemes": self.schemes, "tensors": len(self.keys)}
 
 
 @dataclass(frozen=True)
 class Identity(Result):
     """The answer. ``to_json`` is the stable schema (docs/identify.md)."""
+
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "kind", "architecture", "architecture_label", "architecture_source", "variant", "model",
+        ("prediction", "prediction_record"), "ema", "precision", "quantization",
+        ("pruning", "pruning_record"), "components", "markers", "training_state",
+        ("unknown_count", "unknown_keys", len), ("unknown_keys", "unknown_keys",
+        head(UNKNOWN_LIMIT)), "lora", "embedding", "hypernetwork", ("nearest", "nearest_record"),
+        "notes",
+    )  # fmt: skip
 
     kind: str
     architecture: str | None = None
@@ -186,38 +158,23 @@ class Identity(Result):
         """
         return dict(self.ownership)
 
-    # -- output ---------------------------------------------------------------------------------
+    # -- output: records of the JSON document ---------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def prediction_record(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
-            "kind": self.kind,
-            "architecture": self.architecture,
-            "architecture_label": self.architecture_label,
-            "architecture_source": self.architecture_source,
-            "variant": self.variant,
-            "model": self.model,
-            "prediction": {
-                "type": self.prediction,
-                "source": self.prediction_source,
-                "heuristic": self.prediction_heuristic,
-            },
-            "ema": self.ema,
-            "precision": self.precision,
-            "quantization": self.quantization.to_json() if self.quantization else None,
-            "pruning": {"state": self.pruning, "note": self.pruning_note},
-            "components": [c.to_json() for c in self.components],
-            "markers": self.markers,
-            "training_state": list(self.training_state),
-            "unknown_count": len(self.unknown_keys),
-            "unknown_keys": list(self.unknown_keys[:UNKNOWN_LIMIT]),
-            "lora": self.lora.to_json() if self.lora else None,
-            "embedding": self.embedding.to_json() if self.embedding else None,
-            "hypernetwork": self.hypernetwork,
-            "nearest": (
-                {"match": self.nearest, "reason": self.nearest_reason}
-                if self.kind == "unknown"
-                else None
-            ),
-            "notes": list(self.notes),
+            "type": self.prediction,
+            "source": self.prediction_source,
+            "heuristic": self.prediction_heuristic,
         }
+
+    @property
+    def pruning_record(self) -> dict[str, Any]:
+        return {"state": self.pruning, "note": self.pruning_note}
+
+    @property
+    def nearest_record(self) -> dict[str, Any] | None:
+        """The nearest known architecture, for an unknown file only."""
+        if self.kind != "unknown":
+            return None
+        return {"match": self.nearest, "reason": self.nearest_reason}

@@ -21,9 +21,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from sdtool.model import ModelFile, TensorInfo
 from sdtool.vocab import Progress
 from sdtool.write.cast import _f32_to_f16, cast
 from sdtool.write.plan import OutTensor
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 #: elements per piece of an elementwise computation (1 MiB of float32 per input: a piece of
 #: every input stays in a core's cache between the conversion and the arithmetic)
@@ -416,13 +419,9 @@ class Overflows:
                 self.counts[name] = n
 
 
-class Written(Protocol):
-    """The fields every arithmetic result shares about its output."""
-
-    overflows: dict[str, int]
-    output_bytes: int
-    verified: bool
-    seconds: float
+#: a frozen arithmetic result: a dataclass with ``overflows``, ``output_bytes``, ``verified``
+#: and ``seconds`` fields about its output
+Written = TypeVar("Written", bound="DataclassInstance")
 
 
 def write_result(
@@ -436,9 +435,10 @@ def write_result(
     verify: bool,
     overflows: Overflows | None = None,
     progress: Progress | None = None,
-) -> None:
-    """Write ``plan`` to ``out`` (sdtool's atomic writer) and fill ``result``'s output fields:
-    the overflows (the computed tensors' and the writer's casts'), size, verification, time."""
+) -> Written:
+    """Write ``plan`` to ``out`` (sdtool's atomic writer); ``result`` with its output fields
+    filled: the overflows (the computed tensors' and the writer's casts'), size, verification,
+    time."""
     from sdtool.write import write_model
 
     w = write_model(
@@ -450,7 +450,10 @@ def write_result(
         on_overflow="fail" if overflows is None else overflows.on_overflow,
         progress=progress,
     )
-    result.overflows = {**(overflows.counts if overflows else {}), **w.overflows}
-    result.output_bytes = w.nbytes
-    result.verified = w.verified
-    result.seconds = time.perf_counter() - t0
+    return replace(
+        result,
+        overflows={**(overflows.counts if overflows else {}), **w.overflows},
+        output_bytes=w.nbytes,
+        verified=w.verified,
+        seconds=time.perf_counter() - t0,
+    )

@@ -133,7 +133,7 @@ class Resume:
             "result": result,
             "written": os.path.abspath(path),
         }
-        self.cache.put(OUTPUT_KIND, before.key, self._version(dst), doc)
+        self.cache.put(OUTPUT_KIND, before.key, self._version(dst), doc, src)
         return sha
 
 

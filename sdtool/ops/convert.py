@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sdtool.cache import default_dir
 from sdtool.errors import SdtoolError, UsageError
@@ -29,7 +29,7 @@ from sdtool.formats.open import opened
 from sdtool.model import ModelFile, tensor_leaves, to_plain
 from sdtool.ops.batch import Resume, Runner, options_digest, record_from_json, run_batch, run_one
 from sdtool.ops.outname import derived
-from sdtool.results import Result
+from sdtool.results import JsonKey, Result, json_key, rounded
 from sdtool.vocab import TO_SUFFIX, Format, Progress, dtype_name
 from sdtool.write import (
     OUT_FORMATS,
@@ -104,13 +104,8 @@ class ConvertResult(Result):
     notes: list[str] = field(default_factory=list)
     metadata_keys: list[str] = field(default_factory=list)
     verified: bool = False
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
     output_sha256: str | None = None  # when computed (--resume records it)
-
-    def to_json(self) -> dict[str, Any]:
-        d = super().to_json()
-        d["seconds"] = round(self.seconds, 3)
-        return d
 
 
 def parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
@@ -193,14 +188,15 @@ def convert(
         >>> r = convert("model.ckpt", "model.safetensors", dtype="fp16", verify=True)
         >>> print(r.tensors, r.output_bytes)
     """
-    from sdtool.ops.prune import PruneOptions, plan_prune
-
     t0 = time.perf_counter()
     opts = options_from(ConvertOptions, options, changes)
     src_path = src.path if isinstance(src, ModelFile) else Path(src)
     out = derived(src_path, out, [dtype_name(opts.dtype.code) if opts.dtype else ""])
     if out.suffix.lower() == ".gguf" or opts.quant is not None:
         return _convert_gguf(src, out, opts, t0)
+    # here, not at the top: GGUF export needs no identify tables (~30 ms of start-up)
+    from sdtool.ops.prune import PruneOptions, plan_prune
+
     output_format(out)  # refuse a bad extension before reading anything
     with opened(src, key=opts.key) as m:
         if not m.tensors:
@@ -370,6 +366,9 @@ class Ignored(Result):
 class BatchResult(Result):
     """Every file's result, in input order, and the folder files left out."""
 
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = ("results", "summary", "ignored")
+
     results: list[ConvertResult]
     ignored: list[Ignored] = field(default_factory=list)
 
@@ -380,21 +379,18 @@ class BatchResult(Result):
     def failed(self) -> int:
         return self.count("failed")
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def summary(self) -> dict[str, int]:
+        """Files per status, files left out, and the converted files' bytes in and out."""
         done = [r for r in self.results if r.status == "converted"]
         return {
-            "schema": SCHEMA,
-            "results": [r.to_json() for r in self.results],
-            "summary": {
-                "converted": len(done),
-                "skipped": self.count("skipped"),
-                "resumed": self.count("resumed"),
-                "failed": self.failed,
-                "ignored": len(self.ignored),
-                "input_bytes": sum(r.input_bytes for r in done),
-                "output_bytes": sum(r.output_bytes for r in done),
-            },
-            "ignored": [i.to_json() for i in self.ignored],
+            "converted": len(done),
+            "skipped": self.count("skipped"),
+            "resumed": self.count("resumed"),
+            "failed": self.failed,
+            "ignored": len(self.ignored),
+            "input_bytes": sum(r.input_bytes for r in done),
+            "output_bytes": sum(r.output_bytes for r in done),
         }
 
 

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from sdtool.aligned import PageBuffer
 from sdtool.errors import TruncatedFile, UnsupportedDtype
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
-from sdtool.results import Result
+from sdtool.results import JsonKey, Result, json_key
 from sdtool.vocab import Progress
 from sdtool.write.stream import SourceFds
 
@@ -52,8 +52,15 @@ STATUSES: dict[str, str] = {
 }
 
 
+def json_number(x: float | int | None) -> float | int | str | None:
+    """JSON has no infinity: an infinite difference is the string ``"inf"``."""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return x
+
+
 @dataclass
-class TensorDiff:
+class TensorDiff(Result):
     """How one tensor name compares between A and B."""
 
     name: str
@@ -66,7 +73,8 @@ class TensorDiff:
     changed: int | None = 0  # elements whose bits differ (after the cast when dtypes differ);
     # None: the tensor differs, elements not counted (``fast``)
     nan_mismatch: int = 0  # elements NaN on exactly one side
-    max_abs_diff: float | int | None = None  # over compared elements; None: not compared
+    #: over compared elements; None: not compared
+    max_abs_diff: float | int | None = field(default=None, metadata=json_key(as_=json_number))
 
     @property
     def counted_as(self) -> str:
@@ -76,24 +84,17 @@ class TensorDiff:
             return "changed"
         return self.status
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "dtype_a": self.dtype_a,
-            "dtype_b": self.dtype_b,
-            "shape_a": None if self.shape_a is None else list(self.shape_a),
-            "shape_b": None if self.shape_b is None else list(self.shape_b),
-            "numel": self.numel,
-            "changed": self.changed,
-            "nan_mismatch": self.nan_mismatch,
-            "max_abs_diff": _json_number(self.max_abs_diff),
-        }
-
 
 @dataclass(frozen=True)
 class DiffResult(Result):
     """The comparison of two files; ``tensors`` in A's order, then B's extra names."""
+
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        ("a", "side_a"), ("b", "side_b"), "identical", "dtype_tolerant", "fast", "counts",
+        "changed_elements", ("max_abs_diff", "max_abs_diff", json_number),
+        ("metadata", "metadata_changes"), "tensors",
+    )  # fmt: skip
 
     a: Path
     b: Path
@@ -137,32 +138,26 @@ class DiffResult(Result):
             return False
         return True
 
-    def to_json(self) -> dict[str, Any]:
-        """The documented --json record (docs/diff.md)."""
+    @property
+    def side_a(self) -> dict[str, Any]:
+        return {"path": self.a, "format": self.format_a}
+
+    @property
+    def side_b(self) -> dict[str, Any]:
+        return {"path": self.b, "format": self.format_b}
+
+    @property
+    def changed_elements(self) -> int | None:
+        """Elements whose bits differ over all tensors (None when ``fast`` did not count)."""
+        return None if self.fast else sum(t.changed or 0 for t in self.tensors)
+
+    @property
+    def metadata_changes(self) -> dict[str, list[str]]:
         return {
-            "schema": SCHEMA,
-            "a": {"path": os.fspath(self.a), "format": self.format_a},
-            "b": {"path": os.fspath(self.b), "format": self.format_b},
-            "identical": self.identical,
-            "dtype_tolerant": self.dtype_tolerant,
-            "fast": self.fast,
-            "counts": self.counts,
-            "changed_elements": None if self.fast else sum(t.changed or 0 for t in self.tensors),
-            "max_abs_diff": _json_number(self.max_abs_diff),
-            "metadata": {
-                "a_only": self.metadata_a_only,
-                "b_only": self.metadata_b_only,
-                "changed": self.metadata_changed,
-            },
-            "tensors": [t.to_json() for t in self.tensors],
+            "a_only": self.metadata_a_only,
+            "b_only": self.metadata_b_only,
+            "changed": self.metadata_changed,
         }
-
-
-def _json_number(x: float | int | None) -> float | int | str | None:
-    """JSON has no infinity: an infinite difference is the string ``"inf"``."""
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    return x
 
 
 def diff(

@@ -285,10 +285,10 @@ def hash_cached(
     if unchanged:
         sha = (result.hashes.get("sha256") or "").lower()
         if sha:
-            cache.put_sha256(ident, sha)
+            cache.put_sha256(ident, sha, p)
         record = record_text(result.size, result.safetensors, result.hashes, result.notes)
         for key in dict.fromkeys(k for k in (sha or known, ident.key) if k):
-            cache.put_text(CACHE_KIND, key, __version__, record)
+            cache.put_text(CACHE_KIND, key, __version__, record, p)
     return result, False
 
 

@@ -6,6 +6,7 @@ The report is a plain result object; ``to_json`` is the documented, stable schem
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,13 +22,13 @@ from sdtool.model import (
     tensor_leaves,
     to_plain,
 )
-from sdtool.results import Result, json_key, named
+from sdtool.results import JsonKey, Result, json_key, named
 from sdtool.scan.classify import classify_global
 
 SCHEMA = "sdtool.inspect/3"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Bucket(Result):
     """Tensors, parameters and bytes of one group."""
 
@@ -35,10 +36,19 @@ class Bucket(Result):
     parameters: int = 0
     bytes: int = 0
 
-    def add(self, t: TensorInfo) -> None:
-        self.tensors += 1
-        self.parameters += t.numel
-        self.bytes += t.nbytes
+    @classmethod
+    def of(cls, infos: Iterable[TensorInfo]) -> Bucket:
+        """The bucket of these tensors."""
+        n = params = size = 0
+        for t in infos:
+            n, params, size = n + 1, params + t.numel, size + t.nbytes
+        return cls(n, params, size)
+
+
+def _buckets(groups: dict[str, list[TensorInfo]]) -> dict[str, Bucket]:
+    """Each group's bucket, largest first."""
+    out = {k: Bucket.of(v) for k, v in groups.items()}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1].bytes))
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class InspectReport(Result):
     """What ``inspect`` found; ``to_json`` is the documented schema (docs/inspect.md)."""
 
     JSON_SCHEMA: ClassVar[str | None] = SCHEMA
-    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
         "path", "format", "file_size", "totals", "dtypes", "components", "metadata", "extra",
         "other_tensors", "container", "globals", "identity", "filter", "tensors",
     )  # fmt: skip
@@ -105,18 +115,14 @@ def inspect_model(
     model: ModelFile, *, tensors: bool = False, filter: str | None = None, identify: bool = True
 ) -> InspectReport:
     """Summarise an opened model (never reads tensor bytes)."""
-    totals, other = Bucket(), Bucket()
-    by_dtype: dict[str, Bucket] = {}
-    by_comp: dict[str, Bucket] = {}
+    by_dtype: dict[str, list[TensorInfo]] = {}
+    by_comp: dict[str, list[TensorInfo]] = {}
     identity = identify_model(model) if identify else None
     # one ownership of keys: identify's (so this table and "components: ..." agree)
     owners = identity.owners() if identity is not None else {}
     for name, t in model.tensors.items():
-        totals.add(t)
-        by_dtype.setdefault(t.type_code, Bucket()).add(t)
-        by_comp.setdefault(owners.get(name, "unknown"), Bucket()).add(t)
-    for t in tensor_leaves(model.extra):
-        other.add(t)
+        by_dtype.setdefault(t.type_code, []).append(t)
+        by_comp.setdefault(owners.get(name, "unknown"), []).append(t)
     listed = (
         [
             (n, t)
@@ -136,12 +142,12 @@ def inspect_model(
         path=model.path,
         format=model.format,
         file_size=model.file_size,
-        totals=totals,
-        dtypes=dict(sorted(by_dtype.items(), key=lambda kv: -kv[1].bytes)),
-        components=dict(sorted(by_comp.items(), key=lambda kv: -kv[1].bytes)),
+        totals=Bucket.of(model.tensors.values()),
+        dtypes=_buckets(by_dtype),
+        components=_buckets(by_comp),
         metadata=model.metadata,
         extra=to_plain(model.extra),
-        other_tensors=other,
+        other_tensors=Bucket.of(tensor_leaves(model.extra)),
         container=model.container,
         globals=globals_,
         tensors=listed,

@@ -23,9 +23,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from sdtool.formats.open import open_model
 from sdtool.layouts import Mapping, components, family_name, keymap, op_shape, part_rows
 from sdtool.layouts import configs as C
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
+from sdtool.results import Result, json_key, rounded, rows
 from sdtool.write import OutTensor, write_model
 
 EXTRAS = "single_file_extras.safetensors"
@@ -45,39 +46,27 @@ NO_SLOT = ("embeddings.position_ids",)
 COMPONENT_NAMES = {"text-encoder": "text_encoder", "text-encoder-2": "text_encoder_2"}
 
 
-@dataclass
-class LayoutResult:
+@dataclass(frozen=True)
+class LayoutResult(Result):
     """What a layout conversion wrote (or would write, for a dry run)."""
 
-    input: Path
+    JSON_SCHEMA: ClassVar[str | None] = "sdtool.layout/1"
+
+    input: Path = field(metadata=json_key("path"))
     output: Path
     direction: str  # to_diffusers | to_single
     family: str
     files: dict[str, int] = field(default_factory=dict)  # relative path -> tensors
-    mapping: list[tuple[str, str, str]] = field(default_factory=list)  # source, target, how
+    #: source, target, how
+    mapping: list[tuple[str, str, str]] = field(
+        default_factory=list, metadata=json_key(as_=rows("source", "target", "how"))
+    )
     extras: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     output_bytes: int = 0
     verified: bool = False
     dry_run: bool = False
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": "sdtool.layout/1",
-            "path": os.fspath(self.input),
-            "output": os.fspath(self.output),
-            "direction": self.direction,
-            "family": self.family,
-            "files": self.files,
-            "mapping": [{"source": s, "target": t, "how": h} for s, t, h in self.mapping],
-            "extras": self.extras,
-            "notes": self.notes,
-            "output_bytes": self.output_bytes,
-            "verified": self.verified,
-            "dry_run": self.dry_run,
-            "seconds": round(self.seconds, 3),
-        }
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
 
 
 # -- family detection ---------------------------------------------------------------------------
@@ -322,8 +311,8 @@ def to_diffusers(
                 extras.append(key)
                 continue
             per[comp][key] = maps  # type: ignore[index]
-            res.mapping += [(key, f"{comp}/{m_.target}", _how([m_])) for m_ in maps]
-        res.extras = extras
+            res.mapping.extend((key, f"{comp}/{m_.target}", _how([m_])) for m_ in maps)
+        res.extras.extend(extras)
         present = {c for c, maps in per.items() if maps}
         for comp in components(fam):
             if comp not in present:
@@ -347,9 +336,9 @@ def to_diffusers(
                 )
             )
         if dry_run:
-            res.seconds = time.perf_counter() - t0
-            return res
+            return replace(res, seconds=time.perf_counter() - t0)
         folder = _FolderOutput(out_dir, overwrite)
+        output_bytes = 0
         transformer_shapes: dict[str, tuple[int, ...]] | None = None
         try:
             for comp in sorted(present):
@@ -365,7 +354,7 @@ def to_diffusers(
                 rel = f"{comp}/{WEIGHTS[lib[0]]}"
                 n, size = _write(plan, folder.tmp / rel, {"format": "pt"}, verify, max_shard_size)
                 res.files[rel] = n
-                res.output_bytes += size
+                output_bytes += size
             if fam in ("sd3", "sd3.5-large", "flux"):
                 sched = C.flow_scheduler(fam, transformer_shapes)
             else:
@@ -383,14 +372,13 @@ def to_diffusers(
                 plan = [OutTensor(t.name, t.source, t.info, t.info.dtype) for t in plan]
                 n, size = _write(plan, folder.tmp / EXTRAS, meta, verify, None)
                 res.files[EXTRAS] = n
-                res.output_bytes += size
+                output_bytes += size
             folder.commit()
         except BaseException:
             folder.abort()
             raise
-        res.verified = verify
-        res.seconds = time.perf_counter() - t0
-        return res
+        seconds = time.perf_counter() - t0
+        return replace(res, output_bytes=output_bytes, verified=verify, seconds=seconds)
 
 
 #: files a tokenizer folder needs, by transformers class (any one group suffices)
@@ -570,9 +558,9 @@ def to_single(
                     path=s.model.path,
                 )
             plan += build_component_plan(s.model, maps)
-            res.mapping += [
+            res.mapping.extend(
                 (f"{s.component}/{k}", ms[0].target, _how(ms)) for k, ms in maps.items()
-            ]
+            )
         meta: dict[str, str] = {"format": "pt"}
         if extras is not None:
             for k in extras.tensors:
@@ -582,14 +570,11 @@ def to_single(
         if not plan:
             raise UsageError("nothing to write: no component found", path=src)
         if dry_run:
-            res.seconds = time.perf_counter() - t0
-            return res
+            return replace(res, seconds=time.perf_counter() - t0)
         w = write_model(plan, out, metadata=meta, overwrite=overwrite, verify=verify)
         res.files[out.name] = w.tensors
-        res.output_bytes = w.nbytes
-        res.verified = w.verified
-        res.seconds = time.perf_counter() - t0
-        return res
+        seconds = time.perf_counter() - t0
+        return replace(res, output_bytes=w.nbytes, verified=w.verified, seconds=seconds)
     except SdtoolError:
         raise
     finally:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -55,6 +55,7 @@ from sdtool.layouts import family_name, keymap, part_rows
 from sdtool.layouts import lora as T
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
 from sdtool.ops.lora.names import LoraModule, parse_lora
+from sdtool.results import Result, json_key, rounded, rows
 from sdtool.write import OutTensor, write_model
 
 MAIN = {"sd3": "transformer", "sd3.5-large": "transformer", "flux": "transformer"}
@@ -67,17 +68,22 @@ _FACTOR_PAIRS = {
 _PEFT_SIDE = {"kohya": 0, "comfy": 0, "diffusers": 1, "peft": 1, "ai-toolkit": 1}
 
 
-@dataclass
-class LoraFormatResult:
+@dataclass(frozen=True)
+class LoraFormatResult(Result):
     """What ``convert_lora_format`` wrote (or would, for a dry run)."""
 
-    input: Path
+    JSON_SCHEMA: ClassVar[str | None] = "sdtool.lora-format/1"
+
+    input: Path = field(metadata=json_key("path"))
     output: Path
     family: str
-    to: str
+    to: str = field(metadata=json_key("lora_format"))
     modules: int = 0
     written: int = 0
-    mapping: list[tuple[str, str]] = field(default_factory=list)  # old stem -> new stem
+    #: old stem -> new stem
+    mapping: list[tuple[str, str]] = field(
+        default_factory=list, metadata=json_key(as_=rows("source", "target"))
+    )
     split: list[str] = field(default_factory=list)  # fused input modules written as parts
     fused: list[str] = field(default_factory=list)  # output modules joined from parts
     rank_grown: dict[str, tuple[int, int]] = field(default_factory=dict)  # new: (part, fused)
@@ -85,27 +91,7 @@ class LoraFormatResult:
     output_bytes: int = 0
     verified: bool = False
     dry_run: bool = False
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": "sdtool.lora-format/1",
-            "path": str(self.input),
-            "output": str(self.output),
-            "family": self.family,
-            "lora_format": self.to,
-            "modules": self.modules,
-            "written": self.written,
-            "mapping": [{"source": a, "target": b} for a, b in self.mapping],
-            "split": self.split,
-            "fused": self.fused,
-            "rank_grown": {k: list(v) for k, v in self.rank_grown.items()},
-            "notes": self.notes,
-            "output_bytes": self.output_bytes,
-            "verified": self.verified,
-            "dry_run": self.dry_run,
-            "seconds": round(self.seconds, 3),
-        }
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
 
 
 # -- pieces: output tensors as exact views of input tensors ----------------------------------
@@ -714,15 +700,16 @@ def convert_lora_format(
                 f"{target}: its parts have different down factors, so the fused module has "
                 f"them stacked (rank {a} per part -> {b}, block-diagonal up; exact, larger)"
             )
-        res.written = len(mods)
         if dry_run:
-            res.seconds = time.perf_counter() - t0
-            return res
+            return replace(res, written=len(mods), seconds=time.perf_counter() - t0)
         w = write_model(plan, out, metadata=meta, overwrite=overwrite, verify=verify)
-        res.output_bytes = w.nbytes
-        res.verified = w.verified
-        res.seconds = time.perf_counter() - t0
-        return res
+        return replace(
+            res,
+            written=len(mods),
+            output_bytes=w.nbytes,
+            verified=w.verified,
+            seconds=time.perf_counter() - t0,
+        )
 
 
 def _plan(

@@ -43,11 +43,11 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -68,6 +68,7 @@ from sdtool.ops.arith import (
     run_pieces,
     write_result,
 )
+from sdtool.results import JsonKey, Result, json_key, rounded
 from sdtool.vocab import CASTABLE, MERGE_METHODS, Progress, cast_target, parse_dtype
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
@@ -299,9 +300,16 @@ class KeyPlan:
     region: tuple[int, ...] | None = None  # merge-slice: the merged leading region
 
 
-@dataclass
-class MergeResult:
+@dataclass(frozen=True)
+class MergeResult(Result):
     """What ``merge`` did (or, with ``dry_run``, would do). ``to_json`` is docs/merge.md's."""
+
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "inputs", "output", "method", "alpha", "density", "seed", "dtype", "block_weights",
+        "dry_run", "counts", "keys", "skipped", "overflows", "recipe", "notes", "output_bytes",
+        "verified", "seconds",
+    )  # fmt: skip
 
     inputs: list[Path]
     output: Path
@@ -319,45 +327,12 @@ class MergeResult:
     dry_run: bool = False
     output_bytes: int = 0
     verified: bool = False
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
 
     @property
     def counts(self) -> dict[str, int]:
         c = Counter(k.rule for k in self.keys)
         return {r: c[r] for r in RULES if c[r]}
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "inputs": [str(p) for p in self.inputs],
-            "output": str(self.output),
-            "method": self.method,
-            "alpha": self.alpha,
-            "density": self.density,
-            "seed": self.seed,
-            "dtype": self.dtype,
-            "block_weights": self.block_weights,
-            "dry_run": self.dry_run,
-            "counts": self.counts,
-            "keys": [
-                {
-                    "name": k.name,
-                    "rule": k.rule,
-                    "reason": k.reason,
-                    "alpha": k.alpha,
-                    "block": k.block,
-                    "region": list(k.region) if k.region is not None else None,
-                }
-                for k in self.keys
-            ],
-            "skipped": self.skipped,
-            "overflows": self.overflows,
-            "recipe": self.recipe,
-            "notes": self.notes,
-            "output_bytes": self.output_bytes,
-            "verified": self.verified,
-            "seconds": round(self.seconds, 3),
-        }
 
 
 def plan_keys(
@@ -763,8 +738,7 @@ def merge(
             dry_run=dry_run,
         )
         if dry_run:
-            result.seconds = time.perf_counter() - t0
-            return result
+            return replace(result, seconds=time.perf_counter() - t0)
         a = models[0]
         overflows = Overflows(on_overflow)
         with Inputs() as io:
@@ -805,7 +779,7 @@ def merge(
                 "sd_merge_models": json.dumps({p.name: {"name": p.name} for p in paths}),
             }
             try:
-                write_result(
+                result = write_result(
                     result,
                     plan,
                     out,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from sdtool.identify import tables as S
 from sdtool.identify.engine import ema_key
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.ops.outname import derived
-from sdtool.results import Result
+from sdtool.results import JsonKey, Result, head, json_key, rows
 from sdtool.vocab import CASTABLE, DROP_TARGETS, EXTRACT_TARGETS, cast_target, dtype_name
 from sdtool.write import OutTensor, WriteOptions, WriteResult, options_from, write_model
 
@@ -61,105 +62,97 @@ class ExtractOptions(WriteOptions):
     ema: bool = False
 
 
-@dataclass
-class Totals:
+@dataclass(frozen=True)
+class Totals(Result):
     tensors: int = 0
     parameters: int = 0
     bytes: int = 0
 
-    def add(self, numel: int, nbytes: int) -> None:
-        self.tensors += 1
-        self.parameters += numel
-        self.bytes += nbytes
+    @classmethod
+    def of(cls, sizes: Iterable[tuple[int, int]]) -> Totals:
+        """The totals of tensors of these (elements, bytes)."""
+        n = params = size = 0
+        for numel, nbytes in sizes:
+            n, params, size = n + 1, params + numel, size + nbytes
+        return cls(n, params, size)
 
-    def to_json(self) -> dict[str, int]:
-        return {"tensors": self.tensors, "parameters": self.parameters, "bytes": self.bytes}
+
+def _sum(per: dict[str, Totals]) -> Totals:
+    return Totals(
+        sum(v.tensors for v in per.values()),
+        sum(v.parameters for v in per.values()),
+        sum(v.bytes for v in per.values()),
+    )
 
 
-@dataclass
-class Dropped:
-    """A group of dropped tensors (or non-tensor entries) sharing one reason."""
-
-    reason: str
-    names: list[str] = field(default_factory=list)
-    totals: Totals = field(default_factory=Totals)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "reason": self.reason,
-            "count": len(self.names),
-            "names": self.names[:20],
-            **self.totals.to_json(),
-        }
+def _side(per: dict[str, Totals]) -> dict[str, Any]:
+    """``before`` / ``after`` in JSON: the total, and the totals per component."""
+    return {"total": _sum(per), "components": per}
 
 
 @dataclass(frozen=True)
-class PrunePlan:
+class Dropped(Result):
+    """A group of dropped tensors (or non-tensor entries) sharing one reason."""
+
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "reason", ("count", "names", len), ("names", "names", head(20)), "totals"
+    )  # fmt: skip
+
+    reason: str
+    names: list[str] = field(default_factory=list)
+    totals: Totals = field(default_factory=Totals, metadata=json_key(inline=True))
+
+
+@dataclass(frozen=True)
+class PrunePlan(Result):
     """The output tensors and the account of everything else."""
+
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "path", ("kind", "identity", attrgetter("kind")),
+        ("architecture", "identity", attrgetter("architecture")), "before", "after", "dropped",
+        "dropped_entries", "changes", "notes",
+    )  # fmt: skip
 
     path: Path  # the input
     tensors: list[OutTensor]
     identity: Identity
-    before: dict[str, Totals]  # component -> totals in the input
-    after: dict[str, Totals]  # component -> totals in the output
+    #: component -> totals in the input
+    before: dict[str, Totals] = field(metadata=json_key(as_=_side))
+    #: component -> totals in the output
+    after: dict[str, Totals] = field(metadata=json_key(as_=_side))
     dropped: list[Dropped]  # tensors, grouped by reason
-    dropped_entries: list[tuple[str, str]]  # non-tensor entries (training state): key, reason
+    #: non-tensor entries (training state): key, reason
+    dropped_entries: list[tuple[str, str]] = field(metadata=json_key(as_=rows("key", "reason")))
     changes: list[str]  # what was replaced or recomputed (EMA swap, baked VAE, fixed CLIP)
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
 
     def total(self, which: str) -> Totals:
-        t = Totals()
-        for v in (self.before if which == "before" else self.after).values():
-            t.tensors += v.tensors
-            t.parameters += v.parameters
-            t.bytes += v.bytes
-        return t
+        return _sum(self.before if which == "before" else self.after)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "path": str(self.path),
-            "kind": self.identity.kind,
-            "architecture": self.identity.architecture,
-            "before": {
-                "total": self.total("before").to_json(),
-                "components": {k: v.to_json() for k, v in self.before.items()},
-            },
-            "after": {
-                "total": self.total("after").to_json(),
-                "components": {k: v.to_json() for k, v in self.after.items()},
-            },
-            "dropped": [d.to_json() for d in self.dropped],
-            "dropped_entries": [{"key": k, "reason": r} for k, r in self.dropped_entries],
-            "changes": self.changes,
-            "notes": self.notes,
-        }
+
+def _output(w: WriteResult | None) -> dict[str, Any] | None:
+    """What was written, as prune's JSON says it (None for a dry run)."""
+    if w is None:
+        return None
+    return {
+        "path": w.path,
+        "format": w.format,
+        "bytes": w.nbytes,
+        "tensors": w.tensors,
+        "verified": w.verified,
+        "overflows": w.overflows,
+    }
 
 
 @dataclass(frozen=True)
 class PruneResult(Result):
-    """A prune or extract: the plan, and what was written (None for a dry run)."""
+    """A prune or extract: the plan's document, and what was written under ``output``."""
 
-    plan: PrunePlan
-    write: WriteResult | None  # None for a dry run
-
-    def to_json(self) -> dict[str, Any]:
-        d = self.plan.to_json()
-        w = self.write
-        d["output"] = (
-            None
-            if w is None
-            else {
-                "path": str(w.path),
-                "format": w.format,
-                "bytes": w.nbytes,
-                "tensors": w.tensors,
-                "verified": w.verified,
-                "overflows": w.overflows,
-            }
-        )
-        return d
+    plan: PrunePlan = field(metadata=json_key(inline=True))
+    #: None for a dry run
+    write: WriteResult | None = field(metadata=json_key("output", as_=_output))
 
 
 # -- ownership ------------------------------------------------------------------------------------
@@ -315,9 +308,7 @@ def plan_prune(
         model.path,
         b.out,
         ident,
-        b.before,
-        b.after,
-        list(b.dropped.values()),
+        *b.accounts(),
         entries,
         changes,
         meta,
@@ -444,23 +435,31 @@ class _Builder:
     def __init__(self, model: ModelFile, ident: Identity, own: dict[str, ComponentMatch]):
         self.model, self.ident, self.own = model, ident, own
         self.out: list[OutTensor] = []
-        self.before: dict[str, Totals] = {}
-        self.after: dict[str, Totals] = {}
-        self.dropped: dict[str, Dropped] = {}
+        # group -> the (elements, bytes) of its tensors; reason -> the dropped tensors' names
+        self.before: dict[str, list[tuple[int, int]]] = {}
+        self.after: dict[str, list[tuple[int, int]]] = {}
+        self.dropped: dict[str, list[str]] = {}
         for name, info in model.tensors.items():
             g = _group(name, own, ident)
-            self.before.setdefault(g, Totals()).add(info.numel, info.nbytes)
+            self.before.setdefault(g, []).append((info.numel, info.nbytes))
 
     def keep(self, t: OutTensor, group: str | None = None) -> None:
         self.out.append(t)
         g = group or _group(t.name, self.own, self.ident)
-        self.after.setdefault(g, Totals()).add(t.info.numel, t.nbytes)
+        self.after.setdefault(g, []).append((t.info.numel, t.nbytes))
 
     def drop(self, name: str, reason: str) -> None:
-        info = self.model.tensors[name]
-        d = self.dropped.setdefault(reason, Dropped(reason))
-        d.names.append(name)
-        d.totals.add(info.numel, info.nbytes)
+        self.dropped.setdefault(reason, []).append(name)
+
+    def accounts(self) -> tuple[dict[str, Totals], dict[str, Totals], list[Dropped]]:
+        """The frozen before, after and dropped accounts."""
+        info = self.model.tensors
+        dropped = [
+            Dropped(reason, names, Totals.of((info[n].numel, info[n].nbytes) for n in names))
+            for reason, names in self.dropped.items()
+        ]
+        before = {g: Totals.of(v) for g, v in self.before.items()}
+        return before, {g: Totals.of(v) for g, v in self.after.items()}, dropped
 
     def replaced(self, name: str) -> None:
         self.drop(name, "replaced by the baked VAE")
@@ -523,9 +522,7 @@ def plan_extract(
         model.path,
         b.out,
         ident,
-        b.before,
-        b.after,
-        list(b.dropped.values()),
+        *b.accounts(),
         entries,
         changes,
         meta or {"format": "pt"},

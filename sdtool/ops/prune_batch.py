@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sdtool.cache import default_dir
 from sdtool.errors import UsageError
@@ -21,7 +21,7 @@ from sdtool.ops.batch import Resume, options_digest, run_batch, run_one
 from sdtool.ops.convert import Ignored, batch_inputs
 from sdtool.ops.outname import derived
 from sdtool.ops.prune import PruneOptions, prune
-from sdtool.results import Result
+from sdtool.results import JsonKey, Result, json_key, rounded
 from sdtool.vocab import Progress, dtype_name
 
 SCHEMA = "sdtool.prune-batch/1"
@@ -40,19 +40,17 @@ class PruneItem(Result):
     output_bytes: int = 0
     tensors: int = 0
     verified: bool = False
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
     output_sha256: str | None = None  # when computed (resume records it)
     report: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = super().to_json()
-        d["seconds"] = round(self.seconds, 3)
-        return d
 
 
 @dataclass(frozen=True)
 class PruneBatchResult(Result):
     """Every file's item, in input order, and the folder files left out (as convert's)."""
+
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = ("results", "summary", "ignored")
 
     results: list[PruneItem]
     ignored: list[Ignored] = field(default_factory=list)
@@ -64,15 +62,12 @@ class PruneBatchResult(Result):
     def failed(self) -> int:
         return self.count("failed")
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def summary(self) -> dict[str, int]:
+        """Files per status and files left out."""
         return {
-            "schema": SCHEMA,
-            "results": [r.to_json() for r in self.results],
-            "summary": {
-                **{s: self.count(s) for s in ("pruned", "skipped", "resumed", "failed")},
-                "ignored": len(self.ignored),
-            },
-            "ignored": [i.to_json() for i in self.ignored],
+            **{s: self.count(s) for s in ("pruned", "skipped", "resumed", "failed")},
+            "ignored": len(self.ignored),
         }
 
 

@@ -63,7 +63,7 @@ def split_plan(plan: Sequence[OutTensor], max_size: int) -> list[list[OutTensor]
     return shards
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardedResult:
     """What ``write_sharded`` wrote: one WriteResult per file, and the index (None: one file)."""
 

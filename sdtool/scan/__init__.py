@@ -300,7 +300,7 @@ def scan_items(
             batch.append(Scanned(t.path, report=_missing(t.path)))
         elif f is not None and f.hit is not None:
             batch.append(Scanned(t.path, body=f.hit, verdict=f.verdict, sha256=f.sha256,
-                                 cached=True))  # fmt: skip
+                                 cached=True, report=f.report))  # fmt: skip
         else:
             if batch:
                 yield batch

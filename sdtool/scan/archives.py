@@ -35,6 +35,7 @@ def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> str | None:
         import py7zr
         from py7zr.io import Py7zIO, WriterFactory
     except ImportError:
+        ctx.report.self_contained = False  # another machine, with py7zr, scans it
         return "py7zr (the `archives` extra) is not installed"
 
     sinks: dict[str, Sink] = {}

@@ -20,10 +20,11 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from sdtool.errors import ScanLimit
+from sdtool.errors import ScanLimit, ScanOutOfResources
 from sdtool.formats.source import RangeReader
 
 SPILL = 64 << 20  # decompressed bytes kept in memory; more go to a temporary file
@@ -55,7 +56,7 @@ class Budget:
 
     def check_time(self) -> None:
         if self.deadline and time.monotonic() > self.deadline:
-            raise ScanLimit(f"the file took longer than {self.seconds:g} s")
+            raise ScanOutOfResources(f"the file took longer than {self.seconds:g} s")
 
 
 class Window:
@@ -116,6 +117,20 @@ class Window:
         return True
 
 
+#: the OSErrors met reading the file or spilling to temporary files during the current
+#: ``scan_file`` (a list it sets): whatever a walker made of one (a broken member, a note),
+#: the report is then the machine's, not the bytes', and is never cached
+IO_ERRORS: ContextVar[list[OSError] | None] = ContextVar("sdtool_scan_io_errors", default=None)
+
+
+def io_error(e: OSError) -> OSError:
+    """Record ``e`` for the current scan (see IO_ERRORS) and return it, to be raised."""
+    seen = IO_ERRORS.get()
+    if seen is not None:
+        seen.append(e)
+    return e
+
+
 class FileBuf:
     """A read-only byte sequence over an open file (len, slices via pread) for zip walking."""
 
@@ -131,11 +146,16 @@ class FileBuf:
                 key += self.size
             if not 0 <= key < self.size:
                 raise IndexError("FileBuf index out of range")
-            return os.pread(self.f.fileno(), 1, key)[0]
-        start, stop, step = key.indices(self.size)
-        if step != 1:
-            raise ValueError("FileBuf slices must be contiguous")
-        return os.pread(self.f.fileno(), max(0, stop - start), start) if stop > start else b""
+            start, stop = key, key + 1
+        else:
+            start, stop, step = key.indices(self.size)
+            if step != 1:
+                raise ValueError("FileBuf slices must be contiguous")
+        try:
+            data = os.pread(self.f.fileno(), max(0, stop - start), start) if stop > start else b""
+        except OSError as e:
+            raise io_error(e) from None
+        return data[0] if isinstance(key, int) else data
 
     def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
         return _find(self, sub, start, self.size if end is None else min(end, self.size))
@@ -236,15 +256,18 @@ class Sink:
     def _keep(self, b: bytes) -> None:
         self.n += len(b)
         self.budget.used_bytes += len(b)
-        if self.file is None and len(self.mem) + len(b) > SPILL:
-            self.file = tempfile.TemporaryFile(prefix="sdtool-scan-")  # noqa: SIM115 - kept
-            self.keep.append(self.file)
-            self.file.write(self.mem)
-            self.mem = bytearray()
-        if self.file is not None:
-            self.file.write(b)
-        else:
-            self.mem += b
+        try:
+            if self.file is None and len(self.mem) + len(b) > SPILL:
+                self.file = tempfile.TemporaryFile(prefix="sdtool-scan-")  # noqa: SIM115 - kept
+                self.keep.append(self.file)
+                self.file.write(self.mem)
+                self.mem = bytearray()
+            if self.file is not None:
+                self.file.write(b)
+            else:
+                self.mem += b
+        except OSError as e:  # a full or read-only temporary folder: this machine's
+            raise io_error(e) from None
 
     def result(self) -> Any:
         if self.file is None:

@@ -6,6 +6,17 @@ content key: its SHA-256 when one is known (computed now with ``sha256=True``, o
 identity (device, inode, size, mtime, ctime: only this very file, unchanged, shares it). So a
 plain scan never reads a whole multi-GB file just to key the cache, and a hub that wants the
 hashes gets content-level sharing.
+
+What is stored is what the bytes and the ruleset decide (``storable``), a "could not scan"
+included when its every problem is ``ProblemKind.reproducible`` (truncated, corrupt, over a
+content limit, unsupported): scanning the same bytes again gives it again. Never stored: what
+depends on the machine or the moment (a missing or unreadable file, an I/O error, time or
+memory running out, a killed worker, a crashed rule, a failed C-unpickler cross-check) or on
+other files (a joblib side file; ``FileReport.self_contained``).
+
+A stored text is the report's JSON after ``path`` (``body_of``), followed, for a report with
+problems, by a newline and the problems' ``[kind, member]`` pairs as JSON (the body, encoded
+with ``ensure_ascii``, holds no raw newline): a JSON line is spliced from the body alone.
 """
 
 from __future__ import annotations
@@ -14,12 +25,12 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from sdtool.cache import Cache, Identity, cached_sha256, file_sha256
-from sdtool.scan.report import FileReport, Finding
+from sdtool.scan.report import FileReport, Finding, Problem, ProblemKind
 from sdtool.scan.ruleset import ruleset_version
 from sdtool.vocab import Format, Verdict
 
@@ -35,15 +46,25 @@ class CachedScan:
     cached: bool  # the verdict came from the cache
 
 
-def report_from_json(doc: dict[str, Any], path: str | None = None) -> FileReport:
+def report_from_json(
+    doc: dict[str, Any], path: str | None = None, kinds: list[Any] | None = None
+) -> FileReport:
     """The FileReport that ``FileReport.to_json`` described (for cached verdicts); ``path``
-    when the document does not name it (a stored body).
+    when the document does not name it (a stored body); ``kinds``: its problems' ``[kind,
+    member]`` pairs, which the JSON does not hold.
 
-    Only complete verdicts are stored (``store``): a document with errors raises ValueError
-    (the file is scanned again), as its problems' kinds are not in the JSON.
+    A document with errors but no kinds for them, or kinds that are not reproducible, raises
+    ValueError (the file is scanned again).
     """
-    if doc.get("errors"):
-        raise ValueError("a cached verdict has no errors")
+    errors = doc.get("errors") or []
+    kinds = kinds or []
+    if len(kinds) != len(errors):
+        raise ValueError("a cached verdict's errors need their kinds")
+    problems = [
+        Problem(ProblemKind(k), str(msg), m) for (k, m), msg in zip(kinds, errors, strict=True)
+    ]
+    if not all(p.kind.reproducible for p in problems):
+        raise ValueError("a cached verdict holds only reproducible problems")
     findings = [
         Finding(
             severity=f["severity"],
@@ -61,6 +82,7 @@ def report_from_json(doc: dict[str, Any], path: str | None = None) -> FileReport
         path=doc["path"] if path is None else path,
         format=Format(doc.get("format", "unknown")),
         findings=tuple(findings),
+        problems=tuple(problems),
         notes=tuple(doc.get("notes", [])),
         scanned=bool(doc.get("scanned", True)),
         streams=int(doc.get("streams", 0)),
@@ -78,33 +100,50 @@ def body_of(report: FileReport) -> str:
     return json.dumps(doc, ensure_ascii=True)
 
 
+def storable(report: FileReport) -> bool:
+    """Whether the bytes and the ruleset alone decide this report (see the module's doc)."""
+    return report.self_contained and all(p.kind.reproducible for p in report.problems)
+
+
+def stored_of(report: FileReport) -> str:
+    """What the cache stores for a ``storable`` report: its body, then (when it has problems)
+    a newline and their ``[kind, member]`` pairs."""
+    body = body_of(report)
+    if not report.problems:
+        return body
+    return body + "\n" + json.dumps([[p.kind.value, p.member] for p in report.problems])
+
+
 #: a body this module wrote begins with format, size and verdict (``FileReport.to_json``'s
 #: order), so they are read without decoding the rest
 _HEAD = re.compile(r'\{"format": "([a-z0-9-]+)", "size": ([0-9]+), "verdict": "([a-z_]+)", ')
 _VERDICTS = {v.value: v for v in Verdict}
 
 
-def parse_body(body: str, path: str) -> tuple[Verdict, str] | None:
-    """(verdict, body) of a stored body of a complete scan (no errors: ``store`` stores no
-    other); one of another layout is decoded and encoded again; None when it is no complete
-    report (then the file is scanned again)."""
-    m = _HEAD.match(body)
+def parse_body(text: str, path: str) -> tuple[Verdict, str, FileReport | None] | None:
+    """(verdict, body, report) of a stored text (``stored_of``): a complete verdict's is
+    checked by its head and returned undecoded (report None); one with problems is decoded
+    (report: it, under ``path``); one of another layout is decoded and encoded again. None
+    when it is nothing ``store`` would have stored (then the file is scanned again)."""
+    m = _HEAD.match(text)
     # the quoted keys cannot occur inside a JSON string (its quotes are escaped there)
     if (
         m is not None
         and m.group(3) in _VERDICTS
-        and ', "scanned": true, ' in body
-        and '"errors": [], "notes": [' in body
-        and body[-1] == "}"
+        and ', "scanned": true, ' in text
+        and '"errors": [], "notes": [' in text
+        and text[-1] == "}"  # a text with problems ends with their list, "]"
     ):
-        return _VERDICTS[m.group(3)], body
+        return _VERDICTS[m.group(3)], text, None
+    body, _, tail = text.partition("\n")
     try:
-        rep = report_from_json(json.loads(body), path)
+        rep = report_from_json(json.loads(body), path, json.loads(tail) if tail else None)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    if rep.errors or not rep.scanned:  # never stored so: not a verdict to trust
+    if not rep.scanned and not rep.problems:  # never stored so: not a verdict to trust
         return None
-    return rep.verdict, body_of(rep)
+    again = body_of(rep)
+    return rep.verdict, again, rep if rep.problems else None
 
 
 def head_of(body: str) -> tuple[str, int] | None:
@@ -126,6 +165,7 @@ class Lookup(NamedTuple):
     identity: Identity | None
     settings: str = ""
     verdict: Verdict | None = None  # the hit's
+    report: FileReport | None = None  # the hit decoded, when it has problems (to show them)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -161,18 +201,18 @@ def lookup_many(
         else [(None, None)] * len(live)
     )
     for (i, path, ident), (digest, text) in zip(live, answers, strict=True):
-        if text is None and digest is None and sha256:
+        if digest is None and sha256:  # asked for: hashed once, even for a verdict by identity
             try:
                 digest, _ = cached_sha256(cache, path, lambda p=path: file_sha256(Path(p)))
             except OSError:
                 digest = None
-            if cache is not None and digest is not None:
+            if cache is not None and digest is not None and text is None:
                 text = cache.get_text(KIND, digest, version)
         parsed = None if text is None else parse_body(text, path)
         if parsed is None:
             out[i] = Lookup(None, digest, ident, settings)
         else:
-            out[i] = Lookup(parsed[1], digest, ident, settings, parsed[0])
+            out[i] = Lookup(parsed[1], digest, ident, settings, parsed[0], parsed[2])
     return out
 
 
@@ -186,22 +226,21 @@ def lookup(path: Path, cache: Cache | None, *, sha256: bool = False, settings: s
 
 
 def store(path: Path | str, cache: Cache | None, found: Lookup, report: FileReport) -> None:
-    """Record a fresh, complete verdict if the file did not change while it was scanned.
-
-    Only complete verdicts are stored: a report with errors (a limit hit, an unreadable member)
-    is scanned again next time, since the error may be the machine's and not the file's.
+    """Record a fresh verdict if the bytes decide it (``storable``) and the file did not
+    change while it was scanned. A "could not scan" that the machine caused (unreadable, out
+    of time or memory, a crash) is not stored: the next run scans the file again.
     """
-    if cache is None or found.identity is None or report.problems or not report.scanned:
+    if cache is None or found.identity is None or not storable(report):
         return
     try:
         if Identity.of_path(path) != found.identity:
             return
     except OSError:
         return
-    body = body_of(report)
+    text = stored_of(report)
     version = ruleset_version() + found.settings
     for key in found.keys:
-        cache.put_text(KIND, key, version, body)
+        cache.put_text(KIND, key, version, text, path)
 
 
 def scan_cached(
@@ -214,7 +253,8 @@ def scan_cached(
     """``scan_one(path)``, or its cached verdict when this content was scanned by this ruleset."""
     found = lookup(path, cache, sha256=sha256)
     if found.hit is not None:
-        return CachedScan(report_from_body(found.hit, str(path)), found.sha256, True)
+        rep = found.report or report_from_body(found.hit, str(path))
+        return CachedScan(replace(rep, cached=True, sha256=found.sha256), found.sha256, True)
     rep = scan_one(path)
     store(path, cache, found, rep)
     return CachedScan(rep, found.sha256, False)

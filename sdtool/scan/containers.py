@@ -20,6 +20,7 @@ from sdtool.errors import SdtoolError
 from sdtool.formats.sniff import HEAD, TEXT_LIMIT, describe, not_a_model_file, sniff_any
 from sdtool.scan.archives import scan_archive_7z, scan_unscannable
 from sdtool.scan.buffers import (
+    IO_ERRORS,
     Budget,
     FileBuf,
     close_all,
@@ -62,6 +63,8 @@ def scan_file(
 def _scan_into(rep: FileScan, path: Path, limits: Limits, crc: str, budget: Budget | None) -> None:
     ctx = Ctx(rep, limits, crc=crc, budget=Budget(**budget.__dict__) if budget else Budget())
     ctx.budget.start()
+    io_errors: list[OSError] = []
+    token = IO_ERRORS.set(io_errors)
     try:
         if is_url(path):
             _scan_remote(ctx, path)
@@ -83,18 +86,24 @@ def _scan_into(rep: FileScan, path: Path, limits: Limits, crc: str, budget: Budg
                 scan_blob(ctx, mm, None, depth=0, name=path.name)
     except NotRegularFile as e:
         rep.scanned, rep.format = False, Format.UNREADABLE
-        rep.problem(ProblemKind.NOT_SCANNED, f"not scanned: {e} (skipped by type, never opened)")
+        rep.problem(ProblemKind.UNREADABLE, f"not scanned: {e} (skipped by type, never opened)")
     except OSError as e:
         rep.scanned = False
         rep.format = Format.UNREADABLE
         why = f"not scanned: cannot read the file ({e.strerror or e})"
-        rep.problem(ProblemKind.NOT_SCANNED, why)
+        rep.problem(ProblemKind.UNREADABLE, why)
     except SdtoolError as e:
         rep.problems.append(Problem.of(e))
     finally:
+        IO_ERRORS.reset(token)
         close_all(ctx.keep)
         if ctx.formats:
             rep.format = ctx.formats[0]
+        if io_errors and not any(p.kind is ProblemKind.UNREADABLE for p in rep.problems):
+            # a read or a temporary file failed and a walker carried on: say so (the cause)
+            first = io_errors[0]
+            why = f"cannot read all of the file ({first.strerror or first})"
+            rep.problem(ProblemKind.UNREADABLE, why)
 
 
 def _scan_remote(ctx: Ctx, path: Path) -> None:

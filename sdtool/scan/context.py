@@ -127,6 +127,8 @@ def run_pickle(ctx: Ctx, buf: Any, start: int, end: int, *, oracle: bool = False
 
 def record_stream(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
     ctx.report.streams += 1 + len(s.nested)
+    if any(_oracle_failed(sub) for sub in (s, *s.nested)):
+        ctx.report.self_contained = False  # the cross-check ran out of time or memory here
     findings, errors = analyse(s, member=member, index=index)
     ctx.report.findings.extend(findings)
     for e in errors:
@@ -151,6 +153,16 @@ def record_stream(ctx: Ctx, s: Stream, member: str | None, index: int) -> None:
                 f"{where} analysis stopped at offset {sub.error_offset}: {sub.incomplete}",
                 ProblemKind.STOPPED,
             )
+
+
+def _oracle_failed(s: Stream) -> bool:
+    """Whether the C-unpickler cross-check of ``s`` failed for a reason of the moment (out
+    of time or memory, a crash), not for good (no fork on this platform)."""
+    if s.oracle is None or not s.oracle.failed:
+        return False
+    from sdtool.scan.oracle import NO_FORK
+
+    return bool(s.oracle.failed != NO_FORK)
 
 
 def scan_nested(ctx: Ctx, data: Any, path: str, depth: int) -> None:

@@ -351,6 +351,8 @@ class _Worker:
 
 
 _CRASHED = "the C unpickler crashed (memory limit or a fault)"
+#: the one failure that is the platform's, the same on every run (not the moment's)
+NO_FORK = "the C-unpickler cross-check needs fork (not on this platform)"
 _WORKER = _Worker()
 _OWNER = [0]  # the process that forked the worker (a forked scanner starts its own)
 MAX_ORACLE_BYTES = 256 << 20  # bytes handed to the C unpickler per stream
@@ -376,7 +378,7 @@ def run_c_unpickler(
     """
     end = len(buf) if end is None else end
     if not hasattr(os, "fork"):
-        return OracleResult(failed="the C-unpickler cross-check needs fork (not on this platform)")
+        return OracleResult(failed=NO_FORK)
     stop = end if upto is None else min(end, upto + _MARGIN)
     data, skips, removed = _compact(buf, start, stop, joblib or [])
     out = _WORKER.load(marshal.dumps((data, skips)), timeout, memory)

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from sdtool import errors as err
-from sdtool.results import Result, json_key
+from sdtool.results import JsonKey, Result, json_key
 from sdtool.vocab import ExitCode, Format, Severity, Verdict
 
 #: per-file verdicts, worst first
@@ -62,11 +62,15 @@ class ProblemKind(str, Enum):
     """Why a file, or a part of it, went unanalysed (one ``Problem``)."""
 
     MISSING = "missing"  # no such file or directory
-    NOT_SCANNED = "not_scanned"  # the file or a member was not read at all (empty, a pipe ...)
+    NOT_SCANNED = "not_scanned"  # the file or a member was not read at all (empty, encrypted)
+    UNREADABLE = (
+        "unreadable"  # the file could not be opened or read here (permissions, I/O, a pipe)
+    )
     UNSUPPORTED = "unsupported"  # an archive or compression sdtool cannot open
     BROKEN = "broken"  # the bytes break their format: the rest of that part is not analysed
     STOPPED = "stopped"  # the pickle model stopped short (a stream limit): the rest is not
-    LIMIT = "limit"  # the file's byte / opcode / time / memory budget ran out
+    LIMIT = "limit"  # the file's byte / opcode / nesting budget ran out
+    RESOURCES = "resources"  # this machine's time or memory for the file ran out
     CRASH = "crash"  # the scanner process, or the cluster task, died on the file
     RULE = "rule"  # a scan rule crashed on a stream
 
@@ -75,12 +79,33 @@ class ProblemKind(str, Enum):
 
     __hash__ = str.__hash__
 
+    @property
+    def reproducible(self) -> bool:
+        """Whether the file's bytes (and the ruleset) decide this problem, so that scanning the
+        same bytes again gives it again: a cached "could not scan" (sdtool.scan.cached). The
+        others depend on the machine or the moment: a missing or unreadable file, time or
+        memory running out, a killed worker, a rule that crashed."""
+        return self in REPRODUCIBLE
+
+
+#: the problems the bytes decide (truncated, corrupt, over a content limit, unsupported)
+REPRODUCIBLE = frozenset(
+    {
+        ProblemKind.NOT_SCANNED,
+        ProblemKind.UNSUPPORTED,
+        ProblemKind.BROKEN,
+        ProblemKind.STOPPED,
+        ProblemKind.LIMIT,
+    }
+)
+
 
 #: the scan exceptions that end (part of) a file's scan -> their kind (others: BROKEN)
 _EXC_KIND: tuple[tuple[type[err.SdtoolError], ProblemKind], ...] = (
+    (err.ScanOutOfResources, ProblemKind.RESOURCES),
     (err.ScanLimit, ProblemKind.LIMIT),
     (err.ScanWorkerDied, ProblemKind.CRASH),
-    (err.NotRegularFile, ProblemKind.NOT_SCANNED),
+    (err.NotRegularFile, ProblemKind.UNREADABLE),
     (err.UnsupportedArchive, ProblemKind.UNSUPPORTED),
 )
 
@@ -108,7 +133,7 @@ class Problem:
 class FileReport(Result):
     """What the scan found in one file (frozen: a scan builds it in a ``FileScan``)."""
 
-    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
         "path", "format", "size", "verdict", "scanned", "skipped", "streams", "findings",
         "errors", "notes",
     )  # fmt: skip
@@ -124,6 +149,9 @@ class FileReport(Result):
     sha256: str | None = None  # hex, when the batch computed it (--jsonl --sha256; not in JSON)
     cached: bool = False  # the verdict came from the result cache (not in JSON)
     skipped: str | None = None  # "PNG image", ...: by content not a model file (counted, exit 0)
+    #: False: the verdict depends on more than the file's bytes (a joblib side file beside it,
+    #: an optional reader not installed here), so it is never cached (not in to_json)
+    self_contained: bool = True
 
     @property
     def errors(self) -> list[str]:
@@ -176,6 +204,7 @@ class FileScan:
     streams: int = 0
     size: int = 0
     skipped: str | None = None
+    self_contained: bool = True  # FileReport.self_contained
 
     def problem(self, kind: ProblemKind, message: str, member: str | None = None) -> None:
         """Record a problem; ``member`` (a path inside the file) prefixes the sentence."""
@@ -189,6 +218,7 @@ class FileScan:
         return FileReport(
             self.path, self.format, tuple(self.findings), tuple(self.problems),
             tuple(self.notes), self.scanned, self.streams, self.size, skipped=self.skipped,
+            self_contained=self.self_contained,
         )  # fmt: skip
 
 
@@ -263,7 +293,7 @@ class ScanReport(Result):
     """The files of one scan, in the order given, with the summary and exit code."""
 
     JSON_SCHEMA: ClassVar[str | None] = SCHEMA_VERSION
-    JSON_KEYS: ClassVar[tuple[str | tuple[str, str], ...]] = (
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
         "tool", "strict", "exit_code", "summary", "files"
     )  # fmt: skip
 

@@ -19,7 +19,7 @@ import sdtool
 #: packages (relative to sdtool/) whose files decide a verdict
 VERDICT_SOURCES = ("scan", "formats")
 #: single modules outside those packages that do
-VERDICT_MODULES = ("dtypes.py", "errors.py", "model.py")
+VERDICT_MODULES = ("dtypes.py", "errors.py", "model.py", "vocab.py")
 _SUFFIXES = (".py", ".json", ".gz", ".txt")
 
 

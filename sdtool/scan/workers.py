@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from sdtool.errors import ScanLimit, ScanWorkerDied
+from sdtool.errors import ScanOutOfResources, ScanWorkerDied
 from sdtool.scan.report import FileReport, Problem
 
 #: per-file wall-clock limit (seconds) before the child is killed
@@ -69,7 +69,8 @@ def _child(conn: Connection, memory_limit: int) -> None:
 
 
 def limit_report(path: str, why: str) -> FileReport:
-    return FileReport(path, problems=(Problem.of(ScanLimit(why)),))
+    """The report of a file whose scan ran out of this machine's time or memory."""
+    return FileReport(path, problems=(Problem.of(ScanOutOfResources(why)),))
 
 
 def crash_report(path: str, exitcode: int | None) -> FileReport:

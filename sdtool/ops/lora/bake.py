@@ -18,10 +18,10 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from sdtool.ops.lora.names import (
     native_ids,
     parse_lora,
 )
+from sdtool.results import JsonKey, Result, json_key, rounded
 from sdtool.vocab import CASTABLE, Progress
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
@@ -64,7 +65,7 @@ class Patch:
     dora: str | None = None  # the role holding the DoRA magnitude
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraReport:
     """One LoRA file: what it holds and where its modules went."""
 
@@ -73,14 +74,20 @@ class LoraReport:
     modules: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     matched: int = 0
+    dora: int = 0
     unmatched: dict[str, str] = field(default_factory=dict)  # module stem -> why
     unknown_keys: list[str] = field(default_factory=list)
-    dora: int = 0
 
 
-@dataclass
-class BakeResult:
+@dataclass(frozen=True)
+class BakeResult(Result):
     """What ``bake`` did (or would do). ``to_json`` is docs/lora.md's ``sdtool.lora-bake/1``."""
+
+    JSON_SCHEMA: ClassVar[str | None] = SCHEMA
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "base", "output", "dtype", "dry_run", "loras", "patched", "overflows", "tensors",
+        "output_bytes", "verified", "seconds",
+    )  # fmt: skip
 
     base: Path
     output: Path
@@ -92,39 +99,11 @@ class BakeResult:
     output_bytes: int = 0
     tensors: int = 0
     verified: bool = False
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
 
     @property
     def unmatched(self) -> int:
         return sum(len(r.unmatched) for r in self.loras)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "base": str(self.base),
-            "output": str(self.output),
-            "dtype": self.dtype,
-            "dry_run": self.dry_run,
-            "loras": [
-                {
-                    "path": str(r.path),
-                    "strength": r.strength,
-                    "modules": r.modules,
-                    "kinds": r.kinds,
-                    "matched": r.matched,
-                    "dora": r.dora,
-                    "unmatched": r.unmatched,
-                    "unknown_keys": r.unknown_keys,
-                }
-                for r in self.loras
-            ],
-            "patched": self.patched,
-            "overflows": self.overflows,
-            "tensors": self.tensors,
-            "output_bytes": self.output_bytes,
-            "verified": self.verified,
-            "seconds": round(self.seconds, 3),
-        }
 
 
 def parse_lora_arg(text: str) -> tuple[Path, float]:
@@ -278,17 +257,18 @@ def plan_patches(
     reports: list[LoraReport] = []
     for li, (lora, strength) in enumerate(loras):
         parsed = parse_lora(lora.tensors)
-        rep = LoraReport(lora.path, strength, unknown_keys=parsed.unknown)
+        kinds_seen: dict[str, int] = {}
+        unmatched: dict[str, str] = {}
+        matched = dora_modules = 0
         peft_alpha, pattern = peft_alphas(lora)
         # sorted: modules that patch one tensor (a fused qkv and its q) apply in name order
         for stem, mod in sorted(parsed.modules.items()):
             kind = mod.kind
             assert kind is not None
-            rep.modules += 1
-            rep.kinds[kind] = rep.kinds.get(kind, 0) + 1
+            kinds_seen[kind] = kinds_seen.get(kind, 0) + 1
             mid = mod.id
             if mid is None:
-                rep.unmatched[stem] = "unknown module naming"
+                unmatched[stem] = "unknown module naming"
                 continue
             # a module may carry a bias diff beside its weight factors: two patches
             kinds = [kind] + (["bias"] if kind != "bias" and "diff_b" in mod.keys else [])
@@ -296,12 +276,12 @@ def plan_patches(
             for kd in kinds:
                 found = _target(index.get(mid), kd, base)
                 if isinstance(found, str):
-                    rep.unmatched[stem] = found
+                    unmatched[stem] = found
                     break
                 shapes = {r: lora.tensors[k].shape for r, k in mod.keys.items()}
                 why = _fits(kd, shapes, found, base)
                 if why is not None:
-                    rep.unmatched[stem] = why
+                    unmatched[stem] = why
                     break
                 alpha = None
                 if "alpha" in mod.keys:
@@ -314,11 +294,16 @@ def plan_patches(
                 scale = lm.scale_of(kd, shapes, alpha)
                 made.append((found.key, Patch(li, mod, kd, found, strength, scale, dora)))
             else:
-                rep.matched += 1
-                rep.dora += any(p.dora is not None for _, p in made)
+                matched += 1
+                dora_modules += any(p.dora is not None for _, p in made)
                 for key, patch in made:
                     patches.setdefault(key, []).append(patch)
-        reports.append(rep)
+        reports.append(
+            LoraReport(
+                lora.path, strength, len(parsed.modules), kinds_seen, matched, dora_modules,
+                unmatched, parsed.unknown,
+            )
+        )  # fmt: skip
     return patches, reports
 
 
@@ -471,8 +456,7 @@ def bake(
                 "nothing was written",
             )
         if dry_run:
-            result.seconds = time.perf_counter() - t0
-            return result
+            return replace(result, seconds=time.perf_counter() - t0)
         overflows = Overflows(on_overflow)
         plan: list[OutTensor] = []
         for key, info in bm.tensors.items():
@@ -493,7 +477,7 @@ def bake(
         from sdtool.ops.convert import build_metadata
 
         meta, _, _ = build_metadata(bm, add={"sdtool_lora_bake": json.dumps(recipe)})
-        write_result(
+        result = write_result(
             result,
             plan,
             out,

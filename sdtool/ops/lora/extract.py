@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from sdtool.ops.arith import PIECE, SCRATCH, WORKERS, Inputs, write_result
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
+from sdtool.results import JsonKey, Result, json_key, rounded
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
@@ -164,9 +165,15 @@ class ModuleReport:
     fro_kept: float | None = None
 
 
-@dataclass
-class LoraOpResult:
+@dataclass(frozen=True)
+class LoraOpResult(Result):
     """What extract / resize wrote. ``to_json`` is docs/lora.md's schema."""
+
+    JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = (
+        "schema", "inputs", "output", "rank", "conv_rank", "method", "param", "dtype",
+        "dry_run", "modules", "zero", "not_targets", "skipped", "metadata", "output_bytes",
+        "verified", "seconds",
+    )  # fmt: skip
 
     schema: str
     inputs: list[Path]
@@ -185,37 +192,7 @@ class LoraOpResult:
     overflows: dict[str, int] = field(default_factory=dict)
     output_bytes: int = 0
     verified: bool = False
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema,
-            "inputs": [str(p) for p in self.inputs],
-            "output": str(self.output),
-            "rank": self.rank,
-            "conv_rank": self.conv_rank,
-            "method": self.method,
-            "param": self.param,
-            "dtype": self.dtype,
-            "dry_run": self.dry_run,
-            "modules": [
-                {
-                    "name": m.name,
-                    "source": m.source,
-                    "rank": m.rank,
-                    "old_rank": m.old_rank,
-                    "fro_kept": m.fro_kept,
-                }
-                for m in self.modules
-            ],
-            "zero": self.zero,
-            "not_targets": self.not_targets,
-            "skipped": self.skipped,
-            "metadata": self.metadata,
-            "output_bytes": self.output_bytes,
-            "verified": self.verified,
-            "seconds": round(self.seconds, 3),
-        }
+    seconds: float = field(default=0.0, metadata=json_key(as_=rounded))
 
 
 # -- extract --------------------------------------------------------------------------------
@@ -516,7 +493,7 @@ def extract(
                 }
             ),
         }
-        result.metadata = meta
+        result = replace(result, metadata=meta)
         # the writer reaches the factors in safetensors' order: by name
         with ahead.running(sorted(p.name for p in ahead.order)):
             return _finish(result, plan, out, meta, overwrite, verify, t0)
@@ -623,12 +600,10 @@ def _finish(
     t0: float,
 ) -> LoraOpResult:
     if result.dry_run:
-        result.seconds = time.perf_counter() - t0
-        return result
+        return replace(result, seconds=time.perf_counter() - t0)
     if not plan:
         raise UsageError("nothing to write: no module has a non-zero difference")
-    write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
-    return result
+    return write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
 
 
 # -- resize ---------------------------------------------------------------------------------
@@ -740,7 +715,7 @@ def resize(
             {"sdtool_version": __version__, "rank": rank, "conv_rank": conv_rank,
              "method": method, "param": param, "clamp_quantile": clamp_quantile}
         )  # fmt: skip
-        result.metadata = meta
+        result = replace(result, metadata=meta)
         # the writer reaches the factors in safetensors' order: by name
         with ahead.running(sorted(p.name for p in ahead.order)):
             return _finish(result, plan, out, meta, overwrite, verify, t0)

@@ -37,6 +37,7 @@ def scan_compressed(kind: str) -> Callable[[Ctx, Any, str | None, int], None]:
             if buf[start : start + 1] == b" ":
                 start += 1
         elif kind == "lz4" and importlib.util.find_spec("lz4") is None:
+            ctx.report.self_contained = False  # another machine, with lz4, scans it
             scan_unscannable("lz4")(ctx, buf, member, depth)
             return
         elif kind == "lzma":

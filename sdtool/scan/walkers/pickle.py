@@ -59,6 +59,7 @@ def _side_files(ctx: Ctx, s: Stream, member: str | None, depth: int) -> None:
         name = state.get("filename") if unpickles is not None and state else None
         if not isinstance(name, str):
             continue
+        ctx.report.self_contained = False  # the verdict depends on files beside this one
         base = Path(ctx.report.path).parent
         target = base / name
         outside = Path(name).is_absolute() or ".." in Path(name).parts

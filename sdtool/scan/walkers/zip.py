@@ -150,11 +150,9 @@ IRREGULAR_RULES = {
 }
 assert set(IRREGULAR_RULES) == set(zipfmt.Irregular), "every irregularity has a rule"
 
+
 #: zip compression methods zipfile reads (numpy.load opens npz files with zipfile); torch's
 #: miniz reads only stored and deflate, so a method it lacks never reaches torch.load.
-ZIP_METHODS = {8: "deflate", 12: "bzip2", 14: "zip-lzma"}
-
-
 def _member_data(ctx: Ctx, buf: Any, m: zipfmt.ZipMember, path: str) -> Any:
     """A member's bytes: a window for stored members, decompressed under the budget otherwise.
 
@@ -163,24 +161,22 @@ def _member_data(ctx: Ctx, buf: Any, m: zipfmt.ZipMember, path: str) -> Any:
     """
     if m.method == zipfmt.STORED:
         return Window(buf, m.data_offset, m.compressed_size)
-    algo = ZIP_METHODS.get(m.method)
+    algo = zipfmt.METHODS.get(m.method)
     if algo is None:
         raise CorruptFile(f"compression method {m.method}, which no model loader reads")
     raw = Window(buf, m.data_offset, m.compressed_size)
     start = 0
     dec: Any = algo
-    if algo == "zip-lzma":  # zipfile: 2-byte version, 2-byte properties size, properties
+    if algo == "zip-lzma":
         import lzma
 
-        head = raw[:4]
-        psize = int.from_bytes(head[2:4], "little") if len(head) == 4 else 0
+        properties, start = zipfmt.lzma_header(raw)
         try:
             decode = lzma._decode_filter_properties  # type: ignore[attr-defined] # zipfile's own
-            props = decode(lzma.FILTER_LZMA1, raw[4 : 4 + psize])
+            props = decode(lzma.FILTER_LZMA1, properties)
             dec = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[props])
         except (lzma.LZMAError, ValueError) as e:
             raise CorruptFile(f"LZMA member header is broken ({e})") from None
-        start = 4 + psize
     data, limit = inflate(ctx, chunks(raw, start), dec, m.compressed_size, path)
     if limit is not None:
         ctx.pending = ctx.pending or limit
