@@ -69,6 +69,8 @@ def jobs() -> list[Job]:
         Job("hashlib SHA-256 pass", [sys.executable, "-c", HASHLIB_ALONE, st], (ST,)),
         Job("cat ckpt safetensors", ["sh", "-c", 'cat "$0" "$1" > /dev/null', ck, st],
             (CKPT, ST)),
+        Job("cat legacy ckpt", ["sh", "-c", 'cat "$0" "$1" > /dev/null', lg, ck],
+            (LEGACY, CKPT)),
         # convert: zip checkpoint
         Job("convert ckpt (keep dtype)", sdtool("convert", ck, o_st), (CKPT,), "cp ckpt", 1.0,
             256),
@@ -101,7 +103,7 @@ def jobs() -> list[Job]:
         Job("diff --fast ckpt safetensors", sdtool("diff", "--fast", "--summary", ck, st),
             (CKPT, ST), "cat ckpt safetensors", 1.2, 256, sys_goal=True),
         Job("diff legacy ckpt", sdtool("diff", "--summary", lg, ck), (LEGACY, CKPT),
-            None, None, 256),
+            "cat legacy ckpt", 1.2, 256, sys_goal=True),
     ]  # fmt: skip
 
 

@@ -101,7 +101,7 @@ JsonKey = str | tuple[str, str] | tuple[str, str, Callable[[Any], Any]]
 class Result:
     """Mixin for result dataclasses: ``to_json`` from the fields (see the module docstring)."""
 
-    #: the document's schema id (``"sdtool.convert/2"``), written first as ``"schema"``
+    #: the document's schema id (``"sdtool.convert/3"``), written first as ``"schema"``
     JSON_SCHEMA: ClassVar[str | None] = None
     #: the document's keys in order (fields by name, properties, (key, attribute[, converter]));
     #: empty: every field

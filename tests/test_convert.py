@@ -48,7 +48,7 @@ def test_torch_to_safetensors_to_ckpt(tmp_path: Path, legacy: bool) -> None:
     assert r.verified and r.copied == len(sd) and r.cast == 0
     _same(load_file(tmp_path / "m.safetensors"), sd)
     r2 = convert(tmp_path / "m.safetensors", tmp_path / "back.ckpt", verify=True)
-    assert r2.output_format == "torch"
+    assert r2.output_format == "torch-zip"
     back = torch.load(tmp_path / "back.ckpt", weights_only=True)
     # the metadata travels too (was dropped: issue 10 item 3), under the one key __metadata__
     assert back.pop("__metadata__") == {"format": "pt", "global_step": "7"}

@@ -27,7 +27,7 @@ def test_single_ok_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out = tmp_path / "j.safetensors"
     assert main(["convert", str(src), str(out), "--json", "--verify", "--metadata", "a=b"]) == 0
     full = json.loads(capsys.readouterr().out)
-    assert full["schema"] == "sdtool.convert/2" and full["summary"]["converted"] == 1
+    assert full["schema"] == "sdtool.convert/3" and full["summary"]["converted"] == 1
     doc = full["results"][0]  # a single conversion is a batch of one
     assert doc["status"] == "converted" and doc["verified"] is True
     assert doc["metadata_keys"] == ["a", "format", "global_step"]

@@ -181,7 +181,7 @@ def test_torch_output(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     with _model(tmp_path, SAMPLE) as m:
         r = write_model(_plan(m, dtypes.from_code("BF16")), tmp_path / "o.pt")
-    assert r.format == "torch"
+    assert r.format == "torch-zip"
     sd = torch.load(tmp_path / "o.pt", weights_only=True)
     assert set(sd) == set(SAMPLE)
     assert sd["pos_ids"].dtype == torch.int64

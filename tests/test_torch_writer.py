@@ -64,7 +64,7 @@ def test_ckpt_to_ckpt_bit_for_bit_with_fields(tmp_path: Path) -> None:
     sd = _sd()
     torch.save({"state_dict": sd, **FIELDS}, tmp_path / "m.ckpt")
     r = convert(tmp_path / "m.ckpt", tmp_path / "o.ckpt", verify=True)
-    assert r.verified and r.output_format == "torch"
+    assert r.verified and r.output_format == "torch-zip"
     got = torch.load(tmp_path / "o.ckpt", weights_only=True)
     _same(got, sd)
     assert {k: got[k] for k in FIELDS} == FIELDS  # fields go back as top-level entries

@@ -40,7 +40,7 @@ from sdtool.write import (
 )
 from sdtool.write.plan import OutTensor
 
-SCHEMA = "sdtool.convert/2"
+SCHEMA = "sdtool.convert/3"
 #: non-tensor fields whose JSON is longer than this are left out of the metadata (with a note)
 MAX_METADATA_VALUE = 64 * 1024
 #: textual-inversion embeddings: the A1111 .pt layout -> the name A1111 reads in safetensors

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from sdtool.dtypes import DType
 from sdtool.errors import OutputError, SdtoolError, UsageError
 from sdtool.results import Result
-from sdtool.vocab import Progress, parse_dtype
+from sdtool.vocab import Format, Progress, parse_dtype
 from sdtool.write.atomic import atomic_output
 from sdtool.write.plan import OutTensor
 
@@ -43,14 +43,15 @@ __all__ = [
     "write_model",
 ]
 
-#: output extension -> writer (the output format's name)
+#: output extension -> the output format, as vocab.Format spells it (a torch file is written as
+#: a torch zip, the layout torch.save writes)
 OUT_FORMATS: dict[str, str] = {
-    ".safetensors": "safetensors",
-    ".sft": "safetensors",
-    ".ckpt": "torch",
-    ".pt": "torch",
-    ".pth": "torch",
-    ".bin": "torch",
+    ".safetensors": Format.SAFETENSORS.value,
+    ".sft": Format.SAFETENSORS.value,
+    ".ckpt": Format.TORCH_ZIP.value,
+    ".pt": Format.TORCH_ZIP.value,
+    ".pth": Format.TORCH_ZIP.value,
+    ".bin": Format.TORCH_ZIP.value,
 }
 ON_OVERFLOW = ("fail", "warn")
 
@@ -106,7 +107,7 @@ class WriteResult(Result):
     """What ``write_model`` wrote."""
 
     path: Path
-    format: str  # "safetensors" or "torch"
+    format: str  # "safetensors" or "torch-zip" (vocab.Format)
     tensors: int
     nbytes: int  # the output file's size
     copied: int  # tensors whose bytes moved without passing through Python
