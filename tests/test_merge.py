@@ -126,7 +126,14 @@ def test_dare_reproducible_and_equal_to_torch(
     assert out1.read_bytes() == out2.read_bytes()
 
 
-def test_ties_equal_to_torch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("piece", "ext"), [(None, "safetensors"), (7, "safetensors"), (5, "ckpt")])
+def test_ties_equal_to_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int | None, ext: str
+) -> None:
+    """Whole-tensor thresholds, then the rest piece by piece (into safetensors by the writer's
+    threads, into a .ckpt ahead on the pool): the bits of the whole-model way."""
+    if piece is not None:
+        monkeypatch.setattr(arith, "PIECE", piece)
     ms = [_model(1, torch.float32), _model(2, torch.float32), _model(3, torch.float32)]
     ps = [_save(tmp_path, f"{i}.safetensors", m) for i, m in enumerate(ms)]
     density, alpha = 0.4, 0.9
@@ -146,9 +153,11 @@ def test_ties_equal_to_torch(tmp_path: Path) -> None:
         merged = torch.where(n > 0, s / n, 0.0)
         return base + alpha * merged
 
-    out = tmp_path / "o.safetensors"
+    out = tmp_path / f"o.{ext}"
     merge(ps, out, method="ties", alpha=alpha, density=density)
-    _same(load_file(out), _oracle(ms, fn))
+    got = load_file(out) if ext == "safetensors" else torch.load(out, weights_only=True)
+    got.pop("__metadata__", None)  # a .ckpt keeps the recipe there
+    _same(got, _oracle(ms, fn))
 
 
 def test_slerp_close_to_torch(tmp_path: Path) -> None:

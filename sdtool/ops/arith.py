@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from sdtool import dtypes
+from sdtool.aligned import PageBuffer
 from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
 from sdtool.model import ModelFile, TensorInfo
@@ -52,6 +53,16 @@ class Scratch(threading.local):
 
     def __init__(self) -> None:
         self.bufs: dict[int, np.ndarray] = {}
+        self.reads: dict[int, PageBuffer] = {}
+
+    def read(self, slot: int, file_offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` of this thread's read buffer ``slot``, placed for a ``pread`` from
+        ``file_offset`` (sdtool.aligned: the kernel's copy runs 3.5x slower into a buffer a
+        few bytes ahead of its source within a page)."""
+        buf = self.reads.get(slot)
+        if buf is None or buf.size < nbytes:
+            buf = self.reads[slot] = PageBuffer(max(nbytes, PIECE * 4))
+        return buf.array(file_offset, nbytes)
 
     def get(self, slot: int, nbytes: int) -> np.ndarray:
         """At least ``nbytes`` bytes (uint8) of this thread's buffer ``slot``."""
@@ -72,7 +83,6 @@ TMP = 2000
 
 
 _MAGIC = np.float32(2.0**112)  # float16's exponent bias (15) to float32's (127)
-_F16_TOP = np.float32(65536.0)  # |x| from here: a float16 inf/NaN that the rebias made finite
 
 
 def _f16_to_f32(raw: np.ndarray, out: np.ndarray) -> None:
@@ -86,8 +96,12 @@ def _f16_to_f32(raw: np.ndarray, out: np.ndarray) -> None:
     np.left_shift(o, 13, out=o)
     np.bitwise_and(o, np.int32(-0x70000001), out=o)  # keep bit 31 and bits 0..27
     np.multiply(out, _MAGIC, out=out)
-    if out.size and (out.max() >= _F16_TOP or out.min() <= -_F16_TOP):
-        u = raw.view(np.uint16)
+    u = raw.view(np.uint16)
+    # an inf/NaN (exponent 31): +: 0x7C00.. as int16, the top of int16; -: 0xFC00.., the
+    # top of uint16 (two 16-bit max passes: a third of float32 max and min)
+    if raw.size and (
+        np.maximum.reduce(raw.view(np.int16)) >= 0x7C00 or np.maximum.reduce(u) >= 0xFC00
+    ):
         idx = np.flatnonzero((u & np.uint16(0x7C00)) == np.uint16(0x7C00))
         b = u[idx].astype(np.uint32)
         m = b & np.uint32(0x3FF)
@@ -177,18 +191,7 @@ class Inputs:
         if span is not None:
             offset = span[0] + start * item
             buf = np.empty(count * item, np.uint8) if into is None else into[: count * item]
-            view = memoryview(buf)  # type: ignore[arg-type]
-            fd = self._fd(m)
-            got = 0
-            while got < len(buf):
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n == 0:
-                    raise TruncatedFile(
-                        f"tensor {name!r}: the file ended at byte {offset + got}; "
-                        "the download is truncated",
-                        path=m.path,
-                    )
-                got += n
+            _pread_into(self._fd(m), buf, offset, name, m.path)
             return buf.view(info.dtype.numpy)
         with self._lock:
             hit = self._cache.get(id(m))
@@ -227,6 +230,35 @@ class Inputs:
         to_f32(raw, out)
         return out
 
+    def piece_reader(self, m: ModelFile, name: str) -> Callable[[int, int, int], np.ndarray]:
+        """``read(start, count, slot)``: elements ``start .. start + count`` of a tensor that
+        lies in a local file as is (``local_span``), as float32, in this thread's scratch
+        (``slot``: one per input of a computation; valid until this thread's next read of the
+        slot). The lookups ``f32_into`` makes per piece (span, dtype, converter: ~20 us of
+        Python per input and piece) are made once here."""
+        info = m.tensors[name]
+        span = local_span(m, info)
+        if span is None:
+            raise ValueError(f"{name!r} is not stored as is in a local file")
+        fd, base, path = self._fd(m), span[0], m.path
+        item, npdt, code = info.dtype.itemsize, info.dtype.numpy, info.dtype.code
+        conv = _TO_F32.get(code)
+
+        def read(start: int, count: int, slot: int) -> np.ndarray:
+            offset = base + start * item
+            buf = SCRATCH.read(slot, offset, count * item)
+            _pread_into(fd, buf, offset, name, path)
+            if code == "F32":
+                return buf.view(np.float32)  # read in place (the computation may overwrite it)
+            out = SCRATCH.f32(slot, count)
+            if conv is not None:
+                conv(buf.view(npdt), out)
+            else:
+                np.copyto(out, buf.view(npdt), casting="unsafe")
+            return out
+
+        return read
+
     def whole(self, m: ModelFile, name: str) -> np.ndarray:
         """The whole tensor as float32, in its shape."""
         return self.f32(m, name).reshape(m.tensors[name].shape)
@@ -247,6 +279,21 @@ class Inputs:
         self.close()
 
 
+def _pread_into(fd: int, buf: np.ndarray, offset: int, name: str, path: Path) -> None:
+    """Fill the uint8 array ``buf`` from ``fd`` at ``offset`` (TruncatedFile at the end)."""
+    view = buf.data
+    got, n = 0, len(view)
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise TruncatedFile(
+                f"tensor {name!r}: the file ended at byte {offset + got}; "
+                "the download is truncated",
+                path=path,
+            )
+        got += k
+
+
 class Output:
     """One result tensor in the output dtype, filled piece by piece from float32 values."""
 
@@ -260,23 +307,28 @@ class Output:
     def put(self, start: int, values: np.ndarray) -> None:
         """Store float32 ``values`` at flat position ``start`` (cast as torch's ``.to()``)."""
         values = values.reshape(-1)
-        dst = self.flat[start : start + values.size]
-        if self.dtype.code == "F32":
-            dst[...] = values
-            return
-        if self.dtype.code == "F16":
-            # sdtool.write.cast's exact float16 kernel on the whole piece, its scratch reused
-            t1 = SCRATCH.get(TMP, values.size * 4).view(np.uint32)
-            t2 = SCRATCH.get(TMP + 1, values.size * 4).view(np.uint32)
-            if _f32_to_f16(values, dst, t1, t2):  # False: a value needs the exact path
-                return
-        _, over = cast(values, F32, self.dtype, out=dst)  # straight into ``dst``
+        over = store(values, self.flat[start : start + values.size], self.dtype)
         if over:
             with self._lock:
                 self.overflow += over
 
     def array(self) -> np.ndarray:
         return self.flat.reshape(self.shape)
+
+
+def store(values: np.ndarray, dst: np.ndarray, dtype: DType) -> int:
+    """Cast the flat float32 ``values`` into ``dst`` (``dtype``, as torch's ``.to()``); the
+    number of finite values that became inf."""
+    if dtype.code == "F32":
+        dst[...] = values
+        return 0
+    if dtype.code == "F16":
+        # sdtool.write.cast's exact float16 kernel on the whole piece, its scratch reused
+        t1 = SCRATCH.get(TMP, values.size * 4).view(np.uint32)
+        t2 = SCRATCH.get(TMP + 1, values.size * 4).view(np.uint32)
+        if _f32_to_f16(values, dst, t1, t2):  # False: a value needs the exact path
+            return 0
+    return cast(values, F32, dtype, out=dst)[1]  # straight into ``dst``
 
 
 def run_pieces(
@@ -288,7 +340,7 @@ def run_pieces(
     """Call ``work(start, count)`` for every piece, on ``WORKERS`` threads when there are
     several pieces (numpy and preads release the GIL, so pieces compute on both cores):
     those of ``pool`` (``Inputs.pool``), else a pool made for this call."""
-    parts = list(pieces(numel, PIECE if step is None else step))
+    parts = list(pieces(numel, step))
     if len(parts) <= 1 or WORKERS <= 1:
         for start, count in parts:
             work(start, count)
@@ -383,8 +435,10 @@ class Ahead:
             self.running.clear()
 
 
-def pieces(numel: int, step: int = PIECE) -> Iterator[tuple[int, int]]:
-    """(start, count) pieces covering ``numel`` elements."""
+def pieces(numel: int, step: int | None = None) -> Iterator[tuple[int, int]]:
+    """(start, count) pieces covering ``numel`` elements (``PIECE`` each unless ``step``: read
+    when called, so that tests may make pieces small)."""
+    step = PIECE if step is None else step
     for s in range(0, numel, step):
         yield s, min(step, numel - s)
 
@@ -396,6 +450,7 @@ class Overflows:
     def __init__(self, on_overflow: str = "fail") -> None:
         self.counts: dict[str, int] = {}
         self.on_overflow = on_overflow
+        self._pieces: dict[str, dict[int, int]] = {}
         self._lock = threading.Lock()
 
     def done(self, name: str, out: Output) -> np.ndarray:
@@ -411,6 +466,25 @@ class Overflows:
             )
         self.set(name, out.overflow)
         return out.array()
+
+    def piece(self, name: str, start: int, n: int, dtype: DType) -> None:
+        """Record ``n`` overflows in the piece of ``name`` at ``start`` (CastOverflow when
+        ``on_overflow`` is ``fail``: the writer stops, nothing is written); the tensor's count
+        is the sum over its pieces (a recomputed piece counts once)."""
+        if not n:
+            return
+        if self.on_overflow == "fail":
+            from sdtool.write import CastOverflow
+
+            raise CastOverflow(
+                f"the cast to {dtype} overflows to inf in {name!r} ({n} values from element "
+                f'{start} on); nothing was written. Keep a wider dtype, or pass on_overflow="warn"',
+                {name: n},
+            )
+        with self._lock:
+            per = self._pieces.setdefault(name, {})
+            per[start] = n
+            self.counts[name] = sum(per.values())
 
     def set(self, name: str, n: int) -> None:
         """Record ``n`` for ``name`` (a recomputation, e.g. by --verify, counts once)."""

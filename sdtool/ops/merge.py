@@ -3,9 +3,12 @@
 Each output tensor is computed from the same-named tensor of every input when the writer
 reaches it, in float32 whatever the inputs' dtypes, then cast to the output dtype; nothing
 holds a whole model. Elementwise methods (weighted-sum, add-difference, dare) read inputs in
-pieces of ``arith.PIECE`` elements, computed ahead of the writer on two threads
-(``arith.Ahead``: about 16 MiB of outputs); ties and slerp need whole-tensor statistics and
-hold one tensor per input (float32) at a time.
+pieces of ``arith.PIECE`` elements: into safetensors, the writer's two threads compute each
+piece and write it (``OutTensor.pieces``: no output tensor in memory); into a .ckpt, they are
+computed ahead of the writer on two threads (``arith.Ahead``: about 16 MiB of outputs). ties
+first computes each delta's threshold over the whole tensor (one float32 array of its size),
+then goes piece by piece the same way; slerp needs whole-tensor norms and holds one tensor per
+input (float32) at a time.
 
 The methods (``a`` = first input, ``b``, ``c`` the next, ``t`` = alpha, all float32):
 
@@ -38,10 +41,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -56,8 +60,8 @@ from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.formats.open import open_model
 from sdtool.model import ModelFile
+from sdtool.ops import arith
 from sdtool.ops.arith import (
-    F32,
     SCRATCH,
     Ahead,
     Inputs,
@@ -65,14 +69,16 @@ from sdtool.ops.arith import (
     Overflows,
     Task,
     local_span,
+    pieces,
     run_pieces,
+    store,
     write_result,
 )
 from sdtool.results import JsonKey, Result, json_key, rounded
 from sdtool.vocab import CASTABLE, MERGE_METHODS, Progress, cast_target, parse_dtype
 from sdtool.write import output_format
 from sdtool.write.atomic import check_output
-from sdtool.write.plan import OutTensor, source_order
+from sdtool.write.plan import OutTensor
 
 SCHEMA = "sdtool.merge/1"
 
@@ -86,6 +92,8 @@ class Method:
     max_inputs: int | None  # None: any number
     elementwise: bool
     summary: str
+    #: computed piece by piece (elementwise, or ties: after one whole-tensor statistic)
+    by_pieces: bool = True
 
 
 METHODS: dict[str, Method] = {
@@ -95,7 +103,7 @@ METHODS: dict[str, Method] = {
         Method("add-difference", 3, 3, True, "A + alpha * (B - C)"),
         Method("ties", 2, None, False, "BASE + alpha * TIES(M_i - BASE; density)"),
         Method("dare", 2, None, True, "BASE + alpha * sum(DARE(M_i - BASE; density, seed))"),
-        Method("slerp", 2, 2, False, "slerp(A, B; alpha) on the flattened tensor"),
+        Method("slerp", 2, 2, False, "slerp(A, B; alpha) on the flattened tensor", False),
     )
 }
 
@@ -486,14 +494,32 @@ def ties(x: list[np.ndarray], t: float, *, density: float, **_: Any) -> np.ndarr
     the k-th smallest |d|, k = max(1, int((1 - density) * n)); ties kept), elect the sign of
     the summed trimmed deltas, average the deltas that agree with it (0 where none does)."""
     base, models = x[0], x[1:]
-    n = base.size
+    thresholds = [ties_threshold(np.abs(m - base).reshape(-1), density) for m in models]
+    return ties_piece(x, t, thresholds=thresholds)
+
+
+def ties_threshold(mag: np.ndarray, density: float) -> np.float32 | None:
+    """The k-th smallest of a delta's magnitudes ``mag`` (flat, float32; reordered in place),
+    k = max(1, int((1 - density) * n)); None: nothing is trimmed (density 1, or empty)."""
+    n = mag.size
+    if density >= 1 or not n:
+        return None
+    k = max(1, int((1 - density) * n))
+    mag.partition(k - 1)
+    return np.float32(mag[k - 1])
+
+
+def ties_piece(
+    x: list[np.ndarray], t: float, *, thresholds: Sequence[np.float32 | None], **_: Any
+) -> np.ndarray:
+    """``ties`` on a piece of the tensors, given each delta's threshold (``ties_threshold`` of
+    the whole tensor): every step after the thresholds is elementwise, the same operations in
+    the same order as on the whole tensor, so the pieces give the same bits."""
+    base, models = x[0], x[1:]
     trimmed = []
-    for m in models:
+    for m, threshold in zip(models, thresholds, strict=True):
         d = m - base
-        if density < 1 and n:
-            k = max(1, int((1 - density) * n))
-            mag = np.abs(d).reshape(-1)
-            threshold = np.partition(mag, k - 1)[k - 1]
+        if threshold is not None:
             d = np.where(np.abs(d) >= threshold, d, np.float32(0))
         trimmed.append(d)
     total = np.zeros_like(base)
@@ -550,7 +576,83 @@ PIECE_KERNELS: dict[str, Callable[..., np.ndarray]] = {
     **KERNELS,
     "weighted-sum": weighted_sum_,
     "add-difference": add_difference_,
+    "ties": ties_piece,
 }
+
+
+def _compute_fn(
+    models: Sequence[ModelFile],
+    sources: Sequence[dict[str, Source]],
+    k: KeyPlan,
+    method: Method,
+    io: Inputs,
+    density: float,
+    seed: int,
+) -> Callable[[int, int], np.ndarray]:
+    """Computes elements ``start .. start + count`` of key ``k`` (elementwise methods) as
+    float32, in this thread's reused buffers (valid until its next piece): no allocation."""
+    in_place = PIECE_KERNELS[method.name]
+    a = models[0]
+    t = k.alpha if k.alpha is not None else 0.0
+    is_dare = method.name == "dare"
+    srcs = [(m, src[k.name]) for m, src in zip(models[1:], sources, strict=True)]
+
+    readers: list[Callable[[int, int, int], np.ndarray]]
+    if _preadable(models, sources, k.name):
+        readers = [io.piece_reader(a, k.name)] + [io.piece_reader(m, sr.keys[0]) for m, sr in srcs]
+    else:
+
+        def reader(m: ModelFile, sr: Source) -> Callable[[int, int, int], np.ndarray]:
+            return lambda s, c, i: sr.read_into(io, m, s, SCRATCH.f32(i, c), i)
+
+        readers = [reader(m, sr) for m, sr in [(a, Source((k.name,), ())), *srcs]]
+    ties_state = None
+    if method.name == "ties":
+        ties_state = _TiesThresholds(readers, a.tensors[k.name].numel, density)
+
+    def compute(start: int, count: int) -> np.ndarray:
+        if ties_state is not None:  # the whole tensor's, computed once by the first piece
+            thresholds = ties_state.get()  # (before the reads: it reads into the same scratch)
+            return in_place([read(start, count, i) for i, read in enumerate(readers)], t,
+                            thresholds=thresholds)  # fmt: skip
+        x = [read(start, count, i) for i, read in enumerate(readers)]
+        rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
+        return in_place(x, t, density=density, rngs=rngs)
+
+    return compute
+
+
+class _TiesThresholds:
+    """Each delta's TIES threshold for one tensor, computed once, by whichever piece asks
+    first: |m_i - base| is read piece by piece into one float32 array of the tensor's size,
+    reused for every model (memory: that array, not every input's whole tensor)."""
+
+    def __init__(
+        self, readers: list[Callable[[int, int, int], np.ndarray]], numel: int, density: float
+    ) -> None:
+        self.readers, self.numel, self.density = readers, numel, density
+        self.value: list[np.float32 | None] | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> list[np.float32 | None]:
+        with self.lock:
+            if self.value is None:
+                self.value = self._compute()
+            return self.value
+
+    def _compute(self) -> list[np.float32 | None]:
+        if self.density >= 1 or not self.numel:
+            return [None] * (len(self.readers) - 1)
+        mag = np.empty(self.numel, np.float32)
+        out = []
+        for i, read in enumerate(self.readers[1:], 1):
+            for s, c in pieces(self.numel):
+                base = self.readers[0](s, c, 0)
+                d = mag[s : s + c]
+                np.subtract(read(s, c, i), base, out=d)
+                np.abs(d, out=d)
+            out.append(ties_threshold(mag, self.density))
+        return out
 
 
 def _piece_fn(
@@ -562,22 +664,42 @@ def _piece_fn(
     density: float,
     seed: int,
 ) -> Callable[[Output, int, int], None]:
-    """Computes elements ``start .. start + count`` of key ``k`` into ``out`` (elementwise
-    methods), from this thread's reused buffers: no allocation per piece."""
-    in_place = PIECE_KERNELS[method.name]
-    a = models[0]
-    t = k.alpha if k.alpha is not None else 0.0
-    is_dare = method.name == "dare"
-    srcs = [(m, src[k.name]) for m, src in zip(models[1:], sources, strict=True)]
+    """Computes elements ``start .. start + count`` of key ``k`` into ``out``."""
+    compute = _compute_fn(models, sources, k, method, io, density, seed)
 
     def piece(out: Output, start: int, count: int) -> None:
-        x = [io.f32_into(a, k.name, start, SCRATCH.f32(0, count), 0)]
-        for i, (m, sr) in enumerate(srcs, 1):
-            x.append(sr.read_into(io, m, start, SCRATCH.f32(i, count), i))
-        rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
-        out.put(start, in_place(x, t, density=density, rngs=rngs))
+        out.put(start, compute(start, count))
 
     return piece
+
+
+#: pieces of the computation per piece written (``_pieces_fn``)
+WRITE_PIECES = 4
+
+
+def _pieces_fn(
+    compute: Callable[[int, int], np.ndarray],
+    name: str,
+    numel: int,
+    dtype: DType,
+    overflows: Overflows,
+) -> Callable[[], Iterator[tuple[int, Callable[[np.ndarray], None]]]]:
+    """``OutTensor.pieces`` of a key: each piece computed and cast into the writer's buffer
+    on the thread that then writes it (no output tensor in memory). A writer's piece is
+    ``WRITE_PIECES`` pieces of the computation (fewer writes and writeback calls, while each
+    piece of the computation stays small enough for the cache)."""
+
+    def fill(start: int, count: int, out: np.ndarray) -> None:
+        dst = out.view(dtype.numpy)
+        for s, c in pieces(count):
+            over = store(compute(start + s, c), dst[s : s + c], dtype)
+            overflows.piece(name, start + s, over, dtype)
+
+    def gen() -> Iterator[tuple[int, Callable[[np.ndarray], None]]]:
+        for s, c in pieces(numel, WRITE_PIECES * arith.PIECE):
+            yield c * dtype.itemsize, partial(fill, s, c)
+
+    return gen
 
 
 def _preadable(
@@ -629,7 +751,7 @@ def _maker(
             res = base.copy()
             res[region] = kernel(x, t, **opts)
             out.put(0, res)
-        elif method.elementwise:
+        elif method.by_pieces:
             piece = _piece_fn(models, sources, k, method, io, density, seed)
             run_pieces(out.flat.size, lambda s, c: piece(out, s, c), pool=io.pool)
         else:
@@ -743,15 +865,17 @@ def merge(
         overflows = Overflows(on_overflow)
         with Inputs() as io:
             plan: list[OutTensor] = []
-            # elementwise keys read by pread are computed ahead, in the order the writer
-            # asks for them: safetensors' by A's file order, a .ckpt's in the plan's
+            # elementwise keys read by pread: into safetensors, the writer's threads compute
+            # them piece by piece, each piece written by the thread that made it; into a
+            # .ckpt, they are computed ahead on the pool, in the plan's order
             early = [
                 k
                 for k in keys
-                if k.rule == "merge" and m.elementwise and _preadable(models, sources, k.name)
+                if k.rule == "merge" and m.by_pieces and _preadable(models, sources, k.name)
             ]
+            streamed: list[KeyPlan] = []
             if fmt == "safetensors":
-                early.sort(key=lambda k: source_order(OutTensor(k.name, a, a.tensors[k.name], F32)))
+                streamed, early = early, []
             tasks = []
             for k in early:
                 info = a.tensors[k.name]
@@ -762,6 +886,7 @@ def merge(
                 )
             ahead = Ahead(io.pool, tasks)
             ahead_names = {k.name for k in early}
+            streamed_names = {k.name for k in streamed}
             for k in keys:
                 info = a.tensors[k.name]
                 out_dt = _out_dtype(info.dtype, target)
@@ -772,7 +897,11 @@ def merge(
                         models, sources, k, m, out_dt, io, overflows, density, seed,
                         ahead if k.name in ahead_names else None,
                     )  # fmt: skip
-                    plan.append(OutTensor(k.name, a, info, out_dt, make))
+                    gen = None
+                    if k.name in streamed_names:
+                        compute = _compute_fn(models, sources, k, m, io, density, seed)
+                        gen = _pieces_fn(compute, k.name, info.numel, out_dt, overflows)
+                    plan.append(OutTensor(k.name, a, info, out_dt, make, gen))
             meta = {
                 "format": "pt",
                 "sd_merge_recipe": json.dumps(recipe),

@@ -8,7 +8,7 @@ when the writer reaches them, cast in bounded pieces (``stream.Chunks``), writte
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from math import prod
 
@@ -30,6 +30,10 @@ class OutTensor:
         dtype: the dtype to write; a torch-exact cast when it differs from the values' dtype.
         make: computed values instead of reading ``info`` (e.g. prune's --fix-clip); must
             return an array of ``info.shape``; its own dtype is cast to ``dtype`` if needed.
+        pieces: with ``make``, the same values as pieces that writers take instead (nothing
+            holds the whole tensor; the safetensors writer runs them on its threads): in order,
+            ``(nbytes, fill)``, ``fill(out)`` writing the piece's bytes, in ``dtype``, into the
+            uint8 array ``out`` of ``nbytes``.
     """
 
     name: str
@@ -37,6 +41,7 @@ class OutTensor:
     info: TensorInfo
     dtype: DType
     make: Callable[[], np.ndarray] | None = None
+    pieces: Callable[[], Iterable[tuple[int, Callable[[np.ndarray], None]]]] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

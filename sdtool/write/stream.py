@@ -51,16 +51,21 @@ class BufferRing:
         self.i = 0
 
     def next(self, nbytes: int, at: int = 0) -> np.ndarray:
-        """The next buffer's ``nbytes``, placed for a read from file offset ``at``."""
-        if len(self.slots) < self.size:
-            self.slots.append(PageBuffer(CHUNK_BYTES))
-            buf = self.slots[-1]
-        else:
-            buf = self.slots[self.i % self.size]
+        """The next buffer's ``nbytes``, placed for a read from file offset ``at``. A slot is
+        as large as the largest piece it held, in powers of two (a PageBuffer is zeroed: a
+        writer of small pieces, as merge's, does not hold 7 x 16 MiB)."""
+        k = self.i % self.size
         self.i += 1
-        if buf.size < nbytes:  # pieces are at most CHUNK_BYTES of output; be safe anyway
-            buf = PageBuffer(nbytes)
-        return buf.array(at, nbytes)
+        if k == len(self.slots):
+            self.slots.append(PageBuffer(_pow2(nbytes)))
+        elif self.slots[k].size < nbytes:
+            self.slots[k] = PageBuffer(_pow2(nbytes))
+        return self.slots[k].array(at, nbytes)
+
+
+def _pow2(n: int) -> int:
+    """``n`` rounded up to a power of two, at least 64 KiB."""
+    return max(1 << 16, 1 << (n - 1).bit_length())
 
 
 class Chunks:
@@ -90,6 +95,10 @@ class Chunks:
         a writer can cast several pieces at once (numpy releases the GIL) and still write
         them in order, since each job knows its output size before it runs."""
         t = self.t
+        if t.pieces is not None:
+            for nbytes, fill in t.pieces():
+                yield self._filled(nbytes, fill)
+            return
         if t.make is not None:
             arr = np.asarray(t.make())
             if arr.shape != t.shape:
@@ -118,6 +127,16 @@ class Chunks:
             if after is not None:
                 after()
             return out
+
+        return Job(nbytes, run)
+
+    def _filled(self, nbytes: int, fill: Callable[[np.ndarray], None]) -> Job:
+        """A job filling a buffer (taken from the ring now, in order) with a computed piece."""
+        buf = np.empty(nbytes, np.uint8) if self.ring is None else self.ring.next(nbytes)[:nbytes]
+
+        def run() -> np.ndarray:
+            fill(buf)
+            return buf.view(self.t.dtype.numpy)
 
         return Job(nbytes, run)
 
