@@ -136,7 +136,7 @@ def identify(model: ModelFile) -> Identity:
     w.components = [_shapes(c, tensors, w.architecture) for c in w.components]
     for c in w.components:
         for k in c.keys:
-            w.ownership[k] = c.label
+            w.ownership[k] = c.name
     for k in w.markers:
         w.ownership[k] = "markers"
     if quant is not None:
@@ -888,7 +888,7 @@ def _lora(tensors: dict[str, TensorInfo], meta: dict[str, str]) -> Special | Non
         trainer_source=trainer_src,
     )
     arch, src = _lora_arch(tensors, modules, widths)
-    ownership = {k: f"LoRA {modules.get(m, _lora_target(m))}" for k, m in owned.items()}
+    ownership = {k: f"lora-{modules.get(m, _lora_target(m))}" for k, m in owned.items()}
     ownership.update({t: "embedding" for t in tokens})
     return "lora", lora, arch, src, ownership
 
