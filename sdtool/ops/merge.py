@@ -514,27 +514,48 @@ def ties_piece(
 ) -> np.ndarray:
     """``ties`` on a piece of the tensors, given each delta's threshold (``ties_threshold`` of
     the whole tensor): every step after the thresholds is elementwise, the same operations in
-    the same order as on the whole tensor, so the pieces give the same bits."""
+    the same order as on the whole tensor, so the pieces give the same bits. Computed in place
+    (the models' arrays become their deltas) and in this thread's scratch for a piece: fresh
+    temporaries cost a page fault and a zeroing per 4 KiB, several times the arithmetic."""
     base, models = x[0], x[1:]
+    n = base.size
+    tmp, total, agree_sum, agree_n = (_ties_f32(j, n) for j in range(4))
+    ok, other = (_ties_f32(j, n).view(np.uint8)[:n].view(np.bool_) for j in (4, 5))
     trimmed = []
     for m, threshold in zip(models, thresholds, strict=True):
-        d = m - base
-        if threshold is not None:
-            d = np.where(np.abs(d) >= threshold, d, np.float32(0))
+        d = np.subtract(m, base, out=m)
+        if threshold is not None:  # where(|d| >= threshold, d, 0)
+            np.greater_equal(np.abs(d, out=tmp), threshold, out=ok)
+            np.copyto(d, np.float32(0), where=np.logical_not(ok, out=ok))
         trimmed.append(d)
-    total = np.zeros_like(base)
+    total.fill(0)
     for d in trimmed:
-        total += d
-    sign = np.sign(total)
-    agree_sum = np.zeros_like(base)
-    agree_n = np.zeros_like(base)
-    for d in trimmed:
-        ok = (np.sign(d) == sign) & (d != 0)
-        agree_sum += np.where(ok, d, np.float32(0))
-        agree_n += ok
+        np.add(total, d, out=total)
+    sign = np.sign(total, out=total)
+    agree_sum.fill(0)
+    agree_n.fill(0)
+    for d in trimmed:  # ok = (sign(d) == sign) & (d != 0); agree_sum += where(ok, d, 0)
+        np.equal(np.sign(d, out=tmp), sign, out=ok)
+        np.logical_and(ok, np.not_equal(d, 0, out=other), out=ok)
+        tmp.fill(0)
+        np.copyto(tmp, d, where=ok)
+        np.add(agree_sum, tmp, out=agree_sum)
+        np.add(agree_n, ok, out=agree_n)
     with np.errstate(invalid="ignore", divide="ignore"):
-        merged = np.where(agree_n > 0, agree_sum / agree_n, np.float32(0))
-    return base + np.float32(t) * merged.astype(np.float32)
+        merged = np.divide(agree_sum, agree_n, out=agree_sum)
+    # where(agree_n > 0, agree_sum / agree_n, 0)
+    np.copyto(merged, np.float32(0), where=np.logical_not(np.greater(agree_n, 0, out=ok), out=ok))
+    np.multiply(merged, np.float32(t), out=merged)
+    return np.add(base, merged, out=merged)
+
+
+#: scratch slots of ``ties_piece``
+_TIES = 3000
+
+
+def _ties_f32(j: int, n: int) -> np.ndarray:
+    """A float32 temporary of ``ties_piece``: this thread's scratch for a piece, else fresh."""
+    return SCRATCH.f32(_TIES + j, n) if n <= arith.PIECE else np.empty(n, np.float32)
 
 
 #: below this sin(angle) the tensors are treated as parallel and interpolated linearly
