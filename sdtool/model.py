@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from math import prod
+from operator import mul
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -114,11 +115,15 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def check_view(info: TensorInfo, where: str) -> None:
     """Raise CorruptFile unless every element the view addresses lies inside its storage."""
-    if any(s < 0 for s in info.shape) or any(s < 0 for s in info.strides) or info.offset < 0:
+    shape, strides = info.shape, info.strides
+    if min(shape, default=0) < 0 or min(strides, default=0) < 0 or info.offset < 0:
         raise CorruptFile(f"tensor {where!r} has a negative size, stride or offset")
-    if info.numel == 0:
+    if prod(shape) == 0:
         return
-    last = info.offset + sum((n - 1) * s for n, s in zip(info.shape, info.strides, strict=True))
+    if len(shape) != len(strides):
+        raise ValueError(f"tensor {where!r}: {len(shape)} sizes but {len(strides)} strides")
+    # sum((n - 1) * s), in C: a checkpoint has thousands of tensors
+    last = info.offset + sum(map(mul, shape, strides)) - sum(strides)
     if (last + 1) * info.dtype.itemsize > info.storage.nbytes:
         raise CorruptFile(
             f"tensor {where!r} reaches element {last} but its storage "

@@ -234,6 +234,18 @@ COMPONENTS: dict[str, Component] = {
         Component("dit", "DiT", "denoiser"),  # a transformer denoiser with no name of its own
     )
 }
+
+
+def owner_label(owner: str) -> str:
+    """The text label of an owner of keys (``Identity.owners()``): a component's label, "LoRA
+    te1" for "lora-te1", other owners ("markers", "unknown", ...) as they are."""
+    if (c := COMPONENTS.get(owner)) is not None:
+        return c.label
+    if owner.startswith("lora-"):
+        return "LoRA " + owner[len("lora-") :]
+    return owner
+
+
 #: the roles components play (``--drop`` and ``extract --component`` name roles too)
 ROLES = ("denoiser", "vae", "text-encoder", "controlnet", "t2i-adapter", "ip-adapter", "aux", "ema")
 

@@ -204,9 +204,14 @@ def test_by_component_table_is_identify_ownership(
     assert main(["inspect", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     comps = {c["name"]: c["tensors"] for c in data["components"]}
-    ident = {c["label"]: c["tensors"] for c in data["identity"]["components"]}
+    ident = {c["name"]: c["tensors"] for c in data["identity"]["components"]}
     assert comps == {**ident, "markers": 2}  # model_ema.decay / num_updates
-    assert comps["CLIP-L"] == 197 and comps["UNet"] == 686 and comps["EMA"] == 686
+    # one spelling of a component in every JSON document: vocab's name (issue 11.2); the text
+    # table shows the label
+    assert comps["clip-l"] == 197 and comps["unet"] == 686 and comps["ema"] == 686
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "CLIP-L" in text and "UNet" in text and "clip-l" not in text
 
 
 def test_json_zip_irregularities_are_typed(

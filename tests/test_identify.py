@@ -529,3 +529,38 @@ def test_candidates_split_every_key_at_every_dot_in_order() -> None:
     for keys in (clip + unet + odd, odd, unet[::-1] + [k[2:] for k in clip], []):
         t = dict.fromkeys(keys)
         assert list(_candidates(t).items()) == reference(keys)  # type: ignore[arg-type]
+
+
+def test_quantized_names_found_for_the_whole_file_as_name_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """identify looks for quantization side tensors in all names at once (joined by newlines,
+    each rule under MULTILINE, a literal each rule needs checked first): it finds exactly the
+    names the rules find one by one, and names with a newline in them take the slow path."""
+    import re
+
+    from sdtool.identify import engine as E
+    from sdtool.identify import tables as T
+
+    assert E._line_rules() is not None  # the shipped rules take the whole-file path
+    unet = [f"model.diffusion_model.{k}" for k in signatures()["unet-ldm"].keys]
+    quant = ["x.scaled_fp8", "scaled_fp8", "a.scale_weight", "b.comfy_quant", "c.weight_scale",
+             "c.weight_scale_2", "d.weight.absmax", "d.weight.quant_state.bitsandbytes__nf4",
+             "e.SCB", "f.weight._data", "g.output_scale", "h._weight_qdata", "blk.0.attn.weight",
+             "enc.blk.1.x", "token_embd.weight", "output.weight", "output_norm.weight"]  # fmt: skip
+    near = ["x.scaled_fp8.y", "xscaled_fp8", "a.scale_weightx", "blk.x.", "model.blk.0.a", "",
+            "weight", "output.weight.bias", "c.weight_scale_3", "a\nblk.0.x",
+            "blk.0.\n"]  # fmt: skip
+    cases = [unet, unet + near[:9], [], [""], near, quant]
+    cases += [[*unet[:50], q, *unet[50:60]] for q in quant + near]
+    for keys in cases:
+        assert E._maybe_quantized(keys) == [k for k in keys if E._ANY_QUANT.search(k)], keys[-3:]
+
+    # a rule that could match a newline or anchor at the text's ends turns the fast path off
+    for unsafe in (r"a\sb", r"[^x]y", r"\Ax", r"x.y", r"(?s)x", "a\nb", r"[\n]", r"(?=a)b", r"\Bx"):
+        monkeypatch.setattr(T, "QUANT_RULES", (*T.QUANT_RULES, T.Quant(re.compile(unsafe), "?")))
+        E._line_rules.cache_clear()
+        assert E._line_rules() is None, unsafe
+    monkeypatch.undo()
+    E._line_rules.cache_clear()
+    assert E._line_rules() is not None

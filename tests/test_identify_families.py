@@ -572,7 +572,7 @@ def test_scaled_fp8_is_quantization_not_unknown(
     assert "fp8 e4m3 weights" in ident.quantization.schemes
     flux = ident.component("flux")
     assert flux is not None and flux.complete and not flux.mismatches and not flux.extra
-    assert set(ident.owners().values()) <= {"Flux transformer", "quantization"}
+    assert set(ident.owners().values()) <= {"flux", "quantization"}
 
 
 def test_scaled_fp8_under_a_checkpoint_prefix(tmp_path: Path) -> None:
@@ -581,7 +581,7 @@ def test_scaled_fp8_under_a_checkpoint_prefix(tmp_path: Path) -> None:
     assert ident.kind == "checkpoint" and ident.unknown_keys == ()
     flux = ident.component("flux")
     assert flux is not None and not flux.extra
-    assert ident.owners()["model.diffusion_model.scaled_fp8"] == "Flux transformer"
+    assert ident.owners()["model.diffusion_model.scaled_fp8"] == "flux"
 
 
 def test_bitsandbytes_nf4(tmp_path: Path) -> None:

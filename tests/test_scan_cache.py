@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sdtool.cache import Cache
@@ -166,7 +167,6 @@ class Returning(Counting):
         ("io-error", ProblemKind.UNREADABLE),
         ("time", ProblemKind.RESOURCES),
         ("crash", ProblemKind.CRASH),
-        ("side-file", None),
         ("cross-check", None),
     ],
 )
@@ -179,13 +179,12 @@ def test_what_the_machine_or_other_files_decide_is_scanned_again(
             z.writestr("archive/data.pkl", PLAIN)
             z.writestr("archive/version", b"3\n")
     else:
-        f.write_bytes(SIDE if case == "side-file" else PLAIN)
+        f.write_bytes(PLAIN)
     one = {
         "permission": lambda: _permission_denied(monkeypatch, f),
         "io-error": lambda: _io_error(monkeypatch, f),
         "time": lambda: Returning(lambda p: limit_report(p, "scanning took longer than 1 s")),
         "crash": lambda: Returning(lambda p: crash_report(p, -9)),
-        "side-file": Counting,
         "cross-check": lambda: _oracle_timeout(monkeypatch),
     }[case]()
     with Cache(tmp_path / "c") as cache:
@@ -194,12 +193,40 @@ def test_what_the_machine_or_other_files_decide_is_scanned_again(
         assert cache.stats()["results"] == 0
     assert one.calls == 2 and not second.cached
     assert [p.kind for p in first.report.problems] == ([kind] if kind else [])
-    if case == "side-file":
-        assert not first.report.self_contained and "side.npy" in " ".join(first.report.notes)
     if case == "cross-check":
         assert "not cross-checked" in " ".join(f.message for f in first.report.findings)
     if case == "permission":
         assert first.report.errors == ["not scanned: cannot read the file (Permission denied)"]
+
+
+def test_a_joblib_pickle_is_cached_while_its_side_files_are_unchanged(tmp_path: Path) -> None:
+    f = tmp_path / "m.pkl"
+    f.write_bytes(SIDE)
+    side = tmp_path / "side.npy"
+    one = Counting()
+    with Cache(tmp_path / "c") as cache:
+
+        def again(calls: int, cached: bool) -> FileReport:
+            got = scan_cached(f, one, cache)
+            assert (one.calls, got.cached) == (calls, cached)
+            return got.report
+
+        assert "absent" in " ".join(again(1, False).notes)
+        again(1, True)  # still absent
+        np.save(side, np.arange(3))  # a side file appears: scanned again, then cached
+        assert again(2, False).verdict == again(2, True).verdict
+        np.save(side, np.array([{"a": 1}], dtype=object))  # an object array: its data a pickle
+        changed = again(3, False)
+        assert changed.verdict != "safe" and again(3, True).verdict == changed.verdict
+        side.unlink()
+        again(4, False)
+    copy = tmp_path / "elsewhere" / "m.pkl"  # the same bytes beside other side files
+    copy.parent.mkdir()
+    shutil.copyfile(f, copy)
+    np.save(copy.parent / "side.npy", np.arange(3))
+    with Cache(tmp_path / "c") as cache:
+        scan_cached(f, one, cache, sha256=True)
+        assert not scan_cached(copy, one, cache, sha256=True).cached
 
 
 def _run(tmp_path: Path, env: dict[str, str], args: list[str]) -> tuple[int, bytes, bytes]:

@@ -18,6 +18,7 @@ from sdtool.cli.render import (
     print_json,
     report_console,
 )
+from sdtool.vocab import owner_label
 
 if TYPE_CHECKING:
     from sdtool.model import ContainerFacts
@@ -155,7 +156,7 @@ def render(r: InspectReport) -> None:
         out.print_table(t)
         t = _table("\nBy component", "component", "tensors", "params", "bytes", "share")
         for name, b in r.components.items():
-            t.add_row(*_bucket_row(name, b, r.totals.bytes))
+            t.add_row(*_bucket_row(owner_label(name), b, r.totals.bytes))
         out.print_table(t)
     if r.other_tensors.tensors:
         o = r.other_tensors

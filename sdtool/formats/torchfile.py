@@ -11,11 +11,10 @@ from __future__ import annotations
 import collections
 import io
 import struct
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sdtool import dtypes
 from sdtool.errors import (
@@ -31,6 +30,9 @@ from sdtool.formats.source import Input, RangeReader, input_path, input_size, op
 from sdtool.formats.unpickler import StorageType, brief, globals_met, load_one
 from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, check_view
 from sdtool.vocab import Format
+
+if TYPE_CHECKING:  # tarfile (and shutil) load only for torch's oldest TAR format
+    import tarfile
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -509,6 +511,8 @@ def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
 
 def _load_tar(src: _Source) -> tuple[Any, TarFacts]:
     """torch < 0.4: a tar of ``storages`` (pickles + raw data), ``tensors`` and ``pickle``."""
+    import tarfile
+
     try:
         src.f.seek(0)
         tar = tarfile.open(fileobj=src.f, mode="r:")  # noqa: SIM115 - members only, no extraction

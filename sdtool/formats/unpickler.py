@@ -207,11 +207,16 @@ class NumpyArray:
 
 
 def _int_tuple(v: Any, what: str) -> tuple[int, ...]:
+    if type(v) is tuple and _INT_ONLY.issuperset(map(type, v)):  # the common case, in C
+        return v
     if not isinstance(v, tuple | list) or not all(
         isinstance(x, int) and not isinstance(x, bool) for x in v
     ):
         raise CorruptFile(f"{what} is not a tuple of integers: {brief(v)}")
     return tuple(v)
+
+
+_INT_ONLY = frozenset({int})
 
 
 def _rebuild_tensor(

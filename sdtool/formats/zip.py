@@ -170,17 +170,16 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
         )
     off = 0
     while off + 46 <= len(cd) and cd[off : off + 4] == CENTRAL_SIG:
-        (_, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, hoff) = _u(
-            "<4sHHHHHHIIIHHHHHII", cd, off
+        (_, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, hoff) = (
+            _CENTRAL(cd, off)
         )
         name_b = cd[off + 46 : off + 46 + nlen]
-        extra = cd[off + 46 + nlen : off + 46 + nlen + xlen]
-        usize, csize, hoff = _zip64_fields(extra, usize, csize, hoff)
-        name = name_b.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
-        if flags & 0x800 == 0:
-            with contextlib.suppress(UnicodeDecodeError):
-                name = name_b.decode("utf-8")
-        entries.append(ZipMember(name, method, flags, crc, csize, usize, hoff + prefix))
+        if xlen:
+            extra = cd[off + 46 + nlen : off + 46 + nlen + xlen]
+            usize, csize, hoff = _zip64_fields(extra, usize, csize, hoff)
+        entries.append(
+            ZipMember(_name(name_b, flags), method, flags, crc, csize, usize, hoff + prefix)
+        )
         off += 46 + nlen + xlen + clen
         if len(entries) > count:
             break
@@ -193,6 +192,7 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
         )
     members: dict[str, ZipMember] = {}
     pread = positional_reader(f)
+    remote = is_remote(f)
     for m in entries:
         if m.name in members:
             irregular.append(
@@ -203,11 +203,12 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
                 )
             )
         members[m.name] = m
-        if is_remote(f):
+        if remote:
             _defer(pread, m, file_size, irregular)
         else:
             _locate_data(pread, m, file_size)
-            irregular.extend(_local_name(m))
+            if m.local_name != m.name:
+                irregular.extend(_local_name(m))
         if m.flags & 0x61:
             irregular.append(
                 ZipIrregularity(
@@ -217,6 +218,20 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
                 )
             )
     return ZipArchive(members, entries, prefix, file_size, irregular)
+
+
+_LOCAL_LENGTHS = struct.Struct("<HH").unpack_from
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII").unpack_from
+
+
+def _name(raw: bytes, flags: int) -> str:
+    """A member name: UTF-8 when flagged so; otherwise UTF-8 if it decodes, else cp437."""
+    if flags & 0x800:
+        return raw.decode("utf-8", errors="replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp437", errors="replace")
 
 
 def _zip64_fields(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, int, int]:
@@ -297,13 +312,13 @@ def _locate_data(pread: Callable[[int, int], bytes], m: ZipMember, file_size: in
     hdr = pread(m.header_offset, 30 + 256)
     if hdr[:4] != LOCAL_SIG:
         raise CorruptFile(f"zip member {m.name!r} has no local header where the directory says")
-    nlen, xlen = struct.unpack_from("<HH", hdr, 26)
+    nlen, xlen = _LOCAL_LENGTHS(hdr, 26)
     raw_name = hdr[30 : 30 + nlen] if nlen <= 256 else pread(m.header_offset + 30, nlen)
     m.local_name = raw_name.decode("utf-8", errors="replace")
-    m.data_offset = m.header_offset + 30 + nlen + xlen
-    if m.data_offset + m.compressed_size > file_size:
+    m._offset = start = m.header_offset + 30 + nlen + xlen
+    if start + m.compressed_size > file_size:
         raise TruncatedFile(
-            f"zip member {m.name!r} needs bytes up to {m.data_offset + m.compressed_size} but "
+            f"zip member {m.name!r} needs bytes up to {start + m.compressed_size} but "
             f"the file has {file_size}; the download is truncated"
         )
 

@@ -151,9 +151,10 @@ class Identity(Result):
         return T.ARCH_LABELS.get(self.architecture or "")
 
     def owners(self) -> dict[str, str]:
-        """Tensor name -> the component label that owns it ("UNet", "CLIP-L", "EMA", ...).
+        """Tensor name -> the name of the component that owns it ("unet", "clip-l", "ema", ...;
+        ``vocab.owner_label`` gives the text label).
 
-        Keys no component owns map to "markers", "quantization", "LoRA <target>", "embedding",
+        Keys no component owns map to "markers", "quantization", "lora-<target>", "embedding",
         "hypernetwork" or "unknown": the one ownership that inspect's by-component table shows.
         """
         return dict(self.ownership)

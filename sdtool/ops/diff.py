@@ -59,7 +59,7 @@ def json_number(x: float | int | None) -> float | int | str | None:
     return x
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorDiff(Result):
     """How one tensor name compares between A and B."""
 
@@ -196,28 +196,22 @@ def diff(
 def _diff_models(
     ma: ModelFile, mb: ModelFile, dtype_tolerant: bool, fast: bool, progress: Progress | None
 ) -> DiffResult:
-    tensors: list[TensorDiff] = []
-
+    rows: list[TensorDiff | _Pair] = []  # pairs become records once compared
     pairs: list[_Pair] = []
     for name, ta in ma.tensors.items():
         tb = mb.tensors.get(name)
         if tb is None:
-            tensors.append(TensorDiff(name, "missing", dtype_a=str(ta.dtype), shape_a=ta.shape))
-            continue
-        td = TensorDiff(
-            name, "equal", str(ta.dtype), str(tb.dtype), ta.shape, tb.shape, numel=ta.numel
-        )
-        tensors.append(td)
-        if ta.shape != tb.shape:
-            td.status, td.numel = "shape", 0
-            continue
-        if ta.dtype != tb.dtype:
-            td.status = "dtype"
-        pairs.append(_Pair(name, ta, tb, td))
+            rows.append(TensorDiff(name, "missing", dtype_a=str(ta.dtype), shape_a=ta.shape))
+        elif ta.shape != tb.shape:
+            rows.append(TensorDiff(name, "shape", str(ta.dtype), str(tb.dtype), ta.shape, tb.shape))
+        else:
+            pairs.append(_Pair(name, ta, tb, "equal" if ta.dtype == tb.dtype else "dtype"))
+            rows.append(pairs[-1])
     for name, tb in mb.tensors.items():
         if name not in ma.tensors:
-            tensors.append(TensorDiff(name, "extra", dtype_b=str(tb.dtype), shape_b=tb.shape))
+            rows.append(TensorDiff(name, "extra", dtype_b=str(tb.dtype), shape_b=tb.shape))
     _compare_all(ma, mb, pairs, fast, progress)
+    tensors = [r.record(fast) if isinstance(r, _Pair) else r for r in rows]
     ka, kb = ma.metadata, mb.metadata
     return DiffResult(
         ma.path,
@@ -235,14 +229,28 @@ def _diff_models(
 
 @dataclass
 class _Pair:
-    """Two tensors of the same name and shape, and the record their comparison fills."""
+    """Two tensors of the same name and shape, and what their comparison found so far."""
 
     name: str
     ta: TensorInfo
     tb: TensorInfo
-    td: TensorDiff
+    status: str  # "equal" (same dtype) or "dtype"
+    changed: int | None = 0  # None: differs, not counted (fast)
+    nan_mismatch: int = 0
     worst: float | int = 0
     decided: bool = False  # fast mode: a difference was found, stop reading this pair
+
+    def record(self, fast: bool) -> TensorDiff:
+        """The pair's frozen record, once every piece is folded in."""
+        status = self.status
+        if status == "equal" and (self.changed or self.changed is None):
+            status = "changed"
+        exact = not fast or status == "equal"  # fast: no decoding, no maximum
+        ta, tb = self.ta, self.tb
+        return TensorDiff(
+            self.name, status, str(ta.dtype), str(tb.dtype), ta.shape, tb.shape, ta.numel,
+            self.changed, self.nan_mismatch, self.worst if exact else None,
+        )  # fmt: skip
 
 
 @dataclass
@@ -376,12 +384,6 @@ def _compare_all(
             stop.set()
             for t in threads:
                 t.join()
-    for p in pairs:
-        td = p.td
-        if td.status == "equal" and (td.changed or td.changed is None):
-            td.status = "changed"
-        exact = not fast or td.status == "equal"  # fast: no decoding, no maximum
-        td.max_abs_diff = p.worst if exact else None
 
 
 @dataclass
@@ -422,14 +424,13 @@ def _run_task(
 
 def _fold(p: _Pair, tally: _Tally, fast: bool) -> None:
     """Add a task's tally to its pair (under the lock)."""
-    td = p.td
     if fast:
         if tally.differs:
-            td.changed, p.decided = None, True
+            p.changed, p.decided = None, True
         return
-    if td.changed is not None:
-        td.changed += tally.changed
-    td.nan_mismatch += tally.nan_mismatch
+    if p.changed is not None:
+        p.changed += tally.changed
+    p.nan_mismatch += tally.nan_mismatch
     p.worst = max(p.worst, tally.worst)
 
 

@@ -12,11 +12,14 @@ included when its every problem is ``ProblemKind.reproducible`` (truncated, corr
 content limit, unsupported): scanning the same bytes again gives it again. Never stored: what
 depends on the machine or the moment (a missing or unreadable file, an I/O error, time or
 memory running out, a killed worker, a crashed rule, a failed C-unpickler cross-check) or on
-other files (a joblib side file; ``FileReport.self_contained``).
+other files, beyond what ``FileReport.depends`` records (``FileReport.self_contained``).
+A joblib pickle's verdict depends on the side files ``joblib.load`` reads beside it: it is
+stored with their identities (or their absence) and trusted only while they are unchanged.
 
 A stored text is the report's JSON after ``path`` (``body_of``), followed, for a report with
-problems, by a newline and the problems' ``[kind, member]`` pairs as JSON (the body, encoded
-with ``ensure_ascii``, holds no raw newline): a JSON line is spliced from the body alone.
+problems or side files, by a newline and ``[problems' [kind, member] pairs, side files' [name,
+identity]]`` as JSON (the body, encoded with ``ensure_ascii``, holds no raw newline): a JSON
+line is spliced from the body alone.
 """
 
 from __future__ import annotations
@@ -106,12 +109,29 @@ def storable(report: FileReport) -> bool:
 
 
 def stored_of(report: FileReport) -> str:
-    """What the cache stores for a ``storable`` report: its body, then (when it has problems)
-    a newline and their ``[kind, member]`` pairs."""
+    """What the cache stores for a ``storable`` report: its body, then (when it has problems
+    or dependencies) a newline and ``[problems, depends]``: the problems' ``[kind, member]``
+    pairs, the side files' ``[name, identity or null]``."""
     body = body_of(report)
-    if not report.problems:
+    if not report.problems and not report.depends:
         return body
-    return body + "\n" + json.dumps([[p.kind.value, p.member] for p in report.problems])
+    problems = [[p.kind.value, p.member] for p in report.problems]
+    depends = [[name, ident and list(ident)] for name, ident in report.depends]
+    return body + "\n" + json.dumps([problems, depends], ensure_ascii=True)
+
+
+def _unchanged(path: str, depends: list[Any]) -> bool:
+    """Whether each side file beside ``path`` is as it was when the verdict was made."""
+    base = Path(path).parent
+    for name, ident in depends:
+        try:
+            st = os.stat(base / str(name))
+            now: list[int] | None = list(Identity.of(st))
+        except OSError:
+            now = None
+        if now != ident:
+            return False
+    return True
 
 
 #: a body this module wrote begins with format, size and verdict (``FileReport.to_json``'s
@@ -132,12 +152,15 @@ def parse_body(text: str, path: str) -> tuple[Verdict, str, FileReport | None] |
         and m.group(3) in _VERDICTS
         and ', "scanned": true, ' in text
         and '"errors": [], "notes": [' in text
-        and text[-1] == "}"  # a text with problems ends with their list, "]"
+        and text[-1] == "}"  # a text with a tail ends with its list, "]"
     ):
         return _VERDICTS[m.group(3)], text, None
     body, _, tail = text.partition("\n")
     try:
-        rep = report_from_json(json.loads(body), path, json.loads(tail) if tail else None)
+        kinds, depends = json.loads(tail) if tail else (None, [])
+        if depends and not _unchanged(path, depends):
+            return None  # a side file changed: scan again
+        rep = report_from_json(json.loads(body), path, kinds)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
     if not rep.scanned and not rep.problems:  # never stored so: not a verdict to trust

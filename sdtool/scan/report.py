@@ -10,6 +10,9 @@ from sdtool import errors as err
 from sdtool.results import JsonKey, Result, json_key
 from sdtool.vocab import ExitCode, Format, Severity, Verdict
 
+#: a file a verdict depends on: its name beside the scanned file, and its identity (device,
+#: inode, size, mtime_ns, ctime_ns) when it was read, or None when it was absent
+Dependency = tuple[str, tuple[int, ...] | None]
 #: per-file verdicts, worst first
 VERDICTS = tuple(Verdict)
 SCHEMA_VERSION = "sdtool.scan/2"
@@ -149,9 +152,14 @@ class FileReport(Result):
     sha256: str | None = None  # hex, when the batch computed it (--jsonl --sha256; not in JSON)
     cached: bool = False  # the verdict came from the result cache (not in JSON)
     skipped: str | None = None  # "PNG image", ...: by content not a model file (counted, exit 0)
-    #: False: the verdict depends on more than the file's bytes (a joblib side file beside it,
-    #: an optional reader not installed here), so it is never cached (not in to_json)
+    #: False: the verdict depends on more than the file's bytes and ``depends`` (an optional
+    #: reader not installed here, a cross-check that ran out of time), so it is never cached
+    #: (not in JSON)
     self_contained: bool = True
+    #: the files beside this one whose bytes the verdict also depends on (joblib side files):
+    #: (the name the pickle gives, relative to this file's folder; their identity when read, or
+    #: None: absent); a cached verdict holds while they are unchanged (not in JSON)
+    depends: tuple[Dependency, ...] = ()
 
     @property
     def errors(self) -> list[str]:
@@ -188,7 +196,11 @@ class FileReport(Result):
             Problem(ProblemKind(p["kind"]), p["message"], p["member"]) for p in d["problems"]
         )
         findings = tuple(Finding(**f) for f in d["findings"])
-        return cls(**{**d, "findings": findings, "problems": problems, "notes": tuple(d["notes"])})
+        depends = tuple(
+            (str(n), None if i is None else tuple(map(int, i))) for n, i in d.get("depends", ())
+        )
+        return cls(**{**d, "findings": findings, "problems": problems, "notes": tuple(d["notes"]),
+                      "depends": depends})  # fmt: skip
 
 
 @dataclass
@@ -205,6 +217,7 @@ class FileScan:
     size: int = 0
     skipped: str | None = None
     self_contained: bool = True  # FileReport.self_contained
+    depends: list[Dependency] = field(default_factory=list)  # FileReport.depends
 
     def problem(self, kind: ProblemKind, message: str, member: str | None = None) -> None:
         """Record a problem; ``member`` (a path inside the file) prefixes the sentence."""
@@ -218,7 +231,7 @@ class FileScan:
         return FileReport(
             self.path, self.format, tuple(self.findings), tuple(self.problems),
             tuple(self.notes), self.scanned, self.streams, self.size, skipped=self.skipped,
-            self_contained=self.self_contained,
+            self_contained=self.self_contained, depends=tuple(self.depends),
         )  # fmt: skip
 
 

@@ -156,7 +156,7 @@ def factor(
 # -- results --------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModuleReport:
     name: str  # the LoRA module name written
     source: str  # the base key (extract) or the input stem (resize)
@@ -358,7 +358,7 @@ def _factor_later(
     io: Inputs,
     r: int,
     clamp_quantile: float,
-    report: ModuleReport,
+    kept: dict[str, float],
 ) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     """The factors of ``tuned - base`` (``rows`` of ``key``) at the fixed rank ``r``: a matrix
     whose largest singular value is below MIN_SV gets rank 1 from ``choose_rank``, padded
@@ -368,7 +368,7 @@ def _factor_later(
         diff = _diff_rows(tm, bm, key, rows, io)
         return diff.reshape(diff.shape[0], -1)
 
-    return _refactor_later(full, r, clamp_quantile, report)
+    return _refactor_later(full, r, clamp_quantile, kept, key)
 
 
 def extract(
@@ -420,6 +420,7 @@ def extract(
         plan: list[OutTensor] = []
         keys_done: set[str] = set()
         ahead = _Ahead()
+        kept: dict[str, float] = {}  # source -> share of the norm kept (fixed rank)
         for name, (key, target) in targets.items():
             if key not in tm.tensors or tm.tensors[key].shape != bm.tensors[key].shape:
                 why = "not in TUNED" if key not in tm.tensors else "TUNED has another shape"
@@ -437,11 +438,10 @@ def extract(
                 # module's factors in memory at a time)
                 rows = info.shape[0] if target.rows is None else target.rows[1] - target.rows[0]
                 r = min(r_cap, rows, prod(info.shape[1:]))
-                report = ModuleReport(name, key, r)
-                result.modules.append(report)
+                result.modules.append(ModuleReport(name, key, r))
                 if dry_run:
                     continue
-                later = _factor_later(tm, bm, key, target.rows, io, r, clamp_quantile, report)
+                later = _factor_later(tm, bm, key, target.rows, io, r, clamp_quantile, kept)
                 up_shape, down_shape = _factor_shapes(info.shape, target.rows, r)
                 pair = _Pairs(compute=later, name=name)
                 ahead.add(pair)
@@ -451,11 +451,11 @@ def extract(
             mat = diff.reshape(diff.shape[0], -1)
             del diff
             # the rank is known only after the SVD: factor now (dry runs too), write later
-            up, down, r, kept = factor(
+            up, down, r, share = factor(
                 mat, rank=r_cap, method=method, param=param, clamp_quantile=clamp_quantile
             )
             del mat
-            result.modules.append(ModuleReport(name, key, r, fro_kept=round(kept, 6)))
+            result.modules.append(ModuleReport(name, key, r, fro_kept=round(share, 6)))
             if dry_run:
                 continue
             up_shape, down_shape = _factor_shapes(info.shape, target.rows, r)
@@ -496,7 +496,7 @@ def extract(
         result = replace(result, metadata=meta)
         # the writer reaches the factors in safetensors' order: by name
         with ahead.running(sorted(p.name for p in ahead.order)):
-            return _finish(result, plan, out, meta, overwrite, verify, t0)
+            return _finish(result, plan, kept, out, meta, overwrite, verify, t0)
 
 
 def _check_ranks(rank: int, conv_rank: int, clamp_quantile: float) -> None:
@@ -593,6 +593,7 @@ def _module_plan(
 def _finish(
     result: LoraOpResult,
     plan: list[OutTensor],
+    kept: dict[str, float],
     out: Path,
     meta: dict[str, str],
     overwrite: bool,
@@ -603,7 +604,10 @@ def _finish(
         return replace(result, seconds=time.perf_counter() - t0)
     if not plan:
         raise UsageError("nothing to write: no module has a non-zero difference")
-    return write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
+    done = write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
+    # fixed-rank modules were factored while writing: their kept share is known now
+    modules = [replace(m, fro_kept=kept.get(m.source, m.fro_kept)) for m in done.modules]
+    return replace(done, modules=modules)
 
 
 # -- resize ---------------------------------------------------------------------------------
@@ -652,6 +656,7 @@ def resize(
         plan: list[OutTensor] = []
         done: set[str] = set()
         ahead = _Ahead()
+        kept: dict[str, float] = {}  # source -> share of the norm kept (fixed rank)
         for stem, mod in parsed.modules.items():
             if mod.kind != "lora":
                 result.skipped[stem] = f"a {mod.kind} module: copied unchanged"
@@ -680,19 +685,18 @@ def resize(
                 # a fixed rank: the shapes are known, the SVD waits for the writer (one
                 # module's factors in memory at a time, as extract)
                 r = min(cap, shape[0], prod(shape[1:]))
-                report = ModuleReport(stem, stem, r, old_rank)
-                result.modules.append(report)
+                result.modules.append(ModuleReport(stem, stem, r, old_rank))
                 if dry_run:
                     continue
-                later = _refactor_later(full_of, r, clamp_quantile, report)
+                later = _refactor_later(full_of, r, clamp_quantile, kept, stem)
                 pair = _Pairs(compute=later, name=stem)
                 ahead.add(pair)
             else:
                 # the rank is known only after the SVD: factor now (dry runs too), write later
-                upn, downn, r, kept = factor(
+                upn, downn, r, share = factor(
                     full_of(), rank=cap, method=method, param=param, clamp_quantile=clamp_quantile
                 )
-                result.modules.append(ModuleReport(stem, stem, r, old_rank, round(kept, 6)))
+                result.modules.append(ModuleReport(stem, stem, r, old_rank, round(share, 6)))
                 if dry_run:
                     continue
                 pair = _Pairs(upn, downn)
@@ -718,7 +722,7 @@ def resize(
         result = replace(result, metadata=meta)
         # the writer reaches the factors in safetensors' order: by name
         with ahead.running(sorted(p.name for p in ahead.order)):
-            return _finish(result, plan, out, meta, overwrite, verify, t0)
+            return _finish(result, plan, kept, out, meta, overwrite, verify, t0)
 
 
 def _full_later(
@@ -745,16 +749,21 @@ def _full_later(
 
 
 def _refactor_later(
-    full_of: Callable[[], np.ndarray], r: int, clamp_quantile: float, report: ModuleReport
+    full_of: Callable[[], np.ndarray],
+    r: int,
+    clamp_quantile: float,
+    kept: dict[str, float],
+    source: str,
 ) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     """The factors of ``full_of()`` at the fixed rank ``r`` (padded with zeros to ``r`` when
-    the product is zero: the same product)."""
+    the product is zero: the same product); the share of the norm kept goes to
+    ``kept[source]`` (the module's report is made once the writer has run)."""
 
     def run() -> tuple[np.ndarray, np.ndarray]:
-        up, down, got, kept = factor(
+        up, down, got, share = factor(
             full_of(), rank=r, method=None, param=None, clamp_quantile=clamp_quantile
         )
-        report.fro_kept = round(kept, 6)
+        kept[source] = round(share, 6)
         if got < r:
             up = np.pad(up, ((0, 0), (0, r - got)))
             down = np.pad(down, ((0, r - got), (0, 0)))

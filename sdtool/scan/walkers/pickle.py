@@ -59,7 +59,6 @@ def _side_files(ctx: Ctx, s: Stream, member: str | None, depth: int) -> None:
         name = state.get("filename") if unpickles is not None and state else None
         if not isinstance(name, str):
             continue
-        ctx.report.self_contained = False  # the verdict depends on files beside this one
         base = Path(ctx.report.path).parent
         target = base / name
         outside = Path(name).is_absolute() or ".." in Path(name).parts
@@ -80,10 +79,14 @@ def _side_files(ctx: Ctx, s: Stream, member: str | None, depth: int) -> None:
             continue  # zlib-compressed raw array bytes: nothing in them is unpickled
         try:
             with open_regular(target) as f:
+                st = os.fstat(f.fileno())  # before the read: a change after it shows
                 data = f.read(MAX_MEMBER)
         except (OSError, NotRegularFile):
+            ctx.report.depends.append((name, None))  # the verdict holds while it is absent
             ctx.report.notes.append(f"{member or 'file'}: joblib side file {name!r} is absent")
             continue
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        ctx.report.depends.append((name, ident))  # ... and while this file is unchanged
         scan_nested(ctx, data, join_path(member, f"<side file {name}>"), depth + 1)
 
 
