@@ -85,6 +85,18 @@ def test_weighted_sum_bit_for_bit(tmp_path: Path, alpha: float) -> None:
     assert recipe["method"] == "weighted-sum" and recipe["alpha"] == alpha
 
 
+@pytest.mark.parametrize("alpha", [0.3, -2.5, 70000.0])
+def test_weighted_sum_fp16_inputs_scaled_weights(tmp_path: Path, alpha: float) -> None:
+    """Two fp16 inputs: read scaled by 2**-112 with 2**112 folded into the weights (or, where
+    the weight would overflow, as 70000 * 2**112 does, unscaled first): torch's bits."""
+    a, b = _model(1), _model(2)
+    pa, pb = _save(tmp_path, "a.safetensors", a), _save(tmp_path, "b.safetensors", b)
+    out = tmp_path / "out.safetensors"
+    merge([pa, pb], out, alpha=alpha, dtype="fp32")
+    want = _oracle([a, b], lambda k, x: (1 - alpha) * x[0] + alpha * x[1], torch.float32)
+    _same(load_file(out), want)
+
+
 def load_file_meta(p: Path) -> dict:
     from safetensors import safe_open
 

@@ -454,6 +454,29 @@ def weighted_sum_(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
     return np.add(a, b, out=a)
 
 
+_F16_SCALE = np.float32(2.0**112)  # what Inputs.scaled_reader's fp16 values are short of
+
+
+def weighted_sum_scaled_(
+    a: np.ndarray, a_scaled: bool, b: np.ndarray, b_scaled: bool, t: float
+) -> np.ndarray:
+    """``weighted_sum_`` of inputs read scaled by 2**-112 (``Inputs.scaled_reader``): the
+    2**112 goes into the weights (``w * 2**112`` is exact in float32, and ``(w * 2**112) *
+    (x * 2**-112)`` is the real number ``w * x``: rounded the same, the same bits), saving a
+    multiply per input; where the weight would overflow, the input is unscaled first."""
+    out = []
+    for x, scaled, w in ((a, a_scaled, np.float32(1 - t)), (b, b_scaled, np.float32(t))):
+        if scaled:
+            with np.errstate(over="ignore"):
+                big = w * _F16_SCALE
+            if np.isfinite(big):
+                w = big
+            else:
+                np.multiply(x, _F16_SCALE, out=x)
+        out.append(np.multiply(x, w, out=x))
+    return np.add(out[0], out[1], out=out[0])
+
+
 def add_difference_(x: list[np.ndarray], t: float, **_: Any) -> np.ndarray:
     """``add_difference`` computed in place in ``x`` (the same float32 operations, same bits)."""
     a, b, c = x
@@ -514,27 +537,48 @@ def ties_piece(
 ) -> np.ndarray:
     """``ties`` on a piece of the tensors, given each delta's threshold (``ties_threshold`` of
     the whole tensor): every step after the thresholds is elementwise, the same operations in
-    the same order as on the whole tensor, so the pieces give the same bits."""
+    the same order as on the whole tensor, so the pieces give the same bits. Computed in place
+    (the models' arrays become their deltas) and in this thread's scratch for a piece: fresh
+    temporaries cost a page fault and a zeroing per 4 KiB, several times the arithmetic."""
     base, models = x[0], x[1:]
+    n = base.size
+    tmp, total, agree_sum, agree_n = (_ties_f32(j, n) for j in range(4))
+    ok, other = (_ties_f32(j, n).view(np.uint8)[:n].view(np.bool_) for j in (4, 5))
     trimmed = []
     for m, threshold in zip(models, thresholds, strict=True):
-        d = m - base
-        if threshold is not None:
-            d = np.where(np.abs(d) >= threshold, d, np.float32(0))
+        d = np.subtract(m, base, out=m)
+        if threshold is not None:  # where(|d| >= threshold, d, 0)
+            np.greater_equal(np.abs(d, out=tmp), threshold, out=ok)
+            np.copyto(d, np.float32(0), where=np.logical_not(ok, out=ok))
         trimmed.append(d)
-    total = np.zeros_like(base)
+    total.fill(0)
     for d in trimmed:
-        total += d
-    sign = np.sign(total)
-    agree_sum = np.zeros_like(base)
-    agree_n = np.zeros_like(base)
-    for d in trimmed:
-        ok = (np.sign(d) == sign) & (d != 0)
-        agree_sum += np.where(ok, d, np.float32(0))
-        agree_n += ok
+        np.add(total, d, out=total)
+    sign = np.sign(total, out=total)
+    agree_sum.fill(0)
+    agree_n.fill(0)
+    for d in trimmed:  # ok = (sign(d) == sign) & (d != 0); agree_sum += where(ok, d, 0)
+        np.equal(np.sign(d, out=tmp), sign, out=ok)
+        np.logical_and(ok, np.not_equal(d, 0, out=other), out=ok)
+        tmp.fill(0)
+        np.copyto(tmp, d, where=ok)
+        np.add(agree_sum, tmp, out=agree_sum)
+        np.add(agree_n, ok, out=agree_n)
     with np.errstate(invalid="ignore", divide="ignore"):
-        merged = np.where(agree_n > 0, agree_sum / agree_n, np.float32(0))
-    return base + np.float32(t) * merged.astype(np.float32)
+        merged = np.divide(agree_sum, agree_n, out=agree_sum)
+    # where(agree_n > 0, agree_sum / agree_n, 0)
+    np.copyto(merged, np.float32(0), where=np.logical_not(np.greater(agree_n, 0, out=ok), out=ok))
+    np.multiply(merged, np.float32(t), out=merged)
+    return np.add(base, merged, out=merged)
+
+
+#: scratch slots of ``ties_piece``
+_TIES = 3000
+
+
+def _ties_f32(j: int, n: int) -> np.ndarray:
+    """A float32 temporary of ``ties_piece``: this thread's scratch for a piece, else fresh."""
+    return SCRATCH.f32(_TIES + j, n) if n <= arith.PIECE else np.empty(n, np.float32)
 
 
 #: below this sin(angle) the tensors are treated as parallel and interpolated linearly
@@ -588,9 +632,11 @@ def _compute_fn(
     io: Inputs,
     density: float,
     seed: int,
-) -> Callable[[int, int], np.ndarray]:
-    """Computes elements ``start .. start + count`` of key ``k`` (elementwise methods) as
-    float32, in this thread's reused buffers (valid until its next piece): no allocation."""
+) -> tuple[Callable[[int, int], np.ndarray], Callable[[], object] | None]:
+    """Computes elements ``start .. start + count`` of key ``k`` (methods by pieces) as
+    float32, in this thread's reused buffers (valid until its next piece): no allocation. And
+    what to compute once before the pieces (ties' thresholds; None: nothing), which the first
+    piece otherwise does."""
     in_place = PIECE_KERNELS[method.name]
     a = models[0]
     t = k.alpha if k.alpha is not None else 0.0
@@ -606,6 +652,14 @@ def _compute_fn(
             return lambda s, c, i: sr.read_into(io, m, s, SCRATCH.f32(i, c), i)
 
         readers = [reader(m, sr) for m, sr in [(a, Source((k.name,), ())), *srcs]]
+    if method.name == "weighted-sum" and _preadable(models, sources, k.name):
+        mb, sb = srcs[0]
+        ra, rb = io.scaled_reader(a, k.name), io.scaled_reader(mb, sb.keys[0])
+
+        def compute_ws(start: int, count: int) -> np.ndarray:
+            return weighted_sum_scaled_(*ra(start, count, 0), *rb(start, count, 1), t)
+
+        return compute_ws, None
     ties_state = None
     if method.name == "ties":
         ties_state = _TiesThresholds(readers, a.tensors[k.name].numel, density)
@@ -619,7 +673,7 @@ def _compute_fn(
         rngs = dare_masks(seed, k.name, len(x) - 1, start) if is_dare else []
         return in_place(x, t, density=density, rngs=rngs)
 
-    return compute
+    return compute, None if ties_state is None else ties_state.get
 
 
 class _TiesThresholds:
@@ -665,7 +719,7 @@ def _piece_fn(
     seed: int,
 ) -> Callable[[Output, int, int], None]:
     """Computes elements ``start .. start + count`` of key ``k`` into ``out``."""
-    compute = _compute_fn(models, sources, k, method, io, density, seed)
+    compute, _ = _compute_fn(models, sources, k, method, io, density, seed)
 
     def piece(out: Output, start: int, count: int) -> None:
         out.put(start, compute(start, count))
@@ -683,11 +737,14 @@ def _pieces_fn(
     numel: int,
     dtype: DType,
     overflows: Overflows,
+    prepare: Callable[[], object] | None = None,
 ) -> Callable[[], Iterator[tuple[int, Callable[[np.ndarray], None]]]]:
     """``OutTensor.pieces`` of a key: each piece computed and cast into the writer's buffer
     on the thread that then writes it (no output tensor in memory). A writer's piece is
     ``WRITE_PIECES`` pieces of the computation (fewer writes and writeback calls, while each
-    piece of the computation stays small enough for the cache)."""
+    piece of the computation stays small enough for the cache). ``prepare`` runs before the
+    pieces are handed out, on the writer's prefetch thread (ties' thresholds: while the writer's
+    threads compute the tensor before, instead of one of them waiting for the other)."""
 
     def fill(start: int, count: int, out: np.ndarray) -> None:
         dst = out.view(dtype.numpy)
@@ -696,6 +753,8 @@ def _pieces_fn(
             overflows.piece(name, start + s, over, dtype)
 
     def gen() -> Iterator[tuple[int, Callable[[np.ndarray], None]]]:
+        if prepare is not None:
+            prepare()
         for s, c in pieces(numel, WRITE_PIECES * arith.PIECE):
             yield c * dtype.itemsize, partial(fill, s, c)
 
@@ -899,8 +958,8 @@ def merge(
                     )  # fmt: skip
                     gen = None
                     if k.name in streamed_names:
-                        compute = _compute_fn(models, sources, k, m, io, density, seed)
-                        gen = _pieces_fn(compute, k.name, info.numel, out_dt, overflows)
+                        compute, prepare = _compute_fn(models, sources, k, m, io, density, seed)
+                        gen = _pieces_fn(compute, k.name, info.numel, out_dt, overflows, prepare)
                     plan.append(OutTensor(k.name, a, info, out_dt, make, gen))
             meta = {
                 "format": "pt",
