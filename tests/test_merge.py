@@ -339,3 +339,19 @@ def test_library_names_parameters_cli_names_flags(
     assert "--density 0.0 is outside (0, 1]" in capsys.readouterr().err
     assert main(["merge", *ps, str(out), "--block-weights", "1,x"]) == 2
     assert "--block-weights '1,x' is not comma-separated numbers" in capsys.readouterr().err
+
+
+def test_merge_takes_modelfiles_and_one_options_object(tmp_path: Path) -> None:
+    """merge takes ``path | ModelFile`` inputs and a MergeOptions (extending the write
+    options) or its fields as keywords: the same bytes either way (issue 11.4)."""
+    from sdtool.formats.open import open_model
+    from sdtool.ops.merge import MergeOptions
+
+    a, b = _save(tmp_path, "a", _model(1)), _save(tmp_path, "b", _model(2))
+    by_kw, by_opts = tmp_path / "kw.safetensors", tmp_path / "opts.safetensors"
+    r1 = merge([a, b], by_kw, alpha=0.3, dtype="fp32")
+    with open_model(a) as ma, open_model(b) as mb:
+        r2 = merge([ma, mb], by_opts, MergeOptions(alpha=0.3, dtype="fp32"))
+        assert ma.read(next(iter(ma.tensors))).size > 0  # left open
+    assert by_kw.read_bytes() == by_opts.read_bytes()
+    assert r1.inputs == r2.inputs == [a, b] and r2.dtype == "fp32"

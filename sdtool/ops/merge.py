@@ -58,7 +58,7 @@ import numpy as np
 from sdtool import __version__
 from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
-from sdtool.formats.open import open_model
+from sdtool.formats.open import opened, path_of
 from sdtool.model import ModelFile
 from sdtool.ops import arith
 from sdtool.ops.arith import (
@@ -75,8 +75,8 @@ from sdtool.ops.arith import (
     write_result,
 )
 from sdtool.results import JsonKey, Result, json_key, rounded
-from sdtool.vocab import CASTABLE, MERGE_METHODS, Progress, cast_target, parse_dtype
-from sdtool.write import output_format
+from sdtool.vocab import CASTABLE, MERGE_METHODS, cast_target, dtype_name
+from sdtool.write import WriteOptions, options_from, output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
 
@@ -824,26 +824,30 @@ def _maker(
     return make
 
 
+@dataclass(frozen=True, kw_only=True)
+class MergeOptions(WriteOptions):
+    """merge's options: the write options and the method's (see ``merge``)."""
+
+    method: str = "weighted-sum"
+    alpha: float = 0.5
+    density: float = 1.0
+    seed: int = 0
+    block_weights: str | None = None
+
+
 def merge(
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path | ModelFile],
     out: str | Path,
-    *,
-    method: str = "weighted-sum",
-    alpha: float = 0.5,
-    density: float = 1.0,
-    seed: int = 0,
-    block_weights: str | None = None,
-    dtype: str | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    dry_run: bool = False,
-    on_overflow: str = "fail",
-    progress: Progress | None = None,
+    options: MergeOptions | None = None,
+    **changes: Any,
 ) -> MergeResult:
     """Merge model files into ``out`` (format by extension), streaming tensor by tensor.
 
+    ``options`` is a MergeOptions, or its fields as keywords:
+
     Args:
-        inputs: A, B[, C] (or BASE, M1, M2 ... for ties/dare); any format sdtool reads.
+        inputs: A, B[, C] (or BASE, M1, M2 ... for ties/dare); any format sdtool reads: paths
+            or opened ModelFiles (left open).
         method: a key of ``METHODS``.
         alpha: the weight t of the method (the blocks' weights replace it per key).
         density: ties/dare: the fraction of each delta kept (0 < density <= 1).
@@ -856,7 +860,12 @@ def merge(
     Returns a MergeResult; raises SdtoolError subclasses (nothing is written then).
     """
     t0 = time.perf_counter()
-    paths = [Path(p) for p in inputs]
+    o = options_from(MergeOptions, options, changes)
+    method, alpha, density, seed = o.method, o.alpha, o.density, o.seed
+    block_weights, overwrite, verify, dry_run = o.block_weights, o.overwrite, o.verify, o.dry_run
+    on_overflow, progress = o.on_overflow, o.progress
+    dtype = dtype_name(None if o.dtype is None else o.dtype.code)  # "keep", "fp16", ...
+    paths = [path_of(p) for p in inputs]
     out = Path(out)
     m = METHODS.get(method)
     if m is None:
@@ -866,12 +875,12 @@ def merge(
         raise UsageError(f"{method} merges {want} inputs, got {len(paths)}")
     if not 0 < density <= 1:
         raise UsageError(f"density={density} is outside (0, 1]")
-    target = _parse_dtype(dtype)
+    target = o.dtype
     fmt = output_format(out)
     if not dry_run:
         check_output(out, inputs=paths, overwrite=overwrite)
     with ExitStack() as stack:
-        models = [stack.enter_context(open_model(p)) for p in paths]
+        models = [stack.enter_context(opened(p)) for p in inputs]
         arch = unet_arch(list(models[0].tensors))
         blocks = None
         if block_weights is not None:
@@ -901,7 +910,7 @@ def merge(
             "seed": used_seed,
             "block_weights": block_weights,
             "models": [p.name for p in paths],
-            "dtype": dtype or "keep",
+            "dtype": dtype,
         }
         result = MergeResult(
             inputs=paths,
@@ -910,7 +919,7 @@ def merge(
             alpha=alpha,
             density=used_density,
             seed=used_seed,
-            dtype=dtype or "keep",
+            dtype=dtype,
             block_weights=blocks,
             keys=keys,
             skipped=skipped,
@@ -981,10 +990,6 @@ def merge(
             finally:
                 ahead.cancel()
         return result
-
-
-def _parse_dtype(name: str | None) -> DType | None:
-    return parse_dtype(name)
 
 
 def _out_dtype(src: DType, target: DType | None) -> DType:
