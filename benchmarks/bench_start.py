@@ -23,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -52,7 +53,20 @@ def cases(ckpt: Path) -> list[tuple[str, list[str]]]:
     if ckpt.is_file():
         out.append((f"sdtool inspect {ckpt.name} (7.7 GB)", [*sd, "inspect", str(ckpt)]))
         out.append((f"sdtool scan {ckpt.name} (7.7 GB)", [*sd, "scan", str(ckpt)]))
+    # without ``site`` (python -S, the paths set by hand): no editable-install hook, which a
+    # regular (wheel) install does not load either
+    out.append(("python -S -c pass", [*py, "-S", "-c", "pass"]))
+    out.append(("sdtool --help, no site", [*py, "-S", "-c", _NO_SITE, "--help"]))
+    if ckpt.is_file():
+        out.append((f"sdtool inspect {ckpt.name}, no site", [*py, "-S", "-c", _NO_SITE,
+                                                             "inspect", str(ckpt)]))  # fmt: skip
     return out
+
+
+_NO_SITE = (
+    f"import sys; sys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]; "
+    "sys.argv[0] = 'sdtool'; from sdtool.cli.main import run; run()"
+)
 
 
 def run(argv: list[str]) -> tuple[float, float]:

@@ -70,7 +70,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return prod(self.shape) * self.dtype.itemsize  # numel's product, without its call
 
     @property
     def type_code(self) -> str:

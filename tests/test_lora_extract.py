@@ -248,3 +248,36 @@ def test_resize_fixed_rank_streams_tucker_and_zero_modules(tmp_path: Path) -> No
         assert all(m.fro_kept is not None for m in res.modules)
         zu, zd = got[z + ".lora_up.weight"], got[z + ".lora_down.weight"]
         assert zu.shape[1] == (3 if i == 0 else 1) and not (zu @ zd).any()
+
+
+def test_verbs_take_a_modelfile_and_one_options_object(tmp_path: Path) -> None:
+    """extract, resize and bake take ``path | ModelFile`` and one options object (sharing
+    the write options) or its fields as keywords: the same bytes either way (issue 11.4)."""
+    from sdtool.formats.open import open_model
+    from sdtool.ops.lora.bake import BakeOptions
+    from sdtool.ops.lora.extract import LoraExtractOptions, LoraResizeOptions
+
+    tp, bp, _tuned, _base = _pair(tmp_path)
+    by_kw, by_opts = tmp_path / "kw.safetensors", tmp_path / "opts.safetensors"
+    a = extract(tp, bp, by_kw, rank=4, dtype="fp32")
+    with open_model(tp) as tm, open_model(bp) as bm:
+        b = extract(tm, bm, by_opts, LoraExtractOptions(rank=4, dtype="fp32"))
+        for m in (tm, bm):  # a ModelFile given is left open: still readable
+            assert m.read(next(iter(m.tensors))).size > 0
+    assert by_kw.read_bytes() == by_opts.read_bytes()
+    assert (a.dtype, b.dtype, b.inputs) == ("fp32", "fp32", [tp, bp])
+
+    small_kw, small_opts = tmp_path / "r-kw.safetensors", tmp_path / "r-opts.safetensors"
+    resize(by_kw, small_kw, rank=2)
+    with open_model(by_kw) as lm:
+        resize(lm, small_opts, LoraResizeOptions(rank=2))
+    assert small_kw.read_bytes() == small_opts.read_bytes()
+
+    baked_kw, baked_opts = tmp_path / "b-kw.safetensors", tmp_path / "b-opts.safetensors"
+    bake(bp, [(small_kw, 0.5)], baked_kw, dtype="fp16")
+    with open_model(bp) as bm, open_model(small_kw) as lm:
+        res = bake(bm, [(lm, 0.5)], baked_opts, BakeOptions(dtype="fp16"))
+    assert baked_kw.read_bytes() == baked_opts.read_bytes()
+    assert res.dtype == "fp16" and res.base == bp
+    with pytest.raises(SdtoolError, match="unknown option"):
+        extract(tp, bp, tmp_path / "x.safetensors", ranks=4)

@@ -96,6 +96,11 @@ def _open_input(p: Input, key: str | None) -> ModelFile:
     raise not_a_model(input_path(p), head, size)
 
 
+def path_of(src: str | Path | ModelFile) -> Path:
+    """The path of what a verb was given (a path, or an opened ModelFile)."""
+    return src.path if isinstance(src, ModelFile) else Path(src)
+
+
 @contextlib.contextmanager
 def opened(src: str | Path | ModelFile, *, key: str | None = None) -> Iterator[ModelFile]:
     """``src`` as an open ModelFile for the block: a path is opened (and closed afterwards), a

@@ -188,7 +188,12 @@ def _find_prefix(archive: zipr.ZipArchive) -> str:
 def _load_zip(src: _Source, archive: zipr.ZipArchive) -> tuple[Any, ZipFacts]:
     prefix = _find_prefix(archive)
     members = archive.members
-    code = [n for n in members if n.startswith(prefix + "code/") or n.endswith(".py")]
+    names = "\n".join(members)  # one look for a whole checkpoint's 2,000 names, in C
+    code = (
+        [n for n in members if n.startswith(prefix + "code/") or n.endswith(".py")]
+        if "code/" in names or ".py" in names
+        else []
+    )
     if prefix + "constants.pkl" in members or code:
         lite = " (lite interpreter)" if prefix + "bytecode.pkl" in members else ""
         raise TorchScriptFile(

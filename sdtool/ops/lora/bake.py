@@ -28,7 +28,7 @@ import numpy as np
 from sdtool import __version__
 from sdtool.dtypes import DType
 from sdtool.errors import SdtoolError, UsageError
-from sdtool.formats.open import open_model
+from sdtool.formats.open import opened, path_of
 from sdtool.model import ModelFile
 from sdtool.ops.arith import Inputs, Output, Overflows, write_result
 from sdtool.ops.lora import math as lm
@@ -40,8 +40,8 @@ from sdtool.ops.lora.names import (
     parse_lora,
 )
 from sdtool.results import JsonKey, Result, json_key, rounded
-from sdtool.vocab import CASTABLE, Progress
-from sdtool.write import output_format
+from sdtool.vocab import CASTABLE, dtype_name
+from sdtool.write import WriteOptions, options_from, output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
 
@@ -396,45 +396,58 @@ def _to_base(d: np.ndarray, op: str) -> np.ndarray:
     raise ValueError(f"unknown layout op {op!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class BakeOptions(WriteOptions):
+    """bake's options: the write options (``dtype``: of floating tensors; None keeps the
+    base's), and ``strict``: raise UnmatchedModules (nothing written) when a module matches
+    no base key."""
+
+    strict: bool = False
+
+
 def bake(
-    base: str | Path,
-    loras: Sequence[str | Path | tuple[str | Path, float]],
+    base: str | Path | ModelFile,
+    loras: Sequence[str | Path | ModelFile | tuple[str | Path | ModelFile, float]],
     out: str | Path,
-    *,
-    dtype: str | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    verify: bool = False,
-    dry_run: bool = False,
-    on_overflow: str = "fail",
-    progress: Progress | None = None,
+    options: BakeOptions | None = None,
+    **changes: Any,
 ) -> BakeResult:
     """Bake LoRAs into ``base``, writing ``out`` (format by extension).
 
     Args:
-        loras: LoRA files, each a path (``path:strength`` strings accepted) or (path, strength).
-        dtype: output dtype of floating tensors; None keeps the base's.
-        strict: raise UnmatchedModules (nothing written) when a module matches no base key.
-        dry_run: match and report only.
+        base: a path, or an opened ModelFile (left open).
+        loras: LoRA files, each a path or ModelFile (``path:strength`` strings accepted) or
+            (path or ModelFile, strength).
+        options: BakeOptions, or its fields as keywords (``dtype``, ``strict``, ``dry_run``:
+            match and report only, ``overwrite``, ``verify``, ``on_overflow``, ``progress``).
 
     Returns a BakeResult; raises SdtoolError subclasses (nothing is written then).
     """
     t0 = time.perf_counter()
-    base_p, out = Path(base), Path(out)
-    specs = [
-        (Path(x[0]), float(x[1])) if isinstance(x, tuple) else parse_lora_arg(str(x)) for x in loras
+    o = options_from(BakeOptions, options, changes)
+    dtype, strict, dry_run, overwrite = o.dtype, o.strict, o.dry_run, o.overwrite
+    verify, on_overflow, progress = o.verify, o.on_overflow, o.progress
+    base_p, out = path_of(base), Path(out)
+    given: list[tuple[str | Path | ModelFile, float]] = [
+        (x[0], float(x[1]))
+        if isinstance(x, tuple)
+        else (x, 1.0)
+        if isinstance(x, ModelFile)
+        else parse_lora_arg(str(x))
+        for x in loras
     ]
+    specs = [(path_of(src), s) for src, s in given]
     if not specs:
         raise UsageError("give at least one LoRA")
-    from sdtool.ops.merge import _out_dtype, _parse_dtype
+    from sdtool.ops.merge import _out_dtype
 
-    target_dt = _parse_dtype(dtype)
+    target_dt = dtype
     output_format(out)
     if not dry_run:
         check_output(out, inputs=[base_p, *(p for p, _ in specs)], overwrite=overwrite)
     with ExitStack() as stack:
-        bm = stack.enter_context(open_model(base_p))
-        lms = [stack.enter_context(open_model(p)) for p, _ in specs]
+        bm = stack.enter_context(opened(base))
+        lms = [stack.enter_context(opened(src)) for src, _ in given]
         io = stack.enter_context(Inputs())
         patches, reports = plan_patches(
             bm, [(m, s) for m, (_, s) in zip(lms, specs, strict=True)], io
@@ -443,7 +456,7 @@ def bake(
             base=base_p,
             output=out,
             loras=reports,
-            dtype=dtype or "keep",
+            dtype=dtype_name(None if dtype is None else dtype.code),
             patched={k: [p.module.stem for p in ps] for k, ps in patches.items()},
             dry_run=dry_run,
             tensors=len(bm.tensors),

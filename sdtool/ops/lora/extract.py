@@ -33,14 +33,14 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from sdtool import __version__, dtypes
 from sdtool.dtypes import DType
 from sdtool.errors import UsageError
-from sdtool.formats.open import open_model
+from sdtool.formats.open import opened, path_of
 from sdtool.layouts.lora import kohya_prefix
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
 from sdtool.ops.arith import PIECE, SCRATCH, WORKERS, Inputs, write_result
@@ -48,7 +48,8 @@ from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
 from sdtool.results import JsonKey, Result, json_key, rounded
-from sdtool.write import output_format
+from sdtool.vocab import dtype_name
+from sdtool.write import WriteOptions, options_from, output_format
 from sdtool.write.atomic import check_output
 from sdtool.write.plan import OutTensor
 
@@ -371,23 +372,42 @@ def _factor_later(
     return _refactor_later(full, r, clamp_quantile, kept, key)
 
 
+FP16 = dtypes.from_code("F16")  # extract's default: the dtype LoRAs are shared in
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraResizeOptions(WriteOptions):
+    """resize's options: the write options, and the rank rule (below)."""
+
+    rank: int = 8
+    conv_rank: int | None = None  # None: ``rank``
+    sv_ratio: float | None = None
+    sv_fro: float | None = None
+    sv_cumulative: float | None = None
+    clamp_quantile: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraExtractOptions(LoraResizeOptions):
+    """extract's options: resize's, with extract's defaults (rank 32, kxk convs left out,
+    an fp16 LoRA)."""
+
+    rank: int = 32
+    conv_rank: int | None = 0
+    dtype: DType | None = FP16
+
+
 def extract(
-    tuned: str | Path,
-    base: str | Path,
+    tuned: str | Path | ModelFile,
+    base: str | Path | ModelFile,
     out: str | Path,
-    *,
-    rank: int = 32,
-    conv_rank: int = 0,
-    sv_ratio: float | None = None,
-    sv_fro: float | None = None,
-    sv_cumulative: float | None = None,
-    clamp_quantile: float = 1.0,
-    dtype: str = "fp16",
-    overwrite: bool = False,
-    verify: bool = False,
-    dry_run: bool = False,
+    options: LoraExtractOptions | None = None,
+    **changes: Any,
 ) -> LoraOpResult:
     """Extract a kohya-format LoRA of ``tuned - base`` into ``out``.
+
+    ``tuned`` and ``base`` are paths or opened ModelFiles (left open); ``options`` is a
+    LoraExtractOptions, or its fields as keywords:
 
     Args:
         rank: the rank (the cap, with a dynamic method) of Linear and 1x1 conv modules.
@@ -401,20 +421,24 @@ def extract(
     in ``not_targets``.
     """
     t0 = time.perf_counter()
-    method, param = _dynamic(sv_ratio, sv_fro, sv_cumulative)
+    o = options_from(LoraExtractOptions, options, changes)
+    rank, conv_rank, clamp_quantile = o.rank, o.conv_rank or 0, o.clamp_quantile
+    dtype, overwrite, verify, dry_run = o.dtype, o.overwrite, o.verify, o.dry_run
+    method, param = _dynamic(o.sv_ratio, o.sv_fro, o.sv_cumulative)
     _check_ranks(rank, conv_rank, clamp_quantile)
     target_dt = _dtype(dtype)
-    tuned_p, base_p, out = Path(tuned), Path(base), Path(out)
+    tuned_p, base_p, out = path_of(tuned), path_of(base), Path(out)
     output_format(out)
     if not dry_run:
         check_output(out, inputs=[tuned_p, base_p], overwrite=overwrite)
     with ExitStack() as stack:
-        tm = stack.enter_context(open_model(tuned_p))
-        bm = stack.enter_context(open_model(base_p))
+        tm = stack.enter_context(opened(tuned))
+        bm = stack.enter_context(opened(base))
         io = stack.enter_context(Inputs())
         targets, left = extract_targets(bm, conv=conv_rank > 0)
         result = LoraOpResult(
-            SCHEMA_EXTRACT, [tuned_p, base_p], out, rank, conv_rank, method, param, dtype,
+            SCHEMA_EXTRACT, [tuned_p, base_p], out, rank, conv_rank, method, param,
+            dtype_name(target_dt.code),
             dry_run=dry_run,
         )  # fmt: skip
         plan: list[OutTensor] = []
@@ -508,13 +532,10 @@ def _check_ranks(rank: int, conv_rank: int, clamp_quantile: float) -> None:
         raise UsageError(f"clamp_quantile={clamp_quantile} must be in (0, 1]")
 
 
-def _dtype(name: str) -> DType:
-    from sdtool.vocab import parse_dtype
-
-    dt = parse_dtype(name)
-    if dt is None:
-        raise UsageError(f"dtype={name!r} is not a dtype for a LoRA (fp16, bf16, fp32)")
-    return dt
+def _dtype(dtype: DType | None) -> DType:
+    if dtype is None:
+        raise UsageError("dtype='keep' is not a dtype for a LoRA (fp16, bf16, fp32)")
+    return dtype
 
 
 def _diff_rows(
@@ -614,19 +635,10 @@ def _finish(
 
 
 def resize(
-    src: str | Path,
+    src: str | Path | ModelFile,
     out: str | Path,
-    *,
-    rank: int = 8,
-    conv_rank: int | None = None,
-    sv_ratio: float | None = None,
-    sv_fro: float | None = None,
-    sv_cumulative: float | None = None,
-    clamp_quantile: float = 1.0,
-    dtype: str | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    dry_run: bool = False,
+    options: LoraResizeOptions | None = None,
+    **changes: Any,
 ) -> LoraOpResult:
     """Resize every LoRA/LoCon module of ``src`` to ``rank`` (convs: ``conv_rank``, default
     ``rank``) by SVD of ``up @ down``, keeping each module's scale (kohya resize_lora).
@@ -634,23 +646,28 @@ def resize(
     Module names and up/down key spellings stay as they were; ``.alpha`` is written for every
     module (``old_alpha / old_rank * new_rank``; no alpha: the old scale 1 or PEFT's
     lora_alpha / r). LoHa / LoKr / full-diff modules are copied unchanged and listed in
-    ``skipped``; other keys are copied as they are.
+    ``skipped``; other keys are copied as they are. ``src`` is a path or an opened ModelFile
+    (left open); ``options`` a LoraResizeOptions, or its fields as keywords.
     """
     t0 = time.perf_counter()
-    method, param = _dynamic(sv_ratio, sv_fro, sv_cumulative)
-    conv_rank = rank if conv_rank is None else conv_rank
+    o = options_from(LoraResizeOptions, options, changes)
+    rank, clamp_quantile = o.rank, o.clamp_quantile
+    conv_rank = rank if o.conv_rank is None else o.conv_rank
+    dtype, overwrite, verify, dry_run = o.dtype, o.overwrite, o.verify, o.dry_run
+    method, param = _dynamic(o.sv_ratio, o.sv_fro, o.sv_cumulative)
     _check_ranks(rank, conv_rank, clamp_quantile)
-    src_p, out = Path(src), Path(out)
+    src_p, out = path_of(src), Path(out)
     output_format(out)
     if not dry_run:
         check_output(out, inputs=[src_p], overwrite=overwrite)
     with ExitStack() as stack:
-        lm_ = stack.enter_context(open_model(src_p))
+        lm_ = stack.enter_context(opened(src))
         io = stack.enter_context(Inputs())
         parsed = parse_lora(lm_.tensors)
         peft_alpha, pattern = peft_alphas(lm_)
         result = LoraOpResult(
-            SCHEMA_RESIZE, [src_p], out, rank, conv_rank, method, param, dtype or "keep",
+            SCHEMA_RESIZE, [src_p], out, rank, conv_rank, method, param,
+            dtype_name(None if dtype is None else dtype.code),
             dry_run=dry_run,
         )  # fmt: skip
         plan: list[OutTensor] = []
