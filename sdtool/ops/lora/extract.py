@@ -43,7 +43,7 @@ from sdtool.errors import UsageError
 from sdtool.formats.open import opened, path_of
 from sdtool.layouts.lora import kohya_prefix
 from sdtool.model import ModelFile, Storage, TensorInfo, contiguous_strides
-from sdtool.ops.arith import PIECE, SCRATCH, WORKERS, Inputs, write_result
+from sdtool.ops.arith import PIECE, SCRATCH, WORKERS, Inputs, Overflows, write_result
 from sdtool.ops.lora import math as lm
 from sdtool.ops.lora.bake import base_index, pattern_alpha, peft_alphas
 from sdtool.ops.lora.names import BaseTarget, ModuleId, parse_lora
@@ -423,7 +423,7 @@ def extract(
     t0 = time.perf_counter()
     o = options_from(LoraExtractOptions, options, changes)
     rank, conv_rank, clamp_quantile = o.rank, o.conv_rank or 0, o.clamp_quantile
-    dtype, overwrite, verify, dry_run = o.dtype, o.overwrite, o.verify, o.dry_run
+    dtype, overwrite, dry_run = o.dtype, o.overwrite, o.dry_run
     method, param = _dynamic(o.sv_ratio, o.sv_fro, o.sv_cumulative)
     _check_ranks(rank, conv_rank, clamp_quantile)
     target_dt = _dtype(dtype)
@@ -520,7 +520,7 @@ def extract(
         result = replace(result, metadata=meta)
         # the writer reaches the factors in safetensors' order: by name
         with ahead.running(sorted(p.name for p in ahead.order)):
-            return _finish(result, plan, kept, out, meta, overwrite, verify, t0)
+            return _finish(result, plan, kept, out, meta, o, t0)
 
 
 def _check_ranks(rank: int, conv_rank: int, clamp_quantile: float) -> None:
@@ -617,15 +617,19 @@ def _finish(
     kept: dict[str, float],
     out: Path,
     meta: dict[str, str],
-    overwrite: bool,
-    verify: bool,
+    o: WriteOptions,
     t0: float,
 ) -> LoraOpResult:
+    """Write the plan with the write options (``overwrite``, ``verify``, ``on_overflow``,
+    ``progress``); the result with its output fields."""
     if result.dry_run:
         return replace(result, seconds=time.perf_counter() - t0)
     if not plan:
         raise UsageError("nothing to write: no module has a non-zero difference")
-    done = write_result(result, plan, out, t0, metadata=meta, overwrite=overwrite, verify=verify)
+    done = write_result(
+        result, plan, out, t0, metadata=meta, overwrite=o.overwrite, verify=o.verify,
+        overflows=Overflows(o.on_overflow), progress=o.progress,
+    )  # fmt: skip
     # fixed-rank modules were factored while writing: their kept share is known now
     modules = [replace(m, fro_kept=kept.get(m.source, m.fro_kept)) for m in done.modules]
     return replace(done, modules=modules)
@@ -653,7 +657,7 @@ def resize(
     o = options_from(LoraResizeOptions, options, changes)
     rank, clamp_quantile = o.rank, o.clamp_quantile
     conv_rank = rank if o.conv_rank is None else o.conv_rank
-    dtype, overwrite, verify, dry_run = o.dtype, o.overwrite, o.verify, o.dry_run
+    dtype, overwrite, dry_run = o.dtype, o.overwrite, o.dry_run
     method, param = _dynamic(o.sv_ratio, o.sv_fro, o.sv_cumulative)
     _check_ranks(rank, conv_rank, clamp_quantile)
     src_p, out = path_of(src), Path(out)
@@ -739,7 +743,7 @@ def resize(
         result = replace(result, metadata=meta)
         # the writer reaches the factors in safetensors' order: by name
         with ahead.running(sorted(p.name for p in ahead.order)):
-            return _finish(result, plan, kept, out, meta, overwrite, verify, t0)
+            return _finish(result, plan, kept, out, meta, o, t0)
 
 
 def _full_later(
