@@ -128,6 +128,22 @@ def test_pickle_zip_polyglot(tmp_path: Path) -> None:
     assert r.verdict == "dangerous" and "polyglot" in rules(r)
 
 
+def test_polyglot_end_record_at_the_edge_of_zipfiles_search(tmp_path: Path) -> None:
+    """attack: the zip's end record exactly as far from the end as zipfile still looks (64 KiB
+    + 22 bytes: a record followed by 64 KiB of padding its comment length does not cover).
+    zipfile opens it, so the scan must see the zip half, and the payload in it."""
+    evil_zip = make_zip(tmp_path / "e.zip", [("archive/data.pkl", PAYLOAD)]).read_bytes()
+    p = tmp_path / "edge.pt"
+    p.write_bytes(b"\x80\x02}." + evil_zip + bytes(1 << 16))
+    with zipfile.ZipFile(p) as z:  # the oracle: zipfile finds the record
+        assert z.read("archive/data.pkl") == PAYLOAD
+    r = scan(p)
+    assert r.verdict == "dangerous" and "polyglot" in rules(r)
+    # one byte more and zipfile stops looking: no zip half to see
+    p.write_bytes(b"\x80\x02}." + evil_zip + bytes((1 << 16) + 1))
+    assert not zipfile.is_zipfile(p)
+
+
 def test_zip_inside_zip_and_7z_inside_zip(tmp_path: Path) -> None:
     # attack: the payload one archive deeper; and a broken 7z (py7zr cannot open it) in a zip
     inner = make_zip(tmp_path / "inner.zip", [("archive/data.pkl", PAYLOAD)]).read_bytes()

@@ -33,6 +33,9 @@ STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
 METHODS: dict[int, str] = {DEFLATED: "deflate", BZIP2: "bzip2", LZMA: "zip-lzma"}
 MAX_MEMBERS = 10_000_000
 MAX_COMMENT = 0xFFFF
+#: how far from the end zipfile looks for the end record: a 64 KiB comment plus the record
+#: (CPython's zipfile._EndRecData: ``filesize - (1 << 16) - sizeEndCentDir``)
+EOCD_SEARCH = (1 << 16) + 22
 
 
 @dataclass
@@ -117,9 +120,8 @@ def _u(fmt: str, buf: bytes, off: int) -> tuple[int, ...]:
 
 def has_end_record(buf: Any) -> bool:
     """Whether an end-of-central-directory record lies where zipfile looks for one: in the
-    last 22 + 64 KiB bytes of ``buf`` (bytes or a mapping)."""
-    n = len(buf)
-    return bytes(buf[max(0, n - 22 - MAX_COMMENT) :]).rfind(EOCD_SIG) >= 0
+    last EOCD_SEARCH bytes of ``buf`` (bytes or a mapping)."""
+    return bytes(buf[max(0, len(buf) - EOCD_SEARCH) :]).rfind(EOCD_SIG) >= 0
 
 
 def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
