@@ -209,8 +209,7 @@ def read_archive(f: BinaryIO, file_size: int) -> ZipArchive:
             _defer(pread, m, file_size, irregular)
         else:
             _locate_data(pread, m, file_size)
-            if m.local_name != m.name:
-                irregular.extend(_local_name(m))
+            irregular.extend(_local_name(m))
         if m.flags & 0x61:
             irregular.append(
                 ZipIrregularity(
