@@ -417,6 +417,57 @@ def test_writer_starts_writeback_in_order(tmp_path: Path, monkeypatch: pytest.Mo
     assert hinted.stat().st_size - 4096 < end <= hinted.stat().st_size
 
 
+def test_direct_write_gives_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large output goes through O_DIRECT (write/direct.py): the file is the one the page-cache
+    path writes, byte for byte (chunks, the padded tail truncated back), and no write-back
+    hints are sent for it."""
+    from sdtool.write import direct
+    from sdtool.write import gguf as writer
+
+    src = _save(flux_sd(), tmp_path / "f.safetensors")
+    plain = tmp_path / "plain.gguf"
+    _convert(src, plain, "--quant", "Q8_0", "-q")
+    used: list[bool] = []
+    real = writer._direct
+
+    def spy(f: object, nbytes: int) -> object:
+        w = real(f, nbytes)  # type: ignore[arg-type]
+        used.append(w is not None)
+        return w
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(writer, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(direct, "CHUNK", 16 * 4096)
+    monkeypatch.setattr(writer, "_direct", spy)
+    monkeypatch.setattr(writer, "_writeback_starter", lambda: lambda fd, o, n: calls.append((o, n)))
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 4096)
+    out = tmp_path / "direct.gguf"
+    _convert(src, out, "--quant", "Q8_0", "--verify", "-q")  # read back from the disk
+    assert used == [True] and calls == []
+    assert out.read_bytes() == plain.read_bytes()
+
+
+def test_direct_write_disk_full_is_one_line_and_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    from sdtool.write import direct
+    from sdtool.write import gguf as writer
+
+    def full(fd: int, data: memoryview, at: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    src = _save(flux_sd(), tmp_path / "f.safetensors")
+    monkeypatch.setattr(writer, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(direct.os, "pwrite", full)
+    out = tmp_path / "full.gguf"
+    assert main(["convert", str(src), str(out), "--quant", "Q8_0", "-q"]) != 0
+    err = capsys.readouterr().err
+    assert "disk is full" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors"]
+
+
 # The families the tests above do not cover: a tiny file of each (its detection keys, a tensor of
 # each rule) and the type ComfyUI-GGUF's convert.py + lcpp.patch give every tensor (Q8_0).
 # name -> shape, wanted type (None: the tensor is dropped); Q = quantized, B = kept bf16.

@@ -3,18 +3,36 @@
 ``tools/gen_signatures.py`` writes that file from ``../shared/reference/layouts`` and from
 ``sdtool/data/harvested.json.gz`` (key lists harvested from the diffusers / transformers classes by
 ``tools/harvest_layouts.py``). Which signature means what is in ``tables.COMPONENTS``.
+
+Unpacking it (gunzip and JSON of 2.7 MB) cost more than the rest of identifying a file, on every
+run, so the first run keeps the same tables, in the shipped order, as one marshal file of plain
+tuples and strings in the user's cache folder (``compact_path``), named and stamped by the
+shipped file's CRC-32 and length: later runs read that, and a changed package file, a
+different Python or a damaged cache file only make one run unpack the shipped file again.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
+import contextlib
+import marshal
+import os
+import sys
+import zlib
 from dataclasses import dataclass
 from functools import cache, cached_property
 from itertools import filterfalse
 from pathlib import Path
 
 from sdtool.identify.tables import COMPONENTS, OPTIONAL_AT, ComponentMeta, Shape
+
+#: package data, beside the package, read directly: importlib.resources costs more to import
+#: (tempfile, zipfile readers) than the read itself, and sdtool is never run from a zip
+DATA = Path(__file__).parent.parent / "data" / "signatures.json.gz"
+#: the compact form's layout; a new one is a new file name (old ones are left, a few MB)
+COMPACT_FORMAT = 1
+
+#: per signature, in the shipped order: (id, keys, optional key numbers, marshalled shapes)
+Compact = tuple[tuple[str, tuple[str, ...], tuple[int, ...], bytes], ...]
 
 
 @dataclass(frozen=True)
@@ -24,7 +42,7 @@ class Signature:
     id: str
     keys: tuple[str, ...]
     optional: frozenset[str]
-    raw_shapes: str  # JSON text: profile -> shapes in key order (parsed on first use)
+    raw_shapes: bytes  # marshal: profile -> shapes in key order (unpacked on first use)
     meta: ComponentMeta
 
     @cached_property
@@ -35,29 +53,74 @@ class Signature:
     def shapes(self) -> dict[str, dict[str, Shape]]:
         """profile (architecture) -> key -> shape, built on first use (most files need few)."""
         return {
-            p: dict(zip(self.keys, map(tuple, s), strict=True))
-            for p, s in json.loads(self.raw_shapes).items()
+            p: dict(zip(self.keys, s, strict=True))
+            for p, s in marshal.loads(self.raw_shapes).items()
         }
 
 
 @cache
 def signatures() -> dict[str, Signature]:
-    """The key-set signatures, loaded once from the package data."""
-    # beside the package, read directly: importlib.resources costs more to import (tempfile,
-    # zipfile readers) than the read itself, and sdtool is never run from a zip
-    raw = (Path(__file__).parent.parent / "data" / "signatures.json.gz").read_bytes()
-    data = json.loads(gzip.decompress(raw))["signatures"]
-    out: dict[str, Signature] = {}
-    for sid, d in data.items():
-        keys = tuple(d["keys"])
-        out[sid] = Signature(
-            sid,
-            keys,
-            frozenset(keys[i] for i in d["optional"]),
-            d["shapes"],
-            COMPONENTS[sid],
+    """The key-set signatures, loaded once from the package data (or its compact copy)."""
+    return {
+        sid: Signature(
+            sid, keys, frozenset(map(keys.__getitem__, optional)), shapes, COMPONENTS[sid]
         )
-    return out
+        for sid, keys, optional, shapes in _compact()
+    }
+
+
+def compact_path(raw: bytes) -> Path:
+    """Where the compact copy of the shipped ``raw`` bytes lives: the result cache's folder
+    (``$SDTOOL_CACHE_DIR``, ``$XDG_CACHE_HOME/sdtool``, ``~/.cache/sdtool``; sdtool.cache's
+    rule, not imported: it loads sqlite3), one name per content, format and Python."""
+    folder = os.environ.get("SDTOOL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdtool"
+    )
+    tag = sys.implementation.cache_tag
+    return Path(
+        folder, f"signatures-{zlib.crc32(raw):08x}-{len(raw)}-{COMPACT_FORMAT}-{tag}.marshal"
+    )
+
+
+def _compact() -> Compact:
+    """The tables from the compact copy when it is this data's, else unpacked (and kept)."""
+    raw = DATA.read_bytes()
+    stamp = (COMPACT_FORMAT, zlib.crc32(raw), len(raw))
+    path = compact_path(raw)
+    try:
+        found = marshal.loads(path.read_bytes())
+        if type(found) is tuple and len(found) == 2 and found[0] == stamp:
+            return found[1]
+    except (OSError, EOFError, ValueError, TypeError):
+        pass  # absent, unreadable or damaged: unpacked again below
+    tables = unpack(raw)
+    _keep(path, marshal.dumps((stamp, tables)))
+    return tables
+
+
+def unpack(raw: bytes) -> Compact:
+    """The shipped gzip'd JSON as the compact tables (what ``_compact`` keeps)."""
+    import gzip
+    import json
+
+    out = []
+    for sid, d in json.loads(gzip.decompress(raw))["signatures"].items():
+        shapes = {p: tuple(map(tuple, s)) for p, s in json.loads(d["shapes"]).items()}
+        out.append((sid, tuple(d["keys"]), tuple(d["optional"]), marshal.dumps(shapes)))
+    return tuple(out)
+
+
+def _keep(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole (a temp name, then a rename), or not at all: a cache
+    folder that cannot be written only costs later runs the unpacking."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 @cache

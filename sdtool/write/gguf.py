@@ -16,6 +16,7 @@ plan; this module writes any list of ``OutGGUF``. The reader is ``formats/gguf.p
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections import deque
@@ -31,6 +32,7 @@ import numpy as np
 from sdtool.errors import SdtoolError, UsageError, VerificationError
 from sdtool.formats import ggml
 from sdtool.formats.gguf import DEFAULT_ALIGNMENT, KV, MAGIC, T_ARRAY, T_STRING, VALUE_TYPES
+from sdtool.write.direct import DirectWriter, can_direct
 from sdtool.write.stream import start_writeback
 
 #: output buffers in flight per worker thread (pieces encoded ahead of the writing thread)
@@ -38,6 +40,9 @@ AHEAD = 3
 #: after this many bytes written, the kernel is asked to start writing them to disk
 #: (``sync_file_range``, Linux), so the closing fsync does not wait for the whole file
 WRITEBACK_BYTES = 32 << 20
+#: outputs of at least this many bytes are written with O_DIRECT (``write/direct.py``: no
+#: page-cache copy, no flusher threads on the encoders' cores); smaller ones through the cache
+DIRECT_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,14 @@ def _writeback_starter() -> Callable[[int, int, int], None] | None:
     return start_writeback
 
 
+def _direct(f: BinaryIO, nbytes: int) -> DirectWriter | None:
+    """A DirectWriter for ``f`` when the output is large and ``f`` an unbuffered file."""
+    fd = _file_fd(f)
+    if nbytes < DIRECT_MIN_BYTES or fd is None or not isinstance(f, io.RawIOBase):
+        return None
+    return DirectWriter(fd) if can_direct(fd) else None
+
+
 def _file_fd(f: BinaryIO) -> int | None:
     try:
         return f.fileno()
@@ -227,12 +240,16 @@ def write_gguf(
     """Stream a GGUF file to ``f``: the header, then each tensor in pieces encoded on
     ``threads`` workers and written in order by this thread. Returns the bytes written.
 
-    Every ``WRITEBACK_BYTES`` the kernel is asked to start writing the finished part to
-    disk, so the caller's closing fsync overlaps the encoding instead of following it."""
+    A large output to a file goes through ``DirectWriter`` (O_DIRECT). Otherwise every
+    ``WRITEBACK_BYTES`` the kernel is asked to start writing the finished part to disk, so the
+    caller's closing fsync overlaps the encoding instead of following it."""
     head, _ = header_bytes(kv, tensors, alignment)
+    size = len(head) + sum(-(-t.nbytes // alignment) * alignment for t in tensors)
+    direct = _direct(f, size)
+    put = f.write if direct is None else direct.write
     fd = _file_fd(f)
-    start = _writeback_starter() if fd is not None else None
-    f.write(head)
+    start = _writeback_starter() if fd is not None and direct is None else None
+    put(head)
     total = len(head)
     synced = 0
     biggest = max((ggml.get(t.type).nbytes(_piece_elements(t)) for t in tensors), default=0)
@@ -246,9 +263,9 @@ def write_gguf(
         nonlocal total, synced
         fut, buf, pad = window.popleft()
         data = fut.result()
-        f.write(data.data)
+        put(data.data)
         if pad:
-            f.write(b"\0" * pad)
+            put(b"\0" * pad)
         total += data.size + pad
         free.append(buf)
         if start is not None and fd is not None and total - synced >= WRITEBACK_BYTES:
@@ -272,10 +289,16 @@ def write_gguf(
             if last is not None and pad:
                 window[-1] = (last[0], last[1], pad)
             elif pad:  # an empty tensor: nothing to encode, only padding
-                f.write(b"\0" * pad)
+                put(b"\0" * pad)
                 total += pad
         while window:
             flush_one()
+        if direct is not None:
+            direct.close()
+    except BaseException:
+        if direct is not None:
+            direct.abort()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for fd in fds.values():
