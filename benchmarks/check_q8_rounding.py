@@ -2,8 +2,9 @@
 
 1. Rounding. gguf-py rounds half away from zero as
    ``sign(v) * (floor|v| + floor(2 (|v| - floor|v|)))`` (8 passes). sdtool adds
-   ``copysign(0.5 - 2**-25, v)`` and truncates in the int8 cast (numpy's kernel: copysign by
-   bits; torch's kernel: ``torch.copysign``, ``add_``, ``copy_`` to int8). The scaled values of
+   ``copysign(0.5 - 2**-25, v)`` and truncates in the int8 cast (torch's kernel:
+   ``torch.copysign``, ``add_``, ``copy_`` to int8; numpy's kernel the same on the magnitude,
+   ``|v| + (0.5 - 2**-25)``, with v's sign bit put back before the cast). The scaled values of
    a block lie in [-127, 127] (plus NaN, which both kernels leave to numpy), so every float32 of
    magnitude <= 128 is tried.
 2. Scales. d goes to float16 by integer rounding (``ggml._f16_bits``) instead of numpy's
@@ -20,7 +21,13 @@ import importlib.util
 
 import numpy as np
 
-from sdtool.formats.ggml import _HALF_DOWN_BITS, _f16_bits, _round_away, _round_away_torch
+from sdtool.formats.ggml import (
+    _HALF_DOWN,
+    _HALF_DOWN_BITS,
+    _f16_bits,
+    _round_away,
+    _round_away_torch,
+)
 
 
 def reference(v: np.ndarray) -> np.ndarray:
@@ -35,10 +42,21 @@ def numpy_kernel(v: np.ndarray) -> np.ndarray:
     return (v + c.view(np.float32)).astype(np.int8)
 
 
+def magnitude_kernel(v: np.ndarray) -> np.ndarray:
+    """The numpy kernel's steps: |v| + (0.5 - 2**-25), v's sign bit put back, truncating cast."""
+    r = np.abs(v) + _HALF_DOWN
+    r.view(np.uint32)[...] |= v.view(np.uint32) & np.uint32(0x80000000)
+    return r.astype(np.int8)
+
+
 def main() -> None:
     top = int(np.array(128.0, np.float32).view(np.uint32))
     step = 1 << 24
-    kernels = {"numpy (copysign)": _round_away, "numpy (bits)": numpy_kernel}
+    kernels = {
+        "numpy (copysign)": _round_away,
+        "numpy (bits)": numpy_kernel,
+        "numpy (magnitude)": magnitude_kernel,
+    }
     if importlib.util.find_spec("torch") is not None:
         kernels["torch"] = _round_away_torch
     bad = dict.fromkeys(kernels, 0)

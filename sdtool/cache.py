@@ -43,7 +43,7 @@ LOOKUP_CHUNK = 256
 #: per kind, the producer versions whose results are kept (the newest by last write);
 #: a version is the text before the first "|" (scan: the ruleset, not its option suffix)
 KEEP_VERSIONS = 3
-VERSIONED_KINDS = ("scan", "hash")
+VERSIONED_KINDS = ("scan", "hash", "inspect")
 #: seconds between automatic prunes, and remembered files stat'ed per prune (0: all)
 PRUNE_EVERY = 6 * 3600.0
 PRUNE_STATS = 2000

@@ -16,15 +16,24 @@ per-class ``to_json``:
   ``(key, attribute, converter)`` triple.
 
 Schemas are documented in docs/<command>.md; the file a record is about is always ``path``.
+
+``to_json`` is for people and tools, so it may cut (``head``), rename and compute. A cache
+needs the object back: ``to_record`` is every field by its own name, nothing cut, and
+``from_record(cls, record)`` rebuilds an equal object from it, guided by the fields' types
+(tuples, int keys, nested results). The record is plain JSON data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import Enum
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 _OMIT = object()
 
@@ -94,6 +103,70 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def to_record(value: Any) -> Any:
+    """``value`` as plain JSON data that ``from_record`` turns back into an equal value:
+    a result or dataclass as its every field by name (``compare=False`` fields too), nothing
+    left out, cut or renamed."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_record(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_record(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_record(v) for v in value]
+    return value
+
+
+T = TypeVar("T")
+
+
+@functools.cache
+def _field_types(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+
+
+def from_record(cls: type[T], record: Any) -> T:
+    """The ``cls`` that ``to_record`` wrote as ``record`` (ValueError / TypeError / KeyError:
+    a record of another shape)."""
+    out: T = _decode(cls, record)
+    return out
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    """``value`` (plain JSON data) as the type ``tp`` says: the inverse of ``to_record``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = (a for a in args if a is not type(None))  # X | None only
+        return _decode(inner, value)
+    if origin is tuple:
+        items = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
+        if len(items) != len(value):
+            raise ValueError(f"{len(value)} items for {tp}")
+        return tuple(_decode(t, v) for t, v in zip(items, value, strict=True))
+    if origin is list:
+        return [_decode(args[0], v) for v in value]
+    if origin is dict:
+        kt, vt = args
+        return {_decode(kt, k): _decode(vt, v) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TypeError(f"{tp.__name__}: a record is an object")
+        return tp(**{n: _decode(t, value[n]) for n, t in _field_types(tp) if n in value})
+    if tp in (int, float) or (isinstance(tp, type) and issubclass(tp, Enum | Path)):
+        return tp(value)
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise TypeError(f"{value!r} is no {tp.__name__}")
+    return value
+
+
 #: one entry of ``Result.JSON_KEYS``
 JsonKey = str | tuple[str, str] | tuple[str, str, Callable[[Any], Any]]
 
@@ -129,3 +202,14 @@ class Result:
             else:
                 out[name] = jsonable(value)
         return out
+
+    def to_record(self) -> dict[str, Any]:
+        """The lossless form (``sdtool.results.to_record``): ``from_record`` gives it back."""
+        out: dict[str, Any] = to_record(self)
+        return out
+
+    @classmethod
+    def from_record(cls: type[T], record: Any) -> T:
+        """The object ``to_record`` wrote (a record of another shape raises ValueError,
+        TypeError or KeyError)."""
+        return from_record(cls, record)

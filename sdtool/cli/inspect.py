@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdtool.cli.options import PathOrUrl, json_option, jsonl_option, key_option, quiet_option
+from sdtool.cli.options import (
+    PathOrUrl,
+    cache_options,
+    json_option,
+    jsonl_option,
+    key_option,
+    quiet_option,
+)
 from sdtool.cli.plain import Table
 from sdtool.cli.render import (
     error,
@@ -37,6 +44,7 @@ MAX_SHOWN = 160  # characters of a metadata value or extra field in the table vi
 @json_option("inspect")
 @quiet_option("print nothing; exit 0 when every FILE can be read, 2 when one cannot")
 @jsonl_option
+@cache_options
 def inspect_cmd(
     files: tuple[Path, ...],
     list_tensors: bool,
@@ -45,13 +53,16 @@ def inspect_cmd(
     as_json: bool,
     quiet: bool,
     as_jsonl: bool = False,
+    cache_dir: Path | None = None,
+    no_cache: bool = False,
 ) -> int:
     """Summarise each FILE: format, tensors, parameters, dtypes, components, metadata, globals.
 
     Reads headers and pickles only, never tensor bytes, and never runs code from the file.
     FILE may be - for standard input, or a URL (https://, hf://ORG/REPO/PATH[@REV]) read by
     range requests. With several files, --json prints a list; --jsonl one JSON object per file
-    as it is read (docs/scale.md).
+    as it is read (docs/scale.md), an unchanged file's from the result cache (--cache DIR,
+    --no-cache).
 
     \b
     Examples:
@@ -61,17 +72,16 @@ def inspect_cmd(
       sdtool inspect loras/*.safetensors --quiet
       sdtool inspect hf://stabilityai/sdxl-turbo/sd_xl_turbo_1.0_fp16.safetensors
     """
+    from sdtool.cli.batch import check_batch_options
     from sdtool.cli.stdin import spooled
     from sdtool.errors import SdtoolError
     from sdtool.ops.inspect import inspect
 
-    if as_json and as_jsonl:
-        raise click.UsageError("choose one of --json and --jsonl")
-    lines = None
+    check_batch_options(as_json=as_json, as_jsonl=as_jsonl, cache_dir=cache_dir, no_cache=no_cache)
     if as_jsonl:
-        from sdtool.cli.jsonl import JsonLines
-
-        lines = JsonLines("inspect")
+        return write_jsonl(
+            files, key, list_tensors or bool(pattern), pattern, cache_dir, cached=not no_cache
+        )
     reports = []
     code = 0
     for i, file in enumerate(files):
@@ -81,17 +91,12 @@ def inspect_cmd(
                     real, key=key, tensors=list_tensors or bool(pattern), filter=pattern
                 )
         except SdtoolError as e:
-            if len(files) == 1 and lines is None:
+            if len(files) == 1:
                 raise
             error(e.with_path(file))
-            if lines is not None:
-                lines.write({"path": str(file), "error": str(e)})
             code = 2
             continue
         report = dataclasses.replace(report, path=file)
-        if lines is not None:
-            lines.write(jsonl_record(report))
-            continue
         reports.append(report)
         if not as_json and not quiet:
             if i:
@@ -102,18 +107,78 @@ def inspect_cmd(
     return code
 
 
-def jsonl_record(report: InspectReport) -> dict[str, Any]:
-    """A --jsonl record: the --json object (docs/inspect.md) plus the batch envelope (its
-    ``ruleset`` names the tables that graded the pickle's globals)."""
-    from sdtool.scan.ruleset import ruleset_version
+#: cached lines written together, at most
+BATCH = 256
 
-    doc = {k: v for k, v in report.to_json().items() if k != "schema"}  # the line's schema
-    return {
-        **doc,
-        "size": report.file_size,
-        "sha256": None,
-        "ruleset": ruleset_version(),
-    }
+
+def write_jsonl(
+    files: tuple[Path, ...],
+    key: str | None,
+    tensors: bool,
+    pattern: str | None,
+    cache_dir: Path | None,
+    *,
+    cached: bool,
+) -> int:
+    """Each file's line (docs/scale.md): the --json object (docs/inspect.md) after the
+    envelope, then ``sha256`` (null), ``ruleset`` (the verdicts that graded the pickle's
+    globals), ``identify`` (the version of identification's tables and rules) and ``cached``.
+
+    A local file's line is spliced from its body (``inspect_cache.body_of``), the same text
+    for a fresh and a cached record; the cached lines that are ready together go out in one
+    write, a fresh one as soon as its file is read. Returns the exit code (2: a file could
+    not be read; the others are still read).
+    """
+    from json.encoder import encode_basestring_ascii as enc
+
+    from sdtool.cache import open_cache
+    from sdtool.cli.jsonl import JsonLines
+    from sdtool.cli.stdin import is_stdin, spooled
+    from sdtool.errors import SdtoolError
+    from sdtool.ops import inspect_cache as ic
+    from sdtool.ops.inspect import inspect
+    from sdtool.scan.ruleset import identify_version, ruleset_version
+    from sdtool.urls import is_url
+
+    lines = JsonLines("inspect")
+    head = lines.head + '"path": '
+    tail = f', "sha256": null, "ruleset": {enc(ruleset_version())}, "identify": '
+    tail += enc(identify_version()) + ', "cached": '
+    settings = ic.settings_of(key, tensors, pattern)
+    local = [i for i, f in enumerate(files) if not (is_stdin(f) or is_url(f))]
+    cache = open_cache(cache_dir, enabled=cached and bool(local))
+    found = [ic.Found(None, None)] * len(files)
+    for i, hit in zip(local, ic.lookup_many([str(files[i]) for i in local], cache, settings),
+                      strict=True):  # fmt: skip
+        found[i] = hit
+    if cache is not None:
+        cache.release()  # the lookups are done; reading files may take long
+    code = 0
+    ready: list[str] = []
+    for file, f in zip(files, found, strict=True):
+        path = enc(str(file))
+        if f.body is not None:
+            ready.append(f"{head}{path}, {f.body[1:-1]}{tail}true}}\n")
+            if len(ready) >= BATCH:
+                lines.write_lines(ready)
+                ready = []
+            continue
+        lines.write_lines(ready)
+        ready = []
+        try:
+            with spooled(file) as real:
+                report = inspect(real, key=key, tensors=tensors, filter=pattern)
+        except SdtoolError as e:
+            error(e.with_path(file))
+            lines.write({"path": str(file), "error": str(e)})
+            code = 2
+            continue
+        body = ic.body_of(report)
+        lines.write_lines([f"{head}{path}, {body[1:-1]}{tail}false}}\n"])
+        if f.identity is not None:
+            ic.store(str(file), cache, f, report, body, settings)
+    lines.write_lines(ready)
+    return code
 
 
 def _bucket_row(name: str, b: Any, total: int) -> list[str]:

@@ -502,24 +502,47 @@ def _row_max_abs(a: np.ndarray) -> np.ndarray:
     return m.view(_F32)
 
 
+#: a Q8_0 block as one record: d (2 bytes) and the 32 levels, so the levels made contiguous are
+#: copied into the blocks by one 1-D loop of 32-byte items (numpy iterates an (n, 32) copy or
+#: cast row by row)
+_Q8_RECORD = np.dtype([("d", "V2"), ("q", "V32")])
+
+
 def _q8_0_numpy(src: np.ndarray, out: np.ndarray) -> None:
-    """Q8_0 of ``src`` (n*32 values, any float dtype) into ``out`` (n, 34), numpy only, in
-    four flat passes over per-thread scratch (no temporaries per piece)."""
+    """Q8_0 of ``src`` (n*32 values, any float dtype) into ``out`` (n, 34), numpy only, in flat
+    passes over per-thread scratch (no temporaries per piece).
+
+    The levels are rounded on the magnitudes, trunc(|x| / d + (0.5 - 2**-25)), and the sign
+    put back by bits: float32 arithmetic is symmetric in the sign, so this is gguf-py's
+    rounding of x / d, and the scalar add is cheaper than adding a signed constant."""
     n = out.shape[0]
     x = _widen_into(src, "x")
     a = _scratch("a", x.size, _F32)
-    np.abs(x, out=a)
+    np.bitwise_and(x.view(np.uint32), np.uint32(0x7FFFFFFF), out=a.view(np.uint32))  # |x|
     d, inv = _q8_scales(_row_max_abs(a.reshape(n, 32)))
-    np.multiply(x.reshape(n, 32), inv[:, None], out=a.reshape(n, 32))
-    # copysign(0.5 - 2**-25, a) by bits: a's sign bit over the constant's (2 integer passes,
-    # several times np.copysign)
+    np.multiply(a.reshape(n, 32), inv[:, None], out=a.reshape(n, 32))
+    a += _HALF_DOWN
     u = x.view(np.uint32)
-    np.bitwise_and(a.view(np.uint32), np.uint32(0x80000000), out=u)
-    u |= _HALF_DOWN_BITS
-    a += x
-    out[:, 0:2] = _f16_bits(d).view(np.uint8).reshape(n, 2)
+    u &= np.uint32(0x80000000)
+    a.view(np.uint32).__ior__(u)
+    rec = _records(out, _Q8_RECORD)
+    if rec is None:
+        out[:, 0:2] = _f16_bits(d).view(np.uint8).reshape(n, 2)
+        with np.errstate(invalid="ignore"):  # the cast truncates toward zero (NaN: as numpy)
+            np.copyto(out[:, 2:].view(np.int8), a.reshape(n, 32), casting="unsafe")
+        return
+    q = _scratch("q8", x.size, np.int8)
     with np.errstate(invalid="ignore"):  # the cast truncates toward zero (NaN: as numpy does)
-        np.copyto(out[:, 2:].view(np.int8), a.reshape(n, 32), casting="unsafe")
+        np.copyto(q, a, casting="unsafe")
+    rec["q"] = q.view("V32")
+    rec["d"] = _f16_bits(d).view("V2")
+
+
+def _records(out: np.ndarray, record: np.dtype) -> np.ndarray | None:
+    """``out`` (n, record size) uint8 as n records, or None when it is not contiguous."""
+    if not out.flags.c_contiguous:
+        return None
+    return out.reshape(-1).view(record)
 
 
 def _torch_round_into(torch: Any, v: Any, tmp: Any, out: Any) -> None:
@@ -617,14 +640,43 @@ def _scratch_torch(name: str, size: int) -> Any:
 
 
 def _widen_into(src: np.ndarray, name: str) -> np.ndarray:
-    """``src`` as float32 in the per-thread scratch ``name`` (bf16 by a shift: exact)."""
+    """``src`` as float32 in the per-thread scratch ``name`` (bf16 by a shift, f16 by bits:
+    both exact)."""
     x = _scratch(name, src.size, _F32)
     if is_bf16(src.dtype):
         u = np.ascontiguousarray(src).view(np.uint16)
         np.left_shift(u, 16, out=x.view(np.uint32), dtype=np.uint32)
-    else:
+    elif not (src.dtype == _F16 and _f16_into(src, x, name)):
         np.copyto(x, src.reshape(-1), casting="unsafe")
     return x
+
+
+#: 2**112: float32 bits ``(h & 0x7FFF) << 13`` times this are the float16 ``h``'s magnitude
+_F16_SCALE = np.float32(2.0**112)
+#: the smallest float32 subnormal: times 2**112 it is not zero unless this thread's FPU treats
+#: subnormal inputs as zero (DAZ, which some libraries set), when the bit trick would be wrong
+_SUBNORMAL = np.array([1], np.uint32).view(_F32)
+
+
+def _f16_into(src: np.ndarray, x: np.ndarray, name: str) -> bool:
+    """float16 -> float32 into ``x`` by bits, 3x numpy's conversion (which goes element by
+    element): the magnitude's bits moved up 13 places read as a float32 that is 2**-112 times
+    the value (float16 subnormals become float32 subnormals), multiplied by 2**112 (exact),
+    then the sign bit. Returns False, having written nothing, for pieces holding inf or NaN
+    (numpy's conversion keeps their payloads; the caller uses it) or on an FPU set to DAZ."""
+    h = np.ascontiguousarray(src).reshape(-1).view(np.uint16)
+    t = _scratch(name + ".t16", h.size, np.uint16)
+    np.bitwise_and(h, np.uint16(0x7FFF), out=t)
+    if (h.size and t.max() >= 0x7C00) or not (_SUBNORMAL * _F16_SCALE)[0]:
+        return False
+    xb = x.view(np.uint32)
+    np.left_shift(t, 13, out=xb, dtype=np.uint32)
+    x *= _F16_SCALE
+    np.bitwise_and(h, np.uint16(0x8000), out=t)
+    sign = _scratch(name + ".s32", h.size, np.uint32)
+    np.left_shift(t, 16, out=sign, dtype=np.uint32)
+    xb |= sign
+    return True
 
 
 _TORCH: list[Any] = []
