@@ -1080,7 +1080,7 @@ def _tensor_record(m: re.Match[bytes], memo: dict[int, tuple[int, int]], count: 
     size_item, size_ops = _INT_TUPLE_ITEM.get(size[-1]) or _marked(size)
     stride_item, stride_ops = _INT_TUPLE_ITEM.get(stride[-1]) or _marked(stride)
     deep = size_item is not _FLAT or stride_item is not _FLAT
-    items = (_FLAT, _ID_ITEM, size_item, stride_item, _FLAT,
+    items: tuple[tuple[int, int], ...] = (_FLAT, _ID_ITEM, size_item, stride_item, _FLAT,
              (2 if deep else 1, 5 + size_item[1] + stride_item[1]), _FLAT)  # fmt: skip
     puts = (put_key, put_id, put_size, put_stride, put_empty, put_args, put_tensor)
     if None not in puts and len(joined := b"".join(puts)) == 35:  # all LONG_BINPUT: in C
