@@ -203,6 +203,53 @@ def test_float16_scales_by_integer_rounding_equal_numpy() -> None:
     assert np.array_equal(ggml._f16_bits(v), want)
 
 
+def test_float16_widening_by_bits_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16 sources are widened by bits (``ggml._f16_into``), not numpy's element-by-element
+    conversion: every finite float16 (zeros of both signs, subnormals, the largest) gives
+    numpy's float32 bit for bit; a piece holding inf or NaN, or a thread whose FPU reads
+    subnormals as zero, is left to numpy's conversion (which keeps NaN payloads)."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    finite = every[(every & 0x7FFF) < 0x7C00].view(np.float16)
+    x = np.empty(finite.size, np.float32)
+    assert ggml._f16_into(finite, x, "test")
+    assert np.array_equal(x.view(np.uint32), finite.astype(np.float32).view(np.uint32))
+    all16 = every.view(np.float16)
+    assert not ggml._f16_into(all16, np.empty(all16.size, np.float32), "test")
+    with np.errstate(all="ignore"):
+        want = all16.astype(np.float32).view(np.uint32)
+        assert np.array_equal(ggml._widen_into(all16, "test").view(np.uint32), want)
+        monkeypatch.setattr(ggml, "_SUBNORMAL", np.zeros(1, np.float32))  # as under DAZ
+        assert not ggml._f16_into(finite, x, "test")
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1"])
+def test_quantize_every_float16_matches_gguf_py(
+    qtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every float16 bit pattern, shuffled into blocks, quantizes as gguf-py quantizes its
+    float32 widening: a part without inf/NaN (widened by bits) and a part with them (numpy)."""
+    every = np.random.default_rng(12).permutation(np.arange(1 << 16, dtype=np.uint32))
+    h = every.astype(np.uint16)
+    fast = h[: 1 << 15]
+    fast[(fast & 0x7C00) == 0x7C00] &= 0x83FF  # inf/NaN made subnormal in the first part
+    paths: list[bool] = []
+    real = ggml._f16_into
+
+    def spy(src: np.ndarray, x: np.ndarray, name: str) -> bool:
+        paths.append(real(src, x, name))
+        return paths[-1]
+
+    monkeypatch.setattr(ggml, "_f16_into", spy)
+    monkeypatch.setattr(ggml, "_TORCH", [None])  # the numpy kernel (the writer's below 2 Gi)
+    for part in (fast, h[1 << 15 :]):
+        x = part.view(np.float16)
+        with np.errstate(all="ignore"):
+            want = quants.quantize(x.astype(np.float32).reshape(-1, 256), getattr(T, qtype))
+            got = ggml.quantize(x, qtype)
+        assert np.array_equal(_bits(want).reshape(-1), got)
+    assert paths == [True, False]
+
+
 def test_outer_axis_sums_add_in_index_order() -> None:
     """The K-quant search sums 16/32 terms as llama.cpp's C loops do, one after the other."""
     t = (np.random.default_rng(4).standard_normal((32, 5000)) * 1e3).astype(np.float32)

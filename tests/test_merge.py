@@ -97,6 +97,38 @@ def test_weighted_sum_fp16_inputs_scaled_weights(tmp_path: Path, alpha: float) -
     _same(load_file(out), want)
 
 
+def _fp16_edges(seed: int) -> dict:
+    """fp16 tensors with subnormals, values near fp16's largest, and (from the second model
+    on) an inf or a NaN in one piece of 64 elements out of several."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(640, generator=g) * torch.tensor([1e-6, 1e-3, 1.0, 3e4]).repeat(160)
+    w = w.to(torch.float16)
+    if seed:
+        w[70 + seed] = float("inf") if seed == 1 else float("nan")
+    return {U + "out.0.bias": w, U + "out.2.weight": torch.randn(4, 8, 3, 3, generator=g).half()}
+
+
+@pytest.mark.parametrize("alpha", [0.3, -2.5, 70000.0])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_add_difference_fp16_inputs_scaled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alpha: float, dtype: str
+) -> None:
+    """Three fp16 inputs: B and C read scaled by 2**-112, 2**112 folded into alpha (unscaled
+    first where alpha * 2**112 overflows, or in a piece where the other holds an inf/NaN):
+    torch's bits, subnormal differences included."""
+    monkeypatch.setattr(arith, "PIECE", 64)
+    ms = [_fp16_edges(i) for i in range(3)]
+    ps = [_save(tmp_path, f"{i}.safetensors", m) for i, m in enumerate(ms)]
+    out = tmp_path / "out.safetensors"
+    merge(ps, out, method="add-difference", alpha=alpha, dtype=dtype, on_overflow="warn")
+    target = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    want = _oracle(ms, lambda k, x: x[0] + alpha * (x[1] - x[2]), target)
+    got = load_file(out)
+    for k in want:  # bits, NaN payloads included
+        bits = torch.int32 if dtype == "fp32" else torch.int16
+        assert torch.equal(got[k].view(bits), want[k].view(bits)), k
+
+
 def load_file_meta(p: Path) -> dict:
     from safetensors import safe_open
 

@@ -640,14 +640,43 @@ def _scratch_torch(name: str, size: int) -> Any:
 
 
 def _widen_into(src: np.ndarray, name: str) -> np.ndarray:
-    """``src`` as float32 in the per-thread scratch ``name`` (bf16 by a shift: exact)."""
+    """``src`` as float32 in the per-thread scratch ``name`` (bf16 by a shift, f16 by bits:
+    both exact)."""
     x = _scratch(name, src.size, _F32)
     if is_bf16(src.dtype):
         u = np.ascontiguousarray(src).view(np.uint16)
         np.left_shift(u, 16, out=x.view(np.uint32), dtype=np.uint32)
-    else:
+    elif not (src.dtype == _F16 and _f16_into(src, x, name)):
         np.copyto(x, src.reshape(-1), casting="unsafe")
     return x
+
+
+#: 2**112: float32 bits ``(h & 0x7FFF) << 13`` times this are the float16 ``h``'s magnitude
+_F16_SCALE = np.float32(2.0**112)
+#: the smallest float32 subnormal: times 2**112 it is not zero unless this thread's FPU treats
+#: subnormal inputs as zero (DAZ, which some libraries set), when the bit trick would be wrong
+_SUBNORMAL = np.array([1], np.uint32).view(_F32)
+
+
+def _f16_into(src: np.ndarray, x: np.ndarray, name: str) -> bool:
+    """float16 -> float32 into ``x`` by bits, 3x numpy's conversion (which goes element by
+    element): the magnitude's bits moved up 13 places read as a float32 that is 2**-112 times
+    the value (float16 subnormals become float32 subnormals), multiplied by 2**112 (exact),
+    then the sign bit. Returns False, having written nothing, for pieces holding inf or NaN
+    (numpy's conversion keeps their payloads; the caller uses it) or on an FPU set to DAZ."""
+    h = np.ascontiguousarray(src).reshape(-1).view(np.uint16)
+    t = _scratch(name + ".t16", h.size, np.uint16)
+    np.bitwise_and(h, np.uint16(0x7FFF), out=t)
+    if (h.size and t.max() >= 0x7C00) or not (_SUBNORMAL * _F16_SCALE)[0]:
+        return False
+    xb = x.view(np.uint32)
+    np.left_shift(t, 13, out=xb, dtype=np.uint32)
+    x *= _F16_SCALE
+    np.bitwise_and(h, np.uint16(0x8000), out=t)
+    sign = _scratch(name + ".s32", h.size, np.uint32)
+    np.left_shift(t, 16, out=sign, dtype=np.uint32)
+    xb |= sign
+    return True
 
 
 _TORCH: list[Any] = []
