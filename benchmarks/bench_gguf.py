@@ -23,8 +23,9 @@ same warm input, after ``sync``, so no earlier writes are flushed during a timed
   durable write costs it; "ratio (both durable)" compares that with sdtool.
 
 The outputs are compared tensor by tensor: they must be byte-identical. Above the table: the
-machine's durable write speed (a 512 MiB file written and fsync'd: the floor of any durable
-write of the output) and sdtool's start-up (the same command on a one-tensor file).
+machine's durable write speed (a 512 MiB file written with O_DIRECT, as sdtool writes large
+outputs, and fsync'd: the floor of any durable write of the output; and the same through the
+page cache) and sdtool's start-up (the same command on a one-tensor file).
 
     python benchmarks/bench_gguf.py                       # depth 1, all types
     python benchmarks/bench_gguf.py --types Q8_0 --depth 1,2

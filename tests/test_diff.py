@@ -56,14 +56,18 @@ def test_result_is_frozen(tmp_path: Path, base: dict[str, np.ndarray]) -> None:
     assert r.to_json()["a"] == {"path": str(a), "format": "safetensors"}
 
 
-@pytest.mark.parametrize("in_flight", [1, 6])
+@pytest.mark.parametrize(("workers", "task_pieces"), [(1, 16), (3, 2), (4, 1)])
 def test_changed_counts_across_chunks(
-    tmp_path: Path, base: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch, in_flight: int
+    tmp_path: Path,
+    base: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+    task_pieces: int,
 ) -> None:
     monkeypatch.setattr(diff_mod, "CHUNK_ELEMENTS", 100)  # 3072 elements -> 31 chunks
-    # 1: one piece in flight, read and compared in turn; 6: pieces of unet.w tallied by
-    # several comparers at once
-    monkeypatch.setattr(diff_mod, "IN_FLIGHT", in_flight)
+    # one worker comparing the tasks in turn, or tasks of unet.w tallied by several at once
+    monkeypatch.setattr(diff_mod, "_workers", lambda: workers)
+    monkeypatch.setattr(diff_mod, "TASK_PIECES", task_pieces)
     tuned = dict(base)
     w = base["unet.w"].copy()
     flat = w.reshape(-1)
@@ -290,8 +294,18 @@ def test_fast_stops_at_the_first_difference(
     decoded: list[int] = []
     real = diff_mod._values
     monkeypatch.setattr(diff_mod, "_values", lambda p, i: decoded.append(1) or real(p, i))
+    compared: list[int] = []
+    same = diff_mod._same_bytes
+    monkeypatch.setattr(
+        diff_mod, "_same_bytes", lambda x, y: compared.append(len(x.view)) or same(x, y)
+    )
+    monkeypatch.setattr(diff_mod, "_workers", lambda: 1)
     fast = diff(a, b, fast=True)
-    assert len(decoded) == 2  # the first piece of unet.w, both sides; then reading stops
+    # one dtype: differing bytes are differing bits, nothing is decoded; the first piece of
+    # unet.w (100 elements) differs and reading unet.w stops there
+    assert decoded == []
+    assert compared.count(100 * 4) == 1
+    assert sum(compared) < base["unet.w"].nbytes
     slow = diff(a, b)
     assert fast.identical is slow.identical is False
     assert fast.counts == slow.counts
@@ -349,17 +363,17 @@ def test_a_read_error_in_a_worker_reaches_the_caller(
     from sdtool.errors import TruncatedFile
 
     monkeypatch.setattr(diff_mod, "CHUNK_ELEMENTS", 100)
-    monkeypatch.setattr(diff_mod, "IN_FLIGHT", 2)
+    monkeypatch.setattr(diff_mod, "TASK_PIECES", 1)
     a = _save(tmp_path / "a.safetensors", base)
     b = _save(tmp_path / "b.safetensors", base)
     calls: list[int] = []
     real = diff_mod._Side.read
 
-    def flaky(self: diff_mod._Side, start: int, n: int, bufs: list[Any], which: int):  # type: ignore[no-untyped-def]
+    def flaky(self: diff_mod._Side, start: int, stop: int, bufs: list[Any], which: int) -> Any:
         calls.append(1)
         if len(calls) == 7:
             raise TruncatedFile("tensor 'unet.w' ends early; the file shrank", path=a)
-        return real(self, start, n, bufs, which)
+        return real(self, start, stop, bufs, which)
 
     monkeypatch.setattr(diff_mod._Side, "read", flaky)
     before = threading.active_count()

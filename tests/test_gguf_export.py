@@ -442,7 +442,7 @@ def test_direct_write_gives_the_same_file(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(writer, "_writeback_starter", lambda: lambda fd, o, n: calls.append((o, n)))
     monkeypatch.setattr(writer, "WRITEBACK_BYTES", 4096)
     out = tmp_path / "direct.gguf"
-    _convert(src, out, "--quant", "Q8_0", "-q")
+    _convert(src, out, "--quant", "Q8_0", "--verify", "-q")  # read back from the disk
     assert used == [True] and calls == []
     assert out.read_bytes() == plain.read_bytes()
 

@@ -15,7 +15,6 @@ checkable; the maximum difference is between the original values.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import queue
@@ -33,13 +32,11 @@ from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.results import JsonKey, Result, json_key
 from sdtool.vocab import Progress
-from sdtool.write.stream import SourceFds
 
-#: elements per compared piece and side: 512 KiB of fp32, so the buffers in flight stay in the
-#: CPU's cache between the read and the memcmp. Measured idle (two 7.7 GB files, 3 runs): 512
-#: KiB x 4 in flight 3.5-3.8 s; 1 MiB x 6 4.1-4.8 s; 128 KiB 6.7-8.4 s (a hand-off per piece
-#: costs more than it saves); 8 MiB pieces ran at half the speed.
-CHUNK_ELEMENTS = 128 << 10
+#: elements per compared piece and side: 256 KiB of fp32, so a worker's two buffers (512 KiB)
+#: stay in its core's L2 cache (1 MiB here) between the copy out of the page cache and the
+#: memcmp. 128 KiB pieces cost more Python per byte for the same system time (docs/diff.md)
+CHUNK_ELEMENTS = 64 << 10
 
 SCHEMA = "sdtool.diff/2"
 
@@ -257,7 +254,8 @@ class _Pair:
 
 @dataclass
 class _Task:
-    """Elements [start, stop) of one pair: the unit a worker thread compares."""
+    """Elements [start, stop) of one pair: the unit a worker compares (and then drops the
+    pages of from this process)."""
 
     pair: _Pair
     sides: tuple[_Side, _Side]
@@ -275,151 +273,108 @@ class _Tally:
     differs: bool = False
 
 
-#: buffer pairs in flight between the reader and the comparers: enough to keep both busy,
-#: few enough (1 MiB each for fp32) that compared bytes are still in the CPU's cache
-IN_FLIGHT = 4
+#: pieces per task: a worker claims a task (under a lock) and reports its progress once
+#: for all its pieces
+TASK_PIECES = 16
 
 
-def _comparers() -> int:
-    """Comparer threads (the reader is one more): memcmp of equal pieces is light, decoding a
-    difference is not, so one per core, at most four."""
-    return max(1, min(4, os.cpu_count() or 1))
+def _workers() -> int:
+    """Worker threads: preads, memcmp and numpy release the GIL, so one per core, at most
+    two (the copies out of the page cache share the memory bus)."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def _compare_all(
     ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fast: bool, progress: Progress | None
 ) -> None:
-    """Compare every pair's values, piece by piece: one reader, a few comparers.
+    """Compare every pair's values in tasks of a few pieces, on a few worker threads.
 
-    One thread reads: a piece of each side with plain preads into a buffer pair placed as the
-    bytes lie in their pages (``sdtool.aligned``). Reading is then one copy out of the page
-    cache on one core, as ``cat`` does it: two readers at once contend for memory bandwidth and
-    spend more system time for the same bytes (measured: 2.2-2.3 s against ``cat``'s 1.7-1.9
-    s for two 7.7 GB files). The comparers memcmp the pair while the next one is read (the
-    bytes are still in the shared cache); a piece whose bytes are equal on both sides is never
-    decoded, so two equal files are compared at the speed of reading them. A pair whose values
-    must be materialised is compared whole by one comparer. Preads, memcmp and numpy release
-    the GIL, so the threads run in parallel.
+    A worker claims a task and reads each piece of both sides with plain preads into its own
+    two small buffers, placed as the bytes lie in their pages (``sdtool.aligned``) and small
+    enough to stay in its core's L2 cache: reading is one copy out of the page cache, as
+    ``cat`` does it, and the memcmp after it reads cached bytes. A piece whose bytes are equal
+    on both sides is never decoded, so two equal files are compared at the speed of reading
+    them. Nothing is handed from thread to thread per piece (a queue hand-off costs more than
+    a memcmp). A pair whose values must be materialised (a compressed or strided source) is
+    one task. ``progress`` is called from the caller's thread.
     """
     total = sum(p.ta.nbytes for p in pairs)
     lock = threading.Lock()
     events: queue.Queue[tuple[int, BaseException | None]] = queue.Queue()
-    work: queue.Queue[_Piece | _Task | None] = queue.Queue()
-    free: queue.Queue[int] = queue.Queue()
-    buffers: list[list[PageBuffer | None]] = [[None, None] for _ in range(IN_FLIGHT)]
-    for i in range(IN_FLIGHT):
-        free.put(i)
     stop = threading.Event()
-    n = _comparers()
+    files = _Files()
+    tasks = _tasks(ma, mb, pairs, files)
 
-    def read() -> None:
+    def work() -> None:
+        bufs: list[PageBuffer | None] = [None, None]
         try:
-            for task in _tasks(ma, mb, pairs, fds):
-                if stop.is_set():
+            while not stop.is_set():
+                with lock:
+                    task = next(tasks, None)
+                if task is None:
                     break
-                if task.sides[0].values is not None or task.sides[1].values is not None:
-                    work.put(task)
+                p = task.pair
+                if fast and p.decided:
                     continue
-                p, (sa, sb) = task.pair, task.sides
-                step = max(1, CHUNK_ELEMENTS)
-                for start in range(task.start, task.stop, step):
-                    if stop.is_set() or (fast and p.decided):
-                        break
-                    while not stop.is_set():
-                        with contextlib.suppress(queue.Empty):
-                            slot = free.get(timeout=0.1)
-                            break
-                    else:
-                        break
-                    count = min(step, task.stop - start)
-                    bufs = buffers[slot]
-                    a, b = sa.read(start, count, bufs, 0), sb.read(start, count, bufs, 1)
-                    work.put(_Piece(p, slot, a, b, count))
-        except BaseException as e:  # handed to the caller's thread
-            events.put((0, e))
-        finally:
-            for _ in range(n):
-                work.put(None)
-            events.put((-1, None))
-
-    def compare() -> None:
-        bufs: list[PageBuffer | None] = [None, None]  # for a whole task's raw side
-        try:
-            while (item := work.get()) is not None:
-                if stop.is_set():
-                    continue  # drain: the reader may wait for a free buffer pair
-                if isinstance(item, _Task):
-                    tally = _run_task(item, bufs, fast, stop)
-                    p, nbytes = item.pair, (item.stop - item.start) * item.pair.ta.dtype.itemsize
-                else:
-                    tally = _Tally()
-                    p, nbytes = item.pair, item.count * item.pair.ta.dtype.itemsize
-                    if not (fast and p.decided):
-                        _compare_piece(p.ta, p.tb, item.a, item.b, fast, tally)
-                    free.put(item.slot)
+                tally = _run_task(task, bufs, fast, stop)
                 with lock:
                     _fold(p, tally, fast)
-                events.put((nbytes, None))
-        except BaseException as e:
+                events.put(((task.stop - task.start) * p.ta.dtype.itemsize, None))
+        except BaseException as e:  # handed to the caller's thread
+            stop.set()
             events.put((0, e))
         finally:
             events.put((-1, None))
 
-    with SourceFds() as fds:
-        threads = [threading.Thread(target=read, name="sdtool-diff-read")]
-        threads += [threading.Thread(target=compare, name=f"sdtool-diff-{i}") for i in range(n)]
+    threads = [threading.Thread(target=work, name=f"sdtool-diff-{i}") for i in range(_workers())]
+    try:
         for t in threads:
             t.start()
         done, running = 0, len(threads)
-        try:
-            while running:
-                nbytes, error = events.get()
-                if error is not None:
-                    raise error
-                if nbytes < 0:
-                    running -= 1
-                    continue
-                done += nbytes
-                if progress is not None:
-                    progress(done, total)
-        finally:
-            stop.set()
-            for t in threads:
+        while running:
+            nbytes, error = events.get()
+            if error is not None:
+                raise error
+            if nbytes < 0:
+                running -= 1
+                continue
+            done += nbytes
+            if progress is not None:
+                progress(done, total)
+    finally:
+        stop.set()
+        for t in threads:
+            if t.ident is not None:
                 t.join()
+        files.close()
 
 
-@dataclass
-class _Piece:
-    """One piece of a pair as read into buffer pair ``slot``: ``count`` elements per side."""
-
-    pair: _Pair
-    slot: int
-    a: Any
-    b: Any
-    count: int
-
-
-def _tasks(ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fds: SourceFds) -> Iterator[_Task]:
-    """Every pair as a task, in order: the elements of pairs read raw on both sides (the
-    reader splits them into pieces), the others whole (materialised once, by one comparer)."""
+def _tasks(ma: ModelFile, mb: ModelFile, pairs: list[_Pair], files: _Files) -> Iterator[_Task]:
+    """Every pair in tasks, in A's order: pairs whose bytes lie in both files in runs of
+    TASK_PIECES pieces, the others whole (materialised once, by one worker)."""
     for p in pairs:
-        yield _Task(
-            p, (_Side.of(ma, p.name, p.ta, fds), _Side.of(mb, p.name, p.tb, fds)), 0, p.ta.numel
-        )
+        sides = (_Side.of(ma, p.name, p.ta, files), _Side.of(mb, p.name, p.tb, files))
+        if sides[0].values is not None or sides[1].values is not None:
+            yield _Task(p, sides, 0, p.ta.numel)
+            continue
+        step = max(1, CHUNK_ELEMENTS) * TASK_PIECES
+        for start in range(0, p.ta.numel, step):
+            yield _Task(p, sides, start, min(start + step, p.ta.numel))
 
 
 def _run_task(
     task: _Task, bufs: list[PageBuffer | None], fast: bool, stop: threading.Event
 ) -> _Tally:
+    """Compare a task piece by piece, each side read into one of the worker's two buffers."""
     p, (sa, sb) = task.pair, task.sides
     tally = _Tally()
     step = max(1, CHUNK_ELEMENTS)
     for start in range(task.start, task.stop, step):
         if stop.is_set() or (fast and (p.decided or tally.differs)):
             break
-        n = min(step, task.stop - start)
+        end = min(start + step, task.stop)
         _compare_piece(
-            p.ta, p.tb, sa.read(start, n, bufs, 0), sb.read(start, n, bufs, 1), fast, tally
+            p.ta, p.tb, sa.read(start, end, bufs, 0), sb.read(start, end, bufs, 1), fast, tally
         )
     return tally
 
@@ -441,14 +396,12 @@ def _compare_piece(
 ) -> None:
     """Fold one piece of a pair into the tally (bytes first, decoding only a difference)."""
     same_dtype = ta.dtype == tb.dtype
-    # one memcmp (bytearray.startswith; comparing memoryviews goes element by element)
-    if (
-        same_dtype
-        and isinstance(piece_a, _Raw)
-        and isinstance(piece_b, _Raw)
-        and piece_a.raw.startswith(piece_b.view, piece_a.offset)
-    ):
-        return
+    if same_dtype and isinstance(piece_a, _Raw) and isinstance(piece_b, _Raw):
+        if _same_bytes(piece_a, piece_b):
+            return
+        if fast:  # one dtype: the bits differ where the bytes do; nothing to decode
+            tally.differs = True
+            return
     ca = _values(piece_a, ta)
     cb = _values(piece_b, tb)
     if same_dtype:
@@ -504,6 +457,35 @@ class _Raw(NamedTuple):
     view: memoryview
 
 
+def _same_bytes(a: _Raw, b: _Raw) -> bool:
+    """Are two pieces' bytes equal: one memcmp of bytes still in the CPU's cache
+    (bytearray.startswith; comparing memoryviews goes element by element)."""
+    return len(a.view) == len(b.view) and a.raw.startswith(b.view, a.offset)
+
+
+class _Files:
+    """One read-only descriptor per file, read sequentially (a hint for read-ahead), all
+    closed when the comparison ends."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def of(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            return self._fds[path]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
 @dataclass
 class _Side:
     """One side of a pair: where its raw bytes lie (``fd``, ``offset``), or how to get its
@@ -518,7 +500,7 @@ class _Side:
     _flat: np.ndarray | None = None
 
     @classmethod
-    def of(cls, m: ModelFile, name: str, info: TensorInfo, fds: SourceFds) -> _Side:
+    def of(cls, m: ModelFile, name: str, info: TensorInfo, files: _Files) -> _Side:
         holder, hinfo = m.locate(name) if name in m.tensors else (m, info)
         span = hinfo.file_span
         item = info.dtype.itemsize
@@ -526,16 +508,16 @@ class _Side:
             return cls(name, item, values=lambda: holder.read_info(hinfo, name).reshape(-1))
         offset, nbytes = span
         holder.check_end(name, offset + nbytes)
-        return cls(name, item, fds.of(holder.path), offset, holder.path)
+        return cls(name, item, files.of(holder.path), offset, holder.path)
 
-    def read(self, start: int, n: int, bufs: list[PageBuffer | None], which: int) -> Any:
-        """Elements [start, start + n): the start of ``bufs[which]`` refilled from the file (it
+    def read(self, start: int, stop: int, bufs: list[PageBuffer | None], which: int) -> Any:
+        """Elements [start, stop): the start of ``bufs[which]`` refilled from the file (it
         grows once, then is reused), or a slice of the materialised values."""
         if self.values is not None:
             if self._flat is None:
                 self._flat = self.values()
-            return self._flat[start : start + n]
-        want = n * self.item
+            return self._flat[start:stop]
+        want = (stop - start) * self.item
         buf = bufs[which]
         if buf is None or buf.size < want:
             buf = bufs[which] = PageBuffer(max(want, CHUNK_ELEMENTS * self.item))
