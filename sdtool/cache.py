@@ -30,7 +30,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -256,18 +256,36 @@ class Cache:
         then under its recorded SHA-256 (the same content anywhere). The text is returned as
         stored, undecoded: a caller that only copies it out never parses it.
         """
-        out: list[tuple[str | None, str | None]] = [(None, None)] * len(idents)
+        return self._lookup(kind, version, idents, len(idents))
+
+    def lookup_stats(
+        self, kind: str, version: str, stats: Sequence[os.stat_result]
+    ) -> list[tuple[str | None, str | None]]:
+        """``lookup_many`` of the files these stats describe (``Identity.of`` each), without
+        building an Identity per file: a rerun over an unchanged tree looks up every file."""
+        rows = ((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in stats)
+        return self._lookup(kind, version, rows, len(stats))
+
+    def _lookup(
+        self, kind: str, version: str, idents: Iterable[Sequence[int]], n: int
+    ) -> list[tuple[str | None, str | None]]:
+        out: list[tuple[str | None, str | None]] = [(None, None)] * n
         with self._use() as conn:
             if conn is None:
                 return out
-            for lo in range(0, len(idents), LOOKUP_CHUNK):
-                part = idents[lo : lo + LOOKUP_CHUNK]
+            it = iter(idents)
+            full = _LOOKUP_SQL.format(rows=",".join(["(?,?,?,?,?,?)"] * LOOKUP_CHUNK))
+            for lo in range(0, n, LOOKUP_CHUNK):
+                m = min(LOOKUP_CHUNK, n - lo)
                 self._reading(conn)
                 params: list[object] = [kind, version]
-                for j, d in enumerate(part, lo):
-                    params += (j, *d)
-                rows = ",".join(["(?,?,?,?,?,?)"] * len(part))
-                for j, sha, value in conn.execute(_LOOKUP_SQL.format(rows=rows), params):
+                for j in range(lo, lo + m):
+                    params.append(j)
+                    params += next(it)
+                sql = full if m == LOOKUP_CHUNK else _LOOKUP_SQL.format(
+                    rows=",".join(["(?,?,?,?,?,?)"] * m)
+                )  # fmt: skip
+                for j, sha, value in conn.execute(sql, params):
                     out[j] = (sha, value)
         return out
 

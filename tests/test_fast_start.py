@@ -5,6 +5,7 @@ walk the loader runs before unpickling, and shell completion of choices."""
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 import pickletools
 import random
@@ -402,3 +403,43 @@ def _torch_pickle() -> bytes:
 
     with zipfile.ZipFile(EXAMPLE) as z:
         return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+def test_tensor_records_taken_at_once_equal_the_generic_walk() -> None:
+    """The walk takes torch's ~27-opcode tensor records in one step (``_TENSOR_RECORD``): the
+    memo entries it stores are the generic walk's (each fetched and nested up to just past the
+    depth limit refuses at the same opcode), and changed records (any byte of them, or a GET
+    that fetches a tuple into the storage id) answer as one opcode at a time."""
+    from sdtool.formats import unpickler as u
+
+    data = _torch_pickle()
+    records = list(u._TENSOR_RECORD.finditer(data))
+    assert len(records) == 1828  # of 1,831 tensors (the first ones GLOBAL their callables)
+    rng = random.Random(9)
+    chosen = records[:4] + rng.sample(records[4:150], 4)
+    cases = []
+    for m in chosen:
+        for group in (5, 7, 9, 11, 12, 13, 14):  # every PUT of the record
+            op = m.group(group)
+            if op is not None:
+                get = b"j" + int.from_bytes(op[1:], "little").to_bytes(4, "little")
+                cases += [data[: m.end()] + get + b"\x85" * n + b"." for n in range(998, 1002)]
+        for _ in range(25):
+            b = bytearray(data[: m.end() + 300])
+            b[rng.randrange(m.start(), m.end())] = rng.choice(
+                [rng.randrange(256), *b"hjqrKMJXt()\x85\x86\x87QR\x88\x89\x00\x01\x05\x09\xff"]
+            )
+            cases.append(bytes(b))
+    for before, m in itertools.pairwise(chosen):
+        args = before.group(13)  # the previous record's arguments tuple, (2, n) in the memo
+        if m.start() > before.end() and args is not None:
+            index = int.from_bytes(args[1:], "little")
+            gets = [b"j" + index.to_bytes(4, "little")] + [b"h" + bytes([index])] * (index < 256)
+            put = m.group(7) or b"q\x00"  # the storage id tuple, now three deep
+            again = b"j" + int.from_bytes(put[1:], "little").to_bytes(4, "little")
+            for group, get in itertools.product((1, 2, 6), gets):  # name, type or device GET
+                spliced = data[: m.start(group)] + get + data[m.end(group) : m.end()]
+                cases += [spliced + again + b"\x85" * n + b"." for n in range(996, 1002)]
+    for case in cases:
+        fast = _walk_outcome(u._forged_memo_put, case)
+        assert fast == _walk_outcome(_generic_walk, case), case[-40:]

@@ -21,9 +21,10 @@ import contextvars
 import operator
 import pickle
 import pickletools
+import re
 import reprlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from math import prod
 from typing import IO, TYPE_CHECKING, Any
 
@@ -720,9 +721,12 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
     None as soon as it is past the real end, before judging anything the padding decided (a
     forged PUT is reported only when its index lies wholly inside the stream). The tuple
     limits are checked by the one ``_tuple_item`` for every tuple, flat items or not.
+    A torch tensor record (``_TENSOR_RECORD``, ~27 opcodes) is taken in one step when it is
+    plainly benign (``_tensor_record``), else opcode by opcode.
     tests/test_fast_start.py checks this walk against the generic one, opcode for opcode.
     """
     fast, widths, pops, u32 = _FAST_KIND, _FAST_WIDTH, _FAST_POPS, _U32
+    record = _TENSOR_RECORD.match
     layouts, effects = _LAYOUT_TABLE, _EFFECTS
     stack: list[tuple[int, int]] = []  # (tuple depth, expanded tuple size) per stack slot
     marks: list[int] = []  # stack lengths at each MARK
@@ -757,6 +761,13 @@ def _forged_memo_put(f: Any, start: int) -> tuple[str, int, int] | None:
                     memo[index] = stack[-1]
                 i += 5
             elif kind == 3:  # _K_BINGET
+                if buf[i + 2] == 0x28 and (m := record(buf, i)) and m.end() <= safe:
+                    n = _tensor_record(m, memo, count)
+                    if n:  # the whole record at once: one flat item more on the stack
+                        stack.append(flat)
+                        count += n
+                        i = m.end()
+                        continue
                 stack.append(memo.get(buf[i + 1], flat))
                 i += 2
             elif kind == 4:  # _K_FIXED: a fixed argument (or none); pops some, pushes one
@@ -1007,3 +1018,77 @@ for _codec in ("raw-unicode-escape", "latin-1", "ascii", "utf-8"):
 
 MAX_TUPLE_DEPTH = 1000
 MAX_TUPLE_TREE = 50_000_000
+
+
+# A tensor as torch pickles it (protocol 2, from the BINGET of _rebuild_tensor_v2 to the PUT of
+# its result): ``h (( h h X<key> [q] h <numel> t [q] Q <offset> <size> [q] <stride> [q] <bool>
+# h ) R [q] t [q] R [q]``, each [q] an optional BINPUT or LONG_BINPUT.
+_INT = rb"(?:K.|M..|J....)"  # BININT1, BININT2, BININT
+#: EMPTY_TUPLE, TUPLE1..3 of ints, or MARK, up to 64 ints, TUPLE
+_INT_TUPLE = (
+    rb"(\)|" + _INT + rb"\x85|" + _INT * 2 + rb"\x86|" + _INT * 3 + rb"\x87|\(" + _INT
+    + rb"{0,64}t)"
+)  # fmt: skip
+_MEMO_GET, _MEMO_PUT = rb"(h.|j....)", rb"(q.|r....)?"
+_TENSOR_RECORD = re.compile(
+    rb"h.\(\(" + _MEMO_GET + _MEMO_GET + rb"X(.)\x00\x00\x00([0-9]+)" + _MEMO_PUT + _MEMO_GET
+    + _INT + rb"t" + _MEMO_PUT + rb"Q" + _INT + _INT_TUPLE + _MEMO_PUT + _INT_TUPLE + _MEMO_PUT
+    + rb"[\x88\x89]h.\)R" + _MEMO_PUT + rb"t" + _MEMO_PUT + rb"R" + _MEMO_PUT,
+    re.DOTALL,
+)  # fmt: skip
+_INT_OPS = re.compile(_INT, re.DOTALL).findall
+_TENSOR_OPS = 17  # the record's opcodes besides its two int tuples and its PUTs
+#: an int tuple's stack item and opcodes by its last byte: EMPTY_TUPLE is a flat item,
+#: TUPLE1..3 a tuple one level deep around their n ints (MARK ... TUPLE: ``_marked``)
+_INT_TUPLE_ITEM = {0x29: (_FLAT, 1), **{0x84 + n: ((1, n + 1), n + 1) for n in (1, 2, 3)}}
+_ID_ITEM = (1, 6)  # the storage id tuple: ("storage", type, key, device, numel)
+_SEVEN_LONG_PUTS = struct.Struct("<" + "xI" * 7).unpack  # seven LONG_BINPUTs' indices at once
+
+
+def _marked(op: bytes) -> tuple[tuple[int, int], int]:
+    """MARK, n ints, TUPLE: a tuple one level deep, n + 2 opcodes."""
+    n = len(_INT_OPS(op))
+    return (1, n + 1), n + 2
+
+
+def _memo_index(op: bytes) -> int:
+    return op[1] if len(op) == 2 else _U32(op, 1)[0]  # BINPUT / BINGET, else the LONG_ ones
+
+
+def _tensor_record(m: re.Match[bytes], memo: dict[int, tuple[int, int]], count: int) -> int:
+    """The opcodes of a tensor record matched by _TENSOR_RECORD, its memo entries stored, when
+    taking it at once is the same as one opcode at a time; 0 (nothing changed) otherwise.
+
+    Opcode by opcode, the record pushes one flat item (its last REDUCE's), leaves the marks as
+    they were, and stores in the memo: flat items, the (1, 6) storage id tuple, the (1, n + 1)
+    int tuples and the arguments tuple (depth 2 when an int tuple is not empty) - provided
+    the key is the declared length, the GETs whose items enter a tuple (storage name, type,
+    device) fetch flat items, and no PUT names an index above the opcodes before the record
+    (a forged one is then found and reported by the opcode-by-opcode walk). The other two
+    GETs' items are popped by a REDUCE whatever they are."""
+    (get_name, get_type, key_len, key, put_key, get_device, put_id, size, put_size, stride,
+     put_stride, put_empty, put_args, put_tensor) = m.groups()  # fmt: skip
+    if len(key) != key_len[0]:
+        return 0
+    if len(get_name) + len(get_type) + len(get_device) == 6:  # three BINGETs
+        if memo.get(get_name[1], _FLAT)[0] or memo.get(get_type[1], _FLAT)[0]:
+            return 0  # a tuple would enter the storage id
+        if memo.get(get_device[1], _FLAT)[0]:
+            return 0
+    elif any(memo.get(_memo_index(get), _FLAT)[0] for get in (get_name, get_type, get_device)):
+        return 0
+    size_item, size_ops = _INT_TUPLE_ITEM.get(size[-1]) or _marked(size)
+    stride_item, stride_ops = _INT_TUPLE_ITEM.get(stride[-1]) or _marked(stride)
+    deep = size_item is not _FLAT or stride_item is not _FLAT
+    items: tuple[tuple[int, int], ...] = (_FLAT, _ID_ITEM, size_item, stride_item, _FLAT,
+             (2 if deep else 1, 5 + size_item[1] + stride_item[1]), _FLAT)  # fmt: skip
+    puts = (put_key, put_id, put_size, put_stride, put_empty, put_args, put_tensor)
+    if None not in puts and len(joined := b"".join(puts)) == 35:  # all LONG_BINPUT: in C
+        indices: Sequence[int] = _SEVEN_LONG_PUTS(joined)
+    else:
+        items = tuple(item for op, item in zip(puts, items, strict=True) if op is not None)
+        indices = [_memo_index(op) for op in puts if op is not None]
+    if indices and max(indices) > count:
+        return 0
+    memo.update(zip(indices, items, strict=True))
+    return _TENSOR_OPS + size_ops + stride_ops + len(indices)

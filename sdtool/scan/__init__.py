@@ -13,9 +13,12 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import gc
+import operator
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -133,7 +136,7 @@ def _walk_dir(top: str, excluded: Callable[[str, str], bool] | None) -> Iterator
         except OSError:
             is_dir = False
         (dirs if is_dir else files).append(e)
-    files.sort(key=_name)
+    files.sort(key=_NAME)
     prefix = "" if top == "." else top if top.endswith("/") else top + "/"
     for e in files:
         name = e.name
@@ -146,8 +149,8 @@ def _walk_dir(top: str, excluded: Callable[[str, str], bool] | None) -> Iterator
             st: os.stat_result | None = e.stat()
         except OSError:
             st = None
-        yield Target(fp, st)
-    dirs.sort(key=_name)
+        yield _new(Target, (fp, st, "file"))  # as Target(fp, st), without its Python __new__
+    dirs.sort(key=_NAME)
     for e in dirs:
         fp = prefix + e.name
         if excluded is not None and excluded(fp, e.name):
@@ -160,8 +163,8 @@ def _walk_dir(top: str, excluded: Callable[[str, str], bool] | None) -> Iterator
         yield from _walk_dir(fp, excluded)
 
 
-def _name(e: os.DirEntry[str]) -> str:
-    return e.name
+_new = tuple.__new__
+_NAME = operator.attrgetter("name")  # a sort key without a Python call per entry
 
 
 def _stat(p: Path) -> os.stat_result | None:
@@ -233,6 +236,20 @@ def scan_paths(
     return ScanReport(tuple(files), strict=strict)
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused: the walk and the lookups build a few objects per
+    file that all stay alive (nothing for it to find), and would otherwise trigger a young
+    collection every few hundred files, each walking what was just built."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 #: at most this many ready results per batch ``scan_items`` yields
 BATCH = 512
 
@@ -258,16 +275,19 @@ def scan_items(
     """
     from sdtool.scan.cached import lookup_many, store
 
-    targets = list(walk(paths, exclude))
     # the limits are part of a verdict's key; the defaults' by name (they live in scan/vm.py,
     # whose source is in the ruleset version: a new default is a new ruleset)
     settings = f"|crc={crc}|limits={'default' if limits is None else repr(limits)}"
-    found: list[Lookup | None] = [None] * len(targets)
-    if cache is not None or sha256:
-        local = [i for i, t in enumerate(targets) if t.kind == "file"]
-        known = lookup_many([targets[i] for i in local], cache, sha256=sha256, settings=settings)
-        for i, hit in zip(local, known, strict=True):
-            found[i] = hit
+    with _gc_paused():
+        targets = list(walk(paths, exclude))
+        found: list[Lookup | None] = [None] * len(targets)
+        if cache is not None or sha256:
+            local = [i for i, t in enumerate(targets) if t.kind == "file"]
+            known = lookup_many(
+                [targets[i] for i in local], cache, sha256=sha256, settings=settings
+            )
+            for i, hit in zip(local, known, strict=True):
+                found[i] = hit
     if cache is not None:
         cache.release()  # the lookups are done; scanning may take long
     todo = [
@@ -299,8 +319,7 @@ def scan_items(
         if t.kind == "missing":
             batch.append(Scanned(t.path, report=_missing(t.path)))
         elif f is not None and f.hit is not None:
-            batch.append(Scanned(t.path, body=f.hit, verdict=f.verdict, sha256=f.sha256,
-                                 cached=True, report=f.report))  # fmt: skip
+            batch.append(Scanned(t.path, f.report, f.hit, f.verdict, f.sha256, True))
         else:
             if batch:
                 yield batch

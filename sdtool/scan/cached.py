@@ -140,21 +140,29 @@ _HEAD = re.compile(r'\{"format": "([a-z0-9-]+)", "size": ([0-9]+), "verdict": "(
 _VERDICTS = {v.value: v for v in Verdict}
 
 
+def _complete(text: str) -> Verdict | None:
+    """The verdict of a stored complete verdict (no problems, no side files), checked by its
+    head and keys without decoding it; None for any other text."""
+    m = _HEAD.match(text)
+    # the quoted keys cannot occur inside a JSON string (its quotes are escaped there)
+    if (
+        m is None
+        or ', "scanned": true, ' not in text
+        or '"errors": [], "notes": [' not in text
+        or text[-1] != "}"  # a text with a tail ends with its list, "]"
+    ):
+        return None
+    return _VERDICTS.get(m.group(3))
+
+
 def parse_body(text: str, path: str) -> tuple[Verdict, str, FileReport | None] | None:
     """(verdict, body, report) of a stored text (``stored_of``): a complete verdict's is
     checked by its head and returned undecoded (report None); one with problems is decoded
     (report: it, under ``path``); one of another layout is decoded and encoded again. None
     when it is nothing ``store`` would have stored (then the file is scanned again)."""
-    m = _HEAD.match(text)
-    # the quoted keys cannot occur inside a JSON string (its quotes are escaped there)
-    if (
-        m is not None
-        and m.group(3) in _VERDICTS
-        and ', "scanned": true, ' in text
-        and '"errors": [], "notes": [' in text
-        and text[-1] == "}"  # a text with a tail ends with its list, "]"
-    ):
-        return _VERDICTS[m.group(3)], text, None
+    v = _complete(text)
+    if v is not None:
+        return v, text, None
     body, _, tail = text.partition("\n")
     try:
         kinds, depends = json.loads(tail) if tail else (None, [])
@@ -185,7 +193,7 @@ class Lookup(NamedTuple):
 
     hit: str | None  # the stored body (``body_of``) of this content's verdict, undecoded
     sha256: str | None
-    identity: Identity | None
+    identity: Identity | None  # of a miss (to store its verdict); None for a hit
     settings: str = ""
     verdict: Verdict | None = None  # the hit's
     report: FileReport | None = None  # the hit decoded, when it has problems (to show them)
@@ -213,17 +221,21 @@ def lookup_many(
     """
     version = ruleset_version() + settings
     out = [Lookup(None, None, None, settings)] * len(targets)
-    live = [
-        (i, t[0], Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-        for i, t in enumerate(targets)
-        if (st := t[1]) is not None
-    ]
+    live = [i for i, t in enumerate(targets) if t[1] is not None]
+    stats: list[os.stat_result] = [targets[i][1] for i in live]  # type: ignore[misc]
     answers: Sequence[tuple[str | None, str | None]] = (
-        cache.lookup_many(KIND, version, [d for _, _, d in live])
+        cache.lookup_stats(KIND, version, stats)
         if cache is not None
         else [(None, None)] * len(live)
     )
-    for (i, path, ident), (digest, text) in zip(live, answers, strict=True):
+    for i, st, (digest, text) in zip(live, stats, answers, strict=True):
+        if text is not None and (digest is not None or not sha256):
+            v = _complete(text)  # the common hit (a rerun: every file), undecoded
+            if v is not None:  # a hit stores nothing: no identity needed
+                out[i] = Lookup(text, digest, None, settings, v)
+                continue
+        path = targets[i][0]
+        ident = Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if digest is None and sha256:  # asked for: hashed once, even for a verdict by identity
             try:
                 digest, _ = cached_sha256(cache, path, lambda p=path: file_sha256(Path(p)))

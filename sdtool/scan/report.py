@@ -255,7 +255,6 @@ class Scanned:
     def __init__(
         self,
         path: str,
-        *,
         report: FileReport | None = None,
         body: str | None = None,
         verdict: Verdict | None = None,
