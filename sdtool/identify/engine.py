@@ -21,8 +21,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cache
-from itertools import compress, repeat
-from operator import itemgetter
+from itertools import compress, filterfalse, repeat
+from operator import and_, itemgetter, methodcaller, ne, not_
 from typing import Any
 
 from sdtool.identify import keysets as K
@@ -374,12 +374,12 @@ def _candidates(tensors: dict[str, TensorInfo]) -> Counter[Candidate]:
         for level, (numbers, tails) in enumerate(levels)
         for n, tail in compress(zip(numbers, tails, strict=True), map(index.__contains__, tails))
     )
-    counts: Counter[Candidate] = Counter()
-    for n, _, tail in known:
-        prefix = keys[n][: len(keys[n]) - len(tail)]
-        for sid, alias in index[tail]:
-            counts[(sid, prefix, alias)] += 1
-    return counts
+    return Counter(  # counted in C, in first-seen order
+        (sid, prefix, alias)
+        for n, _, tail in known
+        for prefix in (keys[n][: len(keys[n]) - len(tail)],)
+        for sid, alias in index[tail]
+    )
 
 
 _SEP, _REST = itemgetter(1), itemgetter(2)
@@ -393,18 +393,27 @@ def _full_key(sig: K.Signature, prefix: str, rel: str, alias: bool) -> str:
     return prefix + rel
 
 
+def _full_keys(sig: K.Signature, prefix: str, alias: bool) -> list[str]:
+    """``_full_key`` of every key of ``sig``, in its order (without aliases: in C)."""
+    if alias:
+        return [_full_key(sig, prefix, rel, True) for rel in sig.keys]
+    return list(map(prefix.__add__, sig.keys))
+
+
 def _evaluate(cand: Candidate, tensors: dict[str, TensorInfo]) -> ComponentMatch:
     sid, prefix, alias = cand
     sig = K.signatures()[sid]
     optional = sig.optional | K.optional_at(sid, prefix)
-    keys, missing, required = [], [], 0
-    for rel in sig.keys:
-        full = _full_key(sig, prefix, rel, alias)
-        if full in tensors:
-            keys.append(full)
-        elif rel not in optional:
-            missing.append(full)
-        required += rel not in optional
+    fulls = _full_keys(sig, prefix, alias)
+    present = list(map(tensors.__contains__, fulls))
+    keys = list(compress(fulls, present))
+    if optional:  # the keys that are neither there nor optional are missing
+        needed = list(map(not_, map(optional.__contains__, sig.keys)))
+        missing = list(compress(fulls, map(and_, map(not_, present), needed)))
+        required = sum(needed)
+    else:
+        missing = list(filterfalse(tensors.__contains__, fulls))
+        required = len(fulls)
     m = sig.meta
     # optional keys that are there count on both sides: "CLIP-L 197/197" with position_ids
     extra_optional = len(keys) - (required - len(missing))
@@ -517,6 +526,10 @@ def ema_key(key: str) -> str:
     return T.EMA_PREFIX + key[len("model.") :].replace(".", "")
 
 
+_EMA_UNET = ema_key("model.diffusion_model.")  # "model_ema.diffusion_model"
+_NO_DOTS = methodcaller("replace", ".", "")
+
+
 def _ema(tensors: dict[str, TensorInfo], comps: list[ComponentMatch]) -> ComponentMatch | None:
     """The ``model_ema.*`` copy of the denoiser, counted against the denoiser's key set."""
     ema_keys = [k for k in tensors if k.startswith(T.EMA_PREFIX)]
@@ -526,10 +539,11 @@ def _ema(tensors: dict[str, TensorInfo], comps: list[ComponentMatch]) -> Compone
     best: tuple[int, list[str], list[str]] | None = None
     for sid in ("unet-ldm", "unet-sdxl", "unet-sdxl-refiner"):
         sig = K.signatures()[sid]
-        expected = [ema_key("model.diffusion_model." + rel) for rel in sig.required]
-        hits = [k for k in expected if k in have]
+        # ema_key("model.diffusion_model." + rel) for each, in C
+        expected = list(map(_EMA_UNET.__add__, map(_NO_DOTS, sig.required)))
+        hits = list(filter(have.__contains__, expected))
         if best is None or len(hits) > best[0]:
-            best = (len(hits), hits, [k for k in expected if k not in have])
+            best = (len(hits), hits, list(filterfalse(have.__contains__, expected)))
     assert best is not None
     found, hits, missing = best
     if found == 0:
@@ -554,20 +568,27 @@ def _shapes(c: ComponentMatch, tensors: dict[str, TensorInfo], arch: str | None)
         return c
     sig = K.signatures()[c.signature]
     free = _variant_axes(c.signature)
+    fulls = _full_keys(sig, c.prefix, c.alias)
+    # the keys compared (there, with a float type), in key order, looked up once for all profiles
+    there = [
+        (i, info)
+        for i, info in enumerate(map(tensors.get, fulls))
+        if info is not None and info.dtype.is_float
+    ]
+    compared = [i for i, _ in there]
+    got_shapes = [info.shape for _, info in there]
     best: tuple[int, str, list[ShapeMismatch]] | None = None
-    for profile, shapes in sig.shapes.items():
+    for profile, shapes in sig.shape_lists.items():
+        wants = list(map(shapes.__getitem__, compared))
         mism = []
-        for rel, want in shapes.items():
-            info = tensors.get(_full_key(sig, c.prefix, rel, c.alias))
-            if info is None or not info.dtype.is_float:
-                continue
+        for (i, info), want in compress(zip(there, wants, strict=True), map(ne, got_shapes, wants)):
             got = info.shape
-            axis = free.get(rel)
+            axis = free.get(sig.keys[i])
             if axis is not None and len(got) == len(want) and -len(got) <= axis < len(got):
                 a = axis % len(got)
                 got = (*got[:a], want[a], *got[a + 1 :])
             if got != want:
-                mism.append(ShapeMismatch(_full_key(sig, c.prefix, rel, c.alias), info.shape, want))
+                mism.append(ShapeMismatch(fulls[i], info.shape, want))
         rank = 0 if profile == arch else 1
         if best is None or (len(mism), rank) < (len(best[2]), 0 if best[1] == arch else 1):
             best = (len(mism), profile, mism)

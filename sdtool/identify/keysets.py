@@ -50,12 +50,14 @@ class Signature:
         return tuple(filterfalse(self.optional.__contains__, self.keys))
 
     @cached_property
+    def shape_lists(self) -> dict[str, tuple[Shape, ...]]:
+        """profile (architecture) -> shapes in key order, unpacked on first use."""
+        return marshal.loads(self.raw_shapes)
+
+    @cached_property
     def shapes(self) -> dict[str, dict[str, Shape]]:
         """profile (architecture) -> key -> shape, built on first use (most files need few)."""
-        return {
-            p: dict(zip(self.keys, s, strict=True))
-            for p, s in marshal.loads(self.raw_shapes).items()
-        }
+        return {p: dict(zip(self.keys, s, strict=True)) for p, s in self.shape_lists.items()}
 
 
 @cache
