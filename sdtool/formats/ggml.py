@@ -292,16 +292,23 @@ _F16_NORMAL = (np.uint32(0x38800000), np.uint32(0x477FF000))
 
 def _f16_bits(v: np.ndarray) -> np.ndarray:
     """float32 -> float16 bits, rounded to nearest even: numpy's ``astype(float16)``, bit for
-    bit, in a few integer passes (numpy converts one element at a time, ~10x slower). Values
-    whose float16 is not normal (zero, subnormal, overflow, inf, NaN) go through numpy."""
+    bit, in a few integer passes (numpy converts one element at a time, ~10x slower, and ~60 ns
+    per value when the result is subnormal). Values whose float16 is zero or subnormal are
+    |v| * 2**24 (exact) rounded to the nearest even integer: the subnormal's bits. Overflow,
+    inf and NaN go through numpy."""
     b = np.ascontiguousarray(v, dtype=_F32).view(np.uint32)
     a = b & np.uint32(0x7FFFFFFF)
     r = a + (np.uint32(0x0FFF) + ((a >> 13) & np.uint32(1)))
-    h = ((r >> 13) - np.uint32(0x1C000)) | ((b >> 16) & np.uint32(0x8000))
-    odd = (a < _F16_NORMAL[0]) | (a >= _F16_NORMAL[1])
-    if odd.any():
+    sign = (b >> 16) & np.uint32(0x8000)
+    h = ((r >> 13) - np.uint32(0x1C000)) | sign
+    small = a < _F16_NORMAL[0]
+    if small.any():
+        m = np.rint(a[small].view(_F32) * _F32(2.0**24))
+        h[small] = m.astype(np.uint32) | sign[small]
+    big = a >= _F16_NORMAL[1]
+    if big.any():
         with np.errstate(over="ignore"):
-            h[odd] = v.reshape(-1)[odd].astype(_F16).view(np.uint16)
+            h[big] = v.reshape(-1)[big].astype(_F16).view(np.uint16)
     return h.astype(np.uint16)
 
 
