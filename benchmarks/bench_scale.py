@@ -34,6 +34,8 @@ that is files/s per core for the docs' arithmetic.
 Usage:
     python benchmarks/bench_scale.py [--files 10000] [--model-files 10000] [--jobs 2]
                                      [--no-cluster] [--corpus DIR] [--cluster-files 2000]
+                                     [--commands scan,hash]
+    (a quick check of the cached rerun: --model-files 0 --no-cluster --commands scan)
 """
 
 from __future__ import annotations
@@ -219,6 +221,8 @@ def main() -> None:
                     help="files of the tree the cluster rows scan (its first folders)")  # fmt: skip
     ap.add_argument("--model-files", type=int, default=10_000,
                     help="files of the models tree (0: leave it out)")  # fmt: skip
+    ap.add_argument("--commands", default="scan,hash",
+                    help="the commands measured (scan, hash or both), e.g. scan alone")  # fmt: skip
     ap.add_argument("--reruns", type=int, default=3,
                     help="cached runs per row; the fastest is reported")  # fmt: skip
     a = ap.parse_args()
@@ -267,7 +271,8 @@ def main() -> None:
         for name, root in workloads:
             # the models tree's files are 10-200 MB and ~2 GB (sparse): hash would read every
             # byte (~80 GB per 1,000 files), scan reads headers and pickles only
-            for cmd in ("scan",) if name == "models" else ("scan", "hash"):
+            wanted = [c for c in ("scan", "hash") if c in a.commands.split(",")]
+            for cmd in [c for c in wanted if c == "scan" or name != "models"]:
                 for engine, extra in engines if name != "models" else engines[:1]:
                     roots = [root]
                     if name == "tiny" and engine == "cluster" and a.cluster_files < a.files:

@@ -10,7 +10,8 @@ make_checkpoint.py (default /work/bench). ``sdtool`` is the console script besid
 running this (pip's generated one), when there is one.
 
 The children run without PYTHONDONTWRITEBYTECODE, so the warm-up run writes the .pyc files an
-installed package has (with it set, every run would compile sdtool's sources again).
+installed package has (with it set, every run would compile sdtool's sources again), and the first
+inspect keeps the key-set tables' compact copy in the cache folder (identify.keysets).
 
     python benchmarks/bench_start.py [--ckpt /work/bench/sd15-ema.ckpt] [--runs 15]
 """

@@ -136,3 +136,37 @@ def test_ruleset_version_changes_with_any_scan_source(tmp_path: Path) -> None:
     allow.write_text(allow.read_text() + "\n# changed\n")
     v2 = version()
     assert v2 != v1 and v2.split("+")[0] == v1.split("+")[0]
+
+
+def test_ruleset_version_memo_is_used_until_a_source_changes(tmp_path: Path) -> None:
+    """A rerun reads the version from the memo (it does not even import hashlib); a changed
+    rule is hashed again, memo or not."""
+    import shutil
+    import subprocess
+    import sys
+
+    import sdtool
+
+    dst = tmp_path / "pkg" / "sdtool"
+    shutil.copytree(Path(sdtool.__file__).parent, dst,
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "pkg"),
+           "SDTOOL_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    code = "from sdtool.scan.ruleset import ruleset_version as v; print(v())"
+    no_hashlib = "import sys; sys.modules['hashlib'] = None\n" + code
+
+    def version(src: str) -> str | None:
+        out = subprocess.run([sys.executable, "-c", src], env=env, cwd=tmp_path,
+                             capture_output=True, text=True)  # fmt: skip
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    assert version(no_hashlib) is None  # no memo yet: it must hash
+    v1 = version(code)
+    assert v1 is not None and (tmp_path / "cache" / "ruleset-memo.json").is_file()
+    assert version(no_hashlib) == v1  # from the memo
+    rules = dst / "scan" / "rules.py"
+    rules.write_text(rules.read_text() + "\n# changed\n")
+    assert version(no_hashlib) is None  # the memo no longer holds: hashed again
+    v2 = version(code)
+    assert v2 is not None and v2 != v1
+    assert version(no_hashlib) == v2

@@ -68,6 +68,8 @@ def test_first_run_keeps_the_copy_and_the_next_reads_it(monkeypatch: pytest.Monk
         lambda b: b"",
         lambda b: marshal.dumps(((K.COMPACT_FORMAT, 0, 0), ())),  # another file's stamp
         lambda b: marshal.dumps([1, 2, 3]),  # not the layout
+        lambda b: marshal.dumps((marshal.loads(b)[0], ((1, 2, 3, 4),))),  # right stamp, wrong rows
+        lambda b: marshal.dumps((marshal.loads(b)[0], (("no-such-signature", (), (), b""),))),
     ],
 )
 def test_a_damaged_or_foreign_copy_is_unpacked_again(damage: object) -> None:

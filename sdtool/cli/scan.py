@@ -195,14 +195,17 @@ def write_jsonl(
     for batch in batches:
         out = []
         for item in batch:
-            path = spools.get(item.path, item.path)
+            path = spools.get(item.path, item.path) if spools else item.path
             if item.errors:
                 failed = True
                 errors(replace(item.report, path=path))
             verdicts.add(item.verdict)
             sha = enc(item.sha256) if item.sha256 else "null"
+            body = item.stored
+            if body is None:
+                body = item.body
             cached = "true}\n" if item.cached else "false}\n"
-            out.append(f'{head}{enc(path)}, {item.body[1:-1]}, "sha256": {sha}{tail}{cached}')
+            out.append(f'{head}{enc(path)}, {body[1:-1]}, "sha256": {sha}{tail}{cached}')
         lines.write_lines(out)
         if bar is not None:
             bar.update(len(batch))

@@ -91,13 +91,25 @@ def _compact() -> Compact:
     path = compact_path(raw)
     try:
         found = marshal.loads(path.read_bytes())
-        if type(found) is tuple and len(found) == 2 and found[0] == stamp:
+        if type(found) is tuple and len(found) == 2 and found[0] == stamp and _laid_out(found[1]):
             return found[1]
     except (OSError, EOFError, ValueError, TypeError):
         pass  # absent, unreadable or damaged: unpacked again below
     tables = unpack(raw)
     _keep(path, marshal.dumps((stamp, tables)))
     return tables
+
+
+def _laid_out(tables: object) -> bool:
+    """``Compact``'s layout down to each signature's fields (not every key: that costs more
+    than it guards; the stamp and marshal's own checks answer for the rest)."""
+    return type(tables) is tuple and all(
+        type(t) is tuple
+        and len(t) == 4
+        and (type(t[0]), type(t[1]), type(t[2]), type(t[3])) == (str, tuple, tuple, bytes)
+        and t[0] in COMPONENTS
+        for t in tables
+    )
 
 
 def unpack(raw: bytes) -> Compact:

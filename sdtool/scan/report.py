@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar
@@ -250,7 +251,7 @@ class Scanned:
     verdict from the cache as its stored JSON ``body``, decoded only if ``report`` is asked
     for (a JSON Lines run copies the body out as it is)."""
 
-    __slots__ = ("_body", "_report", "cached", "path", "sha256", "verdict")
+    __slots__ = ("_body", "_report", "cached", "errors", "path", "sha256", "stored", "verdict")
 
     def __init__(
         self,
@@ -267,6 +268,11 @@ class Scanned:
         self.verdict: Verdict = report.verdict if report is not None else verdict or Verdict.ERROR
         self.sha256 = sha256
         self.cached = cached
+        #: the stored body of a cached verdict (None for a fresh one: ``body`` encodes it)
+        self.stored = body if cached else None
+        #: what kept the file from being scanned completely (a complete cached verdict: none);
+        #: plain attributes, as a rerun reads them for every file
+        self.errors: Sequence[str] = report.errors if report is not None else ()
 
     @property
     def report(self) -> FileReport:
@@ -288,16 +294,6 @@ class Scanned:
 
             self._body = body_of(self.report)
         return self._body
-
-    @property
-    def stored(self) -> str | None:
-        """The stored body of a cached verdict (None for a fresh one: ``body`` encodes it)."""
-        return self._body if self.cached else None
-
-    @property
-    def errors(self) -> list[str]:
-        """What kept the file from being scanned completely (a cached verdict has none)."""
-        return self._report.errors if self._report is not None else []
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from sdtool.write.plan import OutTensor, source_order
 from sdtool.write.stream import (
     BufferRing,
     Chunks,
+    Job,
+    Release,
     SourceFds,
     copy_span,
     prefetch,
@@ -112,8 +114,8 @@ def write_safetensors(
 ) -> dict[str, int]:
     """Stream ``plan`` into the empty file ``f`` as safetensors; return overflow counts by name.
 
-    The file is sized first, then each tensor is written at its offset, in source order; pieces
-    are cast (or computed) on ``CAST_THREADS`` threads and written by this thread, in order.
+    The file is sized first, then each tensor is written at its offset, in source order; cast
+    pieces are cast and written (pwrite at their own offsets) on ``CAST_THREADS`` threads.
     Peak memory is a few pieces of a cast (``CHUNK_BYTES`` of the wider dtype each) or one
     tensor that must be materialised (a deflated or strided source), plus a constant.
     ``progress`` receives byte counts as they are written.
@@ -128,8 +130,9 @@ def write_safetensors(
     # this at the speed of cp once the file no longer fits the page cache.
     order = sorted(placed, key=lambda p: (str(p.tensor.source.path), *source_order(p.tensor)))
     overflows: dict[str, int] = {}
+    release = Release(fd)  # computed pieces: their pages leave the page cache once written
     with SourceFds() as fds, _casts() as pool:
-        steps = _steps(order, fds, pool, base)
+        steps = _steps(order, fds, pool, fd, base)
         for kind, p, item in prefetch(steps, depth=PREFETCH):
             t = p.tensor
             if kind == "copy":
@@ -138,7 +141,9 @@ def write_safetensors(
                 copy_span(fds.get(t), fd, span[0], span[1], t, progress, base + p.begin)
             elif kind == "piece":
                 at, future = item
-                written = _write_piece(fd, future.result(), at)  # in order: errors surface
+                written = future.result()  # in order: errors surface, the ring slot is free
+                if t.pieces is not None:
+                    release.written(at, written)
                 if progress is not None:
                     progress(written)
             elif item.overflow:  # "done": a cast tensor is complete
@@ -146,13 +151,9 @@ def write_safetensors(
     return overflows
 
 
-def _write_piece(fd: int, data: Any, at: int) -> int:
-    """Write a made piece at ``at``, and start its writeback (the disk writes while the next
-    pieces are made). One thread writes, in order: the cast threads never wait for the file's
-    lock (ext4 serialises buffered writes on the inode, and the waiter spins first, burning
-    CPU) or for the disk's queue."""
-    n = write_all(fd, data, at)
-    start_writeback(fd, at, n)
+def _cast_and_write(job: Job, fd: int, at: int) -> int:
+    n = write_all(fd, job.run(), at)
+    start_writeback(fd, at, n)  # the disk writes while the next pieces are made
     return n
 
 
@@ -168,15 +169,14 @@ def _casts() -> Iterator[ThreadPoolExecutor]:
 
 
 def _steps(
-    order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor, base: int
+    order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor, fd: int, base: int
 ) -> Iterator[tuple[str, Placed, Any]]:
     """What to do, tensor by tensor: ("copy", p, None) for bytes that move as they are, else
-    ("piece", p, (file offset, future piece)) per chunk and ("done", p, chunks). Runs in the
-    prefetch thread and hands each piece to ``pool``, which casts it (numpy releases the GIL:
-    both cores at once) while the caller writes the pieces before it."""
+    ("piece", p, (file offset, future byte count)) per chunk and ("done", p, chunks). Runs in
+    the prefetch thread and hands each piece to ``pool``, which casts it and writes it at its
+    offset in ``fd``: casts and writes (both release the GIL) run on both cores at once."""
     # a ring slot is reused ``slots`` pieces later: in flight are at most the queue's depth,
-    # the step the prefetch thread holds, and the one being written (the caller takes the
-    # next piece only when this one is written)
+    # the step the prefetch thread holds, and the one being written
     ring = BufferRing(slots=PREFETCH + 3)
     for p in order:
         t = p.tensor
@@ -188,7 +188,8 @@ def _steps(
         chunks = Chunks(t, fds.get(t), ring)
         written = 0
         for job in chunks.jobs():
-            yield "piece", p, (base + p.begin + written, pool.submit(job.run))
+            at = base + p.begin + written
+            yield "piece", p, (at, pool.submit(_cast_and_write, job, fd, at))
             written += job.nbytes
         if written != p.end - p.begin:
             raise CorruptFile(
