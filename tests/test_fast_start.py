@@ -73,6 +73,10 @@ def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[
     assert not _under(mods, "sdtool.layouts", "sdtool.ops.convert", "sdtool.ops.prune")
     if argv[0] == "inspect":  # the verdict column needs the allowlist, not the pickle machine
         assert not _under(mods, "sdtool.scan.vm", "sdtool.scan.containers", "sdtool.scan.rules")
+        # nor the scan report's dataclasses (each costs ~5M instructions to create)
+        assert "sdtool.scan.report" not in mods
+    else:
+        assert "sdtool.scan.report" in mods  # the probe can fail: scan does load it
 
 
 @pytest.mark.parametrize(
