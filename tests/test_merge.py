@@ -129,6 +129,48 @@ def test_add_difference_fp16_inputs_scaled(
         assert torch.equal(got[k].view(bits), want[k].view(bits)), k
 
 
+def test_release_gives_back_written_pieces_behind_the_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Computed pieces leave the page cache ``lag`` bytes behind the writes (not the copied
+    tensors, not on a file system that refuses), and the output is what torch computes."""
+    import os
+
+    from sdtool.write import stream
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, advice: calls.append((at, n)))
+    r = stream.Release(fd=-1, lag=10)
+    for at in (0, 4, 8, 12):
+        r.written(at, 4)
+    assert calls == [(0, 4), (4, 4)] and r.held == 8
+
+    def refuse(*_: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    r = stream.Release(fd=-1, lag=0)
+    r.written(0, 4)
+    r.written(4, 4)  # no second try once refused
+    assert not r.able
+
+    calls.clear()
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, advice: calls.append((at, n)))
+    monkeypatch.setattr(stream, "RELEASE_LAG", 0)
+    a, b = _model(1), _model(2)
+    pa, pb = _save(tmp_path, "a.safetensors", a), _save(tmp_path, "b.safetensors", b)
+    out = tmp_path / "out.safetensors"
+    merge([pa, pb], out, alpha=0.3)
+    _same(load_file(out), _oracle([a, b], lambda k, x: 0.7 * x[0] + 0.3 * x[1]))
+    with open(out, "rb") as f:
+        base = 8 + int.from_bytes(f.read(8), "little")
+    header = json.loads(out.read_bytes()[8:base])
+    spans = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
+    kinds = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+    merged = {(base + b, e - b) for (b, e), kind in zip(spans, kinds, strict=True) if kind == "F16"}
+    assert set(calls) == merged  # every merged tensor's bytes, not position_ids'
+
+
 def load_file_meta(p: Path) -> dict:
     from safetensors import safe_open
 

@@ -205,6 +205,9 @@ class Lookup(NamedTuple):
         return tuple(k for k in (self.sha256, ident and ident.key) if k)
 
 
+_new = tuple.__new__  # a NamedTuple without its Python __new__ (one per file of a rerun)
+
+
 def lookup_many(
     targets: Sequence[tuple[str, os.stat_result | None] | tuple[str, os.stat_result | None, str]],
     cache: Cache | None,
@@ -232,7 +235,7 @@ def lookup_many(
         if text is not None and (digest is not None or not sha256):
             v = _complete(text)  # the common hit (a rerun: every file), undecoded
             if v is not None:  # a hit stores nothing: no identity needed
-                out[i] = Lookup(text, digest, None, settings, v)
+                out[i] = _new(Lookup, (text, digest, None, settings, v, None))
                 continue
         path = targets[i][0]
         ident = Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -24,6 +24,7 @@ from sdtool.write.stream import (
     BufferRing,
     Chunks,
     Job,
+    Release,
     SourceFds,
     copy_span,
     prefetch,
@@ -135,6 +136,7 @@ def write_safetensors(
     # this at the speed of cp once the file no longer fits the page cache.
     order = sorted(placed, key=lambda p: (str(p.tensor.source.path), *source_order(p.tensor)))
     overflows: dict[str, int] = {}
+    release = Release(fd)  # computed pieces: their pages leave the page cache once written
     size = base + (placed[-1].end if placed else 0)
     with _output(fd, size) as out, SourceFds() as fds, _casts() as pool:
         steps = _steps(order, fds, pool, out, base)
@@ -145,7 +147,10 @@ def write_safetensors(
                 assert span is not None
                 copy_span(fds.get(t), fd, span[0], span[1], t, progress, base + p.begin)
             elif kind == "piece":
-                written = item.result()  # in order: errors surface, the ring slot is free
+                at, future = item
+                written = future.result()  # in order: errors surface, the ring slot is free
+                if t.pieces is not None:
+                    release.written(at, written)
                 if progress is not None:
                     progress(written)
             elif item.overflow:  # "done": a cast tensor is complete
@@ -232,9 +237,9 @@ def _steps(
     order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor, out: _Out, base: int
 ) -> Iterator[tuple[str, Placed, Any]]:
     """What to do, tensor by tensor: ("copy", p, None) for bytes that move as they are, else
-    ("piece", p, future byte count) per chunk and ("done", p, chunks). Runs in the prefetch
-    thread and hands each piece to ``pool``, which casts it and writes it at its offset in
-    ``fd``: casts and writes (both release the GIL) run on both cores at once."""
+    ("piece", p, (file offset, future byte count)) per chunk and ("done", p, chunks). Runs in
+    the prefetch thread and hands each piece to ``pool``, which casts it and writes it at its
+    offset in ``fd``: casts and writes (both release the GIL) run on both cores at once."""
     # a ring slot is reused ``slots`` pieces later: in flight are at most the queue's depth,
     # the step the prefetch thread holds, and the one being written
     ring = BufferRing(slots=PREFETCH + 3)
@@ -248,7 +253,8 @@ def _steps(
         chunks = Chunks(t, fds.get(t), ring, out_at=base + p.begin)
         written = 0
         for job in chunks.jobs():
-            yield "piece", p, pool.submit(_cast_and_write, job, out, base + p.begin + written)
+            at = base + p.begin + written
+            yield "piece", p, (at, pool.submit(_cast_and_write, job, out, at))
             written += job.nbytes
         if written != p.end - p.begin:
             raise CorruptFile(

@@ -8,6 +8,7 @@ Memory stays about a few pieces (``CHUNK_BYTES`` each) or one tensor that must b
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import mmap
@@ -272,6 +273,42 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | bool:
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return fn
+
+
+#: bytes of a computed output left in the page cache behind the newest piece written
+#: (``Release``): by then their writeback, started as each was written, has finished
+RELEASE_LAG = 32 * 1024 * 1024
+
+
+class Release:
+    """Drop the pages of written pieces from the page cache, ``lag`` bytes behind the writes
+    (Linux ``posix_fadvise(DONTNEED)``; it skips pages still dirty or under writeback, and
+    does not wait). Why: a new file's pages are the write's main cost once the page cache
+    fills memory, each taken from other files by reclaim and, on a VM, first touched at the
+    host's cost (measured here: 1 GiB in 2 MiB pwrites, writeback started per piece, fsync:
+    2.0 CPU-s and 5.2 s without, 0.4-0.5 CPU-s and 1.0-1.4 s with); pages given back are
+    taken again at once by the next writes. The output is then read from disk afterwards
+    (``--verify`` checks what is on disk). Not thread-safe: the writing loop calls it, in order."""
+
+    def __init__(self, fd: int, lag: int | None = None) -> None:
+        self.fd, self.lag = fd, RELEASE_LAG if lag is None else lag
+        self.pending: collections.deque[tuple[int, int]] = collections.deque()
+        self.held = 0
+        self.able = hasattr(os, "posix_fadvise")
+
+    def written(self, offset: int, length: int) -> None:
+        """``length`` bytes at ``offset`` are written and their writeback started."""
+        if not self.able:
+            return
+        self.pending.append((offset, length))
+        self.held += length
+        while self.held > self.lag:
+            at, n = self.pending.popleft()
+            self.held -= n
+            try:
+                os.posix_fadvise(self.fd, at, n, os.POSIX_FADV_DONTNEED)
+            except OSError:  # a file system without it: keep the pages
+                self.able = False
 
 
 def copy_span(
