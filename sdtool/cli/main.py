@@ -6,6 +6,7 @@ Each command lives in its own module under sdtool/cli/ and is imported only when
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import re
@@ -248,5 +249,13 @@ def _silence_stdout() -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    What is loaded by now (Python, click, the CLI) lives as long as the process: frozen, the
+    garbage collector no longer walks it, and the young generation is collected every 10,000
+    allocations rather than 700, as the inspect path's imports and its unpickled tensor records
+    build many objects and few cycles (~31M instructions of ~1,040M for ``inspect``).
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, *gc.get_threshold()[1:])
     sys.exit(main())

@@ -22,21 +22,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sdtool.scan.report import FileReport, Finding, Problem, ProblemKind, Scanned, ScanReport
 from sdtool.urls import as_path, is_url
 
 if TYPE_CHECKING:
     from sdtool.cache import Cache
     from sdtool.scan.cached import Lookup
     from sdtool.scan.classify import classify_global
+    from sdtool.scan.report import FileReport, Finding, Scanned, ScanReport
     from sdtool.scan.vm import Limits
 
 # the pickle machine and the container walker load on first scan, so that importing
 # sdtool.scan.classify (inspect's verdict column) stays cheap; the allowlist loads on first
-# use, so that a rerun answered from the cache loads neither
+# use, so that a rerun answered from the cache loads neither; the report's dataclasses load
+# when a scan reports, not when inspect imports sdtool.scan.classify (~27M instructions)
+
+_REPORT_NAMES = frozenset(
+    {"FileReport", "Finding", "Problem", "ProblemKind", "ScanReport", "Scanned"}
+)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _REPORT_NAMES:
+        from sdtool.scan import report
+
+        return getattr(report, name)
     if name == "Limits":
         from sdtool.scan.vm import Limits
 
@@ -194,6 +203,8 @@ def _shards(p: Path) -> list[Path]:
 
 
 def _missing(path: str) -> FileReport:
+    from sdtool.scan.report import FileReport, Problem, ProblemKind
+
     why = Problem(ProblemKind.MISSING, "not scanned: no such file or directory")
     return FileReport(path, scanned=False, problems=(why,))
 
@@ -223,6 +234,8 @@ def scan_paths(
     identical files anywhere share one verdict.
     ``runner(tasks)`` scans the workers' tasks elsewhere (sdtool.cluster), reports in order.
     """
+    from sdtool.scan.report import ScanReport
+
     files: list[FileReport] = []
     for batch in scan_items(
         paths, exclude=exclude, jobs=jobs, limits=limits, crc=crc, cache=cache,
@@ -274,6 +287,7 @@ def scan_items(
     worker process starts, nor does the scanner load, unless some file must be scanned.
     """
     from sdtool.scan.cached import lookup_many, store
+    from sdtool.scan.report import Scanned
 
     # the limits are part of a verdict's key; the defaults' by name (they live in scan/vm.py,
     # whose source is in the ruleset version: a new default is a new ruleset)
