@@ -73,8 +73,10 @@ def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[
     assert not _under(mods, "sdtool.layouts", "sdtool.ops.convert", "sdtool.ops.prune")
     if argv[0] == "inspect":  # the verdict column needs the allowlist, not the pickle machine
         assert not _under(mods, "sdtool.scan.vm", "sdtool.scan.containers", "sdtool.scan.rules")
-        # nor the scan report's dataclasses (each costs ~5M instructions to create)
-        assert "sdtool.scan.report" not in mods
+        # nor the scan report's dataclasses (each costs ~5M instructions to create), nor the
+        # LoRA rows' regexes (a checkpoint is no LoRA)
+        assert not {"sdtool.scan.report", "sdtool.identify.lora_rows"} & mods
+        assert "sdtool.identify.tables" in mods  # the probe can fail: identify did run
     else:
         assert "sdtool.scan.report" in mods  # the probe can fail: scan does load it
 
@@ -100,6 +102,16 @@ def test_inspect_of_a_tiny_file_imports_no_numpy_no_rich(sub_env: dict[str, str]
     banned = {"numpy", "rich", "safetensors", "sqlite3", "tempfile", "sdtool.cache", "gzip"}
     banned |= {"tarfile", "shutil", "zipfile"}  # torch's TAR format loads tarfile when met
     assert not _under(mods, *HEAVY, *banned), sorted(_under(mods, *HEAVY, *banned))
+
+
+def test_lora_rows_are_still_named_by_the_tables() -> None:
+    """The LoRA rows load on first use, under their old names in ``identify.tables`` too."""
+    from sdtool.identify import lora_rows, tables
+
+    for name in ("LORA_CONTEXT_MODULE", "LORA_MODULE_ARCH", "TRAINERS", "LoraArch", "Trainer"):
+        assert getattr(tables, name) is getattr(lora_rows, name)
+    with pytest.raises(AttributeError):
+        _ = tables.NO_SUCH_TABLE
 
 
 def test_dtype_table_item_sizes_are_numpys() -> None:

@@ -915,7 +915,9 @@ def _lora(tensors: dict[str, TensorInfo], meta: dict[str, str]) -> Special | Non
 
 
 def _trainer(tensors: dict[str, TensorInfo], meta: dict[str, str]) -> tuple[str | None, str | None]:
-    for t in T.TRAINERS:
+    from sdtool.identify.lora_rows import TRAINERS
+
+    for t in TRAINERS:
         if t.meta_key is not None:
             if t.meta_key.endswith("*"):
                 hits = [k for k in meta if k.startswith(t.meta_key[:-1])]
@@ -947,7 +949,9 @@ def _lora_arch(
 ) -> tuple[str | None, str | None]:
     if any(t == "te2" for t in modules.values()):
         return "sdxl-base", "a second text encoder is adapted"
-    for row in T.LORA_MODULE_ARCH:
+    from sdtool.identify.lora_rows import LORA_CONTEXT_MODULE, LORA_MODULE_ARCH
+
+    for row in LORA_MODULE_ARCH:
         hits = [m for m in modules if row.pattern.search(m)]
         if not hits:
             continue
@@ -960,7 +964,7 @@ def _lora_arch(
             return row.arch, f"{row.what} in module names"
     for key, info in tensors.items():
         s = _lora_suffix(key)
-        if s is None or s.rank_axis is None or not T.LORA_CONTEXT_MODULE.search(key):
+        if s is None or s.rank_axis is None or not LORA_CONTEXT_MODULE.search(key):
             continue
         # the factor that reads the cross-attention context: its input width is the context width
         width = info.shape[1] if len(info.shape) > 1 else None
