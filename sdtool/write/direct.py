@@ -170,3 +170,18 @@ class DirectWriter:
             if k <= 0:
                 raise OSError(errno.EIO, "a write wrote nothing")
             done += k
+
+
+def reopen_direct(fd: int) -> int | None:
+    """A second descriptor of ``fd``'s regular file, opened for O_DIRECT writes (Linux, through
+    /proc/self/fd), or None where that cannot be had (then plain writes do). A separate open
+    file, so ``fd`` keeps writing through the page cache (O_DIRECT is a flag of the open file,
+    shared by duplicates)."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:  # no /proc, or the filesystem refuses O_DIRECT (EINVAL)
+        return None

@@ -5,6 +5,7 @@ streamed to its offset (kernel copies for bytes that do not change, cast pieces 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -13,8 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.safetensors import MAX_HEADER
+from sdtool.write.direct import ALIGN, reopen_direct
 from sdtool.write.plan import OutTensor, source_order
 from sdtool.write.stream import (
     BufferRing,
@@ -53,6 +57,8 @@ DTYPE_ORDER: tuple[str, ...] = (
 _RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
 PREFETCH = 4  # steps queued ahead of the write (2 casting, 2 cast and waiting)
 CAST_THREADS = 2  # pieces cast at once (numpy's casts release the GIL)
+#: outputs at least this large send their cast pieces' whole pages to disk with O_DIRECT
+DIRECT_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,9 @@ def write_safetensors(
     order = sorted(placed, key=lambda p: (str(p.tensor.source.path), *source_order(p.tensor)))
     overflows: dict[str, int] = {}
     release = Release(fd)  # computed pieces: their pages leave the page cache once written
-    with SourceFds() as fds, _casts() as pool:
-        steps = _steps(order, fds, pool, fd, base)
+    size = base + (placed[-1].end if placed else 0)
+    with _output(fd, size) as out, SourceFds() as fds, _casts() as pool:
+        steps = _steps(order, fds, pool, out, base)
         for kind, p, item in prefetch(steps, depth=PREFETCH):
             t = p.tensor
             if kind == "copy":
@@ -151,10 +158,68 @@ def write_safetensors(
     return overflows
 
 
-def _cast_and_write(job: Job, fd: int, at: int) -> int:
-    n = write_all(fd, job.run(), at)
-    start_writeback(fd, at, n)  # the disk writes while the next pieces are made
-    return n
+class _Out:
+    """Where cast pieces go. With ``direct`` (an O_DIRECT descriptor of the same file), a
+    piece's whole 4 KiB blocks go straight from its buffer to disk, with no copy into the page
+    cache and no flusher threads on the cores the casts need (its buffer is placed like its
+    offset within a page: ``Chunks(out_at=)``); its partial edge blocks, and every other
+    write, go through ``fd``. Each block is written one way only, so the page cache never
+    holds a stale copy. A filesystem that refuses an O_DIRECT write (EINVAL) gets plain
+    writes from then on: the bytes are the same."""
+
+    def __init__(self, fd: int, direct: int | None) -> None:
+        self.fd = fd
+        self.direct = direct
+
+    def write(self, data: np.ndarray, at: int) -> int:
+        """Write the piece ``data`` at offset ``at``; its byte count."""
+        view = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        n = view.size
+        a = -at % ALIGN  # the first whole block
+        b = a + max(0, n - a) // ALIGN * ALIGN  # the end of the last one
+        if self.direct is None or b <= a or (view.ctypes.data + a) % ALIGN:
+            write_all(self.fd, view, at)
+            start_writeback(self.fd, at, n)  # the disk writes while the next pieces are made
+            return n
+        if a:
+            write_all(self.fd, view[:a], at)
+        self._direct(view[a:b], at + a)
+        if b < n:
+            write_all(self.fd, view[b:], at + b)
+        return n
+
+    def _direct(self, view: np.ndarray, at: int) -> None:
+        done, n = 0, view.size
+        while done < n:
+            fd = self.direct
+            if fd is None:
+                write_all(self.fd, view[done:], at + done)
+                return
+            try:
+                k = os.pwrite(fd, view[done:].data, at + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = None  # closed by _output; the rest (and later pieces) plainly
+                continue
+            if k <= 0:
+                raise OSError(errno.EIO, "a write wrote nothing")
+            done += k
+
+
+@contextlib.contextmanager
+def _output(fd: int, size: int) -> Iterator[_Out]:
+    """An ``_Out`` for ``fd``, with an O_DIRECT descriptor when the output is large enough."""
+    direct = reopen_direct(fd) if size >= DIRECT_MIN_BYTES else None
+    try:
+        yield _Out(fd, direct)
+    finally:
+        if direct is not None:
+            os.close(direct)
+
+
+def _cast_and_write(job: Job, out: _Out, at: int) -> int:
+    return out.write(job.run(), at)
 
 
 @contextlib.contextmanager
@@ -169,7 +234,7 @@ def _casts() -> Iterator[ThreadPoolExecutor]:
 
 
 def _steps(
-    order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor, fd: int, base: int
+    order: list[Placed], fds: SourceFds, pool: ThreadPoolExecutor, out: _Out, base: int
 ) -> Iterator[tuple[str, Placed, Any]]:
     """What to do, tensor by tensor: ("copy", p, None) for bytes that move as they are, else
     ("piece", p, (file offset, future byte count)) per chunk and ("done", p, chunks). Runs in
@@ -185,11 +250,11 @@ def _steps(
             t.source.check_end(t.name, span[0] + span[1])
             yield "copy", p, None
             continue
-        chunks = Chunks(t, fds.get(t), ring)
+        chunks = Chunks(t, fds.get(t), ring, out_at=base + p.begin)
         written = 0
         for job in chunks.jobs():
             at = base + p.begin + written
-            yield "piece", p, (at, pool.submit(_cast_and_write, job, fd, at))
+            yield "piece", p, (at, pool.submit(_cast_and_write, job, out, at))
             written += job.nbytes
         if written != p.end - p.begin:
             raise CorruptFile(

@@ -75,16 +75,23 @@ class Chunks:
     Reads contiguous little-endian tensors from the file (kept as they are: pread into a fresh
     buffer per piece; cast: from a read-only map whose pages are dropped once cast), anything
     else through ``ModelFile.read_info`` (one copy of that tensor at most). ``overflow``
-    counts values that became inf in a cast (float8_e4m3fn: saturated).
+    counts values that became inf in a cast (float8_e4m3fn: saturated). ``out_at``: the output
+    file offset of the tensor's first byte; ring buffers are placed like it within a page, so a
+    writer can hand their whole pages to an O_DIRECT write.
     """
 
     def __init__(
-        self, t: OutTensor, src_fd: int | None = None, ring: BufferRing | None = None
+        self,
+        t: OutTensor,
+        src_fd: int | None = None,
+        ring: BufferRing | None = None,
+        out_at: int = 0,
     ) -> None:
         self.t = t
         self.src_fd = src_fd
         self.ring = ring
         self.overflow = 0
+        self._out = out_at  # the output offset of the next job's first byte
         self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -116,9 +123,10 @@ class Chunks:
     def _job(self, part: np.ndarray, src: DType, after: Callable[[], None] | None = None) -> Job:
         """A job casting ``part`` (its output buffer taken from the ring now, in order)."""
         nbytes = part.size * self.t.dtype.itemsize
+        at, self._out = self._out, self._out + nbytes
         if src == self.t.dtype:
             return Job(nbytes, lambda: np.ascontiguousarray(part))
-        buf = None if self.ring is None else self.ring.next(nbytes)
+        buf = None if self.ring is None else self.ring.next(nbytes, at)
 
         def run() -> np.ndarray:
             out, over = cast(part, src, self.t.dtype, out=buf)
@@ -133,7 +141,8 @@ class Chunks:
 
     def _filled(self, nbytes: int, fill: Callable[[np.ndarray], None]) -> Job:
         """A job filling a buffer (taken from the ring now, in order) with a computed piece."""
-        buf = np.empty(nbytes, np.uint8) if self.ring is None else self.ring.next(nbytes)[:nbytes]
+        at, self._out = self._out, self._out + nbytes
+        buf = np.empty(nbytes, np.uint8) if self.ring is None else self.ring.next(nbytes, at)
 
         def run() -> np.ndarray:
             fill(buf)
