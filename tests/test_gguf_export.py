@@ -569,3 +569,36 @@ def test_per_family_rules(tmp_path: Path, family: str) -> None:
                 shape = (int(np.prod(shape)) // 256, 256)  # convert.py's shape fix
             want[name] = (typ, shape)
     assert got == want
+
+
+def test_short_writes_of_an_unbuffered_file_are_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unbuffered file's write may take fewer bytes than it is given (it says so only in its
+    return value): the plain path writes the rest, and the file is the same byte for byte."""
+    import os
+
+    from sdtool.formats.open import open_model
+    from sdtool.ops.gguf_export import plan_export, write_gguf_plan
+    from sdtool.write import gguf as writer
+
+    src = _save(flux_sd(), tmp_path / "f.safetensors")
+    monkeypatch.setattr(writer, "DIRECT_MIN_BYTES", 1 << 62)  # the plain path
+
+    def write(out: Path) -> bytes:
+        with open(out, "wb", buffering=0) as f:
+            write_gguf_plan(plan_export(open_model(src), "Q8_0"), f)
+        return out.read_bytes()
+
+    plain = write(tmp_path / "plain.gguf")
+    real_write = os.write
+    short: list[int] = []
+
+    def stingy(fd: int, data: bytes) -> int:
+        n = real_write(fd, memoryview(data)[: max(1, len(data) // 3)])
+        short.append(len(data) - n)
+        return n
+
+    monkeypatch.setattr(os, "write", stingy)
+    assert write(tmp_path / "short.gguf") == plain
+    assert any(short)

@@ -33,7 +33,7 @@ from sdtool.errors import SdtoolError, UsageError, VerificationError
 from sdtool.formats import ggml
 from sdtool.formats.gguf import DEFAULT_ALIGNMENT, KV, MAGIC, T_ARRAY, T_STRING, VALUE_TYPES
 from sdtool.write.direct import DirectWriter, can_direct
-from sdtool.write.stream import start_writeback
+from sdtool.write.stream import start_writeback, write_all
 
 #: output buffers in flight per worker thread (pieces encoded ahead of the writing thread)
 AHEAD = 3
@@ -221,6 +221,14 @@ def _direct(f: BinaryIO, nbytes: int) -> DirectWriter | None:
     return DirectWriter(fd) if can_direct(fd) else None
 
 
+def _writer(f: BinaryIO, fd: int | None) -> Callable[[Any], object]:
+    """``f.write``, or for an unbuffered file (whose ``write`` may write less than it is given,
+    and says so only in its return value) a write of every byte through its descriptor."""
+    if fd is not None and isinstance(f, io.RawIOBase):
+        return lambda data: write_all(fd, data)
+    return f.write
+
+
 def _file_fd(f: BinaryIO) -> int | None:
     try:
         return f.fileno()
@@ -246,8 +254,8 @@ def write_gguf(
     head, _ = header_bytes(kv, tensors, alignment)
     size = len(head) + sum(-(-t.nbytes // alignment) * alignment for t in tensors)
     direct = _direct(f, size)
-    put = f.write if direct is None else direct.write
     fd = _file_fd(f)
+    put = _writer(f, fd) if direct is None else direct.write
     start = _writeback_starter() if fd is not None and direct is None else None
     put(head)
     total = len(head)
