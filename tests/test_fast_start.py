@@ -75,7 +75,10 @@ def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[
         assert not _under(mods, "sdtool.scan.vm", "sdtool.scan.containers", "sdtool.scan.rules")
         # nor the scan report's dataclasses (each costs ~5M instructions to create), nor the
         # LoRA rows' regexes (a checkpoint is no LoRA)
+        # nor the facts of torch's other containers (the example is a torch zip)
         assert not {"sdtool.scan.report", "sdtool.identify.lora_rows"} & mods
+        assert "sdtool.formats.torchfacts" not in mods and "sdtool.formats.torchfile" in mods
+        assert "sdtool.formats.zip_readings" not in mods  # the scanner's readings of a zip
         assert "sdtool.identify.tables" in mods  # the probe can fail: identify did run
     else:
         assert "sdtool.scan.report" in mods  # the probe can fail: scan does load it
@@ -112,6 +115,27 @@ def test_lora_rows_are_still_named_by_the_tables() -> None:
         assert getattr(tables, name) is getattr(lora_rows, name)
     with pytest.raises(AttributeError):
         _ = tables.NO_SUCH_TABLE
+
+
+def test_other_containers_facts_are_still_named_by_torchfile() -> None:
+    """The legacy / TAR / pickle facts load off the zip path, under their old names too."""
+    from sdtool.formats import torchfacts, torchfile
+
+    for name in ("LegacyFacts", "PickleFacts", "RawSpan", "TarFacts"):
+        assert getattr(torchfile, name) is getattr(torchfacts, name)
+    with pytest.raises(AttributeError):
+        _ = torchfile.NO_SUCH_NAME
+
+
+def test_zip_readings_are_still_named_by_zip() -> None:
+    """The scanner's readings of a zip load on first use, under their old names too."""
+    from sdtool.formats import zip as zipfmt
+    from sdtool.formats import zip_readings
+
+    for name in ("EndRecord", "LocalHeader", "local_headers", "read_archives"):
+        assert getattr(zipfmt, name) is getattr(zip_readings, name)
+    with pytest.raises(AttributeError):
+        _ = zipfmt.NO_SUCH_NAME
 
 
 def test_dtype_table_item_sizes_are_numpys() -> None:

@@ -141,11 +141,12 @@ def test_torchscript_is_reported_not_loaded(tmp_path: Path) -> None:
 
 
 def test_zip_local_headers_walk_from_the_start() -> None:
-    """formats.zip.local_headers: what a lenient reader walks when the central directory is
+    """formats.zip_readings.local_headers: what a lenient reader walks when the central directory is
     gone (the scanner's fallback), stopping where sizes follow the data (flag 0x8)."""
     import zipfile
 
-    from sdtool.formats.zip import DEFLATED, STORED, local_headers
+    from sdtool.formats.zip import DEFLATED, STORED
+    from sdtool.formats.zip_readings import local_headers
 
     b = io.BytesIO()
     with zipfile.ZipFile(b, "w") as z:

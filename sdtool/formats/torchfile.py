@@ -34,6 +34,8 @@ from sdtool.vocab import Format
 if TYPE_CHECKING:  # tarfile (and shutil) load only for torch's oldest TAR format
     import tarfile
 
+    from sdtool.formats.torchfacts import LegacyFacts, PickleFacts, RawSpan, TarFacts
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_PICKLE_MEMBER = 1 << 30
@@ -56,33 +58,6 @@ class ZipFacts(ContainerFacts):
     members: int = 0
     deflated_storages: int = 0
     irregularities: tuple[zipr.ZipIrregularity, ...] = ()  # what the zip reader noticed
-
-
-@dataclass(frozen=True)
-class LegacyFacts(ContainerFacts):
-    """A legacy torch file (five pickles, then the raw storages)."""
-
-    protocol_version: Any = None
-    sys_info: Any = None
-    byteorder: str = "little"
-    storages: int = 0
-    pickle_protocol: int = 0
-    trailing_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class TarFacts(ContainerFacts):
-    """torch's oldest TAR format."""
-
-    storages: int = 0
-    members: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class PickleFacts(ContainerFacts):
-    """A plain pickle."""
-
-    pickle_protocol: int = 0
 
 
 @dataclass
@@ -132,6 +107,8 @@ def read_torch(path: Input, kind: Format, *, key: str | None = None) -> ModelFil
             root, container = _load_tar(src)
             fmt = Format.TORCH_TAR
         else:
+            from sdtool.formats.torchfacts import LegacyFacts
+
             root, container = _load_pickles(src)
             fmt = Format.TORCH_LEGACY if isinstance(container, LegacyFacts) else Format.PICKLE
     tensors, extra, sd_path = collect(root, key)
@@ -309,20 +286,6 @@ LEGACY_PICKLES = ("magic number", "protocol version", "sys_info", "object", "sto
 TAR_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
 
 
-@dataclass(frozen=True)
-class RawSpan:
-    """Bytes no unpickler reads: a storage (an int64 element count, then the elements) or the
-    fixed fields of a TAR tensor record. ``offset`` is where the span starts."""
-
-    key: Any  # the storage key (or the record's index for TAR tensor records)
-    offset: int
-    length: int  # bytes, count field included
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-
 def legacy_storages(
     pread: Callable[[int, int], bytes],
     pos: int,
@@ -334,6 +297,8 @@ def legacy_storages(
     ends), in storage-key order: (span, element count) each. ``itemsize(key)`` is None for a
     key whose element size is unknown. Raises TruncatedFile / CorruptFile where the layout
     cannot be followed; what was yielded before stays valid."""
+    from sdtool.formats.torchfacts import RawSpan
+
     for key in keys:
         width = itemsize(key)
         if pos + 8 > size:
@@ -375,6 +340,8 @@ def tar_records(
     after it or None). A count that is not a non-negative int ends the walk (the caller judges
     it). Raises CorruptFile / TruncatedFile where the records cannot be followed.
     """
+    from sdtool.formats.torchfacts import RawSpan
+
     count, pos = load(0, "count")
     yield "count", 0, count, None
     if not isinstance(count, int) or count < 0:
@@ -424,6 +391,8 @@ def tensor_record_fields(raw: bytes) -> tuple[tuple[int, ...], tuple[int, ...], 
 
 
 def _load_pickles(src: _Source) -> tuple[Any, LegacyFacts | PickleFacts]:
+    from sdtool.formats.torchfacts import LegacyFacts, PickleFacts
+
     f = src.f
     f.seek(0)
     head = f.read(2)
@@ -536,6 +505,8 @@ def _load_tar(src: _Source) -> tuple[Any, TarFacts]:
 
 
 def _load_tar_members(src: _Source, members: dict[str, tarfile.TarInfo]) -> tuple[Any, TarFacts]:
+    from sdtool.formats.torchfacts import TarFacts
+
     f = src.f
     objects: dict[Any, Any] = {}
     st_m = members["storages"]
@@ -628,3 +599,15 @@ def _sub_storage(base: Storage, key: str, off: int, nbytes: int) -> Storage:
     parent = base.load
     assert parent is not None
     return Storage(key, base.dtype, nbytes, load=lambda: parent()[off : off + nbytes])
+
+
+#: classes that live in ``torchfacts.py`` (loaded off the zip path), still named here
+_FACTS = frozenset({"LegacyFacts", "PickleFacts", "RawSpan", "TarFacts"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FACTS:
+        from sdtool.formats import torchfacts
+
+        return getattr(torchfacts, name)
+    raise AttributeError(f"module 'sdtool.formats.torchfile' has no attribute {name!r}")

@@ -370,10 +370,12 @@ def copy_with_crc(
     length: int,
     t: OutTensor,
     progress: Callable[[int], None] | None = None,
+    write: Callable[[memoryview], object] | None = None,
 ) -> int:
-    """Copy ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s file position and
-    return their CRC-32 (a zip member's checksum): read, checksum and write one small piece at
-    a time. (Large pieces measured slower: they leave the cache between the three passes.)"""
+    """Copy ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s file position (or
+    to ``write``, which must copy them before it returns) and return their CRC-32 (a zip
+    member's checksum): read, checksum and write one small piece at a time. (Large pieces
+    measured slower: they leave the cache between the three passes.)"""
     buf = PageBuffer(min(CRC_COPY_BYTES, max(length, 1)))
     crc, done = 0, 0
     while done < length:
@@ -381,7 +383,10 @@ def copy_with_crc(
         piece = buf.at(offset + done, n)[1]
         read_exact(src_fd, piece, offset + done, t)
         crc = crc32(piece, crc)
-        write_all(dst_fd, piece)
+        if write is None:
+            write_all(dst_fd, piece)
+        else:
+            write(piece)
         done += n
         if progress is not None:
             progress(n)

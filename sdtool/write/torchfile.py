@@ -22,6 +22,7 @@ safetensors name), which sdtool's reader turns back into ``ModelFile.metadata``.
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,10 +31,13 @@ from typing import Any, BinaryIO
 from sdtool.crc import crc32
 from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.torchfile import METADATA_KEY
+from sdtool.write.direct import DirectWriter, can_direct
 from sdtool.write.plan import OutTensor
 from sdtool.write.stream import BufferRing, Chunks, SourceFds, copy_with_crc, prefetch, write_all
 
 PREFETCH = 2  # pieces read (and cast) ahead of the one being written
+#: outputs whose tensors hold at least this many bytes are written with O_DIRECT (direct.py)
+DIRECT_MIN_BYTES = 64 << 20
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
@@ -64,13 +68,22 @@ class _Entry:
 class _Zip:
     """A stored zip written front to back into a file descriptor, torch's way."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, direct: DirectWriter | None = None) -> None:
         self.fd = fd
+        self.direct = direct
         self.pos = 0
         self.entries: list[_Entry] = []
 
+    def put(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` (through the O_DIRECT writer when there is one)."""
+        if self.direct is None:
+            write_all(self.fd, data)
+        else:
+            self.direct.write(data)
+
     def _write(self, data: bytes | bytearray | memoryview) -> None:
-        self.pos += write_all(self.fd, data)
+        self.put(data)
+        self.pos += len(memoryview(data).cast("B"))
 
     def begin(self, name: str) -> int:
         """Write a local header whose data starts on a 64-byte boundary; return its offset."""
@@ -301,7 +314,34 @@ def write_torch(
         pkl.out += b"u"
     pkl.out += b"."
     data_pkl = bytes(pkl.out)
-    z = _Zip(f.fileno())
+    direct = _direct(f, sum(t.nbytes for t in plan))
+    z = _Zip(f.fileno(), direct)
+    try:
+        overflows = _write_members(z, plan, data_pkl, progress)
+        if direct is not None:
+            direct.close()
+    except BaseException:
+        if direct is not None:
+            direct.abort()
+        raise
+    return overflows
+
+
+def _direct(f: BinaryIO, nbytes: int) -> DirectWriter | None:
+    """A DirectWriter for a large output to an unbuffered regular file: no copy into the page
+    cache and no flusher threads on the cores the casts and the CRC need."""
+    if nbytes < DIRECT_MIN_BYTES or not isinstance(f, io.RawIOBase):
+        return None
+    return DirectWriter(f.fileno()) if can_direct(f.fileno()) else None
+
+
+def _write_members(
+    z: _Zip,
+    plan: Sequence[OutTensor],
+    data_pkl: bytes,
+    progress: Callable[[int], None] | None,
+) -> dict[str, int]:
+    """Every member, then the central directory; overflow counts by tensor name."""
     z.member(f"{ARCHIVE}/data.pkl", data_pkl)
     for name, value in _RECORDS_BEFORE:
         z.member(f"{ARCHIVE}/{name}", value)
@@ -316,7 +356,7 @@ def write_torch(
             span = t.copy_span
             if span is not None:  # bytes as they are: one tight read-checksum-write loop
                 t.source.check_end(t.name, span[0] + span[1])
-                crc = copy_with_crc(fds.get(t), z.fd, span[0], span[1], t, progress)
+                crc = copy_with_crc(fds.get(t), z.fd, span[0], span[1], t, progress, z.put)
                 z.pos += span[1]
                 z.end(name, start, crc, span[1])
                 continue
@@ -325,8 +365,10 @@ def write_torch(
             # reads and casts run a piece or two ahead on another thread (numpy, pread and
             # the CRC release the GIL) while this one writes and checksums
             for piece in prefetch(iter(chunks), depth=PREFETCH):
-                n = write_all(z.fd, piece)
-                crc = crc32(_bytes_of(piece), crc)
+                view = _bytes_of(piece)
+                z.put(view)
+                crc = crc32(view, crc)
+                n = len(view)
                 z.pos += n
                 size += n
                 if progress is not None:

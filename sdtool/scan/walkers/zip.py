@@ -7,6 +7,7 @@ from typing import Any
 
 from sdtool.errors import CorruptFile, SdtoolError
 from sdtool.formats import zip as zipfmt
+from sdtool.formats import zip_readings
 from sdtool.formats.sniff import sniff_bytes
 from sdtool.scan.buffers import (
     ScanLimit,
@@ -27,13 +28,13 @@ from sdtool.vocab import Format
 
 
 def scan_zip(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
-    """A zip in every reading a loader may take (torch's first; see zipfmt.read_archives)."""
+    """A zip in every reading a loader may take (torch's first; see zip_readings.read_archives)."""
     try:
         arch = zipfmt.read_archive(as_file(buf), len(buf))
         error = None
     except SdtoolError as e:
         arch, error = None, e
-    readings = [a for rec, a in zipfmt.read_archives(as_file(buf), len(buf)) if a is not arch]
+    readings = [a for rec, a in zip_readings.read_archives(as_file(buf), len(buf)) if a is not arch]
     readings = [a for a in readings if a.entries]
     if arch is None:
         if not readings:
@@ -229,7 +230,7 @@ def _scan_member(
 
 def _scan_local_headers(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
     """A zip whose directory is unreadable: walk the local headers (what a lenient reader sees)."""
-    for h in zipfmt.local_headers(lambda off, n: bytes(buf[off : off + n]), len(buf)):
+    for h in zip_readings.local_headers(lambda off, n: bytes(buf[off : off + n]), len(buf)):
         raw: Any = Window(buf, h.data_start, h.csize)
         path = join_path(member, h.name)
         limit = None

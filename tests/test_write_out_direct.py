@@ -1,6 +1,7 @@
-"""The safetensors writer's O_DIRECT path: cast pieces' whole blocks go to disk from their
-buffers; the file is byte for byte the plain path's, a filesystem that refuses O_DIRECT (at
-open or at a write) gets plain writes, and a full disk is still one clean error."""
+"""The O_DIRECT paths of the safetensors writer (cast pieces' whole blocks go to disk from
+their buffers) and of the .ckpt writer (a DirectWriter): the file is byte for byte the plain
+path's, a filesystem that refuses O_DIRECT (at open or at a write) gets plain writes, and a
+full disk is still one clean error."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors.numpy import save_file
 
 from sdtool import dtypes, open_model
 from sdtool.errors import OutputError
-from sdtool.write import OutTensor, stream, write_model
+from sdtool.write import OutTensor, stream, torchfile, write_model
 from sdtool.write import direct as direct_mod
 from sdtool.write import safetensors as st
 from sdtool.write.atomic import TEMP_SUFFIX
@@ -143,3 +144,75 @@ def test_full_disk_on_a_direct_write_is_one_clean_error(
         _convert(src, out_dir / "o.safetensors", "F16")
     assert seen["fds"] and list(out_dir.iterdir()) == []
     assert not [p for p in out_dir.iterdir() if p.name.endswith(TEMP_SUFFIX)]
+
+
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def _ckpt_plain(tmp_path: Path, src: Path, code: str, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    with monkeypatch.context() as mp:
+        mp.setattr(torchfile, "DIRECT_MIN_BYTES", 1 << 62)
+        ref = tmp_path / f"plain-{code}.ckpt"
+        _convert(src, ref, code)
+    return ref.read_bytes()
+
+
+def _ckpt_spy(monkeypatch: pytest.MonkeyPatch, fail: int | None = None) -> dict[str, int]:
+    """Count the .ckpt writer's O_DIRECT writes; with ``fail``, the first raises that errno."""
+    seen = {"direct": 0}
+
+    def pwrite(fd: int, data: Any, at: int) -> int:
+        if _is_direct(fd):
+            seen["direct"] += 1
+            if fail is not None and seen["direct"] == 1:
+                raise OSError(fail, os.strerror(fail))
+        return REAL_PWRITE(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(torchfile, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(direct_mod, "CHUNK", 4 * direct_mod.ALIGN)  # many writes, a short tail
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 64 * 1024)
+    return seen
+
+
+@pytest.mark.parametrize("code", ["F16", "BF16", "F8_E4M3", "F32"])
+def test_ckpt_direct_bytes_equal_the_plain_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    """F32: every tensor is a copy span (read, CRC, write) into the O_DIRECT writer."""
+    src = _source(tmp_path)
+    want = _ckpt_plain(tmp_path, src, code, monkeypatch)
+    seen = _ckpt_spy(monkeypatch)
+    out = tmp_path / f"direct-{code}.ckpt"
+    _convert(src, out, code)
+    assert out.read_bytes() == want
+    if _takes_direct(tmp_path):
+        assert seen["direct"] > len(want) // (4 * direct_mod.ALIGN) - 2
+
+
+def test_ckpt_refused_o_direct_falls_back_to_plain_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _source(tmp_path)
+    want = _ckpt_plain(tmp_path, src, "F16", monkeypatch)
+    _ckpt_spy(monkeypatch, fail=errno.EINVAL)
+    out = tmp_path / "o.ckpt"
+    _convert(src, out, "F16")
+    assert out.read_bytes() == want
+
+
+def test_ckpt_full_disk_on_a_direct_write_is_one_clean_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _takes_direct(tmp_path):
+        pytest.skip("the tmp folder's filesystem refuses O_DIRECT")
+    src = _source(tmp_path)
+    seen = _ckpt_spy(monkeypatch, fail=errno.ENOSPC)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(OutputError, match="disk is full"):
+        _convert(src, out_dir / "o.ckpt", "F16")
+    assert seen["direct"] >= 1 and list(out_dir.iterdir()) == []
