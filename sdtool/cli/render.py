@@ -70,12 +70,10 @@ def _console_class() -> type[Console]:
 
         def _render_buffer(self, buffer: Any) -> str:
             text = super()._render_buffer(buffer)
-            return text if self.is_terminal else _TRAILING_SPACES.sub("\n", text)
+            return text if self.is_terminal else trailing_spaces.sub("\n", text)
 
+    trailing_spaces = re.compile(r" +\n")
     return _Console
-
-
-_TRAILING_SPACES = re.compile(r" +\n")
 
 
 #: the width of output that goes to a pipe or file without COLUMNS: lines are never cut or
@@ -192,20 +190,28 @@ FLAG_SPELLING: dict[str, str] = {
     "bake_vae:": "--bake-vae:",
     "key=...": "--key",
 }
-_FLAG_TRUE = re.compile(r"\b([a-z][a-z0-9_]*)=True\b")
-_FLAG_VALUE = re.compile(
-    r"\b(key|drop|dtype|component|to|jobs|on_overflow|metadata|bake_vae"
-    r"|method|density|block_weights|rank|conv_rank|sv_ratio|sv_fro|sv_cumulative"
-    r"|clamp_quantile)="
-)
+
+
+@cache
+def _flag_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """``name=True`` and ``name=`` of the parameters that are flags: compiled by the first
+    error message, not by every command's start."""
+    flag_true = re.compile(r"\b([a-z][a-z0-9_]*)=True\b")
+    flag_value = re.compile(
+        r"\b(key|drop|dtype|component|to|jobs|on_overflow|metadata|bake_vae"
+        r"|method|density|block_weights|rank|conv_rank|sv_ratio|sv_fro|sv_cumulative"
+        r"|clamp_quantile)="
+    )
+    return flag_true, flag_value
 
 
 def flags(message: str) -> str:
     """A library message with parameter spellings turned into the CLI's flags."""
     for python, flag in FLAG_SPELLING.items():
         message = re.sub(r"(?<![\w])" + re.escape(python), flag, message)
-    message = _FLAG_TRUE.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
-    return _FLAG_VALUE.sub(lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
+    flag_true, flag_value = _flag_patterns()
+    message = flag_true.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return flag_value.sub(lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
 
 
 def error(message: object) -> None:
