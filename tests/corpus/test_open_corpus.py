@@ -25,6 +25,9 @@ PROBE = r"""
 import builtins, json, os, subprocess, sys
 REAL_COMPILE = builtins.compile
 import sdtool, sdtool.formats.torchfile, sdtool.formats.safetensors, sdtool.formats.numpyfile
+# the facts of torch's legacy, TAR and plain-pickle containers load on first use (dataclasses,
+# whose methods are compiled): sdtool's own start, loaded before the canaries like numpy
+import sdtool.formats.torchfacts
 from sdtool import open_model
 from sdtool.errors import SdtoolError
 # sdtool imports numpy (and ml_dtypes) lazily, where tensor values are first read; load them
