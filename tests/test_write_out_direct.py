@@ -94,7 +94,7 @@ def _plain(tmp_path: Path, src: Path, code: str, monkeypatch: pytest.MonkeyPatch
     return ref.read_bytes()
 
 
-@pytest.mark.parametrize("code", ["F16", "BF16", "F8_E4M3"])
+@pytest.mark.parametrize("code", ["F16", "BF16", "F8_E4M3", "F32"])  # F32: bytes kept as they are
 def test_direct_bytes_equal_the_plain_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str
 ) -> None:

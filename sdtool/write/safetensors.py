@@ -246,11 +246,16 @@ def _steps(
     for p in order:
         t = p.tensor
         span = t.copy_span
-        if span is not None:
+        if span is not None and out.direct is None:
             t.source.check_end(t.name, span[0] + span[1])
             yield "copy", p, None
             continue
-        chunks = Chunks(t, fds.get(t), ring, out_at=base + p.begin)
+        # with an O_DIRECT output, bytes kept as they are go as pieces too (read into ring
+        # buffers placed like their output offset, written on the pool's threads): measured
+        # on the 7.7 GB checkpoint, the page-cache copy (copy_file_range) took 2-3x the time
+        # of the .ckpt writer's O_DIRECT copy of the same bytes
+        direct = span is not None
+        chunks = Chunks(t, fds.get(t), ring, out_at=base + p.begin, direct_out=direct)
         written = 0
         for job in chunks.jobs():
             at = base + p.begin + written

@@ -77,7 +77,8 @@ class Chunks:
     else through ``ModelFile.read_info`` (one copy of that tensor at most). ``overflow``
     counts values that became inf in a cast (float8_e4m3fn: saturated). ``out_at``: the output
     file offset of the tensor's first byte; ring buffers are placed like it within a page, so a
-    writer can hand their whole pages to an O_DIRECT write.
+    writer can hand their whole pages to an O_DIRECT write (bytes kept as they are too, with
+    ``direct_out``; else those are placed like their source offset).
     """
 
     def __init__(
@@ -86,10 +87,12 @@ class Chunks:
         src_fd: int | None = None,
         ring: BufferRing | None = None,
         out_at: int = 0,
+        direct_out: bool = False,
     ) -> None:
         self.t = t
         self.src_fd = src_fd
         self.ring = ring
+        self.direct_out = direct_out
         self.overflow = 0
         self._out = out_at  # the output offset of the next job's first byte
         self._lock = threading.Lock()
@@ -167,8 +170,11 @@ class Chunks:
         pos = offset
         while pos < end:
             n = min(step, end - pos)
-            # into a reused ring buffer when there is one (a fresh one faults in every page)
-            buf = PageBuffer(n).array(pos, n) if self.ring is None else self.ring.next(n, pos)
+            # into a reused ring buffer when there is one (a fresh one faults in every page),
+            # placed like the bytes' source offset within a page (the kernel's copy is fastest
+            # so), or like their output offset for a writer that sends whole pages to O_DIRECT
+            place = self._out if self.direct_out else pos
+            buf = PageBuffer(n).array(place, n) if self.ring is None else self.ring.next(n, place)
             read_exact(fd, buf.data, pos, self.t)
             pos += n
             yield self._job(buf.view(src.numpy), src)
