@@ -117,3 +117,28 @@ def test_cache_folder_follows_the_result_caches_rule(
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         assert K.compact_path(raw).parent == default_dir()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX owners and modes")
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_a_copy_others_could_write_is_not_read(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """marshal is not hardened against hostile bytes: a copy that group or others could have
+    written (the file, or its folder: a shared or restored cache) is unpacked again instead;
+    the copy sdtool keeps is private (0600) and read on the next run."""
+    good = K._compact()
+    path = K.compact_path(K.DATA.read_bytes())
+    assert path.stat().st_mode & 0o777 == 0o600
+    unpacked: list[bytes] = []
+    real = K.unpack
+    monkeypatch.setattr(K, "unpack", lambda raw: unpacked.append(raw) or real(raw))
+    target = path if where == "file" else path.parent
+    mode = target.stat().st_mode & 0o777
+    target.chmod(mode | 0o022)
+    try:
+        assert K._compact() == good
+        assert len(unpacked) == 1
+    finally:
+        target.chmod(mode)
+    path.chmod(0o600)  # a rewritten copy is private again; a private one is read, not unpacked
+    assert K._compact() == good
+    assert len(unpacked) == 1

@@ -90,14 +90,29 @@ def _compact() -> Compact:
     stamp = (COMPACT_FORMAT, zlib.crc32(raw), len(raw))
     path = compact_path(raw)
     try:
-        found = marshal.loads(path.read_bytes())
+        found = marshal.loads(_private_bytes(path))
         if type(found) is tuple and len(found) == 2 and found[0] == stamp and _laid_out(found[1]):
             return found[1]
     except (OSError, EOFError, ValueError, TypeError):
-        pass  # absent, unreadable or damaged: unpacked again below
+        pass  # absent, unreadable, damaged or not private: unpacked again below
     tables = unpack(raw)
     _keep(path, marshal.dumps((stamp, tables)))
     return tables
+
+
+def _private_bytes(path: Path) -> bytes:
+    """The bytes of ``path`` if only this user could have written it (the file and its folder
+    owned by us, neither writable by group or others, as ssh checks its files), else OSError.
+
+    marshal is not hardened against hostile bytes (a crafted file can crash the interpreter),
+    so a copy in a folder others can write (a shared or restored CI cache) is not read."""
+    with open(path, "rb") as f:
+        if hasattr(os, "geteuid"):  # POSIX; elsewhere the folder's ACLs decide
+            me = os.geteuid()
+            for st in (os.fstat(f.fileno()), os.stat(path.parent)):
+                if st.st_uid != me or st.st_mode & 0o022:
+                    raise PermissionError(f"{path}: not private to this user")
+        return f.read()
 
 
 def _laid_out(tables: object) -> bool:
@@ -129,8 +144,10 @@ def _keep(path: Path, data: bytes) -> None:
     folder that cannot be written only costs later runs the unpacking."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private: _private_bytes
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):
