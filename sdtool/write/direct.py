@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import mmap
 import os
 import queue
@@ -29,6 +30,18 @@ ALIGN = 4096
 CHUNK = 8 << 20
 #: buffers: one filling, the rest queued or being written
 BUFFERS = 3
+#: outputs of at least this many bytes are written with O_DIRECT by every writer (each keeps
+#: the value as its own ``DIRECT_MIN_BYTES``, which tests lower); smaller ones through the cache
+MIN_BYTES = 64 << 20
+
+
+def for_file(f: Any, nbytes: int, min_bytes: int = MIN_BYTES) -> DirectWriter | None:
+    """A DirectWriter for ``f`` when the output is at least ``min_bytes`` and ``f`` an
+    unbuffered regular file at an aligned position, else None (plain writes)."""
+    if nbytes < min_bytes or not isinstance(f, io.RawIOBase):
+        return None
+    fd = f.fileno()
+    return DirectWriter(fd) if can_direct(fd) else None
 
 
 def can_direct(fd: int) -> bool:
@@ -106,6 +119,16 @@ class DirectWriter:
         finally:
             self._stop()
         os.lseek(self.fd, self.end, os.SEEK_SET)
+
+    def __enter__(self) -> DirectWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """``close`` after a clean block; ``abort`` when it raised (its error goes on)."""
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
     def abort(self) -> None:
         """Stop the writer without raising (the caller is handling another error)."""

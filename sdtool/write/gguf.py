@@ -16,6 +16,7 @@ plan; this module writes any list of ``OutGGUF``. The reader is ``formats/gguf.p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -32,7 +33,7 @@ import numpy as np
 from sdtool.errors import SdtoolError, UsageError, VerificationError
 from sdtool.formats import ggml
 from sdtool.formats.gguf import DEFAULT_ALIGNMENT, KV, MAGIC, T_ARRAY, T_STRING, VALUE_TYPES
-from sdtool.write.direct import DirectWriter, can_direct
+from sdtool.write.direct import MIN_BYTES, DirectWriter, for_file
 from sdtool.write.stream import start_writeback, write_all
 
 #: output buffers in flight per worker thread (pieces encoded ahead of the writing thread)
@@ -42,7 +43,7 @@ AHEAD = 3
 WRITEBACK_BYTES = 32 << 20
 #: outputs of at least this many bytes are written with O_DIRECT (``write/direct.py``: no
 #: page-cache copy, no flusher threads on the encoders' cores); smaller ones through the cache
-DIRECT_MIN_BYTES = 64 << 20
+DIRECT_MIN_BYTES = MIN_BYTES
 
 
 @dataclass(frozen=True)
@@ -215,10 +216,7 @@ def _writeback_starter() -> Callable[[int, int, int], None] | None:
 
 def _direct(f: BinaryIO, nbytes: int) -> DirectWriter | None:
     """A DirectWriter for ``f`` when the output is large and ``f`` an unbuffered file."""
-    fd = _file_fd(f)
-    if nbytes < DIRECT_MIN_BYTES or fd is None or not isinstance(f, io.RawIOBase):
-        return None
-    return DirectWriter(fd) if can_direct(fd) else None
+    return for_file(f, nbytes, DIRECT_MIN_BYTES)
 
 
 def _writer(f: BinaryIO, fd: int | None) -> Callable[[Any], object]:
@@ -285,28 +283,23 @@ def write_gguf(
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="sdtool-gguf")
     try:
-        for t in tensors:
-            last = None
-            for job, _nbytes in _jobs(t, fds, use_torch):
-                if len(window) >= AHEAD * threads + 1:
-                    flush_one()
-                buf = free.pop() if free else np.empty(biggest, np.uint8)
-                last = (pool.submit(job, buf), buf, 0)
-                window.append(last)
-            pad = -t.nbytes % alignment
-            if last is not None and pad:
-                window[-1] = (last[0], last[1], pad)
-            elif pad:  # an empty tensor: nothing to encode, only padding
-                put(b"\0" * pad)
-                total += pad
-        while window:
-            flush_one()
-        if direct is not None:
-            direct.close()
-    except BaseException:
-        if direct is not None:
-            direct.abort()
-        raise
+        with direct or contextlib.nullcontext():  # closed when done, stopped on an error
+            for t in tensors:
+                last = None
+                for job, _nbytes in _jobs(t, fds, use_torch):
+                    if len(window) >= AHEAD * threads + 1:
+                        flush_one()
+                    buf = free.pop() if free else np.empty(biggest, np.uint8)
+                    last = (pool.submit(job, buf), buf, 0)
+                    window.append(last)
+                pad = -t.nbytes % alignment
+                if last is not None and pad:
+                    window[-1] = (last[0], last[1], pad)
+                elif pad:  # an empty tensor: nothing to encode, only padding
+                    put(b"\0" * pad)
+                    total += pad
+            while window:
+                flush_one()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for fd in fds.values():

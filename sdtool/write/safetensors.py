@@ -18,7 +18,7 @@ import numpy as np
 
 from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.safetensors import MAX_HEADER
-from sdtool.write.direct import ALIGN, reopen_direct
+from sdtool.write.direct import ALIGN, MIN_BYTES, reopen_direct
 from sdtool.write.plan import OutTensor, source_order
 from sdtool.write.stream import (
     BufferRing,
@@ -57,8 +57,8 @@ DTYPE_ORDER: tuple[str, ...] = (
 _RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
 PREFETCH = 4  # steps queued ahead of the write (2 casting, 2 cast and waiting)
 CAST_THREADS = 2  # pieces cast at once (numpy's casts release the GIL)
-#: outputs at least this large send their cast pieces' whole pages to disk with O_DIRECT
-DIRECT_MIN_BYTES = 64 << 20
+#: outputs at least this large send their pieces' whole pages to disk with O_DIRECT
+DIRECT_MIN_BYTES = MIN_BYTES
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def _steps(
         # buffers placed like their output offset, written on the pool's threads): measured
         # on the 7.7 GB checkpoint, the page-cache copy (copy_file_range) took 2-3x the time
         # of the .ckpt writer's O_DIRECT copy of the same bytes
-        direct = span is not None
+        direct = out.direct is not None
         chunks = Chunks(t, fds.get(t), ring, out_at=base + p.begin, direct_out=direct)
         written = 0
         for job in chunks.jobs():

@@ -21,8 +21,8 @@ safetensors name), which sdtool's reader turns back into ``ModelFile.metadata``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,13 +31,13 @@ from typing import Any, BinaryIO
 from sdtool.crc import crc32
 from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.torchfile import METADATA_KEY
-from sdtool.write.direct import DirectWriter, can_direct
+from sdtool.write.direct import MIN_BYTES, DirectWriter, for_file
 from sdtool.write.plan import OutTensor
 from sdtool.write.stream import BufferRing, Chunks, SourceFds, copy_with_crc, prefetch, write_all
 
 PREFETCH = 2  # pieces read (and cast) ahead of the one being written
 #: outputs whose tensors hold at least this many bytes are written with O_DIRECT (direct.py)
-DIRECT_MIN_BYTES = 64 << 20
+DIRECT_MIN_BYTES = MIN_BYTES
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
@@ -314,25 +314,11 @@ def write_torch(
         pkl.out += b"u"
     pkl.out += b"."
     data_pkl = bytes(pkl.out)
-    direct = _direct(f, sum(t.nbytes for t in plan))
-    z = _Zip(f.fileno(), direct)
-    try:
-        overflows = _write_members(z, plan, data_pkl, progress)
-        if direct is not None:
-            direct.close()
-    except BaseException:
-        if direct is not None:
-            direct.abort()
-        raise
-    return overflows
-
-
-def _direct(f: BinaryIO, nbytes: int) -> DirectWriter | None:
-    """A DirectWriter for a large output to an unbuffered regular file: no copy into the page
-    cache and no flusher threads on the cores the casts and the CRC need."""
-    if nbytes < DIRECT_MIN_BYTES or not isinstance(f, io.RawIOBase):
-        return None
-    return DirectWriter(f.fileno()) if can_direct(f.fileno()) else None
+    # a large output skips the page cache: no copy into it and no flusher threads on the
+    # cores the casts and the CRC need
+    direct = for_file(f, sum(t.nbytes for t in plan), DIRECT_MIN_BYTES)
+    with direct or contextlib.nullcontext():
+        return _write_members(_Zip(f.fileno(), direct), plan, data_pkl, progress)
 
 
 def _write_members(
