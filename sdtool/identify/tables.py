@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from sdtool.records import dataclass
 from sdtool.vocab import COMPONENTS as VOCAB
 
 Shape = tuple[int, ...]
