@@ -325,12 +325,12 @@ def verify_gguf(tensors: Sequence[OutGGUF], written: Path, threads: int | None =
         raise VerificationError(f"the output does not read back: {e}") from None
     try:
         entries = {e.name: e for e in m.header.tensors}
-        starts = []
+        starts: list[int] = []
         for t in tensors:
-            e = entries.get(t.name)
-            if e is None or e.type.name != t.type or e.shape != t.shape:
+            entry = entries.get(t.name)
+            if entry is None or entry.type.name != t.type or entry.shape != t.shape:
                 raise VerificationError(f"tensor {t.name!r} reads back differently from the plan")
-            starts.append(m.header.data_start + e.offset)
+            starts.append(m.header.data_start + entry.offset)
     finally:
         m.close()
     biggest = max((ggml.get(t.type).nbytes(_piece_elements(t)) for t in tensors), default=0)
