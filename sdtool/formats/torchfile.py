@@ -273,6 +273,8 @@ def _member_loader(src: _Source, m: zipr.ZipMember) -> Callable[[], bytes]:
 def _text(v: Any) -> str:
     if isinstance(v, bytes):
         return v.decode("ascii", "replace")
+    if type(v) is str:  # the common case (twice per tensor), before the checks below
+        return v
     return str(v) if isinstance(v, str | int) else brief(v)  # str() of a shared graph explodes
 
 

@@ -111,7 +111,7 @@ class Builder(_Frozen):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.fn(*args, **kwargs)
-        if isinstance(out, tuple | list | set | frozenset | dict | bytearray):
+        if isinstance(out, _COPIES):
             _charge(len(out) if not isinstance(out, bytearray) else len(out) // 64)
         return out
 
@@ -119,6 +119,9 @@ class Builder(_Frozen):
         return f"<builder {self.qualname}>"
 
 
+#: what a builder's result is charged for (a tuple, not ``tuple | list | ...``: that union is
+#: built again at each call, ~1 us, and a checkpoint calls a builder per tensor)
+_COPIES = (tuple, list, set, frozenset, dict, bytearray)
 #: items the allowed builders may copy into new containers in one load. Each copy costs one
 #: opcode however large its source, so a 38 KB pickle calling torch.Size on one 20,000-item list
 #: 3,000 times retains 60M items (gigabytes, minutes of graph walking); real files copy a few.
