@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -279,15 +278,16 @@ TASK_PIECES = 16
 
 
 def _workers() -> int:
-    """Worker threads: preads, memcmp and numpy release the GIL, so one per core, at most
-    two (the copies out of the page cache share the memory bus)."""
+    """Workers, the caller's thread one of them: preads, memcmp and numpy release the GIL, so
+    one per core, at most two (the copies out of the page cache share the memory bus)."""
     return max(1, min(2, os.cpu_count() or 1))
 
 
 def _compare_all(
     ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fast: bool, progress: Progress | None
 ) -> None:
-    """Compare every pair's values in tasks of a few pieces, on a few worker threads.
+    """Compare every pair's values in tasks of a few pieces, on the caller's thread and a
+    few more.
 
     A worker claims a task and reads each piece of both sides with plain preads into its own
     two small buffers, placed as the bytes lie in their pages (``sdtool.aligned``) and small
@@ -296,16 +296,19 @@ def _compare_all(
     on both sides is never decoded, so two equal files are compared at the speed of reading
     them. Nothing is handed from thread to thread per piece (a queue hand-off costs more than
     a memcmp). A pair whose values must be materialised (a compressed or strided source) is
-    one task. ``progress`` is called from the caller's thread.
+    one task. ``progress`` is called from the caller's thread, after each of its own tasks
+    and once at the end: no thread waits for news from the others (an idle caller woken per
+    task cost 10,000 futex calls and 16,000 context switches over two 7.7 GB files).
     """
     total = sum(p.ta.nbytes for p in pairs)
     lock = threading.Lock()
-    events: queue.Queue[tuple[int, BaseException | None]] = queue.Queue()
     stop = threading.Event()
+    done = [0]  # bytes of A compared, under the lock
+    errors: list[BaseException] = []
     files = _Files()
     tasks = _tasks(ma, mb, pairs, files)
 
-    def work() -> None:
+    def work(report: Progress | None) -> None:
         bufs: list[PageBuffer | None] = [None, None]
         try:
             while not stop.is_set():
@@ -319,34 +322,35 @@ def _compare_all(
                 tally = _run_task(task, bufs, fast, stop)
                 with lock:
                     _fold(p, tally, fast)
-                events.put(((task.stop - task.start) * p.ta.dtype.itemsize, None))
-        except BaseException as e:  # handed to the caller's thread
+                    done[0] += (task.stop - task.start) * p.ta.dtype.itemsize
+                    now = done[0]
+                if report is not None:
+                    report(now, total)
+        except BaseException as e:  # the first one is raised in the caller's thread
             stop.set()
-            events.put((0, e))
-        finally:
-            events.put((-1, None))
+            with lock:
+                errors.append(e)
 
-    threads = [threading.Thread(target=work, name=f"sdtool-diff-{i}") for i in range(_workers())]
+    threads = [
+        threading.Thread(target=work, args=(None,), name=f"sdtool-diff-{i}")
+        for i in range(1, _workers())
+    ]
     try:
         for t in threads:
             t.start()
-        done, running = 0, len(threads)
-        while running:
-            nbytes, error = events.get()
-            if error is not None:
-                raise error
-            if nbytes < 0:
-                running -= 1
-                continue
-            done += nbytes
-            if progress is not None:
-                progress(done, total)
+        work(progress)
+        for t in threads:  # before ``stop``: the others may still be in their last task
+            t.join()
     finally:
         stop.set()
         for t in threads:
             if t.ident is not None:
                 t.join()
         files.close()
+    if errors:
+        raise errors[0]
+    if progress is not None:
+        progress(done[0], total)
 
 
 def _tasks(ma: ModelFile, mb: ModelFile, pairs: list[_Pair], files: _Files) -> Iterator[_Task]:
