@@ -21,9 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from sdtool.aligned import PageBuffer
 from sdtool.errors import TruncatedFile, UnsupportedDtype
@@ -31,6 +29,9 @@ from sdtool.formats.open import open_model
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.results import JsonKey, Result, json_key
 from sdtool.vocab import Progress
+
+if TYPE_CHECKING:  # numpy is imported only to decode a piece that differs (docs/diff.md)
+    import numpy as np
 
 #: elements per compared piece and side: 256 KiB of fp32, so a worker's two buffers (512 KiB)
 #: stay in its core's L2 cache (1 MiB here) between the copy out of the page cache and the
@@ -406,6 +407,8 @@ def _compare_piece(
         if fast:  # one dtype: the bits differ where the bytes do; nothing to decode
             tally.differs = True
             return
+    import numpy as np  # only now: equal bytes need no numpy (its import is 0.2 CPU-s)
+
     ca = _values(piece_a, ta)
     cb = _values(piece_b, tb)
     if same_dtype:
@@ -434,13 +437,17 @@ def _compare_piece(
 
 def _values(piece: Any, info: TensorInfo) -> np.ndarray:
     """A piece as elements: raw bytes are viewed (no copy), arrays pass through."""
-    if isinstance(piece, np.ndarray):
+    import numpy as np
+
+    if not isinstance(piece, _Raw):
         return piece
     return np.frombuffer(piece.view, info.dtype.numpy)
 
 
 def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
     """A's values in B's dtype, with the bits sdtool's convert (and torch's ``.to()``) give."""
+    import numpy as np
+
     from sdtool.write.cast import cast, check_cast
 
     try:
@@ -540,6 +547,8 @@ class _Side:
 
 def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per element: do the bytes differ? (same dtype and length)"""
+    import numpy as np
+
     size = a.dtype.itemsize
     if size <= 8:
         u = np.dtype(f"<u{size}")
@@ -550,6 +559,8 @@ def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _max_int_diff(a: np.ndarray, b: np.ndarray) -> int:
     """Largest |a - b| exactly: the difference of the larger and the smaller, modulo 2**64."""
+    import numpy as np
+
     if a.size == 0:
         return 0
     hi, lo = np.maximum(a, b), np.minimum(a, b)
@@ -558,6 +569,8 @@ def _max_int_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 def _max_float_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     """(largest |a - b| in float64/complex128 ignoring NaNs, elements NaN on one side only)."""
+    import numpy as np
+
     if a.size == 0:
         return 0.0, 0
     wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
