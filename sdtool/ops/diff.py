@@ -33,10 +33,11 @@ from sdtool.vocab import Progress
 if TYPE_CHECKING:  # numpy is imported only to decode a piece that differs (docs/diff.md)
     import numpy as np
 
-#: elements per compared piece and side: 256 KiB of fp32, so a worker's two buffers (512 KiB)
-#: stay in its core's L2 cache (1 MiB here) between the copy out of the page cache and the
-#: memcmp. 128 KiB pieces cost more Python per byte for the same system time (docs/diff.md)
-CHUNK_ELEMENTS = 64 << 10
+#: elements per compared piece and side: 512 KiB of fp32. Smaller pieces cost more Python
+#: per byte and, as the two workers then take turns on the GIL more often, more context
+#: switches and system time: 256 KiB ones (a worker's two buffers as large as a core's
+#: 512 KiB L2 here) 1,700 switches and 4-20 % more user time, 128 KiB ones 23,000 (docs/diff.md)
+CHUNK_ELEMENTS = 128 << 10
 
 SCHEMA = "sdtool.diff/2"
 
@@ -273,9 +274,9 @@ class _Tally:
     differs: bool = False
 
 
-#: pieces per task: a worker claims a task (under a lock) and reports its progress once
-#: for all its pieces
-TASK_PIECES = 16
+#: pieces per task (4 MiB of fp32): a worker claims a task (under a lock) and reports its
+#: progress once for all its pieces
+TASK_PIECES = 8
 
 
 def _workers() -> int:
