@@ -119,8 +119,16 @@ def to_record(value: Any) -> Any:
     """``value`` as plain JSON data that ``from_record`` turns back into an equal value:
     a result or dataclass as its every field by name (``compare=False`` fields too), nothing
     left out, cut or renamed."""
+    t = type(value)
+    if t in _PLAIN:  # the common cases first, by exact type (as ``jsonable``)
+        return value
+    if t is dict:
+        return {str(k): to_record(v) for k, v in value.items()}
+    if t is list or t is tuple:
+        return [to_record(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_record(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        names = _NAMES.get(t) or _names(t)
+        return {n: to_record(getattr(value, n)) for n in names}
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, os.PathLike):
@@ -130,6 +138,15 @@ def to_record(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [to_record(v) for v in value]
     return value
+
+
+#: each dataclass's field names (``to_record``: looked up once per class, not per object)
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    _NAMES[cls] = names = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 T = TypeVar("T")
