@@ -103,11 +103,11 @@ def main() -> None:
         rows.append((name, min(walls), statistics.median(walls), min(cpus)))
     print(f"{a.runs} runs each; {env_note} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
-    print(f"{'command':<42} {'min s':>7} {'median s':>9} {'min cpu s':>10}  goal 0.15 s")
-    print("-" * 80)
+    print(f"{'command':<52} {'min s':>7} {'median s':>9} {'min cpu s':>10}  goal 0.15 s")
+    print("-" * 90)
     for name, lo, med, cpu in rows:
         verdict = "" if name.startswith("python") else ("ok" if lo <= 0.15 else "over")
-        print(f"{name:<42} {lo:7.3f} {med:9.3f} {cpu:10.3f}  {verdict}")
+        print(f"{name:<52} {lo:7.3f} {med:9.3f} {cpu:10.3f}  {verdict}")
 
 
 if __name__ == "__main__":
