@@ -199,12 +199,12 @@ def test_no_method_compiled_from_source() -> None:
 def test_inspect_path_classes_use_it() -> None:
     """The classes the inspect path creates are built by sdtool.records (their params say
     repr=False, eq=False) and still compare, hash and print as dataclasses."""
+    from sdtool.identify.keysets import Signature
     from sdtool.identify.result import Identity
-    from sdtool.identify.tables import Family
     from sdtool.model import TensorInfo
     from sdtool.ops.inspect import InspectReport
 
-    for cls in (Identity, Family, InspectReport):
+    for cls in (Identity, Signature, InspectReport):
         params = cls.__dataclass_params__  # type: ignore[attr-defined]
         assert (params.repr, params.eq) == (False, False)
         assert cls.__eq__.__qualname__ == f"{cls.__qualname__}.__eq__"

@@ -10,10 +10,10 @@ ship only in their original (ComfyUI / BFL / SAI / Wan) naming, whose full key l
 class produces, are told by marker keys and shapes (``FAMILIES``), facts taken from ComfyUI's
 ``comfy/model_detection.py`` and diffusers' ``single_file_utils.CHECKPOINT_KEY_NAMES``.
 
-The rows only the engine reads, by attribute (shape, presence and variant rules, placements,
-markers, LoRA suffixes, quantization rules), are ``NamedTuple`` classes: a dataclass costs ~2.8M
-instructions to create (its methods are compiled from source), a named tuple ~0.7M, and every
-``inspect`` creates them (issue 10.4).
+The rows, read by attribute only (components' meanings, families, shape, presence and variant
+rules, placements, markers, LoRA suffixes, quantization rules), are ``NamedTuple`` classes: a
+dataclass costs ~2.8M instructions to create (its methods are compiled from source), a named
+tuple ~0.7M, and every ``inspect`` creates them (issue 10.4).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from sdtool.records import dataclass
 from sdtool.vocab import COMPONENTS as VOCAB
 
 Shape = tuple[int, ...]
@@ -32,8 +31,7 @@ Shape = tuple[int, ...]
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ComponentMeta:
+class ComponentMeta(NamedTuple):
     """What a key-set signature is: a component of the vocabulary (its one name, label and
     role: ``sdtool.vocab.COMPONENTS``) in one naming, with older key spellings."""
 
@@ -528,8 +526,7 @@ VARIANT_RULES: tuple[VariantRule, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Family:
+class Family(NamedTuple):
     """A family told by marker keys (and shapes) at one prefix: one row per architecture.
 
     Rows are tried in order; the first that fits a prefix names it. ``signature`` names the key-set
