@@ -63,28 +63,30 @@ class Cluster:
         except (OSError, TimeoutError, ValueError, RuntimeError) as e:
             self.close()
             raise SdtoolError(f"cannot reach the Dask scheduler at {address}: {e}") from None
+        self._version = code_version()
         self._check_workers(address)
         threads = sum(self.client.nthreads().values()) or 1
         self.window = window or max(32, 4 * threads)
 
     def _check_workers(self, address: str) -> None:
-        """One probe task: the workers must run this very sdtool (a task is a reference to
-        an sdtool function, and its results must mean what they mean here)."""
-        from sdtool import __version__
-
+        """Every worker connected now must run this very sdtool: a task is a reference to an
+        sdtool function, and its results must mean what they mean here (a worker with an
+        older scanner would pass what this one catches). Workers that join later are checked
+        by each task (``_guarded``)."""
         try:
-            theirs = self.client.submit(_version, pure=False).result(timeout=120)
+            self.client.wait_for_workers(1, timeout=120)
+            theirs = self.client.run(code_version)
         except Exception as e:  # whatever the worker side raised, as one line
             self.close()
             raise SdtoolError(
                 f"the Dask workers at {address} cannot run sdtool tasks ({type(e).__name__}): "
                 "install sdtool[cluster] in the workers' environment"
             ) from None
-        if theirs != __version__:
-            self.close()
-            raise SdtoolError(
-                f"the Dask workers at {address} run sdtool {theirs}, this is {__version__}"
-            )
+        ours = code_version()
+        for worker, version in sorted(theirs.items()):
+            if version != ours:
+                self.close()
+                raise WorkerMismatch(worker, version, ours).as_error()
 
     def close(self) -> None:
         client = getattr(self, "client", None)
@@ -120,7 +122,7 @@ class Cluster:
             nxt = next(todo, None)
             if nxt is None:
                 return None
-            fut = self.client.submit(fn, nxt[1], pure=False)
+            fut = self.client.submit(_guarded, fn, nxt[1], self._version, pure=False)
             index[fut.key] = nxt[0]
             return fut
 
@@ -133,6 +135,8 @@ class Cluster:
                     result = fut.result()
                 else:
                     exc = fut.exception()
+                    if isinstance(exc, WorkerMismatch):  # never a per-file failure
+                        raise exc.as_error()
                     if on_error is None:
                         raise exc
                     result = on_error(items[i], exc)
@@ -165,10 +169,52 @@ class Cluster:
 # -- the tasks (module-level: workers import them by name) ---------------------------------
 
 
-def _version() -> str:
-    from sdtool import __version__
+_CODE_VERSION: list[str] = []
 
-    return __version__
+
+def code_version() -> str:
+    """This sdtool's version and a digest of every file of its package (sources and data),
+    so two installs of one release with different code (a development tree, a patched
+    scanner) differ too. Computed once per process: a few milliseconds, cluster runs only."""
+    if not _CODE_VERSION:
+        import hashlib
+
+        import sdtool
+
+        root = Path(sdtool.__file__).parent
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and p.suffix in (".py", ".gz", ".json", ".txt"):
+                rel = p.relative_to(root).as_posix()
+                h.update(f"{rel}\0{p.stat().st_size}\0".encode())
+                h.update(p.read_bytes())
+        _CODE_VERSION.append(f"{sdtool.__version__}+{h.hexdigest()[:16]}")
+    return _CODE_VERSION[0]
+
+
+class WorkerMismatch(Exception):
+    """A worker runs other sdtool code than the client (raised on the worker by a task)."""
+
+    def __init__(self, worker: str, theirs: str, ours: str) -> None:
+        super().__init__(worker, theirs, ours)
+        self.worker, self.theirs, self.ours = worker, theirs, ours
+
+    def as_error(self) -> SdtoolError:
+        return SdtoolError(
+            f"the Dask worker {self.worker} runs sdtool {self.theirs}, this is {self.ours}: "
+            "install the same sdtool on every worker"
+        )
+
+
+def _guarded(fn: Callable[[Any], R], item: Any, version: str) -> R:
+    """``fn(item)`` on a worker whose sdtool is the client's (``code_version``), else a
+    ``WorkerMismatch`` that stops the whole run: no result of other code is mixed in."""
+    ours = code_version()
+    if ours != version:
+        from distributed import get_worker
+
+        raise WorkerMismatch(get_worker().address, ours, version)
+    return fn(item)
 
 
 def scan_task(task: str) -> str:

@@ -11,11 +11,12 @@ codes and item sizes, so ``sdtool inspect`` starts without numpy.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from sdtool.errors import UnsupportedDtype
+from sdtool.records import dataclass
 from sdtool.vocab import DTYPE_NAMES
 
 if TYPE_CHECKING:

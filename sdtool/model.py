@@ -12,7 +12,7 @@ import mmap
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from math import prod
 from operator import mul
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sdtool.dtypes import DType
 from sdtool.errors import CorruptFile, MissingExtra, TruncatedFile
+from sdtool.records import dataclass
 from sdtool.results import Result
 from sdtool.vocab import Format
 

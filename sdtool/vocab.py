@@ -9,9 +9,10 @@ and serialises (``json.dumps``) as, its spelling. This module imports nothing he
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING
+
+from sdtool.records import dataclass
 
 if TYPE_CHECKING:
     from sdtool.dtypes import DType

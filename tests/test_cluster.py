@@ -168,3 +168,37 @@ def test_unreachable_scheduler_is_one_line_exit_2(
     code = main(["hash", "--cluster", "tcp://127.0.0.1:9", str(f)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Dask scheduler" in err
+
+
+def test_workers_of_other_code_are_refused_one_line_exit_2(
+    tmp_path: Path, capsys: Cap, scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose sdtool differs from the client's (here: the client's digest is made to
+    differ) stops the run before any task: one line, exit 2, nothing on stdout."""
+    import sdtool.cluster
+
+    real = sdtool.cluster.code_version()
+    assert real.startswith(sdtool.__version__ + "+")
+    monkeypatch.setattr(sdtool.cluster, "_CODE_VERSION", ["0.1.0+patched"])
+    d = _tree(tmp_path / "t")
+    code = main(["scan", "--jsonl", "--no-cache", "--cluster", scheduler, str(d)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"runs sdtool {real}, this is 0.1.0+patched" in err
+
+
+def test_a_task_on_a_worker_of_other_code_stops_the_run(
+    scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers that join after the first check are checked by every task: a mismatch is not
+    a per-file failure handed to ``on_error`` but the end of the run."""
+    import sdtool.cluster
+    from sdtool.errors import SdtoolError
+
+    monkeypatch.setattr(sdtool.cluster.Cluster, "_check_workers", lambda self, address: None)
+    monkeypatch.setattr(sdtool.cluster, "_CODE_VERSION", ["0.1.0+patched"])
+    with (
+        sdtool.cluster.Cluster(scheduler, window=2) as c,
+        pytest.raises(SdtoolError, match=r"runs sdtool 0\.1\.0\+\w+, this is 0\.1\.0\+patched"),
+    ):
+        list(c.map_unordered(_boom, [0, 1, 3], lambda x, e: -x))

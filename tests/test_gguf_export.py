@@ -602,3 +602,38 @@ def test_short_writes_of_an_unbuffered_file_are_completed(
     monkeypatch.setattr(os, "write", stingy)
     assert write(tmp_path / "short.gguf") == plain
     assert any(short)
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "F16"])
+def test_verify_streams_pieces_and_catches_any_changed_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str
+) -> None:
+    """``verify_gguf`` compares piece by piece (many pieces per tensor here, several workers)
+    and finds one changed byte in the last piece of a tensor, or a shortened output."""
+    from sdtool.errors import VerificationError
+    from sdtool.formats.open import open_model
+    from sdtool.ops.gguf_export import plan_export, verify_gguf, write_gguf_plan
+    from sdtool.write import gguf as writer
+
+    monkeypatch.setattr(ggml, "PIECE_ELEMENTS", 64)
+    monkeypatch.setattr(writer, "AHEAD", 1)
+    src = _save(flux_sd(), tmp_path / "f.safetensors")
+    plan = plan_export(open_model(src), quant)
+    out = tmp_path / "f.gguf"
+    with open(out, "wb") as f:
+        write_gguf_plan(plan, f)
+    verify_gguf(plan, out)  # a good file passes
+    good = out.read_bytes()
+    tensors, _ = _reader(out)
+    t = max(tensors.values(), key=lambda t: t.n_bytes)  # type: ignore[attr-defined]
+    end = t.data_offset + t.n_bytes  # type: ignore[attr-defined]
+    assert t.n_bytes > 4 * ggml.get(quant).nbytes(64)  # type: ignore[attr-defined]
+    for at in (t.data_offset, end - 1):  # type: ignore[attr-defined]
+        bad = bytearray(good)
+        bad[at] ^= 0x40
+        out.write_bytes(bad)
+        with pytest.raises(VerificationError, match=re.escape(repr(t.name))):  # type: ignore[attr-defined]
+            verify_gguf(plan, out)
+    out.write_bytes(good[: len(good) - 1])
+    with pytest.raises(VerificationError):
+        verify_gguf(plan, out)

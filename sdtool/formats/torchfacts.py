@@ -5,10 +5,11 @@ nor pays for their 4 dataclasses (~16M instructions); torchfile.py still names t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from sdtool.model import ContainerFacts
+from sdtool.records import dataclass
 
 
 @dataclass(frozen=True)

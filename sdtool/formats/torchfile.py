@@ -12,7 +12,7 @@ import collections
 import io
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -29,6 +29,7 @@ from sdtool.formats.sniff import sniff_bytes
 from sdtool.formats.source import Input, RangeReader, input_path, input_size, open_input
 from sdtool.formats.unpickler import StorageType, brief, globals_met, load_one
 from sdtool.model import ContainerFacts, ModelFile, Storage, TensorInfo, check_view
+from sdtool.records import dataclass
 from sdtool.vocab import Format
 
 if TYPE_CHECKING:  # tarfile (and shutil) load only for torch's oldest TAR format

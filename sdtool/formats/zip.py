@@ -16,12 +16,13 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import Enum
 from typing import Any, BinaryIO
 
 from sdtool.errors import CorruptFile, TruncatedFile
 from sdtool.formats.source import is_remote
+from sdtool.records import dataclass
 
 EOCD_SIG = b"PK\x05\x06"
 EOCD64_SIG = b"PK\x06\x06"

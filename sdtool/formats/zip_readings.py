@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from sdtool.errors import CorruptFile, TruncatedFile
@@ -30,6 +29,7 @@ from sdtool.formats.zip import (
     positional_reader,
     read_archive,
 )
+from sdtool.records import dataclass
 
 
 @dataclass(frozen=True)

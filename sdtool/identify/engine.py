@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from functools import cache
 from itertools import compress, filterfalse, repeat
 from operator import and_, itemgetter, methodcaller, ne, not_
@@ -36,6 +36,7 @@ from sdtool.identify.result import (
     ShapeMismatch,
 )
 from sdtool.model import ModelFile, TensorInfo
+from sdtool.records import dataclass
 
 ROLE_ORDER = {
     "denoiser": 0, "controlnet": 1, "t2i-adapter": 1, "ip-adapter": 1, "vae": 2,

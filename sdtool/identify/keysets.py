@@ -18,12 +18,12 @@ import marshal
 import os
 import sys
 import zlib
-from dataclasses import dataclass
 from functools import cache, cached_property
 from itertools import filterfalse
 from pathlib import Path
 
 from sdtool.identify.tables import COMPONENTS, OPTIONAL_AT, ComponentMeta, Shape
+from sdtool.records import dataclass
 
 #: package data, beside the package, read directly: importlib.resources costs more to import
 #: (tempfile, zipfile readers) than the read itself, and sdtool is never run from a zip

@@ -6,7 +6,8 @@ nor creates their 2 dataclasses (~20M instructions)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from sdtool.records import dataclass
 
 LORA_CONTEXT_MODULE = re.compile(r"attn2[._](processor[._])?to_k")
 

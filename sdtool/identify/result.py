@@ -5,10 +5,11 @@ Rendering them for people lives in ``sdtool/cli``; these objects only hold facts
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, ClassVar
 
 from sdtool.identify import tables as T
+from sdtool.records import dataclass
 from sdtool.results import JsonKey, Result, head, json_key
 
 SCHEMA = "sdtool.identify/2"

@@ -9,14 +9,18 @@ big key lists (one per component signature, with shapes per architecture) live i
 ship only in their original (ComfyUI / BFL / SAI / Wan) naming, whose full key lists no installed
 class produces, are told by marker keys and shapes (``FAMILIES``), facts taken from ComfyUI's
 ``comfy/model_detection.py`` and diffusers' ``single_file_utils.CHECKPOINT_KEY_NAMES``.
+
+The rows, read by attribute only (components' meanings, families, shape, presence and variant
+rules, placements, markers, LoRA suffixes, quantization rules), are ``NamedTuple`` classes: a
+dataclass costs ~2.8M instructions to create (its methods are compiled from source), a named
+tuple ~0.7M, and every ``inspect`` creates them (issue 10.4).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sdtool.vocab import COMPONENTS as VOCAB
 
@@ -27,8 +31,7 @@ Shape = tuple[int, ...]
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ComponentMeta:
+class ComponentMeta(NamedTuple):
     """What a key-set signature is: a component of the vocabulary (its one name, label and
     role: ``sdtool.vocab.COMPONENTS``) in one naming, with older key spellings."""
 
@@ -262,8 +265,7 @@ FLOW_ARCHS = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ShapeRule:
+class ShapeRule(NamedTuple):
     """A shape that tells architectures apart: ``shape[axis]`` of one key of a component."""
 
     sig: str
@@ -331,8 +333,7 @@ SHAPE_RULES: tuple[ShapeRule, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class PresenceRule:
+class PresenceRule(NamedTuple):
     """An architecture told by whether one key of a component is there."""
 
     sig: str
@@ -399,8 +400,7 @@ SIG_ARCH: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Placement:
+class Placement(NamedTuple):
     """A component at a checkpoint prefix that names the architecture (text encoders mostly)."""
 
     sig: str
@@ -469,8 +469,7 @@ CHECKPOINTS: dict[str, tuple[tuple[str, str], ...]] = {
 CHECKPOINTS["flux-schnell"] = CHECKPOINTS["flux-dev"]
 
 
-@dataclass(frozen=True)
-class VariantRule:
+class VariantRule(NamedTuple):
     """A variant told by ``shape[axis]`` of one key of a component (or family); the shape check
     ignores that axis. Several rules of one component join their words ("14B, I2V")."""
 
@@ -527,8 +526,7 @@ VARIANT_RULES: tuple[VariantRule, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Family:
+class Family(NamedTuple):
     """A family told by marker keys (and shapes) at one prefix: one row per architecture.
 
     Rows are tried in order; the first that fits a prefix names it. ``signature`` names the key-set
@@ -830,8 +828,7 @@ FAMILIES: tuple[Family, ...] = (
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Marker:
+class Marker(NamedTuple):
     """A known non-component key: what it means, and a prediction it states, if any."""
 
     pattern: re.Pattern[str]
@@ -956,8 +953,7 @@ NAME_EMA_ONLY = re.compile(r"ema[-_]?only", re.I)
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LoraSuffix:
+class LoraSuffix(NamedTuple):
     """A LoRA tensor-name suffix: its flavour and, on the factor that carries it, the rank axis."""
 
     suffix: str
@@ -1048,8 +1044,7 @@ LORA_CONTEXT_WIDTH: dict[int, str] = {
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Quant:
+class Quant(NamedTuple):
     """A quantization scheme told by the names of its side tensors (searched at any depth)."""
 
     pattern: re.Pattern[str]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ from sdtool.model import (
     tensor_leaves,
     to_plain,
 )
+from sdtool.records import dataclass
 from sdtool.results import JsonKey, Result, json_key, named
 from sdtool.scan.classify import classify_global
 

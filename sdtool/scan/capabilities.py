@@ -32,9 +32,10 @@ NEWOBJ (``cls.__new__``) and BUILD (state) they stay suspicious; called with RED
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from enum import Enum
 from fnmatch import fnmatchcase
+
+from sdtool.records import dataclass
 
 
 class Cap(Enum):

@@ -307,40 +307,72 @@ def write_gguf(
     return total
 
 
-def encode(t: OutGGUF, values: np.ndarray, threads: int = 1, use_torch: bool = True) -> np.ndarray:
-    """A tensor's stored bytes (1-D uint8) from its values (all at once: for verifying)."""
-    if values.size != t.numel:
-        raise ValueError(f"tensor {t.name!r} has {values.size} values, not {t.numel}")
-    gt = ggml.get(t.type)
-    flat = values.reshape(-1)
-    out = np.empty(t.nbytes, np.uint8)
-    per = _piece_elements(t)
-
-    def job(a: int, b: int) -> Callable[[], None]:
-        return lambda: _encode(t, flat[a:b], out[gt.nbytes(a) : gt.nbytes(b)], use_torch)
-
-    ggml._run([job(a, min(t.numel, a + per)) for a in range(0, t.numel, per)], threads)
-    return out
-
-
 def verify_gguf(tensors: Sequence[OutGGUF], written: Path, threads: int | None = None) -> None:
-    """Re-read ``written``: every tensor's stored bytes equal a fresh encoding of its source
-    values, and the header names the planned types and shapes."""
+    """Re-read ``written``: the header names the planned types and shapes, and every tensor's
+    stored bytes equal a fresh encoding of its source values.
+
+    Streams as the writer does: each piece is encoded again on ``threads`` workers into a
+    reused buffer and compared with the same bytes ``pread`` from the output (no mapping of
+    the output, no whole tensor encoded at once), so memory is a few pieces per worker plus,
+    as for writing, one tensor for sources whose values must be computed whole."""
     from sdtool.formats.gguf import read_gguf
 
-    threads = threads or ggml.default_threads()
+    threads = max(1, threads or ggml.default_threads())
     use_torch = _torch_pays(tensors)
-    m = read_gguf(written)
+    try:
+        m = read_gguf(written)
+    except SdtoolError as e:  # the output itself is damaged (shortened, say)
+        raise VerificationError(f"the output does not read back: {e}") from None
     try:
         entries = {e.name: e for e in m.header.tensors}
+        starts: list[int] = []
         for t in tensors:
-            e = entries.get(t.name)
-            if e is None or e.type.name != t.type or e.shape != t.shape:
+            entry = entries.get(t.name)
+            if entry is None or entry.type.name != t.type or entry.shape != t.shape:
                 raise VerificationError(f"tensor {t.name!r} reads back differently from the plan")
-            at = m.header.data_start + e.offset
-            got = np.frombuffer(m._map(), np.uint8, e.nbytes, at)
-            want = encode(t, t.values(), threads, use_torch)
-            if not np.array_equal(got, want):
-                raise VerificationError(f"tensor {t.name!r} differs from its source after writing")
+            starts.append(m.header.data_start + entry.offset)
     finally:
         m.close()
+    biggest = max((ggml.get(t.type).nbytes(_piece_elements(t)) for t in tensors), default=0)
+    free: list[tuple[np.ndarray, np.ndarray]] = []
+    window: deque[tuple[Future[bool], tuple[np.ndarray, np.ndarray], str]] = deque()
+    fds: dict[Path, int] = {}
+    out_fd = os.open(written, os.O_RDONLY)
+
+    def check(job: Job, bufs: tuple[np.ndarray, np.ndarray], at: int, n: int) -> bool:
+        got = bufs[1][:n]
+        view, k = memoryview(got.data), 0
+        while k < n:  # a short read means the output shrank: it then differs
+            r = os.preadv(out_fd, [view[k:]], at + k)
+            if r <= 0:
+                return False
+            k += r
+        return bool(np.array_equal(job(bufs[0]), got))
+
+    def settle_one() -> None:
+        fut, bufs, name = window.popleft()
+        ok = fut.result()
+        free.append(bufs)
+        if not ok:
+            raise VerificationError(f"tensor {name!r} differs from its source after writing")
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="sdtool-gguf-verify")
+    try:
+        for t, at in zip(tensors, starts, strict=True):
+            for job, nbytes in _jobs(t, fds, use_torch):
+                if len(window) >= AHEAD * threads + 1:
+                    settle_one()
+                bufs = (
+                    free.pop()
+                    if free
+                    else (np.empty(biggest, np.uint8), np.empty(biggest, np.uint8))
+                )
+                window.append((pool.submit(check, job, bufs, at, nbytes), bufs, t.name))
+                at += nbytes
+        while window:
+            settle_one()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        os.close(out_fd)
+        for fd in fds.values():
+            os.close(fd)
