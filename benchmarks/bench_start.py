@@ -11,7 +11,10 @@ running this (pip's generated one), when there is one.
 
 The children run without PYTHONDONTWRITEBYTECODE, so the warm-up run writes the .pyc files an
 installed package has (with it set, every run would compile sdtool's sources again), and the first
-inspect keeps the key-set tables' compact copy in the cache folder (identify.keysets).
+inspect keeps the key-set tables' compact copy in the cache folder (identify.keysets). The
+warm-up run also stores the file's record in the result cache (the user's: $SDTOOL_CACHE_DIR),
+so the rows marked "cached" time the rerun of an unchanged file; "--no-cache" rows the cold path
+(the file's header and pickle read and identified).
 
     python benchmarks/bench_start.py [--ckpt /work/bench/sd15-ema.ckpt] [--runs 15]
 """
@@ -50,17 +53,23 @@ def cases(ckpt: Path) -> list[tuple[str, list[str]]]:
         out.append(("sdtool --help (console script)", [str(script), "--help"]))
     out += [(f"sdtool {c} --help", [*sd, c, "--help"]) for c in COMMANDS]
     out.append(("sdtool scan tiny example", [*sd, "scan", str(EXAMPLE)]))
-    out.append(("sdtool inspect tiny example", [*sd, "inspect", str(EXAMPLE)]))
+    out.append(("sdtool inspect tiny example, cached", [*sd, "inspect", str(EXAMPLE)]))
+    out.append(("sdtool inspect tiny example --no-cache", [*sd, "inspect", "--no-cache",
+                                                          str(EXAMPLE)]))  # fmt: skip
     if ckpt.is_file():
-        out.append((f"sdtool inspect {ckpt.name} (7.7 GB)", [*sd, "inspect", str(ckpt)]))
-        out.append((f"sdtool scan {ckpt.name} (7.7 GB)", [*sd, "scan", str(ckpt)]))
+        name = f"sdtool inspect {ckpt.name} (7.7 GB)"
+        out.append((f"{name}, cached", [*sd, "inspect", str(ckpt)]))
+        out.append((f"{name} --json, cached", [*sd, "inspect", "--json", str(ckpt)]))
+        out.append((f"{name} --no-cache", [*sd, "inspect", "--no-cache", str(ckpt)]))
+        out.append((f"sdtool scan {ckpt.name} (7.7 GB), cached", [*sd, "scan", str(ckpt)]))
     # without ``site`` (python -S, the paths set by hand): no editable-install hook, which a
     # regular (wheel) install does not load either
     out.append(("python -S -c pass", [*py, "-S", "-c", "pass"]))
     out.append(("sdtool --help, no site", [*py, "-S", "-c", _NO_SITE, "--help"]))
     if ckpt.is_file():
-        out.append((f"sdtool inspect {ckpt.name}, no site", [*py, "-S", "-c", _NO_SITE,
-                                                             "inspect", str(ckpt)]))  # fmt: skip
+        for extra in ([], ["--no-cache"]):
+            label = f"sdtool inspect {ckpt.name} {' '.join(extra) or 'cached'}, no site"
+            out.append((label, [*py, "-S", "-c", _NO_SITE, "inspect", *extra, str(ckpt)]))
     return out
 
 
@@ -94,11 +103,11 @@ def main() -> None:
         rows.append((name, min(walls), statistics.median(walls), min(cpus)))
     print(f"{a.runs} runs each; {env_note} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
-    print(f"{'command':<42} {'min s':>7} {'median s':>9} {'min cpu s':>10}  goal 0.15 s")
-    print("-" * 80)
+    print(f"{'command':<52} {'min s':>7} {'median s':>9} {'min cpu s':>10}  goal 0.15 s")
+    print("-" * 90)
     for name, lo, med, cpu in rows:
         verdict = "" if name.startswith("python") else ("ok" if lo <= 0.15 else "over")
-        print(f"{name:<42} {lo:7.3f} {med:9.3f} {cpu:10.3f}  {verdict}")
+        print(f"{name:<52} {lo:7.3f} {med:9.3f} {cpu:10.3f}  {verdict}")
 
 
 if __name__ == "__main__":

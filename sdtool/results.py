@@ -82,8 +82,20 @@ def named(key: str) -> Callable[[Mapping[str, Any]], list[dict[str, Any]]]:
     return lambda mapping: [{key: k, **jsonable(v)} for k, v in mapping.items()]
 
 
+#: types ``jsonable`` returns as they are, met by their exact type before any isinstance
+#: check (most values of a document; an Enum deriving from str is not one of them)
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON data (dicts keep their order; keys become strings)."""
+    t = type(value)
+    if t in _PLAIN:
+        return value
+    if t is dict:
+        return {str(jsonable(k)): jsonable(v) for k, v in value.items()}
+    if t is list or t is tuple:
+        return [jsonable(v) for v in value]
     if isinstance(value, Result):
         return value.to_json()
     if isinstance(value, Enum):
@@ -107,8 +119,16 @@ def to_record(value: Any) -> Any:
     """``value`` as plain JSON data that ``from_record`` turns back into an equal value:
     a result or dataclass as its every field by name (``compare=False`` fields too), nothing
     left out, cut or renamed."""
+    t = type(value)
+    if t in _PLAIN:  # the common cases first, by exact type (as ``jsonable``)
+        return value
+    if t is dict:
+        return {str(k): to_record(v) for k, v in value.items()}
+    if t is list or t is tuple:
+        return [to_record(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_record(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        names = _NAMES.get(t) or _names(t)
+        return {n: to_record(getattr(value, n)) for n in names}
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, os.PathLike):
@@ -118,6 +138,15 @@ def to_record(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [to_record(v) for v in value]
     return value
+
+
+#: each dataclass's field names (``to_record``: looked up once per class, not per object)
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    _NAMES[cls] = names = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 T = TypeVar("T")
@@ -167,6 +196,31 @@ def _decode(tp: Any, value: Any) -> Any:
     return value
 
 
+#: how a result class writes its keys (``_plan``)
+Plan = tuple[tuple[str, str, Any, str | None, bool], ...]
+_PLANS: dict[type, Plan] = {}
+
+
+def _plan(cls: type) -> Plan:
+    """How ``cls.to_json`` writes each key: (key, attribute, converter or None, the attribute
+    that must be true or None, inline), from its fields' metadata and ``JSON_KEYS``, worked
+    out once per class rather than on every call (a report holds hundreds of results)."""
+    assert dataclasses.is_dataclass(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    plan = []
+    for entry in getattr(cls, "JSON_KEYS", ()) or tuple(fields):
+        key, attr, *conv = entry if isinstance(entry, tuple) else (entry, entry)
+        meta = fields[attr].metadata if attr in fields else {}
+        if conv:
+            meta = {**meta, "json_as": conv[0]}
+        name = meta.get("json", key)
+        if name is not None:
+            inline = bool(meta.get("json_inline"))
+            plan.append((name, attr, meta.get("json_as"), meta.get("json_when"), inline))
+    _PLANS[cls] = out = tuple(plan)
+    return out
+
+
 #: one entry of ``Result.JSON_KEYS``
 JsonKey = str | tuple[str, str] | tuple[str, str, Callable[[Any], Any]]
 
@@ -181,23 +235,17 @@ class Result:
     JSON_KEYS: ClassVar[tuple[JsonKey, ...]] = ()
 
     def to_json(self) -> dict[str, Any]:
-        assert dataclasses.is_dataclass(self)
         out: dict[str, Any] = {}
         if self.JSON_SCHEMA is not None:
             out["schema"] = self.JSON_SCHEMA
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        for entry in self.JSON_KEYS or tuple(fields):
-            key, attr, *conv = entry if isinstance(entry, tuple) else (entry, entry)
-            meta = fields[attr].metadata if attr in fields else {}
-            if conv:
-                meta = {**meta, "json_as": conv[0]}
-            name = meta.get("json", key)
-            if name is None or ("json_when" in meta and not getattr(self, meta["json_when"])):
+        cls = type(self)
+        for name, attr, conv, when, inline in _PLANS.get(cls) or _plan(cls):
+            if when is not None and not getattr(self, when):
                 continue
             value = getattr(self, attr)
-            if "json_as" in meta:
-                value = meta["json_as"](value)
-            if meta.get("json_inline"):
+            if conv is not None:
+                value = conv(value)
+            if inline:
                 out.update(jsonable(value))
             else:
                 out[name] = jsonable(value)

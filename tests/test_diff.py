@@ -382,3 +382,33 @@ def test_a_read_error_in_a_worker_reaches_the_caller(
     assert threading.active_count() == before
     calls.clear()
     assert main(["diff", str(a), str(b)]) == 2
+
+
+def test_equal_bytes_need_no_numpy(
+    tmp_path: Path, base: dict[str, np.ndarray], sub_env: dict[str, str]
+) -> None:
+    """Equal pieces are settled by memcmp alone: ``sdtool diff`` of a file and its copy never
+    imports numpy (0.2 CPU-s at start-up, with its BLAS thread); a differing piece does."""
+    import shutil
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom sdtool.cli.main import main\n"
+        "code = main(['diff', '--quiet', *sys.argv[1:]])\n"
+        "print(code, 'numpy' in sys.modules)"
+    )
+    a = _save(tmp_path / "a.safetensors", base)
+    b = shutil.copy(a, tmp_path / "b.safetensors")
+    c = _save(tmp_path / "c.safetensors", dict(base, bias=base["bias"] + np.float32(1)))
+
+    def run(x: Path, y: Path) -> str:
+        r = subprocess.run(
+            [sys.executable, "-c", probe, str(x), str(y)],
+            capture_output=True, text=True, env=sub_env,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()[-2:]
+
+    assert run(a, b) == ["0", "False"]
+    assert run(a, c) == ["1", "True"]

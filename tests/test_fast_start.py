@@ -24,7 +24,7 @@ EXAMPLE = REPO / "examples" / "tiny-sd15-ema.ckpt"
 PROBE = """
 import io, sys, contextlib
 from sdtool.cli.main import main
-with contextlib.redirect_stdout(io.StringIO()):
+with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO())):  # --jsonl writes bytes
     try:
         main(sys.argv[1:])
     except SystemExit:
@@ -66,14 +66,19 @@ def test_help_imports_click_and_nothing_of_the_library(sub_env: dict[str, str]) 
     }
 
 
-@pytest.mark.parametrize("argv", [["scan", str(EXAMPLE)], ["inspect", str(EXAMPLE)]])
+@pytest.mark.parametrize(
+    "argv",
+    [["scan", str(EXAMPLE)], ["inspect", str(EXAMPLE)], ["inspect", "--no-cache", str(EXAMPLE)]],
+)
 def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[str, str]) -> None:
+    """The first run (nothing cached) of each, and inspect's cold path without the cache."""
     mods = imported(argv, sub_env)
     # off a terminal both print without rich (sdtool.cli.plain) and list without numpy
     assert not _under(mods, *HEAVY, "numpy", "rich"), sorted(_under(mods, *HEAVY, "numpy", "rich"))
     assert not _under(mods, "sdtool.layouts", "sdtool.ops.convert", "sdtool.ops.prune")
     if argv[0] == "inspect":  # the verdict column needs the allowlist, not the pickle machine
-        assert not _under(mods, "sdtool.scan.vm", "sdtool.scan.containers", "sdtool.scan.rules")
+        assert not {"sdtool.scan.vm", "sdtool.scan.containers", "sdtool.scan.rules"} & mods
+        assert not _under(mods, "sdtool.scan.walkers")
         # nor the scan report's dataclasses (each costs ~5M instructions to create), nor the
         # LoRA rows' regexes (a checkpoint is no LoRA)
         # nor the facts of torch's other containers (the example is a torch zip)
@@ -98,14 +103,43 @@ def test_command_help_imports_nothing_heavy(command: str, sub_env: dict[str, str
 def test_inspect_of_a_tiny_file_imports_no_numpy_no_rich(sub_env: dict[str, str]) -> None:
     """Listing names, dtypes, shapes and offsets needs the header and the pickle only: no
     numpy (the restricted unpickler builds tensor references without it), no rich (its report
-    prints as plain text off a terminal: sdtool.cli.plain), no cache, no safetensors, no temp
-    files (standard input is not involved), no gzip once the key-set tables have their compact
-    copy (the first run makes it)."""
-    imported(["inspect", str(EXAMPLE)], sub_env)
-    mods = imported(["inspect", str(EXAMPLE)], sub_env)
+    prints as plain text off a terminal: sdtool.cli.plain), no cache with --no-cache, no
+    safetensors, no temp files (standard input is not involved), no gzip once the key-set
+    tables have their compact copy (the first run makes it)."""
+    imported(["inspect", "--no-cache", str(EXAMPLE)], sub_env)
+    mods = imported(["inspect", "--no-cache", str(EXAMPLE)], sub_env)
     banned = {"numpy", "rich", "safetensors", "sqlite3", "tempfile", "sdtool.cache", "gzip"}
     banned |= {"tarfile", "shutil", "zipfile"}  # torch's TAR format loads tarfile when met
+    banned |= {"sdtool.ops.inspect_cache", "sdtool.scan.ruleset"}  # the cache's lookup
     assert not _under(mods, *HEAVY, *banned), sorted(_under(mods, *HEAVY, *banned))
+    assert "sdtool.identify.tables" in mods  # the probe can fail: the file was read
+
+
+#: what a cached ``inspect`` answer (table, --json, --quiet, --jsonl) never loads: the readers,
+#: identification and its tables, the report's classes, scan's classification, the renderer
+#: of identities (its lines are stored), numpy, rich (packages, then single modules)
+CACHED_FREE = {"sdtool.formats", "sdtool.identify", "sdtool.layouts", "numpy", "rich"}
+CACHED_FREE |= {"safetensors", "tempfile", "hashlib", "gzip", "zipfile"}
+CACHED_FREE_MODULES = {"sdtool.model", "sdtool.ops.inspect", "sdtool.results", "sdtool.dtypes"}
+CACHED_FREE_MODULES |= {"sdtool.scan.classify", "sdtool.scan.allowlist", "sdtool.scan.report"}
+CACHED_FREE_MODULES |= {"sdtool.cli.identity"}
+
+
+@pytest.mark.parametrize(
+    "options", [[], ["--json"], ["--quiet"], ["--jsonl"], ["--tensors", "--filter", "*.bias"]]
+)
+def test_a_cached_inspect_loads_only_the_lookup(
+    options: list[str], sub_env: dict[str, str]
+) -> None:
+    """Issue 10.4: the second inspect of an unchanged file answers from the result cache
+    without importing what reads or identifies it (the output is the same: test_inspect_cache).
+    The first run reads the file (it loads identification) and stores the record."""
+    first = imported(["inspect", *options, str(EXAMPLE)], sub_env)
+    assert "sdtool.identify.tables" in first and "sdtool.ops.inspect_cache" in first
+    mods = imported(["inspect", *options, str(EXAMPLE)], sub_env)
+    assert not _under(mods, *HEAVY, *CACHED_FREE), sorted(_under(mods, *HEAVY, *CACHED_FREE))
+    assert not CACHED_FREE_MODULES & mods, sorted(CACHED_FREE_MODULES & mods)
+    assert {"sdtool.ops.inspect_cache", "sdtool.cache", "sqlite3"} <= mods  # it did look up
 
 
 def test_lora_rows_are_still_named_by_the_tables() -> None:

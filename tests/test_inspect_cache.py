@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -194,3 +195,176 @@ def test_identify_version_follows_the_tables_and_the_ruleset_does_not(tmp_path: 
     allow.write_text(allow.read_text() + "\n# changed\n")
     ident4, rules4 = versions()
     assert ident4 != ident3 and rules4 != rules1
+
+
+# -- the table view and --json through the cache (issue 10.4) ---------------------------------
+
+
+class Trainer:
+    """A class a training script pickled: an unknown class to sdtool (a stand-in)."""
+
+    def __init__(self) -> None:
+        self.lr = 1e-4
+
+
+def _spread(root: Path) -> list[Path]:
+    """One of each: a torch zip with non-tensor fields and safe, suspicious and dangerous
+    globals (an example checkpoint's shape), a legacy checkpoint, a safetensors with
+    __metadata__ (markup and wide characters in it), a LoRA, an embedding, a file nothing
+    identifies, and one with no tensors."""
+    root.mkdir(parents=True, exist_ok=True)
+    z = root / "trained.ckpt"
+    sd = {
+        f"model.diffusion_model.input_blocks.0.0.{p}": torch.ones(4, 2) for p in ("weight", "bias")
+    }
+    sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.ones(3)
+    torch.save({"state_dict": sd, "epoch": 3, "global_step": 1200, "trainer": Trainer(),
+                "hook": os.system, "optimizer_states": [{"m": torch.zeros(2)}]}, z)  # fmt: skip
+    legacy = root / "legacy.ckpt"
+    torch.save({"state_dict": {"first_stage_model.decoder.conv_in.bias": torch.ones(2)}}, legacy,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    meta = root / "meta.safetensors"
+    save_file({"w": np.ones((2, 3), np.float16), "b": np.ones(3, np.float32)}, str(meta),
+              metadata={"ss_tag": "[bold]not markup[/bold]", "名前": "幅の広い文字 ü"})  # fmt: skip
+    lora = root / "style-lora.safetensors"
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    save_file({f"{key}.lora_down.weight": np.ones((4, 768), np.float16),
+               f"{key}.lora_up.weight": np.ones((320, 4), np.float16),
+               f"{key}.alpha": np.array(4.0, np.float16)}, str(lora))  # fmt: skip
+    emb = root / "neg-embedding.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.ones(2, 768)},
+                "name": "neg", "step": 5}, emb)  # fmt: skip
+    odd = root / "odd.safetensors"
+    save_file({"something.else": np.ones(5, np.int8)}, str(odd))
+    empty = root / "empty.safetensors"
+    save_file({}, str(empty), metadata={"note": "no tensors"})
+    return [z, legacy, meta, lora, emb, odd, empty]
+
+
+def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files ``inspect`` opens from now on (the cached path never calls it)."""
+    import sdtool.ops.inspect as ops_inspect
+
+    seen: list[str] = []
+    real = ops_inspect.inspect
+
+    def counting(path: str | Path, **kw: Any) -> Any:
+        seen.append(os.path.basename(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(ops_inspect, "inspect", counting)
+    return seen
+
+
+def _raw(cap: Cap, args: list[str]) -> tuple[int, str, str]:
+    code = main(args)
+    res = cap.readouterr()
+    return code, res.out, res.err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--json"],
+        ["--tensors"],
+        ["--json", "--tensors", "--filter", "*.weight"],
+        ["--filter", "no-such-*"],
+        ["--quiet"],
+    ],
+)
+def test_a_cached_answer_prints_the_fresh_bytes(
+    tmp_path: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch, options: list[str]
+) -> None:
+    """Each file alone and all together: the first run (read, stored), the second (from the
+    cache: no file opened) and a --no-cache run print the same bytes and exit the same."""
+    files = [str(f) for f in _spread(tmp_path / "m")]
+    reads = _reads(monkeypatch)
+    for group in [[f] for f in files] + [files]:
+        fresh = _raw(capsys, ["inspect", *options, "--no-cache", *group])
+        first = _raw(capsys, ["inspect", *options, *group])
+        del reads[:]
+        second = _raw(capsys, ["inspect", *options, *group])
+        assert reads == [], group  # every answer came from the cache
+        assert fresh == first == second, group
+        assert fresh[0] == 0 and (fresh[1] or "--quiet" in options)
+    doc = json.loads(_raw(capsys, ["inspect", "--json", *files])[1])
+    kinds = [d["identity"]["kind"] for d in doc]
+    assert kinds[3:5] == ["lora", "embedding"] and kinds[5] == "unknown", kinds
+    severities = {g["severity"] for g in doc[0]["globals"]}
+    assert severities == {"safe", "suspicious", "dangerous"}, doc[0]["globals"]
+    assert doc[0]["extra"] and doc[0]["other_tensors"]["tensors"] and doc[2]["metadata"]
+
+
+def test_key_is_part_of_the_record(
+    tmp_path: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--key picks another dict as the state dict: its answer is stored apart."""
+    z = str(_spread(tmp_path / "m")[0])
+    reads = _reads(monkeypatch)
+    plain = _raw(capsys, ["inspect", z])
+    keyed = _raw(capsys, ["inspect", "--key", "optimizer_states", z])
+    assert reads == ["trained.ckpt"] * 2 and plain != keyed
+    assert _raw(capsys, ["inspect", "--key", "optimizer_states", "--no-cache", z]) == keyed
+    del reads[:]
+    assert _raw(capsys, ["inspect", "--key", "optimizer_states", z]) == keyed
+    assert _raw(capsys, ["inspect", z]) == plain and reads == []
+
+
+def test_jsonl_and_the_table_share_records(
+    tmp_path: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [str(f) for f in _spread(tmp_path / "m")]
+    fresh = _raw(capsys, ["inspect", "--no-cache", *files])
+    _raw(capsys, ["inspect", "--jsonl", *files])
+    reads = _reads(monkeypatch)
+    assert _raw(capsys, ["inspect", *files]) == fresh and reads == []
+    _, lines, _ = _run(capsys, ["inspect", "--jsonl", *files])
+    assert [r["cached"] for r in _recs(lines)] == [True] * len(files)
+
+
+def test_a_rewritten_file_and_another_name_are_read_again(
+    tmp_path: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, meta, *_ = _spread(tmp_path / "m")
+    first = _raw(capsys, ["inspect", str(meta)])
+    save_file({"w": np.ones((8, 8), np.float32)}, str(meta), metadata={"ss_tag": "new"})
+    reads = _reads(monkeypatch)
+    again = _raw(capsys, ["inspect", str(meta)])
+    assert reads == ["meta.safetensors"] and again != first and "8, 8" not in again[1]
+    assert again == _raw(capsys, ["inspect", "--no-cache", str(meta)])
+    assert "256 B" in again[1] and "new" in again[1]
+    copy = tmp_path / "m" / "meta-ema-only.safetensors"
+    shutil.copy2(meta, copy)
+    os.link(meta, tmp_path / "m" / "linked.safetensors")
+    del reads[:]
+    for other in (copy, tmp_path / "m" / "linked.safetensors"):
+        for opts in ([], ["--json"]):
+            got = _raw(capsys, ["inspect", *opts, str(other)])
+            assert got == _raw(capsys, ["inspect", *opts, "--no-cache", str(other)])
+    # read by each first run and each --no-cache run; the second table run of a name hits
+    assert reads.count("meta-ema-only.safetensors") == 3 and reads.count("linked.safetensors") == 3
+
+
+def test_errors_standard_input_and_unreadable_files_are_not_cached(
+    tmp_path: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, *_ = _spread(tmp_path / "m")
+    bad = tmp_path / "m" / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    reads = _reads(monkeypatch)
+    for _ in range(2):
+        code, out, err = _raw(capsys, ["inspect", str(bad)])
+        assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert reads == ["bad.safetensors"] * 2
+    several = [_raw(capsys, ["inspect", "--json", str(a), str(bad)]) for _ in range(2)]
+    assert several[0] == several[1] and several[0][0] == 2
+    assert reads.count("bad.safetensors") == 4 and reads.count("trained.ckpt") == 1
+    del reads[:]
+    outs = []
+    for _ in range(2):
+        with open(a, encoding="latin-1") as stdin:  # `sdtool inspect - < trained.ckpt`
+            monkeypatch.setattr(sys, "stdin", stdin)
+            outs.append(_raw(capsys, ["inspect", "-"]))
+    assert outs[0] == outs[1] and outs[0][0] == 0 and outs[0][1].startswith("-\n")
+    assert len(reads) == 2  # standard input is read each time

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 
@@ -28,8 +28,10 @@ from sdtool.cli.render import (
 from sdtool.vocab import owner_label
 
 if TYPE_CHECKING:
-    from sdtool.model import ContainerFacts
-    from sdtool.ops.inspect import InspectReport
+    from sdtool.cache import Cache
+    from sdtool.errors import SdtoolError
+    from sdtool.identify.result import Identity
+    from sdtool.ops.inspect_cache import Found
 
 MAX_SHOWN = 160  # characters of a metadata value or extra field in the table view
 
@@ -61,8 +63,8 @@ def inspect_cmd(
     Reads headers and pickles only, never tensor bytes, and never runs code from the file.
     FILE may be - for standard input, or a URL (https://, hf://ORG/REPO/PATH[@REV]) read by
     range requests. With several files, --json prints a list; --jsonl one JSON object per file
-    as it is read (docs/scale.md), an unchanged file's from the result cache (--cache DIR,
-    --no-cache).
+    as it is read (docs/scale.md). An unchanged local file is answered from the result cache
+    (the same output; --cache DIR, --no-cache).
 
     \b
     Examples:
@@ -73,45 +75,48 @@ def inspect_cmd(
       sdtool inspect hf://stabilityai/sdxl-turbo/sd_xl_turbo_1.0_fp16.safetensors
     """
     from sdtool.cli.batch import check_batch_options
-    from sdtool.cli.stdin import spooled
-    from sdtool.errors import SdtoolError
-    from sdtool.ops.inspect import inspect
 
     check_batch_options(as_json=as_json, as_jsonl=as_jsonl, cache_dir=cache_dir, no_cache=no_cache)
+    tensors = list_tensors or bool(pattern)
+    views = not (quiet or as_jsonl)
+    answers = _answers(files, key, tensors, pattern, cache_dir, cached=not no_cache,
+                       views=views, bodies=as_jsonl)  # fmt: skip
     if as_jsonl:
-        return write_jsonl(
-            files, key, list_tensors or bool(pattern), pattern, cache_dir, cached=not no_cache
-        )
-    reports = []
+        return write_jsonl(answers)
+    docs = []
     code = 0
-    for i, file in enumerate(files):
-        try:
-            with spooled(file) as real:
-                report = inspect(
-                    real, key=key, tensors=list_tensors or bool(pattern), filter=pattern
-                )
-        except SdtoolError as e:
+    for i, a in enumerate(answers):
+        if a.error is not None:
             if len(files) == 1:
-                raise
-            error(e.with_path(file))
+                raise a.error
+            error(a.error.with_path(a.file))
             code = 2
             continue
-        report = dataclasses.replace(report, path=file)
-        reports.append(report)
-        if not as_json and not quiet:
+        if quiet:
+            continue
+        assert a.doc is not None
+        docs.append(a.doc)
+        if not as_json:
             if i:
                 report_console().print()
-            render(report)
+            render(a.doc, a.what)
     if as_json and not quiet:
-        print_json(reports[0].to_json() if len(files) == 1 else [r.to_json() for r in reports])
+        print_json(docs[0] if len(files) == 1 else docs)
     return code
 
 
-#: cached lines written together, at most
-BATCH = 256
+class Answer(NamedTuple):
+    """One file's answer, cached or fresh."""
+
+    file: Path
+    cached: bool
+    body: str | None  # the stored body (``inspect_cache.body_of``): always for --jsonl
+    doc: dict[str, Any] | None  # the --json document (not for --jsonl, --quiet hits)
+    what: list[str] | None  # the "What it is" lines (None: no identity)
+    error: SdtoolError | None = None  # the file could not be read
 
 
-def write_jsonl(
+def _answers(
     files: tuple[Path, ...],
     key: str | None,
     tensors: bool,
@@ -119,7 +124,88 @@ def write_jsonl(
     cache_dir: Path | None,
     *,
     cached: bool,
-) -> int:
+    views: bool,
+    bodies: bool,
+) -> Iterator[Answer]:
+    """Each file's answer in order: an unchanged local file's from the result cache (looked
+    up for all files at once; ``views``: its document and lines decoded), the others read and,
+    once the caller has used the answer, stored (``bodies``: every answer has its body).
+
+    A cached answer loads only the cache and the lookup (sdtool.ops.inspect_cache): the readers
+    and identification are imported for the first file that is read.
+    """
+    from sdtool.cli.stdin import is_stdin
+    from sdtool.errors import SdtoolError
+    from sdtool.urls import is_url
+
+    local = [i for i, f in enumerate(files) if not (is_stdin(f) or is_url(f))]
+    found: list[Found | None] = [None] * len(files)
+    cache: Cache | None = None
+    settings = ""
+    if cached and local:  # --no-cache loads neither the cache nor sqlite3
+        from sdtool.cache import Cache
+        from sdtool.ops.inspect_cache import lookup_many, settings_of
+
+        cache = Cache(cache_dir)
+        settings = settings_of(key, tensors, pattern)
+        paths = [str(files[i]) for i in local]
+        for i, hit in zip(local, lookup_many(paths, cache, settings), strict=True):
+            found[i] = hit
+        cache.release()  # the lookups are done; reading files may take long
+    for file, f in zip(files, found, strict=True):
+        if f is not None and f.body is not None:
+            from sdtool.ops.inspect_cache import view_of
+
+            if not views:
+                yield Answer(file, True, f.body, None, None)
+                continue
+            try:
+                doc, what = view_of(f, str(file))
+            except (KeyError, TypeError, ValueError):
+                f = f._replace(body=None)  # a record of another shape: read the file again
+            else:
+                yield Answer(file, True, f.body, doc, what)
+                continue
+        try:
+            doc, what, identity = _read(file, key, tensors, pattern)
+        except SdtoolError as e:
+            yield Answer(file, False, None, None, None, e)
+            continue
+        storing = cache is not None and f is not None and f.identity is not None
+        body = None
+        if storing or bodies:
+            from sdtool.ops.inspect_cache import body_of
+
+            body = body_of(doc)
+        yield Answer(file, False, body, doc, what)
+        if storing and body is not None and f is not None:
+            from sdtool.ops.inspect_cache import store
+
+            store(str(file), cache, f, body, identity, doc["schema"], what, settings)
+
+
+def _read(
+    file: Path, key: str | None, tensors: bool, pattern: str | None
+) -> tuple[dict[str, Any], list[str] | None, Identity | None]:
+    """Read a file: its --json document, its "What it is" lines and its identity."""
+    from dataclasses import replace
+
+    from sdtool.cli.identity import identity_lines
+    from sdtool.cli.stdin import spooled
+    from sdtool.ops.inspect import inspect
+
+    with spooled(file) as real:
+        report = inspect(real, key=key, tensors=tensors, filter=pattern)
+    ident = report.identity
+    doc = replace(report, path=file).to_json()
+    return doc, None if ident is None else identity_lines(ident), ident
+
+
+#: cached lines written together, at most
+BATCH = 256
+
+
+def write_jsonl(answers: Iterable[Answer]) -> int:
     """Each file's line (docs/scale.md): the --json object (docs/inspect.md) after the
     envelope, then ``sha256`` (null), ``ruleset`` (the verdicts that graded the pickle's
     globals), ``identify`` (the version of identification's tables and rules) and ``cached``.
@@ -131,59 +217,40 @@ def write_jsonl(
     """
     from json.encoder import encode_basestring_ascii as enc
 
-    from sdtool.cache import open_cache
     from sdtool.cli.jsonl import JsonLines
-    from sdtool.cli.stdin import is_stdin, spooled
-    from sdtool.errors import SdtoolError
-    from sdtool.ops import inspect_cache as ic
-    from sdtool.ops.inspect import inspect
     from sdtool.scan.ruleset import identify_version, ruleset_version
-    from sdtool.urls import is_url
 
     lines = JsonLines("inspect")
     head = lines.head + '"path": '
     tail = f', "sha256": null, "ruleset": {enc(ruleset_version())}, "identify": '
     tail += enc(identify_version()) + ', "cached": '
-    settings = ic.settings_of(key, tensors, pattern)
-    local = [i for i, f in enumerate(files) if not (is_stdin(f) or is_url(f))]
-    cache = open_cache(cache_dir, enabled=cached and bool(local))
-    found = [ic.Found(None, None)] * len(files)
-    for i, hit in zip(local, ic.lookup_many([str(files[i]) for i in local], cache, settings),
-                      strict=True):  # fmt: skip
-        found[i] = hit
-    if cache is not None:
-        cache.release()  # the lookups are done; reading files may take long
     code = 0
     ready: list[str] = []
-    for file, f in zip(files, found, strict=True):
-        path = enc(str(file))
-        if f.body is not None:
-            ready.append(f"{head}{path}, {f.body[1:-1]}{tail}true}}\n")
+    for a in answers:
+        path = enc(str(a.file))
+        if a.cached:
+            assert a.body is not None
+            ready.append(f"{head}{path}, {a.body[1:-1]}{tail}true}}\n")
             if len(ready) >= BATCH:
                 lines.write_lines(ready)
                 ready = []
             continue
         lines.write_lines(ready)
         ready = []
-        try:
-            with spooled(file) as real:
-                report = inspect(real, key=key, tensors=tensors, filter=pattern)
-        except SdtoolError as e:
-            error(e.with_path(file))
-            lines.write({"path": str(file), "error": str(e)})
+        if a.error is not None:
+            error(a.error.with_path(a.file))
+            lines.write({"path": str(a.file), "error": str(a.error)})
             code = 2
             continue
-        body = ic.body_of(report)
-        lines.write_lines([f"{head}{path}, {body[1:-1]}{tail}false}}\n"])
-        if f.identity is not None:
-            ic.store(str(file), cache, f, report, body, settings)
+        assert a.body is not None
+        lines.write_lines([f"{head}{path}, {a.body[1:-1]}{tail}false}}\n"])
     lines.write_lines(ready)
     return code
 
 
-def _bucket_row(name: str, b: Any, total: int) -> list[str]:
-    share = f"{100 * b.bytes / total:.1f}%" if total else "-"
-    return [name, f"{b.tensors:,}", human_count(b.parameters), human_bytes(b.bytes), share]
+def _bucket_row(name: str, b: dict[str, int], total: int) -> list[str]:
+    share = f"{100 * b['bytes'] / total:.1f}%" if total else "-"
+    return [name, f"{b['tensors']:,}", human_count(b["parameters"]), human_bytes(b["bytes"]), share]
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -194,92 +261,97 @@ def _table(title: str, *columns: str) -> Table:
     return t
 
 
-def render(r: InspectReport) -> None:
-    """Print the report as tables, as rich lays them out (everything from the file is escaped;
-    rich itself is imported only where its output is more than plain text: sdtool.cli.plain)."""
-    from sdtool.cli.identity import identity_lines
-
+def render(doc: dict[str, Any], what: list[str] | None) -> None:
+    """Print a report as tables, as rich lays them out, from its --json document (docs/
+    inspect.md) and its "What it is" lines: what a cached answer holds too, so a cached and a
+    fresh answer print the same bytes. Everything from the file is escaped; rich itself is
+    imported only where its output is more than plain text (sdtool.cli.plain)."""
     out = report_console()
-    out.print(f"[bold]{markup(r.path)}[/bold]")
+    out.print(f"[bold]{markup(doc['path'])}[/bold]")
+    totals, size = doc["totals"], doc["file_size"]
     facts = [
-        ("format", markup(r.format + _container_note(r.container))),
-        ("file size", f"{human_bytes(r.file_size)} ({r.file_size:,} bytes)"),
-        ("tensors", f"{r.totals.tensors:,}"),
-        ("parameters", f"{r.totals.parameters:,} ({human_count(r.totals.parameters)})"),
-        ("tensor bytes", human_bytes(r.totals.bytes)),
+        ("format", markup(doc["format"] + _container_note(doc["container"]))),
+        ("file size", f"{human_bytes(size)} ({size:,} bytes)"),
+        ("tensors", f"{totals['tensors']:,}"),
+        ("parameters", f"{totals['parameters']:,} ({human_count(totals['parameters'])})"),
+        ("tensor bytes", human_bytes(totals["bytes"])),
     ]
     for k, v in facts:
         out.print(f"  {k:<13} {v}")
-    if r.identity is not None:
+    if what is not None:
         out.print("\n[bold]What it is[/bold]")
-        for line in identity_lines(r.identity):
+        for line in what:
             out.print(f"  {markup(line)}")
-    if r.totals.tensors:
+    if totals["tensors"]:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
-        for name, b in r.dtypes.items():
-            t.add_row(*_bucket_row(name, b, r.totals.bytes))
+        for name, b in doc["dtypes"].items():
+            t.add_row(*_bucket_row(name, b, totals["bytes"]))
         out.print_table(t)
         t = _table("\nBy component", "component", "tensors", "params", "bytes", "share")
-        for name, b in r.components.items():
-            t.add_row(*_bucket_row(owner_label(name), b, r.totals.bytes))
+        for b in doc["components"]:
+            t.add_row(*_bucket_row(owner_label(b["name"]), b, totals["bytes"]))
         out.print_table(t)
-    if r.other_tensors.tensors:
-        o = r.other_tensors
+    if (o := doc["other_tensors"])["tensors"]:
         out.print(
-            f"\n[yellow]{o.tensors} more tensors ({human_bytes(o.bytes)}) lie outside the "
+            f"\n[yellow]{o['tensors']} more tensors ({human_bytes(o['bytes'])}) lie outside the "
             "state dict (e.g. optimizer state)[/yellow]"
         )
-    if r.metadata:
-        t = _table(f"\nMetadata ({len(r.metadata)} keys)", "key", "value")
+    if metadata := doc["metadata"]:
+        t = _table(f"\nMetadata ({len(metadata)} keys)", "key", "value")
         t.columns[1].justify = "left"
-        for k, v in r.metadata.items():
+        for k, v in metadata.items():
             t.add_row(markup(k, 60), markup(v, MAX_SHOWN))
         out.print_table(t)
-    if r.extra:
+    if extra := doc["extra"]:
         t = _table("\nNon-tensor fields", "field", "value")
         t.columns[1].justify = "left"
-        for k, v in r.extra.items():
+        for k, v in extra.items():
             t.add_row(markup(k, 60), markup(_short(v), MAX_SHOWN))
         out.print_table(t)
-    if r.globals:
+    if globals_ := doc["globals"]:
         t = _table("\nGlobals in the pickle", "scan verdict", "loaded as", "global")
         for c in t.columns:
             c.justify = "left"
-        for g in r.globals:
+        for g in globals_:
             mark = {"safe": "safe", "suspicious": "[yellow]suspicious[/yellow]"}.get(
-                g.severity, "[red]dangerous[/red]"
+                g["severity"], "[red]dangerous[/red]"
             )
-            t.add_row(mark, g.loaded_as, markup(f"{g.module}.{g.name}"))
+            t.add_row(mark, g["loaded_as"], markup(f"{g['module']}.{g['name']}"))
         out.print_table(t)
-        if any(g.unusual for g in r.globals):
+        if any(g["severity"] != "safe" for g in globals_):
             out.print(
                 "  [dim]stand-ins are inert records: sdtool never imports or calls them. "
                 "Run `sdtool scan` for what torch.load would do.[/dim]"
             )
-    if r.listed and not r.tensors:
-        out.print(f"\nno tensor name matches {markup(repr(r.filter))} (of {r.totals.tensors:,})")
-    elif r.tensors:
-        title = f"Tensors ({len(r.tensors):,})"
-        if r.filter is not None:
-            title = f"Tensors matching {markup(repr(r.filter))} ({len(r.tensors):,} of "
-            title += f"{r.totals.tensors:,})"
+    rows = doc.get("tensors")  # only when tensors were asked for (the listing, maybe empty)
+    if rows is not None and not rows:
+        out.print(
+            f"\nno tensor name matches {markup(repr(doc['filter']))} (of {totals['tensors']:,})"
+        )
+    elif rows:
+        title = f"Tensors ({len(rows):,})"
+        if doc["filter"] is not None:
+            title = f"Tensors matching {markup(repr(doc['filter']))} ({len(rows):,} of "
+            title += f"{totals['tensors']:,})"
         t = _table("\n" + title, "name", "dtype", "shape", "bytes")
         t.columns[2].justify = "left"
-        for name, info in r.tensors:
-            t.add_row(markup(name), info.type_code, str(list(info.shape)), human_bytes(info.nbytes))
+        for row in rows:
+            t.add_row(
+                markup(row["name"]), row["dtype"], str(row["shape"]), human_bytes(row["bytes"])
+            )
         out.print_table(t)
 
 
-def _container_note(c: ContainerFacts) -> str:
+def _container_note(c: dict[str, Any]) -> str:
     notes = []
-    if prefix := getattr(c, "prefix", ""):
+    if prefix := c.get("prefix", ""):
         notes.append(f"folder {prefix!r}")
-    if getattr(c, "byteorder", "") == "big":
+    if c.get("byteorder", "") == "big":
         notes.append("big-endian")
-    if protocol := getattr(c, "pickle_protocol", 0):
+    if protocol := c.get("pickle_protocol", 0):
         notes.append(f"pickle protocol {protocol}")
-    if c.state_dict_path:
-        notes.append(f"tensors under {c.state_dict_path!r}")
+    if sd_path := c.get("state_dict_path"):
+        notes.append(f"tensors under {sd_path!r}")
     return f" ({', '.join(notes)})" if notes else ""
 
 

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from sdtool.aligned import PageBuffer
 from sdtool.errors import TruncatedFile, UnsupportedDtype
@@ -33,10 +30,14 @@ from sdtool.model import ModelFile, TensorInfo
 from sdtool.results import JsonKey, Result, json_key
 from sdtool.vocab import Progress
 
-#: elements per compared piece and side: 256 KiB of fp32, so a worker's two buffers (512 KiB)
-#: stay in its core's L2 cache (1 MiB here) between the copy out of the page cache and the
-#: memcmp. 128 KiB pieces cost more Python per byte for the same system time (docs/diff.md)
-CHUNK_ELEMENTS = 64 << 10
+if TYPE_CHECKING:  # numpy is imported only to decode a piece that differs (docs/diff.md)
+    import numpy as np
+
+#: elements per compared piece and side: 512 KiB of fp32. Smaller pieces cost more Python
+#: per byte and, as the two workers then take turns on the GIL more often, more context
+#: switches and system time: 256 KiB ones (a worker's two buffers as large as a core's
+#: 512 KiB L2 here) 1,700 switches and 4-20 % more user time, 128 KiB ones 23,000 (docs/diff.md)
+CHUNK_ELEMENTS = 128 << 10
 
 SCHEMA = "sdtool.diff/2"
 
@@ -273,21 +274,22 @@ class _Tally:
     differs: bool = False
 
 
-#: pieces per task: a worker claims a task (under a lock) and reports its progress once
-#: for all its pieces
-TASK_PIECES = 16
+#: pieces per task (4 MiB of fp32): a worker claims a task (under a lock) and reports its
+#: progress once for all its pieces
+TASK_PIECES = 8
 
 
 def _workers() -> int:
-    """Worker threads: preads, memcmp and numpy release the GIL, so one per core, at most
-    two (the copies out of the page cache share the memory bus)."""
+    """Workers, the caller's thread one of them: preads, memcmp and numpy release the GIL, so
+    one per core, at most two (the copies out of the page cache share the memory bus)."""
     return max(1, min(2, os.cpu_count() or 1))
 
 
 def _compare_all(
     ma: ModelFile, mb: ModelFile, pairs: list[_Pair], fast: bool, progress: Progress | None
 ) -> None:
-    """Compare every pair's values in tasks of a few pieces, on a few worker threads.
+    """Compare every pair's values in tasks of a few pieces, on the caller's thread and a
+    few more.
 
     A worker claims a task and reads each piece of both sides with plain preads into its own
     two small buffers, placed as the bytes lie in their pages (``sdtool.aligned``) and small
@@ -296,16 +298,19 @@ def _compare_all(
     on both sides is never decoded, so two equal files are compared at the speed of reading
     them. Nothing is handed from thread to thread per piece (a queue hand-off costs more than
     a memcmp). A pair whose values must be materialised (a compressed or strided source) is
-    one task. ``progress`` is called from the caller's thread.
+    one task. ``progress`` is called from the caller's thread, after each of its own tasks
+    and once at the end: no thread waits for news from the others (an idle caller woken per
+    task cost 10,000 futex calls and 16,000 context switches over two 7.7 GB files).
     """
     total = sum(p.ta.nbytes for p in pairs)
     lock = threading.Lock()
-    events: queue.Queue[tuple[int, BaseException | None]] = queue.Queue()
     stop = threading.Event()
+    done = [0]  # bytes of A compared, under the lock
+    errors: list[BaseException] = []
     files = _Files()
     tasks = _tasks(ma, mb, pairs, files)
 
-    def work() -> None:
+    def work(report: Progress | None) -> None:
         bufs: list[PageBuffer | None] = [None, None]
         try:
             while not stop.is_set():
@@ -319,34 +324,35 @@ def _compare_all(
                 tally = _run_task(task, bufs, fast, stop)
                 with lock:
                     _fold(p, tally, fast)
-                events.put(((task.stop - task.start) * p.ta.dtype.itemsize, None))
-        except BaseException as e:  # handed to the caller's thread
+                    done[0] += (task.stop - task.start) * p.ta.dtype.itemsize
+                    now = done[0]
+                if report is not None:
+                    report(now, total)
+        except BaseException as e:  # the first one is raised in the caller's thread
             stop.set()
-            events.put((0, e))
-        finally:
-            events.put((-1, None))
+            with lock:
+                errors.append(e)
 
-    threads = [threading.Thread(target=work, name=f"sdtool-diff-{i}") for i in range(_workers())]
+    threads = [
+        threading.Thread(target=work, args=(None,), name=f"sdtool-diff-{i}")
+        for i in range(1, _workers())
+    ]
     try:
         for t in threads:
             t.start()
-        done, running = 0, len(threads)
-        while running:
-            nbytes, error = events.get()
-            if error is not None:
-                raise error
-            if nbytes < 0:
-                running -= 1
-                continue
-            done += nbytes
-            if progress is not None:
-                progress(done, total)
+        work(progress)
+        for t in threads:  # before ``stop``: the others may still be in their last task
+            t.join()
     finally:
         stop.set()
         for t in threads:
             if t.ident is not None:
                 t.join()
         files.close()
+    if errors:
+        raise errors[0]
+    if progress is not None:
+        progress(done[0], total)
 
 
 def _tasks(ma: ModelFile, mb: ModelFile, pairs: list[_Pair], files: _Files) -> Iterator[_Task]:
@@ -402,6 +408,8 @@ def _compare_piece(
         if fast:  # one dtype: the bits differ where the bytes do; nothing to decode
             tally.differs = True
             return
+    import numpy as np  # only now: equal bytes need no numpy (its import is 0.2 CPU-s)
+
     ca = _values(piece_a, ta)
     cb = _values(piece_b, tb)
     if same_dtype:
@@ -430,13 +438,17 @@ def _compare_piece(
 
 def _values(piece: Any, info: TensorInfo) -> np.ndarray:
     """A piece as elements: raw bytes are viewed (no copy), arrays pass through."""
-    if isinstance(piece, np.ndarray):
+    import numpy as np
+
+    if not isinstance(piece, _Raw):
         return piece
     return np.frombuffer(piece.view, info.dtype.numpy)
 
 
 def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
     """A's values in B's dtype, with the bits sdtool's convert (and torch's ``.to()``) give."""
+    import numpy as np
+
     from sdtool.write.cast import cast, check_cast
 
     try:
@@ -536,6 +548,8 @@ class _Side:
 
 def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per element: do the bytes differ? (same dtype and length)"""
+    import numpy as np
+
     size = a.dtype.itemsize
     if size <= 8:
         u = np.dtype(f"<u{size}")
@@ -546,6 +560,8 @@ def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _max_int_diff(a: np.ndarray, b: np.ndarray) -> int:
     """Largest |a - b| exactly: the difference of the larger and the smaller, modulo 2**64."""
+    import numpy as np
+
     if a.size == 0:
         return 0
     hi, lo = np.maximum(a, b), np.minimum(a, b)
@@ -554,6 +570,8 @@ def _max_int_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 def _max_float_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     """(largest |a - b| in float64/complex128 ignoring NaNs, elements NaN on one side only)."""
+    import numpy as np
+
     if a.size == 0:
         return 0.0, 0
     wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64

@@ -6,16 +6,25 @@ reads a prediction or an EMA hint from it) and the tables and rules that
 ``ruleset.identify_version`` hashes. A record is therefore stored as the scan verdicts are
 (``Cache.lookup_many``: under the file's identity, and under its SHA-256 when one is recorded,
 kind ``inspect``, version ``identify_version() + settings``) with the base name it was made
-under, and trusted only for a file of that name whose identity is unchanged.
+under, and trusted only for a file of that name whose identity is unchanged. The table view,
+``--json``, ``--quiet`` and ``--jsonl`` share the records (the settings are the same).
 
-The stored text is three lines:
+The stored text is four lines, JSON data all (never code):
 
-1. the body: the ``--jsonl`` line's fields after ``path`` (``body_of``), spliced into a line
-   as it is, so a cached and a fresh line are the same bytes but the ``cached`` flag;
+1. the body: the ``--json`` document's fields after ``path``, then ``size`` (``body_of``):
+   the ``--jsonl`` line is spliced from it as it is, so a cached and a fresh line are the same
+   bytes but the ``cached`` flag, and ``view_of`` gives the ``--json`` document back;
 2. the base name, as a JSON string;
 3. the identity's lossless record (``Identity.to_record``; ``null`` when there is none), from
    which ``identity_of`` rebuilds an equal ``Identity`` (``to_json``, in the body, cuts long
-   lists and leaves the tensor ownership out).
+   lists and leaves the tensor ownership out);
+4. what the other views add to the body: ``{"schema": the --json schema, "what": the table
+   view's "What it is" lines (null: no identity)}``, so that a cached answer is printed
+   without loading identification's tables.
+
+This module loads no more than the lookup needs (the cache when it is used, the identity
+class only when an identity is rebuilt): a cached answer never imports the readers, and
+``--no-cache`` never imports sqlite3.
 
 Not stored: a file that cannot be read (the error depends on the moment), one that changed
 while it was read, standard input, a URL.
@@ -27,12 +36,13 @@ import json
 import os
 from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii as _enc
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sdtool.cache import Cache, Identity
-from sdtool.identify.result import Identity as Identified
-from sdtool.ops.inspect import InspectReport
 from sdtool.scan.ruleset import identify_version
+
+if TYPE_CHECKING:
+    from sdtool.cache import Cache, Identity
+    from sdtool.identify.result import Identity as Identified
 
 KIND = "inspect"
 
@@ -42,20 +52,23 @@ def settings_of(key: str | None, tensors: bool, filter: str | None) -> str:
     return "|" + json.dumps([key, tensors, filter], ensure_ascii=True)
 
 
-def body_of(report: InspectReport) -> str:
-    """The ``--jsonl`` line's fields after ``path`` (``to_json`` without its schema and path,
-    then ``size``), encoded once."""
-    doc = report.to_json()
-    del doc["schema"], doc["path"]  # the line's own schema; the same bytes may sit elsewhere
-    doc["size"] = report.file_size
-    return json.dumps(doc, ensure_ascii=True, default=str)
+def body_of(doc: dict[str, Any]) -> str:
+    """The stored body of a report's ``--json`` document (``InspectReport.to_json``): its
+    fields without schema and path, then ``size`` (the file's), encoded once."""
+    # a line has its own schema; the same bytes may sit under another path
+    body = {k: v for k, v in doc.items() if k not in ("schema", "path")}
+    body["size"] = doc["file_size"]
+    return json.dumps(body, ensure_ascii=True, default=str)
 
 
-def stored_of(report: InspectReport, body: str, name: str) -> str:
-    """What the cache stores: the body, the base name, the identity's record (module doc)."""
-    ident = report.identity
-    record = "null" if ident is None else json.dumps(ident.to_record(), ensure_ascii=True)
-    return f"{body}\n{_enc(name)}\n{record}"
+def stored_of(
+    body: str, name: str, identity: Identified | None, schema: str, what: list[str] | None
+) -> str:
+    """What the cache stores: the body, the base name, the identity's record, the views'
+    additions (module doc)."""
+    record = "null" if identity is None else json.dumps(identity.to_record(), ensure_ascii=True)
+    views = json.dumps({"schema": schema, "what": what}, ensure_ascii=True)
+    return f"{body}\n{_enc(name)}\n{record}\n{views}"
 
 
 class Found(NamedTuple):
@@ -64,12 +77,15 @@ class Found(NamedTuple):
     body: str | None
     identity: Identity | None
     keys: tuple[str, ...] = ()  # where a fresh record is stored: SHA-256 (when known), identity
+    text: str | None = None  # a hit's whole stored text (``view_of``)
 
 
 def lookup_many(paths: Sequence[str], cache: Cache | None, settings: str) -> list[Found]:
     """Each file's cached body under this version and settings: one query per few hundred
     files; a file that cannot be stat'ed, or whose record was made under another base name,
     is not cached."""
+    from sdtool.cache import Identity
+
     out = [Found(None, None)] * len(paths)
     live: list[tuple[int, str, Identity]] = []
     for i, p in enumerate(paths):
@@ -84,23 +100,39 @@ def lookup_many(paths: Sequence[str], cache: Cache | None, settings: str) -> lis
     for (i, path, ident), (digest, text) in zip(live, answers, strict=True):
         keys = tuple(k for k in (digest, ident.key) if k)
         body = None if text is None else _body(text, os.path.basename(path))
-        out[i] = Found(body, ident, keys)
+        out[i] = Found(body, ident, keys, None if body is None else text)
     return out
 
 
 def _body(text: str, name: str) -> str | None:
     """The body of a stored text made under ``name`` (None: another name, another layout)."""
-    parts = text.split("\n", 2)
-    if len(parts) != 3 or parts[1] != _enc(name):
+    parts = text.split("\n", 3)
+    if len(parts) != 4 or parts[1] != _enc(name) or not parts[3].startswith('{"schema": '):
         return None
     body = parts[0]
     return body if body.startswith('{"format": ') and body.endswith("}") else None
 
 
+def view_of(found: Found, path: str) -> tuple[dict[str, Any], list[str] | None]:
+    """A hit as the fresh report's views see it: its ``--json`` document under ``path`` and
+    its "What it is" lines (ValueError, KeyError, TypeError: a record of another shape)."""
+    assert found.body is not None and found.text is not None
+    views = json.loads(found.text.split("\n", 3)[3])
+    what = views["what"]
+    if not (what is None or (isinstance(what, list) and all(isinstance(x, str) for x in what))):
+        raise TypeError("the stored lines are not text")
+    doc: dict[str, Any] = {"schema": str(views["schema"]), "path": path}
+    doc.update(json.loads(found.body))
+    del doc["size"]  # the body's own addition (body_of)
+    return doc, what
+
+
 def identity_of(text: str) -> Identified | None:
     """The ``Identity`` a stored text holds (None: none, or a record of another shape)."""
-    parts = text.split("\n", 2)
-    if len(parts) != 3 or parts[2] == "null":
+    from sdtool.identify.result import Identity as Identified
+
+    parts = text.split("\n", 3)
+    if len(parts) != 4 or parts[2] == "null":
         return None
     try:
         return Identified.from_record(json.loads(parts[2]))
@@ -109,9 +141,19 @@ def identity_of(text: str) -> Identified | None:
 
 
 def store(
-    path: str, cache: Cache | None, found: Found, report: InspectReport, body: str, settings: str
+    path: str,
+    cache: Cache | None,
+    found: Found,
+    body: str,
+    identity: Identified | None,
+    schema: str,
+    what: list[str] | None,
+    settings: str,
 ) -> None:
-    """Record a fresh report, unless the file changed while it was read."""
+    """Record a fresh report (its body, identity, schema and "What it is" lines), unless the
+    file changed while it was read."""
+    from sdtool.cache import Identity
+
     if cache is None or found.identity is None:
         return
     try:
@@ -119,7 +161,7 @@ def store(
             return
     except OSError:
         return
-    text = stored_of(report, body, os.path.basename(path))
+    text = stored_of(body, os.path.basename(path), identity, schema, what)
     version = identify_version() + settings
     for key in found.keys:
         cache.put_text(KIND, key, version, text, path)

@@ -30,9 +30,10 @@ import sdtool
 VERDICT_SOURCES = ("scan", "formats")
 #: single modules outside those packages that do
 VERDICT_MODULES = ("dtypes.py", "errors.py", "model.py", "vocab.py")
-#: what an inspect record adds to a verdict's sources (its identity, header summary, JSON)
+#: what an inspect record adds to a verdict's sources (its identity, header summary, JSON,
+#: and the "What it is" lines it keeps for the table view)
 IDENTIFY_SOURCES = ("identify", "data")
-IDENTIFY_MODULES = ("ops/inspect.py", "ops/inspect_cache.py", "results.py")
+IDENTIFY_MODULES = ("cli/identity.py", "ops/inspect.py", "ops/inspect_cache.py", "results.py")
 _SUFFIXES = (".py", ".json", ".gz", ".txt")
 
 
