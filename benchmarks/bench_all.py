@@ -30,6 +30,24 @@ from pathlib import Path
 # the yardstick bench_hash.py uses: one hashlib SHA-256 pass (this folder is on sys.path)
 from bench_hash import HASHLIB_ALONE
 
+#: both files read once on two threads at once (512 KiB preads, no comparing): what any
+#: reader that overlaps its reads on two cores pays, the floor of diff's two workers
+PREAD_TWO_THREADS = """
+import os, sys, threading
+fa, fb = (os.open(p, os.O_RDONLY) for p in sys.argv[1:3])
+size = max(os.fstat(fa).st_size, os.fstat(fb).st_size)
+todo, lock = iter(range(0, size, 512 << 10)), threading.Lock()
+def work():
+    a, b = bytearray(512 << 10), bytearray(512 << 10)
+    while True:
+        with lock:
+            at = next(todo, None)
+        if at is None:
+            return
+        os.preadv(fa, [a], at); os.preadv(fb, [b], at)
+t = threading.Thread(target=work); t.start(); work(); t.join()
+"""
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(os.environ.get("SDTOOL_BENCH_DIR", "/work/bench"))
 CKPT = BENCH / "sd15-ema.ckpt"
@@ -72,6 +90,8 @@ def jobs() -> list[Job]:
             (CKPT, ST)),
         Job("cat legacy ckpt", ["sh", "-c", 'cat "$0" "$1" > /dev/null', lg, ck],
             (LEGACY, CKPT)),
+        Job("pread ckpt safetensors on 2 threads",
+            [sys.executable, "-c", PREAD_TWO_THREADS, ck, st], (CKPT, ST)),
         # convert: zip checkpoint
         Job("convert ckpt (keep dtype)", sdtool("convert", ck, o_st), (CKPT,), "cp ckpt", 1.0,
             256),
@@ -165,6 +185,8 @@ def main() -> None:
     pick = re.compile(args.only or ".")
     chosen = {j.name for j in jobs() if pick.search(j.name)}
     chosen |= {j.yardstick for j in jobs() if j.name in chosen and j.yardstick}
+    if any(n.startswith("diff") for n in chosen):
+        chosen.add("pread ckpt safetensors on 2 threads")
     if any("torch kernels" in n for n in chosen):
         chosen.add("import torch")
     results: dict[str, Run] = {}
