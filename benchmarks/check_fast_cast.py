@@ -1,6 +1,6 @@
 """Check sdtool's fast float32 -> float16 cast on all 2**32 float32 bit patterns (``--fp8``:
-the float32 -> float8_e4m3fn cast against torch's ``.to(torch.float8_e4m3fn)``, which needs
-torch; NaNs aside there too).
+the float32 -> float8_e4m3fn and float8_e5m2 casts against torch's ``.to()``, which needs torch;
+NaNs aside there too).
 
 Blocks of consecutive patterns go through ``sdtool.write.cast.cast`` (fast path where a block
 is NaN-free and inside float16's range, numpy's cast plus the exact fixes elsewhere) and are
@@ -52,23 +52,25 @@ def main() -> int:
 def check_fp8() -> int:
     import torch
 
-    f32, f8 = dtypes.from_code("F32"), dtypes.from_code("F8_E4M3")
+    f32 = dtypes.from_code("F32")
+    kinds = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
     buf = np.empty(STEP, np.uint8)
     t0 = time.perf_counter()
     for start in range(0, 1 << 32, STEP):
         bits = np.arange(start, start + STEP, dtype=np.uint64).astype(np.uint32)
         vals = bits.view(np.float32)
-        got = cast(vals, f32, f8, out=buf)[0].view(np.uint8)
-        want = torch.from_numpy(vals.copy()).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-        ok = np.isnan(vals) | (got == want)
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
-            print(f"differs at {bits[i]:#010x}: {got[i]:#04x} != {want[i]:#04x}")
-            return 1
+        for code, tdt in kinds.items():
+            got = cast(vals, f32, dtypes.from_code(code), out=buf)[0].view(np.uint8)
+            want = torch.from_numpy(vals.copy()).to(tdt).view(torch.uint8).numpy()
+            ok = np.isnan(vals) | (got == want)
+            if not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
+                print(f"{code} differs at {bits[i]:#010x}: {got[i]:#04x} != {want[i]:#04x}")
+                return 1
         if (start + STEP) % (1 << 28) == 0:
             done = (start + STEP) >> 28
             print(f"{done}/16 checked, {time.perf_counter() - t0:.0f} s", flush=True)
-    print("all 2**32 float32 patterns: fp8 e4m3fn cast == torch's (NaNs aside)")
+    print("all 2**32 float32 patterns: fp8 e4m3fn and e5m2 casts == torch's (NaNs aside)")
     return 0
 
 

@@ -59,58 +59,66 @@ def test_blocks_mixing_fast_and_exact(block: int, monkeypatch: pytest.MonkeyPatc
     assert cast(vals[:0], F32, F16)[0].size == 0
 
 
-F8 = dtypes.from_code("F8_E4M3")
+#: float8 code -> torch dtype, largest finite value's float32 bits, where overflow starts
+FP8 = {
+    "F8_E4M3": ("float8_e4m3fn", 0x43E00000, 464.0),  # saturates to +-448
+    "F8_E5M2": ("float8_e5m2", 0x47600000, 61440.0),  # rounds to +-inf
+}
 
 
-def _torch_f8(bits: np.ndarray) -> np.ndarray:
-    t = torch.from_numpy(bits.view(np.float32).copy()).to(torch.float8_e4m3fn)
+def _torch_f8(bits: np.ndarray, code: str) -> np.ndarray:
+    t = torch.from_numpy(bits.view(np.float32).copy()).to(getattr(torch, FP8[code][0]))
     return t.view(torch.uint8).numpy()
 
 
-def test_fp8_fast_path_equals_torch() -> None:
-    """float32 -> float8_e4m3fn through the fast kernel: every exponent up to 448's with the
-    mantissas where 3-bit rounding can go wrong, both signs; no block falls back."""
+@pytest.mark.parametrize("code", sorted(FP8))
+def test_fp8_fast_path_equals_torch(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 -> float8 through the fast kernel: every exponent up to the largest finite
+    value's with the mantissas where rounding to 2 or 3 bits can go wrong, both signs; no
+    block falls back."""
     rng = np.random.default_rng(17)
-    exps = np.arange(136, dtype=np.uint32) << 23
-    low = [0, 1, 0x7FFFF, 0x80000, 0x80001, 0xFFFFF, 0x100000, 0x180000, 0x700000, 0x7FFFFF]
+    exps = np.arange(144, dtype=np.uint32) << 23
+    low = [0, 1, 0x7FFFF, 0x80000, 0x80001, 0xFFFFF, 0x100000, 0x100001, 0x180000, 0x1FFFFF,
+           0x200000, 0x200001, 0x300000, 0x700000, 0x7FFFFF]  # fmt: skip
     mants = np.concatenate([np.array(low, np.uint32), rng.integers(0, 2**23, 3000, np.uint32)])
     bits = (exps[:, None] | mants[None, :]).reshape(-1)
-    bits = bits[bits <= 0x43E00000]  # |x| <= 448
+    bits = bits[bits <= FP8[code][1]]
     bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
     rng.shuffle(bits)
     used: list[bool] = []
-    real = cast_mod._FAST[("F32", "F8_E4M3")]
+    real = cast_mod._FAST[("F32", code)]
 
     def spy(*args: np.ndarray) -> bool:
         used.append(real(*args))
         return used[-1]
 
-    cast_mod._FAST[("F32", "F8_E4M3")] = spy
-    try:
-        got, overflow = cast(bits.view(np.float32), F32, F8)
-    finally:
-        cast_mod._FAST[("F32", "F8_E4M3")] = real
+    monkeypatch.setitem(cast_mod._FAST, ("F32", code), spy)
+    got, overflow = cast(bits.view(np.float32), F32, dtypes.from_code(code))
     assert used and all(used) and overflow == 0
-    g, want = got.view(np.uint8), _torch_f8(bits)
+    g, want = got.view(np.uint8), _torch_f8(bits, code)
     bad = np.flatnonzero(g != want)
     assert bad.size == 0, [(hex(bits[i]), hex(g[i]), hex(want[i])) for i in bad[:5]]
 
 
+@pytest.mark.parametrize("code", sorted(FP8))
 @pytest.mark.parametrize("block", [1, 7, 4096])
-def test_fp8_blocks_mixing_fast_and_exact(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks with NaN, inf or values past 448 take the exact path; the rest the fast one;
-    together torch's bits (NaN aside: torch's NaN is 0x7F with the sign) and the count of
-    finite values saturated to +-448."""
+def test_fp8_blocks_mixing_fast_and_exact(
+    block: int, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks with NaN, inf or values past the largest take the exact path; the rest the fast
+    one; together torch's bits (NaN aside: torch's NaN bits are the format's, sign kept) and
+    the count of finite values that overflowed."""
     monkeypatch.setattr(cast_mod, "FAST_BLOCK", block)
     rng = np.random.default_rng(19)
-    vals = (rng.standard_normal(50_000) * np.exp(rng.uniform(-14, 7, 50_000))).astype(np.float32)
+    vals = (rng.standard_normal(50_000) * np.exp(rng.uniform(-18, 12, 50_000))).astype(np.float32)
     vals[::997] = np.nan
     vals[5::1231] = np.float32(np.inf)
-    vals[11::883] = np.float32(-500.0)
+    vals[11::883] = np.float32(-1.1 * FP8[code][2])
     buf = np.full(vals.size + 3, 0xCD, np.uint8)
-    got, overflow = cast(vals, F32, F8, out=buf)
-    g, want = got.view(np.uint8), _torch_f8(vals.view(np.uint32))
+    got, overflow = cast(vals, F32, dtypes.from_code(code), out=buf)
+    g, want = got.view(np.uint8), _torch_f8(vals.view(np.uint32), code)
     nan = np.isnan(vals)
     assert np.array_equal(g[~nan], want[~nan])
-    assert np.all((g[nan] & 0x7F) == 0x7F)
-    assert overflow == int(np.count_nonzero(np.isfinite(vals) & (np.abs(vals) >= 464)))
+    assert np.all(np.isnan(torch.from_numpy(g[nan].copy()).view(getattr(torch, FP8[code][0]))
+                           .float().numpy()))  # fmt: skip
+    assert overflow == int(np.count_nonzero(np.isfinite(vals) & (np.abs(vals) >= FP8[code][2])))
