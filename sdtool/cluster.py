@@ -82,11 +82,10 @@ class Cluster:
                 f"the Dask workers at {address} cannot run sdtool tasks ({type(e).__name__}): "
                 "install sdtool[cluster] in the workers' environment"
             ) from None
-        ours = code_version()
         for worker, version in sorted(theirs.items()):
-            if version != ours:
+            if version != self._version:
                 self.close()
-                raise WorkerMismatch(worker, version, ours).as_error()
+                raise WorkerMismatch(worker, version, self._version).as_error()
 
     def close(self) -> None:
         client = getattr(self, "client", None)
@@ -169,27 +168,13 @@ class Cluster:
 # -- the tasks (module-level: workers import them by name) ---------------------------------
 
 
-_CODE_VERSION: list[str] = []
-
-
 def code_version() -> str:
-    """This sdtool's version and a digest of every file of its package (sources and data),
-    so two installs of one release with different code (a development tree, a patched
-    scanner) differ too. Computed once per process: a few milliseconds, cluster runs only."""
-    if not _CODE_VERSION:
-        import hashlib
+    """This sdtool's version and a digest of every file of its package
+    (``ruleset.code_version``; a module-level function here, so that ``client.run`` sends
+    it by name and each worker computes its own)."""
+    from sdtool.scan.ruleset import code_version as version
 
-        import sdtool
-
-        root = Path(sdtool.__file__).parent
-        h = hashlib.sha256()
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and p.suffix in (".py", ".gz", ".json", ".txt"):
-                rel = p.relative_to(root).as_posix()
-                h.update(f"{rel}\0{p.stat().st_size}\0".encode())
-                h.update(p.read_bytes())
-        _CODE_VERSION.append(f"{sdtool.__version__}+{h.hexdigest()[:16]}")
-    return _CODE_VERSION[0]
+    return version()
 
 
 class WorkerMismatch(Exception):

@@ -176,10 +176,11 @@ def test_workers_of_other_code_are_refused_one_line_exit_2(
     """A worker whose sdtool differs from the client's (here: the client's digest is made to
     differ) stops the run before any task: one line, exit 2, nothing on stdout."""
     import sdtool.cluster
+    from sdtool.scan import ruleset
 
     real = sdtool.cluster.code_version()
     assert real.startswith(sdtool.__version__ + "+")
-    monkeypatch.setattr(sdtool.cluster, "_CODE_VERSION", ["0.1.0+patched"])
+    monkeypatch.setattr(ruleset, "code_version", lambda: "0.1.0+patched")
     d = _tree(tmp_path / "t")
     code = main(["scan", "--jsonl", "--no-cache", "--cluster", scheduler, str(d)])
     out, err = capsys.readouterr()
@@ -194,9 +195,10 @@ def test_a_task_on_a_worker_of_other_code_stops_the_run(
     a per-file failure handed to ``on_error`` but the end of the run."""
     import sdtool.cluster
     from sdtool.errors import SdtoolError
+    from sdtool.scan import ruleset
 
     monkeypatch.setattr(sdtool.cluster.Cluster, "_check_workers", lambda self, address: None)
-    monkeypatch.setattr(sdtool.cluster, "_CODE_VERSION", ["0.1.0+patched"])
+    monkeypatch.setattr(ruleset, "code_version", lambda: "0.1.0+patched")
     with (
         sdtool.cluster.Cluster(scheduler, window=2) as c,
         pytest.raises(SdtoolError, match=r"runs sdtool 0\.1\.0\+\w+, this is 0\.1\.0\+patched"),

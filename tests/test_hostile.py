@@ -214,3 +214,23 @@ def test_memo_forgery_regression(tmp_path: Path) -> None:
     with pytest.raises(CorruptFile, match="forged index"):
         open_model(p)
     assert np.frombuffer(b"\0\0\0\0", np.float32).size == 1  # numpy still usable: no OOM
+
+
+def test_persistent_id_text_reads_every_kind_as_before() -> None:
+    """``torchfile._text`` (the storage key and tag of a persistent id) takes an exact ``str``
+    as it is before its other checks; every other value a pickle can put there reads as the
+    one generic expression reads it, a str subclass through its own ``str()``."""
+    from sdtool.formats.torchfile import _text
+    from sdtool.formats.unpickler import brief
+
+    class Odd(str):
+        def __str__(self) -> str:
+            return "odd"
+
+    def generic(v: object) -> str:
+        if isinstance(v, bytes):
+            return v.decode("ascii", "replace")
+        return str(v) if isinstance(v, str | int) else brief(v)
+
+    for v in ("0", "storage", "", "é", Odd("0"), b"0", b"\xff", 7, True, 1.5, None, ("a",), [1]):
+        assert _text(v) == generic(v), v

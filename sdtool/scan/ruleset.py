@@ -50,6 +50,14 @@ def identify_version() -> str:
     return _version(VERDICT_SOURCES + IDENTIFY_SOURCES, VERDICT_MODULES + IDENTIFY_MODULES)
 
 
+@functools.cache
+def code_version() -> str:
+    """As ``ruleset_version``, over every file of the package: what a cluster worker must
+    share with its client (sdtool.cluster), so two installs of one release with different
+    code (a development tree, a patched scanner) differ too."""
+    return _version((".",), ())
+
+
 def _version(packages: tuple[str, ...], modules: tuple[str, ...]) -> str:
     root = str(Path(sdtool.__file__).parent)
     files = _sources(root, packages, modules)
