@@ -83,6 +83,8 @@ def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[
         # LoRA rows' regexes (a checkpoint is no LoRA)
         # nor the facts of torch's other containers (the example is a torch zip)
         assert not {"sdtool.scan.report", "sdtool.identify.lora_rows"} & mods
+        # nor the capability table: the allowlist answers for every global of the example
+        assert "sdtool.scan.capabilities" not in mods and "sdtool.scan.classify" in mods
         assert "sdtool.formats.torchfacts" not in mods and "sdtool.formats.torchfile" in mods
         assert "sdtool.formats.zip_readings" not in mods  # the scanner's readings of a zip
         assert "sdtool.identify.tables" in mods  # the probe can fail: identify did run
