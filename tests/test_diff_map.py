@@ -133,7 +133,7 @@ def test_windows_are_bounded_by_a_task(tmp_path: Path, monkeypatch: pytest.Monke
     save_file({"x": x}, str(b))
     maps = Maps(monkeypatch)
     assert diff(a, b).identical
-    bound = diff_mod.CHUNK_ELEMENTS * diff_mod.TASK_PIECES * 4 + mmap.ALLOCATIONGRANULARITY
+    bound = diff_mod.CHUNK_ELEMENTS * diff_mod.TASK_PIECES * 4 + 2 * diff_mod.WINDOW_ALIGN
     assert len(maps.made) == 6
     assert all(length <= bound for length, _ in maps.made)
     assert maps.all_closed()

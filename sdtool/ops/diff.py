@@ -494,10 +494,16 @@ def _memcmp() -> Callable[[int, int, int], int]:
     return fn
 
 
+#: windows start and end at multiples of 2 MiB in the file (or at its end): a 2 MiB folio of
+#: the page cache inside a window is then mapped by one page-table entry (a PMD) instead of
+#: 512, and this machine's kernel time for mapping the pair halved (docs/diff.md)
+WINDOW_ALIGN = 2 << 20
+
+
 def _map(fd: int, offset: int, length: int) -> mmap.mmap:
-    """``length`` bytes of ``fd`` from the page-aligned ``offset``, mapped. ACCESS_COPY
-    (MAP_PRIVATE) because ctypes finds the address of writable buffers only; the pages stay
-    the page cache's own, mapped read-only, as nothing writes to them."""
+    """``length`` bytes of ``fd`` from ``offset`` (a multiple of WINDOW_ALIGN), mapped.
+    ACCESS_COPY (MAP_PRIVATE) because ctypes finds the address of writable buffers only; the
+    pages stay the page cache's own, mapped read-only, as nothing writes to them."""
     return mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=offset)
 
 
@@ -561,11 +567,13 @@ class _Side:
         at, n = self.offset + start * self.item, (stop - start) * self.item
         files = self.files
         if files is not None and self.fd not in files.unmappable:
-            if os.fstat(self.fd).st_size < at + n:
+            size = os.fstat(self.fd).st_size
+            if size < at + n:
                 raise self.shrank()
-            base = at - at % mmap.ALLOCATIONGRANULARITY
+            base = at - at % WINDOW_ALIGN
+            end = min(size, -(-(at + n) // WINDOW_ALIGN) * WINDOW_ALIGN)
             try:
-                return _Mapped(_map(self.fd, base, at + n - base), at - base, start, self.item)
+                return _Mapped(_map(self.fd, base, end - base), at - base, start, self.item)
             except ValueError:  # mmap's own size check: the file shrank since the fstat
                 raise self.shrank() from None
             except OSError:  # a file system that cannot map: read this file from now on
