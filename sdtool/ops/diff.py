@@ -2,8 +2,8 @@
 
 Both files are opened lazily (any format ``open_model`` reads) and compared by name: tensors only
 in A ("missing" from B), only in B ("extra"), shape and dtype changes, and for every pair of equal
-shape the element values, streamed one tensor pair at a time in bounded chunks so memory stays
-near one chunk, whatever the model's size.
+shape the element values, through bounded windows of both files (mapped, or read where a file
+cannot be mapped) so memory stays near a few windows, whatever the model's size.
 
 Values are compared bit for bit (a NaN equals a NaN only with the same payload; +0 and -0
 differ). For changed elements the largest absolute difference is computed in float64 (floats,
@@ -277,14 +277,15 @@ class _Tally:
     differs: bool = False
 
 
-#: pieces per task (4 MiB of fp32): a worker claims a task (under a lock) and reports its
-#: progress once for all its pieces
+#: pieces per task (4 MiB of fp32): a worker claims a task (under a lock), maps its window of
+#: each side and reports its progress once for all its pieces
 TASK_PIECES = 8
 
 
 def _workers() -> int:
-    """Workers, the caller's thread one of them: preads, memcmp and numpy release the GIL, so
-    one per core, at most two (the copies out of the page cache share the memory bus)."""
+    """Workers, the caller's thread one of them: memcmp (through ctypes, page faults and
+    all), preads and numpy release the GIL, so one per core, at most two (both read memory
+    through the same bus)."""
     return max(1, min(2, os.cpu_count() or 1))
 
 
@@ -294,14 +295,15 @@ def _compare_all(
     """Compare every pair's values in tasks of a few pieces, on the caller's thread and a
     few more.
 
-    A worker claims a task and reads each piece of both sides with plain preads into its own
-    two small buffers, placed as the bytes lie in their pages (``sdtool.aligned``) and small
-    enough to stay in its core's L2 cache: reading is one copy out of the page cache, as
-    ``cat`` does it, and the memcmp after it reads cached bytes. A piece whose bytes are equal
-    on both sides is never decoded, so two equal files are compared at the speed of reading
-    them. Nothing is handed from thread to thread per piece (a queue hand-off costs more than
-    a memcmp). A pair whose values must be materialised (a compressed or strided source) is
-    one task. ``progress`` is called from the caller's thread, after each of its own tasks
+    A worker claims a task and maps, on each side, the window of the file that holds the
+    task's bytes (``_Side.window``), compares them piece by piece with one libc memcmp on the
+    mapped addresses and unmaps both: the memcmp reads the page cache's own pages, with no
+    copy out of it (the copy is all of ``cat``'s system time), and RSS holds only the open
+    windows. Where a file cannot be mapped, the pieces are read with preads into two small
+    buffers per worker instead. A piece whose bytes are equal on both sides is never decoded,
+    so two equal files are compared at the speed of reading them. Nothing is handed from
+    thread to thread per piece (a queue hand-off costs more than a memcmp). A pair whose
+    values must be materialised (a compressed or strided source) is one task. ``progress`` is called from the caller's thread, after each of its own tasks
     and once at the end: no thread waits for news from the others (an idle caller woken per
     task cost 10,000 futex calls and 16,000 context switches over two 7.7 GB files).
     """
