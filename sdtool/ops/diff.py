@@ -303,9 +303,10 @@ def _compare_all(
     buffers per worker instead. A piece whose bytes are equal on both sides is never decoded,
     so two equal files are compared at the speed of reading them. Nothing is handed from
     thread to thread per piece (a queue hand-off costs more than a memcmp). A pair whose
-    values must be materialised (a compressed or strided source) is one task. ``progress`` is called from the caller's thread, after each of its own tasks
-    and once at the end: no thread waits for news from the others (an idle caller woken per
-    task cost 10,000 futex calls and 16,000 context switches over two 7.7 GB files).
+    values must be materialised (a compressed or strided source) is one task. ``progress``
+    is called from the caller's thread, after each of its own tasks and once at the end: no
+    thread waits for news from the others (an idle caller woken per task cost 10,000 futex
+    calls and 16,000 context switches over two 7.7 GB files).
     """
     total = sum(p.ta.nbytes for p in pairs)
     lock = threading.Lock()
