@@ -296,9 +296,7 @@ def test_fast_stops_at_the_first_difference(
     monkeypatch.setattr(diff_mod, "_values", lambda p, i: decoded.append(1) or real(p, i))
     compared: list[int] = []
     same = diff_mod._same_bytes
-    monkeypatch.setattr(
-        diff_mod, "_same_bytes", lambda x, y: compared.append(x.size) or same(x, y)
-    )
+    monkeypatch.setattr(diff_mod, "_same_bytes", lambda x, y: compared.append(x.size) or same(x, y))
     monkeypatch.setattr(diff_mod, "_workers", lambda: 1)
     fast = diff(a, b, fast=True)
     # one dtype: differing bytes are differing bits, nothing is decoded; the first piece of
