@@ -58,6 +58,12 @@ class Format(str, Enum):
 #: the compressions sniffing recognises (scan looks inside them; open_model asks to decompress)
 COMPRESSED = frozenset({Format.GZIP, Format.BZIP2, Format.XZ, Format.ZLIB, Format.LZMA})
 
+#: the names of model files: dropped from an input's name to derive an output's
+#: (sdtool.ops.outname); an empty file under one is a download that never arrived (scan)
+MODEL_SUFFIXES = (
+    ".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".npz", ".npy", ".gguf",
+)  # fmt: skip
+
 
 class Severity(str, Enum):
     """How bad one finding (or one global) is; ``rank`` orders them."""

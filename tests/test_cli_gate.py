@@ -76,6 +76,33 @@ def test_model_folder_passes_the_gate(folder: Path, capsys: pytest.CaptureFixtur
     assert skipped == LABELS
 
 
+def test_placeholders_and_windows_notes_pass_the_gate(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The empty placeholders A1111 and ComfyUI ship in their model folders and a note saved
+    as UTF-16 (Notepad's "Unicode") are skipped; an empty file under a model's name is a
+    download that never arrived: could not scan."""
+    (folder / "Put Stable Diffusion checkpoints here.txt").write_bytes(b"")
+    (folder / "put_checkpoints_here").write_bytes(b"")
+    (folder / "notes-utf16.txt").write_bytes("trigger words: foo\r\n".encode("utf-16"))
+    assert main(["scan", str(folder)]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == ""
+    for name, what in [
+        ("Put Stable Diffusion checkpoints here.txt", "empty file"),
+        ("put_checkpoints_here", "empty file"),
+        ("notes-utf16.txt", "text"),
+    ]:
+        assert f"SKIPPED     {folder / name}: not a model file ({what})\n" in cap.out
+    assert cap.out.endswith("12 files: 10 skipped (not model files), 2 safe -> exit 0\n")
+    (folder / "sd15-v2.safetensors").write_bytes(b"")
+    assert main(["scan", str(folder)]) == 2
+    cap = capsys.readouterr()
+    assert (
+        cap.err == f"sdtool: {folder / 'sd15-v2.safetensors'}: could not scan: the file is empty\n"
+    )
+
+
 def _run_json(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     main(["scan", str(path), "--json"])
     return capsys.readouterr().out

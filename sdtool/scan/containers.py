@@ -44,7 +44,7 @@ from sdtool.scan.walkers.safetensors import scan_safetensors
 from sdtool.scan.walkers.tar import scan_tar
 from sdtool.scan.walkers.zip import scan_zip
 from sdtool.urls import is_url
-from sdtool.vocab import Format
+from sdtool.vocab import MODEL_SUFFIXES, Format
 
 
 def scan_file(
@@ -72,8 +72,7 @@ def _scan_into(rep: FileScan, path: Path, limits: Limits, crc: str, budget: Budg
         with open_regular(path) as f:
             size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
-                rep.scanned, rep.format = False, Format.EMPTY
-                rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
+                _empty(rep, path)
                 return
             if sniff_any(f.read(HEAD), size) is Format.ZIP:
                 # zips are read in small scattered pieces: plain reads keep RSS small
@@ -106,6 +105,18 @@ def _scan_into(rep: FileScan, path: Path, limits: Limits, crc: str, budget: Budg
             rep.problem(ProblemKind.UNREADABLE, why)
 
 
+def _empty(rep: FileScan, path: Path) -> None:
+    """An empty file holds nothing a loader could run: skipped, as the placeholders A1111 and
+    ComfyUI ship in their model folders ("Put ... here.txt", ``put_checkpoints_here``) are;
+    under a model file's name it is a download that never arrived: not scanned (exit 2)."""
+    rep.format = Format.EMPTY
+    if not path.name.lower().endswith(MODEL_SUFFIXES):
+        rep.skipped = "empty file"
+        return
+    rep.scanned = False
+    rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
+
+
 def _scan_remote(ctx: Ctx, path: Path) -> None:
     """A URL, read by ranges (sdtool.remote): what holds pickles is read, raw storages are not."""
     from sdtool.remote import open_url
@@ -120,8 +131,7 @@ def _scan_remote(ctx: Ctx, path: Path) -> None:
     with reader:
         rep.size = reader.size
         if reader.size == 0:
-            rep.scanned, rep.format = False, Format.EMPTY
-            rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
+            _empty(rep, path)
             return
         scan_blob(ctx, reader, None, depth=0, name=path.name)
 
