@@ -160,6 +160,10 @@ def test_columns_is_respected_and_identifiers_stay_whole(
     out = _run(["inspect", str(EXAMPLE)], env)
     assert "…" not in out
     assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in out
+    # the summary and "What it is" lines wrap at spaces (tables keep their rows whole)
+    for line in out.split("\n\nBy dtype")[0].splitlines():
+        assert len(line) <= columns or len(line.split()) == 1, line
+    assert "e.g. model.diffusion_model.input_blocks.0.0.bias [1]" in " ".join(out.split())
 
 
 # --- 6. conveniences ---------------------------------------------------------------------------
