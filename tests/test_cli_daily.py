@@ -255,6 +255,21 @@ def test_hash_sha256sum_and_check(
     assert cap.err == "sdtool: warning: 1 computed checksum(s) did NOT match\n"
 
 
+def test_hash_check_reads_bsd_tag_lines(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sha256sum --tag`` (and ``shasum -a 256 --tag``) lines, names escaped or not."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "back\\slash.bin").write_bytes(b"x")
+    r = subprocess.run(
+        ["sha256sum", "--tag", "model.ckpt", "back\\slash.bin"], capture_output=True, text=True
+    )
+    assert r.stdout.startswith("SHA256 (model.ckpt) = ") and r.stdout.count("\n") == 2
+    (tmp_path / "SUMS").write_text(r.stdout)
+    assert main(["hash", "--check", "SUMS"]) == 0
+    assert capsys.readouterr().out == "model.ckpt: OK\nback\\slash.bin: OK\n"
+
+
 def test_hash_folders_recursively(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.bin").write_bytes(b"x")
