@@ -79,12 +79,14 @@ def test_model_folder_passes_the_gate(folder: Path, capsys: pytest.CaptureFixtur
 def test_placeholders_and_windows_notes_pass_the_gate(
     folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The empty placeholders A1111 and ComfyUI ship in their model folders and a note saved
-    as UTF-16 (Notepad's "Unicode") are skipped; an empty file under a model's name is a
-    download that never arrived: could not scan."""
+    """The empty placeholders A1111 and ComfyUI ship in their model folders, a note saved as
+    UTF-16 (Notepad's "Unicode") and animated previews are skipped; an empty file under a
+    model's name is a download that never arrived: could not scan."""
     (folder / "Put Stable Diffusion checkpoints here.txt").write_bytes(b"")
     (folder / "put_checkpoints_here").write_bytes(b"")
     (folder / "notes-utf16.txt").write_bytes("trigger words: foo\r\n".encode("utf-16"))
+    (folder / "style.preview.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    (folder / "style.preview.webm").write_bytes(b"\x1aE\xdf\xa3" + bytes(64))
     assert main(["scan", str(folder)]) == 0
     cap = capsys.readouterr()
     assert cap.err == ""
@@ -92,9 +94,11 @@ def test_placeholders_and_windows_notes_pass_the_gate(
         ("Put Stable Diffusion checkpoints here.txt", "empty file"),
         ("put_checkpoints_here", "empty file"),
         ("notes-utf16.txt", "text"),
+        ("style.preview.mp4", "MP4 video"),
+        ("style.preview.webm", "WebM video"),
     ]:
         assert f"SKIPPED     {folder / name}: not a model file ({what})\n" in cap.out
-    assert cap.out.endswith("12 files: 10 skipped (not model files), 2 safe -> exit 0\n")
+    assert cap.out.endswith("14 files: 12 skipped (not model files), 2 safe -> exit 0\n")
     (folder / "sd15-v2.safetensors").write_bytes(b"")
     assert main(["scan", str(folder)]) == 2
     cap = capsys.readouterr()
@@ -219,3 +223,13 @@ def test_dash_over_the_size_cap_is_one_line(sub_env: dict[str, str]) -> None:
         b"sdtool: -: standard input is larger than 1000 bytes (SDTOOL_STDIN_MAX); "
         b"save it to a file first\n"
     )
+
+
+def test_empty_standard_input_is_could_not_scan(sub_env: dict[str, str]) -> None:
+    """``curl -s URL | sdtool scan -`` where the download failed: nothing arrived, so the gate
+    fails (an empty file beside the models is skipped; piped input is meant as a model)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "sdtool", "scan", "-"], input=b"", capture_output=True, env=sub_env
+    )
+    assert r.returncode == 2
+    assert r.stderr == b"sdtool: -: could not scan: the file is empty\n"

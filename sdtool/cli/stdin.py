@@ -47,7 +47,9 @@ def spooled(path: Path) -> Iterator[Path]:
     import tempfile  # here: a file argument never pays for it
 
     cap = limit()
-    with tempfile.NamedTemporaryFile(prefix="sdtool-stdin-") as tmp:
+    # named as a model file: what is piped in is meant as one, so an empty pipe (a download
+    # that failed upstream) is "could not scan", not an empty placeholder file skipped
+    with tempfile.NamedTemporaryFile(prefix="sdtool-stdin-", suffix=".bin") as tmp:
         copied = 0
         source = sys.stdin.buffer
         while chunk := source.read(CHUNK):
