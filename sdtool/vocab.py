@@ -65,6 +65,11 @@ MODEL_SUFFIXES = (
 )  # fmt: skip
 
 
+def model_named(path: object) -> bool:
+    """Whether a file's name says it is a model (ends with one of ``MODEL_SUFFIXES``)."""
+    return str(path).lower().endswith(MODEL_SUFFIXES)
+
+
 class Severity(str, Enum):
     """How bad one finding (or one global) is; ``rank`` orders them."""
 

@@ -107,6 +107,68 @@ def test_placeholders_and_windows_notes_pass_the_gate(
     )
 
 
+def test_notes_that_start_like_a_text_pickle_are_text(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sentences that start with a protocol 0 opcode ( ``(``, ``S``, ``V``, ``c`` ...) and
+    hold a full stop sniff as pickles; pickle.load refuses them before importing anything or
+    reaching STOP, so they are text beside the models, not broken pickles."""
+    notes = {
+        "prompt.txt": "(masterpiece:1.2), best quality, 1girl.\n",
+        "params.txt": "Steps: 20, Sampler: Euler a, CFG scale: 7.\n",
+        "version.txt": "Version 2.\n",
+        "style.md": "cute style. use at weight 0.8.\n",
+    }
+    for name, text in notes.items():
+        (folder / name).write_text(text)
+    assert main(["scan", "--quiet", str(folder)]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and cap.out.endswith(
+        "13 files: 11 skipped (not model files), 2 safe -> exit 0\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "what"),
+    [
+        ("model.ckpt", b"<!DOCTYPE html>\n<html><body>Sign in</body></html>\n", "an HTML page"),
+        ("model.safetensors", b'{"error": "Unauthorized"}', "JSON text"),
+        (
+            "model.safetensors",
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:4c\n",
+            "Git-LFS",
+        ),
+        ("model.pt", _png(), "a PNG image"),
+        ("model.pkl", b"Version 2.\n", "plain text"),
+    ],
+)
+def test_a_failed_download_under_a_model_name_fails_the_gate(
+    name: str, content: bytes, what: str, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Images, JSON and text are skipped beside the models, never in their place: under a
+    model file's name they are a download that failed (the name only makes the gate stricter)."""
+    (folder / name).write_bytes(content)
+    assert main(["scan", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdtool: {folder / name}: could not scan: ") and what in err, err
+    assert err.count("\n") == 1
+
+
+def test_a_skipped_verdict_is_never_reused_under_a_model_name(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cache keys verdicts by content (with --sha256): the preview's "skipped" must not
+    answer for the same bytes saved as model.ckpt."""
+    assert main(["scan", "--sha256", "--quiet", str(folder)]) == 0
+    (folder / "model.ckpt").write_bytes((folder / "style.preview.png").read_bytes())
+    assert main(["scan", "--sha256", "--quiet", str(folder)]) == 2
+    cap = capsys.readouterr()
+    assert cap.err == (
+        f"sdtool: {folder / 'model.ckpt'}: could not scan: not a format sdtool can analyse "
+        "(it is a PNG image)\n"
+    )
+
+
 def _run_json(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     main(["scan", str(path), "--json"])
     return capsys.readouterr().out

@@ -47,8 +47,9 @@ def spooled(path: Path) -> Iterator[Path]:
     import tempfile  # here: a file argument never pays for it
 
     cap = limit()
-    # named as a model file: what is piped in is meant as one, so an empty pipe (a download
-    # that failed upstream) is "could not scan", not an empty placeholder file skipped
+    # named as a model file: what is piped in is meant as one, so an empty pipe or an HTML
+    # error page (a download that failed upstream) is "could not scan", never skipped as a file
+    # beside the models would be
     with tempfile.NamedTemporaryFile(prefix="sdtool-stdin-", suffix=".bin") as tmp:
         copied = 0
         source = sys.stdin.buffer
