@@ -295,3 +295,34 @@ def test_empty_standard_input_is_could_not_scan(sub_env: dict[str, str]) -> None
     )
     assert r.returncode == 2
     assert r.stderr == b"sdtool: -: could not scan: the file is empty\n"
+
+
+def _limit_fsize() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+
+@pytest.mark.parametrize("command", ["scan", "inspect", "hash"])
+def test_dash_into_a_full_temp_folder_is_one_line(
+    command: str, tmp_path: Path, sub_env: dict[str, str]
+) -> None:
+    env = dict(sub_env, TMPDIR=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-m", "sdtool", command, "-"],
+        input=EXAMPLE.read_bytes(),  # 734 KiB: more than the 64 KiB a file may hold here
+        capture_output=True,
+        env=env,
+        preexec_fn=_limit_fsize,
+    )
+    assert r.returncode == 2 and r.stdout == b""
+    assert (
+        r.stderr
+        == (
+            f"sdtool: -: cannot keep standard input in a temp file under {tmp_path}: the disk is "
+            "full (set TMPDIR to a folder with room, or save it to a file first)\n"
+        ).encode()
+    )
+    assert list(tmp_path.iterdir()) == []  # the temp file is gone

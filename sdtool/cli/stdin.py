@@ -8,12 +8,14 @@ errors and Ctrl-C. Standard input redirected from a regular file is read in plac
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from sdtool.errors import SdtoolError, UsageError
 
@@ -51,20 +53,33 @@ def spooled(path: Path) -> Iterator[Path]:
     # error page (a download that failed upstream) is "could not scan", never skipped as a file
     # beside the models would be
     with tempfile.NamedTemporaryFile(prefix="sdtool-stdin-", suffix=".bin") as tmp:
-        copied = 0
-        source = sys.stdin.buffer
-        while chunk := source.read(CHUNK):
-            copied += len(chunk)
-            if copied > cap:
-                raise UsageError(
-                    f"standard input is larger than {cap} bytes (SDTOOL_STDIN_MAX); "
-                    "save it to a file first",
-                    path=STDIN,
-                )
-            tmp.write(chunk)
-        tmp.flush()
+        try:
+            _copy(sys.stdin.buffer, tmp, cap)
+        except OSError as e:  # the temp folder is full (or gone): one line, exit 2
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            why = "the disk is full" if full else (e.strerror or str(e))
+            raise SdtoolError(
+                f"cannot keep standard input in a temp file under {tempfile.gettempdir()}: "
+                f"{why} (set TMPDIR to a folder with room, or save it to a file first)",
+                path=STDIN,
+            ) from None
         with _named_dash(Path(tmp.name)):
             yield Path(tmp.name)
+
+
+def _copy(source: BinaryIO, tmp: BinaryIO, cap: int) -> None:
+    """Standard input into ``tmp``, refusing more than ``cap`` bytes."""
+    copied = 0
+    while chunk := source.read(CHUNK):
+        copied += len(chunk)
+        if copied > cap:
+            raise UsageError(
+                f"standard input is larger than {cap} bytes (SDTOOL_STDIN_MAX); "
+                "save it to a file first",
+                path=STDIN,
+            )
+        tmp.write(chunk)
+    tmp.flush()
 
 
 @contextmanager
