@@ -62,6 +62,7 @@ COMPRESSED = frozenset({Format.GZIP, Format.BZIP2, Format.XZ, Format.ZLIB, Forma
 #: (sdtool.ops.outname); an empty file under one is a download that never arrived (scan)
 MODEL_SUFFIXES = (
     ".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".npz", ".npy", ".gguf",
+    ".pickle", ".joblib",
 )  # fmt: skip
 
 
