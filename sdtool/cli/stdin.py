@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from sdtool.errors import SdtoolError, UsageError
 
@@ -67,7 +67,7 @@ def spooled(path: Path) -> Iterator[Path]:
             yield Path(tmp.name)
 
 
-def _copy(source: BinaryIO, tmp: BinaryIO, cap: int) -> None:
+def _copy(source: BinaryIO, tmp: IO[bytes], cap: int) -> None:
     """Standard input into ``tmp``, refusing more than ``cap`` bytes."""
     copied = 0
     while chunk := source.read(CHUNK):
