@@ -58,6 +58,18 @@ class Format(str, Enum):
 #: the compressions sniffing recognises (scan looks inside them; open_model asks to decompress)
 COMPRESSED = frozenset({Format.GZIP, Format.BZIP2, Format.XZ, Format.ZLIB, Format.LZMA})
 
+#: the names of model files: dropped from an input's name to derive an output's
+#: (sdtool.ops.outname); an empty file under one is a download that never arrived (scan)
+MODEL_SUFFIXES = (
+    ".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".npz", ".npy", ".gguf",
+    ".pickle", ".joblib",
+)  # fmt: skip
+
+
+def model_named(path: object) -> bool:
+    """Whether a file's name says it is a model (ends with one of ``MODEL_SUFFIXES``)."""
+    return str(path).lower().endswith(MODEL_SUFFIXES)
+
 
 class Severity(str, Enum):
     """How bad one finding (or one global) is; ``rank`` orders them."""

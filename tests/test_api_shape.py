@@ -65,6 +65,26 @@ def test_library_errors_name_parameters(ckpt: Path, kwargs: dict[str, object], w
     assert words in str(e.value) and "--" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("out", "kwargs", "words"),
+    [
+        ("o.gguf", {"quant": "Q9"}, "quant= must be one of"),
+        ("o.gguf", {"dtype": "fp16"}, "dtype= does not apply to GGUF output (quant= chooses"),
+        ("o.safetensors", {"quant": "Q8_0"}, "quant= writes GGUF"),
+        ("o.safetensors", {"max_shard_size": "5XB"}, "max_shard_size= wants a size"),
+        ("o.ckpt", {"max_shard_size": "1MB"}, "max_shard_size= needs a .safetensors output"),
+        ("o.safetensors", {"fp8_scaled": True, "dtype": "fp16"}, 'fp8_scaled=True needs dtype="'),
+    ],
+)
+def test_convert_errors_name_parameters(
+    ckpt: Path, out: str, kwargs: dict[str, object], words: str
+) -> None:
+    with pytest.raises(UsageError) as e:
+        sdtool.convert(ckpt, ckpt.parent / out, **kwargs)
+    assert words in str(e.value) and "--" not in str(e.value), str(e.value)
+    assert not (ckpt.parent / out).exists()
+
+
 def test_existing_output_error_names_the_parameter(ckpt: Path) -> None:
     out = ckpt.with_suffix(".safetensors")
     out.write_bytes(b"keep")

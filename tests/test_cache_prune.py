@@ -104,12 +104,12 @@ def test_the_first_write_prunes_when_the_last_prune_is_old(
     files[0].unlink()
     with Cache(tmp_path / "c") as cache:
         scan_paths([tmp_path / "t"], cache=cache, isolate=False)
-        files[1].write_bytes(b"")
+        files[1].write_bytes(PLAIN % 7)  # new content: a new verdict stored
         scan_paths([tmp_path / "t"], cache=cache, isolate=False)
     assert calls == [cache_mod.PRUNE_STATS]  # pruned a moment ago: not again
     monkeypatch.setattr(cache_mod, "PRUNE_EVERY", 0.0)
     with Cache(tmp_path / "c") as cache:
-        files[2].write_bytes(b"x")
+        files[2].write_bytes(PLAIN % 8)
         scan_paths([tmp_path / "t"], cache=cache, isolate=False)
         assert len(calls) == 2 and _rows(cache, "seen") == 2
 

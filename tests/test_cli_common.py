@@ -106,6 +106,9 @@ def test_shared_options_are_spelled_the_same() -> None:
         ["prune", "a.ckpt", "b.safetensors", "--dtype", "fp7"],
         ["scan", "a.ckpt", "--json", "--sarif"],
         ["no-such-command"],
+        ["extract", "a.ckpt"],  # click lists the choices of a missing option one per line
+        [],  # click prints the whole help for a group without its command
+        ["lora"],
     ],
 )
 def test_usage_errors_are_one_line_exit_2(

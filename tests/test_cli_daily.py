@@ -160,6 +160,10 @@ def test_columns_is_respected_and_identifiers_stay_whole(
     out = _run(["inspect", str(EXAMPLE)], env)
     assert "…" not in out
     assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in out
+    # the summary and "What it is" lines wrap at spaces (tables keep their rows whole)
+    for line in out.split("\n\nBy dtype")[0].splitlines():
+        assert len(line) <= columns or len(line.split()) == 1, line
+    assert "e.g. model.diffusion_model.input_blocks.0.0.bias [1]" in " ".join(out.split())
 
 
 # --- 6. conveniences ---------------------------------------------------------------------------
@@ -249,6 +253,21 @@ def test_hash_sha256sum_and_check(
     cap = capsys.readouterr()
     assert cap.out == "sub/notes.txt: FAILED\n"
     assert cap.err == "sdtool: warning: 1 computed checksum(s) did NOT match\n"
+
+
+def test_hash_check_reads_bsd_tag_lines(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sha256sum --tag`` (and ``shasum -a 256 --tag``) lines, names escaped or not."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "back\\slash.bin").write_bytes(b"x")
+    r = subprocess.run(
+        ["sha256sum", "--tag", "model.ckpt", "back\\slash.bin"], capture_output=True, text=True
+    )
+    assert r.stdout.startswith("SHA256 (model.ckpt) = ") and r.stdout.count("\n") == 2
+    (tmp_path / "SUMS").write_text(r.stdout)
+    assert main(["hash", "--check", "SUMS"]) == 0
+    assert capsys.readouterr().out == "model.ckpt: OK\nback\\slash.bin: OK\n"
 
 
 def test_hash_folders_recursively(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,11 +5,13 @@ of every format are "could not scan" (exit 2, dangerous wins), error lines go to
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from safetensors.numpy import save_file
 
 from sdtool.cli.main import main
 from tests.scan_payloads import MARK, REDUCE, STOP, STRING, asm, call_global
+from tests.test_formats_more import _tar_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tiny-sd15-ema.ckpt"
@@ -76,6 +79,99 @@ def test_model_folder_passes_the_gate(folder: Path, capsys: pytest.CaptureFixtur
     assert skipped == LABELS
 
 
+def test_placeholders_and_windows_notes_pass_the_gate(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The empty placeholders A1111 and ComfyUI ship in their model folders, a note saved as
+    UTF-16 (Notepad's "Unicode") and animated previews are skipped; an empty file under a
+    model's name is a download that never arrived: could not scan."""
+    (folder / "Put Stable Diffusion checkpoints here.txt").write_bytes(b"")
+    (folder / "put_checkpoints_here").write_bytes(b"")
+    (folder / "notes-utf16.txt").write_bytes("trigger words: foo\r\n".encode("utf-16"))
+    (folder / "style.preview.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    (folder / "style.preview.webm").write_bytes(b"\x1aE\xdf\xa3" + bytes(64))
+    assert main(["scan", str(folder)]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == ""
+    for name, what in [
+        ("Put Stable Diffusion checkpoints here.txt", "empty file"),
+        ("put_checkpoints_here", "empty file"),
+        ("notes-utf16.txt", "text"),
+        ("style.preview.mp4", "MP4 video"),
+        ("style.preview.webm", "WebM video"),
+    ]:
+        assert f"SKIPPED     {folder / name}: not a model file ({what})\n" in cap.out
+    assert cap.out.endswith("14 files: 12 skipped (not model files), 2 safe -> exit 0\n")
+    (folder / "sd15-v2.safetensors").write_bytes(b"")
+    assert main(["scan", str(folder)]) == 2
+    cap = capsys.readouterr()
+    assert (
+        cap.err == f"sdtool: {folder / 'sd15-v2.safetensors'}: could not scan: the file is empty\n"
+    )
+
+
+def test_notes_that_start_like_a_text_pickle_are_text(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sentences that start with a protocol 0 opcode ( ``(``, ``S``, ``V``, ``c`` ...) and
+    hold a full stop sniff as pickles; pickle.load refuses them before importing anything or
+    reaching STOP, so they are text beside the models, not broken pickles."""
+    notes = {
+        "prompt.txt": "(masterpiece:1.2), best quality, 1girl.\n",
+        "params.txt": "Steps: 20, Sampler: Euler a, CFG scale: 7.\n",
+        "version.txt": "Version 2.\n",
+        "style.md": "cute style. use at weight 0.8.\n",
+    }
+    for name, text in notes.items():
+        (folder / name).write_text(text)
+    assert main(["scan", "--quiet", str(folder)]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and cap.out.endswith(
+        "13 files: 11 skipped (not model files), 2 safe -> exit 0\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "what"),
+    [
+        ("model.ckpt", b"<!DOCTYPE html>\n<html><body>Sign in</body></html>\n", "an HTML page"),
+        ("model.safetensors", b'{"error": "Unauthorized"}', "JSON text"),
+        (
+            "model.safetensors",
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:4c\n",
+            "Git-LFS",
+        ),
+        ("model.pt", _png(), "a PNG image"),
+        ("model.pkl", b"Version 2.\n", "before STOP (truncated)"),  # a text pickle, cut
+    ],
+)
+def test_a_failed_download_under_a_model_name_fails_the_gate(
+    name: str, content: bytes, what: str, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Images, JSON and text are skipped beside the models, never in their place: under a
+    model file's name they are a download that failed (the name only makes the gate stricter)."""
+    (folder / name).write_bytes(content)
+    assert main(["scan", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdtool: {folder / name}: could not scan: ") and what in err, err
+    assert err.count("\n") == 1
+
+
+def test_a_skipped_verdict_is_never_reused_under_a_model_name(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cache keys verdicts by content (with --sha256): the preview's "skipped" must not
+    answer for the same bytes saved as model.ckpt."""
+    assert main(["scan", "--sha256", "--quiet", str(folder)]) == 0
+    (folder / "model.ckpt").write_bytes((folder / "style.preview.png").read_bytes())
+    assert main(["scan", "--sha256", "--quiet", str(folder)]) == 2
+    cap = capsys.readouterr()
+    assert cap.err == (
+        f"sdtool: {folder / 'model.ckpt'}: could not scan: not a format sdtool can analyse "
+        "(it is a PNG image)\n"
+    )
+
+
 def _run_json(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     main(["scan", str(path), "--json"])
     return capsys.readouterr().out
@@ -115,27 +211,45 @@ def _formats(d: Path) -> dict[str, bytes]:
     np.save(d / "a.npy", np.ones((64, 64), np.float32))
     np.savez(d / "z.npz", a=np.ones(1000))
     (d / "p.pkl").write_bytes(pickle.dumps({"a": list(range(300))}, protocol=2))
-    names = ["zip.ckpt", "legacy.ckpt", "m.safetensors", "a.npy", "z.npz", "p.pkl"]
+    joblib = pytest.importorskip("joblib")
+    joblib.dump({"w": np.ones((30, 30)), "n": 3}, d / "j.joblib")
+    joblib.dump({"w": np.ones((30, 30)), "n": 3}, d / "jz.joblib", compress=3)
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(d / "m.gguf"), "sd")
+    w.add_tensor("w", np.ones((32, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _tar_checkpoint(d / "tar.ckpt", np.arange(600, dtype=np.float32))  # torch < 0.4's layout
+    names = ["zip.ckpt", "legacy.ckpt", "m.safetensors", "a.npy", "z.npz", "p.pkl", "j.joblib"]
+    names += ["jz.joblib", "m.gguf", "tar.ckpt"]
     return {n: (d / n).read_bytes() for n in names}
 
 
 def test_truncated_files_of_every_format_are_could_not_scan(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Cut anywhere (safetensors inside its header and inside its data included): never
-    SAFE/SUSPICIOUS with exit 0; the reason is one line on stderr per file."""
+    """Cut anywhere (safetensors inside its header and inside its data included, a tar at a
+    member's boundary, where tarfile sees a smaller complete archive): never SAFE/SUSPICIOUS
+    with exit 0; the reason is one line on stderr per file."""
     for name, data in _formats(tmp_path).items():
-        cuts = sorted({9, 40, len(data) // 3, len(data) // 2, len(data) - 100, len(data) - 1})
-        for n in cuts:
+        cuts = {1, 9, 40, len(data) // 3, len(data) // 2, len(data) - 100, len(data) - 1}
+        if name == "tar.ckpt":  # every member boundary, up to the end-of-archive blocks
+            with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+                tf.getmembers()
+                end = tf.offset + 1024  # what follows is the record's padding
+            cuts = {n for n in cuts | set(range(512, end, 512)) if n < end}
+        for n in sorted(cuts):
             p = tmp_path / f"cut-{n}-{name}"
             p.write_bytes(data[:n])
             code = main(["scan", str(p)])
             cap = capsys.readouterr()
-            assert code in (1, 2), (name, n, cap.out)
-            if code == 2:
-                assert cap.out.split()[0] in ("ERROR", "NOT"), (name, n, cap.out)
-                assert cap.err.startswith(f"sdtool: {p}: "), (name, n, cap.err)
-                assert "could not scan" in cap.err or "no such" in cap.err
+            # the TAR fixture's torch.FloatTensor records are flagged on the whole file too
+            assert code == 2 or (code == 1 and name == "tar.ckpt"), (name, n, cap.out)
+            assert "could not scan" in cap.err, (name, n, cap.err)
+            shown = ("ERROR", "NOT") + (("SUSPICIOUS",) if name == "tar.ckpt" else ())
+            assert code == 1 or cap.out.split()[0] in shown, (name, n, cap.out)
 
 
 def test_error_lines_go_to_stderr_in_table_mode(
@@ -192,3 +306,44 @@ def test_dash_over_the_size_cap_is_one_line(sub_env: dict[str, str]) -> None:
         b"sdtool: -: standard input is larger than 1000 bytes (SDTOOL_STDIN_MAX); "
         b"save it to a file first\n"
     )
+
+
+def test_empty_standard_input_is_could_not_scan(sub_env: dict[str, str]) -> None:
+    """``curl -s URL | sdtool scan -`` where the download failed: nothing arrived, so the gate
+    fails (an empty file beside the models is skipped; piped input is meant as a model)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "sdtool", "scan", "-"], input=b"", capture_output=True, env=sub_env
+    )
+    assert r.returncode == 2
+    assert r.stderr == b"sdtool: -: could not scan: the file is empty\n"
+
+
+def _limit_fsize() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+
+@pytest.mark.parametrize("command", ["scan", "inspect", "hash"])
+def test_dash_into_a_full_temp_folder_is_one_line(
+    command: str, tmp_path: Path, sub_env: dict[str, str]
+) -> None:
+    env = dict(sub_env, TMPDIR=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-m", "sdtool", command, "-"],
+        input=EXAMPLE.read_bytes(),  # 734 KiB: more than the 64 KiB a file may hold here
+        capture_output=True,
+        env=env,
+        preexec_fn=_limit_fsize,
+    )
+    assert r.returncode == 2 and r.stdout == b""
+    assert (
+        r.stderr
+        == (
+            f"sdtool: -: cannot keep standard input in a temp file under {tmp_path}: the disk is "
+            "full (set TMPDIR to a folder with room, or save it to a file first)\n"
+        ).encode()
+    )
+    assert list(tmp_path.iterdir()) == []  # the temp file is gone

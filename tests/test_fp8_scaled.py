@@ -94,7 +94,7 @@ def test_scaled_fp8_needs_the_fp8_dtype(tmp_path: Path, capsys: pytest.CaptureFi
     save_file(_sd(), src)
     out = tmp_path / "o.safetensors"
     assert main(["convert", str(src), str(out), "--dtype", "fp16", "--fp8-scaled"]) == 2
-    assert "--fp8-scaled needs --dtype fp8_e4m3fn" in capsys.readouterr().err
+    assert '--fp8-scaled needs --dtype "fp8_e4m3fn"' in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -303,7 +303,13 @@ def _sum_line(hexdigest: str, name: str) -> str:
     return f"{hexdigest.lower()}  {name}"
 
 
-_SUM_LINE = re.compile(r"^(\\)?([0-9a-fA-F]{64}) [ *](.+)$")
+#: a line ``sha256sum -c`` checks: GNU's ``HASH  FILE`` (`` *FILE`` in binary mode) or BSD's
+#: ``SHA256 (FILE) = HASH`` (``sha256sum --tag``, ``shasum -a 256 --tag``); a leading backslash
+#: says the name is escaped
+_SUM_LINE = re.compile(
+    r"^(?P<esc>\\)?(?:(?P<hex>[0-9a-fA-F]{64}) [ *](?P<name>.+)"
+    r"|SHA256 \((?P<tagged>.+)\) = (?P<taghex>[0-9a-fA-F]{64}))$"
+)
 
 
 def _check(sums: Path, *, quiet: bool, cache: Cache | None) -> int:
@@ -320,14 +326,14 @@ def _check(sums: Path, *, quiet: bool, cache: Cache | None) -> int:
         if m is None:
             bad_lines += line.strip() != ""
             continue
-        name = m.group(3)
-        if m.group(1):  # sha256sum's escapes: \\ and \n
+        name, want = m["name"] or m["tagged"], m["hex"] or m["taghex"]
+        if m["esc"]:  # sha256sum's escapes: \\ and \n
             name = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), name)
         result, _ = _hash_one(Path(name), ("sha256",), cache)
         if result is None:
             code = ExitCode.ERROR
             continue
-        ok = (result.hashes["sha256"] or "").lower() == m.group(2).lower()
+        ok = (result.hashes["sha256"] or "").lower() == want.lower()
         if not ok:
             failed += 1
         if not ok or not quiet:

@@ -18,12 +18,14 @@ from sdtool.cli.options import (
 )
 from sdtool.cli.plain import Table
 from sdtool.cli.render import (
+    columns,
     error,
     human_bytes,
     human_count,
     markup,
     print_json,
     report_console,
+    wrap,
 )
 from sdtool.vocab import owner_label
 
@@ -269,21 +271,25 @@ def render(doc: dict[str, Any], what: list[str] | None) -> None:
     fresh answer print the same bytes. Everything from the file is escaped; rich itself is
     imported only where its output is more than plain text (sdtool.cli.plain)."""
     out = report_console()
+    width = columns()  # long lines wrap at spaces to COLUMNS or a terminal's width
     out.print(f"[bold]{markup(doc['path'])}[/bold]")
     totals, size = doc["totals"], doc["file_size"]
     facts = [
-        ("format", markup(doc["format"] + _container_note(doc["container"]))),
+        ("format", doc["format"] + _container_note(doc["container"])),
         ("file size", f"{human_bytes(size)} ({size:,} bytes)"),
         ("tensors", f"{totals['tensors']:,}"),
         ("parameters", f"{totals['parameters']:,} ({human_count(totals['parameters'])})"),
         ("tensor bytes", human_bytes(totals["bytes"])),
     ]
     for k, v in facts:
-        out.print(f"  {k:<13} {v}")
+        for line in wrap(v, width, f"  {k:<13} ", " " * 16):
+            out.print(markup(line))
     if what is not None:
         out.print("\n[bold]What it is[/bold]")
         for line in what:
-            out.print(f"  {markup(line)}")
+            indent = "    " if line.startswith("  ") else "  "  # a component's details
+            for part in wrap(line.strip(), width, indent, indent + "  "):
+                out.print(markup(part))
     if totals["tensors"]:
         t = _table("\nBy dtype", "dtype", "tensors", "params", "bytes", "share")
         for name, b in doc["dtypes"].items():

@@ -230,12 +230,24 @@ def _take_debug(args: list[str]) -> tuple[list[str], bool]:
 
 
 def _one_line(e: click.ClickException) -> str:
-    """A click usage error as one line: ``sdtool: <command>: <problem> (see ...)``."""
+    """A click usage error as one line: ``sdtool: <command>: <problem> (see ...)``.
+
+    click lays some messages out on several lines (the choices of a missing option, one per
+    line; the whole help for a group called without its command): they are folded into one.
+    """
     ctx = getattr(e, "ctx", None)
     path = ctx.command_path if ctx is not None else "sdtool"
     where = path.removeprefix("sdtool").strip()
     prefix = f"sdtool: {where}: " if where else "sdtool: "
-    return f"{prefix}{e.format_message()} (see '{path} --help')"
+    message = " ".join(e.format_message().split())
+    if ctx is not None and isinstance(e, _NO_ARGS) and isinstance(ctx.command, click.Group):
+        names = ctx.command.list_commands(ctx)
+        message = f"missing a command: {', '.join(names[:-1])} or {names[-1]}"
+    return f"{prefix}{message} (see '{path} --help')"
+
+
+#: what click (8.2 on) raises for a group given no command: its message is the whole help
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _silence_stdout() -> None:

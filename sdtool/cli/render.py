@@ -200,7 +200,7 @@ def _flag_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
     flag_value = re.compile(
         r"\b(key|drop|dtype|component|to|jobs|on_overflow|metadata|bake_vae"
         r"|method|density|block_weights|rank|conv_rank|sv_ratio|sv_fro|sv_cumulative"
-        r"|clamp_quantile)="
+        r"|clamp_quantile|quant|max_shard_size|fp8_format)= ?"
     )
     return flag_true, flag_value
 

@@ -8,12 +8,14 @@ errors and Ctrl-C. Standard input redirected from a regular file is read in plac
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, BinaryIO
 
 from sdtool.errors import SdtoolError, UsageError
 
@@ -47,21 +49,37 @@ def spooled(path: Path) -> Iterator[Path]:
     import tempfile  # here: a file argument never pays for it
 
     cap = limit()
-    with tempfile.NamedTemporaryFile(prefix="sdtool-stdin-") as tmp:
-        copied = 0
-        source = sys.stdin.buffer
-        while chunk := source.read(CHUNK):
-            copied += len(chunk)
-            if copied > cap:
-                raise UsageError(
-                    f"standard input is larger than {cap} bytes (SDTOOL_STDIN_MAX); "
-                    "save it to a file first",
-                    path=STDIN,
-                )
-            tmp.write(chunk)
-        tmp.flush()
+    # named as a model file: what is piped in is meant as one, so an empty pipe or an HTML
+    # error page (a download that failed upstream) is "could not scan", never skipped as a file
+    # beside the models would be
+    with tempfile.NamedTemporaryFile(prefix="sdtool-stdin-", suffix=".bin") as tmp:
+        try:
+            _copy(sys.stdin.buffer, tmp, cap)
+        except OSError as e:  # the temp folder is full (or gone): one line, exit 2
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            why = "the disk is full" if full else (e.strerror or str(e))
+            raise SdtoolError(
+                f"cannot keep standard input in a temp file under {tempfile.gettempdir()}: "
+                f"{why} (set TMPDIR to a folder with room, or save it to a file first)",
+                path=STDIN,
+            ) from None
         with _named_dash(Path(tmp.name)):
             yield Path(tmp.name)
+
+
+def _copy(source: BinaryIO, tmp: IO[bytes], cap: int) -> None:
+    """Standard input into ``tmp``, refusing more than ``cap`` bytes."""
+    copied = 0
+    while chunk := source.read(CHUNK):
+        copied += len(chunk)
+        if copied > cap:
+            raise UsageError(
+                f"standard input is larger than {cap} bytes (SDTOOL_STDIN_MAX); "
+                "save it to a file first",
+                path=STDIN,
+            )
+        tmp.write(chunk)
+    tmp.flush()
 
 
 @contextmanager

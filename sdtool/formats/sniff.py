@@ -194,9 +194,11 @@ def not_a_model_file(data: bytes, size: int) -> str | None:
     """What a file is when, by its content, it is no model and nothing a loader would run.
 
     ``data`` is the file's first bytes (the whole file for text up to 1 MiB). Returns
-    "PNG image", "JPEG image", "GIF image", "WebP image", "JSON text", "YAML text" or "text",
+    "PNG image", "JPEG image", "GIF image", "WebP image", "AVIF image", "MP4 video",
+    "WebM video", "JSON text", "YAML text" or "text",
     or None when the file could be a model or anything sdtool should scan. Text is named only
-    when it is at most 1 MiB and UTF-8 without control characters. A protocol 0 pickle is text
+    when it is at most 1 MiB and UTF-8 (or UTF-16 with a byte order mark) without control
+    characters. A protocol 0 pickle is text
     too: a caller that skips text must first check, with the pickle machine, that loading it as
     a pickle imports or calls nothing (the scanner does).
     """
@@ -205,10 +207,17 @@ def not_a_model_file(data: bytes, size: int) -> str | None:
             return what
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WebP image"
+    if data[4:8] == b"ftyp":  # ISO media: the animated previews Civitai serves, AVIF stills
+        return "AVIF image" if data[8:12] in (b"avif", b"avis") else "MP4 video"
+    if data[:4] == b"\x1aE\xdf\xa3":
+        return "WebM video"
     if size == 0 or size > TEXT_LIMIT or len(data) < size:
         return None
+    # UTF-16 with its byte order mark (Windows Notepad's "Unicode"): FF FE / FE FF is no
+    # pickle opcode, so pickle.load stops at byte 0
+    utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-16" if utf16 else "utf-8")
     except UnicodeDecodeError:
         return None
     if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):

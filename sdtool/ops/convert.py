@@ -233,7 +233,7 @@ def convert(
             return result
         if opts.max_shard_size is not None:
             if ckpt:
-                raise UsageError("--max-shard-size needs a .safetensors output", path=out)
+                raise UsageError("max_shard_size= needs a .safetensors output", path=out)
             from sdtool.ops.shards import write_sharded
 
             sharded = write_sharded(tensors, out, opts, metadata=meta)
@@ -265,7 +265,7 @@ def _fp8(
 
     if opts.fp8_scaled:
         if opts.dtype is None or opts.dtype.code != "F8_E4M3":
-            raise UsageError("--fp8-scaled needs --dtype fp8_e4m3fn")
+            raise UsageError('fp8_scaled=True needs dtype="fp8_e4m3fn"')
         return scaled_plan(m, tensors, opts.fp8_format)
     return dequant_plan(m, tensors, opts.dtype)
 
@@ -279,11 +279,11 @@ def _convert_gguf(
 
     quant = opts.quant
     if out.suffix.lower() != ".gguf":
-        raise UsageError(f"--quant writes GGUF: name the output *.gguf, not {out.name!r}")
+        raise UsageError(f"quant= writes GGUF: name the output *.gguf, not {out.name!r}")
     if opts.dtype is not None:
-        raise UsageError("--dtype does not apply to GGUF output; choose the type with --quant")
+        raise UsageError("dtype= does not apply to GGUF output (quant= chooses its type)")
     if quant is not None and quant.upper() not in QUANTS:
-        raise UsageError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
+        raise UsageError(f"quant= must be one of {', '.join(QUANTS)}, not {quant!r}")
     with opened(src, key=opts.key) as m:
         q = (quant or ("BF16" if _mostly_bf16(m) else "F16")).upper()
         try:
@@ -410,7 +410,7 @@ def batch_inputs(
     if to not in TO_SUFFIX:
         raise UsageError(f"to={to!r} is not one of {', '.join(TO_SUFFIX)}")
     if quant is not None and to != "safetensors":
-        raise UsageError(f"--quant writes GGUF; it does not combine with --to {to}")
+        raise UsageError(f"quant= writes GGUF; it does not combine with to={to!r}")
     ext = ".gguf" if quant is not None else TO_SUFFIX[to]
     out_dir = Path(out_dir)
     pairs: list[tuple[Path, Path]] = []

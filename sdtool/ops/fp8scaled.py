@@ -172,7 +172,7 @@ def scaled_plan(
     from sdtool.ops.gguf_export import ARCHS, _strip, detect  # it imports this module
 
     if fmt not in FORMATS:
-        raise UsageError(f"--fp8-format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        raise UsageError(f"fp8_format= must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if find_scaled(m):
         raise UsageError("the input is already scaled fp8")
     names, _ = _strip(list(m.tensors))

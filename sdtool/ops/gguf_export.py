@@ -406,7 +406,7 @@ def quant_type(arch: Arch, name: str, shape: tuple[int, ...], quant: str) -> tup
 def plan_export(m: ModelFile, quant: str, *, threads: int = 1) -> GGUFExport:
     """Decide every tensor's name, stored shape and type (reads no tensor bytes)."""
     if quant not in QUANTS:
-        raise UsageError(f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
+        raise UsageError(f"quant= must be one of {', '.join(QUANTS)}, not {quant!r}")
     names, dropped = _strip(list(m.tensors))
     arch = detect(set(names))
     if arch is None:

@@ -226,7 +226,7 @@ class _FolderOutput:
     def __init__(self, out: Path, overwrite: bool) -> None:
         self.out = out
         if out.exists() and not overwrite:
-            raise OutputError("exists (pass --overwrite to replace it)", path=out)
+            raise OutputError("exists (pass overwrite=True to replace it)", path=out)
         if out.exists() and not out.is_dir():
             raise OutputError("exists and is not a folder", path=out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sdtool.errors import OutputError
-
-#: extensions dropped from the input's name before the tags are added
-MODEL_SUFFIXES = (
-    ".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".npz", ".npy", ".gguf",
-)  # fmt: skip
+from sdtool.vocab import MODEL_SUFFIXES  # extensions dropped before the tags are added
 
 
 def stem(path: Path) -> str:

@@ -116,7 +116,7 @@ def prune_batch(
     one file's VAE is for one model). ``on_result`` sees each item as it finishes; ``resume``
     skips outputs recorded as written and unchanged (sdtool.ops.batch)."""
     if options.bake_vae is not None:
-        raise UsageError("--bake-vae prunes one model: not with --out-dir")
+        raise UsageError("bake_vae= prunes one model: not a batch into out_dir=DIR")
     if jobs < 1:
         raise UsageError(f"jobs={jobs} must be at least 1")
     ema_tag = {"only": "emaonly", "drop": "noema"}.get(options.ema, "")

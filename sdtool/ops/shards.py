@@ -36,10 +36,10 @@ def parse_size(text: str | int) -> int:
     else:
         m = _SIZE.match(text)
         if not m:
-            raise UsageError(f"--max-shard-size wants a size like 5GB or 500MB, not {text!r}")
+            raise UsageError(f"max_shard_size= wants a size like 5GB or 500MB, not {text!r}")
         size = int(float(m[1]) * SIZE_UNITS[m[2].upper()]) if m[2] else int(float(m[1]))
     if size <= 0:
-        raise UsageError("--max-shard-size must be positive")
+        raise UsageError("max_shard_size= must be positive")
     return size
 
 
@@ -141,7 +141,7 @@ def write_sharded(
     if not opts.overwrite:
         for p in [*finals, index]:
             if p.exists():
-                raise OutputError(f"{p.name} exists (pass --overwrite to replace it)", path=p)
+                raise OutputError(f"{p.name} exists (pass overwrite=True to replace it)", path=p)
     temps = [p.with_name(f".sdtool-{os.getpid()}-{p.name}") for p in finals]
     written: list[WriteResult] = []
     tmp_opts = replace(opts, overwrite=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sdtool.urls import as_path, is_url
+from sdtool.vocab import Verdict, model_named
 
 if TYPE_CHECKING:
     from sdtool.cache import Cache
@@ -301,7 +302,10 @@ def scan_items(
                 [targets[i] for i in local], cache, sha256=sha256, settings=settings
             )
             for i, hit in zip(local, known, strict=True):
-                found[i] = hit
+                # a file skipped as no model is never one under a model's name: the same bytes
+                # named model.ckpt (a copy, by SHA-256) are scanned, and fail, afresh
+                if hit.verdict is not Verdict.SKIPPED or not model_named(targets[i].path):
+                    found[i] = hit
     if cache is not None:
         cache.release()  # the lookups are done; scanning may take long
     todo = [

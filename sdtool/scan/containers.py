@@ -44,7 +44,7 @@ from sdtool.scan.walkers.safetensors import scan_safetensors
 from sdtool.scan.walkers.tar import scan_tar
 from sdtool.scan.walkers.zip import scan_zip
 from sdtool.urls import is_url
-from sdtool.vocab import Format
+from sdtool.vocab import Format, model_named
 
 
 def scan_file(
@@ -72,8 +72,7 @@ def _scan_into(rep: FileScan, path: Path, limits: Limits, crc: str, budget: Budg
         with open_regular(path) as f:
             size = rep.size = os.fstat(f.fileno()).st_size
             if size == 0:
-                rep.scanned, rep.format = False, Format.EMPTY
-                rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
+                _empty(rep, path)
                 return
             if sniff_any(f.read(HEAD), size) is Format.ZIP:
                 # zips are read in small scattered pieces: plain reads keep RSS small
@@ -106,6 +105,19 @@ def _scan_into(rep: FileScan, path: Path, limits: Limits, crc: str, budget: Budg
             rep.problem(ProblemKind.UNREADABLE, why)
 
 
+def _empty(rep: FileScan, path: Path) -> None:
+    """An empty file holds nothing a loader could run: skipped, as the placeholders A1111 and
+    ComfyUI ship in their model folders ("Put ... here.txt", ``put_checkpoints_here``) are;
+    under a model file's name it is a download that never arrived: not scanned (exit 2)."""
+    rep.format = Format.EMPTY
+    if not model_named(path.name):
+        rep.skipped = "empty file"
+        return
+    rep.scanned = False
+    rep.self_contained = False  # the name decided: not a verdict for these bytes (cache)
+    rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
+
+
 def _scan_remote(ctx: Ctx, path: Path) -> None:
     """A URL, read by ranges (sdtool.remote): what holds pickles is read, raw storages are not."""
     from sdtool.remote import open_url
@@ -120,8 +132,7 @@ def _scan_remote(ctx: Ctx, path: Path) -> None:
     with reader:
         rep.size = reader.size
         if reader.size == 0:
-            rep.scanned, rep.format = False, Format.EMPTY
-            rep.problem(ProblemKind.NOT_SCANNED, "not scanned: the file is empty")
+            _empty(rep, path)
             return
         scan_blob(ctx, reader, None, depth=0, name=path.name)
 
@@ -133,7 +144,9 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     kind = sniff_any(head, size)
     _check_name(ctx, member, name, kind)
     handler = _ROUTES.get(kind)
-    if handler is None and member is None and would_unpickle(buf, limits=ctx.limits):
+    if member is None and kind is Format.PICKLE and _text_not_a_pickle(ctx, buf, head, size, name):
+        handler = None  # notes that merely start like a protocol 0 pickle: "(masterpiece) ..."
+    elif handler is None and member is None and would_unpickle(buf, limits=ctx.limits):
         handler = scan_pickle  # pickle.load reads any file from byte 0, whatever it starts with
     if depth > MAX_DEPTH:
         ctx.error(
@@ -143,7 +156,7 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
     if handler is not scan_pickle:
         _pickle_at_zero(ctx, buf, member, kind)
     if handler is None:
-        if member is None and _skip_not_a_model(ctx, buf, head, size):
+        if member is None and _skip_not_a_model(ctx, buf, head, size, name):
             return
         what = describe(head, size)
         if member is None:
@@ -164,18 +177,45 @@ def scan_blob(ctx: Ctx, buf: Any, member: str | None, *, depth: int, name: str =
         ctx.depth = outer
 
 
-def _skip_not_a_model(ctx: Ctx, buf: Any, head: bytes, size: int) -> bool:
-    """A file that is, by content, an image, JSON, YAML or text: skipped, and said so."""
+def _skip_not_a_model(ctx: Ctx, buf: Any, head: bytes, size: int, name: str) -> bool:
+    """A file that is, by content, an image, video, JSON, YAML or text: skipped, and said so.
+
+    Under a model file's name (``vocab.MODEL_SUFFIXES``) it is never skipped: an HTML login
+    page, an API's JSON error or a Git-LFS pointer saved as ``model.safetensors`` is a download
+    that failed, "could not scan" with what it is. The name only ever makes the gate stricter;
+    a verdict it decided is not one for the bytes alone, so it is not cached.
+    """
     data = bytes(buf[:size]) if len(head) < size <= TEXT_LIMIT else head
     what = not_a_model_file(data, size)
     if what is None:
         return False
     if what.endswith("text"):  # protocol 0 pickles are text: skip only if loading it does nothing
         s = run_stream(data, limits=ctx.limits)
-        if s.imports or s.calls or s.persids or s.incomplete:
+        if s.imports or s.calls or s.persids:
             return False
+    if model_named(name):
+        ctx.report.self_contained = False
+        return False
     ctx.report.skipped = what
     ctx.formats.append(Format.UNKNOWN)  # no model format; ``skipped`` says what it is
+    return True
+
+
+def _text_not_a_pickle(ctx: Ctx, buf: Any, head: bytes, size: int, name: str) -> bool:
+    """Text that sniffs as a protocol 0 pickle (it starts with ``(``, ``c``, ``S``, ``I`` ...
+    and holds a ``.``: most sentences) but that ``pickle.load`` refuses before importing
+    anything or reaching STOP: it goes the way of any other text beside the models, not to the
+    pickle walker (which calls it a broken pickle). Under a model file's name it stays a pickle:
+    a truncated one is "could not scan" (and, the name having decided, not cached)."""
+    if head[:1] == b"\x80":
+        return False
+    data = bytes(buf[:size]) if len(head) < size <= TEXT_LIMIT else head
+    what = not_a_model_file(data, size)
+    if what is None or not what.endswith("text") or would_unpickle(buf, limits=ctx.limits):
+        return False
+    if model_named(name):
+        ctx.report.self_contained = False
+        return False
     return True
 
 

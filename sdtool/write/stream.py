@@ -17,6 +17,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -421,6 +422,29 @@ class SourceFds:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+#: pieces cast at once: one per core of a 2-core machine (numpy's casts release the GIL)
+CAST_THREADS = 2
+
+
+@contextlib.contextmanager
+def cast_pool(extra: int = 0) -> Iterator[tuple[ThreadPoolExecutor, threading.Semaphore]]:
+    """Threads for making pieces (at most ``CAST_THREADS`` at once: take the semaphore around
+    the work), plus ``extra`` that may wait for the disk meanwhile. On the way out (an error,
+    Ctrl-C) queued pieces are dropped and running ones waited for, so no thread outlives the
+    write or touches a closed file."""
+    pool = ThreadPoolExecutor(CAST_THREADS + extra, thread_name_prefix="sdtool-cast")
+    try:
+        yield pool, threading.Semaphore(CAST_THREADS)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def made(job: Job, casting: threading.Semaphore) -> np.ndarray:
+    """A pool thread's work: the piece, made while holding one of the ``CAST_THREADS`` slots."""
+    with casting:
+        return job.run()
 
 
 T = TypeVar("T")

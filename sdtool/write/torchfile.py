@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import struct
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -33,9 +35,18 @@ from sdtool.errors import CorruptFile, OutputError
 from sdtool.formats.torchfile import METADATA_KEY
 from sdtool.write.direct import MIN_BYTES, DirectWriter, for_file
 from sdtool.write.plan import OutTensor
-from sdtool.write.stream import BufferRing, Chunks, SourceFds, copy_with_crc, prefetch, write_all
+from sdtool.write.stream import (
+    BufferRing,
+    Chunks,
+    SourceFds,
+    cast_pool,
+    copy_with_crc,
+    made,
+    prefetch,
+    write_all,
+)
 
-PREFETCH = 2  # pieces read (and cast) ahead of the one being written
+PREFETCH = 4  # steps queued ahead of the one being written (2 pieces being made, 2 made)
 #: outputs whose tensors hold at least this many bytes are written with O_DIRECT (direct.py)
 DIRECT_MIN_BYTES = MIN_BYTES
 
@@ -332,26 +343,21 @@ def _write_members(
     for name, value in _RECORDS_BEFORE:
         z.member(f"{ARCHIVE}/{name}", value)
     overflows: dict[str, int] = {}
-    # a piece's buffer is reused RING pieces later: in flight at most are the one written,
-    # the prefetch queue's, and the one being made
-    ring = BufferRing(slots=PREFETCH + 3)
-    with SourceFds() as fds:
-        for i, t in enumerate(plan):
+    start, crc, size = 0, 0, 0
+    with SourceFds() as fds, cast_pool() as pool:
+        for kind, i, t, item in prefetch(_steps(plan, fds, pool), depth=PREFETCH):
             name = f"{ARCHIVE}/data/{i}"
-            start = z.begin(name)
-            span = t.copy_span
-            if span is not None:  # bytes as they are: one tight read-checksum-write loop
-                t.source.check_end(t.name, span[0] + span[1])
+            if kind == "copy":  # bytes as they are: one tight read-checksum-write loop
+                span = t.copy_span
+                assert span is not None
+                start = z.begin(name)
                 crc = copy_with_crc(fds.get(t), z.fd, span[0], span[1], t, progress, z.put)
                 z.pos += span[1]
                 z.end(name, start, crc, span[1])
-                continue
-            crc, size = 0, 0
-            chunks = Chunks(t, fds.get(t) if t.make is None else None, ring)
-            # reads and casts run a piece or two ahead on another thread (numpy, pread and
-            # the CRC release the GIL) while this one writes and checksums
-            for piece in prefetch(iter(chunks), depth=PREFETCH):
-                view = _bytes_of(piece)
+            elif kind == "begin":
+                start, crc, size = z.begin(name), 0, 0
+            elif kind == "piece":  # made on the pool's threads, checksummed and written here
+                view = _bytes_of(item.result())
                 z.put(view)
                 crc = crc32(view, crc)
                 n = len(view)
@@ -359,18 +365,44 @@ def _write_members(
                 size += n
                 if progress is not None:
                     progress(n)
-            if size != t.nbytes:
-                raise CorruptFile(
-                    f"tensor {t.name!r} gave {size} bytes, expected {t.nbytes}", path=t.source.path
-                )
-            if chunks.overflow:
-                overflows[t.name] = chunks.overflow
-            z.end(name, start, crc, size)
+            else:  # "done"
+                if size != t.nbytes:
+                    raise CorruptFile(
+                        f"tensor {t.name!r} gave {size} bytes, expected {t.nbytes}",
+                        path=t.source.path,
+                    )
+                if item.overflow:
+                    overflows[t.name] = item.overflow
+                z.end(name, start, crc, size)
     z.member(f"{ARCHIVE}/version", b"3\n")
     digest = int.from_bytes(hashlib.sha256(data_pkl).digest()[:16], "big")
     z.member(f"{ARCHIVE}/.data/serialization_id", f"{digest:040d}"[:40].encode())
     z.finish()
     return overflows
+
+
+def _steps(
+    plan: Sequence[OutTensor], fds: SourceFds, pool: tuple[ThreadPoolExecutor, threading.Semaphore]
+) -> Iterator[tuple[str, int, OutTensor, Any]]:
+    """What to do, tensor by tensor, in member order: ("copy", i, t, None) for bytes that go as
+    they are, else ("begin", ...), ("piece", i, t, future piece) per piece, ("done", i, t,
+    chunks). Runs in the prefetch thread, handing each piece to the pool as it goes, across
+    tensor boundaries: ``CAST_THREADS`` pieces are made at once while the caller checksums
+    and writes earlier ones."""
+    # a ring slot is reused ``slots`` pieces later: in flight at most are the queue's depth,
+    # the step the prefetch thread holds, the piece being made for it, and the one written
+    ring = BufferRing(slots=PREFETCH + 3)
+    for i, t in enumerate(plan):
+        span = t.copy_span
+        if span is not None:
+            t.source.check_end(t.name, span[0] + span[1])
+            yield "copy", i, t, None
+            continue
+        yield "begin", i, t, None
+        chunks = Chunks(t, fds.get(t) if t.make is None else None, ring)
+        for job in chunks.jobs():
+            yield "piece", i, t, pool[0].submit(made, job, pool[1])
+        yield "done", i, t, chunks
 
 
 def _bytes_of(piece: Any) -> memoryview:

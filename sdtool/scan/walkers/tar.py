@@ -43,6 +43,7 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
         return
     names = {i.name for i in infos}
     torch_tar = set(TAR_MEMBERS) <= names
+    _check_end(ctx, buf, tf.offset, infos, member)
     if member is None:
         ctx.formats.append(Format.TORCH_TAR if torch_tar else Format.TAR)
     for info in infos:
@@ -65,6 +66,23 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             _scan_tar_records(ctx, data, path, info.name)
         else:
             scan_nested(ctx, data, path, depth + 1)
+
+
+def _check_end(ctx: Ctx, buf: Any, end: int, infos: list[Any], member: str | None) -> None:
+    """A tar ends with zero blocks. tarfile stops quietly at a cut or broken header after the
+    first, and lists a member whose data runs past the end: a tar cut at a member boundary (or
+    anywhere) would read as a smaller, complete archive (a torch TAR checkpoint without its
+    tensors scanning SAFE). Without its end-of-archive blocks (two zero blocks: POSIX) it is
+    truncated."""
+    block = bytes(buf[end : end + 1024])
+    if len(block) == 1024 and not any(block):
+        return
+    last = f" after {infos[-1].name!r}" if infos else ""
+    ctx.error(
+        member,
+        f"the tar ends without its end-of-archive blocks{last} (at {end} of {len(buf)} bytes): "
+        "truncated (members after it may be missing)",
+    )
 
 
 def _tar_link(ctx: Ctx, tf: Any, info: Any, path: str, torch_tar: bool) -> Any:
