@@ -553,8 +553,11 @@ def test_quantized_names_found_for_the_whole_file_as_name_by_name(
             "blk.0.\n"]  # fmt: skip
     cases = [unet, unet + near[:9], [], [""], near, quant]
     cases += [[*unet[:50], q, *unet[50:60]] for q in quant + near]
+    E._any_quant.cache_clear()
+    assert E._maybe_quantized(unet) == []
+    assert E._any_quant.cache_info().currsize == 0  # compiled only for a file a rule matches
     for keys in cases:
-        assert E._maybe_quantized(keys) == [k for k in keys if E._ANY_QUANT.search(k)], keys[-3:]
+        assert E._maybe_quantized(keys) == [k for k in keys if E._any_quant().search(k)], keys[-3:]
 
     # a rule that could match a newline or anchor at the text's ends turns the fast path off
     for unsafe in (r"a\sb", r"[^x]y", r"\Ax", r"x.y", r"(?s)x", "a\nb", r"[\n]", r"(?=a)b", r"\Bx"):

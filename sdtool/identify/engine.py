@@ -237,7 +237,7 @@ def _quantization(tensors: dict[str, TensorInfo]) -> Quantization | None:
 
 
 def _maybe_quantized(keys: list[str]) -> list[str]:
-    """The keys ``_ANY_QUANT`` finds something in, in order; for a whole file at once when
+    """The keys ``_any_quant()`` finds something in, in order; for a whole file at once when
     it can (the rules' regexes over 2,000 names cost more than the rest of identify).
 
     Joined by newlines, each name is a line of the text, and under MULTILINE ``^`` and ``$``
@@ -253,8 +253,17 @@ def _maybe_quantized(keys: list[str]) -> list[str]:
         or text.count("\n") + 1 != len(keys)
         or any((not lit or lit in text) and rule.search(text) for lit, rule in rules)
     ):
-        return [k for k in keys if _ANY_QUANT.search(k)]
+        any_quant = _any_quant().search
+        return [k for k in keys if any_quant(k)]
     return []
+
+
+@cache
+def _any_quant() -> re.Pattern[str]:
+    """Every quantization rule in one regex, for the names one by one: compiled when a file
+    needs it (a file some rule matches), not with the module (~5M instructions, the largest
+    regex identify compiles)."""
+    return re.compile("|".join(f"(?:{q.pattern.pattern})" for q in T.QUANT_RULES))
 
 
 @cache
@@ -833,7 +842,6 @@ def _need(parts: list[str], extra: int) -> str:
 
 _ANY_LORA_SUFFIX = tuple(s.suffix for s in T.LORA_SUFFIXES)
 _QUANT_DATA = re.compile("|".join(f"(?:{p.pattern})" for p, _ in T.QUANT_DATA))
-_ANY_QUANT = re.compile("|".join(f"(?:{q.pattern.pattern})" for q in T.QUANT_RULES))
 _FAMILY_HEADS = tuple({f.all_of[0] for f in T.FAMILIES})
 
 
