@@ -46,6 +46,16 @@ class PageBuffer:
         self.raw = bytearray(size + PAGE)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.raw))
 
+    @property
+    def address(self) -> int:
+        """Where ``raw[0]`` lies in memory (for a memcmp through ctypes): the export that finds
+        it ends at once, so ``raw`` stays free to be read into."""
+        if self.base >= 0:
+            return self.base
+        import ctypes
+
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.raw))
+
     def offset(self, file_offset: int) -> int:
         """Where in ``raw`` a read of the bytes at ``file_offset`` goes."""
         return 0 if self.base < 0 else (file_offset - self.base) % PAGE

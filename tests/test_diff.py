@@ -296,9 +296,7 @@ def test_fast_stops_at_the_first_difference(
     monkeypatch.setattr(diff_mod, "_values", lambda p, i: decoded.append(1) or real(p, i))
     compared: list[int] = []
     same = diff_mod._same_bytes
-    monkeypatch.setattr(
-        diff_mod, "_same_bytes", lambda x, y: compared.append(len(x.view)) or same(x, y)
-    )
+    monkeypatch.setattr(diff_mod, "_same_bytes", lambda x, y: compared.append(x.size) or same(x, y))
     monkeypatch.setattr(diff_mod, "_workers", lambda: 1)
     fast = diff(a, b, fast=True)
     # one dtype: differing bytes are differing bits, nothing is decoded; the first piece of
@@ -367,7 +365,7 @@ def test_a_read_error_in_a_worker_reaches_the_caller(
     a = _save(tmp_path / "a.safetensors", base)
     b = _save(tmp_path / "b.safetensors", base)
     calls: list[int] = []
-    real = diff_mod._Side.read
+    real = diff_mod._Side.window
 
     def flaky(self: diff_mod._Side, start: int, stop: int, bufs: list[Any], which: int) -> Any:
         calls.append(1)
@@ -375,7 +373,7 @@ def test_a_read_error_in_a_worker_reaches_the_caller(
             raise TruncatedFile("tensor 'unet.w' ends early; the file shrank", path=a)
         return real(self, start, stop, bufs, which)
 
-    monkeypatch.setattr(diff_mod._Side, "read", flaky)
+    monkeypatch.setattr(diff_mod._Side, "window", flaky)
     before = threading.active_count()
     with pytest.raises(TruncatedFile, match="shrank"):
         diff(a, b)

@@ -2,8 +2,8 @@
 
 Both files are opened lazily (any format ``open_model`` reads) and compared by name: tensors only
 in A ("missing" from B), only in B ("extra"), shape and dtype changes, and for every pair of equal
-shape the element values, streamed one tensor pair at a time in bounded chunks so memory stays
-near one chunk, whatever the model's size.
+shape the element values, through bounded windows of both files (mapped, or read where a file
+cannot be mapped) so memory stays near a few windows, whatever the model's size.
 
 Values are compared bit for bit (a NaN equals a NaN only with the same payload; +0 and -0
 differ). For changed elements the largest absolute difference is computed in float64 (floats,
@@ -15,12 +15,15 @@ checkable; the maximum difference is between the original values.
 
 from __future__ import annotations
 
+import functools
 import math
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from sdtool.aligned import PageBuffer
@@ -274,14 +277,15 @@ class _Tally:
     differs: bool = False
 
 
-#: pieces per task (4 MiB of fp32): a worker claims a task (under a lock) and reports its
-#: progress once for all its pieces
+#: pieces per task (4 MiB of fp32): a worker claims a task (under a lock), maps its window of
+#: each side and reports its progress once for all its pieces
 TASK_PIECES = 8
 
 
 def _workers() -> int:
-    """Workers, the caller's thread one of them: preads, memcmp and numpy release the GIL, so
-    one per core, at most two (the copies out of the page cache share the memory bus)."""
+    """Workers, the caller's thread one of them: memcmp (through ctypes, page faults and
+    all), preads and numpy release the GIL, so one per core, at most two (both read memory
+    through the same bus)."""
     return max(1, min(2, os.cpu_count() or 1))
 
 
@@ -291,16 +295,18 @@ def _compare_all(
     """Compare every pair's values in tasks of a few pieces, on the caller's thread and a
     few more.
 
-    A worker claims a task and reads each piece of both sides with plain preads into its own
-    two small buffers, placed as the bytes lie in their pages (``sdtool.aligned``) and small
-    enough to stay in its core's L2 cache: reading is one copy out of the page cache, as
-    ``cat`` does it, and the memcmp after it reads cached bytes. A piece whose bytes are equal
-    on both sides is never decoded, so two equal files are compared at the speed of reading
-    them. Nothing is handed from thread to thread per piece (a queue hand-off costs more than
-    a memcmp). A pair whose values must be materialised (a compressed or strided source) is
-    one task. ``progress`` is called from the caller's thread, after each of its own tasks
-    and once at the end: no thread waits for news from the others (an idle caller woken per
-    task cost 10,000 futex calls and 16,000 context switches over two 7.7 GB files).
+    A worker claims a task and maps, on each side, the window of the file that holds the
+    task's bytes (``_Side.window``), compares them piece by piece with one libc memcmp on the
+    mapped addresses and unmaps both: the memcmp reads the page cache's own pages, with no
+    copy out of it (the copy is all of ``cat``'s system time), and RSS holds only the open
+    windows. Where a file cannot be mapped, the pieces are read with preads into two small
+    buffers per worker instead. A piece whose bytes are equal on both sides is never decoded,
+    so two equal files are compared at the speed of reading them. Nothing is handed from
+    thread to thread per piece (a queue hand-off costs more than a memcmp). A pair whose
+    values must be materialised (a compressed or strided source) is one task. ``progress``
+    is called from the caller's thread, after each of its own tasks and once at the end: no
+    thread waits for news from the others (an idle caller woken per task cost 10,000 futex
+    calls and 16,000 context switches over two 7.7 GB files).
     """
     total = sum(p.ta.nbytes for p in pairs)
     lock = threading.Lock()
@@ -371,17 +377,20 @@ def _tasks(ma: ModelFile, mb: ModelFile, pairs: list[_Pair], files: _Files) -> I
 def _run_task(
     task: _Task, bufs: list[PageBuffer | None], fast: bool, stop: threading.Event
 ) -> _Tally:
-    """Compare a task piece by piece, each side read into one of the worker's two buffers."""
+    """Compare a task piece by piece through a window on each side (``_Side.window``), both
+    closed when the task ends, by an error too."""
     p, (sa, sb) = task.pair, task.sides
     tally = _Tally()
     step = max(1, CHUNK_ELEMENTS)
-    for start in range(task.start, task.stop, step):
-        if stop.is_set() or (fast and (p.decided or tally.differs)):
-            break
-        end = min(start + step, task.stop)
-        _compare_piece(
-            p.ta, p.tb, sa.read(start, end, bufs, 0), sb.read(start, end, bufs, 1), fast, tally
-        )
+    with (
+        sa.window(task.start, task.stop, bufs, 0) as wa,
+        sb.window(task.start, task.stop, bufs, 1) as wb,
+    ):
+        for start in range(task.start, task.stop, step):
+            if stop.is_set() or (fast and (p.decided or tally.differs)):
+                break
+            end = min(start + step, task.stop)
+            _compare_piece(p.ta, p.tb, wa.piece(start, end), wb.piece(start, end), fast, tally)
     return tally
 
 
@@ -436,15 +445,6 @@ def _compare_piece(
         tally.worst = max(tally.worst, d)
 
 
-def _values(piece: Any, info: TensorInfo) -> np.ndarray:
-    """A piece as elements: raw bytes are viewed (no copy), arrays pass through."""
-    import numpy as np
-
-    if not isinstance(piece, _Raw):
-        return piece
-    return np.frombuffer(piece.view, info.dtype.numpy)
-
-
 def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
     """A's values in B's dtype, with the bits sdtool's convert (and torch's ``.to()``) give."""
     import numpy as np
@@ -460,28 +460,64 @@ def _cast_like(ca: np.ndarray, ta: TensorInfo, tb: TensorInfo) -> np.ndarray:
 
 
 class _Raw(NamedTuple):
-    """A piece read as it lies in the file into a worker's ``PageBuffer`` (placed as its
-    source lies in a page: the kernel's copy runs 3.5x faster): ``view`` is
-    ``raw[offset:offset + len(view)]``."""
+    """A piece's bytes as they lie in the file: ``size`` bytes at address ``addr``, in a
+    mapped window of the file or in a worker's read buffer; ``source[offset:offset + size]``
+    are the same bytes for decoding (a copy out of a mapping, which so keeps no export that
+    would stop it from closing; a view of a buffer)."""
 
-    raw: bytearray
+    addr: int
+    size: int
+    source: mmap.mmap | memoryview
     offset: int
-    view: memoryview
+
+
+def _values(piece: Any, info: TensorInfo) -> np.ndarray:
+    """A piece as elements: raw bytes are decoded from their source, arrays pass through."""
+    import numpy as np
+
+    if not isinstance(piece, _Raw):
+        return piece
+    return np.frombuffer(piece.source[piece.offset : piece.offset + piece.size], info.dtype.numpy)
 
 
 def _same_bytes(a: _Raw, b: _Raw) -> bool:
-    """Are two pieces' bytes equal: one memcmp of bytes still in the CPU's cache
-    (bytearray.startswith; comparing memoryviews goes element by element)."""
-    return len(a.view) == len(b.view) and a.raw.startswith(b.view, a.offset)
+    """Are two pieces' bytes equal: one libc memcmp on their addresses (it lets go of the GIL;
+    on a mapped window it reads the page cache's own pages)."""
+    return a.size == b.size and _memcmp()(a.addr, b.addr, a.size) == 0
+
+
+@functools.cache
+def _memcmp() -> Callable[[int, int, int], int]:
+    """libc's memcmp through ctypes, its argument types set once (loaded on first use)."""
+    import ctypes
+
+    fn = ctypes.CDLL(None).memcmp
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+#: windows start and end at multiples of 2 MiB in the file (or at its end): a 2 MiB folio of
+#: the page cache inside a window is then mapped by one page-table entry (a PMD) instead of
+#: 512, and this machine's kernel time for mapping the pair halved (docs/diff.md)
+WINDOW_ALIGN = 2 << 20
+
+
+def _map(fd: int, offset: int, length: int) -> mmap.mmap:
+    """``length`` bytes of ``fd`` from ``offset`` (a multiple of WINDOW_ALIGN), mapped.
+    ACCESS_COPY (MAP_PRIVATE) because ctypes finds the address of writable buffers only; the
+    pages stay the page cache's own, mapped read-only, as nothing writes to them."""
+    return mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=offset)
 
 
 class _Files:
     """One read-only descriptor per file, read sequentially (a hint for read-ahead), all
-    closed when the comparison ends."""
+    closed when the comparison ends; and which of them cannot be mapped (read with preads)."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.unmappable: set[int] = set()
 
     def of(self, path: Path) -> int:
         with self._lock:
@@ -508,6 +544,7 @@ class _Side:
     fd: int = -1
     offset: int = 0
     path: Path | None = None
+    files: _Files | None = None
     values: Callable[[], np.ndarray] | None = None
     _flat: np.ndarray | None = None
 
@@ -520,30 +557,115 @@ class _Side:
             return cls(name, item, values=lambda: holder.read_info(hinfo, name).reshape(-1))
         offset, nbytes = span
         holder.check_end(name, offset + nbytes)
-        return cls(name, item, files.of(holder.path), offset, holder.path)
+        return cls(name, item, files.of(holder.path), offset, holder.path, files)
 
-    def read(self, start: int, stop: int, bufs: list[PageBuffer | None], which: int) -> Any:
-        """Elements [start, stop): the start of ``bufs[which]`` refilled from the file (it
-        grows once, then is reused), or a slice of the materialised values."""
+    def window(self, start: int, stop: int, bufs: list[PageBuffer | None], which: int) -> _Window:
+        """Elements [start, stop), handed out piece by piece: mapped from the file (one
+        page-aligned window, never past the file's end), else read piece by piece into
+        ``bufs[which]`` (the file cannot be mapped), or slices of the materialised values."""
         if self.values is not None:
             if self._flat is None:
                 self._flat = self.values()
-            return self._flat[start:stop]
-        want = (stop - start) * self.item
+            return _Values(self._flat)
+        at, n = self.offset + start * self.item, (stop - start) * self.item
+        files = self.files
+        if files is not None and self.fd not in files.unmappable:
+            size = os.fstat(self.fd).st_size
+            if size < at + n:
+                raise self.shrank()
+            base = at - at % WINDOW_ALIGN
+            end = min(size, -(-(at + n) // WINDOW_ALIGN) * WINDOW_ALIGN)
+            try:
+                return _Mapped(_map(self.fd, base, end - base), at - base, start, self.item)
+            except ValueError:  # mmap's own size check: the file shrank since the fstat
+                raise self.shrank() from None
+            except OSError:  # a file system that cannot map: read this file from now on
+                files.unmappable.add(self.fd)
         buf = bufs[which]
-        if buf is None or buf.size < want:
-            buf = bufs[which] = PageBuffer(max(want, CHUNK_ELEMENTS * self.item))
-        at = self.offset + start * self.item
-        offset, view = buf.at(at, want)
+        if buf is None or buf.size < min(n, CHUNK_ELEMENTS * self.item):
+            buf = bufs[which] = PageBuffer(CHUNK_ELEMENTS * self.item)
+        return _Read(self, buf)
+
+    def shrank(self) -> TruncatedFile:
+        return TruncatedFile(f"tensor {self.name!r} ends early; the file shrank", path=self.path)
+
+
+class _Window:
+    """A task's elements of one side; ``piece`` gives elements [start, stop) of the tensor
+    (within the window), ``close`` (or leaving a ``with``) releases what it holds."""
+
+    __slots__ = ()
+
+    def piece(self, start: int, stop: int) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Window:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class _Mapped(_Window):
+    """A window mapped from the file: pieces are addresses in it, no copy. Mapped file pages
+    count in the process's RSS while mapped: a window is a task's bytes (TASK_PIECES pieces),
+    unmapped when the task ends."""
+
+    __slots__ = ("addr", "first", "item", "lead", "mm")
+
+    def __init__(self, mm: mmap.mmap, lead: int, first: int, item: int) -> None:
+        import ctypes
+
+        self.mm, self.lead, self.first, self.item = mm, lead, first, item
+        # the address; the export that finds it ends with this line, so ``close`` can unmap
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+    def piece(self, start: int, stop: int) -> _Raw:
+        at = self.lead + (start - self.first) * self.item
+        return _Raw(self.addr + at, (stop - start) * self.item, self.mm, at)
+
+    def close(self) -> None:
+        self.mm.close()
+
+
+class _Read(_Window):
+    """A window read piece by piece with preads into a worker's buffer, placed as the bytes
+    lie in their pages (``sdtool.aligned``): where the file cannot be mapped."""
+
+    __slots__ = ("addr", "buf", "side")
+
+    def __init__(self, side: _Side, buf: PageBuffer) -> None:
+        self.side, self.buf, self.addr = side, buf, buf.address
+
+    def piece(self, start: int, stop: int) -> _Raw:
+        side = self.side
+        want = (stop - start) * side.item
+        at = side.offset + start * side.item
+        offset, view = self.buf.at(at, want)
         got = 0
         while got < want:
-            k = os.preadv(self.fd, [view[got:]], at + got)
+            k = os.preadv(side.fd, [view[got:]], at + got)
             if k == 0:
-                raise TruncatedFile(
-                    f"tensor {self.name!r} ends early; the file shrank", path=self.path
-                )
+                raise side.shrank()
             got += k
-        return _Raw(buf.raw, offset, view)
+        return _Raw(self.addr + offset, want, view, 0)
+
+
+class _Values(_Window):
+    """A window of materialised values: pieces are slices."""
+
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: np.ndarray) -> None:
+        self.flat = flat
+
+    def piece(self, start: int, stop: int) -> np.ndarray:
+        return self.flat[start:stop]
 
 
 def _bits_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
