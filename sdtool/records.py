@@ -4,15 +4,21 @@ In Python 3.11 ``dataclasses.dataclass`` writes the source of every method it ad
 compiles it with ``exec``: ``__init__``, ``__repr__``, ``__eq__``, and for a frozen class
 ``__hash__``, ``__setattr__`` and ``__delattr__``. Parsing and compiling that text is most of
 what a class costs to create (~2K instructions a character; ``sdtool inspect`` creates 34 classes
-on its way, 182 ``exec`` calls). This ``dataclass`` lets ``dataclasses`` build ``__init__`` and
-the frozen guards as usual, and gives ``__repr__``, ``__eq__`` and ``__hash__`` as closures over
-the class's field names instead: no source, no ``exec``. They answer exactly what the generated
-ones answer (same field selection: ``repr``, ``compare``, ``hash``; same tuples compared and
-hashed; same text, ``...`` on recursion), are installed under the same rules (never over a
-method the class defines itself; ``__hash__`` set, set to None or left as
-``dataclasses`` decides from ``eq``, ``frozen``, ``unsafe_hash`` and an explicit ``__hash__``), and
-``dataclasses.fields``, ``replace`` and ``asdict`` see an ordinary dataclass. The one visible
-difference is ``__dataclass_params__``, which records ``repr=False, eq=False``.
+on its way, 182 ``exec`` calls). This ``dataclass`` lets ``dataclasses`` build ``__init__`` as
+usual, and gives ``__repr__``, ``__eq__`` and ``__hash__`` as closures over the class's field
+names instead: no source, no ``exec``. They answer exactly what the generated ones answer (same
+field selection: ``repr``, ``compare``, ``hash``; same tuples compared and hashed; same text,
+``...`` on recursion), are installed under the same rules (never over a method the class defines
+itself; ``__hash__`` set, set to None or left as ``dataclasses`` decides from ``eq``, ``frozen``,
+``unsafe_hash`` and an explicit ``__hash__``), and ``dataclasses.fields``, ``replace`` and
+``asdict`` see an ordinary dataclass. The one visible difference is ``__dataclass_params__``,
+which records ``repr=False, eq=False``.
+
+The frozen guards (``__setattr__``, ``__delattr__``) are closures too: up to Python 3.12
+``dataclasses`` gets them from its ``_frozen_get_del_attr(cls, fields, globals)``, which is
+``_frozen_guards`` for the length of the call (the same tests, errors and fallback; everything
+else, ``__dataclass_params__.frozen`` and the frozen-inheritance checks included, is
+``dataclasses``' own). Elsewhere ``dataclasses`` compiles them as usual.
 
 Type checkers see ``dataclasses.dataclass`` itself.
 """
@@ -20,6 +26,7 @@ Type checkers see ``dataclasses.dataclass`` itself.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from operator import attrgetter
 from reprlib import recursive_repr
@@ -59,9 +66,16 @@ def _shared_methods(
     )
     defines_repr = "__repr__" in own
     defines_eq = "__eq__" in own
-    cls = dataclasses.dataclass(
-        cls, repr=False, eq=False, frozen=frozen, unsafe_hash=unsafe_hash, **options
-    )
+    generate = getattr(dataclasses, _GUARDS) if frozen and _SHARE_FROZEN else None
+    try:
+        if generate is not None:
+            setattr(dataclasses, _GUARDS, _frozen_guards)
+        cls = dataclasses.dataclass(
+            cls, repr=False, eq=False, frozen=frozen, unsafe_hash=unsafe_hash, **options
+        )
+    finally:
+        if generate is not None:
+            setattr(dataclasses, _GUARDS, generate)
     fields = dataclasses.fields(cls)
     if repr and not defines_repr:
         cls.__repr__ = _method(cls, _repr_fn(tuple(f.name for f in fields if f.repr)))  # type: ignore[method-assign]
@@ -117,3 +131,29 @@ def _hash_fn(key: Callable[[Any], tuple[Any, ...]]) -> Callable[[Any], int]:
         return hash(key(self))
 
     return __hash__
+
+
+#: dataclasses' generator of the frozen guards, taking (cls, fields, globals) up to 3.12
+_GUARDS = "_frozen_get_del_attr"
+_SHARE_FROZEN = sys.version_info < (3, 13) and hasattr(dataclasses, _GUARDS)
+
+
+def _frozen_guards(
+    cls: Any, fields: list[dataclasses.Field[Any]], globals: dict[str, Any]
+) -> tuple[Callable[..., None], Callable[..., None]]:
+    """What ``dataclasses._frozen_get_del_attr`` returns, as closures over the field names:
+    the same tests (the class itself, or a field name), the same error, the same fallback."""
+    names = tuple(f.name for f in fields)
+    error = dataclasses.FrozenInstanceError
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if type(self) is cls or name in names:
+            raise error(f"cannot assign to field {name!r}")
+        super(cls, self).__setattr__(name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is cls or name in names:
+            raise error(f"cannot delete field {name!r}")
+        super(cls, self).__delattr__(name)
+
+    return _method(cls, __setattr__), _method(cls, __delattr__)

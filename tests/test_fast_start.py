@@ -83,6 +83,8 @@ def test_scan_and_inspect_import_only_their_path(argv: list[str], sub_env: dict[
         # LoRA rows' regexes (a checkpoint is no LoRA)
         # nor the facts of torch's other containers (the example is a torch zip)
         assert not {"sdtool.scan.report", "sdtool.identify.lora_rows"} & mods
+        # nor the capability table: the allowlist answers for every global of the example
+        assert "sdtool.scan.capabilities" not in mods and "sdtool.scan.classify" in mods
         assert "sdtool.formats.torchfacts" not in mods and "sdtool.formats.torchfile" in mods
         assert "sdtool.formats.zip_readings" not in mods  # the scanner's readings of a zip
         assert "sdtool.identify.tables" in mods  # the probe can fail: identify did run
@@ -520,3 +522,43 @@ def test_tensor_records_taken_at_once_equal_the_generic_walk() -> None:
     for case in cases:
         fast = _walk_outcome(u._forged_memo_put, case)
         assert fast == _walk_outcome(_generic_walk, case), case[-40:]
+
+
+SETTLE_PROBE = """
+import gc, sys
+import sdtool.formats.open as opening
+events = []
+real_freeze, real_open = gc.freeze, opening.open_model
+gc.freeze = lambda: (events.append("freeze"), real_freeze())[1]
+opening.open_model = lambda *a, **k: (events.append("read"), real_open(*a, **k))[1]
+sys.argv = ["sdtool", *sys.argv[1:]]
+from sdtool.cli.main import run
+try:
+    run()
+except SystemExit as e:
+    print(" ".join(events), e.code, file=sys.stderr)
+"""
+
+
+def test_the_console_process_freezes_the_read_path_once_before_reading(
+    sub_env: dict[str, str],
+) -> None:
+    """run() freezes the CLI; the first file read freezes what inspect imported for it
+    (settle), never anything built from a file: the second file is read unfrozen."""
+    r = subprocess.run(
+        [sys.executable, "-c", SETTLE_PROBE, "inspect", "--no-cache", str(EXAMPLE), str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        env=sub_env,
+    )
+    assert r.stderr.splitlines()[-1] == "freeze freeze read read 0", r.stderr
+
+
+def test_main_as_a_library_call_freezes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    import gc
+
+    from sdtool.cli.main import main
+
+    before = gc.get_freeze_count()
+    assert main(["inspect", "--no-cache", str(EXAMPLE)]) == 0
+    assert gc.get_freeze_count() == before

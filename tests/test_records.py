@@ -7,6 +7,7 @@ answer: repr text, equality, hashes (or their absence), the frozen guards, field
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +117,17 @@ def child(dc: Callable[..., Any]) -> type:
     return Child
 
 
+def subclassed(dc: Callable[..., Any]) -> type:
+    @dc(frozen=True)
+    class Frozen:
+        a: int
+
+    class Sub(Frozen):  # not a dataclass: the frozen guards let it set its own attributes
+        pass
+
+    return Sub
+
+
 CASES: dict[str, tuple[Callable[[Callable[..., Any]], type], list[tuple[Any, ...]]]] = {
     "plain": (plain, [(1,), (1, 2.0, ("a",)), (1, float("nan"))]),
     "frozen": (frozen, [("a",), ("a", 3, "n", 2.0), ("b", 1)]),
@@ -126,6 +138,7 @@ CASES: dict[str, tuple[Callable[[Callable[..., Any]], type], list[tuple[Any, ...
     "unsafe": (unsafe, [(1,), (1, [2])]),
     "no_eq": (no_eq, [(1,)]),
     "child": (child, [(1,), (1, "y")]),
+    "subclassed": (subclassed, [(1,), (2,)]),
 }
 
 
@@ -157,6 +170,17 @@ def answers(cls: type, args_list: list[tuple[Any, ...]]) -> list[Any]:
             except dataclasses.FrozenInstanceError as e:
                 out.append(f"frozen: {e}")
             out.append(dataclasses.replace(obj) == obj)
+        victim = cls(*args_list[made.index(obj)])  # changed below: not one of ``made``
+        names = [*[f.name for f in dataclasses.fields(cls)][:1], "other"]  # "other": no field
+        for name, attempt in itertools.product(names, ("set", "del")):
+            try:
+                if attempt == "set":
+                    setattr(victim, name, 1)
+                else:
+                    delattr(victim, name)
+                out.append(f"{attempt} {name}")
+            except (dataclasses.FrozenInstanceError, AttributeError) as e:
+                out.append(f"{type(e).__name__}: {e}")
     return out
 
 
@@ -179,8 +203,9 @@ def test_repr_of_a_cycle_is_cut() -> None:
 
 
 def test_no_method_compiled_from_source() -> None:
-    """The point of it: repr, eq and hash are not exec'd (dataclasses' own keeps __init__
-    and the frozen guards)."""
+    """The point of it: repr, eq and hash are not exec'd, nor (up to Python 3.12, where
+    dataclasses generates them in ``_frozen_get_del_attr``) the frozen guards; dataclasses'
+    own keeps ``__init__``."""
     made: list[str] = []
     real = dataclasses._create_fn  # type: ignore[attr-defined]
 
@@ -193,7 +218,11 @@ def test_no_method_compiled_from_source() -> None:
         frozen(records.dataclass)
     finally:
         dataclasses._create_fn = real  # type: ignore[attr-defined]
-    assert sorted(made) == ["__delattr__", "__init__", "__setattr__"]
+    if records._SHARE_FROZEN:
+        assert made == ["__init__"]
+    else:
+        assert sorted(made) == ["__delattr__", "__init__", "__setattr__"]
+    assert getattr(dataclasses, records._GUARDS, None) is not records._frozen_guards  # put back
 
 
 def test_inspect_path_classes_use_it() -> None:

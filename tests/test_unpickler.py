@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import copyreg
 import io
+import itertools
 import pickle
 import sys
 
@@ -156,3 +157,35 @@ def test_tensors_inside_standins_are_found() -> None:
     tensors, _extra, _ = collect(root)
     assert list(tensors) == ["h.weight"]
     assert tensors["h.weight"].shape == (2,)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_a_bytesio_is_read_through_peek_and_left_past_each_stop(
+    protocol: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BytesIO (a zip member's pickle, a TAR member, a nested torch file) is handed to the C
+    unpickler with ``peek``: it takes its input in blocks instead of one ``read`` per opcode,
+    and still leaves the stream just past each STOP, whatever the opcodes (text lines at
+    protocol 0, frames at 4, long byte strings past the 128 KiB block)."""
+    from sdtool.formats import unpickler
+
+    values = [
+        {"a": [1, 2.5, "x" * 300], "b": (None, True)},
+        list(range(50_000)),
+        b"\x00\xff" * 100_000,  # a BINBYTES longer than a peeked block
+        "tail",
+    ]
+    data = b"".join(pickle.dumps(v, protocol=protocol) for v in values)
+    peeks = []
+    real_peek = unpickler._Peekable.peek
+    monkeypatch.setattr(
+        unpickler._Peekable, "peek", lambda self, n=1: peeks.append(n) or real_peek(self, n)
+    )
+    f = io.BytesIO(data)
+    ends = []
+    for v in values:
+        assert load_one(f) == v
+        ends.append(f.tell())
+    assert ends == list(itertools.accumulate(len(pickle.dumps(v, protocol)) for v in values))
+    assert peeks  # the unpickler did take blocks through peek
+    assert len(peeks) < 20  # not one call per opcode (50,000 ints)

@@ -193,9 +193,11 @@ def _read(
     from dataclasses import replace
 
     from sdtool.cli.identity import identity_lines
+    from sdtool.cli.main import settle
     from sdtool.cli.stdin import spooled
     from sdtool.ops.inspect import inspect
 
+    settle()
     with spooled(file) as real:
         report = inspect(real, key=key, tensors=tensors, filter=pattern)
     ident = report.identity

@@ -18,6 +18,7 @@ import _compat_pickle
 import codecs
 import collections
 import contextvars
+import io
 import operator
 import pickle
 import pickletools
@@ -611,7 +612,8 @@ def load_one(
     seen: collections.Counter[tuple[str, str, bool]] | None = None,
 ) -> Any:
     """Unpickle one pickle from ``f`` (leaving ``f`` just past its STOP)."""
-    up = RestrictedUnpickler(f, persistent_load=persistent_load, nested=nested, seen=seen)
+    src: Any = _Peekable(f) if type(f) is io.BytesIO else f  # the pickle module's file protocol
+    up = RestrictedUnpickler(src, persistent_load=persistent_load, nested=nested, seen=seen)
     token = _built.set([0]) if _built.get(None) is None else None
     try:
         _check_before_loading(f)
@@ -641,6 +643,27 @@ def load_one(
     finally:
         if token is not None:
             _built.reset(token)
+
+
+class _Peekable:
+    """A BytesIO with ``peek``: the C unpickler then takes its input 128 KiB at a time from
+    ``peek`` and advances the stream by what it used, where without ``peek`` it calls ``read``
+    once per opcode (a Python call and a new bytes object each). Same bytes, same end position."""
+
+    __slots__ = ("_f", "read", "readinto", "readline")
+
+    def __init__(self, f: io.BytesIO) -> None:
+        self._f = f
+        self.read = f.read
+        self.readinto = f.readinto
+        self.readline = f.readline
+
+    def peek(self, n: int = 1) -> bytes:
+        f = self._f
+        at = f.tell()
+        data = f.read(max(n, 1))
+        f.seek(at)
+        return data
 
 
 def _check_before_loading(f: Any) -> None:

@@ -9,7 +9,7 @@ the policy: the allowlist decides "safe"; everything else is judged by its capab
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sdtool.scan.allowlist import (
     MODULE_ALIASES,
@@ -18,7 +18,10 @@ from sdtool.scan.allowlist import (
     SAFE,
     SAFE_PATTERNS,
 )
-from sdtool.scan.capabilities import Cap, Judgement, lookup
+
+if TYPE_CHECKING:  # the capability table loads for the first global the allowlist does not
+    # answer (~10M instructions of rows: ``inspect`` of a checkpoint of safe globals skips it)
+    from sdtool.scan.capabilities import Judgement
 
 #: the values of ``vocab.Severity`` a global can get (as plain strings)
 Severity = Literal["safe", "suspicious", "dangerous"]
@@ -79,6 +82,8 @@ def classify_global(module: str, name: str) -> tuple[Severity, str]:
         return _classify_dotted(mod, segments)
     if not name.isidentifier():
         return "dangerous", f"{full}: not a plain name"
+    from sdtool.scan.capabilities import Cap, lookup
+
     j = lookup(mod, name)
     if j.cap is not None and j.cap is not Cap.DATA:
         if j.init_only and _class_like(name):
@@ -102,17 +107,25 @@ def is_init_only(module: str, name: str) -> bool:
     """A class whose system access is in ``__init__`` only (dangerous when called with args)."""
     module, name = remap_py2(module, name)
     mod = canonical_module(module)
-    return _is_safe(mod, name) is None and lookup(mod, name).init_only
+    if _is_safe(mod, name) is not None:
+        return False
+    from sdtool.scan.capabilities import lookup
+
+    return lookup(mod, name).init_only
 
 
 def capability(module: str, name: str) -> Judgement:
     """The capability-table row for a global (after Python-2 and alias folding)."""
+    from sdtool.scan.capabilities import lookup
+
     module, name = remap_py2(module, name)
     return lookup(canonical_module(module), name.split(".")[0])
 
 
 def _classify_dotted(mod: str, segments: list[str]) -> tuple[Severity, str]:
     """A dotted qualname walks attributes: ``pathlib`` + ``os.system`` reaches os.system."""
+    from sdtool.scan.capabilities import Cap, lookup
+
     full = f"{mod}.{'.'.join(segments)}"
     first = segments[0]
     # the first segment may be a module re-exported as an attribute: pathlib + os.system
