@@ -164,6 +164,10 @@ def test_columns_is_respected_and_identifiers_stay_whole(
     for line in out.split("\n\nBy dtype")[0].splitlines():
         assert len(line) <= columns or len(line.split()) == 1, line
     assert "e.g. model.diffusion_model.input_blocks.0.0.bias [1]" in " ".join(out.split())
+    out = _run(["prune", str(EXAMPLE), "--ema-only", "--dtype", "fp16", "--dry-run"], env)
+    assert "dropped 686 tensors" in out and "nothing written" in out
+    for line in out.splitlines():  # what was dropped and why wraps too
+        assert len(line) <= columns or len(line.split()) == 1, line
 
 
 # --- 6. conveniences ---------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from sdtool.cli.render import (
     print_json,
     print_table,
     warn,
+    wrap,
+    wrap_width,
 )
 from sdtool.ops.outname import derived
 from sdtool.vocab import DROP_TARGETS, EXTRACT_TARGETS, ExitCode, parse_dtype
@@ -329,26 +331,25 @@ def report(
         t.add_row(markup(name), *_cells(p.before.get(name)), *_cells(p.after.get(name)))
     t.add_row("total", *_cells(p.total("before")), *_cells(p.total("after")), style="bold")
     print_table(c, t)
+    width = wrap_width(c)
+
+    def say(text: str) -> None:  # long lines wrap at spaces to COLUMNS or the terminal
+        for line in wrap(text, width, "", "  "):
+            c.print(markup(line))
+
     for d in p.dropped:
-        c.print(
-            f"dropped {d.totals.tensors:,} tensors ({human_bytes(d.totals.bytes)}): "
-            f"{markup(d.reason)}"
-        )
+        say(f"dropped {d.totals.tensors:,} tensors ({human_bytes(d.totals.bytes)}): {d.reason}")
     for key, why in p.dropped_entries:
-        c.print(f"dropped entry {markup(key)}: {markup(why)}")
+        say(f"dropped entry {key}: {why}")
     for ch in p.changes:
-        c.print(f"changed: {markup(ch)}")
+        say(f"changed: {ch}")
     for note in p.notes:
-        c.print(f"note: {markup(note)}")
+        say(f"note: {note}")
     if dry_run or w is None:
-        n = len(p.tensors)
-        c.print(f"dry run: {n:,} tensors would be written to {markup(out)}; nothing written")
+        say(f"dry run: {len(p.tensors):,} tensors would be written to {out}; nothing written")
     else:
         extra = ", verified bit for bit" if w.verified else ""
-        c.print(
-            f"wrote {markup(w.path)} ({w.format}, {w.tensors:,} tensors, "
-            f"{human_bytes(w.nbytes)}{extra})"
-        )
+        say(f"wrote {w.path} ({w.format}, {w.tensors:,} tensors, {human_bytes(w.nbytes)}{extra})")
     return ExitCode.OK
 
 
