@@ -104,3 +104,25 @@ def test_a_terminal_or_forced_colour_goes_to_rich(monkeypatch: pytest.MonkeyPatc
     assert not plain.Console(Tty()).plain
     monkeypatch.setenv("FORCE_COLOR", "1")
     assert not plain.Console(io.StringIO()).plain
+
+
+def test_escape_skips_the_search_for_printable_text_only() -> None:
+    """``escape`` returns printable text as it is: every character its class escapes is
+    non-printable, so the answer is the class's substitution for every code point, alone
+    and inside text, and the regex is compiled only for text that is not printable."""
+    import re
+
+    from sdtool.cli import render
+
+    pattern = re.compile(render.CONTROL)
+    slow = lambda s: pattern.sub(lambda m: render._esc_char(m.group()), s)  # noqa: E731
+    render._control.cache_clear()
+    assert render.escape("printable: é, 字, a b") == "printable: é, 字, a b"
+    assert render._control.cache_info().currsize == 0
+    for o in range(0x110000):
+        c = chr(o)
+        if pattern.match(c):
+            assert not c.isprintable(), hex(o)
+        if o < 0x3000 or o % 97 == 0:
+            for s in (c, f"a{c}b"):
+                assert render.escape(s) == slow(s), hex(o)

@@ -21,7 +21,16 @@ if TYPE_CHECKING:
 
 # rich loads on first output, not on import: ``sdtool COMMAND --help`` never pays for it
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+#: the control and bidi characters ``escape`` writes as \xNN / \uNNNN: none is printable
+#: for ``str.isprintable`` (categories Cc, Cf, Zl, Zp), so printable text needs no search
+CONTROL = r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]"
+
+
+@cache
+def _control() -> re.Pattern[str]:
+    """CONTROL compiled for the first text that is not printable (~3M instructions, its
+    ranges; most runs print none)."""
+    return re.compile(CONTROL)
 
 
 def escape(text: object, limit: int | None = None) -> str:
@@ -29,7 +38,9 @@ def escape(text: object, limit: int | None = None) -> str:
     s = str(text)
     if limit is not None and len(s) > limit:
         s = s[: limit - 1] + "…"
-    return _CONTROL.sub(lambda m: _esc_char(m.group()), s)
+    if s.isprintable():
+        return s
+    return _control().sub(lambda m: _esc_char(m.group()), s)
 
 
 def _esc_char(c: str) -> str:
