@@ -203,6 +203,19 @@ def test_derived_name_that_is_the_input_is_refused(
     assert "which is the input itself; give OUT" in capsys.readouterr().err
 
 
+def test_out_naming_a_missing_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``convert m.safetensors nodir/``: the slash says a folder was meant; no file "nodir"."""
+    st = tmp_path / "m.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(st))
+    for cmd in (["convert"], ["prune", "--no-ema"]):
+        assert main([*cmd, str(st), f"{tmp_path / 'nodir'}/"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"sdtool: {tmp_path / 'nodir'}: no such output folder (create it first)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 def test_inspect_takes_several_files(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(ckpt), str(EXAMPLE), "--json"]) == 0
     docs = json.loads(capsys.readouterr().out)

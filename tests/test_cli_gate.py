@@ -110,6 +110,59 @@ def test_placeholders_and_windows_notes_pass_the_gate(
     )
 
 
+def _spiece(pieces: list[bytes], tail: bytes = b"") -> bytes:
+    """A SentencePiece ModelProto as protobuf bytes: each piece a field 1 holding the piece's
+    string (1), score (2, float) and type (3), then a trainer_spec (2) with its model type."""
+
+    def field(tag: int, body: bytes) -> bytes:
+        n, varint = len(body), b""
+        while n >= 0x80:
+            varint, n = varint + bytes([n & 0x7F | 0x80]), n >> 7
+        return bytes([tag]) + varint + bytes([n]) + body
+
+    out = b"".join(field(0x0A, field(0x0A, p) + b"\x15\x00\x00\x80\xbf\x18\x01") for p in pieces)
+    return out + field(0x12, b"\x18\x01") + tail
+
+
+def test_sentencepiece_tokenizers_are_not_model_files(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """T5's spiece.model in SD3 and Flux diffusers folders is protobuf, which no loader runs
+    (0x0A is no pickle opcode, zip, tar or numpy magic): skipped, by its whole structure.
+    Bytes after the last field, or a first field that is no piece, are not it."""
+    pieces = [b"<pad>", b"</s>", b"<unk>"] + [b"\xe2\x96\x81w%d" % i for i in range(200)]
+    (folder / "spiece.model").write_bytes(_spiece(pieces))
+    assert main(["scan", str(folder)]) == 0
+    cap = capsys.readouterr()
+    spiece = folder / "spiece.model"
+    assert f"SKIPPED     {spiece}: not a model file (SentencePiece tokenizer)\n" in cap.out
+    for bad in (_spiece(pieces, b"\x00"), b"\x0a\x02\x12\x00" + _spiece(pieces)):
+        spiece.write_bytes(bad)
+        assert main(["scan", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"sdtool: {spiece}: could not scan: "), err
+        assert "plain text" not in err
+    spiece.unlink()
+    (folder / "tokenizer.bin").write_bytes(_spiece(pieces))  # a model's name decides: scanned
+    assert main(["scan", str(folder)]) == 2
+
+
+def test_diffusers_tokenizer_files_pass_the_gate(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CLIP's vocab.json (1.06 MB) and T5's tokenizer.json (2.4 MB) are text above 1 MiB."""
+    tok = folder / "tokenizer"
+    tok.mkdir()
+    vocab = {f"tok{i}</w>": i for i in range(49408)}
+    (tok / "vocab.json").write_text(json.dumps(vocab) + " " * (1_100_000 - len(json.dumps(vocab))))
+    (tok / "merges.txt").write_text("#version: 0.2\n" + "t o\n" * 300_000)
+    assert (tok / "vocab.json").stat().st_size > 1 << 20 < (tok / "merges.txt").stat().st_size
+    assert main(["scan", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"SKIPPED     {tok / 'vocab.json'}: not a model file (JSON text)\n" in out
+    assert f"SKIPPED     {tok / 'merges.txt'}: not a model file (text)\n" in out
+
+
 def test_notes_that_start_like_a_text_pickle_are_text(
     folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

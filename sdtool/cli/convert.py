@@ -36,7 +36,12 @@ if TYPE_CHECKING:
 
 @click.command("convert")
 @click.argument(
-    "paths", nargs=-1, required=True, metavar="IN... OUT", type=click.Path(path_type=Path)
+    # str, not Path: "out/" keeps its slash (a folder meant, see ops.outname.derived)
+    "paths",
+    nargs=-1,
+    required=True,
+    metavar="IN... OUT",
+    type=click.Path(),
 )
 @dtype_option(keep=True)
 @key_option("Convert")
@@ -107,7 +112,7 @@ if TYPE_CHECKING:
 @quiet_option("print nothing when all goes well (warnings and errors still on stderr)")
 @batch_options(cluster=True)
 def convert_cmd(
-    paths: tuple[Path, ...],
+    paths: tuple[str, ...],
     dtype: str,
     key: str | None,
     meta: tuple[str, ...],
@@ -172,16 +177,17 @@ def convert_cmd(
         parse_metadata,
     )
 
+    files = tuple(Path(p) for p in paths)
     if lora_format is not None:
         if out_dir is not None or len(paths) != 2:
             raise UsageError("--lora-format converts one LoRA file to one output")
         return run_lora_format(
-            paths[0], paths[1], to=lora_format, family=family, overwrite=overwrite,
+            files[0], files[1], to=lora_format, family=family, overwrite=overwrite,
             verify=verify, dry_run=dry_run, as_json=as_json,
         )  # fmt: skip
-    if out_dir is None and len(paths) == 2 and wants_layout(to, paths[0]):
+    if out_dir is None and len(paths) == 2 and wants_layout(to, files[0]):
         return run_layout(
-            paths[0], paths[1], to=to, family=family, prediction_type=prediction_type,
+            files[0], files[1], to=to, family=family, prediction_type=prediction_type,
             components=components, overwrite=overwrite, verify=verify, dry_run=dry_run,
             max_shard_size=max_shard_size, as_json=as_json, tokenizers_from=tokenizers_from,
         )  # fmt: skip
@@ -216,8 +222,8 @@ def convert_cmd(
             raise UsageError(
                 f"give IN [OUT], or inputs with --out-dir DIR (got {len(paths)} paths)"
             )
-        src = paths[0]
-        out = paths[1] if len(paths) == 2 else None
+        src = files[0]
+        out = paths[1] if len(paths) == 2 else None  # as given: derived() reads "out/"
         if quant is not None:  # GGUF: IN-Q8_0.gguf (an OUT that is not .gguf: convert refuses)
             dst = derived(src, out, [quant.upper()], ext=".gguf")
         else:
@@ -253,7 +259,7 @@ def convert_cmd(
 
     with _sigterm_interrupts(), _bars(bars) as progress, cluster_runner(cluster, jobs) as runner:
         batch = convert_batch(
-            paths, out_dir, options, to=to, jobs=jobs, file_progress=_per_file(progress),
+            files, out_dir, options, to=to, jobs=jobs, file_progress=_per_file(progress),
             on_result=on_result, resume=resume, cache_dir=cache_dir, runner=runner,
         )  # fmt: skip
     if as_jsonl:  # a record per input; the files left out are named by --json and the text

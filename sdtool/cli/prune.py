@@ -57,7 +57,12 @@ def common(f: F) -> F:
 
 @click.command("prune")
 @click.argument(
-    "paths", nargs=-1, required=True, metavar="IN [OUT]", type=click.Path(path_type=Path)
+    # str, not Path: "out/" keeps its slash (a folder meant, see ops.outname.derived)
+    "paths",
+    nargs=-1,
+    required=True,
+    metavar="IN [OUT]",
+    type=click.Path(),
 )
 @click.option(
     "--ema-only", is_flag=True, help="Put the EMA weights under the model keys; drop model_ema.*."
@@ -98,7 +103,7 @@ def common(f: F) -> F:
 @jobs_option("Batch mode: prune")
 @batch_options()
 def prune_cmd(
-    paths: tuple[Path, ...],
+    paths: tuple[str, ...],
     ema_only: bool,
     no_ema: bool,
     allow_partial_ema: bool,
@@ -151,7 +156,8 @@ def prune_cmd(
             verify=verify, on_overflow=on_overflow,
         )  # fmt: skip
         return _batch(
-            paths, out_dir, opts, jobs=jobs, as_json=as_json, as_jsonl=as_jsonl, quiet=quiet,
+            tuple(Path(p) for p in paths), out_dir, opts, jobs=jobs, as_json=as_json,
+            as_jsonl=as_jsonl, quiet=quiet,
             resume=resume, cache_dir=cache_dir, no_cache=no_cache,
         )  # fmt: skip
     given = [n for n in ("jobs", "jsonl", "resume") if _given(n)]
@@ -159,9 +165,9 @@ def prune_cmd(
         raise click.UsageError(f"--{'/--'.join(given)}: batch mode only, add --out-dir DIR")
     if len(paths) > 2:
         raise click.UsageError(f"give IN [OUT], or inputs with --out-dir DIR (got {len(paths)})")
-    src, out = paths[0], (paths[1] if len(paths) == 2 else None)
+    src, out_arg = Path(paths[0]), (paths[1] if len(paths) == 2 else None)
     ema_tag = {"only": "emaonly", "drop": "noema"}.get(ema, "")
-    out = derived(src, out, ["pruned", ema_tag, dtype or ""])
+    out = derived(src, out_arg, ["pruned", ema_tag, dtype or ""])  # as given: it reads "out/"
     with open_model(src) as model:
         vae = open_model(bake_vae) if bake_vae else None
         try:
@@ -249,7 +255,7 @@ def _batch(
 
 @click.command("extract")
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.argument("out", metavar="[OUT]", required=False, type=click.Path(path_type=Path))
+@click.argument("out", metavar="[OUT]", required=False, type=click.Path())  # "out/" kept
 @click.option(
     "--component",
     "-c",
@@ -261,7 +267,7 @@ def _batch(
 @common
 def extract_cmd(
     src: Path,
-    out: Path | None,
+    out: str | None,
     component: str,
     ema_only: bool,
     dtype: str | None,
@@ -287,8 +293,8 @@ def extract_cmd(
     from sdtool.formats.open import open_model
     from sdtool.ops.prune import ExtractOptions, extract
 
-    out = derived(src, out, [component, "ema" if ema_only else "", dtype or ""])
-    with open_model(src) as model, progress.byte_bar(f"writing {out.name}") as bar:
+    dst = derived(src, out, [component, "ema" if ema_only else "", dtype or ""])
+    with open_model(src) as model, progress.byte_bar(f"writing {dst.name}") as bar:
         opts = ExtractOptions(
             component=component,
             ema=ema_only,
@@ -299,8 +305,8 @@ def extract_cmd(
             on_overflow=on_overflow,
             progress=None if bar is None else bar.absolute,
         )
-        result = extract(model, out, opts)
-    return report(result, src, out, dry_run=dry_run, as_json=as_json, quiet=quiet)
+        result = extract(model, dst, opts)
+    return report(result, src, dst, dry_run=dry_run, as_json=as_json, quiet=quiet)
 
 
 def report(

@@ -144,7 +144,8 @@ def describe(head: bytes, size: int) -> str:
             )
     try:
         text.decode("utf-8")
-        return "it is plain text"
+        if not any(b < 32 and b not in b"\t\n\r\f" for b in text):
+            return "it is plain text"
     except UnicodeDecodeError:
         pass
     return f"its first bytes are {head[:16].hex(' ')}"
@@ -187,20 +188,23 @@ _IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"GIF87a", "GIF image"),
     (b"GIF89a", "GIF image"),
 )
-TEXT_LIMIT = 1 << 20  # text files larger than this are never called "not a model file"
+#: text files larger than this are never called "not a model file" (they are read whole to be
+#: told apart from protocol 0 pickles): room for the tokenizer files of diffusers folders (CLIP's
+#: vocab.json is 1.06 MB, T5's tokenizer.json 2.4 MB) and long wildcard lists
+TEXT_LIMIT = 16 << 20
 
 
 def not_a_model_file(data: bytes, size: int) -> str | None:
     """What a file is when, by its content, it is no model and nothing a loader would run.
 
-    ``data`` is the file's first bytes (the whole file for text up to 1 MiB). Returns
+    ``data`` is the file's first bytes (the whole file for text up to ``TEXT_LIMIT``). Returns
     "PNG image", "JPEG image", "GIF image", "WebP image", "AVIF image", "MP4 video",
-    "WebM video", "JSON text", "YAML text" or "text",
+    "WebM video", "SentencePiece tokenizer", "JSON text", "YAML text" or "text",
     or None when the file could be a model or anything sdtool should scan. Text is named only
-    when it is at most 1 MiB and UTF-8 (or UTF-16 with a byte order mark) without control
-    characters. A protocol 0 pickle is text
-    too: a caller that skips text must first check, with the pickle machine, that loading it as
-    a pickle imports or calls nothing (the scanner does).
+    when it is at most ``TEXT_LIMIT`` (16 MiB) and UTF-8 (or UTF-16 with a byte order mark)
+    without control characters. A protocol 0 pickle is text too: a caller that skips text must
+    first check, with the pickle machine, that loading it as a pickle imports or calls nothing
+    (the scanner does).
     """
     for magic, what in _IMAGE_MAGIC:
         if data.startswith(magic):
@@ -213,6 +217,8 @@ def not_a_model_file(data: bytes, size: int) -> str | None:
         return "WebM video"
     if size == 0 or size > TEXT_LIMIT or len(data) < size:
         return None
+    if _sentencepiece(data):
+        return "SentencePiece tokenizer"
     # UTF-16 with its byte order mark (Windows Notepad's "Unicode"): FF FE / FE FF is no
     # pickle opcode, so pickle.load stops at byte 0
     utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
@@ -225,6 +231,39 @@ def not_a_model_file(data: bytes, size: int) -> str | None:
     if "!!python/" in text:  # YAML that an unsafe loader turns into calls: scan, do not skip
         return None
     return _text_kind(text)
+
+
+#: the tags of SentencePiece's ``ModelProto`` fields (sentencepiece_model.proto), all
+#: length-delimited: 1 pieces, 2 trainer_spec, 3 normalizer_spec, 4 self_test_data,
+#: 5 denormalizer_spec
+_SPM_TAGS = frozenset((0x0A, 0x12, 0x1A, 0x22, 0x2A))
+
+
+def _sentencepiece(data: bytes) -> bool:
+    """A SentencePiece model (T5's ``spiece.model`` in SD3 and Flux folders, Llama's
+    ``tokenizer.model``): the whole file is ``ModelProto``'s top-level fields, each tag followed
+    by its length, ending exactly at the end, the first a piece (which starts with its string,
+    field 1). Byte 0 (0x0A) is no pickle opcode and no zip, tar or numpy magic: no loader runs it.
+    """
+    if data[:1] != b"\x0a":
+        return False
+    pos, end = 0, len(data)
+    while pos < end:
+        first = pos == 0
+        if data[pos] not in _SPM_TAGS:
+            return False
+        length, shift, pos = 0, 0, pos + 1
+        while pos < end and data[pos] & 0x80 and shift < 63:
+            length |= (data[pos] & 0x7F) << shift
+            shift, pos = shift + 7, pos + 1
+        if pos >= end:
+            return False
+        length |= data[pos] << shift
+        pos += 1
+        if pos + length > end or (first and data[pos : pos + 1] != b"\x0a"):
+            return False
+        pos += length
+    return True
 
 
 def _text_kind(text: str) -> str:

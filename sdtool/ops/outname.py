@@ -8,11 +8,14 @@ when OUT is an existing folder. An output that would be the input itself is refu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from sdtool.errors import OutputError
 from sdtool.vocab import MODEL_SUFFIXES  # extensions dropped before the tags are added
+
+_SEPARATORS = tuple(sep for sep in (os.sep, os.altsep) if sep)
 
 
 def stem(path: Path) -> str:
@@ -34,6 +37,8 @@ def derived(
     """
     src = Path(src)
     if out is not None and not Path(out).is_dir():
+        if str(out).endswith(_SEPARATORS):  # meant as a folder (Path drops the slash)
+            raise OutputError("no such output folder (create it first)", path=Path(out))
         return Path(out)
     name = "-".join([stem(src), *[t for t in tags if t]]) + ext
     folder = Path(out) if out is not None else src.parent
