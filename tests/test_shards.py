@@ -152,9 +152,14 @@ def test_cli_inspect_diff_hash_convert_on_shards(
     hashed = capsys.readouterr().out
     files = [f["path"] for f in json.loads(hashed)["files"]]
     assert [Path(f).name for f in files] == sorted(p.name for p in d.glob("*-of-*"))
-    for target in (d, d / "model.safetensors.index.json"):  # the shards are scanned, not the JSON
-        assert main(["scan", str(target)]) == 0
-        assert f"{len(files)} files: {len(files)} safe" in capsys.readouterr().out
+    # the index named: its shards are scanned; the folder: the index is listed as JSON too
+    assert main(["scan", str(d / "model.safetensors.index.json")]) == 0
+    assert f"{len(files)} files: {len(files)} safe -> exit 0" in capsys.readouterr().out
+    assert main(["scan", str(d)]) == 0
+    out = capsys.readouterr().out
+    n = len(files) + 1
+    assert f"{n} files: 1 skipped (not model files), {len(files)} safe -> exit 0" in out
+    assert "model.safetensors.index.json: not a model file (JSON text)" in out
     assert (
         main(["convert", str(src), str(tmp_path / "x.safetensors"), "--max-shard-size", "5GiB"])
         == 2

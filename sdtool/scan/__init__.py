@@ -149,9 +149,7 @@ def _walk_dir(top: str, excluded: Callable[[str, str], bool] | None) -> Iterator
     files.sort(key=_NAME)
     prefix = "" if top == "." else top if top.endswith("/") else top + "/"
     for e in files:
-        name = e.name
-        if name[-5:] == ".json" and _maybe_index(name) and _index_re().match(name):
-            continue  # a shard index: its shards sit beside it
+        name = e.name  # a shard index is listed too (skipped as JSON text): nothing silently
         fp = prefix + name
         if excluded is not None and excluded(fp, name):
             continue
