@@ -16,7 +16,6 @@ import fnmatch
 import gc
 import operator
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -185,12 +184,6 @@ def _stat(p: Path) -> os.stat_result | None:
 def _maybe_index(name: str) -> bool:
     """A cheap test before the shard index pattern (whose module loads numpy)."""
     return name.endswith(".json") and ".safetensors.index" in name
-
-
-def _index_re() -> re.Pattern[str]:
-    from sdtool.formats.shards import INDEX_RE
-
-    return INDEX_RE
 
 
 def _shards(p: Path) -> list[Path]:
