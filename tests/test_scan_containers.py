@@ -252,6 +252,70 @@ def test_torch_tar_format(tmp_path: Path) -> None:
     assert next(f for f in r.findings if f.rule == "global").member == "pickle"
 
 
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _intact_torch_tar(path: Path, main: bytes) -> Path:
+    """torch's TAR format as legacy_load reads it: 'storages' (a count, then per storage a
+    pickled (key, location, storage type), its element count and bytes, then the views),
+    'tensors' (a count, then per tensor a pickled (key, storage key, original tensor type),
+    ndim, 4 skipped bytes, sizes, strides, offset) and 'pickle' (persistent ids are keys)."""
+    one = b"\x80\x02K\x01."
+    storages = (
+        one
+        + b"\x80\x02K\x01X\x03\x00\x00\x00cpu" + _global("torch", "FloatStorage") + b"\x87."
+        + struct.pack("<q4f", 4, 1, 2, 3, 4)
+        + b"\x80\x02]."
+    )  # fmt: skip
+    tensors = (
+        one
+        + b"\x80\x02K\x02K\x01" + _global("torch", "FloatTensor") + b"\x87."
+        + struct.pack("<i4xqqq", 1, 4, 1, 0)
+    )  # fmt: skip
+    with tarfile.open(path, "w") as tf:
+        members = [("sys_info", b"\x80\x02}."), ("pickle", main), ("storages", storages),
+                   ("tensors", tensors)]  # fmt: skip
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_intact_torch_tar_is_safe(tmp_path: Path) -> None:
+    """An intact TAR checkpoint (torch < 0.4) names torch.FloatTensor in its tensor records
+    and refers to tensors by key: nothing there runs code. torch itself is the oracle that the
+    file is one. The same keys in a pickle of any other format are still suspicious."""
+    torch = pytest.importorskip("torch")
+    main = b"\x80\x02}X\x01\x00\x00\x00wX\x01\x00\x00\x002Qs."  # {"w": persistent id "2"}
+    p = _intact_torch_tar(tmp_path / "old.pt", main)
+    loaded = torch.load(p, weights_only=False)  # our own bytes: the reference loader
+    assert torch.equal(loaded["w"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    r = scan(p)
+    assert r.format == "torch-tar" and r.verdict == "safe", r.findings
+    assert all(f.severity == "info" for f in r.findings)
+    plain = tmp_path / "keys.pkl"
+    plain.write_bytes(main)
+    assert "persistent-id" in rules(scan(plain))
+    # the payload in the same intact layout is still found
+    r = scan(_intact_torch_tar(tmp_path / "bad.pt", PAYLOAD))
+    assert r.verdict == "dangerous"
+
+
+def test_legacy_tensor_types_are_torchs() -> None:
+    """The allowlisted tensor types are torch's own list, every module they live in."""
+    torch = pytest.importorskip("torch")
+    from sdtool.scan.allowlist import SAFE, TENSOR_TYPES
+
+    names = {(c.__module__, c.__name__) for c in torch._tensor_classes}
+    ours = {k for k, why in SAFE.items() if why.startswith("torch legacy tensor type")}
+    assert names == ours
+    assert {n for _, n in ours} == {f"{t}Tensor" for t in TENSOR_TYPES}
+    assert classify_global("torch", "FloatTensor")[0] == "safe"
+    assert classify_global("torch", "Generator")[0] != "safe"
+
+
 def test_legacy_magic_slot_payload(tmp_path: Path) -> None:
     # attack: legacy torch unpickles the magic-number pickle before checking it
     import pickle

@@ -164,6 +164,19 @@ for _name in STORAGE_ITEMSIZE:
     SAFE[("torch", _name)] = _STORAGE
     SAFE[("torch.cuda", _name)] = _STORAGE
 
+#: torch's legacy tensor types (``torch._tensor_classes``, checked against torch by the tests)
+TENSOR_TYPES = (
+    "BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short",
+)  # fmt: skip
+_TENSOR_TYPE = (
+    "torch legacy tensor type: the TAR format names it in each tensor record and never calls it; "
+    "called, it makes a tensor from sizes, a sequence or a storage (torch's weights_only allows it)"
+)
+for _module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse"):
+    for _name in TENSOR_TYPES:
+        if not (_module.endswith("sparse") and _name == "Bool"):  # no sparse BoolTensor
+            SAFE[(_module, f"{_name}Tensor")] = _TENSOR_TYPE
+
 _TORCH_CONSTANTS = [
     "float32",
     "float",

@@ -188,6 +188,9 @@ class Stream:
     # joblib's NumpyUnpickler reads after BUILD of a NumpyArrayWrapper (the oracle skips them too)
     joblib_skips: list[tuple[int, int, bool]] = field(default_factory=list)
     oracle: Any = None  # what the C unpickler did with the same bytes (oracle.OracleResult)
+    # the 'pickle' member of torch's TAR format: its persistent ids are keys of the tensors and
+    # storages the tar's other members hold (legacy_load looks up int(id)), set by the walker
+    persid_keys: bool = False
 
 
 class _Broken(Exception):

@@ -64,8 +64,12 @@ def scan_tar(ctx: Ctx, buf: Any, member: str | None, depth: int) -> None:
             data = Window(buf, info.offset_data, info.size)
         if torch_tar and info.name in ("storages", "tensors"):
             _scan_tar_records(ctx, data, path, info.name)
-        else:
-            scan_nested(ctx, data, path, depth + 1)
+            continue
+        if torch_tar and info.name == "pickle":  # parsed here to say what its persistent ids are
+            s = run_pickle(ctx, data, 0, len(data), oracle=True)
+            s.persid_keys = True
+            ctx.parsed[path] = s  # the pickle walker takes it (any other route leaves it)
+        scan_nested(ctx, data, path, depth + 1)
 
 
 def _check_end(ctx: Ctx, buf: Any, end: int, infos: list[Any], member: str | None) -> None:
