@@ -125,6 +125,27 @@ def test_the_stored_identity_is_lossless(tmp_path: Path, capsys: Cap) -> None:
                 fresh = identify(m)
             back = ic.identity_of(text)
             assert back == fresh and back is not None and back.owners() == fresh.owners()
+            assert text.split("\n", 3)[2].startswith(f'"{ic.RECORD}')
+
+
+def test_the_stored_identity_is_deflated(tmp_path: Path, capsys: Cap) -> None:
+    """A checkpoint's record (1,831 keys, each listed and owned) is stored at a tenth of its
+    JSON: every cached file's row, and every cached answer reads it."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny-sd15-ema.ckpt"
+    f = tmp_path / example.name
+    shutil.copyfile(example, f)
+    _run(capsys, ["inspect", "--jsonl", str(f)])
+    settings = ic.settings_of(None, False, None)
+    with Cache(os.environ["SDTOOL_CACHE_DIR"]) as cache:
+        text = cache.get_text(
+            ic.KIND, Identity.of_path(f).key, ruleset_mod.identify_version() + settings
+        )
+    assert text is not None
+    with open_model(f) as m:
+        fresh = identify(m)
+    raw = json.dumps(fresh.to_record())
+    assert len(raw) > 200_000 and len(text.split("\n", 3)[2]) * 10 < len(raw)
+    assert ic.identity_of(text) == fresh
 
 
 def test_no_cache_and_contradicting_options(tmp_path: Path, capsys: Cap) -> None:
