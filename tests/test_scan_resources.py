@@ -250,3 +250,20 @@ def test_7z_without_py7zr_is_could_not_scan(
     # issue 12: could not scan (exit 2) with the reason, never "dangerous" for being unopenable
     assert r.verdict == "not_scanned" and not r.findings
     assert any("unsupported archive (7z): py7zr" in e for e in r.errors)
+
+
+def test_7z_py7zr_refuses_is_not_cached(tmp_path: Path) -> None:
+    """What py7zr (and the codecs beside it) cannot open today a later install may: that
+    "could not scan" is this machine's, never stored as the bytes' verdict."""
+    import py7zr
+
+    p = tmp_path / "m.7z"
+    with py7zr.SevenZipFile(p, "w") as z:
+        z.writestr(pickle.dumps({"a": 1}), "m.pkl")
+    assert scan(p).self_contained
+    data = bytearray(p.read_bytes())
+    data[32:48] = b"\xff" * 16  # the packed stream: py7zr's decoder fails on it
+    p.write_bytes(bytes(data))
+    r = scan(p)
+    assert r.verdict == "not_scanned" or r.errors, r
+    assert not r.self_contained

@@ -83,6 +83,9 @@ def scan_7z(ctx: Ctx, buf: Any, member: str | None) -> str | None:
         raise
     except Exception as e:  # a third-party reader on hostile bytes: any failure
         error = f"{type(e).__name__}: {e}"[:300]
+        # what py7zr (and the codecs installed beside it) refuses today, a later one may read:
+        # a verdict of this machine, not of the bytes alone, so it is not cached
+        ctx.report.self_contained = False
     if error is not None and not sinks:
         return f"py7zr cannot open it ({error})"
     if error is not None:
