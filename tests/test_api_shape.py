@@ -125,3 +125,17 @@ def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path: Path) ->
     assert sdtool.scan(path).verdict == "safe"
     with sdtool.open_model(path) as m:
         assert m.read("w" * (1 + pad)).tolist() == [1.0, 1.0]
+
+
+def test_a_missing_path_raises_alike(tmp_path: Path) -> None:
+    """scan, inspect and hash_file answer a path that is not there, or a folder, with the same
+    FileAccessError; scan_paths (the CLI's) reports it among the files instead."""
+    from sdtool.errors import FileAccessError
+    from sdtool.scan import scan_paths
+
+    for target, why in ((tmp_path / "nope.ckpt", "no such file"), (tmp_path, "is a directory")):
+        for fn in (sdtool.scan, sdtool.inspect, sdtool.hash_file):
+            with pytest.raises(FileAccessError, match=why):
+                fn(target)
+    report = scan_paths([tmp_path / "nope.ckpt"])
+    assert report.exit_code == 2 and report.files[0].verdict == "not_scanned"

@@ -73,7 +73,9 @@ __all__ = [
 def scan(path: str | Path, *, limits: Limits | None = None, crc: str = "read") -> FileReport:
     """Scan one file and return its FileReport (never raises for file content).
 
-    A file's verdict does not depend on ``--strict`` (``ScanReport.exit_code`` does).
+    A file's verdict does not depend on ``--strict`` (``ScanReport.exit_code`` does). A path
+    that does not exist or is a folder raises FileAccessError, as ``inspect`` and ``hash_file``
+    do (``scan_paths`` reports it as a file it could not scan instead).
 
     Args:
         path: any file; the format is decided by content, never by extension.
@@ -83,7 +85,15 @@ def scan(path: str | Path, *, limits: Limits | None = None, crc: str = "read") -
     from sdtool.scan.containers import scan_file
     from sdtool.scan.vm import DEFAULT_LIMITS
 
-    return scan_file(as_path(path), limits=limits or DEFAULT_LIMITS, crc=crc)
+    target = as_path(path)
+    if not is_url(str(target)) and not os.path.isfile(target):
+        from sdtool.errors import FileAccessError
+
+        if os.path.isdir(target):
+            raise FileAccessError("is a directory, not a model file", path=target)
+        if not os.path.lexists(target):
+            raise FileAccessError("no such file", path=target)
+    return scan_file(target, limits=limits or DEFAULT_LIMITS, crc=crc)
 
 
 class Target(NamedTuple):
