@@ -226,11 +226,22 @@ def not_a_model_file(data: bytes, size: int) -> str | None:
         text = data.decode("utf-16" if utf16 else "utf-8")
     except UnicodeDecodeError:
         return None
-    if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+    if _control().search(text):  # one C loop: a 16 MiB text in milliseconds, not seconds
         return None
     if "!!python/" in text:  # YAML that an unsafe loader turns into calls: scan, do not skip
         return None
     return _text_kind(text)
+
+
+def _control() -> re.Pattern[str]:
+    """Control characters no text file holds (all below 32 but tab, newlines, form feed)."""
+    global _CONTROL
+    if _CONTROL is None:
+        _CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f]")
+    return _CONTROL
+
+
+_CONTROL: re.Pattern[str] | None = None
 
 
 #: the tags of SentencePiece's ``ModelProto`` fields (sentencepiece_model.proto), all
