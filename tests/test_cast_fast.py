@@ -122,3 +122,43 @@ def test_fp8_blocks_mixing_fast_and_exact(
     assert np.all(np.isnan(torch.from_numpy(g[nan].copy()).view(getattr(torch, FP8[code][0]))
                            .float().numpy()))  # fmt: skip
     assert overflow == int(np.count_nonzero(np.isfinite(vals) & (np.abs(vals) >= FP8[code][2])))
+
+
+BF16 = dtypes.from_code("BF16")
+
+
+@pytest.mark.parametrize("dst", ["F16", "F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("block", [7, 4096, 1 << 18])
+def test_bf16_widened_equals_torch(dst: str, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 sources go through float32 block by block: every bf16 pattern, shuffled (so
+    small blocks mix NaN-free in-range ones, the fast kernels, with others, the exact path),
+    and every finite one under 400, against torch's own bf16 -> dst; overflow counts too."""
+    monkeypatch.setattr(cast_mod, "FAST_BLOCK", block)
+    d = dtypes.from_code(dst)
+    kernel, fast_blocks = cast_mod._FAST[("F32", dst)], []
+
+    def counted(*args: np.ndarray) -> bool:
+        done = kernel(*args)
+        fast_blocks.append(done)
+        return done
+
+    monkeypatch.setitem(cast_mod._FAST, ("F32", dst), counted)
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    np.random.default_rng(10).shuffle(bits)
+    with np.errstate(all="ignore"):
+        wide = bits.view(BF16.numpy).astype(np.float64)
+    for sample, src_f in ((bits, wide), (bits[np.abs(wide) < 400], wide[np.abs(wide) < 400])):
+        fast_blocks.clear()
+        want = torch.from_numpy(sample.copy()).view(torch.bfloat16).to(getattr(torch, d.torch))
+        want_bits = want.view(torch.uint16 if d.itemsize == 2 else torch.uint8).numpy()
+        got, overflow = cast(sample.view(BF16.numpy), BF16, d)
+        g = got.view(want_bits.dtype)
+        bad = np.flatnonzero(g != want_bits)
+        assert bad.size == 0, [(hex(sample[i]), hex(g[i]), hex(want_bits[i])) for i in bad[:5]]
+        if src_f is not wide:  # no NaN, nothing out of range: every block took the kernel
+            assert fast_blocks and all(fast_blocks)
+        if dst == "F8_E4M3":  # saturates: overflow is what lies past 464 (ties to 448)
+            expect = np.isfinite(src_f) & (np.abs(src_f) > 464)
+        else:
+            expect = np.isfinite(src_f) & ~np.isfinite(want.float().numpy())
+        assert overflow == int(np.count_nonzero(expect))

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sdtool.dtypes import DType
+from sdtool.dtypes import DType, from_code
 from sdtool.errors import UnsupportedDtype
 from sdtool.vocab import CASTABLE
 
@@ -295,6 +295,9 @@ def cast(
     fast = _FAST.get((src.code, dst.code))
     if fast is not None:
         return _cast_blocks(values, src, dst, out, fast)
+    fast = _FAST.get(("F32", dst.code))
+    if src.code == "BF16" and fast is not None:
+        return _cast_blocks(values, src, dst, out, fast, widen=True)
     with np.errstate(all="ignore"):
         f = values if src.code == "F32" else values.astype(np.float32)
         if dst.code == "F32":
@@ -326,20 +329,34 @@ def _cast_blocks(
     dst: DType,
     out: np.ndarray | None,
     fast: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], bool],
+    widen: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Cast block by block (each block in cache once): NaN-free blocks inside the target's
-    range take ``fast``, the others numpy's cast plus the exact NaN/overflow handling."""
+    range take ``fast``, the others numpy's cast plus the exact NaN/overflow handling.
+
+    ``widen``: ``values`` are bfloat16, each block first made float32 (its bits shifted up 16:
+    exact, NaN payloads included) and then cast as float32, which is what torch does (every
+    cast goes through float32): bf16 -> fp16 or fp8 (Flux and SDXL in bf16 to fp8) at the
+    float32 kernels' speed instead of ml_dtypes' and numpy's scalar loops (4.7 -> ~2 ns a
+    value to e4m3fn here)."""
     values = np.ascontiguousarray(values)
     res = _into(out, values.size, dst) if out is not None else np.empty(values.size, dst.numpy)
     block = max(1, min(FAST_BLOCK, values.size))
     t1, t2 = np.empty(block, U32), np.empty(block, U32)
+    wide = np.empty(block, U32) if widen else None
+    f32 = from_code("F32")
     overflow = 0
     with np.errstate(all="ignore"):
         for i in range(0, values.size, block):
             v, r = values[i : i + block], res[i : i + block]
+            if wide is not None:
+                w = wide[: v.size]
+                np.copyto(w, v.view(U16))  # two plain passes: a mixed-type shift buffers
+                np.left_shift(w, 16, out=w)
+                v = w.view(np.float32)
             if not fast(v, r, t1[: v.size], t2[: v.size]):
                 np.copyto(r, v, casting="unsafe")
-                overflow += _fix_nonfinite(v, v, r, src, dst)
+                overflow += _fix_nonfinite(v, v, r, f32 if widen else src, dst)
     return res, overflow
 
 
