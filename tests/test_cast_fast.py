@@ -124,17 +124,20 @@ def test_fp8_blocks_mixing_fast_and_exact(
     assert overflow == int(np.count_nonzero(np.isfinite(vals) & (np.abs(vals) >= FP8[code][2])))
 
 
-BF16 = dtypes.from_code("BF16")
-
-
-@pytest.mark.parametrize("dst", ["F16", "F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize(
+    ("src", "dst"), [("BF16", "F16"), ("BF16", "F8_E4M3"), ("BF16", "F8_E5M2"),
+                     ("F16", "F8_E4M3"), ("F16", "F8_E5M2")],
+)  # fmt: skip
 @pytest.mark.parametrize("block", [7, 4096, 1 << 18])
-def test_bf16_widened_equals_torch(dst: str, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bfloat16 sources go through float32 block by block: every bf16 pattern, shuffled (so
-    small blocks mix NaN-free in-range ones, the fast kernels, with others, the exact path),
-    and every finite one under 400, against torch's own bf16 -> dst; overflow counts too."""
+def test_16_bit_sources_widened_equal_torch(
+    src: str, dst: str, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 and fp16 sources go through float32 block by block: every source pattern,
+    shuffled (so small blocks mix NaN-free in-range ones, the fast kernels, with others, the
+    exact path), and every finite one under 400, against torch's own src -> dst; overflow
+    counts too. The finite sample must take the kernels on every block (else this fails)."""
     monkeypatch.setattr(cast_mod, "FAST_BLOCK", block)
-    d = dtypes.from_code(dst)
+    s, d = dtypes.from_code(src), dtypes.from_code(dst)
     kernel, fast_blocks = cast_mod._FAST[("F32", dst)], []
 
     def counted(*args: np.ndarray) -> bool:
@@ -146,12 +149,14 @@ def test_bf16_widened_equals_torch(dst: str, block: int, monkeypatch: pytest.Mon
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     np.random.default_rng(10).shuffle(bits)
     with np.errstate(all="ignore"):
-        wide = bits.view(BF16.numpy).astype(np.float64)
-    for sample, src_f in ((bits, wide), (bits[np.abs(wide) < 400], wide[np.abs(wide) < 400])):
+        wide = bits.view(s.numpy).astype(np.float64)
+    small = np.abs(wide) < 400
+    for sample, src_f in ((bits, wide), (bits[small], wide[small])):
         fast_blocks.clear()
-        want = torch.from_numpy(sample.copy()).view(torch.bfloat16).to(getattr(torch, d.torch))
+        want = torch.from_numpy(sample.copy()).view(getattr(torch, s.torch))
+        want = want.to(getattr(torch, d.torch))
         want_bits = want.view(torch.uint16 if d.itemsize == 2 else torch.uint8).numpy()
-        got, overflow = cast(sample.view(BF16.numpy), BF16, d)
+        got, overflow = cast(sample.view(s.numpy), s, d)
         g = got.view(want_bits.dtype)
         bad = np.flatnonzero(g != want_bits)
         assert bad.size == 0, [(hex(sample[i]), hex(g[i]), hex(want_bits[i])) for i in bad[:5]]
