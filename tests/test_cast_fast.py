@@ -167,3 +167,21 @@ def test_16_bit_sources_widened_equal_torch(
         else:
             expect = np.isfinite(src_f) & ~np.isfinite(want.float().numpy())
         assert overflow == int(np.count_nonzero(expect))
+
+
+@pytest.mark.parametrize("dst", ["F8_E4M3", "F8_E5M2"])
+def test_fp16_subnormals_with_denormals_as_zero(dst: str) -> None:
+    """A thread that reads denormals as zero (torch.set_flush_denormal(True) sets MXCSR.DAZ)
+    still casts float16's subnormals as torch does: the widening multiply would flush them
+    (e5m2 keeps many of them), so such blocks take numpy's integer conversion."""
+    f16, d = dtypes.from_code("F16"), dtypes.from_code(dst)
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    sub = bits[(bits & 0x7C00) == 0]  # zeros and subnormals, both signs
+    want = torch.from_numpy(sub.copy()).view(torch.float16).to(getattr(torch, d.torch))
+    want_bits = want.view(torch.uint8).numpy()
+    assert torch.set_flush_denormal(True)
+    try:
+        got = cast(sub.view(np.float16), f16, d)[0].view(np.uint8)
+    finally:
+        torch.set_flush_denormal(False)
+    assert np.array_equal(got, want_bits)

@@ -381,6 +381,7 @@ def _bf16_to_f32(v: np.ndarray, w: np.ndarray, t: np.ndarray) -> bool:
 _F16_MAGNITUDE = U32(0x7FFF)
 _F16_INF = U32(0x7C00)
 _TWO_112 = np.float32(2.0**112)  # float32's exponent bias 127 less float16's 15
+_DENORMAL = np.float32(2.0**-149)  # float32's smallest denormal: 0 under DAZ
 
 
 def _f16_to_f32(v: np.ndarray, w: np.ndarray, t: np.ndarray) -> bool:
@@ -388,7 +389,11 @@ def _f16_to_f32(v: np.ndarray, w: np.ndarray, t: np.ndarray) -> bool:
     the magnitude's bits shifted up 13 read as a float32 are the value times 2**-112, normal
     or subnormal alike (float32 holds float16's subnormals as its own denormals, exactly), so
     one multiply by 2**112 gives the value; the sign is put back. numpy's own conversion is a
-    scalar loop (~2.7 ns a value here); these are eight whole-block passes."""
+    scalar loop (~2.7 ns a value here); these are eight whole-block passes. Not when this
+    thread reads denormals as zero (MXCSR.DAZ: ``torch.set_flush_denormal(True)``, some fast-math
+    libraries): the multiply would flush float16's subnormals, so numpy's cast does the block."""
+    if _DENORMAL * _TWO_112 == 0:
+        return False
     np.copyto(w, v.view(U16))
     np.bitwise_and(w, _F16_MAGNITUDE, out=t)
     if t.max() >= _F16_INF:
