@@ -33,7 +33,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.vocab import Progress
-from sdtool.write.cast import _f32_to_f16, cast
+from sdtool.write.cast import _f32_to_f16, bf16_to_f32, cast, f16_to_f32
 from sdtool.write.plan import OutTensor
 
 if TYPE_CHECKING:
@@ -82,53 +82,10 @@ RAW = 1000
 TMP = 2000
 
 
-_MAGIC = np.float32(2.0**112)  # float16's exponent bias (15) to float32's (127)
-
-
-def _f16_to_f32(raw: np.ndarray, out: np.ndarray, scaled: bool = False) -> bool:
-    """float16 -> float32, exactly torch's bits (NaNs quieted, payload kept), in ~5 vectorised
-    passes (numpy's own cast is a scalar loop, ~3x slower). The bits sign-extended and
-    shifted into float32's place, the sign's copies cleared, then one multiply by 2**112
-    rebiases the exponent (subnormals become normal exactly); exponent 31 (inf/NaN) is fixed
-    afterwards. tests/test_arith.py checks all 65,536 patterns against torch.
-
-    ``scaled``: when the piece holds no inf/NaN, skip the multiply and return True: ``out``
-    then holds the values times 2**-112 exactly (a caller folds 2**112 into its own constant
-    multiply, one pass fewer); False: ``out`` holds the values."""
-    o = out.view(np.int32)
-    np.copyto(o, raw.view(np.int16))  # sign-extended: bits 15..31 are the sign
-    np.left_shift(o, 13, out=o)
-    np.bitwise_and(o, np.int32(-0x70000001), out=o)  # keep bit 31 and bits 0..27
-    u = raw.view(np.uint16)
-    # an inf/NaN (exponent 31): +: 0x7C00.. as int16, the top of int16; -: 0xFC00.., the
-    # top of uint16 (two 16-bit max passes: a third of float32 max and min)
-    special = bool(raw.size) and bool(
-        np.maximum.reduce(raw.view(np.int16)) >= 0x7C00 or np.maximum.reduce(u) >= 0xFC00
-    )
-    if scaled and not special:
-        return True
-    np.multiply(out, _MAGIC, out=out)
-    if special:
-        idx = np.flatnonzero((u & np.uint16(0x7C00)) == np.uint16(0x7C00))
-        b = u[idx].astype(np.uint32)
-        m = b & np.uint32(0x3FF)
-        quiet = np.where(m != 0, np.uint32(0x400000), np.uint32(0))
-        bits = ((b & np.uint32(0x8000)) << np.uint32(16)) | np.uint32(0x7F800000) | (m << 13)
-        out.view(np.uint32)[idx] = bits | quiet
-    return False
-
-
-def _bf16_to_f32(raw: np.ndarray, out: np.ndarray) -> None:
-    """bfloat16 -> float32: the bits shifted up (torch's bits, NaN payloads included)."""
-    o = out.view(np.uint32)
-    np.copyto(o, raw.view(np.uint16))
-    np.left_shift(o, 16, out=o)
-
-
 #: source code -> a vectorised exact conversion into float32 (others: numpy's cast)
 _TO_F32: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
-    "F16": _f16_to_f32,
-    "BF16": _bf16_to_f32,
+    "F16": f16_to_f32,
+    "BF16": bf16_to_f32,
 }
 
 
@@ -272,7 +229,7 @@ class Inputs:
     ) -> Callable[[int, int, int], tuple[np.ndarray, bool]]:
         """``piece_reader``'s ``read``, returning ``(values, scaled)``: for fp16, ``scaled``
         (True unless the piece holds an inf/NaN) says the values are times 2**-112 (exactly:
-        ``_f16_to_f32``'s ``scaled``); other dtypes are never scaled."""
+        ``cast.f16_to_f32``'s ``scaled``); other dtypes are never scaled."""
         read = self.piece_reader(m, name)
         info = m.tensors[name]
         if info.dtype.code != "F16":
@@ -286,7 +243,7 @@ class Inputs:
             buf = SCRATCH.read(slot, offset, count * 2)
             _pread_into(fd, buf, offset, name, path)
             out = SCRATCH.f32(slot, count)
-            return out, _f16_to_f32(buf.view(np.float16), out, scaled=True)
+            return out, f16_to_f32(buf.view(np.float16), out, scaled=True)
 
         return read_scaled
 
