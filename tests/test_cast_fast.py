@@ -185,3 +185,24 @@ def test_fp16_subnormals_with_denormals_as_zero(dst: str) -> None:
     finally:
         torch.set_flush_denormal(False)
     assert np.array_equal(got, want_bits)
+
+
+@pytest.mark.parametrize("src", ["F16", "BF16"])
+def test_16_bit_to_f32_is_the_shared_widening(src: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16/bf16 -> fp32 (``convert --dtype fp32`` of a half model) is the vectorised widening,
+    into the caller's buffer, with torch's bits on every pattern (test_cast checks them too)."""
+    s = dtypes.from_code(src)
+    calls: list[int] = []
+    conv = cast_mod._TO_F32[src]
+
+    def counted(raw: np.ndarray, out: np.ndarray) -> object:
+        calls.append(raw.size)
+        return conv(raw, out)
+
+    monkeypatch.setitem(cast_mod._TO_F32, src, counted)
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    buf = np.zeros(bits.size * 4 + 3, np.uint8)
+    got, overflow = cast(bits.view(s.numpy), s, F32, out=buf)
+    want = torch.from_numpy(bits.copy()).view(getattr(torch, s.torch)).float().numpy()
+    assert calls == [bits.size] and overflow == 0 and np.shares_memory(got, buf)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -282,8 +282,9 @@ def cast(
 
     The overflow count is the number of finite values that became non-finite (inf; for
     float8_e4m3fn, which has no inf, saturated to +-448). ``out``, when given, is a buffer of
-    at least ``values.nbytes`` bytes to cast into (reusing one buffer saves a page fault per
-    4 KiB of output); the result is a view of it. Otherwise a new array is returned.
+    at least the output's bytes (``values.size`` times the target's item size) to cast into
+    (reusing one buffer saves a page fault per 4 KiB of output); the result is a view of it.
+    Otherwise a new array is returned.
     Thread-safe: numpy releases the GIL in the loops, so casts of pieces can run in parallel.
     """
     check_cast(src, dst)
@@ -298,6 +299,10 @@ def cast(
     fast, widen = _FAST.get(("F32", dst.code)), _WIDEN.get(src.code)
     if fast is not None and widen is not None:
         return _cast_blocks(values, src, dst, out, fast, widen)
+    if dst.code == "F32" and src.code in _TO_F32:  # exact, never overflows: torch's bits
+        res = _into(out, values.size, dst) if out is not None else np.empty(values.size, np.float32)
+        _TO_F32[src.code](np.ascontiguousarray(values), res)
+        return res, 0
     with np.errstate(all="ignore"):
         f = values if src.code == "F32" else values.astype(np.float32)
         if dst.code == "F32":
@@ -434,6 +439,11 @@ def _widen_f16(v: np.ndarray, w: np.ndarray, t: np.ndarray) -> bool:
 
 
 _WIDEN: dict[str, Widen] = {"BF16": _widen_bf16, "F16": _widen_f16}
+#: 16-bit floats -> float32 whole (``convert --dtype fp32`` of an fp16 or bf16 model)
+_TO_F32: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
+    "BF16": bf16_to_f32,
+    "F16": f16_to_f32,
+}
 
 
 def _fix_nonfinite(
