@@ -13,6 +13,7 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,23 @@ def make_zip(path: Path, members: list[tuple[str, bytes]], deflate: bool = False
         for name, data in members:
             z.writestr(name, data)
     return path
+
+
+def make_tar(path: Path, members: list[tuple[str, bytes]], **kw: Any) -> Path:
+    with tarfile.open(path, "w", **kw) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+#: torch's TAR members around a 'pickle' one: nothing stored
+TAR_EMPTY = [
+    ("sys_info", b"\x80\x02}."),
+    ("storages", b"\x80\x02K\x00."),
+    ("tensors", b"\x80\x02K\x00."),
+]
 
 
 # --- content routing ---------------------------------------------------------------------------
@@ -238,15 +256,7 @@ def test_npy_object_array_and_npz_member(tmp_path: Path) -> None:
 
 def test_torch_tar_format(tmp_path: Path) -> None:
     # attack: the oldest torch format (a tar) with the payload in its 'pickle' member
-    p = tmp_path / "old.pt"
-    with tarfile.open(p, "w") as tf:
-        count0 = b"\x80\x02K\x00."
-        members = [("sys_info", b"\x80\x02}."), ("pickle", PAYLOAD), ("storages", count0),
-                   ("tensors", count0)]  # fmt: skip
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    p = make_tar(tmp_path / "old.pt", [*TAR_EMPTY, ("pickle", PAYLOAD)])
     r = scan(p)
     assert r.format == "torch-tar" and r.verdict == "dangerous"
     assert next(f for f in r.findings if f.rule == "global").member == "pickle"
@@ -273,14 +283,9 @@ def _intact_torch_tar(path: Path, main: bytes) -> Path:
         + b"\x80\x02K\x02K\x01" + _global("torch", "FloatTensor") + b"\x87."
         + struct.pack("<i4xqqq", 1, 4, 1, 0)
     )  # fmt: skip
-    with tarfile.open(path, "w") as tf:
-        members = [("sys_info", b"\x80\x02}."), ("pickle", main), ("storages", storages),
-                   ("tensors", tensors)]  # fmt: skip
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    members = [("sys_info", b"\x80\x02}."), ("pickle", main), ("storages", storages),
+               ("tensors", tensors)]  # fmt: skip
+    return make_tar(path, members)
 
 
 def test_intact_torch_tar_is_safe(tmp_path: Path) -> None:
@@ -301,6 +306,53 @@ def test_intact_torch_tar_is_safe(tmp_path: Path) -> None:
     # the payload in the same intact layout is still found
     r = scan(_intact_torch_tar(tmp_path / "bad.pt", PAYLOAD))
     assert r.verdict == "dangerous"
+
+
+def test_tar_persistent_ids_that_are_no_keys_stay_suspicious(tmp_path: Path) -> None:
+    """Only numbers are the keys legacy_load looks up (int(id)); any other persistent id in the
+    TAR's pickle, and numbers in a tar that is not torch's (no storages/tensors), are what
+    they are elsewhere: up to a loader's persistent_load."""
+    named = b"\x80\x02}X\x01\x00\x00\x00wX\x02\x00\x00\x00osQs."  # {"w": persid "os"}
+    assert "persistent-id" in rules(
+        scan(make_tar(tmp_path / "a.pt", [*TAR_EMPTY, ("pickle", named)]))
+    )
+    keyed = b"\x80\x02}X\x01\x00\x00\x00wX\x01\x00\x00\x002Qs."
+    r = scan(make_tar(tmp_path / "b.tar", [("sys_info", b"\x80\x02}."), ("pickle", keyed)]))
+    assert r.format == "tar" and "persistent-id" in rules(r)
+
+
+def test_a_sentencepiece_shaped_tar_is_scanned_as_a_tar(tmp_path: Path) -> None:
+    """A tar whose bytes are also a whole SentencePiece protobuf (the first member's name holds
+    the tag 0x0A, the length of the rest, and a piece's 0x0A) is read by tarfile, so torch's
+    loader would open it: it is scanned as the tar it is, never skipped as a tokenizer."""
+    from sdtool.formats.sniff import _sentencepiece
+
+    def polyglot(length: int) -> bytes:
+        varint = bytes([length & 0x7F | 0x80, length >> 7])
+        name = ("\n" + varint.decode("latin-1") + "\nx").ljust(20, "x")
+        return make_tar(
+            tmp_path / "m.model", [(name, PAYLOAD)], format=tarfile.USTAR_FORMAT, encoding="latin-1"
+        ).read_bytes()
+
+    data = polyglot(0)
+    data = polyglot(len(data) - 3)  # the first field runs to the end of the file
+    assert _sentencepiece(data) and data[3:4] == b"\n"
+    r = scan(tmp_path / "m.model")
+    assert r.format == "tar" and r.verdict == "dangerous" and not r.skipped
+
+
+def test_text_whose_walk_hits_a_limit_is_never_skipped(tmp_path: Path) -> None:
+    """pickle.load of these 'notes' pushes 300 Nones, then imports and calls os.system; the
+    opcode walk stops at its stack limit before the import. Without the C unpickler's cross-check
+    it must still not pass as text (it did: skipped, exit 0): a walk that stopped early proves
+    nothing harmless."""
+    from sdtool.scan.vm import Limits
+
+    p = tmp_path / "notes.txt"
+    p.write_bytes(b"N" * 300 + b"cos\nsystem\n(S'echo pwned'\ntR.\nnotes about this style")
+    for oracle in (True, False):
+        r = scan(p, limits=Limits(max_stack=100, oracle=oracle))
+        assert not r.skipped and r.verdict in ("dangerous", "error"), (oracle, r.verdict)
 
 
 def test_legacy_tensor_types_are_torchs() -> None:

@@ -191,7 +191,7 @@ def _skip_not_a_model(ctx: Ctx, buf: Any, head: bytes, size: int, name: str) -> 
         return False
     if what.endswith("text"):  # protocol 0 pickles are text: skip only if loading it does nothing
         s = run_stream(data, limits=ctx.limits)
-        if s.imports or s.calls or s.persids:
+        if s.imports or s.calls or s.persids or s.incomplete:  # a limit: not known harmless
             return False
     if model_named(name):
         ctx.report.self_contained = False

@@ -1133,6 +1133,8 @@ def would_unpickle(buf: Buffer, *, limits: Limits = DEFAULT_LIMITS) -> bool:
     s = Machine(buf, 0, None, limits=limits).run()
     if s.stopped or any(_importable(i) for i in s.imports) or any(not i.written for i in s.imports):
         return True
+    if s.incomplete:  # a limit stopped the walk: what pickle.load reaches after it is unknown
+        return True
     if not limits.oracle or s.error_offset <= 0:
         return False  # both parsers refuse the first opcode alike
     from sdtool.scan.oracle import run_c_unpickler
