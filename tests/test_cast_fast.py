@@ -193,13 +193,13 @@ def test_16_bit_to_f32_is_the_shared_widening(src: str, monkeypatch: pytest.Monk
     into the caller's buffer, with torch's bits on every pattern (test_cast checks them too)."""
     s = dtypes.from_code(src)
     calls: list[int] = []
-    conv = cast_mod._TO_F32[src]
+    conv = cast_mod.TO_F32[src]
 
     def counted(raw: np.ndarray, out: np.ndarray) -> object:
         calls.append(raw.size)
         return conv(raw, out)
 
-    monkeypatch.setitem(cast_mod._TO_F32, src, counted)
+    monkeypatch.setitem(cast_mod.TO_F32, src, counted)
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     buf = np.zeros(bits.size * 4 + 3, np.uint8)
     got, overflow = cast(bits.view(s.numpy), s, F32, out=buf)

@@ -33,7 +33,7 @@ from sdtool.dtypes import DType
 from sdtool.errors import TruncatedFile
 from sdtool.model import ModelFile, TensorInfo
 from sdtool.vocab import Progress
-from sdtool.write.cast import _f32_to_f16, bf16_to_f32, cast, f16_to_f32
+from sdtool.write.cast import TO_F32, _f32_to_f16, cast, f16_to_f32
 from sdtool.write.plan import OutTensor
 
 if TYPE_CHECKING:
@@ -82,17 +82,10 @@ RAW = 1000
 TMP = 2000
 
 
-#: source code -> a vectorised exact conversion into float32 (others: numpy's cast)
-_TO_F32: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
-    "F16": f16_to_f32,
-    "BF16": bf16_to_f32,
-}
-
-
 def to_f32(raw: np.ndarray, out: np.ndarray) -> None:
     """Convert ``raw`` (a float dtype sdtool casts) into the float32 array ``out``, exactly
     (fp16/bf16/fp8 -> float32 is exact; float64 rounds to nearest, as numpy and torch do)."""
-    fast = _TO_F32.get(dtypes.from_numpy(raw.dtype).code)
+    fast = TO_F32.get(dtypes.from_numpy(raw.dtype).code)
     if fast is not None:
         fast(raw, out)
     else:
@@ -207,7 +200,7 @@ class Inputs:
             raise ValueError(f"{name!r} is not stored as is in a local file")
         fd, base, path = self._fd(m), span[0], m.path
         item, npdt, code = info.dtype.itemsize, info.dtype.numpy, info.dtype.code
-        conv = _TO_F32.get(code)
+        conv = TO_F32.get(code)
 
         def read(start: int, count: int, slot: int) -> np.ndarray:
             offset = base + start * item

@@ -296,13 +296,14 @@ def cast(
     fast = _FAST.get((src.code, dst.code))
     if fast is not None:
         return _cast_blocks(values, src, dst, out, fast)
-    fast, widen = _FAST.get(("F32", dst.code)), _WIDEN.get(src.code)
+    widen = TO_F32.get(src.code)
+    if widen is not None and dst.code == "F32":  # exact, never overflows: torch's bits
+        res = _into(out, values.size, dst) if out is not None else np.empty(values.size, np.float32)
+        widen(np.ascontiguousarray(values), res)
+        return res, 0
+    fast = _FAST.get(("F32", dst.code))
     if fast is not None and widen is not None:
         return _cast_blocks(values, src, dst, out, fast, widen)
-    if dst.code == "F32" and src.code in _TO_F32:  # exact, never overflows: torch's bits
-        res = _into(out, values.size, dst) if out is not None else np.empty(values.size, np.float32)
-        _TO_F32[src.code](np.ascontiguousarray(values), res)
-        return res, 0
     with np.errstate(all="ignore"):
         f = values if src.code == "F32" else values.astype(np.float32)
         if dst.code == "F32":
@@ -334,47 +335,34 @@ def _cast_blocks(
     dst: DType,
     out: np.ndarray | None,
     fast: FastCast,
-    widen: Widen | None = None,
+    widen: Callable[[np.ndarray, np.ndarray], object] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Cast block by block (each block in cache once): NaN-free blocks inside the target's
     range take ``fast``, the others numpy's cast plus the exact NaN/overflow handling.
 
     ``widen``: ``values`` are 16-bit floats, each block first made float32 exactly (torch's
-    bits, NaNs included: ``bf16_to_f32``, ``f16_to_f32``) and then cast as float32, which is
-    what torch does (every cast goes through float32): bf16 or fp16 -> fp16, bf16 or fp8 at
-    the float32 kernels' speed instead of ml_dtypes' and numpy's scalar loops (bf16 -> e4m3fn
-    4.7 -> ~2 ns a value, fp16 -> e4m3fn 6.8 -> 2.4 here). A block ``widen`` declines takes
-    numpy's cast from the source dtype, as ``cast`` does (none does today).
+    bits, NaNs included: ``TO_F32``) and then cast as float32, which is what torch does
+    (every cast goes through float32): bf16 or fp16 -> fp16, bf16 or fp8 at the float32
+    kernels' speed instead of ml_dtypes' and numpy's scalar loops (bf16 -> e4m3fn 4.7 -> ~2
+    ns a value, fp16 -> e4m3fn 6.8 -> 2.4 here).
     """
     values = np.ascontiguousarray(values)
     res = _into(out, values.size, dst) if out is not None else np.empty(values.size, dst.numpy)
     block = max(1, min(FAST_BLOCK, values.size))
     t1, t2 = np.empty(block, U32), np.empty(block, U32)
-    wide = np.empty(block, U32) if widen is not None else None
-    f32 = from_code("F32")
+    wide = np.empty(block if widen is not None else 0, np.float32)  # the float32 of a block
+    kind = src if widen is None else from_code("F32")  # what the kernels see
     overflow = 0
     with np.errstate(all="ignore"):
         for i in range(0, values.size, block):
             v, r = values[i : i + block], res[i : i + block]
-            kind = src
-            if widen is not None and wide is not None:
-                w = wide[: v.size]
-                if widen(v, w, t1[: v.size]):
-                    v, kind = w.view(np.float32), f32
-                else:  # numpy's float32 of the source, NaN bits fixed by _fix_nonfinite
-                    f = v.astype(np.float32)
-                    np.copyto(r, f, casting="unsafe")
-                    overflow += _fix_nonfinite(v, f, r, src, dst)
-                    continue
+            if widen is not None:
+                widen(v, wide[: v.size])
+                v = wide[: v.size]
             if not fast(v, r, t1[: v.size], t2[: v.size]):
                 np.copyto(r, v, casting="unsafe")
                 overflow += _fix_nonfinite(v, v, r, kind, dst)
     return res, overflow
-
-
-#: a widening step: (16-bit float block, uint32 block to fill with its float32 bits, uint32
-#: scratch) -> done (False: the block is left to numpy's cast)
-Widen = Callable[[np.ndarray, np.ndarray, np.ndarray], bool]
 
 
 _MAGIC = np.float32(2.0**112)  # float16's exponent bias (15) to float32's (127)
@@ -428,19 +416,9 @@ def bf16_to_f32(raw: np.ndarray, out: np.ndarray) -> None:
     np.left_shift(o, 16, out=o)
 
 
-def _widen_bf16(v: np.ndarray, w: np.ndarray, t: np.ndarray) -> bool:
-    bf16_to_f32(v, w.view(np.float32))
-    return True
-
-
-def _widen_f16(v: np.ndarray, w: np.ndarray, t: np.ndarray) -> bool:
-    f16_to_f32(v, w.view(np.float32))
-    return True
-
-
-_WIDEN: dict[str, Widen] = {"BF16": _widen_bf16, "F16": _widen_f16}
-#: 16-bit floats -> float32 whole (``convert --dtype fp32`` of an fp16 or bf16 model)
-_TO_F32: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
+#: 16-bit floats -> float32, exact (torch's bits), whole or block by block: casts from them
+#: (``cast``) and model arithmetic (``ops.arith``) share it
+TO_F32: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
     "BF16": bf16_to_f32,
     "F16": f16_to_f32,
 }
