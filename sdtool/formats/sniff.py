@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import struct
+from functools import cache
 from pathlib import Path
 
 from sdtool.errors import FileAccessError, UnknownFormat
@@ -143,8 +144,7 @@ def describe(head: bytes, size: int) -> str:
                 f"but the file has {size}"
             )
     try:
-        text.decode("utf-8")
-        if not any(b < 32 and b not in b"\t\n\r\f" for b in text):
+        if not _control().search(text.decode("utf-8")):
             return "it is plain text"
     except UnicodeDecodeError:
         pass
@@ -233,15 +233,11 @@ def not_a_model_file(data: bytes, size: int) -> str | None:
     return _text_kind(text)
 
 
+@cache
 def _control() -> re.Pattern[str]:
-    """Control characters no text file holds (all below 32 but tab, newlines, form feed)."""
-    global _CONTROL
-    if _CONTROL is None:
-        _CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f]")
-    return _CONTROL
-
-
-_CONTROL: re.Pattern[str] | None = None
+    """Control characters no text file holds (all below 32 but tab, newlines, form feed),
+    compiled for the first text looked at."""
+    return re.compile("[\x00-\x08\x0b\x0e-\x1f]")
 
 
 #: the tags of SentencePiece's ``ModelProto`` fields (sentencepiece_model.proto), all
